@@ -1,0 +1,56 @@
+"""Command-line options that choose and place a model, shared by `klein-agent generate` and `klein-agent serve`.
+
+Parsing stays light (no torch import) so `--help` and the MCP `initialize` answer are instant; the model itself is
+built only when the returned factory is called.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+from klein_agent.request import ImageGenerator
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--model",
+        required=True,
+        help="a diffusers-layout folder, a Hugging Face repo id (read from the local HF cache), or 'tiny' "
+        "(a deterministic tiny random model: noise pictures, runs anywhere)",
+    )
+    group.add_argument(
+        "--transformer-file",
+        default=None,
+        help="a BFL single-file transformer (e.g. flux-2-klein-4b.safetensors) to use instead of the folder's",
+    )
+    group.add_argument("--device", default=None, help="cuda, cuda:N, mps or cpu (default: the best available)")
+    group.add_argument(
+        "--dtype",
+        default=None,
+        choices=["bfloat16", "float16", "float32"],
+        help="weights and activations (default: bfloat16 on CUDA, float32 elsewhere)",
+    )
+    group.add_argument(
+        "--allow-download",
+        action="store_true",
+        help="let a repo id missing from the local Hugging Face cache be downloaded (needs huggingface_hub)",
+    )
+
+
+def generator_factory(args: argparse.Namespace) -> Callable[[], ImageGenerator]:
+    """A zero-argument callable that loads the model the options name; runs wherever it is called."""
+
+    def load() -> ImageGenerator:
+        from klein_agent.pipeline import load_pipeline  # torch is imported here, not at parse time
+
+        return load_pipeline(
+            args.model,
+            device=args.device,
+            dtype=args.dtype,
+            transformer_file=args.transformer_file,
+            allow_download=args.allow_download,
+        )
+
+    return load
