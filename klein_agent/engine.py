@@ -1,0 +1,436 @@
+"""The one worker that owns the model: load state, a first-in first-out queue, progress and cancellation.
+
+One thread (`klein-engine`) loads the model and then runs every call, one at a time, in arrival order. Async
+callers (the MCP tools) submit with `await engine.run(request, ...)`; they wait on the event loop, never on a pool
+thread, so many queued calls cost nothing. Progress goes back from the worker to the caller's event loop with a
+blocking `anyio.from_thread.run`, so every notification is delivered before the call returns and none after it.
+A caller that is cancelled sets its job's flag: a queued job leaves the queue at once, a running one stops at the
+next step boundary (the pipeline's progress callback raises) and its `finish` step, which stores images, never runs.
+
+No MCP imports here and no torch import: out-of-memory errors are recognised by class name and message.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import enum
+import gc
+import logging
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import anyio
+import anyio.from_thread
+import anyio.lowlevel
+import anyio.to_thread
+
+from klein_agent.request import GenerationRequest, GenerationResult, GeneratorInfo, ImageGenerator
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# progress(value, total, message) on the caller's event loop; values rise strictly during one call.
+AsyncProgress = Callable[[float, float | None, str], Awaitable[None]]
+
+
+class EngineState(enum.StrEnum):
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+class EngineError(Exception):
+    """A call the engine could not run; the message says why and what to do."""
+
+
+class EngineBusyError(EngineError):
+    pass
+
+
+class ModelLoadError(EngineError):
+    pass
+
+
+class ModelOutOfMemoryError(EngineError):
+    pass
+
+
+class GenerationFailedError(EngineError):
+    pass
+
+
+class JobCancelled(EngineError):
+    """Raised inside the worker to stop a cancelled call between steps; callers see their own cancellation."""
+
+
+@dataclass(frozen=True)
+class JobTimes:
+    queued_ms: float  # from submission to the worker picking the job up (includes waiting for the model)
+    model_ms: float  # wall time inside ImageGenerator.generate
+
+
+@dataclass(frozen=True)
+class EngineStatus:
+    state: EngineState
+    error: str | None  # the load error when state is "failed"
+    info: GeneratorInfo | None  # None until the model has loaded
+    queue_depth: int  # calls waiting, not counting the running one
+    running: bool
+    max_queue: int
+    completed: int
+    failed: int
+    cancelled: int
+    load_seconds: float | None
+    mean_model_ms: float | None
+    cache_hits: dict[str, int]  # summed over all calls: {"prompt": n, "references": n}
+
+
+@dataclass(eq=False)
+class _Job(Generic[T]):
+    request: GenerationRequest
+    finish: Callable[[GenerationResult, JobTimes], T]
+    progress: AsyncProgress | None
+    token: anyio.lowlevel.EventLoopToken
+    done: anyio.Event
+    lock: anyio.Lock
+    loop_thread: int = field(default_factory=threading.get_ident)  # created on the caller's loop thread
+    submitted: float = field(default_factory=time.perf_counter)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    started: bool = False
+    last_progress: float = -1.0
+    value: Any = None
+    error: BaseException | None = None
+
+    async def send(self, value: float, total: float | None, message: str) -> None:
+        """Forward one progress report, on the caller's loop; drops anything not strictly above the last one."""
+        if self.progress is None:
+            return
+        async with self.lock:
+            if value <= self.last_progress:
+                return
+            self.last_progress = value
+            await self.progress(value, total, message)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch.cuda.OutOfMemoryError, torch.OutOfMemoryError, MPS/CPU allocator RuntimeErrors, MemoryError."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def _free_accelerator_memory() -> None:
+    gc.collect()
+    torch = sys.modules.get("torch")  # only if the pipeline already imported it
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class Engine:
+    """Owns one ImageGenerator on one thread; `run` queues a call and waits for it."""
+
+    def __init__(
+        self,
+        factory: Callable[[], ImageGenerator],
+        *,
+        max_queue: int = 8,
+        heartbeat_s: float = 2.0,
+    ) -> None:
+        if max_queue < 0:
+            raise ValueError("max_queue must be >= 0")
+        self._factory = factory
+        self.max_queue = max_queue
+        self._heartbeat_s = heartbeat_s
+        self._cond = threading.Condition()
+        self._queue: collections.deque[_Job[Any]] = collections.deque()
+        self._running: _Job[Any] | None = None
+        self._state = EngineState.LOADING
+        self._error: str | None = None
+        self._generator: ImageGenerator | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._load_seconds: float | None = None
+        self._completed = 0
+        self._failed = 0
+        self._cancelled = 0
+        self._model_ms_total = 0.0
+        self._cache_hits: dict[str, int] = {}
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start loading the model in the background; returns at once. Calling it again does nothing."""
+        with self._cond:
+            if self._thread is not None:
+                return
+            self._thread = threading.Thread(target=self._main, name="klein-engine", daemon=True)
+            self._thread.start()
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Refuse new calls, fail queued ones, stop the running one at its next step, and join the worker."""
+        with self._cond:
+            self._stopping = True
+            queued = list(self._queue)
+            self._queue.clear()
+            if self._running is not None:
+                self._running.cancelled.set()
+            self._cond.notify_all()
+        for job in queued:
+            job.error = EngineError("the server is shutting down; the call was not run")
+            self._signal_done(job)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+        with self._cond:
+            self._state = EngineState.STOPPED if self._state != EngineState.FAILED else self._state
+
+    async def aclose(self, timeout: float | None = 30.0) -> None:
+        """`close` from async code: joins the worker on a pool thread so the loop can still serve its last progress."""
+        await anyio.to_thread.run_sync(self.close, timeout)
+
+    @property
+    def state(self) -> EngineState:
+        return self._state
+
+    @property
+    def info(self) -> GeneratorInfo | None:
+        generator = self._generator
+        return None if generator is None else generator.info
+
+    def status(self) -> EngineStatus:
+        with self._cond:
+            done = self._completed
+            return EngineStatus(
+                state=self._state,
+                error=self._error,
+                info=self.info,
+                queue_depth=len(self._queue),
+                running=self._running is not None,
+                max_queue=self.max_queue,
+                completed=done,
+                failed=self._failed,
+                cancelled=self._cancelled,
+                load_seconds=self._load_seconds,
+                mean_model_ms=(self._model_ms_total / done) if done else None,
+                cache_hits=dict(self._cache_hits),
+            )
+
+    def wait_loaded(self, timeout: float | None = None) -> EngineState:
+        """Block (a plain thread, not the event loop) until the model has loaded or failed; for scripts and tests."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._state == EngineState.LOADING:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            return self._state
+
+    # -- submitting ------------------------------------------------------------------------------------------
+
+    async def run(
+        self,
+        request: GenerationRequest,
+        finish: Callable[[GenerationResult, JobTimes], T],
+        *,
+        progress: AsyncProgress | None = None,
+    ) -> T:
+        """Queue one call; return `finish(result, times)`, which runs on the worker right after the model does.
+
+        Raises EngineBusyError at once when the queue is full, ModelLoadError when the model failed to load,
+        ModelOutOfMemoryError, GenerationFailedError, or whatever `finish` raises. If the awaiting task is
+        cancelled the job is withdrawn (queued) or stopped at the next step (running) and `finish` does not run.
+        """
+        job: _Job[T] = _Job(
+            request=request,
+            finish=finish,
+            progress=progress,
+            token=anyio.lowlevel.current_token(),
+            done=anyio.Event(),
+            lock=anyio.Lock(),
+        )
+        ahead = self._enqueue(job)
+        try:
+            await self._wait(job, ahead)
+        except BaseException:
+            self._withdraw(job)
+            # A running job stops within one step; wait for it so nothing of it outlives this call.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(60):
+                await job.done.wait()
+            raise
+        if job.error is not None:
+            raise job.error
+        return job.value  # type: ignore[no-any-return]
+
+    def _enqueue(self, job: _Job[Any]) -> int:
+        with self._cond:
+            if self._stopping:
+                raise EngineError("the server is shutting down; the call was not run")
+            if self._state == EngineState.FAILED:
+                raise ModelLoadError(f"the model failed to load, so no image can be made: {self._error}")
+            if len(self._queue) >= self.max_queue:
+                raise EngineBusyError(self._busy_message())
+            if self._thread is None:
+                raise EngineError("the engine was not started")
+            ahead = len(self._queue) + (1 if self._running is not None else 0)
+            self._queue.append(job)
+            self._cond.notify_all()
+            return ahead
+
+    def _busy_message(self) -> str:
+        done = self._completed
+        mean_s = (self._model_ms_total / done / 1000) if done else None
+        wait = f" (about {max(1, round(mean_s * (len(self._queue) + 1)))} s of work ahead)" if mean_s else ""
+        return (
+            f"busy: {len(self._queue)} calls are queued and one is running{wait}; "
+            "retry in a few seconds, or ask for fewer images per call"
+        )
+
+    async def _wait(self, job: _Job[Any], ahead: int) -> None:
+        beat = 0
+        while not job.done.is_set():
+            if not job.started:
+                if self._state == EngineState.LOADING:
+                    message = "loading model"
+                elif ahead:
+                    message = f"queued: {ahead} call{'s' if ahead != 1 else ''} ahead"
+                else:
+                    message = "starting"
+                if beat == 0 or self._state == EngineState.LOADING or ahead:
+                    await job.send(min(0.99, beat / 100), None, message)
+                beat += 1
+            with anyio.move_on_after(self._heartbeat_s):
+                await job.done.wait()
+            ahead = self._position(job)
+
+    def _position(self, job: _Job[Any]) -> int:
+        with self._cond:
+            try:
+                return self._queue.index(job) + (1 if self._running is not None else 0)
+            except ValueError:
+                return 0
+
+    def _withdraw(self, job: _Job[Any]) -> None:
+        job.cancelled.set()
+        with self._cond:
+            try:
+                self._queue.remove(job)
+            except ValueError:
+                return  # running or finished: the worker sees the flag and signals done
+            self._cancelled += 1
+        job.error = JobCancelled("cancelled while queued")
+        job.done.set()  # we are on the caller's loop here
+
+    # -- the worker ------------------------------------------------------------------------------------------
+
+    def _main(self) -> None:
+        started = time.perf_counter()
+        try:
+            generator = self._factory()
+        except BaseException as exc:  # a failed load must never kill the server
+            log.exception("model failed to load")
+            with self._cond:
+                self._state = EngineState.FAILED
+                self._error = f"{type(exc).__name__}: {exc}"
+                failed = list(self._queue)
+                self._queue.clear()
+                self._cond.notify_all()
+            for job in failed:
+                job.error = ModelLoadError(
+                    f"the model failed to load, so no image can be made: {self._error}"
+                )
+                self._signal_done(job)
+            return
+        with self._cond:
+            self._generator = generator
+            self._load_seconds = time.perf_counter() - started
+            if not self._stopping:
+                self._state = EngineState.READY
+            self._cond.notify_all()
+        log.info("model ready in %.1f s: %s", self._load_seconds, generator.info)
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                job = self._queue.popleft()
+                self._running = job
+                job.started = True
+            try:
+                self._execute(generator, job)
+            finally:
+                with self._cond:
+                    self._running = None
+                self._signal_done(job)
+
+    def _execute(self, generator: ImageGenerator, job: _Job[Any]) -> None:
+        queued_ms = (time.perf_counter() - job.submitted) * 1000
+
+        def on_step(done: int, total: int, message: str) -> None:
+            if job.cancelled.is_set():
+                raise JobCancelled("cancelled")
+            if job.progress is not None:
+                try:
+                    anyio.from_thread.run(job.send, float(done), float(total), message, token=job.token)
+                except Exception as exc:  # the caller's loop is gone: nobody waits for this result
+                    job.cancelled.set()
+                    raise JobCancelled("the caller went away") from exc
+            if job.cancelled.is_set():
+                raise JobCancelled("cancelled")
+
+        t0 = time.perf_counter()
+        try:
+            if job.cancelled.is_set():
+                raise JobCancelled("cancelled before start")
+            result = generator.generate(job.request, on_step)
+            if job.cancelled.is_set():
+                raise JobCancelled("cancelled after the last step")
+        except JobCancelled as exc:
+            with self._cond:
+                self._cancelled += 1
+            job.error = exc
+            return
+        except Exception as exc:
+            with self._cond:
+                self._failed += 1
+            job.error = self._map_failure(job.request, exc)
+            return
+        model_ms = (time.perf_counter() - t0) * 1000
+        with self._cond:
+            self._completed += 1
+            self._model_ms_total += model_ms
+            for key, hits in result.cache_hits.items():
+                self._cache_hits[key] = self._cache_hits.get(key, 0) + int(hits)
+        try:
+            job.value = job.finish(result, JobTimes(queued_ms=queued_ms, model_ms=model_ms))
+        except Exception as exc:  # the caller's own step (storing): its errors are the caller's to map
+            job.error = exc
+
+    @staticmethod
+    def _map_failure(request: GenerationRequest, exc: Exception) -> EngineError:
+        if is_out_of_memory(exc):
+            log.warning("out of memory: %s", exc)
+            _free_accelerator_memory()
+            refs = f" with {len(request.references)} reference(s)" if request.references else ""
+            return ModelOutOfMemoryError(
+                f"out of memory making {request.num_images} image(s) of {request.width}x{request.height}{refs}; "
+                "try a smaller size, fewer images per call or fewer references"
+            )
+        if isinstance(exc, EngineError):
+            return exc
+        log.exception("generation failed")
+        return GenerationFailedError(f"the model failed on this call: {type(exc).__name__}: {exc}")
+
+    def _signal_done(self, job: _Job[Any]) -> None:
+        if threading.get_ident() == job.loop_thread:
+            job.done.set()
+            return
+        with contextlib.suppress(Exception):  # the caller's loop has finished: nobody is waiting
+            anyio.from_thread.run_sync(job.done.set, token=job.token)

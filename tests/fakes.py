@@ -1,0 +1,100 @@
+"""Test doubles for the server tests: a fake ImageGenerator with gates, used only where a test needs control.
+
+End-to-end tests use the real tiny model (`load_pipeline("tiny")`); this fake exists for concurrency, cancellation
+and failure tests, where a test must hold a call at a known step or make the model fail on purpose.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from klein_agent.request import GenerationRequest, GenerationResult, GeneratorInfo, ProgressCallback
+
+FAKE_INFO = GeneratorInfo(
+    model="fake",
+    variant="fake",
+    device="cpu",
+    dtype="float32",
+    distilled=True,
+    default_steps=4,
+    default_guidance=1.0,
+    max_references=4,
+)
+
+
+def fake_picture(prompt: str, seed: int, width: int, height: int, references: int = 0) -> Image.Image:
+    """A deterministic picture: a colour from the prompt and seed, plus a seed-driven noise texture."""
+    digest = hashlib.sha256(f"{prompt}|{seed}|{references}".encode()).digest()
+    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    base = np.array(list(digest[8:11]), dtype=np.int16)
+    noise = rng.integers(-24, 25, size=(height, width, 3), dtype=np.int16)
+    return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8), "RGB")
+
+
+@dataclass
+class FakeGenerator:
+    """Implements ImageGenerator. `gate` (if set) must be set before each step proceeds past `gate_at_step`."""
+
+    info: GeneratorInfo = FAKE_INFO
+    step_delay_s: float = 0.0
+    gate: threading.Event | None = None
+    gate_at_step: int = 1
+    fail_with: BaseException | None = None  # raised at step 2 of the next call, then cleared
+    calls: list[GenerationRequest] = field(default_factory=list)
+    steps_run: list[int] = field(default_factory=list)  # steps done per call; a cancelled call stops early
+    entered: threading.Event = field(default_factory=threading.Event)  # set when a call reaches the gate
+    active: int = 0
+    max_active: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def generate(
+        self, request: GenerationRequest, progress: ProgressCallback | None = None
+    ) -> GenerationResult:
+        with self._lock:
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+            self.calls.append(request)
+            self.steps_run.append(0)
+            index = len(self.calls) - 1
+        try:
+            steps = request.steps or self.info.default_steps
+            total = steps + 2
+            t0 = time.perf_counter()
+            if progress:
+                progress(1, total, "encoding prompt")
+            for step in range(1, steps + 1):
+                if step == self.gate_at_step and self.gate is not None:
+                    self.entered.set()
+                    if not self.gate.wait(30):
+                        raise TimeoutError("test gate was never opened")
+                if self.step_delay_s:
+                    time.sleep(self.step_delay_s)
+                if step == 2 and self.fail_with is not None:
+                    exc, self.fail_with = self.fail_with, None
+                    raise exc
+                self.steps_run[index] = step
+                if progress:
+                    progress(1 + step, total, f"step {step}/{steps}")
+            images = [
+                fake_picture(
+                    request.prompt, request.seed + k, request.width, request.height, len(request.references)
+                )
+                for k in range(request.num_images)
+            ]
+            if progress:
+                progress(total, total, "decoding")
+            elapsed = (time.perf_counter() - t0) * 1000
+            return GenerationResult(
+                images=images,
+                timings_ms={"total": elapsed},
+                cache_hits={"prompt": 0, "references": 0},
+            )
+        finally:
+            with self._lock:
+                self.active -= 1

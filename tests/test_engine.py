@@ -1,0 +1,236 @@
+"""The engine on its own: FIFO, one call at a time, busy, cancellation, load state, OOM mapping, progress."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import anyio
+import pytest
+
+from klein_agent.engine import (
+    Engine,
+    EngineBusyError,
+    EngineState,
+    GenerationFailedError,
+    JobTimes,
+    ModelLoadError,
+    ModelOutOfMemoryError,
+)
+from klein_agent.request import GenerationRequest, GenerationResult
+from tests.fakes import FakeGenerator
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def request(prompt: str = "a red cube", **kw: object) -> GenerationRequest:
+    args: dict[str, object] = {"width": 64, "height": 64, "seed": 1, **kw}
+    return GenerationRequest(prompt=prompt, **args)  # type: ignore[arg-type]
+
+
+def keep(result: GenerationResult, times: JobTimes) -> GenerationResult:
+    return result
+
+
+def started(fake: FakeGenerator, **kw: object) -> Engine:
+    engine = Engine(lambda: fake, **kw)  # type: ignore[arg-type]
+    engine.start()
+    assert engine.wait_loaded(10) == EngineState.READY
+    return engine
+
+
+async def test_runs_and_reports_monotone_progress() -> None:
+    fake = FakeGenerator()
+    engine = started(fake)
+    seen: list[tuple[float, float | None, str]] = []
+
+    async def progress(value: float, total: float | None, message: str) -> None:
+        seen.append((value, total, message))
+
+    result = await engine.run(request(steps=4), keep, progress=progress)
+    n_at_return = len(seen)
+    await anyio.sleep(0.05)
+    assert len(seen) == n_at_return, "no progress after the call returned"
+    assert len(result.images) == 1 and result.images[0].size == (64, 64)
+    values = [v for v, _, _ in seen]
+    assert values == sorted(set(values)) and values[-1] == 6.0
+    assert any("step 4/4" in m for _, _, m in seen)
+    status = engine.status()
+    assert status.state == EngineState.READY and status.completed == 1 and status.queue_depth == 0
+    await engine.aclose()
+    assert engine.state == EngineState.STOPPED
+
+
+async def test_fifo_order_and_one_call_at_a_time() -> None:
+    fake = FakeGenerator(step_delay_s=0.001, gate=threading.Event())
+    engine = started(fake, max_queue=64)
+    finished: list[int] = []
+
+    async def one(i: int) -> None:
+        await engine.run(request(f"call {i}"), keep)
+        finished.append(i)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(30):
+            tg.start_soon(one, i)
+            await anyio.sleep(0)  # submission order is the start order
+        await anyio.to_thread.run_sync(fake.entered.wait, 10)
+        assert engine.status().queue_depth == 29 and engine.status().running
+        fake.gate.set()  # type: ignore[union-attr]
+    assert [r.prompt for r in fake.calls] == [f"call {i}" for i in range(30)]
+    assert finished == list(range(30))
+    assert fake.max_active == 1
+    await engine.aclose()
+
+
+async def test_queue_full_is_refused_at_once() -> None:
+    fake = FakeGenerator(gate=threading.Event())
+    engine = started(fake, max_queue=2)
+    outcomes: list[str] = []
+
+    async def one() -> None:
+        try:
+            await engine.run(request(), keep)
+            outcomes.append("ok")
+        except EngineBusyError as exc:
+            outcomes.append(str(exc))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(one)
+        await anyio.to_thread.run_sync(fake.entered.wait, 10)
+        tg.start_soon(one)
+        tg.start_soon(one)
+        await anyio.sleep(0.01)
+        t0 = time.perf_counter()
+        with pytest.raises(EngineBusyError, match="busy"):
+            await engine.run(request(), keep)
+        assert time.perf_counter() - t0 < 0.05
+        fake.gate.set()  # type: ignore[union-attr]
+    assert outcomes == ["ok", "ok", "ok"]
+    await engine.aclose()
+
+
+async def test_cancel_running_call_stops_between_steps_and_skips_finish() -> None:
+    fake = FakeGenerator(gate=threading.Event(), gate_at_step=2)
+    engine = started(fake)
+    finished: list[int] = []
+
+    def record(result: GenerationResult, times: JobTimes) -> int:
+        finished.append(1)
+        return 1
+
+    scope = anyio.CancelScope()
+
+    async def call() -> None:
+        with scope:
+            await engine.run(request(steps=8), record)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(call)
+        await anyio.to_thread.run_sync(fake.entered.wait, 10)
+        scope.cancel()
+        await anyio.sleep(0.05)  # the call notices its cancellation and flags the job
+        fake.gate.set()  # type: ignore[union-attr]
+    assert finished == []
+    assert fake.steps_run == [2], "stops at the first step boundary after the cancel"
+    assert engine.status().cancelled == 1
+    result = await engine.run(request(steps=2), keep)  # the next call works
+    assert len(result.images) == 1
+    await engine.aclose()
+
+
+async def test_cancel_queued_call_removes_it() -> None:
+    fake = FakeGenerator(gate=threading.Event())
+    engine = started(fake)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(engine.run, request("first"), keep)
+        await anyio.to_thread.run_sync(fake.entered.wait, 10)
+        with anyio.move_on_after(0.1):
+            await engine.run(request("second"), keep)
+        assert engine.status().queue_depth == 0
+        fake.gate.set()  # type: ignore[union-attr]
+    assert [r.prompt for r in fake.calls] == ["first"]
+    await engine.aclose()
+
+
+async def test_first_call_waits_for_the_model_with_loading_progress() -> None:
+    release = threading.Event()
+    fake = FakeGenerator()
+
+    def slow_load() -> FakeGenerator:
+        release.wait(10)
+        return fake
+
+    engine = Engine(slow_load, heartbeat_s=0.05)
+    engine.start()
+    assert engine.state == EngineState.LOADING
+    messages: list[str] = []
+
+    async def progress(value: float, total: float | None, message: str) -> None:
+        messages.append(message)
+        if len(messages) == 3:
+            release.set()
+
+    result = await engine.run(request(), keep, progress=progress)
+    assert len(result.images) == 1
+    assert messages[:3] == ["loading model"] * 3 and messages[-1] == "decoding"
+    assert engine.status().load_seconds is not None
+    await engine.aclose()
+
+
+async def test_failed_load_is_reported_and_refuses_calls() -> None:
+    def broken() -> FakeGenerator:
+        raise FileNotFoundError("no weights in /nowhere")
+
+    engine = Engine(broken)
+    engine.start()
+    assert engine.wait_loaded(10) == EngineState.FAILED
+    assert "no weights in /nowhere" in (engine.status().error or "")
+    with pytest.raises(ModelLoadError, match=r"failed to load.*no weights"):
+        await engine.run(request(), keep)
+    await engine.aclose()
+
+
+class OutOfMemoryError(RuntimeError):  # same class name as torch.cuda.OutOfMemoryError
+    pass
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        OutOfMemoryError("CUDA error"),
+        RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"),
+        MemoryError(),
+    ],
+)
+async def test_out_of_memory_is_mapped_and_the_engine_keeps_serving(exc: BaseException) -> None:
+    fake = FakeGenerator(fail_with=exc)
+    engine = started(fake)
+    with pytest.raises(ModelOutOfMemoryError, match=r"out of memory making 1 image.*64x64.*smaller size"):
+        await engine.run(request(), keep)
+    assert len((await engine.run(request(), keep)).images) == 1
+    assert engine.status().failed == 1
+    await engine.aclose()
+
+
+async def test_other_model_errors_become_generation_failed() -> None:
+    engine = started(FakeGenerator(fail_with=ValueError("bad tensor shape")))
+    with pytest.raises(GenerationFailedError, match="ValueError: bad tensor shape"):
+        await engine.run(request(), keep)
+    await engine.aclose()
+
+
+async def test_finish_errors_pass_through_unchanged() -> None:
+    engine = started(FakeGenerator())
+
+    def broken_store(result: GenerationResult, times: JobTimes) -> None:
+        raise KeyError("store said no")
+
+    with pytest.raises(KeyError, match="store said no"):
+        await engine.run(request(), broken_store)
+    await engine.aclose()
