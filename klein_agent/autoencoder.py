@@ -1,0 +1,197 @@
+"""The FLUX.2 autoencoder: an 8x convolutional VAE whose latents are 2x2-patchified and batch-normalised.
+
+Module names follow BFL's `flux2/autoencoder.py` (`encoder.down.{i}.block.{j}`, `decoder.up.{i}`, ...);
+`klein_agent.keymaps` maps the diffusers `vae/` layout onto them. Encoding takes the posterior mean (no sampling).
+
+Shapes: images [B, 3, H, W] in [-1, 1]; raw latents [B, z, H/8, W/8]; model latents [B, 4z, H/16, W/16].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from klein_agent.configs import AutoencoderConfig
+
+
+class AutoEncoder(nn.Module):
+    def __init__(self, config: AutoencoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        # Only the running statistics are used (eval mode): a fixed per-channel normalisation of patchified latents.
+        self.bn = nn.BatchNorm2d(config.latent_channels, eps=config.bn_eps, affine=False, track_running_stats=True)
+
+    def encode(self, x: Tensor) -> Tensor:  # [B, 3, H, W] -> [B, 4z, H/16, W/16]
+        mean = self.encoder(x).chunk(2, dim=1)[0]  # [B, z, H/8, W/8]
+        return self.normalize(patchify(mean))
+
+    def decode(self, z: Tensor) -> Tensor:  # [B, 4z, H/16, W/16] -> [B, 3, H, W]
+        return self.decoder(unpatchify(self.denormalize(z)))
+
+    def normalize(self, z: Tensor) -> Tensor:
+        mean, std = self._bn_stats(z)
+        return (z - mean) / std
+
+    def denormalize(self, z: Tensor) -> Tensor:
+        mean, std = self._bn_stats(z)
+        return z * std + mean
+
+    def _bn_stats(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        assert self.bn.running_mean is not None and self.bn.running_var is not None
+        mean = self.bn.running_mean.view(1, -1, 1, 1).to(z.dtype)
+        std = torch.sqrt(self.bn.running_var.view(1, -1, 1, 1) + self.config.bn_eps).to(z.dtype)
+        return mean, std
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: AutoencoderConfig) -> None:
+        super().__init__()
+        ch, mults = config.ch, config.ch_mult
+        self.conv_in = nn.Conv2d(config.in_channels, ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        block_in = ch
+        for level, mult in enumerate(mults):
+            stage = nn.Module()
+            block_out = ch * mult
+            stage.block = nn.ModuleList()
+            for _ in range(config.num_res_blocks):
+                stage.block.append(ResnetBlock(block_in, block_out, config.norm_groups))
+                block_in = block_out
+            if level != len(mults) - 1:
+                stage.downsample = Downsample(block_in)
+            self.down.append(stage)
+        self.mid = MidBlock(block_in, config.norm_groups)
+        self.norm_out = group_norm(block_in, config.norm_groups)
+        self.conv_out = nn.Conv2d(block_in, 2 * config.z_channels, 3, padding=1)
+        self.quant_conv = nn.Conv2d(2 * config.z_channels, 2 * config.z_channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, 3, H, W] -> [B, 2z, H/8, W/8] (mean, logvar)
+        h = self.conv_in(x)
+        for stage in self.down:
+            for block in stage.block:
+                h = block(h)
+            if hasattr(stage, "downsample"):
+                h = stage.downsample(h)
+        h = self.mid(h)
+        h = self.conv_out(F.silu(self.norm_out(h)))
+        return self.quant_conv(h)
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: AutoencoderConfig) -> None:
+        super().__init__()
+        ch, mults = config.ch, config.ch_mult
+        block_in = ch * mults[-1]
+        self.post_quant_conv = nn.Conv2d(config.z_channels, config.z_channels, 1)
+        self.conv_in = nn.Conv2d(config.z_channels, block_in, 3, padding=1)
+        self.mid = MidBlock(block_in, config.norm_groups)
+        # BFL indexes `up` from the highest resolution (0) to the lowest, and runs it in reverse
+        up: list[nn.Module] = []
+        for level in reversed(range(len(mults))):
+            stage = nn.Module()
+            block_out = ch * mults[level]
+            stage.block = nn.ModuleList()
+            for _ in range(config.num_res_blocks + 1):
+                stage.block.append(ResnetBlock(block_in, block_out, config.norm_groups))
+                block_in = block_out
+            if level != 0:
+                stage.upsample = Upsample(block_in)
+            up.insert(0, stage)
+        self.up = nn.ModuleList(up)
+        self.norm_out = group_norm(block_in, config.norm_groups)
+        self.conv_out = nn.Conv2d(block_in, config.out_channels, 3, padding=1)
+
+    def forward(self, z: Tensor) -> Tensor:  # [B, z, H/8, W/8] -> [B, 3, H, W]
+        h = self.conv_in(self.post_quant_conv(z))
+        h = self.mid(h)
+        for stage in reversed(self.up):
+            for block in stage.block:
+                h = block(h)
+            if hasattr(stage, "upsample"):
+                h = stage.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class MidBlock(nn.Module):
+    def __init__(self, channels: int, groups: int) -> None:
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels, groups)
+        self.attn_1 = AttnBlock(channels, groups)
+        self.block_2 = ResnetBlock(channels, channels, groups)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, groups: int) -> None:
+        super().__init__()
+        self.norm1 = group_norm(in_channels, groups)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = group_norm(out_channels, groups)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        skip = x if self.nin_shortcut is None else self.nin_shortcut(x)
+        return skip + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all spatial positions, with 1x1 convolutions as projections."""
+
+    def __init__(self, channels: int, groups: int) -> None:
+        super().__init__()
+        self.norm = group_norm(channels, groups)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        n = self.norm(x)
+        q, k, v = (proj(n).flatten(2).transpose(1, 2)[:, None] for proj in (self.q, self.k, self.v))  # [B,1,HW,C]
+        out = F.scaled_dot_product_attention(q, k, v)[:, 0].transpose(1, 2).reshape(b, c, h, w)
+        return x + self.proj_out(out)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric padding, as trained
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def group_norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
+
+
+def patchify(z: Tensor) -> Tensor:
+    """[B, C, 2h, 2w] -> [B, 4C, h, w]; channel index c*4 + pi*2 + pj."""
+    b, c, h2, w2 = z.shape
+    z = z.view(b, c, h2 // 2, 2, w2 // 2, 2).permute(0, 1, 3, 5, 2, 4)
+    return z.reshape(b, 4 * c, h2 // 2, w2 // 2)
+
+
+def unpatchify(z: Tensor) -> Tensor:
+    """[B, 4C, h, w] -> [B, C, 2h, 2w]; the inverse of `patchify`."""
+    b, c4, h, w = z.shape
+    z = z.view(b, c4 // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3)
+    return z.reshape(b, c4 // 4, 2 * h, 2 * w)

@@ -1,0 +1,257 @@
+"""The FLUX.2 flow transformer: double-stream blocks, then single-stream (parallel) blocks.
+
+Module and parameter names follow BFL's `flux2/model.py`, so a BFL single-file checkpoint loads with no renaming;
+`klein_agent.keymaps` maps the diffusers layout onto these names. No biases anywhere; LayerNorms have no affine
+parameters; the three modulation projections are computed once per forward and shared by every block.
+
+Shapes: B batch, L image tokens (noisy output first, then references), T text tokens (512), D hidden size,
+H heads, Dh head dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from klein_agent.configs import TransformerConfig
+
+
+class Flux2Transformer(nn.Module):
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.hidden_size
+        self.img_in = nn.Linear(config.in_channels, d, bias=False)
+        self.txt_in = nn.Linear(config.context_in_dim, d, bias=False)
+        self.time_in = MLPEmbedder(256, d)
+        self.double_stream_modulation_img = Modulation(d, sets=2)
+        self.double_stream_modulation_txt = Modulation(d, sets=2)
+        self.single_stream_modulation = Modulation(d, sets=1)
+        self.pe_embedder = EmbedND(config.axes_dim, config.theta)
+        self.double_blocks = nn.ModuleList(DoubleStreamBlock(config) for _ in range(config.depth))
+        self.single_blocks = nn.ModuleList(SingleStreamBlock(config) for _ in range(config.depth_single_blocks))
+        self.final_layer = LastLayer(d, config.in_channels, config.eps)
+
+    def forward(
+        self,
+        img: Tensor,  # [B, L, C_in]
+        img_ids: Tensor,  # [L, 4] int: (t, h, w, l)
+        txt: Tensor,  # [B, T, C_ctx]
+        txt_ids: Tensor,  # [T, 4]
+        timesteps: Tensor,  # [B] in [0, 1]
+        rope: tuple[Tensor, Tensor] | None = None,  # precomputed `self.rope(txt_ids, img_ids)`, reused across steps
+    ) -> Tensor:  # [B, L, C_in] predicted velocity
+        vec = self.time_in(timestep_embedding(timesteps, 256).to(img.dtype))  # [B, D]
+        mod_img = self.double_stream_modulation_img(vec)  # [B, 1, 6D]
+        mod_txt = self.double_stream_modulation_txt(vec)
+        mod_single = self.single_stream_modulation(vec)  # [B, 1, 3D]
+
+        img = self.img_in(img)  # [B, L, D]
+        txt = self.txt_in(txt)  # [B, T, D]
+        cos, sin = self.rope(txt_ids, img_ids) if rope is None else rope  # [T+L, Dh/2] each
+
+        for block in self.double_blocks:
+            img, txt = block(img, txt, cos, sin, mod_img, mod_txt)
+
+        num_txt = txt.shape[1]
+        x = torch.cat((txt, img), dim=1)  # [B, T+L, D]
+        for block in self.single_blocks:
+            x = block(x, cos, sin, mod_single)
+        return self.final_layer(x[:, num_txt:], vec)
+
+    def rope(self, txt_ids: Tensor, img_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """cos and sin for the joint [text, image] sequence, in float32."""
+        return self.pe_embedder(torch.cat((txt_ids, img_ids), dim=0))
+
+
+class MLPEmbedder(nn.Module):
+    def __init__(self, in_dim: int, hidden: int) -> None:
+        super().__init__()
+        self.in_layer = nn.Linear(in_dim, hidden, bias=False)
+        self.out_layer = nn.Linear(hidden, hidden, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out_layer(F.silu(self.in_layer(x)))
+
+
+class Modulation(nn.Module):
+    """shift, scale, gate (per set) from the timestep vector; shared by every block of one kind."""
+
+    def __init__(self, dim: int, sets: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(dim, 3 * sets * dim, bias=False)
+
+    def forward(self, vec: Tensor) -> Tensor:  # [B, D] -> [B, 1, 3*sets*D]
+        return self.lin(F.silu(vec))[:, None, :]
+
+
+class DoubleStreamBlock(nn.Module):
+    """Separate weights for the image and text streams, joint attention over [text, image]."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        d, m = config.hidden_size, config.mlp_hidden
+        self.num_heads = config.num_heads
+        self.eps = config.eps
+        self.img_attn = SelfAttention(d, config.head_dim, config.eps)
+        self.txt_attn = SelfAttention(d, config.head_dim, config.eps)
+        self.img_mlp = nn.Sequential(nn.Linear(d, 2 * m, bias=False), SwiGLU(), nn.Linear(m, d, bias=False))
+        self.txt_mlp = nn.Sequential(nn.Linear(d, 2 * m, bias=False), SwiGLU(), nn.Linear(m, d, bias=False))
+
+    def forward(
+        self, img: Tensor, txt: Tensor, cos: Tensor, sin: Tensor, mod_img: Tensor, mod_txt: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = mod_img.chunk(6, dim=-1)
+        txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = mod_txt.chunk(6, dim=-1)
+
+        img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(img, img_shift1, img_scale1, self.eps), self.num_heads)
+        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(txt, txt_shift1, txt_scale1, self.eps), self.num_heads)
+        q = torch.cat((txt_q, img_q), dim=2)  # [B, H, T+L, Dh]
+        k = torch.cat((txt_k, img_k), dim=2)
+        v = torch.cat((txt_v, img_v), dim=2)
+        attn = attention(q, k, v, cos, sin)  # [B, T+L, D]
+        txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
+
+        img = img + img_gate1 * self.img_attn.proj(img_attn)
+        img = img + img_gate2 * self.img_mlp(modulate(img, img_shift2, img_scale2, self.eps))
+        txt = txt + txt_gate1 * self.txt_attn.proj(txt_attn)
+        txt = txt + txt_gate2 * self.txt_mlp(modulate(txt, txt_shift2, txt_scale2, self.eps))
+        return img, txt
+
+
+class SingleStreamBlock(nn.Module):
+    """Parallel block: one projection feeds both attention (qkv) and the MLP, one projection merges them."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        d, m = config.hidden_size, config.mlp_hidden
+        self.num_heads = config.num_heads
+        self.hidden_size = d
+        self.mlp_hidden = m
+        self.eps = config.eps
+        self.linear1 = nn.Linear(d, 3 * d + 2 * m, bias=False)
+        self.linear2 = nn.Linear(d + m, d, bias=False)
+        self.norm = QKNorm(config.head_dim, config.eps)
+        self.mlp_act = SwiGLU()
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mod: Tensor) -> Tensor:
+        shift, scale, gate = mod.chunk(3, dim=-1)
+        qkv, mlp = self.linear1(modulate(x, shift, scale, self.eps)).split(
+            (3 * self.hidden_size, 2 * self.mlp_hidden), dim=-1
+        )
+        q, k, v = split_heads(qkv, self.num_heads)
+        q, k = self.norm(q, k, v)
+        attn = attention(q, k, v, cos, sin)  # [B, S, D]
+        return x + gate * self.linear2(torch.cat((attn, self.mlp_act(mlp)), dim=-1))
+
+
+class LastLayer(nn.Module):
+    def __init__(self, hidden: int, out_channels: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden, bias=False))
+        self.linear = nn.Linear(hidden, out_channels, bias=False)
+
+    def forward(self, x: Tensor, vec: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(vec)[:, None, :].chunk(2, dim=-1)  # BFL order: shift first
+        return self.linear(modulate(x, shift, scale, self.eps))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, head_dim: int, eps: float) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.norm = QKNorm(head_dim, eps)
+        self.proj = nn.Linear(dim, dim, bias=False)
+
+    def qkv_heads(self, x: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+        q, k, v = split_heads(self.qkv(x), num_heads)
+        q, k = self.norm(q, k, v)
+        return q, k, v
+
+
+class QKNorm(nn.Module):
+    def __init__(self, head_dim: int, eps: float) -> None:
+        super().__init__()
+        self.query_norm = RMSNorm(head_dim, eps)
+        self.key_norm = RMSNorm(head_dim, eps)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        return self.query_norm(q).to(v.dtype), self.key_norm(k).to(v.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # float32 statistics whatever the activation dtype, as the reference does
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * self.scale.float()).to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    """silu(first half) * second half."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+
+class EmbedND(nn.Module):
+    """Rotary angles for 4-axis (t, h, w, l) integer positions; each axis owns a contiguous slice of the head dim."""
+
+    def __init__(self, axes_dim: tuple[int, ...], theta: int) -> None:
+        super().__init__()
+        self.axes_dim = axes_dim
+        self.theta = theta
+
+    def forward(self, ids: Tensor) -> tuple[Tensor, Tensor]:  # [S, 4] -> ([S, Dh/2], [S, Dh/2])
+        # angles in float64 (positions up to thousands times frequencies lose digits in float32)
+        pos = ids.to(torch.float64)
+        angles = []
+        for axis, dim in enumerate(self.axes_dim):
+            omega = 1.0 / (self.theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=ids.device) / dim))
+            angles.append(pos[:, axis, None] * omega[None, :])  # [S, dim/2]
+        angle = torch.cat(angles, dim=-1)
+        return angle.cos().float(), angle.sin().float()
+
+
+def split_heads(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """[B, S, 3*H*Dh] with rows [q | k | v], heads contiguous -> three [B, H, S, Dh]."""
+    b, s, _ = qkv.shape
+    q, k, v = qkv.view(b, s, 3, num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    return q, k, v
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate adjacent pairs (x[2i], x[2i+1]) by the angle of frequency i, in float32."""
+    x32 = x.float().unflatten(-1, (-1, 2))  # [B, H, S, Dh/2, 2]
+    x0, x1 = x32.unbind(-1)
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    out = F.scaled_dot_product_attention(q, k, v)  # [B, H, S, Dh]
+    return out.transpose(1, 2).flatten(2)  # [B, S, H*Dh]
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tensor:
+    return (1 + scale) * F.layer_norm(x, x.shape[-1:], eps=eps) + shift
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, time_factor: float = 1000.0) -> Tensor:
+    """Sinusoidal embedding of t in [0, 1] (scaled to [0, 1000]); cos half first. Computed in float32."""
+    t = time_factor * t.float()
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None] * freqs[None]
+    return torch.cat((torch.cos(args), torch.sin(args)), dim=-1)
