@@ -1,0 +1,109 @@
+"""Prompt conditioning: Qwen3 hidden states from three intermediate layers, concatenated per token.
+
+The prompt goes through Qwen3's chat template with thinking off, is padded to 512 tokens (the attention mask is used
+inside Qwen3 only), and the raw outputs of three decoder layers (before the final norm) are concatenated. Layers past
+the last one needed are never built, so the 4B's encoder runs 27 of its 36 layers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase, Qwen3Config, Qwen3Model
+
+from klein_agent.configs import TextEncoderConfig, text_output_layers
+
+MAX_LENGTH = 512
+
+
+class TextEmbedder(nn.Module):
+    def __init__(self, config: Qwen3Config, tokenizer: PreTrainedTokenizerBase, max_length: int = MAX_LENGTH) -> None:
+        super().__init__()
+        self.output_layers = text_output_layers(config.num_hidden_layers)
+        self.max_length = max_length
+        self.tokenizer = tokenizer
+        kept = self.output_layers[-1]
+        fields = config.to_dict()
+        fields["num_hidden_layers"] = kept
+        if fields.get("layer_types"):
+            fields["layer_types"] = fields["layer_types"][:kept]
+        truncated = Qwen3Config.from_dict(fields)
+        truncated._attn_implementation = "sdpa"
+        self.model = Qwen3Model(truncated)
+        self.model.norm = nn.Identity()  # only raw layer outputs are used
+        self.hidden_size = config.hidden_size
+
+    @property
+    def output_dim(self) -> int:
+        return len(self.output_layers) * self.hidden_size
+
+    def tokenize(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        texts = [
+            self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True, enable_thinking=False
+            )
+            for p in prompts
+        ]
+        batch = self.tokenizer(
+            texts, return_tensors="pt", padding="max_length", truncation=True, max_length=self.max_length
+        )
+        return batch["input_ids"], batch["attention_mask"]
+
+    @torch.inference_mode()
+    def forward(self, prompts: list[str]) -> Tensor:  # -> [B, 512, 3 * hidden]
+        input_ids, attention_mask = self.tokenize(prompts)
+        device = self.model.embed_tokens.weight.device
+        captured: dict[int, Tensor] = {}
+        hooks = [
+            self.model.layers[n - 1].register_forward_hook(_capture(captured, n)) for n in self.output_layers
+        ]
+        try:
+            self.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return torch.cat([captured[n] for n in self.output_layers], dim=-1)  # layer-major per token
+
+    def reset_rotary(self, device: torch.device) -> None:
+        """Recompute the rotary buffers, which are not in checkpoints and stay empty after a meta-device build."""
+        rotary = type(self.model.rotary_emb)(config=self.model.config)
+        self.model.rotary_emb = rotary.to(device)
+
+
+def _capture(store: dict[int, Tensor], layer: int) -> Any:
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        store[layer] = output[0] if isinstance(output, tuple) else output
+
+    return hook
+
+
+def qwen3_config(config: TextEncoderConfig, pad_token_id: int | None = None) -> Qwen3Config:
+    return Qwen3Config(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads,
+        head_dim=config.head_dim,
+        max_position_embeddings=config.max_position_embeddings,
+        rope_theta=config.rope_theta,
+        rms_norm_eps=config.rms_norm_eps,
+        tie_word_embeddings=True,
+        pad_token_id=pad_token_id,
+    )
+
+
+def checkpoint_key(ours: str) -> str:
+    """Our module's keys -> Qwen3ForCausalLM checkpoint keys."""
+    return "model." + ours
+
+
+def skipped_checkpoint_key(key: str, num_layers_kept: int) -> bool:
+    """Keys a Qwen3ForCausalLM checkpoint has that we deliberately do not load: later layers, final norm, LM head."""
+    if key.startswith("lm_head.") or key == "model.norm.weight":
+        return True
+    parts = key.split(".")
+    return len(parts) > 2 and parts[:2] == ["model", "layers"] and int(parts[2]) >= num_layers_kept
