@@ -24,6 +24,7 @@ class TextEmbedder(nn.Module):
         self.output_layers = text_output_layers(config.num_hidden_layers)
         self.max_length = max_length
         self.tokenizer = tokenizer
+        self.full_config = config  # the checkpoint's own, all layers; kept for writing checkpoints back
         kept = self.output_layers[-1]
         fields = config.to_dict()
         fields["num_hidden_layers"] = kept
