@@ -1,0 +1,3 @@
+from klein_agent.cli import main
+
+raise SystemExit(main())
