@@ -1,0 +1,112 @@
+"""Structured content of the tools: small JSON objects, never base64. They are also the tools' outputSchema.
+
+Claude Code shows the model only the structured content when a result has some, so every model carries the
+facts an agent needs (ids, seeds, sizes, parents) and a short `note` on what to do next.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class ImageRef(BaseModel):
+    image_id: str
+    uri: str = Field(description="image://<image_id>: the full-resolution PNG as a resource")
+    seed: int | None = Field(description="the seed that made it; null for imported pictures")
+    width: int
+    height: int
+    parents: list[str] = Field(description="ids of the images it was made from, in 'image 1, image 2' order")
+
+
+class ImagesResult(BaseModel):
+    """What generate, edit and compose return."""
+
+    images: list[ImageRef]
+    elapsed_ms: int = Field(description="wall time of the whole call, including queueing and storing")
+    model_ms: int = Field(description="time the model itself took")
+    steps: int
+    session: str | None
+    cache_hits: dict[str, int] = Field(
+        description="prompt embeddings / reference latents reused from earlier"
+    )
+    note: str
+
+
+class ListedImage(BaseModel):
+    image_id: str
+    tool: str = Field(description="generate, edit, compose or import")
+    width: int
+    height: int
+    seed: int | None
+    prompt: str | None = Field(description="the prompt, cut to 120 characters")
+    parents: list[str]
+    session: str | None
+    created_at: str
+
+
+class ListResult(BaseModel):
+    images: list[ListedImage]
+    next_cursor: str | None = Field(
+        description="pass as cursor to get the next (older) page; null at the end"
+    )
+
+
+class ViewedImage(BaseModel):
+    image_id: str
+    width: int
+    height: int
+
+
+class ViewResult(BaseModel):
+    images: list[ViewedImage]
+    preview_width: int
+    preview_height: int
+    preview_mime_type: str
+
+
+class ExportResult(BaseModel):
+    image_id: str
+    path: str = Field(description="absolute path of the written PNG on the server's machine")
+    file_uri: str
+    size_bytes: int
+
+
+class ModelStatus(BaseModel):
+    state: str = Field(description="loading, ready, failed or stopped")
+    error: str | None
+    model: str | None
+    variant: str | None
+    device: str | None
+    dtype: str | None
+    default_steps: int | None
+    max_references: int | None
+    load_seconds: float | None
+
+
+class QueueStatus(BaseModel):
+    running: bool
+    queued: int
+    max_queue: int
+    completed: int
+    failed: int
+    cancelled: int
+    mean_model_ms: float | None
+    cache_hits: dict[str, int]
+
+
+class StoreStatus(BaseModel):
+    root: str
+    images: int
+    total_bytes: int
+    max_bytes: int | None
+    max_images: int | None
+
+
+class StatusResult(BaseModel):
+    model: ModelStatus
+    queue: QueueStatus
+    store: StoreStatus
+    allowed_dirs: list[str]
+    allow_urls: bool
+    max_pixels_per_call: int
+    version: str

@@ -1,0 +1,170 @@
+"""MCP prompts from the markdown files in `prompts/`.
+
+A file is a small front matter and a body:
+
+    ---
+    name: iterate_image
+    title: Iterate on an image toward a goal
+    description: One line for the client's prompt picker.
+    argument goal: required | What the finished picture must show.
+    argument image_id: optional | A stored image to start from.
+    attach: image_id
+    ---
+    Body text with {{goal}} and {{image_id|text used when the argument is missing}}.
+
+`attach` names an argument holding one or more stored image ids; the prompt then carries a preview of them
+(a labelled contact sheet for several) as an image message after the text.
+
+Installed from a wheel, the folder is `klein_agent/prompts` (pyproject force-includes it there); in a source
+checkout it is the repository's top-level `prompts/`.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import io
+import re
+from dataclasses import dataclass
+from importlib.resources.abc import Traversable
+from pathlib import Path
+from typing import Any
+
+import anyio.to_thread
+from mcp.server import MCPServer
+from mcp.server.mcpserver.prompts.base import Message, Prompt, PromptArgument, UserMessage
+from mcp.shared.exceptions import MCPError
+from mcp_types import INVALID_PARAMS, ImageContent
+from PIL import Image
+
+from klein_agent.server.results import build_preview, image_block
+from klein_agent.server.state import ServerState, strip_image_uri
+from klein_agent.store import StoreError
+
+_PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:\|([^}]*))?\}\}")
+_ARGUMENT = re.compile(r"argument\s+([A-Za-z_][A-Za-z0-9_]*)\s*:\s*(required|optional)\s*\|\s*(.*)")
+MAX_ATTACHED = 16
+
+
+@dataclass(frozen=True)
+class PromptFile:
+    name: str
+    title: str | None
+    description: str
+    arguments: list[PromptArgument]
+    attach: str | None
+    body: str
+
+
+def prompts_dir() -> Traversable:
+    packaged = importlib.resources.files("klein_agent") / "prompts"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parents[2] / "prompts"
+
+
+def parse_prompt_file(text: str, source: str) -> PromptFile:
+    lines = text.replace("\r\n", "\n").split("\n")
+    if not lines or lines[0].strip() != "---":
+        raise ValueError(f"{source}: a prompt file starts with a '---' front matter line")
+    try:
+        end = next(i for i in range(1, len(lines)) if lines[i].strip() == "---")
+    except StopIteration:
+        raise ValueError(f"{source}: the front matter has no closing '---' line") from None
+    fields: dict[str, str] = {}
+    arguments: list[PromptArgument] = []
+    for line in lines[1:end]:
+        if not line.strip():
+            continue
+        if m := _ARGUMENT.fullmatch(line.strip()):
+            name, need, description = m.groups()
+            arguments.append(
+                PromptArgument(name=name, description=description.strip(), required=need == "required")
+            )
+            continue
+        key, sep, value = line.partition(":")
+        if not sep:
+            raise ValueError(f"{source}: cannot read front matter line {line!r}")
+        fields[key.strip()] = value.strip()
+    if "name" not in fields or "description" not in fields:
+        raise ValueError(f"{source}: the front matter needs name and description")
+    attach = fields.get("attach") or None
+    if attach is not None and attach not in {a.name for a in arguments}:
+        raise ValueError(f"{source}: attach names {attach!r}, which is not an argument")
+    return PromptFile(
+        name=fields["name"],
+        title=fields.get("title"),
+        description=fields["description"],
+        arguments=arguments,
+        attach=attach,
+        body="\n".join(lines[end + 1 :]).strip() + "\n",
+    )
+
+
+def load_prompt_files(folder: Traversable | None = None) -> list[PromptFile]:
+    folder = prompts_dir() if folder is None else folder
+    files = sorted((f for f in folder.iterdir() if f.name.endswith(".md")), key=lambda f: f.name)
+    return [parse_prompt_file(f.read_text(encoding="utf-8"), f.name) for f in files]
+
+
+def render_body(body: str, values: dict[str, str]) -> str:
+    def substitute(m: re.Match[str]) -> str:
+        value = values.get(m.group(1), "").strip()
+        return value if value else (m.group(2) or "").strip()
+
+    return _PLACEHOLDER.sub(substitute, body)
+
+
+def split_ids(value: str) -> list[str]:
+    return [strip_image_uri(part) for part in re.split(r"[\s,;]+", value) if part.strip()]
+
+
+def register_prompts(mcp: MCPServer[Any], state: ServerState, files: list[PromptFile] | None = None) -> None:
+    for spec in load_prompt_files() if files is None else files:
+        mcp.add_prompt(_prompt(spec, state))
+
+
+def _prompt(spec: PromptFile, state: ServerState) -> Prompt:
+    async def render(**values: str) -> list[Message]:
+        messages: list[Message] = [UserMessage(render_body(spec.body, values))]
+        ids = split_ids(values.get(spec.attach, "")) if spec.attach else []
+        if ids:
+            if len(ids) > MAX_ATTACHED:
+                raise MCPError(
+                    code=INVALID_PARAMS,
+                    message=f"{len(ids)} image ids given; at most {MAX_ATTACHED} can be attached",
+                )
+            messages.append(UserMessage(await _sheet(state, ids)))
+        return messages
+
+    return Prompt(
+        name=spec.name,
+        title=spec.title,
+        description=spec.description,
+        arguments=spec.arguments,
+        fn=render,
+        context_kwarg=None,
+    )
+
+
+async def _sheet(state: ServerState, ids: list[str]) -> ImageContent:
+    def load() -> list[Image.Image]:
+        pictures = []
+        for image_id in ids:
+            with Image.open(io.BytesIO(state.store.read_png(image_id)), formats=["PNG"]) as im:
+                pictures.append(im.convert("RGB"))
+        return pictures
+
+    try:
+        pictures = await anyio.to_thread.run_sync(load)
+    except StoreError as exc:  # a protocol error carries its message to the client; other errors would not
+        raise MCPError(code=INVALID_PARAMS, message=str(exc)) from exc
+    labels = [ids[0]] if len(ids) == 1 else [f"{k} {i}" for k, i in enumerate(ids, start=1)]
+    preview = await anyio.to_thread.run_sync(
+        lambda: build_preview(
+            pictures,
+            labels,
+            max_edge=state.config.preview_max_edge,
+            budget_b64=state.config.preview_budget_b64,
+        )
+    )
+    return image_block(preview)

@@ -1,0 +1,80 @@
+"""Resource templates: `image://{image_id}` is the full-resolution PNG, `image://{image_id}/meta` its recipe."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import anyio.to_thread
+from mcp.server import MCPServer
+from mcp.server.mcpserver.exceptions import ResourceNotFoundError
+
+from klein_agent.server.results import image_uri
+from klein_agent.server.state import ServerState, now_iso
+from klein_agent.store import StoredImage, UnknownImageError
+
+
+def rerun_call(image: StoredImage) -> dict[str, Any] | None:
+    """The tool call that makes this image again, pixel for pixel, or None for an imported picture."""
+    recipe = image.recipe
+    tool = recipe.get("tool")
+    if tool not in ("generate", "edit", "compose"):
+        return None
+    arguments: dict[str, Any] = {
+        key: recipe[key]
+        for key in ("prompt", "width", "height", "seed", "steps", "guidance")
+        if key in recipe
+    }
+    parents = list(recipe.get("parents", image.parents))
+    if tool == "edit":
+        arguments = {"image": parents[0], **arguments}
+    elif tool == "compose":
+        arguments = {"images": parents, **arguments}
+    return {"tool": tool, "arguments": arguments}
+
+
+def meta_document(image: StoredImage) -> dict[str, Any]:
+    return {
+        "image_id": image.image_id,
+        "uri": image_uri(image.image_id),
+        "width": image.width,
+        "height": image.height,
+        "size_bytes": image.size_bytes,
+        "created_at": now_iso(image.created_at),
+        "session": image.session,
+        "parents": list(image.parents),
+        "recipe": image.recipe,
+        "rerun": rerun_call(image),
+    }
+
+
+def register_resources(mcp: MCPServer[Any], state: ServerState) -> None:
+    store = state.store
+
+    @mcp.resource(
+        "image://{image_id}",
+        name="image",
+        title="Stored image",
+        description="The full-resolution PNG of a stored image (ids come from tool results or list_images).",
+        mime_type="image/png",
+    )
+    async def image_png(image_id: str) -> bytes:
+        try:
+            return await anyio.to_thread.run_sync(store.read_png, image_id)
+        except UnknownImageError as exc:
+            raise ResourceNotFoundError(str(exc)) from exc
+
+    @mcp.resource(
+        "image://{image_id}/meta",
+        name="image-meta",
+        title="How a stored image was made",
+        description="JSON: size, parents, session, and the recipe (tool, prompt, seed, steps, guidance, model, "
+        "timings); `rerun` is the tool call that makes the same picture again.",
+        mime_type="application/json",
+    )
+    async def image_meta(image_id: str) -> str:
+        try:
+            image = await anyio.to_thread.run_sync(store.get, image_id)
+        except UnknownImageError as exc:
+            raise ResourceNotFoundError(str(exc)) from exc
+        return json.dumps(meta_document(image), indent=2, ensure_ascii=False)
