@@ -1,0 +1,162 @@
+"""Checkpoint layouts, the key maps, and clear errors for checkpoints that do not fit."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from klein_agent import keymaps
+from klein_agent.checkpoints import CheckpointError, infer_transformer_config, load_components, resolve_model_path
+from klein_agent.configs import preset
+from klein_agent.pipeline import load_pipeline
+from klein_agent.request import GenerationRequest
+from klein_agent.tiny import build_tiny
+from tests.checkpoint_fixtures import tiny_checkpoint  # noqa: F401
+
+CPU = torch.device("cpu")
+REQUEST = GenerationRequest("a red cube", width=48, height=32, seed=4)
+
+
+@pytest.fixture
+def checkpoint_copy(tiny_checkpoint: Path, tmp_path: Path) -> Path:  # noqa: F811
+    target = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, target)
+    return target
+
+
+def test_both_layouts_give_the_same_picture(tiny_checkpoint: Path) -> None:  # noqa: F811
+    folder = load_pipeline(str(tiny_checkpoint)).generate(REQUEST).images[0].tobytes()
+    single = load_pipeline(
+        str(tiny_checkpoint), transformer_file=str(tiny_checkpoint / "flux-2-klein.safetensors")
+    ).generate(REQUEST).images[0].tobytes()
+    assert folder == single
+
+
+def test_sharded_transformer_is_read_through_its_index(tiny_checkpoint: Path) -> None:  # noqa: F811
+    shards = sorted((tiny_checkpoint / "transformer").glob("*-of-00002.safetensors"))
+    assert len(shards) == 2 and (tiny_checkpoint / "transformer" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    components = load_components(tiny_checkpoint, CPU, torch.float32)
+    assert components.transformer.config == preset("tiny").transformer
+    assert components.autoencoder.config == preset("tiny").autoencoder
+    assert components.variant == "klein-4b" and components.sampling.distilled
+
+
+def test_sizes_come_from_the_checkpoint_not_a_preset(tiny_checkpoint: Path) -> None:  # noqa: F811
+    state = load_file(str(tiny_checkpoint / "flux-2-klein.safetensors"))
+    assert infer_transformer_config(state, "x") == preset("tiny").transformer
+
+
+def test_transformer_key_map_round_trip() -> None:
+    transformer, _, _ = build_tiny()
+    ours = transformer.state_dict()
+    theirs = keymaps.transformer_to_diffusers(ours)
+    assert "transformer_blocks.0.attn.to_q.weight" in theirs and "double_blocks.0.img_attn.qkv.weight" not in theirs
+    back = keymaps.transformer_from_diffusers(theirs)
+    assert set(back) == set(ours)
+    assert all(torch.equal(back[k], ours[k]) for k in ours)
+    # the final modulation halves really are swapped, not copied
+    d = transformer.config.hidden_size
+    assert torch.equal(theirs["norm_out.linear.weight"][:d], ours["final_layer.adaLN_modulation.1.weight"][d:])
+
+
+def test_autoencoder_key_map_round_trip() -> None:
+    _, autoencoder, _ = build_tiny()
+    ours = autoencoder.state_dict()
+    theirs = keymaps.autoencoder_to_diffusers(ours)
+    assert "decoder.up_blocks.0.resnets.0.conv1.weight" in theirs
+    assert theirs["encoder.mid_block.attentions.0.to_q.weight"].ndim == 2
+    # diffusers' decoder level 0 is BFL's deepest level
+    last = len(autoencoder.config.ch_mult) - 1
+    assert torch.equal(theirs["decoder.up_blocks.0.resnets.0.conv1.weight"], ours[f"decoder.up.{last}.block.0.conv1.weight"])
+    back = keymaps.autoencoder_from_diffusers(theirs)
+    assert set(back) == set(ours) and all(torch.equal(back[k], ours[k]) for k in ours)
+
+
+def test_comfyui_prefixed_single_file_loads(tiny_checkpoint: Path, tmp_path: Path) -> None:  # noqa: F811
+    state = load_file(str(tiny_checkpoint / "flux-2-klein.safetensors"))
+    prefixed = tmp_path / "comfy.safetensors"
+    save_file({f"model.diffusion_model.{k}": v for k, v in state.items()}, str(prefixed))
+    got = load_pipeline(str(tiny_checkpoint), transformer_file=str(prefixed)).generate(REQUEST).images[0]
+    assert got.tobytes() == load_pipeline("tiny").generate(REQUEST).images[0].tobytes()
+
+
+def _rewrite(path: Path, edit) -> None:  # type: ignore[no-untyped-def]
+    state = load_file(str(path))
+    edit(state)
+    save_file(state, str(path))
+
+
+def test_missing_key_is_named(checkpoint_copy: Path) -> None:
+    file = checkpoint_copy / "flux-2-klein.safetensors"
+    _rewrite(file, lambda s: s.pop("single_blocks.1.linear2.weight"))
+    with pytest.raises(CheckpointError, match=r"1 missing keys: single_blocks\.1\.linear2\.weight"):
+        load_components(checkpoint_copy, CPU, torch.float32, transformer_file=file)
+
+
+def test_unexpected_key_is_named(checkpoint_copy: Path) -> None:
+    file = checkpoint_copy / "vae" / "diffusion_pytorch_model.safetensors"
+    _rewrite(file, lambda s: s.update({"encoder.extra.weight": torch.zeros(2)}))
+    with pytest.raises(CheckpointError, match=r"1 unexpected keys: encoder\.extra\.weight"):
+        load_components(checkpoint_copy, CPU, torch.float32)
+
+
+def test_wrong_shape_is_named(checkpoint_copy: Path) -> None:
+    file = checkpoint_copy / "flux-2-klein.safetensors"
+    _rewrite(file, lambda s: s.update({"final_layer.linear.weight": torch.zeros(3, 64)}))
+    with pytest.raises(CheckpointError, match=r"mis-shaped tensors: final_layer\.linear\.weight \(3, 64\) \(expected \(16, 64\)\)"):
+        load_components(checkpoint_copy, CPU, torch.float32, transformer_file=file)
+
+
+def test_wrong_dtype_is_named(checkpoint_copy: Path) -> None:
+    file = checkpoint_copy / "flux-2-klein.safetensors"
+    _rewrite(file, lambda s: s.update({"img_in.weight": s["img_in.weight"].to(torch.int32)}))
+    with pytest.raises(CheckpointError, match=r"non-floating-point weights: img_in\.weight \(torch\.int32\)"):
+        load_components(checkpoint_copy, CPU, torch.float32, transformer_file=file)
+
+
+def test_missing_component_folder_is_named(checkpoint_copy: Path) -> None:
+    shutil.rmtree(checkpoint_copy / "vae")
+    with pytest.raises(CheckpointError, match="lacks the folder.*vae"):
+        load_components(checkpoint_copy, CPU, torch.float32)
+
+
+def test_missing_index_and_shard_are_named(checkpoint_copy: Path) -> None:
+    (checkpoint_copy / "transformer" / "diffusion_pytorch_model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="00002-of-00002.safetensors listed in .* are missing"):
+        load_components(checkpoint_copy, CPU, torch.float32)
+    (checkpoint_copy / "model_index.json").unlink()
+    with pytest.raises(CheckpointError, match="model_index.json is missing"):
+        load_components(checkpoint_copy, CPU, torch.float32)
+
+
+def test_config_disagreeing_with_the_weights_is_caught(checkpoint_copy: Path) -> None:
+    config = json.loads((checkpoint_copy / "transformer" / "config.json").read_text())
+    config["joint_attention_dim"] = 64
+    (checkpoint_copy / "transformer" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="mis-shaped"):
+        load_components(checkpoint_copy, CPU, torch.float32)
+
+
+def test_repo_id_resolves_from_the_hugging_face_cache(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(CheckpointError, match="not in the local Hugging Face cache.*--allow-download"):
+        resolve_model_path("black-forest-labs/FLUX.2-klein-4B")
+    repo = tmp_path / "hub" / "models--black-forest-labs--FLUX.2-klein-4B"
+    shutil.copytree(tiny_checkpoint, repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    assert resolve_model_path("black-forest-labs/FLUX.2-klein-4B") == repo / "snapshots" / "abc123"
+    picture = load_pipeline("black-forest-labs/FLUX.2-klein-4B").generate(REQUEST).images[0]
+    assert picture.tobytes() == load_pipeline("tiny").generate(REQUEST).images[0].tobytes()
+
+
+def test_not_a_model_is_explained() -> None:
+    with pytest.raises(CheckpointError, match="neither a folder nor a Hugging Face repo id"):
+        resolve_model_path("/no/such/folder")
