@@ -1,0 +1,267 @@
+"""Per-stage timings of our pipeline, and of diffusers' Flux2KleinPipeline on the very same weights and noise.
+
+    python tools/bench.py --preset tiny --sizes 256x256 512x512 --refs 0 1 --runs 5
+    python tools/bench.py --preset klein-4b --device cuda --sizes 1024x1024 512x512 --refs 0 1 --runs 20
+
+Weights are random, of the preset's shape (`mid` is a mid-size shape for CPU runs): speed does not depend on the
+values. Each configuration is warmed up, then timed `--runs` times; the table shows medians. Stages: text embedding
+(uncached), reference encoding (uncached), each denoising step, decode, and end to end (prompt to PNG bytes, caches
+cleared). Where diffusers is installed, its pipeline runs in the same process on the same weights and seeds, and the
+ratio reference / ours is shown. Peak memory: CUDA's peak allocation, or the process's peak RSS on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import io
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import torch
+from PIL import Image
+
+from klein_agent.configs import PRESETS, AutoencoderConfig, ModelPreset, TextEncoderConfig, TransformerConfig
+from klein_agent.devices import resolve_device, resolve_dtype
+from klein_agent.pipeline import KleinPipeline, LRUCache
+from klein_agent.request import GenerationRequest
+from klein_agent.tiny import build_random_models
+
+MID = ModelPreset(
+    name="mid",
+    transformer=TransformerConfig(
+        in_channels=128, context_in_dim=3 * 512, hidden_size=768, num_heads=12, depth=2, depth_single_blocks=6,
+        axes_dim=(16, 16, 16, 16),
+    ),
+    autoencoder=AutoencoderConfig(ch=64, ch_mult=(1, 2, 4, 4), num_res_blocks=1),
+    text_encoder=TextEncoderConfig(
+        vocab_size=4096, hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+        num_key_value_heads=4, head_dim=64,
+    ),
+)
+ALL_PRESETS = {**PRESETS, "mid": MID}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return (time.perf_counter() - start) * 1000
+
+
+def reference_picture(width: int, height: int, seed: int) -> Image.Image:
+    g = torch.Generator().manual_seed(seed)
+    pixels = (torch.rand(height, width, 3, generator=g) * 255).to(torch.uint8)
+    return Image.frombytes("RGB", (width, height), pixels.numpy().tobytes())
+
+
+def png_bytes(images: list[Image.Image]) -> list[bytes]:
+    out = []
+    for image in images:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", compress_level=1)
+        out.append(buffer.getvalue())
+    return out
+
+
+def clear_caches(pipe: KleinPipeline) -> None:
+    pipe._prompts = LRUCache(pipe._prompts.capacity)
+    pipe._references = LRUCache(pipe._references.capacity)
+
+
+def bench_ours(pipe: KleinPipeline, request: GenerationRequest, runs: int, warmup: int) -> dict[str, Any]:
+    device = pipe.device
+    rows: dict[str, list[float]] = {}
+
+    def add(name: str, value: float) -> None:
+        rows.setdefault(name, []).append(value)
+
+    for i in range(warmup + runs):
+        clear_caches(pipe)
+        text_ms = timed(lambda: pipe.encode_prompt(request.prompt), device)
+        refs_ms = timed(lambda: pipe.encode_references(request.references), device)
+        step_marks: list[float] = []
+
+        def on_progress(done: int, total: int, message: str) -> None:
+            if message.startswith("step") or done == 1:
+                sync(device)
+                step_marks.append(time.perf_counter())
+
+        clear_caches(pipe)
+        sync(device)
+        start = time.perf_counter()
+        result = pipe.generate(request, progress=on_progress)
+        png_bytes(result.images)
+        total_ms = (time.perf_counter() - start) * 1000
+        if i < warmup:
+            continue
+        add("text", text_ms)
+        add("references", refs_ms)
+        for k, (a, b) in enumerate(zip(step_marks[:-1], step_marks[1:], strict=False)):
+            add(f"step {k + 1}", (b - a) * 1000)
+        add("decode", result.timings_ms["decode"])
+        add("end to end", total_ms)
+        clear_caches(pipe)
+        pipe.encode_prompt(request.prompt)
+        pipe.encode_references(request.references)
+        sync(device)
+        start = time.perf_counter()
+        png_bytes(pipe.generate(request).images)
+        add("retry (cached)", (time.perf_counter() - start) * 1000)
+    return {name: statistics.median(values) for name, values in rows.items()}
+
+
+def build_reference(pipe: KleinPipeline, distilled: bool) -> Any:
+    """diffusers' pipeline holding our weights (converted through the key maps)."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from diffusers.utils import logging as diffusers_logging
+    from transformers import Qwen3ForCausalLM
+
+    from klein_agent import keymaps
+
+    diffusers_logging.set_verbosity_error()  # "guidance is ignored for distilled models", once per call
+
+    tc, ac = pipe.transformer.config, pipe.autoencoder.config
+    with torch.device("meta"):
+        transformer = Flux2Transformer2DModel(
+            in_channels=tc.in_channels, num_layers=tc.depth, num_single_layers=tc.depth_single_blocks,
+            attention_head_dim=tc.head_dim, num_attention_heads=tc.num_heads, joint_attention_dim=tc.context_in_dim,
+            mlp_ratio=tc.mlp_ratio, axes_dims_rope=tuple(tc.axes_dim), rope_theta=tc.theta, guidance_embeds=False,
+        )
+        levels = len(ac.ch_mult)
+        vae = AutoencoderKLFlux2(
+            down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+            block_out_channels=tuple(ac.ch * m for m in ac.ch_mult), layers_per_block=ac.num_res_blocks,
+            latent_channels=ac.z_channels, norm_num_groups=ac.norm_groups,
+        )
+        text = Qwen3ForCausalLM(pipe.text_embedder.full_config)
+    transformer.load_state_dict(keymaps.transformer_to_diffusers(pipe.transformer.state_dict()), assign=True)
+    vae.load_state_dict(keymaps.autoencoder_to_diffusers(pipe.autoencoder.state_dict()), assign=True)
+    # the reference runs the encoder's full depth: the layers we skip get copies of the last one we keep
+    ours = {k: v for k, v in pipe.text_embedder.model.state_dict().items() if not k.startswith("rotary_emb.")}
+    kept = len(pipe.text_embedder.model.layers)
+    full_state = {f"model.{k}": v for k, v in ours.items()}
+    for layer in range(kept, pipe.text_embedder.full_config.num_hidden_layers):
+        for k, v in ours.items():
+            if k.startswith(f"layers.{kept - 1}."):
+                full_state["model." + k.replace(f"layers.{kept - 1}.", f"layers.{layer}.", 1)] = v.clone()
+    full_state["model.norm.weight"] = torch.ones_like(ours["embed_tokens.weight"][0])
+    full_state["lm_head.weight"] = ours["embed_tokens.weight"]
+    text.load_state_dict(full_state, assign=True)
+    text.model.rotary_emb = type(text.model.rotary_emb)(config=text.config).to(pipe.device)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, time_shift_type="exponential"
+    )
+    reference = Flux2KleinPipeline(
+        scheduler=scheduler, vae=vae.eval(), text_encoder=text.eval(), tokenizer=pipe.text_embedder.tokenizer,
+        transformer=transformer.eval(), is_distilled=distilled,
+    )
+    reference.set_progress_bar_config(disable=True)
+    return reference
+
+
+def bench_reference(reference: Any, pipe: KleinPipeline, request: GenerationRequest, runs: int, warmup: int) -> float:
+    layers = pipe.text_embedder.output_layers
+    times = []
+    for i in range(warmup + runs):
+        generators = [torch.Generator("cpu").manual_seed(request.seed + k) for k in range(request.num_images)]
+        sync(pipe.device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            images = reference(
+                prompt=request.prompt, height=request.height, width=request.width,
+                num_inference_steps=request.steps or pipe.info.default_steps, generator=generators,
+                image=list(request.references) or None, text_encoder_out_layers=layers,
+            ).images
+        png_bytes(images)
+        if i >= warmup:
+            times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def peak_memory(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (CUDA peak allocated)"
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return f"{kib / 2**20:.2f} GiB (process peak RSS)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny", choices=sorted(ALL_PRESETS))
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--sizes", nargs="+", default=["256x256"], help="WxH output sizes")
+    parser.add_argument("--refs", nargs="+", type=int, default=[0], help="reference counts (1024x1024 references)")
+    parser.add_argument("--ref-size", default="1024x1024", help="WxH of each reference picture")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--no-reference", action="store_true", help="skip diffusers even where installed")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    chosen = ALL_PRESETS[args.preset]
+    if chosen.text_encoder.vocab_size < 272:
+        chosen = replace(chosen, text_encoder=replace(chosen.text_encoder, vocab_size=272))
+    torch.manual_seed(0)
+    transformer, autoencoder, text = build_random_models(chosen, seed=0, device=device, dtype=dtype)
+    pipe = KleinPipeline(
+        transformer, autoencoder, text, sampling_defaults=chosen.sampling, model_name=f"random:{chosen.name}",
+        variant=chosen.name,
+    )
+    reference = None
+    if not args.no_reference:
+        try:
+            reference = build_reference(pipe, chosen.sampling.distilled)
+        except ImportError:
+            print("diffusers not installed: reference column skipped", file=sys.stderr)
+
+    ref_w, ref_h = (int(v) for v in args.ref_size.split("x"))
+    header = (
+        f"klein-agent bench: preset {chosen.name}, {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or platform.machine()}), "
+        f"{str(dtype).removeprefix('torch.')}, torch {torch.__version__}, {args.runs} runs after {args.warmup} warm-up, medians in ms"
+    )
+    print(header)
+    results = []
+    for size in args.sizes:
+        width, height = (int(v) for v in size.split("x"))
+        for count in args.refs:
+            refs = tuple(reference_picture(ref_w, ref_h, seed=i) for i in range(count))
+            request = GenerationRequest(
+                "a red fox in the snow, photograph", width, height, seed=1, steps=args.steps, references=refs
+            )
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            ours = bench_ours(pipe, request, args.runs, args.warmup)
+            memory = peak_memory(device)
+            ref_ms = bench_reference(reference, pipe, request, args.runs, args.warmup) if reference else None
+            row = {"size": size, "references": count, "ours": ours, "reference_ms": ref_ms, "peak_memory": memory}
+            results.append(row)
+            stages = "  ".join(f"{k} {v:.1f}" for k, v in ours.items())
+            ratio = f"  reference {ref_ms:.1f}  ratio {ref_ms / ours['end to end']:.2f}x" if ref_ms else ""
+            print(f"{size} refs={count}: {stages}{ratio}  peak {memory}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"header": header, "results": results}, handle, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
