@@ -1,0 +1,95 @@
+"""The resident pipeline's own behaviour: caches, progress, validation, cancellation between steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from klein_agent.pipeline import KleinPipeline, load_pipeline
+from klein_agent.request import GenerationRequest
+
+
+@pytest.fixture(scope="module")
+def pipe() -> KleinPipeline:
+    return load_pipeline("tiny", device="cpu")
+
+
+def picture(seed: int, size: tuple[int, int] = (80, 64)) -> Image.Image:
+    g = torch.Generator().manual_seed(seed)
+    pixels = (torch.rand(size[1], size[0], 3, generator=g) * 255).to(torch.uint8)
+    return Image.frombytes("RGB", size, pixels.numpy().tobytes())
+
+
+def test_retry_skips_the_text_encoder_and_the_reference_encoding(pipe: KleinPipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = {"text": 0, "encode": 0}
+    text_forward, encode = pipe.text_embedder.forward, pipe.autoencoder.encode
+
+    def counting_text(prompts: list[str]) -> torch.Tensor:
+        calls["text"] += 1
+        return text_forward(prompts)
+
+    def counting_encode(x: torch.Tensor) -> torch.Tensor:
+        calls["encode"] += 1
+        return encode(x)
+
+    monkeypatch.setattr(pipe.text_embedder, "forward", counting_text)
+    monkeypatch.setattr(pipe.autoencoder, "encode", counting_encode)
+    request = GenerationRequest("a retry prompt nobody used before", 64, 64, seed=1, references=(picture(1),))
+    first = pipe.generate(request)
+    assert calls == {"text": 1, "encode": 1} and first.cache_hits == {"prompt": 0, "references": 0}
+    second = pipe.generate(GenerationRequest(request.prompt, 64, 64, seed=2, references=(picture(1),)))
+    assert calls == {"text": 1, "encode": 1} and second.cache_hits == {"prompt": 1, "references": 1}
+    # a different reference is encoded, the same prompt is not
+    pipe.generate(GenerationRequest(request.prompt, 64, 64, seed=2, references=(picture(2),)))
+    assert calls == {"text": 1, "encode": 2}
+    # the cached path gives the very picture the uncached one gave
+    again = pipe.generate(GenerationRequest(request.prompt, 64, 64, seed=1, references=(picture(1),)))
+    assert again.images[0].tobytes() == first.images[0].tobytes()
+
+
+def test_progress_rises_one_unit_at_a_time(pipe: KleinPipeline) -> None:
+    seen: list[tuple[int, int, str]] = []
+    pipe.generate(GenerationRequest("progress", 48, 48, seed=0, steps=3), progress=lambda d, t, m: seen.append((d, t, m)))
+    assert [d for d, _, _ in seen] == [1, 2, 3, 4, 5]
+    assert {t for _, t, _ in seen} == {5}
+    assert seen[1][2] == "step 1/3" and seen[-1][2] == "decoded"
+
+
+def test_a_raising_callback_stops_between_steps(pipe: KleinPipeline) -> None:
+    seen: list[int] = []
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(done: int, total: int, message: str) -> None:
+        seen.append(done)
+        if done == 3:  # conditioning + 2 steps
+            raise Stop
+
+    with pytest.raises(Stop):
+        pipe.generate(GenerationRequest("cancel me", 48, 48, seed=0), progress=stop_after_two)
+    assert seen == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    ("request_", "message"),
+    [
+        (GenerationRequest("x", 50, 48, seed=0), "width must be a positive multiple of 16"),
+        (GenerationRequest("x", 48, 0, seed=0), "height must be a positive multiple of 16"),
+        (GenerationRequest("x", 48, 48, seed=0, num_images=0), "num_images"),
+        (GenerationRequest("x", 48, 48, seed=0, steps=0), "steps"),
+        (GenerationRequest("x", 48, 48, seed=0, references=tuple(picture(i) for i in range(5))), "at most 4"),
+        (GenerationRequest("x", 48, 48, seed=0, references=(picture(0, (40, 64)),)), "at least 64"),
+        (GenerationRequest("x", 48, 48, seed=0, references=(picture(0, (1040, 64)),)), "aspect ratio"),
+    ],
+)
+def test_bad_requests_are_refused_with_a_reason(pipe: KleinPipeline, request_: GenerationRequest, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        pipe.generate(request_)
+
+
+def test_default_size_follows_the_first_reference(pipe: KleinPipeline) -> None:
+    assert pipe.default_size([]) == (1024, 1024)
+    assert pipe.default_size([picture(0, (100, 70))]) == (96, 64)
+    assert pipe.default_size([picture(0, (2048, 1024))]) == (1440, 720)  # scaled to ~1 Mpx, floored to 16
