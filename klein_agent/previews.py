@@ -1,0 +1,257 @@
+"""What the model sees inline in a tool result, and the PNG bytes the store keeps.
+
+Previews are budgeted by their *base64* length (what travels in the JSON-RPC message): Claude Desktop rejects
+tool results over 1 MB, and the server spends at most ~700,000 characters on all inline images of one result
+(docs/mcp-notes.md §5.1, pitfall 7). Several images become one labelled contact sheet rather than N images.
+
+Store PNGs are written from a fresh pixel buffer, so nothing from an input file (EXIF, GPS, ICC profile, text
+chunks) can ride along into the store or an export; the only metadata is one `klein-agent` tEXt chunk of
+compact JSON provenance.
+
+No torch, no mcp: the server layer and its tests use this module directly.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin, features
+
+PROVENANCE_KEY = "klein-agent"
+_QUALITIES = (85, 75, 62, 50, 38)  # step down quality first: at preview sizes it costs less than resolution
+_MIN_EDGE = 32  # below this a preview is useless; a budget that cannot fit it is a caller bug
+_SHEET_BG = (128, 128, 128)  # neutral grey: neither light nor dark images blend into it
+_LABEL_BG = (24, 24, 24)
+_LABEL_FG = (245, 245, 245)
+_GAP = 4
+_MIN_CELL_W = 160  # small images get padded cells so a label like "1 img_ab12… seed 7" stays readable
+
+
+@dataclass(frozen=True)
+class Preview:
+    data: bytes  # raw encoded bytes; the caller base64-encodes them for ImageContent
+    mime_type: str  # "image/webp" or "image/jpeg", always matching `data`
+    width: int
+    height: int
+
+    def base64_length(self) -> int:
+        """Characters the base64 form will take (what counts against the tool-result budget)."""
+        return _b64_len(len(self.data))
+
+
+def make_preview(
+    images: Sequence[Image.Image],
+    labels: Sequence[str],
+    *,
+    max_edge: int = 1024,
+    budget_b64: int = 700_000,
+) -> Preview:
+    """One image: it, scaled so its long edge is <= max_edge (never upscaled). Several: one labelled grid.
+
+    Encodes WebP (JPEG when this Pillow lacks WebP), lowering quality and then size until the base64 form is
+    at most `budget_b64` characters. Raises ValueError for an empty list, mismatched labels, or a budget too
+    small for even a tiny preview.
+    """
+    if not images:
+        raise ValueError("make_preview needs at least one image")
+    if len(labels) != len(images):
+        raise ValueError(f"got {len(images)} images but {len(labels)} labels")
+    if max_edge < _MIN_EDGE:
+        raise ValueError(f"max_edge must be at least {_MIN_EDGE}")
+    flat = [_flatten(im) for im in images]
+    natural = max(flat[0].size) if len(flat) == 1 else _natural_sheet_edge(flat)
+    edge = min(max_edge, natural)
+    fmt, mime = ("WEBP", "image/webp") if _has_webp() else ("JPEG", "image/jpeg")
+
+    while True:
+        canvas = _scaled(flat[0], edge) if len(flat) == 1 else _contact_sheet(flat, list(labels), edge)
+        data = b""
+        for i, q in enumerate(_QUALITIES):
+            data = _encode(canvas, fmt, q)
+            over = _b64_len(len(data)) / budget_b64
+            if over <= 1:
+                return Preview(data=data, mime_type=mime, width=canvas.width, height=canvas.height)
+            if over > 2.5 and i < len(_QUALITIES) - 1:
+                # Far over budget (noise, fine texture): the middle qualities cannot close the gap, so go
+                # straight to the lowest one before shrinking. Saves several encodes per round.
+                data = _encode(canvas, fmt, _QUALITIES[-1])
+                if _b64_len(len(data)) <= budget_b64:
+                    return Preview(data=data, mime_type=mime, width=canvas.width, height=canvas.height)
+                break
+        # Encoded size scales roughly with area, so shrink the edge by the square root of the overshoot
+        # (with a margin), and by at least 15% so the loop always makes progress.
+        ratio = math.sqrt(budget_b64 / _b64_len(len(data))) * 0.95
+        new_edge = int(max(canvas.width, canvas.height) * min(0.85, ratio))
+        if new_edge < _MIN_EDGE:
+            raise ValueError(f"budget_b64={budget_b64} is too small for a {_MIN_EDGE} px preview")
+        edge = new_edge
+
+
+def encode_png(image: Image.Image, *, provenance: dict[str, Any] | None = None) -> bytes:
+    """Full-resolution PNG for the store: pixels only, plus one `klein-agent` tEXt chunk of compact JSON.
+
+    The pixels are copied into a new image, so no `info` entry of the source (EXIF, GPS, ICC, text, dpi) can
+    reach the encoder. Same pixels and provenance give the same bytes: keys are sorted, and Pillow writes no
+    timestamp.
+    """
+    if image.mode not in ("RGB", "RGBA", "L", "LA"):
+        image = _flatten(image)
+    fresh = Image.frombytes(image.mode, image.size, image.tobytes())
+    pnginfo = None
+    if provenance is not None:
+        pnginfo = PngImagePlugin.PngInfo()
+        # ensure_ascii: tEXt is Latin-1, so any non-ASCII prompt text is escaped rather than mangled.
+        text = json.dumps(provenance, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+        pnginfo.add_text(PROVENANCE_KEY, text, zip=False)
+    buf = io.BytesIO()
+    fresh.save(buf, format="PNG", pnginfo=pnginfo, compress_level=6)
+    return buf.getvalue()
+
+
+def read_provenance(png: bytes) -> dict[str, Any] | None:
+    """The provenance written by `encode_png`, or None when the PNG has none. For our own store files."""
+    with Image.open(io.BytesIO(png), formats=["PNG"]) as img:
+        text = getattr(img, "text", {}).get(PROVENANCE_KEY)
+    if text is None:
+        return None
+    value = json.loads(text)
+    return value if isinstance(value, dict) else None
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+
+
+def _b64_len(n: int) -> int:
+    return 4 * math.ceil(n / 3)
+
+
+@lru_cache(maxsize=1)
+def _has_webp() -> bool:
+    return bool(features.check("webp"))
+
+
+def _encode(img: Image.Image, fmt: str, quality: int) -> bytes:
+    buf = io.BytesIO()
+    if fmt == "WEBP":
+        img.save(buf, format="WEBP", quality=quality, method=4)
+    else:
+        img.save(buf, format="JPEG", quality=quality, optimize=True)
+    return buf.getvalue()
+
+
+def _flatten(img: Image.Image) -> Image.Image:
+    """RGB, with any transparency composited on white (what a viewer would show on a light page)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _fit(size: tuple[int, int], box: tuple[int, int]) -> tuple[int, int]:
+    """`size` scaled down (never up) to fit in `box`, aspect kept, each side >= 1."""
+    w, h = size
+    s = min(1.0, box[0] / w, box[1] / h)
+    return max(1, round(w * s)), max(1, round(h * s))
+
+
+def _scaled(img: Image.Image, edge: int) -> Image.Image:
+    target = _fit(img.size, (edge, edge))
+    if target == img.size:
+        return img
+    # reducing_gap: a fast integer reduction first, then Lanczos; visually identical at preview sizes.
+    return img.resize(target, Image.Resampling.LANCZOS, reducing_gap=3.0)
+
+
+def _grid(n: int) -> tuple[int, int]:
+    cols = math.ceil(math.sqrt(n))  # 2 -> 2x1, 3-4 -> 2x2, 5-6 -> 3x2, 7-9 -> 3x3
+    return cols, math.ceil(n / cols)
+
+
+def _font_px(edge: int) -> int:
+    return max(13, min(20, edge // 52))
+
+
+@lru_cache(maxsize=16)
+def _font(px: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    if features.check("freetype2"):
+        return ImageFont.load_default(size=px)
+    return ImageFont.load_default()  # bitmap fallback: fixed size, still legible
+
+
+def _label_h(px: int) -> int:
+    return px + 8
+
+
+def _natural_sheet_edge(images: Sequence[Image.Image]) -> int:
+    """Long edge of the sheet with every cell at the largest image's native size (the no-upscale bound)."""
+    cols, rows = _grid(len(images))
+    cw = max(max(im.width for im in images), _MIN_CELL_W)
+    ch = max(im.height for im in images)
+    px = _font_px(2048)
+    return max(cols * cw + (cols + 1) * _GAP, rows * (ch + _label_h(px)) + (rows + 1) * _GAP)
+
+
+def _contact_sheet(images: Sequence[Image.Image], labels: Sequence[str], edge: int) -> Image.Image:
+    cols, rows = _grid(len(images))
+    px = _font_px(edge)
+    label_h = _label_h(px)
+    font = _font(px)
+    # Cells share one size: the largest image's, scaled so the whole sheet's long edge is <= edge. Label
+    # strips and gaps keep a fixed pixel height so text stays readable however small the cells get.
+    max_w = max(im.width for im in images)
+    max_h = max(im.height for im in images)
+    avail_w = edge - (cols + 1) * _GAP
+    avail_h = edge - (rows + 1) * _GAP - rows * label_h
+    if avail_w < cols or avail_h < rows:
+        avail_w, avail_h = max(avail_w, cols), max(avail_h, rows)
+    s = min(1.0, avail_w / (cols * max_w), avail_h / (rows * max_h))
+    cell_w = max(1, int(max_w * s))
+    cell_h = max(1, int(max_h * s))
+    cell_w = max(cell_w, min(_MIN_CELL_W, avail_w // cols))  # pad narrow cells for the label, no upscaling
+    width = cols * cell_w + (cols + 1) * _GAP
+    height = rows * (cell_h + label_h) + (rows + 1) * _GAP
+    sheet = Image.new("RGB", (width, height), _SHEET_BG)
+    draw = ImageDraw.Draw(sheet)
+    for k, (im, label) in enumerate(zip(images, labels, strict=True)):
+        r, c = divmod(k, cols)
+        x0 = _GAP + c * (cell_w + _GAP)
+        y0 = _GAP + r * (cell_h + label_h + _GAP)
+        size = _fit(im.size, (cell_w, cell_h))
+        thumb = im if size == im.size else im.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+        sheet.paste(thumb, (x0 + (cell_w - thumb.width) // 2, y0 + (cell_h - thumb.height) // 2))
+        ly = y0 + cell_h
+        draw.rectangle((x0, ly, x0 + cell_w - 1, ly + label_h - 1), fill=_LABEL_BG)
+        text = _fit_text(draw, label, font, cell_w - 8)
+        draw.text((x0 + 4, ly + (label_h - px) // 2), text, fill=_LABEL_FG, font=font)
+    if max(sheet.size) > edge:  # tiny edges: fixed-size labels and gaps alone overflow it
+        sheet = _scaled(sheet, edge)
+    return sheet
+
+
+def _fit_text(
+    draw: ImageDraw.ImageDraw, text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: int
+) -> str:
+    text = " ".join(text.split())  # no newlines or tabs in a one-line label
+    ellipsis = "…"
+    if not isinstance(font, ImageFont.FreeTypeFont):
+        # Pillow's bitmap fallback font encodes text as Latin-1 and raises on anything else.
+        ellipsis = "..."
+        text = text.replace("…", "...").encode("latin-1", "replace").decode("latin-1")
+    if draw.textlength(text, font=font) <= width:
+        return text
+    lo, hi = 0, len(text)
+    while lo < hi:  # longest prefix that fits with an ellipsis
+        mid = (lo + hi + 1) // 2
+        if draw.textlength(text[:mid] + ellipsis, font=font) <= width:
+            lo = mid
+        else:
+            hi = mid - 1
+    return text[:lo] + ellipsis

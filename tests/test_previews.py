@@ -1,0 +1,269 @@
+"""klein_agent.previews: inline previews within the tool-result budget, and clean store PNGs."""
+
+from __future__ import annotations
+
+import base64
+import io
+import random
+import struct
+import time
+import zlib
+from typing import cast
+
+import pytest
+from PIL import ExifTags, Image, ImageFont
+
+from klein_agent import previews
+from klein_agent.previews import PROVENANCE_KEY, Preview, encode_png, make_preview, read_provenance
+
+
+def noise(size: tuple[int, int], seed: int = 0) -> Image.Image:
+    # Uniform noise is the worst case for every codec: it barely compresses.
+    return Image.frombytes("RGB", size, random.Random(seed).randbytes(size[0] * size[1] * 3))
+
+
+def gradient(size: tuple[int, int]) -> Image.Image:
+    return Image.merge(
+        "RGB",
+        (
+            Image.linear_gradient("L").resize(size),
+            Image.linear_gradient("L").rotate(90).resize(size),
+            Image.new("L", size, 128),
+        ),
+    )
+
+
+def reopen(p: Preview) -> Image.Image:
+    img = Image.open(io.BytesIO(p.data))
+    img.load()
+    return img
+
+
+def check(p: Preview, *, budget: int = 700_000, max_edge: int = 1024) -> Image.Image:
+    assert len(base64.b64encode(p.data)) == p.base64_length() <= budget
+    img = reopen(p)
+    assert {"image/webp": "WEBP", "image/jpeg": "JPEG"}[p.mime_type] == img.format  # MIME matches the bytes
+    assert img.size == (p.width, p.height)
+    assert max(img.size) <= max_edge
+    return img
+
+
+# ------------------------------------------------------------------------------------------------ previews
+
+
+def test_single_image_scaled_to_max_edge() -> None:
+    p = make_preview([gradient((2048, 1024))], ["1 img_x seed 1"])
+    assert p.mime_type == "image/webp"
+    assert (p.width, p.height) == (1024, 512)
+    check(p)
+
+
+def test_single_image_never_upscaled() -> None:
+    p = make_preview([gradient((300, 200))], ["x"])
+    assert (p.width, p.height) == (300, 200)
+
+
+def test_single_rgba_and_palette_inputs() -> None:
+    rgba = Image.new("RGBA", (100, 100), (0, 0, 0, 0))
+    img = check(make_preview([rgba], ["x"]))
+    px = img.convert("RGB").getpixel((50, 50))
+    assert isinstance(px, tuple) and min(px) > 240  # transparency shown on white
+    check(make_preview([gradient((128, 128)).convert("P")], ["x"]))
+
+
+def test_noisy_2048_respects_default_budget() -> None:
+    t0 = time.perf_counter()
+    p = make_preview([noise((2048, 2048))], ["x"])
+    assert time.perf_counter() - t0 < 10
+    check(p)
+    assert max(p.width, p.height) >= 512  # budget met mostly by quality, not by shrinking to a thumbnail
+
+
+@pytest.mark.parametrize("budget", [200_000, 50_000, 10_000])
+def test_tight_budgets_shrink_until_they_fit(budget: int) -> None:
+    p = make_preview([noise((1024, 1024), seed=1)], ["x"], budget_b64=budget)
+    check(p, budget=budget)
+    p4 = make_preview(
+        [noise((512, 512), seed=s) for s in range(4)], [f"{s}" for s in range(4)], budget_b64=budget
+    )
+    check(p4, budget=budget)
+
+
+def test_nine_images_tiny_budget_still_within_edge() -> None:
+    imgs = [noise((256, 256), seed=s) for s in range(9)]
+    p = make_preview(imgs, [str(i) for i in range(9)], max_edge=256, budget_b64=4_000)
+    check(p, budget=4_000, max_edge=256)
+
+
+def test_max_edge_respected() -> None:
+    p = make_preview([gradient((1600, 900))], ["x"], max_edge=512)
+    assert (p.width, p.height) == (512, 288)
+    p4 = make_preview([gradient((1024, 1024))] * 4, ["a", "b", "c", "d"], max_edge=512)
+    check(p4, max_edge=512)
+
+
+def _label_strip_has_text(img: Image.Image, box: tuple[int, int, int, int]) -> bool:
+    strip = img.convert("L").crop(box)
+    lo, hi = cast("tuple[int, int]", strip.getextrema())  # one band: (min, max)
+    return lo < 80 and hi > 180  # dark strip with light glyphs on it
+
+
+def test_four_images_make_a_labelled_2x2_sheet() -> None:
+    colors = [(220, 40, 40), (40, 220, 40), (40, 40, 220), (220, 220, 40)]
+    imgs = [Image.new("RGB", (1024, 1024), c) for c in colors]
+    labels = [f"{i + 1} img_ab12… seed {7 + i}" for i in range(4)]
+    p = make_preview(imgs, labels)
+    sheet = check(p).convert("RGB")
+    w, h = sheet.size
+    assert max(w, h) <= 1024 and min(w, h) > 900  # two cells each way, near the full edge
+    # each quadrant shows its own image, in reading order
+    for (cx, cy), c in zip(
+        [(w // 4, h // 4), (3 * w // 4, h // 4), (w // 4, 3 * h // 4), (3 * w // 4, 3 * h // 4)],
+        colors,
+        strict=True,
+    ):
+        px = sheet.getpixel((cx, cy))
+        assert isinstance(px, tuple)
+        assert all(abs(a - b) < 30 for a, b in zip(px, c, strict=True)), (px, c)
+    # under each image, a label strip with text in it
+    label_px = previews._font_px(1024) + 8
+    for r in range(2):
+        bottom = (r + 1) * (h // 2)
+        for col in range(2):
+            assert _label_strip_has_text(
+                sheet, (col * w // 2 + 8, bottom - label_px, col * w // 2 + 200, bottom - 4)
+            )
+
+
+def test_two_images_side_by_side() -> None:
+    p = make_preview([gradient((512, 512)), noise((512, 512))], ["1 a", "2 b"])
+    check(p)
+    assert p.width > p.height  # 1 row x 2 columns
+
+
+@pytest.mark.parametrize(
+    ("n", "grid"), [(1, (1, 1)), (2, (2, 1)), (3, (2, 2)), (4, (2, 2)), (5, (3, 2)), (9, (3, 3))]
+)
+def test_grid_shapes(n: int, grid: tuple[int, int]) -> None:
+    assert previews._grid(n) == grid
+
+
+def test_sheet_of_small_images_is_not_upscaled_but_labels_fit() -> None:
+    p = make_preview([gradient((64, 64))] * 4, ["1 img_ab12… seed 7"] * 4)
+    sheet = check(p)
+    assert max(sheet.size) < 400  # native-size cells, padded for the label, not blown up to 1024
+    assert sheet.width >= 2 * previews._MIN_CELL_W
+
+
+def test_mixed_sizes_and_long_labels() -> None:
+    imgs = [gradient((1024, 512)), gradient((512, 1024)), noise((300, 300))]
+    p = make_preview(imgs, ["x" * 500, "line\nbreak\ttab", ""])
+    check(p)
+
+
+def test_bitmap_font_fallback_handles_any_label(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Pillow without FreeType only has a Latin-1 bitmap font; labels with "…" or CJK must not crash.
+    monkeypatch.setattr(previews, "_font", lambda px: ImageFont.load_default_imagefont())
+    check(make_preview([gradient((256, 256))] * 2, ["1 img_ab12… seed 7", "2 漢字 " * 40]))
+
+
+def test_jpeg_fallback_when_webp_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(previews, "_has_webp", lambda: False)
+    p = make_preview([noise((2048, 2048))], ["x"])
+    assert p.mime_type == "image/jpeg"
+    check(p)
+    p4 = make_preview([gradient((512, 512))] * 4, list("abcd"))
+    assert p4.mime_type == "image/jpeg"
+    check(p4)
+
+
+def test_preview_argument_errors() -> None:
+    with pytest.raises(ValueError, match="at least one"):
+        make_preview([], [])
+    with pytest.raises(ValueError, match="labels"):
+        make_preview([gradient((64, 64))], ["a", "b"])
+    with pytest.raises(ValueError, match="too small"):
+        make_preview([noise((512, 512))], ["x"], budget_b64=100)
+    with pytest.raises(ValueError, match="max_edge"):
+        make_preview([gradient((64, 64))], ["x"], max_edge=8)
+
+
+# ----------------------------------------------------------------------------------------------- store PNG
+
+
+def png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    out, i = [], 8
+    while i < len(data):
+        (n,) = struct.unpack(">I", data[i : i + 4])
+        kind, body = data[i + 4 : i + 8], data[i + 8 : i + 8 + n]
+        assert struct.unpack(">I", data[i + 8 + n : i + 12 + n])[0] == zlib.crc32(kind + body)
+        out.append((kind, body))
+        i += 12 + n
+    return out
+
+
+def _photo_with_metadata() -> Image.Image:
+    """A JPEG as a phone would send it: EXIF with orientation and GPS, an ICC profile, a comment."""
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6
+    exif[ExifTags.Base.Make] = "PhoneCo"
+    gps = exif.get_ifd(ExifTags.IFD.GPSInfo)
+    gps[ExifTags.GPS.GPSLatitudeRef] = "N"
+    gps[ExifTags.GPS.GPSLatitude] = (52.0, 31.0, 12.0)
+    buf = io.BytesIO()
+    gradient((96, 64)).save(
+        buf, "JPEG", exif=exif.tobytes(), icc_profile=b"\x00ICC" * 64, comment=b"secret", dpi=(300, 300)
+    )
+    img = Image.open(io.BytesIO(buf.getvalue()))
+    img.load()
+    assert "exif" in img.info and "icc_profile" in img.info and img.getexif().get_ifd(ExifTags.IFD.GPSInfo)
+    return img
+
+
+def test_encode_png_strips_metadata_and_keeps_only_provenance() -> None:
+    src = _photo_with_metadata()
+    src.info["parameters"] = "text chunk from another tool"
+    prov = {"op": "edit", "prompt": "a café at dusk — ünïcode", "seed": 7, "parents": ["img_a"]}
+    data = encode_png(src, provenance=prov)
+    chunks = png_chunks(data)
+    kinds = [k for k, _ in chunks]
+    assert set(kinds) <= {b"IHDR", b"IDAT", b"IEND", b"tEXt"}  # no eXIf, iCCP, pHYs, zTXt, iTXt, tIME
+    texts = [body for k, body in chunks if k == b"tEXt"]
+    assert len(texts) == 1 and texts[0].startswith(PROVENANCE_KEY.encode() + b"\x00")
+    out = Image.open(io.BytesIO(data))
+    out.load()
+    assert set(out.info) == {PROVENANCE_KEY}
+    assert len(out.getexif()) == 0
+    assert read_provenance(data) == prov
+    assert out.tobytes() == src.convert("RGB").tobytes()  # pixels untouched
+    # compact JSON: no spaces after separators, keys sorted
+    assert texts[0].split(b"\x00", 1)[1].startswith(b'{"op":"edit","parents":["img_a"]')
+
+
+def test_encode_png_is_deterministic() -> None:
+    img = noise((128, 96), seed=4)
+    a = encode_png(img, provenance={"seed": 1, "prompt": "x"})
+    b = encode_png(img.copy(), provenance={"prompt": "x", "seed": 1})  # key order does not matter
+    assert a == b
+    assert encode_png(img) == encode_png(img.copy())
+    assert encode_png(img, provenance={"seed": 2, "prompt": "x"}) != a
+
+
+def test_encode_png_without_provenance_has_no_text() -> None:
+    data = encode_png(_photo_with_metadata())
+    assert [k for k, _ in png_chunks(data) if k not in (b"IHDR", b"IDAT", b"IEND")] == []
+    assert read_provenance(data) is None
+
+
+def test_encode_png_modes() -> None:
+    for img in (
+        Image.new("RGBA", (64, 64), (1, 2, 3, 4)),
+        Image.new("L", (64, 64), 9),
+        gradient((64, 64)).convert("P"),
+        Image.new("CMYK", (64, 64), (0, 255, 0, 0)),
+    ):
+        data = encode_png(img, provenance={"m": img.mode})
+        out = Image.open(io.BytesIO(data))
+        assert out.mode in ("RGB", "RGBA", "L") and out.size == (64, 64)
+        assert read_provenance(data) == {"m": img.mode}
