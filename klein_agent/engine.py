@@ -83,6 +83,7 @@ class EngineStatus:
     info: GeneratorInfo | None  # None until the model has loaded
     queue_depth: int  # calls waiting, not counting the running one
     running: bool
+    cancelling: bool  # the running call was cancelled and stops at its next step
     max_queue: int
     completed: int
     failed: int
@@ -212,6 +213,7 @@ class Engine:
                 info=self.info,
                 queue_depth=len(self._queue),
                 running=self._running is not None,
+                cancelling=self._running is not None and self._running.cancelled.is_set(),
                 max_queue=self.max_queue,
                 completed=done,
                 failed=self._failed,

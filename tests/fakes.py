@@ -98,3 +98,22 @@ class FakeGenerator:
         finally:
             with self._lock:
                 self.active -= 1
+
+
+def png_bytes(
+    width: int = 96, height: int = 64, color: tuple[int, int, int] = (200, 40, 40), fmt: str = "PNG"
+) -> bytes:
+    """An encoded test picture: a colour field with a darker square, so edits have structure to keep."""
+    import io
+
+    img = Image.new("RGB", (width, height), color)
+    img.paste((20, 20, 20), (width // 4, height // 4, width // 2, height // 2))
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def data_uri(data: bytes, mime: str = "image/png") -> str:
+    import base64
+
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"

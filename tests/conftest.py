@@ -1,0 +1,107 @@
+"""Shared pytest fixtures. Sections are grouped by the part of the project that uses them; add new groups below."""
+
+from __future__ import annotations
+
+# ---------------------------------------------------------------------------------------------------------------
+# Server tests (tests/test_server_*.py): the real tiny model, one store per test, in-process MCP clients.
+# ---------------------------------------------------------------------------------------------------------------
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from klein_agent.request import (
+    GenerationRequest,
+    GenerationResult,
+    GeneratorInfo,
+    ImageGenerator,
+    ProgressCallback,
+)
+
+
+@dataclass
+class SpyGenerator:
+    """The real generator, counting the calls that reach it (validation tests assert it saw none)."""
+
+    inner: ImageGenerator
+    calls: list[GenerationRequest] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def info(self) -> GeneratorInfo:
+        return self.inner.info
+
+    def generate(
+        self, request: GenerationRequest, progress: ProgressCallback | None = None
+    ) -> GenerationResult:
+        with self._lock:
+            self.calls.append(request)
+        return self.inner.generate(request, progress)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline() -> ImageGenerator:
+    from klein_agent.pipeline import load_pipeline
+
+    return load_pipeline("tiny")
+
+
+@pytest.fixture
+def tiny_spy(tiny_pipeline: ImageGenerator) -> SpyGenerator:
+    return SpyGenerator(tiny_pipeline)
+
+
+@pytest.fixture
+def input_dir(tmp_path: Path) -> Path:
+    """The one folder server tests allow for image paths and exports."""
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    return folder
+
+
+def make_server_state(
+    factory: Callable[[], ImageGenerator], store_dir: Path, allowed: Path, **options: Any
+) -> Any:
+    """A ServerState whose engine loads `factory()` (real or fake), started, with small fixed limits."""
+    from klein_agent.engine import Engine
+    from klein_agent.image_inputs import InputPolicy
+    from klein_agent.server.config import ServerConfig
+    from klein_agent.server.state import ServerState
+    from klein_agent.store import ImageStore
+
+    engine = Engine(
+        factory, max_queue=options.pop("max_queue", 8), heartbeat_s=options.pop("heartbeat_s", 2.0)
+    )
+    policy = InputPolicy(
+        allowed_dirs=(allowed,),
+        allow_urls=options.pop("allow_urls", False),
+        max_bytes=options.pop("max_input_bytes", 2 * 1024**2),
+    )
+    store = ImageStore(store_dir, max_bytes=options.pop("store_max_bytes", 256 * 1024**2), max_images=1000)
+    state = ServerState(engine=engine, store=store, policy=policy, config=ServerConfig(**options))
+    engine.start()
+    return state
+
+
+@pytest.fixture
+def server_state(tiny_spy: SpyGenerator, tmp_path: Path, input_dir: Path) -> Iterator[Any]:
+    state = make_server_state(lambda: tiny_spy, tmp_path / "store", input_dir)
+    yield state
+    state.engine.close()
+    state.store.close()
+
+
+@pytest.fixture(params=["auto", "legacy"])
+async def client(request: pytest.FixtureRequest, server_state: Any) -> AsyncIterator[Any]:
+    """An in-process client of a tiny-model server, in both protocol eras (2026 direct, 2025 handshake)."""
+    from mcp import Client
+
+    from klein_agent.server.app import build_server
+
+    async with Client(
+        build_server(server_state), mode=request.param, raise_exceptions=request.param == "auto"
+    ) as connected:
+        yield connected

@@ -1,0 +1,215 @@
+"""Queueing, cancellation, back-pressure and failures through a real client. A fake model is used here because
+each test must hold a call at a known step (the real tiny model is too fast to catch mid-run)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from mcp import Client
+
+from klein_agent.server.app import build_server
+from tests.conftest import make_server_state
+from tests.fakes import FakeGenerator
+
+pytestmark = pytest.mark.anyio
+
+SMALL = {"width": 64, "height": 64}
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(params=["auto", "legacy"])
+def mode(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@asynccontextmanager
+async def serving(
+    factory: Callable[[], Any], tmp_path: Path, mode: str, **options: Any
+) -> AsyncIterator[Any]:
+    folder = tmp_path / "inputs"
+    folder.mkdir(exist_ok=True)
+    state = make_server_state(factory, tmp_path / "store", folder, **options)
+    try:
+        async with Client(build_server(state), mode=mode) as client:
+            yield client, state
+    finally:
+        await state.engine.aclose()
+        state.store.close()
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    with anyio.fail_after(timeout):
+        while not predicate():
+            await anyio.sleep(0.005)
+
+
+async def test_many_concurrent_calls_are_all_answered_in_fifo_order_one_at_a_time(
+    tmp_path: Path, mode: str
+) -> None:
+    fake = FakeGenerator(gate=threading.Event(), step_delay_s=0.001)
+    n = 24
+    results: dict[int, Any] = {}
+    async with serving(lambda: fake, tmp_path, mode, max_queue=n) as (client, state):
+
+        async def one(k: int) -> None:
+            results[k] = await client.call_tool("generate", {"prompt": f"call {k}", "seed": k, **SMALL})
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(one, 0)
+            await anyio.to_thread.run_sync(fake.entered.wait, 10)
+            for k in range(1, n):
+                tg.start_soon(one, k)
+                await until(lambda k=k: state.engine.status().queue_depth == k)  # submitted in this order
+            fake.gate.set()  # type: ignore[union-attr]
+        assert sorted(results) == list(range(n))
+        assert all(not r.is_error for r in results.values())
+        assert [r.prompt for r in fake.calls] == [f"call {k}" for k in range(n)], "first in, first out"
+        assert fake.max_active == 1, "one call in the model at a time"
+        page, _ = state.store.list(limit=100)
+        assert [img.recipe["prompt"] for img in reversed(page)] == [f"call {k}" for k in range(n)]
+        for k, result in results.items():
+            assert result.structured_content["images"][0]["seed"] == k
+
+
+async def test_cancelling_a_running_call_stops_it_within_one_step_and_stores_nothing(
+    tmp_path: Path, mode: str
+) -> None:
+    fake = FakeGenerator(gate=threading.Event(), gate_at_step=2)
+    async with serving(lambda: fake, tmp_path, mode) as (client, state):
+        scope = anyio.CancelScope()
+
+        async def doomed() -> None:
+            with scope:
+                await client.call_tool("generate", {"prompt": "long job", "steps": 8, **SMALL})
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(doomed)
+            await anyio.to_thread.run_sync(fake.entered.wait, 10)
+            scope.cancel()
+            await until(lambda: state.engine.status().cancelling)  # the server saw the cancellation
+            fake.gate.set()  # type: ignore[union-attr]
+        await until(lambda: not state.engine.status().running)
+        assert fake.steps_run == [2], "the step in progress finishes, and no other one runs"
+        assert state.engine.status().cancelled == 1
+        assert state.store.stats().count == 0
+        fake.gate = None
+        after = await client.call_tool("generate", {"prompt": "next", **SMALL})
+        assert not after.is_error and state.store.stats().count == 1
+
+
+async def test_cancelling_a_queued_call_removes_it_and_the_next_call_succeeds(
+    tmp_path: Path, mode: str
+) -> None:
+    fake = FakeGenerator(gate=threading.Event())
+    async with serving(lambda: fake, tmp_path, mode) as (client, state):
+        first: list[Any] = []
+        scope = anyio.CancelScope()
+
+        async def queued() -> None:
+            with scope:
+                await client.call_tool("generate", {"prompt": "queued", **SMALL})
+
+        async def running() -> None:
+            first.append(await client.call_tool("generate", {"prompt": "running", **SMALL}))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(running)
+            await anyio.to_thread.run_sync(fake.entered.wait, 10)
+            tg.start_soon(queued)
+            await until(lambda: state.engine.status().queue_depth == 1)
+            scope.cancel()
+            await until(lambda: state.engine.status().queue_depth == 0)
+            fake.gate.set()  # type: ignore[union-attr]
+        assert not first[0].is_error
+        assert [r.prompt for r in fake.calls] == ["running"], "the cancelled call never reached the model"
+        fake.gate = None
+        assert not (await client.call_tool("generate", {"prompt": "next", **SMALL})).is_error
+        assert [r.prompt for r in fake.calls] == ["running", "next"]
+        assert state.store.stats().count == 2
+
+
+async def test_a_full_queue_answers_busy_at_once(tmp_path: Path, mode: str) -> None:
+    fake = FakeGenerator(gate=threading.Event())
+    async with serving(lambda: fake, tmp_path, mode, max_queue=2) as (client, state):
+        done: list[Any] = []
+
+        async def one(k: int) -> None:
+            done.append(await client.call_tool("generate", {"prompt": f"call {k}", **SMALL}))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(one, 0)
+            await anyio.to_thread.run_sync(fake.entered.wait, 10)
+            tg.start_soon(one, 1)
+            tg.start_soon(one, 2)
+            await until(lambda: state.engine.status().queue_depth == 2)
+            t0 = time.perf_counter()
+            busy = await client.call_tool("generate", {"prompt": "one too many", **SMALL})
+            elapsed = time.perf_counter() - t0
+            fake.gate.set()  # type: ignore[union-attr]
+        assert busy.is_error and "busy: 2 calls are queued and one is running" in busy.content[0].text
+        assert elapsed < 1.0
+        assert len(done) == 3 and not any(r.is_error for r in done)
+        assert "one too many" not in [r.prompt for r in fake.calls]
+
+
+async def test_out_of_memory_is_a_clear_error_and_the_server_keeps_serving(tmp_path: Path, mode: str) -> None:
+    fake = FakeGenerator(fail_with=RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB"))
+    async with serving(lambda: fake, tmp_path, mode) as (client, state):
+        result = await client.call_tool("generate", {"prompt": "huge", "num_images": 4, **SMALL})
+        assert result.is_error
+        assert "out of memory making 4 image(s) of 64x64" in result.content[0].text
+        assert "smaller size" in result.content[0].text
+        assert state.store.stats().count == 0
+        assert not (await client.call_tool("generate", {"prompt": "small", **SMALL})).is_error
+
+
+async def test_a_model_that_fails_to_load_is_reported_and_the_server_stays_up(
+    tmp_path: Path, mode: str
+) -> None:
+    def broken() -> FakeGenerator:
+        raise FileNotFoundError("no transformer weights in /models/klein")
+
+    async with serving(broken, tmp_path, mode) as (client, state):
+        await until(lambda: state.engine.status().state == "failed")
+        result = await client.call_tool("generate", {"prompt": "anything", **SMALL})
+        assert result.is_error and "failed to load" in result.content[0].text
+        assert "no transformer weights in /models/klein" in result.content[0].text
+        status = (await client.call_tool("server_status", {})).structured_content
+        assert status["model"]["state"] == "failed" and "no transformer weights" in status["model"]["error"]
+        assert not (await client.call_tool("list_images", {})).is_error
+
+
+async def test_the_first_call_waits_for_the_model_with_loading_progress(tmp_path: Path, mode: str) -> None:
+    release = threading.Event()
+    fake = FakeGenerator()
+
+    def slow_load() -> FakeGenerator:
+        release.wait(20)
+        return fake
+
+    messages: list[str] = []
+
+    async def on_progress(value: float, total: float | None, message: str | None) -> None:
+        messages.append(message or "")
+        release.set()  # the first "loading model" report lets the load finish
+
+    async with serving(slow_load, tmp_path, mode, heartbeat_s=0.05) as (client, _state):
+        status = (await client.call_tool("server_status", {})).structured_content
+        assert status["model"]["state"] == "loading", "initialize and status answer while the model loads"
+        result = await client.call_tool(
+            "generate", {"prompt": "first", **SMALL}, progress_callback=on_progress
+        )
+        assert not result.is_error
+        assert messages[0] == "loading model" and messages[-1] == "decoding"
+        assert (await client.call_tool("server_status", {})).structured_content["model"]["state"] == "ready"

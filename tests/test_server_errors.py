@@ -1,0 +1,221 @@
+"""Every bad input of spec point 6, through a real client: a tool error that names the problem and the fix.
+
+For each, the model is never called (the spy counts calls), nothing is written to the store, and the server
+keeps answering. Decoding bombs and other hostile files are built at test time, never checked in.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mcp import Client
+from mcp.shared.exceptions import MCPError
+
+from tests.fakes import data_uri, png_bytes
+
+pytestmark = pytest.mark.anyio
+
+VALID_UNKNOWN_ID = "img_" + "A" * 22
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose IHDR declares width x height, with one tiny IDAT: a decompression bomb's header."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+def gif_bytes() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(buf, format="GIF")
+    return buf.getvalue()
+
+
+def cases(input_dir: Path, outside: Path) -> list[tuple[str, str, dict[str, Any], str]]:
+    """(case id, tool, arguments, text the error must contain)."""
+    (input_dir / "notes.png").write_text("this is not an image")
+    (outside / "secret.png").write_bytes(png_bytes())
+    evil = input_dir.parent / (input_dir.name + "_evil")  # a sibling whose name starts with the allowed one
+    evil.mkdir()
+    (evil / "x.png").write_bytes(png_bytes())
+    os.symlink(outside / "secret.png", input_dir / "link.png")
+    os.symlink(outside, input_dir / "linkdir")
+    good = str(input_dir / "good.png")
+    Path(good).write_bytes(png_bytes())
+    truncated = png_bytes(128, 128)[:200]
+    big = data_uri(os.urandom(3 * 1024**2))  # the test policy allows 2 MiB of image data
+    p = "make it blue"
+    return [
+        ("unknown id", "edit", {"image": VALID_UNKNOWN_ID, "prompt": p}, "Call list_images"),
+        ("unknown image uri", "edit", {"image": f"image://{VALID_UNKNOWN_ID}", "prompt": p}, "list_images"),
+        ("malformed id", "edit", {"image": "img_../../etc/passwd", "prompt": p}, "not a valid image id"),
+        (
+            "unknown id in compose",
+            "compose",
+            {"images": [good, VALID_UNKNOWN_ID], "prompt": p},
+            "image 2: Unknown",
+        ),
+        (
+            "outside allowed folders",
+            "edit",
+            {"image": str(outside / "secret.png"), "prompt": p},
+            "--input-dir",
+        ),
+        (
+            "dot-dot escape",
+            "edit",
+            {"image": f"{input_dir}/../outside/secret.png", "prompt": p},
+            "contains '..'",
+        ),
+        (
+            "symlink escape",
+            "edit",
+            {"image": str(input_dir / "link.png"), "prompt": p},
+            "outside the folders",
+        ),
+        (
+            "symlinked folder",
+            "edit",
+            {"image": str(input_dir / "linkdir" / "secret.png"), "prompt": p},
+            "outside",
+        ),
+        ("sibling prefix", "edit", {"image": str(evil / "x.png"), "prompt": p}, "outside the folders"),
+        ("relative path", "edit", {"image": "inputs/good.png", "prompt": p}, "relative path"),
+        ("missing file", "edit", {"image": str(input_dir / "nope.png"), "prompt": p}, "does not exist"),
+        (
+            "not an image",
+            "edit",
+            {"image": str(input_dir / "notes.png"), "prompt": p},
+            "not a PNG, JPEG or WebP",
+        ),
+        ("undecodable data", "edit", {"image": data_uri(truncated), "prompt": p}, "truncated or corrupt"),
+        ("bad base64", "edit", {"image": "data:image/png;base64,@@@not base64@@@", "prompt": p}, "base64"),
+        (
+            "decompression bomb",
+            "edit",
+            {"image": data_uri(png_header_only(65535, 65535)), "prompt": p},
+            "Mpx",
+        ),
+        ("unsupported format", "edit", {"image": data_uri(gif_bytes(), "image/gif"), "prompt": p}, "PNG"),
+        ("svg data uri", "edit", {"image": data_uri(b"<svg/>", "image/svg+xml"), "prompt": p}, "PNG"),
+        ("tiny image", "edit", {"image": data_uri(png_bytes(32, 32)), "prompt": p}, "at least 64 px"),
+        ("oversized payload", "edit", {"image": big, "prompt": p}, "MiB limit"),
+        ("url not enabled", "edit", {"image": "https://example.com/cat.png", "prompt": p}, "--allow-urls"),
+        ("width not multiple of 16", "generate", {"prompt": p, "width": 100}, "multiple of 16"),
+        ("width too large", "generate", {"prompt": p, "width": 4096}, "less than or equal to 2048"),
+        ("height too small", "generate", {"prompt": p, "height": 32}, "greater than or equal to 64"),
+        ("negative size", "generate", {"prompt": p, "width": -16}, "greater than or equal to 64"),
+        ("edit size", "edit", {"image": good, "prompt": p, "width": 72}, "multiple of 16"),
+        (
+            "pixel cap",
+            "generate",
+            {"prompt": p, "width": 2048, "height": 2048, "num_images": 4},
+            "megapixel limit",
+        ),
+        ("empty prompt", "generate", {"prompt": ""}, "at least 1 character"),
+        ("blank prompt", "generate", {"prompt": "  \n\t "}, "prompt is empty"),
+        ("control-only prompt", "generate", {"prompt": "\x00\x1b"}, "prompt is empty"),
+        ("prompt too long", "generate", {"prompt": "x" * 2001}, "at most 2000 characters"),
+        ("too many images", "generate", {"prompt": p, "num_images": 5}, "less than or equal to 4"),
+        ("too many references", "compose", {"images": [good] * 5, "prompt": p}, "at most 4 items"),
+        ("no references", "compose", {"images": [], "prompt": p}, "at least 1 item"),
+        ("bad steps", "generate", {"prompt": p, "steps": 0}, "greater than or equal to 1"),
+        ("bad seed", "generate", {"prompt": p, "seed": -1}, "greater than or equal to 0"),
+        ("bad session", "generate", {"prompt": p, "session": "a/b"}, "not a valid label"),
+        ("view unknown", "view_image", {"image_ids": [VALID_UNKNOWN_ID]}, "Unknown image id"),
+        ("view too many", "view_image", {"image_ids": [VALID_UNKNOWN_ID] * 17}, "at most 16"),
+        (
+            "export unknown",
+            "export_image",
+            {"image_id": VALID_UNKNOWN_ID, "path": str(input_dir)},
+            "Unknown image",
+        ),
+        ("bad cursor", "list_images", {"cursor": "garbage!"}, "Invalid cursor"),
+    ]
+
+
+async def test_every_bad_input_is_a_tool_error_and_reaches_no_model(
+    client: Client, server_state: Any, tiny_spy: Any, input_dir: Path, tmp_path: Path
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    wrong = []
+    for name, tool, args, expected in cases(input_dir, outside):
+        result = await client.call_tool(tool, args)
+        text = result.content[0].text
+        if not (result.is_error and expected in text and text.startswith(f"Error executing tool {tool}")):
+            wrong.append(f"{name}: {text[:300]}")
+    assert wrong == []
+    assert tiny_spy.calls == [], "validation stops bad calls before the model"
+    assert server_state.store.stats().count == 0, "nothing was imported or stored"
+    store_files = list((server_state.store.root / "images").iterdir())
+    assert store_files == [], "no half-written files"
+    ok = await client.call_tool("generate", {"prompt": "still serving", "width": 64, "height": 64})
+    assert not ok.is_error
+
+
+async def test_export_outside_allowed_folders_is_refused(
+    client: Client, tmp_path: Path, input_dir: Path
+) -> None:
+    made = await client.call_tool("generate", {"prompt": "a kite", "width": 64, "height": 64})
+    image_id = made.structured_content["images"][0]["image_id"]
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    os.symlink(outside, input_dir / "escape")
+    for path, expected in [
+        (str(outside / "x.png"), "outside the folders"),
+        (str(input_dir / "escape" / "x.png"), "outside the folders"),
+        (f"{input_dir}/../elsewhere/x.png", "contains '..'"),
+        ("relative.png", "relative path"),
+        (str(input_dir / "x.jpg"), "end the file name with .png"),
+        (str(input_dir / "missing" / "x.png"), "does not exist"),
+    ]:
+        result = await client.call_tool("export_image", {"image_id": image_id, "path": path})
+        assert result.is_error and expected in result.content[0].text, (path, result.content[0].text)
+    assert list(outside.iterdir()) == []
+
+
+async def test_prompt_with_unknown_image_is_a_clear_protocol_error(client: Client) -> None:
+    with pytest.raises(MCPError, match="Unknown image id"):
+        await client.get_prompt("compare_images", {"image_ids": VALID_UNKNOWN_ID})
+
+
+async def test_a_store_write_failure_is_reported_and_leaves_nothing(
+    client: Client, server_state: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import klein_agent.store as store_module
+
+    def disk_full(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store_module.os, "fsync", disk_full)
+    result = await client.call_tool("generate", {"prompt": "a kite", "width": 64, "height": 64})
+    assert result.is_error and "No space left on device" in result.content[0].text
+    monkeypatch.undo()
+    assert server_state.store.stats().count == 0
+    assert list((server_state.store.root / "images").iterdir()) == []
+    assert not (await client.call_tool("generate", {"prompt": "a kite", "width": 64, "height": 64})).is_error
