@@ -22,7 +22,9 @@ class AutoEncoder(nn.Module):
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
         # Only the running statistics are used (eval mode): a fixed per-channel normalisation of patchified latents.
-        self.bn = nn.BatchNorm2d(config.latent_channels, eps=config.bn_eps, affine=False, track_running_stats=True)
+        self.bn = nn.BatchNorm2d(
+            config.latent_channels, eps=config.bn_eps, affine=False, track_running_stats=True
+        )
 
     def encode(self, x: Tensor) -> Tensor:  # [B, 3, H, W] -> [B, 4z, H/16, W/16]
         mean = self.encoder(x).chunk(2, dim=1)[0]  # [B, z, H/8, W/8]
@@ -54,15 +56,11 @@ class Encoder(nn.Module):
         self.down = nn.ModuleList()
         block_in = ch
         for level, mult in enumerate(mults):
-            stage = nn.Module()
-            block_out = ch * mult
-            stage.block = nn.ModuleList()
-            for _ in range(config.num_res_blocks):
-                stage.block.append(ResnetBlock(block_in, block_out, config.norm_groups))
-                block_in = block_out
-            if level != len(mults) - 1:
-                stage.downsample = Downsample(block_in)
-            self.down.append(stage)
+            last = level == len(mults) - 1
+            self.down.append(
+                EncoderLevel(block_in, ch * mult, config.num_res_blocks, config.norm_groups, not last)
+            )
+            block_in = ch * mult
         self.mid = MidBlock(block_in, config.norm_groups)
         self.norm_out = group_norm(block_in, config.norm_groups)
         self.conv_out = nn.Conv2d(block_in, 2 * config.z_channels, 3, padding=1)
@@ -70,11 +68,8 @@ class Encoder(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # [B, 3, H, W] -> [B, 2z, H/8, W/8] (mean, logvar)
         h = self.conv_in(x)
-        for stage in self.down:
-            for block in stage.block:
-                h = block(h)
-            if hasattr(stage, "downsample"):
-                h = stage.downsample(h)
+        for level in self.down:
+            h = level(h)
         h = self.mid(h)
         h = self.conv_out(F.silu(self.norm_out(h)))
         return self.quant_conv(h)
@@ -91,15 +86,12 @@ class Decoder(nn.Module):
         # BFL indexes `up` from the highest resolution (0) to the lowest, and runs it in reverse
         up: list[nn.Module] = []
         for level in reversed(range(len(mults))):
-            stage = nn.Module()
             block_out = ch * mults[level]
-            stage.block = nn.ModuleList()
-            for _ in range(config.num_res_blocks + 1):
-                stage.block.append(ResnetBlock(block_in, block_out, config.norm_groups))
-                block_in = block_out
-            if level != 0:
-                stage.upsample = Upsample(block_in)
-            up.insert(0, stage)
+            up.insert(
+                0,
+                DecoderLevel(block_in, block_out, config.num_res_blocks + 1, config.norm_groups, level != 0),
+            )
+            block_in = block_out
         self.up = nn.ModuleList(up)
         self.norm_out = group_norm(block_in, config.norm_groups)
         self.conv_out = nn.Conv2d(block_in, config.out_channels, 3, padding=1)
@@ -107,12 +99,41 @@ class Decoder(nn.Module):
     def forward(self, z: Tensor) -> Tensor:  # [B, z, H/8, W/8] -> [B, 3, H, W]
         h = self.conv_in(self.post_quant_conv(z))
         h = self.mid(h)
-        for stage in reversed(self.up):
-            for block in stage.block:
-                h = block(h)
-            if hasattr(stage, "upsample"):
-                h = stage.upsample(h)
+        for level in reversed(self.up):
+            h = level(h)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class EncoderLevel(nn.Module):
+    def __init__(
+        self, in_channels: int, out_channels: int, blocks: int, groups: int, downsample: bool
+    ) -> None:
+        super().__init__()
+        channels = [in_channels] + [out_channels] * blocks
+        self.block = nn.ModuleList(
+            ResnetBlock(a, b, groups) for a, b in zip(channels[:-1], channels[1:], strict=True)
+        )
+        self.downsample = Downsample(out_channels) if downsample else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        for block in self.block:
+            x = block(x)
+        return x if self.downsample is None else self.downsample(x)
+
+
+class DecoderLevel(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, blocks: int, groups: int, upsample: bool) -> None:
+        super().__init__()
+        channels = [in_channels] + [out_channels] * blocks
+        self.block = nn.ModuleList(
+            ResnetBlock(a, b, groups) for a, b in zip(channels[:-1], channels[1:], strict=True)
+        )
+        self.upsample = Upsample(out_channels) if upsample else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        for block in self.block:
+            x = block(x)
+        return x if self.upsample is None else self.upsample(x)
 
 
 class MidBlock(nn.Module):
@@ -156,7 +177,9 @@ class AttnBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
         n = self.norm(x)
-        q, k, v = (proj(n).flatten(2).transpose(1, 2)[:, None] for proj in (self.q, self.k, self.v))  # [B,1,HW,C]
+        q, k, v = (
+            proj(n).flatten(2).transpose(1, 2)[:, None] for proj in (self.q, self.k, self.v)
+        )  # [B,1,HW,C]
         out = F.scaled_dot_product_attention(q, k, v)[:, 0].transpose(1, 2).reshape(b, c, h, w)
         return x + self.proj_out(out)
 

@@ -96,7 +96,11 @@ def cached_snapshot(repo_id: str) -> Path | None:
 
 
 def load_components(
-    folder: Path, device: torch.device, dtype: torch.dtype, *, transformer_file: str | os.PathLike[str] | None = None
+    folder: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    transformer_file: str | os.PathLike[str] | None = None,
 ) -> Components:
     folder = Path(folder)
     index = _read_json(folder / "model_index.json", "the model folder's index")
@@ -237,9 +241,7 @@ def load_text_embedder(
     return embedder
 
 
-def read_safetensors(
-    files: Iterable[Path], device: torch.device, keep: Any = None
-) -> dict[str, Tensor]:
+def read_safetensors(files: Iterable[Path], device: torch.device, keep: Any = None) -> dict[str, Tensor]:
     """Every tensor of the files, placed on `device` as stored; `keep(key)` filters before reading."""
     out: dict[str, Tensor] = {}
     for file in files:
@@ -285,7 +287,8 @@ def load_strict(
     if problems:
         raise CheckpointError(f"{where} does not fit {type(model).__name__}: " + "; ".join(problems))
     cast = {
-        k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)) for k, v in state.items()
+        k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device))
+        for k, v in state.items()
     }
     for name, buffer in model.named_buffers():
         if name in cast and name.startswith("bn.") and buffer.is_floating_point():
@@ -312,7 +315,9 @@ def _weight_files(folder: Path) -> list[Path]:
         files = sorted({folder / name for name in weight_map.values()})
         absent = [f.name for f in files if not f.is_file()]
         if absent:
-            raise CheckpointError(f"{folder}: shard(s) {', '.join(absent)} listed in {indexes[0].name} are missing")
+            raise CheckpointError(
+                f"{folder}: shard(s) {', '.join(absent)} listed in {indexes[0].name} are missing"
+            )
         return files
     files = sorted(folder.glob("*.safetensors"))
     if not files:

@@ -40,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="klein-agent", description="FLUX.2 [klein] for agents that iterate on pictures")
+    parser = argparse.ArgumentParser(
+        prog="klein-agent", description="FLUX.2 [klein] for agents that iterate on pictures"
+    )
     parser.add_argument("--version", action="version", version=f"klein-agent {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -48,14 +50,25 @@ def build_parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="make one or more pictures and write PNG files")
     add_model_arguments(gen)
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--image", action="append", default=[], metavar="PATH",
-                     help="a reference picture; one is an edit, several a composition (\"image 1\", \"image 2\", ...)")
-    gen.add_argument("--width", type=int, default=None, help="multiple of 16 (default: the first image's, else 1024)")
-    gen.add_argument("--height", type=int, default=None, help="multiple of 16 (default: the first image's, else 1024)")
+    gen.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help='a reference picture; one is an edit, several a composition ("image 1", "image 2", ...)',
+    )
+    gen.add_argument(
+        "--width", type=int, default=None, help="multiple of 16 (default: the first image's, else 1024)"
+    )
+    gen.add_argument(
+        "--height", type=int, default=None, help="multiple of 16 (default: the first image's, else 1024)"
+    )
     gen.add_argument("--seed", type=int, default=None, help="default: a random one, reported on stderr")
     gen.add_argument("--steps", type=int, default=None, help="default: the model's (4 distilled, 50 Base)")
     gen.add_argument("--guidance", type=float, default=None, help="CFG scale for Base models (default 4.0)")
-    gen.add_argument("--num-images", type=int, default=1, help="seeds seed, seed+1, ...; files FILE-1.png, ...")
+    gen.add_argument(
+        "--num-images", type=int, default=1, help="seeds seed, seed+1, ...; files FILE-1.png, ..."
+    )
     gen.add_argument("--out", required=True, type=Path, help="the PNG to write")
     gen.set_defaults(run=run_generate)
 
@@ -100,12 +113,22 @@ def run_generate(args: argparse.Namespace) -> int:
     )
     result = pipeline.generate(request, progress=bar.update)
     bar.close()
-    outputs = [args.out] if len(result.images) == 1 else [
-        args.out.with_name(f"{args.out.stem}-{k + 1}{args.out.suffix}") for k in range(len(result.images))
-    ]
+    outputs = (
+        [args.out]
+        if len(result.images) == 1
+        else [
+            args.out.with_name(f"{args.out.stem}-{k + 1}{args.out.suffix}") for k in range(len(result.images))
+        ]
+    )
     for k, (image, path) in enumerate(zip(result.images, outputs, strict=True)):
-        recipe = {"prompt": args.prompt, "seed": seed + k, "width": width, "height": height,
-                  "steps": request.steps or pipeline.info.default_steps, "model": pipeline.info.model}
+        recipe = {
+            "prompt": args.prompt,
+            "seed": seed + k,
+            "width": width,
+            "height": height,
+            "steps": request.steps or pipeline.info.default_steps,
+            "model": pipeline.info.model,
+        }
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(encode_png(image, provenance=recipe))
         print(f"wrote {path} (seed {seed + k}, {width}x{height})", file=sys.stderr)

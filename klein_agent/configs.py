@@ -107,7 +107,9 @@ class ModelPreset:
 
 
 _KLEIN_4B = TransformerConfig()
-_KLEIN_9B = TransformerConfig(context_in_dim=12288, hidden_size=4096, num_heads=32, depth=8, depth_single_blocks=24)
+_KLEIN_9B = TransformerConfig(
+    context_in_dim=12288, hidden_size=4096, num_heads=32, depth=8, depth_single_blocks=24
+)
 _QWEN3_4B = TextEncoderConfig()
 _QWEN3_8B = TextEncoderConfig(hidden_size=4096, intermediate_size=12288)
 _BASE = SamplingDefaults(distilled=False, steps=50, guidance=4.0)

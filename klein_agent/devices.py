@@ -16,7 +16,9 @@ def resolve_device(name: str | None) -> torch.device:
         return torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but this torch build sees no CUDA device; use --device cpu")
+        raise ValueError(
+            f"device {name!r} asked for, but this torch build sees no CUDA device; use --device cpu"
+        )
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"device {name!r} asked for, but MPS is not available here; use --device cpu")
     return device

@@ -22,7 +22,9 @@ def prepare_reference(image: Image.Image, max_area: int = REFERENCE_MAX_AREA) ->
     if min(w, h) < REFERENCE_MIN_SIDE:
         raise ValueError(f"reference image is {w}x{h}; both sides must be at least {REFERENCE_MIN_SIDE} px")
     if max(w / h, h / w) > REFERENCE_MAX_ASPECT:
-        raise ValueError(f"reference image is {w}x{h}; the aspect ratio must be at most {REFERENCE_MAX_ASPECT:g}:1")
+        raise ValueError(
+            f"reference image is {w}x{h}; the aspect ratio must be at most {REFERENCE_MAX_ASPECT:g}:1"
+        )
     if w * h > max_area:
         scale = math.sqrt(max_area / (w * h))
         image = image.resize((int(w * scale), int(h * scale)), Image.Resampling.LANCZOS)
@@ -43,7 +45,9 @@ def to_tensor(image: Image.Image) -> Tensor:
 def to_images(x: Tensor) -> list[Image.Image]:
     """[B, 3, H, W] in [-1, 1] -> RGB pictures, rounding to the nearest 8-bit value."""
     pixels = ((x.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
-    return [Image.frombytes("RGB", (p.shape[1], p.shape[0]), p.contiguous().numpy().tobytes()) for p in pixels]
+    return [
+        Image.frombytes("RGB", (p.shape[1], p.shape[0]), p.contiguous().numpy().tobytes()) for p in pixels
+    ]
 
 
 def check_output_size(width: int, height: int) -> None:

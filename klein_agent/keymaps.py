@@ -131,18 +131,32 @@ def _vae_renames(num_levels: int) -> list[tuple[str, str]]:
             (f"{part}.mid_block.resnets.0.{{p}}", f"{part}.mid.block_1.{{p}}"),
             (f"{part}.mid_block.resnets.1.{{p}}", f"{part}.mid.block_2.{{p}}"),
         ]
-        pairs += [(f"{part}.mid_block.attentions.0.{d}.{{p}}", f"{part}.mid.attn_1.{o}.{{p}}") for d, o in _ATTN_PARTS]
-    for i in range(num_levels):
-        j = num_levels - 1 - i  # diffusers numbers decoder levels from the lowest resolution, BFL from the highest
         pairs += [
-            (f"encoder.down_blocks.{i}.resnets.{{n}}.conv_shortcut.{{p}}", f"encoder.down.{i}.block.{{n}}.nin_shortcut.{{p}}"),
+            (f"{part}.mid_block.attentions.0.{d}.{{p}}", f"{part}.mid.attn_1.{o}.{{p}}")
+            for d, o in _ATTN_PARTS
+        ]
+    for i in range(num_levels):
+        j = (
+            num_levels - 1 - i
+        )  # diffusers numbers decoder levels from the lowest resolution, BFL from the highest
+        pairs += [
+            (
+                f"encoder.down_blocks.{i}.resnets.{{n}}.conv_shortcut.{{p}}",
+                f"encoder.down.{i}.block.{{n}}.nin_shortcut.{{p}}",
+            ),
             (f"encoder.down_blocks.{i}.downsamplers.0.conv.{{p}}", f"encoder.down.{i}.downsample.conv.{{p}}"),
-            (f"decoder.up_blocks.{i}.resnets.{{n}}.conv_shortcut.{{p}}", f"decoder.up.{j}.block.{{n}}.nin_shortcut.{{p}}"),
+            (
+                f"decoder.up_blocks.{i}.resnets.{{n}}.conv_shortcut.{{p}}",
+                f"decoder.up.{j}.block.{{n}}.nin_shortcut.{{p}}",
+            ),
             (f"decoder.up_blocks.{i}.upsamplers.0.conv.{{p}}", f"decoder.up.{j}.upsample.conv.{{p}}"),
         ]
         for d, o in _RESNET_PARTS:
             pairs += [
-                (f"encoder.down_blocks.{i}.resnets.{{n}}.{d}.{{p}}", f"encoder.down.{i}.block.{{n}}.{o}.{{p}}"),
+                (
+                    f"encoder.down_blocks.{i}.resnets.{{n}}.{d}.{{p}}",
+                    f"encoder.down.{i}.block.{{n}}.{o}.{{p}}",
+                ),
                 (f"decoder.up_blocks.{i}.resnets.{{n}}.{d}.{{p}}", f"decoder.up.{j}.block.{{n}}.{o}.{{p}}"),
             ]
     return pairs
@@ -194,12 +208,19 @@ def _match(pattern: str, key: str) -> str | None:
     return m.group("n") if m else None
 
 
+def _formatter(target: str) -> Callable[[re.Match[str]], str]:
+    def make(m: re.Match[str]) -> str:
+        return target.format(**m.groupdict())
+
+    return make
+
+
 def _rename_all(src: dict[str, Tensor], pairs: list[tuple[str, str]], *, forward: bool) -> StateDict:
     compiled: list[tuple[re.Pattern[str], Callable[[re.Match[str]], str]]] = []
     for a, b in pairs:
         source, target = (a, b) if forward else (b, a)
         regex = _PATTERN_CACHE.setdefault(source, _compile(source))
-        compiled.append((regex, lambda m, target=target: target.format(**m.groupdict())))
+        compiled.append((regex, _formatter(target)))
     out: StateDict = {}
     for key, value in src.items():
         for regex, make in compiled:

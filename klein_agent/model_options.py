@@ -25,7 +25,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="a BFL single-file transformer (e.g. flux-2-klein-4b.safetensors) to use instead of the folder's",
     )
-    group.add_argument("--device", default=None, help="cuda, cuda:N, mps or cpu (default: the best available)")
+    group.add_argument(
+        "--device", default=None, help="cuda, cuda:N, mps or cpu (default: the best available)"
+    )
     group.add_argument(
         "--dtype",
         default=None,

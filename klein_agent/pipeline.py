@@ -109,11 +109,17 @@ class KleinPipeline:
 
     # ------------------------------------------------------------------------------------------------ public
 
-    def generate(self, request: GenerationRequest, progress: ProgressCallback | None = None) -> GenerationResult:
+    def generate(
+        self, request: GenerationRequest, progress: ProgressCallback | None = None
+    ) -> GenerationResult:
         self.validate(request)
         steps = request.steps or self.defaults.steps
         use_cfg = not self.defaults.distilled
-        guidance = (request.guidance if request.guidance is not None else self.defaults.guidance) if use_cfg else None
+        guidance = (
+            (request.guidance if request.guidance is not None else self.defaults.guidance)
+            if use_cfg
+            else None
+        )
         total_units = steps + 2
         timings: dict[str, float] = {}
         started = time.perf_counter()
@@ -166,7 +172,9 @@ class KleinPipeline:
         if progress:
             progress(total_units, total_units, "decoded")
         return GenerationResult(
-            images=images, timings_ms=timings, cache_hits={"prompt": int(prompt_hit), "references": reference_hits}
+            images=images,
+            timings_ms=timings,
+            cache_hits={"prompt": int(prompt_hit), "references": reference_hits},
         )
 
     def validate(self, request: GenerationRequest) -> None:

@@ -38,7 +38,9 @@ class GenerationRequest:
 @dataclass(frozen=True)
 class GenerationResult:
     images: list[Image.Image]  # RGB, width x height, one per seed
-    timings_ms: dict[str, float]  # e.g. {"text": .., "references": .., "denoise": .., "decode": .., "total": ..}
+    timings_ms: dict[
+        str, float
+    ]  # e.g. {"text": .., "references": .., "denoise": .., "decode": .., "total": ..}
     cache_hits: dict[str, int]  # {"prompt": 0 or 1, "references": n hits}
 
 
@@ -57,6 +59,8 @@ class GeneratorInfo:
 class ImageGenerator(Protocol):
     info: GeneratorInfo
 
-    def generate(self, request: GenerationRequest, progress: ProgressCallback | None = None) -> GenerationResult:
+    def generate(
+        self, request: GenerationRequest, progress: ProgressCallback | None = None
+    ) -> GenerationResult:
         """Run one request to completion on the calling thread. Not thread-safe: one caller at a time."""
         ...

@@ -5,6 +5,7 @@ Pure tensor functions over a transformer; no images, files or devices chosen her
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 
@@ -107,7 +108,7 @@ def denoise(
     refs = None if references is None else references.to(dtype).expand(ctx.shape[0], -1, -1)
     x = noise.float()
     total = len(times) - 1
-    for i, (t_cur, t_next) in enumerate(zip(times[:-1], times[1:], strict=True)):
+    for i, (t_cur, t_next) in enumerate(itertools.pairwise(times)):
         inp = x.to(dtype)
         if cfg:
             inp = torch.cat((inp, inp), dim=0)

@@ -19,7 +19,9 @@ MAX_LENGTH = 512
 
 
 class TextEmbedder(nn.Module):
-    def __init__(self, config: Qwen3Config, tokenizer: PreTrainedTokenizerBase, max_length: int = MAX_LENGTH) -> None:
+    def __init__(
+        self, config: Qwen3Config, tokenizer: PreTrainedTokenizerBase, max_length: int = MAX_LENGTH
+    ) -> None:
         super().__init__()
         self.output_layers = text_output_layers(config.num_hidden_layers)
         self.max_length = max_length
@@ -33,7 +35,7 @@ class TextEmbedder(nn.Module):
         truncated = Qwen3Config.from_dict(fields)
         truncated._attn_implementation = "sdpa"
         self.model = Qwen3Model(truncated)
-        self.model.norm = nn.Identity()  # only raw layer outputs are used
+        self.model.norm = nn.Identity()  # type: ignore[assignment]  # only raw layer outputs are used
         self.hidden_size = config.hidden_size
 
     @property
@@ -43,7 +45,10 @@ class TextEmbedder(nn.Module):
     def tokenize(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         texts = [
             self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True, enable_thinking=False
+                [{"role": "user", "content": p}],
+                tokenize=False,
+                add_generation_prompt=True,
+                enable_thinking=False,
             )
             for p in prompts
         ]
@@ -61,7 +66,9 @@ class TextEmbedder(nn.Module):
             self.model.layers[n - 1].register_forward_hook(_capture(captured, n)) for n in self.output_layers
         ]
         try:
-            self.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
+            self.model(
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False
+            )
         finally:
             for hook in hooks:
                 hook.remove()
@@ -81,7 +88,7 @@ def _capture(store: dict[int, Tensor], layer: int) -> Any:
 
 
 def qwen3_config(config: TextEncoderConfig, pad_token_id: int | None = None) -> Qwen3Config:
-    return Qwen3Config(
+    fields: dict[str, Any] = dict(
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size,
@@ -95,6 +102,7 @@ def qwen3_config(config: TextEncoderConfig, pad_token_id: int | None = None) -> 
         tie_word_embeddings=True,
         pad_token_id=pad_token_id,
     )
+    return Qwen3Config(**fields)
 
 
 def checkpoint_key(ours: str) -> str:

@@ -64,7 +64,10 @@ def init_random_(module: nn.Module, generator: torch.Generator, std: float = 0.0
 
 
 def build_random_models(
-    model_preset: ModelPreset, seed: int = 0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    model_preset: ModelPreset,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[Flux2Transformer, AutoEncoder, TextEmbedder]:
     """Random weights of a preset's shape, reproducible from `seed` on a given device. Used for `tiny` and for
     benchmarks of the real shapes (speed does not depend on the values); built on the meta device and filled in

@@ -32,7 +32,9 @@ class Flux2Transformer(nn.Module):
         self.single_stream_modulation = Modulation(d, sets=1)
         self.pe_embedder = EmbedND(config.axes_dim, config.theta)
         self.double_blocks = nn.ModuleList(DoubleStreamBlock(config) for _ in range(config.depth))
-        self.single_blocks = nn.ModuleList(SingleStreamBlock(config) for _ in range(config.depth_single_blocks))
+        self.single_blocks = nn.ModuleList(
+            SingleStreamBlock(config) for _ in range(config.depth_single_blocks)
+        )
         self.final_layer = LastLayer(d, config.in_channels, config.eps)
 
     def forward(
@@ -42,7 +44,8 @@ class Flux2Transformer(nn.Module):
         txt: Tensor,  # [B, T, C_ctx]
         txt_ids: Tensor,  # [T, 4]
         timesteps: Tensor,  # [B] in [0, 1]
-        rope: tuple[Tensor, Tensor] | None = None,  # precomputed `self.rope(txt_ids, img_ids)`, reused across steps
+        rope: tuple[Tensor, Tensor]
+        | None = None,  # precomputed `self.rope(txt_ids, img_ids)`, reused across steps
     ) -> Tensor:  # [B, L, C_in] predicted velocity
         vec = self.time_in(timestep_embedding(timesteps, 256).to(img.dtype))  # [B, D]
         mod_img = self.double_stream_modulation_img(vec)  # [B, 1, 6D]
@@ -107,8 +110,12 @@ class DoubleStreamBlock(nn.Module):
         img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = mod_img.chunk(6, dim=-1)
         txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = mod_txt.chunk(6, dim=-1)
 
-        img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(img, img_shift1, img_scale1, self.eps), self.num_heads)
-        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(txt, txt_shift1, txt_scale1, self.eps), self.num_heads)
+        img_q, img_k, img_v = self.img_attn.qkv_heads(
+            modulate(img, img_shift1, img_scale1, self.eps), self.num_heads
+        )
+        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(
+            modulate(txt, txt_shift1, txt_scale1, self.eps), self.num_heads
+        )
         q = torch.cat((txt_q, img_q), dim=2)  # [B, H, T+L, Dh]
         k = torch.cat((txt_k, img_k), dim=2)
         v = torch.cat((txt_v, img_v), dim=2)
@@ -217,7 +224,9 @@ class EmbedND(nn.Module):
         pos = ids.to(torch.float64)
         angles = []
         for axis, dim in enumerate(self.axes_dim):
-            omega = 1.0 / (self.theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=ids.device) / dim))
+            omega = 1.0 / (
+                self.theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=ids.device) / dim)
+            )
             angles.append(pos[:, axis, None] * omega[None, :])  # [S, dim/2]
         angle = torch.cat(angles, dim=-1)
         return angle.cos().float(), angle.sin().float()
@@ -248,7 +257,9 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tensor:
     return (1 + scale) * F.layer_norm(x, x.shape[-1:], eps=eps) + shift
 
 
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, time_factor: float = 1000.0) -> Tensor:
+def timestep_embedding(
+    t: Tensor, dim: int, max_period: float = 10000.0, time_factor: float = 1000.0
+) -> Tensor:
     """Sinusoidal embedding of t in [0, 1] (scaled to [0, 1000]); cos half first. Computed in float32."""
     t = time_factor * t.float()
     half = dim // 2

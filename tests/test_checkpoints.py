@@ -11,7 +11,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from klein_agent import keymaps
-from klein_agent.checkpoints import CheckpointError, infer_transformer_config, load_components, resolve_model_path
+from klein_agent.checkpoints import (
+    CheckpointError,
+    infer_transformer_config,
+    load_components,
+    resolve_model_path,
+)
 from klein_agent.configs import preset
 from klein_agent.pipeline import load_pipeline
 from klein_agent.request import GenerationRequest
@@ -31,15 +36,23 @@ def checkpoint_copy(tiny_checkpoint: Path, tmp_path: Path) -> Path:  # noqa: F81
 
 def test_both_layouts_give_the_same_picture(tiny_checkpoint: Path) -> None:  # noqa: F811
     folder = load_pipeline(str(tiny_checkpoint)).generate(REQUEST).images[0].tobytes()
-    single = load_pipeline(
-        str(tiny_checkpoint), transformer_file=str(tiny_checkpoint / "flux-2-klein.safetensors")
-    ).generate(REQUEST).images[0].tobytes()
+    single = (
+        load_pipeline(
+            str(tiny_checkpoint), transformer_file=str(tiny_checkpoint / "flux-2-klein.safetensors")
+        )
+        .generate(REQUEST)
+        .images[0]
+        .tobytes()
+    )
     assert folder == single
 
 
 def test_sharded_transformer_is_read_through_its_index(tiny_checkpoint: Path) -> None:  # noqa: F811
     shards = sorted((tiny_checkpoint / "transformer").glob("*-of-00002.safetensors"))
-    assert len(shards) == 2 and (tiny_checkpoint / "transformer" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    assert (
+        len(shards) == 2
+        and (tiny_checkpoint / "transformer" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    )
     components = load_components(tiny_checkpoint, CPU, torch.float32)
     assert components.transformer.config == preset("tiny").transformer
     assert components.autoencoder.config == preset("tiny").autoencoder
@@ -55,13 +68,18 @@ def test_transformer_key_map_round_trip() -> None:
     transformer, _, _ = build_tiny()
     ours = transformer.state_dict()
     theirs = keymaps.transformer_to_diffusers(ours)
-    assert "transformer_blocks.0.attn.to_q.weight" in theirs and "double_blocks.0.img_attn.qkv.weight" not in theirs
+    assert (
+        "transformer_blocks.0.attn.to_q.weight" in theirs
+        and "double_blocks.0.img_attn.qkv.weight" not in theirs
+    )
     back = keymaps.transformer_from_diffusers(theirs)
     assert set(back) == set(ours)
     assert all(torch.equal(back[k], ours[k]) for k in ours)
     # the final modulation halves really are swapped, not copied
     d = transformer.config.hidden_size
-    assert torch.equal(theirs["norm_out.linear.weight"][:d], ours["final_layer.adaLN_modulation.1.weight"][d:])
+    assert torch.equal(
+        theirs["norm_out.linear.weight"][:d], ours["final_layer.adaLN_modulation.1.weight"][d:]
+    )
 
 
 def test_autoencoder_key_map_round_trip() -> None:
@@ -72,7 +90,9 @@ def test_autoencoder_key_map_round_trip() -> None:
     assert theirs["encoder.mid_block.attentions.0.to_q.weight"].ndim == 2
     # diffusers' decoder level 0 is BFL's deepest level
     last = len(autoencoder.config.ch_mult) - 1
-    assert torch.equal(theirs["decoder.up_blocks.0.resnets.0.conv1.weight"], ours[f"decoder.up.{last}.block.0.conv1.weight"])
+    assert torch.equal(
+        theirs["decoder.up_blocks.0.resnets.0.conv1.weight"], ours[f"decoder.up.{last}.block.0.conv1.weight"]
+    )
     back = keymaps.autoencoder_from_diffusers(theirs)
     assert set(back) == set(ours) and all(torch.equal(back[k], ours[k]) for k in ours)
 
@@ -108,7 +128,10 @@ def test_unexpected_key_is_named(checkpoint_copy: Path) -> None:
 def test_wrong_shape_is_named(checkpoint_copy: Path) -> None:
     file = checkpoint_copy / "flux-2-klein.safetensors"
     _rewrite(file, lambda s: s.update({"final_layer.linear.weight": torch.zeros(3, 64)}))
-    with pytest.raises(CheckpointError, match=r"mis-shaped tensors: final_layer\.linear\.weight \(3, 64\) \(expected \(16, 64\)\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"mis-shaped tensors: final_layer\.linear\.weight \(3, 64\) \(expected \(16, 64\)\)",
+    ):
         load_components(checkpoint_copy, CPU, torch.float32, transformer_file=file)
 
 
@@ -121,16 +144,16 @@ def test_wrong_dtype_is_named(checkpoint_copy: Path) -> None:
 
 def test_missing_component_folder_is_named(checkpoint_copy: Path) -> None:
     shutil.rmtree(checkpoint_copy / "vae")
-    with pytest.raises(CheckpointError, match="lacks the folder.*vae"):
+    with pytest.raises(CheckpointError, match=r"lacks the folder.*vae"):
         load_components(checkpoint_copy, CPU, torch.float32)
 
 
 def test_missing_index_and_shard_are_named(checkpoint_copy: Path) -> None:
     (checkpoint_copy / "transformer" / "diffusion_pytorch_model-00002-of-00002.safetensors").unlink()
-    with pytest.raises(CheckpointError, match="00002-of-00002.safetensors listed in .* are missing"):
+    with pytest.raises(CheckpointError, match=r"00002-of-00002.safetensors listed in .* are missing"):
         load_components(checkpoint_copy, CPU, torch.float32)
     (checkpoint_copy / "model_index.json").unlink()
-    with pytest.raises(CheckpointError, match="model_index.json is missing"):
+    with pytest.raises(CheckpointError, match=r"model_index.json is missing"):
         load_components(checkpoint_copy, CPU, torch.float32)
 
 
@@ -138,15 +161,17 @@ def test_config_disagreeing_with_the_weights_is_caught(checkpoint_copy: Path) ->
     config = json.loads((checkpoint_copy / "transformer" / "config.json").read_text())
     config["joint_attention_dim"] = 64
     (checkpoint_copy / "transformer" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="mis-shaped"):
+    with pytest.raises(CheckpointError, match=r"mis-shaped"):
         load_components(checkpoint_copy, CPU, torch.float32)
 
 
 def test_repo_id_resolves_from_the_hugging_face_cache(
-    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+    tiny_checkpoint: Path,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    with pytest.raises(CheckpointError, match="not in the local Hugging Face cache.*--allow-download"):
+    with pytest.raises(CheckpointError, match=r"not in the local Hugging Face cache.*--allow-download"):
         resolve_model_path("black-forest-labs/FLUX.2-klein-4B")
     repo = tmp_path / "hub" / "models--black-forest-labs--FLUX.2-klein-4B"
     shutil.copytree(tiny_checkpoint, repo / "snapshots" / "abc123")

@@ -17,13 +17,17 @@ from klein_agent.pipeline import initial_noise
 def run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "klein_agent", "generate", "--model", "tiny", *args],
-        capture_output=True, text=True, timeout=180,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
 
 
 def test_text_to_image_edit_and_compose(tmp_path: Path) -> None:
     first = tmp_path / "first.png"
-    done = run("--prompt", "a red cube", "--width", "96", "--height", "64", "--seed", "5", "--out", str(first))
+    done = run(
+        "--prompt", "a red cube", "--width", "96", "--height", "64", "--seed", "5", "--out", str(first)
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout == ""  # stdout stays clean: it is the MCP wire under `serve`
     assert "seed 5" in done.stderr
@@ -37,8 +41,22 @@ def test_text_to_image_edit_and_compose(tmp_path: Path) -> None:
         assert image.size == (96, 64)  # no size given: the reference's
 
     composed = tmp_path / "composed.png"
-    done = run("--prompt", "image 1 next to image 2", "--image", str(first), "--image", str(edited),
-               "--width", "128", "--height", "64", "--num-images", "2", "--out", str(composed))
+    done = run(
+        "--prompt",
+        "image 1 next to image 2",
+        "--image",
+        str(first),
+        "--image",
+        str(edited),
+        "--width",
+        "128",
+        "--height",
+        "64",
+        "--num-images",
+        "2",
+        "--out",
+        str(composed),
+    )
     assert done.returncode == 0, done.stderr
     seeds = [int(s) for s in re.findall(r"seed (\d+)", done.stderr)]
     assert len(seeds) == 2 and seeds[1] == seeds[0] + 1  # a drawn seed is reported, then seed + 1
@@ -48,7 +66,12 @@ def test_text_to_image_edit_and_compose(tmp_path: Path) -> None:
 def test_same_seed_same_picture(tmp_path: Path) -> None:
     a, b = tmp_path / "a.png", tmp_path / "b.png"
     for out in (a, b):
-        assert run("--prompt", "x", "--width", "48", "--height", "48", "--seed", "9", "--out", str(out)).returncode == 0
+        assert (
+            run(
+                "--prompt", "x", "--width", "48", "--height", "48", "--seed", "9", "--out", str(out)
+            ).returncode
+            == 0
+        )
     with Image.open(a) as ia, Image.open(b) as ib:
         assert ia.tobytes() == ib.tobytes()
 

@@ -20,7 +20,13 @@ ATOL = 1e-5
 
 # A second shape besides tiny: more blocks, 4 heads, unequal RoPE axes are not allowed by the model, so equal ones.
 WIDER = TransformerConfig(
-    in_channels=32, context_in_dim=48, hidden_size=96, num_heads=4, depth=3, depth_single_blocks=4, axes_dim=(6, 6, 6, 6)
+    in_channels=32,
+    context_in_dim=48,
+    hidden_size=96,
+    num_heads=4,
+    depth=3,
+    depth_single_blocks=4,
+    axes_dim=(6, 6, 6, 6),
 )
 
 
@@ -42,15 +48,25 @@ def test_transformer_forward_matches_diffusers(config: TransformerConfig) -> Non
     t = torch.tensor([0.9, 0.25])
     with torch.no_grad():
         got = ours(x, img_ids, ctx, txt_ids, t)
-        want = ref(hidden_states=x, encoder_hidden_states=ctx, timestep=t, img_ids=img_ids, txt_ids=txt_ids,
-                   guidance=None, return_dict=False)[0]
+        want = ref(
+            hidden_states=x,
+            encoder_hidden_states=ctx,
+            timestep=t,
+            img_ids=img_ids,
+            txt_ids=txt_ids,
+            guidance=None,
+            return_dict=False,
+        )[0]
     assert got.shape == want.shape == (2, tokens, config.in_channels)
     torch.testing.assert_close(got, want, atol=ATOL, rtol=1e-5)
 
 
 @pytest.mark.parametrize(
     "config",
-    [preset("tiny").autoencoder, AutoencoderConfig(ch=8, ch_mult=(1, 2, 4), num_res_blocks=2, z_channels=6, norm_groups=4)],
+    [
+        preset("tiny").autoencoder,
+        AutoencoderConfig(ch=8, ch_mult=(1, 2, 4), num_res_blocks=2, z_channels=6, norm_groups=4),
+    ],
     ids=["tiny", "three-levels"],
 )
 def test_autoencoder_encode_decode_match_diffusers(config: AutoencoderConfig) -> None:
@@ -63,7 +79,10 @@ def test_autoencoder_encode_decode_match_diffusers(config: AutoencoderConfig) ->
     ours = AutoEncoder(config).eval()
     ours.load_state_dict(keymaps.autoencoder_from_diffusers(ref.state_dict()), strict=True)
 
-    image = torch.rand(1, 3, 2 * 16 * config.downsample_factor // 2, 3 * 16 * config.downsample_factor // 2) * 2 - 1
+    image = (
+        torch.rand(1, 3, 2 * 16 * config.downsample_factor // 2, 3 * 16 * config.downsample_factor // 2) * 2
+        - 1
+    )
     mean = ref.bn.running_mean.view(1, -1, 1, 1)
     std = torch.sqrt(ref.bn.running_var.view(1, -1, 1, 1) + config.bn_eps)
     with torch.no_grad():
@@ -111,9 +130,13 @@ def test_chat_template_matches_qwen3_thinking_off() -> None:
     assert ids.shape == (1, 512) and int(mask.sum()) < 512 and ids[0, -1] == embedder.tokenizer.pad_token_id
 
 
-@pytest.mark.parametrize(("tokens", "steps"), [(16, 4), (1024, 4), (4096, 4), (4080, 4), (16384, 4), (4096, 50), (300, 28)])
+@pytest.mark.parametrize(
+    ("tokens", "steps"), [(16, 4), (1024, 4), (4096, 4), (4080, 4), (16384, 4), (4096, 50), (300, 28)]
+)
 def test_schedule_matches_diffusers_scheduler(tokens: int, steps: int) -> None:
-    assert sampling.empirical_mu(tokens, steps) == pytest.approx(compute_empirical_mu(tokens, steps), abs=1e-9)
+    assert sampling.empirical_mu(tokens, steps) == pytest.approx(
+        compute_empirical_mu(tokens, steps), abs=1e-9
+    )
     scheduler = diffusers_scheduler()
     sigmas = [1.0 - i / steps for i in range(steps)]
     scheduler.set_timesteps(sigmas=sigmas, mu=compute_empirical_mu(tokens, steps))
@@ -136,11 +159,15 @@ def test_position_ids_follow_the_reference_layout() -> None:
     want = Flux2KleinPipeline._prepare_image_ids([torch.zeros(1, 4, 2, 3), torch.zeros(1, 4, 1, 2)])[0]
     assert torch.equal(ids, want)
     assert torch.equal(sampling.text_ids(5), Flux2KleinPipeline._prepare_text_ids(torch.zeros(1, 5, 1))[0])
-    assert torch.equal(sampling.image_ids(3, 4), Flux2KleinPipeline._prepare_latent_ids(torch.zeros(1, 1, 3, 4))[0])
+    assert torch.equal(
+        sampling.image_ids(3, 4), Flux2KleinPipeline._prepare_latent_ids(torch.zeros(1, 1, 3, 4))[0]
+    )
 
 
 def test_rope_frequencies() -> None:
-    cos, sin = Flux2Transformer(preset("tiny").transformer).rope(sampling.text_ids(2), sampling.image_ids(1, 2))
+    cos, _sin = Flux2Transformer(preset("tiny").transformer).rope(
+        sampling.text_ids(2), sampling.image_ids(1, 2)
+    )
     assert cos.shape == (4, 16) and cos.dtype == torch.float32
     # token (0, 0, 1, 0): only the w axis (frequency slots 8..11) rotates, by 1 * theta^(-2k/8)
     expected = [math.cos(2000 ** (-2 * k / 8)) for k in range(4)]

@@ -21,7 +21,9 @@ def picture(seed: int, size: tuple[int, int] = (80, 64)) -> Image.Image:
     return Image.frombytes("RGB", size, pixels.numpy().tobytes())
 
 
-def test_retry_skips_the_text_encoder_and_the_reference_encoding(pipe: KleinPipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_retry_skips_the_text_encoder_and_the_reference_encoding(
+    pipe: KleinPipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls = {"text": 0, "encode": 0}
     text_forward, encode = pipe.text_embedder.forward, pipe.autoencoder.encode
 
@@ -50,7 +52,10 @@ def test_retry_skips_the_text_encoder_and_the_reference_encoding(pipe: KleinPipe
 
 def test_progress_rises_one_unit_at_a_time(pipe: KleinPipeline) -> None:
     seen: list[tuple[int, int, str]] = []
-    pipe.generate(GenerationRequest("progress", 48, 48, seed=0, steps=3), progress=lambda d, t, m: seen.append((d, t, m)))
+    pipe.generate(
+        GenerationRequest("progress", 48, 48, seed=0, steps=3),
+        progress=lambda d, t, m: seen.append((d, t, m)),
+    )
     assert [d for d, _, _ in seen] == [1, 2, 3, 4, 5]
     assert {t for _, t, _ in seen} == {5}
     assert seen[1][2] == "step 1/3" and seen[-1][2] == "decoded"
@@ -84,7 +89,9 @@ def test_a_raising_callback_stops_between_steps(pipe: KleinPipeline) -> None:
         (GenerationRequest("x", 48, 48, seed=0, references=(picture(0, (1040, 64)),)), "aspect ratio"),
     ],
 )
-def test_bad_requests_are_refused_with_a_reason(pipe: KleinPipeline, request_: GenerationRequest, message: str) -> None:
+def test_bad_requests_are_refused_with_a_reason(
+    pipe: KleinPipeline, request_: GenerationRequest, message: str
+) -> None:
     with pytest.raises(ValueError, match=message):
         pipe.generate(request_)
 

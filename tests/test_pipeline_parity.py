@@ -73,9 +73,14 @@ def run_reference(pipe: Flux2KleinPipeline, request: GenerationRequest, **extra:
 CASES = {
     "text-to-image": GenerationRequest("a red cube on a blue floor", width=80, height=48, seed=7),
     "batch-of-two": GenerationRequest("two cats", width=48, height=64, seed=11, num_images=2),
-    "edit": GenerationRequest("make it night", width=64, height=96, seed=3, references=(picture(100, 70, 1),)),
+    "edit": GenerationRequest(
+        "make it night", width=64, height=96, seed=3, references=(picture(100, 70, 1),)
+    ),
     "compose": GenerationRequest(
-        "image 1 in the style of image 2", width=96, height=80, seed=5,
+        "image 1 in the style of image 2",
+        width=96,
+        height=80,
+        seed=5,
         references=(picture(100, 70, 2), picture(72, 136, 3)),
     ),
 }
@@ -94,14 +99,19 @@ def test_pipeline_matches_flux2_klein_pipeline(
     assert [im.size for im in result.images] == [(request.width, request.height)] * request.num_images
 
 
-def test_image_k_of_a_batch_equals_a_single_run_with_seed_plus_k(ours: KleinPipeline, captured: list[torch.Tensor]) -> None:
+def test_image_k_of_a_batch_equals_a_single_run_with_seed_plus_k(
+    ours: KleinPipeline, captured: list[torch.Tensor]
+) -> None:
     ours.generate(GenerationRequest("a lighthouse", width=64, height=48, seed=20, num_images=3))
     for k in range(3):
         ours.generate(GenerationRequest("a lighthouse", width=64, height=48, seed=20 + k))
         torch.testing.assert_close(captured[0][k], captured[k + 1][0], atol=1e-5, rtol=0)
 
 
-def test_base_variant_uses_cfg_like_the_reference(tiny_base_checkpoint: Path, captured: list[torch.Tensor]) -> None:  # noqa: F811
+def test_base_variant_uses_cfg_like_the_reference(
+    tiny_base_checkpoint: Path,  # noqa: F811
+    captured: list[torch.Tensor],
+) -> None:
     ours = load_pipeline(str(tiny_base_checkpoint), device="cpu")
     assert not ours.info.distilled and ours.info.default_steps == 50 and ours.info.default_guidance == 4.0
     theirs = Flux2KleinPipeline.from_pretrained(str(tiny_base_checkpoint), dtype=torch.float32)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import gc
 import io
+import itertools
 import json
 import platform
 import resource
@@ -37,13 +38,23 @@ from klein_agent.tiny import build_random_models
 MID = ModelPreset(
     name="mid",
     transformer=TransformerConfig(
-        in_channels=128, context_in_dim=3 * 512, hidden_size=768, num_heads=12, depth=2, depth_single_blocks=6,
+        in_channels=128,
+        context_in_dim=3 * 512,
+        hidden_size=768,
+        num_heads=12,
+        depth=2,
+        depth_single_blocks=6,
         axes_dim=(16, 16, 16, 16),
     ),
     autoencoder=AutoencoderConfig(ch=64, ch_mult=(1, 2, 4, 4), num_res_blocks=1),
     text_encoder=TextEncoderConfig(
-        vocab_size=4096, hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
-        num_key_value_heads=4, head_dim=64,
+        vocab_size=4096,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=64,
     ),
 )
 ALL_PRESETS = {**PRESETS, "mid": MID}
@@ -95,10 +106,10 @@ def bench_ours(pipe: KleinPipeline, request: GenerationRequest, runs: int, warmu
         refs_ms = timed(lambda: pipe.encode_references(request.references), device)
         step_marks: list[float] = []
 
-        def on_progress(done: int, total: int, message: str) -> None:
+        def on_progress(done: int, total: int, message: str, marks: list[float] = step_marks) -> None:
             if message.startswith("step") or done == 1:
                 sync(device)
-                step_marks.append(time.perf_counter())
+                marks.append(time.perf_counter())
 
         clear_caches(pipe)
         sync(device)
@@ -110,7 +121,7 @@ def bench_ours(pipe: KleinPipeline, request: GenerationRequest, runs: int, warmu
             continue
         add("text", text_ms)
         add("references", refs_ms)
-        for k, (a, b) in enumerate(zip(step_marks[:-1], step_marks[1:], strict=False)):
+        for k, (a, b) in enumerate(itertools.pairwise(step_marks)):
             add(f"step {k + 1}", (b - a) * 1000)
         add("decode", result.timings_ms["decode"])
         add("end to end", total_ms)
@@ -126,7 +137,12 @@ def bench_ours(pipe: KleinPipeline, request: GenerationRequest, runs: int, warmu
 
 def build_reference(pipe: KleinPipeline, distilled: bool) -> Any:
     """diffusers' pipeline holding our weights (converted through the key maps)."""
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
     from diffusers.utils import logging as diffusers_logging
     from transformers import Qwen3ForCausalLM
 
@@ -137,15 +153,25 @@ def build_reference(pipe: KleinPipeline, distilled: bool) -> Any:
     tc, ac = pipe.transformer.config, pipe.autoencoder.config
     with torch.device("meta"):
         transformer = Flux2Transformer2DModel(
-            in_channels=tc.in_channels, num_layers=tc.depth, num_single_layers=tc.depth_single_blocks,
-            attention_head_dim=tc.head_dim, num_attention_heads=tc.num_heads, joint_attention_dim=tc.context_in_dim,
-            mlp_ratio=tc.mlp_ratio, axes_dims_rope=tuple(tc.axes_dim), rope_theta=tc.theta, guidance_embeds=False,
+            in_channels=tc.in_channels,
+            num_layers=tc.depth,
+            num_single_layers=tc.depth_single_blocks,
+            attention_head_dim=tc.head_dim,
+            num_attention_heads=tc.num_heads,
+            joint_attention_dim=tc.context_in_dim,
+            mlp_ratio=tc.mlp_ratio,
+            axes_dims_rope=tuple(tc.axes_dim),
+            rope_theta=tc.theta,
+            guidance_embeds=False,
         )
         levels = len(ac.ch_mult)
         vae = AutoencoderKLFlux2(
-            down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
-            block_out_channels=tuple(ac.ch * m for m in ac.ch_mult), layers_per_block=ac.num_res_blocks,
-            latent_channels=ac.z_channels, norm_num_groups=ac.norm_groups,
+            down_block_types=("DownEncoderBlock2D",) * levels,
+            up_block_types=("UpDecoderBlock2D",) * levels,
+            block_out_channels=tuple(ac.ch * m for m in ac.ch_mult),
+            layers_per_block=ac.num_res_blocks,
+            latent_channels=ac.z_channels,
+            norm_num_groups=ac.norm_groups,
         )
         text = Qwen3ForCausalLM(pipe.text_embedder.full_config)
     transformer.load_state_dict(keymaps.transformer_to_diffusers(pipe.transformer.state_dict()), assign=True)
@@ -166,14 +192,20 @@ def build_reference(pipe: KleinPipeline, distilled: bool) -> Any:
         shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, time_shift_type="exponential"
     )
     reference = Flux2KleinPipeline(
-        scheduler=scheduler, vae=vae.eval(), text_encoder=text.eval(), tokenizer=pipe.text_embedder.tokenizer,
-        transformer=transformer.eval(), is_distilled=distilled,
+        scheduler=scheduler,
+        vae=vae.eval(),
+        text_encoder=text.eval(),
+        tokenizer=pipe.text_embedder.tokenizer,
+        transformer=transformer.eval(),
+        is_distilled=distilled,
     )
     reference.set_progress_bar_config(disable=True)
     return reference
 
 
-def bench_reference(reference: Any, pipe: KleinPipeline, request: GenerationRequest, runs: int, warmup: int) -> float:
+def bench_reference(
+    reference: Any, pipe: KleinPipeline, request: GenerationRequest, runs: int, warmup: int
+) -> float:
     layers = pipe.text_embedder.output_layers
     times = []
     for i in range(warmup + runs):
@@ -182,9 +214,13 @@ def bench_reference(reference: Any, pipe: KleinPipeline, request: GenerationRequ
         start = time.perf_counter()
         with torch.inference_mode():
             images = reference(
-                prompt=request.prompt, height=request.height, width=request.width,
-                num_inference_steps=request.steps or pipe.info.default_steps, generator=generators,
-                image=list(request.references) or None, text_encoder_out_layers=layers,
+                prompt=request.prompt,
+                height=request.height,
+                width=request.width,
+                num_inference_steps=request.steps or pipe.info.default_steps,
+                generator=generators,
+                image=list(request.references) or None,
+                text_encoder_out_layers=layers,
             ).images
         png_bytes(images)
         if i >= warmup:
@@ -200,12 +236,16 @@ def peak_memory(device: torch.device) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", default="tiny", choices=sorted(ALL_PRESETS))
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--sizes", nargs="+", default=["256x256"], help="WxH output sizes")
-    parser.add_argument("--refs", nargs="+", type=int, default=[0], help="reference counts (1024x1024 references)")
+    parser.add_argument(
+        "--refs", nargs="+", type=int, default=[0], help="reference counts (1024x1024 references)"
+    )
     parser.add_argument("--ref-size", default="1024x1024", help="WxH of each reference picture")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--runs", type=int, default=5)
@@ -222,7 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     transformer, autoencoder, text = build_random_models(chosen, seed=0, device=device, dtype=dtype)
     pipe = KleinPipeline(
-        transformer, autoencoder, text, sampling_defaults=chosen.sampling, model_name=f"random:{chosen.name}",
+        transformer,
+        autoencoder,
+        text,
+        sampling_defaults=chosen.sampling,
+        model_name=f"random:{chosen.name}",
         variant=chosen.name,
     )
     reference = None
@@ -252,7 +296,13 @@ def main(argv: list[str] | None = None) -> int:
             ours = bench_ours(pipe, request, args.runs, args.warmup)
             memory = peak_memory(device)
             ref_ms = bench_reference(reference, pipe, request, args.runs, args.warmup) if reference else None
-            row = {"size": size, "references": count, "ours": ours, "reference_ms": ref_ms, "peak_memory": memory}
+            row = {
+                "size": size,
+                "references": count,
+                "ours": ours,
+                "reference_ms": ref_ms,
+                "peak_memory": memory,
+            }
             results.append(row)
             stages = "  ".join(f"{k} {v:.1f}" for k, v in ours.items())
             ratio = f"  reference {ref_ms:.1f}  ratio {ref_ms / ours['end to end']:.2f}x" if ref_ms else ""

@@ -89,7 +89,9 @@ def write_checkpoint(
         },
     )
     ours = _contiguous(transformer.state_dict())
-    _save_sharded(keymaps.transformer_to_diffusers(ours), folder / "transformer", "diffusion_pytorch_model", shards)
+    _save_sharded(
+        keymaps.transformer_to_diffusers(ours), folder / "transformer", "diffusion_pytorch_model", shards
+    )
     bfl_file = folder / BFL_FILE
     save_file(ours, str(bfl_file))
 
@@ -125,7 +127,7 @@ def write_checkpoint(
     torch.manual_seed(seed)
     full = Qwen3ForCausalLM(full_config).eval()
     kept = {k: v for k, v in text_embedder.model.state_dict().items() if not k.startswith("rotary_emb.")}
-    missing, unexpected = full.model.load_state_dict(kept, strict=False)
+    _missing, unexpected = full.model.load_state_dict(kept, strict=False)
     assert not unexpected, unexpected
     full.save_pretrained(str(folder / "text_encoder"), safe_serialization=True)
     text_embedder.tokenizer.save_pretrained(str(folder / "tokenizer"))
@@ -151,7 +153,8 @@ def _save_sharded(state: dict[str, torch.Tensor], folder: Path, stem: str, shard
         weight_map.update(dict.fromkeys(part, name))
     total = sum(t.numel() * t.element_size() for t in state.values())
     _write_json(
-        folder / f"{stem}.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map}
+        folder / f"{stem}.safetensors.index.json",
+        {"metadata": {"total_size": total}, "weight_map": weight_map},
     )
 
 
@@ -161,7 +164,9 @@ def _write_json(path: Path, data: dict[str, object]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("out", type=Path)
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--seed", type=int, default=0)
