@@ -86,6 +86,7 @@ class KleinPipeline:
         max_references: int = MAX_REFERENCES,
         prompt_cache_size: int = 32,
         reference_cache_size: int = 16,
+        offload_text_encoder: bool = False,
     ) -> None:
         self.transformer = transformer
         self.autoencoder = autoencoder
@@ -106,6 +107,12 @@ class KleinPipeline:
         self._prompts: LRUCache[str, Tensor] = LRUCache(prompt_cache_size)
         self._references: LRUCache[str, EncodedReference] = LRUCache(reference_cache_size)
         self.latent_factor = 2 * autoencoder.config.downsample_factor  # pixels per latent token side (16)
+        # For smaller cards: the text encoder (8 GB for the 4B) waits in host memory and visits the accelerator
+        # only for prompts not in the cache.
+        self.offload_text_encoder = offload_text_encoder and self.device.type != "cpu"
+        if self.offload_text_encoder:
+            self.text_embedder.to("cpu")
+            _pin(self.text_embedder)
 
     # ------------------------------------------------------------------------------------------------ public
 
@@ -199,7 +206,15 @@ class KleinPipeline:
         cached = self._prompts.get(prompt)
         if cached is not None:
             return cached, True
-        embedding = self.text_embedder([prompt]).to(self.dtype)
+        if self.offload_text_encoder:
+            self.text_embedder.to(self.device, non_blocking=True)
+            try:
+                embedding = self.text_embedder([prompt]).to(self.dtype)
+            finally:
+                self.text_embedder.to("cpu")
+                _pin(self.text_embedder)
+        else:
+            embedding = self.text_embedder([prompt]).to(self.dtype)
         self._prompts.put(prompt, embedding)
         return embedding, False
 
@@ -223,6 +238,13 @@ class KleinPipeline:
         return to_images(self.autoencoder.decode(latents.to(self.dtype)))
 
 
+def _pin(module: torch.nn.Module) -> None:
+    """Page-locked host copies make the next host-to-device transfer faster and asynchronous."""
+    if torch.cuda.is_available():
+        for param in module.parameters():
+            param.data = param.data.pin_memory()
+
+
 def _image_key(image: Image.Image) -> str:
     digest = hashlib.sha256(image.tobytes())
     digest.update(f"{image.size}{image.mode}".encode())
@@ -242,6 +264,7 @@ def load_pipeline(
     dtype: str | None = None,
     transformer_file: str | None = None,
     allow_download: bool = False,
+    offload_text_encoder: bool = False,
 ) -> KleinPipeline:
     """Build the pipeline a model name points at: `tiny`, a diffusers-layout folder, or a Hugging Face repo id."""
     torch_device = resolve_device(device)
@@ -260,6 +283,7 @@ def load_pipeline(
             sampling_defaults=preset("tiny").sampling,
             model_name="tiny",
             variant="tiny",
+            offload_text_encoder=offload_text_encoder,
         )
     from klein_agent.checkpoints import load_components, resolve_model_path
 
@@ -272,4 +296,5 @@ def load_pipeline(
         sampling_defaults=components.sampling,
         model_name=model,
         variant=components.variant,
+        offload_text_encoder=offload_text_encoder,
     )

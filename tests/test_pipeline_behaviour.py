@@ -100,3 +100,24 @@ def test_default_size_follows_the_first_reference(pipe: KleinPipeline) -> None:
     assert pipe.default_size([]) == (1024, 1024)
     assert pipe.default_size([picture(0, (100, 70))]) == (96, 64)
     assert pipe.default_size([picture(0, (2048, 1024))]) == (1440, 720)  # scaled to ~1 Mpx, floored to 16
+
+
+def test_text_encoder_offload_moves_it_only_for_uncached_prompts(monkeypatch: pytest.MonkeyPatch) -> None:
+    pipe = load_pipeline("tiny", device="cpu")
+    want = pipe.generate(GenerationRequest("offloaded", 48, 48, seed=3)).images[0].tobytes()
+    # CPU-only machines cannot move anything anywhere; pretend the model sits on an accelerator to test the logic.
+    pipe.offload_text_encoder = True
+    pipe._prompts = type(pipe._prompts)(4)
+    moves: list[str] = []
+    original_to = pipe.text_embedder.to
+
+    def spy_to(*args, **kwargs):  # type: ignore[no-untyped-def]
+        moves.append(str(args[0]))
+        return original_to("cpu")
+
+    monkeypatch.setattr(pipe.text_embedder, "to", spy_to)
+    got = pipe.generate(GenerationRequest("offloaded", 48, 48, seed=3)).images[0].tobytes()
+    assert moves == [str(pipe.device), "cpu"]  # over for the prompt, back after it
+    pipe.generate(GenerationRequest("offloaded", 48, 48, seed=4))
+    assert len(moves) == 2  # cached prompt: the encoder stays where it is
+    assert got == want
