@@ -186,7 +186,9 @@ class Engine:
         for job in queued:
             job.error = EngineError("the server is shutting down; the call was not run")
             self._signal_done(job)
-        if self._thread is not None and self._thread is not threading.current_thread():
+        # A load cannot be interrupted, and the thread is a daemon: leave it. A running call stops at its next step.
+        loading = self._state == EngineState.LOADING
+        if self._thread is not None and self._thread is not threading.current_thread() and not loading:
             self._thread.join(timeout)
         with self._cond:
             self._state = EngineState.STOPPED if self._state != EngineState.FAILED else self._state

@@ -220,8 +220,10 @@ def run_serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     finally:
+        log.debug("server loop ended; stopping the engine")
         state.engine.close(timeout=5)
         state.store.close()
+        log.debug("engine and store closed")
     return 0
 
 
