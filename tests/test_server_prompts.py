@@ -1,0 +1,86 @@
+"""MCP prompts loaded from prompts/*.md: listing, rendering, attached contact sheets, and the file format."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import pytest
+from mcp import Client
+from PIL import Image
+
+from klein_agent.server.prompts import load_prompt_files, parse_prompt_file, prompts_dir, render_body
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+async def test_prompts_are_listed_with_their_arguments(client: Client) -> None:
+    prompts = {p.name: p for p in (await client.list_prompts()).prompts}
+    assert set(prompts) == {"iterate_image", "compare_images"}
+    iterate = prompts["iterate_image"]
+    assert iterate.title == "Iterate on an image toward a goal"
+    assert [(a.name, a.required) for a in iterate.arguments or []] == [
+        ("goal", True),
+        ("image_id", False),
+        ("checklist", False),
+        ("max_rounds", False),
+    ]
+
+
+async def test_iterate_prompt_renders_the_loop_and_attaches_the_start_image(client: Client) -> None:
+    plain = await client.get_prompt("iterate_image", {"goal": "a red bicycle leaning on a blue door"})
+    assert len(plain.messages) == 1
+    text = plain.messages[0].content.text  # type: ignore[union-attr]
+    assert "a red bicycle leaning on a blue door" in text
+    assert "none yet: start with `generate`" in text and "5 edit rounds" in text
+    assert "checklist" in text.lower() and "positively" in text and "view_image" in text
+
+    made = await client.call_tool("generate", {"prompt": "a bicycle", "width": 64, "height": 64})
+    image_id = made.structured_content["images"][0]["image_id"]
+    started = await client.get_prompt(
+        "iterate_image", {"goal": "a red bicycle", "image_id": image_id, "max_rounds": "3"}
+    )
+    assert [m.content.type for m in started.messages] == ["text", "image"]
+    assert image_id in started.messages[0].content.text  # type: ignore[union-attr]
+    assert "3 edit rounds" in started.messages[0].content.text  # type: ignore[union-attr]
+
+
+async def test_compare_prompt_attaches_a_labelled_contact_sheet(client: Client) -> None:
+    made = await client.call_tool(
+        "generate", {"prompt": "a vase", "width": 64, "height": 64, "num_images": 3}
+    )
+    ids = [i["image_id"] for i in made.structured_content["images"]]
+    rendered = await client.get_prompt(
+        "compare_images", {"image_ids": ", ".join(ids), "goal": "the roundest vase"}
+    )
+    text, image = rendered.messages
+    assert all(i in text.content.text for i in ids)  # type: ignore[union-attr]
+    assert "the roundest vase" in text.content.text  # type: ignore[union-attr]
+    assert image.content.type == "image" and image.content.mime_type in ("image/webp", "image/jpeg")
+    sheet = Image.open(io.BytesIO(base64.b64decode(image.content.data)))  # type: ignore[union-attr]
+    assert sheet.width > 64 * 2, "three cells side by side, not one image"
+
+
+def test_prompt_files_parse_and_render() -> None:
+    files = load_prompt_files()
+    assert [f.name for f in files] == ["compare_images", "iterate_image"]
+    assert Path(str(prompts_dir())).name == "prompts"
+    spec = parse_prompt_file(
+        "---\nname: p\ndescription: d\nargument x: required | the x\nattach: x\n---\nHello {{x}} {{y|fallback}}.\n",
+        "p.md",
+    )
+    assert spec.attach == "x" and spec.arguments[0].required
+    assert render_body(spec.body, {"x": "world"}) == "Hello world fallback.\n"
+    for broken in [
+        "no front matter",
+        "---\nname: p\n---\nbody",
+        "---\nname: p\ndescription: d\nattach: z\n---\n",
+    ]:
+        with pytest.raises(ValueError):
+            parse_prompt_file(broken, "broken.md")
