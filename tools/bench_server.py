@@ -1,0 +1,124 @@
+"""What the MCP server itself costs per call, on top of the model.
+
+For each call: the tool round trip through an in-process MCP client, minus the model time the engine measured
+(`model_ms` in the result: wall time inside ImageGenerator.generate). What is left is the server's own work:
+argument validation, queueing, the PNG encode and durable store write (fsync), the preview encode, building the
+result, and the protocol (the 2026 direct path for mode "auto", JSON-RPC over memory streams for "legacy").
+
+    python tools/bench_server.py                 # tiny model, 256x256, 60 calls per row after 5 warm-up calls
+    python tools/bench_server.py --calls 100 --size 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+from mcp import Client
+
+from klein_agent.engine import Engine
+from klein_agent.image_inputs import InputPolicy
+from klein_agent.pipeline import load_pipeline
+from klein_agent.server.app import build_server
+from klein_agent.server.config import ServerConfig
+from klein_agent.server.state import ServerState
+from klein_agent.store import ImageStore
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def bench_row(
+    state: ServerState, mode: str, tool: str, args: dict[str, Any], calls: int, warmup: int
+) -> dict:
+    trips: list[float] = []
+    models: list[float] = []
+    async with Client(build_server(state), mode=mode) as client:
+        for k in range(warmup + calls):
+            arguments = {**args, "seed": k} if tool != "view_image" else args
+            t0 = time.perf_counter()
+            result = await client.call_tool(tool, arguments)
+            trip = (time.perf_counter() - t0) * 1000
+            if result.is_error:
+                raise RuntimeError(result.content[0].text)
+            if k >= warmup:
+                trips.append(trip)
+                models.append(float((result.structured_content or {}).get("model_ms", 0.0)))
+    overhead = [t - m for t, m in zip(trips, models, strict=True)]
+    return {
+        "mode": mode,
+        "tool": tool,
+        "calls": calls,
+        "trip_ms": statistics.median(trips),
+        "model_ms": statistics.median(models),
+        "overhead_ms": statistics.median(overhead),
+        "overhead_p10": percentile(overhead, 0.1),
+        "overhead_p90": percentile(overhead, 0.9),
+    }
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    generator = load_pipeline("tiny")
+    with tempfile.TemporaryDirectory(prefix="klein-bench-") as scratch:
+        engine = Engine(lambda: generator, max_queue=8)
+        state = ServerState(
+            engine=engine,
+            store=ImageStore(Path(scratch) / "store"),
+            policy=InputPolicy(allowed_dirs=(Path(scratch),)),
+            config=ServerConfig(),
+        )
+        engine.start()
+        engine.wait_loaded(60)
+        size = {"width": args.size, "height": args.size}
+        rows = []
+        try:
+            for mode in args.modes:
+                rows.append(
+                    await bench_row(
+                        state, mode, "generate", {"prompt": "a lighthouse", **size}, args.calls, 5
+                    )
+                )
+            seed_id = state.store.list(limit=1)[0][0].image_id
+            for mode in args.modes:
+                rows.append(
+                    await bench_row(
+                        state, mode, "edit", {"image": seed_id, "prompt": "a red lighthouse"}, args.calls, 5
+                    )
+                )
+            rows.append(await bench_row(state, "auto", "view_image", {"image_ids": [seed_id]}, args.calls, 5))
+        finally:
+            await engine.aclose()
+            state.store.close()
+    print(
+        f"server cost per call, tiny model, {args.size}x{args.size}, median of {args.calls} calls after warm-up"
+    )
+    print(f"{'tool':<11}{'mode':<8}{'round trip':>12}{'model':>10}{'server':>10}{'p10':>8}{'p90':>8}   (ms)")
+    for r in rows:
+        print(
+            f"{r['tool']:<11}{r['mode']:<8}{r['trip_ms']:>12.1f}{r['model_ms']:>10.1f}{r['overhead_ms']:>10.1f}"
+            f"{r['overhead_p10']:>8.1f}{r['overhead_p90']:>8.1f}"
+        )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--calls", type=int, default=60, help="measured calls per row, after 5 warm-up calls")
+    parser.add_argument("--size", type=int, default=256, help="width and height (default: 256)")
+    parser.add_argument("--modes", nargs="+", default=["auto", "legacy"], choices=["auto", "legacy"])
+    args = parser.parse_args()
+    if args.calls < 1:
+        parser.error("--calls must be at least 1")
+    anyio.run(main_async, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
