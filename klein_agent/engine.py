@@ -278,7 +278,8 @@ class Engine:
                 raise EngineError("the server is shutting down; the call was not run")
             if self._state == EngineState.FAILED:
                 raise ModelLoadError(f"the model failed to load, so no image can be made: {self._error}")
-            if len(self._queue) >= self.max_queue:
+            # Capacity: the running call plus max_queue waiting ones (while loading, the first waiter will run).
+            if len(self._queue) + (1 if self._running is not None else 0) >= self.max_queue + 1:
                 raise EngineBusyError(self._busy_message())
             if self._thread is None:
                 raise EngineError("the engine was not started")
@@ -291,10 +292,11 @@ class Engine:
         done = self._completed
         mean_s = (self._model_ms_total / done / 1000) if done else None
         wait = f" (about {max(1, round(mean_s * (len(self._queue) + 1)))} s of work ahead)" if mean_s else ""
-        return (
-            f"busy: {len(self._queue)} calls are queued and one is running{wait}; "
-            "retry in a few seconds, or ask for fewer images per call"
-        )
+        if self._running is not None:
+            state = f"{len(self._queue)} calls are queued and one is running"
+        else:
+            state = f"the model is still loading and {len(self._queue)} calls are waiting for it"
+        return f"busy: {state}{wait}; retry in a few seconds, or ask for fewer images per call"
 
     async def _wait(self, job: _Job[Any], ahead: int) -> None:
         beat = 0

@@ -234,3 +234,42 @@ async def test_finish_errors_pass_through_unchanged() -> None:
     with pytest.raises(KeyError, match="store said no"):
         await engine.run(request(), broken_store)
     await engine.aclose()
+
+
+async def test_max_queue_zero_runs_one_call_and_refuses_the_rest() -> None:
+    fake = FakeGenerator(gate=threading.Event())
+    engine = started(fake, max_queue=0)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(engine.run, request("only"), keep)
+        await anyio.to_thread.run_sync(fake.entered.wait, 10)
+        with pytest.raises(EngineBusyError, match="0 calls are queued and one is running"):
+            await engine.run(request("refused"), keep)
+        fake.gate.set()  # type: ignore[union-attr]
+    assert len((await engine.run(request("later"), keep)).images) == 1, "idle again: accepted"
+    await engine.aclose()
+
+
+async def test_calls_wait_for_a_loading_model_up_to_the_queue_bound() -> None:
+    release = threading.Event()
+    fake = FakeGenerator()
+
+    def slow_load() -> FakeGenerator:
+        release.wait(10)
+        return fake
+
+    engine = Engine(slow_load, max_queue=1)
+    engine.start()
+    results: list[int] = []
+
+    async def one() -> None:
+        results.append(len((await engine.run(request(), keep)).images))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(one)
+        tg.start_soon(one)
+        await anyio.sleep(0.05)
+        with pytest.raises(EngineBusyError, match="still loading and 2 calls are waiting"):
+            await engine.run(request(), keep)
+        release.set()
+    assert results == [1, 1]
+    await engine.aclose()

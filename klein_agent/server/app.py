@@ -27,36 +27,32 @@ preview, call view_image. Calls run one at a time; server_status shows the model
 def _store_text(state: ServerState) -> str:
     store = state.store
     return (
-        f"Images stay in a persistent store on this machine across restarts; when it passes "
+        f"Results are kept in a persistent store across restarts and referenced by id (img_...); beyond "
         f"{store.max_images} images or {store.max_bytes / 2**30:.1f} GiB the least recently used are removed."
     )
 
 
 def _inputs_text(state: ServerState) -> str:
-    urls = ", or an http(s) URL" if state.policy.allow_urls else ""
+    urls = ", an http(s) URL" if state.policy.allow_urls else ""
     return (
-        "An image argument is an image id (img_...) or image://<id>, an absolute path to a PNG, JPEG or WebP file "
-        f"in a folder the server may read, a data:image/...;base64,... URI{urls}; pictures from paths and URIs "
-        "are imported into the store first, so every result points at stored ids."
+        "Images are given as an id (img_... or image://<id>), an absolute PNG/JPEG/WebP path in a folder the "
+        f"server may read{urls} or a data:image/...;base64 URI; paths and URIs are imported into the store first."
     )
 
 
 def descriptions(state: ServerState) -> dict[str, str]:
     store = _store_text(state)
-    look = (
-        "The result has a preview, a summary with ids and seeds, and image:// links; if you cannot see the "
-        "preview, call view_image."
-    )
+    look = "Returns a preview, the ids and seeds, and image:// links; if you cannot see the preview, call view_image."
     return {
         "generate": "Make 1-4 new images from a text prompt with the local FLUX.2 [klein] model. Put the subject "
         "first, then setting, style and light; describe what should be there, not what should not. Images get "
         f"seeds seed, seed+1, ...; the same seed and arguments reproduce an image. {look} {store}",
         "edit": 'Change one image by describing the result you want ("make the jacket bright yellow"), positively. '
         "Without width/height the output matches the input size (rounded to multiples of 16). Keep the seed to "
-        f"change less between tries. {_inputs_text(state)} {look}",
+        f"change less between tries. {_inputs_text(state)} {look} {store}",
         "compose": 'Make an image from 1-4 reference images and a prompt that refers to them as "image 1", '
         '"image 2", ... in the order given (e.g. "the dog from image 1 on the beach from image 2"). Without '
-        f"width/height the output matches image 1. {_inputs_text(state)} {look}",
+        f"width/height the output matches image 1. {_inputs_text(state)} {look} {store}",
         "list_images": "List stored images, newest first, with their ids, sizes, seeds, prompts and parents "
         f"(lineage). Filter by session; page with cursor. {store}",
         "view_image": "Show stored images: one id gives a preview of that image, several ids one labelled contact "
