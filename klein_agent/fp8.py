@@ -1,0 +1,257 @@
+"""FP8 (e4m3) weights and activations for the transformer blocks' linear layers, for Hopper and newer GPUs.
+
+Recipe: per-tensor scaling on both sides. Each weight is stored once as float8_e4m3fn with a float32 scale
+amax(|W|) / 448; each activation is quantized on the fly with its own amax(|x|) / 448 (dynamic scaling, no
+calibration). On a CUDA device of compute capability 8.9 or newer (Ada, Hopper, Blackwell) the matmul is
+`torch._scaled_mm` on the FP8 tensor cores; everywhere else a reference path computes the same quantized product in
+float32, so CPU tests check the numerics the GPU runs, and the choice between the two is explicit
+(`scaled_mm_available`, `Float8Linear.force_reference`).
+
+Only the block linears (double_blocks.*, single_blocks.*) are converted; the embedders, the shared modulations and
+the final layer stay in high precision, the same split as BFL's published FP8 checkpoints (their size is accounted
+for by FP8 block linears plus bf16 everything else, see docs/flux2-klein-reference.md §7). They are the large
+majority of the FLOPs, and every one of them is wide enough for FP8 tensor cores to pay off.
+
+Run it under `klein_agent.compilation.compile_transformer_`: in eager mode the activation quantization (amax, divide,
+clamp, cast) is several extra passes over each activation, which eats much of the FP8 matmul's gain; compiled, they
+fuse into one kernel before the matmul (performance-notes §2.2: "FP8 needs compile to fuse the activation-quant
+kernels").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from klein_agent.transformer import Flux2Transformer
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448; e4m3fn has no infinity: a cast above it gives NaN
+# A zero tensor has amax 0; flooring the scale keeps the division finite and still maps zeros to zeros.
+_MIN_SCALE = 1e-12
+# _scaled_mm (cuBLASLt FP8) wants the inner and the output dimension to be multiples of 16.
+_ALIGNMENT = 16
+_BLOCK_PREFIXES = ("double_blocks.", "single_blocks.")
+
+
+def scaled_mm_available(device: torch.device | str) -> bool:
+    """Whether `torch._scaled_mm` with float8_e4m3fn runs on `device`: CUDA (not ROCm) with compute capability 8.9+.
+
+    Float8Linear asks this when its weight arrives on a device, never inside forward, so compiled blocks trace no
+    device queries (only a bool attribute, which Dynamo guards on).
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or torch.version.hip is not None or not torch.cuda.is_available():
+        return False
+    props = torch.cuda.get_device_properties(device)
+    return (props.major, props.minor) >= (8, 9)
+
+
+def quantize_e4m3(t: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-tensor quantization: (float8_e4m3fn tensor, float32 scalar scale) with t ≈ q.float() * scale.
+
+    The scale maps the largest magnitude onto 448, the largest finite e4m3 value; the clamp guards the values that
+    round above it (e4m3fn has no infinity, so an overflow would be NaN). Computed from float32 so a bf16 input's
+    amax and the division are exact enough not to add error of their own.
+    """
+    t32 = t.detach().float()
+    scale = t32.abs().amax().clamp(min=_MIN_SCALE) / FP8_MAX
+    q = (t32 / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q, scale
+
+
+class Float8Linear(nn.Module):
+    """A bias-free linear layer with an e4m3 weight and dynamic per-tensor e4m3 activations.
+
+    `weight` [out, in] float8_e4m3fn and `weight_scale` (float32 scalar) are buffers, so they follow `.to(device)`
+    and appear in the state dict. The output has the input's dtype.
+    """
+
+    weight: Tensor
+    weight_scale: Tensor
+
+    def __init__(
+        self,
+        weight: Tensor,  # [out, in] float8_e4m3fn
+        weight_scale: Tensor,  # float32, one element
+        *,
+        use_fast_accum: bool = False,
+        force_reference: bool = False,
+    ) -> None:
+        super().__init__()
+        if weight.dtype != FP8_DTYPE or weight.ndim != 2:
+            raise ValueError(f"expected a 2-D {FP8_DTYPE} weight, got {weight.dtype} {tuple(weight.shape)}")
+        if weight_scale.numel() != 1:
+            raise ValueError(
+                f"expected a per-tensor (one-element) scale, got shape {tuple(weight_scale.shape)}"
+            )
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight.contiguous())
+        self.register_buffer("weight_scale", weight_scale.detach().reshape(()).to(torch.float32))
+        # cuBLASLt's fast accumulation keeps partial sums in the tensor cores' reduced precision (faster, slightly
+        # less exact); off by default so the GPU path computes what the reference path checks.
+        self.use_fast_accum = use_fast_accum
+        # Tests, and GPUs where _scaled_mm misbehaves, can pin the reference path.
+        self.force_reference = force_reference
+        self.aligned = self.in_features % _ALIGNMENT == 0 and self.out_features % _ALIGNMENT == 0
+        self.kernel_available = scaled_mm_available(self.weight.device)  # refreshed by every device move
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs: Any) -> Float8Linear:
+        """Quantize an existing layer on whatever device it lives on (one layer at a time in float32: the peak
+        extra memory is that one layer, not the model)."""
+        if linear.bias is not None:
+            raise ValueError("Float8Linear has no bias; the FLUX.2 transformer's linears have none either")
+        weight, scale = quantize_e4m3(linear.weight)
+        return cls(weight, scale, **kwargs)
+
+    @classmethod
+    def from_float8(cls, weight: Tensor, weight_scale: Tensor, **kwargs: Any) -> Float8Linear:
+        """Wrap an already-quantized weight as it comes from a scaled-FP8 checkpoint (no requantization)."""
+        return cls(weight, weight_scale, **kwargs)
+
+    @property
+    def uses_scaled_mm(self) -> bool:
+        """Which path forward takes: the FP8 tensor-core kernel, or the float32 reference. Inputs must live on the
+        weight's device, as for any layer, so the weight's device decides."""
+        return not self.force_reference and self.aligned and self.kernel_available
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2d = x.reshape(-1, self.in_features)
+        x_q, x_scale = quantize_e4m3(x2d)
+        if self.uses_scaled_mm:
+            # Row-major activations times a column-major weight: `weight.t()` of the row-major [out, in] buffer is
+            # exactly the [in, out] column-major layout _scaled_mm requires, so no copy is made. Scales are the
+            # dequantization multipliers: out = (x_q @ w_q^T) * x_scale * w_scale.
+            out = torch._scaled_mm(
+                x_q.contiguous(),
+                self.weight.t(),
+                scale_a=x_scale,
+                scale_b=self.weight_scale,
+                out_dtype=x.dtype,
+                use_fast_accum=self.use_fast_accum,
+            )
+        else:
+            out = _reference_scaled_mm(x_q, self.weight, x_scale, self.weight_scale).to(x.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Float8Linear:
+        # Module.to(dtype) / .half() / .bfloat16() cast every floating tensor, float8 included: that would turn the
+        # weight back into bf16 and round the float32 scale. Keep the device move, refuse the dtype change: a buffer
+        # whose dtype changed is replaced by the original moved to the new device.
+        originals = {name: buf for name, buf in self._buffers.items() if buf is not None}
+        super()._apply(fn, recurse)
+        for name, original in originals.items():
+            moved = self._buffers[name]
+            if moved is not None and moved.dtype != original.dtype:
+                self._buffers[name] = original.to(moved.device)
+        self.kernel_available = scaled_mm_available(self.weight.device)
+        return self
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8={FP8_DTYPE}"
+
+
+def _reference_scaled_mm(x_q: Tensor, w_q: Tensor, x_scale: Tensor, w_scale: Tensor) -> Tensor:
+    """What _scaled_mm computes, in float32: products of e4m3 values are exact in float32, partial sums are float32,
+    and the two scales multiply the accumulated result (not the operands), as the kernel's epilogue does."""
+    return F.linear(x_q.float(), w_q.float()) * (x_scale * w_scale)
+
+
+def is_block_linear(name: str) -> bool:
+    """A linear layer inside a double- or single-stream block (the layers BFL's FP8 files store in FP8)."""
+    return name.startswith(_BLOCK_PREFIXES)
+
+
+def quantize_transformer_(
+    model: Flux2Transformer,
+    *,
+    include: Callable[[str, nn.Linear], bool] | None = None,
+    use_fast_accum: bool = False,
+) -> list[str]:
+    """Replace the block linears of `model` in place by Float8Linear; returns the replaced module names.
+
+    `include(name, linear)` narrows the selection further (it is only asked about block linears). Works on a model
+    already on its device, in any floating dtype; later device moves carry the FP8 layers along and later dtype casts
+    leave them alone (see `Float8Linear._apply`). Layers already converted are skipped, so calling it twice converts
+    nothing the second time.
+    """
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+        and is_block_linear(name)
+        and (include is None or include(name, module))
+    ]
+    replaced = []
+    with torch.no_grad():
+        for name, linear in targets:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            setattr(parent, child, Float8Linear.from_linear(linear, use_fast_accum=use_fast_accum))
+            replaced.append(name)
+    return replaced
+
+
+def fp8_relative_error(reference: Tensor, quantized: Tensor) -> float:
+    """||quantized - reference|| / ||reference|| over the whole tensor, in float64."""
+    ref = reference.double()
+    return float((quantized.double() - ref).norm() / ref.norm())
+
+
+_SCALE_SUFFIXES = (".weight_scale", ".scale_weight")
+# Keys that belong to a scaled-FP8 layer but have no place in our model: static activation scales (we scale
+# activations dynamically) and ComfyUI's per-layer quantization metadata.
+_COMPANION_SUFFIXES = (".input_scale", ".scale_input", ".comfy_quant")
+_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def dequantize_scaled_fp8_state_dict(
+    sd: Mapping[str, Tensor], *, dtype: torch.dtype = torch.bfloat16
+) -> dict[str, Tensor]:
+    """Turn a "scaled FP8" state dict into plain floating weights: `w = (w_fp8.float() * scale).to(dtype)`.
+
+    UNVERIFIED against BFL's published FLUX.2 [klein] FP8 files: their exact key names are not confirmed (see
+    docs/flux2-klein-reference.md §7). This accepts the two spellings of the ComfyUI "scaled fp8" convention seen in
+    the wild: `<layer>.weight` (float8) with a one-element `<layer>.weight_scale` or `<layer>.scale_weight`. For a
+    layer it dequantizes it also drops `<layer>.input_scale` / `.scale_input` / `.comfy_quant`, and the file-level
+    `scaled_fp8` marker key (ComfyUI's format flag, not a weight). Every other tensor is returned unchanged.
+
+    It refuses rather than guesses: a float8 weight with no scale, a weight with both spellings, a scale that is
+    not per-tensor, or a scale with no float8 weight raise ValueError. Each weight goes through float32 alone, so
+    the whole model never exists in float32 at once.
+    """
+    dequantized: dict[str, Tensor] = {}
+    consumed: set[str] = set()
+    for key, tensor in sd.items():
+        if not (key.endswith(".weight") and tensor.dtype in _FP8_DTYPES):
+            continue
+        layer = key.removesuffix(".weight")
+        scale_keys = [layer + suffix for suffix in _SCALE_SUFFIXES if layer + suffix in sd]
+        if not scale_keys:
+            raise ValueError(
+                f"{key} is {tensor.dtype} but has no {layer}.weight_scale or {layer}.scale_weight"
+            )
+        if len(scale_keys) > 1:
+            raise ValueError(f"{key} has both {' and '.join(scale_keys)}; which one applies is ambiguous")
+        scale = sd[scale_keys[0]]
+        if scale.numel() != 1:
+            raise ValueError(
+                f"{scale_keys[0]} has shape {tuple(scale.shape)}; only per-tensor scales are supported"
+            )
+        dequantized[key] = (tensor.float() * scale.float().reshape(())).to(dtype)
+        consumed.add(scale_keys[0])
+        consumed.update(layer + suffix for suffix in _COMPANION_SUFFIXES if layer + suffix in sd)
+
+    out: dict[str, Tensor] = {}
+    for key, tensor in sd.items():  # in the input's order
+        if key in consumed or key == "scaled_fp8" or key.endswith(".scaled_fp8"):
+            continue
+        if key.endswith(_SCALE_SUFFIXES):
+            raise ValueError(f"{key} scales no float8 weight")
+        out[key] = dequantized.get(key, tensor)
+    return out

@@ -1,0 +1,139 @@
+"""Regional compilation on the CPU with Dynamo's "eager" and "aot_eager" backends (Inductor is too slow on two
+cores): same outputs as uncompiled at two sizes, every block wrapped, one graph per block kind and shape."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+import torch._dynamo
+import torch._dynamo.config
+from torch import Tensor, nn
+from torch._dynamo.testing import CompileCounter
+
+from klein_agent import sampling
+from klein_agent.compilation import RECOMPILE_LIMIT, compile_transformer_, compiled_blocks
+from klein_agent.fp8 import quantize_transformer_
+from klein_agent.tiny import build_tiny
+from klein_agent.transformer import Flux2Transformer
+
+SIZES = [(2, 3), (4, 5)]  # latent grids (h, w): two shapes, so the second one must recompile
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo() -> Iterator[None]:
+    """Compiled variants hang off the blocks' shared code objects; start and leave every test with none, and
+    restore the process-wide limits compile_transformer_ raises."""
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(cache_size_limit=8, accumulated_cache_size_limit=256):
+        yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Flux2Transformer:
+    return build_tiny()[0]
+
+
+def forward(model: Flux2Transformer, h: int, w: int, txt: int = 7) -> Tensor:
+    g = torch.Generator().manual_seed(h * 100 + w)
+    config = model.config
+    img = torch.randn(2, h * w, config.in_channels, generator=g)
+    ctx = torch.randn(2, txt, config.context_in_dim, generator=g)
+    with torch.inference_mode():  # as in sampling.denoise
+        return model(img, sampling.image_ids(h, w), ctx, sampling.text_ids(txt), torch.tensor([0.8, 0.4]))
+
+
+def all_block_names(model: Flux2Transformer) -> list[str]:
+    return [f"double_blocks.{i}" for i in range(len(model.double_blocks))] + [
+        f"single_blocks.{i}" for i in range(len(model.single_blocks))
+    ]
+
+
+def test_eager_backend_same_output_one_graph_per_block_kind_and_shape(tiny: Flux2Transformer) -> None:
+    model = copy.deepcopy(tiny)
+    counter = CompileCounter()  # Dynamo's "eager" backend that also counts the graphs it is handed
+    compile_transformer_(model, backend=counter, fullgraph=True)  # fullgraph: no graph break in any block
+
+    assert compiled_blocks(model) == all_block_names(model)
+    assert compiled_blocks(tiny) == []
+    assert model.state_dict().keys() == tiny.state_dict().keys()  # wrapping in place keeps checkpoint keys
+    for i, (h, w) in enumerate(SIZES, start=1):
+        for _ in range(2):  # the repeat must hit the cache
+            assert torch.equal(forward(model, h, w), forward(tiny, h, w))
+        # two block kinds per shape, however many blocks of each kind: the blocks share their graphs
+        assert counter.frame_count == 2 * i
+
+
+def test_aot_eager_backend_same_output_at_two_sizes(tiny: Flux2Transformer) -> None:
+    model = copy.deepcopy(tiny)
+    compile_transformer_(model, backend="aot_eager", fullgraph=True)
+    assert len(compiled_blocks(model)) == len(model.double_blocks) + len(model.single_blocks)
+    for h, w in SIZES:
+        torch.testing.assert_close(forward(model, h, w), forward(tiny, h, w), rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_denoise_matches(tiny: Flux2Transformer) -> None:
+    """The sampling loop (inference mode, per-step timesteps, precomputed RoPE) through compiled blocks."""
+    model = copy.deepcopy(tiny)
+    compile_transformer_(model, backend="eager")
+    h, w, txt = 3, 4, 6
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(1, h * w, tiny.config.in_channels, generator=g)
+    ctx = torch.randn(1, txt, tiny.config.context_in_dim, generator=g)
+    args = (noise, sampling.image_ids(h, w), ctx, sampling.text_ids(txt), sampling.schedule(3, h * w))
+    assert torch.equal(sampling.denoise(model, *args), sampling.denoise(tiny, *args))
+
+
+def test_fp8_blocks_compile_without_graph_breaks(tiny: Flux2Transformer) -> None:
+    quantized = copy.deepcopy(tiny)
+    quantize_transformer_(quantized)
+    model = copy.deepcopy(quantized)
+    compile_transformer_(model, backend="aot_eager", fullgraph=True)
+    for h, w in SIZES:
+        torch.testing.assert_close(forward(model, h, w), forward(quantized, h, w), rtol=1e-5, atol=1e-6)
+
+
+def test_recompile_limit_is_raised_not_lowered(tiny: Flux2Transformer) -> None:
+    compile_transformer_(copy.deepcopy(tiny), backend="eager")
+    assert torch._dynamo.config.cache_size_limit == RECOMPILE_LIMIT > 8
+    assert torch._dynamo.config.accumulated_cache_size_limit >= 2 * RECOMPILE_LIMIT  # both block kinds fit
+    torch._dynamo.config.cache_size_limit = 1000
+    compile_transformer_(copy.deepcopy(tiny), backend="eager")
+    assert torch._dynamo.config.cache_size_limit == 1000
+
+
+def test_shapes_beyond_a_lower_limit_stay_compiled(tiny: Flux2Transformer) -> None:
+    """Past the limit Dynamo silently runs a block kind eagerly; with the limit at 2, the third shape would not be
+    compiled unless compile_transformer_ raised it."""
+    torch._dynamo.config.cache_size_limit = 2
+    model = copy.deepcopy(tiny)
+    counter = CompileCounter()
+    compile_transformer_(model, backend=counter)
+    shapes = 3
+    for w in range(1, shapes + 1):
+        forward(model, 1, w)
+    assert counter.frame_count == 2 * shapes
+
+
+def test_mode_goes_to_inductor_only(tiny: Flux2Transformer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inductor itself is not run here; what it would be asked for is."""
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(nn.Module, "compile", lambda self, **kwargs: calls.append(kwargs))
+    model = copy.deepcopy(tiny)
+    blocks = len(model.double_blocks) + len(model.single_blocks)
+
+    compile_transformer_(model)
+    assert len(calls) == blocks
+    assert calls[0] == {
+        "backend": "inductor",
+        "mode": "max-autotune-no-cudagraphs",
+        "dynamic": False,
+        "fullgraph": False,
+    }
+    calls.clear()
+    compile_transformer_(model, backend="aot_eager", dynamic=True)
+    assert calls == [{"backend": "aot_eager", "dynamic": True, "fullgraph": False}] * blocks

@@ -1,0 +1,407 @@
+"""FP8 linears: quantization numerics, the _scaled_mm call's layout, the transformer conversion, scaled-FP8 files.
+
+Everything runs on the CPU through the reference path, which computes what the GPU kernel computes; the kernel's
+argument layout is checked by routing the CPU through the GPU branch into PyTorch's own CPU _scaled_mm.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from klein_agent import fp8, sampling
+from klein_agent.configs import TransformerConfig, preset
+from klein_agent.fp8 import (
+    FP8_DTYPE,
+    Float8Linear,
+    dequantize_scaled_fp8_state_dict,
+    fp8_relative_error,
+    quantize_e4m3,
+    quantize_transformer_,
+    scaled_mm_available,
+)
+from klein_agent.tiny import init_random_
+from klein_agent.transformer import Flux2Transformer
+
+# Mid-size: hidden 256 with 64-wide heads, more blocks than tiny, so errors accumulate through a deeper stack.
+MID = TransformerConfig(
+    in_channels=64,
+    context_in_dim=192,
+    hidden_size=256,
+    num_heads=4,
+    depth=3,
+    depth_single_blocks=6,
+    axes_dim=(16, 16, 16, 16),
+)
+CONFIGS = {"tiny": preset("tiny").transformer, "mid": MID}
+
+
+def random_transformer(config: TransformerConfig, dtype: torch.dtype = torch.float32) -> Flux2Transformer:
+    model = Flux2Transformer(config)
+    init_random_(model, torch.Generator().manual_seed(0))
+    return model.to(dtype).eval()
+
+
+def forward_inputs(config: TransformerConfig, dtype: torch.dtype = torch.float32) -> tuple[Any, ...]:
+    g = torch.Generator().manual_seed(1)
+    h, w, txt = 4, 6, 12
+    img = torch.randn(2, h * w, config.in_channels, generator=g).to(dtype)
+    ctx = torch.randn(2, txt, config.context_in_dim, generator=g).to(dtype)
+    return img, sampling.image_ids(h, w), ctx, sampling.text_ids(txt), torch.tensor([0.9, 0.3])
+
+
+def block_linear_names(model: nn.Module) -> list[str]:
+    return [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and name.startswith(("double_blocks.", "single_blocks."))
+    ]
+
+
+def cpu_scaled_mm_works() -> bool:
+    a = torch.zeros(16, 16, dtype=FP8_DTYPE)
+    one = torch.ones((), dtype=torch.float32)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+    except (NotImplementedError, RuntimeError):
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Quantization of one tensor and one layer
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_e4m3_scale_and_rounding(dtype: torch.dtype) -> None:
+    t = (torch.randn(64, 96, generator=torch.Generator().manual_seed(0)) * 0.02).to(dtype)
+    q, scale = quantize_e4m3(t)
+    assert q.dtype == FP8_DTYPE and q.shape == t.shape
+    assert scale.dtype == torch.float32 and scale.ndim == 0
+    assert scale == t.float().abs().amax() / 448
+    assert q.float().abs().max() == 448  # the largest magnitude lands on e4m3's largest finite value
+    # round-to-nearest with 3 mantissa bits: relative error at most 2^-4, plus half the smallest subnormal (2^-9)
+    err = (q.float() * scale - t.float()).abs()
+    assert torch.all(err <= t.float().abs() * 2**-4 + scale * 2**-10)
+    assert err.max() > 0  # it really rounded
+
+
+def test_quantize_e4m3_zero_and_wide_range_stay_finite() -> None:
+    q, scale = quantize_e4m3(torch.zeros(4, 4))
+    assert torch.all(q.float() == 0) and torch.isfinite(scale)
+    wide = torch.tensor([1e-30, -3.0, 1e30, 7.0])
+    q, scale = quantize_e4m3(wide)
+    assert torch.isfinite(q.float()).all()  # e4m3fn overflows to NaN, so the clamp must hold
+    assert q.float()[2] == 448
+
+
+def make_linear(in_features: int, out_features: int, seed: int = 0) -> nn.Linear:
+    lin = nn.Linear(in_features, out_features, bias=False)
+    with torch.no_grad():
+        lin.weight.normal_(0.0, in_features**-0.5, generator=torch.Generator().manual_seed(seed))
+    return lin
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_float8_linear_reference_path(dtype: torch.dtype) -> None:
+    lin = make_linear(64, 48).to(dtype)
+    layer = Float8Linear.from_linear(lin)
+    assert layer.weight.dtype == FP8_DTYPE and layer.weight.shape == (48, 64)
+    assert layer.weight_scale.dtype == torch.float32
+    x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(1)).to(dtype)
+    assert not layer.uses_scaled_mm  # CPU: the reference path
+    with torch.no_grad():
+        got, want = layer(x), lin(x)
+    assert got.dtype == dtype and got.shape == (3, 5, 48)
+
+    # The reference path is exactly: quantize x per tensor, integer-like product in float32, both scales after.
+    x_q, x_scale = quantize_e4m3(x.reshape(-1, 64))
+    manual = (x_q.float() @ layer.weight.float().t()) * (x_scale * layer.weight_scale)
+    torch.testing.assert_close(got, manual.reshape(3, 5, 48).to(dtype), rtol=0, atol=0)
+
+    err = fp8_relative_error(want.float(), got.float())
+    assert 1e-3 < err < 0.1, err  # a few percent per layer: quantized, not broken
+
+
+@pytest.mark.skipif(not cpu_scaled_mm_works(), reason="this PyTorch build has no CPU _scaled_mm")
+def test_reference_path_matches_pytorch_scaled_mm() -> None:
+    """An independent implementation of the kernel (PyTorch's CPU _scaled_mm) agrees with the reference path,
+    which pins down the scale convention: scales are dequantization multipliers applied after accumulation."""
+    layer = Float8Linear.from_linear(make_linear(64, 32))
+    x = torch.randn(7, 64, generator=torch.Generator().manual_seed(2))
+    x_q, x_scale = quantize_e4m3(x)
+    kernel = torch._scaled_mm(
+        x_q, layer.weight.t(), scale_a=x_scale, scale_b=layer.weight_scale, out_dtype=torch.float32
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), kernel, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not cpu_scaled_mm_works(), reason="this PyTorch build has no CPU _scaled_mm")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_branch_calls_scaled_mm_with_its_layout(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
+) -> None:
+    """Pretend the CPU is an FP8 GPU: forward must call _scaled_mm with a row-major activation, a column-major
+    weight (dims multiples of 16), float32 scalar scales and the input's dtype out, and agree with the reference."""
+    calls: list[dict[str, Any]] = []
+    real = torch._scaled_mm
+
+    def spy(a: Tensor, b: Tensor, **kwargs: Any) -> Tensor:
+        calls.append({"a": a, "b": b, **kwargs})
+        return real(a, b, **kwargs)
+
+    monkeypatch.setattr(fp8, "scaled_mm_available", lambda device: True)
+    monkeypatch.setattr(torch, "_scaled_mm", spy)
+    layer = Float8Linear.from_linear(make_linear(64, 96).to(dtype))
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(3)).to(dtype)
+    assert layer.uses_scaled_mm
+    with torch.no_grad():
+        got = layer(x)
+        layer.force_reference = True
+        assert not layer.uses_scaled_mm
+        want = layer(x)
+    assert len(calls) == 1
+    call = calls[0]
+    a, b = call["a"], call["b"]
+    assert a.shape == (10, 64) and a.stride() == (64, 1)  # row-major [M, K]
+    assert b.shape == (64, 96) and b.stride() == (1, 64)  # column-major [K, N], a view of the [N, K] buffer
+    assert b.data_ptr() == layer.weight.data_ptr()  # no copy of the weight per call
+    for scale in (call["scale_a"], call["scale_b"]):
+        assert scale.dtype == torch.float32 and scale.numel() == 1
+    assert call["out_dtype"] == dtype and call["use_fast_accum"] is False
+    assert got.dtype == dtype and got.shape == (2, 5, 96)
+    torch.testing.assert_close(got, want, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)
+
+
+def test_unaligned_shapes_use_the_reference_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fp8, "scaled_mm_available", lambda device: True)
+    layer = Float8Linear.from_linear(make_linear(24, 40))  # neither dim a multiple of 16
+    x = torch.randn(3, 24)
+    assert not layer.aligned and not layer.uses_scaled_mm
+    with torch.no_grad():
+        assert layer(x).shape == (3, 40)
+
+
+def test_path_choice_follows_device_moves(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel check runs when the weight lands on a device (construction, .to()), not per forward."""
+    monkeypatch.setattr(fp8, "scaled_mm_available", lambda device: torch.device(device).type == "meta")
+    layer = Float8Linear.from_linear(make_linear(32, 16))
+    assert not layer.uses_scaled_mm
+    layer.to("meta")
+    assert layer.weight.is_meta and layer.uses_scaled_mm
+    layer.to_empty(device="cpu")  # meta tensors have no data to copy back
+    assert not layer.uses_scaled_mm
+
+
+def test_scaled_mm_available_is_false_off_cuda() -> None:
+    assert scaled_mm_available("cpu") is False
+    assert scaled_mm_available(torch.device("meta")) is False
+
+
+def test_from_float8_wraps_without_requantizing() -> None:
+    layer = Float8Linear.from_linear(make_linear(32, 16))
+    again = Float8Linear.from_float8(layer.weight.clone(), layer.weight_scale.clone())
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        assert torch.equal(layer(x), again(x))
+    with pytest.raises(ValueError, match="float8"):
+        Float8Linear(torch.randn(16, 32), torch.tensor(1.0))
+    with pytest.raises(ValueError, match="per-tensor"):
+        Float8Linear(layer.weight, torch.ones(16))
+    with pytest.raises(ValueError, match="bias"):
+        Float8Linear.from_linear(nn.Linear(32, 16))
+
+
+def test_dtype_casts_keep_fp8_storage() -> None:
+    layer = Float8Linear.from_linear(make_linear(32, 16))
+    weight, scale = layer.weight.clone(), layer.weight_scale.clone()
+    layer.to(torch.bfloat16)
+    layer.half()
+    assert layer.weight.dtype == FP8_DTYPE and torch.equal(layer.weight.float(), weight.float())
+    assert layer.weight_scale.dtype == torch.float32 and torch.equal(layer.weight_scale, scale)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and scaled_mm_available("cuda")),
+    reason="needs a CUDA GPU with FP8 (sm 8.9+)",
+)
+def test_gpu_kernel_matches_reference() -> None:
+    layer = Float8Linear.from_linear(make_linear(256, 512)).cuda()
+    x = torch.randn(4, 77, 256, device="cuda").to(torch.bfloat16)
+    assert layer.uses_scaled_mm
+    with torch.no_grad():
+        got = layer(x)
+        layer.force_reference = True
+        want = layer(x)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The transformer
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", CONFIGS)
+def test_quantize_transformer_replaces_block_linears_only(size: str) -> None:
+    config = CONFIGS[size]
+    original = random_transformer(config)
+    model = copy.deepcopy(original)
+    expected = block_linear_names(original)
+    assert len(expected) == 8 * config.depth + 2 * config.depth_single_blocks
+
+    replaced = quantize_transformer_(model)
+
+    assert replaced == expected
+    assert all(isinstance(model.get_submodule(name), Float8Linear) for name in replaced)
+    assert not any(isinstance(m, nn.Linear) for name, m in model.named_modules() if name in expected)
+    for name in (
+        "img_in",
+        "txt_in",
+        "time_in.in_layer",
+        "double_stream_modulation_img.lin",
+        "final_layer.linear",
+    ):
+        assert (
+            type(model.get_submodule(name)) is nn.Linear
+        )  # embedders, modulations, final layer: full precision
+    sd = model.state_dict()
+    assert sd["single_blocks.0.linear1.weight"].dtype == FP8_DTYPE
+    assert sd["single_blocks.0.linear1.weight_scale"].dtype == torch.float32
+    assert quantize_transformer_(model) == []  # idempotent
+
+
+@pytest.mark.parametrize("size", CONFIGS)
+def test_fp8_transformer_error_is_small_but_nonzero(size: str) -> None:
+    config = CONFIGS[size]
+    original = random_transformer(config)
+    model = copy.deepcopy(original)
+    quantize_transformer_(model)
+    inputs = forward_inputs(config)
+    with torch.no_grad():
+        want, got = original(*inputs), model(*inputs)
+    err = fp8_relative_error(want, got)
+    print(f"FP8 relative L2 error, {size}: {err:.5f}")
+    assert 1e-4 < err < 0.1, err
+
+
+def test_fp8_transformer_in_bf16() -> None:
+    """Quantizing a model that is already bf16 (as on a GPU) stays close to the float32 original."""
+    original = random_transformer(MID)
+    model = random_transformer(MID, torch.bfloat16)
+    quantize_transformer_(model)
+    with torch.no_grad():
+        want = original(*forward_inputs(MID))
+        got = model(*forward_inputs(MID, torch.bfloat16))
+    assert got.dtype == torch.bfloat16
+    err = fp8_relative_error(want, got.float())
+    assert 1e-4 < err < 0.1, err
+
+
+def test_include_narrows_the_selection() -> None:
+    model = random_transformer(CONFIGS["tiny"])
+    asked: list[str] = []
+
+    def only_single(name: str, linear: nn.Linear) -> bool:
+        asked.append(name)
+        return name.startswith("single_blocks.")
+
+    replaced = quantize_transformer_(model, include=only_single)
+    assert asked == block_linear_names(random_transformer(CONFIGS["tiny"]))  # asked only about block linears
+    assert replaced == [name for name in asked if name.startswith("single_blocks.")]
+    assert type(model.get_submodule("double_blocks.0.img_attn.qkv")) is nn.Linear
+
+
+def test_quantized_model_survives_a_dtype_cast() -> None:
+    model = random_transformer(CONFIGS["tiny"])
+    quantize_transformer_(model)
+    model.to(torch.bfloat16)
+    assert model.img_in.weight.dtype == torch.bfloat16
+    assert model.get_submodule("single_blocks.0.linear2").weight.dtype == FP8_DTYPE
+    with torch.no_grad():
+        out = model(*forward_inputs(CONFIGS["tiny"], torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scaled-FP8 state dicts
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def scaled_fp8_state_dict() -> dict[str, Tensor]:
+    g = torch.Generator().manual_seed(4)
+    a, a_scale = quantize_e4m3(torch.randn(32, 16, generator=g))
+    b, b_scale = quantize_e4m3(torch.randn(16, 16, generator=g) * 3)
+    return {
+        "img_in.weight": torch.randn(16, 8, generator=g).to(torch.bfloat16),
+        "double_blocks.0.img_attn.qkv.weight": a,
+        "double_blocks.0.img_attn.qkv.weight_scale": a_scale,
+        "double_blocks.0.img_attn.qkv.input_scale": torch.tensor(0.5),
+        "single_blocks.0.linear2.weight": b,
+        "single_blocks.0.linear2.scale_weight": b_scale.reshape(1).to(torch.bfloat16),
+        "single_blocks.0.linear2.scale_input": torch.tensor([0.25]),
+        "single_blocks.0.linear2.comfy_quant": torch.tensor([123, 125], dtype=torch.uint8),
+        "double_blocks.0.img_attn.norm.query_norm.scale": torch.ones(4),
+        "scaled_fp8": torch.empty(0, dtype=FP8_DTYPE),
+    }
+
+
+def test_dequantize_accepts_both_scale_spellings() -> None:
+    sd = scaled_fp8_state_dict()
+    out = dequantize_scaled_fp8_state_dict(sd)
+    assert list(out) == [
+        "img_in.weight",
+        "double_blocks.0.img_attn.qkv.weight",
+        "single_blocks.0.linear2.weight",
+        "double_blocks.0.img_attn.norm.query_norm.scale",
+    ]
+    qkv = sd["double_blocks.0.img_attn.qkv.weight"].float() * sd["double_blocks.0.img_attn.qkv.weight_scale"]
+    lin2 = sd["single_blocks.0.linear2.weight"].float() * sd["single_blocks.0.linear2.scale_weight"].float()
+    assert out["double_blocks.0.img_attn.qkv.weight"].dtype == torch.bfloat16
+    assert torch.equal(out["double_blocks.0.img_attn.qkv.weight"], qkv.to(torch.bfloat16))
+    assert torch.equal(out["single_blocks.0.linear2.weight"], lin2.to(torch.bfloat16))
+    assert out["img_in.weight"] is sd["img_in.weight"]  # non-FP8 tensors pass through untouched
+    assert torch.equal(
+        dequantize_scaled_fp8_state_dict(sd, dtype=torch.float32)["single_blocks.0.linear2.weight"], lin2
+    )
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda sd: sd.pop("double_blocks.0.img_attn.qkv.weight_scale"), "has no"),
+        (lambda sd: sd.update({"double_blocks.0.img_attn.qkv.scale_weight": torch.tensor(1.0)}), "both"),
+        (lambda sd: sd.update({"single_blocks.0.linear2.scale_weight": torch.ones(16)}), "per-tensor"),
+        (lambda sd: sd.update({"img_in.weight_scale": torch.tensor(1.0)}), "scales no float8 weight"),
+    ],
+    ids=["missing-scale", "both-spellings", "per-channel-scale", "orphan-scale"],
+)
+def test_dequantize_refuses_what_it_cannot_interpret(edit: Any, message: str) -> None:
+    sd = scaled_fp8_state_dict()
+    edit(sd)
+    with pytest.raises(ValueError, match=message):
+        dequantize_scaled_fp8_state_dict(sd)
+
+
+def test_fp8_model_round_trips_through_a_scaled_state_dict() -> None:
+    """A quantized model's own state dict is a scaled-FP8 file (weight + weight_scale); dequantized, it loads
+    strictly into a plain transformer whose output equals the FP8 one up to activation quantization."""
+    config = CONFIGS["tiny"]
+    fp8_model = random_transformer(config)
+    quantize_transformer_(fp8_model)
+    plain = Flux2Transformer(config).eval()
+    plain.load_state_dict(dequantize_scaled_fp8_state_dict(fp8_model.state_dict(), dtype=torch.float32))
+    layer = fp8_model.get_submodule("single_blocks.1.linear1")
+    assert isinstance(layer, Float8Linear)
+    dequantized = plain.state_dict()["single_blocks.1.linear1.weight"]
+    assert torch.equal(dequantized, layer.weight.float() * layer.weight_scale)
+    with torch.no_grad():
+        err = fp8_relative_error(plain(*forward_inputs(config)), fp8_model(*forward_inputs(config)))
+    assert err < 0.05
