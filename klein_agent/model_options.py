@@ -41,6 +41,16 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "costs a transfer for each prompt not already cached)",
     )
     group.add_argument(
+        "--fp8",
+        action="store_true",
+        help="float8 weights and activations for the transformer blocks' linear layers (fast on Hopper/Ada GPUs)",
+    )
+    group.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the transformer blocks with torch.compile (GPU; the first call per size compiles)",
+    )
+    group.add_argument(
         "--allow-download",
         action="store_true",
         help="let a repo id missing from the local Hugging Face cache be downloaded (needs huggingface_hub)",
@@ -60,6 +70,8 @@ def generator_factory(args: argparse.Namespace) -> Callable[[], ImageGenerator]:
             transformer_file=args.transformer_file,
             allow_download=args.allow_download,
             offload_text_encoder=getattr(args, "offload_text_encoder", False),
+            fp8=getattr(args, "fp8", False),
+            compile=getattr(args, "compile", False),
         )
 
     return load

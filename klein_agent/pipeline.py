@@ -265,10 +265,37 @@ def load_pipeline(
     transformer_file: str | None = None,
     allow_download: bool = False,
     offload_text_encoder: bool = False,
+    fp8: bool = False,
+    compile: bool = False,
 ) -> KleinPipeline:
     """Build the pipeline a model name points at: `tiny`, a diffusers-layout folder, or a Hugging Face repo id."""
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    pipeline = _build_pipeline(
+        model, torch_device, torch_dtype, transformer_file, allow_download, offload_text_encoder
+    )
+    if fp8:
+        from klein_agent.fp8 import quantize_transformer_, scaled_mm_available
+
+        if not scaled_mm_available(torch_device):
+            log.warning("--fp8 on %s runs a float32 reference path: numerically FP8, but slow", torch_device)
+        replaced = quantize_transformer_(pipeline.transformer)
+        log.info("fp8: %d block linears quantized", len(replaced))
+    if compile:
+        from klein_agent.compilation import compile_transformer_
+
+        compile_transformer_(pipeline.transformer)
+    return pipeline
+
+
+def _build_pipeline(
+    model: str,
+    torch_device: torch.device,
+    torch_dtype: torch.dtype,
+    transformer_file: str | None,
+    allow_download: bool,
+    offload_text_encoder: bool,
+) -> KleinPipeline:
     if model == "tiny":
         from klein_agent.configs import preset
         from klein_agent.tiny import build_tiny

@@ -121,3 +121,16 @@ def test_text_encoder_offload_moves_it_only_for_uncached_prompts(monkeypatch: py
     pipe.generate(GenerationRequest("offloaded", 48, 48, seed=4))
     assert len(moves) == 2  # cached prompt: the encoder stays where it is
     assert got == want
+
+
+def test_fp8_option_quantizes_the_blocks_and_stays_close() -> None:
+    from klein_agent.fp8 import Float8Linear
+
+    request = GenerationRequest("fp8", 48, 48, seed=5)
+    plain = load_pipeline("tiny").generate(request).images[0]
+    pipe = load_pipeline("tiny", fp8=True)
+    linears = [m for m in pipe.transformer.modules() if isinstance(m, Float8Linear)]
+    assert len(linears) == 4 * 2 * 2 + 2 * 2  # 4 per stream per double block, 2 per single block
+    quantized = pipe.generate(request).images[0]
+    diff = torch.tensor(list(plain.tobytes())).float() - torch.tensor(list(quantized.tobytes())).float()
+    assert 0 < diff.abs().mean() < 8  # changed, by a few levels at most
