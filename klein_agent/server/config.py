@@ -28,4 +28,3 @@ class ServerConfig:
     max_pixels_per_call: int = 2048 * 2048
     preview_max_edge: int = PREVIEW_MAX_EDGE
     preview_budget_b64: int = PREVIEW_BUDGET_B64
-    store_lifetime: str = "kept on disk until the store is full, then the oldest unused images are removed"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import secrets
 import unicodedata
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -111,8 +112,6 @@ def output_size(
 
 
 def new_seed() -> int:
-    import secrets
-
     return secrets.randbelow(2**31)
 
 
