@@ -273,3 +273,12 @@ async def test_calls_wait_for_a_loading_model_up_to_the_queue_bound() -> None:
         release.set()
     assert results == [1, 1]
     await engine.aclose()
+
+
+def test_torch_out_of_memory_is_recognised_by_name() -> None:
+    torch = pytest.importorskip("torch")
+    from klein_agent.engine import is_out_of_memory
+
+    assert is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory"))
+    assert is_out_of_memory(RuntimeError("MPS backend out of memory"))
+    assert not is_out_of_memory(RuntimeError("shape mismatch"))
