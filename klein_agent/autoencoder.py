@@ -8,6 +8,8 @@ Shapes: images [B, 3, H, W] in [-1, 1]; raw latents [B, z, H/8, W/8]; model late
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -110,9 +112,7 @@ class EncoderLevel(nn.Module):
     ) -> None:
         super().__init__()
         channels = [in_channels] + [out_channels] * blocks
-        self.block = nn.ModuleList(
-            ResnetBlock(a, b, groups) for a, b in zip(channels[:-1], channels[1:], strict=True)
-        )
+        self.block = nn.ModuleList(ResnetBlock(a, b, groups) for a, b in itertools.pairwise(channels))
         self.downsample = Downsample(out_channels) if downsample else None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -125,9 +125,7 @@ class DecoderLevel(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, blocks: int, groups: int, upsample: bool) -> None:
         super().__init__()
         channels = [in_channels] + [out_channels] * blocks
-        self.block = nn.ModuleList(
-            ResnetBlock(a, b, groups) for a, b in zip(channels[:-1], channels[1:], strict=True)
-        )
+        self.block = nn.ModuleList(ResnetBlock(a, b, groups) for a, b in itertools.pairwise(channels))
         self.upsample = Upsample(out_channels) if upsample else None
 
     def forward(self, x: Tensor) -> Tensor:

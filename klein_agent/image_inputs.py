@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 
 # The flags named in error messages. The CLI owns them; keep these strings in step with it.
 ALLOW_URLS_FLAG = "--allow-urls"
-INPUT_DIR_FLAG = "--input-dir"
+INPUT_DIR_FLAG = "--allow-dir"
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP")
 MIN_SIDE = 64  # FLUX.2 reference-image rules (BFL sampling.py cap_min_pixels): shorter side >= 64 px ...
@@ -121,7 +121,7 @@ def default_allowed_dirs() -> tuple[Path, ...]:
 
     The working directory is left out when it is a filesystem root or the home directory itself: MCP clients
     such as Claude Desktop start servers with cwd `/`, and allowing all of it would make the allowlist
-    meaningless. Users add folders with `--input-dir`.
+    meaningless. Users add folders with `--allow-dir`.
     """
     home = Path.home()
     dirs: list[Path] = []

@@ -81,7 +81,7 @@ def cases(input_dir: Path, outside: Path) -> list[tuple[str, str, dict[str, Any]
             "outside allowed folders",
             "edit",
             {"image": str(outside / "secret.png"), "prompt": p},
-            "--input-dir",
+            "--allow-dir",
         ),
         (
             "dot-dot escape",
