@@ -5,6 +5,7 @@ from __future__ import annotations
 # ---------------------------------------------------------------------------------------------------------------
 # Server tests (tests/test_server_*.py): the real tiny model, one store per test, in-process MCP clients.
 # ---------------------------------------------------------------------------------------------------------------
+import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -105,3 +106,31 @@ async def client(request: pytest.FixtureRequest, server_state: Any) -> AsyncIter
         build_server(server_state), mode=request.param, raise_exceptions=request.param == "auto"
     ) as connected:
         yield connected
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model tests: tools/ (checkpoint writer, diffusers reference) on the path, tiny checkpoints written once.
+# ---------------------------------------------------------------------------------------------------------------
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+if str(TOOLS) not in sys.path:
+    sys.path.insert(0, str(TOOLS))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model in the diffusers layout (transformer in 2 shards) plus the BFL single file."""
+    import make_tiny_checkpoint
+
+    folder = tmp_path_factory.mktemp("tiny-klein")
+    assert make_tiny_checkpoint.main([str(folder), "--shards", "2"]) == 0
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_base_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny undistilled (Base, CFG) checkpoint."""
+    import make_tiny_checkpoint
+
+    folder = tmp_path_factory.mktemp("tiny-klein-base")
+    assert make_tiny_checkpoint.main([str(folder), "--base", "--seed", "1"]) == 0
+    return folder

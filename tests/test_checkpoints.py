@@ -21,20 +21,19 @@ from klein_agent.configs import preset
 from klein_agent.pipeline import load_pipeline
 from klein_agent.request import GenerationRequest
 from klein_agent.tiny import build_tiny
-from tests.checkpoint_fixtures import tiny_checkpoint  # noqa: F401
 
 CPU = torch.device("cpu")
 REQUEST = GenerationRequest("a red cube", width=48, height=32, seed=4)
 
 
 @pytest.fixture
-def checkpoint_copy(tiny_checkpoint: Path, tmp_path: Path) -> Path:  # noqa: F811
+def checkpoint_copy(tiny_checkpoint: Path, tmp_path: Path) -> Path:
     target = tmp_path / "ckpt"
     shutil.copytree(tiny_checkpoint, target)
     return target
 
 
-def test_both_layouts_give_the_same_picture(tiny_checkpoint: Path) -> None:  # noqa: F811
+def test_both_layouts_give_the_same_picture(tiny_checkpoint: Path) -> None:
     folder = load_pipeline(str(tiny_checkpoint)).generate(REQUEST).images[0].tobytes()
     single = (
         load_pipeline(
@@ -47,7 +46,7 @@ def test_both_layouts_give_the_same_picture(tiny_checkpoint: Path) -> None:  # n
     assert folder == single
 
 
-def test_sharded_transformer_is_read_through_its_index(tiny_checkpoint: Path) -> None:  # noqa: F811
+def test_sharded_transformer_is_read_through_its_index(tiny_checkpoint: Path) -> None:
     shards = sorted((tiny_checkpoint / "transformer").glob("*-of-00002.safetensors"))
     assert (
         len(shards) == 2
@@ -59,7 +58,7 @@ def test_sharded_transformer_is_read_through_its_index(tiny_checkpoint: Path) ->
     assert components.variant == "klein-4b" and components.sampling.distilled
 
 
-def test_sizes_come_from_the_checkpoint_not_a_preset(tiny_checkpoint: Path) -> None:  # noqa: F811
+def test_sizes_come_from_the_checkpoint_not_a_preset(tiny_checkpoint: Path) -> None:
     state = load_file(str(tiny_checkpoint / "flux-2-klein.safetensors"))
     assert infer_transformer_config(state, "x") == preset("tiny").transformer
 
@@ -97,7 +96,7 @@ def test_autoencoder_key_map_round_trip() -> None:
     assert set(back) == set(ours) and all(torch.equal(back[k], ours[k]) for k in ours)
 
 
-def test_comfyui_prefixed_single_file_loads(tiny_checkpoint: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_comfyui_prefixed_single_file_loads(tiny_checkpoint: Path, tmp_path: Path) -> None:
     state = load_file(str(tiny_checkpoint / "flux-2-klein.safetensors"))
     prefixed = tmp_path / "comfy.safetensors"
     save_file({f"model.diffusion_model.{k}": v for k, v in state.items()}, str(prefixed))
@@ -166,7 +165,7 @@ def test_config_disagreeing_with_the_weights_is_caught(checkpoint_copy: Path) ->
 
 
 def test_repo_id_resolves_from_the_hugging_face_cache(
-    tiny_checkpoint: Path,  # noqa: F811
+    tiny_checkpoint: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from diffusers.pipelines.flux2.pipeline_flux2_klein import Flux2KleinPipeline, compute_empirical_mu
+from reference_pipeline import diffusers_autoencoder, diffusers_scheduler, diffusers_transformer
 from transformers import Qwen3ForCausalLM
 
 from klein_agent import keymaps, sampling
@@ -14,7 +15,6 @@ from klein_agent.autoencoder import AutoEncoder
 from klein_agent.configs import AutoencoderConfig, TransformerConfig, preset
 from klein_agent.tiny import build_tiny, init_random_
 from klein_agent.transformer import Flux2Transformer
-from tests.reference import diffusers_autoencoder, diffusers_scheduler, diffusers_transformer
 
 ATOL = 1e-5
 

@@ -15,7 +15,6 @@ import klein_agent.pipeline as pipeline_module
 from klein_agent.imaging import prepare_reference
 from klein_agent.pipeline import KleinPipeline, load_pipeline
 from klein_agent.request import GenerationRequest
-from tests.checkpoint_fixtures import tiny_base_checkpoint, tiny_checkpoint  # noqa: F401
 
 ATOL = 1e-4  # on [0, 1] pixels after 4 steps and the decoder
 
@@ -27,12 +26,12 @@ def picture(width: int, height: int, seed: int) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def ours(tiny_checkpoint: Path) -> KleinPipeline:  # noqa: F811
+def ours(tiny_checkpoint: Path) -> KleinPipeline:
     return load_pipeline(str(tiny_checkpoint), device="cpu")
 
 
 @pytest.fixture(scope="module")
-def theirs(tiny_checkpoint: Path) -> Flux2KleinPipeline:  # noqa: F811
+def theirs(tiny_checkpoint: Path) -> Flux2KleinPipeline:
     pipe = Flux2KleinPipeline.from_pretrained(str(tiny_checkpoint), dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -109,7 +108,7 @@ def test_image_k_of_a_batch_equals_a_single_run_with_seed_plus_k(
 
 
 def test_base_variant_uses_cfg_like_the_reference(
-    tiny_base_checkpoint: Path,  # noqa: F811
+    tiny_base_checkpoint: Path,
     captured: list[torch.Tensor],
 ) -> None:
     ours = load_pipeline(str(tiny_base_checkpoint), device="cpu")
@@ -140,7 +139,7 @@ def test_reference_preparation_matches_the_reference(size: tuple[int, int]) -> N
     torch.testing.assert_close(got, want_tensor, atol=1e-6, rtol=0)
 
 
-def test_output_is_deterministic_across_loads(tiny_checkpoint: Path) -> None:  # noqa: F811
+def test_output_is_deterministic_across_loads(tiny_checkpoint: Path) -> None:
     request = GenerationRequest("same picture", width=48, height=48, seed=1)
     a = load_pipeline("tiny").generate(request).images[0].tobytes()
     b = load_pipeline(str(tiny_checkpoint)).generate(request).images[0].tobytes()

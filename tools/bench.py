@@ -135,74 +135,6 @@ def bench_ours(pipe: KleinPipeline, request: GenerationRequest, runs: int, warmu
     return {name: statistics.median(values) for name, values in rows.items()}
 
 
-def build_reference(pipe: KleinPipeline, distilled: bool) -> Any:
-    """diffusers' pipeline holding our weights (converted through the key maps)."""
-    from diffusers import (
-        AutoencoderKLFlux2,
-        FlowMatchEulerDiscreteScheduler,
-        Flux2KleinPipeline,
-        Flux2Transformer2DModel,
-    )
-    from diffusers.utils import logging as diffusers_logging
-    from transformers import Qwen3ForCausalLM
-
-    from klein_agent import keymaps
-
-    diffusers_logging.set_verbosity_error()  # "guidance is ignored for distilled models", once per call
-
-    tc, ac = pipe.transformer.config, pipe.autoencoder.config
-    with torch.device("meta"):
-        transformer = Flux2Transformer2DModel(
-            in_channels=tc.in_channels,
-            num_layers=tc.depth,
-            num_single_layers=tc.depth_single_blocks,
-            attention_head_dim=tc.head_dim,
-            num_attention_heads=tc.num_heads,
-            joint_attention_dim=tc.context_in_dim,
-            mlp_ratio=tc.mlp_ratio,
-            axes_dims_rope=tuple(tc.axes_dim),
-            rope_theta=tc.theta,
-            guidance_embeds=False,
-        )
-        levels = len(ac.ch_mult)
-        vae = AutoencoderKLFlux2(
-            down_block_types=("DownEncoderBlock2D",) * levels,
-            up_block_types=("UpDecoderBlock2D",) * levels,
-            block_out_channels=tuple(ac.ch * m for m in ac.ch_mult),
-            layers_per_block=ac.num_res_blocks,
-            latent_channels=ac.z_channels,
-            norm_num_groups=ac.norm_groups,
-        )
-        text = Qwen3ForCausalLM(pipe.text_embedder.full_config)
-    transformer.load_state_dict(keymaps.transformer_to_diffusers(pipe.transformer.state_dict()), assign=True)
-    vae.load_state_dict(keymaps.autoencoder_to_diffusers(pipe.autoencoder.state_dict()), assign=True)
-    # the reference runs the encoder's full depth: the layers we skip get copies of the last one we keep
-    ours = {k: v for k, v in pipe.text_embedder.model.state_dict().items() if not k.startswith("rotary_emb.")}
-    kept = len(pipe.text_embedder.model.layers)
-    full_state = {f"model.{k}": v for k, v in ours.items()}
-    for layer in range(kept, pipe.text_embedder.full_config.num_hidden_layers):
-        for k, v in ours.items():
-            if k.startswith(f"layers.{kept - 1}."):
-                full_state["model." + k.replace(f"layers.{kept - 1}.", f"layers.{layer}.", 1)] = v.clone()
-    full_state["model.norm.weight"] = torch.ones_like(ours["embed_tokens.weight"][0])
-    full_state["lm_head.weight"] = ours["embed_tokens.weight"]
-    text.load_state_dict(full_state, assign=True)
-    text.model.rotary_emb = type(text.model.rotary_emb)(config=text.config).to(pipe.device)
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, time_shift_type="exponential"
-    )
-    reference = Flux2KleinPipeline(
-        scheduler=scheduler,
-        vae=vae.eval(),
-        text_encoder=text.eval(),
-        tokenizer=pipe.text_embedder.tokenizer,
-        transformer=transformer.eval(),
-        is_distilled=distilled,
-    )
-    reference.set_progress_bar_config(disable=True)
-    return reference
-
-
 def bench_reference(
     reference: Any, pipe: KleinPipeline, request: GenerationRequest, runs: int, warmup: int
 ) -> float:
@@ -272,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     reference = None
     if not args.no_reference:
         try:
-            reference = build_reference(pipe, chosen.sampling.distilled)
+            from reference_pipeline import reference_pipeline
+
+            reference = reference_pipeline(pipe)
         except ImportError:
             print("diffusers not installed: reference column skipped", file=sys.stderr)
 
