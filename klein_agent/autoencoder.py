@@ -175,9 +175,11 @@ class AttnBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
         n = self.norm(x)
+        # [B, 1, HW, C], contiguous in C: SDPA's fused kernels need a unit-stride last dimension; without one they
+        # fall back to materialising the HW x HW attention matrix (1 GB for a 1024 px decode)
         q, k, v = (
-            proj(n).flatten(2).transpose(1, 2)[:, None] for proj in (self.q, self.k, self.v)
-        )  # [B,1,HW,C]
+            proj(n).flatten(2).transpose(1, 2).contiguous()[:, None] for proj in (self.q, self.k, self.v)
+        )
         out = F.scaled_dot_product_attention(q, k, v)[:, 0].transpose(1, 2).reshape(b, c, h, w)
         return x + self.proj_out(out)
 
