@@ -182,6 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument(
+        "--fp8", action="store_true", help="our transformer blocks in float8 (reference stays)"
+    )
+    parser.add_argument("--compile", action="store_true", help="compile our transformer blocks")
+    parser.add_argument("--offload-text-encoder", action="store_true", help="text encoder in host memory")
     parser.add_argument("--no-reference", action="store_true", help="skip diffusers even where installed")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
@@ -200,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         sampling_defaults=chosen.sampling,
         model_name=f"random:{chosen.name}",
         variant=chosen.name,
+        offload_text_encoder=args.offload_text_encoder,
     )
     reference = None
     if not args.no_reference:
@@ -210,10 +216,18 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             print("diffusers not installed: reference column skipped", file=sys.stderr)
 
+    if args.fp8:
+        from klein_agent.fp8 import quantize_transformer_
+
+        quantize_transformer_(pipe.transformer)
+    if args.compile:
+        from klein_agent.compilation import compile_transformer_
+
+        compile_transformer_(pipe.transformer)
     ref_w, ref_h = (int(v) for v in args.ref_size.split("x"))
     header = (
         f"klein-agent bench: preset {chosen.name}, {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or platform.machine()}), "
-        f"{str(dtype).removeprefix('torch.')}, torch {torch.__version__}, {args.runs} runs after {args.warmup} warm-up, medians in ms"
+        f"{str(dtype).removeprefix('torch.')}{', fp8' if args.fp8 else ''}{', compiled' if args.compile else ''}, torch {torch.__version__}, {args.runs} runs after {args.warmup} warm-up, medians in ms"
     )
     print(header)
     results = []
