@@ -18,7 +18,9 @@ def test_bench_reports_stages_and_the_reference_ratio(tmp_path: Path) -> None:
     assert [(r["size"], r["references"]) for r in rows] == [("64x48", 0), ("64x48", 1)]
     for row in rows:
         stages = row["ours"]
-        assert {"text", "references", "step 1", "step 4", "decode", "end to end", "retry (cached)"} <= set(stages)
+        assert {"text", "references", "step 1", "step 4", "decode", "end to end", "retry (cached)"} <= set(
+            stages
+        )
         assert all(v >= 0 for v in stages.values())
         assert row["reference_ms"] > 0
     assert rows[1]["ours"]["references"] > 0  # a reference was really encoded
