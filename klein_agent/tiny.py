@@ -51,7 +51,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def init_random_(module: nn.Module, generator: torch.Generator, std: float = 0.05) -> None:
+def init_random_(module: nn.Module, generator: torch.Generator | None, std: float = 0.05) -> None:
     """Fill every parameter in place from `generator`: normal weights scaled by fan-in, norms near one."""
     with torch.no_grad():
         for name, param in module.named_parameters():
@@ -73,7 +73,8 @@ def build_random_models(
     benchmarks of the real shapes (speed does not depend on the values); built on the meta device and filled in
     place on the target, so a 4B model never passes through host memory."""
     device = torch.device(device)
-    generator = torch.Generator(device).manual_seed(seed)
+    # the meta device (shape-only builds) has no generator and nothing to fill
+    generator = None if device.type == "meta" else torch.Generator(device).manual_seed(seed)
     tokenizer = tiny_tokenizer()
     if model_preset.text_encoder.vocab_size < len(tokenizer):
         raise ValueError("the preset's vocabulary is smaller than the tiny tokenizer")

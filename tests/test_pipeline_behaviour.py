@@ -144,3 +144,15 @@ def test_attention_uses_a_fused_kernel_not_the_quadratic_fallback(pipe: KleinPip
     names = {event.key for event in prof.key_averages()}
     assert "aten::scaled_dot_product_attention" in names
     assert "aten::_scaled_dot_product_attention_math" not in names
+
+
+@pytest.mark.parametrize(("name", "params"), [("klein-4b", 3_875_544_576), ("klein-9b", 9_078_581_248)])
+def test_random_weights_of_the_real_shapes_build(name: str, params: int) -> None:
+    """bench.py builds these on the GPU; on the meta device the same code runs here in no memory."""
+    from klein_agent.configs import preset
+    from klein_agent.tiny import build_random_models
+
+    transformer, autoencoder, text = build_random_models(preset(name), device="meta")
+    assert sum(p.numel() for p in transformer.parameters()) == params  # flux2-klein-reference.md §1.1
+    assert text.output_layers == (9, 18, 27) and len(text.model.layers) == 27
+    assert autoencoder.config.latent_channels == transformer.config.in_channels == 128
