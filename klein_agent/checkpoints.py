@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -232,16 +232,15 @@ def load_text_embedder(
     expected = {checkpoint_key(k) for k in embedder.model.state_dict() if not k.startswith("rotary_emb.")}
     state = {}
     for key, value in raw.items():
-        state[key.removeprefix("model.") if key in expected else "unexpected:" + key] = value
-    # rotary buffers are computed, not stored
-    embedder.model = load_strict(
-        embedder.model, state, device, dtype, str(folder), ignore_missing=("rotary_emb.",)
-    )  # type: ignore[assignment]
+        state[key.removeprefix("model.") if key in expected else key] = value  # unknown keys keep their names
+    embedder.model = load_strict(embedder.model, state, device, dtype, str(folder))
     embedder.reset_rotary(device)
     return embedder
 
 
-def read_safetensors(files: Iterable[Path], device: torch.device, keep: Any = None) -> dict[str, Tensor]:
+def read_safetensors(
+    files: Iterable[Path], device: torch.device, keep: Callable[[str], bool] | None = None
+) -> dict[str, Tensor]:
     """Every tensor of the files, placed on `device` as stored; `keep(key)` filters before reading."""
     out: dict[str, Tensor] = {}
     for file in files:
@@ -261,12 +260,11 @@ def load_strict(
     device: torch.device,
     dtype: torch.dtype,
     where: str,
-    ignore_missing: tuple[str, ...] = (),
 ) -> Any:
     """Assign `state` to a meta-device `model`, cast to `dtype` on `device`; refuse anything that does not fit."""
     expected = model.state_dict()
-    missing = sorted(k for k in expected if k not in state and not k.startswith(ignore_missing))
-    unexpected = sorted(k.removeprefix("unexpected:") for k in state if k not in expected)
+    missing = sorted(k for k in expected if k not in state)
+    unexpected = sorted(k for k in state if k not in expected)
     wrong_shape = sorted(
         f"{k} {tuple(state[k].shape)} (expected {tuple(expected[k].shape)})"
         for k in state
@@ -293,7 +291,7 @@ def load_strict(
     for name, buffer in model.named_buffers():
         if name in cast and name.startswith("bn.") and buffer.is_floating_point():
             cast[name] = state[name].to(device=device, dtype=torch.float32)  # statistics keep full precision
-    model.load_state_dict(cast, strict=not ignore_missing, assign=True)
+    model.load_state_dict(cast, strict=True, assign=True)
     return model.eval()
 
 

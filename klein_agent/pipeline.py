@@ -184,6 +184,11 @@ class KleinPipeline:
             cache_hits={"prompt": int(prompt_hit), "references": reference_hits},
         )
 
+    def clear_caches(self) -> None:
+        """Forget cached prompt embeddings and reference latents (benchmarks time the uncached path)."""
+        self._prompts = LRUCache(self._prompts.capacity)
+        self._references = LRUCache(self._references.capacity)
+
     def validate(self, request: GenerationRequest) -> None:
         check_output_size(request.width, request.height)
         if request.num_images < 1:

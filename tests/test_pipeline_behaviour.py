@@ -107,7 +107,7 @@ def test_text_encoder_offload_moves_it_only_for_uncached_prompts(monkeypatch: py
     want = pipe.generate(GenerationRequest("offloaded", 48, 48, seed=3)).images[0].tobytes()
     # CPU-only machines cannot move anything anywhere; pretend the model sits on an accelerator to test the logic.
     pipe.offload_text_encoder = True
-    pipe._prompts = type(pipe._prompts)(4)
+    pipe.clear_caches()
     moves: list[str] = []
     original_to = pipe.text_embedder.to
 

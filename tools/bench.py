@@ -31,7 +31,7 @@ from PIL import Image
 
 from klein_agent.configs import PRESETS, AutoencoderConfig, ModelPreset, TextEncoderConfig, TransformerConfig
 from klein_agent.devices import resolve_device, resolve_dtype
-from klein_agent.pipeline import KleinPipeline, LRUCache
+from klein_agent.pipeline import KleinPipeline
 from klein_agent.request import GenerationRequest
 from klein_agent.tiny import build_random_models
 
@@ -88,11 +88,6 @@ def png_bytes(images: list[Image.Image]) -> list[bytes]:
     return out
 
 
-def clear_caches(pipe: KleinPipeline) -> None:
-    pipe._prompts = LRUCache(pipe._prompts.capacity)
-    pipe._references = LRUCache(pipe._references.capacity)
-
-
 def bench_ours(pipe: KleinPipeline, request: GenerationRequest, runs: int, warmup: int) -> dict[str, Any]:
     device = pipe.device
     rows: dict[str, list[float]] = {}
@@ -101,7 +96,7 @@ def bench_ours(pipe: KleinPipeline, request: GenerationRequest, runs: int, warmu
         rows.setdefault(name, []).append(value)
 
     for i in range(warmup + runs):
-        clear_caches(pipe)
+        pipe.clear_caches()
         text_ms = timed(lambda: pipe.encode_prompt(request.prompt), device)
         refs_ms = timed(lambda: pipe.encode_references(request.references), device)
         step_marks: list[float] = []
@@ -111,7 +106,7 @@ def bench_ours(pipe: KleinPipeline, request: GenerationRequest, runs: int, warmu
                 sync(device)
                 marks.append(time.perf_counter())
 
-        clear_caches(pipe)
+        pipe.clear_caches()
         sync(device)
         start = time.perf_counter()
         result = pipe.generate(request, progress=on_progress)
@@ -125,7 +120,7 @@ def bench_ours(pipe: KleinPipeline, request: GenerationRequest, runs: int, warmu
             add(f"step {k + 1}", (b - a) * 1000)
         add("decode", result.timings_ms["decode"])
         add("end to end", total_ms)
-        clear_caches(pipe)
+        pipe.clear_caches()
         pipe.encode_prompt(request.prompt)
         pipe.encode_references(request.references)
         sync(device)
