@@ -3,7 +3,8 @@
 Module names follow BFL's `flux2/autoencoder.py` (`encoder.down.{i}.block.{j}`, `decoder.up.{i}`, ...);
 `klein_agent.keymaps` maps the diffusers `vae/` layout onto them. Encoding takes the posterior mean (no sampling).
 
-Shapes: images [B, 3, H, W] in [-1, 1]; raw latents [B, z, H/8, W/8]; model latents [B, 4z, H/16, W/16].
+Shapes: images [B, 3, H, W] in [-1, 1]; raw latents [B, z, H/f, W/f] with f = 2 ** (levels - 1) (8 for klein);
+model latents [B, 4z, H/2f, W/2f].
 """
 
 from __future__ import annotations
@@ -53,42 +54,44 @@ class AutoEncoder(nn.Module):
 class Encoder(nn.Module):
     def __init__(self, config: AutoencoderConfig) -> None:
         super().__init__()
-        ch, mults = config.ch, config.ch_mult
-        self.conv_in = nn.Conv2d(config.in_channels, ch, 3, padding=1)
+        channels = config.block_out_channels
+        self.conv_in = nn.Conv2d(config.in_channels, channels[0], 3, padding=1)
         self.down = nn.ModuleList()
-        block_in = ch
-        for level, mult in enumerate(mults):
-            last = level == len(mults) - 1
+        block_in = channels[0]
+        for level, block_out in enumerate(channels):
+            last = level == len(channels) - 1
             self.down.append(
-                EncoderLevel(block_in, ch * mult, config.num_res_blocks, config.norm_groups, not last)
+                EncoderLevel(block_in, block_out, config.num_res_blocks, config.norm_groups, not last)
             )
-            block_in = ch * mult
-        self.mid = MidBlock(block_in, config.norm_groups)
+            block_in = block_out
+        self.mid = MidBlock(block_in, config.norm_groups, config.mid_attention)
         self.norm_out = group_norm(block_in, config.norm_groups)
         self.conv_out = nn.Conv2d(block_in, 2 * config.z_channels, 3, padding=1)
-        self.quant_conv = nn.Conv2d(2 * config.z_channels, 2 * config.z_channels, 1)
+        z2 = 2 * config.z_channels
+        self.quant_conv = nn.Conv2d(z2, z2, 1) if config.use_quant_conv else None
 
-    def forward(self, x: Tensor) -> Tensor:  # [B, 3, H, W] -> [B, 2z, H/8, W/8] (mean, logvar)
+    def forward(self, x: Tensor) -> Tensor:  # [B, 3, H, W] -> [B, 2z, H/f, W/f] (mean, logvar)
         h = self.conv_in(x)
         for level in self.down:
             h = level(h)
         h = self.mid(h)
         h = self.conv_out(F.silu(self.norm_out(h)))
-        return self.quant_conv(h)
+        return h if self.quant_conv is None else self.quant_conv(h)
 
 
 class Decoder(nn.Module):
     def __init__(self, config: AutoencoderConfig) -> None:
         super().__init__()
-        ch, mults = config.ch, config.ch_mult
-        block_in = ch * mults[-1]
-        self.post_quant_conv = nn.Conv2d(config.z_channels, config.z_channels, 1)
-        self.conv_in = nn.Conv2d(config.z_channels, block_in, 3, padding=1)
-        self.mid = MidBlock(block_in, config.norm_groups)
+        channels = config.decoder_channels
+        block_in = channels[-1]
+        z = config.z_channels
+        self.post_quant_conv = nn.Conv2d(z, z, 1) if config.use_post_quant_conv else None
+        self.conv_in = nn.Conv2d(z, block_in, 3, padding=1)
+        self.mid = MidBlock(block_in, config.norm_groups, config.mid_attention)
         # BFL indexes `up` from the highest resolution (0) to the lowest, and runs it in reverse
         up: list[nn.Module] = []
-        for level in reversed(range(len(mults))):
-            block_out = ch * mults[level]
+        for level in reversed(range(len(channels))):
+            block_out = channels[level]
             up.insert(
                 0,
                 DecoderLevel(block_in, block_out, config.num_res_blocks + 1, config.norm_groups, level != 0),
@@ -98,9 +101,10 @@ class Decoder(nn.Module):
         self.norm_out = group_norm(block_in, config.norm_groups)
         self.conv_out = nn.Conv2d(block_in, config.out_channels, 3, padding=1)
 
-    def forward(self, z: Tensor) -> Tensor:  # [B, z, H/8, W/8] -> [B, 3, H, W]
-        h = self.conv_in(self.post_quant_conv(z))
-        h = self.mid(h)
+    def forward(self, z: Tensor) -> Tensor:  # [B, z, H/f, W/f] -> [B, 3, H, W]
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             h = level(h)
         return self.conv_out(F.silu(self.norm_out(h)))
@@ -135,14 +139,17 @@ class DecoderLevel(nn.Module):
 
 
 class MidBlock(nn.Module):
-    def __init__(self, channels: int, groups: int) -> None:
+    def __init__(self, channels: int, groups: int, attention: bool = True) -> None:
         super().__init__()
         self.block_1 = ResnetBlock(channels, channels, groups)
-        self.attn_1 = AttnBlock(channels, groups)
+        self.attn_1 = AttnBlock(channels, groups) if attention else None
         self.block_2 = ResnetBlock(channels, channels, groups)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.block_2(self.attn_1(self.block_1(x)))
+        h = self.block_1(x)
+        if self.attn_1 is not None:
+            h = self.attn_1(h)
+        return self.block_2(h)
 
 
 class ResnetBlock(nn.Module):
@@ -162,7 +169,11 @@ class ResnetBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over all spatial positions, with 1x1 convolutions as projections."""
+    """Single-head self-attention over all spatial positions.
+
+    The projections are stored as BFL stores them (1x1 convolutions) and applied as diffusers applies them (linear
+    layers over [B, HW, C] tokens): the same arithmetic, and in bfloat16 the same rounding as the reference.
+    """
 
     def __init__(self, channels: int, groups: int) -> None:
         super().__init__()
@@ -174,14 +185,19 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
-        n = self.norm(x)
-        # [B, 1, HW, C], contiguous in C: SDPA's fused kernels need a unit-stride last dimension; without one they
+        # normalised as [B, C, HW] and projected as [B, HW, C] tokens, the views diffusers' AttnProcessor2_0 uses
+        channels = x.reshape(b, c, h * w)
+        tokens = self.norm(channels).transpose(1, 2)  # [B, HW, C]
+        # [B, 1, HW, C], unit stride in C: SDPA's fused kernels need a unit-stride last dimension; without one they
         # fall back to materialising the HW x HW attention matrix (1 GB for a 1024 px decode)
-        q, k, v = (
-            proj(n).flatten(2).transpose(1, 2).contiguous()[:, None] for proj in (self.q, self.k, self.v)
-        )
-        out = F.scaled_dot_product_attention(q, k, v)[:, 0].transpose(1, 2).reshape(b, c, h, w)
-        return x + self.proj_out(out)
+        q, k, v = (_linear(tokens, proj)[:, None] for proj in (self.q, self.k, self.v))
+        out = _linear(F.scaled_dot_product_attention(q, k, v)[:, 0], self.proj_out)  # [B, HW, C]
+        return x + out.transpose(1, 2).reshape(b, c, h, w)
+
+
+def _linear(tokens: Tensor, conv: nn.Conv2d) -> Tensor:
+    """A 1x1 convolution applied to [B, N, C] tokens as the linear layer it is."""
+    return F.linear(tokens, conv.weight.flatten(1), conv.bias)
 
 
 class Downsample(nn.Module):

@@ -22,14 +22,33 @@ from transformers import AutoTokenizer, Qwen3Config
 
 from klein_agent import keymaps
 from klein_agent.autoencoder import AutoEncoder
-from klein_agent.configs import AutoencoderConfig, SamplingDefaults, TransformerConfig
-from klein_agent.text_encoder import TextEmbedder, checkpoint_key, skipped_checkpoint_key
+from klein_agent.configs import (
+    PRESETS,
+    AutoencoderConfig,
+    SamplingDefaults,
+    SchedulerConfig,
+    TransformerConfig,
+)
+from klein_agent.text_encoder import (
+    TextEmbedder,
+    TextEncoderTooShallowError,
+    checkpoint_key,
+    skipped_checkpoint_key,
+)
 from klein_agent.transformer import Flux2Transformer
 
 FOLDER_PARTS = ("transformer", "vae", "text_encoder", "tokenizer")
 BASE_SAMPLING = SamplingDefaults(distilled=False, steps=50, guidance=4.0)
 DISTILLED_SAMPLING = SamplingDefaults(distilled=True, steps=4, guidance=1.0)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+_SHARD = re.compile(r"^(?P<stem>.+)-(?P<index>\d+)-of-(?P<total>\d+)\.safetensors$")
+_CACHED_REPO = re.compile(r"models--(?P<owner>[^/\\]+?)--(?P<name>[^/\\]+)[/\\]snapshots[/\\]")
+
+
+def download_command(repo_id: str) -> str:
+    """The shell command that fetches (or completes) `repo_id` into the local Hugging Face cache, with the CLI
+    the installed huggingface_hub ships (`hf`; the old `huggingface-cli` is gone)."""
+    return f"hf download {repo_id}"
 
 
 class CheckpointError(ValueError):
@@ -43,6 +62,7 @@ class Components:
     text_embedder: TextEmbedder
     sampling: SamplingDefaults
     variant: str
+    scheduler: SchedulerConfig
 
 
 # ------------------------------------------------------------------------------------------------ finding a model
@@ -61,7 +81,7 @@ def resolve_model_path(model: str, *, allow_download: bool = False) -> Path:
     if not allow_download:
         raise CheckpointError(
             f"{model} is not in the local Hugging Face cache ({hub_cache_dir()}). Download it first "
-            f"(`huggingface-cli download {model}`), pass a local folder, or add --allow-download."
+            f"(`{download_command(model)}`), pass a local folder, or add --allow-download."
         )
     try:
         from huggingface_hub import snapshot_download
@@ -110,6 +130,7 @@ def load_components(
     if missing:
         raise CheckpointError(f"{folder} lacks the folder(s) {', '.join(missing)} of the diffusers layout")
     sampling = DISTILLED_SAMPLING if index.get("is_distilled", False) else BASE_SAMPLING
+    scheduler = load_scheduler_config(folder / "scheduler")
 
     if transformer_file:
         transformer = load_bfl_transformer(Path(transformer_file), device, dtype)
@@ -123,30 +144,90 @@ def load_components(
             f"{transformer.config.context_in_dim}: the two come from different models (klein 4B pairs with Qwen3-4B, "
             "9B with Qwen3-8B)"
         )
-    size = "9b" if transformer.config.hidden_size >= 4096 else "4b"
-    variant = f"klein-{size}" if sampling.distilled else f"klein-base-{size}"
-    return Components(transformer, autoencoder, text_embedder, sampling, variant)
+    variant = detect_variant(transformer.config, sampling)
+    return Components(transformer, autoencoder, text_embedder, sampling, variant, scheduler)
+
+
+def detect_variant(config: TransformerConfig, sampling: SamplingDefaults) -> str:
+    """The preset whose transformer shape and distillation match the checkpoint's ("klein-4b", "klein-base-9b",
+    "tiny", ...); an undistilled copy of a distilled-only preset gets "-base"; any other shape is "custom"."""
+    shape_matches = [name for name, p in PRESETS.items() if p.transformer == config]
+    for name in shape_matches:
+        if PRESETS[name].sampling.distilled == sampling.distilled:
+            return name
+    if shape_matches:
+        return f"{shape_matches[0]}-base" if not sampling.distilled else shape_matches[0]
+    return "custom"
+
+
+def load_scheduler_config(folder: Path) -> SchedulerConfig:
+    """The schedule fields of `scheduler/scheduler_config.json` (klein's defaults when the folder has none).
+
+    Raises CheckpointError for a scheduler that changes the sampler itself, which klein-agent does not run."""
+    path = folder / "scheduler_config.json"
+    if not path.exists():
+        return SchedulerConfig()
+    cfg = _read_json(path, "the scheduler config")
+    name = cfg.get("_class_name", "FlowMatchEulerDiscreteScheduler")
+    unsupported = [
+        key
+        for key in (
+            "use_karras_sigmas",
+            "use_exponential_sigmas",
+            "use_beta_sigmas",
+            "invert_sigmas",
+            "stochastic_sampling",
+        )
+        if cfg.get(key)
+    ]
+    if name != "FlowMatchEulerDiscreteScheduler" or unsupported:
+        what = f"{name} with {', '.join(unsupported)}" if unsupported else name
+        raise CheckpointError(
+            f"{path}: the scheduler is {what}; klein-agent runs FLUX.2 [klein]'s flow-matching Euler schedule only"
+        )
+    try:
+        shift_type = str(cfg.get("time_shift_type", "exponential"))
+        if shift_type not in ("exponential", "linear"):
+            raise ValueError(f"time_shift_type {shift_type!r}")
+        terminal = cfg.get("shift_terminal")
+        return SchedulerConfig(
+            num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)),
+            use_dynamic_shifting=bool(cfg.get("use_dynamic_shifting", False)),
+            time_shift_type=shift_type,
+            shift=float(cfg.get("shift", 1.0)),
+            shift_terminal=None if terminal is None else float(terminal),
+        )
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: unusable scheduler config ({err})") from err
 
 
 def load_diffusers_transformer(folder: Path, device: torch.device, dtype: torch.dtype) -> Flux2Transformer:
     cfg = _read_json(folder / "config.json", "the transformer config")
+    # Absent keys take the defaults of diffusers' Flux2Transformer2DModel, as from_pretrained would.
     try:
-        heads, head_dim = int(cfg["num_attention_heads"]), int(cfg["attention_head_dim"])
+        heads, head_dim = int(cfg.get("num_attention_heads", 48)), int(cfg.get("attention_head_dim", 128))
+        in_channels = int(cfg.get("in_channels", 128))
+        out_channels = cfg.get("out_channels")
+        if int(cfg.get("patch_size", 1)) != 1:
+            raise ValueError(f"patch_size {cfg.get('patch_size')} (klein's is 1)")
+        if out_channels is not None and int(out_channels) != in_channels:
+            raise ValueError(f"out_channels {out_channels} differs from in_channels {in_channels}")
         config = TransformerConfig(
-            in_channels=int(cfg["in_channels"]),
-            context_in_dim=int(cfg["joint_attention_dim"]),
+            in_channels=in_channels,
+            context_in_dim=int(cfg.get("joint_attention_dim", 15360)),
             hidden_size=heads * head_dim,
             num_heads=heads,
-            depth=int(cfg["num_layers"]),
-            depth_single_blocks=int(cfg["num_single_layers"]),
+            depth=int(cfg.get("num_layers", 8)),
+            depth_single_blocks=int(cfg.get("num_single_layers", 48)),
             mlp_ratio=float(cfg.get("mlp_ratio", 3.0)),
             axes_dim=tuple(int(a) for a in cfg.get("axes_dims_rope", (32, 32, 32, 32))),
             theta=int(cfg.get("rope_theta", 2000)),
             eps=float(cfg.get("eps", 1e-6)),
+            timestep_channels=int(cfg.get("timestep_guidance_channels", 256)),
         )
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{folder / 'config.json'}: unusable transformer config ({err})") from err
-    if cfg.get("guidance_embeds"):
+    if cfg.get("guidance_embeds", True):
         raise CheckpointError(f"{folder} has a guidance embedding: that is FLUX.2 [dev], not [klein]")
     state = keymaps.transformer_from_diffusers(read_safetensors(_weight_files(folder), device))
     with torch.device("meta"):
@@ -178,31 +259,52 @@ def infer_transformer_config(state: Mapping[str, Tensor], where: str) -> Transfo
     depth = _count_blocks(state, "double_blocks.")
     depth_single = _count_blocks(state, "single_blocks.")
     axis = head_dim // 4
-    return TransformerConfig(
-        in_channels=in_channels,
-        context_in_dim=context_in_dim,
-        hidden_size=hidden,
-        num_heads=hidden // head_dim,
-        depth=depth,
-        depth_single_blocks=depth_single,
-        mlp_ratio=mlp_hidden / hidden,
-        axes_dim=(axis, axis, axis, axis),
-    )
+    try:
+        return TransformerConfig(
+            in_channels=in_channels,
+            context_in_dim=context_in_dim,
+            hidden_size=hidden,
+            num_heads=hidden // head_dim,
+            depth=depth,
+            depth_single_blocks=depth_single,
+            mlp_ratio=mlp_hidden / hidden,
+            axes_dim=(axis, axis, axis, axis),
+            timestep_channels=state["time_in.in_layer.weight"].shape[1],
+        )
+    except (KeyError, ValueError) as err:
+        raise CheckpointError(
+            f"{where}: its tensor shapes do not make a FLUX.2 transformer ({err})"
+        ) from None
 
 
 def load_autoencoder(folder: Path, device: torch.device, dtype: torch.dtype) -> AutoEncoder:
     cfg = _read_json(folder / "config.json", "the autoencoder config")
+    # Absent keys take the defaults of diffusers' AutoencoderKLFlux2, as from_pretrained would.
     try:
-        channels = [int(c) for c in cfg["block_out_channels"]]
+        channels = tuple(int(c) for c in cfg.get("block_out_channels", (128, 256, 512, 512)))
+        decoder = cfg.get("decoder_block_out_channels")
+        for key, want in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+            kinds = cfg.get(key, [want] * len(channels))
+            if len(kinds) != len(channels) or any(kind != want for kind in kinds):
+                raise ValueError(
+                    f"{key} {kinds} (klein's autoencoder has only {want} levels, one per channel)"
+                )
+        if cfg.get("act_fn", "silu") != "silu":
+            raise ValueError(f"act_fn {cfg.get('act_fn')!r} (klein's is silu)")
+        if [int(p) for p in cfg.get("patch_size", (2, 2))] != [2, 2]:
+            raise ValueError(f"patch_size {cfg.get('patch_size')} (klein's latents are 2x2 patches)")
         config = AutoencoderConfig(
             in_channels=int(cfg.get("in_channels", 3)),
             out_channels=int(cfg.get("out_channels", 3)),
-            ch=channels[0],
-            ch_mult=tuple(c // channels[0] for c in channels),
+            block_out_channels=channels,
+            decoder_block_out_channels=None if decoder is None else tuple(int(c) for c in decoder),
             num_res_blocks=int(cfg.get("layers_per_block", 2)),
-            z_channels=int(cfg["latent_channels"]),
+            z_channels=int(cfg.get("latent_channels", 32)),
             norm_groups=int(cfg.get("norm_num_groups", 32)),
             bn_eps=float(cfg.get("batch_norm_eps", 1e-4)),
+            use_quant_conv=bool(cfg.get("use_quant_conv", True)),
+            use_post_quant_conv=bool(cfg.get("use_post_quant_conv", True)),
+            mid_attention=bool(cfg.get("mid_block_add_attention", True)),
         )
     except (KeyError, TypeError, ValueError, IndexError) as err:
         raise CheckpointError(f"{folder / 'config.json'}: unusable autoencoder config ({err})") from err
@@ -223,11 +325,15 @@ def load_text_embedder(
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder))
     except (OSError, ValueError) as err:
         raise CheckpointError(f"cannot load the tokenizer from {tokenizer_folder}: {err}") from err
-    with torch.device("meta"):
-        embedder = TextEmbedder(config, tokenizer)
+    try:
+        with torch.device("meta"):
+            embedder = TextEmbedder(config, tokenizer)
+    except TextEncoderTooShallowError as err:
+        raise CheckpointError(f"{folder}: {err}") from None
     kept = embedder.output_layers[-1]
+    keep_norm = embedder.final_norm_on_last
     raw = read_safetensors(
-        _weight_files(folder), device, keep=lambda key: not skipped_checkpoint_key(key, kept)
+        _weight_files(folder), device, keep=lambda key: not skipped_checkpoint_key(key, kept, keep_norm)
     )
     expected = {checkpoint_key(k) for k in embedder.model.state_dict() if not k.startswith("rotary_emb.")}
     state = {}
@@ -284,13 +390,12 @@ def load_strict(
     problems = [p for p in problems if p]
     if problems:
         raise CheckpointError(f"{where} does not fit {type(model).__name__}: " + "; ".join(problems))
+    # Every floating tensor in `dtype`, the autoencoder's batch-norm statistics too: diffusers loads them in the
+    # pipeline dtype, and the latent normalisation is computed from them in that precision.
     cast = {
         k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device))
         for k, v in state.items()
     }
-    for name, buffer in model.named_buffers():
-        if name in cast and name.startswith("bn.") and buffer.is_floating_point():
-            cast[name] = state[name].to(device=device, dtype=torch.float32)  # statistics keep full precision
     model.load_state_dict(cast, strict=True, assign=True)
     return model.eval()
 
@@ -304,7 +409,10 @@ def _listing(what: str, keys: list[str], limit: int = 8) -> str:
 
 
 def _weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of a component folder, through its shard index when there is one."""
+    """The safetensors files of a component folder, through its shard index when there is one.
+
+    Raises CheckpointError "incomplete download" when a shard the index lists, or a numbered shard
+    (`-0000k-of-0000n`), is missing, or a file is a link to nothing (an interrupted Hugging Face download)."""
     if not folder.is_dir():
         raise CheckpointError(f"{folder} does not exist")
     indexes = sorted(folder.glob("*.safetensors.index.json"))
@@ -313,14 +421,35 @@ def _weight_files(folder: Path) -> list[Path]:
         files = sorted({folder / name for name in weight_map.values()})
         absent = [f.name for f in files if not f.is_file()]
         if absent:
-            raise CheckpointError(
-                f"{folder}: shard(s) {', '.join(absent)} listed in {indexes[0].name} are missing"
-            )
+            raise _incomplete(folder, f"shard(s) {', '.join(absent)} listed in {indexes[0].name} are missing")
         return files
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
+    entries = sorted(folder.glob("*.safetensors"))
+    dangling = [f.name for f in entries if f.is_symlink() and not f.exists()]
+    if dangling:
+        raise _incomplete(folder, f"{', '.join(dangling)} link(s) to a file that is missing")
+    groups: dict[tuple[str, int], set[int]] = {}
+    for f in entries:
+        m = _SHARD.match(f.name)
+        if m:
+            groups.setdefault((m["stem"], int(m["total"])), set()).add(int(m["index"]))
+    for (stem, total), present in groups.items():
+        absent_shards = [i for i in range(1, total + 1) if i not in present]
+        if absent_shards:
+            names = ", ".join(f"{stem}-{i:05d}-of-{total:05d}.safetensors" for i in absent_shards)
+            raise _incomplete(folder, f"{names} missing (and the shard index too)")
+    if not entries:
         raise CheckpointError(f"{folder} has no .safetensors weights")
-    return files
+    return entries
+
+
+def _incomplete(folder: Path, what: str) -> CheckpointError:
+    match = _CACHED_REPO.search(str(folder))
+    if match:
+        repo_id = f"{match['owner']}/{match['name']}"
+        fix = f"run `{download_command(repo_id)}` again to finish it"
+    else:
+        fix = "download or copy the model folder again"
+    return CheckpointError(f"incomplete download: {folder}: {what}; {fix}")
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:

@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import argparse
 import logging
-import secrets
+import os
 import sys
 import time
 from pathlib import Path
 
 from klein_agent import __version__
+from klein_agent.limits import MAX_PIXELS_PER_CALL
 from klein_agent.model_options import add_model_arguments, generator_factory
 
 log = logging.getLogger("klein_agent")
+
+# Input files on the command line: the server's defaults (klein_agent.image_inputs.InputPolicy).
+INPUT_MAX_BYTES = 32 * 1024**2
+INPUT_MAX_PIXELS = 64 * 1024**2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         return result
     except KeyboardInterrupt:
         return 130
-    except (ValueError, OSError) as err:  # bad input or a missing file: a message, not a traceback
+    except (ValueError, OSError, RuntimeError) as err:  # bad input, a missing file, NaN output: a message
         print(f"klein-agent: error: {err}", file=sys.stderr)
         return 2
 
@@ -58,18 +63,28 @@ def build_parser() -> argparse.ArgumentParser:
         help='a reference picture; one is an edit, several a composition ("image 1", "image 2", ...)',
     )
     gen.add_argument(
-        "--width", type=int, default=None, help="multiple of 16 (default: the first image's, else 1024)"
+        "--width",
+        type=int,
+        default=None,
+        help="multiple of 16 (default: the first image's size as the model prepares it, at most ~1 Mpx, else "
+        "1024; with only --width or --height the other keeps that default's aspect ratio)",
     )
+    gen.add_argument("--height", type=int, default=None, help="multiple of 16 (see --width)")
     gen.add_argument(
-        "--height", type=int, default=None, help="multiple of 16 (default: the first image's, else 1024)"
+        "--seed", type=int, default=None, help="0 to 4294967295 (default: a random one, reported on stderr)"
     )
-    gen.add_argument("--seed", type=int, default=None, help="default: a random one, reported on stderr")
     gen.add_argument("--steps", type=int, default=None, help="default: the model's (4 distilled, 50 Base)")
     gen.add_argument("--guidance", type=float, default=None, help="CFG scale for Base models (default 4.0)")
     gen.add_argument(
         "--num-images", type=int, default=1, help="seeds seed, seed+1, ...; files FILE-1.png, ..."
     )
     gen.add_argument("--out", required=True, type=Path, help="the PNG to write")
+    gen.add_argument(
+        "--max-megapixels",
+        type=float,
+        default=MAX_PIXELS_PER_CALL / 1e6,
+        help="refuse calls over width x height x num-images megapixels (default %(default).1f, as the server)",
+    )
     gen.set_defaults(run=run_generate)
 
     serve = commands.add_parser("serve", help="run the MCP server (stdio by default)")
@@ -82,59 +97,82 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from PIL import Image
-
+    """`klein-agent generate`: check everything, load the model, make the pictures, write PNGs with provenance."""
+    from klein_agent import limits, resolution
+    from klein_agent.image_inputs import read_image_file
     from klein_agent.previews import encode_png
+    from klein_agent.recipes import provenance, tool_for
     from klein_agent.request import GenerationRequest
 
-    references = []
-    for path in args.image:
-        with Image.open(path) as opened:
-            references.append(opened.convert("RGB"))
-    if args.out.suffix.lower() != ".png":
-        raise ValueError(f"--out must name a .png file, got {args.out}")
+    # Everything the server checks, checked here before the model loads, with the server's messages.
+    prompt = resolution.clean_prompt(args.prompt)
+    outputs = output_paths(args.out, args.num_images)
+    if len(args.image) > limits.MAX_REFERENCES:
+        raise resolution.RequestError(
+            f"{len(args.image)} reference images given; at most {limits.MAX_REFERENCES} are supported"
+        )
+    references = [
+        read_image_file(path, max_bytes=INPUT_MAX_BYTES, max_pixels=INPUT_MAX_PIXELS).image
+        for path in args.image
+    ]
+    resolution.check_user_size(args.width, args.height)
+    seeds = resolution.batch_seeds(args.seed, args.num_images)
+    if args.num_images > limits.MAX_IMAGES_PER_CALL:
+        raise resolution.RequestError(
+            f"num_images must be from 1 to {limits.MAX_IMAGES_PER_CALL}, got {args.num_images}"
+        )
+    resolution.resolve_sampling(
+        args.steps, args.guidance, distilled=False, default_steps=1, default_guidance=1.0
+    )
+    first = resolution.prepared_reference_size(*references[0].size) if references else None
+    width, height = resolution.output_size(args.width, args.height, first)
+    resolution.check_pixels(width, height, args.num_images, int(args.max_megapixels * 1_000_000))
+
     bar = ProgressBar("loading model")
     pipeline = generator_factory(args)()
     bar.note(f"model ready on {pipeline.info.device} ({pipeline.info.dtype})")
-    width, height = args.width, args.height
-    if width is None or height is None:
-        default_w, default_h = pipeline.default_size(references)  # type: ignore[attr-defined]
-        width, height = width or default_w, height or default_h
-    seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
     request = GenerationRequest(
-        prompt=args.prompt,
-        width=width,
-        height=height,
-        seed=seed,
+        prompt=prompt,
+        width=args.width,
+        height=args.height,
+        seed=seeds[0],
         num_images=args.num_images,
         steps=args.steps,
         guidance=args.guidance,
         references=tuple(references),
     )
+    if args.guidance is not None and pipeline.info.distilled:
+        log.warning(
+            "--guidance is ignored: %s is a distilled model and takes no guidance", pipeline.info.model
+        )
     result = pipeline.generate(request, progress=bar.update)
     bar.close()
-    outputs = (
-        [args.out]
-        if len(result.images) == 1
-        else [
-            args.out.with_name(f"{args.out.stem}-{k + 1}{args.out.suffix}") for k in range(len(result.images))
-        ]
-    )
+    tool = tool_for(len(references))
     for k, (image, path) in enumerate(zip(result.images, outputs, strict=True)):
-        recipe = {
-            "prompt": args.prompt,
-            "seed": seed + k,
-            "width": width,
-            "height": height,
-            "steps": request.steps or pipeline.info.default_steps,
-            "model": pipeline.info.model,
-        }
-        path.parent.mkdir(parents=True, exist_ok=True)
+        recipe = provenance(result, k, tool=tool, parents=args.image)
         path.write_bytes(encode_png(image, provenance=recipe))
-        print(f"wrote {path} (seed {seed + k}, {width}x{height})", file=sys.stderr)
+        print(f"wrote {path} (seed {recipe['seed']}, {image.width}x{image.height})", file=sys.stderr)
     timings = ", ".join(f"{k} {v:.0f} ms" for k, v in result.timings_ms.items())
     print(f"timings: {timings}", file=sys.stderr)
     return 0
+
+
+def output_paths(out: Path, count: int) -> list[Path]:
+    """FILE.png for one picture, FILE-1.png ... for several; raises ValueError unless each can be written."""
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"--out must name a .png file, got {out}")
+    paths = [out] if count == 1 else [out.with_name(f"{out.stem}-{k + 1}{out.suffix}") for k in range(count)]
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise ValueError(f"--out {out}: the folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: the folder {folder} is not writable")
+    for path in paths:
+        if path.is_dir():
+            raise ValueError(f"--out {path} is a folder; name a .png file")
+        if path.exists() and not os.access(path, os.W_OK):
+            raise ValueError(f"--out {path} exists and is not writable")
+    return paths
 
 
 class ProgressBar:

@@ -23,6 +23,9 @@ class TransformerConfig:
     axes_dim: tuple[int, ...] = (32, 32, 32, 32)  # RoPE dims per (t, h, w, l) axis; sums to the head dim
     theta: int = 2000
     eps: float = 1e-6
+    timestep_channels: int = (
+        256  # sinusoidal timestep features fed to time_in (diffusers timestep_guidance_channels)
+    )
 
     @property
     def head_dim(self) -> int:
@@ -41,16 +44,29 @@ class TransformerConfig:
 
 @dataclass(frozen=True)
 class AutoencoderConfig:
-    """The FLUX.2 autoencoder (BFL `AutoEncoderParams`): 8x spatial compression, 2x2 patchified latents."""
+    """The FLUX.2 autoencoder (BFL `AutoEncoderParams`, diffusers `AutoencoderKLFlux2`): one level per entry of
+    `block_out_channels`, each but the last halving the resolution; 2x2-patchified, batch-normalised latents.
+
+    The optional parts mirror the diffusers config switches, so any checkpoint diffusers writes loads as it is:
+    `use_quant_conv` / `use_post_quant_conv` (1x1 convolutions around the latent), `mid_attention`
+    (diffusers `mid_block_add_attention`) and a separate, smaller decoder (`decoder_block_out_channels`).
+    """
 
     in_channels: int = 3
     out_channels: int = 3
-    ch: int = 128
-    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    decoder_block_out_channels: tuple[int, ...] | None = None  # None: the encoder's
     num_res_blocks: int = 2
     z_channels: int = 32
     norm_groups: int = 32
     bn_eps: float = 1e-4
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    mid_attention: bool = True
+
+    @property
+    def decoder_channels(self) -> tuple[int, ...]:
+        return self.decoder_block_out_channels or self.block_out_channels
 
     @property
     def latent_channels(self) -> int:
@@ -58,7 +74,20 @@ class AutoencoderConfig:
 
     @property
     def downsample_factor(self) -> int:
-        return 2 ** (len(self.ch_mult) - 1)
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    @property
+    def pixels_per_token(self) -> int:
+        """Side in pixels of one latent token: the autoencoder's factor times the 2x2 patch (16 for klein).
+
+        Output sizes and prepared references are multiples of it (diffusers: `vae_scale_factor * 2`)."""
+        return 2 * self.downsample_factor
+
+    def __post_init__(self) -> None:
+        if not self.block_out_channels:
+            raise ValueError("block_out_channels must name at least one level")
+        if len(self.decoder_channels) != len(self.block_out_channels):
+            raise ValueError("the decoder must have as many levels as the encoder")
 
 
 @dataclass(frozen=True)
@@ -77,16 +106,26 @@ class TextEncoderConfig:
     rms_norm_eps: float = 1e-6
 
 
-def text_output_layers(num_hidden_layers: int) -> tuple[int, int, int]:
-    """Which decoder layers' outputs condition the transformer: the quarter points of the encoder's depth.
+# The Qwen3 decoder layers whose outputs condition the transformer, whatever the encoder's depth: BFL
+# `text_encoder.py` OUTPUT_LAYERS_QWEN3 and diffusers `Flux2KleinPipeline(text_encoder_out_layers=(9, 18, 27))`.
+TEXT_OUTPUT_LAYERS: tuple[int, ...] = (9, 18, 27)
 
-    For the 36-layer Qwen3-4B and Qwen3-8B this is (9, 18, 27), the layers BFL and diffusers take; deriving it from
-    the depth lets tiny test encoders use the same rule.
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """The fields of diffusers' `FlowMatchEulerDiscreteScheduler` config that change a klein schedule.
+
+    Defaults are the klein repos' `scheduler/scheduler_config.json`. klein always passes `mu`, so
+    base_shift/max_shift/base_image_seq_len/max_image_seq_len never matter; `shift` matters only without dynamic
+    shifting. Switches that change the sampler itself (karras/exponential/beta sigmas, inverted sigmas, stochastic
+    sampling) are refused when a checkpoint is loaded.
     """
-    n = num_hidden_layers
-    if n < 4:
-        raise ValueError(f"the text encoder needs at least 4 layers, got {n}")
-    return (n // 4, n // 2, 3 * n // 4)
+
+    num_train_timesteps: int = 1000
+    use_dynamic_shifting: bool = True
+    time_shift_type: str = "exponential"  # or "linear"
+    shift: float = 3.0
+    shift_terminal: float | None = None
 
 
 @dataclass(frozen=True)
@@ -121,7 +160,7 @@ _TINY_TEXT = TextEncoderConfig(
     vocab_size=272,
     hidden_size=32,
     intermediate_size=64,
-    num_hidden_layers=4,
+    num_hidden_layers=28,  # the fewest layers that still have a raw (pre-norm) output at layer 27
     num_attention_heads=4,
     num_key_value_heads=2,
     head_dim=8,
@@ -138,8 +177,36 @@ _TINY = ModelPreset(
         depth_single_blocks=2,
         axes_dim=(8, 8, 8, 8),
     ),
-    autoencoder=AutoencoderConfig(ch=16, ch_mult=(1, 2, 2, 2), num_res_blocks=1, z_channels=4, norm_groups=8),
+    autoencoder=AutoencoderConfig(
+        block_out_channels=(16, 32, 32, 32), num_res_blocks=1, z_channels=4, norm_groups=8
+    ),
     text_encoder=_TINY_TEXT,
+)
+
+# A benchmark shape between tiny and 4B: real channel counts in the autoencoder's outer levels, a transformer a
+# few hundred times smaller than the 4B, a text encoder deep enough for layers 9/18/27. Runs in seconds on a CPU.
+_MID_TEXT = TextEncoderConfig(
+    vocab_size=4096,
+    hidden_size=512,
+    intermediate_size=1536,
+    num_hidden_layers=28,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=64,
+)
+_MID = ModelPreset(
+    name="mid",
+    transformer=TransformerConfig(
+        in_channels=128,
+        context_in_dim=3 * _MID_TEXT.hidden_size,
+        hidden_size=768,
+        num_heads=12,
+        depth=2,
+        depth_single_blocks=6,
+        axes_dim=(16, 16, 16, 16),
+    ),
+    autoencoder=AutoencoderConfig(block_out_channels=(64, 128, 256, 256), num_res_blocks=1),
+    text_encoder=_MID_TEXT,
 )
 
 PRESETS: dict[str, ModelPreset] = {
@@ -149,6 +216,7 @@ PRESETS: dict[str, ModelPreset] = {
     "klein-base-9b": ModelPreset(
         "klein-base-9b", _KLEIN_9B, AutoencoderConfig(), _QWEN3_8B, _BASE, licence=_NON_COMMERCIAL
     ),
+    "mid": _MID,
     "tiny": _TINY,
 }
 

@@ -29,7 +29,14 @@ import anyio.from_thread
 import anyio.lowlevel
 import anyio.to_thread
 
-from klein_agent.request import GenerationRequest, GenerationResult, GeneratorInfo, ImageGenerator
+from klein_agent.request import (
+    GenerationRequest,
+    GenerationResult,
+    GeneratorInfo,
+    ImageGenerator,
+    NonFiniteOutputError,
+)
+from klein_agent.resolution import RequestError
 
 log = logging.getLogger(__name__)
 
@@ -431,6 +438,9 @@ class Engine:
             )
         if isinstance(exc, EngineError):
             return exc
+        if isinstance(exc, NonFiniteOutputError | RequestError):  # expected outcomes with their own advice
+            log.warning("generation refused: %s", exc)
+            return GenerationFailedError(str(exc))
         log.exception("generation failed")
         return GenerationFailedError(f"the model failed on this call: {type(exc).__name__}: {exc}")
 

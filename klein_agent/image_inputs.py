@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 log = logging.getLogger(__name__)
@@ -249,10 +250,23 @@ def _path_from_file_uri(uri: str) -> str:
     return path
 
 
+_QUOTE_PAIRS = {'"': '"', "'": "'", "\u201c": "\u201d", "\u2018": "\u2019", "`": "`"}
+
+
+def check_not_quoted(path: str, what: str = "path") -> None:
+    """Refuse a path whose quotes became part of it (`'"/tmp/a.png"'`): no real file name starts and ends so."""
+    if len(path) >= 2 and _QUOTE_PAIRS.get(path[0]) == path[-1]:
+        raise ImageInputError(
+            f"{what} {_show(path)} is wrapped in quotes, which became part of the name: pass it without the "
+            f"quotes ({_show(path[1:-1])})"
+        )
+
+
 def _check_path_syntax(path: str, what: str) -> str:
     """Reject what must never reach the filesystem; return the path with a leading ~ expanded."""
     if not path:
         raise ImageInputError(f"empty {what}: give an absolute path")
+    check_not_quoted(path, what)
     if "\x00" in path:
         raise ImageInputError(f"{what} contains a NUL character: give a plain absolute path")
     if len(path) > MAX_ARG_CHARS:
@@ -306,19 +320,42 @@ def _load_path(path: str, policy: InputPolicy) -> LoadedImage:
     # caller probe which files exist on the machine.
     if not _inside(resolved, policy):
         raise _outside_error(path, policy)
-    data = _read_file(resolved, path, policy)
-    image, fmt = _decode(data, max_pixels=policy.max_pixels)
+    data = _read_file(resolved, path, policy.max_bytes)
+    return _path_image(data, resolved, policy.max_pixels)
+
+
+def read_image_file(path: str, *, max_bytes: int, max_pixels: int) -> LoadedImage:
+    """A picture the user names on the command line: any file they can read (no folder policy), decoded by the
+    same untrusted-input decoder the server uses, so a file gives the same pixels from the CLI and the server.
+
+    Relative paths and `~` are allowed. Raises ImageInputError with what to do, as the server's messages do.
+    """
+    check_not_quoted(path)
+    if "\x00" in path:
+        raise ImageInputError("path contains a NUL character")
+    try:
+        resolved = Path(os.path.realpath(os.path.expanduser(path)))
+    except (OSError, ValueError) as e:
+        raise ImageInputError(
+            f"cannot resolve {_show(path)} ({e.__class__.__name__}): check the path"
+        ) from None
+    return _path_image(_read_file(resolved, path, max_bytes, hint=False), resolved, max_pixels)
+
+
+def _path_image(data: bytes, resolved: Path, max_pixels: int) -> LoadedImage:
+    image, fmt = _decode(data, max_pixels=max_pixels)
     name = _ellipsize(resolved.name, 60)
     return LoadedImage(
         image=image, source="path", image_id=None, description=f"{name} ({fmt}, {image.width}x{image.height})"
     )
 
 
-def _read_file(resolved: Path, shown: str, policy: InputPolicy) -> bytes:
+def _read_file(resolved: Path, shown: str, max_bytes: int, *, hint: bool = True) -> bytes:
     try:
         st = os.stat(resolved)
     except FileNotFoundError:
-        raise ImageInputError(f"{_show(shown)} does not exist on this machine. {_ATTACHMENT_HINT}") from None
+        extra = f" {_ATTACHMENT_HINT}" if hint else ""
+        raise ImageInputError(f"{_show(shown)} does not exist on this machine.{extra}") from None
     except OSError as e:
         raise ImageInputError(f"cannot access {_show(shown)}: {e.strerror or e}; check the path") from None
     if stat.S_ISDIR(st.st_mode):
@@ -327,8 +364,8 @@ def _read_file(resolved: Path, shown: str, policy: InputPolicy) -> bytes:
         raise ImageInputError(
             f"{_show(shown)} is not a regular file: give the path of a PNG, JPEG or WebP file"
         )
-    if st.st_size > policy.max_bytes:
-        raise _too_big_error(shown, st.st_size, policy.max_bytes)
+    if st.st_size > max_bytes:
+        raise _too_big_error(shown, st.st_size, max_bytes)
     # O_NOFOLLOW: `resolved` has no symlinks, so one appearing here was swapped in after the check (TOCTOU).
     # O_NONBLOCK: harmless on regular files, and keeps a swapped-in FIFO from blocking the open.
     flags = (
@@ -342,9 +379,9 @@ def _read_file(resolved: Path, shown: str, policy: InputPolicy) -> bytes:
         fst = os.fstat(f.fileno())
         if not stat.S_ISREG(fst.st_mode):
             raise ImageInputError(f"{_show(shown)} is not a regular file: give the path of an image file")
-        data = f.read(policy.max_bytes + 1)  # +1: a file that grew since stat() is caught, not truncated
-    if len(data) > policy.max_bytes:
-        raise _too_big_error(shown, len(data), policy.max_bytes)
+        data = f.read(max_bytes + 1)  # +1: a file that grew since stat() is caught, not truncated
+    if len(data) > max_bytes:
+        raise _too_big_error(shown, len(data), max_bytes)
     return data
 
 
@@ -762,13 +799,21 @@ def _apply_orientation(img: Image.Image) -> Image.Image:
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any decoded mode -> RGB: transparency (alpha, palette or tRNS colour key) composited on white, 16-bit
+    grey scaled to 8 bits (v / 257, rounded) rather than clipped, palette/grey/CMYK converted."""
     mode = img.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        # 16-bit grey: a plain convert("RGB") clips at 255 (almost everything turns white); scale to 8 bits.
-        return img.convert("I").point(lambda v: v * (1 / 256)).convert("L").convert("RGB")
+        values = np.asarray(img.convert("I"), dtype=np.int64)
+        grey = Image.fromarray(np.clip(np.rint(values / 257), 0, 255).astype(np.uint8), "L")
+        key = img.info.get("transparency")
+        if isinstance(key, int):
+            opaque = Image.fromarray(np.where(values == key, 0, 255).astype(np.uint8), "L")
+            return Image.composite(grey, Image.new("L", grey.size, 255), opaque).convert("RGB")
+        return grey.convert("RGB")
     if mode == "F":
         return img.point(lambda v: v * 255).convert("L").convert("RGB")
-    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info)
+    # alpha channels, palette transparency and tRNS colour keys (greyscale or truecolour) alike become white
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
     if has_alpha:
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -1,56 +1,53 @@
-"""Pictures to tensors and back, and the reference-image preparation the reference pipeline applies."""
+"""Pictures to tensors and back, and the reference-image preparation, exactly as diffusers' klein pipeline does them.
+
+Mirrors `Flux2KleinPipeline.__call__` step 4 (with `Flux2ImageProcessor`) for references and
+`VaeImageProcessor.postprocess` for outputs.
+"""
 
 from __future__ import annotations
-
-import math
 
 import torch
 from PIL import Image
 from torch import Tensor
 
-from klein_agent.request import MULTIPLE
-
-REFERENCE_MAX_AREA = 1024 * 1024  # every reference is scaled down to at most ~1 Mpx, as diffusers' klein does
-REFERENCE_MIN_SIDE = 64
-REFERENCE_MAX_ASPECT = 8.0
+from klein_agent.limits import REFERENCE_MAX_AREA, SIZE_MULTIPLE
+from klein_agent.resolution import check_reference_geometry, prepared_reference_size
 
 
-def prepare_reference(image: Image.Image, max_area: int = REFERENCE_MAX_AREA) -> Image.Image:
-    """Scale down (Lanczos) to at most `max_area` pixels, then center-crop to multiples of 16."""
-    image = image.convert("RGB")
+def prepare_reference(image: Image.Image, multiple: int = SIZE_MULTIPLE) -> Image.Image:
+    """An RGB reference as the model sees it: scaled down (Lanczos) to at most ~1 Mpx, then center-cropped to
+    multiples of `multiple` px. Raises `resolution.RequestError` for a side under 64 px or an aspect over 8:1."""
     w, h = image.size
-    if min(w, h) < REFERENCE_MIN_SIDE:
-        raise ValueError(f"reference image is {w}x{h}; both sides must be at least {REFERENCE_MIN_SIDE} px")
-    if max(w / h, h / w) > REFERENCE_MAX_ASPECT:
-        raise ValueError(
-            f"reference image is {w}x{h}; the aspect ratio must be at most {REFERENCE_MAX_ASPECT:g}:1"
-        )
-    if w * h > max_area:
-        scale = math.sqrt(max_area / (w * h))
-        image = image.resize((int(w * scale), int(h * scale)), Image.Resampling.LANCZOS)
+    check_reference_geometry(w, h)
+    if w * h > REFERENCE_MAX_AREA:
+        image = image.resize(prepared_reference_size(w, h, 1), Image.Resampling.LANCZOS)
         w, h = image.size
-    cw, ch = (w // MULTIPLE) * MULTIPLE, (h // MULTIPLE) * MULTIPLE
+    cw, ch = prepared_reference_size(w, h, multiple)
     left, top = (w - cw) // 2, (h - ch) // 2
-    return image.crop((left, top, left + cw, top + ch))
+    return image.crop((left, top, left + cw, top + ch)).convert("RGB")
 
 
 def to_tensor(image: Image.Image) -> Tensor:
-    """RGB picture -> [1, 3, H, W] float32 in [-1, 1]."""
+    """RGB picture -> [1, 3, H, W] float32 in [-1, 1] (x / 255 * 2 - 1, as the reference computes it).
+
+    The layout is channels-last (a permuted [1, H, W, 3] buffer), as diffusers' `VaeImageProcessor` hands it to
+    the encoder: convolution libraries pick their kernels by memory format, so the same layout gives the same
+    sums (and oneDNN's channels-last kernels are the faster ones on CPU)."""
     rgb = image.convert("RGB")
     data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
-    pixels = data.view(rgb.height, rgb.width, 3).permute(2, 0, 1)[None].float() / 255.0
-    return pixels * 2.0 - 1.0
+    pixels = data.view(1, rgb.height, rgb.width, 3).float() / 255.0
+    return (pixels * 2.0 - 1.0).permute(0, 3, 1, 2)
 
 
-def to_images(x: Tensor) -> list[Image.Image]:
-    """[B, 3, H, W] in [-1, 1] -> RGB pictures, rounding to the nearest 8-bit value."""
-    pixels = ((x.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+def to_unit(x: Tensor) -> Tensor:
+    """Decoder output [B, 3, H, W] in [-1, 1] -> [0, 1], computed in the decoder's dtype as the reference does
+    (so a bfloat16 decode is quantised the same way), returned as float32."""
+    return (x * 0.5 + 0.5).clamp(0, 1).float()
+
+
+def to_images(unit: Tensor) -> list[Image.Image]:
+    """[B, 3, H, W] float32 in [0, 1] -> RGB pictures, rounding half to even to 8 bits."""
+    pixels = (unit * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
     return [
         Image.frombytes("RGB", (p.shape[1], p.shape[0]), p.contiguous().numpy().tobytes()) for p in pixels
     ]
-
-
-def check_output_size(width: int, height: int) -> None:
-    for name, value in (("width", width), ("height", height)):
-        if value < MULTIPLE or value % MULTIPLE:
-            raise ValueError(f"{name} must be a positive multiple of {MULTIPLE}, got {value}")

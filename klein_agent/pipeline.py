@@ -21,21 +21,24 @@ from torch import Tensor
 
 from klein_agent import sampling
 from klein_agent.autoencoder import AutoEncoder
-from klein_agent.configs import SamplingDefaults
+from klein_agent.configs import SamplingDefaults, SchedulerConfig
 from klein_agent.devices import resolve_device, resolve_dtype
-from klein_agent.imaging import check_output_size, prepare_reference, to_images, to_tensor
+from klein_agent.imaging import prepare_reference, to_images, to_tensor, to_unit
+from klein_agent.limits import MAX_REFERENCES
 from klein_agent.request import (
     GenerationRequest,
     GenerationResult,
     GeneratorInfo,
+    NonFiniteOutputError,
     ProgressCallback,
+    resolve,
 )
+from klein_agent.resolution import ResolvedRequest
 from klein_agent.text_encoder import TextEmbedder
 from klein_agent.transformer import Flux2Transformer
 
 log = logging.getLogger(__name__)
 
-MAX_REFERENCES = 4
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
@@ -83,6 +86,7 @@ class KleinPipeline:
         sampling_defaults: SamplingDefaults,
         model_name: str,
         variant: str,
+        scheduler: SchedulerConfig | None = None,
         max_references: int = MAX_REFERENCES,
         prompt_cache_size: int = 32,
         reference_cache_size: int = 16,
@@ -92,6 +96,10 @@ class KleinPipeline:
         self.autoencoder = autoencoder
         self.text_embedder = text_embedder
         self.defaults = sampling_defaults
+        self.scheduler = scheduler or SchedulerConfig()
+        self.latent_factor = (
+            autoencoder.config.pixels_per_token
+        )  # pixels per latent token side (16 for klein)
         param = next(transformer.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.info = GeneratorInfo(
@@ -103,10 +111,10 @@ class KleinPipeline:
             default_steps=sampling_defaults.steps,
             default_guidance=sampling_defaults.guidance,
             max_references=max_references,
+            size_multiple=self.latent_factor,
         )
         self._prompts: LRUCache[str, Tensor] = LRUCache(prompt_cache_size)
         self._references: LRUCache[str, EncodedReference] = LRUCache(reference_cache_size)
-        self.latent_factor = 2 * autoencoder.config.downsample_factor  # pixels per latent token side (16)
         # For smaller cards: the text encoder (8 GB for the 4B) waits in host memory and visits the accelerator
         # only for prompts not in the cache.
         self.offload_text_encoder = offload_text_encoder and self.device.type != "cpu"
@@ -116,25 +124,31 @@ class KleinPipeline:
 
     # ------------------------------------------------------------------------------------------------ public
 
+    def resolve(self, request: GenerationRequest) -> ResolvedRequest:
+        """What `generate` will run for `request`; raises RequestError (a ValueError) naming a bad argument."""
+        return resolve(request, self.info)
+
     def generate(
         self, request: GenerationRequest, progress: ProgressCallback | None = None
     ) -> GenerationResult:
-        self.validate(request)
-        steps = request.steps or self.defaults.steps
-        use_cfg = not self.defaults.distilled
-        guidance = (
-            (request.guidance if request.guidance is not None else self.defaults.guidance)
-            if use_cfg
-            else None
-        )
-        total_units = steps + 2
-        timings: dict[str, float] = {}
+        """Make `request.num_images` pictures, as diffusers' `Flux2KleinPipeline.__call__` would.
+
+        Each picture is denoised and decoded on its own (batch 1), so picture k is, byte for byte, the single
+        run with seed + k; the prompt and the references are encoded once for all of them. Progress units: 1 for
+        conditioning, then per picture one per step and one for its decode. Raises RequestError for a bad request
+        (before any model work), NonFiniteOutputError when the model yields NaN or infinity, and whatever
+        `progress` raises (that is how a caller stops a run between units).
+        """
         started = time.perf_counter()
+        resolved = self.resolve(request)
+        count, steps = len(resolved.seeds), resolved.steps
+        total_units = 1 + count * (steps + 1)
+        timings = {"text": 0.0, "references": 0.0, "denoise": 0.0, "decode": 0.0}
 
         with torch.inference_mode():
             mark = time.perf_counter()
-            context, prompt_hit = self.encode_prompt(request.prompt)
-            uncond = self.encode_prompt("")[0] if use_cfg else None
+            context, prompt_hit = self.encode_prompt(resolved.prompt)
+            uncond = self.encode_prompt("")[0] if resolved.cfg else None
             timings["text"] = _ms_since(mark, self.device)
             mark = time.perf_counter()
             encoded, reference_hits = self.encode_references(request.references)
@@ -142,69 +156,62 @@ class KleinPipeline:
             if progress:
                 progress(1, total_units, "prompt and references encoded")
 
-            h, w = request.height // self.latent_factor, request.width // self.latent_factor
+            h, w = resolved.height // self.latent_factor, resolved.width // self.latent_factor
             channels = self.transformer.config.in_channels
-            seeds = [request.seed + k for k in range(request.num_images)]
-            noise = torch.cat([initial_noise(s, channels, h, w) for s in seeds]).to(self.device)
             ref_tokens = ref_ids = None
             if encoded:
                 ref_tokens = torch.cat([r.tokens for r in encoded])[None]  # [1, R, C]
                 ref_ids = sampling.reference_ids([r.grid for r in encoded]).to(self.device)
-            batch = len(seeds)
             ctx_ids = sampling.text_ids(context.shape[1]).to(self.device)
+            noise_ids = sampling.image_ids(h, w).to(self.device)
+            levels = sampling.sigmas(steps, h * w, self.scheduler)
+            images: list[Image.Image] = []
+            for k, seed in enumerate(resolved.seeds):
+                done_before = 1 + k * (steps + 1)
+                label = f"image {k + 1}/{count}: " if count > 1 else ""
 
-            def on_step(done: int, total: int) -> None:
+                def on_step(done: int, total: int, base: int = done_before, label: str = label) -> None:
+                    if progress:
+                        progress(base + done, total_units, f"{label}step {done}/{total}")
+
+                mark = time.perf_counter()
+                noise = initial_noise(seed, channels, h, w).to(self.device, self.dtype)
+                latents = sampling.denoise(
+                    self.transformer,
+                    sampling.pack(noise),
+                    noise_ids,
+                    context,
+                    ctx_ids,
+                    levels,
+                    references=ref_tokens,
+                    references_ids=ref_ids,
+                    guidance=resolved.guidance if resolved.cfg else None,
+                    uncond_context=uncond,
+                    num_train_timesteps=self.scheduler.num_train_timesteps,
+                    on_step=on_step,
+                )
+                self._check_finite(latents, "latents")
+                timings["denoise"] += _ms_since(mark, self.device)
+                mark = time.perf_counter()
+                unit = self.decode(sampling.unpack(latents, h, w))
+                self._check_finite(unit, "decoded pixels")
+                images.extend(to_images(unit))
+                timings["decode"] += _ms_since(mark, self.device)
                 if progress:
-                    progress(1 + done, total_units, f"step {done}/{total}")
-
-            mark = time.perf_counter()
-            latents = sampling.denoise(
-                self.transformer,
-                sampling.pack(noise),
-                sampling.image_ids(h, w).to(self.device),
-                context.expand(batch, -1, -1),
-                ctx_ids,
-                sampling.schedule(steps, h * w),
-                references=ref_tokens,
-                references_ids=ref_ids,
-                guidance=guidance,
-                uncond_context=None if uncond is None else uncond.expand(batch, -1, -1),
-                on_step=on_step,
-            )
-            timings["denoise"] = _ms_since(mark, self.device)
-            mark = time.perf_counter()
-            images = self.decode(sampling.unpack(latents, h, w))
-            timings["decode"] = _ms_since(mark, self.device)
+                    progress(done_before + steps + 1, total_units, f"{label}decoded")
         timings["total"] = (time.perf_counter() - started) * 1000
-        if progress:
-            progress(total_units, total_units, "decoded")
         return GenerationResult(
             images=images,
             timings_ms=timings,
             cache_hits={"prompt": int(prompt_hit), "references": reference_hits},
+            resolved=resolved,
+            info=self.info,
         )
 
     def clear_caches(self) -> None:
         """Forget cached prompt embeddings and reference latents (benchmarks time the uncached path)."""
         self._prompts = LRUCache(self._prompts.capacity)
         self._references = LRUCache(self._references.capacity)
-
-    def validate(self, request: GenerationRequest) -> None:
-        check_output_size(request.width, request.height)
-        if request.num_images < 1:
-            raise ValueError("num_images must be at least 1")
-        if request.steps is not None and request.steps < 1:
-            raise ValueError("steps must be at least 1")
-        if len(request.references) > self.info.max_references:
-            raise ValueError(
-                f"{len(request.references)} reference images given; this model takes at most {self.info.max_references}"
-            )
-
-    def default_size(self, references: Sequence[Image.Image]) -> tuple[int, int]:
-        """Width and height when the caller gives none: the first reference as prepared, else 1024 x 1024."""
-        if references:
-            return prepare_reference(references[0]).size
-        return 1024, 1024
 
     def encode_prompt(self, prompt: str) -> tuple[Tensor, bool]:
         """[1, 512, C_ctx] in the model dtype, and whether it came from the cache."""
@@ -224,9 +231,11 @@ class KleinPipeline:
         return embedding, False
 
     def encode_references(self, images: Sequence[Image.Image]) -> tuple[list[EncodedReference], int]:
+        """Each picture prepared as the reference does and encoded to latent tokens (cached by content), and
+        how many came from the cache."""
         encoded, hits = [], 0
         for image in images:
-            prepared = prepare_reference(image)
+            prepared = prepare_reference(image, self.latent_factor)
             key = _image_key(prepared)
             cached = self._references.get(key)
             if cached is None:
@@ -239,8 +248,24 @@ class KleinPipeline:
             encoded.append(cached)
         return encoded, hits
 
-    def decode(self, latents: Tensor) -> list[Image.Image]:
-        return to_images(self.autoencoder.decode(latents.to(self.dtype)))
+    def decode(self, latents: Tensor) -> Tensor:
+        """[B, C, h, w] model latents -> [B, 3, H, W] float32 pixels in [0, 1] (before 8-bit rounding)."""
+        return to_unit(self.autoencoder.decode(latents.to(self.dtype)))
+
+    def _check_finite(self, x: Tensor, what: str) -> None:
+        if bool(torch.isfinite(x).all()):
+            return
+        if self.dtype == torch.float16:
+            cause = "FLUX overflows in float16: run with --dtype bfloat16 (or float32 on a CPU)"
+        else:
+            cause = (
+                "the weights are probably damaged (a corrupt or truncated checkpoint): download it again, "
+                "or try --dtype float32"
+            )
+        raise NonFiniteOutputError(
+            f"the model produced non-finite values (NaN or infinity) in the {what}, so no picture was made and "
+            f"nothing was stored; {cause}"
+        )
 
 
 def _pin(module: torch.nn.Module) -> None:
@@ -328,5 +353,6 @@ def _build_pipeline(
         sampling_defaults=components.sampling,
         model_name=model,
         variant=components.variant,
+        scheduler=components.scheduler,
         offload_text_encoder=offload_text_encoder,
     )

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from PIL import Image
+
+from klein_agent.resolution import ResolvedRequest, resolve_request
 
 # progress(done, total, message): `done` rises strictly from 1 to `total` during one `generate` call.
 # The units are: 1 for conditioning (prompt and references), one per denoising step, 1 for decoding.
@@ -18,30 +20,50 @@ from PIL import Image
 # nothing is returned. That is how the engine cancels a call between denoising steps.
 ProgressCallback = Callable[[int, int, str], None]
 
-MULTIPLE = 16  # output sizes are multiples of 16 px: the autoencoder's 8x times the 2x2 latent patch
-
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One call: text-to-image with no references, an edit with one, a composition with several."""
+    """One call: text-to-image with no references, an edit with one, a composition with several.
+
+    Unset values are resolved by `klein_agent.resolution.resolve_request` (the reference's size rule, a drawn
+    seed, the model's default steps and guidance).
+    """
 
     prompt: str
-    width: int
-    height: int
-    seed: int
-    num_images: int = 1  # images use seeds seed, seed+1, ...; image k equals a single run with seed+k
+    width: int | None = None  # px; None: the first reference's prepared size, else 1024 (see resolution)
+    height: int | None = None
+    seed: int | None = None  # None: drawn at random; image k uses seed + k
+    num_images: int = 1  # image k equals, byte for byte, a single run with seed + k
     steps: int | None = None  # None: the model's default (4 for distilled klein, 50 for Base)
-    guidance: float | None = None  # None: the model's default; distilled models ignore it
+    guidance: float | None = None  # None: the model's default; distilled models take none
     references: tuple[Image.Image, ...] = field(default=(), compare=False)  # RGB, in "image 1, image 2" order
+
+
+class NonFiniteOutputError(RuntimeError):
+    """The model produced NaN or infinite values; nothing usable was made. The message names the likely cause."""
 
 
 @dataclass(frozen=True)
 class GenerationResult:
     images: list[Image.Image]  # RGB, width x height, one per seed
-    timings_ms: dict[
-        str, float
-    ]  # e.g. {"text": .., "references": .., "denoise": .., "decode": .., "total": ..}
+    timings_ms: dict[str, float]  # {"text", "references", "denoise", "decode", "total"}
     cache_hits: dict[str, int]  # {"prompt": 0 or 1, "references": n hits}
+    resolved: ResolvedRequest  # what ran: size, seeds, steps, guidance, references as prepared
+    info: GeneratorInfo  # the model that ran it
+
+    def recipe(self, k: int) -> dict[str, Any]:
+        """What decides the pixels of image k: re-running it (num_images 1) gives the same PNG bytes."""
+        r = self.resolved
+        return {
+            "prompt": r.prompt,
+            "seed": r.seeds[k],
+            "width": r.width,
+            "height": r.height,
+            "steps": r.steps,
+            "guidance": r.guidance,
+            "model": self.info.model,
+            "variant": self.info.variant,
+        }
 
 
 @dataclass(frozen=True)
@@ -54,6 +76,7 @@ class GeneratorInfo:
     default_steps: int
     default_guidance: float
     max_references: int
+    size_multiple: int = 16  # px per latent token side; prepared references and outputs are multiples of it
 
 
 class ImageGenerator(Protocol):
@@ -64,3 +87,22 @@ class ImageGenerator(Protocol):
     ) -> GenerationResult:
         """Run one request to completion on the calling thread. Not thread-safe: one caller at a time."""
         ...
+
+
+def resolve(request: GenerationRequest, info: GeneratorInfo) -> ResolvedRequest:
+    """What a generator with `info` runs for `request` (the shared rules of `klein_agent.resolution`)."""
+    return resolve_request(
+        request.prompt,
+        request.width,
+        request.height,
+        request.seed,
+        request.num_images,
+        request.steps,
+        request.guidance,
+        [image.size for image in request.references],
+        multiple=info.size_multiple,
+        distilled=info.distilled,
+        default_steps=info.default_steps,
+        default_guidance=info.default_guidance,
+        max_references=info.max_references,
+    )

@@ -5,13 +5,13 @@ Pure tensor functions over a transformer; no images, files or devices chosen her
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from klein_agent.configs import SchedulerConfig
 from klein_agent.transformer import Flux2Transformer
 
 REFERENCE_TIME_OFFSET = 10  # reference i sits at RoPE time coordinate 10 * (i + 1)
@@ -20,7 +20,8 @@ REFERENCE_TIME_OFFSET = 10  # reference i sits at RoPE time coordinate 10 * (i +
 def empirical_mu(image_tokens: int, steps: int) -> float:
     """The schedule's shift: grows with the output token count, and for small images also with the step count.
 
-    A linear fit BFL made between 10 and 200 steps; beyond 4300 tokens the step count no longer matters.
+    A linear fit BFL made between 10 and 200 steps; beyond 4300 tokens the step count no longer matters
+    (BFL `sampling.py` compute_empirical_mu; diffusers `pipeline_flux2_klein.py` compute_empirical_mu).
     """
     a1, b1 = 8.73809524e-05, 1.89833333
     a2, b2 = 0.00016927, 0.45666666
@@ -33,13 +34,48 @@ def empirical_mu(image_tokens: int, steps: int) -> float:
     return a * steps + b
 
 
-def schedule(steps: int, image_tokens: int) -> list[float]:
-    """steps + 1 times from 1 (pure noise) to 0 (image), shifted toward the noisy end."""
+def sigmas(steps: int, image_tokens: int, scheduler: SchedulerConfig | None = None) -> Tensor:
+    """[steps + 1] float32 noise levels from 1 (pure noise) down to 0, shifted toward the noisy end.
+
+    Bit for bit what diffusers' `Flux2KleinPipeline` gets from `FlowMatchEulerDiscreteScheduler.set_timesteps(
+    sigmas=linspace(1, 1/steps, steps), mu=empirical_mu(...))` under the checkpoint's scheduler config: the linear
+    ramp in float64 rounded to float32, then the shift in float32. `image_tokens` counts output tokens only.
+    Raises ValueError for steps < 1.
+    """
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
-    mu = empirical_mu(image_tokens, steps)
-    times = [1.0 - i / steps for i in range(steps)]
-    return [math.exp(mu) / (math.exp(mu) + (1.0 / t - 1.0)) for t in times] + [0.0]
+    config = scheduler or SchedulerConfig()
+    # numpy's linspace: start + i * step, with the end point set exactly
+    step = (1.0 / steps - 1.0) / (steps - 1) if steps > 1 else 0.0
+    ramp = torch.arange(steps, dtype=torch.float64) * step + 1.0
+    ramp[-1] = 1.0 / steps
+    s = ramp.to(torch.float32)
+    if config.use_dynamic_shifting:
+        mu = empirical_mu(image_tokens, steps)
+        shift = mu if config.time_shift_type == "linear" else math.exp(mu)
+        s = _scalar_div(shift, shift + (_scalar_div(1.0, s) - 1))
+    else:
+        s = config.shift * s / (1 + (config.shift - 1) * s)
+    if config.shift_terminal:
+        if steps < 2:
+            # the reference divides 0 by 0 here and samples from NaN
+            raise ValueError(
+                "this checkpoint's schedule stretches to a terminal value: it needs at least 2 steps"
+            )
+        one_minus = 1 - s
+        s = 1 - one_minus / (one_minus[-1] / (1 - config.shift_terminal))
+    return torch.cat((s.to(torch.float32), torch.zeros(1)))
+
+
+def _scalar_div(numerator: float, t: Tensor) -> Tensor:
+    # a true float32 division, as numpy does it: torch computes `number / tensor` as a reciprocal times the
+    # number, which is off by one unit in the last place for some values
+    return torch.full_like(t, numerator).div(t)
+
+
+def schedule(steps: int, image_tokens: int, scheduler: SchedulerConfig | None = None) -> list[float]:
+    """`sigmas` as Python floats (for reports and tests)."""
+    return sigmas(steps, image_tokens, scheduler).tolist()
 
 
 def image_ids(height: int, width: int, time: int = 0) -> Tensor:
@@ -79,47 +115,45 @@ StepCallback = Callable[[int, int], None]  # (step done, total steps); may raise
 @torch.inference_mode()
 def denoise(
     model: Flux2Transformer,
-    noise: Tensor,  # [B, L, C] float32
+    noise: Tensor,  # [B, L, C] in the model dtype
     noise_ids: Tensor,  # [L, 4]
-    context: Tensor,  # [B, T, C_ctx]
+    context: Tensor,  # [B, T, C_ctx] in the model dtype
     context_ids: Tensor,  # [T, 4]
-    times: Sequence[float],
+    noise_levels: Tensor,  # [steps + 1] float32, from `sigmas`
     references: Tensor | None = None,  # [1, R, C] reference tokens, shared by the batch
     references_ids: Tensor | None = None,  # [R, 4]
-    guidance: float | None = None,  # true CFG scale (Base models); None for distilled models
+    guidance: float | None = None,  # true CFG scale (Base models); None for no CFG
     uncond_context: Tensor | None = None,  # [B, T, C_ctx], the empty prompt, with guidance
+    num_train_timesteps: int = 1000,
     on_step: StepCallback | None = None,
-) -> Tensor:  # [B, L, C] float32
-    """Euler integration of the predicted velocity from times[0] to times[-1].
+) -> Tensor:  # [B, L, C] in the model dtype
+    """Euler integration of the predicted velocity over `noise_levels`, as diffusers' `Flux2KleinPipeline` runs it.
 
-    The state stays in float32 whatever the model's dtype; reference tokens ride after the noisy ones with the
-    current timestep and are dropped from the prediction. With guidance, conditional and unconditional passes run as
-    one doubled batch.
+    The precision follows the reference step by step, so bfloat16 pictures match it too: the state lives in the
+    model dtype; the timestep the model sees is `(sigma * num_train_timesteps).to(dtype) / 1000`; the
+    conditional and unconditional predictions are separate passes combined in the model dtype; the Euler update is
+    `x.float() + dt * v` (dt a float32 scalar, so the product stays in the model dtype) cast back to the model
+    dtype. Reference tokens ride after the noisy ones with the current timestep and are dropped from the prediction.
     """
     dtype = next(model.parameters()).dtype
     batch, num_noisy = noise.shape[0], noise.shape[1]
     ids = noise_ids if references is None else torch.cat((noise_ids, references_ids), dim=0)  # type: ignore[arg-type]
-    cfg = guidance is not None
-    if cfg and uncond_context is None:
+    if guidance is not None and uncond_context is None:
         raise ValueError("classifier-free guidance needs the unconditional context")
-    ctx = torch.cat((uncond_context, context), dim=0) if cfg else context  # type: ignore[arg-type]
-    ctx = ctx.to(dtype)
     rope = model.rope(context_ids, ids)  # positions never change across steps
-    refs = None if references is None else references.to(dtype).expand(ctx.shape[0], -1, -1)
-    x = noise.float()
-    total = len(times) - 1
-    for i, (t_cur, t_next) in enumerate(itertools.pairwise(times)):
-        inp = x.to(dtype)
-        if cfg:
-            inp = torch.cat((inp, inp), dim=0)
-        if refs is not None:
-            inp = torch.cat((inp, refs), dim=1)
-        t = torch.full((inp.shape[0],), t_cur, dtype=torch.float32, device=x.device)
-        pred = model(inp, ids, ctx, context_ids, t, rope=rope)[:, :num_noisy].float()
-        if cfg:
-            uncond, cond = pred[:batch], pred[batch:]
-            pred = uncond + guidance * (cond - uncond)
-        x = x + (t_next - t_cur) * pred
+    refs = None if references is None else references.to(dtype).expand(batch, -1, -1)
+    levels = noise_levels.to(device=noise.device, dtype=torch.float32)
+    timesteps = levels[:-1] * num_train_timesteps
+    x = noise.to(dtype)
+    total = len(levels) - 1
+    for i in range(total):
+        t = timesteps[i].expand(batch).to(dtype) / 1000
+        inp = x if refs is None else torch.cat((x, refs), dim=1)
+        pred = model(inp, ids, context, context_ids, t, rope=rope)[:, :num_noisy]
+        if guidance is not None:
+            uncond = model(inp, ids, uncond_context, context_ids, t, rope=rope)[:, :num_noisy]
+            pred = uncond + guidance * (pred - uncond)
+        x = (x.float() + (levels[i + 1] - levels[i]) * pred).to(pred.dtype)
         if on_step is not None:
             on_step(i + 1, total)
     return x

@@ -1,8 +1,13 @@
 """Prompt conditioning: Qwen3 hidden states from three intermediate layers, concatenated per token.
 
 The prompt goes through Qwen3's chat template with thinking off, is padded to 512 tokens (the attention mask is used
-inside Qwen3 only), and the raw outputs of three decoder layers (before the final norm) are concatenated. Layers past
-the last one needed are never built, so the 4B's encoder runs 27 of its 36 layers.
+inside Qwen3 only), and the outputs of decoder layers 9, 18 and 27 are concatenated per token, whatever the encoder's
+depth (BFL `text_encoder.py` Qwen3Embedder; diffusers `Flux2KleinPipeline._get_qwen3_prompt_embeds`). Layers past
+27 are never built, so the 36-layer encoders of the 4B and 9B run 27 layers.
+
+Those outputs are the raw residual stream, before the final RMSNorm: diffusers reads `hidden_states[k]`, and
+transformers replaces only the *last* entry with the normed output. So for an encoder of exactly 27 layers the
+reference takes layer 27 after the final norm, and so do we.
 """
 
 from __future__ import annotations
@@ -13,21 +18,38 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase, Qwen3Config, Qwen3Model
 
-from klein_agent.configs import TextEncoderConfig, text_output_layers
+from klein_agent.configs import TEXT_OUTPUT_LAYERS, TextEncoderConfig
 
 MAX_LENGTH = 512
 
 
+class TextEncoderTooShallowError(ValueError):
+    """The encoder has fewer layers than the conditioning reads."""
+
+
 class TextEmbedder(nn.Module):
+    """Prompts -> [B, 512, 3 * hidden] conditioning, in the encoder's dtype.
+
+    Mirrors diffusers `Flux2KleinPipeline._get_qwen3_prompt_embeds` (and BFL `Qwen3Embedder`). Raises
+    TextEncoderTooShallowError when `config` has fewer than 27 layers (the reference cannot run such an encoder either).
+    """
+
     def __init__(
         self, config: Qwen3Config, tokenizer: PreTrainedTokenizerBase, max_length: int = MAX_LENGTH
     ) -> None:
         super().__init__()
-        self.output_layers = text_output_layers(config.num_hidden_layers)
+        depth = config.num_hidden_layers
+        self.output_layers = TEXT_OUTPUT_LAYERS
+        kept = self.output_layers[-1]
+        if depth < kept:
+            raise TextEncoderTooShallowError(
+                f"the text encoder has {depth} layers, but FLUX.2 [klein] is conditioned on the outputs of layers "
+                f"{', '.join(map(str, self.output_layers))} (as BFL's code and diffusers' Flux2KleinPipeline are), "
+                f"so it needs at least {kept}: this is not a klein text encoder"
+            )
         self.max_length = max_length
         self.tokenizer = tokenizer
         self.full_config = config  # the checkpoint's own, all layers; kept for writing checkpoints back
-        kept = self.output_layers[-1]
         fields = config.to_dict()
         fields["num_hidden_layers"] = kept
         if fields.get("layer_types"):
@@ -35,7 +57,10 @@ class TextEmbedder(nn.Module):
         truncated = Qwen3Config.from_dict(fields)
         truncated._attn_implementation = "sdpa"
         self.model = Qwen3Model(truncated)
-        self.model.norm = nn.Identity()  # type: ignore[assignment]  # only raw layer outputs are used
+        # the final norm applies only when the last layer read is the encoder's last (see the module docstring)
+        self.final_norm_on_last = depth == kept
+        if not self.final_norm_on_last:
+            self.model.norm = nn.Identity()  # type: ignore[assignment]
         self.hidden_size = config.hidden_size
 
     @property
@@ -59,6 +84,7 @@ class TextEmbedder(nn.Module):
 
     @torch.inference_mode()
     def forward(self, prompts: list[str]) -> Tensor:  # -> [B, 512, 3 * hidden]
+        """Embed `prompts` (any text; the template's special tokens in it are tokenised as the reference does)."""
         input_ids, attention_mask = self.tokenize(prompts)
         device = self.model.embed_tokens.weight.device
         captured: dict[int, Tensor] = {}
@@ -72,6 +98,9 @@ class TextEmbedder(nn.Module):
         finally:
             for hook in hooks:
                 hook.remove()
+        if self.final_norm_on_last:
+            last = self.output_layers[-1]
+            captured[last] = self.model.norm(captured[last])
         return torch.cat([captured[n] for n in self.output_layers], dim=-1)  # layer-major per token
 
     def reset_rotary(self, device: torch.device) -> None:
@@ -110,9 +139,10 @@ def checkpoint_key(ours: str) -> str:
     return "model." + ours
 
 
-def skipped_checkpoint_key(key: str, num_layers_kept: int) -> bool:
-    """Keys a Qwen3ForCausalLM checkpoint has that we deliberately do not load: later layers, final norm, LM head."""
-    if key.startswith("lm_head.") or key == "model.norm.weight":
+def skipped_checkpoint_key(key: str, num_layers_kept: int, keep_final_norm: bool = False) -> bool:
+    """Keys a Qwen3ForCausalLM checkpoint has that we deliberately do not load: later layers, the LM head, and the
+    final norm unless it is used (`keep_final_norm`)."""
+    if key.startswith("lm_head.") or (key == "model.norm.weight" and not keep_final_norm):
         return True
     parts = key.split(".")
     return len(parts) > 2 and parts[:2] == ["model", "layers"] and int(parts[2]) >= num_layers_kept

@@ -26,7 +26,7 @@ class Flux2Transformer(nn.Module):
         d = config.hidden_size
         self.img_in = nn.Linear(config.in_channels, d, bias=False)
         self.txt_in = nn.Linear(config.context_in_dim, d, bias=False)
-        self.time_in = MLPEmbedder(256, d)
+        self.time_in = MLPEmbedder(config.timestep_channels, d)
         self.double_stream_modulation_img = Modulation(d, sets=2)
         self.double_stream_modulation_txt = Modulation(d, sets=2)
         self.single_stream_modulation = Modulation(d, sets=1)
@@ -47,7 +47,14 @@ class Flux2Transformer(nn.Module):
         rope: tuple[Tensor, Tensor]
         | None = None,  # precomputed `self.rope(txt_ids, img_ids)`, reused across steps
     ) -> Tensor:  # [B, L, C_in] predicted velocity
-        vec = self.time_in(timestep_embedding(timesteps, 256).to(img.dtype))  # [B, D]
+        """The velocity for every image token (noisy and reference), as BFL `Flux2.forward` and diffusers
+        `Flux2Transformer2DModel.forward` compute it.
+
+        `timesteps` is scaled by 1000 in the activation dtype before the sinusoidal embedding (both references do
+        so, which quantises t in bfloat16). All tensors on one device; `img` and `txt` in the weights' dtype.
+        """
+        t = timesteps.to(img.dtype) * 1000  # [B]
+        vec = self.time_in(timestep_embedding(t, self.config.timestep_channels).to(img.dtype))  # [B, D]
         mod_img = self.double_stream_modulation_img(vec)  # [B, 1, 6D]
         mod_txt = self.double_stream_modulation_txt(vec)
         mod_single = self.single_stream_modulation(vec)  # [B, 1, 3D]
@@ -126,7 +133,7 @@ class DoubleStreamBlock(nn.Module):
         img = img + img_gate2 * self.img_mlp(modulate(img, img_shift2, img_scale2, self.eps))
         txt = txt + txt_gate1 * self.txt_attn.proj(txt_attn)
         txt = txt + txt_gate2 * self.txt_mlp(modulate(txt, txt_shift2, txt_scale2, self.eps))
-        return img, txt
+        return img, clip_float16(txt)
 
 
 class SingleStreamBlock(nn.Module):
@@ -152,7 +159,7 @@ class SingleStreamBlock(nn.Module):
         q, k, v = split_heads(qkv, self.num_heads)
         q, k = self.norm(q, k, v)
         attn = attention(q, k, v, cos, sin)  # [B, S, D]
-        return x + gate * self.linear2(torch.cat((attn, self.mlp_act(mlp)), dim=-1))
+        return clip_float16(x + gate * self.linear2(torch.cat((attn, self.mlp_act(mlp)), dim=-1)))
 
 
 class LastLayer(nn.Module):
@@ -220,13 +227,13 @@ class EmbedND(nn.Module):
         self.theta = theta
 
     def forward(self, ids: Tensor) -> tuple[Tensor, Tensor]:  # [S, 4] -> ([S, Dh/2], [S, Dh/2])
-        # angles in float64 (positions up to thousands times frequencies lose digits in float32)
-        pos = ids.to(torch.float64)
+        # angles in float64 (positions up to thousands times frequencies lose digits in float32), except on MPS,
+        # which has no float64 (diffusers `Flux2PosEmbed` makes the same exception)
+        precision = torch.float32 if ids.device.type == "mps" else torch.float64
+        pos = ids.to(precision)
         angles = []
         for axis, dim in enumerate(self.axes_dim):
-            omega = 1.0 / (
-                self.theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=ids.device) / dim)
-            )
+            omega = 1.0 / (self.theta ** (torch.arange(0, dim, 2, dtype=precision, device=ids.device) / dim))
             angles.append(pos[:, axis, None] * omega[None, :])  # [S, dim/2]
         angle = torch.cat(angles, dim=-1)
         return angle.cos().float(), angle.sin().float()
@@ -253,16 +260,20 @@ def attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor) -> Tens
     return out.transpose(1, 2).flatten(2)  # [B, S, H*Dh]
 
 
+def clip_float16(x: Tensor) -> Tensor:
+    """In float16, clamp to the finite range where diffusers does (text stream of a double block, single blocks),
+    so an overflow saturates as in the reference instead of becoming inf."""
+    return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
+
+
 def modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tensor:
     return (1 + scale) * F.layer_norm(x, x.shape[-1:], eps=eps) + shift
 
 
-def timestep_embedding(
-    t: Tensor, dim: int, max_period: float = 10000.0, time_factor: float = 1000.0
-) -> Tensor:
-    """Sinusoidal embedding of t in [0, 1] (scaled to [0, 1000]); cos half first. Computed in float32."""
-    t = time_factor * t.float()
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """[B] timesteps in [0, 1000] -> [B, dim] float32 sinusoids, cos half first (BFL `timestep_embedding`,
+    diffusers `Timesteps(flip_sin_to_cos=True, downscale_freq_shift=0)`)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t[:, None] * freqs[None]
+    args = t[:, None].float() * freqs[None]
     return torch.cat((torch.cos(args), torch.sin(args)), dim=-1)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from klein_agent.request import GenerationRequest, GenerationResult, GeneratorInfo, ProgressCallback
+from klein_agent.request import GenerationRequest, GenerationResult, GeneratorInfo, ProgressCallback, resolve
 
 FAKE_INFO = GeneratorInfo(
     model="fake",
@@ -63,7 +63,8 @@ class FakeGenerator:
             self.steps_run.append(0)
             index = len(self.calls) - 1
         try:
-            steps = request.steps or self.info.default_steps
+            resolved = resolve(request, self.info)
+            steps = resolved.steps
             total = steps + 2
             t0 = time.perf_counter()
             if progress:
@@ -82,10 +83,8 @@ class FakeGenerator:
                 if progress:
                     progress(1 + step, total, f"step {step}/{steps}")
             images = [
-                fake_picture(
-                    request.prompt, request.seed + k, request.width, request.height, len(request.references)
-                )
-                for k in range(request.num_images)
+                fake_picture(request.prompt, seed, resolved.width, resolved.height, len(request.references))
+                for seed in resolved.seeds
             ]
             if progress:
                 progress(total, total, "decoding")
@@ -94,6 +93,8 @@ class FakeGenerator:
                 images=images,
                 timings_ms={"total": elapsed},
                 cache_hits={"prompt": 0, "references": 0},
+                resolved=resolved,
+                info=self.info,
             )
         finally:
             with self._lock:

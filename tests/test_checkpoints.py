@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -55,7 +57,7 @@ def test_sharded_transformer_is_read_through_its_index(tiny_checkpoint: Path) ->
     components = load_components(tiny_checkpoint, CPU, torch.float32)
     assert components.transformer.config == preset("tiny").transformer
     assert components.autoencoder.config == preset("tiny").autoencoder
-    assert components.variant == "klein-4b" and components.sampling.distilled
+    assert components.variant == "tiny" and components.sampling.distilled  # matched to its preset
 
 
 def test_sizes_come_from_the_checkpoint_not_a_preset(tiny_checkpoint: Path) -> None:
@@ -88,7 +90,7 @@ def test_autoencoder_key_map_round_trip() -> None:
     assert "decoder.up_blocks.0.resnets.0.conv1.weight" in theirs
     assert theirs["encoder.mid_block.attentions.0.to_q.weight"].ndim == 2
     # diffusers' decoder level 0 is BFL's deepest level
-    last = len(autoencoder.config.ch_mult) - 1
+    last = len(autoencoder.config.block_out_channels) - 1
     assert torch.equal(
         theirs["decoder.up_blocks.0.resnets.0.conv1.weight"], ours[f"decoder.up.{last}.block.0.conv1.weight"]
     )
@@ -184,3 +186,93 @@ def test_repo_id_resolves_from_the_hugging_face_cache(
 def test_not_a_model_is_explained() -> None:
     with pytest.raises(CheckpointError, match="neither a folder nor a Hugging Face repo id"):
         resolve_model_path("/no/such/folder")
+
+
+def _cached_repo(tiny_checkpoint: Path, hub: Path, repo_id: str) -> Path:
+    """The checkpoint laid out as huggingface_hub caches it: snapshot files are links into blobs/."""
+    repo = hub / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / "abc123"
+    for file in sorted(tiny_checkpoint.rglob("*")):
+        if file.is_file():
+            blob = repo / "blobs" / f"{abs(hash(str(file)))}"
+            blob.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(file, blob)
+            link = snapshot / file.relative_to(tiny_checkpoint)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(blob)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    return snapshot
+
+
+def test_an_interrupted_download_names_the_missing_shard_and_the_command_to_finish_it(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo_id = "black-forest-labs/FLUX.2-klein-4B"
+    snapshot = _cached_repo(tiny_checkpoint, tmp_path / "hub", repo_id)
+    # shard 1 of 2 arrived, the index and shard 2 did not
+    (snapshot / "transformer" / "diffusion_pytorch_model.safetensors.index.json").unlink()
+    (snapshot / "transformer" / "diffusion_pytorch_model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError) as caught:
+        load_pipeline(repo_id)
+    message = str(caught.value)
+    assert message.startswith("incomplete download:")
+    assert "diffusion_pytorch_model-00002-of-00002.safetensors missing" in message
+    assert f"run `hf download {repo_id}` again" in message
+    assert "missing keys" not in message
+
+
+def test_a_link_to_a_missing_blob_is_an_incomplete_download(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo_id = "black-forest-labs/FLUX.2-klein-4B"
+    snapshot = _cached_repo(tiny_checkpoint, tmp_path / "hub", repo_id)
+    (snapshot / "vae" / "diffusion_pytorch_model.safetensors").resolve().unlink()
+    with pytest.raises(
+        CheckpointError, match=r"incomplete download: .*vae.*link\(s\) to a file that is missing"
+    ):
+        load_pipeline(repo_id)
+
+
+def test_the_download_command_is_one_the_installed_huggingface_hub_ships() -> None:
+    from importlib.metadata import entry_points
+
+    from klein_agent.checkpoints import download_command
+
+    program = download_command("owner/name").split()[0]
+    scripts = {
+        ep.name
+        for ep in entry_points(group="console_scripts")
+        if ep.dist and ep.dist.name == "huggingface_hub"
+    }
+    assert program in scripts, f"{program} is not a console script of huggingface_hub ({sorted(scripts)})"
+    # the docs give the very command the error messages give
+    repo_root = Path(__file__).resolve().parents[1]
+    named = []
+    for doc in [repo_root / "README.md", *sorted((repo_root / "docs").glob("*.md"))]:
+        for command, repo_id in re.findall(
+            r"`([\w.-]+(?: [\w.-]+)?) download ([\w.-]+/[\w.-]+)", doc.read_text()
+        ):
+            named.append(f"{command} download {repo_id}")
+            assert f"{command} download {repo_id}" == download_command(repo_id), doc.name
+    assert named, "the README tells users how to download a model"
+
+
+def test_variants_are_recognised_by_matching_presets() -> None:
+    from klein_agent.checkpoints import BASE_SAMPLING, DISTILLED_SAMPLING, detect_variant
+
+    assert detect_variant(preset("klein-4b").transformer, DISTILLED_SAMPLING) == "klein-4b"
+    assert detect_variant(preset("klein-9b").transformer, BASE_SAMPLING) == "klein-base-9b"
+    assert detect_variant(preset("tiny").transformer, BASE_SAMPLING) == "tiny-base"
+    odd = dataclasses.replace(preset("klein-9b").transformer, depth=7)
+    assert detect_variant(odd, DISTILLED_SAMPLING) == "custom"
+
+
+def test_a_scheduler_that_changes_the_sampler_is_refused(checkpoint_copy: Path) -> None:
+    path = checkpoint_copy / "scheduler" / "scheduler_config.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({**config, "use_karras_sigmas": True}))
+    with pytest.raises(CheckpointError, match=r"use_karras_sigmas.*flow-matching Euler schedule only"):
+        load_components(checkpoint_copy, CPU, torch.float32)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -12,85 +13,121 @@ import torch
 from PIL import Image
 
 from klein_agent.pipeline import initial_noise
+from klein_agent.previews import PROVENANCE_KEY
 
 
-def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "klein_agent", "generate", "--model", "tiny", *args],
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+def run(*args: str, prompt: str | bytes = "a red cube") -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "klein_agent", "generate", "--model", "tiny", "--prompt", prompt, *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=180)  # type: ignore[arg-type]
+
+
+def provenance(path: Path) -> dict[str, object]:
+    with Image.open(path) as image:
+        return json.loads(image.text[PROVENANCE_KEY])  # type: ignore[attr-defined]
 
 
 def test_text_to_image_edit_and_compose(tmp_path: Path) -> None:
     first = tmp_path / "first.png"
-    done = run(
-        "--prompt", "a red cube", "--width", "96", "--height", "64", "--seed", "5", "--out", str(first)
-    )
+    done = run("--width", "96", "--height", "64", "--seed", "5", "--out", str(first))
     assert done.returncode == 0, done.stderr
     assert done.stdout == ""  # stdout stays clean: it is the MCP wire under `serve`
     assert "seed 5" in done.stderr
     with Image.open(first) as image:
         assert image.size == (96, 64) and image.mode == "RGB"
+    assert provenance(first) == {
+        "tool": "generate",
+        "prompt": "a red cube",
+        "seed": 5,
+        "width": 96,
+        "height": 64,
+        "steps": 4,
+        "guidance": None,
+        "model": "tiny",
+        "variant": "tiny",
+        "parents": [],
+    }
 
     edited = tmp_path / "edited.png"
-    done = run("--prompt", "make it blue", "--image", str(first), "--seed", "1", "--out", str(edited))
+    done = run(
+        "--image", str(first), "--seed", "1", "--width", "128", "--out", str(edited), prompt="make it blue"
+    )
     assert done.returncode == 0, done.stderr
     with Image.open(edited) as image:
-        assert image.size == (96, 64)  # no size given: the reference's
+        assert image.size == (128, 80)  # only a width: the height keeps the reference's 3:2
+    assert provenance(edited)["tool"] == "edit" and provenance(edited)["parents"] == [str(first)]
 
     composed = tmp_path / "composed.png"
     done = run(
-        "--prompt",
-        "image 1 next to image 2",
-        "--image",
-        str(first),
-        "--image",
-        str(edited),
-        "--width",
-        "128",
-        "--height",
-        "64",
-        "--num-images",
-        "2",
-        "--out",
-        str(composed),
+        *("--image", str(first), "--image", str(edited)),
+        *("--num-images", "2", "--out", str(composed)),
+        prompt="image 1 next to image 2",
     )
     assert done.returncode == 0, done.stderr
     seeds = [int(s) for s in re.findall(r"seed (\d+)", done.stderr)]
     assert len(seeds) == 2 and seeds[1] == seeds[0] + 1  # a drawn seed is reported, then seed + 1
-    assert (tmp_path / "composed-1.png").is_file() and (tmp_path / "composed-2.png").is_file()
+    for k in (1, 2):
+        with Image.open(tmp_path / f"composed-{k}.png") as image:
+            assert image.size == (96, 64)  # no size: image 1's, as the model prepares it
 
 
-def test_same_seed_same_picture(tmp_path: Path) -> None:
-    a, b = tmp_path / "a.png", tmp_path / "b.png"
-    for out in (a, b):
-        assert (
-            run(
-                "--prompt", "x", "--width", "48", "--height", "48", "--seed", "9", "--out", str(out)
-            ).returncode
-            == 0
-        )
-    with Image.open(a) as ia, Image.open(b) as ib:
-        assert ia.tobytes() == ib.tobytes()
+def test_picture_k_of_a_batch_is_the_single_run_with_seed_plus_k(tmp_path: Path) -> None:
+    reference = tmp_path / "ref.png"
+    Image.effect_noise((128, 64), 60).convert("RGB").save(reference)
+    common = ("--image", str(reference), "--width", "128", "--height", "64")
+    batch, single = tmp_path / "batch.png", tmp_path / "single.png"
+    assert run(*common, "--seed", "41", "--num-images", "2", "--out", str(batch)).returncode == 0
+    assert run(*common, "--seed", "42", "--out", str(single)).returncode == 0
+    assert (tmp_path / "batch-2.png").read_bytes() == single.read_bytes()  # pixels and provenance alike
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--width", "50"], "width must be a positive multiple of 16"),
+        (["--width", "50"], "width must be a multiple of 16 from 64 to 2048, got 50"),
+        (["--width", "4096"], "width must be a multiple of 16 from 64 to 2048, got 4096"),
         (["--out", "x.jpg"], "--out must name a .png file"),
-        (["--image", "/no/such.png"], "No such file"),
+        (["--out", "/no/such/folder/x.png"], "the folder /no/such/folder does not exist"),
+        (["--image", "/no/such.png"], "'/no/such.png' does not exist on this machine"),
+        (["--image", '"/tmp/quoted.png"'], "is wrapped in quotes"),
+        (["--seed", "-1"], "seed must be an integer from 0 to 4294967295, got -1"),
+        (["--seed", "4294967296"], "seed must be an integer from 0 to 4294967295"),
+        (["--seed", "4294967295", "--num-images", "2"], "use a seed of at most 4294967294"),
+        (["--num-images", "5"], "num_images must be from 1 to 4"),
+        (["--steps", "0"], "steps must be from 1 to 100"),
+        (["--guidance", "0.5"], "guidance must be from 1 (no guidance) to 20"),
+        (["--width", "2048", "--height", "2048", "--num-images", "2"], "megapixel limit per call"),
     ],
 )
-def test_bad_input_is_a_message_not_a_traceback(tmp_path: Path, args: list[str], message: str) -> None:
-    base = ["--prompt", "x", "--height", "48", "--width", "48", "--out", str(tmp_path / "o.png")]
+def test_bad_input_is_refused_before_the_model_loads(tmp_path: Path, args: list[str], message: str) -> None:
+    base = ["--width", "64", "--height", "64", "--out", str(tmp_path / "o.png")]
     done = run(*base, *args)
     assert done.returncode == 2
-    assert message in done.stderr and "Traceback" not in done.stderr
+    assert message in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and "loading model" not in done.stderr
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_a_prompt_that_is_not_utf8_is_refused_with_a_message(tmp_path: Path) -> None:
+    argv = [sys.executable, "-m", "klein_agent", "generate", "--model", "tiny", "--prompt", b"a \xff cat"]
+    done = subprocess.run(
+        [*argv, "--out", str(tmp_path / "o.png")], capture_output=True, timeout=60, env={"LC_ALL": "C.UTF-8"}
+    )
+    stderr = done.stderr.decode()
+    assert done.returncode == 2 and "not valid UTF-8 text (byte 0xff)" in stderr and "Traceback" not in stderr
+
+
+def test_a_format_the_server_refuses_is_refused_with_its_message(tmp_path: Path) -> None:
+    gif = tmp_path / "anim.gif"
+    Image.new("RGB", (80, 80), (1, 2, 3)).save(gif)
+    done = run("--image", str(gif), "--out", str(tmp_path / "o.png"))
+    assert done.returncode == 2
+    assert "unsupported format GIF; use PNG, JPEG or WebP (convert the image first)" in done.stderr
 
 
 def test_noise_is_the_reference_formula() -> None:
     want = torch.randn((1, 16, 3, 4), generator=torch.Generator("cpu").manual_seed(42), dtype=torch.float32)
     assert torch.equal(initial_noise(42, 16, 3, 4), want)
+    # drawing in the model dtype (as diffusers does) equals drawing in float32 and casting
+    for dtype in (torch.bfloat16, torch.float16):
+        drawn = torch.randn((1, 16, 3, 4), generator=torch.Generator("cpu").manual_seed(42), dtype=dtype)
+        assert torch.equal(initial_noise(42, 16, 3, 4).to(dtype), drawn)

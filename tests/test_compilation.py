@@ -84,7 +84,7 @@ def test_compiled_denoise_matches(tiny: Flux2Transformer) -> None:
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(1, h * w, tiny.config.in_channels, generator=g)
     ctx = torch.randn(1, txt, tiny.config.context_in_dim, generator=g)
-    args = (noise, sampling.image_ids(h, w), ctx, sampling.text_ids(txt), sampling.schedule(3, h * w))
+    args = (noise, sampling.image_ids(h, w), ctx, sampling.text_ids(txt), sampling.sigmas(3, h * w))
     assert torch.equal(sampling.denoise(model, *args), sampling.denoise(tiny, *args))
 
 

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.flux2.pipeline_flux2_klein import Flux2KleinPipeline, compute_empirical_mu
-from reference_pipeline import diffusers_autoencoder, diffusers_scheduler, diffusers_transformer
-from transformers import Qwen3ForCausalLM
+from reference_checkpoints import KLEIN_SCHEDULER
+from reference_pipeline import diffusers_autoencoder, diffusers_transformer
+from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from klein_agent import keymaps, sampling
 from klein_agent.autoencoder import AutoEncoder
-from klein_agent.configs import AutoencoderConfig, TransformerConfig, preset
+from klein_agent.configs import AutoencoderConfig, SchedulerConfig, TransformerConfig, preset
+from klein_agent.text_encoder import TextEmbedder, TextEncoderTooShallowError, skipped_checkpoint_key
 from klein_agent.tiny import build_tiny, init_random_
 from klein_agent.transformer import Flux2Transformer
 
@@ -27,6 +31,7 @@ WIDER = TransformerConfig(
     depth=3,
     depth_single_blocks=4,
     axes_dim=(6, 6, 6, 6),
+    timestep_channels=128,
 )
 
 
@@ -65,9 +70,19 @@ def test_transformer_forward_matches_diffusers(config: TransformerConfig) -> Non
     "config",
     [
         preset("tiny").autoencoder,
-        AutoencoderConfig(ch=8, ch_mult=(1, 2, 4), num_res_blocks=2, z_channels=6, norm_groups=4),
+        AutoencoderConfig(block_out_channels=(8, 16, 32), num_res_blocks=2, z_channels=6, norm_groups=4),
+        AutoencoderConfig(
+            block_out_channels=(8, 16),
+            decoder_block_out_channels=(8, 8),
+            num_res_blocks=1,
+            z_channels=2,
+            norm_groups=4,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            mid_attention=False,
+        ),
     ],
-    ids=["tiny", "three-levels"],
+    ids=["tiny", "three-levels", "no-quant-no-attention-small-decoder"],
 )
 def test_autoencoder_encode_decode_match_diffusers(config: AutoencoderConfig) -> None:
     torch.manual_seed(1)
@@ -79,10 +94,8 @@ def test_autoencoder_encode_decode_match_diffusers(config: AutoencoderConfig) ->
     ours = AutoEncoder(config).eval()
     ours.load_state_dict(keymaps.autoencoder_from_diffusers(ref.state_dict()), strict=True)
 
-    image = (
-        torch.rand(1, 3, 2 * 16 * config.downsample_factor // 2, 3 * 16 * config.downsample_factor // 2) * 2
-        - 1
-    )
+    token = config.pixels_per_token
+    image = torch.rand(1, 3, 2 * token, 3 * token) * 2 - 1
     mean = ref.bn.running_mean.view(1, -1, 1, 1)
     std = torch.sqrt(ref.bn.running_var.view(1, -1, 1, 1) + config.bn_eps)
     with torch.no_grad():
@@ -95,29 +108,42 @@ def test_autoencoder_encode_decode_match_diffusers(config: AutoencoderConfig) ->
     torch.testing.assert_close(decoded, want_decoded, atol=ATOL, rtol=1e-5)
 
 
-def test_text_embedding_matches_diffusers() -> None:
-    _, _, embedder = build_tiny()
-    full = Qwen3ForCausalLM(embedder.full_config).eval()
-    init_random_(full, torch.Generator().manual_seed(3))  # layers we never run get different values
-    kept = {k: v for k, v in embedder.model.state_dict().items() if not k.startswith("rotary_emb.")}
-    assert not full.model.load_state_dict(kept, strict=False).unexpected_keys
+@pytest.mark.parametrize("depth", [28, 36, 27])
+def test_text_embedding_matches_diffusers(depth: int) -> None:
+    """The reference reads hidden_states[9], [18], [27] of the full encoder: raw layer outputs, except that
+    transformers hands back the final-normed state as the last entry, so a 27-layer encoder's layer 27 is normed."""
+    _, _, tiny = build_tiny()
+    config = Qwen3Config.from_dict(
+        {**tiny.full_config.to_dict(), "num_hidden_layers": depth, "layer_types": None}
+    )
+    full = Qwen3ForCausalLM(config).eval()
+    init_random_(full, torch.Generator().manual_seed(3))
+    embedder = TextEmbedder(config, tiny.tokenizer).eval()
+    kept = {
+        k: v
+        for k, v in full.model.state_dict().items()
+        if not skipped_checkpoint_key("model." + k, 27, embedder.final_norm_on_last)
+    }
+    assert not embedder.model.load_state_dict(kept, strict=False).unexpected_keys
+    embedder.reset_rotary(torch.device("cpu"))
     prompts = ["a red cube on a table", "", "ünïcödé and <|im_start|> tokens"]
     with torch.no_grad():
         got = embedder(prompts)
-        want = Flux2KleinPipeline._get_qwen3_prompt_embeds(
-            full, embedder.tokenizer, prompts, hidden_states_layers=list(embedder.output_layers)
-        )
+        want = Flux2KleinPipeline._get_qwen3_prompt_embeds(full, embedder.tokenizer, prompts)
     assert got.shape == (3, 512, 3 * embedder.hidden_size)
     torch.testing.assert_close(got, want, atol=ATOL, rtol=1e-5)
 
 
 def test_text_encoder_runs_only_the_layers_it_needs() -> None:
     _, _, embedder = build_tiny()
-    assert embedder.output_layers == (1, 2, 3)
-    assert len(embedder.model.layers) == 3  # of the checkpoint's 4
-    from klein_agent.configs import text_output_layers
-
-    assert text_output_layers(36) == (9, 18, 27)  # Qwen3-4B and Qwen3-8B
+    assert embedder.output_layers == (9, 18, 27)
+    assert len(embedder.model.layers) == 27  # of the checkpoint's 28
+    assert not embedder.final_norm_on_last
+    shallow = Qwen3Config.from_dict(
+        {**embedder.full_config.to_dict(), "num_hidden_layers": 26, "layer_types": None}
+    )
+    with pytest.raises(TextEncoderTooShallowError, match=r"has 26 layers.*at least 27"):
+        TextEmbedder(shallow, embedder.tokenizer)
 
 
 def test_chat_template_matches_qwen3_thinking_off() -> None:
@@ -131,16 +157,38 @@ def test_chat_template_matches_qwen3_thinking_off() -> None:
 
 
 @pytest.mark.parametrize(
-    ("tokens", "steps"), [(16, 4), (1024, 4), (4096, 4), (4080, 4), (16384, 4), (4096, 50), (300, 28)]
+    "scheduler",
+    [{}, {"time_shift_type": "linear"}, {"use_dynamic_shifting": False}, {"shift_terminal": 0.05}],
+    ids=["klein", "linear", "static", "terminal"],
 )
-def test_schedule_matches_diffusers_scheduler(tokens: int, steps: int) -> None:
+@pytest.mark.parametrize(
+    ("tokens", "steps"),
+    [(16, 4), (1024, 4), (4096, 4), (4080, 4), (16384, 4), (4096, 50), (300, 28), (15, 1), (30, 2)],
+)
+def test_schedule_is_the_reference_schedulers_bit_for_bit(
+    tokens: int, steps: int, scheduler: dict[str, object]
+) -> None:
     assert sampling.empirical_mu(tokens, steps) == pytest.approx(
         compute_empirical_mu(tokens, steps), abs=1e-9
     )
-    scheduler = diffusers_scheduler()
-    sigmas = [1.0 - i / steps for i in range(steps)]
-    scheduler.set_timesteps(sigmas=sigmas, mu=compute_empirical_mu(tokens, steps))
-    assert sampling.schedule(steps, tokens) == pytest.approx(scheduler.sigmas.tolist(), abs=1e-6)
+    reference = FlowMatchEulerDiscreteScheduler(**{**KLEIN_SCHEDULER, **scheduler})
+    if steps == 1 and scheduler.get("shift_terminal"):
+        # a 0/0 in the reference (a warning, then NaN pictures); a clear error here
+        with pytest.warns(RuntimeWarning):
+            reference.set_timesteps(sigmas=np.linspace(1.0, 1.0, 1), mu=compute_empirical_mu(tokens, steps))
+        with pytest.raises(ValueError, match="at least 2 steps"):
+            sampling.sigmas(steps, tokens, SchedulerConfig(shift_terminal=0.05))
+        return
+    reference.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=compute_empirical_mu(tokens, steps))
+    config = SchedulerConfig(
+        **{
+            **{k: v for k, v in KLEIN_SCHEDULER.items() if k in SchedulerConfig.__dataclass_fields__},
+            **scheduler,
+        }
+    )  # type: ignore[arg-type]
+    ours = sampling.sigmas(steps, tokens, config)
+    assert torch.equal(ours, reference.sigmas)
+    assert torch.equal(ours[:-1] * config.num_train_timesteps, reference.timesteps)
 
 
 def test_schedule_published_values() -> None:

@@ -6,8 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
+from klein_agent import resolution
+from klein_agent.imaging import prepare_reference
 from klein_agent.pipeline import KleinPipeline, load_pipeline
-from klein_agent.request import GenerationRequest
+from klein_agent.previews import encode_png
+from klein_agent.request import GenerationRequest, NonFiniteOutputError
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +87,8 @@ def test_a_raising_callback_stops_between_steps(pipe: KleinPipeline) -> None:
         (GenerationRequest("x", 48, 0, seed=0), "height must be a positive multiple of 16"),
         (GenerationRequest("x", 48, 48, seed=0, num_images=0), "num_images"),
         (GenerationRequest("x", 48, 48, seed=0, steps=0), "steps"),
+        (GenerationRequest("x", 48, 48, seed=2**32 - 1, num_images=2), "use a seed of at most 4294967294"),
+        (GenerationRequest("x", 48, 48, seed=-3), "seed must be an integer from 0 to 4294967295"),
         (GenerationRequest("x", 48, 48, seed=0, references=tuple(picture(i) for i in range(5))), "at most 4"),
         (GenerationRequest("x", 48, 48, seed=0, references=(picture(0, (40, 64)),)), "at least 64"),
         (GenerationRequest("x", 48, 48, seed=0, references=(picture(0, (1040, 64)),)), "aspect ratio"),
@@ -96,10 +101,89 @@ def test_bad_requests_are_refused_with_a_reason(
         pipe.generate(request_)
 
 
-def test_default_size_follows_the_first_reference(pipe: KleinPipeline) -> None:
-    assert pipe.default_size([]) == (1024, 1024)
-    assert pipe.default_size([picture(0, (100, 70))]) == (96, 64)
-    assert pipe.default_size([picture(0, (2048, 1024))]) == (1440, 720)  # scaled to ~1 Mpx, floored to 16
+@pytest.mark.parametrize(
+    ("width", "height", "references", "want"),
+    [
+        (None, None, [], (1024, 1024)),  # 64 tokens a side, the reference's default
+        (512, None, [], (512, 512)),  # one side: the other keeps the default's (square) aspect
+        (None, None, [(100, 70)], (96, 64)),  # the first reference as prepared: floored to 16
+        (None, None, [(2048, 1024)], (1440, 720)),  # scaled to ~1 Mpx (int(1448.15), int(724.08)), floored
+        (None, None, [(3024, 4032)], (880, 1168)),  # a phone photo: ~1 Mpx, not its own 12 Mpx
+        (None, 640, [(3024, 4032)], (480, 640)),  # one side: the prepared reference's 3:4 kept
+        (256, None, [(100, 70), (500, 64)], (256, 176)),  # image 1 decides, image 2 does not
+        (320, 192, [(100, 70)], (320, 192)),  # both given: as given
+    ],
+)
+def test_the_output_size_rule(
+    pipe: KleinPipeline,
+    width: int | None,
+    height: int | None,
+    references: list[tuple[int, int]],
+    want: tuple[int, int],
+) -> None:
+    request = GenerationRequest(
+        "x", width, height, seed=0, references=tuple(picture(i, size) for i, size in enumerate(references))
+    )
+    resolved = pipe.resolve(request)
+    assert (resolved.width, resolved.height) == want
+    first = references[0] if references else None
+    prepared = None if first is None else resolution.prepared_reference_size(*first)
+    assert resolution.output_size(width, height, prepared) == want  # the rule the CLI and the server check
+    if references:
+        assert resolved.reference_sizes[0] == prepare_reference(request.references[0]).size
+
+
+def test_what_ran_is_reported_and_builds_the_recipe(pipe: KleinPipeline) -> None:
+    result = pipe.generate(GenerationRequest("report", 64, 48, num_images=2, guidance=3.0))
+    r = result.resolved
+    assert len(r.seeds) == 2 and r.seeds[1] == r.seeds[0] + 1 and r.seeds[0] < 2**31  # drawn
+    assert r.steps == 4 and r.guidance is None and not r.cfg  # distilled: no guidance, whatever was asked
+    assert result.recipe(1) == {
+        "prompt": "report",
+        "seed": r.seeds[1],
+        "width": 64,
+        "height": 48,
+        "steps": 4,
+        "guidance": None,
+        "model": "tiny",
+        "variant": "tiny",
+    }
+
+
+@pytest.mark.parametrize(
+    ("prompt", "size", "references"),
+    [
+        ("a lighthouse", (64, 48), 0),
+        ("two prompts, one reference", (128, 64), 1),
+        ("three refs at another size", (80, 96), 3),
+    ],
+)
+def test_picture_k_of_a_batch_is_byte_for_byte_the_run_with_seed_plus_k(
+    pipe: KleinPipeline, prompt: str, size: tuple[int, int], references: int
+) -> None:
+    refs = tuple(picture(20 + i, (96 + 16 * i, 80)) for i in range(references))
+    batch = pipe.generate(GenerationRequest(prompt, *size, seed=100, num_images=3, references=refs))
+    for k in range(3):
+        single = pipe.generate(GenerationRequest(prompt, *size, seed=100 + k, references=refs))
+        assert single.images[0].tobytes() == batch.images[k].tobytes()
+        assert single.recipe(0) == batch.recipe(k)
+        want = encode_png(single.images[0], provenance=single.recipe(0))
+        assert encode_png(batch.images[k], provenance=batch.recipe(k)) == want
+
+
+def test_non_finite_output_is_an_error_that_names_the_fix() -> None:
+    pipe = load_pipeline("tiny", dtype="float16")
+    with torch.no_grad():
+        pipe.transformer.img_in.weight.mul_(1e6)  # activations past float16's 65504
+    with pytest.raises(
+        NonFiniteOutputError, match=r"non-finite values .* float16: run with --dtype bfloat16"
+    ):
+        pipe.generate(GenerationRequest("overflow", 64, 64, seed=0))
+    damaged = load_pipeline("tiny")
+    with torch.no_grad():
+        damaged.autoencoder.decoder.conv_out.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteOutputError, match=r"decoded pixels.*damaged.*download it again"):
+        damaged.generate(GenerationRequest("nan", 64, 64, seed=0))
 
 
 def test_text_encoder_offload_moves_it_only_for_uncached_prompts(monkeypatch: pytest.MonkeyPatch) -> None:

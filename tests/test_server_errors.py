@@ -143,6 +143,13 @@ def cases(input_dir: Path, outside: Path) -> list[tuple[str, str, dict[str, Any]
         ("no references", "compose", {"images": [], "prompt": p}, "at least 1 item"),
         ("bad steps", "generate", {"prompt": p, "steps": 0}, "greater than or equal to 1"),
         ("bad seed", "generate", {"prompt": p, "seed": -1}, "greater than or equal to 0"),
+        (
+            "batch past the largest seed",
+            "generate",
+            {"prompt": p, "seed": 4294967295, "num_images": 2},
+            "use a seed of at most 4294967294",
+        ),
+        ("guidance below 1", "generate", {"prompt": p, "guidance": 0.5}, "greater than or equal to 1"),
         ("bad session", "generate", {"prompt": p, "session": "a/b"}, "not a valid label"),
         ("view unknown", "view_image", {"image_ids": [VALID_UNKNOWN_ID]}, "Unknown image id"),
         ("view too many", "view_image", {"image_ids": [VALID_UNKNOWN_ID] * 17}, "at most 16"),
@@ -219,3 +226,29 @@ async def test_a_store_write_failure_is_reported_and_leaves_nothing(
     assert server_state.store.stats().count == 0
     assert list((server_state.store.root / "images").iterdir()) == []
     assert not (await client.call_tool("generate", {"prompt": "a kite", "width": 64, "height": 64})).is_error
+
+
+async def test_non_finite_pictures_are_an_error_and_nothing_is_stored(
+    tmp_path: Path, input_dir: Path
+) -> None:
+    import torch
+
+    from klein_agent.pipeline import load_pipeline
+    from klein_agent.server.app import build_server
+    from tests.conftest import make_server_state
+
+    broken = load_pipeline("tiny")
+    with torch.no_grad():
+        broken.transformer.final_layer.linear.weight.fill_(float("nan"))
+    state = make_server_state(lambda: broken, tmp_path / "store", input_dir)
+    try:
+        async with Client(build_server(state), mode="auto") as client:
+            result = await client.call_tool("generate", {"prompt": "a kite", "width": 64, "height": 64})
+            text = result.content[0].text
+            assert result.is_error and "non-finite values (NaN or infinity) in the latents" in text
+            assert "nothing was stored" in text and "--dtype float32" in text
+            assert state.store.stats().count == 0
+            assert not (await client.call_tool("server_status", {})).is_error
+    finally:
+        state.engine.close()
+        state.store.close()

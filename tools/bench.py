@@ -29,35 +29,13 @@ from typing import Any
 import torch
 from PIL import Image
 
-from klein_agent.configs import PRESETS, AutoencoderConfig, ModelPreset, TextEncoderConfig, TransformerConfig
+from klein_agent.configs import PRESETS
 from klein_agent.devices import resolve_device, resolve_dtype
 from klein_agent.pipeline import KleinPipeline
 from klein_agent.request import GenerationRequest
 from klein_agent.tiny import build_random_models
 
-MID = ModelPreset(
-    name="mid",
-    transformer=TransformerConfig(
-        in_channels=128,
-        context_in_dim=3 * 512,
-        hidden_size=768,
-        num_heads=12,
-        depth=2,
-        depth_single_blocks=6,
-        axes_dim=(16, 16, 16, 16),
-    ),
-    autoencoder=AutoencoderConfig(ch=64, ch_mult=(1, 2, 4, 4), num_res_blocks=1),
-    text_encoder=TextEncoderConfig(
-        vocab_size=4096,
-        hidden_size=512,
-        intermediate_size=1536,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        head_dim=64,
-    ),
-)
-ALL_PRESETS = {**PRESETS, "mid": MID}
+ALL_PRESETS = PRESETS
 
 
 def sync(device: torch.device) -> None:

@@ -85,7 +85,7 @@ def write_checkpoint(
             "out_channels": None,
             "patch_size": 1,
             "rope_theta": tc.theta,
-            "timestep_guidance_channels": 256,
+            "timestep_guidance_channels": tc.timestep_channels,
         },
     )
     ours = _contiguous(transformer.state_dict())
@@ -96,7 +96,7 @@ def write_checkpoint(
     save_file(ours, str(bfl_file))
 
     ac = autoencoder.config
-    levels = len(ac.ch_mult)
+    levels = len(ac.block_out_channels)
     _write_json(
         folder / "vae" / "config.json",
         {
@@ -104,7 +104,10 @@ def write_checkpoint(
             "act_fn": "silu",
             "batch_norm_eps": ac.bn_eps,
             "batch_norm_momentum": 0.1,
-            "block_out_channels": [ac.ch * m for m in ac.ch_mult],
+            "block_out_channels": list(ac.block_out_channels),
+            "decoder_block_out_channels": None
+            if ac.decoder_block_out_channels is None
+            else list(ac.decoder_block_out_channels),
             "down_block_types": ["DownEncoderBlock2D"] * levels,
             "up_block_types": ["UpDecoderBlock2D"] * levels,
             "in_channels": ac.in_channels,
@@ -112,11 +115,11 @@ def write_checkpoint(
             "latent_channels": ac.z_channels,
             "layers_per_block": ac.num_res_blocks,
             "norm_num_groups": ac.norm_groups,
-            "mid_block_add_attention": True,
+            "mid_block_add_attention": ac.mid_attention,
             "patch_size": [2, 2],
             "sample_size": 1024,
-            "use_quant_conv": True,
-            "use_post_quant_conv": True,
+            "use_quant_conv": ac.use_quant_conv,
+            "use_post_quant_conv": ac.use_post_quant_conv,
         },
     )
     vae_state = keymaps.autoencoder_to_diffusers(_contiguous(autoencoder.state_dict()))

@@ -1,6 +1,8 @@
-"""diffusers' FLUX.2 [klein] components with our sizes and weights: the reference we measure ourselves against.
+"""diffusers' FLUX.2 [klein] components with our sizes, for the benchmark and for writing test checkpoints.
 
-Used by the parity tests and by tools/bench.py; diffusers is a test dependency only, never imported by the package.
+`reference_pipeline(pipe)` gives tools/bench.py a `Flux2KleinPipeline` on the weights of one of ours (speed does not
+depend on where the weights came from). Parity tests never use it: they load checkpoints diffusers itself wrote
+(tests/reference_checkpoints.py). diffusers is a test dependency only, never imported by the package.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def diffusers_transformer(config: TransformerConfig) -> Flux2Transformer2DModel:
         attention_head_dim=config.head_dim,
         num_attention_heads=config.num_heads,
         joint_attention_dim=config.context_in_dim,
-        timestep_guidance_channels=256,
+        timestep_guidance_channels=config.timestep_channels,
         mlp_ratio=config.mlp_ratio,
         axes_dims_rope=tuple(config.axes_dim),
         rope_theta=config.theta,
@@ -40,17 +42,21 @@ def diffusers_transformer(config: TransformerConfig) -> Flux2Transformer2DModel:
 
 
 def diffusers_autoencoder(config: AutoencoderConfig) -> AutoencoderKLFlux2:
-    levels = len(config.ch_mult)
+    levels = len(config.block_out_channels)
     return AutoencoderKLFlux2(
         in_channels=config.in_channels,
         out_channels=config.out_channels,
         down_block_types=("DownEncoderBlock2D",) * levels,
         up_block_types=("UpDecoderBlock2D",) * levels,
-        block_out_channels=tuple(config.ch * m for m in config.ch_mult),
+        block_out_channels=config.block_out_channels,
+        decoder_block_out_channels=config.decoder_block_out_channels,
         layers_per_block=config.num_res_blocks,
         latent_channels=config.z_channels,
         norm_num_groups=config.norm_groups,
         batch_norm_eps=config.bn_eps,
+        use_quant_conv=config.use_quant_conv,
+        use_post_quant_conv=config.use_post_quant_conv,
+        mid_block_add_attention=config.mid_attention,
     ).eval()
 
 
@@ -79,7 +85,8 @@ def reference_pipeline(pipe: KleinPipeline) -> Any:
         text = Qwen3ForCausalLM(pipe.text_embedder.full_config)
     transformer.load_state_dict(keymaps.transformer_to_diffusers(pipe.transformer.state_dict()), assign=True)
     vae.load_state_dict(keymaps.autoencoder_to_diffusers(pipe.autoencoder.state_dict()), assign=True)
-    # The reference runs the encoder's full depth; the layers we never run get copies of the last one we keep.
+    # The reference runs the encoder's full depth. Layers past 27 cannot change its output (it reads layer 27's
+    # raw output); they get copies of layer 26 so they cost what real layers cost.
     ours = {k: v for k, v in pipe.text_embedder.model.state_dict().items() if not k.startswith("rotary_emb.")}
     kept = len(pipe.text_embedder.model.layers)
     state = {f"model.{k}": v for k, v in ours.items()}
@@ -87,7 +94,7 @@ def reference_pipeline(pipe: KleinPipeline) -> Any:
         for k, v in ours.items():
             if k.startswith(f"layers.{kept - 1}."):
                 state["model." + k.replace(f"layers.{kept - 1}.", f"layers.{layer}.", 1)] = v.clone()
-    state["model.norm.weight"] = torch.ones_like(ours["embed_tokens.weight"][0])
+    state.setdefault("model.norm.weight", torch.ones_like(ours["embed_tokens.weight"][0]))
     state["lm_head.weight"] = ours["embed_tokens.weight"]
     text.load_state_dict(state, assign=True)
     text.model.rotary_emb = type(text.model.rotary_emb)(config=text.config).to(pipe.device)

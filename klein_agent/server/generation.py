@@ -16,9 +16,7 @@ from pydantic import Field
 from klein_agent import __version__
 from klein_agent.engine import JobTimes
 from klein_agent.image_inputs import LoadedImage
-from klein_agent.previews import encode_png
-from klein_agent.request import GenerationRequest, GenerationResult
-from klein_agent.server.config import (
+from klein_agent.limits import (
     MAX_GUIDANCE,
     MAX_IMAGES_PER_CALL,
     MAX_PROMPT_CHARS,
@@ -26,21 +24,24 @@ from klein_agent.server.config import (
     MAX_SEED,
     MAX_SIDE,
     MAX_STEPS,
+    MIN_GUIDANCE,
     MIN_SIDE,
-    MULTIPLE,
+    SIZE_MULTIPLE,
 )
+from klein_agent.previews import encode_png
+from klein_agent.recipes import provenance
+from klein_agent.request import GenerationRequest, GenerationResult
 from klein_agent.server.models import ImagesResult
 from klein_agent.server.results import build_preview, images_result, preview_labels
 from klein_agent.server.state import (
     ServerState,
-    check_pixels,
     check_session,
     clean_prompt,
     import_images,
     load_images,
-    new_seed,
     now_iso,
-    output_size,
+    plan_seeds,
+    plan_size,
     tool_errors,
 )
 from klein_agent.store import StoredImage
@@ -53,14 +54,23 @@ PromptArg = Annotated[
         description="What the picture shows, subject first. Say what should be there, not what should not.",
     ),
 ]
-SideArg = Annotated[int, Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=MULTIPLE)]
+SideArg = Annotated[
+    int | None,
+    Field(
+        ge=MIN_SIDE,
+        le=MAX_SIDE,
+        multiple_of=SIZE_MULTIPLE,
+        description="Output size in px (multiple of 16). Omit both for 1024x1024; give one and the other matches.",
+    ),
+]
 OptionalSideArg = Annotated[
     int | None,
     Field(
         ge=MIN_SIDE,
         le=MAX_SIDE,
-        multiple_of=MULTIPLE,
-        description="Output size in px (multiple of 16). Omit to match the input image (rounded to 16).",
+        multiple_of=SIZE_MULTIPLE,
+        description="Output size in px (multiple of 16). Omit both to take image 1's size as the model sees it "
+        "(at most ~1 megapixel); give one and the other keeps image 1's aspect ratio.",
     ),
 ]
 SeedArg = Annotated[
@@ -81,7 +91,11 @@ StepsArg = Annotated[
 ]
 GuidanceArg = Annotated[
     float | None,
-    Field(ge=0.0, le=MAX_GUIDANCE, description="Guidance scale for Base models; distilled klein ignores it."),
+    Field(
+        ge=MIN_GUIDANCE,
+        le=MAX_GUIDANCE,
+        description="Guidance scale for Base models (1 = off); distilled klein takes none.",
+    ),
 ]
 NumImagesArg = Annotated[
     int,
@@ -132,8 +146,8 @@ class GenerationTools:
         self,
         ctx: Context,
         prompt: PromptArg,
-        width: SideArg = 1024,
-        height: SideArg = 1024,
+        width: SideArg = None,
+        height: SideArg = None,
         seed: SeedArg = None,
         steps: StepsArg = None,
         guidance: GuidanceArg = None,
@@ -142,9 +156,10 @@ class GenerationTools:
     ) -> Annotated[CallToolResult, ImagesResult]:
         text = clean_prompt(prompt)
         session = check_session(session)
-        check_pixels(self.state.config, width, height, num_images)
+        plan_size(self.state, None, width, height, num_images)
+        seeds = plan_seeds(seed, num_images)
         return await self._make(
-            ctx, "generate", text, width, height, seed, steps, guidance, num_images, session, []
+            ctx, "generate", text, width, height, seeds[0], steps, guidance, num_images, session, []
         )
 
     async def edit(
@@ -163,10 +178,12 @@ class GenerationTools:
         text = clean_prompt(prompt)
         session = check_session(session)
         self._check_reference_count(1)
+        seeds = plan_seeds(seed, num_images)
         loaded = await load_images(self.state, [image])
-        w, h = output_size(self.state.config, loaded[0].image, width, height, num_images)
-        check_pixels(self.state.config, w, h, num_images)
-        return await self._make(ctx, "edit", text, w, h, seed, steps, guidance, num_images, session, loaded)
+        plan_size(self.state, loaded[0].image, width, height, num_images)
+        return await self._make(
+            ctx, "edit", text, width, height, seeds[0], steps, guidance, num_images, session, loaded
+        )
 
     async def compose(
         self,
@@ -184,11 +201,11 @@ class GenerationTools:
         text = clean_prompt(prompt)
         session = check_session(session)
         self._check_reference_count(len(images))
+        seeds = plan_seeds(seed, num_images)
         loaded = await load_images(self.state, images)
-        w, h = output_size(self.state.config, loaded[0].image, width, height, num_images)
-        check_pixels(self.state.config, w, h, num_images)
+        plan_size(self.state, loaded[0].image, width, height, num_images)
         return await self._make(
-            ctx, "compose", text, w, h, seed, steps, guidance, num_images, session, loaded
+            ctx, "compose", text, width, height, seeds[0], steps, guidance, num_images, session, loaded
         )
 
     # -- shared ----------------------------------------------------------------------------------------------
@@ -207,9 +224,9 @@ class GenerationTools:
         ctx: Context,
         tool: str,
         prompt: str,
-        width: int,
-        height: int,
-        seed: int | None,
+        width: int | None,
+        height: int | None,
+        seed: int,
         steps: int | None,
         guidance: float | None,
         num_images: int,
@@ -223,7 +240,7 @@ class GenerationTools:
             prompt=prompt,
             width=width,
             height=height,
-            seed=new_seed() if seed is None else seed,
+            seed=seed,
             num_images=num_images,
             steps=steps,
             guidance=guidance,
@@ -270,33 +287,17 @@ class GenerationTools:
         times: JobTimes,
     ) -> _Batch:
         """On the engine's worker, right after the model: one PNG and one store record per image."""
-        info = self.state.engine.info
-        assert info is not None, "the model has run, so it is loaded"
-        steps = request.steps or info.default_steps
-        guidance = info.default_guidance if request.guidance is None else request.guidance
         stored: list[StoredImage] = []
-        seeds: list[int] = []
+        seeds = list(result.resolved.seeds)
         for k, picture in enumerate(result.images):
-            seed = request.seed + k
             # What decides the pixels; written into the PNG too, so it must be the same on every re-run.
-            provenance = {
-                "tool": tool,
-                "prompt": request.prompt,
-                "seed": seed,
-                "width": request.width,
-                "height": request.height,
-                "steps": steps,
-                "guidance": guidance,
-                "model": info.model,
-                "variant": info.variant,
-                "parents": parents,
-            }
+            recipe_core = provenance(result, k, tool=tool, parents=parents)
             recipe = {
-                **provenance,
+                **recipe_core,
                 "session": session,
-                "batch": {"index": k, "of": len(result.images), "first_seed": request.seed},
-                "device": info.device,
-                "dtype": info.dtype,
+                "batch": {"index": k, "of": len(result.images), "first_seed": seeds[0]},
+                "device": result.info.device,
+                "dtype": result.info.dtype,
                 "timings_ms": {key: round(value, 1) for key, value in result.timings_ms.items()},
                 "queued_ms": round(times.queued_ms, 1),
                 "model_ms": round(times.model_ms, 1),
@@ -304,7 +305,7 @@ class GenerationTools:
                 "created_at": now_iso(),
                 "klein_agent": __version__,
             }
-            png = encode_png(picture, provenance=provenance)
+            png = encode_png(picture, provenance=recipe_core)
             stored.append(
                 self.state.store.put(
                     png,
@@ -315,7 +316,7 @@ class GenerationTools:
                     session=session,
                 )
             )
-            seeds.append(seed)
+        steps = result.resolved.steps
         return _Batch(
             stored=stored,
             seeds=seeds,

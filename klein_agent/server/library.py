@@ -17,7 +17,8 @@ from pydantic import Field
 
 from klein_agent import __version__
 from klein_agent.image_inputs import check_output_path
-from klein_agent.server.config import MAX_VIEW_IMAGES, MIN_SIDE, VIEW_MAX_EDGE
+from klein_agent.limits import MIN_SIDE
+from klein_agent.server.config import MAX_VIEW_IMAGES, VIEW_MAX_EDGE
 from klein_agent.server.models import (
     ExportResult,
     ListedImage,

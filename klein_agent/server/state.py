@@ -7,10 +7,6 @@ Errors become `ToolError`, whose text reaches the calling model: it names the pr
 from __future__ import annotations
 
 import contextlib
-import math
-import re
-import secrets
-import unicodedata
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,15 +15,14 @@ import anyio.to_thread
 from mcp.server.mcpserver.exceptions import ToolError
 from PIL import Image
 
-from klein_agent import __version__
+from klein_agent import __version__, resolution
 from klein_agent.engine import Engine, EngineError
 from klein_agent.image_inputs import ImageInputError, InputPolicy, LoadedImage, load_image_argument
+from klein_agent.limits import SESSION_PATTERN, SIZE_MULTIPLE
 from klein_agent.previews import encode_png
-from klein_agent.request import MULTIPLE
-from klein_agent.server.config import MAX_SIDE, MIN_SIDE, ServerConfig
+from klein_agent.resolution import RequestError
+from klein_agent.server.config import ServerConfig
 from klein_agent.store import ImageStore, StoreError
-
-_SESSION_RE = re.compile(r"[A-Za-z0-9 _.:-]{1,64}", re.ASCII)  # the store's rule, checked before any work
 
 
 @dataclass
@@ -45,25 +40,20 @@ def tool_errors() -> Iterator[None]:
         yield
     except ToolError:
         raise
-    except (ImageInputError, StoreError, EngineError) as exc:
+    except (ImageInputError, StoreError, EngineError, RequestError) as exc:
         raise ToolError(str(exc)) from exc
 
 
 def clean_prompt(prompt: str) -> str:
-    """Strip control characters (keeping newlines and tabs) and surrounding space; refuse an empty result."""
-    text = "".join(ch for ch in prompt if ch in "\n\t" or unicodedata.category(ch) != "Cc").strip()
-    if not text:
-        raise ToolError(
-            "the prompt is empty: describe the picture you want, subject first "
-            '(for example "a red fox sitting in fresh snow, morning light")'
-        )
-    return text
+    """The shared prompt rule (`resolution.clean_prompt`), its errors as ToolError."""
+    with tool_errors():
+        return resolution.clean_prompt(prompt)
 
 
 def check_session(session: str | None) -> str | None:
     if session is None:
         return None
-    if not _SESSION_RE.fullmatch(session):
+    if not SESSION_PATTERN.fullmatch(session):
         raise ToolError(
             f"session {session[:70]!r} is not a valid label: use 1 to 64 letters, digits, spaces, '_', '.', ':' "
             "or '-' (for example \"logo-v2\")"
@@ -71,48 +61,29 @@ def check_session(session: str | None) -> str | None:
     return session
 
 
-def check_pixels(config: ServerConfig, width: int, height: int, num_images: int) -> None:
-    total = width * height * num_images
-    if total > config.max_pixels_per_call:
-        raise ToolError(
-            f"{num_images} image(s) of {width}x{height} is {total / 1e6:.1f} megapixels, over this server's "
-            f"{config.max_pixels_per_call / 1e6:.1f} megapixel limit per call: lower width/height or num_images"
-        )
+def size_multiple(state: ServerState) -> int:
+    """Pixels per latent token of the loaded model; 16 (every klein checkpoint's) until it has loaded."""
+    info = state.engine.info
+    return info.size_multiple if info is not None else SIZE_MULTIPLE
 
 
-def fit_size(width: int, height: int, budget_pixels: int) -> tuple[int, int]:
-    """A size with the same aspect as width x height: multiples of 16, sides in [64, 2048], within the budget."""
-    scale = min(1.0, math.sqrt(budget_pixels / (width * height)), MAX_SIDE / max(width, height))
-    while True:
-        w = _snap(width * scale)
-        h = _snap(height * scale)
-        if w * h <= budget_pixels or scale < 0.01:
-            return w, h
-        scale *= 0.97
-
-
-def _snap(value: float) -> int:
-    return int(min(MAX_SIDE, max(MIN_SIDE, MULTIPLE * round(value / MULTIPLE))))
-
-
-def output_size(
-    config: ServerConfig, source: Image.Image, width: int | None, height: int | None, num_images: int
+def plan_size(
+    state: ServerState, first: Image.Image | None, width: int | None, height: int | None, num_images: int
 ) -> tuple[int, int]:
-    """The size of an edit or composition: the caller's, else the source's (rounded to 16, within the limits).
-
-    With only one side given, the other follows the source's aspect ratio.
-    """
-    if width is not None and height is not None:
-        return width, height
-    if width is not None:
-        return width, _snap(width * source.height / source.width)
-    if height is not None:
-        return _snap(height * source.width / source.height), height
-    return fit_size(source.width, source.height, config.max_pixels_per_call // num_images)
+    """The output size by the shared rule (`resolution.output_size`), checked against the per-call pixel budget
+    before any work; ToolError when it does not fit."""
+    multiple = size_multiple(state)
+    prepared = None if first is None else resolution.prepared_reference_size(*first.size, multiple)
+    w, h = resolution.output_size(width, height, prepared, multiple)
+    with tool_errors():
+        resolution.check_pixels(w, h, num_images, state.config.max_pixels_per_call)
+    return w, h
 
 
-def new_seed() -> int:
-    return secrets.randbelow(2**31)
+def plan_seeds(seed: int | None, num_images: int) -> tuple[int, ...]:
+    """seed, seed + 1, ... (a drawn seed when None); ToolError when the batch would run past the largest seed."""
+    with tool_errors():
+        return resolution.batch_seeds(seed, num_images)
 
 
 def now_iso(timestamp: float | None = None) -> str:

@@ -1,0 +1,39 @@
+"""Every limit and default a request is checked against, in one place. No torch: the CLI and the server check
+arguments with these before a model is loaded.
+
+Values the reference fixes are marked with where it fixes them; the rest are this project's product limits.
+"""
+
+from __future__ import annotations
+
+import re
+
+# -- output size ------------------------------------------------------------------------------------------------
+SIZE_MULTIPLE = (
+    16  # user-given sides: one latent token is 16 px for every klein checkpoint (8x autoencoder, 2x2 patch)
+)
+MIN_SIDE = 64
+MAX_SIDE = 2048
+DEFAULT_SIDE = 1024  # diffusers Flux2KleinPipeline: default_sample_size 128 x vae_scale_factor 8
+MAX_PIXELS_PER_CALL = 2048 * 2048  # width x height x num_images; the server's default, overridable
+
+# -- references (diffusers Flux2ImageProcessor.check_image_input and Flux2KleinPipeline.__call__) -------------------
+REFERENCE_MAX_AREA = 1024 * 1024  # larger references are scaled down (Lanczos) to about this many pixels
+REFERENCE_MIN_SIDE = 64
+REFERENCE_MAX_ASPECT = 8.0
+MAX_REFERENCES = 4  # BFL's API limit for klein and the count its KV benchmarks use; the reference sets none
+
+# -- sampling ---------------------------------------------------------------------------------------------------
+MAX_IMAGES_PER_CALL = 4
+MAX_STEPS = 100
+MIN_GUIDANCE = 1.0  # diffusers: CFG runs only for guidance_scale > 1; 1 means "off"
+MAX_GUIDANCE = 20.0
+MAX_SEED = 2**32 - 1  # seeds are unsigned 32-bit, so a recipe's seed always fits the schema that replays it
+RANDOM_SEED_BOUND = 2**31  # a drawn seed leaves room for a batch above it
+
+# -- text -------------------------------------------------------------------------------------------------------
+MAX_PROMPT_CHARS = 2000  # the text encoder keeps 512 tokens after templating; more text is ignored anyway
+
+# -- grouping ---------------------------------------------------------------------------------------------------
+SESSION_PATTERN = re.compile(r"[A-Za-z0-9 _.:-]{1,64}", re.ASCII)
+SESSION_MAX_CHARS = 64

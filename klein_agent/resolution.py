@@ -1,0 +1,225 @@
+"""From what a caller asked to what the model will run: sizes, seeds, steps and guidance, resolved once.
+
+The pipeline resolves every request with `resolve_request`; the server and the CLI call the same functions to
+refuse bad arguments before any model time is spent, so a rule lives here and nowhere else. No torch.
+
+The size rule is the reference's (diffusers `Flux2KleinPipeline.__call__`): without a size, an edit or composition
+takes the size of its first reference *as prepared* (scaled down to at most ~1 Mpx, sides floored to the model's
+token size), text-to-image takes 64 tokens a side (1024 px for klein). With only one side given, the other keeps
+the aspect ratio of that default (the reference would take the default's other side as it is).
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from klein_agent import limits
+
+DEFAULT_TOKENS_PER_SIDE = (
+    64  # diffusers: default_sample_size 128 x vae_scale_factor = 64 tokens of 2x2 latents
+)
+
+
+class RequestError(ValueError):
+    """A request that cannot run as asked; the message names the argument and the allowed values."""
+
+
+@dataclass(frozen=True)
+class ResolvedRequest:
+    """Every value that decides the pixels, resolved; a recipe is built from it."""
+
+    prompt: str
+    width: int
+    height: int
+    seeds: tuple[int, ...]  # one per image: seed, seed + 1, ...
+    steps: int
+    guidance: float | None  # the CFG scale for Base models; None for distilled ones (they take none)
+    reference_sizes: tuple[tuple[int, int], ...]  # (width, height) of each reference as prepared, in order
+
+    @property
+    def cfg(self) -> bool:
+        """Whether classifier-free guidance runs: as in diffusers, only for a scale above 1."""
+        return self.guidance is not None and self.guidance > 1.0
+
+
+def clean_prompt(prompt: str) -> str:
+    """The prompt as the model gets it: control characters (but newlines and tabs) and surrounding space removed.
+
+    Raises RequestError for text that is not valid Unicode (a lone surrogate: what Python makes of command-line
+    bytes that are not UTF-8), for an empty prompt, and for one over MAX_PROMPT_CHARS characters.
+    """
+    for position, ch in enumerate(prompt):
+        if "\ud800" <= ch <= "\udfff":
+            byte = f" (byte 0x{ord(ch) - 0xDC00:02x})" if "\udc80" <= ch <= "\udcff" else ""
+            raise RequestError(
+                f"the prompt is not valid UTF-8 text{byte} at character {position}: set your terminal to UTF-8 "
+                "or re-type the prompt"
+            )
+    text = "".join(ch for ch in prompt if ch in "\n\t" or unicodedata.category(ch) != "Cc").strip()
+    if not text:
+        raise RequestError(
+            "the prompt is empty: describe the picture you want, subject first "
+            '(for example "a red fox sitting in fresh snow, morning light")'
+        )
+    if len(text) > limits.MAX_PROMPT_CHARS:
+        raise RequestError(
+            f"the prompt is {len(text)} characters long, over the {limits.MAX_PROMPT_CHARS} limit (the model reads "
+            "only its first ~500 tokens): shorten it, subject first"
+        )
+    return text
+
+
+def check_reference_geometry(width: int, height: int) -> None:
+    """The reference's checks on an input picture (diffusers `Flux2ImageProcessor.check_image_input`).
+
+    Raises RequestError when a side is under 64 px or the aspect ratio is over 8:1.
+    """
+    if min(width, height) < limits.REFERENCE_MIN_SIDE:
+        raise RequestError(
+            f"reference image is {width}x{height}; both sides must be at least {limits.REFERENCE_MIN_SIDE} px: "
+            "upscale or pad it"
+        )
+    aspect = max(width / height, height / width)
+    if aspect > limits.REFERENCE_MAX_ASPECT:
+        raise RequestError(
+            f"reference image is {width}x{height}, aspect ratio {aspect:.1f}:1; the aspect ratio must be at most "
+            f"{limits.REFERENCE_MAX_ASPECT:g}:1: crop or pad it"
+        )
+
+
+def prepared_reference_size(width: int, height: int, multiple: int = limits.SIZE_MULTIPLE) -> tuple[int, int]:
+    """(width, height) of a reference after the reference's preparation: scaled down (Lanczos, sides truncated)
+    to at most REFERENCE_MAX_AREA pixels, then center-cropped to multiples of `multiple` px."""
+    if width * height > limits.REFERENCE_MAX_AREA:
+        scale = math.sqrt(limits.REFERENCE_MAX_AREA / (width * height))
+        width, height = int(width * scale), int(height * scale)
+    return (width // multiple) * multiple, (height // multiple) * multiple
+
+
+def output_size(
+    width: int | None,
+    height: int | None,
+    first_reference: tuple[int, int] | None,
+    multiple: int = limits.SIZE_MULTIPLE,
+) -> tuple[int, int]:
+    """The output (width, height): as given; else the prepared first reference's (`first_reference`, already
+    prepared) or 64 tokens a side; one side given: the other keeps that default's aspect ratio, rounded to
+    `multiple` px (at least one token)."""
+    if width is not None and height is not None:
+        return width, height
+    base_w, base_h = first_reference or (DEFAULT_TOKENS_PER_SIDE * multiple,) * 2
+    if width is not None:
+        return width, max(multiple, round(width * base_h / base_w / multiple) * multiple)
+    if height is not None:
+        return max(multiple, round(height * base_w / base_h / multiple) * multiple), height
+    return base_w, base_h
+
+
+def check_output_size(width: int, height: int, multiple: int = limits.SIZE_MULTIPLE) -> None:
+    """Raises RequestError unless both sides are positive multiples of `multiple`."""
+    for name, value in (("width", width), ("height", height)):
+        if value < multiple or value % multiple:
+            raise RequestError(f"{name} must be a positive multiple of {multiple}, got {value}")
+
+
+def check_user_size(
+    width: int | None, height: int | None, *, max_side: int = limits.MAX_SIDE, min_side: int = limits.MIN_SIDE
+) -> None:
+    """The product's limits on a size a caller gives (the CLI and the server): multiples of 16 in
+    [min_side, max_side]. Raises RequestError naming the side."""
+    for name, value in (("width", width), ("height", height)):
+        if value is None:
+            continue
+        if value % limits.SIZE_MULTIPLE or not min_side <= value <= max_side:
+            raise RequestError(
+                f"{name} must be a multiple of {limits.SIZE_MULTIPLE} from {min_side} to {max_side}, got {value}"
+            )
+
+
+def check_pixels(width: int, height: int, num_images: int, budget: int) -> None:
+    """Raises RequestError when width x height x num_images is over `budget` pixels."""
+    total = width * height * num_images
+    if total > budget:
+        raise RequestError(
+            f"{num_images} image(s) of {width}x{height} is {total / 1e6:.1f} megapixels, over the "
+            f"{budget / 1e6:.1f} megapixel limit per call: lower width/height or num_images"
+        )
+
+
+def draw_seed() -> int:
+    """A random seed, leaving room for a batch above it."""
+    return secrets.randbelow(limits.RANDOM_SEED_BOUND)
+
+
+def batch_seeds(seed: int | None, num_images: int) -> tuple[int, ...]:
+    """seed, seed + 1, ... for `num_images` pictures (a drawn seed when None). Raises RequestError for a count
+    under 1 or a seed outside [0, MAX_SEED], including a batch that would run past MAX_SEED."""
+    if num_images < 1:
+        raise RequestError(f"num_images must be at least 1, got {num_images}")
+    if seed is None:
+        seed = draw_seed()
+    if not 0 <= seed <= limits.MAX_SEED:
+        raise RequestError(f"seed must be an integer from 0 to {limits.MAX_SEED}, got {seed}")
+    last = seed + num_images - 1
+    if last > limits.MAX_SEED:
+        raise RequestError(
+            f"seed {seed} with num_images {num_images} would use seeds up to {last}, past the largest seed "
+            f"{limits.MAX_SEED}: use a seed of at most {limits.MAX_SEED - num_images + 1}"
+        )
+    return tuple(seed + k for k in range(num_images))
+
+
+def resolve_sampling(
+    steps: int | None, guidance: float | None, *, distilled: bool, default_steps: int, default_guidance: float
+) -> tuple[int, float | None]:
+    """(steps, guidance) to run. Distilled models take no guidance (None, whatever was asked); Base models use
+    the asked scale or their default. Raises RequestError for steps outside [1, MAX_STEPS] or a scale outside
+    [MIN_GUIDANCE, MAX_GUIDANCE]."""
+    resolved_steps = default_steps if steps is None else steps
+    if not 1 <= resolved_steps <= limits.MAX_STEPS:
+        raise RequestError(f"steps must be from 1 to {limits.MAX_STEPS}, got {resolved_steps}")
+    if guidance is not None and not limits.MIN_GUIDANCE <= guidance <= limits.MAX_GUIDANCE:
+        raise RequestError(
+            f"guidance must be from {limits.MIN_GUIDANCE:g} (no guidance) to {limits.MAX_GUIDANCE:g}, got {guidance}"
+        )
+    if distilled:
+        return resolved_steps, None
+    return resolved_steps, default_guidance if guidance is None else float(guidance)
+
+
+def resolve_request(
+    prompt: str,
+    width: int | None,
+    height: int | None,
+    seed: int | None,
+    num_images: int,
+    steps: int | None,
+    guidance: float | None,
+    reference_sizes: Sequence[tuple[int, int]],
+    *,
+    multiple: int,
+    distilled: bool,
+    default_steps: int,
+    default_guidance: float,
+    max_references: int,
+) -> ResolvedRequest:
+    """Resolve one request for a model with these properties. `reference_sizes` are the original (width, height)
+    of the references, in order. Raises RequestError naming the first argument that cannot work."""
+    if len(reference_sizes) > max_references:
+        raise RequestError(
+            f"{len(reference_sizes)} reference images given; this model takes at most {max_references}"
+        )
+    for w, h in reference_sizes:
+        check_reference_geometry(w, h)
+    prepared = tuple(prepared_reference_size(w, h, multiple) for w, h in reference_sizes)
+    out_w, out_h = output_size(width, height, prepared[0] if prepared else None, multiple)
+    check_output_size(out_w, out_h, multiple)
+    seeds = batch_seeds(seed, num_images)
+    run_steps, run_guidance = resolve_sampling(
+        steps, guidance, distilled=distilled, default_steps=default_steps, default_guidance=default_guidance
+    )
+    return ResolvedRequest(prompt, out_w, out_h, seeds, run_steps, run_guidance, prepared)
