@@ -16,12 +16,12 @@ import time
 from pathlib import Path
 
 from klein_agent import __version__
-from klein_agent.limits import MAX_PIXELS_PER_CALL
 from klein_agent.model_options import add_model_arguments, generator_factory
+from klein_agent.rules.limits import MAX_PIXELS_PER_CALL
 
 log = logging.getLogger("klein_agent")
 
-# Input files on the command line: the server's defaults (klein_agent.image_inputs.InputPolicy).
+# Input files on the command line: the server's defaults (klein_agent.service.inputs.InputPolicy).
 INPUT_MAX_BYTES = 32 * 1024**2
 INPUT_MAX_PIXELS = 64 * 1024**2
 
@@ -98,11 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_generate(args: argparse.Namespace) -> int:
     """`klein-agent generate`: check everything, load the model, make the pictures, write PNGs with provenance."""
-    from klein_agent import limits, resolution
-    from klein_agent.image_inputs import read_image_file
-    from klein_agent.previews import encode_png
-    from klein_agent.recipes import provenance, tool_for
-    from klein_agent.request import GenerationRequest
+    from klein_agent.rules import limits, resolution
+    from klein_agent.rules.recipes import provenance, tool_for
+    from klein_agent.rules.requests import GenerationRequest
+    from klein_agent.service.inputs import read_image_file
+    from klein_agent.service.previews import encode_png
 
     # Everything the server checks, checked here before the model loads, with the server's messages.
     prompt = resolution.clean_prompt(args.prompt)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from klein_agent.request import ImageGenerator
+from klein_agent.rules.requests import ImageGenerator
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from klein_agent.request import (
+from klein_agent.rules.requests import (
     GenerationRequest,
     GenerationResult,
     GeneratorInfo,
@@ -67,11 +67,11 @@ def make_server_state(
     factory: Callable[[], ImageGenerator], store_dir: Path, allowed: Path, **options: Any
 ) -> Any:
     """A ServerState whose engine loads `factory()` (real or fake), started, with small fixed limits."""
-    from klein_agent.engine import Engine
-    from klein_agent.image_inputs import InputPolicy
     from klein_agent.server.config import ServerConfig
     from klein_agent.server.state import ServerState
-    from klein_agent.store import ImageStore
+    from klein_agent.service.engine import Engine
+    from klein_agent.service.inputs import InputPolicy
+    from klein_agent.service.store import ImageStore
 
     engine = Engine(
         factory, max_queue=options.pop("max_queue", 8), heartbeat_s=options.pop("heartbeat_s", 2.0)

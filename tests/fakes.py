@@ -14,7 +14,13 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from klein_agent.request import GenerationRequest, GenerationResult, GeneratorInfo, ProgressCallback, resolve
+from klein_agent.rules.requests import (
+    GenerationRequest,
+    GenerationResult,
+    GeneratorInfo,
+    ProgressCallback,
+    resolve,
+)
 
 FAKE_INFO = GeneratorInfo(
     model="fake",

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's klein_agent
 
-from klein_agent.store import ImageStore
+from klein_agent.service.store import ImageStore
 
 
 def tiny_png(size: int, rng: random.Random) -> bytes:

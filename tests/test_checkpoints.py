@@ -12,17 +12,17 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from klein_agent import keymaps
-from klein_agent.checkpoints import (
+from klein_agent.loading import keymaps
+from klein_agent.loading.checkpoints import (
     CheckpointError,
     infer_transformer_config,
     load_components,
-    resolve_model_path,
 )
-from klein_agent.configs import preset
+from klein_agent.loading.hub import download_command, resolve_model_path
+from klein_agent.loading.random_init import build_tiny
+from klein_agent.model.configs import preset
 from klein_agent.pipeline import load_pipeline
-from klein_agent.request import GenerationRequest
-from klein_agent.tiny import build_tiny
+from klein_agent.rules.requests import GenerationRequest
 
 CPU = torch.device("cpu")
 REQUEST = GenerationRequest("a red cube", width=48, height=32, seed=4)
@@ -239,8 +239,6 @@ def test_a_link_to_a_missing_blob_is_an_incomplete_download(
 def test_the_download_command_is_one_the_installed_huggingface_hub_ships() -> None:
     from importlib.metadata import entry_points
 
-    from klein_agent.checkpoints import download_command
-
     program = download_command("owner/name").split()[0]
     scripts = {
         ep.name
@@ -261,7 +259,7 @@ def test_the_download_command_is_one_the_installed_huggingface_hub_ships() -> No
 
 
 def test_variants_are_recognised_by_matching_presets() -> None:
-    from klein_agent.checkpoints import BASE_SAMPLING, DISTILLED_SAMPLING, detect_variant
+    from klein_agent.loading.checkpoints import BASE_SAMPLING, DISTILLED_SAMPLING, detect_variant
 
     assert detect_variant(preset("klein-4b").transformer, DISTILLED_SAMPLING) == "klein-4b"
     assert detect_variant(preset("klein-9b").transformer, BASE_SAMPLING) == "klein-base-9b"

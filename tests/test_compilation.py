@@ -14,11 +14,11 @@ import torch._dynamo.config
 from torch import Tensor, nn
 from torch._dynamo.testing import CompileCounter
 
-from klein_agent import sampling
-from klein_agent.compilation import RECOMPILE_LIMIT, compile_transformer_, compiled_blocks
-from klein_agent.fp8 import quantize_transformer_
-from klein_agent.tiny import build_tiny
-from klein_agent.transformer import Flux2Transformer
+from klein_agent.loading.random_init import build_tiny
+from klein_agent.model import sampling
+from klein_agent.model.transformer import Flux2Transformer
+from klein_agent.speedups.compilation import RECOMPILE_LIMIT, compile_transformer_, compiled_blocks
+from klein_agent.speedups.fp8 import quantize_transformer_
 
 SIZES = [(2, 3), (4, 5)]  # latent grids (h, w): two shapes, so the second one must recompile
 

@@ -13,12 +13,13 @@ from reference_checkpoints import KLEIN_SCHEDULER
 from reference_pipeline import diffusers_autoencoder, diffusers_transformer
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from klein_agent import keymaps, sampling
-from klein_agent.autoencoder import AutoEncoder
-from klein_agent.configs import AutoencoderConfig, SchedulerConfig, TransformerConfig, preset
-from klein_agent.text_encoder import TextEmbedder, TextEncoderTooShallowError, skipped_checkpoint_key
-from klein_agent.tiny import build_tiny, init_random_
-from klein_agent.transformer import Flux2Transformer
+from klein_agent.loading import keymaps
+from klein_agent.loading.random_init import build_tiny, init_random_
+from klein_agent.model import sampling
+from klein_agent.model.autoencoder import AutoEncoder
+from klein_agent.model.configs import AutoencoderConfig, SchedulerConfig, TransformerConfig, preset
+from klein_agent.model.text_encoder import TextEmbedder, TextEncoderTooShallowError, skipped_checkpoint_key
+from klein_agent.model.transformer import Flux2Transformer
 
 ATOL = 1e-5
 

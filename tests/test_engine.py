@@ -8,7 +8,8 @@ import time
 import anyio
 import pytest
 
-from klein_agent.engine import (
+from klein_agent.rules.requests import GenerationRequest, GenerationResult
+from klein_agent.service.engine import (
     Engine,
     EngineBusyError,
     EngineState,
@@ -17,7 +18,6 @@ from klein_agent.engine import (
     ModelLoadError,
     ModelOutOfMemoryError,
 )
-from klein_agent.request import GenerationRequest, GenerationResult
 from tests.fakes import FakeGenerator
 
 pytestmark = pytest.mark.anyio
@@ -277,7 +277,7 @@ async def test_calls_wait_for_a_loading_model_up_to_the_queue_bound() -> None:
 
 def test_torch_out_of_memory_is_recognised_by_name() -> None:
     torch = pytest.importorskip("torch")
-    from klein_agent.engine import is_out_of_memory
+    from klein_agent.service.engine import is_out_of_memory
 
     assert is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory"))
     assert is_out_of_memory(RuntimeError("MPS backend out of memory"))

@@ -13,9 +13,12 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from klein_agent import fp8, sampling
-from klein_agent.configs import TransformerConfig, preset
-from klein_agent.fp8 import (
+from klein_agent.loading.random_init import init_random_
+from klein_agent.model import sampling
+from klein_agent.model.configs import TransformerConfig, preset
+from klein_agent.model.transformer import Flux2Transformer
+from klein_agent.speedups import fp8
+from klein_agent.speedups.fp8 import (
     FP8_DTYPE,
     Float8Linear,
     dequantize_scaled_fp8_state_dict,
@@ -24,8 +27,6 @@ from klein_agent.fp8 import (
     quantize_transformer_,
     scaled_mm_available,
 )
-from klein_agent.tiny import init_random_
-from klein_agent.transformer import Flux2Transformer
 
 # Mid-size: hidden 256 with 64-wide heads, more blocks than tiny, so errors accumulate through a deeper stack.
 MID = TransformerConfig(

@@ -1,4 +1,4 @@
-"""klein_agent.image_inputs: every way an image argument can be wrong, and the ways it can be right.
+"""klein_agent.service.inputs: every way an image argument can be wrong, and the ways it can be right.
 
 All inputs are generated here; nothing binary is checked in. Security cases name the attack they stand for
 (docs/style-and-security.md B5 #1-#6, #12).
@@ -27,18 +27,20 @@ from typing import Any, ClassVar
 import pytest
 from PIL import ExifTags, Image, features
 
-from klein_agent import image_inputs
-from klein_agent.image_inputs import (
+from klein_agent.service.exports import check_output_path
+from klein_agent.service.inputs import (
     ALLOW_URLS_FLAG,
     INPUT_DIR_FLAG,
     ImageInputError,
     InputPolicy,
     LoadedImage,
-    check_output_path,
     decode_image_bytes,
+    decoding,
     default_allowed_dirs,
     load_image_argument,
+    urls,
 )
+from klein_agent.service.inputs import data_uri as data_uri_module
 
 # ----------------------------------------------------------------------------------------------- helpers
 
@@ -485,7 +487,7 @@ def test_oversized_base64_rejected_before_decoding(
     dirs: dict[str, Path], policy: InputPolicy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[str] = []
-    real_sub = image_inputs.re.sub
+    real_sub = data_uri_module.re.sub
 
     def spy_b64decode(*a: object, **k: object) -> bytes:
         calls.append("b64decode")
@@ -495,8 +497,8 @@ def test_oversized_base64_rejected_before_decoding(
         calls.append("sub")
         return real_sub(*a, **k)
 
-    monkeypatch.setattr(image_inputs.base64, "b64decode", spy_b64decode)
-    monkeypatch.setattr(image_inputs.re, "sub", spy_sub)
+    monkeypatch.setattr(data_uri_module.base64, "b64decode", spy_b64decode)
+    monkeypatch.setattr(data_uri_module.re, "sub", spy_sub)
     small = InputPolicy(allowed_dirs=(dirs["allowed"],), max_bytes=1024**2)
     cases = [
         (small, "data:image/png;base64," + "A" * (20 * 1024**2)),  # 20 MiB string, 1 MiB cap
@@ -621,7 +623,7 @@ def test_decompression_bombs_refused_before_pillow_opens_them(
     def no_open(*a: object, **k: object) -> None:
         raise AssertionError("Image.open reached for a bomb")
 
-    monkeypatch.setattr(image_inputs.Image, "open", no_open)
+    monkeypatch.setattr(decoding.Image, "open", no_open)
     t0 = time.perf_counter()
     with pytest.raises(ImageInputError, match="Mpx limit"):
         decode_image_bytes(data, max_pixels=64 * 1024**2)
@@ -640,7 +642,7 @@ def test_bomb_under_a_raised_limit_still_stops_at_pillows_threshold() -> None:
 def test_pillow_bomb_guard_maps_to_input_error(monkeypatch: pytest.MonkeyPatch, escalate: bool) -> None:
     # If our header parser cannot read a size, Pillow's own guard is the backstop: its error and (escalated)
     # warning become ImageInputError, and with the warning not escalated our post-open check still refuses.
-    monkeypatch.setattr(image_inputs, "_header_size", lambda data, kind: None)
+    monkeypatch.setattr(decoding, "_header_size", lambda data, kind: None)
     for w, h in ((65535, 65535), (10000, 10000)):
         with warnings.catch_warnings():
             warnings.simplefilter("error" if escalate else "ignore")
@@ -890,7 +892,7 @@ def test_urls_off_by_default_with_enabling_hint(
 ) -> None:
     base, hits = http_server
     pol = InputPolicy(allowed_dirs=(dirs["allowed"],))
-    assert pol.allow_urls is False and pol.allow_private_hosts is False
+    assert pol.allow_urls is False
     for url in (f"{base}/ok.png", "https://example.com/cat.png", "HTTP://EXAMPLE.COM/x.png"):
         with pytest.raises(ImageInputError) as e:
             load_image_argument(url, pol, no_lookup)
@@ -898,9 +900,17 @@ def test_urls_off_by_default_with_enabling_hint(
     assert hits == []
 
 
+@pytest.fixture
+def loopback_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test server listens on 127.0.0.1: let the address check pass loopback, and nothing else."""
+    real = urls.is_public_address
+    monkeypatch.setattr(urls, "is_public_address", lambda ip: ip.is_loopback or real(ip))
+
+
+@pytest.mark.usefixtures("loopback_allowed")
 def test_url_fetch_from_local_server(dirs: dict[str, Path], http_server: tuple[str, list[str]]) -> None:
     base, hits = http_server
-    pol = InputPolicy(allowed_dirs=(dirs["allowed"],), allow_urls=True, allow_private_hosts=True)
+    pol = InputPolicy(allowed_dirs=(dirs["allowed"],), allow_urls=True)
     got = load_image_argument(f"{base}/ok.png", pol, no_lookup)
     assert got.source == "url" and got.image_id is None
     assert got.image.mode == "RGB" and got.image.size == (72, 64)
@@ -950,7 +960,7 @@ def test_every_resolved_address_is_checked(dirs: dict[str, Path], monkeypatch: p
             (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.1.2.3", port)),
         ]
 
-    monkeypatch.setattr(image_inputs.socket, "getaddrinfo", fake_getaddrinfo)
+    monkeypatch.setattr(urls.socket, "getaddrinfo", fake_getaddrinfo)
     pol = InputPolicy(allowed_dirs=(dirs["allowed"],), allow_urls=True)
     with pytest.raises(ImageInputError, match=r"resolves to 10\.1\.2\.3"):
         load_image_argument("https://rebind.example/x.png", pol, no_lookup)
@@ -964,9 +974,9 @@ def test_is_public_address_table() -> None:
         "192.0.2.1", "198.18.0.1",
     ]  # fmt: skip
     for a in public:
-        assert image_inputs._is_public_address(ipaddress.ip_address(a)), a
+        assert urls.is_public_address(ipaddress.ip_address(a)), a
     for a in private:
-        assert not image_inputs._is_public_address(ipaddress.ip_address(a)), a
+        assert not urls.is_public_address(ipaddress.ip_address(a)), a
 
 
 @pytest.mark.parametrize(
@@ -980,11 +990,12 @@ def test_is_public_address_table() -> None:
         ("/page.html", "unsupported format HTML", {}),
     ],
 )
+@pytest.mark.usefixtures("loopback_allowed")
 def test_url_failures(
     dirs: dict[str, Path], http_server: tuple[str, list[str]], path: str, needle: str, kwargs: dict
 ) -> None:
     base, hits = http_server
-    pol = InputPolicy(allowed_dirs=(dirs["allowed"],), allow_urls=True, allow_private_hosts=True, **kwargs)
+    pol = InputPolicy(allowed_dirs=(dirs["allowed"],), allow_urls=True, **kwargs)
     t0 = time.perf_counter()
     with pytest.raises(ImageInputError, match=needle):
         load_image_argument(base + path, pol, no_lookup)
@@ -1002,8 +1013,9 @@ def test_url_failures(
         ("http://host.invalid/x.png", "cannot resolve"),
     ],
 )
+@pytest.mark.usefixtures("loopback_allowed")
 def test_malformed_urls(dirs: dict[str, Path], url: str, needle: str) -> None:
-    pol = InputPolicy(allowed_dirs=(dirs["allowed"],), allow_urls=True, allow_private_hosts=True)
+    pol = InputPolicy(allowed_dirs=(dirs["allowed"],), allow_urls=True)
     with pytest.raises(ImageInputError, match=needle):
         load_image_argument(url, pol, no_lookup)
 

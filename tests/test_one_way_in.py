@@ -20,8 +20,8 @@ import pytest
 from mcp import Client
 from PIL import Image
 
-from klein_agent.image_inputs import read_image_file
 from klein_agent.server.app import build_server
+from klein_agent.service.inputs import read_image_file
 from tests.conftest import make_server_state
 
 pytestmark = pytest.mark.anyio

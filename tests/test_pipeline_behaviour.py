@@ -6,11 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
-from klein_agent import resolution
-from klein_agent.imaging import prepare_reference
 from klein_agent.pipeline import KleinPipeline, load_pipeline
-from klein_agent.previews import encode_png
-from klein_agent.request import GenerationRequest, NonFiniteOutputError
+from klein_agent.pipeline.imaging import prepare_reference
+from klein_agent.rules import resolution
+from klein_agent.rules.requests import GenerationRequest, NonFiniteOutputError
+from klein_agent.service.previews import encode_png
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +208,7 @@ def test_text_encoder_offload_moves_it_only_for_uncached_prompts(monkeypatch: py
 
 
 def test_fp8_option_quantizes_the_blocks_and_stays_close() -> None:
-    from klein_agent.fp8 import Float8Linear
+    from klein_agent.speedups.fp8 import Float8Linear
 
     request = GenerationRequest("fp8", 48, 48, seed=5)
     plain = load_pipeline("tiny").generate(request).images[0]
@@ -233,8 +233,8 @@ def test_attention_uses_a_fused_kernel_not_the_quadratic_fallback(pipe: KleinPip
 @pytest.mark.parametrize(("name", "params"), [("klein-4b", 3_875_544_576), ("klein-9b", 9_078_581_248)])
 def test_random_weights_of_the_real_shapes_build(name: str, params: int) -> None:
     """bench.py builds these on the GPU; on the meta device the same code runs here in no memory."""
-    from klein_agent.configs import preset
-    from klein_agent.tiny import build_random_models
+    from klein_agent.loading.random_init import build_random_models
+    from klein_agent.model.configs import preset
 
     transformer, autoencoder, text = build_random_models(preset(name), device="meta")
     assert sum(p.numel() for p in transformer.parameters()) == params  # flux2-klein-reference.md §1.1

@@ -21,7 +21,7 @@ from PIL import Image
 from reference_checkpoints import Shape, load_reference, write_reference_checkpoint
 
 from klein_agent.pipeline import KleinPipeline, load_pipeline
-from klein_agent.request import GenerationRequest
+from klein_agent.rules.requests import GenerationRequest
 
 MIN_PSNR_DB = 45.0
 
@@ -206,7 +206,7 @@ def test_declared_text_layers_are_ignored_as_the_reference_ignores_them(tmp_path
 
 
 def test_a_too_shallow_text_encoder_is_a_clear_error(tmp_path: Path) -> None:
-    from klein_agent.checkpoints import CheckpointError
+    from klein_agent.loading.checkpoints import CheckpointError
 
     folder = write_reference_checkpoint(tmp_path / "ckpt", Shape(text_layers=20), seed=6)
     with pytest.raises(CheckpointError, match=r"has 20 layers.*layers 9, 18, 27.*at least 27"):

@@ -1,4 +1,4 @@
-"""klein_agent.previews: inline previews within the tool-result budget, and clean store PNGs."""
+"""klein_agent.service.previews: inline previews within the tool-result budget, and clean store PNGs."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from typing import cast
 import pytest
 from PIL import ExifTags, Image, ImageFont
 
-from klein_agent import previews
-from klein_agent.previews import PROVENANCE_KEY, Preview, encode_png, make_preview, read_provenance
+from klein_agent.service import previews
+from klein_agent.service.previews import PROVENANCE_KEY, Preview, encode_png, make_preview, read_provenance
 
 
 def noise(size: tuple[int, int], seed: int = 0) -> Image.Image:

@@ -23,7 +23,7 @@ import pytest
 from mcp import Client, StdioServerParameters
 from PIL import Image
 
-from klein_agent.store import ImageStore
+from klein_agent.service.store import ImageStore
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 

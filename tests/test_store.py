@@ -1,4 +1,4 @@
-"""Tests of klein_agent.store: round trips, listing, id hygiene, path safety, crash safety (kill -9), I/O faults,
+"""Tests of klein_agent.service.store: round trips, listing, id hygiene, path safety, crash safety (kill -9), I/O faults,
 quota and eviction, pins, migrations and threads. CPU only, no torch; the whole file runs in well under a minute.
 """
 
@@ -25,8 +25,8 @@ from typing import Any
 import pytest
 from PIL import Image
 
-import klein_agent.store as store_mod
-from klein_agent.store import (
+import klein_agent.service.store as store_mod
+from klein_agent.service.store import (
     ImageStore,
     Migration,
     StoreError,
@@ -672,7 +672,7 @@ def test_threads_put_get_pin_concurrently(root: Path) -> None:
 
 
 def test_import_does_not_import_torch() -> None:
-    code = "import sys, klein_agent.store; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, klein_agent.service.store; assert 'torch' not in sys.modules, 'torch imported'"
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
     )

@@ -29,11 +29,11 @@ from typing import Any
 import torch
 from PIL import Image
 
-from klein_agent.configs import PRESETS
-from klein_agent.devices import resolve_device, resolve_dtype
+from klein_agent.loading.random_init import build_random_models
+from klein_agent.model.configs import PRESETS
 from klein_agent.pipeline import KleinPipeline
-from klein_agent.request import GenerationRequest
-from klein_agent.tiny import build_random_models
+from klein_agent.rules.requests import GenerationRequest
+from klein_agent.speedups.devices import resolve_device, resolve_dtype
 
 ALL_PRESETS = PRESETS
 
@@ -190,11 +190,11 @@ def main(argv: list[str] | None = None) -> int:
             print("diffusers not installed: reference column skipped", file=sys.stderr)
 
     if args.fp8:
-        from klein_agent.fp8 import quantize_transformer_
+        from klein_agent.speedups.fp8 import quantize_transformer_
 
         quantize_transformer_(pipe.transformer)
     if args.compile:
-        from klein_agent.compilation import compile_transformer_
+        from klein_agent.speedups.compilation import compile_transformer_
 
         compile_transformer_(pipe.transformer)
     ref_w, ref_h = (int(v) for v in args.ref_size.split("x"))

@@ -4,7 +4,7 @@
 
 OUT_DIR gets the diffusers layout of the official Hugging Face repos (model_index.json, transformer/, vae/,
 text_encoder/, tokenizer/, scheduler/) and, beside it, the BFL single-file transformer OUT_DIR/flux-2-klein.safetensors.
-The weights are those of `klein_agent.tiny.build_random_models(preset, seed)`, so `--model OUT_DIR` and
+The weights are those of `klein_agent.loading.random_init.build_random_models(preset, seed)`, so `--model OUT_DIR` and
 `--model tiny` give the same pictures. diffusers can load the folder too (the parity tests do).
 """
 
@@ -20,12 +20,12 @@ import torch
 from safetensors.torch import save_file
 from transformers import Qwen3ForCausalLM
 
-from klein_agent import keymaps
-from klein_agent.autoencoder import AutoEncoder
-from klein_agent.configs import preset
-from klein_agent.text_encoder import TextEmbedder
-from klein_agent.tiny import build_random_models
-from klein_agent.transformer import Flux2Transformer
+from klein_agent.loading import keymaps
+from klein_agent.loading.random_init import build_random_models
+from klein_agent.model.autoencoder import AutoEncoder
+from klein_agent.model.configs import preset
+from klein_agent.model.text_encoder import TextEmbedder
+from klein_agent.model.transformer import Flux2Transformer
 
 BFL_FILE = "flux-2-klein.safetensors"
 SCHEDULER_CONFIG = {

@@ -18,8 +18,8 @@ from diffusers import (
 )
 from transformers import Qwen3ForCausalLM
 
-from klein_agent import keymaps
-from klein_agent.configs import AutoencoderConfig, TransformerConfig
+from klein_agent.loading import keymaps
+from klein_agent.model.configs import AutoencoderConfig, TransformerConfig
 from klein_agent.pipeline import KleinPipeline
 
 

@@ -10,11 +10,11 @@ from mcp.server import MCPServer
 from mcp_types import ToolAnnotations
 
 from klein_agent import __version__
-from klein_agent.server.generation import GenerationTools
-from klein_agent.server.library import LibraryTools
 from klein_agent.server.prompts import register_prompts
 from klein_agent.server.resources import register_resources
 from klein_agent.server.state import ServerState
+from klein_agent.server.tools.generation import GenerationTools
+from klein_agent.server.tools.library import LibraryTools
 
 INSTRUCTIONS = """\
 Local FLUX.2 [klein] image tools for try -> critique -> retry loops. generate makes images from text, edit \

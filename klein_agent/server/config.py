@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from klein_agent.limits import MAX_PIXELS_PER_CALL
+from klein_agent.rules.limits import MAX_PIXELS_PER_CALL
 
-# Presentation limits of the server's results; the limits of requests live in klein_agent.limits.
+# Presentation limits of the server's results; the limits of requests live in klein_agent.rules.limits.
 PREVIEW_MAX_EDGE = 1024  # long edge of an inline preview
 VIEW_MAX_EDGE = 1568  # the most the Anthropic vision models use; view_image may ask for up to this
 PREVIEW_BUDGET_B64 = 700_000  # base64 characters for all inline images of one result (Claude Desktop: 1 MB)

@@ -38,7 +38,7 @@ from PIL import Image
 
 from klein_agent.server.results import build_preview, image_block
 from klein_agent.server.state import ServerState, strip_image_uri
-from klein_agent.store import StoreError
+from klein_agent.service.store import StoreError
 
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:\|([^}]*))?\}\}")
 _ARGUMENT = re.compile(r"argument\s+([A-Za-z_][A-Za-z0-9_]*)\s*:\s*(required|optional)\s*\|\s*(.*)")

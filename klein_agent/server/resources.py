@@ -11,7 +11,7 @@ from mcp.server.mcpserver.exceptions import ResourceNotFoundError
 
 from klein_agent.server.results import image_uri
 from klein_agent.server.state import ServerState, now_iso
-from klein_agent.store import StoredImage, UnknownImageError
+from klein_agent.service.store import StoredImage, UnknownImageError
 
 
 def rerun_call(image: StoredImage) -> dict[str, Any] | None:

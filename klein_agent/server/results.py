@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from mcp_types import CallToolResult, ImageContent, ResourceLink, TextContent
 from PIL import Image
 
-from klein_agent.previews import Preview, make_preview
 from klein_agent.server.models import ImageRef, ImagesResult
-from klein_agent.store import StoredImage
+from klein_agent.service.previews import Preview, make_preview
+from klein_agent.service.store import StoredImage
 
 NEXT_STEPS = (
     "Next: to change one, call edit with its image_id and describe the result you want positively (what should "

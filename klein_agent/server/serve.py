@@ -19,13 +19,13 @@ from mcp.server import MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
 from starlette.applications import Starlette
 
-from klein_agent.engine import Engine
-from klein_agent.image_inputs import InputPolicy, default_allowed_dirs
 from klein_agent.model_options import generator_factory
 from klein_agent.server.app import build_server
 from klein_agent.server.config import ServerConfig
 from klein_agent.server.state import ServerState
-from klein_agent.store import ImageStore, StoreError, default_store_dir
+from klein_agent.service.engine import Engine
+from klein_agent.service.inputs import InputPolicy, default_allowed_dirs
+from klein_agent.service.store import ImageStore, StoreError, default_store_dir
 
 log = logging.getLogger("klein_agent.serve")
 

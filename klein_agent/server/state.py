@@ -15,14 +15,15 @@ import anyio.to_thread
 from mcp.server.mcpserver.exceptions import ToolError
 from PIL import Image
 
-from klein_agent import __version__, resolution
-from klein_agent.engine import Engine, EngineError
-from klein_agent.image_inputs import ImageInputError, InputPolicy, LoadedImage, load_image_argument
-from klein_agent.limits import SESSION_PATTERN, SIZE_MULTIPLE
-from klein_agent.previews import encode_png
-from klein_agent.resolution import RequestError
+from klein_agent import __version__
+from klein_agent.rules import resolution
+from klein_agent.rules.limits import SESSION_PATTERN, SIZE_MULTIPLE
+from klein_agent.rules.resolution import RequestError
 from klein_agent.server.config import ServerConfig
-from klein_agent.store import ImageStore, StoreError
+from klein_agent.service.engine import Engine, EngineError
+from klein_agent.service.inputs import ImageInputError, InputPolicy, LoadedImage, load_image_argument
+from klein_agent.service.previews import encode_png
+from klein_agent.service.store import ImageStore, StoreError
 
 
 @dataclass

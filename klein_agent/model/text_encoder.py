@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase, Qwen3Config, Qwen3Model
 
-from klein_agent.configs import TEXT_OUTPUT_LAYERS, TextEncoderConfig
+from klein_agent.model.configs import TEXT_OUTPUT_LAYERS, TextEncoderConfig
 
 MAX_LENGTH = 512
 

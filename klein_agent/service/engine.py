@@ -29,14 +29,14 @@ import anyio.from_thread
 import anyio.lowlevel
 import anyio.to_thread
 
-from klein_agent.request import (
+from klein_agent.rules.requests import (
     GenerationRequest,
     GenerationResult,
     GeneratorInfo,
     ImageGenerator,
     NonFiniteOutputError,
 )
-from klein_agent.resolution import RequestError
+from klein_agent.rules.resolution import RequestError
 
 log = logging.getLogger(__name__)
 

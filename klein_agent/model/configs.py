@@ -1,7 +1,7 @@
 """Model sizes as frozen dataclasses, with presets for the published checkpoints and a tiny one for tests.
 
 Presets are documentation and defaults for random-weight builds (benchmarks, tests). A real checkpoint's sizes are
-always read from its own config.json files or tensor shapes (`klein_agent.checkpoints`), never from a preset.
+always read from its own config.json files or tensor shapes (`klein_agent.loading.checkpoints`), never from a preset.
 """
 
 from __future__ import annotations

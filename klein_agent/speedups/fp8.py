@@ -12,7 +12,7 @@ the final layer stay in high precision, the same split as BFL's published FP8 ch
 for by FP8 block linears plus bf16 everything else, see docs/flux2-klein-reference.md §7). They are the large
 majority of the FLOPs, and every one of them is wide enough for FP8 tensor cores to pay off.
 
-Run it under `klein_agent.compilation.compile_transformer_`: in eager mode the activation quantization (amax, divide,
+Run it under `klein_agent.speedups.compilation.compile_transformer_`: in eager mode the activation quantization (amax, divide,
 clamp, cast) is several extra passes over each activation, which eats much of the FP8 matmul's gain; compiled, they
 fuse into one kernel before the matmul (performance-notes §2.2: "FP8 needs compile to fuse the activation-quant
 kernels").
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from klein_agent.transformer import Flux2Transformer
+from klein_agent.model.transformer import Flux2Transformer
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448; e4m3fn has no infinity: a cast above it gives NaN

@@ -10,22 +10,21 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections import OrderedDict
-from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
-from typing import Generic, TypeVar
+from collections.abc import Sequence
 
 import torch
 from PIL import Image
 from torch import Tensor
 
-from klein_agent import sampling
-from klein_agent.autoencoder import AutoEncoder
-from klein_agent.configs import SamplingDefaults, SchedulerConfig
-from klein_agent.devices import resolve_device, resolve_dtype
-from klein_agent.imaging import prepare_reference, to_images, to_tensor, to_unit
-from klein_agent.limits import MAX_REFERENCES
-from klein_agent.request import (
+from klein_agent.model import sampling
+from klein_agent.model.autoencoder import AutoEncoder
+from klein_agent.model.configs import SamplingDefaults, SchedulerConfig
+from klein_agent.model.text_encoder import TextEmbedder
+from klein_agent.model.transformer import Flux2Transformer
+from klein_agent.pipeline.caches import EncodedReference, LRUCache
+from klein_agent.pipeline.imaging import prepare_reference, to_images, to_tensor, to_unit
+from klein_agent.rules.limits import MAX_REFERENCES
+from klein_agent.rules.requests import (
     GenerationRequest,
     GenerationResult,
     GeneratorInfo,
@@ -33,41 +32,9 @@ from klein_agent.request import (
     ProgressCallback,
     resolve,
 )
-from klein_agent.resolution import ResolvedRequest
-from klein_agent.text_encoder import TextEmbedder
-from klein_agent.transformer import Flux2Transformer
+from klein_agent.rules.resolution import ResolvedRequest
 
 log = logging.getLogger(__name__)
-
-K = TypeVar("K", bound=Hashable)
-V = TypeVar("V")
-
-
-class LRUCache(Generic[K, V]):
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._items: OrderedDict[K, V] = OrderedDict()
-
-    def get(self, key: K) -> V | None:
-        if key in self._items:
-            self._items.move_to_end(key)
-            return self._items[key]
-        return None
-
-    def put(self, key: K, value: V) -> None:
-        self._items[key] = value
-        self._items.move_to_end(key)
-        while len(self._items) > self.capacity:
-            self._items.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-
-@dataclass(frozen=True)
-class EncodedReference:
-    tokens: Tensor  # [h*w, C] in the model dtype
-    grid: tuple[int, int]  # latent (h, w)
 
 
 def initial_noise(seed: int, channels: int, height: int, width: int) -> Tensor:
@@ -285,74 +252,3 @@ def _ms_since(mark: float, device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return (time.perf_counter() - mark) * 1000
-
-
-def load_pipeline(
-    model: str,
-    *,
-    device: str | None = None,
-    dtype: str | None = None,
-    transformer_file: str | None = None,
-    allow_download: bool = False,
-    offload_text_encoder: bool = False,
-    fp8: bool = False,
-    compile: bool = False,
-) -> KleinPipeline:
-    """Build the pipeline a model name points at: `tiny`, a diffusers-layout folder, or a Hugging Face repo id."""
-    torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
-    pipeline = _build_pipeline(
-        model, torch_device, torch_dtype, transformer_file, allow_download, offload_text_encoder
-    )
-    if fp8:
-        from klein_agent.fp8 import quantize_transformer_, scaled_mm_available
-
-        if not scaled_mm_available(torch_device):
-            log.warning("--fp8 on %s runs a float32 reference path: numerically FP8, but slow", torch_device)
-        replaced = quantize_transformer_(pipeline.transformer)
-        log.info("fp8: %d block linears quantized", len(replaced))
-    if compile:
-        from klein_agent.compilation import compile_transformer_
-
-        compile_transformer_(pipeline.transformer)
-    return pipeline
-
-
-def _build_pipeline(
-    model: str,
-    torch_device: torch.device,
-    torch_dtype: torch.dtype,
-    transformer_file: str | None,
-    allow_download: bool,
-    offload_text_encoder: bool,
-) -> KleinPipeline:
-    if model == "tiny":
-        from klein_agent.configs import preset
-        from klein_agent.tiny import build_tiny
-
-        if transformer_file:
-            raise ValueError("--transformer-file cannot be combined with --model tiny")
-        transformer, autoencoder, text = build_tiny()
-        return KleinPipeline(
-            transformer.to(torch_device, torch_dtype),
-            autoencoder.to(torch_device, torch_dtype),
-            text.to(torch_device, torch_dtype),
-            sampling_defaults=preset("tiny").sampling,
-            model_name="tiny",
-            variant="tiny",
-            offload_text_encoder=offload_text_encoder,
-        )
-    from klein_agent.checkpoints import load_components, resolve_model_path
-
-    folder = resolve_model_path(model, allow_download=allow_download)
-    components = load_components(folder, torch_device, torch_dtype, transformer_file=transformer_file)
-    return KleinPipeline(
-        components.transformer,
-        components.autoencoder,
-        components.text_embedder,
-        sampling_defaults=components.sampling,
-        model_name=model,
-        variant=components.variant,
-        scheduler=components.scheduler,
-        offload_text_encoder=offload_text_encoder,
-    )

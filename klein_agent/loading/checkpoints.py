@@ -20,39 +20,29 @@ from safetensors import safe_open
 from torch import Tensor, nn
 from transformers import AutoTokenizer, Qwen3Config
 
-from klein_agent import keymaps
-from klein_agent.autoencoder import AutoEncoder
-from klein_agent.configs import (
+from klein_agent.loading import keymaps
+from klein_agent.loading.errors import CheckpointError
+from klein_agent.loading.hub import CACHED_REPO, download_command
+from klein_agent.model.autoencoder import AutoEncoder
+from klein_agent.model.configs import (
     PRESETS,
     AutoencoderConfig,
     SamplingDefaults,
     SchedulerConfig,
     TransformerConfig,
 )
-from klein_agent.text_encoder import (
+from klein_agent.model.text_encoder import (
     TextEmbedder,
     TextEncoderTooShallowError,
     checkpoint_key,
     skipped_checkpoint_key,
 )
-from klein_agent.transformer import Flux2Transformer
+from klein_agent.model.transformer import Flux2Transformer
 
 FOLDER_PARTS = ("transformer", "vae", "text_encoder", "tokenizer")
 BASE_SAMPLING = SamplingDefaults(distilled=False, steps=50, guidance=4.0)
 DISTILLED_SAMPLING = SamplingDefaults(distilled=True, steps=4, guidance=1.0)
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _SHARD = re.compile(r"^(?P<stem>.+)-(?P<index>\d+)-of-(?P<total>\d+)\.safetensors$")
-_CACHED_REPO = re.compile(r"models--(?P<owner>[^/\\]+?)--(?P<name>[^/\\]+)[/\\]snapshots[/\\]")
-
-
-def download_command(repo_id: str) -> str:
-    """The shell command that fetches (or completes) `repo_id` into the local Hugging Face cache, with the CLI
-    the installed huggingface_hub ships (`hf`; the old `huggingface-cli` is gone)."""
-    return f"hf download {repo_id}"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used as it is; the message says what is wrong and where."""
 
 
 @dataclass
@@ -63,53 +53,6 @@ class Components:
     sampling: SamplingDefaults
     variant: str
     scheduler: SchedulerConfig
-
-
-# ------------------------------------------------------------------------------------------------ finding a model
-
-
-def resolve_model_path(model: str, *, allow_download: bool = False) -> Path:
-    """A folder as given, or a repo id's snapshot in the local Hugging Face cache (downloaded only if allowed)."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path
-    if not _REPO_ID.match(model) or path.is_absolute() or model.startswith("."):
-        raise CheckpointError(f"model {model!r} is neither a folder nor a Hugging Face repo id (owner/name)")
-    cached = cached_snapshot(model)
-    if cached is not None:
-        return cached
-    if not allow_download:
-        raise CheckpointError(
-            f"{model} is not in the local Hugging Face cache ({hub_cache_dir()}). Download it first "
-            f"(`{download_command(model)}`), pass a local folder, or add --allow-download."
-        )
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError as err:  # pragma: no cover - huggingface_hub ships with transformers
-        raise CheckpointError("downloading needs huggingface_hub: pip install 'klein-agent[hub]'") from err
-    return Path(snapshot_download(model))
-
-
-def hub_cache_dir() -> Path:
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
-    return home / "hub"
-
-
-def cached_snapshot(repo_id: str) -> Path | None:
-    """The snapshot `refs/main` points at (else the newest), in the cache layout huggingface_hub writes."""
-    repo_dir = hub_cache_dir() / ("models--" + repo_id.replace("/", "--"))
-    snapshots = repo_dir / "snapshots"
-    if not snapshots.is_dir():
-        return None
-    ref = repo_dir / "refs" / "main"
-    if ref.is_file():
-        candidate = snapshots / ref.read_text().strip()
-        if candidate.is_dir():
-            return candidate
-    found = sorted((p for p in snapshots.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -443,7 +386,7 @@ def _weight_files(folder: Path) -> list[Path]:
 
 
 def _incomplete(folder: Path, what: str) -> CheckpointError:
-    match = _CACHED_REPO.search(str(folder))
+    match = CACHED_REPO.search(str(folder))
     if match:
         repo_id = f"{match['owner']}/{match['name']}"
         fix = f"run `{download_command(repo_id)}` again to finish it"

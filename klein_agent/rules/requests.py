@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 from PIL import Image
 
-from klein_agent.resolution import ResolvedRequest, resolve_request
+from klein_agent.rules.resolution import ResolvedRequest, resolve_request
 
 # progress(done, total, message): `done` rises strictly from 1 to `total` during one `generate` call.
 # The units are: 1 for conditioning (prompt and references), one per denoising step, 1 for decoding.
@@ -25,7 +25,7 @@ ProgressCallback = Callable[[int, int, str], None]
 class GenerationRequest:
     """One call: text-to-image with no references, an edit with one, a composition with several.
 
-    Unset values are resolved by `klein_agent.resolution.resolve_request` (the reference's size rule, a drawn
+    Unset values are resolved by `klein_agent.rules.resolution.resolve_request` (the reference's size rule, a drawn
     seed, the model's default steps and guidance).
     """
 
@@ -90,7 +90,7 @@ class ImageGenerator(Protocol):
 
 
 def resolve(request: GenerationRequest, info: GeneratorInfo) -> ResolvedRequest:
-    """What a generator with `info` runs for `request` (the shared rules of `klein_agent.resolution`)."""
+    """What a generator with `info` runs for `request` (the shared rules of `klein_agent.rules.resolution`)."""
     return resolve_request(
         request.prompt,
         request.width,

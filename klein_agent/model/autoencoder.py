@@ -1,7 +1,7 @@
 """The FLUX.2 autoencoder: an 8x convolutional VAE whose latents are 2x2-patchified and batch-normalised.
 
 Module names follow BFL's `flux2/autoencoder.py` (`encoder.down.{i}.block.{j}`, `decoder.up.{i}`, ...);
-`klein_agent.keymaps` maps the diffusers `vae/` layout onto them. Encoding takes the posterior mean (no sampling).
+`klein_agent.loading.keymaps` maps the diffusers `vae/` layout onto them. Encoding takes the posterior mean (no sampling).
 
 Shapes: images [B, 3, H, W] in [-1, 1]; raw latents [B, z, H/f, W/f] with f = 2 ** (levels - 1) (8 for klein);
 model latents [B, 4z, H/2f, W/2f].
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from klein_agent.configs import AutoencoderConfig
+from klein_agent.model.configs import AutoencoderConfig
 
 
 class AutoEncoder(nn.Module):

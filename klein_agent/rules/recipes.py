@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from klein_agent.request import GenerationResult
+from klein_agent.rules.requests import GenerationResult
 
 TOOLS = ("generate", "edit", "compose")
 

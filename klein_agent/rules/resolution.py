@@ -17,7 +17,7 @@ import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from klein_agent import limits
+from klein_agent.rules import limits
 
 DEFAULT_TOKENS_PER_SIDE = (
     64  # diffusers: default_sample_size 128 x vae_scale_factor = 64 tokens of 2x2 latents

@@ -11,10 +11,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from torch import nn
 from transformers import PreTrainedTokenizerFast
 
-from klein_agent.autoencoder import AutoEncoder
-from klein_agent.configs import ModelPreset, preset
-from klein_agent.text_encoder import TextEmbedder, qwen3_config
-from klein_agent.transformer import Flux2Transformer
+from klein_agent.model.autoencoder import AutoEncoder
+from klein_agent.model.configs import ModelPreset, preset
+from klein_agent.model.text_encoder import TextEmbedder, qwen3_config
+from klein_agent.model.transformer import Flux2Transformer
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 

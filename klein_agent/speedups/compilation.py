@@ -37,7 +37,7 @@ import torch
 import torch._dynamo.config
 from torch import nn
 
-from klein_agent.transformer import DoubleStreamBlock, Flux2Transformer, SingleStreamBlock
+from klein_agent.model.transformer import DoubleStreamBlock, Flux2Transformer, SingleStreamBlock
 
 # Distinct shapes per block kind that stay compiled. 64 covers several resolutions × reference layouts × batch
 # sizes; both block kinds count separately against it, and together against the accumulated limit below.

@@ -14,9 +14,7 @@ from PIL import Image
 from pydantic import Field
 
 from klein_agent import __version__
-from klein_agent.engine import JobTimes
-from klein_agent.image_inputs import LoadedImage
-from klein_agent.limits import (
+from klein_agent.rules.limits import (
     MAX_GUIDANCE,
     MAX_IMAGES_PER_CALL,
     MAX_PROMPT_CHARS,
@@ -28,9 +26,8 @@ from klein_agent.limits import (
     MIN_SIDE,
     SIZE_MULTIPLE,
 )
-from klein_agent.previews import encode_png
-from klein_agent.recipes import provenance
-from klein_agent.request import GenerationRequest, GenerationResult
+from klein_agent.rules.recipes import provenance
+from klein_agent.rules.requests import GenerationRequest, GenerationResult
 from klein_agent.server.models import ImagesResult
 from klein_agent.server.results import build_preview, images_result, preview_labels
 from klein_agent.server.state import (
@@ -44,7 +41,10 @@ from klein_agent.server.state import (
     plan_size,
     tool_errors,
 )
-from klein_agent.store import StoredImage
+from klein_agent.service.engine import JobTimes
+from klein_agent.service.inputs import LoadedImage
+from klein_agent.service.previews import encode_png
+from klein_agent.service.store import StoredImage
 
 PromptArg = Annotated[
     str,

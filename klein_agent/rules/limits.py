@@ -37,3 +37,7 @@ MAX_PROMPT_CHARS = 2000  # the text encoder keeps 512 tokens after templating; m
 # -- grouping ---------------------------------------------------------------------------------------------------
 SESSION_PATTERN = re.compile(r"[A-Za-z0-9 _.:-]{1,64}", re.ASCII)
 SESSION_MAX_CHARS = 64
+
+# -- inputs -----------------------------------------------------------------------------------------------------
+INPUT_MAX_BYTES = 32 * 1024**2  # an encoded input: file, decoded data: URI, or URL body
+INPUT_MAX_PIXELS = 64 * 1024**2  # width x height from its header, checked before decoding

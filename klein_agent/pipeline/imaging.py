@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from klein_agent.limits import REFERENCE_MAX_AREA, SIZE_MULTIPLE
-from klein_agent.resolution import check_reference_geometry, prepared_reference_size
+from klein_agent.rules.limits import REFERENCE_MAX_AREA, SIZE_MULTIPLE
+from klein_agent.rules.resolution import check_reference_geometry, prepared_reference_size
 
 
 def prepare_reference(image: Image.Image, multiple: int = SIZE_MULTIPLE) -> Image.Image:

@@ -11,8 +11,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from klein_agent.configs import SchedulerConfig
-from klein_agent.transformer import Flux2Transformer
+from klein_agent.model.configs import SchedulerConfig
+from klein_agent.model.transformer import Flux2Transformer
 
 REFERENCE_TIME_OFFSET = 10  # reference i sits at RoPE time coordinate 10 * (i + 1)
 

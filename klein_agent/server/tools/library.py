@@ -16,8 +16,7 @@ from PIL import Image
 from pydantic import Field
 
 from klein_agent import __version__
-from klein_agent.image_inputs import check_output_path
-from klein_agent.limits import MIN_SIDE
+from klein_agent.rules.limits import MIN_SIDE
 from klein_agent.server.config import MAX_VIEW_IMAGES, VIEW_MAX_EDGE
 from klein_agent.server.models import (
     ExportResult,
@@ -32,7 +31,8 @@ from klein_agent.server.models import (
 )
 from klein_agent.server.results import build_preview, image_block
 from klein_agent.server.state import ServerState, check_session, now_iso, strip_image_uri, tool_errors
-from klein_agent.store import StoredImage
+from klein_agent.service.exports import check_output_path
+from klein_agent.service.store import StoredImage
 
 ImageIdArg = Annotated[
     str, Field(min_length=1, max_length=200, description="An image id (img_...) or image://<id>.")

@@ -1,7 +1,7 @@
 """The FLUX.2 flow transformer: double-stream blocks, then single-stream (parallel) blocks.
 
 Module and parameter names follow BFL's `flux2/model.py`, so a BFL single-file checkpoint loads with no renaming;
-`klein_agent.keymaps` maps the diffusers layout onto these names. No biases anywhere; LayerNorms have no affine
+`klein_agent.loading.keymaps` maps the diffusers layout onto these names. No biases anywhere; LayerNorms have no affine
 parameters; the three modulation projections are computed once per forward and shared by every block.
 
 Shapes: B batch, L image tokens (noisy output first, then references), T text tokens (512), D hidden size,
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from klein_agent.configs import TransformerConfig
+from klein_agent.model.configs import TransformerConfig
 
 
 class Flux2Transformer(nn.Module):

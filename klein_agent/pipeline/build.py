@@ -1,0 +1,84 @@
+"""Building a pipeline from a model name: `tiny`, a diffusers-layout folder, or a Hugging Face repo id."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from klein_agent.pipeline.klein import KleinPipeline
+from klein_agent.speedups.devices import resolve_device, resolve_dtype
+
+log = logging.getLogger(__name__)
+
+
+def load_pipeline(
+    model: str,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    transformer_file: str | None = None,
+    allow_download: bool = False,
+    offload_text_encoder: bool = False,
+    fp8: bool = False,
+    compile: bool = False,
+) -> KleinPipeline:
+    """Build the pipeline a model name points at: `tiny`, a diffusers-layout folder, or a Hugging Face repo id."""
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    pipeline = _build_pipeline(
+        model, torch_device, torch_dtype, transformer_file, allow_download, offload_text_encoder
+    )
+    if fp8:
+        from klein_agent.speedups.fp8 import quantize_transformer_, scaled_mm_available
+
+        if not scaled_mm_available(torch_device):
+            log.warning("--fp8 on %s runs a float32 reference path: numerically FP8, but slow", torch_device)
+        replaced = quantize_transformer_(pipeline.transformer)
+        log.info("fp8: %d block linears quantized", len(replaced))
+    if compile:
+        from klein_agent.speedups.compilation import compile_transformer_
+
+        compile_transformer_(pipeline.transformer)
+    return pipeline
+
+
+def _build_pipeline(
+    model: str,
+    torch_device: torch.device,
+    torch_dtype: torch.dtype,
+    transformer_file: str | None,
+    allow_download: bool,
+    offload_text_encoder: bool,
+) -> KleinPipeline:
+    if model == "tiny":
+        from klein_agent.loading.random_init import build_tiny
+        from klein_agent.model.configs import preset
+
+        if transformer_file:
+            raise ValueError("--transformer-file cannot be combined with --model tiny")
+        transformer, autoencoder, text = build_tiny()
+        return KleinPipeline(
+            transformer.to(torch_device, torch_dtype),
+            autoencoder.to(torch_device, torch_dtype),
+            text.to(torch_device, torch_dtype),
+            sampling_defaults=preset("tiny").sampling,
+            model_name="tiny",
+            variant="tiny",
+            offload_text_encoder=offload_text_encoder,
+        )
+    from klein_agent.loading.checkpoints import load_components
+    from klein_agent.loading.hub import resolve_model_path
+
+    folder = resolve_model_path(model, allow_download=allow_download)
+    components = load_components(folder, torch_device, torch_dtype, transformer_file=transformer_file)
+    return KleinPipeline(
+        components.transformer,
+        components.autoencoder,
+        components.text_embedder,
+        sampling_defaults=components.sampling,
+        model_name=model,
+        variant=components.variant,
+        scheduler=components.scheduler,
+        offload_text_encoder=offload_text_encoder,
+    )

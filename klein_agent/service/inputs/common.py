@@ -1,0 +1,46 @@
+"""What every input module shares: the error type, the loaded-image record, and message helpers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from PIL import Image
+
+Source = Literal["image_id", "path", "data_uri", "url"]
+
+
+class ImageInputError(ValueError):
+    """An image argument that cannot be used. The message says why and how to fix it."""
+
+
+@dataclass(frozen=True)
+class LoadedImage:
+    image: Image.Image  # RGB, EXIF orientation applied, fully loaded (no open file behind it)
+    source: Source
+    image_id: str | None  # set when it came from the store
+    description: str  # short, for summaries: "img_…", "cat.png (JPEG, 800x600)", "data: URI (PNG, 512x512)"
+
+
+MAX_ARG_CHARS = 4096  # for everything but data: URIs and bare base64; PATH_MAX on Linux
+
+ATTACHMENT_HINT = (
+    "If the user attached the image in the chat, it is not on this machine's disk: ask the user for a local "
+    "path, or pass the image as a data:image/png;base64,... URI."
+)
+
+
+def too_big_error(what: str, size: int, cap: int) -> ImageInputError:
+    return ImageInputError(
+        f"{show(what) if what.startswith(('/', '~')) else what} is {size / 2**20:.1f} MiB, over the "
+        f"{cap / 2**20:.1f} MiB limit: downscale or re-encode it (JPEG or WebP are smaller) and try again"
+    )
+
+
+def ellipsize(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def show(text: str) -> str:
+    """Quote user text for an error message: bounded length, control characters escaped."""
+    return repr(ellipsize(text, 120))

@@ -1,0 +1,267 @@
+"""Untrusted bytes to a loaded RGB picture: the one decoder every input goes through (CLI and server alike).
+
+Only PNG, JPEG and WebP reach Pillow's decoders: the format is sniffed from the magic bytes first, and
+`Image.open(..., formats=...)` keeps every other plugin (EPS and Ghostscript, TIFF, ...) out. The pixel count is read
+from the header and checked before Pillow builds an image object, so a decompression bomb costs a few bytes of
+parsing. Then: EXIF orientation applied, transparency composited on white, 16-bit scaled to 8 bits.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import struct
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from klein_agent.rules.limits import REFERENCE_MAX_ASPECT as MAX_ASPECT
+from klein_agent.rules.limits import REFERENCE_MIN_SIDE as MIN_SIDE
+from klein_agent.service.inputs.common import ImageInputError, ellipsize
+
+log = logging.getLogger(__name__)
+
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP")
+
+
+def decode_image_bytes(data: bytes, *, max_pixels: int) -> Image.Image:
+    """Decode untrusted PNG/JPEG/WebP bytes into a loaded RGB image, or raise ImageInputError.
+
+    Checks, in order: format from the magic bytes (nothing else reaches Pillow); pixel count from the header
+    against min(max_pixels, Pillow's MAX_IMAGE_PIXELS); Pillow's lazy open restricted to the three formats;
+    side >= 64 px and aspect <= 8; then decoding, EXIF orientation and conversion to RGB (alpha composited on
+    white, palette, CMYK and 16-bit handled). Any decoder failure becomes ImageInputError.
+    """
+    return decode(data, max_pixels=max_pixels)[0]
+
+
+def decode(data: bytes, *, max_pixels: int) -> tuple[Image.Image, str]:
+    if not data:
+        raise ImageInputError("the image is empty (0 bytes): pass a PNG, JPEG or WebP file")
+    kind = _sniff_format(data)
+    if kind not in ALLOWED_FORMATS:
+        if kind is None:
+            raise ImageInputError(
+                "the data is not a PNG, JPEG or WebP image (unrecognised signature): pass one of those formats"
+            )
+        raise ImageInputError(f"unsupported format {kind}; use PNG, JPEG or WebP (convert the image first)")
+
+    # Honour a stricter global Pillow limit if the host application set one, and stay at or under Pillow's
+    # warning threshold so its DecompressionBombWarning cannot fire for anything we let through.
+    limit = max_pixels
+    pil_limit = Image.MAX_IMAGE_PIXELS
+    if pil_limit:
+        limit = min(limit, pil_limit)
+    size = _header_size(data, kind)
+    if size is not None:
+        _check_geometry(*size, limit)
+
+    try:
+        img = Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        # Reached only when our header parser could not read the size (then Pillow's own check fires). The
+        # warning arrives as an exception when a warnings filter escalates it (pytest does, for example).
+        raise ImageInputError(
+            "the image header declares more pixels than Pillow allows (decompression bomb guard): downscale it"
+        ) from None
+    except UnidentifiedImageError:
+        raise ImageInputError(
+            f"the {kind} data is corrupt or truncated (its header cannot be read): re-export or re-encode it"
+        ) from None
+    except Exception as e:
+        # Untrusted-input boundary: any parser failure is the input's fault, not the server's.
+        raise _corrupt_error(kind, e) from None
+
+    fmt = "JPEG" if img.format == "MPO" else (img.format or kind)  # MPO: multi-picture JPEG from cameras
+    try:
+        if fmt not in ALLOWED_FORMATS:
+            raise ImageInputError(
+                f"unsupported format {fmt}; use PNG, JPEG or WebP (convert the image first)"
+            )
+        _check_geometry(img.width, img.height, limit)
+        try:
+            img.load()
+            rgb = _to_rgb(_apply_orientation(img))
+        except ImageInputError:
+            raise
+        except Exception as e:  # see above: truncated streams, bad CRCs, decoder errors, MemoryError, ...
+            raise _corrupt_error(fmt, e) from None
+    finally:
+        img.close()
+    return rgb, fmt
+
+
+def _corrupt_error(fmt: str, e: BaseException) -> ImageInputError:
+    detail = ellipsize(f"{e.__class__.__name__}: {e}", 120)
+    return ImageInputError(
+        f"the {fmt} image is truncated or corrupt ({detail}): re-export it as PNG, JPEG or WebP and try again"
+    )
+
+
+def _check_geometry(width: int, height: int, max_pixels: int) -> None:
+    if width <= 0 or height <= 0:
+        raise ImageInputError(
+            f"the image header declares an empty size {width}x{height}: the file is corrupt"
+        )
+    pixels = width * height
+    if pixels > max_pixels:
+        raise ImageInputError(
+            f"the image is {width}x{height} ({pixels / 1e6:.1f} Mpx), over the {max_pixels / 1e6:.1f} Mpx limit: "
+            "downscale it (for example to 2048 px on the long edge) and try again"
+        )
+    if min(width, height) < MIN_SIDE:
+        raise ImageInputError(
+            f"the image is {width}x{height}; both sides must be at least {MIN_SIDE} px: upscale or pad it"
+        )
+    aspect = max(width, height) / min(width, height)
+    if aspect > MAX_ASPECT:
+        raise ImageInputError(
+            f"the image is {width}x{height}, aspect ratio {aspect:.1f}:1; at most {MAX_ASPECT:g}:1 is supported: "
+            "crop or pad it"
+        )
+
+
+def _apply_orientation(img: Image.Image) -> Image.Image:
+    try:
+        out = ImageOps.exif_transpose(img)
+    except Exception as e:  # a broken EXIF block must not cost the user an otherwise good image
+        log.debug("ignoring unreadable EXIF orientation: %s", e)
+        return img
+    return img if out is None else out
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any decoded mode -> RGB: transparency (alpha, palette or tRNS colour key) composited on white, 16-bit
+    grey scaled to 8 bits (v / 257, rounded) rather than clipped, palette/grey/CMYK converted."""
+    mode = img.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        values = np.asarray(img.convert("I"), dtype=np.int64)
+        grey = Image.fromarray(np.clip(np.rint(values / 257), 0, 255).astype(np.uint8), "L")
+        key = img.info.get("transparency")
+        if isinstance(key, int):
+            opaque = Image.fromarray(np.where(values == key, 0, 255).astype(np.uint8), "L")
+            return Image.composite(grey, Image.new("L", grey.size, 255), opaque).convert("RGB")
+        return grey.convert("RGB")
+    if mode == "F":
+        return img.point(lambda v: v * 255).convert("L").convert("RGB")
+    # alpha channels, palette transparency and tRNS colour keys (greyscale or truecolour) alike become white
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if mode == "RGB":
+        return img.copy()  # detach from the source file object and its metadata
+    return img.convert("RGB")  # L, 1, P, CMYK, YCbCr
+
+
+def _sniff_format(data: bytes) -> str | None:
+    """Name the format from magic bytes. Used to keep non-allowed formats away from Pillow entirely, and to
+    tell the user what they sent."""
+    head = data[:32]
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return "GIF"
+    if head.startswith((b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")):
+        return "TIFF"
+    if head.startswith((b"%!PS", b"\xc5\xd0\xd3\xc6")):
+        return "EPS"
+    if head.startswith(b"%PDF"):
+        return "PDF"
+    if head.startswith((b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xff\x4f\xff\x51")):
+        return "JPEG2000"
+    if head[4:8] == b"ftyp":
+        return "AVIF" if head[8:12] in (b"avif", b"avis") else "HEIC"
+    if head.startswith(b"8BPS"):
+        return "PSD"
+    if head.startswith(b"qoif"):
+        return "QOI"
+    if head.startswith(b"DDS "):
+        return "DDS"
+    if head.startswith(b"\x76\x2f\x31\x01"):
+        return "OpenEXR"
+    if head.startswith(b"\x00\x00\x01\x00"):
+        return "ICO"
+    if head.startswith(b"\x00\x00\x02\x00"):
+        return "CUR"
+    if head.startswith(b"BM"):
+        return "BMP"
+    if head[:4] == b"RIFF":
+        return "RIFF (not WebP)"
+    text = data[:1024].lstrip().lower()
+    if text.startswith((b"<svg", b"<?xml", b"<!doctype svg")) and b"<svg" in text:
+        return "SVG"
+    if text.startswith((b"<!doctype html", b"<html")):
+        return "HTML"
+    if len(head) >= 2 and head[0] == ord("P") and head[1] in b"1234567":
+        return "PNM"
+    return None
+
+
+def _header_size(data: bytes, kind: str) -> tuple[int, int] | None:
+    """Width and height from the header, or None when the header cannot be read (Pillow then decides)."""
+    try:
+        if kind == "PNG":
+            if data[12:16] != b"IHDR" or len(data) < 24:
+                return None
+            w, h = struct.unpack(">II", data[16:24])
+            return w, h
+        if kind == "WEBP":
+            return _webp_size(data)
+        if kind == "JPEG":
+            return _jpeg_size(data)
+    except struct.error:
+        return None
+    return None
+
+
+def _webp_size(data: bytes) -> tuple[int, int] | None:
+    chunk = data[12:16]
+    if chunk == b"VP8X" and len(data) >= 30:
+        w = int.from_bytes(data[24:27], "little") + 1
+        h = int.from_bytes(data[27:30], "little") + 1
+        return w, h
+    if chunk == b"VP8L" and len(data) >= 25 and data[20] == 0x2F:
+        bits = int.from_bytes(data[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if chunk == b"VP8 " and len(data) >= 30 and data[23:26] == b"\x9d\x01\x2a":
+        w, h = struct.unpack("<HH", data[26:30])
+        return w & 0x3FFF, h & 0x3FFF
+    return None
+
+
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        while i < n and data[i] == 0xFF:  # fill bytes
+            i += 1
+        if i >= n:
+            return None
+        marker = data[i]
+        i += 1
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length field
+            continue
+        if marker in (0xD9, 0xDA):  # end of image / start of scan before any frame header
+            return None
+        if i + 2 > n:
+            return None
+        (length,) = struct.unpack(">H", data[i : i + 2])
+        if length < 2:
+            return None
+        if marker in _JPEG_SOF:
+            if i + 7 > n:
+                return None
+            h, w = struct.unpack(">HH", data[i + 3 : i + 7])
+            return w, h
+        i += length
+    return None

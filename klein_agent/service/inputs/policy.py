@@ -1,0 +1,67 @@
+"""Where images may come from: the folders a server may read (and export into), and whether URLs are fetched."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from klein_agent.rules.limits import INPUT_MAX_BYTES, INPUT_MAX_PIXELS
+
+# The flags named in error messages. The CLI owns them; keep these strings in step with it.
+ALLOW_URLS_FLAG = "--allow-urls"
+
+INPUT_DIR_FLAG = "--allow-dir"
+
+
+@dataclass(frozen=True)
+class InputPolicy:
+    """Where images may come from. One instance per server, built from the command line."""
+
+    allowed_dirs: tuple[Path, ...]  # resolved (realpath) at construction
+    allow_urls: bool = False
+    max_bytes: int = INPUT_MAX_BYTES  # encoded size: file, decoded data: URI, or URL body
+    max_pixels: int = INPUT_MAX_PIXELS  # width x height from the header, checked before decoding
+    url_timeout_s: float = 15.0  # whole fetch: connect, headers and body together
+
+    def __post_init__(self) -> None:
+        if self.max_bytes <= 0 or self.max_pixels <= 0 or self.url_timeout_s <= 0:
+            raise ValueError("max_bytes, max_pixels and url_timeout_s must be positive")
+        given: object = self.allowed_dirs
+        # One folder passed bare (a str would otherwise be iterated character by character).
+        dirs = (given,) if isinstance(given, (str, os.PathLike)) else tuple(self.allowed_dirs)
+        resolved: list[Path] = []
+        for d in dirs:
+            p = Path(os.path.realpath(os.path.expanduser(os.fspath(d))))
+            if p not in resolved:
+                resolved.append(p)
+        # frozen dataclass: the only way to normalise a field is to bypass __setattr__ once, here.
+        object.__setattr__(self, "allowed_dirs", tuple(resolved))
+
+    def dirs_text(self) -> str:
+        """The allowed folders, for messages."""
+        if not self.allowed_dirs:
+            return "(none configured)"
+        return ", ".join(str(d) for d in self.allowed_dirs)
+
+
+def default_allowed_dirs() -> tuple[Path, ...]:
+    """The current working directory plus ~/Pictures, ~/Downloads and ~/Desktop, where they exist.
+
+    The working directory is left out when it is a filesystem root or the home directory itself: MCP clients
+    such as Claude Desktop start servers with cwd `/`, and allowing all of it would make the allowlist
+    meaningless. Users add folders with `--allow-dir`.
+    """
+    home = Path.home()
+    dirs: list[Path] = []
+    try:
+        cwd = Path(os.path.realpath(os.getcwd()))
+    except OSError:  # the working directory was deleted under us
+        cwd = None
+    if cwd is not None and cwd != Path(cwd.anchor) and cwd != Path(os.path.realpath(home)):
+        dirs.append(cwd)
+    for name in ("Pictures", "Downloads", "Desktop"):
+        p = home / name
+        if p.is_dir():
+            dirs.append(Path(os.path.realpath(p)))
+    return tuple(dict.fromkeys(dirs))

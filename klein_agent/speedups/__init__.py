@@ -1,0 +1,1 @@
+"""Where and how fast the model runs: device and dtype choice, FP8 linear layers, regional compilation."""
