@@ -102,7 +102,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from klein_agent.rules.recipes import provenance, tool_for
     from klein_agent.rules.requests import GenerationRequest
     from klein_agent.service.inputs import read_image_file
-    from klein_agent.service.previews import encode_png
+    from klein_agent.service.pngfile import encode_png
 
     # Everything the server checks, checked here before the model loads, with the server's messages.
     prompt = resolution.clean_prompt(args.prompt)

@@ -66,12 +66,11 @@ def input_dir(tmp_path: Path) -> Path:
 def make_server_state(
     factory: Callable[[], ImageGenerator], store_dir: Path, allowed: Path, **options: Any
 ) -> Any:
-    """A ServerState whose engine loads `factory()` (real or fake), started, with small fixed limits."""
-    from klein_agent.server.config import ServerConfig
-    from klein_agent.server.state import ServerState
+    """A Studio whose engine loads `factory()` (real or fake), started, with small fixed limits."""
     from klein_agent.service.engine import Engine
     from klein_agent.service.inputs import InputPolicy
     from klein_agent.service.store import ImageStore
+    from klein_agent.service.studio import Studio, StudioConfig
 
     engine = Engine(
         factory, max_queue=options.pop("max_queue", 8), heartbeat_s=options.pop("heartbeat_s", 2.0)
@@ -82,7 +81,7 @@ def make_server_state(
         max_bytes=options.pop("max_input_bytes", 2 * 1024**2),
     )
     store = ImageStore(store_dir, max_bytes=options.pop("store_max_bytes", 256 * 1024**2), max_images=1000)
-    state = ServerState(engine=engine, store=store, policy=policy, config=ServerConfig(**options))
+    state = Studio(engine, store, policy, StudioConfig(**options))
     engine.start()
     return state
 

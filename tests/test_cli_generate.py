@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from klein_agent.pipeline import initial_noise
-from klein_agent.service.previews import PROVENANCE_KEY
+from klein_agent.service.pngfile import PROVENANCE_KEY
 
 
 def run(*args: str, prompt: str | bytes = "a red cube") -> subprocess.CompletedProcess[str]:

@@ -14,7 +14,6 @@ from klein_agent.service.engine import (
     EngineBusyError,
     EngineState,
     GenerationFailedError,
-    JobTimes,
     ModelLoadError,
     ModelOutOfMemoryError,
 )
@@ -33,8 +32,11 @@ def request(prompt: str = "a red cube", **kw: object) -> GenerationRequest:
     return GenerationRequest(prompt=prompt, **args)  # type: ignore[arg-type]
 
 
-def keep(result: GenerationResult, times: JobTimes) -> GenerationResult:
-    return result
+async def run(engine: Engine, req: GenerationRequest, **kw: object) -> GenerationResult:
+    """One call's pictures (the engine also reports its queued and model time)."""
+    done = await engine.run(req, **kw)  # type: ignore[arg-type]
+    assert done.model_ms > 0 and done.queued_ms >= 0
+    return done.result
 
 
 def started(fake: FakeGenerator, **kw: object) -> Engine:
@@ -52,7 +54,7 @@ async def test_runs_and_reports_monotone_progress() -> None:
     async def progress(value: float, total: float | None, message: str) -> None:
         seen.append((value, total, message))
 
-    result = await engine.run(request(steps=4), keep, progress=progress)
+    result = await run(engine, request(steps=4), progress=progress)
     n_at_return = len(seen)
     await anyio.sleep(0.05)
     assert len(seen) == n_at_return, "no progress after the call returned"
@@ -72,7 +74,7 @@ async def test_fifo_order_and_one_call_at_a_time() -> None:
     finished: list[int] = []
 
     async def one(i: int) -> None:
-        await engine.run(request(f"call {i}"), keep)
+        await run(engine, request(f"call {i}"))
         finished.append(i)
 
     async with anyio.create_task_group() as tg:
@@ -95,7 +97,7 @@ async def test_queue_full_is_refused_at_once() -> None:
 
     async def one() -> None:
         try:
-            await engine.run(request(), keep)
+            await run(engine, request())
             outcomes.append("ok")
         except EngineBusyError as exc:
             outcomes.append(str(exc))
@@ -108,27 +110,23 @@ async def test_queue_full_is_refused_at_once() -> None:
         await anyio.sleep(0.01)
         t0 = time.perf_counter()
         with pytest.raises(EngineBusyError, match="busy"):
-            await engine.run(request(), keep)
+            await run(engine, request())
         assert time.perf_counter() - t0 < 0.05
         fake.gate.set()  # type: ignore[union-attr]
     assert outcomes == ["ok", "ok", "ok"]
     await engine.aclose()
 
 
-async def test_cancel_running_call_stops_between_steps_and_skips_finish() -> None:
+async def test_cancel_running_call_stops_between_steps_and_returns_nothing() -> None:
     fake = FakeGenerator(gate=threading.Event(), gate_at_step=2)
     engine = started(fake)
     finished: list[int] = []
-
-    def record(result: GenerationResult, times: JobTimes) -> int:
-        finished.append(1)
-        return 1
-
     scope = anyio.CancelScope()
 
     async def call() -> None:
         with scope:
-            await engine.run(request(steps=8), record)
+            await engine.run(request(steps=8))
+            finished.append(1)
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(call)
@@ -139,7 +137,7 @@ async def test_cancel_running_call_stops_between_steps_and_skips_finish() -> Non
     assert finished == []
     assert fake.steps_run == [2], "stops at the first step boundary after the cancel"
     assert engine.status().cancelled == 1
-    result = await engine.run(request(steps=2), keep)  # the next call works
+    result = await run(engine, request(steps=2))  # the next call works
     assert len(result.images) == 1
     await engine.aclose()
 
@@ -148,10 +146,10 @@ async def test_cancel_queued_call_removes_it() -> None:
     fake = FakeGenerator(gate=threading.Event())
     engine = started(fake)
     async with anyio.create_task_group() as tg:
-        tg.start_soon(engine.run, request("first"), keep)
+        tg.start_soon(run, engine, request("first"))
         await anyio.to_thread.run_sync(fake.entered.wait, 10)
         with anyio.move_on_after(0.1):
-            await engine.run(request("second"), keep)
+            await run(engine, request("second"))
         assert engine.status().queue_depth == 0
         fake.gate.set()  # type: ignore[union-attr]
     assert [r.prompt for r in fake.calls] == ["first"]
@@ -176,7 +174,7 @@ async def test_first_call_waits_for_the_model_with_loading_progress() -> None:
         if len(messages) == 3:
             release.set()
 
-    result = await engine.run(request(), keep, progress=progress)
+    result = await run(engine, request(), progress=progress)
     assert len(result.images) == 1
     assert messages[:3] == ["loading model"] * 3 and messages[-1] == "decoding"
     assert engine.status().load_seconds is not None
@@ -192,7 +190,7 @@ async def test_failed_load_is_reported_and_refuses_calls() -> None:
     assert engine.wait_loaded(10) == EngineState.FAILED
     assert "no weights in /nowhere" in (engine.status().error or "")
     with pytest.raises(ModelLoadError, match=r"failed to load.*no weights"):
-        await engine.run(request(), keep)
+        await run(engine, request())
     await engine.aclose()
 
 
@@ -212,8 +210,8 @@ async def test_out_of_memory_is_mapped_and_the_engine_keeps_serving(exc: BaseExc
     fake = FakeGenerator(fail_with=exc)
     engine = started(fake)
     with pytest.raises(ModelOutOfMemoryError, match=r"out of memory making 1 image.*64x64.*smaller size"):
-        await engine.run(request(), keep)
-    assert len((await engine.run(request(), keep)).images) == 1
+        await run(engine, request())
+    assert len((await run(engine, request())).images) == 1
     assert engine.status().failed == 1
     await engine.aclose()
 
@@ -221,18 +219,7 @@ async def test_out_of_memory_is_mapped_and_the_engine_keeps_serving(exc: BaseExc
 async def test_other_model_errors_become_generation_failed() -> None:
     engine = started(FakeGenerator(fail_with=ValueError("bad tensor shape")))
     with pytest.raises(GenerationFailedError, match="ValueError: bad tensor shape"):
-        await engine.run(request(), keep)
-    await engine.aclose()
-
-
-async def test_finish_errors_pass_through_unchanged() -> None:
-    engine = started(FakeGenerator())
-
-    def broken_store(result: GenerationResult, times: JobTimes) -> None:
-        raise KeyError("store said no")
-
-    with pytest.raises(KeyError, match="store said no"):
-        await engine.run(request(), broken_store)
+        await run(engine, request())
     await engine.aclose()
 
 
@@ -240,12 +227,12 @@ async def test_max_queue_zero_runs_one_call_and_refuses_the_rest() -> None:
     fake = FakeGenerator(gate=threading.Event())
     engine = started(fake, max_queue=0)
     async with anyio.create_task_group() as tg:
-        tg.start_soon(engine.run, request("only"), keep)
+        tg.start_soon(run, engine, request("only"))
         await anyio.to_thread.run_sync(fake.entered.wait, 10)
         with pytest.raises(EngineBusyError, match="0 calls are queued and one is running"):
-            await engine.run(request("refused"), keep)
+            await run(engine, request("refused"))
         fake.gate.set()  # type: ignore[union-attr]
-    assert len((await engine.run(request("later"), keep)).images) == 1, "idle again: accepted"
+    assert len((await run(engine, request("later"))).images) == 1, "idle again: accepted"
     await engine.aclose()
 
 
@@ -262,14 +249,14 @@ async def test_calls_wait_for_a_loading_model_up_to_the_queue_bound() -> None:
     results: list[int] = []
 
     async def one() -> None:
-        results.append(len((await engine.run(request(), keep)).images))
+        results.append(len((await run(engine, request())).images))
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(one)
         tg.start_soon(one)
         await anyio.sleep(0.05)
         with pytest.raises(EngineBusyError, match="still loading and 2 calls are waiting"):
-            await engine.run(request(), keep)
+            await run(engine, request())
         release.set()
     assert results == [1, 1]
     await engine.aclose()

@@ -10,7 +10,7 @@ from klein_agent.pipeline import KleinPipeline, load_pipeline
 from klein_agent.pipeline.imaging import prepare_reference
 from klein_agent.rules import resolution
 from klein_agent.rules.requests import GenerationRequest, NonFiniteOutputError
-from klein_agent.service.previews import encode_png
+from klein_agent.service.pngfile import encode_png
 
 
 @pytest.fixture(scope="module")

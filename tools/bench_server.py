@@ -24,11 +24,10 @@ from mcp import Client
 
 from klein_agent.pipeline import load_pipeline
 from klein_agent.server.app import build_server
-from klein_agent.server.config import ServerConfig
-from klein_agent.server.state import ServerState
 from klein_agent.service.engine import Engine
 from klein_agent.service.inputs import InputPolicy
 from klein_agent.service.store import ImageStore
+from klein_agent.service.studio import Studio
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -37,7 +36,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def bench_row(
-    state: ServerState, mode: str, tool: str, args: dict[str, Any], calls: int, warmup: int
+    state: Studio, mode: str, tool: str, args: dict[str, Any], calls: int, warmup: int
 ) -> dict:
     trips: list[float] = []
     models: list[float] = []
@@ -65,7 +64,7 @@ async def bench_row(
     }
 
 
-async def bench_burst(state: ServerState, args: dict[str, Any], calls: int, rounds: int) -> dict:
+async def bench_burst(state: Studio, args: dict[str, Any], calls: int, rounds: int) -> dict:
     """`calls` generate calls sent at once, `rounds` times: wall time per call against model time per call.
 
     With storing on the engine's worker, the next call waits for the last one's PNG encode and fsync; with storing
@@ -106,11 +105,8 @@ async def main_async(args: argparse.Namespace) -> None:
     generator = load_pipeline("tiny")
     with tempfile.TemporaryDirectory(prefix="klein-bench-") as scratch:
         engine = Engine(lambda: generator, max_queue=8)
-        state = ServerState(
-            engine=engine,
-            store=ImageStore(Path(scratch) / "store"),
-            policy=InputPolicy(allowed_dirs=(Path(scratch),)),
-            config=ServerConfig(),
+        state = Studio(
+            engine, ImageStore(Path(scratch) / "store"), InputPolicy(allowed_dirs=(Path(scratch),))
         )
         engine.start()
         engine.wait_loaded(60)

@@ -41,3 +41,14 @@ SESSION_MAX_CHARS = 64
 # -- inputs -----------------------------------------------------------------------------------------------------
 INPUT_MAX_BYTES = 32 * 1024**2  # an encoded input: file, decoded data: URI, or URL body
 INPUT_MAX_PIXELS = 64 * 1024**2  # width x height from its header, checked before decoding
+
+# -- results ----------------------------------------------------------------------------------------------------
+PREVIEW_MAX_EDGE = 1024  # long edge of the inline preview of a tool result
+VIEW_MAX_EDGE = 1568  # the most the Anthropic vision models use; view_image may ask for up to this
+PREVIEW_BUDGET_B64 = 700_000  # base64 characters for all inline images of one result (Claude Desktop: 1 MB)
+MAX_VIEW_IMAGES = 16  # images on one contact sheet
+
+# -- the server -------------------------------------------------------------------------------------------------
+MAX_QUEUE = 8  # calls that may wait behind the running one
+STORE_MAX_BYTES = 2 * 1024**3
+STORE_MAX_IMAGES = 10_000

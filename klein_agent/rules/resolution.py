@@ -73,6 +73,20 @@ def clean_prompt(prompt: str) -> str:
     return text
 
 
+def check_session(session: str | None) -> str | None:
+    """A session label as given, or None; raises RequestError unless it is 1-64 letters, digits, spaces or
+    `_ . : -` (labels name groups of images in lists and the gallery; nothing else is allowed in them)."""
+    if session is None:
+        return None
+    if not isinstance(session, str) or not limits.SESSION_PATTERN.fullmatch(session):
+        shown = session[:70] if isinstance(session, str) else session
+        raise RequestError(
+            f"session {shown!r} is not a valid label: use 1 to 64 letters, digits, spaces, '_', '.', ':' or '-' "
+            '(for example "logo-v2")'
+        )
+    return session
+
+
 def check_reference_geometry(width: int, height: int) -> None:
     """The reference's checks on an input picture (diffusers `Flux2ImageProcessor.check_image_input`).
 

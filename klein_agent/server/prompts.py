@@ -22,27 +22,22 @@ checkout it is the repository's top-level `prompts/`.
 from __future__ import annotations
 
 import importlib.resources
-import io
 import re
 from dataclasses import dataclass
 from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
-import anyio.to_thread
 from mcp.server import MCPServer
 from mcp.server.mcpserver.prompts.base import Message, Prompt, PromptArgument, UserMessage
 from mcp.shared.exceptions import MCPError
 from mcp_types import INVALID_PARAMS, ImageContent
-from PIL import Image
 
-from klein_agent.server.results import build_preview, image_block
-from klein_agent.server.state import ServerState, strip_image_uri
-from klein_agent.service.store import StoreError
+from klein_agent.server.results import image_block
+from klein_agent.service.studio import EXPECTED_ERRORS, Studio, strip_image_uri
 
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:\|([^}]*))?\}\}")
 _ARGUMENT = re.compile(r"argument\s+([A-Za-z_][A-Za-z0-9_]*)\s*:\s*(required|optional)\s*\|\s*(.*)")
-MAX_ATTACHED = 16
 
 
 @dataclass(frozen=True)
@@ -118,22 +113,17 @@ def split_ids(value: str) -> list[str]:
     return [strip_image_uri(part) for part in re.split(r"[\s,;]+", value) if part.strip()]
 
 
-def register_prompts(mcp: MCPServer[Any], state: ServerState, files: list[PromptFile] | None = None) -> None:
+def register_prompts(mcp: MCPServer[Any], studio: Studio, files: list[PromptFile] | None = None) -> None:
     for spec in load_prompt_files() if files is None else files:
-        mcp.add_prompt(_prompt(spec, state))
+        mcp.add_prompt(_prompt(spec, studio))
 
 
-def _prompt(spec: PromptFile, state: ServerState) -> Prompt:
+def _prompt(spec: PromptFile, studio: Studio) -> Prompt:
     async def render(**values: str) -> list[Message]:
         messages: list[Message] = [UserMessage(render_body(spec.body, values))]
         ids = split_ids(values.get(spec.attach, "")) if spec.attach else []
         if ids:
-            if len(ids) > MAX_ATTACHED:
-                raise MCPError(
-                    code=INVALID_PARAMS,
-                    message=f"{len(ids)} image ids given; at most {MAX_ATTACHED} can be attached",
-                )
-            messages.append(UserMessage(await _sheet(state, ids)))
+            messages.append(UserMessage(await _sheet(studio, ids)))
         return messages
 
     return Prompt(
@@ -146,25 +136,11 @@ def _prompt(spec: PromptFile, state: ServerState) -> Prompt:
     )
 
 
-async def _sheet(state: ServerState, ids: list[str]) -> ImageContent:
-    def load() -> list[Image.Image]:
-        pictures = []
-        for image_id in ids:
-            with Image.open(io.BytesIO(state.store.read_png(image_id)), formats=["PNG"]) as im:
-                pictures.append(im.convert("RGB"))
-        return pictures
-
+async def _sheet(studio: Studio, ids: list[str]) -> ImageContent:
     try:
-        pictures = await anyio.to_thread.run_sync(load)
-    except StoreError as exc:  # a protocol error carries its message to the client; other errors would not
+        sheet = await studio.contact_sheet(ids, max_edge=studio.config.preview_max_edge)
+    except (
+        EXPECTED_ERRORS
+    ) as exc:  # a protocol error carries its message to the client; other errors would not
         raise MCPError(code=INVALID_PARAMS, message=str(exc)) from exc
-    labels = [ids[0]] if len(ids) == 1 else [f"{k} {i}" for k, i in enumerate(ids, start=1)]
-    preview = await anyio.to_thread.run_sync(
-        lambda: build_preview(
-            pictures,
-            labels,
-            max_edge=state.config.preview_max_edge,
-            budget_b64=state.config.preview_budget_b64,
-        )
-    )
-    return image_block(preview)
+    return image_block(sheet.preview)

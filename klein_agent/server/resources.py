@@ -10,8 +10,8 @@ from mcp.server import MCPServer
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError
 
 from klein_agent.server.results import image_uri
-from klein_agent.server.state import ServerState, now_iso
 from klein_agent.service.store import StoredImage, UnknownImageError
+from klein_agent.service.studio import Studio, now_iso
 
 
 def rerun_call(image: StoredImage) -> dict[str, Any] | None:
@@ -34,6 +34,7 @@ def rerun_call(image: StoredImage) -> dict[str, Any] | None:
 
 
 def meta_document(image: StoredImage) -> dict[str, Any]:
+    """The JSON of `image://{image_id}/meta`: size, lineage, session, the recipe and the call that remakes it."""
     return {
         "image_id": image.image_id,
         "uri": image_uri(image.image_id),
@@ -48,8 +49,9 @@ def meta_document(image: StoredImage) -> dict[str, Any]:
     }
 
 
-def register_resources(mcp: MCPServer[Any], state: ServerState) -> None:
-    store = state.store
+def register_resources(mcp: MCPServer[Any], studio: Studio) -> None:
+    """Add `image://{image_id}` (the PNG) and `image://{image_id}/meta` (the recipe as JSON)."""
+    store = studio.store
 
     @mcp.resource(
         "image://{image_id}",

@@ -1,22 +1,21 @@
 """Building the CallToolResults of the image tools: one preview, a short summary, links, structured content.
 
-Content order (docs/mcp-notes.md §5.1): the inline preview first (WebP or JPEG, long edge <= 1024 px, within the
-base64 budget; several images become one labelled contact sheet), then the text summary (ids, seeds, size, time,
-parents, what to do next), then one `resource_link` per image. The structured content repeats the facts as a
-small JSON object and never carries image bytes.
+Content order: the inline preview first (WebP or JPEG, long edge <= 1024 px, within the base64 budget; several
+images become one labelled contact sheet), then the text summary (ids, seeds, size, time, parents, what to do
+next), then one `resource_link` per image; docs/server.md ("What an image tool returns") explains why. The
+structured content repeats the facts as a small JSON object and never carries image bytes.
 """
 
 from __future__ import annotations
 
 import base64
-from collections.abc import Sequence
 
 from mcp_types import CallToolResult, ImageContent, ResourceLink, TextContent
-from PIL import Image
 
 from klein_agent.server.models import ImageRef, ImagesResult
-from klein_agent.service.previews import Preview, make_preview
+from klein_agent.service.previews import Preview
 from klein_agent.service.store import StoredImage
+from klein_agent.service.studio import Made
 
 NEXT_STEPS = (
     "Next: to change one, call edit with its image_id and describe the result you want positively (what should "
@@ -27,31 +26,19 @@ NEXT_STEPS = (
 
 
 def image_uri(image_id: str) -> str:
+    """The resource URI of a stored image's PNG."""
     return f"image://{image_id}"
 
 
-def preview_labels(images: Sequence[StoredImage], seeds: Sequence[int | None]) -> list[str]:
-    if len(images) == 1:
-        return [images[0].image_id]
-    return [
-        f"{k} {img.image_id}" + (f" seed {seed}" if seed is not None else "")
-        for k, (img, seed) in enumerate(zip(images, seeds, strict=True), start=1)
-    ]
-
-
-def build_preview(
-    pictures: Sequence[Image.Image], labels: Sequence[str], *, max_edge: int, budget_b64: int
-) -> Preview:
-    return make_preview(pictures, labels, max_edge=max_edge, budget_b64=budget_b64)
-
-
 def image_block(preview: Preview) -> ImageContent:
+    """A preview as inline image content (base64, its own MIME type)."""
     return ImageContent(
         type="image", data=base64.b64encode(preview.data).decode("ascii"), mime_type=preview.mime_type
     )
 
 
 def link_block(image: StoredImage, seed: int | None) -> ResourceLink:
+    """A link to a stored image's full-resolution PNG, with its size and seed."""
     what = f"{image.width}x{image.height} PNG" + (f", seed {seed}" if seed is not None else "")
     return ResourceLink(
         type="resource_link",
@@ -63,19 +50,9 @@ def link_block(image: StoredImage, seed: int | None) -> ResourceLink:
     )
 
 
-def images_result(
-    *,
-    tool: str,
-    stored: Sequence[StoredImage],
-    seeds: Sequence[int],
-    parents: Sequence[str],
-    preview: Preview,
-    elapsed_ms: float,
-    model_ms: float,
-    steps: int,
-    session: str | None,
-    cache_hits: dict[str, int],
-) -> CallToolResult:
+def images_result(made: Made) -> CallToolResult:
+    """What generate, edit and compose return for `made`."""
+    stored, seeds, parents = made.images, made.seeds, made.parents
     refs = [
         ImageRef(
             image_id=img.image_id,
@@ -91,9 +68,9 @@ def images_result(
     first = stored[0]
     seed_text = f"seed {seeds[0]}" if n == 1 else f"seeds {seeds[0]}-{seeds[-1]}"
     lines = [
-        f"{tool}: made {n} image{'s' if n > 1 else ''} of {first.width}x{first.height} in {elapsed_ms:.0f} ms "
-        f"(model {model_ms:.0f} ms), {steps} steps, {seed_text}"
-        + (f', session "{session}"' if session else "")
+        f"{made.tool}: made {n} image{'s' if n > 1 else ''} of {first.width}x{first.height} in "
+        f"{made.elapsed_ms:.0f} ms (model {made.model_ms:.0f} ms), {made.steps} steps, {seed_text}"
+        + (f', session "{made.session}"' if made.session else "")
         + ".",
     ]
     lines += [
@@ -104,11 +81,12 @@ def images_result(
         lines.append(
             "Made from: " + ", ".join(f"image {k} = {pid}" for k, pid in enumerate(parents, start=1)) + "."
         )
-    hits = {k: v for k, v in cache_hits.items() if v}
+    hits = {k: v for k, v in made.cache_hits.items() if v}
     if hits:
         lines.append(
             "Reused from earlier calls: " + ", ".join(f"{k} x{v}" for k, v in sorted(hits.items())) + "."
         )
+    preview = made.preview
     sheet = (
         f"The preview above is one contact sheet, labelled 1-{n} in this order"
         if n > 1
@@ -118,11 +96,11 @@ def images_result(
     lines.append(NEXT_STEPS)
     structured = ImagesResult(
         images=refs,
-        elapsed_ms=round(elapsed_ms),
-        model_ms=round(model_ms),
-        steps=steps,
-        session=session,
-        cache_hits=dict(cache_hits),
+        elapsed_ms=round(made.elapsed_ms),
+        model_ms=round(made.model_ms),
+        steps=made.steps,
+        session=made.session,
+        cache_hits=dict(made.cache_hits),
         note=NEXT_STEPS,
     )
     return CallToolResult(

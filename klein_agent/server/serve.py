@@ -1,7 +1,7 @@
 """`klein-agent serve`: the command-line options, logging to stderr, and running over stdio or streamable HTTP.
 
 The CLI (`klein_agent.cli`) adds the model options with `add_model_arguments` and these with
-`add_serve_arguments`, then calls `run_serve`. `python -m klein_agent.server.serve` does the same on its own.
+`add_serve_arguments`, then calls `run_serve`.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from mcp.server.transport_security import TransportSecuritySettings
 from starlette.applications import Starlette
 
 from klein_agent.model_options import generator_factory
+from klein_agent.rules import limits
 from klein_agent.server.app import build_server
-from klein_agent.server.config import ServerConfig
-from klein_agent.server.state import ServerState
 from klein_agent.service.engine import Engine
 from klein_agent.service.inputs import InputPolicy, default_allowed_dirs
 from klein_agent.service.store import ImageStore, StoreError, default_store_dir
+from klein_agent.service.studio import Studio, StudioConfig
 
 log = logging.getLogger("klein_agent.serve")
 
@@ -47,14 +47,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     store.add_argument(
         "--store-max-gb",
         type=float,
-        default=2.0,
+        default=limits.STORE_MAX_BYTES / 2**30,
         metavar="GB",
         help="evict the least recently used images beyond this many GiB (default: 2)",
     )
     store.add_argument(
         "--store-max-images",
         type=int,
-        default=10_000,
+        default=limits.STORE_MAX_IMAGES,
         metavar="N",
         help="evict the least recently used images beyond this many (default: 10000)",
     )
@@ -80,18 +80,18 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="let image arguments be http(s) URLs (public addresses only, no redirects); off by default",
     )
-    limits = parser.add_argument_group("limits")
-    limits.add_argument(
+    caps = parser.add_argument_group("limits")
+    caps.add_argument(
         "--max-queue",
         type=int,
-        default=8,
+        default=limits.MAX_QUEUE,
         metavar="N",
         help="calls that may wait behind the running one; more are refused at once with 'busy' (default: 8)",
     )
-    limits.add_argument(
+    caps.add_argument(
         "--max-megapixels",
         type=float,
-        default=4.2,
+        default=round(limits.MAX_PIXELS_PER_CALL / 1e6, 1),
         metavar="MP",
         help="width x height x num_images of one call, in millions of pixels (default: 4.2, one 2048x2048 image "
         "or four of 1024x1024); lower it on small GPUs so a call stays well under a client's ~60 s timeout",
@@ -136,8 +136,9 @@ def configure_logging(level: str) -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")
 
 
-def build_state(args: argparse.Namespace) -> ServerState:
-    """Open the store and set up the engine (not yet loading) from parsed arguments."""
+def build_studio(args: argparse.Namespace) -> Studio:
+    """Open the store and set up the engine (not yet loading) from parsed arguments. Raises ValueError for a bad
+    option and StoreError for a store that cannot be opened."""
     if args.max_queue < 0:
         raise ValueError("--max-queue must be 0 or more")
     if args.max_megapixels <= 0 or args.store_max_gb <= 0 or args.store_max_images < 1:
@@ -153,9 +154,9 @@ def build_state(args: argparse.Namespace) -> ServerState:
         max_bytes=int(args.store_max_gb * 2**30),
         max_images=args.store_max_images,
     )
-    config = ServerConfig(max_pixels_per_call=int(args.max_megapixels * 1_000_000))
+    config = StudioConfig(max_pixels_per_call=int(args.max_megapixels * 1_000_000))
     engine = Engine(generator_factory(args), max_queue=args.max_queue)
-    return ServerState(engine=engine, store=store, policy=policy, config=config)
+    return Studio(engine, store, policy, config)
 
 
 def transport_security(host: str) -> TransportSecuritySettings:
@@ -171,15 +172,15 @@ def transport_security(host: str) -> TransportSecuritySettings:
     )
 
 
-def http_app(mcp: MCPServer[ServerState], state: ServerState, host: str) -> Starlette:
+def http_app(mcp: MCPServer[Studio], studio: Studio, host: str) -> Starlette:
     # Inline data: URIs are base64 (4/3 of the bytes); leave room for them up to the input size limit.
-    body = math.ceil(state.policy.max_bytes * 4 / 3) + 2**20
+    body = math.ceil(studio.policy.max_bytes * 4 / 3) + 2**20
     return mcp.streamable_http_app(
         host=host, transport_security=transport_security(host), max_request_body_size=body
     )
 
 
-async def serve_http(mcp: MCPServer[ServerState], state: ServerState, host: str, port: int) -> None:
+async def serve_http(mcp: MCPServer[Studio], studio: Studio, host: str, port: int) -> None:
     import uvicorn
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -193,48 +194,35 @@ async def serve_http(mcp: MCPServer[ServerState], state: ServerState, host: str,
         log.warning(
             "bound to %s, which is not a loopback address: anyone who can reach it can use the tools", host
         )
-    config = uvicorn.Config(http_app(mcp, state, host), log_config=None, access_log=False, lifespan="on")
+    config = uvicorn.Config(http_app(mcp, studio, host), log_config=None, access_log=False, lifespan="on")
     await uvicorn.Server(config).serve(sockets=[sock])
 
 
 def run_serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     try:
-        state = build_state(args)
+        studio = build_studio(args)
     except (StoreError, ValueError) as exc:
         log.error("%s", exc)
         return 2
-    mcp = build_server(state)
-    state.engine.start()  # the model loads in the background while the client connects
+    mcp = build_server(studio)
+    studio.engine.start()  # the model loads in the background while the client connects
     log.info(
         "klein-agent serve: model %s, store %s, %s",
         args.model,
-        state.store.root,
+        studio.store.root,
         "HTTP" if args.http else "stdio",
     )
     try:
         if args.http:
-            anyio.run(serve_http, mcp, state, args.host, args.port)
+            anyio.run(serve_http, mcp, studio, args.host, args.port)
         else:
             mcp.run()
     except KeyboardInterrupt:
         pass
     finally:
         log.debug("server loop ended; stopping the engine")
-        state.engine.close(timeout=5)
-        state.store.close()
+        studio.engine.close(timeout=5)
+        studio.store.close()
         log.debug("engine and store closed")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    from klein_agent.model_options import add_model_arguments
-
-    parser = argparse.ArgumentParser(prog="klein-agent serve", description=__doc__.split("\n")[0])
-    add_model_arguments(parser)
-    add_serve_arguments(parser)
-    return run_serve(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,11 +1,12 @@
 """The one worker that owns the model: load state, a first-in first-out queue, progress and cancellation.
 
 One thread (`klein-engine`) loads the model and then runs every call, one at a time, in arrival order. Async
-callers (the MCP tools) submit with `await engine.run(request, ...)`; they wait on the event loop, never on a pool
-thread, so many queued calls cost nothing. Progress goes back from the worker to the caller's event loop with a
-blocking `anyio.from_thread.run`, so every notification is delivered before the call returns and none after it.
-A caller that is cancelled sets its job's flag: a queued job leaves the queue at once, a running one stops at the
-next step boundary (the pipeline's progress callback raises) and its `finish` step, which stores images, never runs.
+callers submit with `await engine.run(request, ...)` and get the pictures back; they wait on the event loop, never
+on a pool thread, so many queued calls cost nothing. The engine only runs the model: storing is the caller's, off
+this thread, so the next call starts while the last one's pictures are written. Progress goes back from the worker
+to the caller's event loop with a blocking `anyio.from_thread.run`, so every notification is delivered before the
+call returns and none after it. A caller that is cancelled sets its job's flag: a queued job leaves the queue at
+once, a running one stops at the next step boundary (the pipeline's progress callback raises) and returns nothing.
 
 No MCP imports here and no torch import: out-of-memory errors are recognised by class name and message.
 """
@@ -22,7 +23,6 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
 
 import anyio
 import anyio.from_thread
@@ -40,7 +40,6 @@ from klein_agent.rules.resolution import RequestError
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 
 # progress(value, total, message) on the caller's event loop; values rise strictly during one call.
 AsyncProgress = Callable[[float, float | None, str], Awaitable[None]]
@@ -78,7 +77,10 @@ class JobCancelled(EngineError):
 
 
 @dataclass(frozen=True)
-class JobTimes:
+class Completed:
+    """One finished call: the pictures and what they cost."""
+
+    result: GenerationResult
     queued_ms: float  # from submission to the worker picking the job up (includes waiting for the model)
     model_ms: float  # wall time inside ImageGenerator.generate
 
@@ -101,9 +103,8 @@ class EngineStatus:
 
 
 @dataclass(eq=False)
-class _Job(Generic[T]):
+class _Job:
     request: GenerationRequest
-    finish: Callable[[GenerationResult, JobTimes], T]
     progress: AsyncProgress | None
     token: anyio.lowlevel.EventLoopToken
     done: anyio.Event
@@ -113,7 +114,7 @@ class _Job(Generic[T]):
     cancelled: threading.Event = field(default_factory=threading.Event)
     started: bool = False
     last_progress: float = -1.0
-    value: Any = None
+    value: Completed | None = None
     error: BaseException | None = None
 
     async def send(self, value: float, total: float | None, message: str) -> None:
@@ -157,8 +158,8 @@ class Engine:
         self.max_queue = max_queue
         self._heartbeat_s = heartbeat_s
         self._cond = threading.Condition()
-        self._queue: collections.deque[_Job[Any]] = collections.deque()
-        self._running: _Job[Any] | None = None
+        self._queue: collections.deque[_Job] = collections.deque()
+        self._running: _Job | None = None
         self._state = EngineState.LOADING
         self._error: str | None = None
         self._generator: ImageGenerator | None = None
@@ -245,22 +246,15 @@ class Engine:
 
     # -- submitting ------------------------------------------------------------------------------------------
 
-    async def run(
-        self,
-        request: GenerationRequest,
-        finish: Callable[[GenerationResult, JobTimes], T],
-        *,
-        progress: AsyncProgress | None = None,
-    ) -> T:
-        """Queue one call; return `finish(result, times)`, which runs on the worker right after the model does.
+    async def run(self, request: GenerationRequest, *, progress: AsyncProgress | None = None) -> Completed:
+        """Queue one call and return its pictures once the model has made them.
 
         Raises EngineBusyError at once when the queue is full, ModelLoadError when the model failed to load,
-        ModelOutOfMemoryError, GenerationFailedError, or whatever `finish` raises. If the awaiting task is
-        cancelled the job is withdrawn (queued) or stopped at the next step (running) and `finish` does not run.
+        ModelOutOfMemoryError or GenerationFailedError. If the awaiting task is cancelled the job is withdrawn
+        (queued) or stopped at the next step (running), and nothing is returned.
         """
-        job: _Job[T] = _Job(
+        job = _Job(
             request=request,
-            finish=finish,
             progress=progress,
             token=anyio.lowlevel.current_token(),
             done=anyio.Event(),
@@ -277,9 +271,10 @@ class Engine:
             raise
         if job.error is not None:
             raise job.error
-        return job.value  # type: ignore[no-any-return]
+        assert job.value is not None
+        return job.value
 
-    def _enqueue(self, job: _Job[Any]) -> int:
+    def _enqueue(self, job: _Job) -> int:
         with self._cond:
             if self._stopping:
                 raise EngineError("the server is shutting down; the call was not run")
@@ -305,7 +300,7 @@ class Engine:
             state = f"the model is still loading and {len(self._queue)} calls are waiting for it"
         return f"busy: {state}{wait}; retry in a few seconds, or ask for fewer images per call"
 
-    async def _wait(self, job: _Job[Any], ahead: int) -> None:
+    async def _wait(self, job: _Job, ahead: int) -> None:
         beat = 0
         while not job.done.is_set():
             if not job.started:
@@ -322,14 +317,14 @@ class Engine:
                 await job.done.wait()
             ahead = self._position(job)
 
-    def _position(self, job: _Job[Any]) -> int:
+    def _position(self, job: _Job) -> int:
         with self._cond:
             try:
                 return self._queue.index(job) + (1 if self._running is not None else 0)
             except ValueError:
                 return 0
 
-    def _withdraw(self, job: _Job[Any]) -> None:
+    def _withdraw(self, job: _Job) -> None:
         job.cancelled.set()
         with self._cond:
             try:
@@ -383,7 +378,7 @@ class Engine:
                     self._running = None
                 self._signal_done(job)
 
-    def _execute(self, generator: ImageGenerator, job: _Job[Any]) -> None:
+    def _execute(self, generator: ImageGenerator, job: _Job) -> None:
         queued_ms = (time.perf_counter() - job.submitted) * 1000
 
         def on_step(done: int, total: int, message: str) -> None:
@@ -421,10 +416,7 @@ class Engine:
             self._model_ms_total += model_ms
             for key, hits in result.cache_hits.items():
                 self._cache_hits[key] = self._cache_hits.get(key, 0) + int(hits)
-        try:
-            job.value = job.finish(result, JobTimes(queued_ms=queued_ms, model_ms=model_ms))
-        except Exception as exc:  # the caller's own step (storing): its errors are the caller's to map
-            job.error = exc
+        job.value = Completed(result=result, queued_ms=queued_ms, model_ms=model_ms)
 
     @staticmethod
     def _map_failure(request: GenerationRequest, exc: Exception) -> EngineError:
@@ -444,7 +436,7 @@ class Engine:
         log.exception("generation failed")
         return GenerationFailedError(f"the model failed on this call: {type(exc).__name__}: {exc}")
 
-    def _signal_done(self, job: _Job[Any]) -> None:
+    def _signal_done(self, job: _Job) -> None:
         if threading.get_ident() == job.loop_thread:
             job.done.set()
             return

@@ -6,6 +6,7 @@ import os
 import stat
 from pathlib import Path
 
+from klein_agent.service.files import write_atomically
 from klein_agent.service.inputs.common import ImageInputError, show
 from klein_agent.service.inputs.paths import check_path_syntax, path_from_file_uri
 from klein_agent.service.inputs.policy import INPUT_DIR_FLAG, InputPolicy
@@ -65,3 +66,15 @@ def check_output_path(path: str, policy: InputPolicy, *, default_name: str | Non
     if not stat.S_ISREG(st.st_mode):
         raise ImageInputError(f"{show(str(target))} exists and is not a regular file: choose another name")
     return target
+
+
+def write_export(target: Path, png: bytes) -> None:
+    """Write `png` to `target` (from `check_output_path`) atomically: a reader sees the old file or the new one.
+    The temporary file is a dot-file beside the target; a symlink planted at `target` meanwhile is replaced, not
+    followed. Raises ImageInputError naming the folder on an I/O error."""
+    try:
+        write_atomically(target, png, tmp_prefix=".klein-export-", mode=0o666)
+    except OSError as exc:
+        raise ImageInputError(
+            f"could not write {str(target)!r}: {exc.strerror or exc}; check the folder"
+        ) from exc

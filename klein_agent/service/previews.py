@@ -1,29 +1,25 @@
-"""What the model sees inline in a tool result, and the PNG bytes the store keeps.
+"""What a model sees inline in a tool result: one budgeted preview, or one labelled contact sheet for several.
 
-Previews are budgeted by their *base64* length (what travels in the JSON-RPC message): Claude Desktop rejects
-tool results over 1 MB, and the server spends at most ~700,000 characters on all inline images of one result
-(docs/mcp-notes.md §5.1, pitfall 7). Several images become one labelled contact sheet rather than N images.
-
-Store PNGs are written from a fresh pixel buffer, so nothing from an input file (EXIF, GPS, ICC profile, text
-chunks) can ride along into the store or an export; the only metadata is one `klein-agent` tEXt chunk of
-compact JSON provenance.
-
-No torch, no mcp: the server layer and its tests use this module directly.
+Previews are budgeted by their *base64* length, what travels in the JSON-RPC message: Claude Desktop refuses tool
+results over 1 MB, so all inline images of one result get at most ~700,000 characters (docs/server.md, "What an
+image tool returns"). Several images become one labelled contact sheet rather than N images. No torch, no MCP.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
 
-from PIL import Image, ImageDraw, ImageFont, PngImagePlugin, features
+from PIL import Image, ImageDraw, ImageFont, features
 
-PROVENANCE_KEY = "klein-agent"
+from klein_agent.service.pixels import to_rgb
+
+# WebP "method" trades encoder effort for size; at preview sizes 1 costs ~30 ms for 1024 px where the default (4)
+# costs ~90-120 ms, for files within a few percent of each other, and the budget loop below still applies.
+_WEBP_METHOD = 1
 _QUALITIES = (85, 75, 62, 50, 38)  # step down quality first: at preview sizes it costs less than resolution
 _MIN_EDGE = 32  # below this a preview is useless; a budget that cannot fit it is a caller bug
 _SHEET_BG = (128, 128, 128)  # neutral grey: neither light nor dark images blend into it
@@ -39,10 +35,6 @@ class Preview:
     mime_type: str  # "image/webp" or "image/jpeg", always matching `data`
     width: int
     height: int
-
-    def base64_length(self) -> int:
-        """Characters the base64 form will take (what counts against the tool-result budget)."""
-        return _b64_len(len(self.data))
 
 
 def make_preview(
@@ -64,7 +56,7 @@ def make_preview(
         raise ValueError(f"got {len(images)} images but {len(labels)} labels")
     if max_edge < _MIN_EDGE:
         raise ValueError(f"max_edge must be at least {_MIN_EDGE}")
-    flat = [_flatten(im) for im in images]
+    flat = [to_rgb(im) for im in images]
     natural = max(flat[0].size) if len(flat) == 1 else _natural_sheet_edge(flat)
     edge = min(max_edge, natural)
     fmt, mime = ("WEBP", "image/webp") if _has_webp() else ("JPEG", "image/jpeg")
@@ -93,40 +85,6 @@ def make_preview(
         edge = new_edge
 
 
-def encode_png(image: Image.Image, *, provenance: dict[str, Any] | None = None) -> bytes:
-    """Full-resolution PNG for the store: pixels only, plus one `klein-agent` tEXt chunk of compact JSON.
-
-    The pixels are copied into a new image, so no `info` entry of the source (EXIF, GPS, ICC, text, dpi) can
-    reach the encoder. Same pixels and provenance give the same bytes: keys are sorted, and Pillow writes no
-    timestamp.
-    """
-    if image.mode not in ("RGB", "RGBA", "L", "LA"):
-        image = _flatten(image)
-    fresh = Image.frombytes(image.mode, image.size, image.tobytes())
-    pnginfo = None
-    if provenance is not None:
-        pnginfo = PngImagePlugin.PngInfo()
-        # ensure_ascii: tEXt is Latin-1, so any non-ASCII prompt text is escaped rather than mangled.
-        text = json.dumps(provenance, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-        pnginfo.add_text(PROVENANCE_KEY, text, zip=False)
-    buf = io.BytesIO()
-    fresh.save(buf, format="PNG", pnginfo=pnginfo, compress_level=6)
-    return buf.getvalue()
-
-
-def read_provenance(png: bytes) -> dict[str, Any] | None:
-    """The provenance written by `encode_png`, or None when the PNG has none. For our own store files."""
-    with Image.open(io.BytesIO(png), formats=["PNG"]) as img:
-        text = getattr(img, "text", {}).get(PROVENANCE_KEY)
-    if text is None:
-        return None
-    value = json.loads(text)
-    return value if isinstance(value, dict) else None
-
-
-# --------------------------------------------------------------------------------------------------- helpers
-
-
 def _b64_len(n: int) -> int:
     return 4 * math.ceil(n / 3)
 
@@ -139,20 +97,10 @@ def _has_webp() -> bool:
 def _encode(img: Image.Image, fmt: str, quality: int) -> bytes:
     buf = io.BytesIO()
     if fmt == "WEBP":
-        img.save(buf, format="WEBP", quality=quality, method=4)
+        img.save(buf, format="WEBP", quality=quality, method=_WEBP_METHOD)
     else:
         img.save(buf, format="JPEG", quality=quality, optimize=True)
     return buf.getvalue()
-
-
-def _flatten(img: Image.Image) -> Image.Image:
-    """RGB, with any transparency composited on white (what a viewer would show on a light page)."""
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return img.convert("RGB")
 
 
 def _fit(size: tuple[int, int], box: tuple[int, int]) -> tuple[int, int]:

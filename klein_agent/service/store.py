@@ -40,6 +40,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from klein_agent.rules.limits import STORE_MAX_BYTES, STORE_MAX_IMAGES
+from klein_agent.rules.resolution import check_session
+from klein_agent.service.files import unlink_quietly, write_atomically
+
 if sys.platform != "win32":
     import fcntl
 
@@ -60,7 +64,6 @@ log = logging.getLogger(__name__)
 
 ID_PREFIX = "img_"
 _ID_RE = re.compile(r"img_[A-Za-z0-9_-]{22}", re.ASCII)  # "img_" + token_urlsafe(16): 22 chars, 128 bits
-_SESSION_RE = re.compile(r"[A-Za-z0-9 _.:-]{1,64}", re.ASCII)
 _CURSOR_RE = re.compile(r"[A-Za-z0-9_-]{1,256}", re.ASCII)
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _TMP_PREFIX = ".tmp-"
@@ -189,7 +192,9 @@ class ImageStore:
     lock file exclusively sweeps orphans. Pins are per process.
     """
 
-    def __init__(self, root: Path | str, *, max_bytes: int = 2 * 1024**3, max_images: int = 10_000) -> None:
+    def __init__(
+        self, root: Path | str, *, max_bytes: int = STORE_MAX_BYTES, max_images: int = STORE_MAX_IMAGES
+    ) -> None:
         for name, value in (("max_bytes", max_bytes), ("max_images", max_images)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -243,16 +248,20 @@ class ImageStore:
         recipe: dict[str, Any],
         parents: Sequence[str] = (),
         session: str | None = None,
+        image_id: str | None = None,
     ) -> StoredImage:
         """Store one PNG durably; when this returns, the image survives a crash or kill -9.
 
+        `image_id` is a fresh id from `new_image_id()` when the caller needs it before the image is stored (an
+        input that is named as a parent but stored only once the call succeeds); by default one is minted here.
         The file is made durable first and the row committed second (see the module docstring). The LRU
         eviction runs in the same transaction as the insert, so quota and row agree at every commit; evicted
-        files are unlinked after the commit.
+        files are unlinked after the commit. Raises ValueError for a malformed argument, UnknownImageError for a
+        malformed parent id, StoreFullError, StoreWriteError.
         """
         data = _check_png(png, width, height)
         recipe_json = _recipe_json(recipe)
-        session = _check_session(session)
+        session = check_session(session)
         if isinstance(parents, str):
             raise TypeError("parents must be a sequence of image ids, not one id string")
         parent_ids = tuple(parents)
@@ -266,9 +275,11 @@ class ImageStore:
                 f"The image is {len(data)} bytes, larger than the whole store quota ({self.max_bytes} bytes). "
                 "Use a smaller size or raise the store quota."
             )
+        if image_id is not None and not self.is_valid_id(image_id):
+            raise ValueError(f"image_id {image_id!r} is not an id from new_image_id()")
         with self._locked():
             pass  # fail fast on a closed store, before writing a file
-        image_id = new_image_id()
+        image_id = image_id or new_image_id()
         path = self._path_for(image_id)
         self._write_file(path, data)
         try:
@@ -277,12 +288,12 @@ class ImageStore:
                     image_id, width, height, len(data), session, parent_ids, recipe_json
                 )
         except StoreError:  # ours: raised inside the transaction, which rolled back
-            _unlink_quietly(path)
+            unlink_quietly(path)
             raise
         except BaseException as exc:
             committed = self._committed(image_id)
             if committed is False:
-                _unlink_quietly(path)
+                unlink_quietly(path)
             # None: we cannot tell; keep the file, because an orphan is swept but a row without a file is not
             if not isinstance(exc, (OSError, sqlite3.Error)):
                 raise
@@ -359,7 +370,7 @@ class ImageStore:
 
         Keyset pagination on the insertion sequence: pages stay stable while images are added or evicted.
         """
-        session = _check_session(session)
+        session = check_session(session)
         if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_LIST_LIMIT:
             raise ValueError(f"limit must be an integer from 1 to {MAX_LIST_LIMIT}, got {limit!r}")
         before = None if cursor is None else _decode_cursor(cursor, session)
@@ -566,32 +577,11 @@ class ImageStore:
             log.info("image store: removed %d orphan or temporary file(s)", removed)
 
     def _write_file(self, path: Path, data: bytes) -> None:
-        """Write `data` to `path` atomically and durably: temp file in the same directory, fsync, rename,
-        fsync the directory. On failure nothing is left behind and StoreWriteError is raised."""
-        tmp = self._images / f"{_TMP_PREFIX}{secrets.token_hex(8)}"
-        fd = -1
-        placed = False
+        """Write `data` to `path` atomically and durably (`files.write_atomically`); StoreWriteError on failure,
+        with nothing left behind."""
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY, 0o600)
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                if written <= 0:
-                    raise OSError(errno.EIO, "write made no progress")
-                view = view[written:]
-            os.fsync(fd)
-            fd, closing = -1, fd  # the fd is gone even if close() fails
-            os.close(closing)
-            os.replace(tmp, path)
-            placed = True
-            _fsync_dir(self._images)
+            write_atomically(path, data, tmp_prefix=_TMP_PREFIX)
         except OSError as e:
-            if fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-            _unlink_quietly(tmp)
-            if placed:
-                _unlink_quietly(path)
             raise StoreWriteError(_write_error_message(e, self._images)) from e
 
     def _insert_locked(
@@ -729,27 +719,7 @@ class ImageStore:
 
     def _unlink_files(self, image_ids: Iterable[str]) -> None:
         for image_id in image_ids:
-            _unlink_quietly(self._path_for(image_id))  # a failure leaves an orphan, which the sweep removes
-
-
-def _unlink_quietly(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        log.warning("image store: cannot remove %s: %s", path, e)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename durable. POSIX only: Windows cannot open a directory, and NTFS journals metadata."""
-    if os.name != "posix":
-        return
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+            unlink_quietly(self._path_for(image_id))  # a failure leaves an orphan, which the sweep removes
 
 
 def _write_error_message(exc: BaseException, where: Path) -> str:
@@ -792,14 +762,6 @@ def _recipe_json(recipe: dict[str, Any]) -> str:
     if len(text) > MAX_RECIPE_BYTES:
         raise ValueError(f"recipe is {len(text)} bytes as JSON; the limit is {MAX_RECIPE_BYTES}")
     return text
-
-
-def _check_session(session: str | None) -> str | None:
-    if session is None:
-        return None
-    if not isinstance(session, str) or _SESSION_RE.fullmatch(session) is None:
-        raise ValueError("session must be 1 to 64 characters of letters, digits, space, '_', '.', ':' or '-'")
-    return session
 
 
 def _encode_cursor(before_seq: int, session: str | None) -> str:

@@ -1,19 +1,18 @@
-"""The image-making tools: generate, edit, compose. Validate everything, import inputs, queue, store, preview."""
+"""The image-making tools: generate, edit and compose, each with its description and annotations beside it.
+
+A thin layer over `Studio.make`: typed arguments (their ranges are the input schema), progress to the client, and
+the result as a preview, a summary, links and structured content (`klein_agent.server.results`).
+"""
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
 from typing import Annotated
 
-import anyio.to_thread
+from mcp.server import MCPServer
 from mcp.server.mcpserver import Context
-from mcp.server.mcpserver.exceptions import ToolError
-from mcp_types import CallToolResult
-from PIL import Image
+from mcp_types import CallToolResult, ToolAnnotations
 from pydantic import Field
 
-from klein_agent import __version__
 from klein_agent.rules.limits import (
     MAX_GUIDANCE,
     MAX_IMAGES_PER_CALL,
@@ -24,27 +23,14 @@ from klein_agent.rules.limits import (
     MAX_STEPS,
     MIN_GUIDANCE,
     MIN_SIDE,
+    SESSION_MAX_CHARS,
     SIZE_MULTIPLE,
 )
-from klein_agent.rules.recipes import provenance
-from klein_agent.rules.requests import GenerationRequest, GenerationResult
+from klein_agent.server.errors import tool_errors
 from klein_agent.server.models import ImagesResult
-from klein_agent.server.results import build_preview, images_result, preview_labels
-from klein_agent.server.state import (
-    ServerState,
-    check_session,
-    clean_prompt,
-    import_images,
-    load_images,
-    now_iso,
-    plan_seeds,
-    plan_size,
-    tool_errors,
-)
-from klein_agent.service.engine import JobTimes
-from klein_agent.service.inputs import LoadedImage
-from klein_agent.service.previews import encode_png
-from klein_agent.service.store import StoredImage
+from klein_agent.server.results import images_result
+from klein_agent.server.texts import inputs_note, store_note
+from klein_agent.service.studio import Studio
 
 PromptArg = Annotated[
     str,
@@ -105,7 +91,7 @@ SessionArg = Annotated[
     str | None,
     Field(
         min_length=1,
-        max_length=64,
+        max_length=SESSION_MAX_CHARS,
         description="A label that groups related images, e.g. 'logo-v2'; list_images can filter by it.",
     ),
 ]
@@ -128,22 +114,29 @@ ImagesArg = Annotated[
 ]
 
 
-@dataclass(frozen=True)
-class _Batch:
-    stored: list[StoredImage]
-    seeds: list[int]
-    pictures: list[Image.Image]
-    steps: int
-    model_ms: float
-    cache_hits: dict[str, int]
+LOOK = "Returns a preview, the ids and seeds, and image:// links; if you cannot see the preview, call view_image."
 
 
-class GenerationTools:
-    def __init__(self, state: ServerState) -> None:
-        self.state = state
+def register(mcp: MCPServer, studio: Studio) -> None:
+    """Add generate, edit and compose to `mcp`, in that order."""
+    store, inputs = store_note(studio), inputs_note(studio)
+    urls = studio.policy.allow_urls
 
+    @mcp.tool(
+        name="generate",
+        title="Generate images",
+        description="Make 1-4 new images from a text prompt with the local FLUX.2 [klein] model. Put the subject "
+        "first, then setting, style and light; describe what should be there, not what should not. Images get "
+        f"seeds seed, seed+1, ...; the same seed and arguments reproduce an image. {LOOK} {store}",
+        annotations=ToolAnnotations(
+            title="Generate images",
+            read_only_hint=False,
+            destructive_hint=False,
+            idempotent_hint=False,
+            open_world_hint=False,
+        ),
+    )
     async def generate(
-        self,
         ctx: Context,
         prompt: PromptArg,
         width: SideArg = None,
@@ -154,16 +147,25 @@ class GenerationTools:
         num_images: NumImagesArg = 1,
         session: SessionArg = None,
     ) -> Annotated[CallToolResult, ImagesResult]:
-        text = clean_prompt(prompt)
-        session = check_session(session)
-        plan_size(self.state, None, width, height, num_images)
-        seeds = plan_seeds(seed, num_images)
-        return await self._make(
-            ctx, "generate", text, width, height, seeds[0], steps, guidance, num_images, session, []
+        return await make(
+            studio, ctx, "generate", [], prompt, width, height, seed, steps, guidance, num_images, session
         )
 
+    @mcp.tool(
+        name="edit",
+        title="Edit an image",
+        description='Change one image by describing the result you want ("make the jacket bright yellow"), '
+        "positively. Without width/height the output takes the input's size as the model sees it (at most ~1 "
+        f"megapixel). Keep the seed to change less between tries. {inputs} {LOOK} {store}",
+        annotations=ToolAnnotations(
+            title="Edit an image",
+            read_only_hint=False,
+            destructive_hint=False,
+            idempotent_hint=False,
+            open_world_hint=urls,
+        ),
+    )
     async def edit(
-        self,
         ctx: Context,
         image: ImageArg,
         prompt: PromptArg,
@@ -175,18 +177,25 @@ class GenerationTools:
         num_images: NumImagesArg = 1,
         session: SessionArg = None,
     ) -> Annotated[CallToolResult, ImagesResult]:
-        text = clean_prompt(prompt)
-        session = check_session(session)
-        self._check_reference_count(1)
-        seeds = plan_seeds(seed, num_images)
-        loaded = await load_images(self.state, [image])
-        plan_size(self.state, loaded[0].image, width, height, num_images)
-        return await self._make(
-            ctx, "edit", text, width, height, seeds[0], steps, guidance, num_images, session, loaded
+        return await make(
+            studio, ctx, "edit", [image], prompt, width, height, seed, steps, guidance, num_images, session
         )
 
+    @mcp.tool(
+        name="compose",
+        title="Compose from references",
+        description='Make an image from 1-4 reference images and a prompt that refers to them as "image 1", '
+        '"image 2", ... in the order given (e.g. "the dog from image 1 on the beach from image 2"). Without '
+        f"width/height the output takes image 1's size as the model sees it. {inputs} {LOOK} {store}",
+        annotations=ToolAnnotations(
+            title="Compose from references",
+            read_only_hint=False,
+            destructive_hint=False,
+            idempotent_hint=False,
+            open_world_hint=urls,
+        ),
+    )
     async def compose(
-        self,
         ctx: Context,
         images: ImagesArg,
         prompt: PromptArg,
@@ -198,130 +207,42 @@ class GenerationTools:
         num_images: NumImagesArg = 1,
         session: SessionArg = None,
     ) -> Annotated[CallToolResult, ImagesResult]:
-        text = clean_prompt(prompt)
-        session = check_session(session)
-        self._check_reference_count(len(images))
-        seeds = plan_seeds(seed, num_images)
-        loaded = await load_images(self.state, images)
-        plan_size(self.state, loaded[0].image, width, height, num_images)
-        return await self._make(
-            ctx, "compose", text, width, height, seeds[0], steps, guidance, num_images, session, loaded
+        return await make(
+            studio, ctx, "compose", images, prompt, width, height, seed, steps, guidance, num_images, session
         )
 
-    # -- shared ----------------------------------------------------------------------------------------------
 
-    def _check_reference_count(self, n: int) -> None:
-        info = self.state.engine.info
-        limit = min(MAX_REFERENCES, info.max_references) if info is not None else MAX_REFERENCES
-        if n > limit:
-            raise ToolError(
-                f"{n} reference images given, but this model takes at most {limit}: pass fewer images, "
-                "or compose in two rounds (combine some first, then use that result as one reference)"
-            )
+async def make(
+    studio: Studio,
+    ctx: Context,
+    tool: str,
+    images: list[str],
+    prompt: str,
+    width: int | None,
+    height: int | None,
+    seed: int | None,
+    steps: int | None,
+    guidance: float | None,
+    num_images: int,
+    session: str | None,
+) -> CallToolResult:
+    """The one path of the three tools: `Studio.make` with the client's progress, as a tool result."""
 
-    async def _make(
-        self,
-        ctx: Context,
-        tool: str,
-        prompt: str,
-        width: int | None,
-        height: int | None,
-        seed: int,
-        steps: int | None,
-        guidance: float | None,
-        num_images: int,
-        session: str | None,
-        loaded: list[LoadedImage],
-    ) -> CallToolResult:
-        t0 = time.perf_counter()
-        state = self.state
-        parents = await import_images(state, loaded, session)
-        request = GenerationRequest(
-            prompt=prompt,
+    async def progress(value: float, total: float | None, message: str) -> None:
+        await ctx.report_progress(value, total, message)
+
+    with tool_errors():
+        made = await studio.make(
+            tool,
+            prompt,
+            images,
             width=width,
             height=height,
             seed=seed,
-            num_images=num_images,
             steps=steps,
             guidance=guidance,
-            references=tuple(item.image for item in loaded),
-        )
-
-        async def progress(value: float, total: float | None, message: str) -> None:
-            await ctx.report_progress(value, total, message)
-
-        def finish(result: GenerationResult, times: JobTimes) -> _Batch:
-            return self._store(tool, request, parents, session, result, times)
-
-        with tool_errors(), state.store.pinned(parents):
-            batch = await state.engine.run(request, finish, progress=progress)
-        labels = preview_labels(batch.stored, batch.seeds)
-        preview = await anyio.to_thread.run_sync(
-            lambda: build_preview(
-                batch.pictures,
-                labels,
-                max_edge=state.config.preview_max_edge,
-                budget_b64=state.config.preview_budget_b64,
-            )
-        )
-        return images_result(
-            tool=tool,
-            stored=batch.stored,
-            seeds=batch.seeds,
-            parents=parents,
-            preview=preview,
-            elapsed_ms=(time.perf_counter() - t0) * 1000,
-            model_ms=batch.model_ms,
-            steps=batch.steps,
+            num_images=num_images,
             session=session,
-            cache_hits=batch.cache_hits,
+            progress=progress,
         )
-
-    def _store(
-        self,
-        tool: str,
-        request: GenerationRequest,
-        parents: list[str],
-        session: str | None,
-        result: GenerationResult,
-        times: JobTimes,
-    ) -> _Batch:
-        """On the engine's worker, right after the model: one PNG and one store record per image."""
-        stored: list[StoredImage] = []
-        seeds = list(result.resolved.seeds)
-        for k, picture in enumerate(result.images):
-            # What decides the pixels; written into the PNG too, so it must be the same on every re-run.
-            recipe_core = provenance(result, k, tool=tool, parents=parents)
-            recipe = {
-                **recipe_core,
-                "session": session,
-                "batch": {"index": k, "of": len(result.images), "first_seed": seeds[0]},
-                "device": result.info.device,
-                "dtype": result.info.dtype,
-                "timings_ms": {key: round(value, 1) for key, value in result.timings_ms.items()},
-                "queued_ms": round(times.queued_ms, 1),
-                "model_ms": round(times.model_ms, 1),
-                "cache_hits": dict(result.cache_hits),
-                "created_at": now_iso(),
-                "klein_agent": __version__,
-            }
-            png = encode_png(picture, provenance=recipe_core)
-            stored.append(
-                self.state.store.put(
-                    png,
-                    width=picture.width,
-                    height=picture.height,
-                    recipe=recipe,
-                    parents=parents,
-                    session=session,
-                )
-            )
-        steps = result.resolved.steps
-        return _Batch(
-            stored=stored,
-            seeds=seeds,
-            pictures=list(result.images),
-            steps=steps,
-            model_ms=times.model_ms,
-            cache_hits=dict(result.cache_hits),
-        )
+    return images_result(made)

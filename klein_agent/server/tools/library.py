@@ -1,23 +1,16 @@
-"""The store tools: list_images, view_image, export_image, server_status. None of them runs the model."""
+"""The store tools: list_images, view_image, export_image and server_status, each with its description and
+annotations beside it. None of them runs the model; each is a thin layer over `Studio`."""
 
 from __future__ import annotations
 
-import contextlib
-import io
-import os
-import secrets
-from pathlib import Path
 from typing import Annotated
 
-import anyio.to_thread
-from mcp.server.mcpserver.exceptions import ToolError
-from mcp_types import CallToolResult, TextContent
-from PIL import Image
+from mcp.server import MCPServer
+from mcp_types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import Field
 
-from klein_agent import __version__
-from klein_agent.rules.limits import MIN_SIDE
-from klein_agent.server.config import MAX_VIEW_IMAGES, VIEW_MAX_EDGE
+from klein_agent.rules.limits import MAX_VIEW_IMAGES, MIN_SIDE, SESSION_MAX_CHARS, VIEW_MAX_EDGE
+from klein_agent.server.errors import tool_errors
 from klein_agent.server.models import (
     ExportResult,
     ListedImage,
@@ -29,10 +22,10 @@ from klein_agent.server.models import (
     ViewedImage,
     ViewResult,
 )
-from klein_agent.server.results import build_preview, image_block
-from klein_agent.server.state import ServerState, check_session, now_iso, strip_image_uri, tool_errors
-from klein_agent.service.exports import check_output_path
+from klein_agent.server.results import image_block
+from klein_agent.server.texts import store_note
 from klein_agent.service.store import StoredImage
+from klein_agent.service.studio import Studio, now_iso
 
 ImageIdArg = Annotated[
     str, Field(min_length=1, max_length=200, description="An image id (img_...) or image://<id>.")
@@ -54,7 +47,7 @@ MaxEdgeArg = Annotated[
 ]
 LimitArg = Annotated[int, Field(ge=1, le=100)]
 SessionFilterArg = Annotated[
-    str | None, Field(min_length=1, max_length=64, description="Only this session's images.")
+    str | None, Field(min_length=1, max_length=SESSION_MAX_CHARS, description="Only this session's images.")
 ]
 CursorArg = Annotated[
     str | None, Field(max_length=300, description="next_cursor from the previous page; omit for the newest.")
@@ -70,47 +63,28 @@ PathArg = Annotated[
 ]
 
 
-def _excerpt(text: object, limit: int = 120) -> str | None:
-    if not isinstance(text, str):
-        return None
-    flat = " ".join(text.split())
-    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
-
-
-def _listed(image: StoredImage) -> ListedImage:
-    recipe = image.recipe
-    seed = recipe.get("seed")
-    return ListedImage(
-        image_id=image.image_id,
-        tool=str(recipe.get("tool", "unknown")),
-        width=image.width,
-        height=image.height,
-        seed=seed if isinstance(seed, int) else None,
-        prompt=_excerpt(recipe.get("prompt")),
-        parents=list(image.parents),
-        session=image.session,
-        created_at=now_iso(image.created_at),
+def reads(title: str) -> ToolAnnotations:
+    """The annotations of a tool that only reads the store."""
+    return ToolAnnotations(
+        title=title, read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False
     )
 
 
-class LibraryTools:
-    def __init__(self, state: ServerState) -> None:
-        self.state = state
+def register(mcp: MCPServer, studio: Studio) -> None:
+    """Add list_images, view_image, export_image and server_status to `mcp`, in that order."""
 
+    @mcp.tool(
+        name="list_images",
+        title="List stored images",
+        description="List stored images, newest first, with their ids, sizes, seeds, prompts and parents "
+        f"(lineage). Filter by session; page with cursor. {store_note(studio)}",
+        annotations=reads("List stored images"),
+    )
     async def list_images(
-        self,
-        session: SessionFilterArg = None,
-        limit: LimitArg = 20,
-        cursor: CursorArg = None,
+        session: SessionFilterArg = None, limit: LimitArg = 20, cursor: CursorArg = None
     ) -> Annotated[CallToolResult, ListResult]:
-        session = check_session(session)
         with tool_errors():
-            try:
-                page, next_cursor = await anyio.to_thread.run_sync(
-                    lambda: self.state.store.list(session=session, limit=limit, cursor=cursor)
-                )
-            except ValueError as exc:  # a malformed or foreign cursor; the store's message says what to pass
-                raise ToolError(str(exc)) from exc
+            page, next_cursor = await studio.list_images(session, limit, cursor)
         listed = [_listed(img) for img in page]
         where = f' in session "{session}"' if session else ""
         if not listed:
@@ -135,44 +109,27 @@ class LibraryTools:
             content=[TextContent(type="text", text=text)], structured_content=result.model_dump(mode="json")
         )
 
+    @mcp.tool(
+        name="view_image",
+        title="View stored images",
+        description="Show stored images: one id gives a preview of that image, several ids one labelled contact "
+        "sheet (labels 1, 2, ... follow the order given). max_edge picks the size, up to 1568 px. Use it to "
+        "look closer, or when a tool result's preview is not visible to you.",
+        annotations=reads("View stored images"),
+    )
     async def view_image(
-        self, image_ids: ImageIdsArg, max_edge: MaxEdgeArg = 1024
+        image_ids: ImageIdsArg, max_edge: MaxEdgeArg = 1024
     ) -> Annotated[CallToolResult, ViewResult]:
         ids = [image_ids] if isinstance(image_ids, str) else list(image_ids)
-        if not ids:
-            raise ToolError(
-                "image_ids is empty: pass one image id, or a list of ids (list_images shows them)"
-            )
-        if len(ids) > MAX_VIEW_IMAGES:
-            raise ToolError(f"{len(ids)} ids given; view_image shows at most {MAX_VIEW_IMAGES} at once")
-        ids = [strip_image_uri(i) for i in ids]
-        store = self.state.store
-
-        def load() -> tuple[list[StoredImage], list[Image.Image]]:
-            meta = [store.get(i) for i in ids]
-            pictures = []
-            for i in ids:
-                with Image.open(io.BytesIO(store.read_png(i)), formats=["PNG"]) as im:
-                    pictures.append(im.convert("RGB"))
-            return meta, pictures
-
         with tool_errors():
-            meta, pictures = await anyio.to_thread.run_sync(load)
-        labels = [ids[0]] if len(ids) == 1 else [f"{k} {i}" for k, i in enumerate(ids, start=1)]
-        preview = await anyio.to_thread.run_sync(
-            lambda: build_preview(
-                pictures, labels, max_edge=max_edge, budget_b64=self.state.config.preview_budget_b64
-            )
-        )
-        if len(ids) == 1:
-            text = f"{ids[0]}: {meta[0].width}x{meta[0].height}, shown at {preview.width}x{preview.height}."
+            sheet = await studio.contact_sheet(ids, max_edge=max_edge)
+        preview, meta = sheet.preview, sheet.images
+        if len(meta) == 1:
+            text = f"{meta[0].image_id}: {meta[0].width}x{meta[0].height}, shown at {preview.width}x{preview.height}."
         else:
             text = (
-                f"Contact sheet of {len(ids)} images, labelled in this order: "
-                + ", ".join(
-                    f"{k} = {i} ({m.width}x{m.height})"
-                    for k, (i, m) in enumerate(zip(ids, meta, strict=True), start=1)
-                )
+                f"Contact sheet of {len(meta)} images, labelled in this order: "
+                + ", ".join(f"{k} = {m.image_id} ({m.width}x{m.height})" for k, m in enumerate(meta, start=1))
                 + "."
             )
         result = ViewResult(
@@ -186,36 +143,45 @@ class LibraryTools:
             structured_content=result.model_dump(mode="json"),
         )
 
+    @mcp.tool(
+        name="export_image",
+        title="Export an image as PNG",
+        description="Write the full-resolution PNG of a stored image to a path on the server's machine, inside "
+        "a folder the server may write (the folders it may read images from). Refuses to overwrite unless "
+        "overwrite is true.",
+        annotations=ToolAnnotations(
+            title="Export an image as PNG",
+            read_only_hint=False,
+            destructive_hint=True,  # with overwrite=true it replaces a file
+            idempotent_hint=True,
+            open_world_hint=False,
+        ),
+    )
     async def export_image(
-        self, image_id: ImageIdArg, path: PathArg, overwrite: bool = False
+        image_id: ImageIdArg, path: PathArg, overwrite: bool = False
     ) -> Annotated[CallToolResult, ExportResult]:
-        image_id = strip_image_uri(image_id)
-        state = self.state
-
-        def export() -> tuple[str, int]:
-            png = state.store.read_png(image_id)
-            target = check_output_path(path, state.policy, default_name=f"{image_id}.png")
-            if target.exists() and not overwrite:
-                raise ToolError(
-                    f"{str(target)!r} already exists: pass overwrite=true to replace it, or choose another name"
-                )
-            _write_atomically(target, png)
-            return str(target), len(png)
-
         with tool_errors():
-            written, size = await anyio.to_thread.run_sync(export)
-        uri = _file_uri(written)
-        result = ExportResult(image_id=image_id, path=written, file_uri=uri, size_bytes=size)
-        text = f"Wrote {image_id} as a full-resolution PNG ({size} bytes) to {written} ({uri})."
+            exported = await studio.export(image_id, path, overwrite=overwrite)
+        written = str(exported.path)
+        uri = exported.path.as_uri()
+        result = ExportResult(
+            image_id=exported.image_id, path=written, file_uri=uri, size_bytes=exported.size_bytes
+        )
+        text = f"Wrote {exported.image_id} as a full-resolution PNG ({exported.size_bytes} bytes) to {written} ({uri})."
         return CallToolResult(
             content=[TextContent(type="text", text=text)], structured_content=result.model_dump(mode="json")
         )
 
-    async def server_status(self) -> Annotated[CallToolResult, StatusResult]:
-        state = self.state
-        engine = state.engine.status()
-        stats = await anyio.to_thread.run_sync(state.store.stats)
-        info = engine.info
+    @mcp.tool(
+        name="server_status",
+        title="Server status",
+        description="Model (loading, ready or failed, with the error), device and dtype, queue depth, store "
+        "size and bounds, and the folders the server may read and write.",
+        annotations=reads("Server status"),
+    )
+    async def server_status() -> Annotated[CallToolResult, StatusResult]:
+        status = await studio.status()
+        engine, stats, info = status.engine, status.store, status.engine.info
         result = StatusResult(
             model=ModelStatus(
                 state=engine.state.value,
@@ -245,10 +211,10 @@ class LibraryTools:
                 max_bytes=stats.max_bytes,
                 max_images=stats.max_images,
             ),
-            allowed_dirs=[str(d) for d in state.policy.allowed_dirs],
-            allow_urls=state.policy.allow_urls,
-            max_pixels_per_call=state.config.max_pixels_per_call,
-            version=__version__,
+            allowed_dirs=[str(d) for d in status.allowed_dirs],
+            allow_urls=status.allow_urls,
+            max_pixels_per_call=status.max_pixels_per_call,
+            version=status.version,
         )
         model = result.model
         if model.state == "ready":
@@ -268,23 +234,25 @@ class LibraryTools:
         )
 
 
-def _write_atomically(target: os.PathLike[str] | str, data: bytes) -> None:
-    """Temp file in the same folder, fsync, rename over the target (a symlink planted meanwhile is replaced)."""
-    folder = os.path.dirname(os.fspath(target))
-    tmp = os.path.join(folder, f".klein-export-{secrets.token_hex(6)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise ToolError(
-            f"could not write {os.fspath(target)!r}: {exc.strerror or exc}; check the folder"
-        ) from exc
+def _excerpt(text: object, limit: int = 120) -> str | None:
+    if not isinstance(text, str):
+        return None
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
-def _file_uri(path: str) -> str:
-    return Path(path).as_uri()
+def _listed(image: StoredImage) -> ListedImage:
+    """One list_images entry: what made the image, from its recipe."""
+    recipe = image.recipe
+    seed = recipe.get("seed")
+    return ListedImage(
+        image_id=image.image_id,
+        tool=str(recipe.get("tool", "unknown")),
+        width=image.width,
+        height=image.height,
+        seed=seed if isinstance(seed, int) else None,
+        prompt=_excerpt(recipe.get("prompt")),
+        parents=list(image.parents),
+        session=image.session,
+        created_at=now_iso(image.created_at),
+    )

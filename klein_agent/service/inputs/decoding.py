@@ -12,12 +12,12 @@ import io
 import logging
 import struct
 
-import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from klein_agent.rules.limits import REFERENCE_MAX_ASPECT as MAX_ASPECT
 from klein_agent.rules.limits import REFERENCE_MIN_SIDE as MIN_SIDE
 from klein_agent.service.inputs.common import ImageInputError, ellipsize
+from klein_agent.service.pixels import to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def decode(data: bytes, *, max_pixels: int) -> tuple[Image.Image, str]:
         _check_geometry(img.width, img.height, limit)
         try:
             img.load()
-            rgb = _to_rgb(_apply_orientation(img))
+            rgb = to_rgb(_apply_orientation(img))
         except ImageInputError:
             raise
         except Exception as e:  # see above: truncated streams, bad CRCs, decoder errors, MemoryError, ...
@@ -128,31 +128,6 @@ def _apply_orientation(img: Image.Image) -> Image.Image:
         log.debug("ignoring unreadable EXIF orientation: %s", e)
         return img
     return img if out is None else out
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Any decoded mode -> RGB: transparency (alpha, palette or tRNS colour key) composited on white, 16-bit
-    grey scaled to 8 bits (v / 257, rounded) rather than clipped, palette/grey/CMYK converted."""
-    mode = img.mode
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        values = np.asarray(img.convert("I"), dtype=np.int64)
-        grey = Image.fromarray(np.clip(np.rint(values / 257), 0, 255).astype(np.uint8), "L")
-        key = img.info.get("transparency")
-        if isinstance(key, int):
-            opaque = Image.fromarray(np.where(values == key, 0, 255).astype(np.uint8), "L")
-            return Image.composite(grey, Image.new("L", grey.size, 255), opaque).convert("RGB")
-        return grey.convert("RGB")
-    if mode == "F":
-        return img.point(lambda v: v * 255).convert("L").convert("RGB")
-    # alpha channels, palette transparency and tRNS colour keys (greyscale or truecolour) alike become white
-    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
-    if has_alpha:
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    if mode == "RGB":
-        return img.copy()  # detach from the source file object and its metadata
-    return img.convert("RGB")  # L, 1, P, CMYK, YCbCr
 
 
 def _sniff_format(data: bytes) -> str | None:

@@ -1,0 +1,35 @@
+"""Any picture to RGB, by one rule: transparency on white, 16-bit scaled, palette/grey/CMYK converted.
+
+Inputs are decoded with it, and previews and PNG files use it for anything that is not RGB already, so a picture
+looks the same wherever it is shown or stored.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any decoded mode -> RGB: transparency (alpha, palette or tRNS colour key) composited on white, 16-bit
+    grey scaled to 8 bits (v / 257, rounded) rather than clipped, palette/grey/CMYK converted."""
+    mode = img.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        values = np.asarray(img.convert("I"), dtype=np.int64)
+        grey = Image.fromarray(np.clip(np.rint(values / 257), 0, 255).astype(np.uint8), "L")
+        key = img.info.get("transparency")
+        if isinstance(key, int):
+            opaque = Image.fromarray(np.where(values == key, 0, 255).astype(np.uint8), "L")
+            return Image.composite(grey, Image.new("L", grey.size, 255), opaque).convert("RGB")
+        return grey.convert("RGB")
+    if mode == "F":
+        return img.point(lambda v: v * 255).convert("L").convert("RGB")
+    # alpha channels, palette transparency and tRNS colour keys (greyscale or truecolour) alike become white
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if mode == "RGB":
+        return img.copy()  # detach from the source file object and its metadata
+    return img.convert("RGB")  # L, 1, P, CMYK, YCbCr

@@ -1,0 +1,367 @@
+"""The domain layer: what an agent or a script can do with the model and the store, free of MCP types.
+
+`Studio` makes pictures (generate, edit, compose), lists, shows, exports and reports, with plain values in and
+out. The MCP tools (`klein_agent.server.tools`) are a thin layer over it, and tests call it directly.
+
+The path of one call: every argument is checked before any work (bad input costs no model time and writes
+nothing); inputs are decoded; the call queues in the engine, which runs the model on its own thread and hands
+the pictures back; then the inputs that came from outside the store and the new pictures are stored together,
+here, on a pool thread, so the engine is already running the next call. A call refused, failed or cancelled
+before it is stored leaves nothing in the store; once storing has begun it finishes (every image is atomic,
+and a batch is not split by a cancellation).
+
+Errors raised on purpose, each with a message that says what to do: RequestError, ImageInputError, StoreError
+and EngineError (`EXPECTED_ERRORS`).
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import anyio
+import anyio.lowlevel
+import anyio.to_thread
+from PIL import Image
+
+from klein_agent import __version__
+from klein_agent.rules import limits, resolution
+from klein_agent.rules.recipes import provenance
+from klein_agent.rules.requests import GenerationRequest
+from klein_agent.rules.resolution import RequestError
+from klein_agent.service.engine import AsyncProgress, Completed, Engine, EngineError, EngineStatus
+from klein_agent.service.exports import check_output_path, write_export
+from klein_agent.service.inputs import ImageInputError, InputPolicy, LoadedImage, load_image_argument
+from klein_agent.service.pngfile import encode_png
+from klein_agent.service.previews import Preview, make_preview
+from klein_agent.service.store import ImageStore, StoredImage, StoreError, StoreStats, new_image_id
+
+EXPECTED_ERRORS: tuple[type[Exception], ...] = (RequestError, ImageInputError, StoreError, EngineError)
+
+
+@dataclass(frozen=True)
+class StudioConfig:
+    """Per-call limits and preview sizes of one studio (the server's command line chooses them)."""
+
+    # width x height x num_images of one call. 2048x2048 (or 4 images of 1024x1024) takes a few seconds on a
+    # data-centre GPU with distilled klein; lower it on small GPUs so a call stays well under the ~60 s a
+    # client such as Claude Desktop waits.
+    max_pixels_per_call: int = limits.MAX_PIXELS_PER_CALL
+    preview_max_edge: int = limits.PREVIEW_MAX_EDGE
+    preview_budget_b64: int = limits.PREVIEW_BUDGET_B64
+
+
+@dataclass(frozen=True)
+class Made:
+    """What one generate/edit/compose call made."""
+
+    tool: str
+    images: list[StoredImage]  # in seed order
+    seeds: list[int]
+    parents: list[str]  # ids of the inputs, in "image 1, image 2" order (imported ones included)
+    imported: list[StoredImage]  # inputs from outside the store, stored with the results
+    preview: Preview  # one picture, or a labelled contact sheet of several
+    steps: int
+    guidance: float | None
+    session: str | None
+    elapsed_ms: float  # the whole call, queueing and storing included
+    model_ms: float
+    queued_ms: float
+    cache_hits: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Sheet:
+    """Stored images shown together: one preview, or a contact sheet labelled 1, 2, ... in the order asked."""
+
+    images: list[StoredImage]
+    preview: Preview
+
+
+@dataclass(frozen=True)
+class Exported:
+    image_id: str
+    path: Path
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class Status:
+    """The model, the queue, the store and the input rules, as one snapshot."""
+
+    engine: EngineStatus
+    store: StoreStats
+    allowed_dirs: list[Path]
+    allow_urls: bool
+    max_pixels_per_call: int
+    version: str
+
+
+class Studio:
+    """The engine, the store and the input policy, and what can be done with them."""
+
+    def __init__(
+        self, engine: Engine, store: ImageStore, policy: InputPolicy, config: StudioConfig | None = None
+    ) -> None:
+        self.engine = engine
+        self.store = store
+        self.policy = policy
+        self.config = config or StudioConfig()
+
+    # -- making ----------------------------------------------------------------------------------------------
+
+    async def make(
+        self,
+        tool: str,
+        prompt: str,
+        images: Sequence[str] = (),
+        *,
+        width: int | None = None,
+        height: int | None = None,
+        seed: int | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        num_images: int = 1,
+        session: str | None = None,
+        progress: AsyncProgress | None = None,
+    ) -> Made:
+        """Make `num_images` pictures from `prompt` and the image arguments `images` (none: generate; one: edit;
+        several: compose) and store them. Unset values follow `klein_agent.rules.resolution`. `progress` gets
+        (value, total, message) on the caller's loop, rising strictly. Raises one of EXPECTED_ERRORS."""
+        started = time.perf_counter()
+        text = resolution.clean_prompt(prompt)
+        session = resolution.check_session(session)
+        self._check_reference_count(len(images))
+        seeds = resolution.batch_seeds(seed, num_images)
+        resolution.resolve_sampling(
+            steps, guidance, distilled=False, default_steps=1, default_guidance=limits.MIN_GUIDANCE
+        )
+        loaded = await anyio.to_thread.run_sync(self._load_inputs, list(images))
+        self._check_size(loaded[0].image if loaded else None, width, height, num_images)
+        parents = [item.image_id or new_image_id() for item in loaded]
+        request = GenerationRequest(
+            prompt=text,
+            width=width,
+            height=height,
+            seed=seeds[0],
+            num_images=num_images,
+            steps=steps,
+            guidance=guidance,
+            references=tuple(item.image for item in loaded),
+        )
+        stored_parents = [item.image_id for item in loaded if item.image_id is not None]
+        with self.store.pinned(stored_parents):
+            done = await self.engine.run(request, progress=progress)
+            # Cancelled after the model ran: nothing is stored. From here on, storing runs to its end.
+            await anyio.lowlevel.checkpoint_if_cancelled()
+            imported, stored, preview = await anyio.to_thread.run_sync(
+                self._store_call, tool, done, loaded, parents, session
+            )
+        resolved = done.result.resolved
+        return Made(
+            tool=tool,
+            images=stored,
+            seeds=list(resolved.seeds),
+            parents=parents,
+            imported=imported,
+            preview=preview,
+            steps=resolved.steps,
+            guidance=resolved.guidance,
+            session=session,
+            elapsed_ms=(time.perf_counter() - started) * 1000,
+            model_ms=done.model_ms,
+            queued_ms=done.queued_ms,
+            cache_hits=dict(done.result.cache_hits),
+        )
+
+    def _check_reference_count(self, count: int) -> None:
+        info = self.engine.info
+        limit = min(limits.MAX_REFERENCES, info.max_references) if info is not None else limits.MAX_REFERENCES
+        if count > limit:
+            raise RequestError(
+                f"{count} reference images given, but this model takes at most {limit}: pass fewer images, "
+                "or compose in two rounds (combine some first, then use that result as one reference)"
+            )
+
+    def _check_size(
+        self, first: Image.Image | None, width: int | None, height: int | None, count: int
+    ) -> None:
+        """The output size by the shared rule, against the per-call pixel budget. The token size is the loaded
+        model's (16 for every klein checkpoint, assumed until it has loaded)."""
+        info = self.engine.info
+        multiple = info.size_multiple if info is not None else limits.SIZE_MULTIPLE
+        prepared = None if first is None else resolution.prepared_reference_size(*first.size, multiple)
+        w, h = resolution.output_size(width, height, prepared, multiple)
+        resolution.check_pixels(w, h, count, self.config.max_pixels_per_call)
+
+    def _load_inputs(self, arguments: list[str]) -> list[LoadedImage]:
+        loaded = []
+        for k, argument in enumerate(arguments, start=1):
+            try:
+                loaded.append(load_image_argument(argument, self.policy, self.store.read_png))
+            except ImageInputError as exc:
+                where = f"image {k}: " if len(arguments) > 1 else ""
+                raise ImageInputError(f"{where}{exc}") from exc
+        return loaded
+
+    def _store_call(
+        self, tool: str, done: Completed, loaded: list[LoadedImage], parents: list[str], session: str | None
+    ) -> tuple[list[StoredImage], list[StoredImage], Preview]:
+        """The inputs from outside the store (under the ids the recipe already names), then one PNG and one
+        record per picture, then the preview: on a pool thread, after the engine has moved on."""
+        imported = []
+        for item, image_id in zip(loaded, parents, strict=True):
+            if item.image_id is None:
+                imported.append(self._import(item, image_id, session))
+        result = done.result
+        stored = []
+        for k, picture in enumerate(result.images):
+            core = provenance(
+                result, k, tool=tool, parents=parents
+            )  # what decides the pixels; in the PNG too
+            recipe = {
+                **core,
+                "session": session,
+                "batch": {"index": k, "of": len(result.images), "first_seed": result.resolved.seeds[0]},
+                "device": result.info.device,
+                "dtype": result.info.dtype,
+                "timings_ms": {key: round(value, 1) for key, value in result.timings_ms.items()},
+                "queued_ms": round(done.queued_ms, 1),
+                "model_ms": round(done.model_ms, 1),
+                "cache_hits": dict(result.cache_hits),
+                "created_at": now_iso(),
+                "klein_agent": __version__,
+            }
+            stored.append(
+                self.store.put(
+                    encode_png(picture, provenance=core),
+                    width=picture.width,
+                    height=picture.height,
+                    recipe=recipe,
+                    parents=parents,
+                    session=session,
+                )
+            )
+        seeds = result.resolved.seeds
+        labels = (
+            [stored[0].image_id]
+            if len(stored) == 1
+            else [
+                f"{k} {img.image_id} seed {s}"
+                for k, (img, s) in enumerate(zip(stored, seeds, strict=True), 1)
+            ]
+        )
+        preview = make_preview(
+            result.images,
+            labels,
+            max_edge=self.config.preview_max_edge,
+            budget_b64=self.config.preview_budget_b64,
+        )
+        return imported, stored, preview
+
+    def _import(self, item: LoadedImage, image_id: str, session: str | None) -> StoredImage:
+        recipe = {
+            "tool": "import",
+            "source": item.source,
+            "description": item.description,
+            "width": item.image.width,
+            "height": item.image.height,
+            "created_at": now_iso(),
+            "klein_agent": __version__,
+        }
+        png = encode_png(item.image, provenance={"tool": "import", "source": item.source})
+        return self.store.put(
+            png,
+            width=item.image.width,
+            height=item.image.height,
+            recipe=recipe,
+            session=session,
+            image_id=image_id,
+        )
+
+    # -- the store -------------------------------------------------------------------------------------------
+
+    async def list_images(
+        self, session: str | None = None, limit: int = 20, cursor: str | None = None
+    ) -> tuple[list[StoredImage], str | None]:
+        """One page of stored images, newest first, and the cursor of the next page (None at the end)."""
+        session = resolution.check_session(session)
+        try:
+            return await anyio.to_thread.run_sync(
+                lambda: self.store.list(session=session, limit=limit, cursor=cursor)
+            )
+        except ValueError as exc:  # a malformed or foreign cursor; the store's message says what to pass
+            if isinstance(exc, RequestError):
+                raise
+            raise RequestError(str(exc)) from exc
+
+    async def contact_sheet(self, image_ids: Sequence[str], *, max_edge: int) -> Sheet:
+        """Stored images as one preview (one image) or a contact sheet labelled 1, 2, ... in this order, its
+        long edge at most `max_edge` px and within the preview budget. Raises RequestError, UnknownImageError."""
+        ids = [strip_image_uri(i) for i in image_ids]
+        if not ids:
+            raise RequestError(
+                "no image ids given: pass one image id, or a list of ids (list_images shows them)"
+            )
+        if len(ids) > limits.MAX_VIEW_IMAGES:
+            raise RequestError(f"{len(ids)} ids given; at most {limits.MAX_VIEW_IMAGES} can be shown at once")
+
+        def render() -> Sheet:
+            meta = [self.store.get(i) for i in ids]
+            pictures = []
+            for i in ids:
+                with Image.open(io.BytesIO(self.store.read_png(i)), formats=["PNG"]) as im:
+                    pictures.append(im.convert("RGB"))
+            labels = [ids[0]] if len(ids) == 1 else [f"{k} {i}" for k, i in enumerate(ids, start=1)]
+            preview = make_preview(
+                pictures, labels, max_edge=max_edge, budget_b64=self.config.preview_budget_b64
+            )
+            return Sheet(images=meta, preview=preview)
+
+        return await anyio.to_thread.run_sync(render)
+
+    async def export(self, image_id: str, path: str, *, overwrite: bool = False) -> Exported:
+        """Write a stored image's full-resolution PNG to `path` (a file, or a folder for <id>.png) inside the
+        allowed folders. Raises ImageInputError for the path, UnknownImageError, or RequestError when the file
+        exists and `overwrite` is false."""
+        image_id = strip_image_uri(image_id)
+
+        def run() -> Exported:
+            png = self.store.read_png(image_id)
+            target = check_output_path(path, self.policy, default_name=f"{image_id}.png")
+            if target.exists() and not overwrite:
+                raise RequestError(
+                    f"{str(target)!r} already exists: pass overwrite=true to replace it, or choose another name"
+                )
+            write_export(target, png)
+            return Exported(image_id=image_id, path=target, size_bytes=len(png))
+
+        return await anyio.to_thread.run_sync(run)
+
+    async def status(self) -> Status:
+        """The model's state, the queue, the store's size and bounds, and where inputs may come from."""
+        stats = await anyio.to_thread.run_sync(self.store.stats)
+        return Status(
+            engine=self.engine.status(),
+            store=stats,
+            allowed_dirs=list(self.policy.allowed_dirs),
+            allow_urls=self.policy.allow_urls,
+            max_pixels_per_call=self.config.max_pixels_per_call,
+            version=__version__,
+        )
+
+
+def now_iso(timestamp: float | None = None) -> str:
+    """A UTC time as `2026-11-30T17:27:55Z` (now, or the given Unix time)."""
+    moment = datetime.now(UTC) if timestamp is None else datetime.fromtimestamp(timestamp, UTC)
+    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def strip_image_uri(value: str) -> str:
+    """An id from `img_...` or `image://img_...` (surrounding space removed)."""
+    value = value.strip()
+    return value[len("image://") :] if value.lower().startswith("image://") else value
