@@ -16,11 +16,21 @@ from torch._dynamo.testing import CompileCounter
 
 from klein_agent.loading.random_init import build_tiny
 from klein_agent.model import sampling
-from klein_agent.model.transformer import Flux2Transformer
-from klein_agent.speedups.compilation import RECOMPILE_LIMIT, compile_transformer_, compiled_blocks
+from klein_agent.model.transformer import DoubleStreamBlock, Flux2Transformer, SingleStreamBlock
+from klein_agent.speedups.compilation import RECOMPILE_LIMIT, compile_transformer_
 from klein_agent.speedups.fp8 import quantize_transformer_
 
 SIZES = [(2, 3), (4, 5)]  # latent grids (h, w): two shapes, so the second one must recompile
+
+
+def compiled_blocks(model: nn.Module) -> list[str]:
+    """Names of the transformer blocks whose calls go through torch.compile."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, (DoubleStreamBlock, SingleStreamBlock))
+        and getattr(module, "_compiled_call_impl", None) is not None
+    ]
 
 
 @pytest.fixture(autouse=True)

@@ -34,13 +34,18 @@ from klein_agent.service.inputs import (
     ImageInputError,
     InputPolicy,
     LoadedImage,
-    decode_image_bytes,
     decoding,
     default_allowed_dirs,
     load_image_argument,
     urls,
 )
 from klein_agent.service.inputs import data_uri as data_uri_module
+
+
+def decode_image_bytes(data: bytes, *, max_pixels: int) -> Image.Image:
+    """The decoder every input goes through, without the format it reports."""
+    return decoding.decode(data, max_pixels=max_pixels)[0]
+
 
 # ----------------------------------------------------------------------------------------------- helpers
 

@@ -76,14 +76,5 @@ def compile_transformer_(
         block.compile(**options)
 
 
-def compiled_blocks(model: nn.Module) -> list[str]:
-    """Names of the transformer blocks whose calls go through torch.compile."""
-    return [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, _BLOCK_TYPES) and getattr(module, "_compiled_call_impl", None) is not None
-    ]
-
-
 def _blocks(model: Flux2Transformer) -> list[nn.Module]:
     return [*model.double_blocks, *model.single_blocks]

@@ -20,7 +20,7 @@ kernels").
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -195,63 +195,3 @@ def quantize_transformer_(
             setattr(parent, child, Float8Linear.from_linear(linear, use_fast_accum=use_fast_accum))
             replaced.append(name)
     return replaced
-
-
-def fp8_relative_error(reference: Tensor, quantized: Tensor) -> float:
-    """||quantized - reference|| / ||reference|| over the whole tensor, in float64."""
-    ref = reference.double()
-    return float((quantized.double() - ref).norm() / ref.norm())
-
-
-_SCALE_SUFFIXES = (".weight_scale", ".scale_weight")
-# Keys that belong to a scaled-FP8 layer but have no place in our model: static activation scales (we scale
-# activations dynamically) and ComfyUI's per-layer quantization metadata.
-_COMPANION_SUFFIXES = (".input_scale", ".scale_input", ".comfy_quant")
-_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-
-
-def dequantize_scaled_fp8_state_dict(
-    sd: Mapping[str, Tensor], *, dtype: torch.dtype = torch.bfloat16
-) -> dict[str, Tensor]:
-    """Turn a "scaled FP8" state dict into plain floating weights: `w = (w_fp8.float() * scale).to(dtype)`.
-
-    UNVERIFIED against BFL's published FLUX.2 [klein] FP8 files: their exact key names are not confirmed (see
-    docs/flux2-klein-reference.md §7). This accepts the two spellings of the ComfyUI "scaled fp8" convention seen in
-    the wild: `<layer>.weight` (float8) with a one-element `<layer>.weight_scale` or `<layer>.scale_weight`. For a
-    layer it dequantizes it also drops `<layer>.input_scale` / `.scale_input` / `.comfy_quant`, and the file-level
-    `scaled_fp8` marker key (ComfyUI's format flag, not a weight). Every other tensor is returned unchanged.
-
-    It refuses rather than guesses: a float8 weight with no scale, a weight with both spellings, a scale that is
-    not per-tensor, or a scale with no float8 weight raise ValueError. Each weight goes through float32 alone, so
-    the whole model never exists in float32 at once.
-    """
-    dequantized: dict[str, Tensor] = {}
-    consumed: set[str] = set()
-    for key, tensor in sd.items():
-        if not (key.endswith(".weight") and tensor.dtype in _FP8_DTYPES):
-            continue
-        layer = key.removesuffix(".weight")
-        scale_keys = [layer + suffix for suffix in _SCALE_SUFFIXES if layer + suffix in sd]
-        if not scale_keys:
-            raise ValueError(
-                f"{key} is {tensor.dtype} but has no {layer}.weight_scale or {layer}.scale_weight"
-            )
-        if len(scale_keys) > 1:
-            raise ValueError(f"{key} has both {' and '.join(scale_keys)}; which one applies is ambiguous")
-        scale = sd[scale_keys[0]]
-        if scale.numel() != 1:
-            raise ValueError(
-                f"{scale_keys[0]} has shape {tuple(scale.shape)}; only per-tensor scales are supported"
-            )
-        dequantized[key] = (tensor.float() * scale.float().reshape(())).to(dtype)
-        consumed.add(scale_keys[0])
-        consumed.update(layer + suffix for suffix in _COMPANION_SUFFIXES if layer + suffix in sd)
-
-    out: dict[str, Tensor] = {}
-    for key, tensor in sd.items():  # in the input's order
-        if key in consumed or key == "scaled_fp8" or key.endswith(".scaled_fp8"):
-            continue
-        if key.endswith(_SCALE_SUFFIXES):
-            raise ValueError(f"{key} scales no float8 weight")
-        out[key] = dequantized.get(key, tensor)
-    return out

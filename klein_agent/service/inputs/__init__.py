@@ -2,7 +2,6 @@
 
 from klein_agent.service.inputs.arguments import load_image_argument
 from klein_agent.service.inputs.common import ImageInputError, LoadedImage
-from klein_agent.service.inputs.decoding import decode_image_bytes
 from klein_agent.service.inputs.paths import read_image_file
 from klein_agent.service.inputs.policy import (
     ALLOW_URLS_FLAG,
@@ -17,7 +16,6 @@ __all__ = [
     "ImageInputError",
     "InputPolicy",
     "LoadedImage",
-    "decode_image_bytes",
     "default_allowed_dirs",
     "load_image_argument",
     "read_image_file",

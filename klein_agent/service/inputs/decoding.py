@@ -24,18 +24,14 @@ log = logging.getLogger(__name__)
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP")
 
 
-def decode_image_bytes(data: bytes, *, max_pixels: int) -> Image.Image:
-    """Decode untrusted PNG/JPEG/WebP bytes into a loaded RGB image, or raise ImageInputError.
+def decode(data: bytes, *, max_pixels: int) -> tuple[Image.Image, str]:
+    """Untrusted PNG/JPEG/WebP bytes -> (a loaded RGB picture, its format), or ImageInputError.
 
     Checks, in order: format from the magic bytes (nothing else reaches Pillow); pixel count from the header
     against min(max_pixels, Pillow's MAX_IMAGE_PIXELS); Pillow's lazy open restricted to the three formats;
-    side >= 64 px and aspect <= 8; then decoding, EXIF orientation and conversion to RGB (alpha composited on
-    white, palette, CMYK and 16-bit handled). Any decoder failure becomes ImageInputError.
+    side >= 64 px and aspect <= 8; then decoding, EXIF orientation and `pixels.to_rgb`. Any decoder failure
+    becomes ImageInputError.
     """
-    return decode(data, max_pixels=max_pixels)[0]
-
-
-def decode(data: bytes, *, max_pixels: int) -> tuple[Image.Image, str]:
     if not data:
         raise ImageInputError("the image is empty (0 bytes): pass a PNG, JPEG or WebP file")
     kind = _sniff_format(data)
