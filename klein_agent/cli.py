@@ -27,6 +27,11 @@ INPUT_MAX_PIXELS = 64 * 1024**2
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command `argv` names (default: sys.argv); returns the exit status.
+
+    0 on success, 2 with a one-line message on stderr for bad input, a missing file or a failed generation
+    (ValueError, OSError, RuntimeError), 130 on Ctrl-C.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -45,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `klein-agent` parser with its `generate` and `serve` commands; each sets `run` to its handler."""
     parser = argparse.ArgumentParser(
         prog="klein-agent", description="FLUX.2 [klein] for agents that iterate on pictures"
     )
@@ -186,10 +192,12 @@ class ProgressBar:
         print(f"{label}...", file=sys.stderr)
 
     def note(self, message: str) -> None:
+        """Print `message` on its own line and restart the delay before the bar shows."""
         print(message, file=sys.stderr)
         self.start = time.monotonic()
 
     def update(self, done: int, total: int, message: str) -> None:
+        """Redraw the bar at `done` of `total` steps; off a terminal, print only the finished line."""
         if time.monotonic() - self.start < self.delay_s and done < total:
             return
         width = 30
@@ -202,6 +210,7 @@ class ProgressBar:
             print(line, file=sys.stderr)
 
     def close(self) -> None:
+        """End the bar's line, if one was drawn."""
         if self.drawn:
             print(file=sys.stderr)
 

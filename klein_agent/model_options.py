@@ -13,6 +13,7 @@ from klein_agent.rules.requests import ImageGenerator
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the "model" option group (--model, --transformer-file, --device, --dtype, ...) to `parser`."""
     group = parser.add_argument_group("model")
     group.add_argument(
         "--model",

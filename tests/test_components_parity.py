@@ -183,7 +183,8 @@ def test_schedule_is_the_reference_schedulers_bit_for_bit(
 
 
 def test_schedule_published_values() -> None:
-    # flux2-klein-reference.md §5.1: 1024x1024 at 4 steps
+    # 1024x1024 (4096 tokens) at 4 steps, as BFL `flux2/sampling.py` `compute_empirical_mu` and `get_schedule`
+    # compute them
     assert sampling.empirical_mu(4096, 4) == pytest.approx(2.2912, abs=1e-4)
     assert sampling.schedule(4, 4096) == pytest.approx([1.0, 0.9674, 0.9081, 0.7672, 0.0], abs=1e-4)
     assert sampling.empirical_mu(16384, 4) == pytest.approx(3.2300, abs=1e-4)

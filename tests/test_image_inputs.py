@@ -1,7 +1,7 @@
 """klein_agent.service.inputs: every way an image argument can be wrong, and the ways it can be right.
 
 All inputs are generated here; nothing binary is checked in. Security cases name the attack they stand for
-(docs/style-and-security.md B5 #1-#6, #12).
+(the rules they check: docs/server.md, "Security defaults").
 """
 
 from __future__ import annotations

@@ -237,6 +237,7 @@ def test_random_weights_of_the_real_shapes_build(name: str, params: int) -> None
     from klein_agent.model.configs import preset
 
     transformer, autoencoder, text = build_random_models(preset(name), device="meta")
-    assert sum(p.numel() for p in transformer.parameters()) == params  # flux2-klein-reference.md §1.1
+    # the counts of diffusers' Flux2Transformer2DModel built with the same transformer config
+    assert sum(p.numel() for p in transformer.parameters()) == params
     assert text.output_layers == (9, 18, 27) and len(text.model.layers) == 27
     assert autoencoder.config.latent_channels == transformer.config.in_channels == 128

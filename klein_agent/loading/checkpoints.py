@@ -47,6 +47,8 @@ _SHARD = re.compile(r"^(?P<stem>.+)-(?P<index>\d+)-of-(?P<total>\d+)\.safetensor
 
 @dataclass
 class Components:
+    """The loaded parts of one model, with the sampling defaults, preset name and schedule its files imply."""
+
     transformer: Flux2Transformer
     autoencoder: AutoEncoder
     text_embedder: TextEmbedder
@@ -65,6 +67,12 @@ def load_components(
     *,
     transformer_file: str | os.PathLike[str] | None = None,
 ) -> Components:
+    """Load a diffusers-layout model folder onto `device` in `dtype`.
+
+    `transformer_file` replaces the folder's transformer with a BFL single file. Distilled or not comes from
+    `model_index.json` (`is_distilled`). Raises CheckpointError when a part is missing, unreadable or does not
+    fit, and when the text encoder and the transformer come from different model sizes.
+    """
     folder = Path(folder)
     index = _read_json(folder / "model_index.json", "the model folder's index")
     missing = [part for part in FOLDER_PARTS if not (folder / part).is_dir()]
@@ -145,6 +153,11 @@ def load_scheduler_config(folder: Path) -> SchedulerConfig:
 
 
 def load_diffusers_transformer(folder: Path, device: torch.device, dtype: torch.dtype) -> Flux2Transformer:
+    """The transformer of a diffusers `transformer/` folder, its sizes from its config.json.
+
+    Raises CheckpointError for an unusable config, a guidance embedding (FLUX.2 [dev]) or weights that do not
+    fit.
+    """
     cfg = _read_json(folder / "config.json", "the transformer config")
     # Absent keys take the defaults of diffusers' Flux2Transformer2DModel, as from_pretrained would.
     try:
@@ -179,6 +192,10 @@ def load_diffusers_transformer(folder: Path, device: torch.device, dtype: torch.
 
 
 def load_bfl_transformer(path: Path, device: torch.device, dtype: torch.dtype) -> Flux2Transformer:
+    """The transformer of a BFL single safetensors file, its sizes inferred from the tensor shapes.
+
+    Raises CheckpointError when the file is missing or unreadable or is not a klein transformer.
+    """
     if not path.is_file():
         raise CheckpointError(f"transformer file {path} does not exist")
     state = keymaps.strip_prefix(read_safetensors([path], device))
@@ -221,6 +238,11 @@ def infer_transformer_config(state: Mapping[str, Tensor], where: str) -> Transfo
 
 
 def load_autoencoder(folder: Path, device: torch.device, dtype: torch.dtype) -> AutoEncoder:
+    """The autoencoder of a diffusers `vae/` folder (diffusers `AutoencoderKLFlux2` config and weights).
+
+    Raises CheckpointError for a config klein's autoencoder cannot follow (other block types, activation or
+    patch size) or weights that do not fit.
+    """
     cfg = _read_json(folder / "config.json", "the autoencoder config")
     # Absent keys take the defaults of diffusers' AutoencoderKLFlux2, as from_pretrained would.
     try:
@@ -260,6 +282,11 @@ def load_autoencoder(folder: Path, device: torch.device, dtype: torch.dtype) -> 
 def load_text_embedder(
     folder: Path, tokenizer_folder: Path, device: torch.device, dtype: torch.dtype
 ) -> TextEmbedder:
+    """The Qwen3 encoder of `folder` with the tokenizer of `tokenizer_folder`; layers past 27 stay unread.
+
+    Raises CheckpointError when the encoder is not Qwen3, has fewer than 27 layers, its tokenizer does not
+    load, or its weights do not fit.
+    """
     cfg = _read_json(folder / "config.json", "the text encoder config")
     if cfg.get("model_type") != "qwen3":
         raise CheckpointError(f"{folder} holds a {cfg.get('model_type')!r} model; FLUX.2 [klein] uses Qwen3")

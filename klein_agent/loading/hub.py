@@ -45,6 +45,7 @@ def resolve_model_path(model: str, *, allow_download: bool = False) -> Path:
 
 
 def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache: `HF_HUB_CACHE`, else `HF_HOME`/hub, else ~/.cache/huggingface/hub."""
     if os.environ.get("HF_HUB_CACHE"):
         return Path(os.environ["HF_HUB_CACHE"])
     home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))

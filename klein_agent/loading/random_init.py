@@ -98,4 +98,5 @@ def build_random_models(
 
 
 def build_tiny(seed: int = 0) -> tuple[Flux2Transformer, AutoEncoder, TextEmbedder]:
+    """The `tiny` preset with random weights from `seed`, float32 on the CPU."""
     return build_random_models(preset("tiny"), seed)

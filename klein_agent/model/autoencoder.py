@@ -19,6 +19,12 @@ from klein_agent.model.configs import AutoencoderConfig
 
 
 class AutoEncoder(nn.Module):
+    """The FLUX.2 VAE with its latent batch-norm statistics; mirrors BFL `flux2/autoencoder.py` `AutoEncoder`.
+
+    Runs in the weights' dtype; the batch-norm statistics are loaded in that dtype too (see
+    `klein_agent.loading.checkpoints.load_strict`).
+    """
+
     def __init__(self, config: AutoencoderConfig) -> None:
         super().__init__()
         self.config = config
@@ -30,17 +36,25 @@ class AutoEncoder(nn.Module):
         )
 
     def encode(self, x: Tensor) -> Tensor:  # [B, 3, H, W] -> [B, 4z, H/16, W/16]
+        """Images [B, 3, H, W] in [-1, 1] -> normalised model latents [B, 4z, H/16, W/16], in the input dtype.
+
+        Takes the posterior mean, as diffusers `Flux2KleinPipeline._encode_vae_image` (`sample_mode="argmax"`)
+        and BFL `AutoEncoder.encode` do; H and W must be multiples of 2f px (16 for klein).
+        """
         mean = self.encoder(x).chunk(2, dim=1)[0]  # [B, z, H/8, W/8]
         return self.normalize(patchify(mean))
 
     def decode(self, z: Tensor) -> Tensor:  # [B, 4z, H/16, W/16] -> [B, 3, H, W]
+        """Normalised model latents [B, 4z, h, w] -> images [B, 3, 16h, 16w], about [-1, 1] (not clamped)."""
         return self.decoder(unpatchify(self.denormalize(z)))
 
     def normalize(self, z: Tensor) -> Tensor:
+        """Patchified latents [B, 4z, h, w] -> zero mean, unit variance per channel, in `z`'s dtype."""
         mean, std = self._bn_stats(z)
         return (z - mean) / std
 
     def denormalize(self, z: Tensor) -> Tensor:
+        """The inverse of `normalize` (BFL `AutoEncoder.inv_normalize`), computed in `z`'s dtype."""
         mean, std = self._bn_stats(z)
         return z * std + mean
 
@@ -52,6 +66,8 @@ class AutoEncoder(nn.Module):
 
 
 class Encoder(nn.Module):
+    """Images to latent moments (mean and log-variance); mirrors BFL `flux2/autoencoder.py` `Encoder`."""
+
     def __init__(self, config: AutoencoderConfig) -> None:
         super().__init__()
         channels = config.block_out_channels
@@ -71,6 +87,7 @@ class Encoder(nn.Module):
         self.quant_conv = nn.Conv2d(z2, z2, 1) if config.use_quant_conv else None
 
     def forward(self, x: Tensor) -> Tensor:  # [B, 3, H, W] -> [B, 2z, H/f, W/f] (mean, logvar)
+        """[B, 3, H, W] in [-1, 1] -> [B, 2z, H/f, W/f]: the mean channels first, then the log-variance."""
         h = self.conv_in(x)
         for level in self.down:
             h = level(h)
@@ -80,6 +97,12 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
+    """Raw latents to images; mirrors BFL `flux2/autoencoder.py` `Decoder`.
+
+    Its channels are `config.decoder_channels`, which may be smaller than the encoder's (diffusers
+    `decoder_block_out_channels`).
+    """
+
     def __init__(self, config: AutoencoderConfig) -> None:
         super().__init__()
         channels = config.decoder_channels
@@ -102,6 +125,7 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(block_in, config.out_channels, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:  # [B, z, H/f, W/f] -> [B, 3, H, W]
+        """Raw (unpatchified, denormalised) latents [B, z, H/f, W/f] -> images [B, 3, H, W]."""
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         h = self.mid(self.conv_in(z))
@@ -111,6 +135,11 @@ class Decoder(nn.Module):
 
 
 class EncoderLevel(nn.Module):
+    """One encoder resolution: `blocks` ResnetBlocks, then a 2x downsample unless it is the last level.
+
+    BFL's `Encoder.down[i]` (a bare `nn.Module` with `block` and `downsample`), named so the keys match.
+    """
+
     def __init__(
         self, in_channels: int, out_channels: int, blocks: int, groups: int, downsample: bool
     ) -> None:
@@ -120,12 +149,18 @@ class EncoderLevel(nn.Module):
         self.downsample = Downsample(out_channels) if downsample else None
 
     def forward(self, x: Tensor) -> Tensor:
+        """[B, C_in, H, W] -> [B, C_out, H/2, W/2], or [B, C_out, H, W] without a downsample."""
         for block in self.block:
             x = block(x)
         return x if self.downsample is None else self.downsample(x)
 
 
 class DecoderLevel(nn.Module):
+    """One decoder resolution: `blocks` ResnetBlocks, then a 2x upsample unless it is the highest resolution.
+
+    BFL's `Decoder.up[i]` (a bare `nn.Module` with `block` and `upsample`), named so the keys match.
+    """
+
     def __init__(self, in_channels: int, out_channels: int, blocks: int, groups: int, upsample: bool) -> None:
         super().__init__()
         channels = [in_channels] + [out_channels] * blocks
@@ -133,12 +168,16 @@ class DecoderLevel(nn.Module):
         self.upsample = Upsample(out_channels) if upsample else None
 
     def forward(self, x: Tensor) -> Tensor:
+        """[B, C_in, H, W] -> [B, C_out, 2H, 2W], or [B, C_out, H, W] without an upsample."""
         for block in self.block:
             x = block(x)
         return x if self.upsample is None else self.upsample(x)
 
 
 class MidBlock(nn.Module):
+    """ResnetBlock, optional self-attention, ResnetBlock at the lowest resolution; BFL's `Encoder.mid` and
+    `Decoder.mid` (`block_1`, `attn_1`, `block_2`), diffusers `UNetMidBlock2D`."""
+
     def __init__(self, channels: int, groups: int, attention: bool = True) -> None:
         super().__init__()
         self.block_1 = ResnetBlock(channels, channels, groups)
@@ -146,6 +185,7 @@ class MidBlock(nn.Module):
         self.block_2 = ResnetBlock(channels, channels, groups)
 
     def forward(self, x: Tensor) -> Tensor:
+        """[B, C, H, W] -> [B, C, H, W]."""
         h = self.block_1(x)
         if self.attn_1 is not None:
             h = self.attn_1(h)
@@ -153,6 +193,9 @@ class MidBlock(nn.Module):
 
 
 class ResnetBlock(nn.Module):
+    """GroupNorm, SiLU, 3x3 convolution, twice, plus a skip (a 1x1 convolution when the channel count
+    changes); mirrors BFL `flux2/autoencoder.py` `ResnetBlock`."""
+
     def __init__(self, in_channels: int, out_channels: int, groups: int) -> None:
         super().__init__()
         self.norm1 = group_norm(in_channels, groups)
@@ -162,6 +205,7 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: Tensor) -> Tensor:
+        """[B, C_in, H, W] -> [B, C_out, H, W]."""
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.conv2(F.silu(self.norm2(h)))
         skip = x if self.nin_shortcut is None else self.nin_shortcut(x)
@@ -184,6 +228,7 @@ class AttnBlock(nn.Module):
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: Tensor) -> Tensor:
+        """[B, C, H, W] -> [B, C, H, W], with the attention output added to the input."""
         b, c, h, w = x.shape
         # normalised as [B, C, HW] and projected as [B, HW, C] tokens, the views diffusers' AttnProcessor2_0 uses
         channels = x.reshape(b, c, h * w)
@@ -201,24 +246,31 @@ def _linear(tokens: Tensor, conv: nn.Conv2d) -> Tensor:
 
 
 class Downsample(nn.Module):
+    """Stride-2 3x3 convolution after padding one pixel right and bottom; mirrors BFL `Downsample`."""
+
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, stride=2)
 
     def forward(self, x: Tensor) -> Tensor:
+        """[B, C, H, W] -> [B, C, H/2, W/2] (H and W even)."""
         return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric padding, as trained
 
 
 class Upsample(nn.Module):
+    """Nearest-neighbour 2x upsampling, then a 3x3 convolution; mirrors BFL `Upsample`."""
+
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
+        """[B, C, H, W] -> [B, C, 2H, 2W]."""
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 def group_norm(channels: int, groups: int) -> nn.GroupNorm:
+    """The autoencoder's GroupNorm: affine, eps 1e-6, as BFL and diffusers build it."""
     return nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
 
 

@@ -29,10 +29,12 @@ class TransformerConfig:
 
     @property
     def head_dim(self) -> int:
+        """Channels per attention head (128 for klein)."""
         return self.hidden_size // self.num_heads
 
     @property
     def mlp_hidden(self) -> int:
+        """Width of the MLP's hidden layer after the SwiGLU gate (its input projection is twice this)."""
         return int(self.hidden_size * self.mlp_ratio)
 
     def __post_init__(self) -> None:
@@ -66,14 +68,17 @@ class AutoencoderConfig:
 
     @property
     def decoder_channels(self) -> tuple[int, ...]:
+        """The decoder's channels per level: `decoder_block_out_channels`, else the encoder's."""
         return self.decoder_block_out_channels or self.block_out_channels
 
     @property
     def latent_channels(self) -> int:
+        """Channels of a model latent (128 for klein), the width of the latent batch norm."""
         return 4 * self.z_channels  # after the 2x2 patchify
 
     @property
     def downsample_factor(self) -> int:
+        """How many pixels one raw latent spans per side (8 for klein): one halving per level but the last."""
         return 2 ** (len(self.block_out_channels) - 1)
 
     @property
@@ -130,6 +135,8 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class SamplingDefaults:
+    """A model's default step count and guidance scale, and whether it is step-distilled."""
+
     distilled: bool = True
     steps: int = 4
     guidance: float = 1.0  # distilled models take no guidance; Base models use true CFG against ""
@@ -137,6 +144,8 @@ class SamplingDefaults:
 
 @dataclass(frozen=True)
 class ModelPreset:
+    """One model's sizes (transformer, autoencoder, text encoder), sampling defaults and licence."""
+
     name: str
     transformer: TransformerConfig
     autoencoder: AutoencoderConfig
@@ -222,6 +231,7 @@ PRESETS: dict[str, ModelPreset] = {
 
 
 def preset(name: str) -> ModelPreset:
+    """The preset called `name`; raises ValueError naming the known presets when there is none."""
     try:
         return PRESETS[name]
     except KeyError:

@@ -65,9 +65,15 @@ class TextEmbedder(nn.Module):
 
     @property
     def output_dim(self) -> int:
+        """Channels per conditioning token: three layers' hidden size (7680 for klein 4B, 12288 for 9B)."""
         return len(self.output_layers) * self.hidden_size
 
     def tokenize(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        """Each prompt in Qwen3's chat template (one user turn, thinking off), padded and cut to `max_length`.
+
+        Returns `input_ids` and `attention_mask`, each [B, max_length] int64 on the CPU, as diffusers
+        `Flux2KleinPipeline._get_qwen3_prompt_embeds` tokenises.
+        """
         texts = [
             self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": p}],
@@ -117,6 +123,7 @@ def _capture(store: dict[int, Tensor], layer: int) -> Any:
 
 
 def qwen3_config(config: TextEncoderConfig, pad_token_id: int | None = None) -> Qwen3Config:
+    """A transformers `Qwen3Config` of a preset's sizes, for random-weight encoders (tied embeddings)."""
     fields: dict[str, Any] = dict(
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,

@@ -20,6 +20,9 @@ from klein_agent.model.configs import TransformerConfig
 
 
 class Flux2Transformer(nn.Module):
+    """The klein flow transformer: mirrors BFL `flux2/model.py` `Flux2` without `guidance_in` (klein has no
+    guidance embedding), and is tested equal to diffusers `Flux2Transformer2DModel`."""
+
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
         self.config = config
@@ -78,12 +81,16 @@ class Flux2Transformer(nn.Module):
 
 
 class MLPEmbedder(nn.Module):
+    """Linear, SiLU, linear, no biases: the timestep embedder (BFL `MLPEmbedder`, diffusers
+    `TimestepEmbedding`)."""
+
     def __init__(self, in_dim: int, hidden: int) -> None:
         super().__init__()
         self.in_layer = nn.Linear(in_dim, hidden, bias=False)
         self.out_layer = nn.Linear(hidden, hidden, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        """[B, in_dim] -> [B, hidden], in the weights' dtype."""
         return self.out_layer(F.silu(self.in_layer(x)))
 
 
@@ -95,6 +102,10 @@ class Modulation(nn.Module):
         self.lin = nn.Linear(dim, 3 * sets * dim, bias=False)
 
     def forward(self, vec: Tensor) -> Tensor:  # [B, D] -> [B, 1, 3*sets*D]
+        """Timestep vector [B, D] -> [B, 1, 3*sets*D]: (shift, scale, gate) per set, which the blocks chunk.
+
+        BFL `Modulation.forward` returns the chunks; diffusers `Flux2Modulation` returns the tensor, as here.
+        """
         return self.lin(F.silu(vec))[:, None, :]
 
 
@@ -114,6 +125,11 @@ class DoubleStreamBlock(nn.Module):
     def forward(
         self, img: Tensor, txt: Tensor, cos: Tensor, sin: Tensor, mod_img: Tensor, mod_txt: Tensor
     ) -> tuple[Tensor, Tensor]:
+        """Image tokens [B, L, D] and text tokens [B, T, D] -> both updated, same shapes and dtype.
+
+        `cos`, `sin`: [T+L, Dh/2] float32 for the joint sequence; `mod_img`, `mod_txt`: [B, 1, 6D]. Mirrors
+        BFL `DoubleStreamBlock.forward` and diffusers `Flux2TransformerBlock.forward`.
+        """
         img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = mod_img.chunk(6, dim=-1)
         txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = mod_txt.chunk(6, dim=-1)
 
@@ -152,6 +168,11 @@ class SingleStreamBlock(nn.Module):
         self.mlp_act = SwiGLU()
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mod: Tensor) -> Tensor:
+        """Joint [text, image] tokens [B, T+L, D] -> same shape and dtype.
+
+        `cos`, `sin`: [T+L, Dh/2] float32; `mod`: [B, 1, 3D]. Mirrors BFL `SingleStreamBlock.forward` and
+        diffusers `Flux2SingleTransformerBlock.forward`.
+        """
         shift, scale, gate = mod.chunk(3, dim=-1)
         qkv, mlp = self.linear1(modulate(x, shift, scale, self.eps)).split(
             (3 * self.hidden_size, 2 * self.mlp_hidden), dim=-1
@@ -163,6 +184,9 @@ class SingleStreamBlock(nn.Module):
 
 
 class LastLayer(nn.Module):
+    """Adaptive LayerNorm from the timestep vector, then the projection to latent channels (BFL `LastLayer`,
+    diffusers `norm_out` and `proj_out`)."""
+
     def __init__(self, hidden: int, out_channels: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
@@ -170,11 +194,15 @@ class LastLayer(nn.Module):
         self.linear = nn.Linear(hidden, out_channels, bias=False)
 
     def forward(self, x: Tensor, vec: Tensor) -> Tensor:
+        """Image tokens [B, L, D] and timestep vector [B, D] -> velocity [B, L, C_in]."""
         shift, scale = self.adaLN_modulation(vec)[:, None, :].chunk(2, dim=-1)  # BFL order: shift first
         return self.linear(modulate(x, shift, scale, self.eps))
 
 
 class SelfAttention(nn.Module):
+    """One stream's qkv and output projections and its QK norm (BFL `SelfAttention`); the attention itself
+    runs over both streams in `DoubleStreamBlock`."""
+
     def __init__(self, dim: int, head_dim: int, eps: float) -> None:
         super().__init__()
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
@@ -182,28 +210,35 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=False)
 
     def qkv_heads(self, x: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Tokens [B, S, D] -> q, k, v, each [B, H, S, Dh] in `x`'s dtype, q and k RMS-normalised."""
         q, k, v = split_heads(self.qkv(x), num_heads)
         q, k = self.norm(q, k, v)
         return q, k, v
 
 
 class QKNorm(nn.Module):
+    """RMSNorm of queries and keys over the head dim (BFL `QKNorm`, diffusers `norm_q` / `norm_k`)."""
+
     def __init__(self, head_dim: int, eps: float) -> None:
         super().__init__()
         self.query_norm = RMSNorm(head_dim, eps)
         self.key_norm = RMSNorm(head_dim, eps)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """q, k [B, H, S, Dh] -> normalised q, k in `v`'s dtype."""
         return self.query_norm(q).to(v.dtype), self.key_norm(k).to(v.dtype)
 
 
 class RMSNorm(nn.Module):
+    """RMS normalisation over the last dim with a learned scale, computed in float32 (BFL `RMSNorm`)."""
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.scale = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        """[..., dim] -> same shape and dtype."""
         # float32 statistics whatever the activation dtype, as the reference does
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -214,6 +249,7 @@ class SwiGLU(nn.Module):
     """silu(first half) * second half."""
 
     def forward(self, x: Tensor) -> Tensor:
+        """[..., 2m] -> [..., m] (BFL `SiLUActivation`, diffusers `Flux2SwiGLU`)."""
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
 
@@ -227,6 +263,7 @@ class EmbedND(nn.Module):
         self.theta = theta
 
     def forward(self, ids: Tensor) -> tuple[Tensor, Tensor]:  # [S, 4] -> ([S, Dh/2], [S, Dh/2])
+        """Positions [S, 4] (t, h, w, l) -> (cos, sin), each [S, Dh/2] float32."""
         # angles in float64 (positions up to thousands times frequencies lose digits in float32), except on MPS,
         # which has no float64 (diffusers `Flux2PosEmbed` makes the same exception)
         precision = torch.float32 if ids.device.type == "mps" else torch.float64
@@ -255,6 +292,10 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """RoPE on q and k, then full (unmasked) scaled dot-product attention (BFL `attention`).
+
+    q, k, v [B, H, S, Dh] and cos, sin [S, Dh/2] float32 -> [B, S, H*Dh] in `q`'s dtype.
+    """
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     out = F.scaled_dot_product_attention(q, k, v)  # [B, H, S, Dh]
     return out.transpose(1, 2).flatten(2)  # [B, S, H*Dh]
@@ -267,6 +308,10 @@ def clip_float16(x: Tensor) -> Tensor:
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tensor:
+    """LayerNorm without affine parameters, then `(1 + scale) * x + shift`.
+
+    x [B, S, D]; shift and scale [B, 1, D]; the result is [B, S, D] in `x`'s dtype.
+    """
     return (1 + scale) * F.layer_norm(x, x.shape[-1:], eps=eps) + shift
 
 

@@ -44,6 +44,15 @@ def initial_noise(seed: int, channels: int, height: int, width: int) -> Tensor:
 
 
 class KleinPipeline:
+    """The loaded model, its caches and `generate`; tested equal to diffusers `Flux2KleinPipeline`.
+
+    The three models must share one device and dtype, which are read from the transformer. `model_name` and
+    `variant` (the preset the weights match, or "custom") are reported in `info`; `scheduler` defaults to
+    klein's schedule; `prompt_cache_size` and `reference_cache_size` count entries; `offload_text_encoder`
+    keeps the text encoder in host memory between prompts (ignored when the model runs on the CPU). Not
+    thread-safe: one `generate` at a time.
+    """
+
     def __init__(
         self,
         transformer: Flux2Transformer,

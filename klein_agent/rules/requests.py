@@ -45,6 +45,8 @@ class NonFiniteOutputError(RuntimeError):
 
 @dataclass(frozen=True)
 class GenerationResult:
+    """The pictures of one `generate` call, what ran to make them, and how long each stage took (ms)."""
+
     images: list[Image.Image]  # RGB, width x height, one per seed
     timings_ms: dict[str, float]  # {"text", "references", "denoise", "decode", "total"}
     cache_hits: dict[str, int]  # {"prompt": 0 or 1, "references": n hits}
@@ -68,6 +70,8 @@ class GenerationResult:
 
 @dataclass(frozen=True)
 class GeneratorInfo:
+    """A loaded model as the resolution rules and the server see it: its name, placement and defaults."""
+
     model: str  # what the user named: a folder, a repo id, or "tiny"
     variant: str  # preset name, e.g. "klein-4b", "klein-base-9b", "tiny"
     device: str
@@ -80,6 +84,8 @@ class GeneratorInfo:
 
 
 class ImageGenerator(Protocol):
+    """What the engine, the CLI and test fakes need of a model: its `info` and `generate`."""
+
     info: GeneratorInfo
 
     def generate(

@@ -2,6 +2,9 @@
 
 Claude Code shows the model only the structured content when a result has some, so every model carries the
 facts an agent needs (ids, seeds, sizes, parents) and a short `note` on what to do next.
+
+Pydantic publishes a model's docstring as its schema's `description`, so a docstring here changes tools/list
+(pinned by tests/snapshots/server_tools.json). The models without one are described by a comment instead.
 """
 
 from __future__ import annotations
@@ -9,7 +12,8 @@ from __future__ import annotations
 from pydantic import BaseModel, Field
 
 
-class ImageRef(BaseModel):
+# One image in a generate, edit or compose result.
+class ImageRef(BaseModel):  # noqa: D101 - no docstring: it would change the published outputSchema
     image_id: str
     uri: str = Field(description="image://<image_id>: the full-resolution PNG as a resource")
     seed: int | None = Field(description="the seed that made it; null for imported pictures")
@@ -32,7 +36,8 @@ class ImagesResult(BaseModel):
     note: str
 
 
-class ListedImage(BaseModel):
+# One stored image in a list_images page; `created_at` is a UTC ISO 8601 time.
+class ListedImage(BaseModel):  # noqa: D101 - no docstring: it would change the published outputSchema
     image_id: str
     tool: str = Field(description="generate, edit, compose or import")
     width: int
@@ -44,34 +49,39 @@ class ListedImage(BaseModel):
     created_at: str
 
 
-class ListResult(BaseModel):
+# What list_images returns: a page of stored images, newest first.
+class ListResult(BaseModel):  # noqa: D101 - no docstring: it would change the published outputSchema
     images: list[ListedImage]
     next_cursor: str | None = Field(
         description="pass as cursor to get the next (older) page; null at the end"
     )
 
 
-class ViewedImage(BaseModel):
+# One image shown by view_image, at its full size in px.
+class ViewedImage(BaseModel):  # noqa: D101 - no docstring: it would change the published outputSchema
     image_id: str
     width: int
     height: int
 
 
-class ViewResult(BaseModel):
+# What view_image returns: the images shown and the preview's size (px) and format.
+class ViewResult(BaseModel):  # noqa: D101 - no docstring: it would change the published outputSchema
     images: list[ViewedImage]
     preview_width: int
     preview_height: int
     preview_mime_type: str
 
 
-class ExportResult(BaseModel):
+# What export_image returns: where the PNG was written and its size in bytes.
+class ExportResult(BaseModel):  # noqa: D101 - no docstring: it would change the published outputSchema
     image_id: str
     path: str = Field(description="absolute path of the written PNG on the server's machine")
     file_uri: str
     size_bytes: int
 
 
-class ModelStatus(BaseModel):
+# server_status: the model's load state and, once loaded, what it is and where it runs.
+class ModelStatus(BaseModel):  # noqa: D101 - no docstring: it would change the published outputSchema
     state: str = Field(description="loading, ready, failed or stopped")
     error: str | None
     model: str | None
@@ -83,7 +93,8 @@ class ModelStatus(BaseModel):
     load_seconds: float | None
 
 
-class QueueStatus(BaseModel):
+# server_status: the engine's queue and counters since start; `mean_model_ms` in ms.
+class QueueStatus(BaseModel):  # noqa: D101 - no docstring: it would change the published outputSchema
     running: bool
     queued: int
     max_queue: int
@@ -94,7 +105,8 @@ class QueueStatus(BaseModel):
     cache_hits: dict[str, int]
 
 
-class StoreStatus(BaseModel):
+# server_status: the image store's folder, contents and bounds (bytes, images).
+class StoreStatus(BaseModel):  # noqa: D101 - no docstring: it would change the published outputSchema
     root: str
     images: int
     total_bytes: int
@@ -102,7 +114,8 @@ class StoreStatus(BaseModel):
     max_images: int | None
 
 
-class StatusResult(BaseModel):
+# What server_status returns; `max_pixels_per_call` counts width x height x num_images.
+class StatusResult(BaseModel):  # noqa: D101 - no docstring: it would change the published outputSchema
     model: ModelStatus
     queue: QueueStatus
     store: StoreStatus

@@ -42,6 +42,8 @@ _ARGUMENT = re.compile(r"argument\s+([A-Za-z_][A-Za-z0-9_]*)\s*:\s*(required|opt
 
 @dataclass(frozen=True)
 class PromptFile:
+    """One parsed prompt file: its front matter fields and its body, still with `{{placeholders}}`."""
+
     name: str
     title: str | None
     description: str
@@ -51,6 +53,7 @@ class PromptFile:
 
 
 def prompts_dir() -> Traversable:
+    """The prompt folder: `klein_agent/prompts` in an installed wheel, else the checkout's `prompts/`."""
     packaged = importlib.resources.files("klein_agent") / "prompts"
     if packaged.is_dir():
         return packaged
@@ -58,6 +61,11 @@ def prompts_dir() -> Traversable:
 
 
 def parse_prompt_file(text: str, source: str) -> PromptFile:
+    """Parse one prompt file (format in the module docstring).
+
+    Raises ValueError naming `source` for a missing or unclosed front matter, an unreadable line, a missing
+    name or description, or an `attach` that names no argument.
+    """
     lines = text.replace("\r\n", "\n").split("\n")
     if not lines or lines[0].strip() != "---":
         raise ValueError(f"{source}: a prompt file starts with a '---' front matter line")
@@ -96,12 +104,15 @@ def parse_prompt_file(text: str, source: str) -> PromptFile:
 
 
 def load_prompt_files(folder: Traversable | None = None) -> list[PromptFile]:
+    """Every `*.md` file of `folder` (default: `prompts_dir()`), parsed, in file-name order."""
     folder = prompts_dir() if folder is None else folder
     files = sorted((f for f in folder.iterdir() if f.name.endswith(".md")), key=lambda f: f.name)
     return [parse_prompt_file(f.read_text(encoding="utf-8"), f.name) for f in files]
 
 
 def render_body(body: str, values: dict[str, str]) -> str:
+    """Fill `{{name}}` and `{{name|fallback}}`; a missing or blank value gives the fallback, else nothing."""
+
     def substitute(m: re.Match[str]) -> str:
         value = values.get(m.group(1), "").strip()
         return value if value else (m.group(2) or "").strip()
@@ -110,10 +121,12 @@ def render_body(body: str, values: dict[str, str]) -> str:
 
 
 def split_ids(value: str) -> list[str]:
+    """Image ids from one argument: separated by spaces, commas or semicolons, `image://` prefixes dropped."""
     return [strip_image_uri(part) for part in re.split(r"[\s,;]+", value) if part.strip()]
 
 
 def register_prompts(mcp: MCPServer[Any], studio: Studio, files: list[PromptFile] | None = None) -> None:
+    """Add one MCP prompt per prompt file (default: `load_prompt_files()`) to `mcp`."""
     for spec in load_prompt_files() if files is None else files:
         mcp.add_prompt(_prompt(spec, studio))
 

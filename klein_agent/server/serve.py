@@ -34,6 +34,7 @@ DEFAULT_PORT = 8765
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the store, input, limit and transport options of `klein-agent serve` to `parser`."""
     store = parser.add_argument_group("image store")
     store.add_argument(
         "--store",
@@ -123,6 +124,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def configure_logging(level: str) -> None:
+    """Send all logging to stderr at `level`; quiet the libraries' progress bars (stdout is the MCP wire)."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
@@ -173,6 +175,8 @@ def transport_security(host: str) -> TransportSecuritySettings:
 
 
 def http_app(mcp: MCPServer[Studio], studio: Studio, host: str) -> Starlette:
+    """The streamable HTTP app, with DNS-rebinding protection for `host` and a request body limit in bytes
+    that fits the largest inline image the input policy accepts."""
     # Inline data: URIs are base64 (4/3 of the bytes); leave room for them up to the input size limit.
     body = math.ceil(studio.policy.max_bytes * 4 / 3) + 2**20
     return mcp.streamable_http_app(
@@ -181,6 +185,11 @@ def http_app(mcp: MCPServer[Studio], studio: Studio, host: str) -> Starlette:
 
 
 async def serve_http(mcp: MCPServer[Studio], studio: Studio, host: str, port: int) -> None:
+    """Serve `http_app` with uvicorn on `host`:`port` (0: a free port, logged) until cancelled.
+
+    Binds the socket itself so the log shows the real port; warns when `host` is not a loopback address.
+    Raises OSError when the address cannot be bound.
+    """
     import uvicorn
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -199,6 +208,10 @@ async def serve_http(mcp: MCPServer[Studio], studio: Studio, host: str, port: in
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    """`klein-agent serve`: start loading the model, serve stdio or HTTP until the client goes, then close.
+
+    Returns 2 after logging the reason for a bad option or a store that cannot be opened, else 0.
+    """
     configure_logging(args.log_level)
     try:
         studio = build_studio(args)

@@ -46,6 +46,8 @@ AsyncProgress = Callable[[float, float | None, str], Awaitable[None]]
 
 
 class EngineState(enum.StrEnum):
+    """The model's life: loading, then ready or failed; stopped after `close` (failed stays failed)."""
+
     LOADING = "loading"
     READY = "ready"
     FAILED = "failed"
@@ -57,19 +59,19 @@ class EngineError(Exception):
 
 
 class EngineBusyError(EngineError):
-    pass
+    """The running call plus `max_queue` waiting ones are already there; the message estimates the wait."""
 
 
 class ModelLoadError(EngineError):
-    pass
+    """The model failed to load, so no call can run; the message carries the load error."""
 
 
 class ModelOutOfMemoryError(EngineError):
-    pass
+    """The device ran out of memory on this call; the message names the call's size and what to reduce."""
 
 
 class GenerationFailedError(EngineError):
-    pass
+    """The call failed in the model: non-finite output, a request it refused, or an unexpected error."""
 
 
 class JobCancelled(EngineError):
@@ -87,6 +89,11 @@ class Completed:
 
 @dataclass(frozen=True)
 class EngineStatus:
+    """A consistent snapshot of the engine, for server_status.
+
+    `load_seconds` in s; `mean_model_ms` in ms, the mean model time of the completed calls.
+    """
+
     state: EngineState
     error: str | None  # the load error when state is "failed"
     info: GeneratorInfo | None  # None until the model has loaded
@@ -207,14 +214,17 @@ class Engine:
 
     @property
     def state(self) -> EngineState:
+        """Where the model is in its life: loading, ready, failed or stopped."""
         return self._state
 
     @property
     def info(self) -> GeneratorInfo | None:
+        """The loaded model's description; None until it has loaded."""
         generator = self._generator
         return None if generator is None else generator.info
 
     def status(self) -> EngineStatus:
+        """The state, queue and counters, read together under the engine's lock."""
         with self._cond:
             done = self._completed
             return EngineStatus(

@@ -31,6 +31,8 @@ _MIN_CELL_W = 160  # small images get padded cells so a label like "1 img_ab12â€
 
 @dataclass(frozen=True)
 class Preview:
+    """One encoded preview picture and its size in px."""
+
     data: bytes  # raw encoded bytes; the caller base64-encodes them for ImageContent
     mime_type: str  # "image/webp" or "image/jpeg", always matching `data`
     width: int

@@ -103,6 +103,8 @@ class StoreWriteError(StoreError):
 
 @dataclass(frozen=True)
 class StoredImage:
+    """One image's record in the store: its id, size in px, PNG size in bytes, lineage and recipe."""
+
     image_id: str
     width: int
     height: int
@@ -116,6 +118,8 @@ class StoredImage:
 
 @dataclass(frozen=True)
 class StoreStats:
+    """What the store holds (images, bytes) against its bounds, and where it lives."""
+
     count: int
     total_bytes: int
     max_bytes: int
@@ -401,6 +405,7 @@ class ImageStore:
         return self._pin(tuple(image_ids))
 
     def stats(self) -> StoreStats:
+        """The current image count and total PNG bytes, with the store's bounds and root."""
         with self._locked():
             count, total = self._execute(
                 "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM images"

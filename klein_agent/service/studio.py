@@ -84,6 +84,8 @@ class Sheet:
 
 @dataclass(frozen=True)
 class Exported:
+    """A written export: the image, the absolute path of its PNG, and the file's size in bytes."""
+
     image_id: str
     path: Path
     size_bytes: int

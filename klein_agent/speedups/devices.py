@@ -8,6 +8,10 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 
 def resolve_device(name: str | None) -> torch.device:
+    """The device `name` names, else the best available (CUDA, then MPS, then the CPU).
+
+    Raises ValueError when `name` asks for CUDA or MPS and this machine's torch cannot use it.
+    """
     if name is None:
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -25,6 +29,7 @@ def resolve_device(name: str | None) -> torch.device:
 
 
 def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """The dtype `name` names, else bfloat16 on CUDA and float32 elsewhere; ValueError for an unknown name."""
     if name is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     try:

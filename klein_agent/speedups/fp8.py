@@ -8,14 +8,15 @@ float32, so CPU tests check the numerics the GPU runs, and the choice between th
 (`scaled_mm_available`, `Float8Linear.force_reference`).
 
 Only the block linears (double_blocks.*, single_blocks.*) are converted; the embedders, the shared modulations and
-the final layer stay in high precision, the same split as BFL's published FP8 checkpoints (their size is accounted
-for by FP8 block linears plus bf16 everything else, see docs/flux2-klein-reference.md §7). They are the large
+the final layer stay in high precision, the same split as BFL's published FP8 checkpoints: Hugging Face
+`black-forest-labs/FLUX.2-klein-4b-fp8` ships `flux-2-klein-4b-fp8.safetensors` at 4.07 GB, which is the
+4B's 3.68 G block-linear weights at 1 byte plus its other 0.20 G parameters at 2 bytes. They are the large
 majority of the FLOPs, and every one of them is wide enough for FP8 tensor cores to pay off.
 
 Run it under `klein_agent.speedups.compilation.compile_transformer_`: in eager mode the activation quantization (amax, divide,
 clamp, cast) is several extra passes over each activation, which eats much of the FP8 matmul's gain; compiled, they
-fuse into one kernel before the matmul (performance-notes §2.2: "FP8 needs compile to fuse the activation-quant
-kernels").
+fuse into one kernel before the matmul. torchao's float8 linears show the same (pytorch/ao issue #685:
+slower than 16-bit layers in eager mode, faster compiled).
 """
 
 from __future__ import annotations
@@ -121,6 +122,7 @@ class Float8Linear(nn.Module):
         return not self.force_reference and self.aligned and self.kernel_available
 
     def forward(self, x: Tensor) -> Tensor:
+        """[..., in] -> [..., out] in `x`'s dtype; `x` is quantized to e4m3 with its own scale per call."""
         x2d = x.reshape(-1, self.in_features)
         x_q, x_scale = quantize_e4m3(x2d)
         if self.uses_scaled_mm:
@@ -153,6 +155,7 @@ class Float8Linear(nn.Module):
         return self
 
     def extra_repr(self) -> str:
+        """The sizes and the FP8 dtype, for `print(model)`."""
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8={FP8_DTYPE}"
 
 

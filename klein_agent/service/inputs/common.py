@@ -16,6 +16,8 @@ class ImageInputError(ValueError):
 
 @dataclass(frozen=True)
 class LoadedImage:
+    """One decoded image argument: the picture, where it came from, and a short description for messages."""
+
     image: Image.Image  # RGB, EXIF orientation applied, fully loaded (no open file behind it)
     source: Source
     image_id: str | None  # set when it came from the store
@@ -31,6 +33,7 @@ ATTACHMENT_HINT = (
 
 
 def too_big_error(what: str, size: int, cap: int) -> ImageInputError:
+    """The error for an input of `size` bytes over the `cap` in bytes, both shown in MiB."""
     return ImageInputError(
         f"{show(what) if what.startswith(('/', '~')) else what} is {size / 2**20:.1f} MiB, over the "
         f"{cap / 2**20:.1f} MiB limit: downscale or re-encode it (JPEG or WebP are smaller) and try again"
@@ -38,6 +41,7 @@ def too_big_error(what: str, size: int, cap: int) -> ImageInputError:
 
 
 def ellipsize(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` characters, the last one an ellipsis when cut."""
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 

@@ -20,10 +20,16 @@ _DATA_MIME = {"image/png": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG", "im
 
 
 def looks_like_bare_base64(arg: str) -> bool:
+    """Whether `arg` is base64 with no data: prefix: 64+ characters that start as PNG, JPEG or WebP do."""
     return len(arg) >= 64 and arg.startswith(_BARE_B64_PREFIXES)
 
 
 def load_data_uri(arg: str, policy: InputPolicy) -> LoadedImage:
+    """Decode a `data:image/{png,jpeg,webp};base64,...` URI under the policy's byte and pixel limits.
+
+    Raises ImageInputError for a malformed header, another MIME type, a payload that is not base64, one over
+    `policy.max_bytes`, or bytes that do not decode as an allowed image.
+    """
     comma = arg.find(",", 0, 256)
     if comma < 0:
         raise ImageInputError(

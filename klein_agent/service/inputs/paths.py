@@ -30,6 +30,11 @@ WINDOWS_DRIVE_RE = re.compile(r"[A-Za-z]:[\\/]")
 
 
 def path_from_file_uri(uri: str) -> str:
+    """The local path of a `file://` URI, percent-decoded; the path is checked later like any other.
+
+    Raises ImageInputError for a URI naming another host, one with a query or fragment, or one decoding to a
+    NUL.
+    """
     parts = urllib.parse.urlsplit(uri)
     if parts.netloc not in ("", "localhost"):
         raise ImageInputError(
@@ -104,6 +109,11 @@ def _outside_error(path: str, policy: InputPolicy) -> ImageInputError:
 
 
 def load_path(path: str, policy: InputPolicy) -> LoadedImage:
+    """Read and decode an image file inside the policy's allowed folders (checked after resolving symlinks).
+
+    Raises ImageInputError for bad path syntax, a path outside the allowed folders (before saying whether it
+    exists), a missing, non-regular or oversized file (`policy.max_bytes`), or bytes that do not decode.
+    """
     path = check_path_syntax(path, "path")
     try:
         resolved = Path(os.path.realpath(path))

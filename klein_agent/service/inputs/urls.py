@@ -20,6 +20,13 @@ _URL_CHUNK = 64 * 1024
 
 
 def load_url(url: str, policy: InputPolicy) -> LoadedImage:
+    """Fetch and decode an http(s) image under the policy (module docstring).
+
+    Raises ImageInputError when URLs are turned off, the URL is malformed or carries credentials, the host
+    resolves to a non-public address, the server redirects or answers other than 200, the body exceeds
+    `policy.max_bytes`, the fetch outlasts `policy.url_timeout_s` seconds, or the bytes do not decode as an
+    allowed image.
+    """
     if not policy.allow_urls:
         raise ImageInputError(
             f"URL inputs are turned off on this server (the user can enable them by starting klein-agent with "
@@ -38,6 +45,7 @@ def load_url(url: str, policy: InputPolicy) -> LoadedImage:
 
 
 def is_public_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether `ip` is a global unicast address, looking through IPv4-mapped and NAT64 IPv6 forms."""
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.ipv4_mapped is not None:  # ::ffff:127.0.0.1 reaches 127.0.0.1
             return is_public_address(ip.ipv4_mapped)
