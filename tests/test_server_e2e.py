@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import http.client
 import io
 import json
 import os
-import re
 import signal
 import sqlite3
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,29 +20,14 @@ from mcp import Client, StdioServerParameters
 from PIL import Image
 
 from klein_agent.service.store import ImageStore
+from tests.http_helpers import REPO, authed, http_server, post_initialize, serve_args
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-def serve_args(store: Path, *extra: str) -> list[str]:
-    return [
-        "-m",
-        "klein_agent",
-        "serve",
-        "--model",
-        "tiny",
-        "--store",
-        str(store),
-        "--no-default-dirs",
-        *extra,
-    ]
 
 
 def stdio_server(store: Path, *extra: str) -> StdioServerParameters:
@@ -182,92 +163,19 @@ def _raw_session(proc: subprocess.Popen[bytes]) -> bytes:
             proc.wait()
 
 
-@contextlib.contextmanager
-def http_server(tmp_path: Path, store: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    log_path = tmp_path / "server.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, *serve_args(store, "--http", "--port", "0")],
-            cwd=REPO,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + 60
-        port = None
-        while port is None:
-            assert proc.poll() is None, log_path.read_text()
-            assert time.monotonic() < deadline, log_path.read_text()
-            if m := re.search(r"streamable HTTP at http://127\.0\.0\.1:(\d+)/mcp", log_path.read_text()):
-                port = int(m.group(1))
-            else:
-                time.sleep(0.05)
-        _wait_listening(port)
-        yield proc, port
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def _wait_listening(port: int) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            conn.request("GET", "/health-probe")
-            conn.getresponse().read()
-            conn.close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
-def _post(port: int, headers: dict[str, str]) -> int:
-    body = json.dumps(
-        {
-            "jsonrpc": "2.0",
-            "id": 1,
-            "method": "initialize",
-            "params": {
-                "protocolVersion": "2025-11-25",
-                "capabilities": {},
-                "clientInfo": {"name": "t", "version": "0"},
-            },
-        }
-    )
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.request(
-            "POST",
-            "/mcp",
-            body=body,
-            headers={
-                "Content-Type": "application/json",
-                "Accept": "application/json, text/event-stream",
-                **headers,
-            },
-        )
-        response = conn.getresponse()
-        response.read()
-        return response.status
-    finally:
-        conn.close()
-
-
 async def test_streamable_http_with_host_and_origin_checks(tmp_path: Path) -> None:
-    with http_server(tmp_path, tmp_path / "store") as (_, port):
-        assert _post(port, {"Host": "evil.example"}) == 421
-        assert _post(port, {"Host": f"127.0.0.1:{port}", "Origin": "http://evil.example"}) == 403
-        assert _post(port, {"Host": f"localhost:{port}", "Origin": f"http://localhost:{port}"}) == 200
-        async with Client(f"http://127.0.0.1:{port}/mcp") as client:
+    with http_server(tmp_path, tmp_path / "store") as (_, port, token):
+        auth = {"Authorization": f"Bearer {token}"}
+        assert post_initialize(port, {"Host": "evil.example", **auth}) == 421
+        assert (
+            post_initialize(port, {"Host": f"127.0.0.1:{port}", "Origin": "http://evil.example", **auth})
+            == 403
+        )
+        assert (
+            post_initialize(port, {"Host": f"localhost:{port}", "Origin": f"http://localhost:{port}", **auth})
+            == 200
+        )
+        async with Client(authed(port, token)) as client:
             made = await client.call_tool("generate", {"prompt": "over http", "width": 64, "height": 64})
             assert not made.is_error
             image_id = made.structured_content["images"][0]["image_id"]
@@ -281,13 +189,13 @@ async def test_kill_9_while_writing_leaves_a_consistent_store_with_every_acknowl
 ) -> None:
     store = tmp_path / "store"
     acknowledged: list[str] = []
-    with http_server(tmp_path, store) as (proc, port):
-        async with Client(f"http://127.0.0.1:{port}/mcp") as client:
+    with http_server(tmp_path, store) as (proc, port, token):
+        async with Client(authed(port, token)) as client:
             await client.call_tool("generate", {"prompt": "warm-up", "width": 64, "height": 64})
 
         async def writer(k: int) -> None:
             with contextlib.suppress(Exception):  # calls in flight at the kill fail; that is the point
-                async with Client(f"http://127.0.0.1:{port}/mcp") as client:
+                async with Client(authed(port, token)) as client:
                     for n in range(100):
                         args = {"prompt": f"writer {k} call {n}", "width": 64, "height": 64, "num_images": 2}
                         result = await client.call_tool("generate", args)

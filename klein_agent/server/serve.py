@@ -8,20 +8,24 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
-import socket
 import sys
 from pathlib import Path
 
 import anyio
-from mcp.server import MCPServer
-from mcp.server.transport_security import TransportSecuritySettings
-from starlette.applications import Starlette
 
 from klein_agent.model_options import generator_factory
 from klein_agent.rules import limits
 from klein_agent.server.app import build_server
+from klein_agent.server.http import (
+    HttpPlan,
+    HttpStartError,
+    allowed_hosts,
+    allowed_origins,
+    bind,
+    load_tokens,
+    serve_http,
+)
 from klein_agent.service.engine import Engine
 from klein_agent.service.inputs import InputPolicy, default_allowed_dirs
 from klein_agent.service.store import ImageStore, StoreError, default_store_dir
@@ -29,7 +33,7 @@ from klein_agent.service.studio import Studio, StudioConfig
 
 log = logging.getLogger("klein_agent.serve")
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
 DEFAULT_PORT = 8765
 
 
@@ -102,18 +106,45 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--http",
         action="store_true",
         help="serve streamable HTTP at http://HOST:PORT/mcp instead of stdio (one resident model for several "
-        "clients); no authentication, so keep it on a loopback address",
+        "clients); clients send 'Authorization: Bearer <token>' ($KLEIN_AGENT_TOKEN, else the token file the log "
+        "names, beside the store)",
     )
     transport.add_argument(
         "--host",
         default="127.0.0.1",
-        help="HTTP address to bind (default: 127.0.0.1); Host and Origin headers are checked against it",
+        help="HTTP address to bind (default: 127.0.0.1); Host and Origin headers must name this server exactly",
     )
     transport.add_argument(
         "--port",
         type=int,
         default=DEFAULT_PORT,
         help=f"HTTP port (default: {DEFAULT_PORT}; 0 picks a free one)",
+    )
+    transport.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="no bearer token (loopback addresses only): any local process and any web page could use the tools",
+    )
+    transport.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME[:PORT]",
+        help="another Host header value to accept, e.g. a DNS name for a LAN bind (repeatable)",
+    )
+    transport.add_argument(
+        "--client-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="drop an HTTP client whose request headers or body take longer than this (default: 30 s)",
+    )
+    transport.add_argument(
+        "--allow-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="a web page origin (scheme://host:port) that may call the server from a browser (repeatable)",
     )
     parser.add_argument(
         "--log-level",
@@ -161,62 +192,22 @@ def build_studio(args: argparse.Namespace) -> Studio:
     return Studio(engine, store, policy, config)
 
 
-def transport_security(host: str) -> TransportSecuritySettings:
-    """DNS-rebinding protection, always on: requests must name this server in Host, and browsers a local Origin."""
-    hosts = ["127.0.0.1:*", "localhost:*", "[::1]:*"]
-    origins = ["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*"]
-    if host not in LOOPBACK:
-        shown = f"[{host}]" if ":" in host else host
-        hosts.append(f"{shown}:*")
-        origins += [f"http://{shown}:*", f"https://{shown}:*"]
-    return TransportSecuritySettings(
-        enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins
-    )
-
-
-def http_app(mcp: MCPServer[Studio], studio: Studio, host: str) -> Starlette:
-    """The streamable HTTP app, with DNS-rebinding protection for `host` and a request body limit in bytes
-    that fits the largest inline image the input policy accepts."""
-    # Inline data: URIs are base64 (4/3 of the bytes); leave room for them up to the input size limit.
-    body = math.ceil(studio.policy.max_bytes * 4 / 3) + 2**20
-    return mcp.streamable_http_app(
-        host=host, transport_security=transport_security(host), max_request_body_size=body
-    )
-
-
-async def serve_http(mcp: MCPServer[Studio], studio: Studio, host: str, port: int) -> None:
-    """Serve `http_app` with uvicorn on `host`:`port` (0: a free port, logged) until cancelled.
-
-    Binds the socket itself so the log shows the real port; warns when `host` is not a loopback address.
-    Raises OSError when the address cannot be bound.
-    """
-    import uvicorn
-
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    bound = sock.getsockname()[1]
-    shown = f"[{host}]" if ":" in host else host
-    log.info("serving MCP over streamable HTTP at http://%s:%d/mcp", shown, bound)
-    if host not in LOOPBACK:
-        log.warning(
-            "bound to %s, which is not a loopback address: anyone who can reach it can use the tools", host
-        )
-    config = uvicorn.Config(http_app(mcp, studio, host), log_config=None, access_log=False, lifespan="on")
-    await uvicorn.Server(config).serve(sockets=[sock])
-
-
 def run_serve(args: argparse.Namespace) -> int:
     """`klein-agent serve`: start loading the model, serve stdio or HTTP until the client goes, then close.
 
-    Returns 2 after logging the reason for a bad option or a store that cannot be opened, else 0.
+    Returns 2 after logging the reason for a bad option, a port that cannot be bound or a store that cannot be
+    opened (for HTTP the port is bound first, so nothing is created when it is taken), else 0.
     """
     configure_logging(args.log_level)
+    plan = None
     try:
+        if args.http:
+            plan = plan_http(args)
         studio = build_studio(args)
-    except (StoreError, ValueError) as exc:
+    except (StoreError, ValueError, HttpStartError) as exc:
         log.error("%s", exc)
+        if plan is not None:
+            plan.sock.close()
         return 2
     mcp = build_server(studio)
     studio.engine.start()  # the model loads in the background while the client connects
@@ -227,8 +218,8 @@ def run_serve(args: argparse.Namespace) -> int:
         "HTTP" if args.http else "stdio",
     )
     try:
-        if args.http:
-            anyio.run(serve_http, mcp, studio, args.host, args.port)
+        if plan is not None:
+            anyio.run(serve_http, mcp, studio, plan)
         else:
             mcp.run()
     except KeyboardInterrupt:
@@ -239,3 +230,26 @@ def run_serve(args: argparse.Namespace) -> int:
         studio.store.close()
         log.debug("engine and store closed")
     return 0
+
+
+def plan_http(args: argparse.Namespace) -> HttpPlan:
+    """Bind the port and settle the token, hosts and origins for `serve --http`. Raises HttpStartError."""
+    sock = bind(args.host, args.port)
+    try:
+        port = sock.getsockname()[1]
+        store_root = (args.store if args.store is not None else default_store_dir()).expanduser().absolute()
+        tokens, source = load_tokens(store_root, no_auth=args.no_auth, host=args.host)
+        hosts = allowed_hosts(args.host, port, args.allowed_host)
+        return HttpPlan(
+            sock=sock,
+            host=args.host,
+            port=port,
+            allowed_hosts=hosts,
+            allowed_origins=allowed_origins(hosts, args.allow_origin),
+            tokens=tokens,
+            token_source=source,
+            client_timeout_s=args.client_timeout,
+        )
+    except BaseException:
+        sock.close()
+        raise
