@@ -166,7 +166,8 @@ async def test_path_and_data_uri_inputs_are_imported_into_the_store_first(
     meta = await read_meta(client, imported)
     assert meta["recipe"]["tool"] == "import" and meta["recipe"]["source"] == "path"
     assert meta["rerun"] is None
-    assert Image.open(io.BytesIO(await read_png(client, imported))).size == (100, 70)
+    # stored as the model used it: about 1 Mpx at most, whole tokens (a rerun from it gives the same pixels)
+    assert Image.open(io.BytesIO(await read_png(client, imported))).size == (96, 64)
 
     jpeg = data_uri(png_bytes(64, 128, fmt="JPEG"), "image/jpeg")
     webp = data_uri(png_bytes(128, 64, fmt="WEBP"), "image/webp")
@@ -177,6 +178,10 @@ async def test_path_and_data_uri_inputs_are_imported_into_the_store_first(
     assert (info["width"], info["height"]) == (64, 128), "compose matches image 1"
     sources = [(await read_meta(client, p))["recipe"]["source"] for p in info["parents"]]
     assert sources == ["data_uri", "data_uri"]
+
+    # the same bytes sent again are the same stored input, not another copy
+    again = await call(client, "edit", {"image": jpeg, "prompt": "again", "seed": 5})
+    assert again.structured_content["images"][0]["parents"] == info["parents"][:1]
 
 
 async def test_compose_keeps_reference_order_and_a_retry_hits_the_caches(client: Client) -> None:

@@ -612,8 +612,9 @@ def test_pins_are_reentrant_counted_and_checked(root: Path) -> None:
 def test_migrations_apply_once(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with ImageStore(root) as s:
         v1_image = put(s, seed=1)
+    next_version = len(store_mod.MIGRATIONS) + 1
     probe = Migration(
-        2,
+        next_version,
         "probe",
         (
             "ALTER TABLE images ADD COLUMN note TEXT",
@@ -627,7 +628,8 @@ def test_migrations_apply_once(root: Path, monkeypatch: pytest.MonkeyPatch) -> N
             assert s.get(v1_image.image_id) == v1_image  # v1 data readable after the upgrade
     conn = sqlite3.connect(root / "store.sqlite3")
     try:
-        assert conn.execute("SELECT version FROM _migrations ORDER BY version").fetchall() == [(1,), (2,)]
+        versions = [(v,) for v in range(1, next_version + 1)]
+        assert conn.execute("SELECT version FROM _migrations ORDER BY version").fetchall() == versions
         assert conn.execute("SELECT COUNT(*) FROM probe").fetchone() == (1,)
     finally:
         conn.close()

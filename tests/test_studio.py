@@ -92,7 +92,9 @@ async def test_the_next_call_runs_while_the_last_one_is_stored(tmp_path: Path, i
     second_started_while_storing = threading.Event()
 
     def slow_put(*args: Any, **kwargs: Any) -> Any:
-        if len(fake.calls) < 2:  # the first call's picture: wait until the engine has taken the second call
+        if (
+            kwargs["recipe"]["prompt"] == "first"
+        ):  # hold the first picture until the engine takes the second call
             deadline = time.monotonic() + 10
             while len(fake.calls) < 2 and time.monotonic() < deadline:
                 time.sleep(0.005)
@@ -179,6 +181,55 @@ async def test_a_batch_being_stored_is_stored_whole_when_its_caller_is_cancelled
             tg.start_soon(cancel_while_storing)
             await studio.make("generate", "three", width=64, height=64, num_images=3)
         assert studio.store.stats().count == 3
+    finally:
+        studio.engine.close()
+        studio.store.close()
+
+
+async def test_calls_run_in_arrival_order_however_long_their_inputs_take_to_decode(
+    tmp_path: Path, input_dir: Path
+) -> None:
+    fake = FakeGenerator()
+    studio = faked(tmp_path, input_dir, fake, max_queue=64)
+    big, small = data_uri(png_bytes(1536, 1024)), data_uri(png_bytes(96, 64))
+    try:
+        async with anyio.create_task_group() as tg:
+            for k in range(40):
+                picture = big if k % 3 == 0 else small  # every third call decodes a larger input
+                tg.start_soon(
+                    lambda k=k, p=picture: studio.make("edit", f"call {k}", [p], width=64, height=64)
+                )
+                await anyio.sleep(0.002)
+        assert [r.prompt for r in fake.calls] == [f"call {k}" for k in range(40)]
+    finally:
+        studio.engine.close()
+        studio.store.close()
+
+
+async def test_a_busy_call_is_refused_before_its_inputs_are_decoded(
+    tmp_path: Path, input_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from klein_agent.service.inputs import decoding
+
+    fake = FakeGenerator(gate=threading.Event())
+    studio = faked(tmp_path, input_dir, fake, max_queue=0)
+    decoded: list[int] = []
+    real = decoding.decode
+
+    def counting(data: bytes, **kwargs: Any) -> Any:
+        decoded.append(len(data))
+        return real(data, **kwargs)
+
+    monkeypatch.setattr(decoding, "decode", counting)
+    monkeypatch.setattr("klein_agent.service.inputs.data_uri.decode", counting)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: studio.make("generate", "holds the model", width=64, height=64))
+            await anyio.to_thread.run_sync(fake.entered.wait, 10)
+            with pytest.raises(EngineBusyError):
+                await studio.make("compose", "refused", [data_uri(png_bytes(96, 64))] * 4)
+            fake.gate.set()  # type: ignore[union-attr]
+        assert decoded == [], "the busy call decoded nothing"
     finally:
         studio.engine.close()
         studio.store.close()

@@ -10,21 +10,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from klein_agent.rules.limits import REFERENCE_MAX_AREA, SIZE_MULTIPLE
-from klein_agent.rules.resolution import check_reference_geometry, prepared_reference_size
+from klein_agent.rules.references import prepare_reference
 
-
-def prepare_reference(image: Image.Image, multiple: int = SIZE_MULTIPLE) -> Image.Image:
-    """An RGB reference as the model sees it: scaled down (Lanczos) to at most ~1 Mpx, then center-cropped to
-    multiples of `multiple` px. Raises `resolution.RequestError` for a side under 64 px or an aspect over 8:1."""
-    w, h = image.size
-    check_reference_geometry(w, h)
-    if w * h > REFERENCE_MAX_AREA:
-        image = image.resize(prepared_reference_size(w, h, 1), Image.Resampling.LANCZOS)
-        w, h = image.size
-    cw, ch = prepared_reference_size(w, h, multiple)
-    left, top = (w - cw) // 2, (h - ch) // 2
-    return image.crop((left, top, left + cw, top + ch)).convert("RGB")
+__all__ = ["prepare_reference", "to_images", "to_tensor", "to_unit"]
 
 
 def to_tensor(image: Image.Image) -> Tensor:

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 from PIL import Image
 
+from klein_agent.rules.references import original_size
 from klein_agent.rules.resolution import ResolvedRequest, resolve_request
 
 # progress(done, total, message): `done` rises strictly from 1 to `total` during one `generate` call.
@@ -105,7 +106,7 @@ def resolve(request: GenerationRequest, info: GeneratorInfo) -> ResolvedRequest:
         request.num_images,
         request.steps,
         request.guidance,
-        [image.size for image in request.references],
+        [original_size(image) for image in request.references],
         multiple=info.size_multiple,
         distilled=info.distilled,
         default_steps=info.default_steps,

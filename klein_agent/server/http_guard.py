@@ -214,7 +214,12 @@ def _cookie(header: bytes, name: str) -> str | None:
 
 
 async def _refuse(
-    send: Send, status: int, message: str, extra: list[tuple[bytes, bytes]] | None = None, *, close: bool = False
+    send: Send,
+    status: int,
+    message: str,
+    extra: list[tuple[bytes, bytes]] | None = None,
+    *,
+    close: bool = False,
 ) -> None:
     body = json.dumps(
         {

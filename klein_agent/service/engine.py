@@ -21,7 +21,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import anyio
@@ -111,7 +111,7 @@ class EngineStatus:
 
 @dataclass(eq=False)
 class _Job:
-    request: GenerationRequest
+    request: GenerationRequest | None  # None while the slot's inputs are still being prepared
     progress: AsyncProgress | None
     token: anyio.lowlevel.EventLoopToken
     done: anyio.Event
@@ -147,6 +147,20 @@ def _free_accelerator_memory() -> None:
     torch = sys.modules.get("torch")  # only if the pipeline already imported it
     if torch is not None and torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+class Slot:
+    """A reserved place in the engine's queue (`Engine.reserve`); `run` fills it and waits for the pictures."""
+
+    def __init__(self, engine: Engine, job: _Job) -> None:
+        self._engine = engine
+        self._job = job
+
+    async def run(self, request: GenerationRequest, *, progress: AsyncProgress | None = None) -> Completed:
+        """Run `request` in this place of the queue; as `Engine.run`. A slot runs once."""
+        if self._job.request is not None:
+            raise RuntimeError("a slot runs one request")
+        return await self._engine._run_reserved(self._job, request, progress)
 
 
 class Engine:
@@ -263,14 +277,41 @@ class Engine:
         ModelOutOfMemoryError or GenerationFailedError. If the awaiting task is cancelled the job is withdrawn
         (queued) or stopped at the next step (running), and nothing is returned.
         """
+        async with self.reserve() as slot:
+            return await slot.run(request, progress=progress)
+
+    @contextlib.asynccontextmanager
+    async def reserve(self) -> AsyncIterator[Slot]:
+        """Take a place in the queue now, in arrival order, for a request still being prepared.
+
+        A caller reserves before it decodes its inputs: a full queue refuses it (EngineBusyError) before any
+        work, and calls keep the order in which they arrived however long each one's decoding takes. The worker
+        waits for the slot at the head of the queue to be filled (`Slot.run`); leaving the block without running
+        gives the place up.
+        """
         job = _Job(
-            request=request,
-            progress=progress,
+            request=None,
+            progress=None,
             token=anyio.lowlevel.current_token(),
             done=anyio.Event(),
             lock=anyio.Lock(),
         )
-        ahead = self._enqueue(job)
+        self._enqueue(job)
+        slot = Slot(self, job)
+        try:
+            yield slot
+        finally:
+            if job.request is None:
+                self._withdraw(job)
+
+    async def _run_reserved(
+        self, job: _Job, request: GenerationRequest, progress: AsyncProgress | None
+    ) -> Completed:
+        with self._cond:
+            job.request = request
+            job.progress = progress
+            self._cond.notify_all()
+        ahead = self._position(job)
         try:
             await self._wait(job, ahead)
         except BaseException:
@@ -341,7 +382,9 @@ class Engine:
                 self._queue.remove(job)
             except ValueError:
                 return  # running or finished: the worker sees the flag and signals done
-            self._cancelled += 1
+            if job.request is not None:
+                self._cancelled += 1
+            self._cond.notify_all()  # the next slot may now be at the head
         job.error = JobCancelled("cancelled while queued")
         job.done.set()  # we are on the caller's loop here
 
@@ -374,7 +417,8 @@ class Engine:
         log.info("model ready in %.1f s: %s", self._load_seconds, generator.info)
         while True:
             with self._cond:
-                while not self._queue and not self._stopping:
+                # first in, first out: a reserved slot at the head is waited for, not overtaken
+                while not self._stopping and (not self._queue or self._queue[0].request is None):
                     self._cond.wait()
                 if self._stopping:
                     return
@@ -389,6 +433,8 @@ class Engine:
                 self._signal_done(job)
 
     def _execute(self, generator: ImageGenerator, job: _Job) -> None:
+        assert job.request is not None
+        request = job.request
         queued_ms = (time.perf_counter() - job.submitted) * 1000
 
         def on_step(done: int, total: int, message: str) -> None:
@@ -407,7 +453,7 @@ class Engine:
         try:
             if job.cancelled.is_set():
                 raise JobCancelled("cancelled before start")
-            result = generator.generate(job.request, on_step)
+            result = generator.generate(request, on_step)
             if job.cancelled.is_set():
                 raise JobCancelled("cancelled after the last step")
         except JobCancelled as exc:
@@ -418,7 +464,7 @@ class Engine:
         except Exception as exc:
             with self._cond:
                 self._failed += 1
-            job.error = self._map_failure(job.request, exc)
+            job.error = self._map_failure(request, exc)
             return
         model_ms = (time.perf_counter() - t0) * 1000
         with self._cond:

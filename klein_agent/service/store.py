@@ -158,6 +158,14 @@ MIGRATIONS: list[Migration] = [
             "CREATE INDEX images_by_session ON images(session, seq)",
         ),
     ),
+    Migration(
+        2,
+        "content keys: an input imported twice is stored once",
+        (
+            "ALTER TABLE images ADD COLUMN content_key TEXT",
+            "CREATE INDEX images_by_content ON images(content_key)",
+        ),
+    ),
 ]
 
 _COLUMNS = "image_id, width, height, size_bytes, created_at, session, parents, recipe"
@@ -253,11 +261,13 @@ class ImageStore:
         parents: Sequence[str] = (),
         session: str | None = None,
         image_id: str | None = None,
+        content_key: str | None = None,
     ) -> StoredImage:
         """Store one PNG durably; when this returns, the image survives a crash or kill -9.
 
         `image_id` is a fresh id from `new_image_id()` when the caller needs it before the image is stored (an
         input that is named as a parent but stored only once the call succeeds); by default one is minted here.
+        `content_key` (e.g. a digest of the pixels) lets `find_content` return this image for the same content.
         The file is made durable first and the row committed second (see the module docstring). The LRU
         eviction runs in the same transaction as the insert, so quota and row agree at every commit; evicted
         files are unlinked after the commit. Raises ValueError for a malformed argument, UnknownImageError for a
@@ -289,7 +299,7 @@ class ImageStore:
         try:
             with self._locked():
                 created_at, evicted = self._insert_locked(
-                    image_id, width, height, len(data), session, parent_ids, recipe_json
+                    image_id, width, height, len(data), session, parent_ids, recipe_json, content_key
                 )
         except StoreError:  # ours: raised inside the transaction, which rolled back
             unlink_quietly(path)
@@ -366,6 +376,29 @@ class ImageStore:
             return (
                 self._execute("SELECT 1 FROM images WHERE image_id = ?", (image_id,)).fetchone() is not None
             )
+
+    def delete(self, image_id: str) -> None:
+        """Remove one image (row first, committed, then its file: a row never points at a missing file).
+        Best effort: an id that is gone already, or a store that cannot be written now, is logged, not raised
+        (callers use it to undo part of a call that failed)."""
+        if not self.is_valid_id(image_id):
+            return
+        try:
+            with self._locked(), self._transaction():
+                self._execute("DELETE FROM images WHERE image_id = ?", (image_id,))
+        except (StoreError, sqlite3.Error, OSError) as exc:
+            log.warning("could not remove %s from the store: %s", image_id, exc)
+            return
+        self._unlink_files([image_id])
+
+    def find_content(self, content_key: str) -> StoredImage | None:
+        """The newest image stored with this `content_key`, or None."""
+        with self._locked():
+            row = self._execute(
+                f"SELECT {_COLUMNS} FROM images WHERE content_key = ? ORDER BY seq DESC LIMIT 1",
+                (content_key,),
+            ).fetchone()
+        return None if row is None else self._image_from_row(row)
 
     def list(
         self, *, session: str | None = None, limit: int = 20, cursor: str | None = None
@@ -598,6 +631,7 @@ class ImageStore:
         session: str | None,
         parents: tuple[str, ...],
         recipe_json: str,
+        content_key: str | None = None,
     ) -> tuple[float, builtins.list[str]]:
         """Check the parents, insert the row and evict, in one transaction. Returns (created_at, evicted)."""
         with self._transaction():
@@ -607,8 +641,8 @@ class ImageStore:
             now = time.time()
             self._execute(
                 "INSERT INTO images (image_id, width, height, size_bytes, created_at, last_used_at, use_seq,"
-                " session, parents, recipe) VALUES (?, ?, ?, ?, ?, ?,"
-                " (SELECT COALESCE(MAX(use_seq), 0) + 1 FROM images), ?, ?, ?)",
+                " session, parents, recipe, content_key) VALUES (?, ?, ?, ?, ?, ?,"
+                " (SELECT COALESCE(MAX(use_seq), 0) + 1 FROM images), ?, ?, ?, ?)",
                 (
                     image_id,
                     width,
@@ -619,6 +653,7 @@ class ImageStore:
                     session,
                     json.dumps(list(parents)),
                     recipe_json,
+                    content_key,
                 ),
             )
             evicted = self._evict_locked(keep=image_id)

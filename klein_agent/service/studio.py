@@ -19,7 +19,7 @@ from __future__ import annotations
 import io
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -31,11 +31,13 @@ from PIL import Image
 from klein_agent import __version__
 from klein_agent.rules import limits, resolution
 from klein_agent.rules.recipes import provenance
+from klein_agent.rules.references import prepare_reference
 from klein_agent.rules.requests import GenerationRequest
 from klein_agent.rules.resolution import RequestError
 from klein_agent.service.engine import AsyncProgress, Completed, Engine, EngineError, EngineStatus
 from klein_agent.service.exports import check_output_path, write_export
 from klein_agent.service.inputs import ImageInputError, InputPolicy, LoadedImage, load_image_argument
+from klein_agent.service.memory import release_memory
 from klein_agent.service.pngfile import encode_png
 from klein_agent.service.previews import Preview, make_preview
 from klein_agent.service.store import ImageStore, StoredImage, StoreError, StoreStats, new_image_id
@@ -113,6 +115,8 @@ class Studio:
         self.store = store
         self.policy = policy
         self.config = config or StudioConfig()
+        # Full-size decodes, one at a time across calls: a 64 Mpx input is 256 MB before it is prepared.
+        self._decoding = anyio.Semaphore(1)
 
     # -- making ----------------------------------------------------------------------------------------------
 
@@ -142,27 +146,31 @@ class Studio:
         resolution.resolve_sampling(
             steps, guidance, distilled=False, default_steps=1, default_guidance=limits.MIN_GUIDANCE
         )
-        loaded = await anyio.to_thread.run_sync(self._load_inputs, list(images))
-        self._check_size(loaded[0].image if loaded else None, width, height, num_images)
-        parents = [item.image_id or new_image_id() for item in loaded]
-        request = GenerationRequest(
-            prompt=text,
-            width=width,
-            height=height,
-            seed=seeds[0],
-            num_images=num_images,
-            steps=steps,
-            guidance=guidance,
-            references=tuple(item.image for item in loaded),
-        )
-        stored_parents = [item.image_id for item in loaded if item.image_id is not None]
-        with self.store.pinned(stored_parents):
-            done = await self.engine.run(request, progress=progress)
-            # Cancelled after the model ran: nothing is stored. From here on, storing runs to its end.
-            await anyio.lowlevel.checkpoint_if_cancelled()
-            imported, stored, preview = await anyio.to_thread.run_sync(
-                self._store_call, tool, done, loaded, parents, session
+        # The queue place is taken now, in arrival order and before any decoding: a busy server refuses at
+        # once, and calls keep their order however long each one's inputs take to decode.
+        async with self.engine.reserve() as slot:
+            async with self._decoding:
+                loaded = await anyio.to_thread.run_sync(self._load_inputs, list(images))
+            self._check_size(loaded[0].image if loaded else None, width, height, num_images)
+            parents = [item.image_id or new_image_id() for item in loaded]
+            request = GenerationRequest(
+                prompt=text,
+                width=width,
+                height=height,
+                seed=seeds[0],
+                num_images=num_images,
+                steps=steps,
+                guidance=guidance,
+                references=tuple(item.image for item in loaded),
             )
+            stored_parents = [item.image_id for item in loaded if item.image_id is not None]
+            with self.store.pinned(stored_parents):
+                done = await slot.run(request, progress=progress)
+                # Cancelled after the model ran: nothing is stored. From here on, storing runs to its end.
+                await anyio.lowlevel.checkpoint_if_cancelled()
+                imported, stored, preview = await anyio.to_thread.run_sync(
+                    self._store_call, tool, done, loaded, parents, session
+                )
         resolved = done.result.resolved
         return Made(
             tool=tool,
@@ -201,13 +209,28 @@ class Studio:
         resolution.check_pixels(w, h, count, self.config.max_pixels_per_call)
 
     def _load_inputs(self, arguments: list[str]) -> list[LoadedImage]:
+        """Decode every argument, one at a time, keeping only what the model will use.
+
+        With the model loaded, each picture is prepared as soon as it is decoded (about 1 Mpx, whole tokens), so a
+        call holds at most one full-size decode at a time; an input whose bytes were imported before is named by
+        its stored id (imports are stored once per content). The memory of large decodes is given back."""
+        info = self.engine.info
         loaded = []
         for k, argument in enumerate(arguments, start=1):
             try:
-                loaded.append(load_image_argument(argument, self.policy, self.store.read_png))
+                item = load_image_argument(argument, self.policy, self.store.read_png)
             except ImageInputError as exc:
                 where = f"image {k}: " if len(arguments) > 1 else ""
                 raise ImageInputError(f"{where}{exc}") from exc
+            if item.image_id is None and item.content_key is not None:
+                known = self.store.find_content(item.content_key)
+                if known is not None:
+                    item = replace(item, image_id=known.image_id)
+            if info is not None:
+                item = replace(item, image=prepare_reference(item.image, info.size_multiple))
+            loaded.append(item)
+        if any(item.content_key is not None for item in loaded):  # decoded from outside: maybe large
+            release_memory()
         return loaded
 
     def _store_call(
@@ -215,10 +238,22 @@ class Studio:
     ) -> tuple[list[StoredImage], list[StoredImage], Preview]:
         """The inputs from outside the store (under the ids the recipe already names), then one PNG and one
         record per picture, then the preview: on a pool thread, after the engine has moved on."""
-        imported = []
-        for item, image_id in zip(loaded, parents, strict=True):
-            if item.image_id is None:
-                imported.append(self._import(item, image_id, session))
+        result = done.result
+        imported: list[StoredImage] = []
+        try:
+            for item, image_id in zip(loaded, parents, strict=True):
+                if item.image_id is None:
+                    imported.append(self._import(item, image_id, session, result.info.size_multiple))
+            return imported, *self._store_results(tool, done, parents, session)
+        except BaseException:
+            # nothing of a call that could not be stored whole stays behind: not even its inputs
+            for image in imported:
+                self.store.delete(image.image_id)
+            raise
+
+    def _store_results(
+        self, tool: str, done: Completed, parents: list[str], session: str | None
+    ) -> tuple[list[StoredImage], Preview]:
         result = done.result
         stored = []
         for k, picture in enumerate(result.images):
@@ -263,26 +298,30 @@ class Studio:
             max_edge=self.config.preview_max_edge,
             budget_b64=self.config.preview_budget_b64,
         )
-        return imported, stored, preview
+        return stored, preview
 
-    def _import(self, item: LoadedImage, image_id: str, session: str | None) -> StoredImage:
+    def _import(self, item: LoadedImage, image_id: str, session: str | None, multiple: int) -> StoredImage:
+        """Store an input as the model used it (prepared: about 1 Mpx, whole tokens), so its size is bounded and
+        a recipe that names it as a parent remakes the same pixels."""
+        picture = prepare_reference(item.image, multiple)
         recipe = {
             "tool": "import",
             "source": item.source,
             "description": item.description,
-            "width": item.image.width,
-            "height": item.image.height,
+            "width": picture.width,
+            "height": picture.height,
             "created_at": now_iso(),
             "klein_agent": __version__,
         }
-        png = encode_png(item.image, provenance={"tool": "import", "source": item.source})
+        png = encode_png(picture, provenance={"tool": "import", "source": item.source})
         return self.store.put(
             png,
-            width=item.image.width,
-            height=item.image.height,
+            width=picture.width,
+            height=picture.height,
             recipe=recipe,
             session=session,
             image_id=image_id,
+            content_key=item.content_key,
         )
 
     # -- the store -------------------------------------------------------------------------------------------

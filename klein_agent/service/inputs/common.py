@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Literal
 
@@ -22,6 +23,12 @@ class LoadedImage:
     source: Source
     image_id: str | None  # set when it came from the store
     description: str  # short, for summaries: "img_…", "cat.png (JPEG, 800x600)", "data: URI (PNG, 512x512)"
+    content_key: str | None = None  # sha256 of the encoded bytes, for an input from outside the store
+
+
+def content_key(data: bytes) -> str:
+    """The key under which an input's bytes are stored once, however often they are sent."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 MAX_ARG_CHARS = 4096  # for everything but data: URIs and bare base64; PATH_MAX on Linux

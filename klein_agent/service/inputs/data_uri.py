@@ -7,7 +7,7 @@ import binascii
 import math
 import re
 
-from klein_agent.service.inputs.common import ImageInputError, LoadedImage, too_big_error
+from klein_agent.service.inputs.common import ImageInputError, LoadedImage, content_key, too_big_error
 from klein_agent.service.inputs.decoding import decode
 from klein_agent.service.inputs.policy import InputPolicy
 
@@ -55,12 +55,13 @@ def load_data_uri(arg: str, policy: InputPolicy) -> LoadedImage:
 def load_base64(arg: str, start: int, policy: InputPolicy, *, what: str) -> LoadedImage:
     """Decode `arg[start:]`; `start` instead of a slice so an oversized payload is never copied."""
     data = _b64decode_capped(arg, start, policy.max_bytes, what)
-    image, fmt = decode(data, max_pixels=policy.max_pixels)
+    image, fmt = decode(data, max_pixels=policy.max_pixels, reduce_to=policy.reduce_to)
     return LoadedImage(
         image=image,
         source="data_uri",
         image_id=None,
         description=f"{what} ({fmt}, {image.width}x{image.height})",
+        content_key=content_key(data),
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import struct
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -24,13 +25,17 @@ log = logging.getLogger(__name__)
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP")
 
 
-def decode(data: bytes, *, max_pixels: int) -> tuple[Image.Image, str]:
+def decode(data: bytes, *, max_pixels: int, reduce_to: int | None = None) -> tuple[Image.Image, str]:
     """Untrusted PNG/JPEG/WebP bytes -> (a loaded RGB picture, its format), or ImageInputError.
 
     Checks, in order: format from the magic bytes (nothing else reaches Pillow); pixel count from the header
     against min(max_pixels, Pillow's MAX_IMAGE_PIXELS); Pillow's lazy open restricted to the three formats;
     side >= 64 px and aspect <= 8; then decoding, EXIF orientation and `pixels.to_rgb`. Any decoder failure
     becomes ImageInputError.
+
+    `reduce_to` (pixels): a JPEG of more than 4x this area is decoded at a reduced scale (libjpeg's DCT scaling,
+    Pillow's `draft`) that keeps at least twice the linear size of `reduce_to`, so the later Lanczos scaling to
+    about `reduce_to` pixels still has detail to average, and a 48 Mpx photo never exists at full size in memory.
     """
     if not data:
         raise ImageInputError("the image is empty (0 bytes): pass a PNG, JPEG or WebP file")
@@ -76,6 +81,9 @@ def decode(data: bytes, *, max_pixels: int) -> tuple[Image.Image, str]:
             )
         _check_geometry(img.width, img.height, limit)
         try:
+            if reduce_to is not None and fmt == "JPEG" and img.width * img.height > 4 * reduce_to:
+                keep = math.sqrt(4 * reduce_to / (img.width * img.height))
+                img.draft("RGB", (math.ceil(img.width * keep), math.ceil(img.height * keep)))
             img.load()
             rgb = to_rgb(_apply_orientation(img))
         except ImageInputError:

@@ -19,6 +19,7 @@ from klein_agent.service.inputs.common import (
     MAX_ARG_CHARS,
     ImageInputError,
     LoadedImage,
+    content_key,
     ellipsize,
     show,
     too_big_error,
@@ -126,10 +127,12 @@ def load_path(path: str, policy: InputPolicy) -> LoadedImage:
     if not _inside(resolved, policy):
         raise _outside_error(path, policy)
     data = _read_file(resolved, path, policy.max_bytes)
-    return _path_image(data, resolved, policy.max_pixels)
+    return _path_image(data, resolved, policy.max_pixels, policy.reduce_to)
 
 
-def read_image_file(path: str, *, max_bytes: int, max_pixels: int) -> LoadedImage:
+def read_image_file(
+    path: str, *, max_bytes: int, max_pixels: int, reduce_to: int | None = None
+) -> LoadedImage:
     """A picture the user names on the command line: any file they can read (no folder policy), decoded by the
     same untrusted-input decoder the server uses, so a file gives the same pixels from the CLI and the server.
 
@@ -144,14 +147,18 @@ def read_image_file(path: str, *, max_bytes: int, max_pixels: int) -> LoadedImag
         raise ImageInputError(
             f"cannot resolve {show(path)} ({e.__class__.__name__}): check the path"
         ) from None
-    return _path_image(_read_file(resolved, path, max_bytes, hint=False), resolved, max_pixels)
+    return _path_image(_read_file(resolved, path, max_bytes, hint=False), resolved, max_pixels, reduce_to)
 
 
-def _path_image(data: bytes, resolved: Path, max_pixels: int) -> LoadedImage:
-    image, fmt = decode(data, max_pixels=max_pixels)
+def _path_image(data: bytes, resolved: Path, max_pixels: int, reduce_to: int | None) -> LoadedImage:
+    image, fmt = decode(data, max_pixels=max_pixels, reduce_to=reduce_to)
     name = ellipsize(resolved.name, 60)
     return LoadedImage(
-        image=image, source="path", image_id=None, description=f"{name} ({fmt}, {image.width}x{image.height})"
+        image=image,
+        source="path",
+        image_id=None,
+        description=f"{name} ({fmt}, {image.width}x{image.height})",
+        content_key=content_key(data),
     )
 
 

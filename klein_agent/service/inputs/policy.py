@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from klein_agent.rules.limits import INPUT_MAX_BYTES, INPUT_MAX_PIXELS
+from klein_agent.rules.limits import INPUT_MAX_BYTES, INPUT_MAX_PIXELS, REFERENCE_MAX_AREA
 
 # The flags named in error messages. The CLI owns them; keep these strings in step with it.
 ALLOW_URLS_FLAG = "--allow-urls"
@@ -22,6 +22,9 @@ class InputPolicy:
     allow_urls: bool = False
     max_bytes: int = INPUT_MAX_BYTES  # encoded size: file, decoded data: URI, or URL body
     max_pixels: int = INPUT_MAX_PIXELS  # width x height from the header, checked before decoding
+    reduce_to: int | None = (
+        REFERENCE_MAX_AREA  # larger JPEGs decode reduced (see decoding.decode); None: never
+    )
     url_timeout_s: float = 15.0  # whole fetch: connect, headers and body together
 
     def __post_init__(self) -> None:

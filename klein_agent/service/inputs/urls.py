@@ -12,7 +12,14 @@ import threading
 import time
 import urllib.parse
 
-from klein_agent.service.inputs.common import ImageInputError, LoadedImage, ellipsize, show, too_big_error
+from klein_agent.service.inputs.common import (
+    ImageInputError,
+    LoadedImage,
+    content_key,
+    ellipsize,
+    show,
+    too_big_error,
+)
 from klein_agent.service.inputs.decoding import decode
 from klein_agent.service.inputs.policy import ALLOW_URLS_FLAG, InputPolicy
 
@@ -34,13 +41,14 @@ def load_url(url: str, policy: InputPolicy) -> LoadedImage:
             f"{policy.dirs_text()}, or pass it as a data:image/png;base64,... URI."
         )
     data, host, name = _fetch_url(url, policy)
-    image, fmt = decode(data, max_pixels=policy.max_pixels)
+    image, fmt = decode(data, max_pixels=policy.max_pixels, reduce_to=policy.reduce_to)
     where = ellipsize(host + (f"/{name}" if name else ""), 60)
     return LoadedImage(
         image=image,
         source="url",
         image_id=None,
         description=f"URL {where} ({fmt}, {image.width}x{image.height})",
+        content_key=content_key(data),
     )
 
 
