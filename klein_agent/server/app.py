@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from mcp.server import MCPServer
 
 from klein_agent import __version__
+from klein_agent.server.arguments import ArgumentChecks
 from klein_agent.server.prompts import register_prompts
 from klein_agent.server.resources import register_resources
 from klein_agent.server.tools import generation, library
@@ -30,6 +31,7 @@ def build_server(studio: Studio) -> MCPServer[Studio]:
         studio.engine.start()  # idempotent: several in-process clients may share one engine
         yield studio
 
+    checks = ArgumentChecks()
     mcp: MCPServer[Studio] = MCPServer(
         "klein-agent",
         title="klein-agent",
@@ -37,7 +39,9 @@ def build_server(studio: Studio) -> MCPServer[Studio]:
         instructions=INSTRUCTIONS,
         version=__version__,
         lifespan=lifespan,
+        middleware=[checks],
     )
+    checks.bind(mcp)
     generation.register(mcp, studio)
     library.register(mcp, studio)
     register_resources(mcp, studio)

@@ -202,6 +202,8 @@ async def serve_http(mcp: MCPServer[Studio], studio: Studio, plan: HttpPlan) -> 
     """Run uvicorn on the bound socket until cancelled; log the URL once the socket accepts connections."""
     import uvicorn
 
+    from klein_agent.server.http_stop import STOP_GRACE_S, StoppableServer, quiet_stop
+
     class Protocol(GuardedH11Protocol):
         header_timeout_s = plan.client_timeout_s
 
@@ -211,8 +213,10 @@ async def serve_http(mcp: MCPServer[Studio], studio: Studio, plan: HttpPlan) -> 
         access_log=False,
         lifespan="on",
         http=Protocol,
+        timeout_graceful_shutdown=STOP_GRACE_S,
     )
-    server = uvicorn.Server(config)
+    server = StoppableServer(config)
+    logging.getLogger("uvicorn.error").addFilter(quiet_stop)
     async with anyio.create_task_group() as tg:
         tg.start_soon(server.serve, [plan.sock])
         while not server.started:

@@ -26,6 +26,7 @@ from klein_agent.server.http import (
     load_tokens,
     serve_http,
 )
+from klein_agent.server.stdio import serve_stdio
 from klein_agent.service.engine import Engine
 from klein_agent.service.inputs import InputPolicy, default_allowed_dirs
 from klein_agent.service.store import ImageStore, StoreError, default_store_dir
@@ -221,7 +222,7 @@ def run_serve(args: argparse.Namespace) -> int:
         if plan is not None:
             anyio.run(serve_http, mcp, studio, plan)
         else:
-            mcp.run()
+            serve_stdio(mcp)
     except KeyboardInterrupt:
         pass
     finally:
