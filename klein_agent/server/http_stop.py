@@ -18,9 +18,9 @@ from collections.abc import Iterator
 
 import uvicorn
 
-STOP_GRACE_S = (
-    1.0  # after Ctrl-C or SIGTERM, how long calls in flight may still finish; then they are cancelled
-)
+# After Ctrl-C or SIGTERM, how long calls in flight may still finish (whole seconds, as uvicorn takes it); then
+# they are cancelled.
+STOP_GRACE_S = 1
 
 
 class StoppableServer(uvicorn.Server):
