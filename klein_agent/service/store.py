@@ -176,6 +176,22 @@ def new_image_id() -> str:
     return ID_PREFIX + secrets.token_urlsafe(16)
 
 
+def _why_not(root: Path, error: OSError) -> str:
+    """Why the store folder `root` cannot be made or used, in words a user can act on."""
+    for part in (root, *root.parents):
+        if part.exists() or part.is_symlink():
+            if not part.is_dir():
+                return f"{part} is a file, not a folder"
+            break
+    if error.errno == errno.EROFS:
+        return "it is on a read-only file system"
+    if error.errno in (errno.EACCES, errno.EPERM):
+        return f"no permission to write there ({error.strerror})"
+    if error.errno == errno.ENOSPC:
+        return "the disk is full"
+    return error.strerror or str(error)
+
+
 def default_store_dir() -> Path:
     """$KLEIN_AGENT_STORE, else the user's data folder + klein-agent/store. Never a temp dir: images must
     survive reboots and tmp cleaners."""
@@ -224,14 +240,17 @@ class ImageStore:
             self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._images.mkdir(exist_ok=True, mode=0o700)
         except OSError as e:
-            raise StoreError(
-                f"Cannot create the image store at {self.root}: {e.strerror or e}. "
-                "Point KLEIN_AGENT_STORE at a writable folder."
-            ) from e
+            raise StoreError(f"Cannot create the image store at {self.root}: {_why_not(self.root, e)}.") from e
         if self._images.is_symlink() or not self._images.is_dir():
-            raise StoreError(f"{self._images} must be a plain directory (not a symlink). Move it aside.")
+            raise StoreError(
+                f"Cannot open the image store at {self.root}: {self._images} must be a plain folder (not a "
+                "symlink or a file); move it aside."
+            )
         try:
-            sole_user = self._lock_process()
+            try:
+                sole_user = self._lock_process()
+            except OSError as e:
+                raise StoreError(f"Cannot open the image store at {self.root}: {_why_not(self.root, e)}.") from e
             self._conn = self._connect()
             self._migrate()
             self._sweep(min_age_s=0.0 if sole_user else _SHARED_SWEEP_MIN_AGE_S)
@@ -515,7 +534,7 @@ class ImageStore:
                 self.root / DB_NAME, timeout=30.0, isolation_level=None, check_same_thread=False
             )
         except sqlite3.Error as e:
-            raise StoreError(f"Cannot open {self.root / DB_NAME}: {e}.") from e
+            raise StoreError(f"Cannot open the image store database {self.root / DB_NAME}: {e}.") from e
         try:
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
@@ -532,8 +551,8 @@ class ImageStore:
         except sqlite3.Error as e:
             conn.close()
             raise StoreError(
-                f"{self.root / DB_NAME} is not a usable image store database ({e}). "
-                "Move the folder aside, or point KLEIN_AGENT_STORE at another one."
+                f"{self.root / DB_NAME} is not a usable image store database ({e}): move the folder aside, "
+                "or use another one."
             ) from e
         return conn
 
@@ -549,7 +568,7 @@ class ImageStore:
             if applied - known:
                 raise StoreError(
                     f"The store at {self.root} has schema version {max(applied)}, newer than this klein-agent "
-                    f"understands ({max(known)}). Upgrade klein-agent, or point KLEIN_AGENT_STORE elsewhere."
+                    f"understands ({max(known)}). Upgrade klein-agent, or use another store folder."
                 )
             for migration in sorted(MIGRATIONS, key=lambda m: m.version):
                 if migration.version in applied:
