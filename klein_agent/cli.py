@@ -1,7 +1,8 @@
-"""`klein-agent`: one console script with two commands.
+"""`klein-agent`: one console script with three commands.
 
     klein-agent generate --model MODEL --prompt TEXT [--image PATH ...] --out FILE.png
     klein-agent serve --model MODEL [--store DIR] [--http] ...
+    klein-agent gallery [--store DIR] [--host 127.0.0.1] [--port P] [--open]
 
 stdout belongs to the MCP wire under `serve`, so everything human-readable goes to stderr.
 """
@@ -50,7 +51,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `klein-agent` parser with its `generate` and `serve` commands; each sets `run` to its handler."""
+    """The `klein-agent` parser with its `generate`, `serve` and `gallery` commands; each sets `run` to its handler.
+
+    Building it imports neither MCP nor torch: each command's handler imports what it needs when it runs.
+    """
     parser = argparse.ArgumentParser(
         prog="klein-agent", description="FLUX.2 [klein] for agents that iterate on pictures"
     )
@@ -95,11 +99,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the MCP server (stdio by default)")
     add_model_arguments(serve)
-    from klein_agent.server.serve import add_serve_arguments, run_serve
+    from klein_agent.server.options import add_serve_arguments
 
     add_serve_arguments(serve)
     serve.set_defaults(run=run_serve)
+
+    gallery = commands.add_parser(
+        "gallery",
+        help="a read-only web page of the image store: sessions, lineage, recipes, live (no model is loaded)",
+    )
+    from klein_agent.gallery.command import add_gallery_arguments, run_gallery
+
+    add_gallery_arguments(gallery)
+    gallery.set_defaults(run=run_gallery)
     return parser
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """`klein-agent serve`: `klein_agent.server.serve.run_serve`, imported only now (MCP takes a while to load)."""
+    from klein_agent.server.serve import run_serve as serve
+
+    return serve(args)
 
 
 def run_generate(args: argparse.Namespace) -> int:

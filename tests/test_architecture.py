@@ -6,7 +6,9 @@ loading          (torch)      checkpoints -> modules           uses model
 speedups         (torch)      devices, fp8, compile             uses model
 pipeline         (torch)      the ImageGenerator                uses model, loading, speedups, rules
 service          (no torch)   engine, store, inputs, studio     uses rules
-server           (no torch)   MCP                               uses service, rules, model_options
+web              (no torch)   HTTP: bind, token, guard, uvicorn (no MCP)
+gallery          (no torch)   the read-only web page            uses service, rules, web (no MCP)
+server           (no torch)   MCP                               uses service, rules, model_options, web, gallery
 cli, model_options            drivers; the pipeline is imported only inside the model factory
 """
 
@@ -28,10 +30,12 @@ ALLOWED: dict[str, set[str]] = {
     "speedups": {"speedups", "model"},
     "pipeline": {"pipeline", "model", "loading", "speedups", "rules"},
     "service": {"service", "rules"},
-    "server": {"server", "service", "rules", "model_options"},
+    "web": {"web"},
+    "gallery": {"gallery", "service", "rules", "web"},
+    "server": {"server", "service", "rules", "model_options", "web", "gallery"},
     "model_options": {"rules", "pipeline"},
 }
-TORCH_FREE = ["rules", "service", "server", "model_options", "cli"]
+TORCH_FREE = ["rules", "service", "web", "gallery", "server", "model_options", "cli"]
 
 
 def modules() -> list[Path]:

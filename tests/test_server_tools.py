@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import os
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -255,6 +256,9 @@ async def test_server_status_reports_model_queue_and_store(client: Client, serve
     assert status["model"]["device"] == "cpu" and status["model"]["dtype"] == "float32"
     assert status["queue"]["queued"] == 0 and status["queue"]["completed"] >= 1
     assert status["store"]["images"] == 1 and status["store"]["root"] == str(server_state.store.root)
+    root = str(server_state.store.root)
+    assert status["gallery_command"] == shlex.join(["klein-agent", "gallery", "--store", root, "--open"])
+    assert status["gallery_command"] in (await call(client, "server_status", {})).content[0].text
 
 
 def tool_listing(tools: Any) -> list[dict[str, Any]]:

@@ -23,3 +23,48 @@ def provenance(result: GenerationResult, k: int, *, tool: str, parents: Sequence
     """Picture k's recipe (prompt, seed, size, steps, guidance, model, variant) with its tool and parents: store
     image ids from the server, the input files as given from the CLI, in "image 1, image 2" order."""
     return {"tool": tool, **result.recipe(k), "parents": list(parents)}
+
+
+def rerun_call(recipe: dict[str, Any], parents: Sequence[str]) -> dict[str, Any] | None:
+    """The MCP tool call that makes a stored picture again, pixel for pixel: {"tool", "arguments"}, or None for an
+    imported picture (or a recipe from another tool). `parents` are the stored image's parent ids, used when the
+    recipe does not list them."""
+    tool = recipe.get("tool")
+    if tool not in TOOLS:
+        return None
+    arguments: dict[str, Any] = {
+        key: recipe[key]
+        for key in ("prompt", "width", "height", "seed", "steps", "guidance")
+        if key in recipe
+    }
+    named = list(recipe.get("parents", parents))
+    if tool == "edit":
+        arguments = {"image": named[0], **arguments}
+    elif tool == "compose":
+        arguments = {"images": named, **arguments}
+    return {"tool": tool, "arguments": arguments}
+
+
+def rerun_command(recipe: dict[str, Any], parents: Sequence[str], out: str) -> list[str] | None:
+    """The `klein-agent generate` argv that makes a stored picture again (None for an imported one): the recipe's
+    model, prompt, seed, size, steps and guidance (when the model took one), each parent as `--image <id>.png`
+    (the name the gallery's download gives it), and `--out out`."""
+    call = rerun_call(recipe, parents)
+    if call is None:
+        return None
+    args = call["arguments"]
+    argv = [
+        "klein-agent",
+        "generate",
+        "--model",
+        str(recipe.get("model", "MODEL")),
+        "--prompt",
+        str(args["prompt"]),
+    ]
+    for key in ("seed", "width", "height", "steps", "guidance"):
+        if args.get(key) is not None:
+            argv += [f"--{key}", str(args[key])]
+    named = [args["image"]] if "image" in args else list(args.get("images", []))
+    for parent in named:
+        argv += ["--image", f"{parent}.png"]
+    return [*argv, "--out", out]

@@ -123,3 +123,4 @@ class StatusResult(BaseModel):  # noqa: D101 - no docstring: it would change the
     allow_urls: bool
     max_pixels_per_call: int
     version: str
+    gallery_command: str  # the shell command that shows the store in a browser

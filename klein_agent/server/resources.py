@@ -9,28 +9,10 @@ import anyio.to_thread
 from mcp.server import MCPServer
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError
 
+from klein_agent.rules.recipes import rerun_call
 from klein_agent.server.results import image_uri
 from klein_agent.service.store import StoredImage, UnknownImageError
 from klein_agent.service.studio import Studio, now_iso
-
-
-def rerun_call(image: StoredImage) -> dict[str, Any] | None:
-    """The tool call that makes this image again, pixel for pixel, or None for an imported picture."""
-    recipe = image.recipe
-    tool = recipe.get("tool")
-    if tool not in ("generate", "edit", "compose"):
-        return None
-    arguments: dict[str, Any] = {
-        key: recipe[key]
-        for key in ("prompt", "width", "height", "seed", "steps", "guidance")
-        if key in recipe
-    }
-    parents = list(recipe.get("parents", image.parents))
-    if tool == "edit":
-        arguments = {"image": parents[0], **arguments}
-    elif tool == "compose":
-        arguments = {"images": parents, **arguments}
-    return {"tool": tool, "arguments": arguments}
 
 
 def meta_document(image: StoredImage) -> dict[str, Any]:
@@ -45,7 +27,7 @@ def meta_document(image: StoredImage) -> dict[str, Any]:
         "session": image.session,
         "parents": list(image.parents),
         "recipe": image.recipe,
-        "rerun": rerun_call(image),
+        "rerun": rerun_call(image.recipe, image.parents),
     }
 
 

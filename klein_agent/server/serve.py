@@ -1,7 +1,8 @@
-"""`klein-agent serve`: the command-line options, logging to stderr, and running over stdio or streamable HTTP.
+"""`klein-agent serve`: logging to stderr, and running over stdio or streamable HTTP (with the gallery at
+/gallery).
 
-The CLI (`klein_agent.cli`) adds the model options with `add_model_arguments` and these with
-`add_serve_arguments`, then calls `run_serve`.
+The CLI (`klein_agent.cli`) adds the model options with `add_model_arguments` and the serve options with
+`klein_agent.server.options.add_serve_arguments`, then calls `run_serve`.
 """
 
 from __future__ import annotations
@@ -10,149 +11,28 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
 
 import anyio
 
+from klein_agent.gallery.app import Gallery
 from klein_agent.model_options import generator_factory
-from klein_agent.rules import limits
 from klein_agent.server.app import build_server
-from klein_agent.server.http import (
-    HttpPlan,
-    HttpStartError,
-    allowed_hosts,
-    allowed_origins,
-    bind,
-    load_tokens,
-    serve_http,
-)
+from klein_agent.server.http import HttpPlan, serve_http
 from klein_agent.server.stdio import serve_stdio
 from klein_agent.service.engine import Engine
 from klein_agent.service.inputs import InputPolicy, default_allowed_dirs
 from klein_agent.service.store import ImageStore, StoreError, default_store_dir
 from klein_agent.service.studio import Studio, StudioConfig
+from klein_agent.web.listen import (
+    HttpStartError,
+    allowed_hosts,
+    allowed_origins,
+    bind,
+    load_tokens,
+    login_key,
+)
 
 log = logging.getLogger("klein_agent.serve")
-
-
-DEFAULT_PORT = 8765
-
-
-def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the store, input, limit and transport options of `klein-agent serve` to `parser`."""
-    store = parser.add_argument_group("image store")
-    store.add_argument(
-        "--store",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        help="folder of the persistent image store (default: $KLEIN_AGENT_STORE, else the user data folder: "
-        "~/.local/share/klein-agent/store on Linux, ~/Library/Application Support/klein-agent/store on macOS, "
-        "%%LOCALAPPDATA%%\\klein-agent\\store on Windows)",
-    )
-    store.add_argument(
-        "--store-max-gb",
-        type=float,
-        default=limits.STORE_MAX_BYTES / 2**30,
-        metavar="GB",
-        help="evict the least recently used images beyond this many GiB (default: 2)",
-    )
-    store.add_argument(
-        "--store-max-images",
-        type=int,
-        default=limits.STORE_MAX_IMAGES,
-        metavar="N",
-        help="evict the least recently used images beyond this many (default: 10000)",
-    )
-    inputs = parser.add_argument_group("image inputs")
-    inputs.add_argument(
-        "--allow-dir",
-        "--input-dir",
-        dest="allow_dirs",
-        action="append",
-        type=Path,
-        default=[],
-        metavar="DIR",
-        help="a folder whose images tools may read and export_image may write (repeatable); added to the "
-        "defaults: the working directory (unless it is / or your home) and ~/Pictures, ~/Downloads, ~/Desktop",
-    )
-    inputs.add_argument(
-        "--no-default-dirs",
-        action="store_true",
-        help="allow only the --allow-dir folders, not the default ones",
-    )
-    inputs.add_argument(
-        "--allow-urls",
-        action="store_true",
-        help="let image arguments be http(s) URLs (public addresses only, no redirects); off by default",
-    )
-    caps = parser.add_argument_group("limits")
-    caps.add_argument(
-        "--max-queue",
-        type=int,
-        default=limits.MAX_QUEUE,
-        metavar="N",
-        help="calls that may wait behind the running one; more are refused at once with 'busy' (default: 8)",
-    )
-    caps.add_argument(
-        "--max-megapixels",
-        type=float,
-        default=round(limits.MAX_PIXELS_PER_CALL / 1e6, 1),
-        metavar="MP",
-        help="width x height x num_images of one call, in millions of pixels (default: 4.2, one 2048x2048 image "
-        "or four of 1024x1024); lower it on small GPUs so a call stays well under a client's ~60 s timeout",
-    )
-    transport = parser.add_argument_group("transport")
-    transport.add_argument(
-        "--http",
-        action="store_true",
-        help="serve streamable HTTP at http://HOST:PORT/mcp instead of stdio (one resident model for several "
-        "clients); clients send 'Authorization: Bearer <token>' ($KLEIN_AGENT_TOKEN, else the token file the log "
-        "names, beside the store)",
-    )
-    transport.add_argument(
-        "--host",
-        default="127.0.0.1",
-        help="HTTP address to bind (default: 127.0.0.1); Host and Origin headers must name this server exactly",
-    )
-    transport.add_argument(
-        "--port",
-        type=int,
-        default=DEFAULT_PORT,
-        help=f"HTTP port (default: {DEFAULT_PORT}; 0 picks a free one)",
-    )
-    transport.add_argument(
-        "--no-auth",
-        action="store_true",
-        help="no bearer token (loopback addresses only): any local process and any web page could use the tools",
-    )
-    transport.add_argument(
-        "--allowed-host",
-        action="append",
-        default=[],
-        metavar="NAME[:PORT]",
-        help="another Host header value to accept, e.g. a DNS name for a LAN bind (repeatable)",
-    )
-    transport.add_argument(
-        "--client-timeout",
-        type=float,
-        default=30.0,
-        metavar="S",
-        help="drop an HTTP client whose request headers or body take longer than this (default: 30 s)",
-    )
-    transport.add_argument(
-        "--allow-origin",
-        action="append",
-        default=[],
-        metavar="ORIGIN",
-        help="a web page origin (scheme://host:port) that may call the server from a browser (repeatable)",
-    )
-    parser.add_argument(
-        "--log-level",
-        default="INFO",
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="logging on stderr (stdout carries the MCP protocol in stdio mode)",
-    )
 
 
 def configure_logging(level: str) -> None:
@@ -211,6 +91,16 @@ def run_serve(args: argparse.Namespace) -> int:
             plan.sock.close()
         return 2
     mcp = build_server(studio)
+    gallery = None
+    if plan is not None:
+        try:
+            gallery = Gallery(studio.store.root)
+        except StoreError as exc:
+            log.error("%s", exc)
+            plan.sock.close()
+            studio.store.close()
+            return 2
+        plan.extra_routes.append(("/gallery", gallery.app))
     studio.engine.start()  # the model loads in the background while the client connects
     log.info(
         "klein-agent serve: model %s, store %s, %s",
@@ -228,13 +118,16 @@ def run_serve(args: argparse.Namespace) -> int:
     finally:
         log.debug("server loop ended; stopping the engine")
         studio.engine.close(timeout=5)
+        if gallery is not None:
+            gallery.close()
         studio.store.close()
         log.debug("engine and store closed")
     return 0
 
 
 def plan_http(args: argparse.Namespace) -> HttpPlan:
-    """Bind the port and settle the token, hosts and origins for `serve --http`. Raises HttpStartError."""
+    """Bind the port and settle the token, hosts, origins and the gallery's one-time login key for `serve --http`.
+    Raises HttpStartError."""
     sock = bind(args.host, args.port)
     try:
         port = sock.getsockname()[1]
@@ -249,6 +142,7 @@ def plan_http(args: argparse.Namespace) -> HttpPlan:
             allowed_origins=allowed_origins(hosts, args.allow_origin),
             tokens=tokens,
             token_source=source,
+            login_key=login_key() if tokens else None,  # the gallery's one-time browser link, logged at start
             client_timeout_s=args.client_timeout,
         )
     except BaseException:

@@ -8,6 +8,11 @@ Layout under `root`:
     store.lock                     inter-process lock; the holder of the exclusive lock may sweep
     images/<sha256(id)>.png        one file per image; the name derives from the id only, never from user text
     images/.tmp-<random>           a write in progress, or a crashed one (removed by the next sweep)
+    thumbs/                        the gallery's WebP thumbnails (klein_agent.gallery.thumbs); the store never
+                                   reads it, and its sweep looks only in images/
+
+A store opened with `read_only=True` (the gallery, beside a running server) reads through a read-only SQLite
+connection: no lock, no sweep, no eviction, no migration, and reads do not count as uses for the LRU.
 
 Crash-safety invariant: an image file is durable (written, fsynced, renamed into place, directory fsynced)
 before its row is committed, and a row is deleted and committed before its file is unlinked. A row therefore
@@ -50,6 +55,7 @@ if sys.platform != "win32":
 __all__ = [
     "ImageStore",
     "Migration",
+    "SessionSummary",
     "StoreError",
     "StoreFullError",
     "StoreStats",
@@ -125,6 +131,17 @@ class StoreStats:
     max_bytes: int
     max_images: int
     root: Path
+
+
+@dataclass(frozen=True)
+class SessionSummary:
+    """One session label (None: images stored without one), its image count, and when its first and last images
+    were stored (unix time)."""
+
+    session: str | None
+    count: int
+    first_at: float
+    last_at: float
 
 
 @dataclass(frozen=True)
@@ -218,10 +235,18 @@ class ImageStore:
     "check pins, evict, commit" and "check the row, open the file" atomic within the process.
     Several processes may share a store: SQLite serialises their writes, and only a process that holds the
     lock file exclusively sweeps orphans. Pins are per process.
+
+    `read_only=True` opens an existing store for reading only (see the module docstring); the bounds are then
+    unused, `put` raises StoreError, and a missing store or an unknown schema raises StoreError at once.
     """
 
     def __init__(
-        self, root: Path | str, *, max_bytes: int = STORE_MAX_BYTES, max_images: int = STORE_MAX_IMAGES
+        self,
+        root: Path | str,
+        *,
+        max_bytes: int = STORE_MAX_BYTES,
+        max_images: int = STORE_MAX_IMAGES,
+        read_only: bool = False,
     ) -> None:
         for name, value in (("max_bytes", max_bytes), ("max_images", max_images)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -236,11 +261,17 @@ class ImageStore:
         self._closed = False
         self._lock_fd: int | None = None
         self._conn: sqlite3.Connection | None = None
+        self.read_only = read_only
+        if read_only:
+            self._open_read_only()
+            return
         try:
             self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._images.mkdir(exist_ok=True, mode=0o700)
         except OSError as e:
-            raise StoreError(f"Cannot create the image store at {self.root}: {_why_not(self.root, e)}.") from e
+            raise StoreError(
+                f"Cannot create the image store at {self.root}: {_why_not(self.root, e)}."
+            ) from e
         if self._images.is_symlink() or not self._images.is_dir():
             raise StoreError(
                 f"Cannot open the image store at {self.root}: {self._images} must be a plain folder (not a "
@@ -250,7 +281,9 @@ class ImageStore:
             try:
                 sole_user = self._lock_process()
             except OSError as e:
-                raise StoreError(f"Cannot open the image store at {self.root}: {_why_not(self.root, e)}.") from e
+                raise StoreError(
+                    f"Cannot open the image store at {self.root}: {_why_not(self.root, e)}."
+                ) from e
             self._conn = self._connect()
             self._migrate()
             self._sweep(min_age_s=0.0 if sole_user else _SHARED_SWEEP_MIN_AGE_S)
@@ -292,6 +325,10 @@ class ImageStore:
         files are unlinked after the commit. Raises ValueError for a malformed argument, UnknownImageError for a
         malformed parent id, StoreFullError, StoreWriteError.
         """
+        if self.read_only:
+            raise StoreError(
+                f"The image store at {self.root} is open read-only; nothing can be stored through it."
+            )
         data = _check_png(png, width, height)
         recipe_json = _recipe_json(recipe)
         session = check_session(session)
@@ -448,6 +485,15 @@ class ImageStore:
         next_cursor = _encode_cursor(rows[limit - 1][0], session) if len(rows) > limit else None
         return page, next_cursor
 
+    def sessions(self) -> builtins.list[SessionSummary]:
+        """Every session with its image count and first and last times, the one with the newest image first."""
+        with self._locked():
+            rows = self._execute(
+                "SELECT session, COUNT(*), MIN(created_at), MAX(created_at) FROM images"
+                " GROUP BY session ORDER BY MAX(seq) DESC"
+            ).fetchall()
+        return [SessionSummary(session, count, first, last) for session, count, first, last in rows]
+
     def pinned(self, image_ids: Iterable[str]) -> AbstractContextManager[None]:
         """Protect images from eviction while a call uses them. Re-entrant and counted: an image stays pinned
         until every `with` that pinned it has exited. Raises UnknownImageError (pinning nothing) if an id is
@@ -527,6 +573,38 @@ class ImageStore:
             fcntl.flock(self._lock_fd, fcntl.LOCK_SH)  # waits only while another process opens (ms)
             return False
         return True
+
+    def _open_read_only(self) -> None:
+        """Open an existing store through a read-only connection and check that this version can read its schema.
+        Raises StoreError naming the folder."""
+        if not (self.root / DB_NAME).is_file():
+            raise StoreError(
+                f"There is no image store at {self.root} (no {DB_NAME}). Pass the folder `klein-agent serve` "
+                "uses (--store DIR or $KLEIN_AGENT_STORE), or start the server once to create it."
+            )
+        uri = (self.root / DB_NAME).as_uri() + "?mode=ro"
+        try:
+            # A read-only connection to a WAL database creates the -shm/-wal files if missing (SQLite >= 3.22).
+            self._conn = sqlite3.connect(
+                uri, uri=True, timeout=30.0, isolation_level=None, check_same_thread=False
+            )
+            applied = {v for (v,) in self._conn.execute("SELECT version FROM _migrations").fetchall()}
+        except sqlite3.Error as e:
+            self.close()
+            raise StoreError(f"{self.root / DB_NAME} is not a readable image store database ({e}).") from e
+        known = {m.version for m in MIGRATIONS}
+        if applied != known:
+            self.close()
+            newer = bool(applied - known)
+            raise StoreError(
+                f"The store at {self.root} has schema version {max(applied, default=0)}; this klein-agent reads "
+                f"version {max(known)}. "
+                + (
+                    "Upgrade klein-agent."
+                    if newer
+                    else "Open it once with `klein-agent serve` to upgrade it."
+                )
+            )
 
     def _connect(self) -> sqlite3.Connection:
         try:
@@ -730,7 +808,10 @@ class ImageStore:
         return self._image_from_row(row)
 
     def _touch_locked(self, image_id: str) -> None:
-        """Mark a use for the LRU. Best effort: a read must not fail because the disk is full."""
+        """Mark a use for the LRU (not for a read-only store). Best effort: a read must not fail because the disk
+        is full."""
+        if self.read_only:
+            return
         try:
             self._execute(
                 "UPDATE images SET last_used_at = ?, use_seq = (SELECT MAX(use_seq) + 1 FROM images)"

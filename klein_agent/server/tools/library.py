@@ -9,6 +9,7 @@ from mcp.server import MCPServer
 from mcp_types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import Field
 
+from klein_agent.gallery.command import command_line
 from klein_agent.rules.limits import MAX_VIEW_IMAGES, MIN_SIDE, SESSION_MAX_CHARS, VIEW_MAX_EDGE
 from klein_agent.server.errors import tool_errors
 from klein_agent.server.models import (
@@ -176,7 +177,8 @@ def register(mcp: MCPServer, studio: Studio) -> None:
         name="server_status",
         title="Server status",
         description="Model (loading, ready or failed, with the error), device and dtype, queue depth, store "
-        "size and bounds, and the folders the server may read and write.",
+        "size and bounds, the folders the server may read and write, and the command that shows the person the "
+        "store's images and their lineage in a browser (gallery_command).",
         annotations=reads("Server status"),
     )
     async def server_status() -> Annotated[CallToolResult, StatusResult]:
@@ -215,6 +217,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
             allow_urls=status.allow_urls,
             max_pixels_per_call=status.max_pixels_per_call,
             version=status.version,
+            gallery_command=command_line(stats.root),
         )
         model = result.model
         if model.state == "ready":
@@ -227,7 +230,9 @@ def register(mcp: MCPServer, studio: Studio) -> None:
             f"{head}. Queue: {'1 running, ' if engine.running else ''}{engine.queue_depth} waiting "
             f"(max {engine.max_queue}); {engine.completed} calls done. "
             f"Store: {stats.count} images, {stats.total_bytes / 2**20:.1f} of {stats.max_bytes / 2**20:.0f} MiB, "
-            f"at most {stats.max_images} images, in {stats.root}."
+            f"at most {stats.max_images} images, in {stats.root}. "
+            f"To show the person every image, its recipe and lineage in a browser: `{result.gallery_command}` "
+            "(a read-only page; `serve --http` also serves it at /gallery/)."
         )
         return CallToolResult(
             content=[TextContent(type="text", text=text)], structured_content=result.model_dump(mode="json")

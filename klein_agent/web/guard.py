@@ -1,5 +1,6 @@
-"""What stands in front of `serve --http`: exact Host and Origin, a bearer token, sessions bound to their token,
-and a deadline on slow request bodies. Pure ASGI, so it guards every route (the MCP endpoint and the gallery).
+"""What stands in front of `serve --http` and `klein-agent gallery`: exact Host and Origin, a bearer token, sessions
+bound to their token, and a deadline on slow request bodies. Pure ASGI, so it guards every route (the MCP endpoint
+and the gallery).
 
 Why each rule:
 - Host and Origin are compared exactly (scheme, host and port), not by prefix: `Host: localhost:1.evil.com` and
@@ -10,13 +11,14 @@ Why each rule:
 - A session id is a capability: it is bound to the token that created it, so another client cannot ride on it.
 - Slow-body clients (a byte a second) would hold a connection forever: the body is read here, within a deadline,
   and handed to the app whole (the MCP endpoint caps its size).
-  Slow *headers* are cut off by the server protocol (`klein_agent.server.http_protocol`).
+  Slow *headers* are cut off by the server protocol (`klein_agent.web.protocol`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import html
 import json
 import logging
 import secrets
@@ -77,10 +79,14 @@ class HttpGuard:
             await self.app(scope, receive, send)
             return
         headers = _headers(scope)
+        page = b"text/html" in headers.get(b"accept", b"")  # a browser: say it in a page, not in JSON-RPC
         host = headers.get(b"host", b"").decode("latin-1").lower()
         if host not in self._hosts:
             await _refuse(
-                send, 421, f"Host {host!r} is not this server; connect to one of {sorted(self._hosts)}"
+                send,
+                421,
+                f"Host {host!r} is not this server; connect to one of {sorted(self._hosts)}",
+                page=page,
             )
             return
         origin = headers.get(b"origin")
@@ -90,10 +96,11 @@ class HttpGuard:
                 403,
                 f"Origin {origin.decode('latin-1')!r} may not call this server; start it with --allow-origin "
                 "ORIGIN to allow a web page",
+                page=page,
             )
             return
-        if scope.get("path") == self.settings.login_path and self.settings.login_key is not None:
-            await self._login(scope, send)
+        if scope.get("path") == self.settings.login_path and self.settings.cookie_name is not None:
+            await self._login(scope, send, page)
             return
         token = self._token(scope, headers)
         if self._tokens and token is None:
@@ -101,8 +108,12 @@ class HttpGuard:
                 send,
                 401,
                 "this server needs a bearer token: send 'Authorization: Bearer <token>' (the token is in the file "
-                "the server named at start, or $KLEIN_AGENT_TOKEN)",
+                "the server named at start, or $KLEIN_AGENT_TOKEN)"
+                if not page
+                else "this page needs you to log in: open the one-time login link that the server printed when it "
+                "started (each link works once; restart the server for a new one)",
                 extra=[(b"www-authenticate", b'Bearer realm="klein-agent"')],
+                page=page,
             )
             return
         digest = hashlib.sha256(token or b"").digest()
@@ -127,7 +138,7 @@ class HttpGuard:
 
         await self.app(scope, replay, self._bind_sessions(send, digest))
 
-    async def _login(self, scope: Scope, send: Send) -> None:
+    async def _login(self, scope: Scope, send: Send, page: bool) -> None:
         """The one-time browser link: a right key sets a session cookie for the read-only pages and is spent."""
         query = dict(
             part.split("=", 1)
@@ -137,7 +148,10 @@ class HttpGuard:
         key = self.settings.login_key
         if key is None or not hmac.compare_digest(query.get("key", "").encode(), key.encode()):
             await _refuse(
-                send, 401, "this login link is not valid (it works once): restart the server for a new one"
+                send,
+                401,
+                "this login link is not valid (it works once): restart the server for a new one",
+                page=page,
             )
             return
         self.settings.login_key = None  # spent
@@ -220,15 +234,31 @@ async def _refuse(
     extra: list[tuple[bytes, bytes]] | None = None,
     *,
     close: bool = False,
+    page: bool = False,
 ) -> None:
-    body = json.dumps(
-        {
-            "jsonrpc": "2.0",
-            "id": None,
-            "error": {"code": UNAUTHORIZED if status == 401 else -32600, "message": message},
-        }
-    ).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    """Answer `status` with `message`: a JSON-RPC error body, or (`page`, for a browser) a small HTML page with the
+    message escaped (it may quote a Host or Origin header)."""
+    if page:
+        body = (
+            '<!doctype html><html lang="en"><meta charset="utf-8"><title>klein-agent</title>'
+            f"<h1>{status}</h1><p>{html.escape(message)}</p></html>"
+        ).encode()
+        kind = b"text/html; charset=utf-8"
+    else:
+        body = json.dumps(
+            {
+                "jsonrpc": "2.0",
+                "id": None,
+                "error": {"code": UNAUTHORIZED if status == 401 else -32600, "message": message},
+            }
+        ).encode()
+        kind = b"application/json"
+    headers = [
+        (b"content-type", kind),
+        (b"content-length", str(len(body)).encode()),
+        (b"cache-control", b"no-store"),
+        (b"x-content-type-options", b"nosniff"),
+    ]
     if close:
         headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers + (extra or [])})

@@ -1,4 +1,4 @@
-"""How `serve --http` stops on Ctrl-C or SIGTERM: promptly, quietly, with calls in flight cancelled.
+"""How `serve --http` and `gallery` stop on Ctrl-C or SIGTERM: promptly, quietly, with calls in flight cancelled.
 
 uvicorn's own stop waits for every connection to close (a client's event stream stays open while it is
 connected), logs the requests it then cancels as errors with tracebacks, and raises the signal again once

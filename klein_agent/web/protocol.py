@@ -3,7 +3,7 @@
 A client that sends its request line and headers a byte at a time would otherwise hold its connection open for
 as long as it likes: uvicorn arms no timer until a request is complete (its keep-alive timer runs only between
 requests). Here a connection waiting for a request's headers is closed after `HEADER_TIMEOUT_S`. The body has its
-own deadline in `klein_agent.server.http_guard`.
+own deadline in `klein_agent.web.guard`.
 """
 
 from __future__ import annotations

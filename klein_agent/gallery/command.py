@@ -1,0 +1,127 @@
+"""`klein-agent gallery`: the gallery alone, beside a running server or after it, without loading a model.
+
+The same guard as `serve --http` stands in front (exact Host and Origin, the bearer token of the store's token file
+or $KLEIN_AGENT_TOKEN), and a one-time login link printed at start lets a browser in (it sets a session cookie that
+only the gallery's pages accept). Building the parser imports nothing heavy; `run_gallery` imports the web stack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+from pathlib import Path
+
+log = logging.getLogger("klein_agent.gallery")
+
+DEFAULT_PORT = 8766  # serve --http's is 8765
+PREFIX = "/gallery"
+
+
+def command_line(store_root: Path) -> str:
+    """The shell command that opens the gallery of the store at `store_root` in the default browser."""
+    return shlex.join(["klein-agent", "gallery", "--store", str(store_root), "--open"])
+
+
+def add_gallery_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add --store, --host, --port and --open to `parser`."""
+    parser.add_argument(
+        "--store",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="the image store to show, as `klein-agent serve` uses it (default: $KLEIN_AGENT_STORE, else the user "
+        "data folder)",
+    )
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default: 127.0.0.1); Host and Origin headers must name this server exactly",
+    )
+    parser.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT}; 0 picks a free one)"
+    )
+    parser.add_argument(
+        "--open",
+        action="store_true",
+        help="open the page in the default web browser (this uses up the one-time login link)",
+    )
+
+
+def run_gallery(args: argparse.Namespace) -> int:
+    """Serve the gallery of `--store` until Ctrl-C. Returns 2 after logging why for a port that cannot be bound
+    (nothing else is done first), a missing or unreadable store, or a bad token; else 0."""
+    import webbrowser
+
+    import anyio
+    from starlette.applications import Starlette
+    from starlette.responses import RedirectResponse
+    from starlette.routing import Mount, Route
+
+    from klein_agent.gallery.app import Gallery
+    from klein_agent.service.store import StoreError, default_store_dir
+    from klein_agent.web.guard import GuardSettings, HttpGuard
+    from klein_agent.web.listen import (
+        COOKIE_NAME,
+        LOGIN_PATH,
+        HttpStartError,
+        allowed_hosts,
+        allowed_origins,
+        bind,
+        host_port,
+        load_tokens,
+        login_key,
+        serve_app,
+    )
+
+    root = (args.store if args.store is not None else default_store_dir()).expanduser().absolute()
+    try:
+        sock = bind(args.host, args.port)
+    except HttpStartError as exc:
+        log.error("%s", exc)
+        return 2
+    gallery = None
+    try:
+        gallery = Gallery(root)
+        tokens, _ = load_tokens(root, no_auth=False, host=args.host)
+    except (StoreError, HttpStartError) as exc:
+        log.error("%s", exc)
+        sock.close()
+        if gallery is not None:
+            gallery.close()
+        return 2
+    port = sock.getsockname()[1]
+    hosts = allowed_hosts(args.host, port, [])
+    key = login_key()
+    settings = GuardSettings(
+        allowed_hosts=hosts,
+        allowed_origins=allowed_origins(hosts, []),
+        tokens=tokens,
+        cookie_name=COOKIE_NAME,
+        cookie_paths=("/",),  # every route here is the read-only gallery (or redirects to it)
+        login_path=LOGIN_PATH,
+        login_key=key,
+        login_redirect=PREFIX + "/",
+    )
+
+    async def home(request: object) -> RedirectResponse:
+        return RedirectResponse(PREFIX + "/")
+
+    app = HttpGuard(Starlette(routes=[Route("/", home), Mount(PREFIX, app=gallery.app)]), settings)
+    url = f"http://{host_port(args.host, port)}"
+    link = f"{url}{LOGIN_PATH}?key={key}"
+
+    def started() -> None:
+        log.info("gallery of the store %s at %s%s/", root, url, PREFIX)
+        log.info("to see it in a browser, open %s (works once)", link)
+        log.info("scripts: send 'Authorization: Bearer <token>' with the token of `serve --http`")
+        if args.open:
+            webbrowser.open(link)
+
+    try:
+        anyio.run(lambda: serve_app(app, sock, header_timeout_s=10.0, on_started=started))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        gallery.close()
+    return 0
