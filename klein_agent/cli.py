@@ -17,14 +17,11 @@ import time
 from pathlib import Path
 
 from klein_agent import __version__
+from klein_agent.logs import configure_logging, parse_level
 from klein_agent.model_options import add_model_arguments, generator_factory
 from klein_agent.rules.limits import MAX_PIXELS_PER_CALL
 
 log = logging.getLogger("klein_agent")
-
-# Input files on the command line: the server's defaults (klein_agent.service.inputs.InputPolicy).
-INPUT_MAX_BYTES = 32 * 1024**2
-INPUT_MAX_PIXELS = 64 * 1024**2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,11 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging("DEBUG" if args.verbose else args.log_level)
     try:
         result: int = args.run(args)
         return result
@@ -59,10 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="klein-agent", description="FLUX.2 [klein] for agents that iterate on pictures"
     )
     parser.add_argument("--version", action="version", version=f"klein-agent {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
+    add_logging_arguments(parser, defaults=True)
     commands = parser.add_subparsers(dest="command", required=True)
 
     gen = commands.add_parser("generate", help="make one or more pictures and write PNG files")
+    add_logging_arguments(gen)
     add_model_arguments(gen)
     gen.add_argument("--prompt", required=True)
     gen.add_argument(
@@ -98,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(run=run_generate)
 
     serve = commands.add_parser("serve", help="run the MCP server (stdio by default)")
+    add_logging_arguments(serve)
     add_model_arguments(serve)
     from klein_agent.server.options import add_serve_arguments
 
@@ -110,9 +105,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     from klein_agent.gallery.command import add_gallery_arguments, run_gallery
 
+    add_logging_arguments(gallery)
     add_gallery_arguments(gallery)
     gallery.set_defaults(run=run_gallery)
     return parser
+
+
+def add_logging_arguments(parser: argparse.ArgumentParser, *, defaults: bool = False) -> None:
+    """`-v` and `--log-level`, accepted before or after the command name (`klein-agent -v serve` and
+    `klein-agent serve -v` alike). Only the top-level parser sets defaults: a subcommand's default would
+    overwrite what was given before the command name."""
+    group = parser.add_argument_group("logging (stderr)")
+    group.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=False if defaults else argparse.SUPPRESS,
+        help="debug logging (same as --log-level DEBUG)",
+    )
+    group.add_argument(
+        "--log-level",
+        type=parse_level,
+        default="INFO" if defaults else argparse.SUPPRESS,
+        metavar="LEVEL",
+        help="DEBUG, INFO, WARNING or ERROR, any case (default INFO); other libraries log WARNING and above only",
+    )
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -124,33 +141,36 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def run_generate(args: argparse.Namespace) -> int:
     """`klein-agent generate`: check everything, load the model, make the pictures, write PNGs with provenance."""
-    from klein_agent.rules import limits, resolution
+    from klein_agent.rules import resolution
     from klein_agent.rules.recipes import provenance, tool_for
+    from klein_agent.rules.references import prepare_reference
     from klein_agent.rules.requests import GenerationRequest
-    from klein_agent.service.inputs import read_image_file
+    from klein_agent.service.inputs import InputPolicy, read_image_file
     from klein_agent.service.pngfile import encode_png
 
     # Everything the server checks, checked here before the model loads, with the server's messages.
     prompt = resolution.clean_prompt(args.prompt)
     outputs = output_paths(args.out, args.num_images)
-    if len(args.image) > limits.MAX_REFERENCES:
-        raise resolution.RequestError(
-            f"{len(args.image)} reference images given; at most {limits.MAX_REFERENCES} are supported"
-        )
-    references = [
-        read_image_file(path, max_bytes=INPUT_MAX_BYTES, max_pixels=INPUT_MAX_PIXELS).image
-        for path in args.image
-    ]
+    resolution.check_reference_count(len(args.image))
     resolution.check_user_size(args.width, args.height)
     seeds = resolution.batch_seeds(args.seed, args.num_images)
-    if args.num_images > limits.MAX_IMAGES_PER_CALL:
-        raise resolution.RequestError(
-            f"num_images must be from 1 to {limits.MAX_IMAGES_PER_CALL}, got {args.num_images}"
-        )
     resolution.resolve_sampling(
         args.steps, args.guidance, distilled=False, default_steps=1, default_guidance=1.0
     )
-    first = resolution.prepared_reference_size(*references[0].size) if references else None
+    # Decoded and prepared as the server does (one way in): the reference's size and aspect checks run here.
+    policy = InputPolicy(
+        allowed_dirs=()
+    )  # the server's limits and reduced JPEG decoding; the CLI reads any path
+    references = []
+    for path in args.image:
+        decoded = read_image_file(
+            path, max_bytes=policy.max_bytes, max_pixels=policy.max_pixels, reduce_to=policy.reduce_to
+        )
+        try:
+            references.append(prepare_reference(decoded.image))
+        except resolution.RequestError as exc:
+            raise resolution.RequestError(f"--image {path}: {exc}") from exc
+    first = references[0].size if references else None
     width, height = resolution.output_size(args.width, args.height, first)
     resolution.check_pixels(width, height, args.num_images, int(args.max_megapixels * 1_000_000))
 

@@ -107,6 +107,27 @@ def test_bad_input_is_refused_before_the_model_loads(tmp_path: Path, args: list[
     assert not list(tmp_path.glob("*.png"))
 
 
+@pytest.mark.parametrize(
+    ("sizes", "message"),
+    [
+        ([(48, 80)], "the image is 48x80; both sides must be at least 64 px"),
+        ([(64, 64), (900, 100)], "900x100"),
+        ([(64, 64)] * 5, "5 reference images given, but this model takes at most 4"),
+    ],
+)
+def test_references_are_checked_as_the_server_checks_them_before_the_model_loads(
+    tmp_path: Path, sizes: list[tuple[int, int]], message: str
+) -> None:
+    images = []
+    for k, size in enumerate(sizes):
+        Image.new("RGB", size, (k, 2, 3)).save(tmp_path / f"ref{k}.png")
+        images += ["--image", str(tmp_path / f"ref{k}.png")]
+    done = run(*images, "--out", str(tmp_path / "o.png"))
+    assert done.returncode == 2
+    assert message in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and "loading model" not in done.stderr
+
+
 def test_a_prompt_that_is_not_utf8_is_refused_with_a_message(tmp_path: Path) -> None:
     argv = [sys.executable, "-m", "klein_agent", "generate", "--model", "tiny", "--prompt", b"a \xff cat"]
     done = subprocess.run(

@@ -81,7 +81,11 @@ async def test_generate_returns_preview_summary_links_and_structured_content(cli
     ids = ids_of(result)
     for image_id in ids:
         assert image_id in text.text
-    assert "seeds 7-8" in text.text and "view_image" in text.text and '"image 1"' in text.text
+    assert "seeds 7-8" in text.text and "view_image" in text.text
+    # the how-to is said once, in the descriptions, not repeated in every result of a loop
+    assert len(text.text.splitlines()[-1]) < 100 and "note" not in structured
+    compose = next(t for t in (await client.list_tools()).tools if t.name == "compose")
+    assert '"image 1"' in (compose.description or "")
     assert [link.uri for link in result.content[2:]] == [f"image://{i}" for i in ids]
 
     values = [p[0] for p in progress]

@@ -105,6 +105,16 @@ def check_reference_geometry(width: int, height: int) -> None:
         )
 
 
+def check_reference_count(count: int, model_limit: int = limits.MAX_REFERENCES) -> None:
+    """Raises RequestError when `count` references are more than the product's limit or the model's."""
+    limit = min(limits.MAX_REFERENCES, model_limit)
+    if count > limit:
+        raise RequestError(
+            f"{count} reference images given, but this model takes at most {limit}: pass fewer images, "
+            "or compose in two rounds (combine some first, then use that result as one reference)"
+        )
+
+
 def prepared_reference_size(width: int, height: int, multiple: int = limits.SIZE_MULTIPLE) -> tuple[int, int]:
     """(width, height) of a reference after the reference's preparation: scaled down (Lanczos, sides truncated)
     to at most REFERENCE_MAX_AREA pixels, then center-cropped to multiples of `multiple` px."""
@@ -171,9 +181,9 @@ def draw_seed() -> int:
 
 def batch_seeds(seed: int | None, num_images: int) -> tuple[int, ...]:
     """seed, seed + 1, ... for `num_images` pictures (a drawn seed when None). Raises RequestError for a count
-    under 1 or a seed outside [0, MAX_SEED], including a batch that would run past MAX_SEED."""
-    if num_images < 1:
-        raise RequestError(f"num_images must be at least 1, got {num_images}")
+    outside [1, MAX_IMAGES_PER_CALL] or a seed outside [0, MAX_SEED], including a batch that would run past MAX_SEED."""
+    if not 1 <= num_images <= limits.MAX_IMAGES_PER_CALL:
+        raise RequestError(f"num_images must be from 1 to {limits.MAX_IMAGES_PER_CALL}, got {num_images}")
     if seed is None:
         seed = draw_seed()
     if not 0 <= seed <= limits.MAX_SEED:
@@ -223,10 +233,7 @@ def resolve_request(
 ) -> ResolvedRequest:
     """Resolve one request for a model with these properties. `reference_sizes` are the original (width, height)
     of the references, in order. Raises RequestError naming the first argument that cannot work."""
-    if len(reference_sizes) > max_references:
-        raise RequestError(
-            f"{len(reference_sizes)} reference images given; this model takes at most {max_references}"
-        )
+    check_reference_count(len(reference_sizes), max_references)
     for w, h in reference_sizes:
         check_reference_geometry(w, h)
     prepared = tuple(prepared_reference_size(w, h, multiple) for w, h in reference_sizes)

@@ -1,7 +1,7 @@
 """Structured content of the tools: small JSON objects, never base64. They are also the tools' outputSchema.
 
 Claude Code shows the model only the structured content when a result has some, so every model carries the
-facts an agent needs (ids, seeds, sizes, parents) and a short `note` on what to do next.
+facts an agent needs (ids, seeds, sizes, parents).
 
 Pydantic publishes a model's docstring as its schema's `description`, so a docstring here changes tools/list
 (pinned by tests/snapshots/server_tools.json). The models without one are described by a comment instead.
@@ -33,7 +33,6 @@ class ImagesResult(BaseModel):
     cache_hits: dict[str, int] = Field(
         description="prompt embeddings / reference latents reused from earlier"
     )
-    note: str
 
 
 # One stored image in a list_images page; `created_at` is a UTC ISO 8601 time.

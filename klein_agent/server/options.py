@@ -123,9 +123,3 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="ORIGIN",
         help="a web page origin (scheme://host:port) that may call the server from a browser (repeatable)",
     )
-    parser.add_argument(
-        "--log-level",
-        default="INFO",
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="logging on stderr (stdout carries the MCP protocol in stdio mode)",
-    )

@@ -17,12 +17,8 @@ from klein_agent.service.previews import Preview
 from klein_agent.service.store import StoredImage
 from klein_agent.service.studio import Made
 
-NEXT_STEPS = (
-    "Next: to change one, call edit with its image_id and describe the result you want positively (what should "
-    "be there, not what should not); keep the same seed to change less. To combine several, call compose and "
-    'refer to them as "image 1", "image 2", ... in the order given. If you cannot see the preview, call '
-    "view_image with the ids."
-)
+# One line, not a paragraph: it comes back with every result of a loop; the how-to lives in the tool descriptions.
+NEXT_STEPS = "Next: edit or compose with these ids, or view_image to look again."
 
 
 def image_uri(image_id: str) -> str:
@@ -101,7 +97,6 @@ def images_result(made: Made) -> CallToolResult:
         steps=made.steps,
         session=made.session,
         cache_hits=dict(made.cache_hits),
-        note=NEXT_STEPS,
     )
     return CallToolResult(
         content=[

@@ -1,4 +1,4 @@
-"""`klein-agent serve`: logging to stderr, and running over stdio or streamable HTTP (with the gallery at
+"""`klein-agent serve`: running over stdio or streamable HTTP (with the gallery at
 /gallery).
 
 The CLI (`klein_agent.cli`) adds the model options with `add_model_arguments` and the serve options with
@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import sys
 
 import anyio
 
@@ -33,21 +31,6 @@ from klein_agent.web.listen import (
 )
 
 log = logging.getLogger("klein_agent.serve")
-
-
-def configure_logging(level: str) -> None:
-    """Send all logging to stderr at `level`; quiet the libraries' progress bars (stdout is the MCP wire)."""
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root.addHandler(handler)
-    root.setLevel(level)
-    # Library progress bars and advice would go to stdout or clutter stderr; the server reports progress itself.
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    os.environ.setdefault("TQDM_DISABLE", "1")
 
 
 def build_studio(args: argparse.Namespace) -> Studio:
@@ -79,7 +62,6 @@ def run_serve(args: argparse.Namespace) -> int:
     Returns 2 after logging the reason for a bad option, a port that cannot be bound or a store that cannot be
     opened (for HTTP the port is bound first, so nothing is created when it is taken), else 0.
     """
-    configure_logging(args.log_level)
     plan = None
     try:
         if args.http:

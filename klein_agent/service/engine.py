@@ -395,7 +395,12 @@ class Engine:
         try:
             generator = self._factory()
         except BaseException as exc:  # a failed load must never kill the server
-            log.exception("model failed to load")
+            if isinstance(
+                exc, ValueError | OSError
+            ):  # a model not cached, a bad folder: the message says what to do
+                log.error("the model failed to load: %s", exc)
+            else:
+                log.exception("the model failed to load")
             with self._cond:
                 self._state = EngineState.FAILED
                 self._error = f"{type(exc).__name__}: {exc}"

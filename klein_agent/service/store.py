@@ -657,7 +657,7 @@ class ImageStore:
                     "INSERT INTO _migrations (version, name, applied_at) VALUES (?, ?, ?)",
                     (migration.version, migration.name, time.time()),
                 )
-                log.info("image store: applied schema migration %d (%s)", migration.version, migration.name)
+                log.debug("image store: applied schema migration %d (%s)", migration.version, migration.name)
 
     def _sweep(self, min_age_s: float) -> None:
         """Repair what a crash can leave: rows whose file is missing, not a regular file or of the wrong size

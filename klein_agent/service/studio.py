@@ -190,12 +190,9 @@ class Studio:
 
     def _check_reference_count(self, count: int) -> None:
         info = self.engine.info
-        limit = min(limits.MAX_REFERENCES, info.max_references) if info is not None else limits.MAX_REFERENCES
-        if count > limit:
-            raise RequestError(
-                f"{count} reference images given, but this model takes at most {limit}: pass fewer images, "
-                "or compose in two rounds (combine some first, then use that result as one reference)"
-            )
+        resolution.check_reference_count(
+            count, info.max_references if info is not None else limits.MAX_REFERENCES
+        )
 
     def _check_size(
         self, first: Image.Image | None, width: int | None, height: int | None, count: int
