@@ -177,3 +177,14 @@ def test_memory_per_1024_reference_for_the_9b_shape() -> None:
         refs = torch.empty(1, 64 * 64, 128, dtype=torch.bfloat16)
         kept = model.reference_kv(refs, sampling.reference_ids([(64, 64)]).to("meta"))
     assert kept.nbytes == 2 * 1024**3
+
+
+def test_the_variant_names_kv() -> None:
+    from klein_agent.loading.checkpoints import BASE_SAMPLING, DISTILLED_SAMPLING, detect_variant
+    from klein_agent.model.configs import preset
+
+    nine = preset("klein-9b").transformer
+    assert detect_variant(nine, DISTILLED_SAMPLING, kv=True) == "klein-9b-kv"
+    assert detect_variant(nine, DISTILLED_SAMPLING) == "klein-9b"
+    assert detect_variant(nine, BASE_SAMPLING) == "klein-base-9b"
+    assert detect_variant(preset("klein-4b").transformer, DISTILLED_SAMPLING, kv=True) == "klein-4b-kv"
