@@ -52,6 +52,16 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="compile the transformer blocks with torch.compile (GPU; the first call per size compiles)",
     )
     group.add_argument(
+        "--reference-kv-cache-gib",
+        type=_non_negative_float,
+        default=None,
+        metavar="GIB",
+        help="klein 9B-KV: memory for reference keys and values kept across calls, so a retry on the same "
+        "references skips them at every step (a 1024x1024 reference takes 2 GiB for the 9B in bfloat16; "
+        "0 keeps them for one call only; default: on CUDA half the memory free after loading, at most a quarter "
+        "of the card, elsewhere 2)",
+    )
+    group.add_argument(
         "--allow-download",
         action="store_true",
         help="let a repo id missing from the local Hugging Face cache be downloaded (needs huggingface_hub)",
@@ -73,6 +83,21 @@ def generator_factory(args: argparse.Namespace) -> Callable[[], ImageGenerator]:
             offload_text_encoder=getattr(args, "offload_text_encoder", False),
             fp8=getattr(args, "fp8", False),
             compile=getattr(args, "compile", False),
+            reference_kv_cache_bytes=_gib_to_bytes(getattr(args, "reference_kv_cache_gib", None)),
         )
 
     return load
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of GiB, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number of GiB of at least 0, got {text!r}")
+    return value
+
+
+def _gib_to_bytes(gib: float | None) -> int | None:
+    return None if gib is None else int(gib * 1024**3)

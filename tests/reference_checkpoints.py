@@ -13,7 +13,9 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKLFlux2,
+    DiffusionPipeline,
     FlowMatchEulerDiscreteScheduler,
+    Flux2KleinKVPipeline,
     Flux2KleinPipeline,
     Flux2Transformer2DModel,
 )
@@ -60,6 +62,7 @@ class Shape:
     quant_convs: bool = True
     mid_attention: bool = True
     distilled: bool = True
+    kv: bool = False  # written as a Flux2KleinKVPipeline (klein 9B-KV)
 
 
 def qwen_tokenizer() -> Qwen2Tokenizer:
@@ -138,7 +141,7 @@ def write_reference_checkpoint(folder: Path, shape: Shape = Shape(), seed: int =
         _randomize(module, generator)
     vae.bn.running_mean.normal_(0.0, 0.1, generator=generator)
     vae.bn.running_var.uniform_(0.5, 1.5, generator=generator)
-    pipe = Flux2KleinPipeline(
+    parts = dict(
         scheduler=FlowMatchEulerDiscreteScheduler(**KLEIN_SCHEDULER),
         vae=vae.eval(),
         text_encoder=text.eval(),
@@ -146,12 +149,14 @@ def write_reference_checkpoint(folder: Path, shape: Shape = Shape(), seed: int =
         transformer=transformer.eval(),
         is_distilled=shape.distilled,
     )
+    pipe = Flux2KleinKVPipeline(**parts) if shape.kv else Flux2KleinPipeline(**parts)
     pipe.save_pretrained(str(folder))
     return folder
 
 
-def load_reference(folder: Path) -> Flux2KleinPipeline:
-    """The checkpoint as diffusers loads it, with every default (dtype, layers, sizes) left alone."""
-    pipe = Flux2KleinPipeline.from_pretrained(str(folder))
+def load_reference(folder: Path) -> Flux2KleinPipeline | Flux2KleinKVPipeline:
+    """The checkpoint as diffusers loads it (the pipeline class its model_index.json names), with every default
+    (dtype, layers, sizes) left alone."""
+    pipe = DiffusionPipeline.from_pretrained(str(folder))
     pipe.set_progress_bar_config(disable=True)
     return pipe

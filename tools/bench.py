@@ -162,7 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--offload-text-encoder", action="store_true", help="text encoder in host memory")
     parser.add_argument("--no-reference", action="store_true", help="skip diffusers even where installed")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--kv", action="store_true", help="klein 9B-KV rows instead (tools/bench_kv.py)")
     args = parser.parse_args(argv)
+    if args.kv:
+        from bench_kv import run_kv
+
+        return run_kv(args)
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)

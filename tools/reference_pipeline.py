@@ -13,6 +13,7 @@ import torch
 from diffusers import (
     AutoencoderKLFlux2,
     FlowMatchEulerDiscreteScheduler,
+    Flux2KleinKVPipeline,
     Flux2KleinPipeline,
     Flux2Transformer2DModel,
 )
@@ -75,7 +76,8 @@ def diffusers_scheduler() -> FlowMatchEulerDiscreteScheduler:
 
 
 def reference_pipeline(pipe: KleinPipeline) -> Any:
-    """A `Flux2KleinPipeline` holding `pipe`'s weights (through the key maps), built without a second host copy."""
+    """A `Flux2KleinPipeline` (`Flux2KleinKVPipeline` when `pipe` runs klein 9B-KV) holding `pipe`'s weights
+    (through the key maps), built without a second host copy."""
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()  # "guidance is ignored for distilled models", once per call
@@ -98,7 +100,9 @@ def reference_pipeline(pipe: KleinPipeline) -> Any:
     state["lm_head.weight"] = ours["embed_tokens.weight"]
     text.load_state_dict(state, assign=True)
     text.model.rotary_emb = type(text.model.rotary_emb)(config=text.config).to(pipe.device)
-    reference = Flux2KleinPipeline(
+    # klein 9B-KV weights go to diffusers' KV pipeline (reference pass at step 0, kept keys and values after)
+    kind = Flux2KleinKVPipeline if getattr(pipe, "kv_references", False) else Flux2KleinPipeline
+    reference = kind(
         scheduler=diffusers_scheduler(),
         vae=vae.eval(),
         text_encoder=text.eval(),

@@ -43,6 +43,10 @@ FOLDER_PARTS = ("transformer", "vae", "text_encoder", "tokenizer")
 BASE_SAMPLING = SamplingDefaults(distilled=False, steps=50, guidance=4.0)
 DISTILLED_SAMPLING = SamplingDefaults(distilled=True, steps=4, guidance=1.0)
 _SHARD = re.compile(r"^(?P<stem>.+)-(?P<index>\d+)-of-(?P<total>\d+)\.safetensors$")
+# klein 9B-KV: diffusers names its own pipeline class in model_index.json; BFL's single file holds the same tensors
+# as the 9B (no marker inside), so its published name is the only sign (flux-2-klein-9b-kv[-fp8].safetensors)
+KV_PIPELINE_CLASS = "Flux2KleinKVPipeline"
+_KV_FILE = re.compile(r"klein-9b-kv", re.IGNORECASE)
 
 
 @dataclass
@@ -55,6 +59,7 @@ class Components:
     sampling: SamplingDefaults
     variant: str
     scheduler: SchedulerConfig
+    kv_references: bool = False  # klein 9B-KV: references run once, their keys and values kept
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -70,8 +75,9 @@ def load_components(
     """Load a diffusers-layout model folder onto `device` in `dtype`.
 
     `transformer_file` replaces the folder's transformer with a BFL single file. Distilled or not comes from
-    `model_index.json` (`is_distilled`). Raises CheckpointError when a part is missing, unreadable or does not
-    fit, and when the text encoder and the transformer come from different model sizes.
+    `model_index.json` (`is_distilled`); a KV checkpoint (`is_kv_checkpoint`) is distilled, as diffusers'
+    `Flux2KleinKVPipeline` is (4 steps, no guidance). Raises CheckpointError when a part is missing, unreadable
+    or does not fit, and when the text encoder and the transformer come from different model sizes.
     """
     folder = Path(folder)
     index = _read_json(folder / "model_index.json", "the model folder's index")
@@ -80,7 +86,8 @@ def load_components(
         missing.remove("transformer")
     if missing:
         raise CheckpointError(f"{folder} lacks the folder(s) {', '.join(missing)} of the diffusers layout")
-    sampling = DISTILLED_SAMPLING if index.get("is_distilled", False) else BASE_SAMPLING
+    kv = is_kv_checkpoint(index, transformer_file)
+    sampling = DISTILLED_SAMPLING if kv or index.get("is_distilled", False) else BASE_SAMPLING
     scheduler = load_scheduler_config(folder / "scheduler")
 
     if transformer_file:
@@ -95,20 +102,34 @@ def load_components(
             f"{transformer.config.context_in_dim}: the two come from different models (klein 4B pairs with Qwen3-4B, "
             "9B with Qwen3-8B)"
         )
-    variant = detect_variant(transformer.config, sampling)
-    return Components(transformer, autoencoder, text_embedder, sampling, variant, scheduler)
+    variant = detect_variant(transformer.config, sampling, kv)
+    return Components(transformer, autoencoder, text_embedder, sampling, variant, scheduler, kv)
 
 
-def detect_variant(config: TransformerConfig, sampling: SamplingDefaults) -> str:
-    """The preset whose transformer shape and distillation match the checkpoint's ("klein-4b", "klein-base-9b",
-    "tiny", ...); an undistilled copy of a distilled-only preset gets "-base"; any other shape is "custom"."""
+def is_kv_checkpoint(
+    index: Mapping[str, Any], transformer_file: str | os.PathLike[str] | None = None
+) -> bool:
+    """Whether a model runs klein 9B-KV's reference semantics: its `model_index.json` names diffusers'
+    `Flux2KleinKVPipeline`, or its BFL single file has the KV checkpoint's published name."""
+    if index.get("_class_name") == KV_PIPELINE_CLASS:
+        return True
+    return transformer_file is not None and bool(_KV_FILE.search(Path(transformer_file).name))
+
+
+def detect_variant(config: TransformerConfig, sampling: SamplingDefaults, kv: bool = False) -> str:
+    """The preset whose transformer shape, distillation and reference semantics match the checkpoint's
+    ("klein-4b", "klein-base-9b", "klein-9b-kv", "tiny", ...); an undistilled copy of a distilled-only preset
+    gets "-base", a KV copy of a preset without KV "-kv"; any other shape is "custom" (or "custom-kv")."""
     shape_matches = [name for name, p in PRESETS.items() if p.transformer == config]
     for name in shape_matches:
-        if PRESETS[name].sampling.distilled == sampling.distilled:
+        p = PRESETS[name]
+        if p.sampling.distilled == sampling.distilled and p.kv_references == kv:
             return name
     if shape_matches:
-        return f"{shape_matches[0]}-base" if not sampling.distilled else shape_matches[0]
-    return "custom"
+        name = shape_matches[0]
+        suffix = "-kv" if kv else ("-base" if not sampling.distilled else "")
+        return f"{name}{suffix}"
+    return "custom-kv" if kv else "custom"
 
 
 def load_scheduler_config(folder: Path) -> SchedulerConfig:

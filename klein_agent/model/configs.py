@@ -152,6 +152,8 @@ class ModelPreset:
     text_encoder: TextEncoderConfig
     sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
     licence: str = "Apache-2.0"
+    # klein 9B-KV: references run once at timestep 0, attending only to themselves; their keys and values are kept
+    kv_references: bool = False
 
 
 _KLEIN_4B = TransformerConfig()
@@ -222,6 +224,14 @@ PRESETS: dict[str, ModelPreset] = {
     "klein-4b": ModelPreset("klein-4b", _KLEIN_4B, AutoencoderConfig(), _QWEN3_4B),
     "klein-base-4b": ModelPreset("klein-base-4b", _KLEIN_4B, AutoencoderConfig(), _QWEN3_4B, _BASE),
     "klein-9b": ModelPreset("klein-9b", _KLEIN_9B, AutoencoderConfig(), _QWEN3_8B, licence=_NON_COMMERCIAL),
+    "klein-9b-kv": ModelPreset(
+        "klein-9b-kv",
+        _KLEIN_9B,
+        AutoencoderConfig(),
+        _QWEN3_8B,
+        licence=_NON_COMMERCIAL,
+        kv_references=True,
+    ),
     "klein-base-9b": ModelPreset(
         "klein-base-9b", _KLEIN_9B, AutoencoderConfig(), _QWEN3_8B, _BASE, licence=_NON_COMMERCIAL
     ),

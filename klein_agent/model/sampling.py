@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from klein_agent.model.configs import SchedulerConfig
-from klein_agent.model.transformer import Flux2Transformer
+from klein_agent.model.transformer import Flux2Transformer, ReferenceKV
 
 REFERENCE_TIME_OFFSET = 10  # reference i sits at RoPE time coordinate 10 * (i + 1)
 
@@ -122,6 +122,7 @@ def denoise(
     noise_levels: Tensor,  # [steps + 1] float32, from `sigmas`
     references: Tensor | None = None,  # [1, R, C] reference tokens, shared by the batch
     references_ids: Tensor | None = None,  # [R, 4]
+    reference_kv: ReferenceKV | None = None,  # klein 9B-KV: the references' kept keys and values instead
     guidance: float | None = None,  # true CFG scale (Base models); None for no CFG
     uncond_context: Tensor | None = None,  # [B, T, C_ctx], the empty prompt, with guidance
     num_train_timesteps: int = 1000,
@@ -134,9 +135,14 @@ def denoise(
     conditional and unconditional predictions are separate passes combined in the model dtype; the Euler update is
     `x.float() + dt * v` (dt a float32 scalar, so the product stays in the model dtype) cast back to the model
     dtype. Reference tokens ride after the noisy ones with the current timestep and are dropped from the prediction.
+    With `reference_kv` (klein 9B-KV, `Flux2Transformer.reference_kv`), every step runs over [text, noisy] only and
+    attends to the kept reference keys and values, as diffusers' `Flux2KleinKVPipeline` does from its second step
+    (its first computes the same keys and values in the same pass). Raises ValueError for both kinds of reference.
     """
     dtype = next(model.parameters()).dtype
     batch, num_noisy = noise.shape[0], noise.shape[1]
+    if reference_kv is not None and references is not None:
+        raise ValueError("give the references either as tokens or as kept keys and values, not both")
     ids = noise_ids if references is None else torch.cat((noise_ids, references_ids), dim=0)  # type: ignore[arg-type]
     if guidance is not None and uncond_context is None:
         raise ValueError("classifier-free guidance needs the unconditional context")
@@ -149,9 +155,10 @@ def denoise(
     for i in range(total):
         t = timesteps[i].expand(batch).to(dtype) / 1000
         inp = x if refs is None else torch.cat((x, refs), dim=1)
-        pred = model(inp, ids, context, context_ids, t, rope=rope)[:, :num_noisy]
+        pred = model(inp, ids, context, context_ids, t, rope=rope, reference_kv=reference_kv)[:, :num_noisy]
         if guidance is not None:
-            uncond = model(inp, ids, uncond_context, context_ids, t, rope=rope)[:, :num_noisy]
+            uncond = model(inp, ids, uncond_context, context_ids, t, rope=rope, reference_kv=reference_kv)
+            uncond = uncond[:, :num_noisy]
             pred = uncond + guidance * (pred - uncond)
         x = (x.float() + (levels[i + 1] - levels[i]) * pred).to(pred.dtype)
         if on_step is not None:

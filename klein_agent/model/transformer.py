@@ -5,18 +5,45 @@ Module and parameter names follow BFL's `flux2/model.py`, so a BFL single-file c
 parameters; the three modulation projections are computed once per forward and shared by every block.
 
 Shapes: B batch, L image tokens (noisy output first, then references), T text tokens (512), D hidden size,
-H heads, Dh head dim.
+H heads, Dh head dim, R reference tokens.
+
+klein 9B-KV runs references apart (BFL `forward_kv_extract` / `forward_kv_cached`, diffusers `Flux2KVCache`): the
+reference tokens pass through the blocks on their own, modulated by timestep 0 and attending only to themselves
+(`Flux2Transformer.reference_kv`); every block keeps their post-RoPE keys and values, and the [text, noisy] pass reads
+them between its text and image keys (`forward(..., reference_kv=...)`).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from klein_agent.model.configs import TransformerConfig
+
+KeyValue = tuple[Tensor, Tensor]  # post-RoPE keys and values of the reference tokens, each [1, H, R, Dh]
+
+
+@dataclass(frozen=True)
+class ReferenceKV:
+    """The reference tokens' keys and values in every block, as klein 9B-KV keeps them after its first step.
+
+    They depend only on the reference latents, their positions and the weights (not on the prompt, the noise or the
+    timestep), so one set serves every step of a call and every call on the same references.
+    """
+
+    double: tuple[KeyValue, ...]  # one per double-stream block
+    single: tuple[KeyValue, ...]  # one per single-stream block
+    num_tokens: int  # R
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held, in bytes: 2 x (blocks) x R x D x the dtype's size."""
+        return sum(t.numel() * t.element_size() for kv in self.double + self.single for t in kv)
 
 
 class Flux2Transformer(nn.Module):
@@ -49,13 +76,22 @@ class Flux2Transformer(nn.Module):
         timesteps: Tensor,  # [B] in [0, 1]
         rope: tuple[Tensor, Tensor]
         | None = None,  # precomputed `self.rope(txt_ids, img_ids)`, reused across steps
+        reference_kv: ReferenceKV | None = None,  # klein 9B-KV: the kept reference keys and values
     ) -> Tensor:  # [B, L, C_in] predicted velocity
         """The velocity for every image token (noisy and reference), as BFL `Flux2.forward` and diffusers
         `Flux2Transformer2DModel.forward` compute it.
 
         `timesteps` is scaled by 1000 in the activation dtype before the sinusoidal embedding (both references do
         so, which quantises t in bfloat16). All tensors on one device; `img` and `txt` in the weights' dtype.
+        With `reference_kv` (from `reference_kv`), `img` holds the noisy tokens only and every block attends to
+        [text, references, noisy] keys (diffusers `kv_cache_mode="cached"`). Raises ValueError when
+        `reference_kv` was made for another block count.
         """
+        if reference_kv is not None and (
+            len(reference_kv.double) != len(self.double_blocks)
+            or len(reference_kv.single) != len(self.single_blocks)
+        ):
+            raise ValueError("reference_kv was made by a transformer with another number of blocks")
         t = timesteps.to(img.dtype) * 1000  # [B]
         vec = self.time_in(timestep_embedding(t, self.config.timestep_channels).to(img.dtype))  # [B, D]
         mod_img = self.double_stream_modulation_img(vec)  # [B, 1, 6D]
@@ -66,14 +102,49 @@ class Flux2Transformer(nn.Module):
         txt = self.txt_in(txt)  # [B, T, D]
         cos, sin = self.rope(txt_ids, img_ids) if rope is None else rope  # [T+L, Dh/2] each
 
-        for block in self.double_blocks:
-            img, txt = block(img, txt, cos, sin, mod_img, mod_txt)
+        double_kv = single_kv = None
+        if reference_kv is not None:
+            double_kv, single_kv = reference_kv.double, reference_kv.single
+        for i, block in enumerate(self.double_blocks):
+            img, txt = block(
+                img, txt, cos, sin, mod_img, mod_txt, None if double_kv is None else double_kv[i]
+            )
 
         num_txt = txt.shape[1]
         x = torch.cat((txt, img), dim=1)  # [B, T+L, D]
-        for block in self.single_blocks:
-            x = block(x, cos, sin, mod_single)
+        for i, block in enumerate(self.single_blocks):
+            x = block(x, cos, sin, mod_single, None if single_kv is None else single_kv[i], num_txt)
         return self.final_layer(x[:, num_txt:], vec)
+
+    def reference_kv(
+        self,
+        ref: Tensor,  # [1, R, C_in] reference tokens, in the weights' dtype
+        ref_ids: Tensor,  # [R, 4] their positions (t = 10, 20, ... per reference)
+        timestep: float = 0.0,  # BFL `ref_fixed_timestep`, diffusers `ref_fixed_timestep`
+    ) -> ReferenceKV:
+        """klein 9B-KV's reference pass: the references alone through every block, modulated by a fixed
+        timestep and attending only to each other, keeping each block's post-RoPE keys and values.
+
+        Equal to the reference rows of diffusers' `kv_cache_mode="extract"` pass (where they ride before the noisy
+        tokens but attend only to themselves, so nothing else changes them). The last single block's output is
+        never read, so its MLP is skipped.
+        """
+        t = torch.full((ref.shape[0],), timestep * 1000, dtype=ref.dtype, device=ref.device)
+        vec = self.time_in(timestep_embedding(t, self.config.timestep_channels).to(ref.dtype))  # [1, D]
+        mod_img = self.double_stream_modulation_img(vec)
+        mod_single = self.single_stream_modulation(vec)
+        cos, sin = self.pe_embedder(ref_ids)  # [R, Dh/2] each
+        x = self.img_in(ref)  # [1, R, D]
+        double: list[KeyValue] = []
+        for double_block in self.double_blocks:
+            x, kv = cast(DoubleStreamBlock, double_block).reference(x, cos, sin, mod_img)
+            double.append(kv)
+        single: list[KeyValue] = []
+        for i, single_block in enumerate(self.single_blocks):
+            last = i + 1 == len(self.single_blocks)
+            x, kv = cast(SingleStreamBlock, single_block).reference(x, cos, sin, mod_single, not last)
+            single.append(kv)
+        return ReferenceKV(tuple(double), tuple(single), ref.shape[1])
 
     def rope(self, txt_ids: Tensor, img_ids: Tensor) -> tuple[Tensor, Tensor]:
         """cos and sin for the joint [text, image] sequence, in float32."""
@@ -123,11 +194,19 @@ class DoubleStreamBlock(nn.Module):
         self.txt_mlp = nn.Sequential(nn.Linear(d, 2 * m, bias=False), SwiGLU(), nn.Linear(m, d, bias=False))
 
     def forward(
-        self, img: Tensor, txt: Tensor, cos: Tensor, sin: Tensor, mod_img: Tensor, mod_txt: Tensor
+        self,
+        img: Tensor,
+        txt: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mod_img: Tensor,
+        mod_txt: Tensor,
+        reference_kv: KeyValue | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Image tokens [B, L, D] and text tokens [B, T, D] -> both updated, same shapes and dtype.
 
-        `cos`, `sin`: [T+L, Dh/2] float32 for the joint sequence; `mod_img`, `mod_txt`: [B, 1, 6D]. Mirrors
+        `cos`, `sin`: [T+L, Dh/2] float32 for the joint sequence; `mod_img`, `mod_txt`: [B, 1, 6D];
+        `reference_kv`: kept reference keys and values, attended between the text and image keys. Mirrors
         BFL `DoubleStreamBlock.forward` and diffusers `Flux2TransformerBlock.forward`.
         """
         img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = mod_img.chunk(6, dim=-1)
@@ -142,7 +221,7 @@ class DoubleStreamBlock(nn.Module):
         q = torch.cat((txt_q, img_q), dim=2)  # [B, H, T+L, Dh]
         k = torch.cat((txt_k, img_k), dim=2)
         v = torch.cat((txt_v, img_v), dim=2)
-        attn = attention(q, k, v, cos, sin)  # [B, T+L, D]
+        attn = attention(q, k, v, cos, sin, reference_kv, txt.shape[1])  # [B, T+L, D]
         txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
 
         img = img + img_gate1 * self.img_attn.proj(img_attn)
@@ -150,6 +229,19 @@ class DoubleStreamBlock(nn.Module):
         txt = txt + txt_gate1 * self.txt_attn.proj(txt_attn)
         txt = txt + txt_gate2 * self.txt_mlp(modulate(txt, txt_shift2, txt_scale2, self.eps))
         return img, clip_float16(txt)
+
+    def reference(self, ref: Tensor, cos: Tensor, sin: Tensor, mod_ref: Tensor) -> tuple[Tensor, KeyValue]:
+        """Reference tokens [1, R, D] alone through the image stream -> (updated tokens, their post-RoPE k, v).
+
+        `cos`, `sin`: [R, Dh/2]; `mod_ref`: [1, 1, 6D] from the fixed reference timestep.
+        """
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod_ref.chunk(6, dim=-1)
+        q, k, v = self.img_attn.qkv_heads(modulate(ref, shift1, scale1, self.eps), self.num_heads)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)  # [1, R, D]
+        ref = ref + gate1 * self.img_attn.proj(attn)
+        ref = ref + gate2 * self.img_mlp(modulate(ref, shift2, scale2, self.eps))
+        return ref, (k, v)
 
 
 class SingleStreamBlock(nn.Module):
@@ -167,20 +259,46 @@ class SingleStreamBlock(nn.Module):
         self.norm = QKNorm(config.head_dim, config.eps)
         self.mlp_act = SwiGLU()
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mod: Tensor) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mod: Tensor,
+        reference_kv: KeyValue | None = None,
+        num_txt: int = 0,
+    ) -> Tensor:
         """Joint [text, image] tokens [B, T+L, D] -> same shape and dtype.
 
-        `cos`, `sin`: [T+L, Dh/2] float32; `mod`: [B, 1, 3D]. Mirrors BFL `SingleStreamBlock.forward` and
+        `cos`, `sin`: [T+L, Dh/2] float32; `mod`: [B, 1, 3D]; `reference_kv`: kept reference keys and values,
+        attended between the first `num_txt` keys and the rest. Mirrors BFL `SingleStreamBlock.forward` and
         diffusers `Flux2SingleTransformerBlock.forward`.
         """
+        q, k, v, mlp, gate = self._project(x, mod)
+        attn = attention(q, k, v, cos, sin, reference_kv, num_txt)  # [B, S, D]
+        return clip_float16(x + gate * self.linear2(torch.cat((attn, self.mlp_act(mlp)), dim=-1)))
+
+    def reference(
+        self, ref: Tensor, cos: Tensor, sin: Tensor, mod_ref: Tensor, need_output: bool = True
+    ) -> tuple[Tensor, KeyValue]:
+        """Reference tokens [1, R, D] alone -> (updated tokens, their post-RoPE k, v); with `need_output` False
+        the tokens come back unchanged (only k, v are wanted)."""
+        q, k, v, mlp, gate = self._project(ref, mod_ref)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if not need_output:
+            return ref, (k, v)
+        attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)  # [1, R, D]
+        return clip_float16(ref + gate * self.linear2(torch.cat((attn, self.mlp_act(mlp)), dim=-1))), (k, v)
+
+    def _project(self, x: Tensor, mod: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """q, k, v [B, H, S, Dh] (q, k normalised, before RoPE), the MLP input [B, S, 2m] and the gate."""
         shift, scale, gate = mod.chunk(3, dim=-1)
         qkv, mlp = self.linear1(modulate(x, shift, scale, self.eps)).split(
             (3 * self.hidden_size, 2 * self.mlp_hidden), dim=-1
         )
         q, k, v = split_heads(qkv, self.num_heads)
         q, k = self.norm(q, k, v)
-        attn = attention(q, k, v, cos, sin)  # [B, S, D]
-        return clip_float16(x + gate * self.linear2(torch.cat((attn, self.mlp_act(mlp)), dim=-1)))
+        return q, k, v, mlp, gate
 
 
 class LastLayer(nn.Module):
@@ -291,12 +409,26 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return out.flatten(-2).to(x.dtype)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    inserted: KeyValue | None = None,
+    at: int = 0,
+) -> Tensor:
     """RoPE on q and k, then full (unmasked) scaled dot-product attention (BFL `attention`).
 
-    q, k, v [B, H, S, Dh] and cos, sin [S, Dh/2] float32 -> [B, S, H*Dh] in `q`'s dtype.
+    q, k, v [B, H, S, Dh] and cos, sin [S, Dh/2] float32 -> [B, S, H*Dh] in `q`'s dtype. `inserted` keys and
+    values ([1, H, R, Dh], RoPE already applied) join the keys after the first `at` of them, as klein 9B-KV reads
+    its kept references between text and image (diffusers `_flux2_kv_causal_attention`, cached mode).
     """
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if inserted is not None:
+        k_ref, v_ref = (t.expand(q.shape[0], -1, -1, -1) for t in inserted)
+        k = torch.cat((k[:, :, :at], k_ref, k[:, :, at:]), dim=2)  # [B, H, S+R, Dh]
+        v = torch.cat((v[:, :, :at], v_ref, v[:, :, at:]), dim=2)
     out = F.scaled_dot_product_attention(q, k, v)  # [B, H, S, Dh]
     return out.transpose(1, 2).flatten(2)  # [B, S, H*Dh]
 

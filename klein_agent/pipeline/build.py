@@ -22,12 +22,22 @@ def load_pipeline(
     offload_text_encoder: bool = False,
     fp8: bool = False,
     compile: bool = False,
+    reference_kv_cache_bytes: int | None = None,
 ) -> KleinPipeline:
-    """Build the pipeline a model name points at: `tiny`, a diffusers-layout folder, or a Hugging Face repo id."""
+    """Build the pipeline a model name points at: `tiny`, a diffusers-layout folder, or a Hugging Face repo id.
+
+    `reference_kv_cache_bytes` bounds the cross-call cache of klein 9B-KV reference keys and values (None: the
+    device's default)."""
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     pipeline = _build_pipeline(
-        model, torch_device, torch_dtype, transformer_file, allow_download, offload_text_encoder
+        model,
+        torch_device,
+        torch_dtype,
+        transformer_file,
+        allow_download,
+        offload_text_encoder,
+        reference_kv_cache_bytes,
     )
     if fp8:
         from klein_agent.speedups.fp8 import quantize_transformer_, scaled_mm_available
@@ -50,6 +60,7 @@ def _build_pipeline(
     transformer_file: str | None,
     allow_download: bool,
     offload_text_encoder: bool,
+    reference_kv_cache_bytes: int | None,
 ) -> KleinPipeline:
     if model == "tiny":
         from klein_agent.loading.random_init import build_tiny
@@ -81,4 +92,6 @@ def _build_pipeline(
         variant=components.variant,
         scheduler=components.scheduler,
         offload_text_encoder=offload_text_encoder,
+        kv_references=components.kv_references,
+        reference_kv_cache_bytes=reference_kv_cache_bytes,
     )

@@ -3,6 +3,11 @@
 Text-to-image, single-reference editing and multi-reference composition are one code path: references are encoded
 to latent tokens and ride after the noisy tokens. Prompt embeddings and reference latents are cached, so an agent's
 retry with the same prompt or the same reference skips that work.
+
+A klein 9B-KV checkpoint (`kv_references`) runs references as diffusers' `Flux2KleinKVPipeline` does: they pass
+through the transformer once, at timestep 0 and attending only to each other, and every step attends to their kept
+keys and values. Those depend on the references alone, so they are cached across calls too (bounded in bytes): a
+retry on the same references with a new prompt or seed skips the reference tokens at every step, step 0 included.
 """
 
 from __future__ import annotations
@@ -20,8 +25,8 @@ from klein_agent.model import sampling
 from klein_agent.model.autoencoder import AutoEncoder
 from klein_agent.model.configs import SamplingDefaults, SchedulerConfig
 from klein_agent.model.text_encoder import TextEmbedder
-from klein_agent.model.transformer import Flux2Transformer
-from klein_agent.pipeline.caches import EncodedReference, LRUCache
+from klein_agent.model.transformer import Flux2Transformer, ReferenceKV
+from klein_agent.pipeline.caches import ByteLRUCache, EncodedReference, LRUCache
 from klein_agent.pipeline.imaging import prepare_reference, to_images, to_tensor, to_unit
 from klein_agent.rules.limits import MAX_REFERENCES
 from klein_agent.rules.requests import (
@@ -33,6 +38,7 @@ from klein_agent.rules.requests import (
     resolve,
 )
 from klein_agent.rules.resolution import ResolvedRequest
+from klein_agent.speedups.devices import default_reference_kv_cache_bytes
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +55,11 @@ class KleinPipeline:
     The three models must share one device and dtype, which are read from the transformer. `model_name` and
     `variant` (the preset the weights match, or "custom") are reported in `info`; `scheduler` defaults to
     klein's schedule; `prompt_cache_size` and `reference_cache_size` count entries; `offload_text_encoder`
-    keeps the text encoder in host memory between prompts (ignored when the model runs on the CPU). Not
-    thread-safe: one `generate` at a time.
+    keeps the text encoder in host memory between prompts (ignored when the model runs on the CPU).
+    `kv_references` runs references as klein 9B-KV does (tested equal to diffusers `Flux2KleinKVPipeline`);
+    `reference_kv_cache_bytes` bounds the kept reference keys and values across calls (None: the device's default,
+    `speedups.devices.default_reference_kv_cache_bytes`; 0: kept for one call only). Not thread-safe: one
+    `generate` at a time.
     """
 
     def __init__(
@@ -67,6 +76,8 @@ class KleinPipeline:
         prompt_cache_size: int = 32,
         reference_cache_size: int = 16,
         offload_text_encoder: bool = False,
+        kv_references: bool = False,
+        reference_kv_cache_bytes: int | None = None,
     ) -> None:
         self.transformer = transformer
         self.autoencoder = autoencoder
@@ -91,6 +102,14 @@ class KleinPipeline:
         )
         self._prompts: LRUCache[str, Tensor] = LRUCache(prompt_cache_size)
         self._references: LRUCache[str, EncodedReference] = LRUCache(reference_cache_size)
+        self.kv_references = kv_references
+        if reference_kv_cache_bytes is None:
+            reference_kv_cache_bytes = default_reference_kv_cache_bytes(self.device)
+        # keyed by the whole ordered list of references: each reference attends to all of them, so its keys and
+        # values depend on the others, their places and their sizes, not on itself alone
+        self._reference_kv: ByteLRUCache[tuple[str, ...], ReferenceKV] = ByteLRUCache(
+            reference_kv_cache_bytes, lambda kv: kv.nbytes
+        )
         # For smaller cards: the text encoder (8 GB for the 4B) waits in host memory and visits the accelerator
         # only for prompts not in the cache.
         self.offload_text_encoder = offload_text_encoder and self.device.type != "cpu"
@@ -127,7 +146,13 @@ class KleinPipeline:
             uncond = self.encode_prompt("")[0] if resolved.cfg else None
             timings["text"] = _ms_since(mark, self.device)
             mark = time.perf_counter()
-            encoded, reference_hits = self.encode_references(request.references)
+            reference_kv: ReferenceKV | None = None
+            kv_hit = False
+            encoded: list[EncodedReference] = []
+            if self.kv_references and request.references:
+                reference_kv, kv_hit, reference_hits = self.encode_reference_kv(request.references)
+            else:
+                encoded, reference_hits = self.encode_references(request.references)
             timings["references"] = _ms_since(mark, self.device)
             if progress:
                 progress(1, total_units, "prompt and references encoded")
@@ -161,6 +186,7 @@ class KleinPipeline:
                     levels,
                     references=ref_tokens,
                     references_ids=ref_ids,
+                    reference_kv=reference_kv,
                     guidance=resolved.guidance if resolved.cfg else None,
                     uncond_context=uncond,
                     num_train_timesteps=self.scheduler.num_train_timesteps,
@@ -176,18 +202,28 @@ class KleinPipeline:
                 if progress:
                     progress(done_before + steps + 1, total_units, f"{label}decoded")
         timings["total"] = (time.perf_counter() - started) * 1000
+        hits = {"prompt": int(prompt_hit), "references": reference_hits}
+        if self.kv_references:
+            hits["reference_kv"] = int(kv_hit)
         return GenerationResult(
             images=images,
             timings_ms=timings,
-            cache_hits={"prompt": int(prompt_hit), "references": reference_hits},
+            cache_hits=hits,
             resolved=resolved,
             info=self.info,
         )
 
     def clear_caches(self) -> None:
-        """Forget cached prompt embeddings and reference latents (benchmarks time the uncached path)."""
+        """Forget cached prompt embeddings, reference latents and reference keys and values (benchmarks time the
+        uncached path; whoever changes the weights must call it)."""
         self._prompts = LRUCache(self._prompts.capacity)
         self._references = LRUCache(self._references.capacity)
+        self._reference_kv.clear()
+
+    @property
+    def reference_kv_cache_bytes(self) -> tuple[int, int]:
+        """(bytes held, capacity) of the cross-call cache of reference keys and values."""
+        return self._reference_kv.nbytes, self._reference_kv.capacity_bytes
 
     def encode_prompt(self, prompt: str) -> tuple[Tensor, bool]:
         """[1, 512, C_ctx] in the model dtype, and whether it came from the cache."""
@@ -209,15 +245,36 @@ class KleinPipeline:
     def encode_references(self, images: Sequence[Image.Image]) -> tuple[list[EncodedReference], int]:
         """Each picture prepared as the reference does and encoded to latent tokens (cached by content), and
         how many came from the cache."""
+        return self._encode_prepared([prepare_reference(image, self.latent_factor) for image in images])
+
+    def encode_reference_kv(self, images: Sequence[Image.Image]) -> tuple[ReferenceKV, bool, int]:
+        """klein 9B-KV: the references' keys and values in every block, whether they came from the cross-call
+        cache, and how many reference latents did (on a hit none are needed, so 0).
+
+        Keyed by each prepared picture's pixels and size, in order; on a miss the references are encoded (through
+        the latent cache) and run once through the transformer (`Flux2Transformer.reference_kv`).
+        """
+        prepared = [prepare_reference(image, self.latent_factor) for image in images]
+        key = tuple(_image_key(p) for p in prepared)
+        cached = self._reference_kv.get(key)
+        if cached is not None:
+            return cached, True, 0
+        encoded, hits = self._encode_prepared(prepared)
+        tokens = torch.cat([r.tokens for r in encoded])[None]  # [1, R, C]
+        ids = sampling.reference_ids([r.grid for r in encoded]).to(self.device)
+        kv = self.transformer.reference_kv(tokens, ids)
+        self._reference_kv.put(key, kv)
+        return kv, False, hits
+
+    def _encode_prepared(self, prepared: Sequence[Image.Image]) -> tuple[list[EncodedReference], int]:
         encoded, hits = [], 0
-        for image in images:
-            prepared = prepare_reference(image, self.latent_factor)
-            key = _image_key(prepared)
+        for image in prepared:
+            key = _image_key(image)
             cached = self._references.get(key)
             if cached is None:
-                x = to_tensor(prepared).to(self.device, self.dtype)
+                x = to_tensor(image).to(self.device, self.dtype)
                 latent = self.autoencoder.encode(x)  # [1, C, h, w]
-                cached = EncodedReference(sampling.pack(latent)[0], (latent.shape[2], latent.shape[3]))
+                cached = EncodedReference(sampling.pack(latent)[0], (latent.shape[2], latent.shape[3]), key)
                 self._references.put(key, cached)
             else:
                 hits += 1

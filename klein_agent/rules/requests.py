@@ -50,7 +50,8 @@ class GenerationResult:
 
     images: list[Image.Image]  # RGB, width x height, one per seed
     timings_ms: dict[str, float]  # {"text", "references", "denoise", "decode", "total"}
-    cache_hits: dict[str, int]  # {"prompt": 0 or 1, "references": n hits}
+    # {"prompt": 0 or 1, "references": n hits}, and for klein 9B-KV "reference_kv": 0 or 1
+    cache_hits: dict[str, int]
     resolved: ResolvedRequest  # what ran: size, seeds, steps, guidance, references as prepared
     info: GeneratorInfo  # the model that ran it
 

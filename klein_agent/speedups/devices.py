@@ -36,3 +36,20 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
         return DTYPES[name]
     except KeyError:
         raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
+
+
+# klein 9B keeps 2 x 32 blocks x 4096 channels per reference token: 2 GiB in bfloat16 for a 1024x1024 reference
+CPU_REFERENCE_KV_CACHE_BYTES = 2 * 1024**3
+
+
+def default_reference_kv_cache_bytes(device: torch.device) -> int:
+    """How many bytes of reference keys and values (klein 9B-KV) a pipeline on `device` keeps across calls.
+
+    CUDA: half the memory free once the model is loaded, at most a quarter of the card (an H200 keeps about
+    eight 1024x1024 9B references, a card with little left keeps none rather than run out of memory).
+    Elsewhere (CPU, MPS): 2 GiB.
+    """
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return int(min(free // 2, total // 4))
+    return CPU_REFERENCE_KV_CACHE_BYTES
