@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -109,6 +110,23 @@ def unpack(tokens: Tensor, height: int, width: int) -> Tensor:
     return tokens.transpose(1, 2).unflatten(2, (height, width))
 
 
+@dataclass(frozen=True)
+class Inpainting:
+    """What a masked edit keeps: after every step the unmasked tokens are put back to the source, noised to the
+    next level with the starting noise (diffusers `Flux2KleinInpaintPipeline`, step 7)."""
+
+    clean: Tensor  # [1, L, C] the source's latent tokens, model dtype
+    noise: Tensor  # [B, L, C] the noise the run started from, model dtype
+    mask: Tensor  # [1, L, 1] per token in [0, 1] (1 repaints), model dtype
+
+
+def noised(clean: Tensor, noise: Tensor, level: Tensor) -> Tensor:
+    """The flow's forward process at one noise level: level * noise + (1 - level) * clean, in the inputs' dtype
+    (the level is cast to it first, as diffusers' `FlowMatchEulerDiscreteScheduler.scale_noise` does)."""
+    sigma = level.to(clean.dtype)
+    return sigma * noise + (1.0 - sigma) * clean
+
+
 StepCallback = Callable[[int, int], None]  # (step done, total steps); may raise to stop between steps
 
 
@@ -126,6 +144,7 @@ def denoise(
     uncond_context: Tensor | None = None,  # [B, T, C_ctx], the empty prompt, with guidance
     num_train_timesteps: int = 1000,
     on_step: StepCallback | None = None,
+    inpainting: Inpainting | None = None,
 ) -> Tensor:  # [B, L, C] in the model dtype
     """Euler integration of the predicted velocity over `noise_levels`, as diffusers' `Flux2KleinPipeline` runs it.
 
@@ -134,6 +153,8 @@ def denoise(
     conditional and unconditional predictions are separate passes combined in the model dtype; the Euler update is
     `x.float() + dt * v` (dt a float32 scalar, so the product stays in the model dtype) cast back to the model
     dtype. Reference tokens ride after the noisy ones with the current timestep and are dropped from the prediction.
+    With `inpainting`, the kept tokens are reset after each step to the source noised to the next level (the
+    clean source after the last), and the mask blends: (1 - mask) * kept + mask * x, in the model dtype.
     """
     dtype = next(model.parameters()).dtype
     batch, num_noisy = noise.shape[0], noise.shape[1]
@@ -154,6 +175,11 @@ def denoise(
             uncond = model(inp, ids, uncond_context, context_ids, t, rope=rope)[:, :num_noisy]
             pred = uncond + guidance * (pred - uncond)
         x = (x.float() + (levels[i + 1] - levels[i]) * pred).to(pred.dtype)
+        if inpainting is not None:
+            kept = inpainting.clean
+            if i < total - 1:
+                kept = noised(kept, inpainting.noise, levels[i + 1])
+            x = (1 - inpainting.mask) * kept + inpainting.mask * x
         if on_step is not None:
             on_step(i + 1, total)
     return x

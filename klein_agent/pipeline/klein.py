@@ -24,6 +24,7 @@ from klein_agent.model.transformer import Flux2Transformer
 from klein_agent.pipeline.caches import EncodedReference, LRUCache
 from klein_agent.pipeline.imaging import prepare_reference, to_images, to_tensor, to_unit
 from klein_agent.rules.limits import MAX_REFERENCES
+from klein_agent.rules.masks import prepare_mask, prepare_source
 from klein_agent.rules.requests import (
     GenerationRequest,
     GenerationResult,
@@ -107,7 +108,8 @@ class KleinPipeline:
     def generate(
         self, request: GenerationRequest, progress: ProgressCallback | None = None
     ) -> GenerationResult:
-        """Make `request.num_images` pictures, as diffusers' `Flux2KleinPipeline.__call__` would.
+        """Make `request.num_images` pictures, as diffusers' `Flux2KleinPipeline.__call__` would (with a mask:
+        as `Flux2KleinInpaintPipeline.__call__` would, the source being the first conditioning image).
 
         Each picture is denoised and decoded on its own (batch 1), so picture k is, byte for byte, the single
         run with seed + k; the prompt and the references are encoded once for all of them. Progress units: 1 for
@@ -117,8 +119,11 @@ class KleinPipeline:
         """
         started = time.perf_counter()
         resolved = self.resolve(request)
-        count, steps = len(resolved.seeds), resolved.steps
+        count, steps = len(resolved.seeds), resolved.steps - resolved.first_step  # steps run per picture
         total_units = 1 + count * (steps + 1)
+        references = list(request.references)
+        if request.mask is not None:  # the source is resized to whole tokens, not cropped (see rules.masks)
+            references[0] = prepare_source(references[0], self.latent_factor)
         timings = {"text": 0.0, "references": 0.0, "denoise": 0.0, "decode": 0.0}
 
         with torch.inference_mode():
@@ -127,7 +132,7 @@ class KleinPipeline:
             uncond = self.encode_prompt("")[0] if resolved.cfg else None
             timings["text"] = _ms_since(mark, self.device)
             mark = time.perf_counter()
-            encoded, reference_hits = self.encode_references(request.references)
+            encoded, reference_hits = self.encode_references(references)
             timings["references"] = _ms_since(mark, self.device)
             if progress:
                 progress(1, total_units, "prompt and references encoded")
@@ -140,7 +145,10 @@ class KleinPipeline:
                 ref_ids = sampling.reference_ids([r.grid for r in encoded]).to(self.device)
             ctx_ids = sampling.text_ids(context.shape[1]).to(self.device)
             noise_ids = sampling.image_ids(h, w).to(self.device)
-            levels = sampling.sigmas(steps, h * w, self.scheduler)
+            levels = sampling.sigmas(resolved.steps, h * w, self.scheduler)[resolved.first_step :]
+            mask = None
+            if request.mask is not None:
+                mask = self.mask_tokens(prepare_mask(request.mask, (resolved.width, resolved.height)), h, w)
             images: list[Image.Image] = []
             for k, seed in enumerate(resolved.seeds):
                 done_before = 1 + k * (steps + 1)
@@ -151,10 +159,15 @@ class KleinPipeline:
                         progress(base + done, total_units, f"{label}step {done}/{total}")
 
                 mark = time.perf_counter()
-                noise = initial_noise(seed, channels, h, w).to(self.device, self.dtype)
+                noise = sampling.pack(initial_noise(seed, channels, h, w).to(self.device, self.dtype))
+                start, inpainting = noise, None
+                if mask is not None:  # a masked edit starts from the source noised to the first level
+                    clean = encoded[0].tokens[None]
+                    inpainting = sampling.Inpainting(clean, noise, mask)
+                    start = sampling.noised(clean, noise, levels[0])
                 latents = sampling.denoise(
                     self.transformer,
-                    sampling.pack(noise),
+                    start,
                     noise_ids,
                     context,
                     ctx_ids,
@@ -165,6 +178,7 @@ class KleinPipeline:
                     uncond_context=uncond,
                     num_train_timesteps=self.scheduler.num_train_timesteps,
                     on_step=on_step,
+                    inpainting=inpainting,
                 )
                 self._check_finite(latents, "latents")
                 timings["denoise"] += _ms_since(mark, self.device)
@@ -223,6 +237,15 @@ class KleinPipeline:
                 hits += 1
             encoded.append(cached)
         return encoded, hits
+
+    def mask_tokens(self, mask: Image.Image, h: int, w: int) -> Tensor:
+        """A prepared mask (L, 0 or 255, output size) -> [1, h*w, 1] per-token weights in the model dtype: scaled
+        bilinearly to the token grid, as diffusers' `Flux2KleinInpaintPipeline.prepare_mask_latents` does."""
+        data = torch.frombuffer(bytearray(mask.tobytes()), dtype=torch.uint8).view(
+            1, 1, mask.height, mask.width
+        )
+        weights = torch.nn.functional.interpolate((data == 255).float(), size=(h, w), mode="bilinear")
+        return sampling.pack(weights.to(self.device, self.dtype))
 
     def decode(self, latents: Tensor) -> Tensor:
         """[B, C, h, w] model latents -> [B, 3, H, W] float32 pixels in [0, 1] (before 8-bit rounding)."""
