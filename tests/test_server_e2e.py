@@ -49,7 +49,12 @@ async def test_stdio_end_to_end_and_images_survive_a_restart(tmp_path: Path) -> 
         assert status.structured_content["model"]["state"] == "loading", (
             "initialize is answered before the load"
         )
-        assert [t.name for t in (await client.list_tools()).tools][:3] == ["generate", "edit", "compose"]
+        assert [t.name for t in (await client.list_tools()).tools][:4] == [
+            "generate",
+            "edit",
+            "compose",
+            "inpaint",
+        ]
         progress: list[str] = []
 
         async def on_progress(value: float, total: float | None, message: str | None) -> None:

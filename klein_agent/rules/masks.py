@@ -195,3 +195,43 @@ def first_step(steps: int, strength: float) -> int:
             f"strength {strength} with {steps} steps leaves no step to run: raise strength or steps"
         )
     return start
+
+
+@dataclass(frozen=True)
+class MaskRequest:
+    """How a caller names the region of a masked edit: a mask argument (an id, path or URI; the caller decodes
+    it) or boxes, and the strength. The server and the CLI check it with `check` before loading anything."""
+
+    mask: str | None
+    boxes: Sequence[Box]
+    strength: float | None
+
+    def check(self) -> None:
+        """Raises RequestError for both a mask and boxes, neither, too many boxes, or a strength outside (0, 1]."""
+        if self.mask is not None and self.boxes:
+            raise RequestError(
+                "give a mask or boxes, not both: draw the boxes into the mask, or drop the mask"
+            )
+        if self.mask is None and not self.boxes:
+            raise RequestError(
+                "no mask and no boxes given: pass a mask image (white repaints, black keeps) or at least one box "
+                "[x, y, width, height] in pixels or fractions of the image"
+            )
+        if len(self.boxes) > limits.MAX_BOXES:
+            raise RequestError(f"{len(self.boxes)} boxes given; at most {limits.MAX_BOXES}")
+        if self.strength is not None:
+            check_strength(self.strength)
+
+    def picture(
+        self, source: Image.Image, mask: Image.Image | None, multiple: int = limits.SIZE_MULTIPLE
+    ) -> Image.Image:
+        """The mask the model reads for `source` (decoded `mask`, or the boxes drawn at the source's original
+        size), prepared to the output size. Raises RequestError for a mask of another aspect ratio, boxes outside
+        the picture, and a mask that repaints nothing."""
+        original = original_size(source)
+        if mask is None:
+            mask = boxes_mask(self.boxes, original)
+        check_mask_aspect(mask.size, original)
+        prepared = prepare_mask(mask, source_size(source, multiple))
+        check_mask(prepared, multiple)
+        return prepared

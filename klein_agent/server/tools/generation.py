@@ -1,4 +1,4 @@
-"""The image-making tools: generate, edit and compose, each with its description and annotations beside it.
+"""The image-making tools: generate, edit, compose and inpaint, each with its description and annotations beside it.
 
 A thin layer over `Studio.make`: typed arguments (their ranges are the input schema), progress to the client, and
 the result as a preview, a summary, links and structured content (`klein_agent.server.results`).
@@ -14,6 +14,8 @@ from mcp_types import CallToolResult, ToolAnnotations
 from pydantic import Field
 
 from klein_agent.rules.limits import (
+    DEFAULT_STRENGTH,
+    MAX_BOXES,
     MAX_GUIDANCE,
     MAX_IMAGES_PER_CALL,
     MAX_PROMPT_CHARS,
@@ -114,11 +116,48 @@ ImagesArg = Annotated[
 ]
 
 
+ReferencesArg = Annotated[
+    list[str],
+    Field(
+        max_length=MAX_REFERENCES - 1,
+        description='Optional images that guide what is painted in the region ("image 2", "image 3", ... in the '
+        "prompt; the image being repainted is image 1). Each is an id, image://<id>, an allowed path or a data: URI.",
+    ),
+]
+MaskArg = Annotated[
+    str | None,
+    Field(
+        min_length=1,
+        description="A mask picture: white repaints, black keeps (grey is cut at half). Any size with the image's "
+        "aspect ratio. An id, image://<id>, an allowed path or a data: URI. Give a mask or boxes.",
+    ),
+]
+BoxesArg = Annotated[
+    list[Annotated[list[float], Field(min_length=4, max_length=4)]] | None,
+    Field(
+        min_length=1,
+        max_length=MAX_BOXES,
+        description="Regions to repaint, each [x, y, width, height] from the top-left corner: in pixels of the "
+        "image, or all four at most 1 for fractions of it (e.g. [0.5, 0, 0.5, 0.5] is the top-right quarter). "
+        "Easier than a mask; give boxes or a mask.",
+    ),
+]
+StrengthArg = Annotated[
+    float | None,
+    Field(
+        gt=0,
+        le=1,
+        description=f"How much of the region to change: 1 repaints it from scratch, lower keeps more of its "
+        f"shapes and colours. Default {DEFAULT_STRENGTH}.",
+    ),
+]
+
+
 LOOK = "Returns a preview, the ids and seeds, and image:// links; if you cannot see the preview, call view_image."
 
 
 def register(mcp: MCPServer, studio: Studio) -> None:
-    """Add generate, edit and compose to `mcp`, in that order."""
+    """Add generate, edit, compose and inpaint to `mcp`, in that order."""
     store, inputs = store_note(studio), inputs_note(studio)
     urls = studio.policy.allow_urls
 
@@ -211,6 +250,53 @@ def register(mcp: MCPServer, studio: Studio) -> None:
             studio, ctx, "compose", images, prompt, width, height, seed, steps, guidance, num_images, session
         )
 
+    @mcp.tool(
+        name="inpaint",
+        title="Repaint a region",
+        description="Repaint only part of an image and keep the rest: name the region with boxes ([x, y, width, "
+        "height] in pixels or fractions) or a mask picture (white repaints), and describe what the region should "
+        "show. Use it when one detail is wrong. The output keeps the image's size as the model sees it (at most "
+        f"~1 megapixel, whole 16 px tokens); the model repaints in 16 px tokens. {inputs} {LOOK} {store}",
+        annotations=ToolAnnotations(
+            title="Repaint a region",
+            read_only_hint=False,
+            destructive_hint=False,
+            idempotent_hint=False,
+            open_world_hint=urls,
+        ),
+    )
+    async def inpaint(
+        ctx: Context,
+        image: ImageArg,
+        prompt: PromptArg,
+        mask: MaskArg = None,
+        boxes: BoxesArg = None,
+        strength: StrengthArg = None,
+        references: ReferencesArg | None = None,
+        seed: SeedArg = None,
+        steps: StepsArg = None,
+        guidance: GuidanceArg = None,
+        num_images: NumImagesArg = 1,
+        session: SessionArg = None,
+    ) -> Annotated[CallToolResult, ImagesResult]:
+        return await make(
+            studio,
+            ctx,
+            "inpaint",
+            [image, *(references or [])],
+            prompt,
+            None,
+            None,
+            seed,
+            steps,
+            guidance,
+            num_images,
+            session,
+            mask=mask,
+            boxes=boxes,
+            strength=strength,
+        )
+
 
 async def make(
     studio: Studio,
@@ -225,8 +311,12 @@ async def make(
     guidance: float | None,
     num_images: int,
     session: str | None,
+    *,
+    mask: str | None = None,
+    boxes: list[list[float]] | None = None,
+    strength: float | None = None,
 ) -> CallToolResult:
-    """The one path of the three tools: `Studio.make` with the client's progress, as a tool result."""
+    """The one path of the image tools: `Studio.make` with the client's progress, as a tool result."""
 
     async def progress(value: float, total: float | None, message: str) -> None:
         await ctx.report_progress(value, total, message)
@@ -244,5 +334,8 @@ async def make(
             num_images=num_images,
             session=session,
             progress=progress,
+            mask=mask,
+            boxes=boxes,
+            strength=strength,
         )
     return images_result(made)
