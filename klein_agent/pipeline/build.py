@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 from klein_agent.pipeline.klein import KleinPipeline
+from klein_agent.rules.loras import adapter_names
 from klein_agent.speedups.devices import resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -22,13 +25,18 @@ def load_pipeline(
     offload_text_encoder: bool = False,
     fp8: bool = False,
     compile: bool = False,
+    loras: Sequence[tuple[str, float]] = (),
 ) -> KleinPipeline:
-    """Build the pipeline a model name points at: `tiny`, a diffusers-layout folder, or a Hugging Face repo id."""
+    """Build the pipeline a model name points at: `tiny`, a diffusers-layout folder, or a Hugging Face repo id.
+    `loras` are LoRA files with their default scales, loaded (named by file stem) before any speed-up."""
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     pipeline = _build_pipeline(
         model, torch_device, torch_dtype, transformer_file, allow_download, offload_text_encoder
     )
+    paths = [Path(path) for path, _ in loras]
+    for name, path, (_, scale) in zip(adapter_names(paths), paths, loras, strict=True):
+        pipeline.load_lora(path, name, scale)
     if fp8:
         from klein_agent.speedups.fp8 import quantize_transformer_, scaled_mm_available
 

@@ -11,12 +11,15 @@ import hashlib
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
 
 import torch
 from PIL import Image
 from torch import Tensor
 
-from klein_agent.model import sampling
+from klein_agent.loading.lora import AdapterFile, read_lora
+from klein_agent.model import lora, sampling
 from klein_agent.model.autoencoder import AutoEncoder
 from klein_agent.model.configs import SamplingDefaults, SchedulerConfig
 from klein_agent.model.text_encoder import TextEmbedder
@@ -90,6 +93,7 @@ class KleinPipeline:
             max_references=max_references,
             size_multiple=self.latent_factor,
         )
+        self.adapters: dict[str, AdapterFile] = {}  # loaded LoRA files by name (see load_lora)
         self._prompts: LRUCache[str, Tensor] = LRUCache(prompt_cache_size)
         self._references: LRUCache[str, EncodedReference] = LRUCache(reference_cache_size)
         # For smaller cards: the text encoder (8 GB for the 4B) waits in host memory and visits the accelerator
@@ -146,6 +150,7 @@ class KleinPipeline:
             ctx_ids = sampling.text_ids(context.shape[1]).to(self.device)
             noise_ids = sampling.image_ids(h, w).to(self.device)
             levels = sampling.sigmas(resolved.steps, h * w, self.scheduler)[resolved.first_step :]
+            lora.activate(self.transformer, resolved.loras)
             mask = None
             if request.mask is not None:
                 mask = self.mask_tokens(prepare_mask(request.mask, (resolved.width, resolved.height)), h, w)
@@ -197,6 +202,21 @@ class KleinPipeline:
             resolved=resolved,
             info=self.info,
         )
+
+    def load_lora(self, path: str | Path, name: str, scale: float = 1.0) -> AdapterFile:
+        """Read a LoRA file (diffusers, kohya or ai-toolkit layout) and add it to the transformer as adapter
+        `name`, run by default at `scale`; the base weights are not changed. Raises LoRAError naming the first key
+        that does not fit this model, ValueError for a name already loaded."""
+        if any(known == name for known, _ in self.info.loras):
+            raise ValueError(f"a LoRA adapter named {name!r} is already loaded")
+        adapter = read_lora(path, self.transformer)
+        lora.attach(self.transformer, name, adapter.updates)
+        self.info = replace(self.info, loras=(*self.info.loras, (name, float(scale))))
+        self.adapters[name] = adapter
+        log.info(
+            "LoRA %s: %s format, %d layers, rank %d", name, adapter.format, len(adapter.updates), adapter.rank
+        )
+        return adapter
 
     def clear_caches(self) -> None:
         """Forget cached prompt embeddings and reference latents (benchmarks time the uncached path)."""

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 from PIL import Image
 
 from klein_agent.rules import limits
+from klein_agent.rules.loras import resolve_loras
 from klein_agent.rules.masks import (
     check_mask,
     check_mask_aspect,
@@ -51,6 +52,8 @@ class GenerationRequest:
     # repainted area (the reference's `image_reference`). Any size with the source's aspect ratio; white repaints.
     mask: Image.Image | None = field(default=None, compare=False)
     strength: float | None = None  # masked edits: None is the default (0.8); 1 repaints from pure noise
+    # LoRA adapters to run, (name, scale) in order; None runs every loaded one at its default scale, () none
+    loras: tuple[tuple[str, float], ...] | None = None
 
 
 class NonFiniteOutputError(RuntimeError):
@@ -80,6 +83,7 @@ class GenerationResult:
             "model": self.info.model,
             "variant": self.info.variant,
             **({} if r.strength is None else {"strength": r.strength}),
+            **({"loras": [{"name": n, "scale": s} for n, s in r.loras]} if r.loras else {}),
         }
 
 
@@ -96,6 +100,7 @@ class GeneratorInfo:
     default_guidance: float
     max_references: int
     size_multiple: int = 16  # px per latent token side; prepared references and outputs are multiples of it
+    loras: tuple[tuple[str, float], ...] = ()  # the loaded LoRA adapters: (name, default scale)
 
 
 class ImageGenerator(Protocol):
@@ -139,6 +144,9 @@ def resolve(request: GenerationRequest, info: GeneratorInfo) -> ResolvedRequest:
         default_guidance=limits.INPAINT_DEFAULT_GUIDANCE if inpaint else info.default_guidance,
         max_references=info.max_references,
     )
+    loras = resolve_loras(request.loras, info.loras)
+    if loras:
+        resolved = replace(resolved, loras=loras)
     if request.mask is None:
         return resolved
     source, mask = request.references[0], request.mask
