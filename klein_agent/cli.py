@@ -179,8 +179,9 @@ def run_generate(args: argparse.Namespace) -> int:
         width, height = mask_picture.size
     resolution.check_pixels(width, height, args.num_images, int(args.max_megapixels * 1_000_000))
 
+    factory = generator_factory(args)  # checks the --lora files before loading
     bar = ProgressBar("loading model")
-    pipeline = generator_factory(args)()
+    pipeline = factory()
     bar.note(f"model ready on {pipeline.info.device} ({pipeline.info.dtype})")
     request = GenerationRequest(
         prompt=prompt,
@@ -193,6 +194,7 @@ def run_generate(args: argparse.Namespace) -> int:
         references=tuple(references),
         mask=mask_picture,
         strength=args.strength,
+        loras=pipeline.info.loras,  # generate runs every adapter it loaded
     )
     if args.guidance is not None and pipeline.info.distilled:
         log.warning(

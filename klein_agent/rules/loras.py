@@ -1,8 +1,9 @@
 """LoRA adapters as a caller names them: `FILE[:SCALE]` on the command line, `[{name, scale}]` per call. No torch.
 
-The adapters are loaded with the model (`klein_agent.loading.lora`); a call picks which of them run and how strongly.
-Without a choice a call runs every loaded adapter at the scale the command line gave it (1 by default); an empty
-list runs none.
+The adapters are loaded with the model (`klein_agent.loading.lora`); a call picks which of them run and how strongly
+(a name without a scale runs at the scale the command line gave it, 1 by default). A call that names none runs
+none, so a recipe without adapters remakes its picture on any server. `klein-agent generate` runs every adapter
+it loads.
 """
 
 from __future__ import annotations
@@ -18,6 +19,19 @@ MAX_LORA_SCALE = 4.0  # |scale|; published adapters are meant for 0.5 to 1.5, ne
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}", re.ASCII)
 
 Choice = tuple[str, float]  # (adapter name, scale)
+
+
+def choices(items: Sequence[tuple[str, float | None]], loaded: Sequence[Choice]) -> tuple[Choice, ...]:
+    """Per-call (name, scale or None) -> (name, scale), a missing scale being the adapter's loaded default.
+    Raises RequestError for an unknown name."""
+    known = dict(loaded)
+    result = []
+    for name, scale in items:
+        if name not in known:
+            listing = ", ".join(known) or "none (start the server with --lora FILE)"
+            raise RequestError(f"no LoRA adapter named {name!r} is loaded; loaded: {listing}")
+        result.append((name, known[name] if scale is None else float(scale)))
+    return tuple(result)
 
 
 def check_scale(scale: float, name: str) -> float:
@@ -56,11 +70,10 @@ def adapter_names(paths: Sequence[Path]) -> list[str]:
 
 
 def resolve_loras(asked: Sequence[Choice] | None, loaded: Sequence[Choice]) -> tuple[Choice, ...]:
-    """The adapters a call runs, in order: `asked` checked against the `loaded` ones (name, default scale), or
-    every loaded one at its default when `asked` is None. Raises RequestError for an unknown or repeated name or
-    a scale out of range."""
-    if asked is None:
-        return tuple((name, scale) for name, scale in loaded if scale != 0)
+    """The adapters a call runs, in order: `asked` checked against the `loaded` ones (name, default scale); none
+    when `asked` is None. Raises RequestError for an unknown or repeated name or a scale out of range."""
+    if not asked:
+        return ()
     known = dict(loaded)
     seen: set[str] = set()
     for name, scale in asked:

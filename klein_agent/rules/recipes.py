@@ -39,6 +39,8 @@ def rerun_call(recipe: dict[str, Any], parents: Sequence[str]) -> dict[str, Any]
         else ("prompt", "width", "height", "seed", "steps", "guidance")
     )
     arguments: dict[str, Any] = {key: recipe[key] for key in keys if key in recipe}
+    if recipe.get("loras"):
+        arguments["loras"] = [dict(choice) for choice in recipe["loras"]]
     named = list(recipe.get("parents", parents))
     if tool == "inpaint":
         mask = recipe.get("mask") or {}
@@ -76,6 +78,8 @@ def rerun_command(recipe: dict[str, Any], parents: Sequence[str], out: str) -> l
     named += list(args.get("references", []))
     for parent in named:
         argv += ["--image", f"{parent}.png"]
+    for choice in args.get("loras", []):  # adapters are named by their file's stem
+        argv += ["--lora", f"{choice['name']}.safetensors:{choice['scale']}"]
     if "mask" in args:
         argv += ["--mask", f"{args['mask']}.png"]
     for box in args.get("boxes", []):

@@ -52,7 +52,7 @@ class GenerationRequest:
     # repainted area (the reference's `image_reference`). Any size with the source's aspect ratio; white repaints.
     mask: Image.Image | None = field(default=None, compare=False)
     strength: float | None = None  # masked edits: None is the default (0.8); 1 repaints from pure noise
-    # LoRA adapters to run, (name, scale) in order; None runs every loaded one at its default scale, () none
+    # LoRA adapters to run, (name, scale) in order, from those the model loaded; None or () runs none
     loras: tuple[tuple[str, float], ...] | None = None
 
 

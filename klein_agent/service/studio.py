@@ -31,6 +31,7 @@ from PIL import Image
 
 from klein_agent import __version__
 from klein_agent.rules import limits, masks, resolution
+from klein_agent.rules import loras as lora_rules
 from klein_agent.rules.recipes import provenance
 from klein_agent.rules.references import prepare_reference
 from klein_agent.rules.requests import GenerationRequest
@@ -138,6 +139,7 @@ class Studio:
         mask: str | None = None,
         boxes: Sequence[Sequence[float]] | None = None,
         strength: float | None = None,
+        loras: Sequence[tuple[str, float | None]] | None = None,
     ) -> Made:
         """Make `num_images` pictures from `prompt` and the image arguments `images` (none: generate; one: edit;
         several: compose) and store them. Unset values follow `klein_agent.rules.resolution`. `progress` gets
@@ -145,12 +147,14 @@ class Studio:
 
         For tool "inpaint" (a masked edit, `klein_agent.rules.masks`), images[0] is the picture to repaint and the
         rest condition the repainted area; the region is a `mask` image argument (white repaints) or `boxes`
-        ([x, y, width, height] in pixels of the source, or all four in fractions); `strength` in (0, 1]."""
+        ([x, y, width, height] in pixels of the source, or all four in fractions); `strength` in (0, 1].
+        `loras` names loaded LoRA adapters to run, each with a scale or None for its default."""
         started = time.perf_counter()
         text = resolution.clean_prompt(prompt)
         session = resolution.check_session(session)
         self._check_reference_count(len(images))
         inpaint = tool == "inpaint"
+        chosen = self._check_loras(loras)
         region = masks.MaskRequest(mask, boxes_from(boxes), strength) if inpaint else None
         if region is not None:
             region.check()
@@ -188,6 +192,7 @@ class Studio:
                 references=tuple(item.image for item in loaded),
                 mask=mask_picture,
                 strength=strength,
+                loras=chosen,
             )
             stored_parents = [item.image_id for item in loaded if item.image_id is not None]
             with self.store.pinned(stored_parents):
@@ -219,6 +224,16 @@ class Studio:
             queued_ms=done.queued_ms,
             cache_hits=dict(done.result.cache_hits),
         )
+
+    def _check_loras(self, loras: Sequence[tuple[str, float | None]] | None) -> tuple[tuple[str, float], ...]:
+        """The adapters a call asked for, with their scales, checked against those loaded (the model loads
+        before the first call is taken, so `info` is known here unless loading failed)."""
+        if not loras:
+            return ()
+        info = self.engine.info
+        loaded = info.loras if info is not None else ()
+        chosen = lora_rules.choices(loras, loaded)
+        return lora_rules.resolve_loras(chosen, loaded)
 
     def _check_reference_count(self, count: int) -> None:
         info = self.engine.info

@@ -11,7 +11,7 @@ from typing import Annotated
 from mcp.server import MCPServer
 from mcp.server.mcpserver import Context
 from mcp_types import CallToolResult, ToolAnnotations
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from klein_agent.rules.limits import (
     DEFAULT_STRENGTH,
@@ -28,6 +28,7 @@ from klein_agent.rules.limits import (
     SESSION_MAX_CHARS,
     SIZE_MULTIPLE,
 )
+from klein_agent.rules.loras import MAX_LORA_SCALE
 from klein_agent.server.errors import tool_errors
 from klein_agent.server.models import ImagesResult
 from klein_agent.server.results import images_result
@@ -153,6 +154,30 @@ StrengthArg = Annotated[
 ]
 
 
+class LoraChoice(BaseModel):
+    """One LoRA adapter to run: its name as server_status lists it, and its scale."""
+
+    name: str = Field(
+        min_length=1, max_length=64, description="The adapter's name, as server_status lists it."
+    )
+    scale: float | None = Field(
+        default=None,
+        ge=-MAX_LORA_SCALE,
+        le=MAX_LORA_SCALE,
+        description="How strongly it applies: 1 as trained, 0 off, negative pushes away. Omit for the server's "
+        "default for it.",
+    )
+
+
+LorasArg = Annotated[
+    list[LoraChoice] | None,
+    Field(
+        max_length=8,
+        description="LoRA adapters (styles, subjects) to apply, from those server_status lists; omit for none.",
+    ),
+]
+
+
 LOOK = "Returns a preview, the ids and seeds, and image:// links; if you cannot see the preview, call view_image."
 
 
@@ -185,9 +210,22 @@ def register(mcp: MCPServer, studio: Studio) -> None:
         guidance: GuidanceArg = None,
         num_images: NumImagesArg = 1,
         session: SessionArg = None,
+        loras: LorasArg = None,
     ) -> Annotated[CallToolResult, ImagesResult]:
         return await make(
-            studio, ctx, "generate", [], prompt, width, height, seed, steps, guidance, num_images, session
+            studio,
+            ctx,
+            "generate",
+            [],
+            prompt,
+            width,
+            height,
+            seed,
+            steps,
+            guidance,
+            num_images,
+            session,
+            loras=loras,
         )
 
     @mcp.tool(
@@ -215,9 +253,22 @@ def register(mcp: MCPServer, studio: Studio) -> None:
         guidance: GuidanceArg = None,
         num_images: NumImagesArg = 1,
         session: SessionArg = None,
+        loras: LorasArg = None,
     ) -> Annotated[CallToolResult, ImagesResult]:
         return await make(
-            studio, ctx, "edit", [image], prompt, width, height, seed, steps, guidance, num_images, session
+            studio,
+            ctx,
+            "edit",
+            [image],
+            prompt,
+            width,
+            height,
+            seed,
+            steps,
+            guidance,
+            num_images,
+            session,
+            loras=loras,
         )
 
     @mcp.tool(
@@ -245,9 +296,22 @@ def register(mcp: MCPServer, studio: Studio) -> None:
         guidance: GuidanceArg = None,
         num_images: NumImagesArg = 1,
         session: SessionArg = None,
+        loras: LorasArg = None,
     ) -> Annotated[CallToolResult, ImagesResult]:
         return await make(
-            studio, ctx, "compose", images, prompt, width, height, seed, steps, guidance, num_images, session
+            studio,
+            ctx,
+            "compose",
+            images,
+            prompt,
+            width,
+            height,
+            seed,
+            steps,
+            guidance,
+            num_images,
+            session,
+            loras=loras,
         )
 
     @mcp.tool(
@@ -278,6 +342,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
         guidance: GuidanceArg = None,
         num_images: NumImagesArg = 1,
         session: SessionArg = None,
+        loras: LorasArg = None,
     ) -> Annotated[CallToolResult, ImagesResult]:
         return await make(
             studio,
@@ -295,6 +360,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
             mask=mask,
             boxes=boxes,
             strength=strength,
+            loras=loras,
         )
 
 
@@ -315,6 +381,7 @@ async def make(
     mask: str | None = None,
     boxes: list[list[float]] | None = None,
     strength: float | None = None,
+    loras: list[LoraChoice] | None = None,
 ) -> CallToolResult:
     """The one path of the image tools: `Studio.make` with the client's progress, as a tool result."""
 
@@ -337,5 +404,6 @@ async def make(
             mask=mask,
             boxes=boxes,
             strength=strength,
+            loras=None if loras is None else [(c.name, c.scale) for c in loras],
         )
     return images_result(made)
