@@ -88,3 +88,48 @@ def test_bad_mask_arguments_fail_before_the_model_loads(
     done = run(*argv, "--out", str(tmp_path / "x.png"), model=str(tmp_path / "no-such-model"))
     assert done.returncode == 2 and message in done.stderr, done.stderr
     assert "loading model" not in done.stderr
+
+
+def test_lora_files_on_the_command_line(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from klein_agent.model.configs import preset
+
+    d = preset("tiny").transformer.hidden_size
+    g = torch.Generator().manual_seed(0)
+    good = tmp_path / "style.safetensors"
+    save_file(
+        {
+            "lora_unet_double_blocks_0_img_attn_proj.lora_down.weight": torch.randn(2, d, generator=g),
+            "lora_unet_double_blocks_0_img_attn_proj.lora_up.weight": torch.randn(d, 2, generator=g),
+        },
+        str(good),
+    )
+    out = tmp_path / "styled.png"
+    done = run("--lora", f"{good}:0.5", "--width", "64", "--height", "64", "--seed", "1", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert provenance(out)["loras"] == [{"name": "style", "scale": 0.5}]
+    plain = tmp_path / "plain.png"
+    assert run("--width", "64", "--height", "64", "--seed", "1", "--out", str(plain)).returncode == 0
+    assert plain.read_bytes() != out.read_bytes()
+
+    wrong = tmp_path / "other.safetensors"
+    save_file(
+        {
+            "lora_unet_double_blocks_0_img_attn_proj.lora_down.weight": torch.zeros(2, d + 8),
+            "lora_unet_double_blocks_0_img_attn_proj.lora_up.weight": torch.zeros(d, 2),
+        },
+        str(wrong),
+    )
+    done = run("--lora", str(wrong), "--out", str(tmp_path / "x.png"))
+    assert (
+        done.returncode == 2
+        and "'lora_unet_double_blocks_0_img_attn_proj.lora_down.weight' has down" in done.stderr
+    )
+    for bad, message in (
+        (f"{good}:9", "scale must be from -4 to 4"),
+        (str(tmp_path / "none.safetensors"), "is not a file"),
+    ):
+        done = run("--lora", bad, "--out", str(tmp_path / "x.png"), model=str(tmp_path / "no-such-model"))
+        assert done.returncode == 2 and message in done.stderr, done.stderr
