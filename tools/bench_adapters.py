@@ -32,15 +32,18 @@ from klein_agent.rules.masks import Box, boxes_mask
 from klein_agent.rules.requests import GenerationRequest
 
 
-def median_ms(fn: Callable[[], object], runs: int, warmup: int = 1) -> float:
+def interleaved_medians(fns: dict[str, Callable[[], object]], runs: int, warmup: int = 1) -> dict[str, float]:
+    """Median ms of each function, run in turn within every round, so a busy machine slows all of them alike."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {key: [] for key in fns}
     for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+        for key, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[key].append((time.perf_counter() - start) * 1000)
+    return {key: statistics.median(values) for key, values in times.items()}
 
 
 def random_adapter(pipe: KleinPipeline, path: Path, rank: int, seed: int) -> Path:
@@ -105,31 +108,30 @@ def main(argv: list[str] | None = None) -> int:
         with torch.inference_mode():
             return model(x, ids, context, ctx_ids, t, rope=rope)
 
-    results: dict[str, float] = {}
-    lora.activate(model, ())
-    results["step, no adapter"] = median_ms(step, args.runs)
-    lora.activate(model, (("a", 1.0),))
-    results["step, one unfused adapter"] = median_ms(step, args.runs)
-    lora.activate(model, ())
-    lora.merge(model, (("a", 1.0),))
-    results["step, merged adapter"] = median_ms(step, args.runs)
-    lora.merge(model, (("a", 1.0),), sign=-1.0)
+    def with_adapters(
+        active: tuple[tuple[str, float], ...], merged: tuple[tuple[str, float], ...] = ()
+    ) -> Callable[[], float]:
+        def run() -> float:  # seconds of the step alone: merging happens outside the clock
+            lora.activate(model, active)
+            lora.merge(model, merged)
+            try:
+                start = time.perf_counter()
+                step()
+                return time.perf_counter() - start
+            finally:
+                lora.merge(model, merged, sign=-1.0)
+
+        return run
 
     def switch_unfused() -> None:
         lora.activate(model, (("b", 1.0),))
         lora.activate(model, (("a", 1.0),))
 
-    def switch_merged() -> None:
+    def switch_merged() -> None:  # a merged -> b merged -> a merged, from a merged
         lora.merge(model, (("a", 1.0),), sign=-1.0)
         lora.merge(model, (("b", 1.0),))
         lora.merge(model, (("b", 1.0),), sign=-1.0)
         lora.merge(model, (("a", 1.0),))
-
-    results["switch a->b->a, unfused"] = median_ms(switch_unfused, args.runs)
-    lora.activate(model, ())
-    lora.merge(model, (("a", 1.0),))
-    results["switch a->b->a, merged"] = median_ms(switch_merged, args.runs)
-    lora.merge(model, (("a", 1.0),), sign=-1.0)
 
     source = Image.radial_gradient("L").convert("RGB").resize((width, height))
     edit = GenerationRequest("a cat", seed=1, steps=args.steps, references=(source,))
@@ -137,9 +139,43 @@ def main(argv: list[str] | None = None) -> int:
     inpaint = GenerationRequest(
         "a cat", seed=1, steps=args.steps, strength=1.0, references=(source,), mask=mask
     )
-    results[f"edit {width}x{height}, {args.steps} steps"] = median_ms(lambda: pipe.generate(edit), args.runs)
-    results[f"inpaint {width}x{height}, {args.steps} steps, strength 1"] = median_ms(
-        lambda: pipe.generate(inpaint), args.runs
+
+    def generate(request: GenerationRequest) -> Callable[[], object]:
+        def run() -> object:
+            lora.activate(model, ())
+            return pipe.generate(request)
+
+        return run
+
+    # the step rows time the step only (merging is outside the clock); the switch rows time the switch only
+    step_fns = {
+        "step, no adapter": with_adapters(()),
+        "step, one unfused adapter": with_adapters((("a", 1.0),)),
+        "step, merged adapter": with_adapters((), (("a", 1.0),)),
+    }
+    for fn in step_fns.values():  # warm-up
+        fn()
+    step_times: dict[str, list[float]] = {key: [] for key in step_fns}
+    for _ in range(args.runs):  # in turn within each round, as interleaved_medians does
+        for key, fn in step_fns.items():
+            step_times[key].append(fn() * 1000)
+    results = {key: statistics.median(values) for key, values in step_times.items()}
+    lora.activate(model, ())
+    lora.merge(model, (("a", 1.0),))
+    results.update(
+        interleaved_medians(
+            {"switch a->b->a, unfused": switch_unfused, "switch a->b->a, merged": switch_merged}, args.runs
+        )
+    )
+    lora.merge(model, (("a", 1.0),), sign=-1.0)
+    results.update(
+        interleaved_medians(
+            {
+                f"edit {width}x{height}, {args.steps} steps": generate(edit),
+                f"inpaint {width}x{height}, {args.steps} steps, strength 1": generate(inpaint),
+            },
+            args.runs,
+        )
     )
     header = (
         f"{args.preset} preset, {width}x{height} ({h * w} tokens), rank {args.rank} on every block linear, CPU "
