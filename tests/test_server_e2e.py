@@ -142,7 +142,7 @@ def _raw_session(proc: subprocess.Popen[bytes]) -> bytes:
         assert answer(1)["result"]["serverInfo"]["name"] == "klein-agent"
         send({"jsonrpc": "2.0", "method": "notifications/initialized"})
         send({"jsonrpc": "2.0", "id": 2, "method": "tools/list"})
-        assert len(answer(2)["result"]["tools"]) == 7
+        assert len(answer(2)["result"]["tools"]) == 8
         call = {
             "name": "generate",
             "arguments": {"prompt": "x", "width": 64, "height": 64},
