@@ -30,7 +30,20 @@ def test_bench_adapters_reports_lora_and_inpaint_costs(tmp_path: Path) -> None:
     import bench_adapters
 
     out = tmp_path / "adapters.json"
-    argv = ["--preset", "tiny", "--size", "64x64", "--rank", "2", "--steps", "2", "--runs", "1", "--json", str(out)]
+    argv = [
+        "--preset",
+        "tiny",
+        "--size",
+        "64x64",
+        "--rank",
+        "2",
+        "--steps",
+        "2",
+        "--runs",
+        "1",
+        "--json",
+        str(out),
+    ]
     assert bench_adapters.main(argv) == 0
     results = json.loads(out.read_text())["results"]
     assert {"step, no adapter", "step, one unfused adapter", "step, merged adapter"} <= set(results)
