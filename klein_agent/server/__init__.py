@@ -5,7 +5,7 @@ Modules, one job each:
 - `models`     the structured results the tools publish (their outputSchema);
 - `state`      what the tools share: engine, store, input policy, config, and the image-argument resolver;
 - `results`    building CallToolResults: preview, summary, resource links, structured content;
-- `generation` the image-making tools: generate, edit, compose;
+- `generation` the image-making tools: generate, edit, compose, inpaint;
 - `library`    the store tools: list_images, view_image, export_image, server_status;
 - `resources`  the `image://{image_id}` and `image://{image_id}/meta` templates;
 - `prompts`    MCP prompts loaded from the `prompts/` folder;

@@ -39,7 +39,7 @@ class ImagesResult(BaseModel):
 # One stored image in a list_images page; `created_at` is a UTC ISO 8601 time.
 class ListedImage(BaseModel):  # noqa: D101 - no docstring: it would change the published outputSchema
     image_id: str
-    tool: str = Field(description="generate, edit, compose or import")
+    tool: str = Field(description="generate, edit, compose, inpaint or import")
     width: int
     height: int
     seed: int | None
