@@ -13,7 +13,7 @@ from typing import Any, Protocol
 from PIL import Image
 
 from klein_agent.rules import limits
-from klein_agent.rules.loras import resolve_loras
+from klein_agent.rules.loras import choices, resolve_loras
 from klein_agent.rules.masks import (
     check_mask,
     check_mask_aspect,
@@ -52,8 +52,9 @@ class GenerationRequest:
     # repainted area (the reference's `image_reference`). Any size with the source's aspect ratio; white repaints.
     mask: Image.Image | None = field(default=None, compare=False)
     strength: float | None = None  # masked edits: None is the default (0.8); 1 repaints from pure noise
-    # LoRA adapters to run, (name, scale) in order, from those the model loaded; None or () runs none
-    loras: tuple[tuple[str, float], ...] | None = None
+    # LoRA adapters to run, (name, scale) in order, from those the model loaded (a None scale: the adapter's
+    # default); None or () runs none
+    loras: tuple[tuple[str, float | None], ...] | None = None
 
 
 class NonFiniteOutputError(RuntimeError):
@@ -144,7 +145,7 @@ def resolve(request: GenerationRequest, info: GeneratorInfo) -> ResolvedRequest:
         default_guidance=limits.INPAINT_DEFAULT_GUIDANCE if inpaint else info.default_guidance,
         max_references=info.max_references,
     )
-    loras = resolve_loras(request.loras, info.loras)
+    loras = resolve_loras(choices(request.loras or (), info.loras), info.loras)
     if loras:
         resolved = replace(resolved, loras=loras)
     if request.mask is None:

@@ -225,15 +225,20 @@ class Studio:
             cache_hits=dict(done.result.cache_hits),
         )
 
-    def _check_loras(self, loras: Sequence[tuple[str, float | None]] | None) -> tuple[tuple[str, float], ...]:
-        """The adapters a call asked for, with their scales, checked against those loaded (the model loads
-        before the first call is taken, so `info` is known here unless loading failed)."""
+    def _check_loras(
+        self, loras: Sequence[tuple[str, float | None]] | None
+    ) -> tuple[tuple[str, float | None], ...]:
+        """The adapters a call asked for, checked against those loaded and given their default scales. While
+        the model is still loading only the scales are checked; the pipeline checks the names once it has loaded."""
         if not loras:
             return ()
         info = self.engine.info
-        loaded = info.loras if info is not None else ()
-        chosen = lora_rules.choices(loras, loaded)
-        return lora_rules.resolve_loras(chosen, loaded)
+        if info is None:
+            for name, scale in loras:
+                if scale is not None:
+                    lora_rules.check_scale(scale, name)
+            return tuple(loras)
+        return lora_rules.resolve_loras(lora_rules.choices(loras, info.loras), info.loras)
 
     def _check_reference_count(self, count: int) -> None:
         info = self.engine.info
