@@ -15,6 +15,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from klein_agent import __version__
 from klein_agent.logs import configure_logging, parse_level
@@ -81,6 +82,27 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance", type=float, default=None, help="CFG scale for Base models (default 4.0)")
     gen.add_argument(
         "--num-images", type=int, default=1, help="seeds seed, seed+1, ...; files FILE-1.png, ..."
+    )
+    gen.add_argument(
+        "--mask",
+        default=None,
+        metavar="PATH",
+        help="repaint only where this picture is white (black keeps); with --image: the first --image is "
+        "repainted, further ones guide the repainted area. Any size with the image's aspect ratio",
+    )
+    gen.add_argument(
+        "--box",
+        action="append",
+        default=[],
+        metavar="X,Y,W,H",
+        help="repaint this rectangle of the first --image instead of a mask (repeatable): pixels, or all four at "
+        "most 1 for fractions (--box 0.5,0,0.5,0.5 is the top-right quarter)",
+    )
+    gen.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        help="with --mask/--box: how much of the region changes, above 0 to 1 (default 0.8)",
     )
     gen.add_argument("--out", required=True, type=Path, help="the PNG to write")
     gen.add_argument(
@@ -158,24 +180,29 @@ def run_generate(args: argparse.Namespace) -> int:
         args.steps, args.guidance, distilled=False, default_steps=1, default_guidance=1.0
     )
     # Decoded and prepared as the server does (one way in): the reference's size and aspect checks run here.
-    policy = InputPolicy(
-        allowed_dirs=()
-    )  # the server's limits and reduced JPEG decoding; the CLI reads any path
+    # A masked edit's source is resized to whole tokens, not cropped (rules.masks), so it is kept as decoded.
+    policy = InputPolicy(allowed_dirs=())  # the server's limits and reduced JPEG decoding; any path is read
+    masked = args.mask is not None or bool(args.box)
     references = []
-    for path in args.image:
+    for k, path in enumerate(args.image):
         decoded = read_image_file(
             path, max_bytes=policy.max_bytes, max_pixels=policy.max_pixels, reduce_to=policy.reduce_to
         )
         try:
-            references.append(prepare_reference(decoded.image))
+            prepared = prepare_reference(decoded.image)
         except resolution.RequestError as exc:
             raise resolution.RequestError(f"--image {path}: {exc}") from exc
+        references.append(decoded.image if masked and k == 0 else prepared)
+    mask_picture, mask_recipe = check_mask_arguments(args, references, policy)
     first = references[0].size if references else None
     width, height = resolution.output_size(args.width, args.height, first)
+    if mask_picture is not None:
+        width, height = mask_picture.size
     resolution.check_pixels(width, height, args.num_images, int(args.max_megapixels * 1_000_000))
 
+    factory = generator_factory(args)  # checks the --lora files before loading
     bar = ProgressBar("loading model")
-    pipeline = generator_factory(args)()
+    pipeline = factory()
     bar.note(f"model ready on {pipeline.info.device} ({pipeline.info.dtype})")
     request = GenerationRequest(
         prompt=prompt,
@@ -186,6 +213,9 @@ def run_generate(args: argparse.Namespace) -> int:
         steps=args.steps,
         guidance=args.guidance,
         references=tuple(references),
+        mask=mask_picture,
+        strength=args.strength,
+        loras=pipeline.info.loras,  # generate runs every adapter it loaded
     )
     if args.guidance is not None and pipeline.info.distilled:
         log.warning(
@@ -193,14 +223,46 @@ def run_generate(args: argparse.Namespace) -> int:
         )
     result = pipeline.generate(request, progress=bar.update)
     bar.close()
-    tool = tool_for(len(references))
+    tool = "inpaint" if mask_recipe is not None else tool_for(len(references))
     for k, (image, path) in enumerate(zip(result.images, outputs, strict=True)):
         recipe = provenance(result, k, tool=tool, parents=args.image)
+        if mask_recipe is not None:
+            recipe["mask"] = mask_recipe
         path.write_bytes(encode_png(image, provenance=recipe))
         print(f"wrote {path} (seed {recipe['seed']}, {image.width}x{image.height})", file=sys.stderr)
     timings = ", ".join(f"{k} {v:.0f} ms" for k, v in result.timings_ms.items())
     print(f"timings: {timings}", file=sys.stderr)
     return 0
+
+
+def check_mask_arguments(
+    args: argparse.Namespace, references: list[Any], policy: Any
+) -> tuple[Any, dict[str, Any] | None]:
+    """A masked edit's mask (prepared to the output size) and its recipe entry, or (None, None) without --mask or
+    --box. Raises RequestError or an input error for every bad argument, before the model loads."""
+    from klein_agent.rules import masks
+    from klein_agent.rules.resolution import RequestError
+    from klein_agent.service.inputs import read_image_file
+
+    if args.mask is None and not args.box:
+        if args.strength is not None:
+            raise RequestError("--strength applies to masked edits: add --mask or --box")
+        return None, None
+    if not references:
+        raise RequestError("--mask and --box need --image: the picture to repaint")
+    if args.width is not None or args.height is not None:
+        raise RequestError(
+            "a masked edit keeps the image's size (as the model sees it): drop --width/--height, or resize with an "
+            "edit first"
+        )
+    region = masks.MaskRequest(args.mask, [masks.parse_box(text) for text in args.box], args.strength)
+    region.check()
+    drawn = None
+    if args.mask is not None:
+        drawn = read_image_file(args.mask, max_bytes=policy.max_bytes, max_pixels=policy.max_pixels).image
+    picture = region.picture(references[0], drawn)
+    recipe = {"image": args.mask} if args.mask is not None else {"boxes": [b.as_list() for b in region.boxes]}
+    return picture, recipe
 
 
 def output_paths(out: Path, count: int) -> list[Path]:

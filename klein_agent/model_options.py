@@ -62,14 +62,38 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "of the card, elsewhere 2)",
     )
     group.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:SCALE]",
+        help="a LoRA adapter (.safetensors: diffusers/PEFT, kohya or ai-toolkit layout) and its scale (default 1, "
+        "from -4 to 4); repeatable. generate runs them all; serve loads them for calls to choose by name "
+        "(the file's stem)",
+    )
+    group.add_argument(
         "--allow-download",
         action="store_true",
         help="let a repo id missing from the local Hugging Face cache be downloaded (needs huggingface_hub)",
     )
 
 
+def lora_arguments(args: argparse.Namespace) -> list[tuple[str, float]]:
+    """The --lora options as (file, scale); raises RequestError for a bad scale and ValueError for a file that
+    does not exist (checked before the model loads)."""
+    from klein_agent.rules.loras import parse_lora_argument
+
+    loras = []
+    for text in getattr(args, "lora", []):
+        path, scale = parse_lora_argument(text)
+        if not path.is_file():
+            raise ValueError(f"--lora {text}: {path} is not a file")
+        loras.append((str(path), scale))
+    return loras
+
+
 def generator_factory(args: argparse.Namespace) -> Callable[[], ImageGenerator]:
     """A zero-argument callable that loads the model the options name; runs wherever it is called."""
+    loras = lora_arguments(args)
 
     def load() -> ImageGenerator:
         from klein_agent.pipeline import load_pipeline  # torch is imported here, not at parse time
@@ -84,6 +108,7 @@ def generator_factory(args: argparse.Namespace) -> Callable[[], ImageGenerator]:
             fp8=getattr(args, "fp8", False),
             compile=getattr(args, "compile", False),
             reference_kv_cache_bytes=_gib_to_bytes(getattr(args, "reference_kv_cache_gib", None)),
+            loras=loras,
         )
 
     return load

@@ -24,3 +24,27 @@ def test_bench_reports_stages_and_the_reference_ratio(tmp_path: Path) -> None:
         assert all(v >= 0 for v in stages.values())
         assert row["reference_ms"] > 0
     assert rows[1]["ours"]["references"] > 0  # a reference was really encoded
+
+
+def test_bench_adapters_reports_lora_and_inpaint_costs(tmp_path: Path) -> None:
+    import bench_adapters
+
+    out = tmp_path / "adapters.json"
+    argv = [
+        "--preset",
+        "tiny",
+        "--size",
+        "64x64",
+        "--rank",
+        "2",
+        "--steps",
+        "2",
+        "--runs",
+        "1",
+        "--json",
+        str(out),
+    ]
+    assert bench_adapters.main(argv) == 0
+    results = json.loads(out.read_text())["results"]
+    assert {"step, no adapter", "step, one unfused adapter", "step, merged adapter"} <= set(results)
+    assert any(k.startswith("inpaint 64x64") for k in results) and all(v > 0 for v in results.values())

@@ -49,7 +49,12 @@ async def test_stdio_end_to_end_and_images_survive_a_restart(tmp_path: Path) -> 
         assert status.structured_content["model"]["state"] == "loading", (
             "initialize is answered before the load"
         )
-        assert [t.name for t in (await client.list_tools()).tools][:3] == ["generate", "edit", "compose"]
+        assert [t.name for t in (await client.list_tools()).tools][:4] == [
+            "generate",
+            "edit",
+            "compose",
+            "inpaint",
+        ]
         progress: list[str] = []
 
         async def on_progress(value: float, total: float | None, message: str | None) -> None:
@@ -137,7 +142,7 @@ def _raw_session(proc: subprocess.Popen[bytes]) -> bytes:
         assert answer(1)["result"]["serverInfo"]["name"] == "klein-agent"
         send({"jsonrpc": "2.0", "method": "notifications/initialized"})
         send({"jsonrpc": "2.0", "id": 2, "method": "tools/list"})
-        assert len(answer(2)["result"]["tools"]) == 7
+        assert len(answer(2)["result"]["tools"]) == 8
         call = {
             "name": "generate",
             "arguments": {"prompt": "x", "width": 64, "height": 64},

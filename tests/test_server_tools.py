@@ -275,6 +275,7 @@ async def test_tools_list_matches_the_snapshot(client: Client) -> None:
         "generate",
         "edit",
         "compose",
+        "inpaint",
         "list_images",
         "view_image",
         "export_image",
@@ -310,6 +311,7 @@ async def test_url_inputs_make_edit_and_compose_open_world(
         async with Client(build_server(state)) as client:
             tools = {t.name: t for t in (await client.list_tools()).tools}
             assert tools["edit"].annotations.open_world_hint and tools["compose"].annotations.open_world_hint
+            assert tools["inpaint"].annotations.open_world_hint
             assert not tools["generate"].annotations.open_world_hint
             assert "http(s) URL" in (tools["edit"].description or "")
     finally:

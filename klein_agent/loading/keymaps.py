@@ -231,3 +231,28 @@ def _rename_all(src: dict[str, Tensor], pairs: list[tuple[str, str]], *, forward
         else:
             out[key] = value  # unknown: let strict loading name it
     return out
+
+
+def transformer_layer_from_diffusers(module: str) -> tuple[str, int | None, bool] | None:
+    """A diffusers `Flux2Transformer2DModel` linear layer name (no `.weight`) -> (our layer name, which third of
+    a fused q/k/v it fills or None, whether its output halves are swapped), or None for a name we do not know.
+    LoRA files in the diffusers layout name layers this way."""
+    key = f"{module}.weight"
+    for patterns, ours in _TRANSFORMER_QKV:
+        for part, pattern in enumerate(patterns):
+            found = _groups(pattern, key)
+            if found is not None:
+                return ours.format(**found).removesuffix(".weight"), part, False
+    if key == _FINAL_MOD_DIFFUSERS:
+        return _FINAL_MOD_OURS.removesuffix(".weight"), None, True
+    for theirs, ours in _TRANSFORMER_RENAMES:
+        found = _groups(theirs, key)
+        if found is not None and ours.endswith(".weight"):
+            return ours.format(**found).removesuffix(".weight"), None, False
+    return None
+
+
+def _groups(pattern: str, key: str) -> dict[str, str] | None:
+    regex = _PATTERN_CACHE.setdefault(pattern, _compile(pattern))
+    m = regex.match(key)
+    return m.groupdict() if m else None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -109,6 +110,23 @@ def unpack(tokens: Tensor, height: int, width: int) -> Tensor:
     return tokens.transpose(1, 2).unflatten(2, (height, width))
 
 
+@dataclass(frozen=True)
+class Inpainting:
+    """What a masked edit keeps: after every step the unmasked tokens are put back to the source, noised to the
+    next level with the starting noise (diffusers `Flux2KleinInpaintPipeline`, step 7)."""
+
+    clean: Tensor  # [1, L, C] the source's latent tokens, model dtype
+    noise: Tensor  # [B, L, C] the noise the run started from, model dtype
+    mask: Tensor  # [1, L, 1] per token in [0, 1] (1 repaints), model dtype
+
+
+def noised(clean: Tensor, noise: Tensor, level: Tensor) -> Tensor:
+    """The flow's forward process at one noise level: level * noise + (1 - level) * clean, in the inputs' dtype
+    (the level is cast to it first, as diffusers' `FlowMatchEulerDiscreteScheduler.scale_noise` does)."""
+    sigma = level.to(clean.dtype)
+    return sigma * noise + (1.0 - sigma) * clean
+
+
 StepCallback = Callable[[int, int], None]  # (step done, total steps); may raise to stop between steps
 
 
@@ -127,6 +145,7 @@ def denoise(
     uncond_context: Tensor | None = None,  # [B, T, C_ctx], the empty prompt, with guidance
     num_train_timesteps: int = 1000,
     on_step: StepCallback | None = None,
+    inpainting: Inpainting | None = None,
 ) -> Tensor:  # [B, L, C] in the model dtype
     """Euler integration of the predicted velocity over `noise_levels`, as diffusers' `Flux2KleinPipeline` runs it.
 
@@ -138,6 +157,8 @@ def denoise(
     With `reference_kv` (klein 9B-KV, `Flux2Transformer.reference_kv`), every step runs over [text, noisy] only and
     attends to the kept reference keys and values, as diffusers' `Flux2KleinKVPipeline` does from its second step
     (its first computes the same keys and values in the same pass). Raises ValueError for both kinds of reference.
+    With `inpainting`, the kept tokens are reset after each step to the source noised to the next level (the
+    clean source after the last), and the mask blends: (1 - mask) * kept + mask * x, in the model dtype.
     """
     dtype = next(model.parameters()).dtype
     batch, num_noisy = noise.shape[0], noise.shape[1]
@@ -161,6 +182,11 @@ def denoise(
             uncond = uncond[:, :num_noisy]
             pred = uncond + guidance * (pred - uncond)
         x = (x.float() + (levels[i + 1] - levels[i]) * pred).to(pred.dtype)
+        if inpainting is not None:
+            kept = inpainting.clean
+            if i < total - 1:
+                kept = noised(kept, inpainting.noise, levels[i + 1])
+            x = (1 - inpainting.mask) * kept + inpainting.mask * x
         if on_step is not None:
             on_step(i + 1, total)
     return x

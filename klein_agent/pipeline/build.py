@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 from klein_agent.pipeline.klein import KleinPipeline
+from klein_agent.rules.loras import adapter_names
 from klein_agent.speedups.devices import resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -23,11 +26,13 @@ def load_pipeline(
     fp8: bool = False,
     compile: bool = False,
     reference_kv_cache_bytes: int | None = None,
+    loras: Sequence[tuple[str, float]] = (),
 ) -> KleinPipeline:
     """Build the pipeline a model name points at: `tiny`, a diffusers-layout folder, or a Hugging Face repo id.
 
     `reference_kv_cache_bytes` bounds the cross-call cache of klein 9B-KV reference keys and values (None: the
-    device's default)."""
+    device's default). `loras` are LoRA files with their default scales, loaded (named by file stem) before any
+    speed-up."""
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     pipeline = _build_pipeline(
@@ -39,6 +44,9 @@ def load_pipeline(
         offload_text_encoder,
         reference_kv_cache_bytes,
     )
+    paths = [Path(path) for path, _ in loras]
+    for name, path, (_, scale) in zip(adapter_names(paths), paths, loras, strict=True):
+        pipeline.load_lora(path, name, scale)
     if fp8:
         from klein_agent.speedups.fp8 import quantize_transformer_, scaled_mm_available
 

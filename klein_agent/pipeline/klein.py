@@ -16,12 +16,15 @@ import hashlib
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
 
 import torch
 from PIL import Image
 from torch import Tensor
 
-from klein_agent.model import sampling
+from klein_agent.loading.lora import AdapterFile, read_lora
+from klein_agent.model import lora, sampling
 from klein_agent.model.autoencoder import AutoEncoder
 from klein_agent.model.configs import SamplingDefaults, SchedulerConfig
 from klein_agent.model.text_encoder import TextEmbedder
@@ -29,6 +32,7 @@ from klein_agent.model.transformer import Flux2Transformer, ReferenceKV
 from klein_agent.pipeline.caches import ByteLRUCache, EncodedReference, LRUCache
 from klein_agent.pipeline.imaging import prepare_reference, to_images, to_tensor, to_unit
 from klein_agent.rules.limits import MAX_REFERENCES
+from klein_agent.rules.masks import prepare_mask, prepare_source
 from klein_agent.rules.requests import (
     GenerationRequest,
     GenerationResult,
@@ -37,7 +41,7 @@ from klein_agent.rules.requests import (
     ProgressCallback,
     resolve,
 )
-from klein_agent.rules.resolution import ResolvedRequest
+from klein_agent.rules.resolution import RequestError, ResolvedRequest
 from klein_agent.speedups.devices import default_reference_kv_cache_bytes
 
 log = logging.getLogger(__name__)
@@ -100,6 +104,7 @@ class KleinPipeline:
             max_references=max_references,
             size_multiple=self.latent_factor,
         )
+        self.adapters: dict[str, AdapterFile] = {}  # loaded LoRA files by name (see load_lora)
         self._prompts: LRUCache[str, Tensor] = LRUCache(prompt_cache_size)
         self._references: LRUCache[str, EncodedReference] = LRUCache(reference_cache_size)
         self.kv_references = kv_references
@@ -126,7 +131,8 @@ class KleinPipeline:
     def generate(
         self, request: GenerationRequest, progress: ProgressCallback | None = None
     ) -> GenerationResult:
-        """Make `request.num_images` pictures, as diffusers' `Flux2KleinPipeline.__call__` would.
+        """Make `request.num_images` pictures, as diffusers' `Flux2KleinPipeline.__call__` would (with a mask:
+        as `Flux2KleinInpaintPipeline.__call__` would, the source being the first conditioning image).
 
         Each picture is denoised and decoded on its own (batch 1), so picture k is, byte for byte, the single
         run with seed + k; the prompt and the references are encoded once for all of them. Progress units: 1 for
@@ -136,8 +142,16 @@ class KleinPipeline:
         """
         started = time.perf_counter()
         resolved = self.resolve(request)
-        count, steps = len(resolved.seeds), resolved.steps
+        count, steps = len(resolved.seeds), resolved.steps - resolved.first_step  # steps run per picture
         total_units = 1 + count * (steps + 1)
+        references = list(request.references)
+        if request.mask is not None and self.kv_references:
+            # diffusers has no masked KV pipeline: no reference decides what these pixels should be
+            raise RequestError(
+                "masked edits are not supported on klein 9B-KV checkpoints: use edit, or a klein 4B/9B model"
+            )
+        if request.mask is not None:  # the source is resized to whole tokens, not cropped (see rules.masks)
+            references[0] = prepare_source(references[0], self.latent_factor)
         timings = {"text": 0.0, "references": 0.0, "denoise": 0.0, "decode": 0.0}
 
         with torch.inference_mode():
@@ -149,10 +163,10 @@ class KleinPipeline:
             reference_kv: ReferenceKV | None = None
             kv_hit = False
             encoded: list[EncodedReference] = []
-            if self.kv_references and request.references:
-                reference_kv, kv_hit, reference_hits = self.encode_reference_kv(request.references)
+            if self.kv_references and references:
+                reference_kv, kv_hit, reference_hits = self.encode_reference_kv(references)
             else:
-                encoded, reference_hits = self.encode_references(request.references)
+                encoded, reference_hits = self.encode_references(references)
             timings["references"] = _ms_since(mark, self.device)
             if progress:
                 progress(1, total_units, "prompt and references encoded")
@@ -165,7 +179,11 @@ class KleinPipeline:
                 ref_ids = sampling.reference_ids([r.grid for r in encoded]).to(self.device)
             ctx_ids = sampling.text_ids(context.shape[1]).to(self.device)
             noise_ids = sampling.image_ids(h, w).to(self.device)
-            levels = sampling.sigmas(steps, h * w, self.scheduler)
+            levels = sampling.sigmas(resolved.steps, h * w, self.scheduler)[resolved.first_step :]
+            lora.activate(self.transformer, resolved.loras)
+            mask = None
+            if request.mask is not None:
+                mask = self.mask_tokens(prepare_mask(request.mask, (resolved.width, resolved.height)), h, w)
             images: list[Image.Image] = []
             for k, seed in enumerate(resolved.seeds):
                 done_before = 1 + k * (steps + 1)
@@ -176,10 +194,15 @@ class KleinPipeline:
                         progress(base + done, total_units, f"{label}step {done}/{total}")
 
                 mark = time.perf_counter()
-                noise = initial_noise(seed, channels, h, w).to(self.device, self.dtype)
+                noise = sampling.pack(initial_noise(seed, channels, h, w).to(self.device, self.dtype))
+                start, inpainting = noise, None
+                if mask is not None:  # a masked edit starts from the source noised to the first level
+                    clean = encoded[0].tokens[None]
+                    inpainting = sampling.Inpainting(clean, noise, mask)
+                    start = sampling.noised(clean, noise, levels[0])
                 latents = sampling.denoise(
                     self.transformer,
-                    sampling.pack(noise),
+                    start,
                     noise_ids,
                     context,
                     ctx_ids,
@@ -191,6 +214,7 @@ class KleinPipeline:
                     uncond_context=uncond,
                     num_train_timesteps=self.scheduler.num_train_timesteps,
                     on_step=on_step,
+                    inpainting=inpainting,
                 )
                 self._check_finite(latents, "latents")
                 timings["denoise"] += _ms_since(mark, self.device)
@@ -212,6 +236,21 @@ class KleinPipeline:
             resolved=resolved,
             info=self.info,
         )
+
+    def load_lora(self, path: str | Path, name: str, scale: float = 1.0) -> AdapterFile:
+        """Read a LoRA file (diffusers, kohya or ai-toolkit layout) and add it to the transformer as adapter
+        `name`, run by default at `scale`; the base weights are not changed. Raises LoRAError naming the first key
+        that does not fit this model, ValueError for a name already loaded."""
+        if any(known == name for known, _ in self.info.loras):
+            raise ValueError(f"a LoRA adapter named {name!r} is already loaded")
+        adapter = read_lora(path, self.transformer)
+        lora.attach(self.transformer, name, adapter.updates)
+        self.info = replace(self.info, loras=(*self.info.loras, (name, float(scale))))
+        self.adapters[name] = adapter
+        log.info(
+            "LoRA %s: %s format, %d layers, rank %d", name, adapter.format, len(adapter.updates), adapter.rank
+        )
+        return adapter
 
     def clear_caches(self) -> None:
         """Forget cached prompt embeddings, reference latents and reference keys and values (benchmarks time the
@@ -280,6 +319,15 @@ class KleinPipeline:
                 hits += 1
             encoded.append(cached)
         return encoded, hits
+
+    def mask_tokens(self, mask: Image.Image, h: int, w: int) -> Tensor:
+        """A prepared mask (L, 0 or 255, output size) -> [1, h*w, 1] per-token weights in the model dtype: scaled
+        bilinearly to the token grid, as diffusers' `Flux2KleinInpaintPipeline.prepare_mask_latents` does."""
+        data = torch.frombuffer(bytearray(mask.tobytes()), dtype=torch.uint8).view(
+            1, 1, mask.height, mask.width
+        )
+        weights = torch.nn.functional.interpolate((data == 255).float(), size=(h, w), mode="bilinear")
+        return sampling.pack(weights.to(self.device, self.dtype))
 
     def decode(self, latents: Tensor) -> Tensor:
         """[B, C, h, w] model latents -> [B, 3, H, W] float32 pixels in [0, 1] (before 8-bit rounding)."""

@@ -31,6 +31,15 @@ MAX_GUIDANCE = 20.0
 MAX_SEED = 2**32 - 1  # seeds are unsigned 32-bit, so a recipe's seed always fits the schema that replays it
 RANDOM_SEED_BOUND = 2**31  # a drawn seed leaves room for a batch above it
 
+# -- masked edits (diffusers Flux2KleinInpaintPipeline.__call__ defaults) -----------------------------------------
+DEFAULT_STRENGTH = 0.8  # how far the masked area is re-noised: 1 starts it from pure noise
+INPAINT_DEFAULT_GUIDANCE = 8.0  # Base models: the inpaint pipeline's own default scale (edits use 4.0)
+MAX_BOXES = 16
+MASK_MAX_ASPECT_DIFFERENCE = (
+    0.02  # a mask is stretched to the image; more than 2% off means another picture's mask
+)
+MASK_THRESHOLD = 128  # 8-bit level: >= repaints (the reference binarizes v / 255 at 0.5)
+
 # -- text -------------------------------------------------------------------------------------------------------
 MAX_PROMPT_CHARS = 2000  # the text encoder keeps 512 tokens after templating; more text is ignored anyway
 

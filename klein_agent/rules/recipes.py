@@ -12,6 +12,7 @@ from typing import Any
 from klein_agent.rules.requests import GenerationResult
 
 TOOLS = ("generate", "edit", "compose")
+RERUNNABLE = (*TOOLS, "inpaint")
 
 
 def tool_for(reference_count: int) -> str:
@@ -30,15 +31,24 @@ def rerun_call(recipe: dict[str, Any], parents: Sequence[str]) -> dict[str, Any]
     imported picture (or a recipe from another tool). `parents` are the stored image's parent ids, used when the
     recipe does not list them."""
     tool = recipe.get("tool")
-    if tool not in TOOLS:
+    if tool not in RERUNNABLE:
         return None
-    arguments: dict[str, Any] = {
-        key: recipe[key]
-        for key in ("prompt", "width", "height", "seed", "steps", "guidance")
-        if key in recipe
-    }
+    keys = (
+        ("prompt", "seed", "steps", "guidance", "strength")
+        if tool == "inpaint"
+        else ("prompt", "width", "height", "seed", "steps", "guidance")
+    )
+    arguments: dict[str, Any] = {key: recipe[key] for key in keys if key in recipe}
+    if recipe.get("loras"):
+        arguments["loras"] = [dict(choice) for choice in recipe["loras"]]
     named = list(recipe.get("parents", parents))
-    if tool == "edit":
+    if tool == "inpaint":
+        mask = recipe.get("mask") or {}
+        region = {"mask": mask["image"]} if "image" in mask else {"boxes": mask.get("boxes", [])}
+        arguments = {"image": named[0], **region, **arguments}
+        if named[1:]:
+            arguments["references"] = named[1:]
+    elif tool == "edit":
         arguments = {"image": named[0], **arguments}
     elif tool == "compose":
         arguments = {"images": named, **arguments}
@@ -61,10 +71,17 @@ def rerun_command(recipe: dict[str, Any], parents: Sequence[str], out: str) -> l
         "--prompt",
         str(args["prompt"]),
     ]
-    for key in ("seed", "width", "height", "steps", "guidance"):
+    for key in ("seed", "width", "height", "steps", "guidance", "strength"):
         if args.get(key) is not None:
             argv += [f"--{key}", str(args[key])]
     named = [args["image"]] if "image" in args else list(args.get("images", []))
+    named += list(args.get("references", []))
     for parent in named:
         argv += ["--image", f"{parent}.png"]
+    for choice in args.get("loras", []):  # adapters are named by their file's stem
+        argv += ["--lora", f"{choice['name']}.safetensors:{choice['scale']}"]
+    if "mask" in args:
+        argv += ["--mask", f"{args['mask']}.png"]
+    for box in args.get("boxes", []):
+        argv += ["--box", ",".join(str(v) for v in box)]
     return [*argv, "--out", out]

@@ -7,13 +7,23 @@ stay light. The real implementation is `klein_agent.pipeline.KleinPipeline`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from PIL import Image
 
+from klein_agent.rules import limits
+from klein_agent.rules.loras import choices, resolve_loras
+from klein_agent.rules.masks import (
+    check_mask,
+    check_mask_aspect,
+    check_strength,
+    first_step,
+    prepare_mask,
+    source_size,
+)
 from klein_agent.rules.references import original_size
-from klein_agent.rules.resolution import ResolvedRequest, resolve_request
+from klein_agent.rules.resolution import RequestError, ResolvedRequest, resolve_request
 
 # progress(done, total, message): `done` rises strictly from 1 to `total` during one `generate` call.
 # The units are: 1 for conditioning (prompt and references), one per denoising step, 1 for decoding.
@@ -38,6 +48,13 @@ class GenerationRequest:
     steps: int | None = None  # None: the model's default (4 for distilled klein, 50 for Base)
     guidance: float | None = None  # None: the model's default; distilled models take none
     references: tuple[Image.Image, ...] = field(default=(), compare=False)  # RGB, in "image 1, image 2" order
+    # A masked edit (inpainting) when set: references[0] is the picture to repaint, the rest condition the
+    # repainted area (the reference's `image_reference`). Any size with the source's aspect ratio; white repaints.
+    mask: Image.Image | None = field(default=None, compare=False)
+    strength: float | None = None  # masked edits: None is the default (0.8); 1 repaints from pure noise
+    # LoRA adapters to run, (name, scale) in order, from those the model loaded (a None scale: the adapter's
+    # default); None or () runs none
+    loras: tuple[tuple[str, float | None], ...] | None = None
 
 
 class NonFiniteOutputError(RuntimeError):
@@ -67,6 +84,8 @@ class GenerationResult:
             "guidance": r.guidance,
             "model": self.info.model,
             "variant": self.info.variant,
+            **({} if r.strength is None else {"strength": r.strength}),
+            **({"loras": [{"name": n, "scale": s} for n, s in r.loras]} if r.loras else {}),
         }
 
 
@@ -83,6 +102,7 @@ class GeneratorInfo:
     default_guidance: float
     max_references: int
     size_multiple: int = 16  # px per latent token side; prepared references and outputs are multiples of it
+    loras: tuple[tuple[str, float], ...] = ()  # the loaded LoRA adapters: (name, default scale)
 
 
 class ImageGenerator(Protocol):
@@ -98,8 +118,20 @@ class ImageGenerator(Protocol):
 
 
 def resolve(request: GenerationRequest, info: GeneratorInfo) -> ResolvedRequest:
-    """What a generator with `info` runs for `request` (the shared rules of `klein_agent.rules.resolution`)."""
-    return resolve_request(
+    """What a generator with `info` runs for `request` (the shared rules of `klein_agent.rules.resolution`, and
+    for a masked edit those of `klein_agent.rules.masks`). Raises RequestError naming the first bad argument."""
+    inpaint = request.mask is not None
+    if inpaint:
+        if not request.references:
+            raise RequestError("a masked edit needs the image to repaint")
+        if request.width is not None or request.height is not None:
+            raise RequestError(
+                "a masked edit keeps the image's size (as the model sees it): leave width and height unset, or "
+                "resize with edit first"
+            )
+    elif request.strength is not None:
+        raise RequestError("strength applies to masked edits only: give a mask or boxes, or leave it unset")
+    resolved = resolve_request(
         request.prompt,
         request.width,
         request.height,
@@ -111,6 +143,18 @@ def resolve(request: GenerationRequest, info: GeneratorInfo) -> ResolvedRequest:
         multiple=info.size_multiple,
         distilled=info.distilled,
         default_steps=info.default_steps,
-        default_guidance=info.default_guidance,
+        default_guidance=limits.INPAINT_DEFAULT_GUIDANCE if inpaint else info.default_guidance,
         max_references=info.max_references,
     )
+    loras = resolve_loras(choices(request.loras or (), info.loras), info.loras)
+    if loras:
+        resolved = replace(resolved, loras=loras)
+    if request.mask is None:
+        return resolved
+    source, mask = request.references[0], request.mask
+    check_mask_aspect(mask.size, original_size(source))
+    size = source_size(source, info.size_multiple)
+    check_mask(prepare_mask(mask, size), info.size_multiple)
+    strength = check_strength(limits.DEFAULT_STRENGTH if request.strength is None else request.strength)
+    start = first_step(resolved.steps, strength)
+    return replace(resolved, width=size[0], height=size[1], strength=strength, first_step=start)

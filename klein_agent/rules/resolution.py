@@ -39,6 +39,9 @@ class ResolvedRequest:
     steps: int
     guidance: float | None  # the CFG scale for Base models; None for distilled ones (they take none)
     reference_sizes: tuple[tuple[int, int], ...]  # (width, height) of each reference as prepared, in order
+    strength: float | None = None  # masked edits only: how far the masked area is re-noised, in (0, 1]
+    first_step: int = 0  # masked edits only: schedule steps skipped (the reference's t_start)
+    loras: tuple[tuple[str, float], ...] = ()  # LoRA adapters run: (name, scale), in order
 
     @property
     def cfg(self) -> bool:

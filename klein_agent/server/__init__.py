@@ -6,7 +6,7 @@ Modules, one job each:
 - `stdio`       the stdio transport boundary (malformed lines answered, Ctrl-C and signals stop it);
 - `http`        `serve --http`: the bound socket, who may connect, the MCP endpoint and the gallery beside it;
 - `app`         `build_server`: one MCPServer with the tools, resources and prompts below;
-- `tools/`      the tools, each with its description and annotations: `generation` (generate, edit, compose)
+- `tools/`      the tools, each with its description and annotations: `generation` (generate, edit, compose, inpaint)
                 and `library` (list_images, view_image, export_image, server_status);
 - `arguments`   checks on a call's arguments before the SDK validates them, in our words;
 - `models`      the structured results the tools publish (their outputSchema);

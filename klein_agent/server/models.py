@@ -38,7 +38,7 @@ class ImagesResult(BaseModel):
 # One stored image in a list_images page; `created_at` is a UTC ISO 8601 time.
 class ListedImage(BaseModel):  # noqa: D101 - no docstring: it would change the published outputSchema
     image_id: str
-    tool: str = Field(description="generate, edit, compose or import")
+    tool: str = Field(description="generate, edit, compose, inpaint or import")
     width: int
     height: int
     seed: int | None
@@ -80,6 +80,12 @@ class ExportResult(BaseModel):  # noqa: D101 - no docstring: it would change the
 
 
 # server_status: the model's load state and, once loaded, what it is and where it runs.
+# server_status: a LoRA adapter loaded with --lora, and the scale a call gets when it gives none.
+class LoadedLora(BaseModel):  # noqa: D101 - no docstring: it would change the published outputSchema
+    name: str
+    scale: float
+
+
 class ModelStatus(BaseModel):  # noqa: D101 - no docstring: it would change the published outputSchema
     state: str = Field(description="loading, ready, failed or stopped")
     error: str | None
@@ -90,6 +96,9 @@ class ModelStatus(BaseModel):  # noqa: D101 - no docstring: it would change the 
     default_steps: int | None
     max_references: int | None
     load_seconds: float | None
+    loras: list[LoadedLora] = Field(
+        default_factory=list, description="loaded LoRA adapters; image tools choose them by name (loras)"
+    )
 
 
 # server_status: the engine's queue and counters since start; `mean_model_ms` in ms.

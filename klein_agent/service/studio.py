@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -29,7 +30,8 @@ import anyio.to_thread
 from PIL import Image
 
 from klein_agent import __version__
-from klein_agent.rules import limits, resolution
+from klein_agent.rules import limits, masks, resolution
+from klein_agent.rules import loras as lora_rules
 from klein_agent.rules.recipes import provenance
 from klein_agent.rules.references import prepare_reference
 from klein_agent.rules.requests import GenerationRequest
@@ -134,14 +136,28 @@ class Studio:
         num_images: int = 1,
         session: str | None = None,
         progress: AsyncProgress | None = None,
+        mask: str | None = None,
+        boxes: Sequence[Sequence[float]] | None = None,
+        strength: float | None = None,
+        loras: Sequence[tuple[str, float | None]] | None = None,
     ) -> Made:
         """Make `num_images` pictures from `prompt` and the image arguments `images` (none: generate; one: edit;
         several: compose) and store them. Unset values follow `klein_agent.rules.resolution`. `progress` gets
-        (value, total, message) on the caller's loop, rising strictly. Raises one of EXPECTED_ERRORS."""
+        (value, total, message) on the caller's loop, rising strictly. Raises one of EXPECTED_ERRORS.
+
+        For tool "inpaint" (a masked edit, `klein_agent.rules.masks`), images[0] is the picture to repaint and the
+        rest condition the repainted area; the region is a `mask` image argument (white repaints) or `boxes`
+        ([x, y, width, height] in pixels of the source, or all four in fractions); `strength` in (0, 1].
+        `loras` names loaded LoRA adapters to run, each with a scale or None for its default."""
         started = time.perf_counter()
         text = resolution.clean_prompt(prompt)
         session = resolution.check_session(session)
         self._check_reference_count(len(images))
+        inpaint = tool == "inpaint"
+        chosen = self._check_loras(loras)
+        region = masks.MaskRequest(mask, boxes_from(boxes), strength) if inpaint else None
+        if region is not None:
+            region.check()
         seeds = resolution.batch_seeds(seed, num_images)
         resolution.resolve_sampling(
             steps, guidance, distilled=False, default_steps=1, default_guidance=limits.MIN_GUIDANCE
@@ -150,9 +166,21 @@ class Studio:
         # once, and calls keep their order however long each one's inputs take to decode.
         async with self.engine.reserve() as slot:
             async with self._decoding:
-                loaded = await anyio.to_thread.run_sync(self._load_inputs, list(images))
+                loaded = await anyio.to_thread.run_sync(self._load_inputs, list(images), inpaint)
+                mask_item = None
+                if region is not None and region.mask is not None:
+                    mask_item = await anyio.to_thread.run_sync(self._load_mask, region.mask)
             self._check_size(loaded[0].image if loaded else None, width, height, num_images)
             parents = [item.image_id or new_image_id() for item in loaded]
+            mask_picture, mask_id = None, None
+            mask_recipe: dict[str, Any] | None = None
+            if region is not None:
+                mask_picture = region.picture(loaded[0].image, None if mask_item is None else mask_item.image)
+                if mask_item is not None:
+                    mask_id = mask_item.image_id or new_image_id()
+                    mask_recipe = {"image": mask_id}
+                else:
+                    mask_recipe = {"boxes": [box.as_list() for box in region.boxes]}
             request = GenerationRequest(
                 prompt=text,
                 width=width,
@@ -162,6 +190,9 @@ class Studio:
                 steps=steps,
                 guidance=guidance,
                 references=tuple(item.image for item in loaded),
+                mask=mask_picture,
+                strength=strength,
+                loras=chosen,
             )
             stored_parents = [item.image_id for item in loaded if item.image_id is not None]
             with self.store.pinned(stored_parents):
@@ -169,7 +200,13 @@ class Studio:
                 # Cancelled after the model ran: nothing is stored. From here on, storing runs to its end.
                 await anyio.lowlevel.checkpoint_if_cancelled()
                 imported, stored, preview = await anyio.to_thread.run_sync(
-                    self._store_call, tool, done, loaded, parents, session
+                    self._store_call,
+                    tool,
+                    done,
+                    loaded,
+                    parents,
+                    session,
+                    MaskRecord(mask_item, mask_id, mask_picture, mask_recipe),
                 )
         resolved = done.result.resolved
         return Made(
@@ -188,6 +225,21 @@ class Studio:
             cache_hits=dict(done.result.cache_hits),
         )
 
+    def _check_loras(
+        self, loras: Sequence[tuple[str, float | None]] | None
+    ) -> tuple[tuple[str, float | None], ...]:
+        """The adapters a call asked for, checked against those loaded and given their default scales. While
+        the model is still loading only the scales are checked; the pipeline checks the names once it has loaded."""
+        if not loras:
+            return ()
+        info = self.engine.info
+        if info is None:
+            for name, scale in loras:
+                if scale is not None:
+                    lora_rules.check_scale(scale, name)
+            return tuple(loras)
+        return lora_rules.resolve_loras(lora_rules.choices(loras, info.loras), info.loras)
+
     def _check_reference_count(self, count: int) -> None:
         info = self.engine.info
         resolution.check_reference_count(
@@ -205,7 +257,19 @@ class Studio:
         w, h = resolution.output_size(width, height, prepared, multiple)
         resolution.check_pixels(w, h, count, self.config.max_pixels_per_call)
 
-    def _load_inputs(self, arguments: list[str]) -> list[LoadedImage]:
+    def _load_mask(self, argument: str) -> LoadedImage:
+        """The mask argument, decoded by the one decoder (transparency on white: transparent pixels repaint)."""
+        try:
+            item = load_image_argument(argument, self.policy, self.store.read_png)
+        except ImageInputError as exc:
+            raise ImageInputError(f"mask: {exc}") from exc
+        if item.image_id is None and item.content_key is not None:
+            known = self.store.find_content(item.content_key)
+            if known is not None:
+                item = replace(item, image_id=known.image_id)
+        return item
+
+    def _load_inputs(self, arguments: list[str], inpaint: bool = False) -> list[LoadedImage]:
         """Decode every argument, one at a time, keeping only what the model will use.
 
         With the model loaded, each picture is prepared as soon as it is decoded (about 1 Mpx, whole tokens), so a
@@ -223,7 +287,10 @@ class Studio:
                 known = self.store.find_content(item.content_key)
                 if known is not None:
                     item = replace(item, image_id=known.image_id)
-            if info is not None:
+            multiple = info.size_multiple if info is not None else limits.SIZE_MULTIPLE
+            if inpaint and k == 1:  # the picture to repaint: resized to whole tokens, as the model uses it
+                item = replace(item, image=masks.prepare_source(item.image, multiple))
+            elif info is not None:
                 item = replace(item, image=prepare_reference(item.image, info.size_multiple))
             loaded.append(item)
         if any(item.content_key is not None for item in loaded):  # decoded from outside: maybe large
@@ -231,7 +298,13 @@ class Studio:
         return loaded
 
     def _store_call(
-        self, tool: str, done: Completed, loaded: list[LoadedImage], parents: list[str], session: str | None
+        self,
+        tool: str,
+        done: Completed,
+        loaded: list[LoadedImage],
+        parents: list[str],
+        session: str | None,
+        mask: MaskRecord | None = None,
     ) -> tuple[list[StoredImage], list[StoredImage], Preview]:
         """The inputs from outside the store (under the ids the recipe already names), then one PNG and one
         record per picture, then the preview: on a pool thread, after the engine has moved on."""
@@ -241,7 +314,11 @@ class Studio:
             for item, image_id in zip(loaded, parents, strict=True):
                 if item.image_id is None:
                     imported.append(self._import(item, image_id, session, result.info.size_multiple))
-            return imported, *self._store_results(tool, done, parents, session)
+            if mask is not None and mask.item is not None and mask.item.image_id is None:
+                assert mask.image_id is not None and mask.picture is not None
+                imported.append(self._import_mask(mask.item, mask.image_id, mask.picture, session))
+            extra = {} if mask is None or mask.recipe is None else {"mask": mask.recipe}
+            return imported, *self._store_results(tool, done, parents, session, extra)
         except BaseException:
             # nothing of a call that could not be stored whole stays behind: not even its inputs
             for image in imported:
@@ -249,14 +326,18 @@ class Studio:
             raise
 
     def _store_results(
-        self, tool: str, done: Completed, parents: list[str], session: str | None
+        self,
+        tool: str,
+        done: Completed,
+        parents: list[str],
+        session: str | None,
+        extra: dict[str, Any] | None = None,
     ) -> tuple[list[StoredImage], Preview]:
         result = done.result
         stored = []
         for k, picture in enumerate(result.images):
-            core = provenance(
-                result, k, tool=tool, parents=parents
-            )  # what decides the pixels; in the PNG too
+            # what decides the pixels; in the PNG too
+            core = {**provenance(result, k, tool=tool, parents=parents), **(extra or {})}
             recipe = {
                 **core,
                 "session": session,
@@ -315,6 +396,32 @@ class Studio:
             png,
             width=picture.width,
             height=picture.height,
+            recipe=recipe,
+            session=session,
+            image_id=image_id,
+            content_key=item.content_key,
+        )
+
+    def _import_mask(
+        self, item: LoadedImage, image_id: str, picture: Image.Image, session: str | None
+    ) -> StoredImage:
+        """Store a mask from outside the store as the model used it (output size, black or white), so the recipe
+        that names it remakes the same pixels."""
+        rgb = picture.convert("RGB")
+        recipe = {
+            "tool": "import",
+            "source": item.source,
+            "description": f"mask: {item.description}",
+            "width": rgb.width,
+            "height": rgb.height,
+            "created_at": now_iso(),
+            "klein_agent": __version__,
+        }
+        png = encode_png(rgb, provenance={"tool": "import", "source": item.source})
+        return self.store.put(
+            png,
+            width=rgb.width,
+            height=rgb.height,
             recipe=recipe,
             session=session,
             image_id=image_id,
@@ -391,6 +498,27 @@ class Studio:
             max_pixels_per_call=self.config.max_pixels_per_call,
             version=__version__,
         )
+
+
+@dataclass(frozen=True)
+class MaskRecord:
+    """A masked edit's mask as it is stored and recorded: the loaded argument (None for boxes), its id, the
+    prepared picture and the recipe entry ({"image": id} or {"boxes": [...]})."""
+
+    item: LoadedImage | None
+    image_id: str | None
+    picture: Image.Image | None
+    recipe: dict[str, Any] | None
+
+
+def boxes_from(boxes: Sequence[Sequence[float]] | None) -> list[masks.Box]:
+    """[x, y, width, height] lists -> Boxes; raises RequestError for a list that is not four numbers."""
+    result = []
+    for k, box in enumerate(boxes or (), start=1):
+        if len(box) != 4:
+            raise RequestError(f"box {k} has {len(box)} numbers: give [x, y, width, height]")
+        result.append(masks.Box(*(float(v) for v in box)))
+    return result
 
 
 def now_iso(timestamp: float | None = None) -> str:

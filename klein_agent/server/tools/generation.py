@@ -1,4 +1,4 @@
-"""The image-making tools: generate, edit and compose, each with its description and annotations beside it.
+"""The image-making tools: generate, edit, compose and inpaint, each with its description and annotations beside it.
 
 A thin layer over `Studio.make`: typed arguments (their ranges are the input schema), progress to the client, and
 the result as a preview, a summary, links and structured content (`klein_agent.server.results`).
@@ -11,9 +11,11 @@ from typing import Annotated
 from mcp.server import MCPServer
 from mcp.server.mcpserver import Context
 from mcp_types import CallToolResult, ToolAnnotations
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from klein_agent.rules.limits import (
+    DEFAULT_STRENGTH,
+    MAX_BOXES,
     MAX_GUIDANCE,
     MAX_IMAGES_PER_CALL,
     MAX_PROMPT_CHARS,
@@ -26,6 +28,7 @@ from klein_agent.rules.limits import (
     SESSION_MAX_CHARS,
     SIZE_MULTIPLE,
 )
+from klein_agent.rules.loras import MAX_LORA_SCALE
 from klein_agent.server.errors import tool_errors
 from klein_agent.server.models import ImagesResult
 from klein_agent.server.results import images_result
@@ -114,11 +117,72 @@ ImagesArg = Annotated[
 ]
 
 
+ReferencesArg = Annotated[
+    list[str],
+    Field(
+        max_length=MAX_REFERENCES - 1,
+        description='Optional images that guide what is painted in the region ("image 2", "image 3", ... in the '
+        "prompt; the image being repainted is image 1). Each is an id, image://<id>, an allowed path or a data: URI.",
+    ),
+]
+MaskArg = Annotated[
+    str | None,
+    Field(
+        min_length=1,
+        description="A mask picture: white repaints, black keeps (grey is cut at half). Any size with the image's "
+        "aspect ratio. An id, image://<id>, an allowed path or a data: URI. Give a mask or boxes.",
+    ),
+]
+BoxesArg = Annotated[
+    list[Annotated[list[float], Field(min_length=4, max_length=4)]] | None,
+    Field(
+        min_length=1,
+        max_length=MAX_BOXES,
+        description="Regions to repaint, each [x, y, width, height] from the top-left corner: in pixels of the "
+        "image, or all four at most 1 for fractions of it (e.g. [0.5, 0, 0.5, 0.5] is the top-right quarter). "
+        "Easier than a mask; give boxes or a mask.",
+    ),
+]
+StrengthArg = Annotated[
+    float | None,
+    Field(
+        gt=0,
+        le=1,
+        description=f"How much of the region to change: 1 repaints it from scratch, lower keeps more of its "
+        f"shapes and colours. Default {DEFAULT_STRENGTH}.",
+    ),
+]
+
+
+class LoraChoice(BaseModel):
+    """One LoRA adapter to run: its name as server_status lists it, and its scale."""
+
+    name: str = Field(
+        min_length=1, max_length=64, description="The adapter's name, as server_status lists it."
+    )
+    scale: float | None = Field(
+        default=None,
+        ge=-MAX_LORA_SCALE,
+        le=MAX_LORA_SCALE,
+        description="How strongly it applies: 1 as trained, 0 off, negative pushes away. Omit for the server's "
+        "default for it.",
+    )
+
+
+LorasArg = Annotated[
+    list[LoraChoice] | None,
+    Field(
+        max_length=8,
+        description="LoRA adapters (styles, subjects) to apply, from those server_status lists; omit for none.",
+    ),
+]
+
+
 LOOK = "Returns a preview, the ids and seeds, and image:// links; if you cannot see the preview, call view_image."
 
 
 def register(mcp: MCPServer, studio: Studio) -> None:
-    """Add generate, edit and compose to `mcp`, in that order."""
+    """Add generate, edit, compose and inpaint to `mcp`, in that order."""
     store, inputs = store_note(studio), inputs_note(studio)
     urls = studio.policy.allow_urls
 
@@ -146,9 +210,22 @@ def register(mcp: MCPServer, studio: Studio) -> None:
         guidance: GuidanceArg = None,
         num_images: NumImagesArg = 1,
         session: SessionArg = None,
+        loras: LorasArg = None,
     ) -> Annotated[CallToolResult, ImagesResult]:
         return await make(
-            studio, ctx, "generate", [], prompt, width, height, seed, steps, guidance, num_images, session
+            studio,
+            ctx,
+            "generate",
+            [],
+            prompt,
+            width,
+            height,
+            seed,
+            steps,
+            guidance,
+            num_images,
+            session,
+            loras=loras,
         )
 
     @mcp.tool(
@@ -176,9 +253,22 @@ def register(mcp: MCPServer, studio: Studio) -> None:
         guidance: GuidanceArg = None,
         num_images: NumImagesArg = 1,
         session: SessionArg = None,
+        loras: LorasArg = None,
     ) -> Annotated[CallToolResult, ImagesResult]:
         return await make(
-            studio, ctx, "edit", [image], prompt, width, height, seed, steps, guidance, num_images, session
+            studio,
+            ctx,
+            "edit",
+            [image],
+            prompt,
+            width,
+            height,
+            seed,
+            steps,
+            guidance,
+            num_images,
+            session,
+            loras=loras,
         )
 
     @mcp.tool(
@@ -206,9 +296,71 @@ def register(mcp: MCPServer, studio: Studio) -> None:
         guidance: GuidanceArg = None,
         num_images: NumImagesArg = 1,
         session: SessionArg = None,
+        loras: LorasArg = None,
     ) -> Annotated[CallToolResult, ImagesResult]:
         return await make(
-            studio, ctx, "compose", images, prompt, width, height, seed, steps, guidance, num_images, session
+            studio,
+            ctx,
+            "compose",
+            images,
+            prompt,
+            width,
+            height,
+            seed,
+            steps,
+            guidance,
+            num_images,
+            session,
+            loras=loras,
+        )
+
+    @mcp.tool(
+        name="inpaint",
+        title="Repaint a region",
+        description="Repaint only part of an image and keep the rest: name the region with boxes ([x, y, width, "
+        "height] in pixels or fractions) or a mask picture (white repaints), and describe what the region should "
+        "show. Use it when one detail is wrong. The output keeps the image's size as the model sees it (at most "
+        f"~1 megapixel, whole 16 px tokens); the model repaints in 16 px tokens. {inputs} {LOOK} {store}",
+        annotations=ToolAnnotations(
+            title="Repaint a region",
+            read_only_hint=False,
+            destructive_hint=False,
+            idempotent_hint=False,
+            open_world_hint=urls,
+        ),
+    )
+    async def inpaint(
+        ctx: Context,
+        image: ImageArg,
+        prompt: PromptArg,
+        mask: MaskArg = None,
+        boxes: BoxesArg = None,
+        strength: StrengthArg = None,
+        references: ReferencesArg | None = None,
+        seed: SeedArg = None,
+        steps: StepsArg = None,
+        guidance: GuidanceArg = None,
+        num_images: NumImagesArg = 1,
+        session: SessionArg = None,
+        loras: LorasArg = None,
+    ) -> Annotated[CallToolResult, ImagesResult]:
+        return await make(
+            studio,
+            ctx,
+            "inpaint",
+            [image, *(references or [])],
+            prompt,
+            None,
+            None,
+            seed,
+            steps,
+            guidance,
+            num_images,
+            session,
+            mask=mask,
+            boxes=boxes,
+            strength=strength,
+            loras=loras,
         )
 
 
@@ -225,8 +377,13 @@ async def make(
     guidance: float | None,
     num_images: int,
     session: str | None,
+    *,
+    mask: str | None = None,
+    boxes: list[list[float]] | None = None,
+    strength: float | None = None,
+    loras: list[LoraChoice] | None = None,
 ) -> CallToolResult:
-    """The one path of the three tools: `Studio.make` with the client's progress, as a tool result."""
+    """The one path of the image tools: `Studio.make` with the client's progress, as a tool result."""
 
     async def progress(value: float, total: float | None, message: str) -> None:
         await ctx.report_progress(value, total, message)
@@ -244,5 +401,9 @@ async def make(
             num_images=num_images,
             session=session,
             progress=progress,
+            mask=mask,
+            boxes=boxes,
+            strength=strength,
+            loras=None if loras is None else [(c.name, c.scale) for c in loras],
         )
     return images_result(made)

@@ -16,6 +16,7 @@ from klein_agent.server.models import (
     ExportResult,
     ListedImage,
     ListResult,
+    LoadedLora,
     ModelStatus,
     QueueStatus,
     StatusResult,
@@ -195,6 +196,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
                 default_steps=info.default_steps if info else None,
                 max_references=info.max_references if info else None,
                 load_seconds=round(engine.load_seconds, 2) if engine.load_seconds is not None else None,
+                loras=[LoadedLora(name=n, scale=s) for n, s in info.loras] if info else [],
             ),
             queue=QueueStatus(
                 running=engine.running,
@@ -222,6 +224,9 @@ def register(mcp: MCPServer, studio: Studio) -> None:
         model = result.model
         if model.state == "ready":
             head = f"Model {model.model} ({model.variant}) ready on {model.device}, {model.dtype}"
+            if model.loras:
+                listed = ", ".join(f"{lora.name} (scale {lora.scale:g})" for lora in model.loras)
+                head += f"; LoRA adapters, chosen per call with loras=[{{name, scale}}]: {listed}"
         elif model.state == "failed":
             head = f"Model failed to load: {model.error}"
         else:

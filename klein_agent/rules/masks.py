@@ -1,0 +1,237 @@
+"""Masked edits (inpainting): the source picture, the mask, boxes and strength, as diffusers'
+`Flux2KleinInpaintPipeline.__call__` (steps 2, 5 and 6) prepares them. PIL only, no torch: the CLI and the server
+check a masked edit with these before any model work, and the pipeline prepares its inputs with the same functions.
+
+The reference's rules, mirrored:
+- the source is scaled down (Lanczos, sides truncated) to at most ~1 Mpx, then *resized* (not cropped, unlike a
+  reference image) to whole tokens; the output has that size;
+- the mask is resized (Lanczos, in its own mode) to the output size, turned to grayscale, and binarized at half
+  level (white repaints, black keeps); the model then reads it per 16 px token, bilinearly, which samples the
+  four pixels at each token's centre.
+
+Our rules on top: a mask of another aspect ratio than the source is refused (the reference would stretch it over
+the picture, which is almost always a mask drawn for another picture), as is a mask that repaints no token and a
+strength outside (0, 1]. A full mask is allowed: everything is repainted, starting from the noised source.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from PIL import Image
+
+from klein_agent.rules import limits
+from klein_agent.rules.references import PREPARED, original_size
+from klein_agent.rules.resolution import RequestError, check_reference_geometry, prepared_reference_size
+
+SOURCE_PREPARED = "klein-agent-inpaint-source"  # set in a prepared source's `info`: (multiple, original w, h)
+
+
+@dataclass(frozen=True)
+class Box:
+    """A rectangle to repaint: left, top, width, height, in pixels of the source as given, or, when all four are
+    at most 1, in fractions of its width and height."""
+
+    x: float
+    y: float
+    width: float
+    height: float
+
+    @property
+    def fractional(self) -> bool:
+        """Whether the values are fractions of the picture (all four at most 1) rather than pixels."""
+        return all(v <= 1 for v in (self.x, self.y, self.width, self.height))
+
+    def as_list(self) -> list[float]:
+        """[x, y, width, height], as a recipe records it (whole pixels as ints)."""
+        return [int(v) if float(v).is_integer() and not self.fractional else v for v in self._values()]
+
+    def _values(self) -> tuple[float, float, float, float]:
+        return (self.x, self.y, self.width, self.height)
+
+
+def parse_box(text: str) -> Box:
+    """`X,Y,W,H` (the CLI's --box) -> Box. Raises RequestError for anything else."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) != 4 or not all(math.isfinite(v) for v in values):
+        raise RequestError(
+            f"--box {text!r} is not X,Y,W,H: give four numbers, in pixels (--box 40,60,200,120) or in fractions of "
+            "the image (--box 0.1,0.2,0.5,0.3)"
+        )
+    return Box(*values)
+
+
+def box_rectangle(box: Box, size: tuple[int, int], number: int = 1) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) in whole pixels of a picture of `size` (width, height), clipped to it. Raises
+    RequestError for a negative or empty box and for one entirely outside the picture."""
+    w, h = size
+    if min(box.x, box.y) < 0 or box.width <= 0 or box.height <= 0:
+        raise RequestError(
+            f"box {number} {box.as_list()} is not a region: x and y must be at least 0, width and height above 0"
+        )
+    scale_x, scale_y = (w, h) if box.fractional else (1, 1)
+    left, top = round(box.x * scale_x), round(box.y * scale_y)
+    right, bottom = round((box.x + box.width) * scale_x), round((box.y + box.height) * scale_y)
+    if left >= w or top >= h:
+        unit = "fractions" if box.fractional else "pixels"
+        raise RequestError(
+            f"box {number} {box.as_list()} ({unit}) lies outside the {w}x{h} image: x must be under {w} px and y "
+            f"under {h} px (or use fractions, all four at most 1)"
+        )
+    return left, top, min(right, w), min(bottom, h)
+
+
+def boxes_mask(boxes: Sequence[Box], size: tuple[int, int]) -> Image.Image:
+    """A grayscale mask of `size` (the source as given): white inside the boxes, black elsewhere. Raises
+    RequestError for no boxes, too many, or a box that is not a region inside the picture."""
+    if not boxes:
+        raise RequestError("no mask and no boxes given: pass a mask image or at least one box to repaint")
+    if len(boxes) > limits.MAX_BOXES:
+        raise RequestError(f"{len(boxes)} boxes given; at most {limits.MAX_BOXES}")
+    mask = Image.new("L", size, 0)
+    for k, box in enumerate(boxes, start=1):
+        mask.paste(255, box_rectangle(box, size, k))
+    return mask
+
+
+def check_mask_aspect(mask_size: tuple[int, int], source_size: tuple[int, int]) -> None:
+    """Raises RequestError when a mask's aspect ratio differs from the source's by more than 2% (it would be
+    stretched over the picture, so it was almost surely drawn for another one)."""
+    (mw, mh), (sw, sh) = mask_size, source_size
+    if abs(math.log((mw / mh) / (sw / sh))) > math.log1p(limits.MASK_MAX_ASPECT_DIFFERENCE):
+        raise RequestError(
+            f"the mask is {mw}x{mh} but the image is {sw}x{sh}: their aspect ratios differ, so the mask would be "
+            "stretched over the picture. Draw the mask on the image itself (any size with its aspect ratio "
+            "works), or name the region with boxes"
+        )
+
+
+def prepare_source(image: Image.Image, multiple: int = limits.SIZE_MULTIPLE) -> Image.Image:
+    """The picture to repaint as the model sees it: scaled down (Lanczos) to at most ~1 Mpx, then resized to whole
+    tokens of `multiple` px (diffusers resizes the inpaint source where it crops a reference). Raises
+    RequestError for a side under 64 px or an aspect over 8:1. A prepared source comes back unchanged."""
+    mark = image.info.get(SOURCE_PREPARED)
+    if isinstance(mark, tuple) and len(mark) == 3 and mark[0] == multiple:
+        return image
+    original = original_size(image)
+    check_reference_geometry(*original)
+    w, h = image.size
+    if w * h > limits.REFERENCE_MAX_AREA:
+        image = image.resize(prepared_reference_size(w, h, 1), Image.Resampling.LANCZOS)
+        w, h = image.size
+    target = ((w // multiple) * multiple, (h // multiple) * multiple)
+    prepared = image.resize(target, Image.Resampling.LANCZOS).convert("RGB")
+    prepared.info = {SOURCE_PREPARED: (multiple, *original), PREPARED: (multiple, *original)}
+    return prepared
+
+
+def source_size(image: Image.Image, multiple: int = limits.SIZE_MULTIPLE) -> tuple[int, int]:
+    """The output (width, height) of a masked edit of `image`: the source as `prepare_source` makes it."""
+    mark = image.info.get(SOURCE_PREPARED)
+    if isinstance(mark, tuple) and len(mark) == 3 and mark[0] == multiple:
+        return image.size
+    return prepared_reference_size(*original_size(image), multiple)
+
+
+def prepare_mask(mask: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """The mask as the model reads it at the output `size`: resized (Lanczos, in the mask's own mode), grayscale,
+    binarized (255 repaints, 0 keeps). Preparing a prepared mask changes nothing."""
+    if mask.mode == "L" and mask.size == size and set(mask.histogram()[1:255]) == {0}:
+        return mask
+    gray = mask.resize(size, Image.Resampling.LANCZOS).convert("L")
+    return gray.point(lambda v: 255 if v >= limits.MASK_THRESHOLD else 0)
+
+
+def covered_tokens(mask: Image.Image, multiple: int = limits.SIZE_MULTIPLE) -> int:
+    """How many latent tokens a prepared mask repaints at all: bilinear sampling down by `multiple` (even) reads
+    the 2x2 pixels at each token's centre, so a token counts when one of them is white."""
+    w, h = mask.size
+    pixels = mask.load()
+    assert pixels is not None
+    half = multiple // 2
+    rows = [(i * multiple + half - 1, i * multiple + half) for i in range(h // multiple)]
+    cols = [(j * multiple + half - 1, j * multiple + half) for j in range(w // multiple)]
+    return sum(
+        1
+        for r in rows
+        for c in cols
+        if any(pixels[x, y] for y in r for x in c)  # type: ignore[index]
+    )
+
+
+def check_mask(mask: Image.Image, multiple: int = limits.SIZE_MULTIPLE) -> None:
+    """Raises RequestError when a prepared mask repaints no token (all black, or white areas that fall between
+    token centres)."""
+    if covered_tokens(mask, multiple) == 0:
+        raise RequestError(
+            "the mask repaints nothing: it is all black, or its white areas are too thin to cover any "
+            f"{multiple} px token of the {mask.width}x{mask.height} output. Paint the area to change white "
+            f"(at least {multiple} px wide), or name it with a box"
+        )
+
+
+def check_strength(strength: float) -> float:
+    """`strength` as a float; raises RequestError unless 0 < strength <= 1."""
+    if not isinstance(strength, int | float) or not 0 < strength <= 1:
+        raise RequestError(
+            f"strength must be above 0 and at most 1, got {strength}: 1 repaints the masked area from noise, "
+            f"lower values keep more of it (default {limits.DEFAULT_STRENGTH})"
+        )
+    return float(strength)
+
+
+def first_step(steps: int, strength: float) -> int:
+    """How many of the schedule's `steps` a masked edit of `strength` skips, exactly as the reference counts
+    (`get_timesteps`: int(max(steps - min(steps * strength, steps), 0))). Raises RequestError when none is left."""
+    start = int(max(steps - min(steps * strength, steps), 0))
+    if steps - start < 1:
+        raise RequestError(
+            f"strength {strength} with {steps} steps leaves no step to run: raise strength or steps"
+        )
+    return start
+
+
+@dataclass(frozen=True)
+class MaskRequest:
+    """How a caller names the region of a masked edit: a mask argument (an id, path or URI; the caller decodes
+    it) or boxes, and the strength. The server and the CLI check it with `check` before loading anything."""
+
+    mask: str | None
+    boxes: Sequence[Box]
+    strength: float | None
+
+    def check(self) -> None:
+        """Raises RequestError for both a mask and boxes, neither, too many boxes, or a strength outside (0, 1]."""
+        if self.mask is not None and self.boxes:
+            raise RequestError(
+                "give a mask or boxes, not both: draw the boxes into the mask, or drop the mask"
+            )
+        if self.mask is None and not self.boxes:
+            raise RequestError(
+                "no mask and no boxes given: pass a mask image (white repaints, black keeps) or at least one box "
+                "[x, y, width, height] in pixels or fractions of the image"
+            )
+        if len(self.boxes) > limits.MAX_BOXES:
+            raise RequestError(f"{len(self.boxes)} boxes given; at most {limits.MAX_BOXES}")
+        if self.strength is not None:
+            check_strength(self.strength)
+
+    def picture(
+        self, source: Image.Image, mask: Image.Image | None, multiple: int = limits.SIZE_MULTIPLE
+    ) -> Image.Image:
+        """The mask the model reads for `source` (decoded `mask`, or the boxes drawn at the source's original
+        size), prepared to the output size. Raises RequestError for a mask of another aspect ratio, boxes outside
+        the picture, and a mask that repaints nothing."""
+        original = original_size(source)
+        if mask is None:
+            mask = boxes_mask(self.boxes, original)
+        check_mask_aspect(mask.size, original)
+        prepared = prepare_mask(mask, source_size(source, multiple))
+        check_mask(prepared, multiple)
+        return prepared
