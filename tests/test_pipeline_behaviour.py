@@ -241,3 +241,50 @@ def test_random_weights_of_the_real_shapes_build(name: str, params: int) -> None
     assert sum(p.numel() for p in transformer.parameters()) == params
     assert text.output_layers == (9, 18, 27) and len(text.model.layers) == 27
     assert autoencoder.config.latent_channels == transformer.config.in_channels == 128
+
+
+def test_reference_encoding_runs_channels_last_through_the_encoder(pipe: KleinPipeline) -> None:
+    """The encoder input's layout is chosen on purpose (imaging.ENCODER_LAYOUT): every encoder convolution must see
+    channels-last activations, as diffusers' preprocessed tensor gives them; an NCHW input would send oneDNN/cuDNN
+    to their slower NCHW kernels from conv_in on."""
+    from klein_agent.pipeline.imaging import ENCODER_LAYOUT, to_tensor
+
+    assert ENCODER_LAYOUT is torch.channels_last
+    x = to_tensor(picture(3))
+    assert x.shape == (1, 3, 64, 80) and x.stride() == (64 * 80 * 3, 1, 80 * 3, 3)
+    seen: list[tuple[str, bool]] = []
+    convs = [  # the attention's 1x1 convolutions are applied as linear layers over tokens (not called)
+        (n, m)
+        for n, m in pipe.autoencoder.encoder.named_modules()
+        if isinstance(m, torch.nn.Conv2d) and ".attn_" not in n
+    ]
+    hooks = [
+        m.register_forward_hook(
+            lambda _m, i, _o, n=n: seen.append((n, i[0].is_contiguous(memory_format=torch.channels_last)))
+        )
+        for n, m in convs
+    ]
+    try:
+        pipe.clear_caches()
+        with torch.inference_mode():
+            pipe.encode_references([picture(3)])
+    finally:
+        for hook in hooks:
+            hook.remove()
+        pipe.clear_caches()
+    assert [n for n, _ in seen] == [n for n, _ in convs]  # every convolution ran once
+    assert [n for n, channels_last in seen if not channels_last] == []
+
+
+def test_encoder_input_layout_is_the_references(pipe: KleinPipeline) -> None:
+    pytest.importorskip("diffusers")
+    from diffusers.image_processor import VaeImageProcessor
+
+    from klein_agent.pipeline.imaging import to_tensor
+
+    prepared = prepare_reference(picture(4), 16)
+    theirs = VaeImageProcessor(vae_scale_factor=16).preprocess(
+        prepared, height=prepared.height, width=prepared.width, resize_mode="crop"
+    )
+    ours = to_tensor(prepared)
+    assert torch.equal(ours, theirs) and ours.stride() == theirs.stride()

@@ -22,7 +22,13 @@ from klein_agent.model.configs import SamplingDefaults, SchedulerConfig
 from klein_agent.model.text_encoder import TextEmbedder
 from klein_agent.model.transformer import Flux2Transformer
 from klein_agent.pipeline.caches import EncodedReference, LRUCache
-from klein_agent.pipeline.imaging import prepare_reference, to_images, to_tensor, to_unit
+from klein_agent.pipeline.imaging import (
+    ENCODER_LAYOUT,
+    prepare_reference,
+    to_images,
+    to_tensor,
+    to_unit,
+)
 from klein_agent.rules.limits import MAX_REFERENCES
 from klein_agent.rules.requests import (
     GenerationRequest,
@@ -215,7 +221,7 @@ class KleinPipeline:
             key = _image_key(prepared)
             cached = self._references.get(key)
             if cached is None:
-                x = to_tensor(prepared).to(self.device, self.dtype)
+                x = to_tensor(prepared).to(self.device, self.dtype, memory_format=ENCODER_LAYOUT)
                 latent = self.autoencoder.encode(x)  # [1, C, h, w]
                 cached = EncodedReference(sampling.pack(latent)[0], (latent.shape[2], latent.shape[3]))
                 self._references.put(key, cached)
