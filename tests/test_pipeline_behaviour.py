@@ -288,3 +288,11 @@ def test_encoder_input_layout_is_the_references(pipe: KleinPipeline) -> None:
     )
     ours = to_tensor(prepared)
     assert torch.equal(ours, theirs) and ours.stride() == theirs.stride()
+
+
+def test_float16_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="klein_agent.pipeline.build"):
+        load_pipeline("tiny", device="cpu", dtype="float32")
+        assert not [r for r in caplog.records if "float16" in r.getMessage()]
+        load_pipeline("tiny", device="cpu", dtype="float16")
+    assert any("FLUX overflows in float16" in r.getMessage() for r in caplog.records)

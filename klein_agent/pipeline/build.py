@@ -11,6 +11,11 @@ from klein_agent.speedups.devices import resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
+FLOAT16_WARNING = (
+    "--dtype float16: FLUX overflows in float16 (activations past 65504), so some pictures come out as NaN and are "
+    "refused; use bfloat16 on a GPU (the default there) or float32 on a CPU"
+)
+
 
 def load_pipeline(
     model: str,
@@ -26,6 +31,9 @@ def load_pipeline(
     """Build the pipeline a model name points at: `tiny`, a diffusers-layout folder, or a Hugging Face repo id."""
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    if torch_dtype == torch.float16:
+        # FLUX's activations exceed float16's range (65504): pictures can come out NaN (refused, nothing stored)
+        log.warning(FLOAT16_WARNING)
     pipeline = _build_pipeline(
         model, torch_device, torch_dtype, transformer_file, allow_download, offload_text_encoder
     )
