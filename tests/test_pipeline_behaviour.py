@@ -187,23 +187,25 @@ def test_non_finite_output_is_an_error_that_names_the_fix() -> None:
 
 
 def test_text_encoder_offload_moves_it_only_for_uncached_prompts(monkeypatch: pytest.MonkeyPatch) -> None:
+    from klein_agent.pipeline.offload import HostResident
+
     pipe = load_pipeline("tiny", device="cpu")
     want = pipe.generate(GenerationRequest("offloaded", 48, 48, seed=3)).images[0].tobytes()
-    # CPU-only machines cannot move anything anywhere; pretend the model sits on an accelerator to test the logic.
-    pipe.offload_text_encoder = True
+    # CPU-only machines cannot move anything anywhere; give the pipeline the host residency a GPU one would hold.
+    pipe._host_text = HostResident(pipe.text_embedder)
     pipe.clear_caches()
-    moves: list[str] = []
-    original_to = pipe.text_embedder.to
+    visits: list[str] = []
+    original_run = pipe._host_text.run
 
-    def spy_to(*args, **kwargs):  # type: ignore[no-untyped-def]
-        moves.append(str(args[0]))
-        return original_to("cpu")
+    def spy_run(device, *args):  # type: ignore[no-untyped-def]
+        visits.append(str(device))
+        return original_run(device, *args)
 
-    monkeypatch.setattr(pipe.text_embedder, "to", spy_to)
+    monkeypatch.setattr(pipe._host_text, "run", spy_run)
     got = pipe.generate(GenerationRequest("offloaded", 48, 48, seed=3)).images[0].tobytes()
-    assert moves == [str(pipe.device), "cpu"]  # over for the prompt, back after it
+    assert visits == [str(pipe.device)]  # one visit for the new prompt, nothing moved back
     pipe.generate(GenerationRequest("offloaded", 48, 48, seed=4))
-    assert len(moves) == 2  # cached prompt: the encoder stays where it is
+    assert len(visits) == 1  # cached prompt: the encoder is not visited
     assert got == want
 
 

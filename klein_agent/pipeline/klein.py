@@ -29,6 +29,7 @@ from klein_agent.pipeline.imaging import (
     to_tensor,
     to_unit,
 )
+from klein_agent.pipeline.offload import HostResident
 from klein_agent.rules.limits import MAX_REFERENCES
 from klein_agent.rules.requests import (
     GenerationRequest,
@@ -100,9 +101,7 @@ class KleinPipeline:
         # For smaller cards: the text encoder (8 GB for the 4B) waits in host memory and visits the accelerator
         # only for prompts not in the cache.
         self.offload_text_encoder = offload_text_encoder and self.device.type != "cpu"
-        if self.offload_text_encoder:
-            self.text_embedder.to("cpu")
-            _pin(self.text_embedder)
+        self._host_text = HostResident(self.text_embedder) if self.offload_text_encoder else None
 
     # ------------------------------------------------------------------------------------------------ public
 
@@ -200,13 +199,8 @@ class KleinPipeline:
         cached = self._prompts.get(prompt)
         if cached is not None:
             return cached, True
-        if self.offload_text_encoder:
-            self.text_embedder.to(self.device, non_blocking=True)
-            try:
-                embedding = self.text_embedder([prompt]).to(self.dtype)
-            finally:
-                self.text_embedder.to("cpu")
-                _pin(self.text_embedder)
+        if self._host_text is not None:
+            embedding = self._host_text.run(self.device, [prompt]).to(self.dtype)
         else:
             embedding = self.text_embedder([prompt]).to(self.dtype)
         self._prompts.put(prompt, embedding)
@@ -248,13 +242,6 @@ class KleinPipeline:
             f"the model produced non-finite values (NaN or infinity) in the {what}, so no picture was made and "
             f"nothing was stored; {cause}"
         )
-
-
-def _pin(module: torch.nn.Module) -> None:
-    """Page-locked host copies make the next host-to-device transfer faster and asynchronous."""
-    if torch.cuda.is_available():
-        for param in module.parameters():
-            param.data = param.data.pin_memory()
 
 
 def _image_key(image: Image.Image) -> str:
