@@ -298,3 +298,14 @@ def test_float16_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
         assert not [r for r in caplog.records if "float16" in r.getMessage()]
         load_pipeline("tiny", device="cpu", dtype="float16")
     assert any("FLUX overflows in float16" in r.getMessage() for r in caplog.records)
+
+
+def test_stage_timings_never_synchronize_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Production calls must not stall the GPU queue for a timing report (issue 13): the timing helper is asked
+    about a CUDA device and must not call torch.cuda.synchronize."""
+    from klein_agent.pipeline import klein
+
+    syncs: list[object] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: syncs.append(a))
+    assert klein._ms_since(0.0, torch.device("cuda")) > 0
+    assert syncs == []
