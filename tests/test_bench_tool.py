@@ -4,25 +4,50 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import bench  # tools/ is on sys.path (conftest)
+import pytest
+import torch
 
 
 def test_bench_reports_stages_and_the_reference_ratio(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    argv = ["--preset", "tiny", "--sizes", "64x48", "--refs", "0", "1", "--ref-size", "96x64"]
+    argv = [
+        "--preset",
+        "tiny",
+        "--sizes",
+        "64x48",
+        "--refs",
+        "0",
+        "1",
+        "--ref-size",
+        "96x64",
+        "--threads",
+        "1",
+    ]
     assert bench.main([*argv, "--runs", "2", "--warmup", "1", "--fp8", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
-    assert "fp8" in data["header"] and "float32" in data["header"]
+    assert "fp8" in data["header"] and "float32" in data["header"] and "1 threads" in data["header"]
     rows = data["results"]
     assert [(r["size"], r["references"]) for r in rows] == [("64x48", 0), ("64x48", 1)]
     for row in rows:
-        stages = row["ours"]
-        assert {"text", "references", "step 1", "step 4", "decode", "end to end", "retry (cached)"} <= set(
-            stages
-        )
-        assert all(v >= 0 for v in stages.values())
-        assert row["reference_ms"] > 0
+        for clock in ("ours", "ours_cpu"):
+            stages = row[clock]
+            assert {
+                "text",
+                "references",
+                "step 1",
+                "step 4",
+                "decode",
+                "end to end",
+                "retry (cached)",
+            } <= set(stages)
+            assert all(v >= 0 for v in stages.values())
+        assert row["reference_ms"] > 0 and row["reference_cpu_ms"] > 0
+        assert row["ratio"] == pytest.approx(row["reference_ms"] / row["ours"]["end to end"])
+        assert row["peak_memory_bytes"] > 0
+        assert row["fp8_psnr_db"] is not None and row["fp8_psnr_db"] > 0
     assert rows[1]["ours"]["references"] > 0  # a reference was really encoded
 
 
@@ -48,3 +73,62 @@ def test_bench_adapters_reports_lora_and_inpaint_costs(tmp_path: Path) -> None:
     results = json.loads(out.read_text())["results"]
     assert {"step, no adapter", "step, one unfused adapter", "step, merged adapter"} <= set(results)
     assert any(k.startswith("inpaint 64x64") for k in results) and all(v > 0 for v in results.values())
+
+
+def test_fp8_gate_fails_the_run_under_its_threshold() -> None:
+    argv = ["--preset", "tiny", "--sizes", "32x32", "--runs", "1", "--warmup", "0", "--no-reference", "--fp8"]
+    assert bench.main([*argv, "--fp8-min-psnr", "1000"]) == 3
+
+
+def test_runs_interleave_and_alternate_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(bench, "run_ours", lambda *a: calls.append("ours"))
+    monkeypatch.setattr(bench, "run_reference", lambda *a: calls.append("ref"))
+
+    class NoMemory:
+        def reset(self) -> None: ...
+
+        def read(self) -> int:
+            return 0
+
+    request = bench.GenerationRequest("p", 32, 32, seed=1)
+    row: Any = bench.measure_row(
+        object(),
+        object(),
+        request,
+        runs=3,
+        warmup=1,
+        memory=NoMemory(),
+        held_by_reference=0,  # type: ignore[arg-type]
+    )
+    assert calls == ["ours", "ref", "ref", "ours", "ours", "ref", "ref", "ours"]
+    assert row.size == "32x32"
+
+
+def test_peak_memory_excludes_what_only_the_reference_holds() -> None:
+    pytest.importorskip("diffusers")
+    from reference_pipeline import reference_pipeline
+
+    pipe = bench.build_pipeline(bench.parse_args(["--preset", "tiny"]), torch.device("cpu"), torch.float32)
+    reference = reference_pipeline(pipe)
+    held = bench.reference_only_bytes(reference, pipe, torch.device("cpu"))
+    # the reference's extra encoder layers (copies of our last one) and its own small tensors, nothing shared
+    layer = sum(
+        p.numel() * p.element_size()
+        for n, p in pipe.text_embedder.model.named_parameters()
+        if n.startswith(f"layers.{len(pipe.text_embedder.model.layers) - 1}.")
+    )
+    extra_layers = pipe.text_embedder.full_config.num_hidden_layers - len(pipe.text_embedder.model.layers)
+    assert extra_layers * layer <= held < extra_layers * layer + 2**20
+
+
+def test_peak_memory_resets_between_runs() -> None:
+    memory = bench.PeakMemory(torch.device("cpu"))
+    if not memory.resettable:
+        pytest.skip("/proc/self/clear_refs is not writable here")
+    memory.reset()
+    big = torch.ones(64 * 2**20 // 4)  # 64 MiB touched
+    high = memory.read()
+    del big
+    memory.reset()
+    assert memory.read() < high - 32 * 2**20

@@ -187,23 +187,25 @@ def test_non_finite_output_is_an_error_that_names_the_fix() -> None:
 
 
 def test_text_encoder_offload_moves_it_only_for_uncached_prompts(monkeypatch: pytest.MonkeyPatch) -> None:
+    from klein_agent.pipeline.offload import HostResident
+
     pipe = load_pipeline("tiny", device="cpu")
     want = pipe.generate(GenerationRequest("offloaded", 48, 48, seed=3)).images[0].tobytes()
-    # CPU-only machines cannot move anything anywhere; pretend the model sits on an accelerator to test the logic.
-    pipe.offload_text_encoder = True
+    # CPU-only machines cannot move anything anywhere; give the pipeline the host residency a GPU one would hold.
+    pipe._host_text = HostResident(pipe.text_embedder)
     pipe.clear_caches()
-    moves: list[str] = []
-    original_to = pipe.text_embedder.to
+    visits: list[str] = []
+    original_run = pipe._host_text.run
 
-    def spy_to(*args, **kwargs):  # type: ignore[no-untyped-def]
-        moves.append(str(args[0]))
-        return original_to("cpu")
+    def spy_run(device, *args):  # type: ignore[no-untyped-def]
+        visits.append(str(device))
+        return original_run(device, *args)
 
-    monkeypatch.setattr(pipe.text_embedder, "to", spy_to)
+    monkeypatch.setattr(pipe._host_text, "run", spy_run)
     got = pipe.generate(GenerationRequest("offloaded", 48, 48, seed=3)).images[0].tobytes()
-    assert moves == [str(pipe.device), "cpu"]  # over for the prompt, back after it
+    assert visits == [str(pipe.device)]  # one visit for the new prompt, nothing moved back
     pipe.generate(GenerationRequest("offloaded", 48, 48, seed=4))
-    assert len(moves) == 2  # cached prompt: the encoder stays where it is
+    assert len(visits) == 1  # cached prompt: the encoder is not visited
     assert got == want
 
 
@@ -241,3 +243,69 @@ def test_random_weights_of_the_real_shapes_build(name: str, params: int) -> None
     assert sum(p.numel() for p in transformer.parameters()) == params
     assert text.output_layers == (9, 18, 27) and len(text.model.layers) == 27
     assert autoencoder.config.latent_channels == transformer.config.in_channels == 128
+
+
+def test_reference_encoding_runs_channels_last_through_the_encoder(pipe: KleinPipeline) -> None:
+    """The encoder input's layout is chosen on purpose (imaging.ENCODER_LAYOUT): every encoder convolution must see
+    channels-last activations, as diffusers' preprocessed tensor gives them; an NCHW input would send oneDNN/cuDNN
+    to their slower NCHW kernels from conv_in on."""
+    from klein_agent.pipeline.imaging import ENCODER_LAYOUT, to_tensor
+
+    assert ENCODER_LAYOUT is torch.channels_last
+    x = to_tensor(picture(3))
+    assert x.shape == (1, 3, 64, 80) and x.stride() == (64 * 80 * 3, 1, 80 * 3, 3)
+    seen: list[tuple[str, bool]] = []
+    convs = [  # the attention's 1x1 convolutions are applied as linear layers over tokens (not called)
+        (n, m)
+        for n, m in pipe.autoencoder.encoder.named_modules()
+        if isinstance(m, torch.nn.Conv2d) and ".attn_" not in n
+    ]
+    hooks = [
+        m.register_forward_hook(
+            lambda _m, i, _o, n=n: seen.append((n, i[0].is_contiguous(memory_format=torch.channels_last)))
+        )
+        for n, m in convs
+    ]
+    try:
+        pipe.clear_caches()
+        with torch.inference_mode():
+            pipe.encode_references([picture(3)])
+    finally:
+        for hook in hooks:
+            hook.remove()
+        pipe.clear_caches()
+    assert [n for n, _ in seen] == [n for n, _ in convs]  # every convolution ran once
+    assert [n for n, channels_last in seen if not channels_last] == []
+
+
+def test_encoder_input_layout_is_the_references(pipe: KleinPipeline) -> None:
+    pytest.importorskip("diffusers")
+    from diffusers.image_processor import VaeImageProcessor
+
+    from klein_agent.pipeline.imaging import to_tensor
+
+    prepared = prepare_reference(picture(4), 16)
+    theirs = VaeImageProcessor(vae_scale_factor=16).preprocess(
+        prepared, height=prepared.height, width=prepared.width, resize_mode="crop"
+    )
+    ours = to_tensor(prepared)
+    assert torch.equal(ours, theirs) and ours.stride() == theirs.stride()
+
+
+def test_float16_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="klein_agent.pipeline.build"):
+        load_pipeline("tiny", device="cpu", dtype="float32")
+        assert not [r for r in caplog.records if "float16" in r.getMessage()]
+        load_pipeline("tiny", device="cpu", dtype="float16")
+    assert any("FLUX overflows in float16" in r.getMessage() for r in caplog.records)
+
+
+def test_stage_timings_never_synchronize_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Production calls must not stall the GPU queue for a timing report (issue 13): the timing helper is asked
+    about a CUDA device and must not call torch.cuda.synchronize."""
+    from klein_agent.pipeline import klein
+
+    syncs: list[object] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: syncs.append(a))
+    assert klein._ms_since(0.0, torch.device("cuda")) > 0
+    assert syncs == []

@@ -98,6 +98,9 @@ def reference_pipeline(pipe: KleinPipeline) -> Any:
                 state["model." + k.replace(f"layers.{kept - 1}.", f"layers.{layer}.", 1)] = v.clone()
     state.setdefault("model.norm.weight", torch.ones_like(ours["embed_tokens.weight"][0]))
     state["lm_head.weight"] = ours["embed_tokens.weight"]
+    # With ours offloaded, its encoder waits in host memory; the reference keeps its own copy on the device, as
+    # diffusers runs it (tools/bench.py subtracts memory only the reference holds from our peak).
+    state = {k: v.to(pipe.device) for k, v in state.items()}
     text.load_state_dict(state, assign=True)
     text.model.rotary_emb = type(text.model.rotary_emb)(config=text.config).to(pipe.device)
     # klein 9B-KV weights go to diffusers' KV pipeline (reference pass at step 0, kept keys and values after)

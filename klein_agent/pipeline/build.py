@@ -14,6 +14,11 @@ from klein_agent.speedups.devices import resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
+FLOAT16_WARNING = (
+    "--dtype float16: FLUX overflows in float16 (activations past 65504), so some pictures come out as NaN and are "
+    "refused; use bfloat16 on a GPU (the default there) or float32 on a CPU"
+)
+
 
 def load_pipeline(
     model: str,
@@ -35,6 +40,9 @@ def load_pipeline(
     speed-up."""
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    if torch_dtype == torch.float16:
+        # FLUX's activations exceed float16's range (65504): pictures can come out NaN (refused, nothing stored)
+        log.warning(FLOAT16_WARNING)
     pipeline = _build_pipeline(
         model,
         torch_device,

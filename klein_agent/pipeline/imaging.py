@@ -12,19 +12,29 @@ from torch import Tensor
 
 from klein_agent.rules.references import prepare_reference
 
-__all__ = ["prepare_reference", "to_images", "to_tensor", "to_unit"]
+__all__ = ["ENCODER_LAYOUT", "prepare_reference", "to_images", "to_tensor", "to_unit"]
+
+# The memory format the autoencoder's encoder is fed, chosen on purpose. Convolution libraries (oneDNN on the CPU,
+# cuDNN on CUDA) pick their kernels by the input's memory format and keep it through the network, so this one
+# choice decides the layout of every encoder convolution:
+# - parity: diffusers' `VaeImageProcessor` hands the encoder exactly this layout (its NumPy [1, H, W, 3] pixels,
+#   transposed), so the same kernels run and give the same sums;
+# - speed: channels-last is oneDNN's fast path on the CPU and cuDNN's native layout for bfloat16 tensor cores; an
+#   NCHW input makes conv_in and everything after it run the NCHW kernels (tools/bench_layout.py measures both;
+#   docs/benchmarks.md has the figures).
+# The decoder is left in the layout the reference decodes in (NCHW, from the unpacked latents).
+ENCODER_LAYOUT = torch.channels_last
 
 
 def to_tensor(image: Image.Image) -> Tensor:
-    """RGB picture -> [1, 3, H, W] float32 in [-1, 1] (x / 255 * 2 - 1, as the reference computes it).
+    """RGB picture -> [1, 3, H, W] float32 in [-1, 1] (x / 255 * 2 - 1, as the reference computes it), laid out
+    in `ENCODER_LAYOUT` (channels-last: strides [3HW, 1, 3W, 3], a permuted [1, H, W, 3] buffer, no copy).
 
-    The layout is channels-last (a permuted [1, H, W, 3] buffer), as diffusers' `VaeImageProcessor` hands it to
-    the encoder: convolution libraries pick their kernels by memory format, so the same layout gives the same
-    sums (and oneDNN's channels-last kernels are the faster ones on CPU)."""
+    Move it with `.to(device, dtype, memory_format=ENCODER_LAYOUT)` so a device or dtype change keeps the layout."""
     rgb = image.convert("RGB")
     data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
-    pixels = data.view(1, rgb.height, rgb.width, 3).float() / 255.0
-    return (pixels * 2.0 - 1.0).permute(0, 3, 1, 2)
+    pixels = data.view(1, rgb.height, rgb.width, 3).float() / 255.0  # [1, H, W, 3]
+    return (pixels * 2.0 - 1.0).permute(0, 3, 1, 2)  # [1, 3, H, W], channels-last strides
 
 
 def to_unit(x: Tensor) -> Tensor:

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# One device call that measures the GPU plan (issue 13, point 5); prints a short table last, writes the full log
+# and a JSON of figures under $OUT. Budget: <= 8 minutes on an H100/H200 with the defaults.
+#
+# On the device machine (its Python 3.12 has torch + CUDA; the rest travels as wheels in the ignored, carried
+# folder .whl, as /work/.library/device/README.md describes):
+#   bash tools/gpu_check.sh                       # carry: [".whl"]
+# Wheels to put in .whl once (here, from the repo root; versions as in the project's venv):
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#     diffusers==0.42.1 transformers==<venv's> tokenizers==<venv's> safetensors==<venv's> huggingface_hub==<venv's> \
+#     regex==<venv's> (plus any Requires-Dist the device's Python lacks; see the README)
+# The project itself is not installed: the repository root and tools/ go on PYTHONPATH.
+#
+# CPU rehearsal (tiny shapes, every step and the table, no wheels needed in the venv):
+#   OUT=/tmp/gpu_check PRESET=tiny DEVICE=cpu RUNS=2 WARMUP=1 BIG=64x64 SMALL=32x32 REF=64x64 bash tools/gpu_check.sh
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu_check_out}
+PRESET=${PRESET:-klein-4b}
+DEVICE=${DEVICE:-cuda}
+RUNS=${RUNS:-20}
+WARMUP=${WARMUP:-3}
+BIG=${BIG:-1024x1024}
+SMALL=${SMALL:-512x512}
+REF=${REF:-1024x1024}
+STEP_LIMIT=${STEP_LIMIT:-150}   # seconds per step; a hung step costs its limit, not the call
+mkdir -p "$OUT"
+LOG="$OUT/gpu_check.log"
+: >"$LOG"
+export PYTHONUNBUFFERED=1
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    >>"$LOG" 2>&1 || { echo "wheel install failed (see $LOG)"; tail -20 "$LOG"; exit 2; }
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:$PWD/tools:${PYTHONPATH:-}
+PY=${PY:-python3}
+
+{
+  echo "== $(date -u +%FT%TZ) gpu_check: preset $PRESET on $DEVICE, $RUNS runs after $WARMUP warm-up"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null || echo "(no nvidia-smi)"
+  $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+} 2>&1 | tee -a "$LOG"
+
+step() {  # step NAME ARGS... : one bench.py run, its JSON at $OUT/NAME.json, wall time recorded
+  local name=$1; shift
+  echo "== step $name: bench.py $*" | tee -a "$LOG"
+  local start=$SECONDS
+  timeout "$STEP_LIMIT" $PY tools/bench.py --preset "$PRESET" --device "$DEVICE" --json "$OUT/$name.json" "$@" \
+    >>"$LOG" 2>&1
+  local rc=$?
+  echo "{\"rc\": $rc, \"seconds\": $((SECONDS - start))}" >"$OUT/$name.status.json"
+  echo "   rc $rc in $((SECONDS - start)) s" | tee -a "$LOG"
+}
+
+# 1. text-to-image at both sizes, ours vs diffusers interleaved (bf16 default on CUDA), per stage, retry, peak
+step t2i --sizes "$BIG" "$SMALL" --refs 0 --runs "$RUNS" --warmup "$WARMUP"
+# 2. an edit with one reference of REF
+step edit --sizes "$BIG" --refs 1 --ref-size "$REF" --runs "$RUNS" --warmup "$WARMUP"
+# 3. peak memory with the text encoder offloaded (ours only)
+step offload --sizes "$BIG" --refs 0 --runs 3 --warmup 1 --offload-text-encoder --no-reference
+# 4. compiled (the first warm-up includes compilation: its step time is the compile cost at one size)
+step compiled --sizes "$BIG" --refs 0 --runs "$RUNS" --warmup 2 --compile --no-reference
+# 5. FP8 compiled: speed and PSNR against the unquantized picture (the gate fails the step under 25 dB)
+step fp8 --sizes "$BIG" --refs 0 --runs "$RUNS" --warmup 2 --compile --fp8 --no-reference
+
+$PY - "$OUT" <<'PYEOF' 2>&1 | tee -a "$LOG"
+import json, sys
+from pathlib import Path
+
+out = Path(sys.argv[1])
+figures = {}
+def rows(name):
+    path = out / f"{name}.json"
+    return json.loads(path.read_text())["results"] if path.exists() else []
+for name in ("t2i", "edit", "offload", "compiled", "fp8"):
+    status = out / f"{name}.status.json"
+    figures[name] = {"status": json.loads(status.read_text()) if status.exists() else None, "rows": rows(name)}
+(out / "figures.json").write_text(json.dumps(figures, indent=2))
+targets = {("t2i", 0): "<= 250 ms", ("t2i", 1): "<= 80 ms", ("edit", 0): "<= 550 ms"}
+print("\n| case | size | refs | ours e2e ms | reference ms | ratio (>= 1.5) | peak GiB | target | extra |")
+print("|---|---|---|---|---|---|---|---|---|")
+for name, data in figures.items():
+    st = data["status"]
+    if not data["rows"]:
+        print(f"| {name} | – | – | FAILED (rc {st and st['rc']}) | | | | | |")
+        continue
+    for k, r in enumerate(data["rows"]):
+        ref = f"{r['reference_ms']:.1f}" if r["reference_ms"] else "–"
+        ratio = f"{r['ratio']:.2f}x" if r["ratio"] else "–"
+        extra = f"fp8 vs bf16 {r['fp8_psnr_db']:.1f} dB" if r.get("fp8_psnr_db") is not None else ""
+        if name == "compiled":
+            extra = f"step run {st['seconds']} s incl. compile" if st else ""
+        print(f"| {name} | {r['size']} | {r['references']} | {r['ours']['end to end']:.1f} | {ref} | {ratio} "
+              f"| {r['peak_memory_bytes'] / 2**30:.2f} | {targets.get((name, k), '')} | {extra} |")
+PYEOF
+echo "full log: $LOG; figures: $OUT/figures.json"
