@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 from typing import Any
@@ -275,3 +277,21 @@ async def test_non_finite_pictures_are_an_error_and_nothing_is_stored(
     finally:
         state.engine.close()
         state.store.close()
+
+
+@pytest.mark.parametrize("how", ["--store", "KLEIN_AGENT_STORE"])
+def test_a_store_that_cannot_open_names_the_setting_that_chose_it(tmp_path: Path, how: str) -> None:
+    in_the_way = tmp_path / "store"
+    in_the_way.write_text("not a folder")
+    argv = [sys.executable, "-m", "klein_agent", "serve", "--model", "tiny"]
+    env = {**os.environ, "KLEIN_AGENT_STORE": ""}
+    if how == "--store":
+        argv += ["--store", str(in_the_way)]
+    else:
+        env["KLEIN_AGENT_STORE"] = str(in_the_way)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env, stdin=subprocess.DEVNULL)
+    assert done.returncode == 2 and done.stdout == ""
+    assert f"{in_the_way} is a file, not a folder" in done.stderr
+    named = "given with --store" if how == "--store" else "$KLEIN_AGENT_STORE names"
+    assert named in done.stderr and "Traceback" not in done.stderr
+    assert in_the_way.read_text() == "not a folder"

@@ -19,7 +19,7 @@ from klein_agent.server.http import HttpPlan, serve_http
 from klein_agent.server.stdio import serve_stdio
 from klein_agent.service.engine import Engine
 from klein_agent.service.inputs import InputPolicy, default_allowed_dirs
-from klein_agent.service.store import ImageStore, StoreError, default_store_dir
+from klein_agent.service.store import ImageStore, StoreError, default_store_dir, store_source
 from klein_agent.service.studio import Studio, StudioConfig
 from klein_agent.web.listen import (
     HttpStartError,
@@ -46,11 +46,14 @@ def build_studio(args: argparse.Namespace) -> Studio:
             raise ValueError(f"--allow-dir {d}: give an existing folder as an absolute path")
         dirs.append(d.expanduser())
     policy = InputPolicy(allowed_dirs=tuple(dirs), allow_urls=args.allow_urls)
-    store = ImageStore(
-        args.store if args.store is not None else default_store_dir(),
-        max_bytes=int(args.store_max_gb * 2**30),
-        max_images=args.store_max_images,
-    )
+    try:
+        store = ImageStore(
+            args.store if args.store is not None else default_store_dir(),
+            max_bytes=int(args.store_max_gb * 2**30),
+            max_images=args.store_max_images,
+        )
+    except StoreError as exc:
+        raise StoreError(f"{exc} This is {store_source(args.store)}.") from exc
     config = StudioConfig(max_pixels_per_call=int(args.max_megapixels * 1_000_000))
     engine = Engine(generator_factory(args), max_queue=args.max_queue)
     return Studio(engine, store, policy, config)

@@ -209,6 +209,16 @@ def _why_not(root: Path, error: OSError) -> str:
     return error.strerror or str(error)
 
 
+def store_source(given: Path | str | None) -> str:
+    """Which setting chose the store folder, for messages: `--store DIR`, `$KLEIN_AGENT_STORE`, or the default
+    (with the two ways to choose another)."""
+    if given is not None:
+        return "the folder given with --store: pass another --store DIR"
+    if os.environ.get("KLEIN_AGENT_STORE", "").strip():
+        return "the folder $KLEIN_AGENT_STORE names: set it to another folder, or pass --store DIR"
+    return "the default folder: choose another with --store DIR or $KLEIN_AGENT_STORE"
+
+
 def default_store_dir() -> Path:
     """$KLEIN_AGENT_STORE, else the user's data folder + klein-agent/store. Never a temp dir: images must
     survive reboots and tmp cleaners."""
