@@ -236,6 +236,9 @@ async def test_view_image_shows_one_image_or_a_labelled_sheet(client: Client) ->
     assert [i["image_id"] for i in sheet.structured_content["images"]] == ids
     assert all(f"{k} = {i}" in sheet.content[1].text for k, i in enumerate(ids, start=1))
     assert len(sheet.content[0].data) <= 700_000
+    # what an agent often sends: several ids in one string
+    joined = await call(client, "view_image", {"image_ids": f"{ids[0]}, {ids[2]}"})
+    assert [i["image_id"] for i in joined.structured_content["images"]] == [ids[0], ids[2]]
 
 
 async def test_export_image_writes_the_full_png_inside_allowed_folders(

@@ -3,6 +3,7 @@ annotations beside it. None of them runs the model; each is a thin layer over `S
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
 from mcp.server import MCPServer
@@ -36,7 +37,7 @@ ImageIdsArg = Annotated[
     list[str] | str,
     Field(
         description=f"One image id, or a list of up to {MAX_VIEW_IMAGES} ids for a labelled contact sheet "
-        "(labels 1, 2, ... follow this order)."
+        '(labels 1, 2, ... follow this order); "id1, id2" in one string is read as that list.'
     ),
 ]
 MaxEdgeArg = Annotated[
@@ -122,7 +123,12 @@ def register(mcp: MCPServer, studio: Studio) -> None:
     async def view_image(
         image_ids: ImageIdsArg, max_edge: MaxEdgeArg = 1024
     ) -> Annotated[CallToolResult, ViewResult]:
-        ids = [image_ids] if isinstance(image_ids, str) else list(image_ids)
+        # Ids hold no commas or spaces, so a string of several ("img_a, img_b") can only mean the list.
+        ids = (
+            [i for i in re.split(r"[\s,;]+", image_ids) if i]
+            if isinstance(image_ids, str)
+            else list(image_ids)
+        )
         with tool_errors():
             sheet = await studio.contact_sheet(ids, max_edge=max_edge)
         preview, meta = sheet.preview, sheet.images
