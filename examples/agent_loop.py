@@ -137,12 +137,15 @@ def main() -> int:
         "--store", type=Path, default=None, help="image store folder (default: a temporary one)"
     )
     parser.add_argument(
-        "--out", type=Path, default=None, help="folder for best.png (default: a temporary one)"
+        "--out",
+        type=Path,
+        default=Path("klein-agent-loop"),
+        help="folder for best.png, kept after the run (default: ./klein-agent-loop)",
     )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="klein-agent-loop-") as scratch:
-        store = args.store or Path(scratch) / "store"
-        out = (args.out or Path(scratch) / "out").resolve()
+        store = args.store or Path(scratch) / "store"  # the store is scratch unless given; best.png is kept
+        out = args.out.resolve()
         out.mkdir(parents=True, exist_ok=True)
         return anyio.run(run, args.model, args.size, args.rounds, store, out)
 

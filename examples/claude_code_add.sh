@@ -3,7 +3,7 @@
 
 # stdio: Claude Code starts the server (and loads the model) itself. --scope project writes ./.mcp.json
 # (the same content as claude_code.mcp.json); the default scope is only for you, in this project.
-claude mcp add --scope project klein-agent -- klein-agent serve --model black-forest-labs/FLUX.2-klein-4B
+claude mcp add --scope project klein-agent -- "$(command -v klein-agent)" serve --model black-forest-labs/FLUX.2-klein-4B
 
 # HTTP: one resident model shared by several clients. Start the server first, in another terminal:
 #   klein-agent serve --model black-forest-labs/FLUX.2-klein-4B --http --port 8765

@@ -15,10 +15,10 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 @pytest.mark.slow
 def test_agent_loop_runs_on_the_tiny_model(tmp_path: Path) -> None:
-    out = tmp_path / "out"
+    out = tmp_path / "klein-agent-loop"  # the default --out, under the working folder: kept after the run
     done = subprocess.run(
         [sys.executable, str(EXAMPLES / "agent_loop.py"), "--size", "64", "--rounds", "2",
-         "--store", str(tmp_path / "store"), "--out", str(out)],
+         "--store", str(tmp_path / "store")],
         cwd=tmp_path, capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -34,7 +34,18 @@ def test_agent_loop_runs_on_the_tiny_model(tmp_path: Path) -> None:
 def test_client_configs_are_valid_and_start_the_server() -> None:
     for name in ("claude_desktop_config.json", "claude_code.mcp.json"):
         server = json.loads((EXAMPLES / name).read_text())["mcpServers"]["klein-agent"]
-        assert server["command"].endswith("klein-agent")
+        assert server["command"].startswith("/") and server["command"].endswith("/klein-agent")
         assert server["args"][:3] == ["serve", "--model", "black-forest-labs/FLUX.2-klein-4B"]
     add = (EXAMPLES / "claude_code_add.sh").read_text()
-    assert "claude mcp add --scope project klein-agent -- klein-agent serve --model" in add
+    assert 'claude mcp add --scope project klein-agent -- "$(command -v klein-agent)" serve --model' in add
+
+
+def test_an_allow_dir_that_does_not_exist_is_named_with_what_to_do(tmp_path: Path) -> None:
+    missing = tmp_path / "Pictures" / "klein"
+    done = subprocess.run(
+        [sys.executable, "-m", "klein_agent", "serve", "--model", "tiny", "--store", str(tmp_path / "s"),
+         "--allow-dir", str(missing)],
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"--allow-dir {missing} does not exist: create it (mkdir -p '{missing}')" in done.stderr

@@ -42,9 +42,19 @@ def build_studio(args: argparse.Namespace) -> Studio:
         raise ValueError("--max-megapixels, --store-max-gb and --store-max-images must be positive")
     dirs = [] if args.no_default_dirs else list(default_allowed_dirs())
     for d in args.allow_dirs:
-        if not d.expanduser().is_absolute() or not d.expanduser().is_dir():
-            raise ValueError(f"--allow-dir {d}: give an existing folder as an absolute path")
-        dirs.append(d.expanduser())
+        folder = d.expanduser()
+        if not folder.is_absolute():
+            raise ValueError(
+                f"--allow-dir {d}: give an absolute path (clients start servers in another folder)"
+            )
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"--allow-dir {d} is a file, not a folder")
+        if not folder.exists():
+            raise ValueError(
+                f"--allow-dir {d} does not exist: create it (mkdir -p '{folder}') or remove the option, then "
+                "restart the client"
+            )
+        dirs.append(folder)
     policy = InputPolicy(allowed_dirs=tuple(dirs), allow_urls=args.allow_urls)
     try:
         store = ImageStore(
