@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import json
 import mmap
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import bench  # tools/ is on sys.path (conftest)
 import pytest
 import torch
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads() -> Iterator[None]:
+    # bench.main(--threads N) sets the process's torch thread count; later tests in this process compare pixels
+    # with a subprocess running the default count, and a different count changes float reductions
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_bench_reports_stages_and_the_reference_ratio(tmp_path: Path) -> None:
