@@ -22,6 +22,7 @@ def _keep_torch_threads() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_bench_reports_stages_and_the_reference_ratio(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     argv = [

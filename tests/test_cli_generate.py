@@ -26,6 +26,7 @@ def provenance(path: Path) -> dict[str, object]:
         return json.loads(image.text[PROVENANCE_KEY])  # type: ignore[attr-defined]
 
 
+@pytest.mark.slow
 def test_text_to_image_edit_and_compose(tmp_path: Path) -> None:
     first = tmp_path / "first.png"
     done = run("--width", "96", "--height", "64", "--seed", "5", "--out", str(first))
@@ -70,6 +71,7 @@ def test_text_to_image_edit_and_compose(tmp_path: Path) -> None:
             assert image.size == (96, 64)  # no size: image 1's, as the model prepares it
 
 
+@pytest.mark.slow
 def test_picture_k_of_a_batch_is_the_single_run_with_seed_plus_k(tmp_path: Path) -> None:
     reference = tmp_path / "ref.png"
     Image.effect_noise((128, 64), 60).convert("RGB").save(reference)

@@ -12,6 +12,8 @@ from test_cli_generate import provenance
 
 from klein_agent.rules.recipes import rerun_command
 
+pytestmark = pytest.mark.slow  # the CLI as subprocesses
+
 
 def run(*args: str, model: str = "tiny", prompt: str = "a window") -> subprocess.CompletedProcess[str]:
     argv = [sys.executable, "-m", "klein_agent", "generate", "--model", model, "--prompt", prompt, *args]

@@ -21,6 +21,8 @@ from klein_agent.model.configs import AutoencoderConfig, SchedulerConfig, Transf
 from klein_agent.model.text_encoder import TextEmbedder, TextEncoderTooShallowError, skipped_checkpoint_key
 from klein_agent.model.transformer import Flux2Transformer
 
+pytestmark = pytest.mark.slow  # every component against diffusers' own modules
+
 ATOL = 1e-5
 
 

@@ -114,6 +114,7 @@ async def test_a_session_is_bound_to_the_token_that_made_it(tmp_path: Path) -> N
         assert status == 200
 
 
+@pytest.mark.slow
 def test_slow_clients_are_cut_off(tmp_path: Path) -> None:
     with http_server(tmp_path, tmp_path / "store", "--client-timeout", "1.5") as (_, port, token):
         # headers a byte at a time

@@ -22,6 +22,8 @@ from klein_agent.pipeline import KleinPipeline, load_pipeline
 from klein_agent.rules.masks import Box, boxes_mask
 from klein_agent.rules.requests import GenerationRequest
 
+pytestmark = pytest.mark.slow  # whole masked edits against diffusers, Base at 50 steps included
+
 Pair = tuple[KleinPipeline, Flux2KleinInpaintPipeline]
 
 

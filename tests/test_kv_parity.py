@@ -20,6 +20,8 @@ from test_pipeline_parity import MIN_PSNR_DB, assert_same_pictures, picture, psn
 from klein_agent.pipeline import KleinPipeline, load_pipeline
 from klein_agent.rules.requests import GenerationRequest
 
+pytestmark = pytest.mark.slow  # whole KV pictures against diffusers
+
 
 @pytest.fixture(scope="module")
 def kv(tmp_path_factory: pytest.TempPathFactory) -> tuple[KleinPipeline, Flux2KleinKVPipeline]:

@@ -23,6 +23,8 @@ from klein_agent.loading.lora import LoRAError
 from klein_agent.pipeline import load_pipeline
 from klein_agent.rules.requests import GenerationRequest
 
+pytestmark = pytest.mark.slow  # whole pictures against diffusers per LoRA format
+
 D, RANK = 32, 4  # Shape(): 2 heads of 16; mlp ratio 3 (linear_in 2 * 96)
 FF = 96
 

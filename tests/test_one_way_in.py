@@ -24,7 +24,7 @@ from klein_agent.server.app import build_server
 from klein_agent.service.inputs import read_image_file
 from tests.conftest import make_server_state
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]  # the CLI as subprocesses beside a server
 
 
 @pytest.fixture

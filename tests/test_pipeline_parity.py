@@ -23,6 +23,8 @@ from reference_checkpoints import Shape, load_reference, write_reference_checkpo
 from klein_agent.pipeline import KleinPipeline, load_pipeline
 from klein_agent.rules.requests import GenerationRequest
 
+pytestmark = pytest.mark.slow  # whole pipelines against diffusers, many cases
+
 MIN_PSNR_DB = 45.0
 
 

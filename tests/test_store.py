@@ -393,6 +393,7 @@ def test_second_opener_leaves_fresh_files_alone(root: Path) -> None:
 @pytest.mark.parametrize(
     ("iterations", "max_images"), [(CRASH_ITERATIONS, 100_000), (max(CRASH_ITERATIONS // 3, 10), 6)]
 )
+@pytest.mark.slow
 def test_kill_9_loses_nothing_acknowledged(root: Path, iterations: int, max_images: int) -> None:
     """A child puts in a loop and is SIGKILLed after 0-200 ms; every acknowledged id must survive, the database
     must pass integrity_check, no row may lack its file even before the sweep, and the sweep must leave no

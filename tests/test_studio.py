@@ -186,6 +186,7 @@ async def test_a_batch_being_stored_is_stored_whole_when_its_caller_is_cancelled
         studio.store.close()
 
 
+@pytest.mark.slow
 async def test_calls_run_in_arrival_order_however_long_their_inputs_take_to_decode(
     tmp_path: Path, input_dir: Path
 ) -> None:
