@@ -295,3 +295,67 @@ def test_a_store_that_cannot_open_names_the_setting_that_chose_it(tmp_path: Path
     named = "given with --store" if how == "--store" else "$KLEIN_AGENT_STORE names"
     assert named in done.stderr and "Traceback" not in done.stderr
     assert in_the_way.read_text() == "not a folder"
+
+
+async def test_prompt_errors_are_invalid_params(client: Client) -> None:
+    """Both protocol eras (the `client` fixture): a missing required argument, an unknown prompt and an unknown
+    argument are -32602 with a message that names the fix, never code 0 or "Internal server error"."""
+    from mcp_types import INVALID_PARAMS
+
+    for name, arguments, expected in [
+        ("iterate_image", {}, "prompt iterate_image needs the argument goal"),
+        ("iterate_image", {"goal": "  "}, "needs the argument goal"),
+        ("no_such_prompt", {"goal": "x"}, "unknown prompt 'no_such_prompt'; the prompts are compare_images"),
+        ("iterate_image", {"goal": "x", "colour": "red"}, "has no argument colour; it takes"),
+    ]:
+        with pytest.raises(MCPError) as caught:
+            await client.get_prompt(name, arguments)
+        assert caught.value.error.code == INVALID_PARAMS, (name, arguments, caught.value.error)
+        assert expected in caught.value.error.message
+    assert (await client.get_prompt("iterate_image", {"goal": "x"})).messages  # still serving
+
+
+async def test_a_cursor_number_sqlite_cannot_hold_is_a_tool_error(client: Client) -> None:
+    import base64
+    import json
+
+    huge = {"v": 1, "before": 99999999999999999999999, "session": None}
+    cursor = base64.urlsafe_b64encode(json.dumps(huge).encode()).decode().rstrip("=")
+    for bad in (cursor, "99999999999999999999999"):
+        result = await client.call_tool("list_images", {"cursor": bad})
+        assert result.is_error and "Invalid cursor" in result.content[0].text, result.content[0].text
+        assert "Pass next_cursor from the previous list_images result unchanged" in result.content[0].text
+    assert not (await client.call_tool("list_images", {})).is_error
+
+
+async def test_one_damaged_recipe_row_does_not_break_list_images(
+    client: Client, server_state: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    import sqlite3
+
+    made = await client.call_tool(
+        "generate", {"prompt": "a kite", "width": 64, "height": 64, "num_images": 3}
+    )
+    ids = [i["image_id"] for i in made.structured_content["images"]]
+    database = server_state.store.root / "store.sqlite3"
+    with sqlite3.connect(database) as db:  # a record edited by hand or hit by a disk error
+        db.execute("UPDATE images SET recipe = ? WHERE image_id = ?", ('{"tool": "gener', ids[1]))
+        db.execute("UPDATE images SET recipe = ?, parents = ? WHERE image_id = ?", ("[1, 2]", "{", ids[2]))
+    caplog.set_level("WARNING", logger="klein_agent.service.store")
+    listed = await client.call_tool("list_images", {})
+    assert not listed.is_error, listed.content[0].text
+    entries = {i["image_id"]: i for i in listed.structured_content["images"]}
+    assert set(entries) == set(ids), "every image is listed, the damaged ones too"
+    assert not entries[ids[0]]["recipe_unreadable"] and entries[ids[0]]["prompt"] == "a kite"
+    for damaged in ids[1:]:
+        entry = entries[damaged]
+        assert entry["recipe_unreadable"] and entry["tool"] == "unknown" and entry["prompt"] is None
+    assert entries[ids[2]]["parents"] == []
+    assert listed.content[0].text.count("(recipe unreadable") == 2
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert f"image {ids[1]}: the stored recipe is not valid JSON" in warned
+    assert f"image {ids[2]}: the stored recipe is list, not a JSON object" in warned
+    meta = await client.read_resource(f"image://{ids[1]}/meta")
+    assert '"unreadable"' in meta.contents[0].text  # type: ignore[union-attr]
+    status = await client.call_tool("server_status", {})
+    assert not status.is_error

@@ -46,6 +46,9 @@ class ListedImage(BaseModel):  # noqa: D101 - no docstring: it would change the 
     parents: list[str]
     session: str | None
     created_at: str
+    recipe_unreadable: bool = Field(
+        default=False, description="true when the stored recipe is damaged: tool, seed and prompt are unknown"
+    )
 
 
 # What list_images returns: a page of stored images, newest first.

@@ -71,6 +71,9 @@ log = logging.getLogger(__name__)
 ID_PREFIX = "img_"
 _ID_RE = re.compile(r"img_[A-Za-z0-9_-]{22}", re.ASCII)  # "img_" + token_urlsafe(16): 22 chars, 128 bits
 _CURSOR_RE = re.compile(r"[A-Za-z0-9_-]{1,256}", re.ASCII)
+_MAX_SQLITE_INTEGER = 2**63 - 1
+# The key a damaged recipe is read with (`_read_recipe`): its value says what is wrong.
+UNREADABLE_RECIPE = "unreadable"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _TMP_PREFIX = ".tmp-"
 DB_NAME = "store.sqlite3"
@@ -856,8 +859,8 @@ class ImageStore:
             size_bytes,
             created_at,
             session,
-            tuple(json.loads(parents)),
-            json.loads(recipe),
+            _read_parents(image_id, parents),
+            _read_recipe(image_id, recipe),
             self._path_for(image_id),
         )
 
@@ -914,6 +917,33 @@ def _recipe_json(recipe: dict[str, Any]) -> str:
     return text
 
 
+def _read_recipe(image_id: str, text: object) -> dict[str, Any]:
+    """A row's recipe; a damaged one (not a JSON object: edited by hand, a disk error) is logged and read as
+    `{"tool": "unknown", UNREADABLE_RECIPE: why}`, so one bad row never breaks a listing of all the others."""
+    try:
+        recipe = json.loads(text) if isinstance(text, (str, bytes)) else None
+    except (ValueError, RecursionError) as exc:
+        why = f"the stored recipe is not valid JSON ({type(exc).__name__}: {str(exc)[:80]})"
+    else:
+        if isinstance(recipe, dict):
+            return recipe
+        why = f"the stored recipe is {type(recipe).__name__}, not a JSON object"
+    log.warning("image %s: %s; it is listed with its recipe marked unreadable", image_id, why)
+    return {"tool": "unknown", UNREADABLE_RECIPE: why}
+
+
+def _read_parents(image_id: str, text: object) -> tuple[str, ...]:
+    """A row's parent ids; a damaged list is logged and read as no parents (as `_read_recipe`)."""
+    try:
+        parents = json.loads(text) if isinstance(text, (str, bytes)) else None
+    except (ValueError, RecursionError):
+        parents = None
+    if isinstance(parents, list) and all(isinstance(p, str) for p in parents):
+        return tuple(parents)
+    log.warning("image %s: the stored parent list is damaged; it is listed without parents", image_id)
+    return ()
+
+
 def _encode_cursor(before_seq: int, session: str | None) -> str:
     raw = json.dumps({"v": 1, "before": before_seq, "session": session}, separators=(",", ":"))
     return base64.urlsafe_b64encode(raw.encode("ascii")).rstrip(b"=").decode("ascii")
@@ -934,8 +964,8 @@ def _decode_cursor(cursor: str, session: str | None) -> int:
     if not isinstance(obj, dict) or obj.get("v") != 1 or set(obj) != {"v", "before", "session"}:
         raise bad
     before = obj["before"]
-    if not isinstance(before, int) or isinstance(before, bool) or before < 1:
-        raise bad
+    if not isinstance(before, int) or isinstance(before, bool) or not 1 <= before <= _MAX_SQLITE_INTEGER:
+        raise bad  # a number SQLite cannot hold would raise OverflowError deep in the query
     if obj["session"] != session:
         raise ValueError(
             f"This cursor belongs to a listing with session={obj['session']!r}, not {session!r}. "

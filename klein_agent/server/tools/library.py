@@ -27,7 +27,7 @@ from klein_agent.server.models import (
 )
 from klein_agent.server.results import image_block
 from klein_agent.server.texts import store_note
-from klein_agent.service.store import StoredImage
+from klein_agent.service.store import UNREADABLE_RECIPE, StoredImage
 from klein_agent.service.studio import Studio, now_iso
 
 ImageIdArg = Annotated[
@@ -101,6 +101,8 @@ def register(mcp: MCPServer, studio: Studio) -> None:
                 if item.parents:
                     made += " from " + ", ".join(item.parents)
                 prompt = f' "{item.prompt}"' if item.prompt else ""
+                if item.recipe_unreadable:
+                    prompt += " (recipe unreadable: the stored record is damaged)"
                 lines.append(
                     f"- {item.image_id} {item.width}x{item.height} {made} ({item.created_at}){prompt}"
                 )
@@ -271,4 +273,5 @@ def _listed(image: StoredImage) -> ListedImage:
         parents=list(image.parents),
         session=image.session,
         created_at=now_iso(image.created_at),
+        recipe_unreadable=UNREADABLE_RECIPE in recipe,
     )
