@@ -57,6 +57,16 @@ VIEW_MAX_EDGE = 1568  # the most the Anthropic vision models use; view_image may
 PREVIEW_BUDGET_B64 = 700_000  # base64 characters for all inline images of one result (Claude Desktop: 1 MB)
 MAX_VIEW_IMAGES = 16  # images on one contact sheet
 
+# -- messages ---------------------------------------------------------------------------------------------------
+# Every JSON-RPC message the server writes stays under this many bytes. The TypeScript SDK's stdio transport drops
+# the connection on a line of 10 MiB; 8 MiB leaves room below it. A resource read whose image does not fit is
+# sent as lossless WebP when that fits, else refused with an error that names export_image (docs/server.md).
+MAX_MESSAGE_BYTES = 8 * 1024**2
+MESSAGE_FRAMING_BYTES = 64 * 1024  # the JSON-RPC envelope, URI, MIME type and _meta around one base64 blob
+MAX_MESSAGE_BLOB_BYTES = (
+    (MAX_MESSAGE_BYTES - MESSAGE_FRAMING_BYTES) // 4 * 3
+)  # binary bytes whose base64 fits
+
 # -- the server -------------------------------------------------------------------------------------------------
 MAX_QUEUE = 8  # calls that may wait behind the running one
 STORE_MAX_BYTES = 2 * 1024**3

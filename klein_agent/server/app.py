@@ -9,6 +9,7 @@ from mcp.server import MCPServer
 
 from klein_agent import __version__
 from klein_agent.server.arguments import ArgumentChecks
+from klein_agent.server.messages import MessageBudget
 from klein_agent.server.prompts import register_prompts
 from klein_agent.server.resources import register_resources
 from klein_agent.server.tools import generation, library
@@ -39,7 +40,7 @@ def build_server(studio: Studio) -> MCPServer[Studio]:
         instructions=INSTRUCTIONS,
         version=__version__,
         lifespan=lifespan,
-        middleware=[checks],
+        middleware=[checks, MessageBudget()],
     )
     checks.bind(mcp)
     generation.register(mcp, studio)

@@ -39,7 +39,9 @@ def register_resources(mcp: MCPServer[Any], studio: Studio) -> None:
         "image://{image_id}",
         name="image",
         title="Stored image",
-        description="The full-resolution PNG of a stored image (ids come from tool results or list_images).",
+        description="The full-resolution PNG of a stored image (ids come from tool results or list_images). "
+        "Over about 6 MiB it comes as lossless WebP (same pixels), or, when that is too large for one message, "
+        "as an error: use export_image to get the file.",
         mime_type="image/png",
     )
     async def image_png(image_id: str) -> bytes:

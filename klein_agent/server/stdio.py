@@ -28,9 +28,11 @@ import anyio
 from mcp.server import MCPServer
 from mcp_types import jsonrpc_message_adapter
 
+from klein_agent.rules import limits
+
 log = logging.getLogger("klein_agent.serve")
 
-MAX_LINE_BYTES = 8 * 1024 * 1024  # every message on the wire stays under this (clients drop lines of 10 MiB)
+MAX_LINE_BYTES = limits.MAX_MESSAGE_BYTES  # every message on the wire stays under this (clients drop 10 MiB)
 _CHUNK = 1 << 16
 
 
