@@ -124,3 +124,30 @@ def data_uri(data: bytes, mime: str = "image/png") -> str:
     import base64
 
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+class SlowDecoder:
+    """The autoencoder's decode made `delay_s` slower per call, pixels untouched: a stand-in for a large decode
+    on a CPU (35-57 s at 1024x1024 x4 without progress before issue 9). Records each decode's (start, end) times
+    (time.monotonic) in `windows`. Install with `with SlowDecoder(pipeline, 0.8) as slow: ...`; the original is
+    put back on exit."""
+
+    def __init__(self, pipeline: object, delay_s: float) -> None:
+        self.autoencoder = pipeline.autoencoder  # type: ignore[attr-defined]
+        self.delay_s = delay_s
+        self.windows: list[tuple[float, float]] = []
+        self._decode = self.autoencoder.decode
+
+    def __call__(self, latents: object) -> object:
+        start = time.monotonic()
+        time.sleep(self.delay_s)
+        pixels = self._decode(latents)
+        self.windows.append((start, time.monotonic()))
+        return pixels
+
+    def __enter__(self) -> SlowDecoder:
+        self.autoencoder.decode = self  # an instance attribute in front of the class's method
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        del self.autoencoder.decode

@@ -109,6 +109,12 @@ class EngineStatus:
     cache_hits: dict[str, int]  # summed over all calls: {"prompt": n, "references": n}
 
 
+# Heartbeats between real reports: each adds this to the last real value, up to HEARTBEAT_SPAN above it, so values
+# keep rising (as MCP requires) and stay below the next real one (real values are whole units, 1 apart).
+HEARTBEAT_STEP = 1e-4
+HEARTBEAT_SPAN = 0.5  # 5,000 heartbeats: close to 3 hours of one unit at the default 2 s
+
+
 @dataclass(eq=False)
 class _Job:
     request: GenerationRequest | None  # None while the slot's inputs are still being prepared
@@ -120,19 +126,55 @@ class _Job:
     submitted: float = field(default_factory=time.perf_counter)
     cancelled: threading.Event = field(default_factory=threading.Event)
     started: bool = False
-    last_progress: float = -1.0
+    started_at: float | None = None  # time.monotonic() when the worker took it
+    check: Callable[[GeneratorInfo], None] | None = None  # run by the worker before the model (see Slot.run)
+    last_progress: float = -1.0  # the last value sent, heartbeats included
+    real_progress: float = 0.0  # the last value the generator reported (0 before its first report)
+    real_message: str = ""
+    real_total: float | None = None
+    reported: bool = False  # the generator has reported at least once
+    beats: int = 0  # heartbeats since the last real report
+    sent_at: float = field(default_factory=time.monotonic)  # when the last notification went out
+    real_at: float | None = None  # when the generator last reported
     value: Completed | None = None
     error: BaseException | None = None
 
     async def send(self, value: float, total: float | None, message: str) -> None:
-        """Forward one progress report, on the caller's loop; drops anything not strictly above the last one."""
+        """Forward one report of the generator, on the caller's loop; drops anything not strictly above the
+        last value sent."""
         if self.progress is None:
             return
         async with self.lock:
+            self.real_progress, self.real_total, self.real_message = value, total, message
+            self.reported, self.beats, self.real_at = True, 0, time.monotonic()
             if value <= self.last_progress:
                 return
-            self.last_progress = value
+            self.last_progress, self.sent_at = value, time.monotonic()
             await self.progress(value, total, message)
+
+    async def beat(self, message: str) -> None:
+        """A heartbeat: the last real value (0 before the first) plus a little, with `message`, so a client that
+        resets its timeout on progress keeps waiting through a long unit (loading, encoding, one decode)."""
+        if self.progress is None:
+            return
+        async with self.lock:
+            if self.beats * HEARTBEAT_STEP >= HEARTBEAT_SPAN:
+                return
+            # before any report the first beat is 0 itself; after one, the first beat is just above it
+            value = self.real_progress + (self.beats + int(self.reported)) * HEARTBEAT_STEP
+            self.beats += 1
+            if value <= self.last_progress:
+                return
+            self.last_progress, self.sent_at = value, time.monotonic()
+            await self.progress(value, self.real_total, message)
+
+
+def _still_working(job: _Job) -> str:
+    """A heartbeat's message: how long the running call has gone since its last report, and what that was."""
+    now = time.monotonic()
+    if job.real_at is None:
+        return f"running, {now - (job.started_at or now):.0f} s in"
+    return f"still working, {now - job.real_at:.0f} s after: {job.real_message}"
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -156,10 +198,21 @@ class Slot:
         self._engine = engine
         self._job = job
 
-    async def run(self, request: GenerationRequest, *, progress: AsyncProgress | None = None) -> Completed:
-        """Run `request` in this place of the queue; as `Engine.run`. A slot runs once."""
+    async def run(
+        self,
+        request: GenerationRequest,
+        *,
+        progress: AsyncProgress | None = None,
+        check: Callable[[GeneratorInfo], None] | None = None,
+    ) -> Completed:
+        """Run `request` in this place of the queue; as `Engine.run`. A slot runs once.
+
+        `check(info)` runs on the worker with the loaded model's info just before the model, for rules that depend
+        on the model (the device's pixel budget, say) when the call arrived while it was loading; whatever it
+        raises fails the call (a RequestError as GenerationFailedError with its message)."""
         if self._job.request is not None:
             raise RuntimeError("a slot runs one request")
+        self._job.check = check
         return await self._engine._run_reserved(self._job, request, progress)
 
 
@@ -352,8 +405,11 @@ class Engine:
         return f"busy: {state}{wait}; retry in a few seconds, or ask for fewer images per call"
 
     async def _wait(self, job: _Job, ahead: int) -> None:
-        beat = 0
+        """Wait for the job, never silent for more than about `heartbeat_s`: while it waits, where it is (loading,
+        queued, starting); while it runs, a heartbeat whenever the generator has said nothing for `heartbeat_s`
+        (one long unit: loading weights, encoding references, decoding a large picture)."""
         while not job.done.is_set():
+            wait = self._heartbeat_s
             if not job.started:
                 if self._state == EngineState.LOADING:
                     message = "loading model"
@@ -361,10 +417,14 @@ class Engine:
                     message = f"queued: {ahead} call{'s' if ahead != 1 else ''} ahead"
                 else:
                     message = "starting"
-                if beat == 0 or self._state == EngineState.LOADING or ahead:
-                    await job.send(min(0.99, beat / 100), None, message)
-                beat += 1
-            with anyio.move_on_after(self._heartbeat_s):
+                await job.beat(message)
+            else:
+                quiet = time.monotonic() - job.sent_at
+                if quiet >= self._heartbeat_s * 0.95:
+                    await job.beat(_still_working(job))
+                    quiet = 0.0
+                wait = max(self._heartbeat_s - quiet, self._heartbeat_s / 20)  # wake when a beat is due
+            with anyio.move_on_after(wait):
                 await job.done.wait()
             ahead = self._position(job)
 
@@ -430,6 +490,7 @@ class Engine:
                 job = self._queue.popleft()
                 self._running = job
                 job.started = True
+                job.started_at = time.monotonic()
             try:
                 self._execute(generator, job)
             finally:
@@ -458,6 +519,8 @@ class Engine:
         try:
             if job.cancelled.is_set():
                 raise JobCancelled("cancelled before start")
+            if job.check is not None:
+                job.check(generator.info)
             result = generator.generate(request, on_step)
             if job.cancelled.is_set():
                 raise JobCancelled("cancelled after the last step")
