@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-megapixels",
         type=float,
         default=MAX_PIXELS_PER_CALL / 1e6,
-        help="refuse calls over width x height x num-images megapixels (default %(default).1f, as the server)",
+        help="refuse calls over width x height x num-images megapixels (default %(default).1f; the server's "
+        "default depends on the device, as no client waits here)",
     )
     gen.set_defaults(run=run_generate)
 

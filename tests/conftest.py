@@ -81,6 +81,9 @@ def make_server_state(
         max_bytes=options.pop("max_input_bytes", 2 * 1024**2),
     )
     store = ImageStore(store_dir, max_bytes=options.pop("store_max_bytes", 256 * 1024**2), max_images=1000)
+    from klein_agent.rules.limits import MAX_PIXELS_PER_CALL
+
+    options.setdefault("max_pixels_per_call", MAX_PIXELS_PER_CALL)  # pass None for the device's default
     state = Studio(engine, store, policy, StudioConfig(**options))
     engine.start()
     return state

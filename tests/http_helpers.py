@@ -31,6 +31,9 @@ def serve_args(store: Path, *extra: str) -> list[str]:
         "--store",
         str(store),
         "--no-default-dirs",
+        # CUDA's budget on the CPU too: the stopping tests hold a long 512x512 x4 call of the tiny model
+        "--max-megapixels",
+        "4.2",
         *extra,
     ]
 

@@ -23,11 +23,12 @@ import anyio
 from mcp import Client
 
 from klein_agent.pipeline import load_pipeline
+from klein_agent.rules.limits import MAX_PIXELS_PER_CALL
 from klein_agent.server.app import build_server
 from klein_agent.service.engine import Engine
 from klein_agent.service.inputs import InputPolicy
 from klein_agent.service.store import ImageStore
-from klein_agent.service.studio import Studio
+from klein_agent.service.studio import Studio, StudioConfig
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -106,7 +107,12 @@ async def main_async(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="klein-bench-") as scratch:
         engine = Engine(lambda: generator, max_queue=8)
         state = Studio(
-            engine, ImageStore(Path(scratch) / "store"), InputPolicy(allowed_dirs=(Path(scratch),))
+            engine,
+            ImageStore(Path(scratch) / "store"),
+            InputPolicy(allowed_dirs=(Path(scratch),)),
+            StudioConfig(
+                max_pixels_per_call=MAX_PIXELS_PER_CALL
+            ),  # the tiny model: CUDA's budget on a CPU too
         )
         engine.start()
         engine.wait_loaded(60)

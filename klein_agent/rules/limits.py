@@ -15,7 +15,19 @@ SIZE_MULTIPLE = (
 MIN_SIDE = 64
 MAX_SIDE = 2048
 DEFAULT_SIDE = 1024  # diffusers Flux2KleinPipeline: default_sample_size 128 x vae_scale_factor 8
-MAX_PIXELS_PER_CALL = 2048 * 2048  # width x height x num_images; the server's default, overridable
+MAX_PIXELS_PER_CALL = 2048 * 2048  # width x height x num_images: the server's default on CUDA, overridable
+# The default elsewhere, sized so a call ends inside the ~60 s a client such as Claude Desktop waits. klein 4B
+# costs about 46 TFLOP for one 512x512 picture and 153 TFLOP at 1024x1024 (4 steps, text encoder and decode
+# included; shared/docs/flops_estimate.py): 45-60 s at the 0.8-1 TFLOP/s of float32 a desktop CPU sustains, and
+# 10-30 s on an Apple GPU (5-14 TFLOP/s float32). The 9B takes about twice as long. Estimates, not measurements.
+DEVICE_MAX_PIXELS_PER_CALL = {"cpu": 512 * 512, "mps": 1024 * 1024}
+
+
+def default_max_pixels(device: str) -> int:
+    """The default per-call pixel budget (width x height x num_images) for a model on `device` ("cpu", "mps",
+    "cuda", "cuda:1", ...): `DEVICE_MAX_PIXELS_PER_CALL`, else `MAX_PIXELS_PER_CALL` (CUDA and the rest)."""
+    return DEVICE_MAX_PIXELS_PER_CALL.get(device.split(":", 1)[0].strip().lower(), MAX_PIXELS_PER_CALL)
+
 
 # -- references (diffusers Flux2ImageProcessor.check_image_input and Flux2KleinPipeline.__call__) -------------------
 REFERENCE_MAX_AREA = 1024 * 1024  # larger references are scaled down (Lanczos) to about this many pixels

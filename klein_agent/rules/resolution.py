@@ -167,13 +167,15 @@ def check_user_size(
             )
 
 
-def check_pixels(width: int, height: int, num_images: int, budget: int) -> None:
-    """Raises RequestError when width x height x num_images is over `budget` pixels."""
+def check_pixels(width: int, height: int, num_images: int, budget: int, why: str = "") -> None:
+    """Raises RequestError when width x height x num_images is over `budget` pixels; `why` (where the budget
+    comes from) is added to the message."""
     total = width * height * num_images
     if total > budget:
         raise RequestError(
-            f"{num_images} image(s) of {width}x{height} is {total / 1e6:.1f} megapixels, over the "
-            f"{budget / 1e6:.1f} megapixel limit per call: lower width/height or num_images"
+            f"{num_images} image(s) of {width}x{height} is {total / 1e6:.2f} megapixels, over the "
+            f"{budget / 1e6:.2f} megapixel limit per call{f' ({why})' if why else ''}: lower width/height or "
+            "num_images"
         )
 
 

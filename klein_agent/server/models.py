@@ -132,6 +132,9 @@ class StatusResult(BaseModel):  # noqa: D101 - no docstring: it would change the
     store: StoreStatus
     allowed_dirs: list[str]
     allow_urls: bool
-    max_pixels_per_call: int
+    max_pixels_per_call: int | None = Field(
+        description="width x height x num_images one call may ask for; null while it depends on the device of "
+        "a model still loading (then 2048x2048 on CUDA, 1024x1024 on MPS, 512x512 on a CPU)"
+    )
     version: str
     gallery_command: str  # the shell command that shows the store in a browser

@@ -73,10 +73,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     caps.add_argument(
         "--max-megapixels",
         type=float,
-        default=round(limits.MAX_PIXELS_PER_CALL / 1e6, 1),
+        default=None,
         metavar="MP",
-        help="width x height x num_images of one call, in millions of pixels (default: 4.2, one 2048x2048 image "
-        "or four of 1024x1024); lower it on small GPUs so a call stays well under a client's ~60 s timeout",
+        help="width x height x num_images of one call, in millions of pixels (default: by the model's device, so "
+        f"a call stays inside a client's ~60 s timeout: {limits.MAX_PIXELS_PER_CALL / 1e6:.1f} on CUDA, one "
+        f"2048x2048 image or four of 1024x1024; {limits.default_max_pixels('mps') / 1e6:.2f} on MPS; "
+        f"{limits.default_max_pixels('cpu') / 1e6:.2f} on a CPU, one 512x512 image); lower it on small GPUs",
     )
     transport = parser.add_argument_group("transport")
     transport.add_argument(

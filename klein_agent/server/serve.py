@@ -38,7 +38,11 @@ def build_studio(args: argparse.Namespace) -> Studio:
     option and StoreError for a store that cannot be opened."""
     if args.max_queue < 0:
         raise ValueError("--max-queue must be 0 or more")
-    if args.max_megapixels <= 0 or args.store_max_gb <= 0 or args.store_max_images < 1:
+    if (
+        (args.max_megapixels is not None and args.max_megapixels <= 0)
+        or args.store_max_gb <= 0
+        or args.store_max_images < 1
+    ):
         raise ValueError("--max-megapixels, --store-max-gb and --store-max-images must be positive")
     dirs = [] if args.no_default_dirs else list(default_allowed_dirs())
     for d in args.allow_dirs:
@@ -64,7 +68,10 @@ def build_studio(args: argparse.Namespace) -> Studio:
         )
     except StoreError as exc:
         raise StoreError(f"{exc} This is {store_source(args.store)}.") from exc
-    config = StudioConfig(max_pixels_per_call=int(args.max_megapixels * 1_000_000))
+    config = StudioConfig(
+        max_pixels_per_call=None if args.max_megapixels is None else int(args.max_megapixels * 1_000_000),
+        device_hint=args.device,  # else the loaded model's device decides the default (limits.default_max_pixels)
+    )
     engine = Engine(generator_factory(args), max_queue=args.max_queue)
     return Studio(engine, store, policy, config)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,7 +34,7 @@ from klein_agent.rules import limits, masks, resolution
 from klein_agent.rules import loras as lora_rules
 from klein_agent.rules.recipes import provenance
 from klein_agent.rules.references import prepare_reference
-from klein_agent.rules.requests import GenerationRequest
+from klein_agent.rules.requests import GenerationRequest, GeneratorInfo
 from klein_agent.rules.resolution import RequestError
 from klein_agent.service.engine import AsyncProgress, Completed, Engine, EngineError, EngineStatus
 from klein_agent.service.exports import check_output_path, write_export
@@ -51,10 +51,10 @@ EXPECTED_ERRORS: tuple[type[Exception], ...] = (RequestError, ImageInputError, S
 class StudioConfig:
     """Per-call limits and preview sizes of one studio (the server's command line chooses them)."""
 
-    # width x height x num_images of one call. 2048x2048 (or 4 images of 1024x1024) takes a few seconds on a
-    # data-centre GPU with distilled klein; lower it on small GPUs so a call stays well under the ~60 s a
-    # client such as Claude Desktop waits.
-    max_pixels_per_call: int = limits.MAX_PIXELS_PER_CALL
+    # width x height x num_images of one call; None: by the model's device (`limits.default_max_pixels`: 2048x2048
+    # on CUDA, 512x512 on a CPU), so a call stays well under the ~60 s a client such as Claude Desktop waits.
+    max_pixels_per_call: int | None = None
+    device_hint: str | None = None  # the device the user named (--device), known before the model has loaded
     preview_max_edge: int = limits.PREVIEW_MAX_EDGE
     preview_budget_b64: int = limits.PREVIEW_BUDGET_B64
 
@@ -103,7 +103,7 @@ class Status:
     store: StoreStats
     allowed_dirs: list[Path]
     allow_urls: bool
-    max_pixels_per_call: int
+    max_pixels_per_call: int | None  # None while it depends on the device of a model still loading
     version: str
 
 
@@ -170,7 +170,7 @@ class Studio:
                 mask_item = None
                 if region is not None and region.mask is not None:
                     mask_item = await anyio.to_thread.run_sync(self._load_mask, region.mask)
-            self._check_size(loaded[0].image if loaded else None, width, height, num_images)
+            late_check = self._check_size(loaded[0].image if loaded else None, width, height, num_images)
             parents = [item.image_id or new_image_id() for item in loaded]
             mask_picture, mask_id = None, None
             mask_recipe: dict[str, Any] | None = None
@@ -196,7 +196,7 @@ class Studio:
             )
             stored_parents = [item.image_id for item in loaded if item.image_id is not None]
             with self.store.pinned(stored_parents):
-                done = await slot.run(request, progress=progress)
+                done = await slot.run(request, progress=progress, check=late_check)
                 # Cancelled after the model ran: nothing is stored. From here on, storing runs to its end.
                 await anyio.lowlevel.checkpoint_if_cancelled()
                 imported, stored, preview = await anyio.to_thread.run_sync(
@@ -246,16 +246,46 @@ class Studio:
             count, info.max_references if info is not None else limits.MAX_REFERENCES
         )
 
+    def pixel_budget(self, device: str | None = None) -> tuple[int, str] | None:
+        """The per-call pixel budget and where it comes from: --max-megapixels, else the default for `device`,
+        the loaded model's or the one named with --device; None while that is still unknown."""
+        if self.config.max_pixels_per_call is not None:
+            return self.config.max_pixels_per_call, ""
+        info = self.engine.info
+        device = device or (info.device if info is not None else self.config.device_hint)
+        if device is None:
+            return None
+        kind = device.split(":", 1)[0]
+        return limits.default_max_pixels(device), (
+            f"the default on {kind}, so a call ends inside a client's ~60 s timeout; serve --max-megapixels "
+            "raises it"
+        )
+
     def _check_size(
         self, first: Image.Image | None, width: int | None, height: int | None, count: int
-    ) -> None:
+    ) -> Callable[[GeneratorInfo], None] | None:
         """The output size by the shared rule, against the per-call pixel budget. The token size is the loaded
-        model's (16 for every klein checkpoint, assumed until it has loaded)."""
+        model's (16 for every klein checkpoint, assumed until it has loaded). When the budget depends on a device
+        not known yet (the model is loading), the largest default is checked now and the check to run once the
+        model has loaded is returned."""
         info = self.engine.info
         multiple = info.size_multiple if info is not None else limits.SIZE_MULTIPLE
         prepared = None if first is None else resolution.prepared_reference_size(*first.size, multiple)
         w, h = resolution.output_size(width, height, prepared, multiple)
-        resolution.check_pixels(w, h, count, self.config.max_pixels_per_call)
+        budget = self.pixel_budget()
+        if budget is not None:
+            resolution.check_pixels(w, h, count, *budget)
+            return None
+        resolution.check_pixels(
+            w, h, count, max(limits.MAX_PIXELS_PER_CALL, *limits.DEVICE_MAX_PIXELS_PER_CALL.values())
+        )
+
+        def once_loaded(loaded: GeneratorInfo) -> None:
+            known = self.pixel_budget(loaded.device)
+            assert known is not None
+            resolution.check_pixels(w, h, count, *known)
+
+        return once_loaded
 
     def _load_mask(self, argument: str) -> LoadedImage:
         """The mask argument, decoded by the one decoder (transparency on white: transparent pixels repaint)."""
@@ -495,7 +525,7 @@ class Studio:
             store=stats,
             allowed_dirs=list(self.policy.allowed_dirs),
             allow_urls=self.policy.allow_urls,
-            max_pixels_per_call=self.config.max_pixels_per_call,
+            max_pixels_per_call=(self.pixel_budget() or (None,))[0],
             version=__version__,
         )
 

@@ -1,0 +1,120 @@
+"""The per-call pixel budget's default by device (issue 9, point 9): CUDA keeps 2048x2048, a CPU gets 512x512 so a
+CPU user's call ends inside a client's ~60 s timeout, and a call that arrives while the model is still loading is
+held to the loaded model's device."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mcp import Client
+
+from klein_agent.cli import build_parser
+from klein_agent.rules import limits
+from klein_agent.server.app import build_server
+from klein_agent.server.serve import build_studio
+from tests.conftest import make_server_state
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def test_the_default_is_chosen_by_device_in_one_place() -> None:
+    assert limits.default_max_pixels("cuda") == limits.default_max_pixels("cuda:1") == 2048 * 2048
+    assert limits.default_max_pixels("cpu") == 512 * 512
+    assert limits.default_max_pixels("mps") == 1024 * 1024
+    assert limits.default_max_pixels("xpu") == limits.MAX_PIXELS_PER_CALL  # unknown devices: CUDA's
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ([], None),  # decided by the device of the model once it has loaded
+        (["--device", "cpu"], 512 * 512),
+        (["--device", "cuda:0"], 2048 * 2048),
+        (["--device", "cpu", "--max-megapixels", "1.5"], 1_500_000),
+    ],
+)
+def test_serve_options_choose_the_budget(tmp_path: Path, extra: list[str], expected: int | None) -> None:
+    args = build_parser().parse_args(
+        ["serve", "--model", "tiny", "--store", str(tmp_path / "store"), "--no-default-dirs", *extra]
+    )
+    studio = build_studio(args)
+    try:
+        budget = studio.pixel_budget()
+        assert (budget[0] if budget else None) == expected
+    finally:
+        studio.store.close()
+
+
+def test_serve_help_names_each_default(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "4.2 on CUDA" in help_text and "1.05 on MPS" in help_text and "0.26 on a CPU" in help_text
+
+
+async def test_a_cpu_model_refuses_more_than_512x512_by_default(
+    tiny_spy: Any, tmp_path: Path, input_dir: Path
+) -> None:
+    state = make_server_state(lambda: tiny_spy, tmp_path / "store", input_dir, max_pixels_per_call=None)
+    try:
+        async with Client(build_server(state)) as client:
+            refused = await client.call_tool("generate", {"prompt": "big", "width": 1024, "height": 1024})
+            text = refused.content[0].text
+            assert refused.is_error and "over the 0.26 megapixel limit per call (the default on cpu" in text
+            assert "serve --max-megapixels raises it" in text
+            assert tiny_spy.calls == []
+            ok = await client.call_tool(
+                "generate", {"prompt": "fits", "width": 256, "height": 256, "num_images": 4}
+            )
+            assert not ok.is_error
+            status = await client.call_tool("server_status", {})
+            assert status.structured_content["max_pixels_per_call"] == 512 * 512
+    finally:
+        state.engine.close()
+        state.store.close()
+
+
+async def test_a_call_made_while_loading_is_held_to_the_loaded_device(
+    tiny_spy: Any, tmp_path: Path, input_dir: Path
+) -> None:
+    release = threading.Event()
+
+    def slow_load() -> Any:
+        release.wait(30)
+        return tiny_spy
+
+    state = make_server_state(slow_load, tmp_path / "store", input_dir, max_pixels_per_call=None)
+    try:
+        async with Client(build_server(state)) as client:
+            status = await client.call_tool("server_status", {})
+            assert status.structured_content["max_pixels_per_call"] is None, "unknown until the model loads"
+            heard: list[str] = []
+
+            async def on_progress(value: float, total: float | None, message: str | None) -> None:
+                heard.append(message or "")
+                release.set()
+
+            big = await client.call_tool(
+                "generate", {"prompt": "big", "width": 768, "height": 768}, progress_callback=on_progress
+            )
+            assert "loading model" in heard
+            assert (
+                big.is_error
+                and "over the 0.26 megapixel limit per call (the default on cpu" in big.content[0].text
+            )
+            assert tiny_spy.calls == [], "refused before the model ran"
+            assert state.store.stats().count == 0
+            ok = await client.call_tool("generate", {"prompt": "fits", "width": 512, "height": 512})
+            assert not ok.is_error
+    finally:
+        release.set()
+        state.engine.close()
+        state.store.close()
