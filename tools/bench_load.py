@@ -7,7 +7,7 @@ Measures the server's resident memory (VmRSS from /proc) at rest, after N sequen
 after hostile large inputs (a compose of four tiny lossless WebPs that decode to 8192x8192 each, once and twice
 at the same time), and runs a load test: several HTTP sessions with concurrent calls plus one stdio session at
 the same time, checking that every call is answered, none is lost, and each session's calls finish in the order
-they were sent. Linux only (/proc).
+they were sent. Linux only (/proc). The servers run torch on one thread unless OMP_NUM_THREADS says otherwise.
 """
 
 from __future__ import annotations
@@ -64,25 +64,78 @@ async def call(client: Client, tool: str, args: dict[str, Any]) -> Any:
     return result
 
 
-async def main_async(args: argparse.Namespace) -> None:
-    scratch = Path(tempfile.mkdtemp(prefix="klein-load-"))
-    store = scratch / "store"
-    log_path = scratch / "server.log"
+def start_http(scratch: Path, name: str, *extra: str) -> tuple[subprocess.Popen[bytes], int, str]:
+    """`serve --http` on a free port with its own store under `scratch`; returns the process, port and token."""
+    store = scratch / name
+    log_path = scratch / f"{name}.log"
     serve = [sys.executable, "-m", "klein_agent", "serve", "--model", "tiny", "--store", str(store)]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [*serve, "--http", "--port", "0", "--max-queue", "64", "--no-default-dirs"],
+            # the tiny model: CUDA's pixel budget on a CPU too (a 512x512 call holds the busy server)
+            [*serve, "--http", "--port", "0", "--no-default-dirs", "--max-megapixels", "4.2", *extra],
             cwd=REPO,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
+    port = None
+    while port is None:
+        if m := re.search(r"HTTP at http://127\.0\.0\.1:(\d+)/mcp", log_path.read_text()):
+            port = int(m.group(1))
+        time.sleep(0.05)
+    return proc, port, (scratch / f"{name}.http-token").read_text().strip()
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGINT)
     try:
-        port = None
-        while port is None:
-            if m := re.search(r"HTTP at http://127\.0\.0\.1:(\d+)/mcp", log_path.read_text()):
-                port = int(m.group(1))
-            time.sleep(0.05)
-        token = (scratch / "store.http-token").read_text().strip()
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+async def busy_case(scratch: Path, bomb: str) -> None:
+    """A compose of the hostile inputs sent while the only place is taken (--max-queue 0): refused as busy before
+    anything is decoded, so the server's memory does not move."""
+    proc, port, token = start_http(scratch, "busy-store", "--max-queue", "0")
+    try:
+        async with connect(port, token) as client:
+            await call(client, "generate", {"prompt": "warm-up", "width": 64, "height": 64})
+            start = peak = rss_mb(proc.pid)
+            refused = ""
+            long_call = {"prompt": "holds the place", "width": 512, "height": 512, "steps": 60}
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(call, client, "generate", long_call)
+                while (await call(client, "server_status", {})).structured_content["queue"][
+                    "running"
+                ] is False:
+                    await anyio.sleep(0.02)
+                result = await client.call_tool(
+                    "compose", {"images": [bomb] * 4, "prompt": "busy", "width": 64, "height": 64}
+                )
+                peak = max(peak, rss_mb(proc.pid))
+                refused = result.content[0].text if result.is_error else "NOT REFUSED"
+            print(
+                f"compose of 4 such inputs while busy (--max-queue 0): {refused[:70]!r}; "
+                f"RSS {start:.0f} MB -> {peak:.0f} MB during -> {rss_mb(proc.pid):.0f} MB after"
+            )
+    finally:
+        stop(proc)
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    scratch = Path(tempfile.mkdtemp(prefix="klein-load-"))
+    serve = [
+        sys.executable,
+        "-m",
+        "klein_agent",
+        "serve",
+        "--model",
+        "tiny",
+        "--store",
+        str(scratch / "store"),
+    ]
+    proc, port, token = start_http(scratch, "store", "--max-queue", "64")
+    try:
         size = {"width": 64, "height": 64}
         async with connect(port, token) as client:
             await call(client, "generate", {"prompt": "warm-up", **size})
@@ -98,23 +151,23 @@ async def main_async(args: argparse.Namespace) -> None:
             print(f"hostile input: a {len(bomb)}-character data URI that decodes to 8192x8192")
             peak = rss_mb(proc.pid)
 
-            async def watch(stop: anyio.Event) -> None:
+            async def watch(until: anyio.Event) -> None:
                 nonlocal peak
-                while not stop.is_set():
+                while not until.is_set():
                     peak = max(peak, rss_mb(proc.pid))
                     await anyio.sleep(0.02)
 
             for together in (1, 2):
                 start, peak = rss_mb(proc.pid), rss_mb(proc.pid)
-                stop = anyio.Event()
+                watching = anyio.Event()
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(watch, stop)
+                    tg.start_soon(watch, watching)
                     async with anyio.create_task_group() as calls:
                         for k in range(together):
                             calls.start_soon(
                                 call, client, "compose", {"images": [bomb] * 4, "prompt": f"x{k}", **size}
                             )
-                    stop.set()
+                    watching.set()
                 await anyio.sleep(0.5)
                 print(
                     f"compose of 4 such inputs x{together} at once: RSS {start:.0f} MB -> peak {peak:.0f} MB -> "
@@ -122,6 +175,7 @@ async def main_async(args: argparse.Namespace) -> None:
                 )
             images = (await call(client, "server_status", {})).structured_content["store"]["images"]
             print(f"store: {images} images (the hostile input stored once, at about 1 Mpx)")
+        await busy_case(scratch, bomb)
 
         # load: HTTP sessions with concurrent calls, plus one stdio session on another store, all at once
         answered: dict[str, list[int]] = {}
@@ -152,6 +206,7 @@ async def main_async(args: argparse.Namespace) -> None:
                 "tiny",
                 "--store",
                 str(scratch / "stdio-store"),
+                "--no-default-dirs",
             ]
             async with Client(params) as client:
                 order: list[int] = []
@@ -175,11 +230,7 @@ async def main_async(args: argparse.Namespace) -> None:
             f"server RSS after: {rss_mb(proc.pid):.0f} MB"
         )
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
 
 def main() -> int:
@@ -191,6 +242,8 @@ def main() -> int:
     if not Path("/proc/self/status").exists():
         parser.error("needs Linux (/proc)")
     os.environ.setdefault("TQDM_DISABLE", "1")
+    # the servers' torch: one thread unless told (two OpenMP threads on contended cores spin, 10x slower here)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     anyio.run(main_async, args)
     return 0
 
