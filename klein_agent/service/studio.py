@@ -381,11 +381,26 @@ class Studio:
     def _import(self, item: LoadedImage, image_id: str, session: str | None, multiple: int) -> StoredImage:
         """Store an input as the model used it (prepared: about 1 Mpx, whole tokens), so its size is bounded and
         a recipe that names it as a parent remakes the same pixels."""
-        picture = prepare_reference(item.image, multiple)
+        return self._store_import(
+            item, image_id, prepare_reference(item.image, multiple), item.description, session
+        )
+
+    def _import_mask(
+        self, item: LoadedImage, image_id: str, picture: Image.Image, session: str | None
+    ) -> StoredImage:
+        """Store a mask from outside the store as the model used it (output size, black or white), so the recipe
+        that names it remakes the same pixels."""
+        return self._store_import(
+            item, image_id, picture.convert("RGB"), f"mask: {item.description}", session
+        )
+
+    def _store_import(
+        self, item: LoadedImage, image_id: str, picture: Image.Image, description: str, session: str | None
+    ) -> StoredImage:
         recipe = {
             "tool": "import",
             "source": item.source,
-            "description": item.description,
+            "description": description,
             "width": picture.width,
             "height": picture.height,
             "created_at": now_iso(),
@@ -396,32 +411,6 @@ class Studio:
             png,
             width=picture.width,
             height=picture.height,
-            recipe=recipe,
-            session=session,
-            image_id=image_id,
-            content_key=item.content_key,
-        )
-
-    def _import_mask(
-        self, item: LoadedImage, image_id: str, picture: Image.Image, session: str | None
-    ) -> StoredImage:
-        """Store a mask from outside the store as the model used it (output size, black or white), so the recipe
-        that names it remakes the same pixels."""
-        rgb = picture.convert("RGB")
-        recipe = {
-            "tool": "import",
-            "source": item.source,
-            "description": f"mask: {item.description}",
-            "width": rgb.width,
-            "height": rgb.height,
-            "created_at": now_iso(),
-            "klein_agent": __version__,
-        }
-        png = encode_png(rgb, provenance={"tool": "import", "source": item.source})
-        return self.store.put(
-            png,
-            width=rgb.width,
-            height=rgb.height,
             recipe=recipe,
             session=session,
             image_id=image_id,
