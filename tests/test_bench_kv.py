@@ -6,6 +6,9 @@ import json
 from pathlib import Path
 
 import bench  # tools/ is on sys.path (conftest)
+import pytest
+
+pytestmark = pytest.mark.slow  # four pipelines (ours, retry, t2i, diffusers) per row
 
 
 def test_bench_kv_reports_first_call_retry_text_to_image_and_the_reference(tmp_path: Path) -> None:
