@@ -8,7 +8,10 @@ empty), our retry on the same references with a new prompt and a new seed (the r
 the prompt not), our text-to-image call of the same output size with a new prompt, and diffusers'
 `Flux2KleinKVPipeline` on the same weights and noise (its first call; it keeps nothing across calls). Each is prompt
 to PNG bytes. Medians; ratios are same-run: reference / first call, and retry / text-to-image (the goal: at most
-1.1). The first call's picture is checked against the reference's (PSNR on the 8-bit pixels).
+1.1), printed beside the same ratio in FLOPs (counted once per row with torch's FlopCounterMode): a retry skips the
+references' own tokens but its queries still attend to every kept reference key, so large references put a floor
+over 1 under the ratio that no implementation goes below. The first call's picture is checked against the
+reference's (PSNR on the 8-bit pixels).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any
 import torch
 from bench import build_pipeline, png_bytes, psnr_db, reference_for, reference_picture, sync
 from PIL import Image
+from torch.utils import flop_counter
 
 from klein_agent.pipeline import KleinPipeline
 from klein_agent.rules.requests import GenerationRequest
@@ -82,6 +86,33 @@ def bench_row(
     return {"ms": medians, "psnr_vs_reference_db": db}
 
 
+def _count_cpu_attention() -> None:
+    """FlopCounterMode counts the CUDA attention kernels but not the CPU one; count it with the same formula."""
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if op not in flop_counter.flop_registry:
+
+        @flop_counter.register_flop_formula(op)
+        def _cpu_sdpa(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, **kwargs: Any) -> int:
+            return int(flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape))
+
+
+def flop_ratio(pipe: KleinPipeline, request: GenerationRequest) -> dict[str, float]:
+    """The arithmetic of one first call, one retry and one text-to-image call (TFLOP, counted by torch's
+    FlopCounterMode: every matmul, convolution and attention that ran), so a measured retry/t2i ratio can be read
+    against what the model must compute: the retry's queries still attend to every kept reference key."""
+    _count_cpu_attention()
+    pipe.clear_caches()
+    out = {}
+    retry = replace(request, prompt=f"{request.prompt}, counted", seed=(request.seed or 0) + 999)
+    calls = (("first call", request), ("retry", retry), ("text-to-image", replace(retry, references=())))
+    for name, call in calls:
+        with flop_counter.FlopCounterMode(display=False) as counter:
+            pipe.generate(call)
+        out[name] = counter.get_total_flops() / 1e12
+    pipe.clear_caches()
+    return out
+
+
 def _png_result(pipe: KleinPipeline, request: GenerationRequest) -> tuple[Any, list[bytes]]:
     result = pipe.generate(request)
     return result, png_bytes(result.images)
@@ -112,7 +143,10 @@ def run_kv(args: argparse.Namespace) -> int:
                 "a red fox in the snow, photograph", width, height, seed=1, steps=args.steps, references=refs
             )
             gc.collect()
+            tflop = flop_ratio(pipe, request)
             row = bench_row(pipe, reference, request, args.runs, args.warmup)
+            row["tflop"] = tflop
+            floor = tflop["retry"] / tflop["text-to-image"]
             ms = row["ms"]
             held = pipe.reference_kv_cache_bytes[0]
             row.update(size=size, references=count, ref_size=args.ref_size, kv_bytes=held)
@@ -125,7 +159,8 @@ def run_kv(args: argparse.Namespace) -> int:
             db = row["psnr_vs_reference_db"]
             print(
                 f"{size} refs={count}x{args.ref_size}: first {ms['first call']:.1f}  retry {ms['retry']:.1f}  "
-                f"text-to-image {ms['text-to-image']:.1f} (retry/t2i {ms['retry'] / ms['text-to-image']:.2f}){ratio}"
+                f"text-to-image {ms['text-to-image']:.1f} (retry/t2i {ms['retry'] / ms['text-to-image']:.2f}, "
+                f"in FLOPs {floor:.2f}){ratio}"
                 f"  kept K/V {held / 2**20:.1f} MiB"
                 + (f"  first vs reference {db:.1f} dB" if db is not None else "")
             )
