@@ -195,7 +195,12 @@ async def test_overwrite_false_never_replaces_a_file_created_meanwhile(
         created = threading.Event()
         delay = rng.uniform(0, 0.002)
 
-        def create(target: Path = target, start: threading.Barrier = start, delay: float = delay) -> None:
+        def create(
+            target: Path = target,
+            start: threading.Barrier = start,
+            delay: float = delay,
+            created: threading.Event = created,
+        ) -> None:
             start.wait()
             time.sleep(delay)
             try:

@@ -35,8 +35,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from klein_agent.service.inputs.common import show
-
 FolderId = tuple[int, int]  # (st_dev, st_ino): what a folder *is*, whatever path reaches it
 
 # Everything below is looked up once; tests switch the fallbacks on by setting these.
@@ -304,6 +302,12 @@ def _check_excluded(fd: int, here: Path, excluded: FolderId | None) -> None:
     st = os.fstat(fd)
     if (st.st_dev, st.st_ino) == excluded:
         raise ExcludedFolderError(here)
+
+
+def show(text: str) -> str:
+    """A path quoted for a message, bounded: the form of `inputs.common.show` (not imported: `inputs` imports
+    this module)."""
+    return repr(text if len(text) <= 120 else text[:119] + "…")
 
 
 def _link_error(path: Path, root: Path) -> UnsafePathError:
