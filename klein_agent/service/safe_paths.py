@@ -135,8 +135,8 @@ class Folder:
                 os.close(closing)
             if not placed:
                 assert tmp is not None
-                placed = self._place(tmp, name, data, replace=replace, mode=mode)
-                tmp = None
+                self._place(tmp, name, data, replace=replace, mode=mode)
+                placed, tmp = True, None
             self.fsync()
         except BaseException:
             if tmp is not None:
@@ -169,11 +169,12 @@ class Folder:
         tmp = f"{tmp_prefix}{secrets.token_hex(8)}"
         return self.open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), tmp
 
-    def _place(self, tmp: str, name: str, data: bytes, *, replace: bool, mode: int) -> bool:
-        """Move the written file `tmp` to `name` (replacing or not); True once `name` holds the new data."""
+    def _place(self, tmp: str, name: str, data: bytes, *, replace: bool, mode: int) -> None:
+        """Move the written file `tmp` to `name`, replacing what is there or never. On an error `name` is as it
+        was; `tmp` may remain (the caller removes it)."""
         if replace:
             self._rename(tmp, name)
-            return True
+            return
         try:
             self._link(tmp, name)
         except OSError as exc:
@@ -183,9 +184,8 @@ class Folder:
             # a reader may see it half-written, and a crash leaves a partial file (removed on an error here).
             self._unlink_quietly(tmp)
             self._write_exclusive(name, data, mode)
-            return True
+            return
         self._unlink_quietly(tmp)
-        return True
 
     def _write_exclusive(self, name: str, data: bytes, mode: int) -> None:
         fd = self.open_file(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
@@ -200,7 +200,7 @@ class Folder:
 
     def _link(self, src: str, dst: str) -> None:
         if self.fd is None:
-            os.link(self.path / src, self.path / dst, follow_symlinks=False)
+            os.link(self.path / src, self.path / dst)  # `src` is our own new file, never a link
         else:
             os.link(src, dst, src_dir_fd=self.fd, dst_dir_fd=self.fd, follow_symlinks=False)
 
