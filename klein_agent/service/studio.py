@@ -108,14 +108,18 @@ class Status:
 
 
 class Studio:
-    """The engine, the store and the input policy, and what can be done with them."""
+    """The engine, the store and the input policy, and what can be done with them.
+
+    Paths never reach the store: the policy is given the store's folder (`InputPolicy.with_store`), which
+    raises ValueError when an allowed folder lies inside the store.
+    """
 
     def __init__(
         self, engine: Engine, store: ImageStore, policy: InputPolicy, config: StudioConfig | None = None
     ) -> None:
         self.engine = engine
         self.store = store
-        self.policy = policy
+        self.policy = policy.with_store(store.root)
         self.config = config or StudioConfig()
         # Full-size decodes, one at a time across calls: a 64 Mpx input is 256 MB before it is prepared.
         self._decoding = anyio.Semaphore(1)
@@ -467,11 +471,7 @@ class Studio:
         def run() -> Exported:
             png = self.store.read_png(image_id)
             target = check_output_path(path, self.policy, default_name=f"{image_id}.png")
-            if target.exists() and not overwrite:
-                raise RequestError(
-                    f"{str(target)!r} already exists: pass overwrite=true to replace it, or choose another name"
-                )
-            write_export(target, png)
+            write_export(target, png, self.policy, overwrite=overwrite)  # refuses an existing file itself
             return Exported(image_id=image_id, path=target, size_bytes=len(png))
 
         return await anyio.to_thread.run_sync(run)
