@@ -6,6 +6,9 @@ import json
 from pathlib import Path
 
 import bench  # tools/ is on sys.path (conftest)
+import pytest
+
+pytestmark = pytest.mark.slow  # four pipelines (ours, retry, t2i, diffusers) per row
 
 
 def test_bench_kv_reports_first_call_retry_text_to_image_and_the_reference(tmp_path: Path) -> None:
@@ -21,3 +24,10 @@ def test_bench_kv_reports_first_call_retry_text_to_image_and_the_reference(tmp_p
         assert all(v > 0 for v in row["ms"].values())
         assert row["kv_bytes"] > 0  # the retry's keys and values were kept
         assert row["psnr_vs_reference_db"] >= 45  # same weights and noise: the same picture
+        flops = row[
+            "tflop"
+        ]  # counted, attention included: the retry skips the references' tokens, not their keys
+        assert flops["text-to-image"] < flops["retry"] < flops["first call"]
+    assert (
+        rows[1]["tflop"]["retry"] > rows[0]["tflop"]["retry"]
+    )  # two kept references cost more attention than one

@@ -87,6 +87,7 @@ def test_bench_adapters_reports_lora_and_inpaint_costs(tmp_path: Path) -> None:
     assert any(k.startswith("inpaint 64x64") for k in results) and all(v > 0 for v in results.values())
 
 
+@pytest.mark.slow
 def test_fp8_gate_fails_the_run_under_its_threshold() -> None:
     argv = ["--preset", "tiny", "--sizes", "32x32", "--runs", "1", "--warmup", "0", "--no-reference", "--fp8"]
     assert bench.main([*argv, "--fp8-min-psnr", "1000"]) == 3

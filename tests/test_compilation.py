@@ -20,6 +20,8 @@ from klein_agent.model.transformer import DoubleStreamBlock, Flux2Transformer, S
 from klein_agent.speedups.compilation import RECOMPILE_LIMIT, compile_transformer_
 from klein_agent.speedups.fp8 import quantize_transformer_
 
+pytestmark = pytest.mark.slow  # Dynamo traces every block kind at several sizes: ~40 s in all on two cores
+
 SIZES = [(2, 3), (4, 5)]  # latent grids (h, w): two shapes, so the second one must recompile
 
 

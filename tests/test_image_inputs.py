@@ -387,6 +387,22 @@ def test_hostile_ids_and_paths_are_refused(
     assert spawned(audit) == []
 
 
+@pytest.mark.skipif(not os.supports_dir_fd >= {os.open}, reason="the walk needs dir_fd (POSIX)")
+def test_a_path_is_read_by_walking_from_the_allowed_folder_without_following_links(
+    dirs: dict[str, Path], policy: InputPolicy, audit: list
+) -> None:
+    (dirs["allowed"] / "sub" / "deep").mkdir()
+    (dirs["allowed"] / "sub" / "deep" / "x.png").write_bytes((dirs["allowed"] / "img.png").read_bytes())
+    audit.clear()  # the set-up's own opens
+    load_image_argument(str(dirs["allowed"] / "sub" / "deep" / "x.png"), policy, no_lookup)
+    opens = [(str(a[0]), a[2]) for ev, a in audit if ev == "open" and isinstance(a[0], str)]
+    by_path = [name for name, _flags in opens if os.path.isabs(name)]
+    relative = [(name, flags) for name, flags in opens if not os.path.isabs(name)]
+    assert by_path == [str(dirs["allowed"].resolve())]  # only the allowed folder is opened by path
+    assert [name for name, _ in relative] == ["sub", "deep", "x.png"]  # then one component at a time
+    assert all(isinstance(flags, int) and flags & os.O_NOFOLLOW for _, flags in relative)
+
+
 def test_messages_say_how_to_fix(dirs: dict[str, Path], policy: InputPolicy) -> None:
     allowed = dirs["allowed"]
     cases = {

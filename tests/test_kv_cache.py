@@ -144,3 +144,52 @@ def test_the_option_reaches_the_pipeline_and_has_a_device_default(folder: Path) 
     for bad in ("-1", "lots", "inf"):
         with pytest.raises(SystemExit):
             parser.parse_args(["--model", "tiny", "--reference-kv-cache-gib", bad])
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_retry_through_the_mcp_server_hits_the_cache_and_makes_the_uncached_picture(
+    folder: Path, tmp_path: Path, anyio_backend: str
+) -> None:
+    """`serve --model <KV checkpoint>` wiring: the option reaches the pipeline the engine loads, and an agent's retry
+    on the same reference files (new prompt, new seed) is served from the kept keys with the uncached pixels."""
+    from mcp import Client
+
+    from klein_agent.server.app import build_server
+    from tests.conftest import make_server_state
+    from tests.test_server_tools import call, read_png
+
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for k, ref in enumerate(REFS):
+        ref.save(inputs / f"ref{k}.png")
+    refs = [str(inputs / "ref0.png"), str(inputs / "ref1.png")]
+    parser = argparse.ArgumentParser()
+    add_model_arguments(parser)
+
+    async def compose(gib: str, *calls: tuple[str, int]) -> list[tuple[dict[str, int], bytes]]:
+        factory = generator_factory(
+            parser.parse_args(["--model", str(folder), "--reference-kv-cache-gib", gib])
+        )
+        state = make_server_state(factory, tmp_path / f"store-{gib}", inputs)
+        try:
+            async with Client(build_server(state)) as client:
+                out = []
+                for prompt, seed in calls:
+                    made = await call(client, "compose", {"images": refs, "prompt": prompt, "seed": seed})
+                    image_id = made.structured_content["images"][0]["image_id"]
+                    out.append((made.structured_content["cache_hits"], await read_png(client, image_id)))
+                return out
+        finally:
+            await state.engine.aclose()
+            state.store.close()
+
+    retry = ("image 2 in image 1, at night", 10)
+    (first_hits, _), (retry_hits, retried) = await compose("1", ("image 1 in image 2", 9), retry)
+    assert first_hits.get("reference_kv", 0) == 0 and retry_hits.get("reference_kv") == 1
+    [(never_hits, uncached)] = await compose(
+        "0", retry
+    )  # nothing kept: the retry's request made from scratch
+    assert never_hits.get("reference_kv", 0) == 0
+    pixels = [Image.open(io.BytesIO(png)).convert("RGB").tobytes() for png in (retried, uncached)]
+    assert pixels[0] == pixels[1]

@@ -77,7 +77,10 @@ async def test_many_concurrent_calls_are_all_answered_in_fifo_order_one_at_a_tim
         assert [r.prompt for r in fake.calls] == [f"call {k}" for k in range(n)], "first in, first out"
         assert fake.max_active == 1, "one call in the model at a time"
         page, _ = state.store.list(limit=100)
-        assert [img.recipe["prompt"] for img in reversed(page)] == [f"call {k}" for k in range(n)]
+        # Every call stored once. The store lists in the order results were written, which a loaded machine may
+        # interleave (each result is written off the model's thread while the next call runs); the model order
+        # above is the queue's promise.
+        assert sorted(img.recipe["prompt"] for img in page) == sorted(f"call {k}" for k in range(n))
         for k, result in results.items():
             assert result.structured_content["images"][0]["seed"] == k
 

@@ -234,3 +234,31 @@ async def test_a_busy_call_is_refused_before_its_inputs_are_decoded(
     finally:
         studio.engine.close()
         studio.store.close()
+
+
+async def test_a_call_whose_storing_fails_on_a_full_disk_imports_nothing(
+    tmp_path: Path, input_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import klein_agent.service.store as store_module
+    from klein_agent.service.store import StoreWriteError
+
+    studio = faked(tmp_path, input_dir, FakeGenerator())
+    photo = input_dir / "photo.png"
+    photo.write_bytes(png_bytes(96, 64))
+
+    def disk_full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    try:
+        monkeypatch.setattr(store_module.os, "fsync", disk_full)
+        with pytest.raises(StoreWriteError, match="The store is unchanged"):
+            await studio.make("edit", "on a full disk", [str(photo)])
+        monkeypatch.undo()
+        assert studio.store.stats().count == 0  # neither the result nor the imported input
+        assert [p for p in (studio.store.root / "images").rglob("*") if p.is_file()] == []
+        assert sorted(p.name for p in input_dir.iterdir()) == ["photo.png"]
+    finally:
+        studio.engine.close()
+        studio.store.close()

@@ -356,8 +356,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> KleinPipeline:
-    chosen = ALL_PRESETS[args.preset]
+def build_pipeline(
+    args: argparse.Namespace, device: torch.device, dtype: torch.dtype, kv_references: bool = False
+) -> KleinPipeline:
+    """Random weights of `args.preset`'s shape (seed 0), with klein 9B-KV semantics when `kv_references`."""
+    chosen = (
+        replace(ALL_PRESETS[args.preset], kv_references=True) if kv_references else ALL_PRESETS[args.preset]
+    )
     if chosen.text_encoder.vocab_size < 272:
         chosen = replace(chosen, text_encoder=replace(chosen.text_encoder, vocab_size=272))
     torch.manual_seed(0)
@@ -370,7 +375,21 @@ def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.
         model_name=f"random:{chosen.name}",
         variant=chosen.name,
         offload_text_encoder=args.offload_text_encoder,
+        kv_references=kv_references,
     )
+
+
+def reference_for(pipe: KleinPipeline, args: argparse.Namespace) -> Any:
+    """diffusers' pipeline on `pipe`'s weights (tools/reference_pipeline.py), or None with --no-reference or
+    without diffusers."""
+    if args.no_reference:
+        return None
+    try:
+        from reference_pipeline import reference_pipeline
+    except ImportError:
+        print("diffusers not installed: reference column skipped", file=sys.stderr)
+        return None
+    return reference_pipeline(pipe)
 
 
 def requests_for(args: argparse.Namespace) -> list[GenerationRequest]:
@@ -409,14 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     pipe = build_pipeline(args, device, dtype)
-    reference = None
-    if not args.no_reference:
-        try:
-            from reference_pipeline import reference_pipeline
-
-            reference = reference_pipeline(pipe)
-        except ImportError:
-            print("diffusers not installed: reference column skipped", file=sys.stderr)
+    reference = reference_for(pipe, args)
     requests = requests_for(args)
 
     unquantized: list[list[Image.Image]] = []

@@ -8,65 +8,38 @@ empty), our retry on the same references with a new prompt and a new seed (the r
 the prompt not), our text-to-image call of the same output size with a new prompt, and diffusers'
 `Flux2KleinKVPipeline` on the same weights and noise (its first call; it keeps nothing across calls). Each is prompt
 to PNG bytes. Medians; ratios are same-run: reference / first call, and retry / text-to-image (the goal: at most
-1.1). The first call's picture is checked against the reference's (PSNR on the 8-bit pixels).
+1.1), printed beside the same ratio in FLOPs (counted once per row with torch's FlopCounterMode): a retry skips the
+references' own tokens but its queries still attend to every kept reference key, so large references put a floor
+over 1 under the ratio that no implementation goes below. The first call's picture is checked against the
+reference's (PSNR on the 8-bit pixels).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import io
 import json
-import math
 import platform
 import statistics
-import sys
 import time
 from dataclasses import replace
 from typing import Any
 
-import numpy as np
 import torch
+from bench import build_pipeline, png_bytes, psnr_db, reference_for, reference_picture, sync
 from PIL import Image
+from torch.utils import flop_counter
 
-from klein_agent.loading.random_init import build_random_models
-from klein_agent.model.configs import PRESETS
 from klein_agent.pipeline import KleinPipeline
 from klein_agent.rules.requests import GenerationRequest
 from klein_agent.speedups.devices import resolve_device, resolve_dtype
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _png(images: list[Image.Image]) -> list[bytes]:
-    out = []
-    for image in images:
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG", compress_level=1)
-        out.append(buffer.getvalue())
-    return out
-
-
-def _picture(width: int, height: int, seed: int) -> Image.Image:
-    g = torch.Generator().manual_seed(seed)
-    pixels = (torch.rand(height, width, 3, generator=g) * 255).to(torch.uint8)
-    return Image.frombytes("RGB", (width, height), pixels.numpy().tobytes())
-
-
-def _psnr(a: Image.Image, b: Image.Image) -> float:
-    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    mse = float(((x - y) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
-
-
 def _timed(device: torch.device, fn: Any) -> tuple[float, Any]:
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     out = fn()
-    _sync(device)
+    sync(device)
     return (time.perf_counter() - start) * 1000, out
 
 
@@ -101,8 +74,8 @@ def bench_row(
         ref_ms = None
         if reference is not None:
             ref_ms, ref_images = _timed(device, lambda: _reference_call(reference, pipe, request))
-            _png(ref_images)
-            db = _psnr(first[0].images[0], ref_images[0])
+            png_bytes(ref_images)
+            db = psnr_db(first[0].images[:1], ref_images[:1])
         if i < warmup:
             continue
         for name, value in (("first call", first_ms), ("retry", retry_ms), ("text-to-image", t2i_ms)):
@@ -113,41 +86,48 @@ def bench_row(
     return {"ms": medians, "psnr_vs_reference_db": db}
 
 
+def _count_cpu_attention() -> None:
+    """FlopCounterMode counts the CUDA attention kernels but not the CPU one; count it with the same formula."""
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if op not in flop_counter.flop_registry:
+
+        @flop_counter.register_flop_formula(op)
+        def _cpu_sdpa(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, **kwargs: Any) -> int:
+            return int(flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape))
+
+
+def flop_ratio(pipe: KleinPipeline, request: GenerationRequest) -> dict[str, float]:
+    """The arithmetic of one first call, one retry and one text-to-image call (TFLOP, counted by torch's
+    FlopCounterMode: every matmul, convolution and attention that ran), so a measured retry/t2i ratio can be read
+    against what the model must compute: the retry's queries still attend to every kept reference key."""
+    _count_cpu_attention()
+    pipe.clear_caches()
+    out = {}
+    retry = replace(request, prompt=f"{request.prompt}, counted", seed=(request.seed or 0) + 999)
+    calls = (("first call", request), ("retry", retry), ("text-to-image", replace(retry, references=())))
+    for name, call in calls:
+        with flop_counter.FlopCounterMode(display=False) as counter:
+            pipe.generate(call)
+        out[name] = counter.get_total_flops() / 1e12
+    pipe.clear_caches()
+    return out
+
+
 def _png_result(pipe: KleinPipeline, request: GenerationRequest) -> tuple[Any, list[bytes]]:
     result = pipe.generate(request)
-    return result, _png(result.images)
+    return result, png_bytes(result.images)
 
 
 def run_kv(args: argparse.Namespace) -> int:
     """tools/bench.py --kv: build a KV pipeline of `args.preset`'s shape and print (and write) the KV rows."""
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    chosen = replace(PRESETS[args.preset], kv_references=True)
-    if chosen.text_encoder.vocab_size < 272:
-        chosen = replace(chosen, text_encoder=replace(chosen.text_encoder, vocab_size=272))
-    torch.manual_seed(0)
-    transformer, autoencoder, text = build_random_models(chosen, seed=0, device=device, dtype=dtype)
-    pipe = KleinPipeline(
-        transformer,
-        autoencoder,
-        text,
-        sampling_defaults=chosen.sampling,
-        model_name=f"random:{chosen.name}",
-        variant=chosen.name,
-        kv_references=True,
-    )
-    reference = None
-    if not args.no_reference:
-        try:
-            from reference_pipeline import reference_pipeline
-
-            reference = reference_pipeline(pipe)
-        except ImportError:
-            print("diffusers not installed: reference column skipped", file=sys.stderr)
+    pipe = build_pipeline(args, device, dtype, kv_references=True)
+    reference = reference_for(pipe, args)
     ref_w, ref_h = (int(v) for v in args.ref_size.split("x"))
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     header = (
-        f"klein-agent bench --kv: preset {chosen.name} (KV semantics), {device} ({where}), "
+        f"klein-agent bench --kv: preset {args.preset} (KV semantics), {device} ({where}), "
         f"{str(dtype).removeprefix('torch.')}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
         f"{args.runs} runs after {args.warmup} warm-up, interleaved, medians in ms"
     )
@@ -158,12 +138,15 @@ def run_kv(args: argparse.Namespace) -> int:
         for count in args.refs:
             if count < 1:
                 continue
-            refs = tuple(_picture(ref_w, ref_h, seed=i) for i in range(count))
+            refs = tuple(reference_picture(ref_w, ref_h, seed=i) for i in range(count))
             request = GenerationRequest(
                 "a red fox in the snow, photograph", width, height, seed=1, steps=args.steps, references=refs
             )
             gc.collect()
+            tflop = flop_ratio(pipe, request)
             row = bench_row(pipe, reference, request, args.runs, args.warmup)
+            row["tflop"] = tflop
+            floor = tflop["retry"] / tflop["text-to-image"]
             ms = row["ms"]
             held = pipe.reference_kv_cache_bytes[0]
             row.update(size=size, references=count, ref_size=args.ref_size, kv_bytes=held)
@@ -176,7 +159,8 @@ def run_kv(args: argparse.Namespace) -> int:
             db = row["psnr_vs_reference_db"]
             print(
                 f"{size} refs={count}x{args.ref_size}: first {ms['first call']:.1f}  retry {ms['retry']:.1f}  "
-                f"text-to-image {ms['text-to-image']:.1f} (retry/t2i {ms['retry'] / ms['text-to-image']:.2f}){ratio}"
+                f"text-to-image {ms['text-to-image']:.1f} (retry/t2i {ms['retry'] / ms['text-to-image']:.2f}, "
+                f"in FLOPs {floor:.2f}){ratio}"
                 f"  kept K/V {held / 2**20:.1f} MiB"
                 + (f"  first vs reference {db:.1f} dB" if db is not None else "")
             )

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from PIL import Image
 
 from klein_agent.rules import limits
-from klein_agent.rules.references import PREPARED, original_size
-from klein_agent.rules.resolution import RequestError, check_reference_geometry, prepared_reference_size
+from klein_agent.rules.references import PREPARED, original_size, scale_to_reference_area
+from klein_agent.rules.resolution import RequestError, prepared_reference_size
 
 SOURCE_PREPARED = "klein-agent-inpaint-source"  # set in a prepared source's `info`: (multiple, original w, h)
 
@@ -120,11 +120,8 @@ def prepare_source(image: Image.Image, multiple: int = limits.SIZE_MULTIPLE) -> 
     if isinstance(mark, tuple) and len(mark) == 3 and mark[0] == multiple:
         return image
     original = original_size(image)
-    check_reference_geometry(*original)
+    image = scale_to_reference_area(image)
     w, h = image.size
-    if w * h > limits.REFERENCE_MAX_AREA:
-        image = image.resize(prepared_reference_size(w, h, 1), Image.Resampling.LANCZOS)
-        w, h = image.size
     target = ((w // multiple) * multiple, (h // multiple) * multiple)
     prepared = image.resize(target, Image.Resampling.LANCZOS).convert("RGB")
     prepared.info = {SOURCE_PREPARED: (multiple, *original), PREPARED: (multiple, *original)}

@@ -24,6 +24,17 @@ def original_size(image: Image.Image) -> tuple[int, int]:
     return (mark[1], mark[2]) if isinstance(mark, tuple) and len(mark) == 3 else image.size
 
 
+def scale_to_reference_area(image: Image.Image) -> Image.Image:
+    """`image` scaled down (Lanczos) to at most ~1 Mpx, as diffusers caps a reference before it crops (or, for an
+    inpaint source, resizes) to whole tokens. Raises `resolution.RequestError` for a side under 64 px or an aspect
+    over 8:1 of the original picture."""
+    check_reference_geometry(*original_size(image))
+    w, h = image.size
+    if w * h > REFERENCE_MAX_AREA:
+        return image.resize(prepared_reference_size(w, h, 1), Image.Resampling.LANCZOS)
+    return image
+
+
 def prepare_reference(image: Image.Image, multiple: int = SIZE_MULTIPLE) -> Image.Image:
     """An RGB reference as the model sees it: scaled down (Lanczos) to at most ~1 Mpx, then center-cropped to
     multiples of `multiple` px. Raises `resolution.RequestError` for a side under 64 px or an aspect over 8:1 (of
@@ -32,11 +43,8 @@ def prepare_reference(image: Image.Image, multiple: int = SIZE_MULTIPLE) -> Imag
     if isinstance(mark, tuple) and len(mark) == 3 and mark[0] == multiple:
         return image
     original = original_size(image)
-    check_reference_geometry(*original)
+    image = scale_to_reference_area(image)
     w, h = image.size
-    if w * h > REFERENCE_MAX_AREA:
-        image = image.resize(prepared_reference_size(w, h, 1), Image.Resampling.LANCZOS)
-        w, h = image.size
     cw, ch = prepared_reference_size(w, h, multiple)
     left, top = (w - cw) // 2, (h - ch) // 2
     prepared = image.crop((left, top, left + cw, top + ch)).convert("RGB")

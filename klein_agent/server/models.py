@@ -31,7 +31,8 @@ class ImagesResult(BaseModel):
     steps: int
     session: str | None
     cache_hits: dict[str, int] = Field(
-        description="prompt embeddings / reference latents reused from earlier"
+        description="what earlier calls saved this one: prompt embeddings (prompt), reference latents "
+        "(references), klein 9B-KV's kept reference keys and values (reference_kv)"
     )
 
 

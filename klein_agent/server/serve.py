@@ -73,7 +73,20 @@ def build_studio(args: argparse.Namespace) -> Studio:
         device_hint=args.device,  # else the loaded model's device decides the default (limits.default_max_pixels)
     )
     engine = Engine(generator_factory(args), max_queue=args.max_queue)
-    return Studio(engine, store, policy, config)
+    try:
+        studio = Studio(engine, store, policy, config)
+    except ValueError:  # an allowed folder inside the store
+        store.close()
+        raise
+    holders = [d for d in studio.policy.allowed_dirs if store.root.resolve().is_relative_to(d)]
+    if holders:
+        log.warning(
+            "the store %s lies inside the allowed folder %s: tools will not read or export paths inside the store "
+            "(pass stored images by id); use --store elsewhere to silence this",
+            store.root,
+            holders[0],
+        )
+    return studio
 
 
 def run_serve(args: argparse.Namespace) -> int:

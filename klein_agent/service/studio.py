@@ -108,14 +108,18 @@ class Status:
 
 
 class Studio:
-    """The engine, the store and the input policy, and what can be done with them."""
+    """The engine, the store and the input policy, and what can be done with them.
+
+    Paths never reach the store: the policy is given the store's folder (`InputPolicy.with_store`), which
+    raises ValueError when an allowed folder lies inside the store.
+    """
 
     def __init__(
         self, engine: Engine, store: ImageStore, policy: InputPolicy, config: StudioConfig | None = None
     ) -> None:
         self.engine = engine
         self.store = store
-        self.policy = policy
+        self.policy = policy.with_store(store.root)
         self.config = config or StudioConfig()
         # Full-size decodes, one at a time across calls: a 64 Mpx input is 256 MB before it is prepared.
         self._decoding = anyio.Semaphore(1)
@@ -411,11 +415,26 @@ class Studio:
     def _import(self, item: LoadedImage, image_id: str, session: str | None, multiple: int) -> StoredImage:
         """Store an input as the model used it (prepared: about 1 Mpx, whole tokens), so its size is bounded and
         a recipe that names it as a parent remakes the same pixels."""
-        picture = prepare_reference(item.image, multiple)
+        return self._store_import(
+            item, image_id, prepare_reference(item.image, multiple), item.description, session
+        )
+
+    def _import_mask(
+        self, item: LoadedImage, image_id: str, picture: Image.Image, session: str | None
+    ) -> StoredImage:
+        """Store a mask from outside the store as the model used it (output size, black or white), so the recipe
+        that names it remakes the same pixels."""
+        return self._store_import(
+            item, image_id, picture.convert("RGB"), f"mask: {item.description}", session
+        )
+
+    def _store_import(
+        self, item: LoadedImage, image_id: str, picture: Image.Image, description: str, session: str | None
+    ) -> StoredImage:
         recipe = {
             "tool": "import",
             "source": item.source,
-            "description": item.description,
+            "description": description,
             "width": picture.width,
             "height": picture.height,
             "created_at": now_iso(),
@@ -426,32 +445,6 @@ class Studio:
             png,
             width=picture.width,
             height=picture.height,
-            recipe=recipe,
-            session=session,
-            image_id=image_id,
-            content_key=item.content_key,
-        )
-
-    def _import_mask(
-        self, item: LoadedImage, image_id: str, picture: Image.Image, session: str | None
-    ) -> StoredImage:
-        """Store a mask from outside the store as the model used it (output size, black or white), so the recipe
-        that names it remakes the same pixels."""
-        rgb = picture.convert("RGB")
-        recipe = {
-            "tool": "import",
-            "source": item.source,
-            "description": f"mask: {item.description}",
-            "width": rgb.width,
-            "height": rgb.height,
-            "created_at": now_iso(),
-            "klein_agent": __version__,
-        }
-        png = encode_png(rgb, provenance={"tool": "import", "source": item.source})
-        return self.store.put(
-            png,
-            width=rgb.width,
-            height=rgb.height,
             recipe=recipe,
             session=session,
             image_id=image_id,
@@ -508,11 +501,7 @@ class Studio:
         def run() -> Exported:
             png = self.store.read_png(image_id)
             target = check_output_path(path, self.policy, default_name=f"{image_id}.png")
-            if target.exists() and not overwrite:
-                raise RequestError(
-                    f"{str(target)!r} already exists: pass overwrite=true to replace it, or choose another name"
-                )
-            write_export(target, png)
+            write_export(target, png, self.policy, overwrite=overwrite)  # refuses an existing file itself
             return Exported(image_id=image_id, path=target, size_bytes=len(png))
 
         return await anyio.to_thread.run_sync(run)

@@ -1,7 +1,10 @@
 """Local files: path syntax checks, folder confinement (realpath, by component), and reading with size caps.
 
-A server reads only inside its allowed folders; `read_image_file` is the CLI's way in (the user's own files, no
-folder policy), through the same reader and decoder.
+A server reads only inside its allowed folders, never inside its image store, and opens what it checked: the
+resolved path is walked down from the allowed folder's descriptor without following a symlink
+(`klein_agent.service.safe_paths`), so a parent folder swapped for a link after the check is refused, not
+followed. `read_image_file` is the CLI's way in (the user's own files, no folder policy), through the same
+reader and decoder.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from klein_agent.service.inputs.common import (
 )
 from klein_agent.service.inputs.decoding import decode
 from klein_agent.service.inputs.policy import INPUT_DIR_FLAG, InputPolicy
+from klein_agent.service.safe_paths import ExcludedFolderError, UnsafePathError, folder_beneath
 
 WINDOWS_DRIVE_RE = re.compile(r"[A-Za-z]:[\\/]")
 
@@ -96,11 +100,6 @@ def check_path_syntax(path: str, what: str) -> str:
     return path
 
 
-def _inside(resolved: Path, policy: InputPolicy) -> bool:
-    # Component-wise containment on realpath'd paths: immune to sibling-prefix names and symlink escapes.
-    return any(resolved.is_relative_to(d) for d in policy.allowed_dirs)
-
-
 def _outside_error(path: str, policy: InputPolicy) -> ImageInputError:
     return ImageInputError(
         f"{show(path)} is outside the folders this server may read ({policy.dirs_text()}): move or copy the "
@@ -109,11 +108,21 @@ def _outside_error(path: str, policy: InputPolicy) -> ImageInputError:
     )
 
 
-def load_path(path: str, policy: InputPolicy) -> LoadedImage:
-    """Read and decode an image file inside the policy's allowed folders (checked after resolving symlinks).
+def inside_store_error(path: str, policy: InputPolicy) -> ImageInputError:
+    """The refusal of a path inside the image store (read or export), with what to do instead."""
+    return ImageInputError(
+        f"{show(path)} is inside the image store ({policy.store_dir}), which tools do not read or write by path: "
+        "pass a stored image by its id (list_images shows them), and export to a folder outside the store"
+    )
 
-    Raises ImageInputError for bad path syntax, a path outside the allowed folders (before saying whether it
-    exists), a missing, non-regular or oversized file (`policy.max_bytes`), or bytes that do not decode.
+
+def load_path(path: str, policy: InputPolicy) -> LoadedImage:
+    """Read and decode an image file inside the policy's allowed folders (checked after resolving symlinks, then
+    opened by walking the resolved path without following any link, so the file read is the file checked).
+
+    Raises ImageInputError for bad path syntax, a path outside the allowed folders or inside the store (before
+    saying whether it exists), a path whose folders were swapped for a symlink meanwhile, a missing,
+    non-regular or oversized file (`policy.max_bytes`), or bytes that do not decode.
     """
     path = check_path_syntax(path, "path")
     try:
@@ -124,10 +133,40 @@ def load_path(path: str, policy: InputPolicy) -> LoadedImage:
         ) from None
     # Containment first, existence second: a "not found" for paths outside the allowed folders would let a
     # caller probe which files exist on the machine.
-    if not _inside(resolved, policy):
+    root = policy.root_of(resolved)
+    if root is None:
         raise _outside_error(path, policy)
-    data = _read_file(resolved, path, policy.max_bytes)
+    if policy.store_holds(resolved):
+        raise inside_store_error(path, policy)
+    data = _read_beneath(root, resolved, path, policy)
     return _path_image(data, resolved, policy.max_pixels, policy.reduce_to)
+
+
+# O_NONBLOCK: harmless on regular files, and keeps a swapped-in FIFO from blocking the open.
+_READ_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+
+
+def _read_beneath(root: Path, resolved: Path, shown: str, policy: InputPolicy) -> bytes:
+    """The bytes of the regular file `resolved` below the allowed folder `root`, reached without following a
+    symlink (a component that is one now was swapped in after `realpath`)."""
+    parts = resolved.relative_to(root).parts
+    if not parts:
+        raise ImageInputError(f"{show(shown)} is a folder: give the path of an image file inside it")
+    try:
+        with folder_beneath(root, parts[:-1], excluded=policy.store_id) as folder:
+            st = folder.lstat(parts[-1])
+            if not stat.S_ISLNK(st.st_mode):  # a link: open_file names it below
+                _check_kind(st, shown, policy.max_bytes)
+            fd = folder.open_file(parts[-1], _READ_FLAGS)
+    except ExcludedFolderError:
+        raise inside_store_error(shown, policy) from None
+    except UnsafePathError as e:
+        raise ImageInputError(str(e)) from None
+    except FileNotFoundError:
+        raise ImageInputError(f"{show(shown)} does not exist on this machine. {ATTACHMENT_HINT}") from None
+    except OSError as e:
+        raise ImageInputError(f"cannot open {show(shown)}: {e.strerror or e}; check the path") from None
+    return _read_fd(fd, shown, policy.max_bytes)
 
 
 def read_image_file(
@@ -163,6 +202,7 @@ def _path_image(data: bytes, resolved: Path, max_pixels: int, reduce_to: int | N
 
 
 def _read_file(resolved: Path, shown: str, max_bytes: int, *, hint: bool = True) -> bytes:
+    """The CLI's read: the user's own file, by path (no folder policy to escape)."""
     try:
         st = os.stat(resolved)
     except FileNotFoundError:
@@ -170,6 +210,17 @@ def _read_file(resolved: Path, shown: str, max_bytes: int, *, hint: bool = True)
         raise ImageInputError(f"{show(shown)} does not exist on this machine.{extra}") from None
     except OSError as e:
         raise ImageInputError(f"cannot access {show(shown)}: {e.strerror or e}; check the path") from None
+    _check_kind(st, shown, max_bytes)
+    # O_NOFOLLOW: `resolved` has no symlinks, so one appearing here was swapped in after the check.
+    try:
+        fd = os.open(resolved, _READ_FLAGS | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0))
+    except OSError as e:
+        raise ImageInputError(f"cannot open {show(shown)}: {e.strerror or e}; check the path") from None
+    return _read_fd(fd, shown, max_bytes)
+
+
+def _check_kind(st: os.stat_result, shown: str, max_bytes: int) -> None:
+    """Refuse, before opening, what is not a regular file of at most `max_bytes` bytes."""
     if stat.S_ISDIR(st.st_mode):
         raise ImageInputError(f"{show(shown)} is a folder: give the path of an image file inside it")
     if not stat.S_ISREG(st.st_mode):  # FIFOs and devices: opening one could block or never end
@@ -178,15 +229,11 @@ def _read_file(resolved: Path, shown: str, max_bytes: int, *, hint: bool = True)
         )
     if st.st_size > max_bytes:
         raise too_big_error(shown, st.st_size, max_bytes)
-    # O_NOFOLLOW: `resolved` has no symlinks, so one appearing here was swapped in after the check (TOCTOU).
-    # O_NONBLOCK: harmless on regular files, and keeps a swapped-in FIFO from blocking the open.
-    flags = (
-        os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
-    )
-    try:
-        fd = os.open(resolved, flags)
-    except OSError as e:
-        raise ImageInputError(f"cannot open {show(shown)}: {e.strerror or e}; check the path") from None
+
+
+def _read_fd(fd: int, shown: str, max_bytes: int) -> bytes:
+    """Read at most `max_bytes` from the open file `fd` (closed here), checking again that it is a regular file
+    (it may have been swapped since the stat)."""
     with os.fdopen(fd, "rb") as f:
         fst = os.fstat(f.fileno())
         if not stat.S_ISREG(fst.st_mode):
