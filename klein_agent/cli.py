@@ -196,10 +196,15 @@ def run_generate(args: argparse.Namespace) -> int:
         references.append(decoded.image if masked and k == 0 else prepared)
     mask_picture, mask_recipe = check_mask_arguments(args, references, policy)
     first = references[0].size if references else None
-    width, height = resolution.output_size(args.width, args.height, first)
+    budget = int(args.max_megapixels * 1_000_000)
+    width, height = resolution.output_size(
+        args.width, args.height, first, max_pixels=budget // args.num_images
+    )
     if mask_picture is not None:
         width, height = mask_picture.size
-    resolution.check_pixels(width, height, args.num_images, int(args.max_megapixels * 1_000_000))
+    resolution.check_pixels(width, height, args.num_images, budget)
+    if mask_picture is None and (width, height) != resolution.output_size(args.width, args.height, first):
+        args.width, args.height = width, height  # the budget scaled the default size down: ask for that
 
     factory = generator_factory(args)  # checks the --lora files before loading
     bar = ProgressBar("loading model")

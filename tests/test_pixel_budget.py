@@ -12,7 +12,7 @@ import pytest
 from mcp import Client
 
 from klein_agent.cli import build_parser
-from klein_agent.rules import limits
+from klein_agent.rules import limits, resolution
 from klein_agent.server.app import build_server
 from klein_agent.server.serve import build_studio
 from tests.conftest import make_server_state
@@ -77,6 +77,13 @@ async def test_a_cpu_model_refuses_more_than_512x512_by_default(
             assert not ok.is_error
             status = await client.call_tool("server_status", {})
             assert status.structured_content["max_pixels_per_call"] == 512 * 512
+            # No size given: the default (1024x1024, or the first image's) is the largest the budget allows.
+            fitted = await client.call_tool("generate", {"prompt": "default", "num_images": 2})
+            assert not fitted.is_error
+            assert [(i["width"], i["height"]) for i in fitted.structured_content["images"]] == [
+                (352, 352)
+            ] * 2
+            assert (tiny_spy.calls[-1].width, tiny_spy.calls[-1].height) == (352, 352)
     finally:
         state.engine.close()
         state.store.close()
@@ -118,3 +125,56 @@ async def test_a_call_made_while_loading_is_held_to_the_loaded_device(
         release.set()
         state.engine.close()
         state.store.close()
+
+
+async def test_an_unset_size_asked_while_loading_fits_the_loaded_devices_budget(
+    tiny_spy: Any, tmp_path: Path, input_dir: Path
+) -> None:
+    release = threading.Event()
+
+    def slow_load() -> Any:
+        release.wait(30)
+        return tiny_spy
+
+    state = make_server_state(slow_load, tmp_path / "store", input_dir, max_pixels_per_call=None)
+    try:
+        async with Client(build_server(state)) as client:
+
+            async def on_progress(value: float, total: float | None, message: str | None) -> None:
+                release.set()
+
+            made = await client.call_tool("generate", {"prompt": "default"}, progress_callback=on_progress)
+            assert not made.is_error, made.content[0].text
+            assert (made.structured_content["images"][0]["width"], tiny_spy.calls[-1].height) == (512, 512)
+    finally:
+        release.set()
+        state.engine.close()
+        state.store.close()
+
+
+def test_an_unset_size_is_scaled_into_the_budget_and_a_given_one_never_is() -> None:
+    fit = resolution.output_size
+    assert fit(None, None, None, max_pixels=512 * 512) == (512, 512)
+    assert fit(None, None, None, max_pixels=4 * 1024 * 1024) == (1024, 1024)  # under the budget: unchanged
+    assert fit(None, None, (880, 1168), max_pixels=512 * 512) == (432, 576)  # aspect kept, whole tokens
+    w, h = fit(None, None, (2048, 256), max_pixels=100_000)
+    assert w * h <= 100_000 and w % 16 == 0 and h % 16 == 0 and abs(w / h - 8) < 0.6
+    assert fit(1024, 1024, None, max_pixels=512 * 512) == (
+        1024,
+        1024,
+    )  # the caller's size: check_pixels refuses
+    assert fit(1024, None, None, max_pixels=512 * 512) == (1024, 1024)
+
+
+def test_the_cli_asks_for_the_fitted_default_before_loading(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    out = tmp_path / "a.png"
+    run = subprocess.run(
+        [sys.executable, "-m", "klein_agent", "generate", "--model", "tiny", "--prompt", "x", "--out", str(out),
+         "--max-megapixels", "0.07", "--seed", "1", "--steps", "1"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "wrote" in run.stderr and "256x256" in run.stderr

@@ -132,10 +132,14 @@ def output_size(
     height: int | None,
     first_reference: tuple[int, int] | None,
     multiple: int = limits.SIZE_MULTIPLE,
+    max_pixels: int | None = None,
 ) -> tuple[int, int]:
     """The output (width, height): as given; else the prepared first reference's (`first_reference`, already
     prepared) or 64 tokens a side; one side given: the other keeps that default's aspect ratio, rounded to
-    `multiple` px (at least one token)."""
+    `multiple` px (at least one token). With neither side given and `max_pixels` set (a pixel budget per picture),
+    a default over it is scaled down to fit, aspect kept as closely as whole tokens allow: the default of a
+    budget-limited server is the largest picture it will make, not a refusal. Sizes a caller gives are never
+    changed (`check_pixels` refuses them)."""
     if width is not None and height is not None:
         return width, height
     base_w, base_h = first_reference or (DEFAULT_TOKENS_PER_SIDE * multiple,) * 2
@@ -143,6 +147,13 @@ def output_size(
         return width, max(multiple, round(width * base_h / base_w / multiple) * multiple)
     if height is not None:
         return max(multiple, round(height * base_w / base_h / multiple) * multiple), height
+    if max_pixels is not None and base_w * base_h > max_pixels:
+        tokens, aspect = max_pixels // multiple**2, base_w / base_h
+        rows = max(
+            1, math.isqrt(int(tokens / aspect))
+        )  # the most rows at this aspect, then the columns that fit
+        columns = max(1, min(tokens // rows, round(rows * aspect)))
+        return columns * multiple, rows * multiple
     return base_w, base_h
 
 

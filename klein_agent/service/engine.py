@@ -127,7 +127,8 @@ class _Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     started: bool = False
     started_at: float | None = None  # time.monotonic() when the worker took it
-    check: Callable[[GeneratorInfo], None] | None = None  # run by the worker before the model (see Slot.run)
+    # run by the worker before the model; gives the request to run (see Slot.run)
+    finalize: Callable[[GeneratorInfo, GenerationRequest], GenerationRequest] | None = None
     last_progress: float = -1.0  # the last value sent, heartbeats included
     real_progress: float = 0.0  # the last value the generator reported (0 before its first report)
     real_message: str = ""
@@ -203,16 +204,17 @@ class Slot:
         request: GenerationRequest,
         *,
         progress: AsyncProgress | None = None,
-        check: Callable[[GeneratorInfo], None] | None = None,
+        finalize: Callable[[GeneratorInfo, GenerationRequest], GenerationRequest] | None = None,
     ) -> Completed:
         """Run `request` in this place of the queue; as `Engine.run`. A slot runs once.
 
-        `check(info)` runs on the worker with the loaded model's info just before the model, for rules that depend
-        on the model (the device's pixel budget, say) when the call arrived while it was loading; whatever it
-        raises fails the call (a RequestError as GenerationFailedError with its message)."""
+        `finalize(info, request)` runs on the worker with the loaded model's info just before the model, for rules
+        that depend on the model (the device's pixel budget, say) when the call arrived while it was loading; the
+        request it returns is the one run, and whatever it raises fails the call (a RequestError as
+        GenerationFailedError with its message)."""
         if self._job.request is not None:
             raise RuntimeError("a slot runs one request")
-        self._job.check = check
+        self._job.finalize = finalize
         return await self._engine._run_reserved(self._job, request, progress)
 
 
@@ -519,8 +521,8 @@ class Engine:
         try:
             if job.cancelled.is_set():
                 raise JobCancelled("cancelled before start")
-            if job.check is not None:
-                job.check(generator.info)
+            if job.finalize is not None:
+                request = job.finalize(generator.info, request)
             result = generator.generate(request, on_step)
             if job.cancelled.is_set():
                 raise JobCancelled("cancelled after the last step")

@@ -174,7 +174,11 @@ class Studio:
                 mask_item = None
                 if region is not None and region.mask is not None:
                     mask_item = await anyio.to_thread.run_sync(self._load_mask, region.mask)
-            late_check = self._check_size(loaded[0].image if loaded else None, width, height, num_images)
+            fitted, finalize = self._sizing(
+                loaded[0].image if loaded else None, width, height, num_images, fit=not inpaint
+            )
+            if fitted is not None:
+                width, height = fitted
             parents = [item.image_id or new_image_id() for item in loaded]
             mask_picture, mask_id = None, None
             mask_recipe: dict[str, Any] | None = None
@@ -200,7 +204,7 @@ class Studio:
             )
             stored_parents = [item.image_id for item in loaded if item.image_id is not None]
             with self.store.pinned(stored_parents):
-                done = await slot.run(request, progress=progress, check=late_check)
+                done = await slot.run(request, progress=progress, finalize=finalize)
                 # Cancelled after the model ran: nothing is stored. From here on, storing runs to its end.
                 await anyio.lowlevel.checkpoint_if_cancelled()
                 imported, stored, preview = await anyio.to_thread.run_sync(
@@ -265,31 +269,43 @@ class Studio:
             "raises it"
         )
 
-    def _check_size(
-        self, first: Image.Image | None, width: int | None, height: int | None, count: int
-    ) -> Callable[[GeneratorInfo], None] | None:
-        """The output size by the shared rule, against the per-call pixel budget. The token size is the loaded
-        model's (16 for every klein checkpoint, assumed until it has loaded). When the budget depends on a device
-        not known yet (the model is loading), the largest default is checked now and the check to run once the
-        model has loaded is returned."""
+    def _sizing(
+        self, first: Image.Image | None, width: int | None, height: int | None, count: int, fit: bool
+    ) -> tuple[
+        tuple[int, int] | None, Callable[[GeneratorInfo, GenerationRequest], GenerationRequest] | None
+    ]:
+        """The output size by the shared rule (`resolution.output_size`), against the per-call pixel budget.
+
+        Returns (size, finalize): `size` is the (width, height) to ask for when the budget scaled an unset size
+        down (`fit`: not for inpaint, whose output is its source), else None; `finalize` is None, or, when the
+        budget depends on a device not known yet (the model is loading), what the engine runs once it has loaded:
+        the same rule with that device's budget, giving the request to run. The largest default budget is checked
+        at once. The token size is the loaded model's (16 for every klein checkpoint, assumed until it has
+        loaded). Raises RequestError."""
         info = self.engine.info
         multiple = info.size_multiple if info is not None else limits.SIZE_MULTIPLE
         prepared = None if first is None else resolution.prepared_reference_size(*first.size, multiple)
-        w, h = resolution.output_size(width, height, prepared, multiple)
+        unset = width is None and height is None
+        default = resolution.output_size(width, height, prepared, multiple)
+
+        def sized(budget: int, why: str) -> tuple[int, int] | None:
+            fit_to = budget // count if fit else None
+            w, h = resolution.output_size(width, height, prepared, multiple, max_pixels=fit_to)
+            resolution.check_pixels(w, h, count, budget, why)
+            return (w, h) if unset and (w, h) != default else None
+
         budget = self.pixel_budget()
         if budget is not None:
-            resolution.check_pixels(w, h, count, *budget)
-            return None
-        resolution.check_pixels(
-            w, h, count, max(limits.MAX_PIXELS_PER_CALL, *limits.DEVICE_MAX_PIXELS_PER_CALL.values())
-        )
+            return sized(*budget), None
+        sized(max(limits.MAX_PIXELS_PER_CALL, *limits.DEVICE_MAX_PIXELS_PER_CALL.values()), "")
 
-        def once_loaded(loaded: GeneratorInfo) -> None:
+        def once_loaded(loaded: GeneratorInfo, request: GenerationRequest) -> GenerationRequest:
             known = self.pixel_budget(loaded.device)
             assert known is not None
-            resolution.check_pixels(w, h, count, *known)
+            size = sized(*known)
+            return request if size is None else replace(request, width=size[0], height=size[1])
 
-        return once_loaded
+        return None, once_loaded
 
     def _load_mask(self, argument: str) -> LoadedImage:
         """The mask argument, decoded by the one decoder (transparency on white: transparent pixels repaint)."""

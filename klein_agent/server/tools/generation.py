@@ -49,7 +49,8 @@ SideArg = Annotated[
         ge=MIN_SIDE,
         le=MAX_SIDE,
         multiple_of=SIZE_MULTIPLE,
-        description="Output size in px (multiple of 16). Omit both for 1024x1024; give one and the other matches.",
+        description="Output size in px (multiple of 16). Omit both for 1024x1024, or the largest square the "
+        "server's per-call pixel budget allows (server_status: max_pixels_per_call); give one and the other matches.",
     ),
 ]
 OptionalSideArg = Annotated[
@@ -59,7 +60,8 @@ OptionalSideArg = Annotated[
         le=MAX_SIDE,
         multiple_of=SIZE_MULTIPLE,
         description="Output size in px (multiple of 16). Omit both to take image 1's size as the model sees it "
-        "(at most ~1 megapixel); give one and the other keeps image 1's aspect ratio.",
+        "(at most ~1 megapixel, less if the server's per-call pixel budget is smaller); give one and the other keeps "
+        "image 1's aspect ratio.",
     ),
 ]
 SeedArg = Annotated[
