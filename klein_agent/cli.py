@@ -19,6 +19,7 @@ from typing import Any
 
 from klein_agent import __version__
 from klein_agent.logs import configure_logging, parse_level
+from klein_agent.option_types import positive_float
 from klein_agent.model_options import add_model_arguments, generator_factory
 from klein_agent.rules.limits import MAX_PIXELS_PER_CALL
 
@@ -107,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", required=True, type=Path, help="the PNG to write")
     gen.add_argument(
         "--max-megapixels",
-        type=float,
+        type=positive_float,
         default=MAX_PIXELS_PER_CALL / 1e6,
         help="refuse calls over width x height x num-images megapixels (default %(default).1f; the server's "
         "default depends on the device, as no client waits here)",

@@ -183,9 +183,36 @@ def test_repo_id_resolves_from_the_hugging_face_cache(
     assert picture.tobytes() == load_pipeline("tiny").generate(REQUEST).images[0].tobytes()
 
 
-def test_not_a_model_is_explained() -> None:
-    with pytest.raises(CheckpointError, match="neither a folder nor a Hugging Face repo id"):
+def test_not_a_model_is_explained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(CheckpointError, match="--model /no/such/folder: there is no folder /no/such/folder"):
         resolve_model_path("/no/such/folder")
+    with pytest.raises(CheckpointError, match="'nosuch' is neither a folder here nor a Hugging Face repo id"):
+        resolve_model_path("nosuch")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match=f"the folder {tmp_path}/? has no model_index.json"):
+        resolve_model_path("./")
+    (tmp_path / "weights.safetensors").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="is a file, not a model folder.*--transformer-file"):
+        resolve_model_path("weights.safetensors")
+
+
+def test_a_failed_download_names_the_repo_and_the_way_round(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import httpx2  # what huggingface_hub 2.x raises through
+    import huggingface_hub
+
+    def offline(repo_id: str) -> str:
+        raise httpx2.ConnectError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(CheckpointError) as caught:
+        resolve_model_path("owner/some-model", allow_download=True)
+    message = str(caught.value)
+    assert message.startswith("could not download owner/some-model (ConnectError: [Errno -3]")
+    assert f"`{download_command('owner/some-model')}`" in message
+    assert str(tmp_path / "hub") in message and "--model" in message
 
 
 def _cached_repo(tiny_checkpoint: Path, hub: Path, repo_id: str) -> Path:

@@ -12,6 +12,8 @@ import logging
 import shlex
 from pathlib import Path
 
+from klein_agent.option_types import port_number
+
 log = logging.getLogger("klein_agent.gallery")
 
 DEFAULT_PORT = 8766  # serve --http's is 8765
@@ -39,7 +41,7 @@ def add_gallery_arguments(parser: argparse.ArgumentParser) -> None:
         help="address to bind (default: 127.0.0.1); Host and Origin headers must name this server exactly",
     )
     parser.add_argument(
-        "--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT}; 0 picks a free one)"
+        "--port", type=port_number, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT}; 0 picks a free one)"
     )
     parser.add_argument(
         "--open",

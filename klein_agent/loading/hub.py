@@ -23,25 +23,74 @@ def download_command(repo_id: str) -> str:
 
 
 def resolve_model_path(model: str, *, allow_download: bool = False) -> Path:
-    """A folder as given, or a repo id's snapshot in the local Hugging Face cache (downloaded only if allowed)."""
+    """A folder as given, or a repo id's snapshot in the local Hugging Face cache (downloaded only if allowed).
+
+    Raises CheckpointError (see `check_model_source`), also when a download fails (no network, unknown repo)."""
+    found = check_model_source(model, allow_download=allow_download)
+    if found is not None:
+        return found
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as err:  # pragma: no cover - huggingface_hub ships with transformers
+        raise CheckpointError("downloading needs huggingface_hub: pip install 'klein-agent[hub]'") from err
+    try:
+        return Path(snapshot_download(model))
+    except Exception as err:  # no network, an unknown or gated repo: huggingface_hub and httpx raise many kinds
+        raise CheckpointError(
+            f"could not download {model} ({type(err).__name__}: {err}). On a machine with network access run "
+            f"`{download_command(model)}` and copy its Hugging Face cache folder to {hub_cache_dir()} here, or "
+            "pass the model's folder to --model."
+        ) from err
+
+
+def check_model_source(model: str, *, allow_download: bool = False) -> Path | None:
+    """The folder `--model` names (a folder with model_index.json, or a repo id's cached snapshot), or None when
+    a repo id is missing from the cache and `allow_download` lets it be fetched (`tiny` is the caller's).
+
+    Reads only the filesystem (no torch, no network), so the CLI checks --model before anything heavy loads.
+    Raises CheckpointError naming --model and the folder: no such folder, a file, a folder without
+    model_index.json, a name that is no repo id, a repo id missing from the cache (without `allow_download`).
+    """
     path = Path(model).expanduser()
     if path.is_dir():
-        return path
-    if not _REPO_ID.match(model) or path.is_absolute() or model.startswith("."):
-        raise CheckpointError(f"model {model!r} is neither a folder nor a Hugging Face repo id (owner/name)")
+        return _model_folder(model, path)
+    if path.exists():
+        raise CheckpointError(
+            f"--model {model} is a file, not a model folder; pass the diffusers-layout folder (a BFL single-file "
+            "transformer goes to --transformer-file)"
+        )
+    if not _REPO_ID.match(model) or path.is_absolute() or model.startswith((".", "~")):
+        looks_like_path = path.is_absolute() or model.startswith((".", "~")) or os.sep in model or "/" in model
+        if looks_like_path:
+            raise CheckpointError(f"--model {model}: there is no folder {path.absolute()}")
+        raise CheckpointError(
+            f"--model {model!r} is neither a folder here nor a Hugging Face repo id (owner/name, e.g. "
+            "black-forest-labs/FLUX.2-klein-4B), nor 'tiny'"
+        )
     cached = cached_snapshot(model)
     if cached is not None:
-        return cached
+        return _model_folder(model, cached, cached=True)
     if not allow_download:
         raise CheckpointError(
             f"{model} is not in the local Hugging Face cache ({hub_cache_dir()}). Download it first "
             f"(`{download_command(model)}`), pass a local folder, or add --allow-download."
         )
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError as err:  # pragma: no cover - huggingface_hub ships with transformers
-        raise CheckpointError("downloading needs huggingface_hub: pip install 'klein-agent[hub]'") from err
-    return Path(snapshot_download(model))
+    return None
+
+
+def _model_folder(model: str, folder: Path, *, cached: bool = False) -> Path:
+    """`folder` when it holds a diffusers model index; else CheckpointError naming the folder and the next step."""
+    if (folder / "model_index.json").is_file():
+        return folder
+    if cached:
+        raise CheckpointError(
+            f"--model {model}: the cached snapshot {folder} has no model_index.json (an unfinished download?); "
+            f"run `{download_command(model)}` to complete it"
+        )
+    raise CheckpointError(
+        f"--model {model}: the folder {folder.absolute()} has no model_index.json; pass the folder of a "
+        "diffusers-layout model (model_index.json with transformer/, vae/, text_encoder/, tokenizer/, scheduler/)"
+    )
 
 
 def hub_cache_dir() -> Path:

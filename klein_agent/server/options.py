@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from klein_agent.option_types import non_negative_int, port_number, positive_float, positive_int
 from klein_agent.rules import limits
 
 DEFAULT_PORT = 8765
@@ -28,14 +29,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     store.add_argument(
         "--store-max-gb",
-        type=float,
+        type=positive_float,
         default=limits.STORE_MAX_BYTES / 2**30,
         metavar="GB",
         help="evict the least recently used images beyond this many GiB (default: 2)",
     )
     store.add_argument(
         "--store-max-images",
-        type=int,
+        type=positive_int,
         default=limits.STORE_MAX_IMAGES,
         metavar="N",
         help="evict the least recently used images beyond this many (default: 10000)",
@@ -65,14 +66,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     caps = parser.add_argument_group("limits")
     caps.add_argument(
         "--max-queue",
-        type=int,
+        type=non_negative_int,
         default=limits.MAX_QUEUE,
         metavar="N",
         help="calls that may wait behind the running one; more are refused at once with 'busy' (default: 8)",
     )
     caps.add_argument(
         "--max-megapixels",
-        type=float,
+        type=positive_float,
         default=None,
         metavar="MP",
         help="width x height x num_images of one call, in millions of pixels (default: by the model's device, so "
@@ -95,7 +96,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     transport.add_argument(
         "--port",
-        type=int,
+        type=port_number,
         default=DEFAULT_PORT,
         help=f"HTTP port (default: {DEFAULT_PORT}; 0 picks a free one)",
     )

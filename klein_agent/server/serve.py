@@ -36,14 +36,8 @@ log = logging.getLogger("klein_agent.serve")
 def build_studio(args: argparse.Namespace) -> Studio:
     """Open the store and set up the engine (not yet loading) from parsed arguments. Raises ValueError for a bad
     option and StoreError for a store that cannot be opened."""
-    if args.max_queue < 0:
-        raise ValueError("--max-queue must be 0 or more")
-    if (
-        (args.max_megapixels is not None and args.max_megapixels <= 0)
-        or args.store_max_gb <= 0
-        or args.store_max_images < 1
-    ):
-        raise ValueError("--max-megapixels, --store-max-gb and --store-max-images must be positive")
+    # --max-queue, --max-megapixels, --store-max-gb and --store-max-images are checked as they are parsed
+    # (klein_agent.option_types): one rule for serve and generate
     dirs = [] if args.no_default_dirs else list(default_allowed_dirs())
     for d in args.allow_dirs:
         folder = d.expanduser()
