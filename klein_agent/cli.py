@@ -10,17 +10,19 @@ stdout belongs to the MCP wire under `serve`, so everything human-readable goes 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from klein_agent import __version__
 from klein_agent.logs import configure_logging, parse_level
-from klein_agent.option_types import positive_float
 from klein_agent.model_options import add_model_arguments, generator_factory
+from klein_agent.option_types import positive_float
 from klein_agent.rules.limits import MAX_PIXELS_PER_CALL
 
 log = logging.getLogger("klein_agent")
@@ -30,19 +32,37 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command `argv` names (default: sys.argv); returns the exit status.
 
     0 on success, 2 with a one-line message on stderr for bad input, a missing file or a failed generation
-    (ValueError, OSError, RuntimeError), 130 on Ctrl-C.
+    (ValueError, OSError, RuntimeError), 130 on Ctrl-C. Run as the program (`argv` None), `serve` and `generate`
+    end the process as soon as they have closed everything (`exit_now`): tearing down torch and transformers
+    would take seconds more.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging("DEBUG" if args.verbose else args.log_level)
     try:
         result: int = args.run(args)
-        return result
     except KeyboardInterrupt:
-        return 130
+        ProgressBar.end_line()  # Ctrl-C in the middle of a bar: the shell's prompt starts on a line of its own
+        result = 130
     except (ValueError, OSError, RuntimeError) as err:  # bad input, a missing file, NaN output: a message
+        ProgressBar.end_line()
         print(f"klein-agent: error: {err}", file=sys.stderr)
-        return 2
+        result = 2
+    if argv is None and args.command in ("serve", "generate"):
+        exit_now(result)
+    return result
+
+
+def exit_now(status: int) -> None:
+    """End the process with `status` once the output is flushed, skipping the interpreter's teardown.
+
+    Called only after a command has closed what it opened (engine, store, files written and closed): what is
+    left is Python unloading torch and transformers module by module, 2-3 s after Ctrl-C for nothing."""
+    logging.shutdown()  # flushes the handlers (stderr)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing more can reach it
+            stream.flush()
+    os._exit(status)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,7 +177,18 @@ def add_logging_arguments(parser: argparse.ArgumentParser, *, defaults: bool = F
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    """`klein-agent serve`: `klein_agent.server.serve.run_serve`, imported only now (MCP takes a while to load)."""
+    """`klein-agent serve`: the options that need no server checked first (--model, --device, --lora,
+    --allow-dir: a bad one is refused in a fraction of a second), then `klein_agent.server.serve.run_serve`,
+    imported only now (the MCP SDK takes seconds to load)."""
+    from klein_agent.model_options import check_model_options
+    from klein_agent.server.options import allowed_dir_options
+
+    try:
+        check_model_options(args)
+        allowed_dir_options(args)
+    except ValueError as exc:
+        log.error("%s", exc)  # as serve logs its other start-up errors
+        return 2
     from klein_agent.server.serve import run_serve as serve
 
     return serve(args)
@@ -175,6 +206,7 @@ def run_generate(args: argparse.Namespace) -> int:
     # Everything the server checks, checked here before the model loads, with the server's messages.
     prompt = resolution.clean_prompt(args.prompt)
     outputs = output_paths(args.out, args.num_images)
+    factory = generator_factory(args)  # checks --device, --model and the --lora files (no torch yet)
     resolution.check_reference_count(len(args.image))
     resolution.check_user_size(args.width, args.height)
     seeds = resolution.batch_seeds(args.seed, args.num_images)
@@ -187,13 +219,16 @@ def run_generate(args: argparse.Namespace) -> int:
     masked = args.mask is not None or bool(args.box)
     references = []
     for k, path in enumerate(args.image):
-        decoded = read_image_file(
-            path, max_bytes=policy.max_bytes, max_pixels=policy.max_pixels, reduce_to=policy.reduce_to
+        which = (
+            f"--image {path}" if len(args.image) == 1 else f"--image {k + 1} of {len(args.image)} ({path})"
         )
         try:
+            decoded = read_image_file(
+                path, max_bytes=policy.max_bytes, max_pixels=policy.max_pixels, reduce_to=policy.reduce_to
+            )
             prepared = prepare_reference(decoded.image)
-        except resolution.RequestError as exc:
-            raise resolution.RequestError(f"--image {path}: {exc}") from exc
+        except ValueError as exc:  # ImageInputError, RequestError: the message, saying which --image
+            raise type(exc)(f"{which}: {exc}") from exc
         references.append(decoded.image if masked and k == 0 else prepared)
     mask_picture, mask_recipe = check_mask_arguments(args, references, policy)
     first = references[0].size if references else None
@@ -207,7 +242,6 @@ def run_generate(args: argparse.Namespace) -> int:
     if mask_picture is None and (width, height) != resolution.output_size(args.width, args.height, first):
         args.width, args.height = width, height  # the budget scaled the default size down: ask for that
 
-    factory = generator_factory(args)  # checks the --lora files before loading
     bar = ProgressBar("loading model")
     pipeline = factory()
     bar.note(f"model ready on {pipeline.info.device} ({pipeline.info.dtype})")
@@ -273,25 +307,47 @@ def check_mask_arguments(
 
 
 def output_paths(out: Path, count: int) -> list[Path]:
-    """FILE.png for one picture, FILE-1.png ... for several; raises ValueError unless each can be written."""
+    """FILE.png for one picture, FILE-1.png ... for several; raises ValueError naming --out unless each can be
+    written: a file is made and removed in the folder (permission bits say nothing for root, nor for a read-only
+    or special filesystem), and an existing file is opened for writing without being changed."""
     if out.suffix.lower() != ".png":
         raise ValueError(f"--out must name a .png file, got {out}")
     paths = [out] if count == 1 else [out.with_name(f"{out.stem}-{k + 1}{out.suffix}") for k in range(count)]
     folder = out.parent if str(out.parent) else Path(".")
     if not folder.is_dir():
         raise ValueError(f"--out {out}: the folder {folder} does not exist; create it first")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {out}: the folder {folder} is not writable")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".klein-agent-", suffix=".png"):
+            pass  # removed on leaving
+    except OSError as exc:
+        raise ValueError(
+            f"--out {out}: cannot write in the folder {folder} ({exc.strerror or exc}); choose another --out"
+        ) from None
     for path in paths:
         if path.is_dir():
             raise ValueError(f"--out {path} is a folder; name a .png file")
-        if path.exists() and not os.access(path, os.W_OK):
-            raise ValueError(f"--out {path} exists and is not writable")
+        if path.exists():
+            try:
+                with open(path, "r+b"):
+                    pass
+            except OSError as exc:
+                raise ValueError(
+                    f"--out {path} exists and cannot be written ({exc.strerror or exc})"
+                ) from None
     return paths
 
 
 class ProgressBar:
     """A one-line bar on stderr, drawn only when stderr is a terminal and the work outlasts a moment."""
+
+    open_line = False  # a bar is drawn and its line not yet ended (Ctrl-C or an error in the middle)
+
+    @classmethod
+    def end_line(cls) -> None:
+        """End a bar's line left open, so what follows starts on a line of its own."""
+        if cls.open_line:
+            print(file=sys.stderr, flush=True)
+            ProgressBar.open_line = False
 
     def __init__(self, label: str, delay_s: float = 0.5) -> None:
         self.start = time.monotonic()
@@ -315,6 +371,7 @@ class ProgressBar:
         if self.tty:
             print(f"\r{line:<70}", end="", file=sys.stderr, flush=True)
             self.drawn = True
+            ProgressBar.open_line = True
         elif done == total:
             print(line, file=sys.stderr)
 
@@ -322,6 +379,7 @@ class ProgressBar:
         """End the bar's line, if one was drawn."""
         if self.drawn:
             print(file=sys.stderr)
+            ProgressBar.open_line = False
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ built only when the returned factory is called.
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Callable
+from pathlib import Path
 
 from klein_agent.rules.requests import ImageGenerator
 
@@ -91,9 +93,29 @@ def lora_arguments(args: argparse.Namespace) -> list[tuple[str, float]]:
     return loras
 
 
+DEVICE_NAME = re.compile(r"^(cpu|cuda|cuda:\d+|mps)$")
+
+
+def check_model_options(args: argparse.Namespace) -> list[tuple[str, float]]:
+    """Check --device, --model, --transformer-file and --lora as far as the filesystem tells, importing neither
+    torch nor transformers (whether CUDA or MPS is usable is known only once torch loads). Returns the --lora
+    options as (file, scale). Raises ValueError (CheckpointError, RequestError) naming the option."""
+    from klein_agent.loading.hub import check_model_source
+
+    device = args.device
+    if device is not None and not DEVICE_NAME.match(device):
+        raise ValueError(f"--device {device!r}: choose cpu, cuda, cuda:N (N = 0, 1, ...) or mps")
+    if args.transformer_file is not None and not Path(args.transformer_file).expanduser().is_file():
+        raise ValueError(f"--transformer-file {args.transformer_file} is not a file")
+    if args.model != "tiny":
+        check_model_source(args.model, allow_download=args.allow_download)
+    return lora_arguments(args)
+
+
 def generator_factory(args: argparse.Namespace) -> Callable[[], ImageGenerator]:
-    """A zero-argument callable that loads the model the options name; runs wherever it is called."""
-    loras = lora_arguments(args)
+    """A zero-argument callable that loads the model the options name; runs wherever it is called. The options
+    are checked first (`check_model_options`), before anything heavy is imported."""
+    loras = check_model_options(args)
 
     def load() -> ImageGenerator:
         from klein_agent.pipeline import load_pipeline  # torch is imported here, not at parse time

@@ -192,7 +192,7 @@ def test_not_a_model_is_explained(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     with pytest.raises(CheckpointError, match=f"the folder {tmp_path}/? has no model_index.json"):
         resolve_model_path("./")
     (tmp_path / "weights.safetensors").write_bytes(b"x")
-    with pytest.raises(CheckpointError, match="is a file, not a model folder.*--transformer-file"):
+    with pytest.raises(CheckpointError, match=r"is a file, not a model folder.*--transformer-file"):
         resolve_model_path("weights.safetensors")
 
 

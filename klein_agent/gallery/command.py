@@ -41,7 +41,10 @@ def add_gallery_arguments(parser: argparse.ArgumentParser) -> None:
         help="address to bind (default: 127.0.0.1); Host and Origin headers must name this server exactly",
     )
     parser.add_argument(
-        "--port", type=port_number, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT}; 0 picks a free one)"
+        "--port",
+        type=port_number,
+        default=DEFAULT_PORT,
+        help=f"port (default: {DEFAULT_PORT}; 0 picks a free one)",
     )
     parser.add_argument(
         "--open",

@@ -35,7 +35,9 @@ def resolve_model_path(model: str, *, allow_download: bool = False) -> Path:
         raise CheckpointError("downloading needs huggingface_hub: pip install 'klein-agent[hub]'") from err
     try:
         return Path(snapshot_download(model))
-    except Exception as err:  # no network, an unknown or gated repo: huggingface_hub and httpx raise many kinds
+    except (
+        Exception
+    ) as err:  # no network, an unknown or gated repo: huggingface_hub and httpx raise many kinds
         raise CheckpointError(
             f"could not download {model} ({type(err).__name__}: {err}). On a machine with network access run "
             f"`{download_command(model)}` and copy its Hugging Face cache folder to {hub_cache_dir()} here, or "
@@ -60,7 +62,9 @@ def check_model_source(model: str, *, allow_download: bool = False) -> Path | No
             "transformer goes to --transformer-file)"
         )
     if not _REPO_ID.match(model) or path.is_absolute() or model.startswith((".", "~")):
-        looks_like_path = path.is_absolute() or model.startswith((".", "~")) or os.sep in model or "/" in model
+        looks_like_path = (
+            path.is_absolute() or model.startswith((".", "~")) or os.sep in model or "/" in model
+        )
         if looks_like_path:
             raise CheckpointError(f"--model {model}: there is no folder {path.absolute()}")
         raise CheckpointError(

@@ -45,7 +45,8 @@ def check_scale(scale: float, name: str) -> float:
 
 
 def parse_lora_argument(text: str) -> tuple[Path, float]:
-    """`FILE[:SCALE]` (the CLI's --lora) -> (path, scale); the scale defaults to 1. Raises RequestError."""
+    """`FILE[:SCALE]` (the CLI's --lora) -> (path, scale); the scale defaults to 1. Raises RequestError for a
+    scale out of range, or one that is no number after a `.safetensors` file name."""
     path, scale = text, 1.0
     head, sep, tail = text.rpartition(":")
     if sep and head:
@@ -53,7 +54,11 @@ def parse_lora_argument(text: str) -> tuple[Path, float]:
             scale = float(tail)
             path = head
         except ValueError:
-            pass  # a colon in the path itself
+            if head.lower().endswith(".safetensors"):  # FILE.safetensors:SCALE with a scale that is no number
+                raise RequestError(
+                    f"--lora {text}: the scale {tail!r} is not a number (FILE[:SCALE], e.g. {head}:0.8)"
+                ) from None
+            # else a colon in the path itself
     return Path(path), check_scale(scale, path)
 
 

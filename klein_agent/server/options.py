@@ -15,6 +15,27 @@ from klein_agent.rules import limits
 DEFAULT_PORT = 8765
 
 
+def allowed_dir_options(args: argparse.Namespace) -> list[Path]:
+    """The --allow-dir folders, each absolute and existing; raises ValueError naming the option otherwise.
+    Filesystem only, so `klein-agent serve` refuses a bad folder before the MCP SDK loads."""
+    dirs = []
+    for d in args.allow_dirs:
+        folder = d.expanduser()
+        if not folder.is_absolute():
+            raise ValueError(
+                f"--allow-dir {d}: give an absolute path (clients start servers in another folder)"
+            )
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"--allow-dir {d} is a file, not a folder")
+        if not folder.exists():
+            raise ValueError(
+                f"--allow-dir {d} does not exist: create it (mkdir -p '{folder}') or remove the option, then "
+                "restart the client"
+            )
+        dirs.append(folder)
+    return dirs
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the store, input, limit and transport options of `klein-agent serve` to `parser`."""
     store = parser.add_argument_group("image store")

@@ -16,6 +16,7 @@ from klein_agent.gallery.app import Gallery
 from klein_agent.model_options import generator_factory
 from klein_agent.server.app import build_server
 from klein_agent.server.http import HttpPlan, serve_http
+from klein_agent.server.options import allowed_dir_options
 from klein_agent.server.stdio import serve_stdio
 from klein_agent.service.engine import Engine
 from klein_agent.service.inputs import InputPolicy, default_allowed_dirs
@@ -39,20 +40,7 @@ def build_studio(args: argparse.Namespace) -> Studio:
     # --max-queue, --max-megapixels, --store-max-gb and --store-max-images are checked as they are parsed
     # (klein_agent.option_types): one rule for serve and generate
     dirs = [] if args.no_default_dirs else list(default_allowed_dirs())
-    for d in args.allow_dirs:
-        folder = d.expanduser()
-        if not folder.is_absolute():
-            raise ValueError(
-                f"--allow-dir {d}: give an absolute path (clients start servers in another folder)"
-            )
-        if folder.exists() and not folder.is_dir():
-            raise ValueError(f"--allow-dir {d} is a file, not a folder")
-        if not folder.exists():
-            raise ValueError(
-                f"--allow-dir {d} does not exist: create it (mkdir -p '{folder}') or remove the option, then "
-                "restart the client"
-            )
-        dirs.append(folder)
+    dirs += allowed_dir_options(args)
     policy = InputPolicy(allowed_dirs=tuple(dirs), allow_urls=args.allow_urls)
     try:
         store = ImageStore(

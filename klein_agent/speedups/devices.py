@@ -21,11 +21,18 @@ def resolve_device(name: str | None) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
-            f"device {name!r} asked for, but this torch build sees no CUDA device; use --device cpu"
+            f"--device {name}: this torch build sees no CUDA device ({_cuda_build()}); use --device cpu"
         )
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {name!r} asked for, but MPS is not available here; use --device cpu")
+        raise ValueError(f"--device {name}: MPS is not available on this machine; use --device cpu")
     return device
+
+
+def _cuda_build() -> str:
+    """Why CUDA may be missing, in a few words: a CPU-only build of torch, or a CUDA build that finds no GPU."""
+    if torch.version.cuda is None:
+        return "a CPU-only build of torch"
+    return f"built for CUDA {torch.version.cuda}, but no GPU or driver is found"
 
 
 def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
