@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -14,6 +15,9 @@ from PIL import Image
 
 from klein_agent.pipeline import initial_noise
 from klein_agent.service.pngfile import PROVENANCE_KEY
+
+REPO = Path(__file__).resolve().parents[1]
+IN_ANOTHER_FOLDER = {**os.environ, "PYTHONPATH": str(REPO)}  # this checkout's package, run from a tmp folder
 
 
 def run(*args: str, prompt: str | bytes = "a red cube") -> subprocess.CompletedProcess[str]:
@@ -98,6 +102,20 @@ def test_picture_k_of_a_batch_is_the_single_run_with_seed_plus_k(tmp_path: Path)
         (["--steps", "0"], "steps must be from 1 to 100"),
         (["--guidance", "0.5"], "guidance must be from 1 (no guidance) to 20"),
         (["--width", "2048", "--height", "2048", "--num-images", "2"], "megapixel limit per call"),
+        (["--max-megapixels", "0"], "argument --max-megapixels: must be positive, got 0"),
+        (["--model", "nosuch"], "--model 'nosuch' is neither a folder here nor a Hugging Face repo id"),
+        (["--model", "/no/such/folder"], "--model /no/such/folder: there is no folder /no/such/folder"),
+        (["--model", "no-owner/not-cached"], "`hf download no-owner/not-cached`"),
+        (["--device", "gpu"], "--device 'gpu': choose cpu, cuda, cuda:N (N = 0, 1, ...) or mps"),
+        (
+            ["--transformer-file", "/no/such.safetensors"],
+            "--transformer-file /no/such.safetensors is not a file",
+        ),
+        (["--lora", "style.safetensors:abc"], "the scale 'abc' is not a number"),
+        (
+            ["--lora", "/no/style.safetensors:0.5"],
+            "--lora /no/style.safetensors:0.5: /no/style.safetensors is not",
+        ),
     ],
 )
 def test_bad_input_is_refused_before_the_model_loads(tmp_path: Path, args: list[str], message: str) -> None:
@@ -113,7 +131,8 @@ def test_bad_input_is_refused_before_the_model_loads(tmp_path: Path, args: list[
     ("sizes", "message"),
     [
         ([(48, 80)], "the image is 48x80; both sides must be at least 64 px"),
-        ([(64, 64), (900, 100)], "900x100"),
+        ([(64, 64), (900, 100)], "--image 2 of 2 ("),
+        ([(64, 64), (48, 80)], "ref1.png): the image is 48x80"),
         ([(64, 64)] * 5, "5 reference images given, but this model takes at most 4"),
     ],
 )
@@ -128,6 +147,30 @@ def test_references_are_checked_as_the_server_checks_them_before_the_model_loads
     assert done.returncode == 2
     assert message in done.stderr, done.stderr
     assert "Traceback" not in done.stderr and "loading model" not in done.stderr
+
+
+def test_a_model_folder_without_an_index_is_named(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "klein_agent", "generate", "--model", "./", "--prompt", "x", "--out", "o.png"],
+        cwd=tmp_path,
+        env=IN_ANOTHER_FOLDER,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert f"--model ./: the folder {tmp_path} has no model_index.json" in done.stderr, done.stderr
+
+
+@pytest.mark.skipif(
+    not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where no one may create a file"
+)
+def test_an_out_folder_that_takes_no_file_is_refused_before_loading_even_for_root(tmp_path: Path) -> None:
+    # Permission bits say yes to root; only making a file tells. /proc refuses every user, root included.
+    done = run("--width", "64", "--height", "64", "--out", "/proc/klein-agent-test.png")
+    assert done.returncode == 2
+    assert "--out /proc/klein-agent-test.png: cannot write in the folder /proc" in done.stderr, done.stderr
+    assert "loading model" not in done.stderr and "Traceback" not in done.stderr
 
 
 def test_a_prompt_that_is_not_utf8_is_refused_with_a_message(tmp_path: Path) -> None:
