@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import pty
 import select
@@ -234,3 +235,54 @@ def test_lines_the_sdk_would_drop_are_answered_and_the_session_goes_on(tmp_path:
         assert server.exit_status(PROMPT_EXIT_S) == 0
     finally:
         server.close()
+
+
+def test_uvicorns_stop_warning_becomes_one_line_of_ours(caplog: pytest.LogCaptureFixture) -> None:
+    from klein_agent.web.stopping import quiet_stop
+
+    record = logging.LogRecord(
+        "uvicorn.error",
+        logging.WARNING,
+        __file__,
+        1,
+        "Cancel %s running task(s), timeout graceful shutdown exceeded",
+        (2,),
+        None,
+    )
+    with caplog.at_level(logging.INFO, logger="klein_agent"):
+        assert quiet_stop(record) is False  # uvicorn's own line is dropped...
+    assert [(r.name, r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("klein_agent.http", "INFO", "stopping: 2 open request(s) cancelled")  # ...and ours stands for it
+    ]
+
+
+@pytest.mark.parametrize("transport", [[], ["--http", "--port", "0", "--no-auth"]])
+def test_a_stopped_server_ends_at_once_with_its_logs_flushed(tmp_path: Path, transport: list[str]) -> None:
+    """After the engine and the store are closed the process ends without tearing down torch module by module
+    (`klein_agent.cli.exit_now`): the status and every log line must survive that."""
+    log_path = tmp_path / "stderr.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, *serve_args(tmp_path / "store", "-v", *transport)],
+            cwd=REPO,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while b"model ready" not in log_path.read_bytes():
+            assert time.monotonic() < deadline and proc.poll() is None, log_path.read_text()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(PROMPT_EXIT_S) == 0, log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                pipe.close()
+    text = log_path.read_text()
+    assert text.rstrip().endswith("engine and store closed"), text  # the last line, written before the exit
+    assert "Traceback" not in text

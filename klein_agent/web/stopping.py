@@ -18,6 +18,8 @@ from collections.abc import Iterator
 
 import uvicorn
 
+log = logging.getLogger("klein_agent.http")
+
 # After Ctrl-C or SIGTERM, how long calls in flight may still finish (whole seconds, as uvicorn takes it); then
 # they are cancelled.
 STOP_GRACE_S = 1
@@ -41,12 +43,13 @@ class StoppableServer(uvicorn.Server):
 
 
 def quiet_stop(record: logging.LogRecord) -> bool:
-    """A logging filter for `uvicorn.error`: the requests cancelled by a stop someone asked for are not errors."""
+    """A logging filter for `uvicorn.error`: the requests cancelled by a stop someone asked for are not errors;
+    uvicorn's warning that it cancels them becomes one INFO line of ours (`klein_agent.http`)."""
     if record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError):
         return False  # "Exception in ASGI application" for a request cancelled at the stop
     message = record.getMessage()
     if message.startswith("Cancel ") and "graceful shutdown" in message:
         count = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
-        record.msg, record.args = "stopping: %s open request(s) cancelled", (count,)
-        record.levelno, record.levelname = logging.INFO, "INFO"
+        log.info("stopping: %s open request(s) cancelled", count)  # under our name, at our level
+        return False
     return True
