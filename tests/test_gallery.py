@@ -22,7 +22,7 @@ from PIL import Image
 from klein_agent.gallery.app import Gallery
 from klein_agent.gallery.thumbs import THUMBS_DIR
 from klein_agent.rules.recipes import rerun_call, rerun_command
-from klein_agent.service.store import ImageStore, StoreError
+from klein_agent.service.store import ImageStore, StoreError, read_only_uri
 from tests.http_helpers import REPO, wait_listening
 
 
@@ -59,6 +59,37 @@ def test_a_read_only_store_reads_everything_and_writes_nothing(filled: Path) -> 
             store.put(page[0].path.read_bytes(), width=page[0].width, height=page[0].height, recipe={})
     assert rows(filled) == before, "reads through a read-only store count as no use, evict nothing"
     assert orphan.exists(), "a read-only store does not sweep"
+
+
+def test_the_read_only_uri_adds_immutable_only_where_side_files_cannot_be_made(tmp_path: Path) -> None:
+    db = tmp_path / "store.sqlite3"
+    assert read_only_uri(db, folder_writable=True) == f"{db.as_uri()}?mode=ro"
+    assert read_only_uri(db, folder_writable=False) == f"{db.as_uri()}?mode=ro&immutable=1"
+
+
+def test_a_store_on_a_read_only_filesystem_opens_and_nothing_is_created(
+    filled: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    import klein_agent.service.store as store_module
+
+    copy = tmp_path / "backup"
+    shutil.copytree(filled, copy)
+    for path in [*copy.rglob("*"), copy]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    if os.geteuid() == 0:  # root writes through permission bits; a read-only mount refuses even root, as here
+        monkeypatch.setattr(store_module.os, "access", lambda path, mode: not (mode & os.W_OK))
+    before = sorted(p.name for p in copy.iterdir())
+    try:
+        with ImageStore(copy, read_only=True) as store:
+            page, _ = store.list(limit=100)
+            assert len(page) == 12 and store.read_png(page[0].image_id)[:4] == b"\x89PNG"
+        assert sorted(p.name for p in copy.iterdir()) == before, "no -shm, -wal or lock file beside the copy"
+        Gallery(copy).close()  # the gallery's open path, thumbnails included, takes the store as it is
+    finally:
+        for path in [copy, *copy.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def test_a_missing_store_is_named(tmp_path: Path) -> None:

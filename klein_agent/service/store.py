@@ -240,6 +240,18 @@ def default_store_dir() -> Path:
     return data / "klein-agent" / "store"
 
 
+def read_only_uri(database: Path, *, folder_writable: bool) -> str:
+    """The SQLite URI that opens `database` for reading only.
+
+    `mode=ro` alone still needs the WAL side files (-shm, -wal): SQLite creates them when missing, which fails in
+    a folder that cannot be written (a read-only filesystem, a backup mounted read-only). There `immutable=1` is
+    added: SQLite then reads the main file as it is, without side files or locks; what a WAL file beside it holds
+    and was not yet checkpointed is not seen, and no one can be writing the store there anyway.
+    """
+    query = "mode=ro" if folder_writable else "mode=ro&immutable=1"
+    return f"{database.as_uri()}?{query}"
+
+
 class ImageStore:
     """A bounded, crash-safe, thread-safe store of PNG images and how they were made.
 
@@ -595,9 +607,8 @@ class ImageStore:
                 f"There is no image store at {self.root} (no {DB_NAME}). Pass the folder `klein-agent serve` "
                 "uses (--store DIR or $KLEIN_AGENT_STORE), or start the server once to create it."
             )
-        uri = (self.root / DB_NAME).as_uri() + "?mode=ro"
+        uri = read_only_uri(self.root / DB_NAME, folder_writable=os.access(self.root, os.W_OK))
         try:
-            # A read-only connection to a WAL database creates the -shm/-wal files if missing (SQLite >= 3.22).
             self._conn = sqlite3.connect(
                 uri, uri=True, timeout=30.0, isolation_level=None, check_same_thread=False
             )
