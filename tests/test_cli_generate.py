@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -197,3 +198,57 @@ def test_noise_is_the_reference_formula() -> None:
     for dtype in (torch.bfloat16, torch.float16):
         drawn = torch.randn((1, 16, 3, 4), generator=torch.Generator("cpu").manual_seed(42), dtype=dtype)
         assert torch.equal(initial_noise(42, 16, 3, 4).to(dtype), drawn)
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_the_progress_bar_ends_its_line_and_exits_130(tmp_path: Path) -> None:
+    import os
+    import pty
+    import select
+    import signal
+    import time
+
+    argv = [sys.executable, "-m", "klein_agent", "generate", "--model", "tiny", "--prompt", "x"]
+    argv += [
+        "--width",
+        "512",
+        "--height",
+        "512",
+        "--steps",
+        "100",
+        "--num-images",
+        "4",
+        "--max-megapixels",
+        "4.2",
+    ]
+    argv += ["--out", str(tmp_path / "o.png")]
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: generate in a terminal, so the bar is drawn
+        os.chdir(REPO)
+        os.execv(sys.executable, argv)
+    output, status = b"", None
+    try:
+        deadline = time.monotonic() + 120
+        while b"] " not in output.rpartition(b"\r")[2]:  # a bar line is on the screen
+            assert time.monotonic() < deadline, output.decode(errors="replace")
+            if select.select([fd], [], [], 0.1)[0]:
+                output += os.read(fd, 65536)
+        os.write(fd, b"\x03")
+        while status is None:
+            done, waited = os.waitpid(pid, os.WNOHANG)
+            if done:
+                status = waited
+            if select.select([fd], [], [], 0.1)[0]:
+                with contextlib.suppress(OSError):
+                    output += os.read(fd, 65536)
+        with contextlib.suppress(OSError):
+            while select.select([fd], [], [], 0.2)[0] and (chunk := os.read(fd, 65536)):
+                output += chunk
+    finally:
+        if status is None:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 130, output.decode(errors="replace")
+    assert output.endswith(b"\n"), output[-200:]  # the shell's prompt starts on a line of its own
+    assert b"Traceback" not in output and not list(tmp_path.glob("*.png"))

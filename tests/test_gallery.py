@@ -237,6 +237,30 @@ def get(
         conn.close()
 
 
+def test_open_without_a_browser_says_so_and_prints_the_link(filled: Path, tmp_path: Path) -> None:
+    log_path = tmp_path / "gallery.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "klein_agent", "gallery", "--store", str(filled), "--port", "0", "--open"],
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "BROWSER": "false"},  # a browser that cannot start, as on a headless machine
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while "--open: no web browser could be started" not in log_path.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.05)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+    assert re.search(
+        r"no web browser could be started here .*; open http://127\.0\.0\.1:\d+/login\?key=",
+        log_path.read_text(),
+    )
+
+
 def test_the_standalone_gallery_is_guarded_and_its_link_works_once(
     gallery_process: tuple[int, str, str, Path],
 ) -> None:

@@ -120,8 +120,14 @@ def run_gallery(args: argparse.Namespace) -> int:
         log.info("gallery of the store %s at %s%s/", root, url, PREFIX)
         log.info("to see it in a browser, open %s (works once)", link)
         log.info("scripts: send 'Authorization: Bearer <token>' with the token of `serve --http`")
-        if args.open:
-            webbrowser.open(link)
+        if args.open and not webbrowser.open(link):
+            log.warning(
+                "--open: no web browser could be started here (a machine without a display?); open %s in a "
+                "browser on this machine, or forward the port (ssh -L %d:127.0.0.1:%d) and open it there",
+                link,
+                port,
+                port,
+            )
 
     try:
         anyio.run(lambda: serve_app(app, sock, header_timeout_s=10.0, on_started=started))
