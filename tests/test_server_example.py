@@ -38,6 +38,12 @@ def test_client_configs_are_valid_and_start_the_server() -> None:
         assert server["args"][:3] == ["serve", "--model", "black-forest-labs/FLUX.2-klein-4B"]
     add = (EXAMPLES / "claude_code_add.sh").read_text()
     assert 'claude mcp add --scope project klein-agent -- "$(command -v klein-agent)" serve --model' in add
+    # the HTTP registration, commented out in the script, is the one docs/server.md gives: with the bearer token
+    uncommented = "\n".join(line.removeprefix("# ") for line in add.splitlines())
+    docs = (EXAMPLES.parent / "docs" / "server.md").read_text()
+    http_add = re.search(r"^claude mcp add --transport http .*\\\n.*--header .*$", docs, re.M)
+    assert http_add and "Authorization: Bearer $(cat " in http_add.group(0)
+    assert http_add.group(0) in uncommented
 
 
 def test_an_allow_dir_that_does_not_exist_is_named_with_what_to_do(tmp_path: Path) -> None:
