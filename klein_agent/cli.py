@@ -206,7 +206,6 @@ def run_generate(args: argparse.Namespace) -> int:
     # Everything the server checks, checked here before the model loads, with the server's messages.
     prompt = resolution.clean_prompt(args.prompt)
     outputs = output_paths(args.out, args.num_images)
-    factory = generator_factory(args)  # checks --device, --model and the --lora files (no torch yet)
     resolution.check_reference_count(len(args.image))
     resolution.check_user_size(args.width, args.height)
     seeds = resolution.batch_seeds(args.seed, args.num_images)
@@ -242,6 +241,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if mask_picture is None and (width, height) != resolution.output_size(args.width, args.height, first):
         args.width, args.height = width, height  # the budget scaled the default size down: ask for that
 
+    factory = generator_factory(args)  # checks --device, --lora and --model on the filesystem (no torch yet)
     bar = ProgressBar("loading model")
     pipeline = factory()
     bar.note(f"model ready on {pipeline.info.device} ({pipeline.info.dtype})")

@@ -107,9 +107,10 @@ def check_model_options(args: argparse.Namespace) -> list[tuple[str, float]]:
         raise ValueError(f"--device {device!r}: choose cpu, cuda, cuda:N (N = 0, 1, ...) or mps")
     if args.transformer_file is not None and not Path(args.transformer_file).expanduser().is_file():
         raise ValueError(f"--transformer-file {args.transformer_file} is not a file")
+    loras = lora_arguments(args)
     if args.model != "tiny":
         check_model_source(args.model, allow_download=args.allow_download)
-    return lora_arguments(args)
+    return loras
 
 
 def generator_factory(args: argparse.Namespace) -> Callable[[], ImageGenerator]:
