@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from klein_agent.pipeline.klein import KleinPipeline
+from klein_agent.rules.buckets import select
 from klein_agent.rules.loras import adapter_names
 from klein_agent.speedups.devices import resolve_device, resolve_dtype
 
@@ -32,12 +34,17 @@ def load_pipeline(
     compile: bool = False,
     reference_kv_cache_bytes: int | None = None,
     loras: Sequence[tuple[str, float]] = (),
+    warm_buckets: str | None = None,
+    compile_backend: str = "inductor",
 ) -> KleinPipeline:
     """Build the pipeline a model name points at: `tiny`, a diffusers-layout folder, or a Hugging Face repo id.
 
     `reference_kv_cache_bytes` bounds the cross-call cache of klein 9B-KV reference keys and values (None: the
     device's default). `loras` are LoRA files with their default scales, loaded (named by file stem) before any
-    speed-up."""
+    speed-up. With `compile`, `warm_buckets` names the shape buckets compiled before this returns (`rules.buckets.select`:
+    names or positions, "all", "none"; None: none, each bucket compiles on its first request), progress logged at
+    INFO on stderr. `compile_backend` is torch.compile's (tests use "eager")."""
+    warm = select(warm_buckets) if compile else ()  # a bad name fails before the model loads
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     if torch_dtype == torch.float16:
@@ -63,9 +70,13 @@ def load_pipeline(
         replaced = quantize_transformer_(pipeline.transformer)
         log.info("fp8: %d block linears quantized", len(replaced))
     if compile:
-        from klein_agent.speedups.compilation import compile_transformer_
+        from klein_agent.pipeline.warmup import compile_pipeline_, warm_up
 
-        compile_transformer_(pipeline.transformer)
+        compile_pipeline_(pipeline, backend=compile_backend)
+        if warm:
+            started = time.perf_counter()
+            warm_up(pipeline, warm, lambda done, total, message: log.info("compile warm-up %d/%d: %s", done, total, message))
+            log.info("compile warm-up done in %.1f s", time.perf_counter() - started)
     return pipeline
 
 
