@@ -93,12 +93,13 @@ def _run_example(pipeline: KleinPipeline, bucket: ShapeBucket) -> None:
     noisy, noisy_ids = tokens(h * w), sampling.image_ids(h, w).to(device)
     timestep = torch.full((1,), 0.5, device=device, dtype=dtype)
     references = sum(gh * gw for gh, gw in grids)
-    if grids and pipeline.kv_references:  # klein 9B-KV: references as kept keys and values
-        kept = model.reference_kv(tokens(references), sampling.reference_ids(grids).to(device))
-        model(noisy, noisy_ids, context, context_ids, timestep, reference_kv=kept)
-    elif grids:
-        ids = torch.cat((noisy_ids, sampling.reference_ids(grids).to(device)))
-        model(torch.cat((noisy, tokens(references)), dim=1), ids, context, context_ids, timestep)
-    else:
-        model(noisy, noisy_ids, context, context_ids, timestep)
+    with pipeline.attention.transformer():  # the kernel order requests run with
+        if grids and pipeline.kv_references:  # klein 9B-KV: references as kept keys and values
+            kept = model.reference_kv(tokens(references), sampling.reference_ids(grids).to(device))
+            model(noisy, noisy_ids, context, context_ids, timestep, reference_kv=kept)
+        elif grids:
+            ids = torch.cat((noisy_ids, sampling.reference_ids(grids).to(device)))
+            model(torch.cat((noisy, tokens(references)), dim=1), ids, context, context_ids, timestep)
+        else:
+            model(noisy, noisy_ids, context, context_ids, timestep)
     pipeline.decode(sampling.unpack(noisy, h, w))

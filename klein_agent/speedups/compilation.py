@@ -21,9 +21,9 @@ keys and values are dynamic over every reference token count. L past every range
 size and the log says so. `dynamic=True` (one shape-generic graph for everything) remains available.
 
 Recompiles measured on the CPU (tools/bench_buckets.py, backend "eager", which counts graphs, not time): the
-same 12 requests of 12 distinct sizes over two buckets compile 24 graphs with static shapes (2 block kinds x 12
-sizes), 4 with buckets (2 x 2), 4 with Dynamo's automatic dynamic shapes (a static graph at the first size, a
-dynamic one at the second) and 2 with `dynamic=True`. Buckets are chosen over the last two because the graphs are
+same 12 requests (10 distinct token counts over the first two buckets) compile 20 graphs with static shapes (2
+block kinds x 10 sizes), 4 with buckets (2 x 2), 4 with Dynamo's automatic dynamic shapes (a static graph at the
+first size, a dynamic one at the second) and 2 with `dynamic=True`. Buckets are chosen over the last two because the graphs are
 compiled at start-up, not on the first requests, and each is tuned for the bucket's example size (its size hint)
 rather than for whichever request came first.
 
