@@ -63,12 +63,22 @@ def load_pipeline(
     for name, path, (_, scale) in zip(adapter_names(paths), paths, loras, strict=True):
         pipeline.load_lora(path, name, scale)
     if fp8:
-        from klein_agent.speedups.fp8 import quantize_transformer_, scaled_mm_available
+        from klein_agent.speedups.fp8 import (
+            FP8_WITHOUT_COMPILE,
+            quantize_transformer_,
+            recipe_for,
+            scaled_mm_available,
+        )
 
         if not scaled_mm_available(torch_device):
             log.warning("--fp8 on %s runs a float32 reference path: numerically FP8, but slow", torch_device)
-        replaced = quantize_transformer_(pipeline.transformer)
-        log.info("fp8: %d block linears quantized", len(replaced))
+        recipe = recipe_for(compile)
+        if not compile:
+            log.warning(FP8_WITHOUT_COMPILE)
+        replaced = quantize_transformer_(
+            pipeline.transformer, rowwise=recipe.rowwise, use_fast_accum=recipe.use_fast_accum
+        )
+        log.info("fp8: %d block linears quantized (%s)", len(replaced), recipe)
     if compile:
         from klein_agent.pipeline.warmup import compile_pipeline_, warm_up
 
