@@ -158,15 +158,18 @@ def test_load_pipeline_compiles_and_warms_before_returning(caplog: pytest.LogCap
 
 
 def test_the_inductor_cache_goes_to_a_klein_agent_folder(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from torch._inductor.runtime.cache_dir_utils import cache_dir, default_cache_dir
+
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert compilation.compile_cache_dir() == tmp_path / "klein-agent" / "torch-compile"
+    # Inductor's own default, which it writes into the variable when first asked, is not a choice of the user's
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
     assert compilation.compile_cache_dir() == tmp_path / "klein-agent" / "torch-compile"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert compilation.compile_cache_dir() == tmp_path / "home" / ".cache" / "klein-agent" / "torch-compile"
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     assert compilation.use_compile_cache() == tmp_path / "mine" and (tmp_path / "mine").is_dir()
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
-
     assert cache_dir() == str(tmp_path / "mine")
     assert torch._inductor.config.fx_graph_cache and torch._inductor.config.autotune_local_cache

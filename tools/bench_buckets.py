@@ -107,11 +107,15 @@ def time_inductor(preset_name: str, warm: str) -> dict[str, float]:
         raise SystemExit("--inductor runs the tiny pipeline only (the CPU cannot compile a larger one in minutes)")
     from klein_agent.pipeline.warmup import warm_up
 
+    from torch._dynamo.utils import counters
+
     pipe = load_pipeline("tiny", device="cpu", compile=True)
     buckets = select(warm)
+    counters.clear()
     started = time.perf_counter()
     seconds = warm_up(pipe, buckets)
     total = time.perf_counter() - started
+    graphs_after_warm_up = counters["stats"]["unique_graphs"]
     example = buckets[0].example_size
     inside = (example[0] - 16, example[1])  # a new size inside the first warmed bucket
     started = time.perf_counter()
@@ -122,8 +126,13 @@ def time_inductor(preset_name: str, warm: str) -> dict[str, float]:
     second = time.perf_counter() - started
     for bucket, s in zip(buckets, seconds, strict=True):
         print(f"warm-up, Inductor, bucket {bucket.name}: {s:.1f} s")
-    print(f"warm-up total {total:.1f} s; first request at {inside[0]}x{inside[1]} after it {first:.2f} s, next {second:.2f} s")
-    return {"warm_up_s": total, "first_request_s": first, "second_request_s": second}
+    graphs = counters["stats"]["unique_graphs"]
+    print(
+        f"warm-up total {total:.1f} s ({graphs_after_warm_up} graphs); first request at {inside[0]}x{inside[1]} "
+        f"after it {first:.2f} s, next {second:.2f} s; graphs compiled by the two requests: "
+        f"{graphs - graphs_after_warm_up}"
+    )
+    return {"warm_up_s": total, "first_request_s": first, "second_request_s": second, "graphs": graphs}
 
 
 if __name__ == "__main__":

@@ -83,6 +83,10 @@ def load_pipeline(
         from klein_agent.pipeline.warmup import compile_pipeline_, warm_up
 
         compile_pipeline_(pipeline, backend=compile_backend)
+        if torch_device.type == "cuda" and not pipeline.kv_references:
+            from klein_agent.speedups.cuda_graphs import StepGraphs
+
+            pipeline.step_graphs = StepGraphs(pipeline.transformer)
         if warm:
             started = time.perf_counter()
             warm_up(pipeline, warm, lambda done, total, message: log.info("compile warm-up %d/%d: %s", done, total, message))

@@ -50,6 +50,7 @@ from klein_agent.rules.requests import (
 )
 from klein_agent.rules.resolution import RequestError, ResolvedRequest
 from klein_agent.speedups.attention import AttentionPlan
+from klein_agent.speedups.cuda_graphs import StepGraphs
 from klein_agent.speedups.devices import default_reference_kv_cache_bytes
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,8 @@ class KleinPipeline:
             max(ae.block_out_channels[-1], ae.decoder_channels[-1]),
         )
         self.adapters: dict[str, AdapterFile] = {}  # loaded LoRA files by name (see load_lora)
+        # --compile on CUDA: each step replayed from a CUDA graph per shape (set by load_pipeline)
+        self.step_graphs: StepGraphs | None = None
         self._prompts: LRUCache[str, Tensor] = LRUCache(prompt_cache_size)
         self._references: LRUCache[str, EncodedReference] = LRUCache(reference_cache_size)
         self.kv_references = kv_references
@@ -195,6 +198,8 @@ class KleinPipeline:
             noise_ids = sampling.image_ids(h, w).to(self.device)
             levels = sampling.sigmas(resolved.steps, h * w, self.scheduler)[resolved.first_step :]
             lora.activate(self.transformer, resolved.loras)
+            if self.step_graphs is not None:  # a graph records the adapters active when it was captured
+                self.step_graphs.context_key = resolved.loras
             mask = None
             if request.mask is not None:
                 mask = self.mask_tokens(prepare_mask(request.mask, (resolved.width, resolved.height)), h, w)
@@ -230,6 +235,7 @@ class KleinPipeline:
                         num_train_timesteps=self.scheduler.num_train_timesteps,
                         on_step=on_step,
                         inpainting=inpainting,
+                        forward=self.step_graphs,
                     )
                 self._check_finite(latents, "latents")
                 timings["denoise"] += _ms_since(mark, self.device)

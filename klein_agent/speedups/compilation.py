@@ -55,6 +55,7 @@ import torch
 import torch._dynamo
 import torch._dynamo.config
 import torch._inductor.config
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 from torch import Tensor, nn
 
 from klein_agent.model.autoencoder import AutoEncoder
@@ -80,7 +81,8 @@ def compile_cache_dir() -> Path:
     """Where Inductor keeps compiled kernels and autotune results across processes: $TORCHINDUCTOR_CACHE_DIR if set,
     else $XDG_CACHE_HOME/klein-agent/torch-compile, else ~/.cache/klein-agent/torch-compile."""
     explicit = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if explicit:
+    # Inductor writes its default (a folder in /tmp, gone at reboot) into the variable the first time it asks
+    if explicit and os.path.abspath(explicit) != os.path.abspath(default_cache_dir()):
         return Path(explicit)
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "klein-agent" / "torch-compile"
