@@ -103,17 +103,20 @@ def _build_pipeline(
     offload_text_encoder: bool,
     reference_kv_cache_bytes: int | None,
 ) -> KleinPipeline:
+    # --offload-text-encoder: the encoder is read straight into host memory (8 GB for the 4B never visits the GPU
+    # at load); KleinPipeline pins it there once (pipeline.offload.HostResident)
+    text_device = torch.device("cpu") if offload_text_encoder else torch_device
     if model == "tiny":
         from klein_agent.loading.random_init import build_tiny
         from klein_agent.model.configs import preset
 
         if transformer_file:
             raise ValueError("--transformer-file cannot be combined with --model tiny")
-        transformer, autoencoder, text = build_tiny()
+        transformer, autoencoder, text = build_tiny()  # built on the host
         return KleinPipeline(
             transformer.to(torch_device, torch_dtype),
             autoencoder.to(torch_device, torch_dtype),
-            text.to(torch_device, torch_dtype),
+            text.to(text_device, torch_dtype),
             sampling_defaults=preset("tiny").sampling,
             model_name="tiny",
             variant="tiny",
@@ -123,7 +126,9 @@ def _build_pipeline(
     from klein_agent.loading.hub import resolve_model_path
 
     folder = resolve_model_path(model, allow_download=allow_download)
-    components = load_components(folder, torch_device, torch_dtype, transformer_file=transformer_file)
+    components = load_components(
+        folder, torch_device, torch_dtype, transformer_file=transformer_file, text_encoder_device=text_device
+    )
     return KleinPipeline(
         components.transformer,
         components.autoencoder,
