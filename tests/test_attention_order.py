@@ -26,16 +26,30 @@ HOPPER = Platform("cuda", (9, 0), cudnn_attention=True, flash_attention=True)
         (HOPPER, 128, [CUDNN, FLASH, EFFICIENT, MATH]),  # the transformer on an H100/H200
         (HOPPER, 512, [EFFICIENT, MATH]),  # the autoencoder: flash and cuDNN stop at 256
         (Platform("cuda", (8, 0), cudnn_attention=True, flash_attention=True), 128, [FLASH, EFFICIENT, MATH]),
-        (Platform("cuda", (8, 9), cudnn_attention=False, flash_attention=True), 128, [FLASH, EFFICIENT, MATH]),
-        (Platform("cuda", (7, 5), cudnn_attention=True, flash_attention=True), 128, [EFFICIENT, MATH]),  # Turing
-        (Platform("cuda", (9, 0), cudnn_attention=True, flash_attention=False), 256, [CUDNN, EFFICIENT, MATH]),
+        (
+            Platform("cuda", (8, 9), cudnn_attention=False, flash_attention=True),
+            128,
+            [FLASH, EFFICIENT, MATH],
+        ),
+        (
+            Platform("cuda", (7, 5), cudnn_attention=True, flash_attention=True),
+            128,
+            [EFFICIENT, MATH],
+        ),  # Turing
+        (
+            Platform("cuda", (9, 0), cudnn_attention=True, flash_attention=False),
+            256,
+            [CUDNN, EFFICIENT, MATH],
+        ),
         (Platform("cuda", (9, 0)), 100, [MATH]),  # a head dim no fused kernel takes
         (Platform("cpu"), 128, [FLASH, MATH]),  # the CPU's fused kernel
         (Platform("cpu"), 512, [FLASH, MATH]),
         (Platform("mps"), 512, [FLASH, MATH]),
     ],
 )
-def test_order_per_platform_and_head_dim(platform: Platform, head_dim: int, expected: list[SDPBackend]) -> None:
+def test_order_per_platform_and_head_dim(
+    platform: Platform, head_dim: int, expected: list[SDPBackend]
+) -> None:
     assert attention_order(platform, head_dim) == expected
 
 

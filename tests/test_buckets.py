@@ -5,6 +5,7 @@ past the bound runs uncompiled, logged."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterator
 
@@ -62,7 +63,7 @@ def pictures(pipe: KleinPipeline, width: int, height: int, refs: int = 0) -> lis
 def test_menu_is_contiguous_and_holds_its_examples() -> None:
     check_menu(MENU)
     assert [b.example_tokens for b in MENU] == [1024, 4096, 8192, 16384, 20480]
-    for lower, upper in zip(MENU, MENU[1:], strict=False):
+    for lower, upper in itertools.pairwise(MENU):
         assert upper.min_tokens == lower.max_tokens + 1  # no gap a size could fall into
     assert MENU[0].min_tokens == image_tokens((64, 64)) == buckets.MIN_TOKENS
     assert compilation.PAST_MENU_SHAPES == buckets.PAST_MENU_SHAPES
@@ -128,7 +129,9 @@ def test_past_the_menu_compiles_static_graphs_then_runs_uncompiled_logged(
     caplog.set_level(logging.WARNING, logger="klein_agent.speedups.compilation")
     expected = pictures(pipe, 272, 272)  # 289 tokens, past 256: a static graph per block kind
     assert counter.frame_count == 6 and state.static_sizes == {289}
-    assert "289 image tokens is past the compile buckets (largest 256): compiling a static graph" in caplog.text
+    assert (
+        "289 image tokens is past the compile buckets (largest 256): compiling a static graph" in caplog.text
+    )
     pictures(pipe, 272, 272)  # the same size again reuses it, and is not logged again
     assert counter.frame_count == 6 and caplog.text.count("289 image tokens") == 1
     pictures(pipe, 288, 272)

@@ -84,7 +84,9 @@ def test_rowwise_layer_against_float_and_against_pytorchs_kernel() -> None:
         torch.testing.assert_close(got, kernel, rtol=1e-5, atol=1e-6)
 
 
-def test_rowwise_gpu_branch_passes_row_and_column_scales_and_fast_accum(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rowwise_gpu_branch_passes_row_and_column_scales_and_fast_accum(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     if not cpu_scaled_mm_works():
         pytest.skip("this PyTorch build has no CPU _scaled_mm")
     calls: list[dict[str, Any]] = []

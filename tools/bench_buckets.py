@@ -72,9 +72,13 @@ def run(model: torch.nn.Module, width: int, height: int, refs: int, text: int = 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--inductor", action="store_true", help="also time the Inductor warm-up on this machine")
+    parser.add_argument(
+        "--inductor", action="store_true", help="also time the Inductor warm-up on this machine"
+    )
     parser.add_argument("--warm-buckets", default="1")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None)
@@ -104,10 +108,12 @@ def time_inductor(preset_name: str, warm: str) -> dict[str, float]:
 
     torch._dynamo.reset()
     if preset_name != "tiny":
-        raise SystemExit("--inductor runs the tiny pipeline only (the CPU cannot compile a larger one in minutes)")
-    from klein_agent.pipeline.warmup import warm_up
-
+        raise SystemExit(
+            "--inductor runs the tiny pipeline only (the CPU cannot compile a larger one in minutes)"
+        )
     from torch._dynamo.utils import counters
+
+    from klein_agent.pipeline.warmup import warm_up
 
     pipe = load_pipeline("tiny", device="cpu", compile=True)
     buckets = select(warm)

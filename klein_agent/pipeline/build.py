@@ -89,9 +89,46 @@ def load_pipeline(
             pipeline.step_graphs = StepGraphs(pipeline.transformer)
         if warm:
             started = time.perf_counter()
-            warm_up(pipeline, warm, lambda done, total, message: log.info("compile warm-up %d/%d: %s", done, total, message))
+            warm_up(
+                pipeline,
+                warm,
+                lambda done, total, message: log.info("compile warm-up %d/%d: %s", done, total, message),
+            )
             log.info("compile warm-up done in %.1f s", time.perf_counter() - started)
     return pipeline
+
+
+RANDOM_PREFIX = (
+    "random:"  # random:klein-4b: random weights of a preset's shape, for benchmarks of the real shapes
+)
+
+
+def _random_pipeline(
+    model: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    text_device: torch.device,
+    offload_text_encoder: bool,
+) -> KleinPipeline:
+    """`random:PRESET`: random weights of a preset's shape, made on the device (tools/gpu_check.sh times `serve` on
+    the 4B's shape without a checkpoint). The pictures are noise; the speed is the real model's."""
+    from klein_agent.loading.random_init import build_random_models
+    from klein_agent.model.configs import PRESETS
+
+    name = model.removeprefix(RANDOM_PREFIX)
+    if name not in PRESETS:
+        raise ValueError(f"--model {model}: no preset {name!r}; choose one of {', '.join(PRESETS)}")
+    transformer, autoencoder, text = build_random_models(PRESETS[name], device=device, dtype=dtype)
+    return KleinPipeline(
+        transformer,
+        autoencoder,
+        text.to(text_device),
+        sampling_defaults=PRESETS[name].sampling,
+        model_name=model,
+        variant=name,
+        offload_text_encoder=offload_text_encoder,
+        kv_references=PRESETS[name].kv_references,
+    )
 
 
 def _build_pipeline(
@@ -122,6 +159,8 @@ def _build_pipeline(
             variant="tiny",
             offload_text_encoder=offload_text_encoder,
         )
+    if model.startswith(RANDOM_PREFIX):
+        return _random_pipeline(model, torch_device, torch_dtype, text_device, offload_text_encoder)
     from klein_agent.loading.checkpoints import load_components
     from klein_agent.loading.hub import resolve_model_path
 

@@ -80,7 +80,9 @@ def _run_example(pipeline: KleinPipeline, bucket: ShapeBucket) -> None:
     factor = pipeline.latent_factor
     width, height = bucket.example_size
     h, w = height // factor, width // factor
-    grids = [(s[1] // factor, s[0] // factor) for s in [bucket.example_reference_size] * bucket.example_references]
+    grids = [
+        (s[1] // factor, s[0] // factor) for s in [bucket.example_reference_size] * bucket.example_references
+    ]
     generator = torch.Generator("cpu").manual_seed(0)
     channels = model.config.in_channels
 

@@ -87,7 +87,9 @@ class AttentionPlan:
     fa3_available: bool = False
 
     @classmethod
-    def for_device(cls, device: torch.device, transformer_head_dim: int, autoencoder_head_dim: int) -> AttentionPlan:
+    def for_device(
+        cls, device: torch.device, transformer_head_dim: int, autoencoder_head_dim: int
+    ) -> AttentionPlan:
         """The plan for `device` (see `attention_order`)."""
         platform = Platform.of(device)
         return cls(

@@ -55,8 +55,8 @@ import torch
 import torch._dynamo
 import torch._dynamo.config
 import torch._inductor.config
-from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 from torch import Tensor, nn
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 from klein_agent.model.autoencoder import AutoEncoder
 from klein_agent.model.transformer import DoubleStreamBlock, Flux2Transformer, SingleStreamBlock
@@ -170,8 +170,9 @@ def compile_transformer_(
     buckets = ShapeBuckets(token_ranges, past_menu_shapes)
     for block in _blocks(model):
         block.compile(**_options(mode, backend, dynamic, fullgraph))
-        if token_ranges:
-            block._compiled_call_impl = _BucketedCall(block, block._compiled_call_impl, buckets)
+        compiled = block._compiled_call_impl  # torch.compile of the block's call, set by Module.compile
+        if token_ranges and compiled is not None:
+            block._compiled_call_impl = _BucketedCall(block, compiled, buckets)
     return buckets
 
 
@@ -192,6 +193,7 @@ def compile_decoder_(
     decoder = autoencoder.decoder
     decoder.compile(**_options(mode, backend, False, False))
     compiled = decoder._compiled_call_impl
+    assert compiled is not None  # set by Module.compile just above
     low, high = side_range
 
     def call(z: Tensor) -> Tensor:  # [B, z, H/8, W/8] -> [B, 3, H, W]
@@ -243,7 +245,9 @@ _DOUBLE_ARGS = ("img", "txt", "cos", "sin", "mod_img", "mod_txt", "reference_kv"
 _SINGLE_ARGS = ("x", "cos", "sin", "mod", "reference_kv", "num_txt")
 
 
-def _options(mode: str | None, backend: str | Callable[..., Any], dynamic: bool, fullgraph: bool) -> dict[str, Any]:
+def _options(
+    mode: str | None, backend: str | Callable[..., Any], dynamic: bool, fullgraph: bool
+) -> dict[str, Any]:
     options: dict[str, Any] = {"backend": backend, "dynamic": dynamic, "fullgraph": fullgraph}
     if backend == "inductor" and mode is not None:
         options["mode"] = mode

@@ -39,10 +39,14 @@ StepFunction = Callable[..., Tensor]
 Capture = Callable[[StepFunction, Sequence[Tensor], dict[str, Any]], tuple[Callable[[], None], Tensor]]
 
 DEFAULT_MAX_GRAPHS = 4
-WARM_UP_RUNS = 2  # before capture, on a side stream (PyTorch's recipe for capturing after lazy initialisation)
+WARM_UP_RUNS = (
+    2  # before capture, on a side stream (PyTorch's recipe for capturing after lazy initialisation)
+)
 
 
-def capture_cuda(step: StepFunction, args: Sequence[Tensor], kwargs: dict[str, Any]) -> tuple[Callable[[], None], Tensor]:
+def capture_cuda(
+    step: StepFunction, args: Sequence[Tensor], kwargs: dict[str, Any]
+) -> tuple[Callable[[], None], Tensor]:
     """Record `step(*args, **kwargs)` (static CUDA tensors) into a CUDA graph: warm-up runs on a side stream,
     then capture. Returns the graph's replay and the output tensor it rewrites."""
     side = torch.cuda.Stream()

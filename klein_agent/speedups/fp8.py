@@ -129,7 +129,9 @@ class Float8Linear(nn.Module):
             raise ValueError(f"expected a 2-D {FP8_DTYPE} weight, got {weight.dtype} {tuple(weight.shape)}")
         scale_shape = (weight.shape[0], 1) if rowwise else ()
         if weight_scale.numel() != (weight.shape[0] if rowwise else 1):
-            kind = f"a rowwise scale of shape {scale_shape}" if rowwise else "a per-tensor (one-element) scale"
+            kind = (
+                f"a rowwise scale of shape {scale_shape}" if rowwise else "a per-tensor (one-element) scale"
+            )
             raise ValueError(f"expected {kind}, got shape {tuple(weight_scale.shape)}")
         self.rowwise = rowwise
         self.out_features, self.in_features = weight.shape
