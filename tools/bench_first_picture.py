@@ -4,6 +4,8 @@ Starts the server as a subprocess over stdio (what Claude Desktop does), calls `
 while the model loads and, with --compile, while the shape buckets warm), and reports: the time to the answer of
 `initialize`, to the first finished picture (the tool result), and what the server logged for its load and its
 bucket warm-up (from its stderr, kept in --log). Extra arguments after `--` go to `klein-agent serve`.
+Where the MCP package is missing (a bare device machine), `--via cli` (chosen automatically) times `klein-agent
+generate` from process start to the PNG on disk instead: the same load and compile, without the server.
 
     python tools/bench_first_picture.py --model tiny --size 256
     python tools/bench_first_picture.py --model random:klein-4b --size 1024 -- --device cuda --compile --warm-buckets 1,2
@@ -20,13 +22,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import anyio
-from mcp import Client, StdioServerParameters
+import importlib.util
+import subprocess
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 async def first_picture(args: argparse.Namespace, serve_extra: list[str]) -> dict[str, object]:
+    from mcp import Client, StdioServerParameters
+
     store = Path(tempfile.mkdtemp(prefix="klein-first-picture-"))
     log = Path(args.log)
     log.write_text("")
@@ -47,6 +51,7 @@ async def first_picture(args: argparse.Namespace, serve_extra: list[str]) -> dic
         status = (await client.call_tool("server_status", {})).structured_content or {}
     text = log.read_text()
     figures: dict[str, object] = {
+        "via": "mcp",
         "model": args.model,
         "size": args.size,
         "serve_args": serve_extra,
@@ -60,6 +65,44 @@ async def first_picture(args: argparse.Namespace, serve_extra: list[str]) -> dic
         else None,
     }
     return figures
+
+
+def first_picture_cli(args: argparse.Namespace, extra: list[str]) -> dict[str, object]:
+    out = Path(tempfile.mkdtemp(prefix="klein-first-picture-")) / "first.png"
+    size = str(args.size)
+    command = [sys.executable, "-m", "klein_agent", "generate", "--model", args.model, "--prompt", "a first picture"]
+    command += ["--width", size, "--height", size, "--seed", "1", "--out", str(out)]
+    command += _without_warm_buckets(extra)  # generate compiles the one bucket it needs
+    started = time.perf_counter()
+    with open(args.log, "w") as log:
+        done = subprocess.run(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log, check=False)
+    finished = time.perf_counter() - started
+    if done.returncode != 0 or not out.is_file():
+        raise SystemExit(f"generate failed (exit {done.returncode}); see {args.log}")
+    return {
+        "via": "cli",
+        "model": args.model,
+        "size": args.size,
+        "serve_args": extra,
+        "initialize_s": None,
+        "first_picture_s": round(finished, 3),
+        "load_s": None,
+        "warm_up_s": None,
+        "warm_up_lines": [],
+        "model_status": None,
+    }
+
+
+def _without_warm_buckets(extra: list[str]) -> list[str]:
+    kept, skip = [], False
+    for arg in extra:
+        if skip:
+            skip = False
+        elif arg == "--warm-buckets":
+            skip = True
+        elif not arg.startswith("--warm-buckets="):
+            kept.append(arg)
+    return kept
 
 
 def _logged(pattern: str, text: str) -> float | None:
@@ -78,12 +121,21 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=256, help="width and height of the first picture")
     parser.add_argument("--log", default="first_picture_server.log", help="the server's stderr")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--via", choices=["auto", "mcp", "cli"], default="auto")
     args = parser.parse_args(argv)
-    figures = anyio.run(first_picture, args, serve_extra)
+    via = args.via
+    if via == "auto":
+        via = "mcp" if importlib.util.find_spec("mcp") is not None else "cli"
+    if via == "mcp":
+        import anyio
+
+        figures = anyio.run(first_picture, args, serve_extra)
+    else:
+        figures = first_picture_cli(args, serve_extra)
     for line in figures["warm_up_lines"]:  # type: ignore[union-attr]
         print(line)
     print(
-        f"serve start -> initialize {figures['initialize_s']} s, -> first picture {figures['first_picture_s']} s "
+        f"{figures['via']}: start -> initialize {figures['initialize_s']} s, -> first picture {figures['first_picture_s']} s "
         f"(model load {figures['load_s']} s, bucket warm-up {figures['warm_up_s']} s)"
     )
     if args.json:
