@@ -21,7 +21,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, serve: bool = False)
         "--model",
         required=True,
         help="a diffusers-layout folder, a Hugging Face repo id (read from the local HF cache), or 'tiny' "
-        "(a deterministic tiny random model: noise pictures, runs anywhere)",
+        "(a deterministic tiny random model: noise pictures, runs anywhere), or random:PRESET (random weights of a "
+        "preset's shape such as random:klein-4b, for benchmarks)",
     )
     group.add_argument(
         "--transformer-file",
