@@ -29,6 +29,7 @@ BIG=${BIG:-1024x1024}
 SMALL=${SMALL:-512x512}
 REF=${REF:-1024x1024}
 STEP_LIMIT=${STEP_LIMIT:-150}   # seconds per step; a hung step costs its limit, not the call
+COMPILE_LIMIT=${COMPILE_LIMIT:-240}  # the compiled steps (their bucket warm-up compiles with max-autotune)
 WARM=${WARM:-2}                 # the shape buckets `serve --compile` warms before its first picture (rules.buckets)
 mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"
@@ -53,7 +54,9 @@ step() {  # step NAME ARGS... : one bench.py run, its JSON at $OUT/NAME.json, wa
   local name=$1; shift
   echo "== step $name: bench.py $*" | tee -a "$LOG"
   local start=$SECONDS
-  timeout "$STEP_LIMIT" $PY tools/bench.py --preset "$PRESET" --device "$DEVICE" --json "$OUT/$name.json" "$@" \
+  local limit=$STEP_LIMIT
+  case " $* " in *" --compile "*) limit=$COMPILE_LIMIT ;; esac
+  timeout "$limit" $PY tools/bench.py --preset "$PRESET" --device "$DEVICE" --json "$OUT/$name.json" "$@" \
     >>"$LOG" 2>&1
   local rc=$?
   echo "{\"rc\": $rc, \"seconds\": $((SECONDS - start))}" >"$OUT/$name.status.json"
@@ -74,7 +77,7 @@ step fp8 --sizes "$BIG" --refs 0 --runs "$RUNS" --warmup 2 --compile --fp8 --no-
 # 6. serve start to the first finished picture (BIG, compiled, buckets WARM warmed before ready), random weights
 echo "== step first_picture: serve --model random:$PRESET --compile --warm-buckets $WARM" | tee -a "$LOG"
 start=$SECONDS
-timeout "$STEP_LIMIT" $PY tools/bench_first_picture.py --model "random:$PRESET" --size "${BIG%x*}" \
+timeout "$COMPILE_LIMIT" $PY tools/bench_first_picture.py --model "random:$PRESET" --size "${BIG%x*}" \
   --log "$OUT/first_picture_server.log" --json "$OUT/first_picture.json" \
   -- --device "$DEVICE" --compile --warm-buckets "$WARM" >>"$LOG" 2>&1
 rc=$?

@@ -51,7 +51,7 @@ def compile_pipeline_(
     ranges = [(b.min_tokens, b.max_tokens) for b in menu]
     buckets = compile_transformer_(pipeline.transformer, backend=backend, mode=mode, token_ranges=ranges)
     if decoder:
-        compile_decoder_(pipeline.autoencoder, backend=backend, mode=mode)
+        compile_decoder_(pipeline.autoencoder, backend=backend)
     return buckets
 
 

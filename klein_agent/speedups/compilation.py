@@ -179,7 +179,7 @@ def compile_transformer_(
 def compile_decoder_(
     autoencoder: AutoEncoder,
     *,
-    mode: str | None = "max-autotune-no-cudagraphs",
+    mode: str | None = None,
     backend: str | Callable[..., Any] = "inductor",
     side_range: TokenRange = DECODER_SIDE_RANGE,
 ) -> None:
