@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -160,7 +161,7 @@ def test_load_pipeline_compiles_and_warms_before_returning(caplog: pytest.LogCap
     assert counters["stats"]["unique_graphs"] == graphs
 
 
-def test_the_inductor_cache_goes_to_a_klein_agent_folder(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_the_inductor_cache_goes_to_a_klein_agent_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from torch._inductor.runtime.cache_dir_utils import cache_dir, default_cache_dir
 
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
@@ -176,3 +177,33 @@ def test_the_inductor_cache_goes_to_a_klein_agent_folder(monkeypatch: pytest.Mon
     assert compilation.use_compile_cache() == tmp_path / "mine" and (tmp_path / "mine").is_dir()
     assert cache_dir() == str(tmp_path / "mine")
     assert torch._inductor.config.fx_graph_cache and torch._inductor.config.autotune_local_cache
+
+
+@pytest.mark.slow  # writes a tiny klein 9B-KV checkpoint with diffusers
+def test_kv_references_are_dynamic_in_their_own_dimension(tmp_path: Path) -> None:
+    """klein 9B-KV: the kept reference keys and values are dynamic over the reference token count, so retries on
+    other references (other counts, other sizes) in the same output bucket compile nothing."""
+    from PIL import Image
+
+    from reference_checkpoints import Shape, write_reference_checkpoint
+
+    folder = write_reference_checkpoint(tmp_path / "kv", Shape(kv=True), seed=4)
+    pipe = load_pipeline(str(folder), device="cpu")
+    assert pipe.kv_references
+    plain = load_pipeline(str(folder), device="cpu")
+    counter = CompileCounter()
+    compile_pipeline_(pipe, SMALL_MENU, backend=counter, decoder=False)
+
+    def refs(*sizes: tuple[int, int]) -> tuple[Image.Image, ...]:
+        return tuple(Image.new("RGB", size, (30 * k, 120, 60)) for k, size in enumerate(sizes, 1))
+
+    def run(p: KleinPipeline, references: tuple[Image.Image, ...], seed: int) -> bytes:
+        request = GenerationRequest("kv", 96, 96, seed=seed, references=references)
+        return p.generate(request).images[0].tobytes()
+
+    assert run(pipe, refs((64, 64)), 1) == run(plain, refs((64, 64)), 1)
+    compiled = counter.frame_count  # the blocks with kept keys and values: one graph per block kind
+    assert compiled == 2
+    for seed, references in enumerate([refs((128, 64)), refs((64, 64), (96, 80)), refs((160, 96))], start=2):
+        assert run(pipe, references, seed) == run(plain, references, seed)
+    assert counter.frame_count == compiled
