@@ -161,7 +161,9 @@ def test_load_pipeline_compiles_and_warms_before_returning(caplog: pytest.LogCap
     assert counters["stats"]["unique_graphs"] == graphs
 
 
-def test_the_inductor_cache_goes_to_a_klein_agent_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_the_inductor_cache_goes_to_a_klein_agent_folder(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     from torch._inductor.runtime.cache_dir_utils import cache_dir, default_cache_dir
 
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
@@ -184,7 +186,6 @@ def test_kv_references_are_dynamic_in_their_own_dimension(tmp_path: Path) -> Non
     """klein 9B-KV: the kept reference keys and values are dynamic over the reference token count, so retries on
     other references (other counts, other sizes) in the same output bucket compile nothing."""
     from PIL import Image
-
     from reference_checkpoints import Shape, write_reference_checkpoint
 
     folder = write_reference_checkpoint(tmp_path / "kv", Shape(kv=True), seed=4)

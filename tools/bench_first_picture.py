@@ -14,16 +14,15 @@ generate` from process start to the PNG on disk instead: the same load and compi
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-import importlib.util
-import subprocess
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,7 +69,16 @@ async def first_picture(args: argparse.Namespace, serve_extra: list[str]) -> dic
 def first_picture_cli(args: argparse.Namespace, extra: list[str]) -> dict[str, object]:
     out = Path(tempfile.mkdtemp(prefix="klein-first-picture-")) / "first.png"
     size = str(args.size)
-    command = [sys.executable, "-m", "klein_agent", "generate", "--model", args.model, "--prompt", "a first picture"]
+    command = [
+        sys.executable,
+        "-m",
+        "klein_agent",
+        "generate",
+        "--model",
+        args.model,
+        "--prompt",
+        "a first picture",
+    ]
     command += ["--width", size, "--height", size, "--seed", "1", "--out", str(out)]
     command += _without_warm_buckets(extra)  # generate compiles the one bucket it needs
     started = time.perf_counter()
