@@ -151,6 +151,9 @@ def test_load_pipeline_compiles_and_warms_before_returning(caplog: pytest.LogCap
     Dynamo's eager backend."""
     caplog.set_level(logging.INFO, logger="klein_agent.pipeline.build")
     counters.clear()
+    load_pipeline("tiny", device="cpu", compile=True, compile_backend="eager")  # generate --compile: no warm-up
+    assert counters["stats"]["unique_graphs"] == 0 and "compile warm-up" not in caplog.text
+    torch._dynamo.reset()
     pipe = load_pipeline("tiny", device="cpu", compile=True, compile_backend="eager", warm_buckets="1")
     graphs = counters["stats"]["unique_graphs"]
     assert graphs == 3

@@ -44,7 +44,8 @@ def load_pipeline(
     speed-up. With `compile`, `warm_buckets` names the shape buckets compiled before this returns (`rules.buckets.select`:
     names or positions, "all", "none"; None: none, each bucket compiles on its first request), progress logged at
     INFO on stderr. `compile_backend` is torch.compile's (tests use "eager")."""
-    warm = select(warm_buckets) if compile else ()  # a bad name fails before the model loads
+    # a bad name fails before the model loads; None warms nothing (generate --compile compiles what its call needs)
+    warm = select(warm_buckets) if compile and warm_buckets is not None else ()
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     if torch_dtype == torch.float16:
