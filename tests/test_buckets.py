@@ -151,7 +151,9 @@ def test_load_pipeline_compiles_and_warms_before_returning(caplog: pytest.LogCap
     Dynamo's eager backend."""
     caplog.set_level(logging.INFO, logger="klein_agent.pipeline.build")
     counters.clear()
-    load_pipeline("tiny", device="cpu", compile=True, compile_backend="eager")  # generate --compile: no warm-up
+    load_pipeline(
+        "tiny", device="cpu", compile=True, compile_backend="eager"
+    )  # generate --compile: no warm-up
     assert counters["stats"]["unique_graphs"] == 0 and "compile warm-up" not in caplog.text
     torch._dynamo.reset()
     pipe = load_pipeline("tiny", device="cpu", compile=True, compile_backend="eager", warm_buckets="1")
@@ -211,3 +213,19 @@ def test_kv_references_are_dynamic_in_their_own_dimension(tmp_path: Path) -> Non
     for seed, references in enumerate([refs((128, 64)), refs((64, 64), (96, 80)), refs((160, 96))], start=2):
         assert run(pipe, references, seed) == run(plain, references, seed)
     assert counter.frame_count == compiled
+
+
+def test_serve_refuses_an_unknown_bucket_before_loading() -> None:
+    import argparse
+
+    from klein_agent.model_options import add_model_arguments, generator_factory
+
+    parser = argparse.ArgumentParser()
+    add_model_arguments(parser, serve=True)
+    args = parser.parse_args(["--model", "tiny", "--compile", "--warm-buckets", "2,huge"])
+    with pytest.raises(ValueError, match="unknown compile bucket 'huge'"):
+        generator_factory(args)
+    assert parser.parse_args(["--model", "tiny"]).warm_buckets == "all"
+    generate = argparse.ArgumentParser()
+    add_model_arguments(generate)
+    assert not hasattr(generate.parse_args(["--model", "tiny"]), "warm_buckets")  # generate warms nothing
