@@ -97,6 +97,7 @@ def test_bad_menus_and_names_are_refused() -> None:
 # -- compiled, on the tiny pipeline -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # ~40-80 s on 2 cores: seven tiny pictures through Dynamo; the quick subset keeps the load test
 def test_a_new_size_inside_a_warmed_bucket_compiles_nothing(pipe: KleinPipeline) -> None:
     expected = {size: pictures(pipe, *size) for size in [(96, 128), (112, 128)]}
     counter = CompileCounter()
@@ -119,6 +120,7 @@ def test_a_new_size_inside_a_warmed_bucket_compiles_nothing(pipe: KleinPipeline)
     assert counter.frame_count == 5
 
 
+@pytest.mark.slow  # ~40-80 s on 2 cores
 def test_past_the_menu_compiles_static_graphs_then_runs_uncompiled_logged(
     pipe: KleinPipeline, caplog: pytest.LogCaptureFixture
 ) -> None:
