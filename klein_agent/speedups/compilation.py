@@ -37,10 +37,9 @@ past it, that block kind silently runs eagerly for new shapes. `compile_transfor
 RECOMPILE_LIMIT, above what the buckets and the past-menu sizes can use, so the explicit, logged fallback above is
 the only one. The limit still matters as a bound: each variant keeps its kernels and guards alive.
 
-CUDA graphs are left out of the default mode: under regional compilation they would be recorded block by block,
-and graph outputs live in a memory pool that later replays overwrite, which the eager glue between blocks would
-have to respect. Capturing the whole step loop per shape bucket is the cleaner design and a separate decision;
-`mode="max-autotune"` or `"reduce-overhead"` can still be passed to try it.
+CUDA graphs are left out of the compile mode: under regional compilation Inductor would record them block by block,
+and graph outputs live in a memory pool that later replays overwrite, which the eager glue between blocks would have
+to respect. `speedups.cuda_graphs` captures the whole step instead (glue and compiled blocks), once per shape.
 """
 
 from __future__ import annotations
