@@ -5,12 +5,9 @@
 # On the device machine (its Python 3.12 has torch + CUDA; the rest travels as wheels in the ignored, carried
 # folder .whl, as /work/.library/device/README.md describes):
 #   bash tools/gpu_check.sh                       # carry: [".whl"]
-# Wheels to put in .whl once (here, from the repo root; versions as in the project's venv):
-#   echo /.whl/ >> .git/info/exclude
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
-#     diffusers==0.42.1 transformers==<venv's> tokenizers==<venv's> safetensors==<venv's> huggingface_hub==<venv's> \
-#     regex==<venv's> (plus any Requires-Dist the device's Python lacks; see the README)
+# Wheels to put in .whl once (here, from the repo root; .whl is in .gitignore): python tools/gpu_wheels.py
+#   (diffusers, the MCP SDK and their requirements at this venv's versions, less what the device image has;
+#   22 wheels, ~10 MiB of the 64 MiB a call may carry).
 # The project itself is not installed: the repository root and tools/ go on PYTHONPATH.
 #
 # The first-picture step starts `klein-agent serve` and calls it over MCP stdio when the mcp package imports (its
