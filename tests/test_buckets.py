@@ -148,6 +148,7 @@ def test_past_the_menu_compiles_static_graphs_then_runs_uncompiled_logged(
     assert pictures(plain, 272, 272) == expected and pictures(plain, 304, 272) == uncompiled
 
 
+@pytest.mark.slow
 def test_load_pipeline_compiles_and_warms_before_returning(caplog: pytest.LogCaptureFixture) -> None:
     """`serve --model tiny --compile --warm-buckets 1` as the engine's factory runs it; only Inductor is swapped for
     Dynamo's eager backend."""
