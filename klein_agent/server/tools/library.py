@@ -232,7 +232,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
                 listed = ", ".join(f"{lora.name} (scale {lora.scale:g})" for lora in model.loras)
                 head += f"; LoRA adapters, chosen per call with loras=[{{name, scale}}]: {listed}"
         elif model.state == "failed":
-            head = f"Model failed to load: {model.error}"
+            head = f"Model failed to load: {(model.error or 'unknown error').rstrip('. ')}"
         else:
             head = f"Model {model.state}"
         text = (
