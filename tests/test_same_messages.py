@@ -155,3 +155,19 @@ async def test_compose_reads_a_string_of_ids_as_a_list_as_view_image_does(client
     assert composed.structured_content["images"][0]["parents"] == [first, second]
     viewed = await client.call_tool("view_image", {"image_ids": f"{first} {second}"})
     assert [i["image_id"] for i in viewed.structured_content["images"]] == [first, second]
+
+
+async def test_the_instructions_and_the_docs_intro_name_every_image_tool_and_loras(client: Client) -> None:
+    """The text a client gets at initialize, and docs/server.md's first paragraph, stay true as tools are added."""
+    image_tools = [
+        tool.name
+        for tool in (await client.list_tools()).tools
+        if "loras" in tool.input_schema.get("properties", {})  # every tool that makes images takes LoRAs
+    ]
+    assert image_tools == ["generate", "edit", "compose", "inpaint"]
+    docs = (Path(__file__).parents[1] / "docs" / "server.md").read_text()
+    intro = docs.split("\n\n")[1]
+    instructions = client.instructions
+    assert instructions is not None
+    for text in (instructions, intro):
+        assert all(name in text for name in image_tools) and "LoRA" in text, text
