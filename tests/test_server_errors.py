@@ -379,7 +379,7 @@ async def test_one_damaged_recipe_row_does_not_break_list_images(
     assert listed.content[0].text.count("(recipe unreadable") == 2
     warned = " ".join(r.getMessage() for r in caplog.records)
     assert f"image {ids[1]}: the stored recipe is not valid JSON" in warned
-    assert f"image {ids[2]}: the stored recipe is list, not a JSON object" in warned
+    assert f"image {ids[2]}: the stored recipe is a list, not a JSON object" in warned
     meta = await client.read_resource(f"image://{ids[1]}/meta")
     assert '"unreadable"' in meta.contents[0].text  # type: ignore[union-attr]
     status = await client.call_tool("server_status", {})
