@@ -94,6 +94,12 @@ async def test_the_cli_and_the_server_give_the_same_message_for_each_bad_value(
         ("generate", {"prompt": P, "num_images": 1.5}, "num_images must be an integer, not a number (1.5)"),
         (
             "generate",
+            {"prompt": P, "seed": -1, "height": 32, "width": 1000},  # reported in the tool's argument order
+            "width must be a multiple of 16 from 64 to 2048, got 1000; height must be a multiple of 16 from 64 to "
+            "2048, got 32; seed must be an integer from 0 to 4294967295, got -1",
+        ),
+        (
+            "generate",
             {"prompt": P, "loras": [{"name": "style", "weight": 0.1}]},
             "loras[0] has no key 'weight'; it takes name, scale",
         ),

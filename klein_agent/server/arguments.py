@@ -118,8 +118,13 @@ class ArgumentChecks(ServerMiddleware[Any]):
                 f"this tool takes {', '.join(properties)}" + (f" ({'; '.join(hints)})" if hints else "")
             )
         values = {key: _pre_parse(properties[key], value) for key, value in arguments.items()}
+        order = {key: k for k, key in enumerate(properties)}  # report in the tool's argument order
         errors = sorted(
-            jsonschema.Draft202012Validator(schema).iter_errors(values), key=lambda e: list(e.absolute_path)
+            jsonschema.Draft202012Validator(schema).iter_errors(values),
+            key=lambda e: (
+                order.get(str(next(iter(e.absolute_path), "")), -1),
+                [str(p) for p in e.absolute_path],
+            ),
         )
         if not errors:
             return None
