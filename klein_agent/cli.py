@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the MCP server (stdio by default)")
     add_logging_arguments(serve)
-    add_model_arguments(serve)
+    add_model_arguments(serve, serve=True)
     from klein_agent.server.options import add_serve_arguments
 
     add_serve_arguments(serve)

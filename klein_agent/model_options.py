@@ -11,17 +11,20 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from klein_agent.rules import buckets
 from klein_agent.rules.requests import ImageGenerator
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the "model" option group (--model, --transformer-file, --device, --dtype, ...) to `parser`."""
+def add_model_arguments(parser: argparse.ArgumentParser, *, serve: bool = False) -> None:
+    """Add the "model" option group (--model, --transformer-file, --device, --dtype, ...) to `parser`; with `serve`,
+    also --warm-buckets (a server compiles before it reports ready; a one-off generate compiles what it needs)."""
     group = parser.add_argument_group("model")
     group.add_argument(
         "--model",
         required=True,
         help="a diffusers-layout folder, a Hugging Face repo id (read from the local HF cache), or 'tiny' "
-        "(a deterministic tiny random model: noise pictures, runs anywhere)",
+        "(a deterministic tiny random model: noise pictures, runs anywhere), or random:PRESET (random weights of a "
+        "preset's shape such as random:klein-4b, for benchmarks)",
     )
     group.add_argument(
         "--transformer-file",
@@ -51,8 +54,19 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--compile",
         action="store_true",
-        help="compile the transformer blocks with torch.compile (GPU; the first call per size compiles)",
+        help="compile the transformer blocks and the decoder with torch.compile (GPU), for a menu of shape buckets "
+        "(sizes inside a compiled bucket never recompile; serve compiles them before it reports ready, see "
+        "--warm-buckets; kernels are cached on disk in ~/.cache/klein-agent/torch-compile)",
     )
+    if serve:
+        menu = ", ".join(f"{i}: {b.name}" for i, b in enumerate(buckets.MENU, 1))
+        group.add_argument(
+            "--warm-buckets",
+            default="all",
+            metavar="NAMES",
+            help="with --compile: the shape buckets to compile before the server reports ready, by name or position "
+            f"in the menu ({menu}), comma-separated, or all (default) or none (each compiles on its first request)",
+        )
     group.add_argument(
         "--reference-kv-cache-gib",
         type=_non_negative_float,
@@ -108,6 +122,7 @@ def check_model_options(args: argparse.Namespace) -> list[tuple[str, float]]:
     if args.transformer_file is not None and not Path(args.transformer_file).expanduser().is_file():
         raise ValueError(f"--transformer-file {args.transformer_file} is not a file")
     loras = lora_arguments(args)
+    buckets.select(getattr(args, "warm_buckets", None))  # a bad --warm-buckets name, before the model loads
     if args.model != "tiny":
         check_model_source(args.model, allow_download=args.allow_download)
     return loras
@@ -132,6 +147,7 @@ def generator_factory(args: argparse.Namespace) -> Callable[[], ImageGenerator]:
             compile=getattr(args, "compile", False),
             reference_kv_cache_bytes=_gib_to_bytes(getattr(args, "reference_kv_cache_gib", None)),
             loras=loras,
+            warm_buckets=getattr(args, "warm_buckets", None),
         )
 
     return load

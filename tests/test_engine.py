@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from dataclasses import replace
 
 import anyio
 import pytest
@@ -218,7 +220,10 @@ async def test_out_of_memory_is_mapped_and_the_engine_keeps_serving(exc: BaseExc
 
 async def test_other_model_errors_become_generation_failed() -> None:
     engine = started(FakeGenerator(fail_with=ValueError("bad tensor shape")))
-    with pytest.raises(GenerationFailedError, match="ValueError: bad tensor shape"):
+    with pytest.raises(
+        GenerationFailedError,
+        match=r"^the model failed on this call: bad tensor shape \(the server log has the details\)$",
+    ):
         await run(engine, request())
     await engine.aclose()
 
@@ -269,3 +274,20 @@ def test_torch_out_of_memory_is_recognised_by_name() -> None:
     assert is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory"))
     assert is_out_of_memory(RuntimeError("MPS backend out of memory"))
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+async def test_the_ready_log_line_is_readable(caplog: pytest.LogCaptureFixture) -> None:
+    fake = FakeGenerator()
+    fake.info = replace(fake.info, model="/models/klein", variant="klein-4b", loras=(("ink", 1.0),))
+    with caplog.at_level(logging.INFO, logger="klein_agent"):
+        engine = started(fake)
+        deadline = time.monotonic() + 5  # the line is logged just after the state turns ready
+        while (
+            not any("model ready" in r.getMessage() for r in caplog.records) and time.monotonic() < deadline
+        ):
+            await anyio.sleep(0.01)
+    ready = [r.getMessage() for r in caplog.records if "model ready" in r.getMessage()]
+    assert len(ready) == 1 and ready[0].endswith("s: klein-4b (/models/klein) on cpu, float32, LoRA ink"), (
+        ready
+    )
+    await engine.aclose()

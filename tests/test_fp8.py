@@ -274,7 +274,9 @@ def test_quantize_transformer_replaces_block_linears_only(size: str) -> None:
     assert quantize_transformer_(model) == []  # idempotent
 
 
-@pytest.mark.parametrize("size", CONFIGS)
+@pytest.mark.parametrize(
+    "size", [pytest.param(k, marks=[pytest.mark.slow] if k == "mid" else []) for k in CONFIGS]
+)
 def test_fp8_transformer_error_is_small_but_nonzero(size: str) -> None:
     config = CONFIGS[size]
     original = random_transformer(config)
@@ -288,6 +290,7 @@ def test_fp8_transformer_error_is_small_but_nonzero(size: str) -> None:
     assert 1e-4 < err < 0.1, err
 
 
+@pytest.mark.slow
 def test_fp8_transformer_in_bf16() -> None:
     """Quantizing a model that is already bf16 (as on a GPU) stays close to the float32 original."""
     original = random_transformer(MID)

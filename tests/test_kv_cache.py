@@ -59,6 +59,7 @@ def png(images: list[Image.Image]) -> list[bytes]:
     return out
 
 
+@pytest.mark.slow
 def test_a_retry_skips_the_references_at_every_step_and_is_byte_identical(folder: Path) -> None:
     pipe = load_pipeline(str(folder))
     watch = Watch(pipe)
@@ -87,6 +88,7 @@ def test_a_retry_skips_the_references_at_every_step_and_is_byte_identical(folder
     assert never.reference_kv_cache_bytes == (0, 0)
 
 
+@pytest.mark.slow
 def test_the_key_is_content_position_and_prepared_size(folder: Path) -> None:
     pipe = load_pipeline(str(folder))
     pipe.generate(FIRST)
@@ -100,6 +102,7 @@ def test_the_key_is_content_position_and_prepared_size(folder: Path) -> None:
     assert pipe.generate(replace(RETRY, references=REFS[:1])).cache_hits["reference_kv"] == 0
 
 
+@pytest.mark.slow
 def test_the_cache_drops_the_least_recently_used_to_stay_in_bytes(folder: Path) -> None:
     probe = load_pipeline(str(folder))
     probe.generate(FIRST)

@@ -24,6 +24,7 @@ def picture(seed: int, size: tuple[int, int] = (80, 64)) -> Image.Image:
     return Image.frombytes("RGB", size, pixels.numpy().tobytes())
 
 
+@pytest.mark.slow
 def test_retry_skips_the_text_encoder_and_the_reference_encoding(
     pipe: KleinPipeline, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -150,6 +151,7 @@ def test_what_ran_is_reported_and_builds_the_recipe(pipe: KleinPipeline) -> None
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("prompt", "size", "references"),
     [
@@ -186,6 +188,7 @@ def test_non_finite_output_is_an_error_that_names_the_fix() -> None:
         damaged.generate(GenerationRequest("nan", 64, 64, seed=0))
 
 
+@pytest.mark.slow
 def test_text_encoder_offload_moves_it_only_for_uncached_prompts(monkeypatch: pytest.MonkeyPatch) -> None:
     from klein_agent.pipeline.offload import HostResident
 

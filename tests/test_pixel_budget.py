@@ -166,6 +166,7 @@ def test_an_unset_size_is_scaled_into_the_budget_and_a_given_one_never_is() -> N
     assert fit(1024, None, None, max_pixels=512 * 512) == (1024, 1024)
 
 
+@pytest.mark.slow
 def test_the_cli_asks_for_the_fitted_default_before_loading(tmp_path: Path) -> None:
     import subprocess
     import sys

@@ -193,6 +193,42 @@ async def test_a_model_that_fails_to_load_is_reported_and_the_server_stays_up(
         assert not (await client.call_tool("list_images", {})).is_error
 
 
+async def test_failure_texts_name_no_exception_classes_and_end_sentences_once(
+    tmp_path: Path, mode: str
+) -> None:
+    """Agent-facing failure texts read as sentences: no `CheckpointError:`, no `..`; the log keeps the class."""
+
+    class CheckpointError(ValueError):  # the loader's error for a model that is not cached
+        pass
+
+    def not_cached() -> FakeGenerator:
+        raise CheckpointError(
+            "klein-4b is not in the local cache: download it first, or add --allow-download."
+        )
+
+    async with serving(not_cached, tmp_path, mode) as (client, state):
+        await until(lambda: state.engine.status().state == "failed")
+        status = await client.call_tool("server_status", {})
+        text, error = status.content[0].text, status.structured_content["model"]["error"]
+        assert (
+            "Model failed to load: klein-4b is not in the local cache" in text
+            and "--allow-download. Queue" in text
+        )
+        refused = (await client.call_tool("generate", {"prompt": "x", **SMALL})).content[0].text
+        for shown in (text, error, refused):
+            assert "CheckpointError" not in shown and ".." not in shown, shown
+
+    fake = FakeGenerator(fail_with=KeyError("transformer.blocks.0"))
+    (tmp_path / "second").mkdir()
+    async with serving(lambda: fake, tmp_path / "second", mode) as (client, _):
+        failed = await client.call_tool("generate", {"prompt": "x", **SMALL})
+        assert failed.is_error and "KeyError" not in failed.content[0].text
+        assert (
+            "the model failed on this call: missing 'transformer.blocks.0' (the server log has the details)"
+            in (failed.content[0].text)
+        )
+
+
 async def test_the_first_call_waits_for_the_model_with_loading_progress(tmp_path: Path, mode: str) -> None:
     release = threading.Event()
     fake = FakeGenerator()

@@ -126,9 +126,19 @@ def cases(input_dir: Path, outside: Path) -> list[tuple[str, str, dict[str, Any]
         ("oversized payload", "edit", {"image": big, "prompt": p}, "MiB limit"),
         ("url not enabled", "edit", {"image": "https://example.com/cat.png", "prompt": p}, "--allow-urls"),
         ("width not multiple of 16", "generate", {"prompt": p, "width": 100}, "multiple of 16"),
-        ("width too large", "generate", {"prompt": p, "width": 4096}, "width must be at most 2048, got 4096"),
-        ("height too small", "generate", {"prompt": p, "height": 32}, "height must be at least 64, got 32"),
-        ("negative size", "generate", {"prompt": p, "width": -16}, "width must be at least 64"),
+        (
+            "width too large",
+            "generate",
+            {"prompt": p, "width": 4096},
+            "width must be a multiple of 16 from 64 to 2048, got 4096",
+        ),
+        (
+            "height too small",
+            "generate",
+            {"prompt": p, "height": 32},
+            "height must be a multiple of 16 from 64 to 2048, got 32",
+        ),
+        ("negative size", "generate", {"prompt": p, "width": -16}, "width must be a multiple of 16 from 64"),
         ("edit size", "edit", {"image": good, "prompt": p, "width": 72}, "multiple of 16"),
         (
             "pixel cap",
@@ -136,27 +146,42 @@ def cases(input_dir: Path, outside: Path) -> list[tuple[str, str, dict[str, Any]
             {"prompt": p, "width": 2048, "height": 2048, "num_images": 4},
             "megapixel limit",
         ),
-        ("empty prompt", "generate", {"prompt": ""}, "at least 1 character"),
+        ("empty prompt", "generate", {"prompt": ""}, "the prompt is empty"),
         ("blank prompt", "generate", {"prompt": "  \n\t "}, "prompt is empty"),
         ("control-only prompt", "generate", {"prompt": "\x00\x1b"}, "prompt is empty"),
-        ("prompt too long", "generate", {"prompt": "x" * 2001}, "at most 2000 characters"),
+        ("prompt too long", "generate", {"prompt": "x" * 2001}, "over the 2000 limit"),
         (
             "too many images",
             "generate",
             {"prompt": p, "num_images": 5},
-            "num_images must be at most 4, got 5",
+            "num_images must be from 1 to 4, got 5",
         ),
-        ("too many references", "compose", {"images": [good] * 5, "prompt": p}, "at most 4 items"),
+        (
+            "too many references",
+            "compose",
+            {"images": [good] * 5, "prompt": p},
+            "but this model takes at most 4",
+        ),
         ("no references", "compose", {"images": [], "prompt": p}, "at least 1 item"),
-        ("bad steps", "generate", {"prompt": p, "steps": 0}, "steps must be at least 1, got 0"),
-        ("bad seed", "generate", {"prompt": p, "seed": -1}, "seed must be at least 0, got -1"),
+        ("bad steps", "generate", {"prompt": p, "steps": 0}, "steps must be from 1 to 100, got 0"),
+        (
+            "bad seed",
+            "generate",
+            {"prompt": p, "seed": -1},
+            "seed must be an integer from 0 to 4294967295, got -1",
+        ),
         (
             "batch past the largest seed",
             "generate",
             {"prompt": p, "seed": 4294967295, "num_images": 2},
             "use a seed of at most 4294967294",
         ),
-        ("guidance below 1", "generate", {"prompt": p, "guidance": 0.5}, "guidance must be at least 1"),
+        (
+            "guidance below 1",
+            "generate",
+            {"prompt": p, "guidance": 0.5},
+            "guidance must be from 1 (no guidance) to 20, got 0.5",
+        ),
         (
             "unknown argument",
             "generate",
@@ -354,7 +379,7 @@ async def test_one_damaged_recipe_row_does_not_break_list_images(
     assert listed.content[0].text.count("(recipe unreadable") == 2
     warned = " ".join(r.getMessage() for r in caplog.records)
     assert f"image {ids[1]}: the stored recipe is not valid JSON" in warned
-    assert f"image {ids[2]}: the stored recipe is list, not a JSON object" in warned
+    assert f"image {ids[2]}: the stored recipe is a list, not a JSON object" in warned
     meta = await client.read_resource(f"image://{ids[1]}/meta")
     assert '"unreadable"' in meta.contents[0].text  # type: ignore[union-attr]
     status = await client.call_tool("server_status", {})

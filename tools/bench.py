@@ -417,6 +417,32 @@ def format_row(row: dict[str, Any]) -> str:
     return line + f"  peak {row['peak_memory']}"
 
 
+def compile_and_warm(
+    pipe: KleinPipeline, requests: list[GenerationRequest], device: torch.device
+) -> dict[str, float]:
+    """--compile as `serve --compile` runs it (shape buckets, the decoder, CUDA graphs on CUDA), then the warm-up of
+    the buckets the requests fall in, timed per bucket (seconds, compile included)."""
+    from klein_agent.pipeline.warmup import compile_pipeline_, warm_up
+    from klein_agent.rules.buckets import bucket_for, image_tokens
+
+    compile_pipeline_(pipe)
+    if device.type == "cuda" and not pipe.kv_references:
+        from klein_agent.speedups.cuda_graphs import StepGraphs
+
+        pipe.step_graphs = StepGraphs(pipe.transformer)
+    needed = []
+    for request in requests:
+        resolved = pipe.resolve(request)
+        tokens = image_tokens((resolved.width, resolved.height), resolved.reference_sizes)
+        bucket = bucket_for(tokens)
+        if bucket is not None and bucket not in needed:
+            needed.append(bucket)
+    seconds = warm_up(
+        pipe, needed, lambda done, total, message: print(f"warm-up {done}/{total}: {message}", flush=True)
+    )
+    return {bucket.name: s for bucket, s in zip(needed, seconds, strict=True)}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
@@ -433,15 +459,15 @@ def main(argv: list[str] | None = None) -> int:
 
     unquantized: list[list[Image.Image]] = []
     if args.fp8:
-        from klein_agent.speedups.fp8 import quantize_transformer_
+        from klein_agent.speedups.fp8 import quantize_transformer_, recipe_for
 
         with torch.inference_mode():
             unquantized = [pipe.generate(request).images for request in requests]
-        quantize_transformer_(pipe.transformer)
+        recipe = recipe_for(args.compile)  # rowwise scales and fast accumulation only compiled, as serve does
+        quantize_transformer_(pipe.transformer, rowwise=recipe.rowwise, use_fast_accum=recipe.use_fast_accum)
+    warm_up_s: dict[str, float] = {}
     if args.compile:
-        from klein_agent.speedups.compilation import compile_transformer_
-
-        compile_transformer_(pipe.transformer)
+        warm_up_s = compile_and_warm(pipe, requests, device)
 
     memory = PeakMemory(device)
     held_by_reference = reference_only_bytes(reference, pipe, device) if reference is not None else 0
@@ -475,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
         print(format_row(data), flush=True)
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"header": header, "results": results}, handle, indent=2)
+            json.dump({"header": header, "results": results, "warm_up_s": warm_up_s}, handle, indent=2)
     if failed_gate:
         print(
             f"FP8 gate failed: a row is under {args.fp8_min_psnr} dB from the unquantized picture",

@@ -5,16 +5,16 @@
 # On the device machine (its Python 3.12 has torch + CUDA; the rest travels as wheels in the ignored, carried
 # folder .whl, as /work/.library/device/README.md describes):
 #   bash tools/gpu_check.sh                       # carry: [".whl"]
-# Wheels to put in .whl once (here, from the repo root; versions as in the project's venv):
-#   echo /.whl/ >> .git/info/exclude
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
-#     diffusers==0.42.1 transformers==<venv's> tokenizers==<venv's> safetensors==<venv's> huggingface_hub==<venv's> \
-#     regex==<venv's> (plus any Requires-Dist the device's Python lacks; see the README)
+# Wheels to put in .whl once (here, from the repo root; .whl is in .gitignore): python tools/gpu_wheels.py
+#   (diffusers, the MCP SDK and their requirements at this venv's versions, less what the device image has;
+#   22 wheels, ~10 MiB of the 64 MiB a call may carry).
 # The project itself is not installed: the repository root and tools/ go on PYTHONPATH.
 #
+# The first-picture step starts `klein-agent serve` and calls it over MCP stdio when the mcp package imports (its
+# wheels and their dependencies in .whl), else it times `klein-agent generate` (see tools/bench_first_picture.py).
+#
 # CPU rehearsal (tiny shapes, every step and the table, no wheels needed in the venv):
-#   OUT=/tmp/gpu_check PRESET=tiny DEVICE=cpu RUNS=2 WARMUP=1 BIG=64x64 SMALL=32x32 REF=64x64 bash tools/gpu_check.sh
+#   OUT=/tmp/gpu_check PRESET=tiny DEVICE=cpu RUNS=2 WARMUP=1 BIG=64x64 SMALL=32x32 REF=64x64 PY=python bash tools/gpu_check.sh
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check_out}
@@ -26,6 +26,8 @@ BIG=${BIG:-1024x1024}
 SMALL=${SMALL:-512x512}
 REF=${REF:-1024x1024}
 STEP_LIMIT=${STEP_LIMIT:-150}   # seconds per step; a hung step costs its limit, not the call
+COMPILE_LIMIT=${COMPILE_LIMIT:-240}  # the compiled steps (their bucket warm-up compiles with max-autotune)
+WARM=${WARM:-2}                 # the shape buckets `serve --compile` warms before its first picture (rules.buckets)
 mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"
 : >"$LOG"
@@ -49,7 +51,9 @@ step() {  # step NAME ARGS... : one bench.py run, its JSON at $OUT/NAME.json, wa
   local name=$1; shift
   echo "== step $name: bench.py $*" | tee -a "$LOG"
   local start=$SECONDS
-  timeout "$STEP_LIMIT" $PY tools/bench.py --preset "$PRESET" --device "$DEVICE" --json "$OUT/$name.json" "$@" \
+  local limit=$STEP_LIMIT
+  case " $* " in *" --compile "*) limit=$COMPILE_LIMIT ;; esac
+  timeout "$limit" $PY tools/bench.py --preset "$PRESET" --device "$DEVICE" --json "$OUT/$name.json" "$@" \
     >>"$LOG" 2>&1
   local rc=$?
   echo "{\"rc\": $rc, \"seconds\": $((SECONDS - start))}" >"$OUT/$name.status.json"
@@ -67,23 +71,41 @@ step compiled --sizes "$BIG" --refs 0 --runs "$RUNS" --warmup 2 --compile --no-r
 # 5. FP8 compiled: speed and PSNR against the unquantized picture (the gate fails the step under 25 dB)
 step fp8 --sizes "$BIG" --refs 0 --runs "$RUNS" --warmup 2 --compile --fp8 --no-reference
 
+# 6. serve start to the first finished picture (BIG, compiled, buckets WARM warmed before ready), random weights
+echo "== step first_picture: serve --model random:$PRESET --compile --warm-buckets $WARM" | tee -a "$LOG"
+start=$SECONDS
+timeout "$COMPILE_LIMIT" $PY tools/bench_first_picture.py --model "random:$PRESET" --size "${BIG%x*}" \
+  --log "$OUT/first_picture_server.log" --json "$OUT/first_picture.json" \
+  -- --device "$DEVICE" --compile --warm-buckets "$WARM" >>"$LOG" 2>&1
+rc=$?
+echo "{\"rc\": $rc, \"seconds\": $((SECONDS - start))}" >"$OUT/first_picture.status.json"
+echo "   rc $rc in $((SECONDS - start)) s" | tee -a "$LOG"
+
 $PY - "$OUT" <<'PYEOF' 2>&1 | tee -a "$LOG"
 import json, sys
 from pathlib import Path
 
 out = Path(sys.argv[1])
 figures = {}
-def rows(name):
+def load(name):
     path = out / f"{name}.json"
-    return json.loads(path.read_text())["results"] if path.exists() else []
+    return json.loads(path.read_text()) if path.exists() else {}
 for name in ("t2i", "edit", "offload", "compiled", "fp8"):
     status = out / f"{name}.status.json"
-    figures[name] = {"status": json.loads(status.read_text()) if status.exists() else None, "rows": rows(name)}
+    data = load(name)
+    figures[name] = {"status": json.loads(status.read_text()) if status.exists() else None,
+                     "rows": data.get("results", []), "warm_up_s": data.get("warm_up_s", {})}
+first = load("first_picture")
+first_status = out / "first_picture.status.json"
+figures["first_picture"] = {"status": json.loads(first_status.read_text()) if first_status.exists() else None,
+                            "figures": first}
 (out / "figures.json").write_text(json.dumps(figures, indent=2))
 targets = {("t2i", 0): "<= 250 ms", ("t2i", 1): "<= 80 ms", ("edit", 0): "<= 550 ms"}
 print("\n| case | size | refs | ours e2e ms | reference ms | ratio (>= 1.5) | peak GiB | target | extra |")
 print("|---|---|---|---|---|---|---|---|---|")
 for name, data in figures.items():
+    if name == "first_picture":
+        continue
     st = data["status"]
     if not data["rows"]:
         print(f"| {name} | – | – | FAILED (rc {st and st['rc']}) | | | | | |")
@@ -92,9 +114,15 @@ for name, data in figures.items():
         ref = f"{r['reference_ms']:.1f}" if r["reference_ms"] else "–"
         ratio = f"{r['ratio']:.2f}x" if r["ratio"] else "–"
         extra = f"fp8 vs bf16 {r['fp8_psnr_db']:.1f} dB" if r.get("fp8_psnr_db") is not None else ""
-        if name == "compiled":
-            extra = f"step run {st['seconds']} s incl. compile" if st else ""
+        if name in ("compiled", "fp8") and data["warm_up_s"]:
+            extra = "bucket warm-up " + ", ".join(f"{b}: {s:.1f} s" for b, s in data["warm_up_s"].items())
         print(f"| {name} | {r['size']} | {r['references']} | {r['ours']['end to end']:.1f} | {ref} | {ratio} "
               f"| {r['peak_memory_bytes'] / 2**30:.2f} | {targets.get((name, k), '')} | {extra} |")
+if first:
+    print(f"\nserve start -> first {first['size']}x{first['size']} picture ({first['via']}, --compile, buckets warmed "
+          f"first): {first['first_picture_s']:.1f} s (initialize {first['initialize_s']} s, model load "
+          f"{first['load_s']} s, bucket warm-up {first['warm_up_s']} s)")
+else:
+    print(f"\nserve start -> first picture: FAILED (rc {figures['first_picture']['status']})")
 PYEOF
 echo "full log: $LOG; figures: $OUT/figures.json"

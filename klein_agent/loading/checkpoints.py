@@ -71,8 +71,12 @@ def load_components(
     dtype: torch.dtype,
     *,
     transformer_file: str | os.PathLike[str] | None = None,
+    text_encoder_device: torch.device | None = None,
 ) -> Components:
     """Load a diffusers-layout model folder onto `device` in `dtype`.
+
+    `text_encoder_device` puts the text encoder elsewhere (the host, for --offload-text-encoder): its weights are
+    read straight onto it and never pass through `device`.
 
     `transformer_file` replaces the folder's transformer with a BFL single file. Distilled or not comes from
     `model_index.json` (`is_distilled`); a KV checkpoint (`is_kv_checkpoint`) is distilled, as diffusers'
@@ -95,7 +99,9 @@ def load_components(
     else:
         transformer = load_diffusers_transformer(folder / "transformer", device, dtype)
     autoencoder = load_autoencoder(folder / "vae", device, dtype)
-    text_embedder = load_text_embedder(folder / "text_encoder", folder / "tokenizer", device, dtype)
+    text_embedder = load_text_embedder(
+        folder / "text_encoder", folder / "tokenizer", text_encoder_device or device, dtype
+    )
     if text_embedder.output_dim != transformer.config.context_in_dim:
         raise CheckpointError(
             f"the text encoder gives {text_embedder.output_dim}-dim features but the transformer expects "

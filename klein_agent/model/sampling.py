@@ -146,6 +146,7 @@ def denoise(
     num_train_timesteps: int = 1000,
     on_step: StepCallback | None = None,
     inpainting: Inpainting | None = None,
+    forward: Callable[..., Tensor] | None = None,  # the step's transformer call, if not `model` itself
 ) -> Tensor:  # [B, L, C] in the model dtype
     """Euler integration of the predicted velocity over `noise_levels`, as diffusers' `Flux2KleinPipeline` runs it.
 
@@ -159,6 +160,8 @@ def denoise(
     (its first computes the same keys and values in the same pass). Raises ValueError for both kinds of reference.
     With `inpainting`, the kept tokens are reset after each step to the source noised to the next level (the
     clean source after the last), and the mask blends: (1 - mask) * kept + mask * x, in the model dtype.
+    `forward` replaces `model(...)` for each step with a callable of the same signature and result (CUDA-graph
+    replays, `speedups.cuda_graphs.StepGraphs`); `on_step` runs between two of its calls.
     """
     dtype = next(model.parameters()).dtype
     batch, num_noisy = noise.shape[0], noise.shape[1]
@@ -173,12 +176,13 @@ def denoise(
     timesteps = levels[:-1] * num_train_timesteps
     x = noise.to(dtype)
     total = len(levels) - 1
+    step = model if forward is None else forward
     for i in range(total):
         t = timesteps[i].expand(batch).to(dtype) / 1000
         inp = x if refs is None else torch.cat((x, refs), dim=1)
-        pred = model(inp, ids, context, context_ids, t, rope=rope, reference_kv=reference_kv)[:, :num_noisy]
+        pred = step(inp, ids, context, context_ids, t, rope=rope, reference_kv=reference_kv)[:, :num_noisy]
         if guidance is not None:
-            uncond = model(inp, ids, uncond_context, context_ids, t, rope=rope, reference_kv=reference_kv)
+            uncond = step(inp, ids, uncond_context, context_ids, t, rope=rope, reference_kv=reference_kv)
             uncond = uncond[:, :num_noisy]
             pred = uncond + guidance * (pred - uncond)
         x = (x.float() + (levels[i + 1] - levels[i]) * pred).to(pred.dtype)

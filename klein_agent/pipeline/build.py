@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from klein_agent.pipeline.klein import KleinPipeline
+from klein_agent.rules.buckets import select
 from klein_agent.rules.loras import adapter_names
 from klein_agent.speedups.devices import resolve_device, resolve_dtype
 
@@ -32,12 +34,18 @@ def load_pipeline(
     compile: bool = False,
     reference_kv_cache_bytes: int | None = None,
     loras: Sequence[tuple[str, float]] = (),
+    warm_buckets: str | None = None,
+    compile_backend: str = "inductor",
 ) -> KleinPipeline:
     """Build the pipeline a model name points at: `tiny`, a diffusers-layout folder, or a Hugging Face repo id.
 
     `reference_kv_cache_bytes` bounds the cross-call cache of klein 9B-KV reference keys and values (None: the
     device's default). `loras` are LoRA files with their default scales, loaded (named by file stem) before any
-    speed-up."""
+    speed-up. With `compile`, `warm_buckets` names the shape buckets compiled before this returns (`rules.buckets.select`:
+    names or positions, "all", "none"; None: none, each bucket compiles on its first request), progress logged at
+    INFO on stderr. `compile_backend` is torch.compile's (tests use "eager")."""
+    # a bad name fails before the model loads; None warms nothing (generate --compile compiles what its call needs)
+    warm = select(warm_buckets) if compile and warm_buckets is not None else ()
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     if torch_dtype == torch.float16:
@@ -56,17 +64,72 @@ def load_pipeline(
     for name, path, (_, scale) in zip(adapter_names(paths), paths, loras, strict=True):
         pipeline.load_lora(path, name, scale)
     if fp8:
-        from klein_agent.speedups.fp8 import quantize_transformer_, scaled_mm_available
+        from klein_agent.speedups.fp8 import (
+            FP8_WITHOUT_COMPILE,
+            quantize_transformer_,
+            recipe_for,
+            scaled_mm_available,
+        )
 
         if not scaled_mm_available(torch_device):
             log.warning("--fp8 on %s runs a float32 reference path: numerically FP8, but slow", torch_device)
-        replaced = quantize_transformer_(pipeline.transformer)
-        log.info("fp8: %d block linears quantized", len(replaced))
+        recipe = recipe_for(compile)
+        if not compile:
+            log.warning(FP8_WITHOUT_COMPILE)
+        replaced = quantize_transformer_(
+            pipeline.transformer, rowwise=recipe.rowwise, use_fast_accum=recipe.use_fast_accum
+        )
+        log.info("fp8: %d block linears quantized (%s)", len(replaced), recipe)
     if compile:
-        from klein_agent.speedups.compilation import compile_transformer_
+        from klein_agent.pipeline.warmup import compile_pipeline_, warm_up
 
-        compile_transformer_(pipeline.transformer)
+        compile_pipeline_(pipeline, backend=compile_backend)
+        if torch_device.type == "cuda" and not pipeline.kv_references:
+            from klein_agent.speedups.cuda_graphs import StepGraphs
+
+            pipeline.step_graphs = StepGraphs(pipeline.transformer)
+        if warm:
+            started = time.perf_counter()
+            warm_up(
+                pipeline,
+                warm,
+                lambda done, total, message: log.info("compile warm-up %d/%d: %s", done, total, message),
+            )
+            log.info("compile warm-up done in %.1f s", time.perf_counter() - started)
     return pipeline
+
+
+RANDOM_PREFIX = (
+    "random:"  # random:klein-4b: random weights of a preset's shape, for benchmarks of the real shapes
+)
+
+
+def _random_pipeline(
+    model: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    text_device: torch.device,
+    offload_text_encoder: bool,
+) -> KleinPipeline:
+    """`random:PRESET`: random weights of a preset's shape, made on the device (tools/gpu_check.sh times `serve` on
+    the 4B's shape without a checkpoint). The pictures are noise; the speed is the real model's."""
+    from klein_agent.loading.random_init import build_random_models
+    from klein_agent.model.configs import PRESETS
+
+    name = model.removeprefix(RANDOM_PREFIX)
+    if name not in PRESETS:
+        raise ValueError(f"--model {model}: no preset {name!r}; choose one of {', '.join(PRESETS)}")
+    transformer, autoencoder, text = build_random_models(PRESETS[name], device=device, dtype=dtype)
+    return KleinPipeline(
+        transformer,
+        autoencoder,
+        text.to(text_device),
+        sampling_defaults=PRESETS[name].sampling,
+        model_name=model,
+        variant=name,
+        offload_text_encoder=offload_text_encoder,
+        kv_references=PRESETS[name].kv_references,
+    )
 
 
 def _build_pipeline(
@@ -78,27 +141,34 @@ def _build_pipeline(
     offload_text_encoder: bool,
     reference_kv_cache_bytes: int | None,
 ) -> KleinPipeline:
+    # --offload-text-encoder: the encoder is read straight into host memory (8 GB for the 4B never visits the GPU
+    # at load); KleinPipeline pins it there once (pipeline.offload.HostResident)
+    text_device = torch.device("cpu") if offload_text_encoder else torch_device
     if model == "tiny":
         from klein_agent.loading.random_init import build_tiny
         from klein_agent.model.configs import preset
 
         if transformer_file:
             raise ValueError("--transformer-file cannot be combined with --model tiny")
-        transformer, autoencoder, text = build_tiny()
+        transformer, autoencoder, text = build_tiny()  # built on the host
         return KleinPipeline(
             transformer.to(torch_device, torch_dtype),
             autoencoder.to(torch_device, torch_dtype),
-            text.to(torch_device, torch_dtype),
+            text.to(text_device, torch_dtype),
             sampling_defaults=preset("tiny").sampling,
             model_name="tiny",
             variant="tiny",
             offload_text_encoder=offload_text_encoder,
         )
+    if model.startswith(RANDOM_PREFIX):
+        return _random_pipeline(model, torch_device, torch_dtype, text_device, offload_text_encoder)
     from klein_agent.loading.checkpoints import load_components
     from klein_agent.loading.hub import resolve_model_path
 
     folder = resolve_model_path(model, allow_download=allow_download)
-    components = load_components(folder, torch_device, torch_dtype, transformer_file=transformer_file)
+    components = load_components(
+        folder, torch_device, torch_dtype, transformer_file=transformer_file, text_encoder_device=text_device
+    )
     return KleinPipeline(
         components.transformer,
         components.autoencoder,

@@ -49,6 +49,8 @@ from klein_agent.rules.requests import (
     resolve,
 )
 from klein_agent.rules.resolution import RequestError, ResolvedRequest
+from klein_agent.speedups.attention import AttentionPlan
+from klein_agent.speedups.cuda_graphs import StepGraphs
 from klein_agent.speedups.devices import default_reference_kv_cache_bytes
 
 log = logging.getLogger(__name__)
@@ -111,7 +113,17 @@ class KleinPipeline:
             max_references=max_references,
             size_multiple=self.latent_factor,
         )
+        # the SDPA kernel order of each model (speedups.attention): the autoencoder's one head is as wide as its
+        # lowest-resolution channels (512 for klein), which flash and cuDNN do not take
+        ae = autoencoder.config
+        self.attention = AttentionPlan.for_device(
+            self.device,
+            transformer.config.head_dim,
+            max(ae.block_out_channels[-1], ae.decoder_channels[-1]),
+        )
         self.adapters: dict[str, AdapterFile] = {}  # loaded LoRA files by name (see load_lora)
+        # --compile on CUDA: each step replayed from a CUDA graph per shape (set by load_pipeline)
+        self.step_graphs: StepGraphs | None = None
         self._prompts: LRUCache[str, Tensor] = LRUCache(prompt_cache_size)
         self._references: LRUCache[str, EncodedReference] = LRUCache(reference_cache_size)
         self.kv_references = kv_references
@@ -186,6 +198,8 @@ class KleinPipeline:
             noise_ids = sampling.image_ids(h, w).to(self.device)
             levels = sampling.sigmas(resolved.steps, h * w, self.scheduler)[resolved.first_step :]
             lora.activate(self.transformer, resolved.loras)
+            if self.step_graphs is not None:  # a graph records the adapters active when it was captured
+                self.step_graphs.context_key = resolved.loras
             mask = None
             if request.mask is not None:
                 mask = self.mask_tokens(prepare_mask(request.mask, (resolved.width, resolved.height)), h, w)
@@ -205,22 +219,24 @@ class KleinPipeline:
                     clean = encoded[0].tokens[None]
                     inpainting = sampling.Inpainting(clean, noise, mask)
                     start = sampling.noised(clean, noise, levels[0])
-                latents = sampling.denoise(
-                    self.transformer,
-                    start,
-                    noise_ids,
-                    context,
-                    ctx_ids,
-                    levels,
-                    references=ref_tokens,
-                    references_ids=ref_ids,
-                    reference_kv=reference_kv,
-                    guidance=resolved.guidance if resolved.cfg else None,
-                    uncond_context=uncond,
-                    num_train_timesteps=self.scheduler.num_train_timesteps,
-                    on_step=on_step,
-                    inpainting=inpainting,
-                )
+                with self.attention.transformer():
+                    latents = sampling.denoise(
+                        self.transformer,
+                        start,
+                        noise_ids,
+                        context,
+                        ctx_ids,
+                        levels,
+                        references=ref_tokens,
+                        references_ids=ref_ids,
+                        reference_kv=reference_kv,
+                        guidance=resolved.guidance if resolved.cfg else None,
+                        uncond_context=uncond,
+                        num_train_timesteps=self.scheduler.num_train_timesteps,
+                        on_step=on_step,
+                        inpainting=inpainting,
+                        forward=self.step_graphs,
+                    )
                 self._check_finite(latents, "latents")
                 timings["denoise"] += _ms_since(mark, self.device)
                 mark = time.perf_counter()
@@ -301,7 +317,8 @@ class KleinPipeline:
         encoded, hits = self._encode_prepared(prepared)
         tokens = torch.cat([r.tokens for r in encoded])[None]  # [1, R, C]
         ids = sampling.reference_ids([r.grid for r in encoded]).to(self.device)
-        kv = self.transformer.reference_kv(tokens, ids)
+        with self.attention.transformer():
+            kv = self.transformer.reference_kv(tokens, ids)
         self._reference_kv.put(key, kv)
         return kv, False, hits
 
@@ -312,7 +329,8 @@ class KleinPipeline:
             cached = self._references.get(key)
             if cached is None:
                 x = to_tensor(image).to(self.device, self.dtype, memory_format=ENCODER_LAYOUT)
-                latent = self.autoencoder.encode(x)  # [1, C, h, w]
+                with self.attention.autoencoder():
+                    latent = self.autoencoder.encode(x)  # [1, C, h, w]
                 cached = EncodedReference(sampling.pack(latent)[0], (latent.shape[2], latent.shape[3]), key)
                 self._references.put(key, cached)
             else:
@@ -331,7 +349,8 @@ class KleinPipeline:
 
     def decode(self, latents: Tensor) -> Tensor:
         """[B, C, h, w] model latents -> [B, 3, H, W] float32 pixels in [0, 1] (before 8-bit rounding)."""
-        return to_unit(self.autoencoder.decode(latents.to(self.dtype)))
+        with self.attention.autoencoder():
+            return to_unit(self.autoencoder.decode(latents.to(self.dtype)))
 
     def _check_finite(self, x: Tensor, what: str) -> None:
         if bool(torch.isfinite(x).all()):

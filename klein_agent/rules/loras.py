@@ -13,7 +13,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from klein_agent.rules.resolution import RequestError
+from klein_agent.rules.resolution import RequestError, number_text
 
 MAX_LORA_SCALE = 4.0  # |scale|; published adapters are meant for 0.5 to 1.5, negative scales push away
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}", re.ASCII)
@@ -39,7 +39,7 @@ def check_scale(scale: float, name: str) -> float:
     if not isinstance(scale, int | float) or not math.isfinite(scale) or abs(scale) > MAX_LORA_SCALE:
         raise RequestError(
             f"LoRA {name!r}: scale must be from {-MAX_LORA_SCALE:g} to {MAX_LORA_SCALE:g} (1 is the adapter as "
-            f"trained, 0 turns it off), got {scale}"
+            f"trained, 0 turns it off), got {number_text(scale)}"
         )
     return float(scale)
 

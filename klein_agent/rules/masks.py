@@ -24,7 +24,7 @@ from PIL import Image
 
 from klein_agent.rules import limits
 from klein_agent.rules.references import PREPARED, original_size, scale_to_reference_area
-from klein_agent.rules.resolution import RequestError, prepared_reference_size
+from klein_agent.rules.resolution import RequestError, number_text, prepared_reference_size
 
 SOURCE_PREPARED = "klein-agent-inpaint-source"  # set in a prepared source's `info`: (multiple, original w, h)
 
@@ -177,7 +177,7 @@ def check_strength(strength: float) -> float:
     """`strength` as a float; raises RequestError unless 0 < strength <= 1."""
     if not isinstance(strength, int | float) or not 0 < strength <= 1:
         raise RequestError(
-            f"strength must be above 0 and at most 1, got {strength}: 1 repaints the masked area from noise, "
+            f"strength must be above 0 and at most 1, got {number_text(strength)}: 1 repaints the masked area from noise, "
             f"lower values keep more of it (default {limits.DEFAULT_STRENGTH})"
         )
     return float(strength)

@@ -104,6 +104,12 @@ class GeneratorInfo:
     size_multiple: int = 16  # px per latent token side; prepared references and outputs are multiples of it
     loras: tuple[tuple[str, float], ...] = ()  # the loaded LoRA adapters: (name, default scale)
 
+    def summary(self) -> str:
+        """One readable line for logs: `klein-4b (black-forest-labs/FLUX.2-klein-4B) on cuda, bfloat16`."""
+        model = self.variant if self.model == self.variant else f"{self.variant} ({self.model})"
+        adapters = f", LoRA {', '.join(name for name, _ in self.loras)}" if self.loras else ""
+        return f"{model} on {self.device}, {self.dtype}{adapters}"
+
 
 class ImageGenerator(Protocol):
     """What the engine, the CLI and test fakes need of a model: its `info` and `generate`."""

@@ -49,6 +49,13 @@ class ResolvedRequest:
         return self.guidance is not None and self.guidance > 1.0
 
 
+def number_text(value: object) -> str:
+    """A number as messages show it, the same whether it came as JSON `50` or as the CLI's float `50.0`."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
 def clean_prompt(prompt: str) -> str:
     """The prompt as the model gets it: control characters (but newlines and tabs) and surrounding space removed.
 
@@ -224,7 +231,7 @@ def resolve_sampling(
         raise RequestError(f"steps must be from 1 to {limits.MAX_STEPS}, got {resolved_steps}")
     if guidance is not None and not limits.MIN_GUIDANCE <= guidance <= limits.MAX_GUIDANCE:
         raise RequestError(
-            f"guidance must be from {limits.MIN_GUIDANCE:g} (no guidance) to {limits.MAX_GUIDANCE:g}, got {guidance}"
+            f"guidance must be from {limits.MIN_GUIDANCE:g} (no guidance) to {limits.MAX_GUIDANCE:g}, got {number_text(guidance)}"
         )
     if distilled:
         return resolved_steps, None

@@ -17,7 +17,9 @@ from klein_agent.service.studio import Studio
 
 INSTRUCTIONS = """\
 Local FLUX.2 [klein] image tools for try -> critique -> retry loops. generate makes images from text, edit \
-changes one image, compose combines up to 4 ("image 1", "image 2", ... in the prompt). Every image is stored and \
+changes one image, compose combines up to 4 ("image 1", "image 2", ... in the prompt), inpaint repaints one region \
+(boxes or a mask) and keeps the rest. Each of them takes loras=[{name, scale}] to apply the LoRA adapters (styles, \
+subjects) that server_status lists. Every image is stored and \
 referenced by its id (img_...); results carry a preview, the ids and seeds, and image://<id> links \
 (image://<id>/meta is the recipe). Describe what the picture should show, positively. If you cannot see a \
 preview, call view_image. Calls run one at a time; server_status shows the model and the queue."""

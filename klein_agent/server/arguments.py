@@ -6,11 +6,16 @@ agent passing `negative_prompt` believes it took effect), and reports schema err
 Prompt errors came back with JSON-RPC code 0. This middleware runs before the SDK's own validation
 (`ServerMiddleware`), checks tool arguments against each tool's published input schema with `jsonschema`, and
 raises INVALID_PARAMS (-32602) for prompts.
+
+The schema keeps its ranges (clients read them), but a value out of range is answered with the message of the rule
+in `klein_agent.rules` that the CLI and the studio apply (`RULES`), so one bad value reads the same everywhere.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
 from typing import Any
 
 import jsonschema
@@ -19,6 +24,11 @@ from mcp.server.context import CallNext, HandlerResult, ServerMiddleware, Server
 from mcp.shared.exceptions import MCPError
 from mcp_types import INVALID_PARAMS, CallToolResult, TextContent
 
+from klein_agent.rules import resolution
+from klein_agent.rules.loras import check_scale
+from klein_agent.rules.masks import MaskRequest, check_strength
+from klein_agent.service.store import ImageStore
+
 # What agents reach for that FLUX.2 [klein] does not have, and what to do instead.
 HINTS = {
     "negative_prompt": "klein takes no negative prompt: describe what should be there instead",
@@ -26,6 +36,35 @@ HINTS = {
     "num_inference_steps": "the step count is `steps`",
     "size": "give `width` and `height`",
     "image_url": "pass the URL (or an id, path or data: URI) as `image`",
+}
+
+
+def _sampling(steps: Any = 1, guidance: Any = None) -> None:
+    resolution.resolve_sampling(steps, guidance, distilled=True, default_steps=1, default_guidance=1.0)
+
+
+def _lora_scale(value: Any, arguments: dict[str, Any], path: list[Any]) -> None:
+    if len(path) == 3 and path[2] == "scale":
+        item = arguments["loras"][path[1]]
+        check_scale(value, str(item.get("name", f"loras[{path[1]}]")))
+
+
+# The rule each argument's schema range stands for: (value, all arguments, path of the error) -> raises
+# RequestError with the message the CLI and the studio give. A rule that accepts the value leaves the schema's
+# own message (the schema can be stricter than the rule, e.g. a side of 16 px the rules would take).
+RULES: dict[str, Callable[[Any, dict[str, Any], list[Any]], object]] = {
+    "prompt": lambda v, a, p: resolution.clean_prompt(v) if isinstance(v, str) else None,
+    "width": lambda v, a, p: resolution.check_user_size(v, None),
+    "height": lambda v, a, p: resolution.check_user_size(None, v),
+    "seed": lambda v, a, p: resolution.batch_seeds(v, 1),
+    "num_images": lambda v, a, p: resolution.batch_seeds(0, v),
+    "steps": lambda v, a, p: _sampling(steps=v),
+    "guidance": lambda v, a, p: _sampling(guidance=v),
+    "images": lambda v, a, p: resolution.check_reference_count(len(v)) if len(p) == 1 else None,
+    "session": lambda v, a, p: resolution.check_session(v),
+    "strength": lambda v, a, p: check_strength(v),
+    "boxes": lambda v, a, p: MaskRequest(a.get("mask"), v, None).check() if len(p) == 1 else None,
+    "loras": lambda v, a, p: _lora_scale(v, a, p),
 }
 
 
@@ -70,6 +109,8 @@ class ArgumentChecks(ServerMiddleware[Any]):
             return "arguments must be a JSON object of named arguments"
         properties: dict[str, Any] = schema.get("properties", {})
         unknown = [key for key in arguments if key not in properties]
+        if unknown and not properties:
+            return f"{params.get('name')} takes no arguments"
         if unknown:
             hints = [f"{k}: {HINTS[k]}" for k in unknown if k in HINTS]
             return (
@@ -77,12 +118,22 @@ class ArgumentChecks(ServerMiddleware[Any]):
                 f"this tool takes {', '.join(properties)}" + (f" ({'; '.join(hints)})" if hints else "")
             )
         values = {key: _pre_parse(properties[key], value) for key, value in arguments.items()}
+        order = {key: k for k, key in enumerate(properties)}  # report in the tool's argument order
         errors = sorted(
-            jsonschema.Draft202012Validator(schema).iter_errors(values), key=lambda e: list(e.absolute_path)
+            jsonschema.Draft202012Validator(schema).iter_errors(values),
+            key=lambda e: (
+                order.get(str(next(iter(e.absolute_path), "")), -1),
+                [str(p) for p in e.absolute_path],
+            ),
         )
         if not errors:
             return None
-        return "; ".join(_message(error, properties) for error in errors[:3])
+        messages: list[str] = []
+        for error in errors:
+            message = _message(error, properties, values)
+            if message not in messages:
+                messages.append(message)
+        return "; ".join(messages[:3])
 
     async def _check_prompt(self, params: dict[str, Any]) -> None:
         if self._prompts is None:
@@ -114,6 +165,20 @@ class ArgumentChecks(ServerMiddleware[Any]):
                 code=INVALID_PARAMS,
                 message=f"prompt {name} has no argument {', '.join(unknown)}; it takes {', '.join(sorted(known))}",
             )
+
+
+def split_ids(text: str) -> list[str]:
+    """The pieces of a string of image ids as agents sometimes send several (`"img_a, img_b"`, `"img_a img_b"`):
+    split at commas, semicolons and white space, in order. view_image takes ids only, so it reads any string so."""
+    return [piece for piece in re.split(r"[\s,;]+", text) if piece]
+
+
+def id_list(text: str) -> list[str] | None:
+    """`split_ids(text)` when every piece is an image id or image://<id>, else None. For arguments that also take
+    paths and data: URIs (compose): those may hold commas and spaces, so only a string of ids is split."""
+    pieces = split_ids(text)
+    bare = [piece.removeprefix("image://") for piece in pieces]
+    return pieces if bare and all(ImageStore.is_valid_id(b) for b in bare) else None
 
 
 def _pre_parse(schema: dict[str, Any], value: Any) -> Any:
@@ -156,17 +221,34 @@ def _described(value: Any) -> str:
     return f"{kind} ({shown})"
 
 
-def _message(error: jsonschema.ValidationError, properties: dict[str, Any]) -> str:
+def _message(error: jsonschema.ValidationError, properties: dict[str, Any], arguments: dict[str, Any]) -> str:
     path = list(error.absolute_path)
     name = str(path[0]) if path else "arguments"
     where = name + "".join(f"[{p}]" for p in path[1:])
     value = error.instance
     rule, limit = error.validator, error.validator_value
     if rule == "anyOf" and error.context:
-        # `int | None` and the like: report the failure of the non-null branch (a range, a type)
+        # `int | None` and the like: report the failure of the branch of the value's JSON type; a wrong type
+        # before a range (64.5 is not "a multiple of 16" but not an integer at all)
         tried = [e for e in error.context if not (e.validator == "type" and e.validator_value == "null")]
+        if tried and not any(e.validator == "type" for e in tried):
+            return _message(jsonschema.exceptions.best_match(tried), properties, arguments)
         if tried and not all(e.validator == "type" for e in tried):
-            return _message(jsonschema.exceptions.best_match(tried), properties)
+            right_type = [e for e in tried if not _type_failed(e, tried)]
+            if right_type:
+                return _message(jsonschema.exceptions.best_match(right_type), properties, arguments)
+    if rule not in ("anyOf", "type", "required", "additionalProperties") and name in RULES and path:
+        try:
+            RULES[name](value, arguments, path)
+        except resolution.RequestError as exc:
+            return str(exc)
+    if rule == "additionalProperties":
+        allowed = list(error.schema.get("properties", {}))
+        extra = [key for key in value if key not in allowed]
+        return (
+            f"{where} has no key{'s' if len(extra) > 1 else ''} {', '.join(repr(k) for k in extra)}; "
+            f"it takes {', '.join(allowed)}"
+        )
     if rule in ("anyOf", "type"):
         schema = properties.get(name, {}) if len(path) == 1 else error.schema
         kinds = [k for k in _kinds(schema) if k != "null"] or [str(limit)]
@@ -190,3 +272,9 @@ def _message(error: jsonschema.ValidationError, properties: dict[str, Any]) -> s
     if rule == "enum":
         return f"{where} must be one of {', '.join(map(str, limit))}, got {value!r}"
     return f"{where}: {error.message}"
+
+
+def _type_failed(error: jsonschema.ValidationError, tried: list[jsonschema.ValidationError]) -> bool:
+    """Whether `error` comes from an anyOf branch whose `type` the value does not have."""
+    branch = list(error.relative_schema_path)[:1]
+    return any(e.validator == "type" and list(e.relative_schema_path)[:1] == branch for e in tried)

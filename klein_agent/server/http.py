@@ -57,9 +57,16 @@ def http_app(mcp: MCPServer[Studio], studio: Studio, plan: HttpPlan) -> ASGIApp:
         allowed_origins=plan.allowed_origins,
     )
     app = mcp.streamable_http_app(host=plan.host, transport_security=security, max_request_body_size=body)
-    for prefix, sub in plan.extra_routes:
-        from starlette.routing import Mount
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Mount, Route
 
+    where = served_where(plan)
+
+    async def root(request: object) -> PlainTextResponse:
+        return PlainTextResponse(f"klein-agent: {where}\n")
+
+    app.router.routes.append(Route("/", root, methods=["GET"]))  # behind the guard: a visitor who got in
+    for prefix, sub in plan.extra_routes:
         app.router.routes.append(Mount(prefix, app=sub))
     settings = GuardSettings(
         allowed_hosts=plan.allowed_hosts,
@@ -71,8 +78,19 @@ def http_app(mcp: MCPServer[Studio], studio: Studio, plan: HttpPlan) -> ASGIApp:
         login_key=plan.login_key,
         login_redirect=plan.extra_routes[0][0] + "/" if plan.extra_routes else "/",
         body_timeout_s=plan.client_timeout_s,
+        where=where,
     )
     return HttpGuard(app, settings)
+
+
+def served_where(plan: HttpPlan) -> str:
+    """What this server serves where, for someone who opened `/`: the MCP endpoint, and the gallery if mounted."""
+    text = f"MCP clients connect to {plan.url}/mcp"
+    for prefix, _ in plan.extra_routes:
+        text += f"; people see the image store at {plan.url}{prefix}/"
+        if plan.login_key:
+            text += " (open the one-time login link the server printed at start)"
+    return text + "."
 
 
 async def serve_http(mcp: MCPServer[Studio], studio: Studio, plan: HttpPlan) -> None:

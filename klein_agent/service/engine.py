@@ -37,6 +37,7 @@ from klein_agent.rules.requests import (
     NonFiniteOutputError,
 )
 from klein_agent.rules.resolution import RequestError
+from klein_agent.service.error_text import describe
 
 log = logging.getLogger(__name__)
 
@@ -465,7 +466,7 @@ class Engine:
                 log.exception("the model failed to load")
             with self._cond:
                 self._state = EngineState.FAILED
-                self._error = f"{type(exc).__name__}: {exc}"
+                self._error = describe(exc)
                 failed = list(self._queue)
                 self._queue.clear()
                 self._cond.notify_all()
@@ -481,7 +482,7 @@ class Engine:
             if not self._stopping:
                 self._state = EngineState.READY
             self._cond.notify_all()
-        log.info("model ready in %.1f s: %s", self._load_seconds, generator.info)
+        log.info("model ready in %.1f s: %s", self._load_seconds, generator.info.summary())
         while True:
             with self._cond:
                 # first in, first out: a reserved slot at the head is waited for, not overtaken
@@ -560,7 +561,9 @@ class Engine:
             log.warning("generation refused: %s", exc)
             return GenerationFailedError(str(exc))
         log.exception("generation failed")
-        return GenerationFailedError(f"the model failed on this call: {type(exc).__name__}: {exc}")
+        return GenerationFailedError(
+            f"the model failed on this call: {describe(exc)} (the server log has the details)"
+        )
 
     def _signal_done(self, job: _Job) -> None:
         if threading.get_ident() == job.loop_thread:

@@ -14,6 +14,7 @@ import stat
 from pathlib import Path
 
 from klein_agent.rules.resolution import RequestError
+from klein_agent.service.error_text import describe
 from klein_agent.service.inputs.common import ImageInputError, show
 from klein_agent.service.inputs.paths import check_path_syntax, inside_store_error, path_from_file_uri
 from klein_agent.service.inputs.policy import INPUT_DIR_FLAG, InputPolicy
@@ -53,7 +54,7 @@ def check_output_path(path: str, policy: InputPolicy, *, default_name: str | Non
     try:
         parent = Path(os.path.realpath(parent_text))
     except (OSError, ValueError) as e:
-        raise ImageInputError(f"cannot resolve {show(parent_text)} ({e.__class__.__name__})") from None
+        raise ImageInputError(f"cannot resolve {show(parent_text)} ({describe(e)}): check the path") from None
     if not any(parent.is_relative_to(d) for d in policy.allowed_dirs):
         raise ImageInputError(
             f"{show(path)} is outside the folders this server may write ({policy.dirs_text()}): choose a "

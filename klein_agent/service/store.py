@@ -47,6 +47,7 @@ from typing import Any
 
 from klein_agent.rules.limits import STORE_MAX_BYTES, STORE_MAX_IMAGES
 from klein_agent.rules.resolution import check_session
+from klein_agent.service.error_text import describe
 from klein_agent.service.files import unlink_quietly, write_atomically
 
 if sys.platform != "win32":
@@ -928,17 +929,21 @@ def _recipe_json(recipe: dict[str, Any]) -> str:
     return text
 
 
+_JSON_KINDS = {list: "a list", str: "a string", int: "a number", float: "a number", bool: "true or false"}
+_JSON_KINDS[type(None)] = "null"
+
+
 def _read_recipe(image_id: str, text: object) -> dict[str, Any]:
     """A row's recipe; a damaged one (not a JSON object: edited by hand, a disk error) is logged and read as
     `{"tool": "unknown", UNREADABLE_RECIPE: why}`, so one bad row never breaks a listing of all the others."""
     try:
         recipe = json.loads(text) if isinstance(text, (str, bytes)) else None
     except (ValueError, RecursionError) as exc:
-        why = f"the stored recipe is not valid JSON ({type(exc).__name__}: {str(exc)[:80]})"
+        why = f"the stored recipe is not valid JSON ({describe(exc)[:80]})"
     else:
         if isinstance(recipe, dict):
             return recipe
-        why = f"the stored recipe is {type(recipe).__name__}, not a JSON object"
+        why = f"the stored recipe is {_JSON_KINDS.get(type(recipe), 'not readable')}, not a JSON object"
     log.warning("image %s: %s; it is listed with its recipe marked unreadable", image_id, why)
     return {"tool": "unknown", UNREADABLE_RECIPE: why}
 

@@ -13,15 +13,20 @@ the final layer stay in high precision, the same split as BFL's published FP8 ch
 4B's 3.68 G block-linear weights at 1 byte plus its other 0.20 G parameters at 2 bytes. They are the large
 majority of the FLOPs, and every one of them is wide enough for FP8 tensor cores to pay off.
 
-Run it under `klein_agent.speedups.compilation.compile_transformer_`: in eager mode the activation quantization (amax, divide,
+Two recipes (`recipe_for`). With `--compile` (`FAST_RECIPE`): rowwise scales (one per weight output channel and
+one per activation token, so a few large tokens or channels no longer flatten everyone else's precision) and
+cuBLASLt's fast accumulation (`use_fast_accum=True`: partial sums kept in the tensor cores' own precision, the
+recipe torchao and the FP8 training recipes use for forward passes). Without `--compile` (`EXACT_RECIPE`):
+per-tensor scales and exact accumulation, with a warning: in eager mode the activation quantization (amax, divide,
 clamp, cast) is several extra passes over each activation, which eats much of the FP8 matmul's gain; compiled, they
-fuse into one kernel before the matmul. torchao's float8 linears show the same (pytorch/ao issue #685:
-slower than 16-bit layers in eager mode, faster compiled).
+fuse into one kernel before the matmul (torchao's float8 linears show the same, pytorch/ao issue #685: slower than
+16-bit layers in eager mode, faster compiled), and the rowwise amax is one more reduction that only pays fused.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -52,6 +57,40 @@ def scaled_mm_available(device: torch.device | str) -> bool:
     return (props.major, props.minor) >= (8, 9)
 
 
+@dataclass(frozen=True)
+class Fp8Recipe:
+    """How the block linears are quantized: rowwise or per-tensor scales, fast or exact accumulation."""
+
+    rowwise: bool
+    use_fast_accum: bool
+
+
+FAST_RECIPE = Fp8Recipe(rowwise=True, use_fast_accum=True)
+EXACT_RECIPE = Fp8Recipe(rowwise=False, use_fast_accum=False)
+FP8_WITHOUT_COMPILE = (
+    "--fp8 without --compile: the activations' quantization runs as separate passes (slower than bfloat16 on most "
+    "GPUs), so the per-tensor recipe with exact accumulation is used; add --compile for rowwise scales and fast "
+    "accumulation, fused"
+)
+
+
+def recipe_for(compiled: bool) -> Fp8Recipe:
+    """The rule: rowwise scales and fast accumulation only when the blocks are compiled (see the module docstring);
+    the caller warns with FP8_WITHOUT_COMPILE otherwise."""
+    return FAST_RECIPE if compiled else EXACT_RECIPE
+
+
+def quantize_e4m3_rowwise(t: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row quantization of a 2-D tensor: (float8_e4m3fn [R, C], float32 scales [R, 1]) with
+    t ≈ q.float() * scale, each row's largest magnitude mapped onto 448 (as `quantize_e4m3`, row by row)."""
+    if t.ndim != 2:
+        raise ValueError(f"rowwise quantization takes a 2-D tensor, got shape {tuple(t.shape)}")
+    t32 = t.detach().float()
+    scale = t32.abs().amax(dim=1, keepdim=True).clamp(min=_MIN_SCALE) / FP8_MAX
+    q = (t32 / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q, scale
+
+
 def quantize_e4m3(t: Tensor) -> tuple[Tensor, Tensor]:
     """Per-tensor quantization: (float8_e4m3fn tensor, float32 scalar scale) with t ≈ q.float() * scale.
 
@@ -66,10 +105,11 @@ def quantize_e4m3(t: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class Float8Linear(nn.Module):
-    """A bias-free linear layer with an e4m3 weight and dynamic per-tensor e4m3 activations.
+    """A bias-free linear layer with an e4m3 weight and dynamic e4m3 activations, scaled per tensor or per row.
 
-    `weight` [out, in] float8_e4m3fn and `weight_scale` (float32 scalar) are buffers, so they follow `.to(device)`
-    and appear in the state dict. The output has the input's dtype.
+    `weight` [out, in] float8_e4m3fn and `weight_scale` (float32: one element, or [out, 1] with `rowwise`) are
+    buffers, so they follow `.to(device)` and appear in the state dict. With `rowwise`, each activation row (token)
+    gets its own scale too. The output has the input's dtype.
     """
 
     weight: Tensor
@@ -82,17 +122,21 @@ class Float8Linear(nn.Module):
         *,
         use_fast_accum: bool = False,
         force_reference: bool = False,
+        rowwise: bool = False,
     ) -> None:
         super().__init__()
         if weight.dtype != FP8_DTYPE or weight.ndim != 2:
             raise ValueError(f"expected a 2-D {FP8_DTYPE} weight, got {weight.dtype} {tuple(weight.shape)}")
-        if weight_scale.numel() != 1:
-            raise ValueError(
-                f"expected a per-tensor (one-element) scale, got shape {tuple(weight_scale.shape)}"
+        scale_shape = (weight.shape[0], 1) if rowwise else ()
+        if weight_scale.numel() != (weight.shape[0] if rowwise else 1):
+            kind = (
+                f"a rowwise scale of shape {scale_shape}" if rowwise else "a per-tensor (one-element) scale"
             )
+            raise ValueError(f"expected {kind}, got shape {tuple(weight_scale.shape)}")
+        self.rowwise = rowwise
         self.out_features, self.in_features = weight.shape
         self.register_buffer("weight", weight.contiguous())
-        self.register_buffer("weight_scale", weight_scale.detach().reshape(()).to(torch.float32))
+        self.register_buffer("weight_scale", weight_scale.detach().reshape(scale_shape).to(torch.float32))
         # cuBLASLt's fast accumulation keeps partial sums in the tensor cores' reduced precision (faster, slightly
         # less exact); off by default so the GPU path computes what the reference path checks.
         self.use_fast_accum = use_fast_accum
@@ -107,7 +151,8 @@ class Float8Linear(nn.Module):
         extra memory is that one layer, not the model)."""
         if linear.bias is not None:
             raise ValueError("Float8Linear has no bias; the FLUX.2 transformer's linears have none either")
-        weight, scale = quantize_e4m3(linear.weight)
+        quantize = quantize_e4m3_rowwise if kwargs.get("rowwise") else quantize_e4m3
+        weight, scale = quantize(linear.weight)
         return cls(weight, scale, **kwargs)
 
     @classmethod
@@ -124,21 +169,23 @@ class Float8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """[..., in] -> [..., out] in `x`'s dtype; `x` is quantized to e4m3 with its own scale per call."""
         x2d = x.reshape(-1, self.in_features)
-        x_q, x_scale = quantize_e4m3(x2d)
-        if self.uses_scaled_mm:
+        x_q, x_scale = quantize_e4m3_rowwise(x2d) if self.rowwise else quantize_e4m3(x2d)
+        # cuBLASLt's rowwise FP8 product writes bfloat16 only; other dtypes take the reference path
+        w_scale = self.weight_scale.t() if self.rowwise else self.weight_scale  # [1, out] or scalar
+        if self.uses_scaled_mm and (not self.rowwise or x.dtype == torch.bfloat16):
             # Row-major activations times a column-major weight: `weight.t()` of the row-major [out, in] buffer is
             # exactly the [in, out] column-major layout _scaled_mm requires, so no copy is made. Scales are the
-            # dequantization multipliers: out = (x_q @ w_q^T) * x_scale * w_scale.
+            # dequantization multipliers: out = (x_q @ w_q^T) * x_scale * w_scale ([M, 1] and [1, N] rowwise).
             out = torch._scaled_mm(
                 x_q.contiguous(),
                 self.weight.t(),
                 scale_a=x_scale,
-                scale_b=self.weight_scale,
+                scale_b=w_scale,
                 out_dtype=x.dtype,
                 use_fast_accum=self.use_fast_accum,
             )
         else:
-            out = _reference_scaled_mm(x_q, self.weight, x_scale, self.weight_scale).to(x.dtype)
+            out = _reference_scaled_mm(x_q, self.weight, x_scale, w_scale).to(x.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Float8Linear:
@@ -156,12 +203,15 @@ class Float8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         """The sizes and the FP8 dtype, for `print(model)`."""
-        return f"in_features={self.in_features}, out_features={self.out_features}, fp8={FP8_DTYPE}"
+        scales = "rowwise" if self.rowwise else "per-tensor"
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8={FP8_DTYPE}, {scales}"
 
 
 def _reference_scaled_mm(x_q: Tensor, w_q: Tensor, x_scale: Tensor, w_scale: Tensor) -> Tensor:
     """What _scaled_mm computes, in float32: products of e4m3 values are exact in float32, partial sums are float32,
-    and the two scales multiply the accumulated result (not the operands), as the kernel's epilogue does."""
+    and the two scales multiply the accumulated result (not the operands), as the kernel's epilogue does; rowwise
+    scales ([M, 1] and [1, N]) broadcast over the product. Fast accumulation has no reference: it is the kernel's
+    own rounding of partial sums."""
     return F.linear(x_q.float(), w_q.float()) * (x_scale * w_scale)
 
 
@@ -175,6 +225,7 @@ def quantize_transformer_(
     *,
     include: Callable[[str, nn.Linear], bool] | None = None,
     use_fast_accum: bool = False,
+    rowwise: bool = False,
 ) -> list[str]:
     """Replace the block linears of `model` in place by Float8Linear; returns the replaced module names.
 
@@ -195,6 +246,7 @@ def quantize_transformer_(
         for name, linear in targets:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
-            setattr(parent, child, Float8Linear.from_linear(linear, use_fast_accum=use_fast_accum))
+            layer = Float8Linear.from_linear(linear, use_fast_accum=use_fast_accum, rowwise=rowwise)
+            setattr(parent, child, layer)
             replaced.append(name)
     return replaced

@@ -58,6 +58,9 @@ class GuardSettings:
     cookie_tokens: dict[str, str] = field(
         default_factory=dict
     )  # cookie value -> token, minted by the login link
+    where: str = (
+        ""  # a sentence a 401 ends with: what is served where (`/mcp`, `/gallery/`), for a lost visitor
+    )
 
 
 class HttpGuard:
@@ -104,14 +107,15 @@ class HttpGuard:
             return
         token = self._token(scope, headers)
         if self._tokens and token is None:
+            where = f" {self.settings.where}" if self.settings.where else ""
             await _refuse(
                 send,
                 401,
                 "this server needs a bearer token: send 'Authorization: Bearer <token>' (the token is in the file "
-                "the server named at start, or $KLEIN_AGENT_TOKEN)"
+                f"the server named at start, or $KLEIN_AGENT_TOKEN).{where}"
                 if not page
                 else "this page needs you to log in: open the one-time login link that the server printed when it "
-                "started (each link works once; restart the server for a new one)",
+                f"started (each link works once; restart the server for a new one).{where}",
                 extra=[(b"www-authenticate", b'Bearer realm="klein-agent"')],
                 page=page,
             )

@@ -10,8 +10,9 @@ from typing import Annotated
 
 from mcp.server import MCPServer
 from mcp.server.mcpserver import Context
+from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import CallToolResult, ToolAnnotations
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from klein_agent.rules.limits import (
     DEFAULT_STRENGTH,
@@ -29,6 +30,7 @@ from klein_agent.rules.limits import (
     SIZE_MULTIPLE,
 )
 from klein_agent.rules.loras import MAX_LORA_SCALE
+from klein_agent.server.arguments import id_list
 from klein_agent.server.errors import tool_errors
 from klein_agent.server.models import ImagesResult
 from klein_agent.server.results import images_result
@@ -109,12 +111,11 @@ ImageArg = Annotated[
     ),
 ]
 ImagesArg = Annotated[
-    list[str],
+    Annotated[list[str], Field(min_length=1, max_length=MAX_REFERENCES)] | str,
     Field(
-        min_length=1,
-        max_length=MAX_REFERENCES,
         description='Reference images in order; the prompt calls them "image 1", "image 2", ... Each is an id, '
-        "image://<id>, an absolute path in an allowed folder, or a data: URI.",
+        'image://<id>, an absolute path in an allowed folder, or a data: URI. A list; "id1, id2" in one string is '
+        "read as a list of ids (paths and data: URIs may hold commas and spaces, so pass those as a list).",
     ),
 ]
 
@@ -158,6 +159,8 @@ StrengthArg = Annotated[
 
 class LoraChoice(BaseModel):
     """One LoRA adapter to run: its name as server_status lists it, and its scale."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt key ("weight") must not be dropped silently
 
     name: str = Field(
         min_length=1, max_length=64, description="The adapter's name, as server_status lists it."
@@ -304,7 +307,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
             studio,
             ctx,
             "compose",
-            images,
+            reference_list(images),
             prompt,
             width,
             height,
@@ -364,6 +367,19 @@ def register(mcp: MCPServer, studio: Studio) -> None:
             strength=strength,
             loras=loras,
         )
+
+
+def reference_list(images: list[str] | str) -> list[str]:
+    """compose's `images`: a list as given, or one string of ids (`id_list`, view_image's reading)."""
+    if isinstance(images, list):
+        return images
+    ids = id_list(images)
+    if ids is None:
+        raise ToolError(
+            'images must be a list, one string per image: pass a list, e.g. ["img_a", "/path/b.png"] (one string '
+            "is read as a list only when it holds image ids separated by commas or spaces)"
+        )
+    return ids
 
 
 async def make(

@@ -3,7 +3,6 @@ annotations beside it. None of them runs the model; each is a thin layer over `S
 
 from __future__ import annotations
 
-import re
 from typing import Annotated
 
 from mcp.server import MCPServer
@@ -12,6 +11,7 @@ from pydantic import Field
 
 from klein_agent.gallery.command import command_line
 from klein_agent.rules.limits import MAX_VIEW_IMAGES, MIN_SIDE, SESSION_MAX_CHARS, VIEW_MAX_EDGE
+from klein_agent.server.arguments import split_ids
 from klein_agent.server.errors import tool_errors
 from klein_agent.server.models import (
     ExportResult,
@@ -126,11 +126,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
         image_ids: ImageIdsArg, max_edge: MaxEdgeArg = 1024
     ) -> Annotated[CallToolResult, ViewResult]:
         # Ids hold no commas or spaces, so a string of several ("img_a, img_b") can only mean the list.
-        ids = (
-            [i for i in re.split(r"[\s,;]+", image_ids) if i]
-            if isinstance(image_ids, str)
-            else list(image_ids)
-        )
+        ids = split_ids(image_ids) if isinstance(image_ids, str) else list(image_ids)
         with tool_errors():
             sheet = await studio.contact_sheet(ids, max_edge=max_edge)
         preview, meta = sheet.preview, sheet.images
@@ -236,7 +232,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
                 listed = ", ".join(f"{lora.name} (scale {lora.scale:g})" for lora in model.loras)
                 head += f"; LoRA adapters, chosen per call with loras=[{{name, scale}}]: {listed}"
         elif model.state == "failed":
-            head = f"Model failed to load: {model.error}"
+            head = f"Model failed to load: {(model.error or 'unknown error').rstrip('. ')}"
         else:
             head = f"Model {model.state}"
         text = (

@@ -17,6 +17,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from klein_agent.rules.limits import REFERENCE_MAX_ASPECT as MAX_ASPECT
 from klein_agent.rules.limits import REFERENCE_MIN_SIDE as MIN_SIDE
+from klein_agent.service.error_text import describe
 from klein_agent.service.inputs.common import ImageInputError, ellipsize
 from klein_agent.service.pixels import to_rgb
 
@@ -96,7 +97,7 @@ def decode(data: bytes, *, max_pixels: int, reduce_to: int | None = None) -> tup
 
 
 def _corrupt_error(fmt: str, e: BaseException) -> ImageInputError:
-    detail = ellipsize(f"{e.__class__.__name__}: {e}", 120)
+    detail = ellipsize(describe(e), 120)
     return ImageInputError(
         f"the {fmt} image is truncated or corrupt ({detail}): re-export it as PNG, JPEG or WebP and try again"
     )

@@ -17,6 +17,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from klein_agent.service.error_text import describe
 from klein_agent.service.inputs.common import (
     ATTACHMENT_HINT,
     MAX_ARG_CHARS,
@@ -128,9 +129,7 @@ def load_path(path: str, policy: InputPolicy) -> LoadedImage:
     try:
         resolved = Path(os.path.realpath(path))
     except (OSError, ValueError) as e:
-        raise ImageInputError(
-            f"cannot resolve {show(path)} ({e.__class__.__name__}): check the path"
-        ) from None
+        raise ImageInputError(f"cannot resolve {show(path)} ({describe(e)}): check the path") from None
     # Containment first, existence second: a "not found" for paths outside the allowed folders would let a
     # caller probe which files exist on the machine.
     root = policy.root_of(resolved)
@@ -183,9 +182,7 @@ def read_image_file(
     try:
         resolved = Path(os.path.realpath(os.path.expanduser(path)))
     except (OSError, ValueError) as e:
-        raise ImageInputError(
-            f"cannot resolve {show(path)} ({e.__class__.__name__}): check the path"
-        ) from None
+        raise ImageInputError(f"cannot resolve {show(path)} ({describe(e)}): check the path") from None
     return _path_image(_read_file(resolved, path, max_bytes, hint=False), resolved, max_pixels, reduce_to)
 
 

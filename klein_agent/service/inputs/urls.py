@@ -12,6 +12,7 @@ import threading
 import time
 import urllib.parse
 
+from klein_agent.service.error_text import describe
 from klein_agent.service.inputs.common import (
     ImageInputError,
     LoadedImage,
@@ -198,7 +199,7 @@ def _fetch_url(url: str, policy: InputPolicy) -> tuple[bytes, str, str]:
                 "pass a local path or a data: URI"
             ) from None
         raise ImageInputError(
-            f"could not fetch the URL ({e.__class__.__name__}: {e}): check it, or pass a local path or data: URI"
+            f"could not fetch the URL ({describe(e)}): check it, or pass a local path or data: URI"
         ) from None
     finally:
         watchdog.cancel()
