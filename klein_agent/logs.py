@@ -22,6 +22,22 @@ def parse_level(text: str) -> str:
     return level
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A handler that writes to whatever `sys.stderr` is at the time of each record, not the stream it was made
+    with: a record from a worker thread after stderr was replaced (a redirect, a test's capture) still lands."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> object:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:  # StreamHandler.__init__ assigns it; the property ignores it
+        pass
+
+
 def configure_logging(level: str = "INFO") -> None:
     """Send logging to stderr: klein-agent's at `level`, everything else at WARNING or above (or at `level` when
     that is higher). Replaces handlers set before, so calling it twice does not print lines twice.
@@ -31,7 +47,7 @@ def configure_logging(level: str = "INFO") -> None:
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter(FORMAT))
     root.addHandler(handler)
     numeric = logging.getLevelName(level)

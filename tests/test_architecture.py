@@ -31,11 +31,13 @@ ALLOWED: dict[str, set[str]] = {
     "pipeline": {"pipeline", "model", "loading", "speedups", "rules"},
     "service": {"service", "rules"},
     "web": {"web"},
-    "gallery": {"gallery", "service", "rules", "web"},
-    "server": {"server", "service", "rules", "model_options", "web", "gallery"},
-    "model_options": {"rules", "pipeline"},
+    "gallery": {"gallery", "service", "rules", "web", "option_types"},
+    "server": {"server", "service", "rules", "model_options", "web", "gallery", "option_types"},
+    # the model options check a --model folder or cache entry with loading/hub.py's filesystem reads (no torch)
+    "model_options": {"rules", "pipeline", "loading", "option_types"},
+    "option_types": set(),  # argparse value types shared by the commands' parsers
 }
-TORCH_FREE = ["rules", "service", "web", "gallery", "server", "model_options", "cli"]
+TORCH_FREE = ["rules", "service", "web", "gallery", "server", "model_options", "option_types", "cli"]
 
 
 def modules() -> list[Path]:
