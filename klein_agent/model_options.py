@@ -11,6 +11,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from klein_agent.option_types import non_negative_gib
 from klein_agent.rules import buckets
 from klein_agent.rules.requests import ImageGenerator
 
@@ -69,7 +70,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, serve: bool = False)
         )
     group.add_argument(
         "--reference-kv-cache-gib",
-        type=_non_negative_float,
+        type=non_negative_gib,
         default=None,
         metavar="GIB",
         help="klein 9B-KV: memory for reference keys and values kept across calls, so a retry on the same "
@@ -151,16 +152,6 @@ def generator_factory(args: argparse.Namespace) -> Callable[[], ImageGenerator]:
         )
 
     return load
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of GiB, got {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number of GiB of at least 0, got {text!r}")
-    return value
 
 
 def _gib_to_bytes(gib: float | None) -> int | None:

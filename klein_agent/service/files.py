@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import secrets
 from pathlib import Path
+
+from klein_agent.service.safe_paths import write_all
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +29,7 @@ def write_atomically(target: Path, data: bytes, *, tmp_prefix: str = ".tmp-", mo
     placed = False
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY, mode)
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            if written <= 0:
-                raise OSError(errno.EIO, "write made no progress")
-            view = view[written:]
+        write_all(fd, data)
         os.fsync(fd)
         fd, closing = -1, fd  # the fd is gone even if close() fails
         os.close(closing)
