@@ -369,9 +369,10 @@ class ProgressBar:
         filled = int(width * done / total)
         line = f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {message}"
         if self.tty:
-            print(f"\r{line:<70}", end="", file=sys.stderr, flush=True)
+            # Marked open before the write: a Ctrl-C landing just after it must still end the line.
             self.drawn = True
             ProgressBar.open_line = True
+            print(f"\r{line:<70}", end="", file=sys.stderr, flush=True)
         elif done == total:
             print(line, file=sys.stderr)
 
