@@ -5,6 +5,8 @@ held to the loaded model's device."""
 from __future__ import annotations
 
 import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -89,9 +91,11 @@ async def test_a_cpu_model_refuses_more_than_512x512_by_default(
         state.store.close()
 
 
-async def test_a_call_made_while_loading_is_held_to_the_loaded_device(
+@asynccontextmanager
+async def loading_server(
     tiny_spy: Any, tmp_path: Path, input_dir: Path
-) -> None:
+) -> AsyncIterator[tuple[Client, Any, threading.Event]]:
+    """A client of a server whose model loads until the yielded event is set; budget by device."""
     release = threading.Event()
 
     def slow_load() -> Any:
@@ -101,55 +105,50 @@ async def test_a_call_made_while_loading_is_held_to_the_loaded_device(
     state = make_server_state(slow_load, tmp_path / "store", input_dir, max_pixels_per_call=None)
     try:
         async with Client(build_server(state)) as client:
-            status = await client.call_tool("server_status", {})
-            assert status.structured_content["max_pixels_per_call"] is None, "unknown until the model loads"
-            heard: list[str] = []
-
-            async def on_progress(value: float, total: float | None, message: str | None) -> None:
-                heard.append(message or "")
-                release.set()
-
-            big = await client.call_tool(
-                "generate", {"prompt": "big", "width": 768, "height": 768}, progress_callback=on_progress
-            )
-            assert "loading model" in heard
-            assert (
-                big.is_error
-                and "over the 0.26 megapixel limit per call (the default on cpu" in big.content[0].text
-            )
-            assert tiny_spy.calls == [], "refused before the model ran"
-            assert state.store.stats().count == 0
-            ok = await client.call_tool("generate", {"prompt": "fits", "width": 512, "height": 512})
-            assert not ok.is_error
+            yield client, state, release
     finally:
         release.set()
         state.engine.close()
         state.store.close()
+
+
+async def test_a_call_made_while_loading_is_held_to_the_loaded_device(
+    tiny_spy: Any, tmp_path: Path, input_dir: Path
+) -> None:
+    async with loading_server(tiny_spy, tmp_path, input_dir) as (client, state, release):
+        status = await client.call_tool("server_status", {})
+        assert status.structured_content["max_pixels_per_call"] is None, "unknown until the model loads"
+        heard: list[str] = []
+
+        async def on_progress(value: float, total: float | None, message: str | None) -> None:
+            heard.append(message or "")
+            release.set()
+
+        big = await client.call_tool(
+            "generate", {"prompt": "big", "width": 768, "height": 768}, progress_callback=on_progress
+        )
+        assert "loading model" in heard
+        assert (
+            big.is_error
+            and "over the 0.26 megapixel limit per call (the default on cpu" in big.content[0].text
+        )
+        assert tiny_spy.calls == [], "refused before the model ran"
+        assert state.store.stats().count == 0
+        ok = await client.call_tool("generate", {"prompt": "fits", "width": 512, "height": 512})
+        assert not ok.is_error
 
 
 async def test_an_unset_size_asked_while_loading_fits_the_loaded_devices_budget(
     tiny_spy: Any, tmp_path: Path, input_dir: Path
 ) -> None:
-    release = threading.Event()
+    async with loading_server(tiny_spy, tmp_path, input_dir) as (client, _state, release):
 
-    def slow_load() -> Any:
-        release.wait(30)
-        return tiny_spy
+        async def on_progress(value: float, total: float | None, message: str | None) -> None:
+            release.set()
 
-    state = make_server_state(slow_load, tmp_path / "store", input_dir, max_pixels_per_call=None)
-    try:
-        async with Client(build_server(state)) as client:
-
-            async def on_progress(value: float, total: float | None, message: str | None) -> None:
-                release.set()
-
-            made = await client.call_tool("generate", {"prompt": "default"}, progress_callback=on_progress)
-            assert not made.is_error, made.content[0].text
-            assert (made.structured_content["images"][0]["width"], tiny_spy.calls[-1].height) == (512, 512)
-    finally:
-        release.set()
-        state.engine.close()
-        state.store.close()
+        made = await client.call_tool("generate", {"prompt": "default"}, progress_callback=on_progress)
+        assert not made.is_error, made.content[0].text
+        assert (made.structured_content["images"][0]["width"], tiny_spy.calls[-1].height) == (512, 512)
 
 
 def test_an_unset_size_is_scaled_into_the_budget_and_a_given_one_never_is() -> None:
