@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from klein_agent.rules import limits
-from klein_agent.rules.references import PREPARED, original_size, scale_to_reference_area
+from klein_agent.rules.references import PREPARED, original_size, prepared_with, scale_to_reference_area
 from klein_agent.rules.resolution import RequestError, number_text, prepared_reference_size
 
 SOURCE_PREPARED = "klein-agent-inpaint-source"  # set in a prepared source's `info`: (multiple, original w, h)
@@ -116,8 +116,7 @@ def prepare_source(image: Image.Image, multiple: int = limits.SIZE_MULTIPLE) -> 
     """The picture to repaint as the model sees it: scaled down (Lanczos) to at most ~1 Mpx, then resized to whole
     tokens of `multiple` px (diffusers resizes the inpaint source where it crops a reference). Raises
     RequestError for a side under 64 px or an aspect over 8:1. A prepared source comes back unchanged."""
-    mark = image.info.get(SOURCE_PREPARED)
-    if isinstance(mark, tuple) and len(mark) == 3 and mark[0] == multiple:
+    if prepared_with(image, multiple, SOURCE_PREPARED):
         return image
     original = original_size(image)
     image = scale_to_reference_area(image)
@@ -130,8 +129,7 @@ def prepare_source(image: Image.Image, multiple: int = limits.SIZE_MULTIPLE) -> 
 
 def source_size(image: Image.Image, multiple: int = limits.SIZE_MULTIPLE) -> tuple[int, int]:
     """The output (width, height) of a masked edit of `image`: the source as `prepare_source` makes it."""
-    mark = image.info.get(SOURCE_PREPARED)
-    if isinstance(mark, tuple) and len(mark) == 3 and mark[0] == multiple:
+    if prepared_with(image, multiple, SOURCE_PREPARED):
         return image.size
     return prepared_reference_size(*original_size(image), multiple)
 

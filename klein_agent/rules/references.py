@@ -18,6 +18,12 @@ from klein_agent.rules.resolution import check_reference_geometry, prepared_refe
 PREPARED = "klein-agent-prepared"
 
 
+def prepared_with(image: Image.Image, multiple: int, mark: str = PREPARED) -> bool:
+    """Whether `image` carries `mark` (PREPARED, or masks.SOURCE_PREPARED) set for this `multiple`."""
+    value = image.info.get(mark)
+    return isinstance(value, tuple) and len(value) == 3 and value[0] == multiple
+
+
 def original_size(image: Image.Image) -> tuple[int, int]:
     """The size a picture had before `prepare_reference`, or its own size if it was not prepared."""
     mark = image.info.get(PREPARED)
@@ -39,8 +45,7 @@ def prepare_reference(image: Image.Image, multiple: int = SIZE_MULTIPLE) -> Imag
     """An RGB reference as the model sees it: scaled down (Lanczos) to at most ~1 Mpx, then center-cropped to
     multiples of `multiple` px. Raises `resolution.RequestError` for a side under 64 px or an aspect over 8:1 (of
     the original). A picture this function already prepared with the same `multiple` comes back unchanged."""
-    mark = image.info.get(PREPARED)
-    if isinstance(mark, tuple) and len(mark) == 3 and mark[0] == multiple:
+    if prepared_with(image, multiple):
         return image
     original = original_size(image)
     image = scale_to_reference_area(image)
