@@ -62,6 +62,27 @@ def cpu_scaled_mm_works() -> bool:
     return True
 
 
+def summation_bound(x_q: Tensor, w_q: Tensor, x_scale: Tensor, w_scale: Tensor) -> Tensor:
+    """How far two float32 computations of `(x_q @ w_q.T) * x_scale * w_scale` may differ when they sum in
+    different orders (another CPU's SIMD width, blocking, AMX tiles): [M, N]. Each is within (K + 2) * u * S of
+    the exact value, where S = sum_k |x_q w_q| * |x_scale * w_scale| (u = eps/2; K - 1 additions, the scale
+    multiplications, products of e4m3 values are exact in float32), so they differ by at most (K + 2) * eps * S.
+    Computed in float64 from the test's own tensors; a wrong scale or a wrong product is far outside it."""
+    k = x_q.shape[-1]
+    magnitude = x_q.double().abs() @ w_q.double().abs().t() * (x_scale.double() * w_scale.double()).abs()
+    return (k + 2) * torch.finfo(torch.float32).eps * magnitude
+
+
+def assert_within(got: Tensor, want: Tensor, bound: Tensor) -> None:
+    """Every |got - want| <= bound, with the worst element in the message."""
+    excess = (got.double() - want.double()).abs() - bound
+    worst = int(excess.argmax())
+    assert (excess <= 0).all(), (
+        f"element {worst}: |{got.flatten()[worst].item()} - {want.flatten()[worst].item()}| exceeds the bound "
+        f"{bound.flatten()[worst].item():.3g} by {excess.flatten()[worst].item():.3g}"
+    )
+
+
 def fp8_relative_error(reference: Tensor, quantized: Tensor) -> float:
     """||quantized - reference|| / ||reference|| over the whole tensor, in float64."""
     ref = reference.double()
@@ -135,7 +156,7 @@ def test_reference_path_matches_pytorch_scaled_mm() -> None:
         x_q, layer.weight.t(), scale_a=x_scale, scale_b=layer.weight_scale, out_dtype=torch.float32
     )
     with torch.no_grad():
-        torch.testing.assert_close(layer(x), kernel, rtol=1e-5, atol=1e-6)
+        assert_within(layer(x), kernel, summation_bound(x_q, layer.weight, x_scale, layer.weight_scale))
 
 
 @pytest.mark.skipif(not cpu_scaled_mm_works(), reason="this PyTorch build has no CPU _scaled_mm")

@@ -23,7 +23,13 @@ from klein_agent.speedups.fp8 import (
     quantize_e4m3_rowwise,
     recipe_for,
 )
-from tests.test_fp8 import cpu_scaled_mm_works, fp8_relative_error, make_linear
+from tests.test_fp8 import (
+    assert_within,
+    cpu_scaled_mm_works,
+    fp8_relative_error,
+    make_linear,
+    summation_bound,
+)
 
 E4M3_RELATIVE_STEP = 2.0**-3  # 3 mantissa bits: neighbours differ by 1/8 of the value's power of two
 E4M3_SMALLEST_STEP = 2.0**-9  # the subnormal spacing
@@ -81,7 +87,15 @@ def test_rowwise_layer_against_float_and_against_pytorchs_kernel() -> None:
         kernel = torch._scaled_mm(
             x_q, layer.weight.t(), scale_a=x_scale, scale_b=layer.weight_scale.t(), out_dtype=torch.float32
         )
-        torch.testing.assert_close(got, kernel, rtol=1e-5, atol=1e-6)
+        w_scale = layer.weight_scale.t()
+        bound = summation_bound(x_q, layer.weight, x_scale, w_scale)  # from the arithmetic, not from one CPU
+        assert_within(got, kernel, bound)
+        # and the bound is tight enough to see one token's scale off by 1/1024
+        off = x_scale.clone()
+        off[3] *= 1 + 2**-10
+        wrong = torch._scaled_mm(x_q, layer.weight.t(), scale_a=off, scale_b=w_scale, out_dtype=torch.float32)
+        with pytest.raises(AssertionError, match="exceeds the bound"):
+            assert_within(wrong, kernel, bound)
 
 
 def test_rowwise_gpu_branch_passes_row_and_column_scales_and_fast_accum(
@@ -109,7 +123,13 @@ def test_rowwise_gpu_branch_passes_row_and_column_scales_and_fast_accum(
     assert call["use_fast_accum"] is True and call["out_dtype"] == torch.bfloat16
     layer.force_reference = True
     with torch.no_grad():
-        torch.testing.assert_close(got, layer(x), rtol=1e-2, atol=1e-5)
+        reference = layer(x)
+    # both are float32 sums rounded once to bfloat16 (relative error <= 2**-8 each), so they differ by at most the
+    # float32 summation bound plus those two roundings
+    x_q, x_scale = quantize_e4m3_rowwise(x.reshape(-1, 64))
+    bound = summation_bound(x_q, layer.weight, x_scale, layer.weight_scale.t()).reshape(got.shape)
+    bf16_rounding = 2.0**-8 * (got.double().abs() + reference.double().abs())
+    assert_within(got, reference, bound * (1 + 2.0**-8) + bf16_rounding)
 
 
 def test_the_fast_recipe_only_with_compile(caplog: pytest.LogCaptureFixture) -> None:

@@ -27,7 +27,7 @@ from typing import Any
 import anyio
 import chromium  # tools/, on the path through conftest
 import pytest
-from fill_store import fill
+from fill_store import HOSTILE_PARENT, fill, odd_cases
 from mcp import Client
 
 from klein_agent.rules.recipes import rerun_call, rerun_command
@@ -150,7 +150,7 @@ def lineage(page: Any) -> dict[str, list[str]]:
     found = page.eval_on_selector_all(
         ".card", "cards => cards.map(c => [c.dataset.imageId, c.dataset.parents])"
     )
-    return {image_id: parents.split() for image_id, parents in found}
+    return {image_id: json.loads(parents) for image_id, parents in found}
 
 
 def test_an_mcp_session_appears_with_its_cards_and_lineage(
@@ -182,7 +182,8 @@ def test_an_mcp_session_appears_with_its_cards_and_lineage(
         ) == [edit["image_id"], gen["image_id"]]
         reference = page.locator(f'.card[data-image-id="{imported}"]')
         assert reference.get_attribute("data-tool") == "import"
-        assert "imported reference" in reference.inner_text().lower() and "den.png" in reference.inner_text()
+        assert "reference" in reference.inner_text().lower() and "den.png" in reference.inner_text()
+        assert reference.locator(".tool").get_attribute("title") == "imported reference"
         assert page.eval_on_selector_all(
             ".card .thumb img", "imgs => imgs.every(i => i.complete && i.naturalWidth > 0)"
         )
@@ -270,7 +271,7 @@ def test_two_pictures_side_by_side_with_a_slider_and_a_blink(
         page.click("dialog#compare button[data-mode=slider]")
         assert "mode-slider" in stage.get_attribute("class")
         page.locator("dialog#compare input.slider").fill("20")
-        assert "20%" in stage.locator("figure.side-b").evaluate("f => getComputedStyle(f).clipPath")
+        assert "20%" in stage.locator("figure.side-b img").evaluate("i => getComputedStyle(i).clipPath")
 
         page.click("dialog#compare button[data-mode=blink]")
         shown = {page.locator("figure.side-b").evaluate("f => getComputedStyle(f).visibility")}
@@ -304,7 +305,9 @@ def test_new_images_appear_while_the_agent_works(logged_in: Any, server: Server,
             worker.join(timeout=120)
         new = made["images"][0]["image_id"]
         assert page.locator(".card").first.get_attribute("data-image-id") == new
-        assert page.locator(".card").first.get_attribute("data-parents") == session["comp"]["image_id"]
+        assert json.loads(page.locator(".card").first.get_attribute("data-parents")) == [
+            session["comp"]["image_id"]
+        ]
         comp_card = page.locator(f'.card[data-image-id="{session["comp"]["image_id"]}"]')
         assert new in comp_card.locator(".made-into .chip").evaluate_all("cs => cs.map(c => c.dataset.ref)")
         assert page.evaluate("window.stayed") is True
@@ -341,11 +344,9 @@ def test_refusals_the_spent_link_and_the_404_page(browser: Any, logged_in: Any, 
         page.wait_for_selector("body[data-ready='1']")
 
 
-def test_a_thousand_images_are_paged(browser: Any, tmp_path: Path) -> None:
-    root = tmp_path / "store"
-    with ImageStore(root, max_images=2000) as store:
-        fill(store, images=1000, sessions=20)
-    log_path = tmp_path / "gallery.log"
+@contextlib.contextmanager
+def standalone_gallery(root: Path, log_path: Path) -> Iterator[tuple[str, str]]:
+    """`klein-agent gallery --store root` in a process of its own: (its one-time login link, its base URL)."""
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "klein_agent", "gallery", "--store", str(root), "--port", "0"],
@@ -353,26 +354,175 @@ def test_a_thousand_images_are_paged(browser: Any, tmp_path: Path) -> None:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
     try:
         deadline = time.monotonic() + 30
         while not (
-            found := re.search(r"open (http://127\.0\.0\.1:(\d+)/login\?key=\S+)", log_path.read_text())
+            found := re.search(r"open ((http://127\.0\.0\.1:(\d+))/login\?key=\S+)", log_path.read_text())
         ):
             assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
             time.sleep(0.05)
-        wait_listening(int(found.group(2)))
-        page = context.new_page()
-        page.goto(found.group(1))
-        page.wait_for_selector("body[data-ready='1']")
-        assert page.locator(".card").count() == 60, "the first paint holds one page of cards"
-        assert page.inner_text("#total") == "1000 images"
-        assert page.locator(".sessions a[data-session]").count() == 20
-        page.locator("#load-more").scroll_into_view_if_needed()
-        page.wait_for_function("() => document.querySelectorAll('.card').length === 120")
-        ids = page.eval_on_selector_all(".card", "cards => cards.map(c => c.dataset.imageId)")
-        assert len(set(ids)) == 120
+        wait_listening(int(found.group(3)))
+        yield found.group(1), found.group(2)
     finally:
-        context.close()
         proc.terminate()
         proc.wait(timeout=15)
+
+
+def test_a_thousand_images_are_paged(browser: Any, tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    with ImageStore(root, max_images=2000) as store:
+        fill(store, images=1000, sessions=20)
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    with standalone_gallery(root, tmp_path / "gallery.log") as (link, _):
+        try:
+            page = context.new_page()
+            page.goto(link)
+            page.wait_for_selector("body[data-ready='1']")
+            assert page.locator(".card").count() == 60, "the first paint holds one page of cards"
+            assert page.inner_text("#total") == "1000 images"
+            assert page.locator(".sessions a[data-session]").count() == 20
+            page.locator("#load-more").scroll_into_view_if_needed()
+            page.wait_for_function("() => document.querySelectorAll('.card').length === 120")
+            ids = page.eval_on_selector_all(".card", "cards => cards.map(c => c.dataset.imageId)")
+            assert len(set(ids)) == 120
+        finally:
+            context.close()
+
+
+# ---- awkward cards, at a desk's and a phone's size ---------------------------------------------------------------
+
+VIEWPORTS = {"desk": {"width": 1400, "height": 1000}, "phone": {"width": 390, "height": 844}}
+
+
+@dataclass
+class OddGallery:
+    """A standalone gallery over `odd_cases`' 20 cards: its base URL, bearer token, notable ids, and store."""
+
+    url: str
+    token: str
+    roles: dict[str, str]
+    store: Path
+
+
+@pytest.fixture(scope="module")
+def odd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OddGallery]:
+    folder = tmp_path_factory.mktemp("gallery-odd")
+    root = folder / "store"
+    with ImageStore(root) as store:
+        roles = odd_cases(store)
+    with standalone_gallery(root, folder / "gallery.log") as (_, url):
+        yield OddGallery(url, (folder / "store.http-token").read_text().strip(), roles, root)
+
+
+@contextlib.contextmanager
+def odd_page(browser: Any, odd: OddGallery, size: str, hash_: str = "") -> Iterator[Any]:
+    """The odd gallery at one of VIEWPORTS, ready, in a context of its own; no script error allowed."""
+    context = browser.new_context(
+        viewport=VIEWPORTS[size], extra_http_headers={"Authorization": f"Bearer {odd.token}"}
+    )
+    errors: list[str] = []
+    try:
+        page = context.new_page()
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(f"{odd.url}/gallery/{hash_}")
+        page.wait_for_selector("body[data-ready='1']", timeout=10_000)
+        yield page
+        assert not errors, errors
+    finally:
+        context.close()
+
+
+def stored(odd: OddGallery) -> list[tuple[str, str]]:
+    """The store's (id, session) pairs, newest first; "" for no session."""
+    with ImageStore(odd.store, read_only=True) as store:
+        images, _ = store.list(limit=100)
+    return [(i.image_id, i.session or "") for i in images]
+
+
+def ids_of(odd: OddGallery, session: str) -> list[str]:
+    """One session's ids, newest first ("" for the images without a session)."""
+    return [image_id for image_id, s in stored(odd) if s == session]
+
+
+@pytest.mark.parametrize("size", VIEWPORTS)
+def test_a_hostile_parent_id_stops_no_view(browser: Any, odd: OddGallery, size: str) -> None:
+    everything = [image_id for image_id, _ in stored(odd)]
+    assert len(everything) == 20
+    with odd_page(browser, odd, size) as page:
+        assert sorted(lineage(page)) == sorted(everything), "all 20 cards"
+        assert lineage(page)[odd.roles["hostile"]][-1] == HOSTILE_PARENT
+        hostile = page.locator(f'.card[data-image-id="{odd.roles["hostile"]}"]')
+        chips = hostile.locator(".from .chip").evaluate_all("cs => cs.map(c => c.dataset.ref)")
+        assert chips[-1] == HOSTILE_PARENT, "shown as text, its markup inert"
+        assert hostile.locator(".from b").count() == 0
+    with odd_page(browser, odd, size, "#session=agent-b") as page:
+        assert list(lineage(page)) == ids_of(odd, "agent-b")[::-1], "the session's 8, oldest first"
+
+
+@pytest.mark.parametrize("size", VIEWPORTS)
+def test_sessions_that_take_turns_stay_one_group_each(browser: Any, odd: OddGallery, size: str) -> None:
+    """Two agents storing in turn: one group per session, the most recently active first, newest first inside."""
+    with odd_page(browser, odd, size) as page:
+        groups = page.eval_on_selector_all(
+            ".group",
+            "gs => gs.map(g => [g.dataset.session, [...g.querySelectorAll('.card')].map(c => c.dataset.imageId)])",
+        )
+    by_activity = list(dict.fromkeys(session for _, session in stored(odd)))
+    assert [name for name, _ in groups] == by_activity == ["agent-a", "agent-b", ""]
+    for name, ids in groups:
+        assert ids == ids_of(odd, name)
+
+
+CARD_HEADS = """cards => cards.map(card => {
+    const box = r => { const b = r.getBoundingClientRect(); return [b.top, b.bottom]; };
+    const id = card.querySelector('.id');
+    return {
+        id: card.dataset.imageId,
+        shown: id.textContent,
+        fits: id.scrollWidth <= id.clientWidth,
+        tool: box(card.querySelector('.tool')),
+        pick: box(card.querySelector('.pick input')),
+        label: box(card.querySelector('.pick')),
+    };
+})"""
+
+
+@pytest.mark.parametrize("size", VIEWPORTS)
+@pytest.mark.parametrize("view", ["", "#session=agent-a"])
+def test_every_card_shows_its_whole_id_and_its_compare_box_beside_the_tool(
+    browser: Any, odd: OddGallery, size: str, view: str
+) -> None:
+    with odd_page(browser, odd, size, view) as page:
+        heads = page.eval_on_selector_all(".card", CARD_HEADS)
+    assert odd.roles["inpaint"] in [h["id"] for h in heads]
+    for head in heads:
+        assert head["shown"] == head["id"] and head["fits"], head
+        middle = (
+            sum(head["pick"]) / 2
+        )  # the box's middle lies within the tool badge's line, as its label's does
+        assert head["tool"][0] <= middle <= head["tool"][1], head
+        assert head["label"][0] <= middle <= head["label"][1], head
+
+
+@pytest.mark.parametrize("size", VIEWPORTS)
+def test_the_slider_hint_and_the_two_captions_do_not_overlap(
+    browser: Any, odd: OddGallery, size: str
+) -> None:
+    with odd_page(browser, odd, size) as page:
+        for box in page.locator(".card input[data-pick]").all()[:2]:
+            box.check()
+        page.click("#compare-open")
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('dialog#compare img')].every(i => i.complete && i.naturalWidth > 0)"
+        )
+        for mode in ("side", "slider", "blink"):
+            page.click(f"dialog#compare button[data-mode={mode}]")
+            rects = page.evaluate(
+                """() => [...document.querySelectorAll('dialog#compare figcaption, dialog#compare .compare-hint')]
+                    .map(e => { const r = e.getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom]; })"""
+            )
+            assert len(rects) == 3
+            for i, a in enumerate(rects):
+                for b in rects[i + 1 :]:
+                    apart = a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1]
+                    assert apart, (mode, a, b)

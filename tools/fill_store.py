@@ -1,6 +1,7 @@
 """Fill a scratch image store with agent-like sessions of small synthetic pictures, fast.
 
     python tools/fill_store.py STORE [--images 1000] [--sessions 25] [--seed 0]
+    python tools/fill_store.py STORE --odd      # the 20 awkward cards of `odd_cases` instead
 
 Each session starts from a text-to-image try, then edits earlier tries (mostly the last one, sometimes an older
 one: the agent went back), now and then imports a reference and composes it with a try. Records carry the recipe
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import random
 import sys
 import time
@@ -147,15 +149,97 @@ def fill(store: ImageStore, images: int, sessions: int, seed: int = 0) -> list[S
     return made
 
 
+HOSTILE_PARENT = "img_\"] <b>x</b> \\ ' %zz #\n"  # a parent id as a hand-edited database might hold it
+LONG_PROMPT = (
+    "a lighthouse on a basalt cliff at dusk, waves breaking far below, a keeper's cottage with one lit window, "
+    "gulls over the lantern room, long exposure, the beam sweeping through sea mist, 35 mm, muted teal and amber "
+    "palette, soft film grain, the horizon slightly tilted as if taken from a moving boat, no text, no watermark"
+)
+
+
+def odd_cases(store: ImageStore, seed: int = 0) -> dict[str, str]:
+    """Twenty cards that are awkward to show: two sessions whose images interleave in time (two agents at work at
+    once), an inpaint, a compose, an import, a very long prompt, two images without a session, and one image
+    (agent-b's newest) whose stored parent list holds `HOSTILE_PARENT` (quotes, markup, a backslash, a bad %-escape, a newline; written
+    into the database by hand, as `put` refuses such an id). Returns the notable ids by role: "hostile",
+    "inpaint", "long", "first_a", "first_b"."""
+    rng = random.Random(seed)
+    size = (96, 96)
+    last: dict[str | None, StoredImage] = {}
+    roles: dict[str, str] = {}
+
+    def put(session: str | None, tool: str, prompt: str, parents: list[str], **extra: object) -> StoredImage:
+        image = store.put(
+            picture(rng, *size),
+            width=size[0],
+            height=size[1],
+            session=session,
+            parents=parents,
+            recipe={**recipe(tool, prompt, rng.randrange(2**32), size, parents, session or ""), **extra},
+        )
+        last[session] = image
+        return image
+
+    with mock.patch("klein_agent.service.files.os.fsync"):
+        roles["first_a"] = put("agent-a", "generate", "a red fox", []).image_id
+        roles["first_b"] = put("agent-b", "generate", "a paper boat", []).image_id
+        for k in range(6):  # the two agents take turns: their images interleave in time
+            for session, subject in (("agent-a", "a red fox"), ("agent-b", "a paper boat")):
+                if k == 2 and session == "agent-a":
+                    roles["inpaint"] = put(
+                        session,
+                        "inpaint",
+                        "replace the sky with a storm",
+                        [last[session].image_id],
+                        mask={"boxes": [[0, 0, 96, 40]]},
+                        strength=0.9,
+                    ).image_id
+                elif k == 3 and session == "agent-b":
+                    roles["long"] = put(session, "edit", LONG_PROMPT, [last[session].image_id]).image_id
+                else:
+                    put(session, "edit", f"{subject}, {EDITS[k]}", [last[session].image_id])
+        reference = store.put(
+            picture(rng, *size),
+            width=size[0],
+            height=size[1],
+            session="agent-a",
+            recipe={"tool": "import", "source": "/home/me/Pictures/a very long folder name/ref.png"},
+        )
+        put(
+            "agent-a",
+            "compose",
+            "image 1 in the style of image 2",
+            [last["agent-a"].image_id, reference.image_id],
+        )
+        put(None, "generate", "a bowl of ramen", [])
+        put(None, "edit", "a bowl of ramen, warmer light", [last[None].image_id])
+        hostile = put("agent-b", "edit", "a paper boat, closer crop", [last["agent-b"].image_id])
+        put("agent-a", "edit", "a red fox, add a rainbow", [last["agent-a"].image_id])
+    store._conn.execute(  # type: ignore[union-attr]  # what only a hand edit of the database can do
+        "UPDATE images SET parents = ? WHERE image_id = ?",
+        (json.dumps([*hostile.parents, HOSTILE_PARENT]), hostile.image_id),
+    )
+    store._conn.commit()  # type: ignore[union-attr]
+    roles["hostile"] = hostile.image_id
+    return roles
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("store", type=Path)
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--sessions", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--odd", action="store_true", help="store the 20 awkward cards of odd_cases() instead"
+    )
     args = parser.parse_args(argv)
     started = time.perf_counter()
     with ImageStore(args.store, max_images=max(10_000, args.images)) as store:
+        if args.odd:
+            roles = odd_cases(store, args.seed)
+            print(f"20 awkward images in {args.store}: {roles}", file=sys.stderr)
+            return 0
         made = fill(store, args.images, args.sessions, args.seed)
     print(f"{len(made)} images in {args.store} ({time.perf_counter() - started:.1f} s)", file=sys.stderr)
     return 0

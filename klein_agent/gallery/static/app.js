@@ -1,5 +1,7 @@
 // The klein-agent gallery page: cards, lineage, the full picture, a compare view, live updates.
-// Plain JavaScript, no dependencies; text from the store is only ever set as textContent, never as HTML.
+// Plain JavaScript, no dependencies. Every string from the JSON is hostile (a hand-edited database can hold any
+// text): it is only ever set as textContent or an attribute, never as HTML; it enters a selector only through
+// CSS.escape (byId) and a URL only through encodeURIComponent (fileUrl).
 "use strict";
 
 (() => {
@@ -7,6 +9,7 @@
   const state = {
     session: null, // null: all images, newest first, grouped by session; a name: that session's lineage tree
     cards: new Map(), // id -> card JSON, every card loaded so far
+    groups: new Map(), // all images: session ("" for none) -> its <section>, one per session
     children: new Map(), // id -> ids of loaded images made from it
     cursor: null,
     done: false,
@@ -17,6 +20,9 @@
     view: 0, // bumped by each new view, so a late answer for the last one is dropped
   };
   const $ = (selector) => document.querySelector(selector);
+  // the cards (and the detail view) of one image, whatever characters its id holds
+  const byId = (id, inner = "") => document.querySelectorAll(`.card[data-image-id="${CSS.escape(id)}"] ${inner}`);
+  const fileUrl = (folder, id, suffix) => `${folder}/${encodeURIComponent(id)}${suffix}`;
 
   // ---- small helpers -------------------------------------------------------------------------------------
 
@@ -43,6 +49,8 @@
   const ms = (value) => (value >= 10000 ? `${(value / 1000).toFixed(1)} s` : `${Math.round(value)} ms`);
   const sessionName = (session) => (session === null ? "no session" : session);
   const toolLabel = (tool) => (tool === "import" ? "imported reference" : tool);
+  const TOOLS = new Set(["generate", "edit", "compose", "inpaint", "import"]); // those with a colour of their own
+  const toolClass = (tool) => `tool-${TOOLS.has(tool) ? tool : "other"}`;
 
   function thumbSize(card, edge) {
     const scale = Math.min(1, edge / Math.max(card.width, card.height));
@@ -57,7 +65,7 @@
       const list = state.children.get(parent);
       if (!list.includes(card.id)) list.push(card.id);
       list.sort((x, y) => state.cards.get(x).created_at - state.cards.get(y).created_at); // oldest first
-      for (const node of document.querySelectorAll(`.card[data-image-id="${parent}"] .made-into`)) {
+      for (const node of byId(parent, ".made-into")) {
         fillChips(node, "made into", list);
       }
     }
@@ -67,12 +75,9 @@
   // ---- cards ---------------------------------------------------------------------------------------------
 
   function chip(id) {
-    return el(
-      "a",
-      { class: "chip", href: `#image=${id}`, "data-ref": id, title: id },
-      el("img", { src: `thumb/${id}.webp`, alt: "", loading: "lazy", width: 24, height: 24 }),
-      el("code", { text: shortId(id) }),
-    );
+    const thumb = el("img", { src: fileUrl("thumb", id, ".webp"), alt: "", loading: "lazy", width: 24, height: 24 });
+    thumb.addEventListener("error", () => thumb.remove()); // an evicted (or damaged) parent: its id alone
+    return el("a", { class: "chip", href: `#image=${encodeURIComponent(id)}`, "data-ref": id, title: id }, thumb, el("code", { text: shortId(id) }));
   }
 
   function fillChips(node, label, ids) {
@@ -99,24 +104,26 @@
     const node = el(
       "article",
       {
-        class: `card tool-${card.tool}`,
+        class: `card ${toolClass(card.tool)}`,
         "data-image-id": card.id,
-        "data-parents": card.parents.join(" "),
+        "data-parents": JSON.stringify(card.parents), // an id may hold spaces
         "data-session": card.session === null ? "" : card.session,
         "data-tool": card.tool,
       },
       el(
         "button",
         { class: "thumb", type: "button", title: `Open ${card.id}`, "data-open": card.id },
-        el("img", { src: `thumb/${card.id}.webp`, alt: card.prompt || card.source || card.id, width: w, height: h, loading: "lazy", decoding: "async" }),
+        el("img", { src: fileUrl("thumb", card.id, ".webp"), alt: card.prompt || card.source || card.id, width: w, height: h, loading: "lazy", decoding: "async" }),
       ),
     );
+    // the tool and the compare box on one line, the whole id under them (it wraps rather than being cut)
     const head = el(
       "div",
       { class: "head" },
-      el("span", { class: "tool", text: toolLabel(card.tool) }),
-      el("code", { class: "id", title: card.id, text: shortId(card.id) }),
+      // a card's badge is short, so the compare box stays on its line; the detail view says "imported reference"
+      el("span", { class: "tool", title: toolLabel(card.tool), text: card.tool === "import" ? "reference" : card.tool }),
       el("label", { class: "pick" }, el("input", { type: "checkbox", "data-pick": card.id, checked: picked }), "compare"),
+      el("code", { class: "id", title: card.id, text: card.id }),
     );
     const text = card.tool === "import" ? `from ${card.source || "an outside image"}` : card.prompt || "";
     const from = el("div", { class: "from" });
@@ -127,24 +134,27 @@
     return node;
   }
 
-  // ---- all images: newest first, in runs of one session ----------------------------------------------------
+  // ---- all images: one group per session, the most recently active session first; newest first in each -------
+  // Two agents at work at once store images in turn; a group per run of one session would split each session
+  // into rows of one card. An older page's cards join their session's group (at its end); a live new card goes
+  // to the top of its group, and the group to the top of the page.
 
-  function group(session) {
+  function groupOf(session) {
     const name = session === null ? "" : session;
-    const heading = el("h2", {}, session === null ? el("span", { text: "no session" }) : el("a", { href: `#session=${encodeURIComponent(name)}`, text: session }));
-    return el("section", { class: "group", "data-session": name }, heading, el("div", { class: "grid" }));
+    if (!state.groups.has(name)) {
+      const heading = el("h2", {}, session === null ? el("span", { text: "no session" }) : el("a", { href: `#session=${encodeURIComponent(name)}`, text: session }));
+      state.groups.set(name, el("section", { class: "group", "data-session": name }, heading, el("div", { class: "grid" })));
+    }
+    return state.groups.get(name);
   }
 
   function append(cards) {
     const root = $("#cards");
     for (const card of cards) {
       if (!remember(card)) continue;
-      let last = root.lastElementChild;
-      if (!last || last.dataset.session !== (card.session === null ? "" : card.session)) {
-        last = group(card.session);
-        root.append(last);
-      }
-      last.querySelector(".grid").append(renderCard(card));
+      const group = groupOf(card.session);
+      if (!group.isConnected) root.append(group); // a session first seen on this page is older than those above
+      group.querySelector(".grid").append(renderCard(card));
     }
   }
 
@@ -152,12 +162,9 @@
     const root = $("#cards");
     for (const card of [...cards].reverse()) {
       if (!remember(card)) continue;
-      let first = root.firstElementChild;
-      if (!first || first.dataset.session !== (card.session === null ? "" : card.session)) {
-        first = group(card.session);
-        root.prepend(first);
-      }
-      first.querySelector(".grid").prepend(renderCard(card));
+      const group = groupOf(card.session);
+      if (root.firstElementChild !== group) root.prepend(group);
+      group.querySelector(".grid").prepend(renderCard(card));
     }
   }
 
@@ -253,6 +260,7 @@
     state.loading = null;
     state.cards.clear();
     state.children.clear();
+    state.groups.clear();
     state.cursor = null;
     state.done = false;
     state.newest = undefined;
@@ -353,7 +361,7 @@
       el(
         "div",
         { class: "detail-body", "data-image-id": card.id },
-        el("figure", { class: "full" }, el("img", { src: `image/${card.id}.png`, alt: card.prompt || card.source || card.id, width: card.width, height: card.height })),
+        el("figure", { class: "full" }, el("img", { src: fileUrl("image", card.id, ".png"), alt: card.prompt || card.source || card.id, width: card.width, height: card.height })),
         el(
           "section",
           { class: "info" },
@@ -362,7 +370,7 @@
           el("table", { class: "recipe" }, ...rows.map(([key, value]) => el("tr", {}, el("th", { text: key }), el("td", { text: String(value) })))),
           el("div", { class: "lineage" }, from, into),
           ...again,
-          el("p", { class: "actions" }, el("a", { class: "button", href: `image/${card.id}.png?download=1`, download: `${card.id}.png`, text: "Download PNG" }), el("button", { type: "button", class: "close", text: "Close" })),
+          el("p", { class: "actions" }, el("a", { class: "button", href: fileUrl("image", card.id, ".png?download=1"), download: `${card.id}.png`, text: "Download PNG" }), el("button", { type: "button", class: "close", text: "Close" })),
           el("details", {}, el("summary", { text: "Full recipe" }), el("pre", { class: "recipe-json", text: JSON.stringify(card.recipe, null, 2) })),
         ),
       ),
@@ -388,8 +396,8 @@
       el(
         "figure",
         { class: `side-${side}`, "data-image-id": card.id },
-        el("img", { src: `image/${card.id}.png`, alt: card.prompt || card.id, width: card.width, height: card.height }),
-        el("figcaption", {}, el("b", { text: side.toUpperCase() + " " }), el("code", { text: shortId(card.id) }), ` ${card.prompt || card.source || ""}`),
+        el("img", { src: fileUrl("image", card.id, ".png"), alt: card.prompt || card.id, width: card.width, height: card.height }),
+        el("figcaption", { title: `${card.id} ${card.prompt || card.source || ""}` }, el("b", { text: side.toUpperCase() + " " }), el("code", { text: shortId(card.id) }), ` ${card.prompt || card.source || ""}`),
       );
     const stage = el("div", { class: "stage mode-side" }, figure(left, "a"), figure(right, "b"));
     stage.style.setProperty("--ratio", `${left.width} / ${left.height}`);
@@ -474,7 +482,12 @@
   // ---- wiring --------------------------------------------------------------------------------------------
 
   function route() {
-    const hash = decodeURIComponent(location.hash.slice(1));
+    let hash;
+    try {
+      hash = decodeURIComponent(location.hash.slice(1));
+    } catch {
+      hash = ""; // a hand-typed hash with a broken %-escape: show all images
+    }
     if (hash.startsWith("image=")) {
       openDetail(hash.slice(6));
       if (state.newest !== undefined) return;
