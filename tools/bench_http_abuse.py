@@ -9,7 +9,7 @@ store, waits for the model, and then:
 
 - bodies: streams a 1 GiB body (from a generator: the client holds no memory) to POST /mcp with the bearer token,
   with Content-Length and then chunked, once and four in parallel, and a 1 GiB body to GET /gallery/; per case the
-  status and the growth of the server's peak RSS (VmHWM in /proc/PID/status) over the case.
+  status and how far the server's peak RSS (VmHWM, reset through /proc/PID/clear_refs) rose above its RSS before.
 - flood: under RLIMIT_NOFILE `--nofile` (set for the server only), opens nofile+100 idle loopback connections,
   then times a real MCP call (the official SDK client, `server_status`) until it succeeds, keeps the flood for
   `--seconds`, and reports the bytes and lines the server logged meanwhile.
@@ -70,12 +70,18 @@ def start(repo: Path, scratch: Path, nofile: int | None) -> tuple[subprocess.Pop
     return proc, port, token, log_path
 
 
-def peak_kib(pid: int) -> int:
-    """The process's peak resident set (VmHWM), in KiB."""
+def status_kib(pid: int, field: str) -> int:
+    """A size from /proc/PID/status (VmRSS, VmHWM), in KiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1])
-    raise RuntimeError("no VmHWM")
+    raise RuntimeError(f"no {field}")
+
+
+def reset_peak(pid: int) -> int:
+    """Reset the process's peak RSS (VmHWM) to its RSS now, and return that, in KiB."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+    return status_kib(pid, "VmRSS")
 
 
 def upload(port: int, head: str, size: int, chunked: bool) -> str:
@@ -117,7 +123,7 @@ def bodies(args: argparse.Namespace, scratch: Path) -> None:
         ]
         print(f"server {args.repo}, pid {proc.pid}")
         for name, head, chunked, parallel in cases:
-            before = peak_kib(proc.pid)
+            before = reset_peak(proc.pid)
             answers: list[str] = []
 
             def one(head: str = head, chunked: bool = chunked, answers: list[str] = answers) -> None:
@@ -129,7 +135,7 @@ def bodies(args: argparse.Namespace, scratch: Path) -> None:
                 thread.start()
             for thread in threads:
                 thread.join()
-            grown = (peak_kib(proc.pid) - before) / 1024
+            grown = (status_kib(proc.pid, "VmHWM") - before) / 1024
             print(
                 f"{name}: {sorted(set(answers))} in {time.monotonic() - started:.1f} s; peak RSS +{grown:.0f} MB"
             )
