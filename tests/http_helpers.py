@@ -7,6 +7,7 @@ import http.client
 import json
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -52,10 +53,20 @@ async def authed(port: int, token: str | None) -> AsyncIterator[Any]:
 
 @contextlib.contextmanager
 def http_server(
-    tmp_path: Path, store: Path, *extra: str, env: dict[str, str] | None = None
+    tmp_path: Path,
+    store: Path,
+    *extra: str,
+    env: dict[str, str] | None = None,
+    nofile: int | None = None,
 ) -> Iterator[tuple[subprocess.Popen[bytes], int, str | None]]:
-    """`serve --http --port 0` as a subprocess: yields (process, port, token from the token file or None)."""
+    """`serve --http --port 0` as a subprocess: yields (process, port, token from the token file or None).
+    `nofile`: the server's RLIMIT_NOFILE (soft and hard), as `ulimit -n` would set it."""
     log_path = tmp_path / "server.log"
+
+    def limit() -> None:
+        if nofile is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, *serve_args(store, "--http", "--port", "0", *extra)],
@@ -64,6 +75,7 @@ def http_server(
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
+            preexec_fn=limit,
         )
     try:
         deadline = time.monotonic() + 60

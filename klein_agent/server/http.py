@@ -48,14 +48,12 @@ class HttpPlan:
 def http_app(mcp: MCPServer[Studio], studio: Studio, plan: HttpPlan) -> ASGIApp:
     """The MCP endpoint at /mcp (and any extra routes) behind the guard.
 
-    The request body limit fits the largest inline image the input policy accepts (base64 is 4/3 of the bytes).
+    The request body limit fits the largest inline image the input policy accepts (base64 is 4/3 of the bytes);
+    the guard enforces it as the body streams in, before the SDK reads it. Host and Origin are checked by the
+    guard alone (one rule for every route, host names in any case), so the SDK's own exact-case check is off.
     """
     body = math.ceil(studio.policy.max_bytes * 4 / 3) + 2**20
-    security = TransportSecuritySettings(
-        enable_dns_rebinding_protection=True,
-        allowed_hosts=plan.allowed_hosts,
-        allowed_origins=plan.allowed_origins,
-    )
+    security = TransportSecuritySettings(enable_dns_rebinding_protection=False)
     app = mcp.streamable_http_app(host=plan.host, transport_security=security, max_request_body_size=body)
     from starlette.responses import PlainTextResponse
     from starlette.routing import Mount, Route
@@ -78,6 +76,7 @@ def http_app(mcp: MCPServer[Studio], studio: Studio, plan: HttpPlan) -> ASGIApp:
         login_key=plan.login_key,
         login_redirect=plan.extra_routes[0][0] + "/" if plan.extra_routes else "/",
         body_timeout_s=plan.client_timeout_s,
+        max_body_bytes=body,
         where=where,
     )
     return HttpGuard(app, settings)

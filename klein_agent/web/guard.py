@@ -9,8 +9,11 @@ Why each rule:
 - Without a token any local process, or any web page through the browser, could drive the tools. Tokens are
   compared in constant time (`hmac.compare_digest`).
 - A session id is a capability: it is bound to the token that created it, so another client cannot ride on it.
-- Slow-body clients (a byte a second) would hold a connection forever: the body is read here, within a deadline,
-  and handed to the app whole (the MCP endpoint caps its size).
+- Host names are case-insensitive (RFC 9110 section 4.2.3), so `LOCALHOST:8765` is `localhost:8765`; Origin
+  schemes and hosts too. This guard is the one place Host and Origin are checked, for every route.
+- The body is read here, before any app (the MCP SDK reads a whole body before it checks its size): within a size
+  cap (`max_body_bytes`, 0 for GET and the other methods that take none), counted as it streams, spooled to disk
+  beyond 1 MiB, and within a deadline, so a slow body cannot hold a connection forever (`klein_agent.web.bodies`).
   Slow *headers* are cut off by the server protocol (`klein_agent.web.protocol`).
 """
 
@@ -27,7 +30,7 @@ from collections.abc import Awaitable, Callable, Collection, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import anyio
+from klein_agent.web.bodies import BodyRefused, body_cap, declared_length, read_body, too_large
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,7 @@ class GuardSettings:
     login_key: str | None = None
     login_redirect: str = "/"
     body_timeout_s: float = 30.0
+    max_body_bytes: int = 0  # the most a POST, PUT or PATCH body may hold; other methods take none
     max_sessions: int = 10_000
     cookie_tokens: dict[str, str] = field(
         default_factory=dict
@@ -129,18 +133,26 @@ class HttpGuard:
                     send, 404, "unknown session: start a new session (initialize) with your own token"
                 )
                 return
-        body = await self._read_body(receive)
+        method, path = scope.get("method", "GET"), scope.get("path", "")
+        cap = body_cap(method, self.settings.max_body_bytes)
+        try:
+            length = declared_length(headers)
+            if length is not None and length > cap:
+                raise too_large(method, path, cap)  # before a byte of it is read
+            body = await read_body(
+                receive, cap=cap, timeout_s=self.settings.body_timeout_s, method=method, path=path
+            )
+        except BodyRefused as refused:
+            log.warning("%s %s refused (%d): %s", method, path, refused.status, refused)
+            # the rest of the body is not read, so the connection cannot carry another request
+            await _refuse(send, refused.status, str(refused), close=True, page=page)
+            return
         if body is None:
-            await _refuse(send, 408, "the request body did not arrive in time", close=True)
-            return
-        if body and body[-1]["type"] == "http.disconnect":
-            return
-
-        async def replay() -> Message:
-            # the buffered body first, then whatever the server sends next (a disconnect, eventually)
-            return body.pop(0) if body else await receive()
-
-        await self.app(scope, replay, self._bind_sessions(send, digest))
+            return  # the client left
+        try:
+            await self.app(scope, body.replay(receive), self._bind_sessions(send, digest))
+        finally:
+            body.close()
 
     async def _login(self, scope: Scope, send: Send, page: bool) -> None:
         """The one-time browser link: a right key sets a session cookie for the read-only pages and is spent."""
@@ -186,20 +198,6 @@ class HttpGuard:
             for known in self._tokens:
                 if hmac.compare_digest(candidate, known):
                     return known
-        return None
-
-    async def _read_body(self, receive: Receive) -> list[Message] | None:
-        """The request's body messages, read within the deadline; None if the client was too slow or left."""
-        messages: list[Message] = []
-        with anyio.move_on_after(self.settings.body_timeout_s):
-            while True:
-                message = await receive()
-                messages.append(message)
-                if message["type"] != "http.request" or not message.get("more_body", False):
-                    return messages
-        log.warning(
-            "request body not received within %.0f s: connection dropped", self.settings.body_timeout_s
-        )
         return None
 
     def _bind_sessions(self, send: Send, digest: bytes) -> Send:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import anyio
 
+from klein_agent.web.connections import MIN_CONNECTIONS, BoundedListener, ConnectionBook, descriptor_budget
 from klein_agent.web.guard import ASGIApp
 from klein_agent.web.protocol import GuardedH11Protocol
 
@@ -149,7 +150,8 @@ async def serve_app(
     """Run uvicorn with `app` on the bound `sock` until cancelled, Ctrl-C or SIGTERM (`klein_agent.web.stopping`:
     calls in flight are cancelled after a short grace, and it returns); call `on_started` once
     the socket accepts connections (the log line that names the URL belongs there). Slow request headers are cut
-    off after `header_timeout_s` (`klein_agent.web.protocol`)."""
+    off after `header_timeout_s` (`klein_agent.web.protocol`); connections are bounded below the open-file limit
+    (`klein_agent.web.connections`, said in one log line). `sock` is taken over (detached)."""
     import uvicorn
 
     from klein_agent.web.stopping import STOP_GRACE_S, StoppableServer, quiet_stop
@@ -157,7 +159,15 @@ async def serve_app(
     class Protocol(GuardedH11Protocol):
         pass
 
+    budget = descriptor_budget()
     Protocol.header_timeout_s = header_timeout_s
+    Protocol.book = ConnectionBook(budget.connections)
+    log.info("%s", budget.sentence())
+    if budget.limit - budget.reserved < MIN_CONNECTIONS:
+        log.warning(
+            "the open-file limit %d is too low for a server: raise it with `ulimit -n 1024`", budget.limit
+        )
+    listener = BoundedListener.around(sock, Protocol.book)
     config = uvicorn.Config(
         app,
         log_config=None,
@@ -169,7 +179,8 @@ async def serve_app(
     server = StoppableServer(config)
     logging.getLogger("uvicorn.error").addFilter(quiet_stop)
     async with anyio.create_task_group() as tg:
-        tg.start_soon(server.serve, [sock])
+        sockets: list[socket.socket] = [listener]
+        tg.start_soon(server.serve, sockets)
         while not server.started:
             if server.should_exit:
                 return

@@ -1,0 +1,65 @@
+"""Repeated log records are one line and a count per interval (`klein_agent.logs.RepeatFilter`), for every logger
+the installed handler serves. In-process with a fake clock, and one real process."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+
+from klein_agent.logs import RepeatFilter
+from tests.http_helpers import REPO
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def records(logger: str, message: str, *args: object, exc: BaseException | None = None) -> logging.LogRecord:
+    info = (type(exc), exc, None) if exc is not None else None
+    return logging.LogRecord(logger, logging.ERROR, __file__, 1, message, args, info)
+
+
+def test_one_line_per_kind_per_interval_then_a_count() -> None:
+    clock = Clock()
+    summaries: list[logging.LogRecord] = []
+    repeats = RepeatFilter(summaries.append, interval_s=10.0, clock=clock)
+
+    def passed(record: logging.LogRecord) -> bool:
+        return repeats.filter(record)
+
+    # 1000 of one kind (the argument differs, the template does not), and a second kind beside it
+    assert [passed(records("asyncio", "accept failed on fd %d", n)) for n in range(1000)].count(True) == 1
+    assert passed(records("asyncio", "accept failed on fd %d", 1, exc=OSError(24, "Too many open files")))
+    assert passed(records("uvicorn.error", "accept failed on fd %d", 1))  # another logger: another kind
+    assert not summaries
+    clock.now += 10.0
+    assert not passed(records("asyncio", "accept failed on fd %d", 5))  # a new interval counts again
+    assert [s.getMessage() for s in summaries] == [
+        "accept failed on fd 0 (repeated 999 times in the last 10 s)"
+    ]
+    clock.now += 10.0
+    repeats.flush()  # at exit: the count of the interval still open
+    assert summaries[-1].getMessage() == "accept failed on fd 0 (repeated 1 times in the last 10 s)"
+    clock.now += 10.0
+    assert passed(records("asyncio", "accept failed on fd %d", 6))  # quiet for an interval: afresh
+
+
+def test_the_installed_handler_rate_limits_every_logger() -> None:
+    code = (
+        "import logging, sys\n"
+        "from klein_agent.logs import configure_logging\n"
+        "configure_logging('INFO')\n"
+        "for n in range(500):\n"
+        "    logging.getLogger('asyncio').error('socket.accept() out of system resource %d', n)\n"
+        "    logging.getLogger('klein_agent.http').warning('%d connections open', n)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    lines = done.stderr.splitlines()
+    assert done.returncode == 0 and len(lines) == 4, done.stderr  # per kind: the first, and the count at exit
+    assert "repeated 499 times" in lines[2] and "repeated 499 times" in lines[3]
+    assert "out of system resource 0" in lines[0] + lines[2] and done.stdout == ""
