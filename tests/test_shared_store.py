@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -141,3 +142,28 @@ async def test_an_input_deleted_while_the_model_runs_costs_no_picture(
     stored = state.store.get(picture["image_id"])
     assert stored.parents == (source,) and picture["parents"] == [source], "the lineage keeps the parent id"
     assert f"{source} is no longer in the store" in text
+
+
+async def test_a_cancelled_edit_releases_its_leases(
+    gated: tuple[Any, FakeGenerator, threading.Event],
+) -> None:
+    state, fake, gate = gated
+    source = stored_input(state, 12)
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: state.make("edit", "at night", [source]))
+            with anyio.fail_after(30):
+                while not fake.entered.is_set():
+                    await anyio.sleep(0.01)
+            assert leased(state.store.root) == [source]
+            scope.cancel()
+            gate.set()  # the model stops at its next step, where the engine sees the cancellation
+    assert leased(state.store.root) == [], "a cancelled call kept its inputs leased"
+
+
+def leased(root: Path) -> list[str]:
+    conn = sqlite3.connect(root / "store.sqlite3")
+    try:
+        return [row[0] for row in conn.execute("SELECT DISTINCT image_id FROM leases")]
+    finally:
+        conn.close()
