@@ -83,3 +83,11 @@ MAX_MESSAGE_BLOB_BYTES = (
 MAX_QUEUE = 8  # calls that may wait behind the running one
 STORE_MAX_BYTES = 2 * 1024**3
 STORE_MAX_IMAGES = 10_000
+# Leases: what keeps a running call's inputs from eviction by any process on the store (service/leases.py). No
+# call has a bound on its length (a queue of MAX_QUEUE calls, a 9B at 2048x2048 on a CPU: tens of minutes), so no
+# expiry can outlast the longest call: a holder renews its leases every LEASE_RENEW_S while it runs, and the
+# expiry only has to outlast one late renewal. A renewal waits at most SQLite's busy timeout (30 s, while another
+# process writes) plus a pause of the process, so 120 s leaves 75 s of slack past a 15 s interval. It is also how
+# long the inputs of a process killed mid-call stay protected: two minutes of a store that may not shrink.
+LEASE_TTL_S = 120.0
+LEASE_RENEW_S = 15.0

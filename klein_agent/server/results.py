@@ -77,6 +77,11 @@ def images_result(made: Made) -> CallToolResult:
         lines.append(
             "Made from: " + ", ".join(f"image {k} = {pid}" for k, pid in enumerate(parents, start=1)) + "."
         )
+    for gone in made.gone:
+        lines.append(
+            f"{gone} is no longer in the store (deleted while this call ran): the lineage keeps its id, but it "
+            "cannot be viewed or used again."
+        )
     hits = {k: v for k, v in made.cache_hits.items() if v}
     if hits:
         lines.append(

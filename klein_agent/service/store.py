@@ -17,6 +17,9 @@ connection: no lock, no sweep, no eviction, no migration, and reads do not count
 Crash-safety invariant: an image file is durable (written, fsynced, renamed into place, directory fsynced)
 before its row is committed, and a row is deleted and committed before its file is unlinked. A row therefore
 never points at a missing file; at worst a file has no row (an orphan), and the sweep at open removes it.
+
+Leases (`service/leases.py`): an image a running call uses, in this process or another, is leased in the catalog and
+never evicted while its lease is unexpired; a lease of a process that died expires and is then ignored.
 """
 
 from __future__ import annotations
@@ -38,15 +41,14 @@ import struct
 import sys
 import threading
 import time
-from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from klein_agent.rules.limits import STORE_MAX_BYTES, STORE_MAX_IMAGES
+from klein_agent.rules.limits import LEASE_RENEW_S, LEASE_TTL_S, STORE_MAX_BYTES, STORE_MAX_IMAGES
 from klein_agent.rules.resolution import check_session
+from klein_agent.service import leases
 from klein_agent.service.error_text import describe
 from klein_agent.service.files import unlink_quietly, write_atomically
 
@@ -55,6 +57,7 @@ if sys.platform != "win32":
 
 __all__ = [
     "ImageStore",
+    "Lease",
     "Migration",
     "SessionSummary",
     "StoreError",
@@ -187,6 +190,7 @@ MIGRATIONS: list[Migration] = [
             "CREATE INDEX images_by_content ON images(content_key)",
         ),
     ),
+    Migration(3, "leases: pins that hold across processes", leases.SCHEMA),
 ]
 
 _COLUMNS = "image_id, width, height, size_bytes, created_at, session, parents, recipe"
@@ -260,7 +264,9 @@ class ImageStore:
     short, and file payloads are written and read outside the lock, so the lock costs little, and it makes
     "check pins, evict, commit" and "check the row, open the file" atomic within the process.
     Several processes may share a store: SQLite serialises their writes, and only a process that holds the
-    lock file exclusively sweeps orphans. Pins are per process.
+    lock file exclusively sweeps orphans. Pins are leases in the catalog, so they hold across processes
+    (`lease`, `pinned`); a thread renews this store's leases every `lease_renew_s` seconds until they are
+    released, and each expires `lease_ttl_s` seconds after its last renewal (`clock`: Unix time, which tests move).
 
     `read_only=True` opens an existing store for reading only (see the module docstring); the bounds are then
     unused, `put` raises StoreError, and a missing store or an unknown schema raises StoreError at once.
@@ -273,16 +279,26 @@ class ImageStore:
         max_bytes: int = STORE_MAX_BYTES,
         max_images: int = STORE_MAX_IMAGES,
         read_only: bool = False,
+        lease_ttl_s: float = LEASE_TTL_S,
+        lease_renew_s: float = LEASE_RENEW_S,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         for name, value in (("max_bytes", max_bytes), ("max_images", max_images)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not 0 < lease_renew_s < lease_ttl_s:
+            raise ValueError(
+                f"lease_renew_s must be above 0 and below lease_ttl_s, got {lease_renew_s!r} and {lease_ttl_s!r}"
+            )
         self.root = Path(root).expanduser().resolve()
         self.max_bytes = max_bytes
         self.max_images = max_images
         self._images = self.root / IMAGES_DIR
         self._lock = threading.RLock()
-        self._pins: Counter[str] = Counter()
+        self.lease_ttl_s = lease_ttl_s
+        self._clock = clock
+        self._holders: set[str] = set()  # this store's live leases, renewed together
+        self._renewer = leases.Renewer(self.renew_leases, lease_renew_s)
         self._pid = os.getpid()
         self._closed = False
         self._lock_fd: int | None = None
@@ -312,6 +328,8 @@ class ImageStore:
                 ) from e
             self._conn = self._connect()
             self._migrate()
+            with self._locked(), self._transaction():
+                leases.purge_expired(self._execute, self._clock())
             self._sweep(min_age_s=0.0 if sole_user else _SHARED_SWEEP_MIN_AGE_S)
             with self._locked(), self._transaction():  # the quota may have been lowered since the last run
                 evicted = self._evict_locked(keep=None)
@@ -348,8 +366,10 @@ class ImageStore:
         `content_key` (e.g. a digest of the pixels) lets `find_content` return this image for the same content.
         The file is made durable first and the row committed second (see the module docstring). The LRU
         eviction runs in the same transaction as the insert, so quota and row agree at every commit; evicted
-        files are unlinked after the commit. Raises ValueError for a malformed argument, UnknownImageError for a
-        malformed parent id, StoreFullError, StoreWriteError.
+        files are unlinked after the commit. `parents` are recorded as given, also those no longer stored (an
+        input deleted while the call that used it ran): a finished picture is never lost for its lineage, and
+        `absent` tells which parents are gone. Raises ValueError for a malformed argument, UnknownImageError for
+        a malformed parent id, StoreFullError, StoreWriteError.
         """
         if self.read_only:
             raise StoreError(
@@ -455,9 +475,7 @@ class ImageStore:
         if not self.is_valid_id(image_id):
             return False
         with self._locked():
-            return (
-                self._execute("SELECT 1 FROM images WHERE image_id = ?", (image_id,)).fetchone() is not None
-            )
+            return self._stored_locked(image_id)
 
     def delete(self, image_id: str) -> None:
         """Remove one image (row first, committed, then its file: a row never points at a missing file).
@@ -520,13 +538,80 @@ class ImageStore:
             ).fetchall()
         return [SessionSummary(session, count, first, last) for session, count, first, last in rows]
 
-    def pinned(self, image_ids: Iterable[str]) -> AbstractContextManager[None]:
-        """Protect images from eviction while a call uses them. Re-entrant and counted: an image stays pinned
-        until every `with` that pinned it has exited. Raises UnknownImageError (pinning nothing) if an id is
-        not in the store, so a call learns at once that its input is gone."""
+    def pinned(self, image_ids: Iterable[str]) -> Lease:
+        """Protect stored images from eviction, by every process, while a call uses them: a `lease` on them,
+        released when the `with` block exits. Re-entrant and counted: an image stays pinned until every lease
+        on it is released. Raises UnknownImageError (leasing nothing) if an id is not in the store, so a call
+        learns at once that its input is gone."""
         if isinstance(image_ids, str):
             raise TypeError("pinned() takes a collection of image ids; use pinned([image_id])")
-        return self._pin(tuple(image_ids))
+        lease = self.lease()
+        try:
+            lease.add(image_ids)
+        except BaseException:
+            lease.release()
+            raise
+        return lease
+
+    def lease(self) -> Lease:
+        """A new, empty lease (no catalog write yet): add ids to it as a call learns them, release it when the
+        call ends (it is a context manager). Raises StoreError on a read-only or closed store."""
+        if self.read_only:
+            raise StoreError(
+                f"The image store at {self.root} is open read-only; it cannot hold images in use."
+            )
+        with self._locked():
+            pass
+        return Lease(self, "lease_" + secrets.token_urlsafe(12))
+
+    def take_leases(self, holder: str, image_ids: Iterable[str], *, require_stored: bool = True) -> None:
+        """Catalog operation: lease `image_ids` to `holder` until `lease_ttl_s` from now, renewed until
+        `release_leases(holder)`. With `require_stored`, every id must be stored now, or UnknownImageError is
+        raised and nothing is leased (the check and the lease are one transaction, so what was found stays).
+        Without it, ids not stored yet are leased too, for when they are stored."""
+        if isinstance(image_ids, str):
+            raise TypeError("take_leases() takes a collection of image ids, not one id string")
+        ids = tuple(image_ids)
+        for image_id in ids:
+            if not self.is_valid_id(image_id):
+                raise UnknownImageError(image_id)
+        with self._locked():
+            with self._transaction():
+                if require_stored:
+                    for image_id in ids:
+                        if not self._stored_locked(image_id):
+                            raise UnknownImageError(image_id)
+                leases.take(self._execute, holder, ids, self._clock() + self.lease_ttl_s)
+            self._holders.add(holder)
+        self._renewer.start()
+
+    def renew_leases(self) -> None:
+        """Catalog operation: move every live lease of this store to `lease_ttl_s` from now (what the renewing
+        thread runs every `lease_renew_s`)."""
+        with self._locked():
+            if self._holders:
+                with self._transaction():
+                    leases.renew(self._execute, self._holders, self._clock() + self.lease_ttl_s)
+
+    def release_leases(self, holder: str) -> None:
+        """Catalog operation: end `holder`'s leases (and purge those that expired). Best effort, like `delete`:
+        a store that cannot be written now is logged, and the lease then lapses at its expiry."""
+        with self._lock:
+            self._holders.discard(holder)
+            if self._closed:
+                return
+        try:
+            with self._locked(), self._transaction():
+                leases.release(self._execute, holder, self._clock())
+        except (StoreError, sqlite3.Error, OSError) as exc:
+            log.warning("could not release the images a call used (they are freed at expiry): %s", exc)
+
+    def absent(self, image_ids: Iterable[str]) -> builtins.list[str]:
+        """The ids among `image_ids` that are not stored (now), in their order, without repeats."""
+        with self._locked():
+            return [
+                i for i in dict.fromkeys(image_ids) if not self.is_valid_id(i) or not self._stored_locked(i)
+            ]
 
     def stats(self) -> StoreStats:
         """The current image count and total PNG bytes, with the store's bounds and root."""
@@ -537,7 +622,11 @@ class ImageStore:
         return StoreStats(count, total, self.max_bytes, self.max_images, self.root)
 
     def close(self) -> None:
-        """Close the database and release the lock file. Idempotent; later calls raise StoreError."""
+        """Release this store's leases, close the database and release the lock file. Idempotent; later calls
+        raise StoreError."""
+        self._renewer.stop()
+        for holder in list(self._holders):
+            self.release_leases(holder)
         with self._lock:
             if self._closed:
                 return
@@ -755,11 +844,8 @@ class ImageStore:
         recipe_json: str,
         content_key: str | None = None,
     ) -> tuple[float, builtins.list[str]]:
-        """Check the parents, insert the row and evict, in one transaction. Returns (created_at, evicted)."""
+        """Insert the row and evict, in one transaction. Returns (created_at, evicted)."""
         with self._transaction():
-            for parent in dict.fromkeys(parents):
-                if self._execute("SELECT 1 FROM images WHERE image_id = ?", (parent,)).fetchone() is None:
-                    raise UnknownImageError(parent)
             now = time.time()
             self._execute(
                 "INSERT INTO images (image_id, width, height, size_bytes, created_at, last_used_at, use_seq,"
@@ -782,21 +868,22 @@ class ImageStore:
         return now, evicted
 
     def _evict_locked(self, keep: str | None) -> builtins.list[str]:
-        """Delete least-recently-used rows until both bounds hold, skipping pinned images and `keep`. The
-        caller holds the lock (so no pin can appear meanwhile) and an open transaction; it unlinks the returned
-        ids' files after the commit. Raises StoreFullError if the protected images alone break a bound."""
+        """Delete least-recently-used rows until both bounds hold, skipping leased images (any process's unexpired
+        lease: `leases.UNLEASED`) and `keep`. The caller holds an open write transaction (BEGIN IMMEDIATE), so no
+        lease can be committed between this choice and the delete; it unlinks the returned ids' files after the
+        commit. Raises StoreFullError if the protected images alone break a bound."""
         count, total = self._execute("SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM images").fetchone()
         if count <= self.max_images and total <= self.max_bytes:
             return []
-        protected = {i for i, n in self._pins.items() if n > 0}
-        if keep is not None:
-            protected.add(keep)
         evicted: builtins.list[str] = []
-        cursor = self._execute("SELECT image_id, size_bytes FROM images ORDER BY use_seq ASC, seq ASC")
+        cursor = self._execute(
+            f"SELECT image_id, size_bytes FROM images WHERE {leases.UNLEASED} ORDER BY use_seq ASC, seq ASC",
+            (self._clock(),),
+        )
         for image_id, size_bytes in cursor:
             if count <= self.max_images and total <= self.max_bytes:
                 break
-            if image_id not in protected:
+            if image_id != keep:
                 evicted.append(image_id)
                 count -= 1
                 total -= size_bytes
@@ -824,6 +911,9 @@ class ImageStore:
         except Exception:
             return None
 
+    def _stored_locked(self, image_id: str) -> bool:
+        return self._execute("SELECT 1 FROM images WHERE image_id = ?", (image_id,)).fetchone() is not None
+
     def _select_locked(self, image_id: str) -> StoredImage:
         if not self.is_valid_id(image_id):
             raise UnknownImageError(image_id)
@@ -845,22 +935,6 @@ class ImageStore:
             )
         except sqlite3.Error as e:
             log.warning("image store: could not record a use of %s: %s", image_id, e)
-
-    @contextlib.contextmanager
-    def _pin(self, image_ids: tuple[str, ...]) -> Iterator[None]:
-        with self._locked():
-            for image_id in image_ids:
-                if not self.exists(image_id):
-                    raise UnknownImageError(image_id)
-            self._pins.update(image_ids)
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._pins.subtract(image_ids)
-                for image_id in set(image_ids):
-                    if self._pins[image_id] <= 0:
-                        del self._pins[image_id]
 
     def _image_from_row(self, row: Sequence[Any]) -> StoredImage:
         image_id, width, height, size_bytes, created_at, session, parents, recipe = row
@@ -885,6 +959,48 @@ class ImageStore:
     def _unlink_files(self, image_ids: Iterable[str]) -> None:
         for image_id in image_ids:
             unlink_quietly(self._path_for(image_id))  # a failure leaves an orphan, which the sweep removes
+
+
+class Lease:
+    """The images one call uses, held against eviction by every process on the store until `release` (or the
+    end of a `with` block), renewed meanwhile by the store's thread (`leases` has the invariant). One holder token;
+    ids are added as the call learns them. Not for sharing between calls: each call takes its own."""
+
+    def __init__(self, store: ImageStore, holder: str) -> None:
+        self.store = store
+        self.holder = holder
+
+    def add(self, image_ids: Iterable[str], *, require_stored: bool = True) -> None:
+        """Lease more ids (`ImageStore.take_leases`): stored ones, or with `require_stored=False` also ids about
+        to be stored. Raises UnknownImageError (adding none) for an id that is not stored when it must be."""
+        self.store.take_leases(self.holder, image_ids, require_stored=require_stored)
+
+    def read_png(self, image_id: str) -> bytes:
+        """Lease a stored image, then read its PNG: the lookup a call decodes its inputs with, so an input is
+        protected before its bytes are read. Raises UnknownImageError."""
+        self.add([image_id])
+        return self.store.read_png(image_id)
+
+    def find_content(self, content_key: str) -> StoredImage | None:
+        """`ImageStore.find_content`, the image found leased; None also when it was evicted before the lease."""
+        found = self.store.find_content(content_key)
+        if found is None:
+            return None
+        try:
+            self.add([found.image_id])
+        except UnknownImageError:
+            return None
+        return found
+
+    def release(self) -> None:
+        """End the lease (idempotent, best effort: see `ImageStore.release_leases`)."""
+        self.store.release_leases(self.holder)
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
 
 
 def _write_error_message(exc: BaseException, where: Path) -> str:

@@ -10,15 +10,20 @@ here, on a pool thread, so the engine is already running the next call. A call r
 before it is stored leaves nothing in the store; once storing has begun it finishes (every image is atomic,
 and a batch is not split by a cancellation).
 
+Every image a call uses or makes is leased (`ImageStore.lease`) from the moment its id is known until the call
+ends, so no process sharing the store evicts it meanwhile; an input deleted on purpose meanwhile costs nothing
+either: the pictures are stored with its id in their lineage, and `Made.gone` names it.
+
 Errors raised on purpose, each with a message that says what to do: RequestError, ImageInputError, StoreError
 and EngineError (`EXPECTED_ERRORS`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,7 +47,7 @@ from klein_agent.service.inputs import ImageInputError, InputPolicy, LoadedImage
 from klein_agent.service.memory import release_memory
 from klein_agent.service.pngfile import encode_png
 from klein_agent.service.previews import Preview, make_preview
-from klein_agent.service.store import ImageStore, StoredImage, StoreError, StoreStats, new_image_id
+from klein_agent.service.store import ImageStore, Lease, StoredImage, StoreError, StoreStats, new_image_id
 
 EXPECTED_ERRORS: tuple[type[Exception], ...] = (RequestError, ImageInputError, StoreError, EngineError)
 
@@ -76,6 +81,9 @@ class Made:
     model_ms: float
     queued_ms: float
     cache_hits: dict[str, int] = field(default_factory=dict)
+    gone: list[str] = field(
+        default_factory=list
+    )  # parents no longer in the store when the pictures were stored
 
 
 @dataclass(frozen=True)
@@ -168,12 +176,12 @@ class Studio:
         )
         # The queue place is taken now, in arrival order and before any decoding: a busy server refuses at
         # once, and calls keep their order however long each one's inputs take to decode.
-        async with self.engine.reserve() as slot:
+        async with self.engine.reserve() as slot, self._leased() as lease:
             async with self._decoding:
-                loaded = await anyio.to_thread.run_sync(self._load_inputs, list(images), inpaint)
+                loaded = await anyio.to_thread.run_sync(self._load_inputs, list(images), inpaint, lease)
                 mask_item = None
                 if region is not None and region.mask is not None:
-                    mask_item = await anyio.to_thread.run_sync(self._load_mask, region.mask)
+                    mask_item = await anyio.to_thread.run_sync(self._load_mask, region.mask, lease)
             fitted, finalize = self._sizing(
                 loaded[0].image if loaded else None, width, height, num_images, fit=not inpaint
             )
@@ -202,20 +210,23 @@ class Studio:
                 strength=strength,
                 loras=chosen,
             )
-            stored_parents = [item.image_id for item in loaded if item.image_id is not None]
-            with self.store.pinned(stored_parents):
-                done = await slot.run(request, progress=progress, finalize=finalize)
-                # Cancelled after the model ran: nothing is stored. From here on, storing runs to its end.
-                await anyio.lowlevel.checkpoint_if_cancelled()
-                imported, stored, preview = await anyio.to_thread.run_sync(
-                    self._store_call,
-                    tool,
-                    done,
-                    loaded,
-                    parents,
-                    session,
-                    MaskRecord(mask_item, mask_id, mask_picture, mask_recipe),
-                )
+            # the ids of inputs from outside the store, leased before they are stored with the pictures
+            await anyio.to_thread.run_sync(
+                lambda: lease.add([*parents, *([mask_id] if mask_id else [])], require_stored=False)
+            )
+            done = await slot.run(request, progress=progress, finalize=finalize)
+            # Cancelled after the model ran: nothing is stored. From here on, storing runs to its end.
+            await anyio.lowlevel.checkpoint_if_cancelled()
+            imported, stored, preview, gone = await anyio.to_thread.run_sync(
+                self._store_call,
+                tool,
+                done,
+                loaded,
+                parents,
+                session,
+                MaskRecord(mask_item, mask_id, mask_picture, mask_recipe),
+                lease,
+            )
         resolved = done.result.resolved
         return Made(
             tool=tool,
@@ -231,7 +242,19 @@ class Studio:
             model_ms=done.model_ms,
             queued_ms=done.queued_ms,
             cache_hits=dict(done.result.cache_hits),
+            gone=gone,
         )
+
+    @contextlib.asynccontextmanager
+    async def _leased(self) -> AsyncIterator[Lease]:
+        """One call's lease, released when the call ends however it ends (a cancellation included: the release
+        is shielded). Its catalog writes run on a pool thread: another process's write may hold SQLite's lock."""
+        lease = self.store.lease()
+        try:
+            yield lease
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(lease.release)
 
     def _check_loras(
         self, loras: Sequence[tuple[str, float | None]] | None
@@ -307,20 +330,22 @@ class Studio:
 
         return None, once_loaded
 
-    def _load_mask(self, argument: str) -> LoadedImage:
-        """The mask argument, decoded by the one decoder (transparency on white: transparent pixels repaint)."""
+    def _load_mask(self, argument: str, lease: Lease) -> LoadedImage:
+        """The mask argument, decoded by the one decoder (transparency on white: transparent pixels repaint); a
+        stored mask is leased before it is read."""
         try:
-            item = load_image_argument(argument, self.policy, self.store.read_png)
+            item = load_image_argument(argument, self.policy, lease.read_png)
         except ImageInputError as exc:
             raise ImageInputError(f"mask: {exc}") from exc
         if item.image_id is None and item.content_key is not None:
-            known = self.store.find_content(item.content_key)
+            known = lease.find_content(item.content_key)
             if known is not None:
                 item = replace(item, image_id=known.image_id)
         return item
 
-    def _load_inputs(self, arguments: list[str], inpaint: bool = False) -> list[LoadedImage]:
-        """Decode every argument, one at a time, keeping only what the model will use.
+    def _load_inputs(self, arguments: list[str], inpaint: bool, lease: Lease) -> list[LoadedImage]:
+        """Decode every argument, one at a time, keeping only what the model will use. A stored input is leased
+        (`lease`) before it is read, and so is the stored twin of an input imported before.
 
         With the model loaded, each picture is prepared as soon as it is decoded (about 1 Mpx, whole tokens), so a
         call holds at most one full-size decode at a time; an input whose bytes were imported before is named by
@@ -329,12 +354,12 @@ class Studio:
         loaded = []
         for k, argument in enumerate(arguments, start=1):
             try:
-                item = load_image_argument(argument, self.policy, self.store.read_png)
+                item = load_image_argument(argument, self.policy, lease.read_png)
             except ImageInputError as exc:
                 where = f"image {k}: " if len(arguments) > 1 else ""
                 raise ImageInputError(f"{where}{exc}") from exc
             if item.image_id is None and item.content_key is not None:
-                known = self.store.find_content(item.content_key)
+                known = lease.find_content(item.content_key)
                 if known is not None:
                     item = replace(item, image_id=known.image_id)
             multiple = info.size_multiple if info is not None else limits.SIZE_MULTIPLE
@@ -355,9 +380,12 @@ class Studio:
         parents: list[str],
         session: str | None,
         mask: MaskRecord | None = None,
-    ) -> tuple[list[StoredImage], list[StoredImage], Preview]:
+        lease: Lease | None = None,
+    ) -> tuple[list[StoredImage], list[StoredImage], Preview, list[str]]:
         """The inputs from outside the store (under the ids the recipe already names), then one PNG and one
-        record per picture, then the preview: on a pool thread, after the engine has moved on."""
+        record per picture, then the preview: on a pool thread, after the engine has moved on. Also returns the
+        parents (the mask included) no longer in the store: deleted while the model ran, their ids kept in the
+        lineage."""
         result = done.result
         imported: list[StoredImage] = []
         try:
@@ -368,7 +396,9 @@ class Studio:
                 assert mask.image_id is not None and mask.picture is not None
                 imported.append(self._import_mask(mask.item, mask.image_id, mask.picture, session))
             extra = {} if mask is None or mask.recipe is None else {"mask": mask.recipe}
-            return imported, *self._store_results(tool, done, parents, session, extra)
+            stored, preview = self._store_results(tool, done, parents, session, extra, lease)
+            used = [*parents, *([mask.image_id] if mask is not None and mask.image_id else [])]
+            return imported, stored, preview, self.store.absent(used)
         except BaseException:
             # nothing of a call that could not be stored whole stays behind: not even its inputs
             for image in imported:
@@ -382,10 +412,14 @@ class Studio:
         parents: list[str],
         session: str | None,
         extra: dict[str, Any] | None = None,
+        lease: Lease | None = None,
     ) -> tuple[list[StoredImage], Preview]:
         result = done.result
         stored = []
         for k, picture in enumerate(result.images):
+            image_id = new_image_id()
+            if lease is not None:  # so storing picture 2 cannot evict picture 1 before the call returns it
+                lease.add([image_id], require_stored=False)
             # what decides the pixels; in the PNG too
             core = {**provenance(result, k, tool=tool, parents=parents), **(extra or {})}
             recipe = {
@@ -409,6 +443,7 @@ class Studio:
                     recipe=recipe,
                     parents=parents,
                     session=session,
+                    image_id=image_id,
                 )
             )
         seeds = result.resolved.seeds
