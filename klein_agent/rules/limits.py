@@ -14,7 +14,9 @@ SIZE_MULTIPLE = (
 )
 MIN_SIDE = 64
 MAX_SIDE = 2048
-DEFAULT_SIDE = 1024  # diffusers Flux2KleinPipeline: default_sample_size 128 x vae_scale_factor 8
+DEFAULT_TOKENS_PER_SIDE = (
+    64  # text-to-image without a size: diffusers default_sample_size 128 latents / 2x2 patch
+)
 MAX_PIXELS_PER_CALL = 2048 * 2048  # width x height x num_images: the server's default on CUDA, overridable
 # The default elsewhere, sized so a call ends inside the ~60 s a client such as Claude Desktop waits. klein 4B
 # costs about 46 TFLOP for one 512x512 picture and 153 TFLOP at 1024x1024 (4 steps, text encoder and decode
@@ -36,6 +38,14 @@ REFERENCE_MAX_ASPECT = 8.0
 MAX_REFERENCES = 4  # BFL's API limit for klein and the count its KV benchmarks use; the reference sets none
 
 # -- sampling ---------------------------------------------------------------------------------------------------
+# A model's defaults when a call names no steps or guidance. The presets, the checkpoint loader, the help texts and
+# the tool descriptions read these; tests/test_default_texts.py checks the docs that restate them.
+DISTILLED_STEPS = (
+    4  # klein and klein 9B-KV are step-distilled: BFL fixes 4 steps, as the model cards use them
+)
+DISTILLED_GUIDANCE = 1.0  # distilled models take no guidance (1 means CFG off)
+BASE_STEPS = 50  # klein Base: diffusers Flux2KleinPipeline num_inference_steps
+BASE_GUIDANCE = 4.0  # klein Base: diffusers Flux2KleinPipeline guidance_scale (true CFG against "")
 MAX_IMAGES_PER_CALL = 4
 MAX_STEPS = 100
 MIN_GUIDANCE = 1.0  # diffusers: CFG runs only for guidance_scale > 1; 1 means "off"
@@ -45,7 +55,9 @@ RANDOM_SEED_BOUND = 2**31  # a drawn seed leaves room for a batch above it
 
 # -- masked edits (diffusers Flux2KleinInpaintPipeline.__call__ defaults) -----------------------------------------
 DEFAULT_STRENGTH = 0.8  # how far the masked area is re-noised: 1 starts it from pure noise
-INPAINT_DEFAULT_GUIDANCE = 8.0  # Base models: the inpaint pipeline's own default scale (edits use 4.0)
+INPAINT_DEFAULT_GUIDANCE = (
+    8.0  # Base models: the inpaint pipeline's own default scale (edits use BASE_GUIDANCE)
+)
 MAX_BOXES = 16
 MASK_MAX_ASPECT_DIFFERENCE = (
     0.02  # a mask is stretched to the image; more than 2% off means another picture's mask
