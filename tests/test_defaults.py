@@ -122,3 +122,29 @@ def test_the_docs_state_the_defaults(path: str, text: str) -> None:
         f"{path} no longer states a default as rules/limits.py has it: update {path} to say {text!r} "
         "(the defaults themselves live only in rules/limits.py)"
     )
+
+
+def test_list_images_and_the_store_take_the_same_page_and_cursor(tmp_path: Path) -> None:
+    from pydantic import TypeAdapter
+
+    from klein_agent.server.tools.library import CursorArg, LimitArg
+    from klein_agent.service import store as store_module
+
+    limit_schema = TypeAdapter(LimitArg).json_schema()
+    cursor_schema = TypeAdapter(CursorArg).json_schema()
+    assert (limit_schema["minimum"], limit_schema["maximum"]) == (1, limits.MAX_LIST_LIMIT)
+    assert [s.get("maxLength") for s in cursor_schema["anyOf"]] == [limits.MAX_CURSOR_CHARS, None]
+    with store_module.ImageStore(tmp_path / "store") as store:
+        assert store.list(limit=limits.MAX_LIST_LIMIT) == (
+            [],
+            None,
+        )  # what the tool may ask, the store serves
+        with pytest.raises(ValueError, match=f"from 1 to {limits.MAX_LIST_LIMIT}"):
+            store.list(limit=limits.MAX_LIST_LIMIT + 1)
+    # the longest cursor the store writes (the largest row number, the longest session) fits the schema, and
+    # the store reads cursors up to the schema's length
+    longest = store_module._encode_cursor(2**63 - 1, "x" * limits.SESSION_MAX_CHARS)
+    assert len(longest) <= limits.MAX_CURSOR_CHARS
+    assert store_module._decode_cursor(longest, "x" * limits.SESSION_MAX_CHARS) == 2**63 - 1
+    assert store_module._CURSOR_RE.fullmatch("A" * limits.MAX_CURSOR_CHARS)
+    assert not store_module._CURSOR_RE.fullmatch("A" * (limits.MAX_CURSOR_CHARS + 1))

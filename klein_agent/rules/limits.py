@@ -91,6 +91,15 @@ MAX_MESSAGE_BLOB_BYTES = (
     (MAX_MESSAGE_BYTES - MESSAGE_FRAMING_BYTES) // 4 * 3
 )  # binary bytes whose base64 fits
 
+# -- listing ----------------------------------------------------------------------------------------------------
+# Images on one page of list_images and of the gallery's /api/images. Each may name up to 256 parents (~7.5 KB of
+# 26-character ids), in the text and again in the structured content: 100 such images are ~1.5 MB, inside
+# MAX_MESSAGE_BYTES; the store's former 1000 would not be.
+MAX_LIST_LIMIT = 100
+# A page cursor, as the store writes it: URL-safe base64 of {"v":1,"before":<up to 19 digits>,"session":<a label of
+# at most SESSION_MAX_CHARS, or null>}, at most 113 bytes, so 152 characters; a longer one is refused unread.
+MAX_CURSOR_CHARS = 256
+
 # -- the server -------------------------------------------------------------------------------------------------
 MAX_QUEUE = 8  # calls that may wait behind the running one
 STORE_MAX_BYTES = 2 * 1024**3
