@@ -14,14 +14,17 @@ SIZE_MULTIPLE = (
 )
 MIN_SIDE = 64
 MAX_SIDE = 2048
-DEFAULT_TOKENS_PER_SIDE = (
-    64  # text-to-image without a size: diffusers default_sample_size 128 latents / 2x2 patch
-)
+# text-to-image without a size: 64 tokens a side, diffusers' default_sample_size 128 latents over the 2x2 patch
+DEFAULT_TOKENS_PER_SIDE = 64
 MAX_PIXELS_PER_CALL = 2048 * 2048  # width x height x num_images: the server's default on CUDA, overridable
 # The default elsewhere, sized so a call ends inside the ~60 s a client such as Claude Desktop waits. klein 4B
-# costs about 46 TFLOP for one 512x512 picture and 153 TFLOP at 1024x1024 (4 steps, text encoder and decode
-# included; shared/docs/flops_estimate.py): 45-60 s at the 0.8-1 TFLOP/s of float32 a desktop CPU sustains, and
-# 10-30 s on an Apple GPU (5-14 TFLOP/s float32). The 9B takes about twice as long. Estimates, not measurements.
+# costs about 46 TFLOP for one 512x512 picture and 153 TFLOP at 1024x1024. The arithmetic, at 2 FLOP per
+# multiply-add: every token passes ~3.1 B transformer weights, so a step over 1024 image + 512 text tokens is
+# 2 x 3.1e9 x 1536 = 9.5 TFLOP plus 0.7 of attention (28.3 + 6.5 over 4096 + 512 tokens); 4 steps, plus the text
+# encoder (27 Qwen3-4B layers of 0.1 B weights over 512 tokens: 2.9) and the decoder (2.5; 10.5 at 1024x1024):
+# 4 x 10.2 + 2.9 + 2.5 = 46 and 4 x 34.8 + 2.9 + 10.5 = 153. That is 45-60 s at the 0.8-1 TFLOP/s of float32 a
+# desktop CPU sustains, and 10-30 s on an Apple GPU (5-14 TFLOP/s float32). The 9B takes about twice as long.
+# Estimates, not measurements.
 DEVICE_MAX_PIXELS_PER_CALL = {"cpu": 512 * 512, "mps": 1024 * 1024}
 
 
@@ -39,10 +42,8 @@ MAX_REFERENCES = 4  # BFL's API limit for klein and the count its KV benchmarks 
 
 # -- sampling ---------------------------------------------------------------------------------------------------
 # A model's defaults when a call names no steps or guidance. The presets, the checkpoint loader, the help texts and
-# the tool descriptions read these; tests/test_default_texts.py checks the docs that restate them.
-DISTILLED_STEPS = (
-    4  # klein and klein 9B-KV are step-distilled: BFL fixes 4 steps, as the model cards use them
-)
+# the tool descriptions read these; tests/test_defaults.py checks the docs that restate them.
+DISTILLED_STEPS = 4  # klein and klein 9B-KV are step-distilled: BFL fixes 4 steps, the model cards use 4
 DISTILLED_GUIDANCE = 1.0  # distilled models take no guidance (1 means CFG off)
 BASE_STEPS = 50  # klein Base: diffusers Flux2KleinPipeline num_inference_steps
 BASE_GUIDANCE = 4.0  # klein Base: diffusers Flux2KleinPipeline guidance_scale (true CFG against "")
