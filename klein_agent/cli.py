@@ -23,6 +23,7 @@ from klein_agent import __version__
 from klein_agent.logs import configure_logging, parse_level
 from klein_agent.model_options import add_model_arguments, generator_factory
 from klein_agent.option_types import positive_float
+from klein_agent.rules import limits
 from klein_agent.rules.limits import MAX_PIXELS_PER_CALL
 
 log = logging.getLogger("klein_agent")
@@ -92,15 +93,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--width",
         type=int,
         default=None,
-        help="multiple of 16 (default: the first image's size as the model prepares it, at most ~1 Mpx, else "
-        "1024; with only --width or --height the other keeps that default's aspect ratio)",
+        help=f"multiple of {limits.SIZE_MULTIPLE} (default: the first image's size as the model prepares it, at "
+        f"most ~1 Mpx, else {limits.DEFAULT_TOKENS_PER_SIDE * limits.SIZE_MULTIPLE}; with only --width or --height "
+        "the other keeps that default's aspect ratio)",
     )
-    gen.add_argument("--height", type=int, default=None, help="multiple of 16 (see --width)")
+    gen.add_argument(
+        "--height", type=int, default=None, help=f"multiple of {limits.SIZE_MULTIPLE} (see --width)"
+    )
     gen.add_argument(
         "--seed", type=int, default=None, help="0 to 4294967295 (default: a random one, reported on stderr)"
     )
-    gen.add_argument("--steps", type=int, default=None, help="default: the model's (4 distilled, 50 Base)")
-    gen.add_argument("--guidance", type=float, default=None, help="CFG scale for Base models (default 4.0)")
+    gen.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"default: the model's ({limits.DISTILLED_STEPS} distilled, {limits.BASE_STEPS} Base)",
+    )
+    gen.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help=f"CFG scale for Base models (default {limits.BASE_GUIDANCE})",
+    )
     gen.add_argument(
         "--num-images", type=int, default=1, help="seeds seed, seed+1, ...; files FILE-1.png, ..."
     )
@@ -123,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--strength",
         type=float,
         default=None,
-        help="with --mask/--box: how much of the region changes, above 0 to 1 (default 0.8)",
+        help="with --mask/--box: how much of the region changes, above 0 to 1 "
+        f"(default {limits.DEFAULT_STRENGTH})",
     )
     gen.add_argument("--out", required=True, type=Path, help="the PNG to write")
     gen.add_argument(

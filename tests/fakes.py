@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from klein_agent.rules import limits
 from klein_agent.rules.requests import (
     GenerationRequest,
     GenerationResult,
@@ -28,8 +29,8 @@ FAKE_INFO = GeneratorInfo(
     device="cpu",
     dtype="float32",
     distilled=True,
-    default_steps=4,
-    default_guidance=1.0,
+    default_steps=limits.DISTILLED_STEPS,
+    default_guidance=limits.DISTILLED_GUIDANCE,
     max_references=4,
 )
 

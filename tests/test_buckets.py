@@ -20,7 +20,7 @@ from torch._dynamo.utils import counters
 from klein_agent.pipeline import load_pipeline
 from klein_agent.pipeline.klein import KleinPipeline
 from klein_agent.pipeline.warmup import compile_pipeline_, warm_up
-from klein_agent.rules import buckets
+from klein_agent.rules import buckets, limits, resolution
 from klein_agent.rules.buckets import MENU, ShapeBucket, bucket_for, check_menu, image_tokens, select
 from klein_agent.rules.requests import GenerationRequest
 from klein_agent.speedups import compilation
@@ -67,6 +67,24 @@ def test_menu_is_contiguous_and_holds_its_examples() -> None:
     for lower, upper in itertools.pairwise(MENU):
         assert upper.min_tokens == lower.max_tokens + 1  # no gap a size could fall into
     assert MENU[0].min_tokens == image_tokens((64, 64)) == buckets.MIN_TOKENS
+
+
+def test_the_dynamic_ranges_cover_what_the_rules_allow() -> None:
+    # every output side a caller may give decodes inside the decoder's range (8 px per raw latent)
+    sides = range(limits.MIN_SIDE, limits.MAX_SIDE + 1, limits.SIZE_MULTIPLE)
+    low, high = buckets.DECODER_SIDE_RANGE
+    assert (min(sides) // 8, max(sides) // 8) == (low, high)
+    # the most reference tokens klein 9B-KV can keep: MAX_REFERENCES of the largest prepared reference
+    sizes = [(1024, 1024), *itertools.product(range(64, 4097, 61), range(64, 4097, 97))]
+    largest = max(
+        image_tokens((0, 0), [resolution.prepared_reference_size(w, h)])
+        for w, h in sizes
+        if max(w / h, h / w) <= limits.REFERENCE_MAX_ASPECT
+    )
+    assert (2, limits.MAX_REFERENCES * largest) == buckets.REFERENCE_TOKEN_RANGE
+    # speedups compiles over these very ranges
+    assert compilation.DECODER_SIDE_RANGE == buckets.DECODER_SIDE_RANGE
+    assert compilation.REFERENCE_TOKEN_RANGE == buckets.REFERENCE_TOKEN_RANGE
     assert compilation.PAST_MENU_SHAPES == buckets.PAST_MENU_SHAPES
 
 

@@ -286,7 +286,8 @@ def test_the_download_command_is_one_the_installed_huggingface_hub_ships() -> No
 
 
 def test_variants_are_recognised_by_matching_presets() -> None:
-    from klein_agent.loading.checkpoints import BASE_SAMPLING, DISTILLED_SAMPLING, detect_variant
+    from klein_agent.loading.checkpoints import detect_variant
+    from klein_agent.model.configs import BASE_SAMPLING, DISTILLED_SAMPLING
 
     assert detect_variant(preset("klein-4b").transformer, DISTILLED_SAMPLING) == "klein-4b"
     assert detect_variant(preset("klein-9b").transformer, BASE_SAMPLING) == "klein-base-9b"

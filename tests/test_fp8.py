@@ -221,9 +221,9 @@ def test_scaled_mm_available_is_false_off_cuda() -> None:
     assert scaled_mm_available(torch.device("meta")) is False
 
 
-def test_from_float8_wraps_without_requantizing() -> None:
+def test_an_fp8_weight_wraps_without_requantizing() -> None:
     layer = Float8Linear.from_linear(make_linear(32, 16))
-    again = Float8Linear.from_float8(layer.weight.clone(), layer.weight_scale.clone())
+    again = Float8Linear(layer.weight.clone(), layer.weight_scale.clone())
     x = torch.randn(4, 32)
     with torch.no_grad():
         assert torch.equal(layer(x), again(x))

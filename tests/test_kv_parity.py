@@ -182,8 +182,8 @@ def test_memory_per_1024_reference_for_the_9b_shape() -> None:
 
 
 def test_the_variant_names_kv() -> None:
-    from klein_agent.loading.checkpoints import BASE_SAMPLING, DISTILLED_SAMPLING, detect_variant
-    from klein_agent.model.configs import preset
+    from klein_agent.loading.checkpoints import detect_variant
+    from klein_agent.model.configs import BASE_SAMPLING, DISTILLED_SAMPLING, preset
 
     nine = preset("klein-9b").transformer
     assert detect_variant(nine, DISTILLED_SAMPLING, kv=True) == "klein-9b-kv"

@@ -30,14 +30,13 @@ def test_a_call_runs_on_device_copies_and_never_copies_back() -> None:
     module = Probe()
     before = {k: v.clone() for k, v in module.state_dict().items()}
     resident = HostResident(module)
-    pointers = resident.host_pointers()
+    pointers = {n: t.untyped_storage().data_ptr() for n, t in module.state_dict().items()}
     assert set(pointers) == {"linear.weight", "linear.bias", "offset"}
     for _ in range(2):
         # meta stands in for the accelerator on a CPU machine: the call sees device copies of every tensor
         out = resident.run("meta", torch.ones(2, 8, device="meta"))
         assert out.device.type == "meta" and module.seen[-1] == "meta/meta"
         # the module still holds the very same host storages, values unchanged: nothing moved back or re-pinned
-        assert resident.host_pointers() == pointers
         assert {n: t.untyped_storage().data_ptr() for n, t in module.state_dict().items()} == pointers
         assert all(torch.equal(module.state_dict()[k], v) for k, v in before.items())
     assert module.linear.weight.device.type == "cpu"

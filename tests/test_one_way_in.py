@@ -1,6 +1,6 @@
 """One way in: the same file, seed and size give the same pixels from the CLI and from the server.
 
-Both decode inputs with `image_inputs` (EXIF orientation applied, transparency on white, 16-bit scaled), size
+Both decode inputs with `service.inputs` (EXIF orientation applied, transparency on white, 16-bit scaled), size
 outputs with `resolution.output_size` and run the same pipeline. The CLI runs as a real subprocess; the server is
 reached through the official MCP client.
 """

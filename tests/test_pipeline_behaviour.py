@@ -8,7 +8,7 @@ from PIL import Image
 
 from klein_agent.pipeline import KleinPipeline, load_pipeline
 from klein_agent.pipeline.imaging import prepare_reference
-from klein_agent.rules import resolution
+from klein_agent.rules import limits, resolution
 from klein_agent.rules.requests import GenerationRequest, NonFiniteOutputError
 from klein_agent.service.pngfile import encode_png
 
@@ -138,7 +138,9 @@ def test_what_ran_is_reported_and_builds_the_recipe(pipe: KleinPipeline) -> None
     result = pipe.generate(GenerationRequest("report", 64, 48, num_images=2, guidance=3.0))
     r = result.resolved
     assert len(r.seeds) == 2 and r.seeds[1] == r.seeds[0] + 1 and r.seeds[0] < 2**31  # drawn
-    assert r.steps == 4 and r.guidance is None and not r.cfg  # distilled: no guidance, whatever was asked
+    assert (
+        r.steps == limits.DISTILLED_STEPS and r.guidance is None and not r.cfg
+    )  # distilled: no guidance, whatever was asked
     assert result.recipe(1) == {
         "prompt": "report",
         "seed": r.seeds[1],

@@ -221,7 +221,10 @@ async def test_kill_9_while_writing_leaves_a_consistent_store_with_every_acknowl
         for image_id in acknowledged:
             with Image.open(io.BytesIO(reopened.read_png(image_id))) as img:
                 img.verify()
-        page, _ = reopened.list(limit=1000)
+        page, cursor = reopened.list()
+        while cursor:  # every image, a page at a time
+            more, cursor = reopened.list(cursor=cursor)
+            page += more
         for image in page:
             Image.open(io.BytesIO(reopened.read_png(image.image_id))).load()
         assert not [p for p in (store / "images").iterdir() if p.name.startswith(".tmp-")]

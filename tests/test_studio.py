@@ -16,6 +16,7 @@ from typing import Any
 import anyio
 import pytest
 
+from klein_agent.rules import limits
 from klein_agent.rules.resolution import RequestError
 from klein_agent.service.engine import EngineBusyError, GenerationFailedError
 from klein_agent.service.studio import Studio
@@ -45,7 +46,8 @@ def faked(tmp_path: Path, input_dir: Path, fake: FakeGenerator, **options: Any) 
 async def test_generate_edit_and_compose_with_lineage_and_recipes(studio: Studio, input_dir: Path) -> None:
     first = await studio.make("generate", "a red cube", width=64, height=64, seed=3, num_images=2)
     assert [img.width for img in first.images] == [64, 64] and first.seeds == [3, 4]
-    assert first.parents == [] and first.imported == [] and first.guidance is None and first.steps == 4
+    assert first.parents == [] and first.imported == [] and first.guidance is None
+    assert first.steps == limits.DISTILLED_STEPS
     recipe = first.images[1].recipe
     assert (recipe["tool"], recipe["seed"], recipe["batch"]) == (
         "generate",

@@ -25,6 +25,8 @@ from klein_agent.loading.errors import CheckpointError
 from klein_agent.loading.hub import CACHED_REPO, download_command
 from klein_agent.model.autoencoder import AutoEncoder
 from klein_agent.model.configs import (
+    BASE_SAMPLING,
+    DISTILLED_SAMPLING,
     PRESETS,
     AutoencoderConfig,
     SamplingDefaults,
@@ -40,8 +42,6 @@ from klein_agent.model.text_encoder import (
 from klein_agent.model.transformer import Flux2Transformer
 
 FOLDER_PARTS = ("transformer", "vae", "text_encoder", "tokenizer")
-BASE_SAMPLING = SamplingDefaults(distilled=False, steps=50, guidance=4.0)
-DISTILLED_SAMPLING = SamplingDefaults(distilled=True, steps=4, guidance=1.0)
 _SHARD = re.compile(r"^(?P<stem>.+)-(?P<index>\d+)-of-(?P<total>\d+)\.safetensors$")
 # klein 9B-KV: diffusers names its own pipeline class in model_index.json; BFL's single file holds the same tensors
 # as the 9B (no marker inside), so its published name is the only sign (flux-2-klein-9b-kv[-fp8].safetensors)
@@ -80,7 +80,7 @@ def load_components(
 
     `transformer_file` replaces the folder's transformer with a BFL single file. Distilled or not comes from
     `model_index.json` (`is_distilled`); a KV checkpoint (`is_kv_checkpoint`) is distilled, as diffusers'
-    `Flux2KleinKVPipeline` is (4 steps, no guidance). Raises CheckpointError when a part is missing, unreadable
+    `Flux2KleinKVPipeline` is (the distilled defaults: few steps, no guidance). Raises CheckpointError when a part is missing, unreadable
     or does not fit, and when the text encoder and the transformer come from different model sizes.
     """
     folder = Path(folder)

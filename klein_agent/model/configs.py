@@ -6,7 +6,9 @@ always read from its own config.json files or tensor shapes (`klein_agent.loadin
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from klein_agent.rules import limits
 
 
 @dataclass(frozen=True)
@@ -135,11 +137,19 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class SamplingDefaults:
-    """A model's default step count and guidance scale, and whether it is step-distilled."""
+    """A model's default step count and guidance scale, and whether it is step-distilled. The values live in
+    `rules.limits` (the help texts and tool descriptions read them there too)."""
 
     distilled: bool = True
-    steps: int = 4
-    guidance: float = 1.0  # distilled models take no guidance; Base models use true CFG against ""
+    steps: int = limits.DISTILLED_STEPS
+    guidance: float = (
+        limits.DISTILLED_GUIDANCE
+    )  # distilled models take none; Base models use true CFG against ""
+
+
+# The two kinds of klein: step-distilled (klein, klein 9B-KV) and Base. Presets and real checkpoints use these.
+DISTILLED_SAMPLING = SamplingDefaults()
+BASE_SAMPLING = SamplingDefaults(distilled=False, steps=limits.BASE_STEPS, guidance=limits.BASE_GUIDANCE)
 
 
 @dataclass(frozen=True)
@@ -150,7 +160,7 @@ class ModelPreset:
     transformer: TransformerConfig
     autoencoder: AutoencoderConfig
     text_encoder: TextEncoderConfig
-    sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
+    sampling: SamplingDefaults = DISTILLED_SAMPLING
     licence: str = "Apache-2.0"
     # klein 9B-KV: references run once at timestep 0, attending only to themselves; their keys and values are kept
     kv_references: bool = False
@@ -162,7 +172,6 @@ _KLEIN_9B = TransformerConfig(
 )
 _QWEN3_4B = TextEncoderConfig()
 _QWEN3_8B = TextEncoderConfig(hidden_size=4096, intermediate_size=12288)
-_BASE = SamplingDefaults(distilled=False, steps=50, guidance=4.0)
 _NON_COMMERCIAL = "FLUX Non-Commercial License"
 
 # The tiny preset keeps every structural feature (several blocks of each kind, 4 RoPE axes, 2 heads, GroupNorm
@@ -222,7 +231,7 @@ _MID = ModelPreset(
 
 PRESETS: dict[str, ModelPreset] = {
     "klein-4b": ModelPreset("klein-4b", _KLEIN_4B, AutoencoderConfig(), _QWEN3_4B),
-    "klein-base-4b": ModelPreset("klein-base-4b", _KLEIN_4B, AutoencoderConfig(), _QWEN3_4B, _BASE),
+    "klein-base-4b": ModelPreset("klein-base-4b", _KLEIN_4B, AutoencoderConfig(), _QWEN3_4B, BASE_SAMPLING),
     "klein-9b": ModelPreset("klein-9b", _KLEIN_9B, AutoencoderConfig(), _QWEN3_8B, licence=_NON_COMMERCIAL),
     "klein-9b-kv": ModelPreset(
         "klein-9b-kv",
@@ -233,7 +242,7 @@ PRESETS: dict[str, ModelPreset] = {
         kv_references=True,
     ),
     "klein-base-9b": ModelPreset(
-        "klein-base-9b", _KLEIN_9B, AutoencoderConfig(), _QWEN3_8B, _BASE, licence=_NON_COMMERCIAL
+        "klein-base-9b", _KLEIN_9B, AutoencoderConfig(), _QWEN3_8B, BASE_SAMPLING, licence=_NON_COMMERCIAL
     ),
     "mid": _MID,
     "tiny": _TINY,

@@ -20,8 +20,10 @@ Past the menu (L over the last bucket's top: a 2048x2048 output with references,
 request time (logged, as a warning, with its cost), up to `PAST_MENU_SHAPES` such shapes; past those it runs
 uncompiled, and the log says so each time. Nothing falls back to eager silently.
 
-The autoencoder's decoder has no menu: its two latent sides are dynamic over every size the rules allow (4 to 128
-tokens of 16 px), one graph for all.
+The autoencoder's decoder has no menu: its two latent sides are dynamic over every side the rules allow a caller
+(`DECODER_SIDE_RANGE`: MIN_SIDE to MAX_SIDE px), one graph for all. klein 9B-KV's kept reference keys and values are
+dynamic over one range too (`REFERENCE_TOKEN_RANGE`: up to MAX_REFERENCES references of REFERENCE_MAX_AREA px).
+`speedups.compilation` reads all three from here.
 """
 
 from __future__ import annotations
@@ -35,6 +37,12 @@ TOKEN_PIXELS = limits.SIZE_MULTIPLE  # one image token is 16x16 px for every kle
 MIN_TOKENS = (limits.MIN_SIDE // TOKEN_PIXELS) ** 2  # 16: the smallest output (64x64), no reference
 # Distinct sizes past the menu that get a static graph of their own before the rest run uncompiled (logged).
 PAST_MENU_SHAPES = 16
+# klein 9B-KV's kept reference tokens: from 2 (Dynamo specialises sizes 0 and 1) to MAX_REFERENCES prepared
+# references, each scaled to at most REFERENCE_MAX_AREA px (4 x 4096 tokens)
+REFERENCE_TOKEN_RANGE = (2, limits.MAX_REFERENCES * limits.REFERENCE_MAX_AREA // TOKEN_PIXELS**2)
+# The decoder's raw latent sides, one per 8 px (a token's 16 px before the 2x2 patch): MIN_SIDE to MAX_SIDE px
+LATENT_PIXELS = TOKEN_PIXELS // 2
+DECODER_SIDE_RANGE = (limits.MIN_SIDE // LATENT_PIXELS, limits.MAX_SIDE // LATENT_PIXELS)
 
 
 @dataclass(frozen=True)

@@ -14,12 +14,17 @@ SIZE_MULTIPLE = (
 )
 MIN_SIDE = 64
 MAX_SIDE = 2048
-DEFAULT_SIDE = 1024  # diffusers Flux2KleinPipeline: default_sample_size 128 x vae_scale_factor 8
+# text-to-image without a size: 64 tokens a side, diffusers' default_sample_size 128 latents over the 2x2 patch
+DEFAULT_TOKENS_PER_SIDE = 64
 MAX_PIXELS_PER_CALL = 2048 * 2048  # width x height x num_images: the server's default on CUDA, overridable
 # The default elsewhere, sized so a call ends inside the ~60 s a client such as Claude Desktop waits. klein 4B
-# costs about 46 TFLOP for one 512x512 picture and 153 TFLOP at 1024x1024 (4 steps, text encoder and decode
-# included; shared/docs/flops_estimate.py): 45-60 s at the 0.8-1 TFLOP/s of float32 a desktop CPU sustains, and
-# 10-30 s on an Apple GPU (5-14 TFLOP/s float32). The 9B takes about twice as long. Estimates, not measurements.
+# costs about 46 TFLOP for one 512x512 picture and 153 TFLOP at 1024x1024. The arithmetic, at 2 FLOP per
+# multiply-add: every token passes ~3.1 B transformer weights, so a step over 1024 image + 512 text tokens is
+# 2 x 3.1e9 x 1536 = 9.5 TFLOP plus 0.7 of attention (28.3 + 6.5 over 4096 + 512 tokens); 4 steps, plus the text
+# encoder (27 Qwen3-4B layers of 0.1 B weights over 512 tokens: 2.9) and the decoder (2.5; 10.5 at 1024x1024):
+# 4 x 10.2 + 2.9 + 2.5 = 46 and 4 x 34.8 + 2.9 + 10.5 = 153. That is 45-60 s at the 0.8-1 TFLOP/s of float32 a
+# desktop CPU sustains, and 10-30 s on an Apple GPU (5-14 TFLOP/s float32). The 9B takes about twice as long.
+# Estimates, not measurements.
 DEVICE_MAX_PIXELS_PER_CALL = {"cpu": 512 * 512, "mps": 1024 * 1024}
 
 
@@ -36,6 +41,12 @@ REFERENCE_MAX_ASPECT = 8.0
 MAX_REFERENCES = 4  # BFL's API limit for klein and the count its KV benchmarks use; the reference sets none
 
 # -- sampling ---------------------------------------------------------------------------------------------------
+# A model's defaults when a call names no steps or guidance. The presets, the checkpoint loader, the help texts and
+# the tool descriptions read these; tests/test_defaults.py checks the docs that restate them.
+DISTILLED_STEPS = 4  # klein and klein 9B-KV are step-distilled: BFL fixes 4 steps, the model cards use 4
+DISTILLED_GUIDANCE = 1.0  # distilled models take no guidance (1 means CFG off)
+BASE_STEPS = 50  # klein Base: diffusers Flux2KleinPipeline num_inference_steps
+BASE_GUIDANCE = 4.0  # klein Base: diffusers Flux2KleinPipeline guidance_scale (true CFG against "")
 MAX_IMAGES_PER_CALL = 4
 MAX_STEPS = 100
 MIN_GUIDANCE = 1.0  # diffusers: CFG runs only for guidance_scale > 1; 1 means "off"
@@ -45,7 +56,9 @@ RANDOM_SEED_BOUND = 2**31  # a drawn seed leaves room for a batch above it
 
 # -- masked edits (diffusers Flux2KleinInpaintPipeline.__call__ defaults) -----------------------------------------
 DEFAULT_STRENGTH = 0.8  # how far the masked area is re-noised: 1 starts it from pure noise
-INPAINT_DEFAULT_GUIDANCE = 8.0  # Base models: the inpaint pipeline's own default scale (edits use 4.0)
+INPAINT_DEFAULT_GUIDANCE = (
+    8.0  # Base models: the inpaint pipeline's own default scale (edits use BASE_GUIDANCE)
+)
 MAX_BOXES = 16
 MASK_MAX_ASPECT_DIFFERENCE = (
     0.02  # a mask is stretched to the image; more than 2% off means another picture's mask
@@ -78,6 +91,15 @@ MESSAGE_FRAMING_BYTES = 64 * 1024  # the JSON-RPC envelope, URI, MIME type and _
 MAX_MESSAGE_BLOB_BYTES = (
     (MAX_MESSAGE_BYTES - MESSAGE_FRAMING_BYTES) // 4 * 3
 )  # binary bytes whose base64 fits
+
+# -- listing ----------------------------------------------------------------------------------------------------
+# Images on one page of list_images and of the gallery's /api/images. Each may name up to 256 parents (~7.5 KB of
+# 26-character ids), in the text and again in the structured content: 100 such images are ~1.5 MB, inside
+# MAX_MESSAGE_BYTES; the store's former 1000 would not be.
+MAX_LIST_LIMIT = 100
+# A page cursor, as the store writes it: URL-safe base64 of {"v":1,"before":<up to 19 digits>,"session":<a label of
+# at most SESSION_MAX_CHARS, or null>}, at most 113 bytes, so 152 characters; a longer one is refused unread.
+MAX_CURSOR_CHARS = 256
 
 # -- the server -------------------------------------------------------------------------------------------------
 MAX_QUEUE = 8  # calls that may wait behind the running one

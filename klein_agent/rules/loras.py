@@ -16,7 +16,6 @@ from pathlib import Path
 from klein_agent.rules.resolution import RequestError, number_text
 
 MAX_LORA_SCALE = 4.0  # |scale|; published adapters are meant for 0.5 to 1.5, negative scales push away
-NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}", re.ASCII)
 
 Choice = tuple[str, float]  # (adapter name, scale)
 

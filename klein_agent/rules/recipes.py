@@ -1,7 +1,7 @@
 """The provenance every picture carries, in the store and in CLI-written PNGs alike. No torch.
 
 `provenance` is what decides the pixels plus how the picture was asked for (tool, parents); it is written into
-the PNG's `klein-agent` text chunk by `previews.encode_png`, so it must be the same on every re-run.
+the PNG's `klein-agent` text chunk by `pngfile.encode_png`, so it must be the same on every re-run.
 """
 
 from __future__ import annotations

@@ -45,13 +45,13 @@ class GenerationRequest:
     height: int | None = None
     seed: int | None = None  # None: drawn at random; image k uses seed + k
     num_images: int = 1  # image k equals, byte for byte, a single run with seed + k
-    steps: int | None = None  # None: the model's default (4 for distilled klein, 50 for Base)
+    steps: int | None = None  # None: the model's default (limits.DISTILLED_STEPS or BASE_STEPS)
     guidance: float | None = None  # None: the model's default; distilled models take none
     references: tuple[Image.Image, ...] = field(default=(), compare=False)  # RGB, in "image 1, image 2" order
     # A masked edit (inpainting) when set: references[0] is the picture to repaint, the rest condition the
     # repainted area (the reference's `image_reference`). Any size with the source's aspect ratio; white repaints.
     mask: Image.Image | None = field(default=None, compare=False)
-    strength: float | None = None  # masked edits: None is the default (0.8); 1 repaints from pure noise
+    strength: float | None = None  # masked edits: None is limits.DEFAULT_STRENGTH; 1 repaints from pure noise
     # LoRA adapters to run, (name, scale) in order, from those the model loaded (a None scale: the adapter's
     # default); None or () runs none
     loras: tuple[tuple[str, float | None], ...] | None = None
@@ -101,7 +101,9 @@ class GeneratorInfo:
     default_steps: int
     default_guidance: float
     max_references: int
-    size_multiple: int = 16  # px per latent token side; prepared references and outputs are multiples of it
+    size_multiple: int = (
+        limits.SIZE_MULTIPLE
+    )  # px per latent token side; prepared references and outputs are multiples of it
     loras: tuple[tuple[str, float], ...] = ()  # the loaded LoRA adapters: (name, default scale)
 
     def summary(self) -> str:

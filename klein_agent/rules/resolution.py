@@ -5,7 +5,7 @@ refuse bad arguments before any model time is spent, so a rule lives here and no
 
 The size rule is the reference's (diffusers `Flux2KleinPipeline.__call__`): without a size, an edit or composition
 takes the size of its first reference *as prepared* (scaled down to at most ~1 Mpx, sides floored to the model's
-token size), text-to-image takes 64 tokens a side (1024 px for klein). With only one side given, the other keeps
+token size), text-to-image takes `limits.DEFAULT_TOKENS_PER_SIDE` tokens a side (1024 px for klein). With only one side given, the other keeps
 the aspect ratio of that default (the reference would take the default's other side as it is).
 """
 
@@ -18,10 +18,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from klein_agent.rules import limits
-
-DEFAULT_TOKENS_PER_SIDE = (
-    64  # diffusers: default_sample_size 128 x vae_scale_factor = 64 tokens of 2x2 latents
-)
 
 
 class RequestError(ValueError):
@@ -149,7 +145,7 @@ def output_size(
     changed (`check_pixels` refuses them)."""
     if width is not None and height is not None:
         return width, height
-    base_w, base_h = first_reference or (DEFAULT_TOKENS_PER_SIDE * multiple,) * 2
+    base_w, base_h = first_reference or (limits.DEFAULT_TOKENS_PER_SIDE * multiple,) * 2
     if width is not None:
         return width, max(multiple, round(width * base_h / base_w / multiple) * multiple)
     if height is not None:
@@ -174,8 +170,8 @@ def check_output_size(width: int, height: int, multiple: int = limits.SIZE_MULTI
 def check_user_size(
     width: int | None, height: int | None, *, max_side: int = limits.MAX_SIDE, min_side: int = limits.MIN_SIDE
 ) -> None:
-    """The product's limits on a size a caller gives (the CLI and the server): multiples of 16 in
-    [min_side, max_side]. Raises RequestError naming the side."""
+    """The product's limits on a size a caller gives (the CLI and the server): multiples of `limits.SIZE_MULTIPLE`
+    in [min_side, max_side]. Raises RequestError naming the side."""
     for name, value in (("width", width), ("height", height)):
         if value is None:
             continue

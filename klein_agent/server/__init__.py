@@ -1,4 +1,4 @@
-"""The MCP server: `klein-agent serve`, a thin layer over the torch-free `klein_agent.service.Studio`.
+"""The MCP server: `klein-agent serve`, a thin layer over the torch-free `klein_agent.service.studio.Studio`.
 
 Modules, one job each:
 - `options`     the command-line options of `serve` (store, inputs, limits, transport);

@@ -46,7 +46,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from klein_agent.rules.limits import LEASE_RENEW_S, LEASE_TTL_S, STORE_MAX_BYTES, STORE_MAX_IMAGES
+from klein_agent.rules.limits import (
+    LEASE_RENEW_S,
+    LEASE_TTL_S,
+    MAX_CURSOR_CHARS,
+    MAX_LIST_LIMIT,
+    STORE_MAX_BYTES,
+    STORE_MAX_IMAGES,
+)
 from klein_agent.rules.resolution import check_session
 from klein_agent.service import leases
 from klein_agent.service.error_text import describe
@@ -74,7 +81,7 @@ log = logging.getLogger(__name__)
 
 ID_PREFIX = "img_"
 _ID_RE = re.compile(r"img_[A-Za-z0-9_-]{22}", re.ASCII)  # "img_" + token_urlsafe(16): 22 chars, 128 bits
-_CURSOR_RE = re.compile(r"[A-Za-z0-9_-]{1,256}", re.ASCII)
+_CURSOR_RE = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_CURSOR_CHARS}}}", re.ASCII)
 _MAX_SQLITE_INTEGER = 2**63 - 1
 # The key a damaged recipe is read with (`_read_recipe`): its value says what is wrong.
 UNREADABLE_RECIPE = "unreadable"
@@ -85,7 +92,6 @@ LOCK_NAME = "store.lock"
 IMAGES_DIR = "images"
 MAX_PARENTS = 256
 MAX_RECIPE_BYTES = 256 * 1024
-MAX_LIST_LIMIT = 1000
 # Orphans and temp files younger than this are left alone when another process may be mid-put (see _sweep).
 _SHARED_SWEEP_MIN_AGE_S = 3600.0
 _O_BINARY = getattr(os, "O_BINARY", 0)  # Windows: no newline translation

@@ -58,7 +58,8 @@ from torch import Tensor, nn
 from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 from klein_agent.model.autoencoder import AutoEncoder
-from klein_agent.model.transformer import DoubleStreamBlock, Flux2Transformer, SingleStreamBlock
+from klein_agent.model.transformer import DoubleStreamBlock, Flux2Transformer
+from klein_agent.rules.buckets import DECODER_SIDE_RANGE, PAST_MENU_SHAPES, REFERENCE_TOKEN_RANGE
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +67,8 @@ log = logging.getLogger(__name__)
 # block kinds count separately against it, and together against the accumulated limit below.
 RECOMPILE_LIMIT = 64
 ACCUMULATED_RECOMPILE_LIMIT = 512
-PAST_MENU_SHAPES = 16  # as rules.buckets.PAST_MENU_SHAPES (speedups cannot import rules; a test ties them)
-# klein 9B-KV: kept reference tokens, dynamic over one range (4 references of ~1 Mpx at most)
-REFERENCE_TOKEN_RANGE = (2, 4 * 4096)
-# The decoder's latent sides (8 px each, before unpatchify's 2x2): 64 to 2048 px outputs
-DECODER_SIDE_RANGE = (8, 256)
+# PAST_MENU_SHAPES, REFERENCE_TOKEN_RANGE and DECODER_SIDE_RANGE come from rules.buckets, derived from the limits.
 
-_BLOCK_TYPES = (DoubleStreamBlock, SingleStreamBlock)
 TokenRange = tuple[int, int]
 
 

@@ -155,11 +155,6 @@ class Float8Linear(nn.Module):
         weight, scale = quantize(linear.weight)
         return cls(weight, scale, **kwargs)
 
-    @classmethod
-    def from_float8(cls, weight: Tensor, weight_scale: Tensor, **kwargs: Any) -> Float8Linear:
-        """Wrap an already-quantized weight as it comes from a scaled-FP8 checkpoint (no requantization)."""
-        return cls(weight, weight_scale, **kwargs)
-
     @property
     def uses_scaled_mm(self) -> bool:
         """Which path forward takes: the FP8 tensor-core kernel, or the float32 reference. Inputs must live on the

@@ -204,7 +204,7 @@
     const cards = [];
     let cursor = null;
     do {
-      const params = new URLSearchParams({ session, limit: "1000" });
+      const params = new URLSearchParams({ session, limit: "100" }); // the API's most (rules/limits.py MAX_LIST_LIMIT)
       if (cursor) params.set("cursor", cursor);
       const page = await getJSON(`api/images?${params}`);
       cards.push(...page.images);

@@ -15,7 +15,10 @@ from mcp_types import CallToolResult, ToolAnnotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from klein_agent.rules.limits import (
+    BASE_STEPS,
     DEFAULT_STRENGTH,
+    DEFAULT_TOKENS_PER_SIDE,
+    DISTILLED_STEPS,
     MAX_BOXES,
     MAX_GUIDANCE,
     MAX_IMAGES_PER_CALL,
@@ -45,14 +48,16 @@ PromptArg = Annotated[
         description="What the picture shows, subject first. Say what should be there, not what should not.",
     ),
 ]
+_DEFAULT_SIDE = DEFAULT_TOKENS_PER_SIDE * SIZE_MULTIPLE
 SideArg = Annotated[
     int | None,
     Field(
         ge=MIN_SIDE,
         le=MAX_SIDE,
         multiple_of=SIZE_MULTIPLE,
-        description="Output size in px (multiple of 16). Omit both for 1024x1024, or the largest square the "
-        "server's per-call pixel budget allows (server_status: max_pixels_per_call); give one and the other matches.",
+        description=f"Output size in px (multiple of {SIZE_MULTIPLE}). Omit both for {_DEFAULT_SIDE}x{_DEFAULT_SIDE}, "
+        "or the largest square the server's per-call pixel budget allows (server_status: max_pixels_per_call); "
+        "give one and the other matches.",
     ),
 ]
 OptionalSideArg = Annotated[
@@ -61,7 +66,7 @@ OptionalSideArg = Annotated[
         ge=MIN_SIDE,
         le=MAX_SIDE,
         multiple_of=SIZE_MULTIPLE,
-        description="Output size in px (multiple of 16). Omit both to take image 1's size as the model sees it "
+        description=f"Output size in px (multiple of {SIZE_MULTIPLE}). Omit both to take image 1's size as the model sees it "
         "(at most ~1 megapixel, less if the server's per-call pixel budget is smaller); give one and the other keeps "
         "image 1's aspect ratio.",
     ),
@@ -79,7 +84,8 @@ StepsArg = Annotated[
     Field(
         ge=1,
         le=MAX_STEPS,
-        description="Denoising steps. Omit for the model's default (4 for distilled klein, 50 for Base).",
+        description=f"Denoising steps. Omit for the model's default ({DISTILLED_STEPS} for distilled klein, "
+        f"{BASE_STEPS} for Base).",
     ),
 ]
 GuidanceArg = Annotated[
@@ -325,7 +331,8 @@ def register(mcp: MCPServer, studio: Studio) -> None:
         description="Repaint only part of an image and keep the rest: name the region with boxes ([x, y, width, "
         "height] in pixels or fractions) or a mask picture (white repaints), and describe what the region should "
         "show. Use it when one detail is wrong. The output keeps the image's size as the model sees it (at most "
-        f"~1 megapixel, whole 16 px tokens); the model repaints in 16 px tokens. {inputs} {LOOK} {store}",
+        f"~1 megapixel, whole {SIZE_MULTIPLE} px tokens); the model repaints in {SIZE_MULTIPLE} px tokens. "
+        f"{inputs} {LOOK} {store}",
         annotations=ToolAnnotations(
             title="Repaint a region",
             read_only_hint=False,

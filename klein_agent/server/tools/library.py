@@ -10,7 +10,14 @@ from mcp_types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import Field
 
 from klein_agent.gallery.command import command_line
-from klein_agent.rules.limits import MAX_VIEW_IMAGES, MIN_SIDE, SESSION_MAX_CHARS, VIEW_MAX_EDGE
+from klein_agent.rules.limits import (
+    MAX_CURSOR_CHARS,
+    MAX_LIST_LIMIT,
+    MAX_VIEW_IMAGES,
+    MIN_SIDE,
+    SESSION_MAX_CHARS,
+    VIEW_MAX_EDGE,
+)
 from klein_agent.server.arguments import split_ids
 from klein_agent.server.errors import tool_errors
 from klein_agent.server.models import (
@@ -48,12 +55,15 @@ MaxEdgeArg = Annotated[
         description="Long edge of the preview in px (never larger than the image).",
     ),
 ]
-LimitArg = Annotated[int, Field(ge=1, le=100)]
+LimitArg = Annotated[int, Field(ge=1, le=MAX_LIST_LIMIT)]
 SessionFilterArg = Annotated[
     str | None, Field(min_length=1, max_length=SESSION_MAX_CHARS, description="Only this session's images.")
 ]
 CursorArg = Annotated[
-    str | None, Field(max_length=300, description="next_cursor from the previous page; omit for the newest.")
+    str | None,
+    Field(
+        max_length=MAX_CURSOR_CHARS, description="next_cursor from the previous page; omit for the newest."
+    ),
 ]
 PathArg = Annotated[
     str,

@@ -74,7 +74,7 @@ def is_public_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 
 
-def _resolve_checked(host: str, port: int, policy: InputPolicy) -> list[str]:
+def _resolve_checked(host: str, port: int) -> list[str]:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError, OSError) as e:
@@ -147,7 +147,7 @@ def _fetch_url(url: str, policy: InputPolicy) -> tuple[bytes, str, str]:
     if any(c in url for c in "\r\n\t ") or any(ord(c) < 32 for c in url):
         raise ImageInputError("URL contains whitespace or control characters: percent-encode them")
     port = port or (443 if scheme == "https" else 80)
-    addresses = _resolve_checked(host, port, policy)
+    addresses = _resolve_checked(host, port)
 
     deadline = time.monotonic() + policy.url_timeout_s
     conn_cls = _PinnedHTTPSConnection if scheme == "https" else _PinnedHTTPConnection
