@@ -185,7 +185,8 @@ def test_a_lora_for_another_model_is_refused_naming_the_key(folder: Path, tmp_pa
         str(wrong_block),
     )
     with pytest.raises(
-        LoRAError, match=r"'diffusion_model\.double_blocks\.7\.img_attn\.qkv\.lora_A\.weight' names no layer"
+        LoRAError,
+        match=r"deeper\.safetensors, key 'diffusion_model\.double_blocks\.7\.img_attn\.qkv\.lora_A\.weight': it names no layer",
     ):
         ours.load_lora(wrong_block, "deeper")
     wider = tmp_path / "wider.safetensors"
@@ -199,11 +200,11 @@ def test_a_lora_for_another_model_is_refused_naming_the_key(folder: Path, tmp_pa
     )
     with pytest.raises(
         LoRAError,
-        match=r"'lora_unet_double_blocks_0_img_attn_proj\.lora_down\.weight' has down \[4, 3072\].*another model or size",
+        match=r"wider\.safetensors, key 'lora_unet_double_blocks_0_img_attn_proj\.lora_down\.weight': down \[4, 3072\].*another model or klein size",
     ):
         ours.load_lora(wider, "wider")
     not_lora = tmp_path / "weights.safetensors"
     save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(3 * D, D)}, str(not_lora))
-    with pytest.raises(LoRAError, match="no format we read"):
+    with pytest.raises(LoRAError, match="no LoRA format we read"):
         ours.load_lora(not_lora, "w")
     assert ours.info.loras == ()

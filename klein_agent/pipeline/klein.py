@@ -264,7 +264,7 @@ class KleinPipeline:
         that does not fit this model, ValueError for a name already loaded."""
         if any(known == name for known, _ in self.info.loras):
             raise ValueError(f"a LoRA adapter named {name!r} is already loaded")
-        adapter = read_lora(path, self.transformer)
+        adapter = read_lora(path, self.transformer, self.info.variant)
         lora.attach(self.transformer, name, adapter.updates)
         self.info = replace(self.info, loras=(*self.info.loras, (name, float(scale))))
         self.adapters[name] = adapter
