@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from klein_agent.loading.lora import LoRAError, read_lora
 from klein_agent.loading.random_init import build_tiny
+from klein_agent.rules.loras import MAX_LORA_SCALE
 from tests.http_helpers import REPO, serve_args
 from tests.lora_hostile import CASES, sound
 
@@ -40,7 +41,7 @@ def test_each_hostile_file_is_refused_naming_file_key_and_fix(
     path = tmp_path / "adapter.safetensors"
     build(path)
     with pytest.raises(LoRAError) as refused:
-        read_lora(path, tiny_transformer)
+        read_lora(path, tiny_transformer, max_scale=MAX_LORA_SCALE)
     message = str(refused.value)
     assert message.startswith(f"LoRA {path}"), message
     assert FIX_MARK in message and not message.endswith(FIX_MARK), message
@@ -49,7 +50,7 @@ def test_each_hostile_file_is_refused_naming_file_key_and_fix(
 
 
 def test_the_sound_file_they_vary_loads(tiny_transformer: torch.nn.Module, tmp_path: Path) -> None:
-    adapter = read_lora(sound(tmp_path / "ok.safetensors"), tiny_transformer)
+    adapter = read_lora(sound(tmp_path / "ok.safetensors"), tiny_transformer, max_scale=MAX_LORA_SCALE)
     assert list(adapter.updates) == ["double_blocks.0.img_attn.proj"] and adapter.rank == 4
 
 
@@ -59,11 +60,12 @@ RSS_PROBE = textwrap.dedent(
     import torch
     from klein_agent.loading.lora import LoRAError, read_lora
     from klein_agent.loading.random_init import build_tiny
+    from klein_agent.rules.loras import MAX_LORA_SCALE
     model = build_tiny()[0]
-    read_lora(sys.argv[2], model)  # a sound file first: every code path warm before the baseline
+    read_lora(sys.argv[2], model, max_scale=MAX_LORA_SCALE)  # a sound file first: every code path warm before the baseline
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     try:
-        read_lora(sys.argv[1], model)
+        read_lora(sys.argv[1], model, max_scale=MAX_LORA_SCALE)
         outcome = "loaded"
     except LoRAError as exc:
         outcome = str(exc)
@@ -154,4 +156,4 @@ def test_a_float64_file_within_range_loads(tiny_transformer: torch.nn.Module, tm
             },
             str(path),
         )
-        assert read_lora(path, tiny_transformer).rank == 4
+        assert read_lora(path, tiny_transformer, max_scale=MAX_LORA_SCALE).rank == 4

@@ -32,7 +32,6 @@ from klein_agent.loading.errors import LoRAError
 from klein_agent.loading.keymaps import transformer_layer_from_diffusers
 from klein_agent.loading.safetensors_file import SafetensorsFile, parse_json
 from klein_agent.model.lora import LoRALinear, LowRank
-from klein_agent.rules.loras import MAX_LORA_SCALE
 
 __all__ = ["AdapterFile", "LoRAError", "read_lora"]
 
@@ -74,9 +73,12 @@ class _Part:
     alpha: str | None  # kohya's per-layer alpha tensor
 
 
-def read_lora(path: str | Path, model: nn.Module, variant: str | None = None) -> AdapterFile:
+def read_lora(
+    path: str | Path, model: nn.Module, variant: str | None = None, *, max_scale: float
+) -> AdapterFile:
     """Read the safetensors LoRA at `path` for `model` (our transformer; `variant`, e.g. "klein-4b", only for a
-    warning when the file's metadata names another base model). Raises LoRAError, naming the file, the key and the
+    warning when the file's metadata names another base model; `max_scale`, the largest |scale| a call may run it
+    at, rules.loras.MAX_LORA_SCALE, bounds its values). Raises LoRAError, naming the file, the key and the
     fix, for anything that is not a sound LoRA for this model; no tensor is read before every shape fits."""
     path = Path(path)
     layers = {
@@ -91,7 +93,9 @@ def read_lora(path: str | Path, model: nn.Module, variant: str | None = None) ->
         alpha = _metadata_alpha(st) if fmt == "diffusers" else None
         for part in parts:
             _check_shapes(st, part, layers[part.layer])
-        updates = _combine(path, [(part, *_read_part(st, part, layers[part.layer], alpha)) for part in parts])
+        updates = _combine(
+            path, [(part, *_read_part(st, part, layers[part.layer], alpha, max_scale)) for part in parts]
+        )
         _warn_other_base(path, st.metadata, variant)
     return AdapterFile(path, fmt, updates)
 
@@ -270,7 +274,7 @@ def _finite(st: SafetensorsFile, key: str) -> Tensor:
 
 
 def _read_part(
-    st: SafetensorsFile, part: _Part, layer: nn.Linear, meta_alpha: float | None
+    st: SafetensorsFile, part: _Part, layer: nn.Linear, meta_alpha: float | None, max_scale: float
 ) -> tuple[Tensor, Tensor]:
     """The pair's tensors, alpha / rank folded into up, halves swapped where diffusers' order differs."""
     down, up = _finite(st, part.down), _finite(st, part.up)
@@ -290,11 +294,13 @@ def _read_part(
     if part.swap:
         first, second = up.chunk(2, dim=0)
         up = torch.cat((second, first), dim=0)
-    _check_magnitude(st.path, part.down, down, up, layer.in_features)
+    _check_magnitude(st.path, part.down, down, up, layer.in_features, max_scale)
     return down, up
 
 
-def _check_magnitude(path: Path, key: str, down: Tensor, up: Tensor, in_features: int) -> None:
+def _check_magnitude(
+    path: Path, key: str, down: Tensor, up: Tensor, in_features: int, max_scale: float
+) -> None:
     """Refuse an update no trained adapter has. For an input x of unit RMS (‖x‖ = √in: activations after the
     model's norms), row i of the update changes output i by at most ‖(up·down)_i‖·√in (Cauchy-Schwarz, reached by
     some x); at the largest scale a call may choose, that must stay within float16's range (65504), the narrowest
@@ -303,12 +309,12 @@ def _check_magnitude(path: Path, key: str, down: Tensor, up: Tensor, in_features
     the rank x rank Gram matrix (float64), never from the full out x in product."""
     d, u = down.double(), up.double()
     rows = ((u @ (d @ d.T)) * u).sum(dim=1).clamp(min=0).sqrt()
-    worst = float(rows.max()) * math.sqrt(in_features) * MAX_LORA_SCALE
+    worst = float(rows.max()) * math.sqrt(in_features) * max_scale
     limit = float(torch.finfo(torch.float16).max)
     if not worst <= limit:  # also catches inf and NaN from an overflowing product
         raise LoRAError(
             path,
-            f"the update can change an output by {worst:.3g} for a unit input at scale {MAX_LORA_SCALE:g}, over "
+            f"the update can change an output by {worst:.3g} for a unit input at scale {max_scale:g}, over "
             f"{limit:g} (float16's range): no trained adapter is that large",
             "check the file's weights and alpha; train or export it again",
             key,
