@@ -19,7 +19,7 @@ from klein_agent.loading.lora import LoRAError, read_lora
 from klein_agent.loading.random_init import build_tiny
 from klein_agent.rules.loras import MAX_LORA_SCALE
 from tests.http_helpers import REPO, serve_args
-from tests.lora_hostile import CASES, sound
+from tests.lora_hostile import CASES, A, B, pair, sound
 
 FIX_MARK = "; "  # the message's problem and fix are joined by "; " (LoRAError)
 
@@ -157,3 +157,32 @@ def test_a_float64_file_within_range_loads(tiny_transformer: torch.nn.Module, tm
             str(path),
         )
         assert read_lora(path, tiny_transformer, max_scale=MAX_LORA_SCALE).rank == 4
+
+
+@pytest.mark.parametrize(
+    ("metadata", "warned"),
+    [
+        ({"ss_base_model_version": "flux1"}, True),
+        ({"modelspec.architecture": "stable-diffusion-xl-v1-base/lora"}, True),
+        ({"base_model": "black-forest-labs/FLUX.2-klein-9B"}, True),
+        ({"modelspec.architecture": "flux-2-klein-4b/lora"}, False),
+        ({"base_model": "black-forest-labs/FLUX.2-klein-base-4B"}, False),  # trained on Base, run distilled
+        ({}, False),
+    ],
+)
+def test_an_adapter_trained_for_another_model_is_loaded_with_a_warning(
+    metadata: dict[str, str],
+    warned: bool,
+    tiny_transformer: torch.nn.Module,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    path = tmp_path / "other.safetensors"
+    down, up = pair()
+    save_file({A: down, B: up}, str(path), metadata=metadata)
+    with caplog.at_level("WARNING", logger="klein_agent.loading.lora"):
+        read_lora(path, tiny_transformer, "klein-4b", max_scale=MAX_LORA_SCALE)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert bool(warnings) == warned, warnings
+    if warned:
+        assert str(path) in warnings[0] and next(iter(metadata.values())) in warnings[0]
