@@ -129,9 +129,12 @@ def check_model_options(args: argparse.Namespace) -> list[tuple[str, float]]:
     return loras
 
 
-def generator_factory(args: argparse.Namespace) -> Callable[[], ImageGenerator]:
+def generator_factory(
+    args: argparse.Namespace, *, skip_bad_loras: bool = False
+) -> Callable[[], ImageGenerator]:
     """A zero-argument callable that loads the model the options name; runs wherever it is called. The options
-    are checked first (`check_model_options`), before anything heavy is imported."""
+    are checked first (`check_model_options`), before anything heavy is imported. `skip_bad_loras` (serve): a
+    --lora file that cannot be loaded is logged and left out instead of failing the load (`load_pipeline`)."""
     loras = check_model_options(args)
 
     def load() -> ImageGenerator:
@@ -149,6 +152,7 @@ def generator_factory(args: argparse.Namespace) -> Callable[[], ImageGenerator]:
             reference_kv_cache_bytes=_gib_to_bytes(getattr(args, "reference_kv_cache_gib", None)),
             loras=loras,
             warm_buckets=getattr(args, "warm_buckets", None),
+            skip_bad_loras=skip_bad_loras,
         )
 
     return load

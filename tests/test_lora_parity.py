@@ -185,7 +185,8 @@ def test_a_lora_for_another_model_is_refused_naming_the_key(folder: Path, tmp_pa
         str(wrong_block),
     )
     with pytest.raises(
-        LoRAError, match=r"'diffusion_model\.double_blocks\.7\.img_attn\.qkv\.lora_A\.weight' names no layer"
+        LoRAError,
+        match=r"deeper\.safetensors, key 'diffusion_model\.double_blocks\.7\.img_attn\.qkv\.lora_A\.weight': it names no layer",
     ):
         ours.load_lora(wrong_block, "deeper")
     wider = tmp_path / "wider.safetensors"
@@ -199,11 +200,69 @@ def test_a_lora_for_another_model_is_refused_naming_the_key(folder: Path, tmp_pa
     )
     with pytest.raises(
         LoRAError,
-        match=r"'lora_unet_double_blocks_0_img_attn_proj\.lora_down\.weight' has down \[4, 3072\].*another model or size",
+        match=r"wider\.safetensors, key 'lora_unet_double_blocks_0_img_attn_proj\.lora_down\.weight': down \[4, 3072\].*another model or klein size",
     ):
         ours.load_lora(wider, "wider")
     not_lora = tmp_path / "weights.safetensors"
     save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(3 * D, D)}, str(not_lora))
-    with pytest.raises(LoRAError, match="no format we read"):
+    with pytest.raises(LoRAError, match="no LoRA format we read"):
         ours.load_lora(not_lora, "w")
     assert ours.info.loras == ()
+
+
+def _prefixed_diffusers_file(path: Path, prefix: str, seed: int) -> Path:
+    """diffusers' own layer names under a PEFT/ComfyUI prefix (blocks only: diffusers' converter takes those)."""
+    g = torch.Generator().manual_seed(seed)
+    layers = {
+        "transformer_blocks.0.attn.to_q": (D, D),
+        "transformer_blocks.0.attn.to_k": (D, D),
+        "transformer_blocks.1.attn.to_add_out": (D, D),
+        "transformer_blocks.0.ff_context.linear_out": (D, FF),
+        "single_transformer_blocks.1.attn.to_qkv_mlp_proj": (3 * D + 2 * FF, D),
+    }
+    tensors = {}
+    for name, (out_f, in_f) in layers.items():
+        down, up = low_rank(out_f, in_f, g)
+        tensors[f"{prefix}{name}.lora_A.weight"] = down
+        tensors[f"{prefix}{name}.lora_B.weight"] = up
+    save_file(tensors, str(path))
+    return path
+
+
+@pytest.mark.parametrize("prefix", ["diffusion_model.", "base_model.model."])
+def test_diffusers_names_under_a_prefix_match_diffusers(prefix: str, folder: Path, tmp_path: Path) -> None:
+    path = _prefixed_diffusers_file(tmp_path / "peft.safetensors", prefix, seed=6)
+    ours = load_pipeline(str(folder), loras=[(str(path), 3.0)])
+    assert ours.adapters["peft"].format == "diffusers names under a prefix"
+    theirs = reference_with(folder, [path], [3.0])
+    plain = load_pipeline(str(folder))
+    got, want = run_both(ours, theirs, replace(REQUESTS[0], loras=ours.info.loras))
+    assert_same_pictures(got, want)
+    assert psnr(plain.generate(REQUESTS[0]).images[0], want[0]) < MIN_PSNR_DB - 10  # the adapter matters
+
+
+def test_lora_down_up_under_diffusion_model_applied_where_diffusers_drops_them(
+    folder: Path, tmp_path: Path
+) -> None:
+    """A documented difference: diffusers 0.42 reads `.lora_down.weight` keys as kohya's, converts none of these
+    (they lack `lora_unet_`) and applies nothing (a logged warning); we apply them as ai-toolkit's lora_A/lora_B."""
+    named_ab = ai_toolkit_file(tmp_path / "ab.safetensors", seed=7)
+    from safetensors.torch import load_file
+
+    renamed = {
+        k.replace(".lora_A.", ".lora_down.").replace(".lora_B.", ".lora_up."): v
+        for k, v in load_file(str(named_ab)).items()
+    }
+    down_up = tmp_path / "downup.safetensors"
+    save_file(renamed, str(down_up))
+    request = GenerationRequest("a cube", 48, 48, seed=2, steps=2)
+    ours = load_pipeline(str(folder), loras=[(str(down_up), 1.0)])
+    same = load_pipeline(str(folder), loras=[(str(named_ab), 1.0)])
+    got = ours.generate(replace(request, loras=ours.info.loras)).images[0]
+    assert got.tobytes() == same.generate(replace(request, loras=same.info.loras)).images[0].tobytes()
+    theirs = load_reference(folder)
+    theirs.load_lora_weights(str(down_up), adapter_name="a0")  # no error: a warning, and nothing loaded
+    plain_theirs = load_reference(folder)
+    _, dropped = run_both(ours, theirs, replace(request, loras=ours.info.loras))
+    _, plain = run_both(ours, plain_theirs, request)
+    assert dropped[0].tobytes() == plain[0].tobytes()  # diffusers ran without it

@@ -5,28 +5,46 @@ Formats, told apart by their keys (diffusers `Flux2LoraLoaderMixin.lora_state_di
   layers (we stack them into our fused q/k/v); alpha from the file's `lora_adapter_metadata`, else alpha = rank;
 - kohya: `lora_unet_<BFL layer, dots as underscores>.lora_down.weight` / `.lora_up.weight` / `.alpha`;
 - ai-toolkit: `diffusion_model.<BFL layer>.lora_A.weight` / `.lora_B.weight` (or lora_down / lora_up), fused q/k/v
-  as BFL has it; PEFT's `base_model.model.` prefix means the same.
-Each becomes one `LowRank` per layer, alpha / rank folded in. A key that names no layer of the model, or whose
-shape does not fit it, is refused, naming that key: the file is for another model or size.
+  as BFL has it; PEFT's `base_model.model.` prefix means the same. Under either prefix a layer may also carry
+  diffusers' own name (PEFT and ComfyUI exports do this; diffusers' converter accepts them too).
+Each becomes one `LowRank` per layer, alpha / rank folded in.
+
+A file is checked in two passes so a hostile one costs nothing: first its header alone (`SafetensorsFile`: sizes,
+offsets, dtypes), every key mapped to a layer and every shape checked against that layer, rank at most
+min(in, out); only then are the tensors read, one at a time, and their values checked (finite, alpha a positive
+number, the update not absurdly large: see `_check_magnitude`). Every refusal is a LoRAError naming the file, the
+key and the fix.
 """
 
 from __future__ import annotations
 
-import json
+import logging
+import math
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import Tensor, nn
 
+from klein_agent.loading.errors import LoRAError
 from klein_agent.loading.keymaps import transformer_layer_from_diffusers
+from klein_agent.loading.safetensors_file import SafetensorsFile, parse_json
 from klein_agent.model.lora import LoRALinear, LowRank
 
+__all__ = ["AdapterFile", "LoRAError", "read_lora"]
 
-class LoRAError(ValueError):
-    """A LoRA file that cannot be applied to this model; the message names the file and the first bad key."""
+log = logging.getLogger(__name__)
+
+WEIGHT_DTYPES = ("F32", "BF16", "F16", "F64")
+ALPHA_DTYPES = (*WEIGHT_DTYPES, "I64", "I32", "I16", "I8", "U8")  # a real number; BOOL is not one
+ANOTHER_MODEL = "the LoRA is for another model or klein size: use one trained for this model"
+RESAVE = "save the adapter again with float32, bfloat16 or float16 weights"
+PREFIXES = ("diffusion_model.", "base_model.model.")
+_KINDS = {"lora_A": "A", "lora_down": "A", "lora_B": "B", "lora_up": "B"}
+# metadata fields trainers use for the model an adapter was trained on (kohya sd-scripts, modelspec, PEFT/ai-toolkit)
+BASE_MODEL_FIELDS = ("ss_base_model_version", "modelspec.architecture", "base_model")
 
 
 @dataclass(frozen=True)
@@ -34,7 +52,7 @@ class AdapterFile:
     """A LoRA file read for one model: its format and one update per layer it touches."""
 
     path: Path
-    format: str  # "diffusers", "kohya" or "ai-toolkit"
+    format: str  # "diffusers", "kohya", "ai-toolkit" or "diffusers names under a prefix"
     updates: dict[str, LowRank]  # our layer name (no `.weight`) -> update
 
     @property
@@ -45,172 +63,311 @@ class AdapterFile:
 
 @dataclass
 class _Part:
+    """One (down, up) pair of the file, by key, and where it goes."""
+
+    layer: str  # our layer name
     rows: int | None  # which third of a fused q/k/v, or None for the whole layer
-    down: Tensor
-    up: Tensor
-    key: str  # the file's key of `down`, for messages
+    swap: bool  # diffusers' final modulation is [scale; shift], BFL's [shift; scale]
+    down: str
+    up: str
+    alpha: str | None  # kohya's per-layer alpha tensor
 
 
-def read_lora(path: str | Path, model: nn.Module) -> AdapterFile:
-    """Read the safetensors LoRA at `path` for `model` (our transformer). Raises LoRAError for a file that is not
-    a LoRA, an unknown format, or a key that names no layer of `model` or does not fit its shape."""
+def read_lora(
+    path: str | Path, model: nn.Module, variant: str | None = None, *, max_scale: float
+) -> AdapterFile:
+    """Read the safetensors LoRA at `path` for `model` (our transformer; `variant`, e.g. "klein-4b", only for a
+    warning when the file's metadata names another base model; `max_scale`, the largest |scale| a call may run it
+    at, rules.loras.MAX_LORA_SCALE, bounds its values). Raises LoRAError, naming the file, the key and the
+    fix, for anything that is not a sound LoRA for this model; no tensor is read before every shape fits."""
     path = Path(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-            metadata = f.metadata() or {}
-    except (OSError, ValueError, RuntimeError) as exc:  # a missing file, or not safetensors
-        raise LoRAError(f"LoRA {path}: cannot read it as a safetensors file ({exc})") from exc
     layers = {
         name: (m.base if isinstance(m, LoRALinear) else m)
         for name, m in model.named_modules()
         if isinstance(m, nn.Linear | LoRALinear)
     }
-    fmt, parts = _parts(path, tensors, metadata, layers)
-    return AdapterFile(path, fmt, _combine(path, parts, layers))
+    with SafetensorsFile(path) as st:
+        if not st.entries:
+            raise LoRAError(path, "the file holds no tensors", "give a LoRA .safetensors file")
+        fmt, parts = _parts(st, layers)
+        alpha = _metadata_alpha(st) if fmt == "diffusers" else None
+        for part in parts:
+            _check_shapes(st, part, layers[part.layer])
+        updates = _combine(
+            path, [(part, *_read_part(st, part, layers[part.layer], alpha, max_scale)) for part in parts]
+        )
+        _warn_other_base(path, st.metadata, variant)
+    return AdapterFile(path, fmt, updates)
 
 
-def _parts(
-    path: Path, tensors: dict[str, Tensor], metadata: dict[str, str], layers: dict[str, nn.Linear]
-) -> tuple[str, dict[str, list[_Part]]]:
-    keys = list(tensors)
-    if not keys:
-        raise LoRAError(f"LoRA {path}: the file holds no tensors")
+def _parts(st: SafetensorsFile, layers: dict[str, nn.Linear]) -> tuple[str, list[_Part]]:
+    """The file's format and its (down, up) pairs mapped to our layers, from the key names alone."""
+    keys = list(st.entries)
     if any(k.startswith("lora_unet_") for k in keys):
-        return "kohya", _kohya(path, tensors, layers)
-    if all(k.startswith(("diffusion_model.", "base_model.model.")) for k in keys):
-        return "ai-toolkit", _ai_toolkit(path, tensors)
-    if all(k.startswith("transformer.") for k in keys):
-        return "diffusers", _diffusers(path, tensors, metadata)
-    raise LoRAError(
-        f"LoRA {path}: key {keys[0]!r} is in no format we read (diffusers 'transformer.…lora_A.weight', kohya "
-        "'lora_unet_…lora_down.weight', ai-toolkit 'diffusion_model.…lora_A.weight'): is this a FLUX.2 [klein] LoRA?"
-    )
-
-
-def _split(path: Path, key: str, prefix: str) -> tuple[str, str]:
-    """'<prefix><layer>.<kind>.weight' -> (layer, kind) for kind lora_A/lora_B/lora_down/lora_up, or '.alpha'."""
-    body = key[len(prefix) :]
-    if body.endswith(".alpha"):
-        return body[: -len(".alpha")], "alpha"
-    for kind in ("lora_A", "lora_B", "lora_down", "lora_up"):
-        if body.endswith(f".{kind}.weight"):
-            return body[: -len(f".{kind}.weight")], kind
-    raise LoRAError(
-        f"LoRA {path}: key {key!r} is not a LoRA weight (lora_A/lora_B/lora_down/lora_up or alpha)"
-    )
-
-
-def _pairs(path: Path, tensors: dict[str, Tensor], prefix: str) -> dict[str, dict[str, tuple[str, Tensor]]]:
-    found: dict[str, dict[str, tuple[str, Tensor]]] = defaultdict(dict)
-    for key, value in tensors.items():
-        layer, kind = _split(path, key, prefix)
-        kind = {"lora_down": "lora_A", "lora_up": "lora_B"}.get(kind, kind)
-        found[layer][kind] = (key, value)
-    for layer, kinds in found.items():
-        for needed in ("lora_A", "lora_B"):
-            if needed not in kinds:
-                raise LoRAError(f"LoRA {path}: layer {layer!r} has no {needed} (down/up) weight")
-    return found
-
-
-def _kohya(path: Path, tensors: dict[str, Tensor], layers: dict[str, nn.Linear]) -> dict[str, list[_Part]]:
+        fmt, prefix = "kohya", "lora_unet_"
+    elif any(k.startswith("transformer.") for k in keys):
+        fmt, prefix = "diffusers", "transformer."
+    elif any(k.startswith(PREFIXES) for k in keys):
+        fmt, prefix = "ai-toolkit", ""
+    else:
+        raise LoRAError(
+            st.path,
+            "the key is in no LoRA format we read (diffusers 'transformer.…lora_A.weight', kohya "
+            "'lora_unet_…lora_down.weight', ai-toolkit 'diffusion_model.…lora_A.weight')",
+            "give a FLUX.2 [klein] LoRA",
+            keys[0],
+        )
     by_flat = {name.replace(".", "_"): name for name in layers}
-    parts: dict[str, list[_Part]] = defaultdict(list)
-    for flat, kinds in _pairs(path, tensors, "lora_unet_").items():
-        key, down = kinds["lora_A"]
-        if flat not in by_flat:
-            raise LoRAError(f"LoRA {path}: key {key!r} names no layer of this model: it is for another model")
-        up = kinds["lora_B"][1]
-        rank = down.shape[0]
-        alpha = float(kinds["alpha"][1]) if "alpha" in kinds else float(rank)
-        parts[by_flat[flat]].append(_Part(None, down, up * (alpha / rank), key))
-    return parts
-
-
-def _ai_toolkit(path: Path, tensors: dict[str, Tensor]) -> dict[str, list[_Part]]:
-    renamed = {
-        ("diffusion_model." + k.removeprefix("base_model.model.").removeprefix("diffusion_model.")): v
-        for k, v in tensors.items()
-    }
-    parts: dict[str, list[_Part]] = defaultdict(list)
-    for layer, kinds in _pairs(path, renamed, "diffusion_model.").items():
-        if "alpha" in kinds:  # diffusers' ai-toolkit reader takes none either
-            raise LoRAError(f"LoRA {path}: key {kinds['alpha'][0]!r}: ai-toolkit files carry no alpha")
-        key, down = kinds["lora_A"]
-        parts[layer].append(_Part(None, down, kinds["lora_B"][1], key))
-    return parts
-
-
-def _diffusers(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> dict[str, list[_Part]]:
-    alpha = None
-    if "lora_adapter_metadata" in metadata:
-        packed = json.loads(
-            metadata["lora_adapter_metadata"]
-        )  # diffusers prefixes each entry with "transformer."
-        config = {
-            k.removeprefix("transformer."): v for k, v in packed.items() if k.startswith("transformer.")
-        }
-        if config.get("alpha_pattern") or config.get("rank_pattern"):
-            raise LoRAError(f"LoRA {path}: per-layer alpha or rank patterns are not supported")
-        alpha = config.get("lora_alpha")
-    parts: dict[str, list[_Part]] = defaultdict(list)
-    for layer, kinds in _pairs(path, tensors, "transformer.").items():
-        key, down = kinds["lora_A"]
-        if "alpha" in kinds:
-            raise LoRAError(
-                f"LoRA {path}: key {kinds['alpha'][0]!r}: diffusers files carry alpha in their metadata"
-            )
-        target = transformer_layer_from_diffusers(layer)
-        if target is None:
-            raise LoRAError(f"LoRA {path}: key {key!r} names no layer of this model: it is for another model")
-        ours, third, swap = target
-        up = kinds["lora_B"][1]
-        if swap:  # diffusers stores the final modulation as [scale; shift], BFL as [shift; scale]
-            first, second = up.chunk(2, dim=0)
-            up = torch.cat((second, first), dim=0)
-        rank = down.shape[0]
-        scale = 1.0 if alpha is None else float(alpha) / rank
-        parts[ours].append(_Part(third, down, up * scale, key))
-    return parts
-
-
-def _combine(path: Path, parts: dict[str, list[_Part]], layers: dict[str, nn.Linear]) -> dict[str, LowRank]:
-    """One update per layer: parts of a fused q/k/v are stacked (down rows) into a block-diagonal up."""
-    updates = {}
-    for name, pieces in parts.items():
-        layer = layers.get(name)
-        if layer is None:
-            raise LoRAError(
-                f"LoRA {path}: key {pieces[0].key!r} names no layer of this model ({name}): it is for another model"
-            )
-        for piece in pieces:
-            rows = layer.out_features if piece.rows is None else layer.out_features // 3
-            if (
-                piece.down.ndim != 2
-                or piece.up.ndim != 2
-                or piece.down.shape[1] != layer.in_features
-                or piece.up.shape != (rows, piece.down.shape[0])
-            ):
+    grouped: dict[str, dict[str, str]] = defaultdict(dict)
+    for key in keys:
+        body = _body(st.path, key, prefix)
+        layer, kind = _split(st.path, key, body)
+        if kind in grouped[layer]:
+            raise LoRAError(st.path, f"layer {layer!r} has two {kind} weights", "keep one of them", key)
+        grouped[layer][kind] = key
+    parts, diffusers_names, down_up = [], 0, False
+    for layer, kinds in grouped.items():
+        for needed in ("A", "B"):
+            if needed not in kinds:
+                name = "lora_A (lora_down)" if needed == "A" else "lora_B (lora_up)"
                 raise LoRAError(
-                    f"LoRA {path}: key {piece.key!r} has down {list(piece.down.shape)} and up "
-                    f"{list(piece.up.shape)}, but layer {name} maps {layer.in_features} to {rows} features: the "
-                    "LoRA is for another model or size"
+                    st.path,
+                    f"layer {layer!r} has no {name} weight",
+                    "the file is incomplete",
+                    next(iter(kinds.values())),
                 )
-        if len(pieces) == 1 and pieces[0].rows is None:
-            updates[name] = LowRank(pieces[0].down.float(), pieces[0].up.float())
+        down = kinds["A"]
+        target: tuple[str, int | None, bool] | None
+        if "alpha" in kinds and fmt != "kohya":  # diffusers reads no alpha tensor in these layouts either
+            raise LoRAError(
+                st.path,
+                f"{fmt} files carry no alpha tensor (diffusers keeps alpha in the metadata, ai-toolkit folds it in)",
+                "fold alpha / rank into the up weights and remove the key",
+                kinds["alpha"],
+            )
+        if fmt == "kohya":
+            target = (by_flat[layer], None, False) if layer in by_flat else None
+        elif fmt == "diffusers":
+            target = transformer_layer_from_diffusers(layer)
+        elif layer in layers:  # ai-toolkit: BFL names
+            target = (layer, None, False)
+            down_up = down_up or ".lora_down." in down
+        else:  # diffusers' names under the prefix ("sformer_blocks." as diffusers' converter normalises it)
+            target = transformer_layer_from_diffusers(
+                re.sub(r"^sformer_blocks\.", "transformer_blocks.", layer)
+            )
+            diffusers_names += 1
+        if target is None or target[0] not in layers:
+            raise LoRAError(st.path, "it names no layer of this model", ANOTHER_MODEL, down)
+        parts.append(_Part(target[0], target[1], target[2], down, kinds["B"], kinds.get("alpha")))
+    if fmt == "ai-toolkit" and diffusers_names == len(parts):
+        fmt = "diffusers names under a prefix"
+    if down_up:  # diffusers 0.42 reads these as kohya keys, converts none of them and applies nothing
+        log.info(
+            "LoRA %s: lora_down/lora_up under diffusion_model. applied as ai-toolkit (diffusers ignores them)",
+            st.path,
+        )
+    return fmt, parts
+
+
+def _body(path: Path, key: str, prefix: str) -> str:
+    if prefix:
+        if not key.startswith(prefix):
+            raise LoRAError(
+                path, f"its file is in the {prefix}… layout but this key is not", "remove the key", key
+            )
+        return key[len(prefix) :]
+    for p in PREFIXES:
+        if key.startswith(p):
+            return key[len(p) :]
+    raise LoRAError(
+        path, f"its file is in the {PREFIXES[0]}… layout but this key is not", "remove the key", key
+    )
+
+
+def _split(path: Path, key: str, body: str) -> tuple[str, str]:
+    """'<layer>.<kind>.weight' -> (layer, 'A' or 'B'), '<layer>.alpha' -> (layer, 'alpha')."""
+    if body.endswith(".alpha"):
+        return body.removesuffix(".alpha"), "alpha"
+    for kind, side in _KINDS.items():
+        if body.endswith(f".{kind}.weight"):
+            return body.removesuffix(f".{kind}.weight"), side
+    raise LoRAError(
+        path,
+        "it is not a LoRA weight (lora_A/lora_B, lora_down/lora_up or alpha; DoRA, LoKr and full weights are not read)",
+        "give a plain LoRA file",
+        key,
+    )
+
+
+def _metadata_alpha(st: SafetensorsFile) -> float | None:
+    """diffusers' `lora_adapter_metadata` (a PEFT LoraConfig, each entry prefixed "transformer.") -> lora_alpha."""
+    text = st.metadata.get("lora_adapter_metadata")
+    if text is None:
+        return None
+    key, fix = (
+        "__metadata__.lora_adapter_metadata",
+        "save the adapter again with diffusers' save_lora_weights",
+    )
+    packed = parse_json(text, st.path, "the adapter metadata", fix, key)
+    if not isinstance(packed, dict):
+        raise LoRAError(
+            st.path, f"the adapter metadata is a JSON {type(packed).__name__}, not an object", fix, key
+        )
+    config = {k.removeprefix("transformer."): v for k, v in packed.items() if k.startswith("transformer.")}
+    if config.get("alpha_pattern") or config.get("rank_pattern"):
+        raise LoRAError(st.path, "per-layer alpha or rank patterns are not supported", fix, key)
+    alpha = config.get("lora_alpha")
+    if alpha is None:
+        return None
+    if type(alpha) not in (int, float) or not math.isfinite(alpha) or alpha <= 0:
+        raise LoRAError(st.path, f"lora_alpha must be a positive number, got {alpha!r}", fix, key)
+    return float(alpha)
+
+
+def _check_shapes(st: SafetensorsFile, part: _Part, layer: nn.Linear) -> None:
+    """The pair's dtypes and shapes against `layer`, from the header alone."""
+    rows = layer.out_features if part.rows is None else layer.out_features // 3
+    for key in (part.down, part.up):
+        dtype = st.entries[key].dtype
+        if dtype not in WEIGHT_DTYPES:
+            kind = "float8" if dtype.startswith("F8") else "not floating-point"
+            raise LoRAError(st.path, f"its dtype {dtype} is {kind}", RESAVE, key)
+    down, up = st.entries[part.down].shape, st.entries[part.up].shape
+    if len(down) != 2 or len(up) != 2 or down[0] < 1:
+        raise LoRAError(
+            st.path,
+            f"down {list(down)} and up {list(up)} are not a rank ≥ 1 pair of matrices",
+            "the adapter is broken: train or export it again",
+            part.down,
+        )
+    rank = down[0]
+    if down[1] != layer.in_features or up != (rows, rank) or rank > min(layer.in_features, rows):
+        raise LoRAError(
+            st.path,
+            f"down {list(down)} and up {list(up)} do not fit layer {part.layer}, which maps {layer.in_features} to "
+            f"{rows} features (down [rank, {layer.in_features}], up [{rows}, rank], rank ≤ {min(layer.in_features, rows)})",
+            ANOTHER_MODEL,
+            part.down,
+        )
+    if part.alpha is not None:
+        entry = st.entries[part.alpha]
+        if entry.dtype not in ALPHA_DTYPES or math.prod(entry.shape) != 1:
+            raise LoRAError(
+                st.path,
+                f"alpha is {entry.dtype} {list(entry.shape)}, not one number",
+                "store alpha as a float32 scalar",
+                part.alpha,
+            )
+
+
+def _finite(st: SafetensorsFile, key: str) -> Tensor:
+    value = st.read(key).float()
+    if not bool(torch.isfinite(value).all()):
+        raise LoRAError(
+            st.path,
+            "it holds NaN or infinite values (in float32)",
+            "the adapter is broken: train or export it again",
+            key,
+        )
+    return value
+
+
+def _read_part(
+    st: SafetensorsFile, part: _Part, layer: nn.Linear, meta_alpha: float | None, max_scale: float
+) -> tuple[Tensor, Tensor]:
+    """The pair's tensors, alpha / rank folded into up, halves swapped where diffusers' order differs."""
+    down, up = _finite(st, part.down), _finite(st, part.up)
+    rank = down.shape[0]
+    alpha = meta_alpha
+    if part.alpha is not None:
+        alpha = float(st.read(part.alpha).double().item())
+        if not math.isfinite(alpha) or alpha <= 0:
+            raise LoRAError(
+                st.path,
+                f"alpha must be a positive number, got {alpha}",
+                "set it to the alpha the adapter was trained with (often its rank)",
+                part.alpha,
+            )
+    if alpha is not None:
+        up = up * (alpha / rank)
+    if part.swap:
+        first, second = up.chunk(2, dim=0)
+        up = torch.cat((second, first), dim=0)
+    _check_magnitude(st.path, part.down, down, up, layer.in_features, max_scale)
+    return down, up
+
+
+def _check_magnitude(
+    path: Path, key: str, down: Tensor, up: Tensor, in_features: int, max_scale: float
+) -> None:
+    """Refuse an update no trained adapter has. For an input x of unit RMS (‖x‖ = √in: activations after the
+    model's norms), row i of the update changes output i by at most ‖(up·down)_i‖·√in (Cauchy-Schwarz, reached by
+    some x); at the largest scale a call may choose, that must stay within float16's range (65504), the narrowest
+    dtype the model runs in. Trained adapters are orders of magnitude below (about √rank·‖up_i‖ for a down with
+    1/√in entries); 1e30 weights, an alpha of 1e38 or a rank-1 spike of 1e4 are far above. The row norms come from
+    the rank x rank Gram matrix (float64), never from the full out x in product."""
+    d, u = down.double(), up.double()
+    rows = ((u @ (d @ d.T)) * u).sum(dim=1).clamp(min=0).sqrt()
+    worst = float(rows.max()) * math.sqrt(in_features) * max_scale
+    limit = float(torch.finfo(torch.float16).max)
+    if not worst <= limit:  # also catches inf and NaN from an overflowing product
+        raise LoRAError(
+            path,
+            f"the update can change an output by {worst:.3g} for a unit input at scale {max_scale:g}, over "
+            f"{limit:g} (float16's range): no trained adapter is that large",
+            "check the file's weights and alpha; train or export it again",
+            key,
+        )
+
+
+def _combine(path: Path, read: list[tuple[_Part, Tensor, Tensor]]) -> dict[str, LowRank]:
+    """One update per layer: parts of a fused q/k/v are stacked (down rows) into a block-diagonal up."""
+    by_layer: dict[str, list[tuple[_Part, Tensor, Tensor]]] = defaultdict(list)
+    for item in read:
+        by_layer[item[0].layer].append(item)
+    updates = {}
+    for name, pieces in by_layer.items():
+        if len(pieces) == 1 and pieces[0][0].rows is None:
+            updates[name] = LowRank(pieces[0][1], pieces[0][2])
             continue
-        if any(p.rows is None for p in pieces) or len({p.rows for p in pieces}) != len(pieces):
-            raise LoRAError(f"LoRA {path}: layer {name} is given twice (fused and split)")
-        third = layer.out_features // 3
-        rank = sum(p.down.shape[0] for p in pieces)
-        up = torch.zeros(layer.out_features, rank)
+        if any(p.rows is None for p, _, _ in pieces) or len({p.rows for p, _, _ in pieces}) != len(pieces):
+            raise LoRAError(
+                path, f"layer {name} is given twice (fused and split)", "keep one of them", pieces[0][0].down
+            )
+        third = pieces[0][2].shape[0]
+        rank = sum(down.shape[0] for _, down, _ in pieces)
+        up = torch.zeros(3 * third, rank)
         downs, start = [], 0
-        for p in sorted(pieces, key=lambda p: p.rows or 0):
-            r = p.down.shape[0]
+        for p, down, part_up in sorted(pieces, key=lambda item: item[0].rows or 0):
+            r = down.shape[0]
             assert p.rows is not None
-            up[p.rows * third : (p.rows + 1) * third, start : start + r] = p.up.float()
-            downs.append(p.down.float())
+            up[p.rows * third : (p.rows + 1) * third, start : start + r] = part_up
+            downs.append(down)
             start += r
         updates[name] = LowRank(torch.cat(downs), up)
     return updates
+
+
+def _warn_other_base(path: Path, metadata: dict[str, str], variant: str | None) -> None:
+    """Warn when the file's metadata says it was trained for another model: a FLUX.1 or SDXL adapter whose layers
+    happen to have our names and shapes loads, and makes noise. Not klein, or klein of another size (4B, 9B)."""
+    if variant is None:
+        return
+    ours = re.search(r"(\d+)b", variant.lower())
+    for field in BASE_MODEL_FIELDS:
+        claim = metadata.get(field)
+        if not claim:
+            continue
+        flat = re.sub(r"[^a-z0-9]", "", claim.lower())
+        sizes = set(re.findall(r"(?<![0-9])(\d+)b", flat))
+        other_size = ours is not None and sizes and ours.group(1) not in sizes
+        if "klein" not in flat or other_size:
+            log.warning(
+                "LoRA %s: its metadata %s says it was trained for %r, but this model is %s: expect poor pictures "
+                "unless it was made for FLUX.2 [klein] of this size",
+                path,
+                field,
+                claim[:80],
+                variant,
+            )

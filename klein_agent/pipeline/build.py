@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from klein_agent.loading.errors import LoRAError
 from klein_agent.pipeline.klein import KleinPipeline
 from klein_agent.rules.buckets import select
 from klein_agent.rules.loras import adapter_names
@@ -36,6 +38,7 @@ def load_pipeline(
     loras: Sequence[tuple[str, float]] = (),
     warm_buckets: str | None = None,
     compile_backend: str = "inductor",
+    skip_bad_loras: bool = False,
 ) -> KleinPipeline:
     """Build the pipeline a model name points at: `tiny`, a diffusers-layout folder, or a Hugging Face repo id.
 
@@ -43,7 +46,9 @@ def load_pipeline(
     device's default). `loras` are LoRA files with their default scales, loaded (named by file stem) before any
     speed-up. With `compile`, `warm_buckets` names the shape buckets compiled before this returns (`rules.buckets.select`:
     names or positions, "all", "none"; None: none, each bucket compiles on its first request), progress logged at
-    INFO on stderr. `compile_backend` is torch.compile's (tests use "eager")."""
+    INFO on stderr. `compile_backend` is torch.compile's (tests use "eager"). A LoRA file that cannot be loaded raises
+    LoRAError; with `skip_bad_loras` (serve: one bad adapter costs that adapter, not the server) it is logged and
+    listed in `info.unloaded_loras`, and calls naming it are refused with the reason."""
     # a bad name fails before the model loads; None warms nothing (generate --compile compiles what its call needs)
     warm = select(warm_buckets) if compile and warm_buckets is not None else ()
     torch_device = resolve_device(device)
@@ -61,8 +66,17 @@ def load_pipeline(
         reference_kv_cache_bytes,
     )
     paths = [Path(path) for path, _ in loras]
+    unloaded: list[tuple[str, str]] = []
     for name, path, (_, scale) in zip(adapter_names(paths), paths, loras, strict=True):
-        pipeline.load_lora(path, name, scale)
+        try:
+            pipeline.load_lora(path, name, scale)
+        except LoRAError as exc:
+            if not skip_bad_loras:
+                raise
+            log.error("LoRA adapter %r not loaded, the server runs without it: %s", name, exc)
+            unloaded.append((name, str(exc)))
+    if unloaded:
+        pipeline.info = replace(pipeline.info, unloaded_loras=tuple(unloaded))
     if fp8:
         from klein_agent.speedups.fp8 import (
             FP8_WITHOUT_COMPILE,

@@ -39,6 +39,7 @@ from klein_agent.pipeline.imaging import (
 )
 from klein_agent.pipeline.offload import HostResident
 from klein_agent.rules.limits import MAX_REFERENCES
+from klein_agent.rules.loras import MAX_LORA_SCALE
 from klein_agent.rules.masks import prepare_mask, prepare_source
 from klein_agent.rules.requests import (
     GenerationRequest,
@@ -264,7 +265,7 @@ class KleinPipeline:
         that does not fit this model, ValueError for a name already loaded."""
         if any(known == name for known, _ in self.info.loras):
             raise ValueError(f"a LoRA adapter named {name!r} is already loaded")
-        adapter = read_lora(path, self.transformer)
+        adapter = read_lora(path, self.transformer, self.info.variant, max_scale=MAX_LORA_SCALE)
         lora.attach(self.transformer, name, adapter.updates)
         self.info = replace(self.info, loras=(*self.info.loras, (name, float(scale))))
         self.adapters[name] = adapter

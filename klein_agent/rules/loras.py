@@ -20,12 +20,23 @@ MAX_LORA_SCALE = 4.0  # |scale|; published adapters are meant for 0.5 to 1.5, ne
 Choice = tuple[str, float]  # (adapter name, scale)
 
 
-def choices(items: Sequence[tuple[str, float | None]], loaded: Sequence[Choice]) -> tuple[Choice, ...]:
+def choices(
+    items: Sequence[tuple[str, float | None]],
+    loaded: Sequence[Choice],
+    unloaded: Sequence[tuple[str, str]] = (),
+) -> tuple[Choice, ...]:
     """Per-call (name, scale or None) -> (name, scale), a missing scale being the adapter's loaded default.
-    Raises RequestError for an unknown name."""
+    Raises RequestError for an unknown name, or one of the `unloaded` (name, why) adapters the server could not
+    load at start (saying why)."""
     known = dict(loaded)
+    failed = dict(unloaded)
     result = []
     for name, scale in items:
+        if name in failed:
+            raise RequestError(
+                f"LoRA adapter {name!r} could not be loaded when the server started, so it is not available: "
+                f"{failed[name]}"
+            )
         if name not in known:
             listing = ", ".join(known) or "none (start the server with --lora FILE)"
             raise RequestError(f"no LoRA adapter named {name!r} is loaded; loaded: {listing}")

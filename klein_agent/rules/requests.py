@@ -105,6 +105,7 @@ class GeneratorInfo:
         limits.SIZE_MULTIPLE
     )  # px per latent token side; prepared references and outputs are multiples of it
     loras: tuple[tuple[str, float], ...] = ()  # the loaded LoRA adapters: (name, default scale)
+    unloaded_loras: tuple[tuple[str, str], ...] = ()  # adapters `serve` could not load: (name, why)
 
     def summary(self) -> str:
         """One readable line for logs: `klein-4b (black-forest-labs/FLUX.2-klein-4B) on cuda, bfloat16`."""
@@ -154,7 +155,7 @@ def resolve(request: GenerationRequest, info: GeneratorInfo) -> ResolvedRequest:
         default_guidance=limits.INPAINT_DEFAULT_GUIDANCE if inpaint else info.default_guidance,
         max_references=info.max_references,
     )
-    loras = resolve_loras(choices(request.loras or (), info.loras), info.loras)
+    loras = resolve_loras(choices(request.loras or (), info.loras, info.unloaded_loras), info.loras)
     if loras:
         resolved = replace(resolved, loras=loras)
     if request.mask is None:

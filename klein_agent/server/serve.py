@@ -54,7 +54,7 @@ def build_studio(args: argparse.Namespace) -> Studio:
         max_pixels_per_call=None if args.max_megapixels is None else int(args.max_megapixels * 1_000_000),
         device_hint=args.device,  # else the loaded model's device decides the default (limits.default_max_pixels)
     )
-    engine = Engine(generator_factory(args), max_queue=args.max_queue)
+    engine = Engine(generator_factory(args, skip_bad_loras=True), max_queue=args.max_queue)
     try:
         studio = Studio(engine, store, policy, config)
     except ValueError:  # an allowed folder inside the store

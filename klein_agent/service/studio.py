@@ -269,7 +269,9 @@ class Studio:
                 if scale is not None:
                     lora_rules.check_scale(scale, name)
             return tuple(loras)
-        return lora_rules.resolve_loras(lora_rules.choices(loras, info.loras), info.loras)
+        return lora_rules.resolve_loras(
+            lora_rules.choices(loras, info.loras, info.unloaded_loras), info.loras
+        )
 
     def _check_reference_count(self, count: int) -> None:
         info = self.engine.info
