@@ -113,17 +113,19 @@ def check_against_float64(what: str, got: Tensor, reference64: Tensor, reference
 
 @contextmanager
 def scaled_weight(module: nn.Module, name: str, relative: float = 1e-3) -> Iterator[None]:
-    """Multiply the parameter `name` of `module` by (1 + relative) for the block's duration, then restore it exactly.
+    """Multiply the parameter or buffer `name` of `module` by (1 + relative) for the block's duration, then restore
+    it exactly (in place, so compiled graphs that read it see the change without recompiling).
 
-    Pick a weight that no normalization follows directly (an output projection, an MLP's second layer): a
-    normalization would divide the scale back out.
+    Pick a weight that no normalization follows directly (an output projection, an MLP's second layer, an FP8
+    layer's scale): a normalization would divide the scale back out. Raises KeyError for an unknown name.
     """
-    param = module.get_parameter(name)
-    saved = param.detach().clone()
+    tensor = dict(module.named_parameters()) | dict(module.named_buffers())
+    target = tensor[name]
+    saved = target.detach().clone()
     with torch.no_grad():
-        param.mul_(1 + relative)
+        target.mul_(1 + relative)
     try:
         yield
     finally:
         with torch.no_grad():
-            param.copy_(saved)
+            target.copy_(saved)
