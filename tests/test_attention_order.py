@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend
+from tolerances import rounding_bound
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from klein_agent.pipeline import load_pipeline
 from klein_agent.speedups.attention import AttentionPlan, Platform, attention_order
@@ -63,13 +64,26 @@ def test_fa3_is_reported_only_where_its_package_imports() -> None:
 def test_the_cpu_runs_both_models_on_the_fused_kernel() -> None:
     pipe = load_pipeline("tiny", device="cpu")
     assert pipe.attention.autoencoder_order == (FLASH, MATH)
-    q = torch.randn(1, 1, 64, 512)  # the real autoencoder's one head of 512 channels
+    # the real autoencoder's one head of 512 channels; separate keys, so the softmax is not a near one-hot on the
+    # diagonal (q with itself would make the output insensitive to the scale and to the summation order)
+    q, k, v = torch.randn(3, 1, 1, 64, 512, generator=torch.Generator().manual_seed(0))
     with pipe.attention.autoencoder(), torch.profiler.profile() as prof:
-        out = F.scaled_dot_product_attention(q, q, q)
+        out = F.scaled_dot_product_attention(q, k, v)
     names = {e.name for e in prof.events()}
     assert "aten::_scaled_dot_product_flash_attention_for_cpu" in names
     assert "aten::_scaled_dot_product_attention_math" not in names
-    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, q, q))
+    # The fused kernel sums in its own blocked order: within float32 rounding of the float64 math path, measured
+    # by the float32 math path on this CPU (tests/tolerances.py)
+    with sdpa_kernel(MATH):
+        bound = rounding_bound(
+            "fused attention",
+            F.scaled_dot_product_attention(q.double(), k.double(), v.double()),
+            F.scaled_dot_product_attention(q, k, v),
+        )
+    bound.check(out)
+    with pipe.attention.autoencoder():  # a softmax scale off by 1e-3 relative must fail the same check
+        wrong_scale = F.scaled_dot_product_attention(q, k, v, scale=(1 + 1e-3) / 512**0.5)
+    bound.check_catches(wrong_scale, "softmax scale x (1 + 1e-3)")
 
 
 def test_only_math_left_still_runs() -> None:

@@ -1,8 +1,14 @@
-"""Each component against diffusers' on the same random weights, fp32 on CPU."""
+"""Each component against diffusers' on the same random weights, fp32 on CPU.
+
+Tolerances come from the arithmetic (tests/tolerances.py): diffusers' module is also run in float64, and ours
+must be within a small multiple of diffusers' own float32 rounding error, measured on this CPU. Each test also
+checks that ours with one weight scaled by 1 + 1e-3 fails that bound."""
 
 from __future__ import annotations
 
+import copy
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -11,6 +17,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.flux2.pipeline_flux2_klein import Flux2KleinPipeline, compute_empirical_mu
 from reference_checkpoints import KLEIN_SCHEDULER
 from reference_pipeline import diffusers_autoencoder, diffusers_transformer
+from tolerances import rounding_bound, scaled_weight
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from klein_agent.loading import keymaps
@@ -22,8 +29,6 @@ from klein_agent.model.text_encoder import TextEmbedder, TextEncoderTooShallowEr
 from klein_agent.model.transformer import Flux2Transformer
 
 pytestmark = pytest.mark.slow  # every component against diffusers' own modules
-
-ATOL = 1e-5
 
 
 @pytest.mark.parametrize(
@@ -44,19 +49,27 @@ def test_transformer_forward_matches_diffusers(config: TransformerConfig) -> Non
     img_ids = torch.cat([sampling.image_ids(h, w), sampling.reference_ids([(refs_h, refs_w)])])
     txt_ids = sampling.text_ids(txt)
     t = torch.tensor([0.9, 0.25])
-    with torch.no_grad():
-        got = ours(x, img_ids, ctx, txt_ids, t)
-        want = ref(
-            hidden_states=x,
-            encoder_hidden_states=ctx,
-            timestep=t,
+
+    def reference(model: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
+        return model(
+            hidden_states=x.to(dtype),
+            encoder_hidden_states=ctx.to(dtype),
+            timestep=t.to(dtype),
             img_ids=img_ids,
             txt_ids=txt_ids,
             guidance=None,
             return_dict=False,
         )[0]
+
+    with torch.no_grad():
+        got = ours(x, img_ids, ctx, txt_ids, t)
+        want = reference(ref, torch.float32)
+        bound = rounding_bound("transformer", reference(copy.deepcopy(ref).double(), torch.float64), want)
+        with scaled_weight(ours, "double_blocks.0.img_mlp.2.weight"):
+            broken = ours(x, img_ids, ctx, txt_ids, t)
     assert got.shape == want.shape == (2, tokens, config.in_channels)
-    torch.testing.assert_close(got, want, atol=ATOL, rtol=1e-5)
+    bound.check(got)
+    bound.check_catches(broken, "the first block's image MLP output weight x (1 + 1e-3)")
 
 
 @pytest.mark.parametrize(
@@ -91,14 +104,30 @@ def test_autoencoder_encode_decode_match_diffusers(config: AutoencoderConfig) ->
     image = torch.rand(1, 3, 2 * token, 3 * token) * 2 - 1
     mean = ref.bn.running_mean.view(1, -1, 1, 1)
     std = torch.sqrt(ref.bn.running_var.view(1, -1, 1, 1) + config.bn_eps)
+    ref64 = copy.deepcopy(ref).double()
+
+    def encode(model: Any, image: torch.Tensor) -> torch.Tensor:
+        latents = Flux2KleinPipeline._patchify_latents(model.encode(image).latent_dist.mode())
+        return (latents - mean.to(image.dtype)) / std.to(image.dtype)
+
+    def decode(model: Any, latents: torch.Tensor) -> torch.Tensor:
+        return model.decode(
+            Flux2KleinPipeline._unpatchify_latents(latents * std.to(latents.dtype) + mean.to(latents.dtype))
+        ).sample
+
     with torch.no_grad():
         got = ours.encode(image)
-        want = (Flux2KleinPipeline._patchify_latents(ref.encode(image).latent_dist.mode()) - mean) / std
-        torch.testing.assert_close(got, want, atol=ATOL, rtol=1e-5)
+        encoded = rounding_bound("encode", encode(ref64, image.double()), encode(ref, image))
+        encoded.check(got)
+        with scaled_weight(ours, "encoder.conv_out.weight"):
+            encoded.check_catches(ours.encode(image), "the encoder's conv_out weight x (1 + 1e-3)")
         decoded = ours.decode(got)
-        want_decoded = ref.decode(Flux2KleinPipeline._unpatchify_latents(got * std + mean)).sample
+        bound = rounding_bound("decode", decode(ref64, got.double()), decode(ref, got))
+        with scaled_weight(ours, "decoder.conv_out.weight"):
+            broken = ours.decode(got)
     assert decoded.shape == image.shape
-    torch.testing.assert_close(decoded, want_decoded, atol=ATOL, rtol=1e-5)
+    bound.check(decoded)
+    bound.check_catches(broken, "the decoder's conv_out weight x (1 + 1e-3)")
 
 
 @pytest.mark.parametrize("depth", [28, 36, 27])
@@ -123,8 +152,24 @@ def test_text_embedding_matches_diffusers(depth: int) -> None:
     with torch.no_grad():
         got = embedder(prompts)
         want = Flux2KleinPipeline._get_qwen3_prompt_embeds(full, embedder.tokenizer, prompts)
+        want64 = Flux2KleinPipeline._get_qwen3_prompt_embeds(
+            full.double(), embedder.tokenizer, prompts, dtype=torch.float64
+        )
+        with scaled_weight(embedder, "model.layers.0.mlp.down_proj.weight"):
+            broken = embedder(prompts)
     assert got.shape == (3, 512, 3 * embedder.hidden_size)
-    torch.testing.assert_close(got, want, atol=ATOL, rtol=1e-5)
+    # the three layers' outputs differ in magnitude: each is checked against its own rounding
+    for layer, part, part32, part64, part_broken in zip(
+        embedder.output_layers,
+        got.chunk(3, dim=-1),
+        want.chunk(3, dim=-1),
+        want64.chunk(3, dim=-1),
+        broken.chunk(3, dim=-1),
+        strict=True,
+    ):
+        bound = rounding_bound(f"text layer {layer}", part64, part32)
+        bound.check(part)
+        bound.check_catches(part_broken, "layer 0's MLP down_proj weight x (1 + 1e-3)")
 
 
 def test_text_encoder_runs_only_the_layers_it_needs() -> None:
