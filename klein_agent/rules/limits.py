@@ -69,7 +69,7 @@ INPUT_MAX_PIXELS = 64 * 1024**2  # width x height from its header, checked befor
 # what a full-size decode costs a pixel (measured: tools/bench_bombs.py, docs/benchmarks.md):
 # PNG and a JPEG decoded at full size: the decoded picture (4 bytes a pixel: Pillow keeps RGB as RGBX) and the
 # RGB result (4); WebP: libwebp's canvas, its lossless decoder's ARGB buffer, the bytes Pillow is handed and the
-# picture they are copied into (4 each), the RGB result made after the first two are freed.
+# picture they are copied into (4 each); the RGB result (4) is made after the ARGB buffer is freed.
 FULL_DECODE_BUDGET_BYTES = 400 * 10**6
 FULL_DECODE_BYTES_PER_PIXEL = {"PNG": 8, "JPEG": 8, "WEBP": 16}
 FULL_DECODE_MAX_PIXELS = {
