@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 import pytest
 from PIL import ExifTags, Image, features
 
+from klein_agent.rules import limits
 from klein_agent.service.exports import check_output_path
 from klein_agent.service.inputs import (
     ALLOW_URLS_FLAG,
@@ -85,6 +86,14 @@ def png_bomb(width: int, height: int) -> bytes:
 def webp_vp8x_bomb(width: int, height: int) -> bytes:
     body = b"\x00\x00\x00\x00" + (width - 1).to_bytes(3, "little") + (height - 1).to_bytes(3, "little")
     chunk = b"VP8X" + struct.pack("<I", len(body)) + body
+    return b"RIFF" + struct.pack("<I", 4 + len(chunk)) + b"WEBP" + chunk
+
+
+def webp_vp8l_bomb(width: int, height: int) -> bytes:
+    """A lossless WebP header (VP8L) declaring width x height with alpha: 34 bytes (issue 18 used one of 38)."""
+    bits = (width - 1) | (height - 1) << 14 | 1 << 28
+    body = b"\x2f" + bits.to_bytes(4, "little") + b"\x00" * 9
+    chunk = b"VP8L" + struct.pack("<I", len(body)) + body
     return b"RIFF" + struct.pack("<I", 4 + len(chunk)) + b"WEBP" + chunk
 
 
@@ -646,7 +655,7 @@ def test_decompression_bombs_refused_before_pillow_opens_them(
 
     monkeypatch.setattr(decoding.Image, "open", no_open)
     t0 = time.perf_counter()
-    with pytest.raises(ImageInputError, match="Mpx limit"):
+    with pytest.raises(ImageInputError, match=r"Mpx limit|accepted up to"):
         decode_image_bytes(data, max_pixels=64 * 1024**2)
     assert time.perf_counter() - t0 < 1.0
 
@@ -655,7 +664,7 @@ def test_bomb_under_a_raised_limit_still_stops_at_pillows_threshold() -> None:
     # max_pixels above Pillow's MAX_IMAGE_PIXELS: the stricter of the two wins, so Pillow never warns.
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        with pytest.raises(ImageInputError, match="Mpx limit"):
+        with pytest.raises(ImageInputError, match=r"Mpx limit|accepted up to"):
             decode_image_bytes(png_bomb(10000, 10000), max_pixels=10**9)
 
 
@@ -671,6 +680,48 @@ def test_pillow_bomb_guard_maps_to_input_error(monkeypatch: pytest.MonkeyPatch, 
             with pytest.raises(ImageInputError):
                 decode_image_bytes(png_bomb(w, h), max_pixels=64 * 1024**2)
             assert time.perf_counter() - t0 < 1.0
+
+
+@pytest.mark.parametrize(
+    ("data", "fmt", "name"),
+    [(png_bomb(8192, 8192), "PNG", "PNG"), (webp_vp8l_bomb(8192, 8192), "WEBP", "WebP")],
+)
+def test_lossless_over_its_cap_is_refused_naming_the_cap(
+    data: bytes, fmt: str, name: str, policy: InputPolicy
+) -> None:
+    # PNG and WebP cannot be decoded at a reduced size: their own cap applies, under the 64 Mi px of a JPEG
+    cap = limits.FULL_DECODE_MAX_PIXELS[fmt]
+    assert cap < limits.INPUT_MAX_PIXELS < 8192 * 8192 * 2
+    for decode in (
+        lambda: decode_image_bytes(data, max_pixels=limits.INPUT_MAX_PIXELS),
+        lambda: load_image_argument(data_uri(data), policy, no_lookup),
+    ):
+        with pytest.raises(ImageInputError) as caught:
+            decode()
+        text = str(caught.value)
+        assert "8192x8192 = 67.1 Mpx" in text
+        assert (
+            f"a {name} is accepted up to {cap / 1e6:.1f} Mpx, because it cannot be decoded at a reduced"
+            in text
+        )
+        assert "or send it as a JPEG (accepted up to 67.1 Mpx)" in text
+
+
+def test_full_decode_cap_is_inclusive_and_a_reduced_jpeg_is_not_held_to_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for fmt in ("PNG", "WEBP", "JPEG"):
+        monkeypatch.setitem(decoding.FULL_DECODE_MAX_PIXELS, fmt, 400 * 400)
+    for fmt in ("PNG", "WEBP"):
+        at_cap = encode(Image.new("RGB", (400, 400)), fmt)
+        assert decode_image_bytes(at_cap, max_pixels=2**20).size == (400, 400)
+        with pytest.raises(ImageInputError, match=r"accepted up to 0\.2 Mpx"):
+            decode_image_bytes(encode(Image.new("RGB", (400, 401)), fmt), max_pixels=2**20)
+    jpeg = encode(Image.new("RGB", (400, 401)), "JPEG")
+    # with reduce_to set (the default) a JPEG is decoded reduced once it is large, so only max_pixels holds it
+    assert decoding.decode(jpeg, max_pixels=2**20)[0].size == (400, 401)
+    with pytest.raises(ImageInputError, match="a JPEG decoded at full size is accepted up to"):
+        decoding.decode(jpeg, max_pixels=2**20, reduce_to=None)
 
 
 @pytest.mark.parametrize(

@@ -75,6 +75,19 @@ SESSION_MAX_CHARS = 64
 # -- inputs -----------------------------------------------------------------------------------------------------
 INPUT_MAX_BYTES = 32 * 1024**2  # an encoded input: file, decoded data: URI, or URL body
 INPUT_MAX_PIXELS = 64 * 1024**2  # width x height from its header, checked before decoding
+# What one decode may hold at its peak: the loaded picture, the decoder's own buffers and the RGB result (about
+# 1/4 of the 512 MB a call may grow by is left for the rest: the ~1 Mpx preparation, Python, the store).
+# A JPEG is decoded at a reduced scale (libjpeg's DCT scaling) when only ~1 Mpx of it will be used, so it never
+# comes near this; PNG and WebP have no reduced decode in Pillow, so their pixel caps come from this budget and
+# what a full-size decode costs a pixel (measured: tools/bench_bombs.py, docs/benchmarks.md):
+# PNG and a JPEG decoded at full size: the decoded picture (4 bytes a pixel: Pillow keeps RGB as RGBX) and the
+# RGB result (4); WebP: libwebp's canvas, its lossless decoder's ARGB buffer, the bytes Pillow is handed and the
+# picture they are copied into (4 each); the RGB result (4) is made after the ARGB buffer is freed.
+FULL_DECODE_BUDGET_BYTES = 400 * 10**6
+FULL_DECODE_BYTES_PER_PIXEL = {"PNG": 8, "JPEG": 8, "WEBP": 16}
+FULL_DECODE_MAX_PIXELS = {
+    fmt: FULL_DECODE_BUDGET_BYTES // per_pixel for fmt, per_pixel in FULL_DECODE_BYTES_PER_PIXEL.items()
+}  # PNG 50 Mpx, WebP 25 Mpx, a JPEG that is not reduced 50 Mpx
 
 # -- results ----------------------------------------------------------------------------------------------------
 PREVIEW_MAX_EDGE = 1024  # long edge of the inline preview of a tool result

@@ -9,10 +9,31 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+# Rows converted at a time: about this many pixels, so a conversion's intermediates (an RGBA copy and a white
+# canvas for transparency, int64 and float64 arrays for 16-bit grey: up to ~40 bytes a pixel) stay a few MB.
+STRIP_PIXELS = 1 << 18
+
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any decoded mode -> RGB: transparency (alpha, palette or tRNS colour key) composited on white, 16-bit
-    grey scaled to 8 bits (v / 257, rounded) rather than clipped, palette/grey/CMYK converted."""
+    """Any decoded mode -> a new RGB picture: transparency (alpha, palette or tRNS colour key) composited on
+    white, 16-bit grey scaled to 8 bits (v / 257, rounded) rather than clipped, palette/grey/CMYK converted.
+
+    Converted in strips of rows into the one RGB result, so the memory it adds is the result (4 bytes a pixel:
+    Pillow keeps RGB as RGBX) plus one strip's intermediates, whatever the mode; every pixel depends only on
+    itself, so the strips give exactly the picture a whole conversion gives."""
+    if img.mode == "RGB" and "transparency" not in img.info:
+        return img.copy()  # detach from the source file object and its metadata
+    rows = max(1, STRIP_PIXELS // max(1, img.width))
+    if img.height <= rows:
+        return _to_rgb_whole(img)
+    out = Image.new("RGB", img.size)
+    for top in range(0, img.height, rows):
+        strip = img.crop((0, top, img.width, min(top + rows, img.height)))  # keeps palette and tRNS key
+        out.paste(_to_rgb_whole(strip), (0, top))
+    return out
+
+
+def _to_rgb_whole(img: Image.Image) -> Image.Image:
     mode = img.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         values = np.asarray(img.convert("I"), dtype=np.int64)

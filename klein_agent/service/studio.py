@@ -350,8 +350,8 @@ class Studio:
         (`lease`) before it is read, and so is the stored twin of an input imported before.
 
         With the model loaded, each picture is prepared as soon as it is decoded (about 1 Mpx, whole tokens), so a
-        call holds at most one full-size decode at a time; an input whose bytes were imported before is named by
-        its stored id (imports are stored once per content). The memory of large decodes is given back."""
+        call holds at most one full-size decode at a time, whose memory is given back before the next; an input
+        whose bytes were imported before is named by its stored id (imports are stored once per content)."""
         info = self.engine.info
         loaded = []
         for k, argument in enumerate(arguments, start=1):
@@ -370,8 +370,8 @@ class Studio:
             elif info is not None:
                 item = replace(item, image=prepare_reference(item.image, info.size_multiple))
             loaded.append(item)
-        if any(item.content_key is not None for item in loaded):  # decoded from outside: maybe large
-            release_memory()
+            if item.content_key is not None:  # decoded from outside, maybe large: its memory goes back before
+                release_memory()  # the next decode, so the heap does not hold two full-size decodes' worth
         return loaded
 
     def _store_call(

@@ -4,6 +4,11 @@ Only PNG, JPEG and WebP reach Pillow's decoders: the format is sniffed from the 
 `Image.open(..., formats=...)` keeps every other plugin (EPS and Ghostscript, TIFF, ...) out. The pixel count is read
 from the header and checked before Pillow builds an image object, so a decompression bomb costs a few bytes of
 parsing. Then: EXIF orientation applied, transparency composited on white, 16-bit scaled to 8 bits.
+
+Memory: a JPEG of which only ~1 Mpx will be used is decoded at a reduced scale; PNG and WebP cannot be, so they
+have lower pixel caps (`limits.FULL_DECODE_MAX_PIXELS`), sized so that a full-size decode stays inside
+`limits.FULL_DECODE_BUDGET_BYTES`. Orientation is applied in place and the RGB conversion runs in strips, so a
+decode holds the loaded picture, the decoder's buffers and the one RGB result, never further full-size copies.
 """
 
 from __future__ import annotations
@@ -15,6 +20,11 @@ import struct
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from klein_agent.rules.limits import (
+    FULL_DECODE_BYTES_PER_PIXEL,
+    FULL_DECODE_MAX_PIXELS,
+    REFERENCE_MAX_AREA,
+)
 from klein_agent.rules.limits import REFERENCE_MAX_ASPECT as MAX_ASPECT
 from klein_agent.rules.limits import REFERENCE_MIN_SIDE as MIN_SIDE
 from klein_agent.service.error_text import describe
@@ -26,17 +36,21 @@ log = logging.getLogger(__name__)
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP")
 
 
-def decode(data: bytes, *, max_pixels: int, reduce_to: int | None = None) -> tuple[Image.Image, str]:
+def decode(
+    data: bytes, *, max_pixels: int, reduce_to: int | None = REFERENCE_MAX_AREA
+) -> tuple[Image.Image, str]:
     """Untrusted PNG/JPEG/WebP bytes -> (a loaded RGB picture, its format), or ImageInputError.
 
     Checks, in order: format from the magic bytes (nothing else reaches Pillow); pixel count from the header
-    against min(max_pixels, Pillow's MAX_IMAGE_PIXELS); Pillow's lazy open restricted to the three formats;
-    side >= 64 px and aspect <= 8; then decoding, EXIF orientation and `pixels.to_rgb`. Any decoder failure
-    becomes ImageInputError.
+    against min(max_pixels, Pillow's MAX_IMAGE_PIXELS) and, for a picture decoded at full size (PNG, WebP, a
+    JPEG when `reduce_to` is None), against `limits.FULL_DECODE_MAX_PIXELS` (the message says the cap and why);
+    Pillow's lazy open restricted to the three formats; side >= 64 px and aspect <= 8; then decoding, EXIF
+    orientation and `pixels.to_rgb`. Any decoder failure becomes ImageInputError.
 
-    `reduce_to` (pixels): a JPEG of more than 4x this area is decoded at a reduced scale (libjpeg's DCT scaling,
-    Pillow's `draft`) that keeps at least twice the linear size of `reduce_to`, so the later Lanczos scaling to
-    about `reduce_to` pixels still has detail to average, and a 48 Mpx photo never exists at full size in memory.
+    `reduce_to` (pixels; by default the ~1 Mpx a reference is scaled to): a JPEG of more than 4x this area is
+    decoded at a reduced scale (libjpeg's DCT scaling, Pillow's `draft`) that keeps at least twice the linear size
+    of `reduce_to`, so the later Lanczos scaling to about `reduce_to` pixels still has detail to average, and a
+    48 Mpx photo never exists at full size in memory (docs/reference-parity.md gives the measured difference).
     """
     if not data:
         raise ImageInputError("the image is empty (0 bytes): pass a PNG, JPEG or WebP file")
@@ -56,7 +70,7 @@ def decode(data: bytes, *, max_pixels: int, reduce_to: int | None = None) -> tup
         limit = min(limit, pil_limit)
     size = _header_size(data, kind)
     if size is not None:
-        _check_geometry(*size, limit)
+        _check_geometry(*size, limit, _full_decode_format(kind, reduce_to))
 
     try:
         img = Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))
@@ -80,13 +94,14 @@ def decode(data: bytes, *, max_pixels: int, reduce_to: int | None = None) -> tup
             raise ImageInputError(
                 f"unsupported format {fmt}; use PNG, JPEG or WebP (convert the image first)"
             )
-        _check_geometry(img.width, img.height, limit)
+        _check_geometry(img.width, img.height, limit, _full_decode_format(fmt, reduce_to))
         try:
             if reduce_to is not None and fmt == "JPEG" and img.width * img.height > 4 * reduce_to:
                 keep = math.sqrt(4 * reduce_to / (img.width * img.height))
                 img.draft("RGB", (math.ceil(img.width * keep), math.ceil(img.height * keep)))
             img.load()
-            rgb = to_rgb(_apply_orientation(img))
+            _apply_orientation(img)
+            rgb = to_rgb(img)
         except ImageInputError:
             raise
         except Exception as e:  # see above: truncated streams, bad CRCs, decoder errors, MemoryError, ...
@@ -103,12 +118,26 @@ def _corrupt_error(fmt: str, e: BaseException) -> ImageInputError:
     )
 
 
-def _check_geometry(width: int, height: int, max_pixels: int) -> None:
+def _full_decode_format(fmt: str, reduce_to: int | None) -> str | None:
+    """`fmt` when a picture of it is decoded at full size (a key of FULL_DECODE_MAX_PIXELS), else None: a JPEG
+    with `reduce_to` set is decoded at a reduced scale instead."""
+    if fmt == "JPEG" and reduce_to is not None:
+        return None
+    return fmt if fmt in FULL_DECODE_MAX_PIXELS else None
+
+
+def _check_geometry(width: int, height: int, max_pixels: int, full_decode: str | None = None) -> None:
+    """Refuse an empty size, more than `max_pixels` (or, for a picture of format `full_decode` that is decoded
+    at full size, more than its FULL_DECODE_MAX_PIXELS cap), a side under 64 px or an aspect over 8:1."""
     if width <= 0 or height <= 0:
         raise ImageInputError(
             f"the image header declares an empty size {width}x{height}: the file is corrupt"
         )
     pixels = width * height
+    cap = FULL_DECODE_MAX_PIXELS[full_decode] if full_decode is not None else max_pixels
+    if pixels > cap and cap < max_pixels:
+        assert full_decode is not None
+        raise _full_decode_error(width, height, full_decode, cap, max_pixels)
     if pixels > max_pixels:
         raise ImageInputError(
             f"the image is {width}x{height} ({pixels / 1e6:.1f} Mpx), over the {max_pixels / 1e6:.1f} Mpx limit: "
@@ -126,13 +155,26 @@ def _check_geometry(width: int, height: int, max_pixels: int) -> None:
         )
 
 
-def _apply_orientation(img: Image.Image) -> Image.Image:
+def _full_decode_error(width: int, height: int, fmt: str, cap: int, max_pixels: int) -> ImageInputError:
+    pixels = width * height
+    scale = math.sqrt(cap / pixels)
+    fits = f"{math.floor(width * scale)}x{math.floor(height * scale)}"
+    what = "a JPEG decoded at full size" if fmt == "JPEG" else f"a {'WebP' if fmt == 'WEBP' else fmt}"
+    jpeg = f" or send it as a JPEG (accepted up to {max_pixels / 1e6:.1f} Mpx)" if fmt != "JPEG" else ""
+    return ImageInputError(
+        f"the image is {width}x{height} = {pixels / 1e6:.1f} Mpx; {what} is accepted up to {cap / 1e6:.1f} Mpx, "
+        f"because it cannot be decoded at a reduced size (a full decode costs about "
+        f"{FULL_DECODE_BYTES_PER_PIXEL[fmt]} bytes a pixel, and only about {REFERENCE_MAX_AREA / 1e6:.1f} Mpx of "
+        f"it is used): scale it down (to {fits}, say){jpeg}"
+    )
+
+
+def _apply_orientation(img: Image.Image) -> None:
+    """EXIF orientation applied to the loaded `img` in place (one transposed buffer, swapped in)."""
     try:
-        out = ImageOps.exif_transpose(img)
+        ImageOps.exif_transpose(img, in_place=True)
     except Exception as e:  # a broken EXIF block must not cost the user an otherwise good image
         log.debug("ignoring unreadable EXIF orientation: %s", e)
-        return img
-    return img if out is None else out
 
 
 def _sniff_format(data: bytes) -> str | None:

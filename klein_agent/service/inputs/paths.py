@@ -17,6 +17,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from klein_agent.rules.limits import REFERENCE_MAX_AREA
 from klein_agent.service.error_text import describe
 from klein_agent.service.inputs.common import (
     ATTACHMENT_HINT,
@@ -169,12 +170,13 @@ def _read_beneath(root: Path, resolved: Path, shown: str, policy: InputPolicy) -
 
 
 def read_image_file(
-    path: str, *, max_bytes: int, max_pixels: int, reduce_to: int | None = None
+    path: str, *, max_bytes: int, max_pixels: int, reduce_to: int | None = REFERENCE_MAX_AREA
 ) -> LoadedImage:
     """A picture the user names on the command line: any file they can read (no folder policy), decoded by the
     same untrusted-input decoder the server uses, so a file gives the same pixels from the CLI and the server.
 
-    Relative paths and `~` are allowed. Raises ImageInputError with what to do, as the server's messages do.
+    Relative paths and `~` are allowed. `reduce_to`: see `decoding.decode` (a mask is scaled to a picture of at
+    most this size too). Raises ImageInputError with what to do, as the server's messages do.
     """
     check_not_quoted(path)
     if "\x00" in path:
