@@ -237,7 +237,9 @@ def run_generate(args: argparse.Namespace) -> int:
     )
     if mask_picture is not None:
         width, height = mask_picture.size
-    resolution.check_pixels(width, height, args.num_images, budget)
+    resolution.check_pixels(
+        width, height, args.num_images, budget, "--max-megapixels raises it", masked=mask_picture is not None
+    )
     if mask_picture is None and (width, height) != resolution.output_size(args.width, args.height, first):
         args.width, args.height = width, height  # the budget scaled the default size down: ask for that
 

@@ -185,16 +185,28 @@ def check_user_size(
             )
 
 
-def check_pixels(width: int, height: int, num_images: int, budget: int, why: str = "") -> None:
+def check_pixels(
+    width: int, height: int, num_images: int, budget: int, why: str = "", *, masked: bool = False
+) -> None:
     """Raises RequestError when width x height x num_images is over `budget` pixels; `why` (where the budget
-    comes from) is added to the message."""
+    comes from) is added to the message. A `masked` edit has no size of its own (it keeps its picture's), so its
+    message names the largest picture of this aspect ratio that fits instead of width and height."""
     total = width * height * num_images
-    if total > budget:
-        raise RequestError(
-            f"{num_images} image(s) of {width}x{height} is {total / 1e6:.2f} megapixels, over the "
-            f"{budget / 1e6:.2f} megapixel limit per call{f' ({why})' if why else ''}: lower width/height or "
-            "num_images"
+    if total <= budget:
+        return
+    if masked:
+        w, h = output_size(None, None, (width, height), max_pixels=budget // num_images)
+        ways = [f"scale the picture down to at most {w}x{h} first"] if min(w, h) >= limits.MIN_SIDE else []
+        ways += ["lower num_images"] if num_images > 1 and width * height <= budget else []
+        remedy = (
+            f"a masked edit keeps its picture's size, so {' or '.join(ways) or 'no picture fits this limit'}"
         )
+    else:
+        remedy = "lower width/height or num_images"
+    raise RequestError(
+        f"{num_images} image(s) of {width}x{height} is {total / 1e6:.2f} megapixels, over the "
+        f"{budget / 1e6:.2f} megapixel limit per call{f' ({why})' if why else ''}: {remedy}"
+    )
 
 
 def draw_seed() -> int:

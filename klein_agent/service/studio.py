@@ -291,7 +291,7 @@ class Studio:
         def sized(budget: int, why: str) -> tuple[int, int] | None:
             fit_to = budget // count if fit else None
             w, h = resolution.output_size(width, height, prepared, multiple, max_pixels=fit_to)
-            resolution.check_pixels(w, h, count, budget, why)
+            resolution.check_pixels(w, h, count, budget, why, masked=not fit)
             return (w, h) if unset and (w, h) != default else None
 
         budget = self.pixel_budget()
