@@ -260,10 +260,9 @@ def run_generate(args: argparse.Namespace) -> int:
         strength=args.strength,
         loras=pipeline.info.loras,  # generate runs every adapter it loaded
     )
-    if args.guidance is not None and pipeline.info.distilled:
-        log.warning(
-            "--guidance is ignored: %s is a distilled model and takes no guidance", pipeline.info.model
-        )
+    note = resolution.guidance_note(args.guidance, distilled=pipeline.info.distilled)
+    if note is not None:  # the note a tool result carries, said before the wait
+        log.warning("%s", note)
     result = pipeline.generate(request, progress=bar.update)
     bar.close()
     tool = "inpaint" if mask_recipe is not None else tool_for(len(references))

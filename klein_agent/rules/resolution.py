@@ -42,6 +42,9 @@ class ResolvedRequest:
     strength: float | None = None  # masked edits only: how far the masked area is re-noised, in (0, 1]
     first_step: int = 0  # masked edits only: schedule steps skipped (the reference's t_start)
     loras: tuple[tuple[str, float], ...] = ()  # LoRA adapters run: (name, scale), in order
+    # What the caller should be told about how the request was resolved (an argument the model ignores), as
+    # sentences; a tool result and the CLI show them as they are.
+    notes: tuple[str, ...] = ()
 
     @property
     def cfg(self) -> bool:
@@ -250,6 +253,17 @@ def resolve_sampling(
     return resolved_steps, default_guidance if guidance is None else float(guidance)
 
 
+def guidance_note(guidance: float | None, *, distilled: bool) -> str | None:
+    """The note for `guidance` given to a distilled model (klein 4B/9B and 9B-KV): it runs without it, so a
+    caller who set it must hear that it changed nothing. None when there is nothing to say."""
+    if guidance is None or not distilled:
+        return None
+    return (
+        f"guidance {number_text(guidance)} is ignored by this distilled model: it has guidance built in, and "
+        "only Base models take a guidance scale"
+    )
+
+
 def resolve_request(
     prompt: str,
     width: int | None,
@@ -278,4 +292,6 @@ def resolve_request(
     run_steps, run_guidance = resolve_sampling(
         steps, guidance, distilled=distilled, default_steps=default_steps, default_guidance=default_guidance
     )
-    return ResolvedRequest(prompt, out_w, out_h, seeds, run_steps, run_guidance, prepared)
+    note = guidance_note(guidance, distilled=distilled)
+    notes = () if note is None else (note,)
+    return ResolvedRequest(prompt, out_w, out_h, seeds, run_steps, run_guidance, prepared, notes=notes)

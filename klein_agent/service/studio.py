@@ -76,6 +76,9 @@ class Made:
     model_ms: float
     queued_ms: float
     cache_hits: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(
+        default_factory=list
+    )  # sentences on how the call was resolved (rules.resolution)
 
 
 @dataclass(frozen=True)
@@ -231,6 +234,7 @@ class Studio:
             model_ms=done.model_ms,
             queued_ms=done.queued_ms,
             cache_hits=dict(done.result.cache_hits),
+            notes=list(resolved.notes),
         )
 
     def _check_loras(
