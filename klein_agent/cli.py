@@ -66,22 +66,50 @@ def exit_now(status: int) -> None:
     os._exit(status)
 
 
+# Shown by `--help`: a first command that runs anywhere (the tiny model needs no weights), then real ones.
+GENERATE_EXAMPLES = """examples:
+  klein-agent generate --model tiny --prompt "a red fox in the snow" --out fox.png
+  klein-agent generate --model black-forest-labs/FLUX.2-klein-4B --prompt "a red fox" --seed 7 --out fox.png
+  klein-agent generate --model black-forest-labs/FLUX.2-klein-4B --prompt "make it night" --image fox.png \\
+      --out night.png
+  klein-agent generate --model black-forest-labs/FLUX.2-klein-4B --prompt "a round window" --image fox.png \\
+      --box 0.5,0,0.5,0.5 --out window.png"""
+EXAMPLES = f"""{GENERATE_EXAMPLES}
+  klein-agent serve --model black-forest-labs/FLUX.2-klein-4B    (started by an MCP client, not typed)
+  klein-agent gallery
+
+'klein-agent COMMAND --help' lists each command's options."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `klein-agent` parser with its `generate`, `serve` and `gallery` commands; each sets `run` to its handler.
 
     Building it imports neither MCP nor torch: each command's handler imports what it needs when it runs.
     """
     parser = argparse.ArgumentParser(
-        prog="klein-agent", description="FLUX.2 [klein] for agents that iterate on pictures"
+        prog="klein-agent",
+        description="FLUX.2 [klein] for agents that iterate on pictures",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"klein-agent {__version__}")
     add_logging_arguments(parser, defaults=True)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    gen = commands.add_parser("generate", help="make one or more pictures and write PNG files")
+    gen = commands.add_parser(
+        "generate",
+        help="make one or more pictures and write PNG files",
+        epilog=GENERATE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_logging_arguments(gen)
     add_model_arguments(gen)
-    gen.add_argument("--prompt", required=True)
+    gen.add_argument(
+        "--prompt",
+        required=True,
+        help='what to make, or with --image what to change ("make it night"); name references as "image 1", '
+        '"image 2"',
+    )
     gen.add_argument(
         "--image",
         action="append",
@@ -252,7 +280,9 @@ def run_generate(args: argparse.Namespace) -> int:
     )
     if mask_picture is not None:
         width, height = mask_picture.size
-    resolution.check_pixels(width, height, args.num_images, budget)
+    resolution.check_pixels(
+        width, height, args.num_images, budget, "--max-megapixels raises it", masked=mask_picture is not None
+    )
     if mask_picture is None and (width, height) != resolution.output_size(args.width, args.height, first):
         args.width, args.height = width, height  # the budget scaled the default size down: ask for that
 
@@ -273,10 +303,9 @@ def run_generate(args: argparse.Namespace) -> int:
         strength=args.strength,
         loras=pipeline.info.loras,  # generate runs every adapter it loaded
     )
-    if args.guidance is not None and pipeline.info.distilled:
-        log.warning(
-            "--guidance is ignored: %s is a distilled model and takes no guidance", pipeline.info.model
-        )
+    note = resolution.guidance_note(args.guidance, distilled=pipeline.info.distilled)
+    if note is not None:  # the note a tool result carries, said before the wait
+        log.warning("%s", note)
     result = pipeline.generate(request, progress=bar.update)
     bar.close()
     tool = "inpaint" if mask_recipe is not None else tool_for(len(references))

@@ -95,3 +95,83 @@ def test_option_errors_come_before_torch_and_the_mcp_sdk_load(tmp_path: Path, ar
     )
     assert done.stdout.split() == ["2", "False", "False", "False"], done.stderr
     assert "--" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_help_shows_examples_and_every_option_says_what_it_is() -> None:
+    import argparse
+    import re
+
+    from klein_agent.cli import build_parser
+
+    parser = build_parser()
+    top = parser.format_help()
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    first = re.search(r"klein-agent generate --model tiny [^\n]*", readme)
+    assert first is not None and "examples:" in top and first[0] in top  # the README's first command
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    silent = [
+        f"{name} {'/'.join(action.option_strings)}"
+        for name, sub in commands.choices.items()
+        for action in sub._actions
+        if action.option_strings and not action.help
+    ]
+    assert silent == []
+    assert "what to make" in commands.choices["generate"].format_help()
+
+
+def test_the_readme_pictures_written_in_the_clone_are_ignored_by_git() -> None:
+    import re
+    import shutil
+
+    git = shutil.which("git")
+    if git is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    outs = re.findall(r"--out (\S+\.png)", (REPO / "README.md").read_text(encoding="utf-8"))
+    assert "fox.png" in outs
+    done = subprocess.run(
+        [git, "check-ignore", "--no-index", *outs], cwd=REPO, capture_output=True, text=True
+    )
+    assert done.stdout.split() == outs, done.stderr
+
+
+@pytest.mark.slow
+def test_serve_typed_in_a_terminal_says_it_waits_for_a_client(tmp_path: Path) -> None:
+    """stdin a terminal: one note on stderr (stdout stays the MCP wire, empty). stdin a pipe, as a client starts
+    it: no note."""
+    import pty
+    import select
+    import time
+
+    argv = [sys.executable, "-m", "klein_agent", "serve", "--model", "tiny", "--store", str(tmp_path / "s")]
+    argv += ["--no-default-dirs"]
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        argv,
+        stdin=follower,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+        env=IN_ANOTHER_FOLDER,
+    )
+    os.close(follower)
+    err = b""
+    try:
+        deadline = time.monotonic() + 120
+        while b"waiting for an MCP client" not in err and time.monotonic() < deadline:
+            ready, _, _ = select.select([proc.stderr], [], [], 1)
+            if ready:
+                chunk = os.read(proc.stderr.fileno(), 4096)  # type: ignore[union-attr]
+                if not chunk:
+                    break
+                err += chunk
+    finally:
+        proc.kill()
+        out = proc.communicate(timeout=30)[0]
+        os.close(leader)
+    assert b"waiting for an MCP client on stdin" in err and b"not typed in a terminal" in err, err
+    assert out == b""
+
+    piped = subprocess.run(
+        argv, input="", capture_output=True, text=True, cwd=tmp_path, env=IN_ANOTHER_FOLDER, timeout=120
+    )
+    assert "waiting for an MCP client" not in piped.stderr, piped.stderr

@@ -19,7 +19,7 @@ from reference_checkpoints import Shape, write_reference_checkpoint
 from test_pipeline_parity import MIN_PSNR_DB, assert_same_pictures, picture, psnr
 
 from klein_agent.pipeline import KleinPipeline, load_pipeline
-from klein_agent.rules.masks import Box, boxes_mask
+from klein_agent.rules.masks import Box, MaskRequest, boxes_mask, prepare_source
 from klein_agent.rules.requests import GenerationRequest
 
 pytestmark = pytest.mark.slow  # whole masked edits against diffusers, Base at 50 steps included
@@ -124,6 +124,46 @@ DISTILLED_CASES = {
 @pytest.mark.parametrize("case", list(DISTILLED_CASES))
 def test_distilled_masked_edits_match_the_reference(case: str, distilled: Pair) -> None:
     assert_same_pictures(*run_both(*distilled, DISTILLED_CASES[case]))
+
+
+# Sides floored to 16 change the aspect by 3-8% here; the reference inpaints at the floored size.
+FLOORED_CASES = {
+    "333x517 by a box (320x512)": (
+        picture(333, 517, 8),
+        MaskRequest(None, [Box(40, 60, 200, 250)], None),
+        None,
+    ),
+    "100x70 by a mask of its own size (96x64)": (
+        picture(100, 70, 9),
+        MaskRequest("m", [], None),
+        ellipse_mask(100, 70),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(FLOORED_CASES))
+def test_pictures_whose_token_floor_changes_their_aspect_match_the_reference(
+    case: str, distilled: Pair
+) -> None:
+    """The path the CLI and the studio take: the source prepared, the mask checked and prepared by
+    `MaskRequest.picture`. The reference gets the picture and the mask as the user gave them (boxes drawn at the
+    picture's size) and its own defaults but for the seed and the steps."""
+    ours, theirs = distilled
+    raw, region, drawn = FLOORED_CASES[case]
+    source = prepare_source(raw)
+    request = GenerationRequest(
+        "a red ball", seed=8, steps=4, references=(source,), mask=region.picture(source, drawn)
+    )
+    got = ours.generate(request).images
+    want = theirs(
+        prompt="a red ball",
+        image=raw,
+        mask_image=drawn if drawn is not None else boxes_mask(region.boxes, raw.size),
+        generator=torch.Generator("cpu").manual_seed(8),
+        num_inference_steps=4,
+    ).images
+    assert got[0].size == source.size
+    assert_same_pictures(got, want)
 
 
 def test_the_check_catches_a_wrong_mask(distilled: Pair) -> None:

@@ -8,6 +8,7 @@ from PIL import Image
 
 from klein_agent.rules.masks import (
     Box,
+    MaskRequest,
     boxes_mask,
     check_mask,
     check_mask_aspect,
@@ -18,7 +19,9 @@ from klein_agent.rules.masks import (
     prepare_mask,
     prepare_source,
 )
+from klein_agent.rules.requests import GenerationRequest, resolve
 from klein_agent.rules.resolution import RequestError
+from tests.fakes import FAKE_INFO
 
 
 def test_boxes_in_pixels_and_fractions() -> None:
@@ -87,3 +90,42 @@ def test_source_is_resized_to_whole_tokens_not_cropped() -> None:
     assert prepared.size == (144, 96)
     assert prepare_source(prepared) is prepared
     assert prepare_source(Image.new("RGB", (1200, 900))).size == (1168, 880)
+
+
+# Sides floored to 16 change these pictures' aspect ratio by 3-8% (diffusers inpaints them at the floored size).
+FLOORED = {(333, 517): (320, 512), (100, 70): (96, 64), (200, 130): (192, 128), (90, 70): (80, 64)}
+
+
+@pytest.mark.parametrize("size", list(FLOORED))
+def test_a_picture_whose_token_floor_changes_its_aspect_is_repainted(size: tuple[int, int]) -> None:
+    """Boxes and a mask drawn at the picture's own size pass `MaskRequest.picture` and then `resolve`, whether
+    the source is decoded (the CLI) or prepared (the studio): the prepared mask, at the output size, is a mask
+    for this picture too."""
+    output = FLOORED[size]
+    raw = Image.new("RGB", size, (40, 90, 160))
+    own = Image.new("L", size, 0)
+    own.paste(255, (0, 0, size[0] // 2, size[1] // 2))
+    for source in (raw, prepare_source(raw)):
+        for region, drawn in (
+            (MaskRequest(None, [Box(0, 0, 0.5, 0.5)], None), None),
+            (MaskRequest("mask.png", [], None), own),
+        ):
+            prepared = region.picture(source, drawn)
+            assert prepared.size == output
+            resolved = resolve(GenerationRequest("x", seed=1, references=(source,), mask=prepared), FAKE_INFO)
+            assert (resolved.width, resolved.height) == output
+            # the user's own mask, as drawn, is taken by resolve too (the pipeline's parity tests pass it so)
+            resolve(GenerationRequest("x", seed=1, references=(source,), mask=own), FAKE_INFO)
+    # a mask truly of another shape is still refused, naming both sizes of the picture
+    with pytest.raises(RequestError, match=rf"but the image is {size[0]}x{size[1]} \(the model sees it at"):
+        MaskRequest("square.png", [], None).picture(raw, Image.new("L", (100, 100), 255))
+
+
+def test_mask_aspect_is_checked_against_the_picture_as_given_and_as_the_model_sees_it() -> None:
+    check_mask_aspect((333, 517), (333, 517), (320, 512))
+    check_mask_aspect((320, 512), (333, 517), (320, 512))
+    check_mask_aspect((160, 256), (333, 517), (320, 512))  # the output's shape at half size
+    with pytest.raises(RequestError, match="aspect ratios differ"):
+        check_mask_aspect((320, 512), (333, 517))  # without the output size, only the given one counts
+    with pytest.raises(RequestError, match=r"the mask is 340x512 but the image is 333x517 \(the model sees"):
+        check_mask_aspect((340, 512), (333, 517), (320, 512))  # 4.8% and 3.1% off

@@ -4,6 +4,7 @@ held to the loaded model's device."""
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,6 +13,7 @@ from typing import Any
 
 import pytest
 from mcp import Client
+from PIL import Image
 
 from klein_agent.cli import build_parser
 from klein_agent.rules import limits, resolution
@@ -89,6 +91,62 @@ async def test_a_cpu_model_refuses_more_than_512x512_by_default(
     finally:
         state.engine.close()
         state.store.close()
+
+
+MASKED_REMEDY = re.compile(
+    r"a masked edit keeps its picture's size, so scale the picture down to at most (\d+)x(\d+)"
+)
+
+
+async def test_an_inpaint_over_the_budget_says_how_to_fit_it(
+    tiny_spy: Any, tmp_path: Path, input_dir: Path
+) -> None:
+    """inpaint has no width or height: the refusal names the picture size that fits (and num_images for a
+    batch), and the size it names is one that then runs."""
+    state = make_server_state(lambda: tiny_spy, tmp_path / "store", input_dir, max_pixels_per_call=None)
+    source = input_dir / "big.png"
+    Image.new("RGB", (1000, 750), (40, 90, 160)).save(source)
+    args = {"image": str(source), "prompt": "a window", "boxes": [[0, 0, 0.5, 0.5]], "steps": 1, "seed": 1}
+    try:
+        async with Client(build_server(state)) as client:
+            refused = await client.call_tool("inpaint", args)
+            text = refused.content[0].text
+            assert refused.is_error and "1 image(s) of 992x736" in text, text
+            assert f"over the {limits.default_max_pixels('cpu') / 1e6:.2f} megapixel limit per call" in text
+            assert "serve --max-megapixels raises it" in text and "width/height" not in text
+            assert "num_images" not in text  # one picture: only its size can change
+            found = MASKED_REMEDY.search(text)
+            assert found is not None, text
+            w, h = int(found[1]), int(found[2])
+            assert w * h <= limits.default_max_pixels("cpu") and abs(w / h - 992 / 736) < 0.1
+            assert tiny_spy.calls == []
+
+            Image.new("RGB", (w, h), (40, 90, 160)).save(source)
+            made = await client.call_tool("inpaint", args)
+            assert not made.is_error, made.content[0].text
+            batch = await client.call_tool("inpaint", {**args, "num_images": 4})
+            assert batch.is_error and "or lower num_images" in batch.content[0].text
+    finally:
+        state.engine.close()
+        state.store.close()
+
+
+def test_the_cli_refuses_an_inpaint_over_its_budget_before_loading(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    source = tmp_path / "src.png"
+    Image.new("RGB", (333, 517)).save(source)
+    run = subprocess.run(
+        [sys.executable, "-m", "klein_agent", "generate", "--model", str(tmp_path / "no-such-model"), "--prompt",
+         "x", "--image", str(source), "--box", "0,0,10,10", "--out", str(tmp_path / "a.png"),
+         "--max-megapixels", "0.1"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 2, run.stderr
+    assert "1 image(s) of 320x512 is 0.16 megapixels, over the 0.10 megapixel limit per call" in run.stderr
+    assert "(--max-megapixels raises it)" in run.stderr and MASKED_REMEDY.search(run.stderr), run.stderr
+    assert "loading model" not in run.stderr
 
 
 @asynccontextmanager

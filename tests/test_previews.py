@@ -6,10 +6,10 @@ import base64
 import io
 import random
 import time
-from typing import cast
+from typing import Any, cast
 
 import pytest
-from PIL import Image, ImageFont
+from PIL import Image, ImageDraw, ImageFont
 
 from klein_agent.service import previews
 from klein_agent.service.previews import Preview, make_preview
@@ -187,3 +187,26 @@ def test_preview_argument_errors() -> None:
 
 
 # ----------------------------------------------------------------------------------------------- store PNG
+
+
+@pytest.mark.parametrize(("tile", "max_edge"), [(256, 1024), (256, 600), (256, 400), (128, 300), (64, 256)])
+def test_a_sheet_label_never_loses_its_seed(
+    monkeypatch: pytest.MonkeyPatch, tile: int, max_edge: int
+) -> None:
+    """Labels as the studio writes them (a 22-character id, a ten-digit seed) on 256 px tiles and smaller: the
+    id is shortened, or the font shrinks, but each drawn label ends with its whole seed and fits its cell."""
+    drawn: list[tuple[str, float]] = []
+    draw_text = ImageDraw.ImageDraw.text
+
+    def record(self: ImageDraw.ImageDraw, xy: Any, text: Any, *args: Any, **kwargs: Any) -> None:
+        drawn.append((text, self.textlength(text, font=kwargs["font"])))
+        draw_text(self, xy, text, *args, **kwargs)
+
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text", record)
+    seeds = [4294967292 + k for k in range(4)]
+    labels = [f"{k} img_{'Q' * 22} seed {s}" for k, s in enumerate(seeds, 1)]
+    check(make_preview([gradient((tile, tile))] * 4, labels, max_edge=max_edge))
+    assert [text.split(" ")[0] for text, _ in drawn] == ["1", "2", "3", "4"]
+    assert [text.endswith(f" seed {s}") for (text, _), s in zip(drawn, seeds, strict=True)] == [True] * 4
+    cell = (max_edge - 3 * previews._GAP) // 2  # the widest a cell of a 2x2 sheet within max_edge can be
+    assert all(width <= cell - 8 for _, width in drawn), drawn

@@ -177,3 +177,28 @@ async def test_the_instructions_and_the_docs_intro_name_every_image_tool_and_lor
     assert instructions is not None
     for text in (instructions, intro):
         assert all(name in text for name in image_tools) and "LoRA" in text, text
+
+
+async def test_guidance_given_to_a_distilled_model_is_said_to_be_ignored_by_both(
+    client: Client, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The tiny model is distilled, as klein 4B/9B and 9B-KV are: guidance changes nothing, and the CLI's stderr
+    and the tool result (summary and structured `notes`) say so in the same words; without guidance, nothing."""
+    from klein_agent.rules.resolution import guidance_note
+
+    note = guidance_note(2.5, distilled=True)
+    assert note is not None and "guidance 2.5 is ignored by this distilled model" in note
+    assert guidance_note(2.5, distilled=False) is None and guidance_note(None, distilled=True) is None
+    argv = ["generate", "--model", "tiny", "--prompt", P, "--width", "64", "--height", "64", "--steps", "1"]
+    capsys.readouterr()
+    assert cli_main([*argv, "--guidance", "2.5", "--out", str(tmp_path / "a.png")]) == 0
+    assert note in capsys.readouterr().err
+    assert cli_main([*argv, "--out", str(tmp_path / "b.png")]) == 0
+    assert "ignored" not in capsys.readouterr().err
+
+    arguments = {"prompt": P, "width": 64, "height": 64, "steps": 1, "seed": 1}
+    result = await client.call_tool("generate", {**arguments, "guidance": 2.5})
+    assert not result.is_error and result.structured_content["notes"] == [note]
+    assert f"Note: {note}." in result.content[1].text
+    plain = await client.call_tool("generate", arguments)
+    assert plain.structured_content["notes"] == [] and "Note:" not in plain.content[1].text

@@ -71,6 +71,26 @@ async def test_inpaint_with_a_mask_file_and_a_reference(client: Client, input_di
     assert await read_png(client, again) == await read_png(client, image["image_id"])
 
 
+async def test_pictures_whose_token_floor_changes_their_aspect(client: Client, input_dir: Path) -> None:
+    """333x517 -> 320x512, 100x70 -> 96x64, ...: 3-8% off the aspect, as diffusers inpaints them; by boxes and
+    by a mask drawn at the picture's own size. A mask of truly another shape is still refused."""
+    floored = {(333, 517): (320, 512), (100, 70): (96, 64), (200, 130): (192, 128), (90, 70): (80, 64)}
+    for (w, h), output in floored.items():
+        source, mask = input_dir / f"src-{w}x{h}.png", input_dir / f"mask-{w}x{h}.png"
+        Image.new("RGB", (w, h), (40, 90, 160)).save(source)
+        drawn = Image.new("L", (w, h), 0)
+        drawn.paste(255, (0, 0, w // 2, h // 2))
+        drawn.save(mask)
+        base = {"image": str(source), "prompt": "a window", "steps": 1, "seed": 1}
+        for region in ({"boxes": [[0, 0, 0.5, 0.5]]}, {"mask": str(mask)}):
+            result = await call(client, "inpaint", {**base, **region})
+            image = result.structured_content["images"][0]
+            assert (image["width"], image["height"]) == output, (w, h, region)
+    square = data_uri(png(Image.new("L", (100, 100), 255)))
+    refused = await client.call_tool("inpaint", {"image": str(source), "prompt": "x", "mask": square})
+    assert refused.is_error and "the mask is 100x100 but the image is 90x70" in refused.content[0].text
+
+
 async def test_bad_inpaint_inputs_are_tool_errors_and_reach_no_model(
     client: Client, server_state: Any, tiny_spy: Any, input_dir: Path
 ) -> None:

@@ -11,7 +11,10 @@ The reference's rules, mirrored:
 
 Our rules on top: a mask of another aspect ratio than the source is refused (the reference would stretch it over
 the picture, which is almost always a mask drawn for another picture), as is a mask that repaints no token and a
-strength outside (0, 1]. A full mask is allowed: everything is repainted, starting from the noised source.
+strength outside (0, 1]. "The source" is both the picture as given and as the model sees it: flooring the sides to
+whole tokens can change the aspect by far more than 2% (333x517 -> 320x512, 100x70 -> 96x64), and a mask of either
+shape is one drawn for this picture (the prepared mask the CLI and the studio pass on is of the second). A full
+mask is allowed: everything is repainted, starting from the noised source.
 """
 
 from __future__ import annotations
@@ -100,16 +103,44 @@ def boxes_mask(boxes: Sequence[Box], size: tuple[int, int]) -> Image.Image:
     return mask
 
 
-def check_mask_aspect(mask_size: tuple[int, int], source_size: tuple[int, int]) -> None:
-    """Raises RequestError when a mask's aspect ratio differs from the source's by more than 2% (it would be
-    stretched over the picture, so it was almost surely drawn for another one)."""
+def _same_aspect(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    """Whether sizes `a` and `b` (width, height) have aspect ratios within MASK_MAX_ASPECT_DIFFERENCE."""
+    return abs(math.log((a[0] / a[1]) / (b[0] / b[1]))) <= math.log1p(limits.MASK_MAX_ASPECT_DIFFERENCE)
+
+
+def check_mask_aspect(
+    mask_size: tuple[int, int], source_size: tuple[int, int], output_size: tuple[int, int] | None = None
+) -> None:
+    """Raises RequestError when a mask's aspect ratio differs by more than 2% from both the source's as given
+    (`source_size`) and as the model sees it (`output_size`, the sides floored to whole tokens, when given): it
+    would be stretched over the picture, so it was almost surely drawn for another one."""
+    if _same_aspect(mask_size, source_size) or (
+        output_size is not None and _same_aspect(mask_size, output_size)
+    ):
+        return
     (mw, mh), (sw, sh) = mask_size, source_size
-    if abs(math.log((mw / mh) / (sw / sh))) > math.log1p(limits.MASK_MAX_ASPECT_DIFFERENCE):
-        raise RequestError(
-            f"the mask is {mw}x{mh} but the image is {sw}x{sh}: their aspect ratios differ, so the mask would be "
-            "stretched over the picture. Draw the mask on the image itself (any size with its aspect ratio "
-            "works), or name the region with boxes"
-        )
+    seen = (
+        ""
+        if output_size in (None, source_size)
+        else f" (the model sees it at {output_size[0]}x{output_size[1]})"
+    )
+    raise RequestError(
+        f"the mask is {mw}x{mh} but the image is {sw}x{sh}{seen}: their aspect ratios differ, so the mask would "
+        "be stretched over the picture. Draw the mask on the image itself (any size with its aspect ratio "
+        "works), or name the region with boxes"
+    )
+
+
+def fit_mask(mask: Image.Image, source: Image.Image, multiple: int = limits.SIZE_MULTIPLE) -> Image.Image:
+    """`mask` as the model reads it for `source` (decoded or prepared): checked for its aspect ratio against the
+    source as given and as prepared, resized to the output size and binarized (`prepare_mask`), checked to repaint
+    at least one token. The one mask check of the CLI, the studio and `requests.resolve`, so a mask it returns
+    passes it again. Raises RequestError for a mask of another aspect ratio or one that repaints nothing."""
+    output = source_size(source, multiple)
+    check_mask_aspect(mask.size, original_size(source), output)
+    prepared = prepare_mask(mask, output)
+    check_mask(prepared, multiple)
+    return prepared
 
 
 def prepare_source(image: Image.Image, multiple: int = limits.SIZE_MULTIPLE) -> Image.Image:
@@ -223,10 +254,6 @@ class MaskRequest:
         """The mask the model reads for `source` (decoded `mask`, or the boxes drawn at the source's original
         size), prepared to the output size. Raises RequestError for a mask of another aspect ratio, boxes outside
         the picture, and a mask that repaints nothing."""
-        original = original_size(source)
         if mask is None:
-            mask = boxes_mask(self.boxes, original)
-        check_mask_aspect(mask.size, original)
-        prepared = prepare_mask(mask, source_size(source, multiple))
-        check_mask(prepared, multiple)
-        return prepared
+            mask = boxes_mask(self.boxes, original_size(source))
+        return fit_mask(mask, source, multiple)

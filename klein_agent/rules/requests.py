@@ -14,14 +14,7 @@ from PIL import Image
 
 from klein_agent.rules import limits
 from klein_agent.rules.loras import choices, resolve_loras
-from klein_agent.rules.masks import (
-    check_mask,
-    check_mask_aspect,
-    check_strength,
-    first_step,
-    prepare_mask,
-    source_size,
-)
+from klein_agent.rules.masks import check_strength, first_step, fit_mask
 from klein_agent.rules.references import original_size
 from klein_agent.rules.resolution import RequestError, ResolvedRequest, resolve_request
 
@@ -160,10 +153,7 @@ def resolve(request: GenerationRequest, info: GeneratorInfo) -> ResolvedRequest:
         resolved = replace(resolved, loras=loras)
     if request.mask is None:
         return resolved
-    source, mask = request.references[0], request.mask
-    check_mask_aspect(mask.size, original_size(source))
-    size = source_size(source, info.size_multiple)
-    check_mask(prepare_mask(mask, size), info.size_multiple)
+    size = fit_mask(request.mask, request.references[0], info.size_multiple).size
     strength = check_strength(limits.DEFAULT_STRENGTH if request.strength is None else request.strength)
     start = first_step(resolved.steps, strength)
     return replace(resolved, width=size[0], height=size[1], strength=strength, first_step=start)

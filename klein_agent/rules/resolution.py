@@ -38,6 +38,9 @@ class ResolvedRequest:
     strength: float | None = None  # masked edits only: how far the masked area is re-noised, in (0, 1]
     first_step: int = 0  # masked edits only: schedule steps skipped (the reference's t_start)
     loras: tuple[tuple[str, float], ...] = ()  # LoRA adapters run: (name, scale), in order
+    # What the caller should be told about how the request was resolved (an argument the model ignores), as
+    # sentences; a tool result and the CLI show them as they are.
+    notes: tuple[str, ...] = ()
 
     @property
     def cfg(self) -> bool:
@@ -181,16 +184,28 @@ def check_user_size(
             )
 
 
-def check_pixels(width: int, height: int, num_images: int, budget: int, why: str = "") -> None:
+def check_pixels(
+    width: int, height: int, num_images: int, budget: int, why: str = "", *, masked: bool = False
+) -> None:
     """Raises RequestError when width x height x num_images is over `budget` pixels; `why` (where the budget
-    comes from) is added to the message."""
+    comes from) is added to the message. A `masked` edit has no size of its own (it keeps its picture's), so its
+    message names the largest picture of this aspect ratio that fits instead of width and height."""
     total = width * height * num_images
-    if total > budget:
-        raise RequestError(
-            f"{num_images} image(s) of {width}x{height} is {total / 1e6:.2f} megapixels, over the "
-            f"{budget / 1e6:.2f} megapixel limit per call{f' ({why})' if why else ''}: lower width/height or "
-            "num_images"
+    if total <= budget:
+        return
+    if masked:
+        w, h = output_size(None, None, (width, height), max_pixels=budget // num_images)
+        ways = [f"scale the picture down to at most {w}x{h} first"] if min(w, h) >= limits.MIN_SIDE else []
+        ways += ["lower num_images"] if num_images > 1 and width * height <= budget else []
+        remedy = (
+            f"a masked edit keeps its picture's size, so {' or '.join(ways) or 'no picture fits this limit'}"
         )
+    else:
+        remedy = "lower width/height or num_images"
+    raise RequestError(
+        f"{num_images} image(s) of {width}x{height} is {total / 1e6:.2f} megapixels, over the "
+        f"{budget / 1e6:.2f} megapixel limit per call{f' ({why})' if why else ''}: {remedy}"
+    )
 
 
 def draw_seed() -> int:
@@ -234,6 +249,17 @@ def resolve_sampling(
     return resolved_steps, default_guidance if guidance is None else float(guidance)
 
 
+def guidance_note(guidance: float | None, *, distilled: bool) -> str | None:
+    """The note for `guidance` given to a distilled model (klein 4B/9B and 9B-KV): it runs without it, so a
+    caller who set it must hear that it changed nothing. None when there is nothing to say."""
+    if guidance is None or not distilled:
+        return None
+    return (
+        f"guidance {number_text(guidance)} is ignored by this distilled model: it has guidance built in, and "
+        "only Base models take a guidance scale"
+    )
+
+
 def resolve_request(
     prompt: str,
     width: int | None,
@@ -262,4 +288,6 @@ def resolve_request(
     run_steps, run_guidance = resolve_sampling(
         steps, guidance, distilled=distilled, default_steps=default_steps, default_guidance=default_guidance
     )
-    return ResolvedRequest(prompt, out_w, out_h, seeds, run_steps, run_guidance, prepared)
+    note = guidance_note(guidance, distilled=distilled)
+    notes = () if note is None else (note,)
+    return ResolvedRequest(prompt, out_w, out_h, seeds, run_steps, run_guidance, prepared, notes=notes)

@@ -34,6 +34,10 @@ class ImagesResult(BaseModel):
         description="what earlier calls saved this one: prompt embeddings (prompt), reference latents "
         "(references), klein 9B-KV's kept reference keys and values (reference_kv)"
     )
+    notes: list[str] = Field(
+        default_factory=list,
+        description="what to know about how the call ran, e.g. an argument this model ignores; usually empty",
+    )
 
 
 # One stored image in a list_images page; `created_at` is a UTC ISO 8601 time.

@@ -94,6 +94,7 @@ def images_result(made: Made) -> CallToolResult:
         else "The preview above is the image"
     )
     lines.append(f"{sheet} ({preview.width}x{preview.height}; full resolution via the image:// links).")
+    lines += [f"Note: {note}." for note in made.notes]
     lines.append(NEXT_STEPS)
     structured = ImagesResult(
         images=refs,
@@ -102,6 +103,7 @@ def images_result(made: Made) -> CallToolResult:
         steps=made.steps,
         session=made.session,
         cache_hits=dict(made.cache_hits),
+        notes=list(made.notes),
     )
     return CallToolResult(
         content=[

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 import anyio
 
@@ -32,6 +33,12 @@ from klein_agent.web.listen import (
 )
 
 log = logging.getLogger("klein_agent.serve")
+
+STDIO_TTY_NOTE = (
+    "klein-agent serve is waiting for an MCP client on stdin. It is meant to be started by one (Claude Desktop, "
+    "Claude Code: see docs/server.md), not typed in a terminal; Ctrl-C stops it. To try the model by hand, use "
+    "'klein-agent generate'; for a server on the network, 'klein-agent serve --http'."
+)
 
 
 def build_studio(args: argparse.Namespace) -> Studio:
@@ -109,6 +116,8 @@ def run_serve(args: argparse.Namespace) -> int:
         if plan is not None:
             anyio.run(serve_http, mcp, studio, plan)
         else:
+            if sys.stdin.isatty():  # typed by hand: say what it waits for (stderr: stdout is the MCP wire)
+                print(STDIO_TTY_NOTE, file=sys.stderr, flush=True)
             serve_stdio(mcp)
     except KeyboardInterrupt:
         pass

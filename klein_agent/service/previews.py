@@ -27,6 +27,7 @@ _LABEL_BG = (24, 24, 24)
 _LABEL_FG = (245, 245, 245)
 _GAP = 4
 _MIN_CELL_W = 160  # small images get padded cells so a label like "1 img_ab12… seed 7" stays readable
+_MIN_LABEL_PX = 8  # a label's font shrinks to this before its seed would be cut
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,6 @@ def _contact_sheet(images: Sequence[Image.Image], labels: Sequence[str], edge: i
     cols, rows = _grid(len(images))
     px = _font_px(edge)
     label_h = _label_h(px)
-    font = _font(px)
     # Cells share one size: the largest image's, scaled so the whole sheet's long edge is <= edge. Label
     # strips and gaps keep a fixed pixel height so text stays readable however small the cells get.
     max_w = max(im.width for im in images)
@@ -179,29 +179,53 @@ def _contact_sheet(images: Sequence[Image.Image], labels: Sequence[str], edge: i
         sheet.paste(thumb, (x0 + (cell_w - thumb.width) // 2, y0 + (cell_h - thumb.height) // 2))
         ly = y0 + cell_h
         draw.rectangle((x0, ly, x0 + cell_w - 1, ly + label_h - 1), fill=_LABEL_BG)
-        text = _fit_text(draw, label, font, cell_w - 8)
-        draw.text((x0 + 4, ly + (label_h - px) // 2), text, fill=_LABEL_FG, font=font)
+        text, fitted = _fit_label(draw, label, px, cell_w - 8)
+        draw.text((x0 + 4, ly + (label_h - fitted) // 2), text, fill=_LABEL_FG, font=_font(fitted))
     if max(sheet.size) > edge:  # tiny edges: fixed-size labels and gaps alone overflow it
         sheet = _scaled(sheet, edge)
     return sheet
 
 
+def _fit_label(draw: ImageDraw.ImageDraw, label: str, px: int, width: int) -> tuple[str, int]:
+    """(text, font px) of `label` drawn in `width` px: a label of three words or more ("2 img_… seed 7") keeps
+    its last two ("seed 7": what remakes the picture) whole and shortens the words before them; the font shrinks
+    (down to _MIN_LABEL_PX) only when even "2… seed 7" does not fit. Shorter labels are cut at the end."""
+    words = " ".join(label.split()).split(" ")  # no newlines or tabs in a one-line label
+    head, tail = (
+        (" ".join(words[:-2]), " " + " ".join(words[-2:])) if len(words) >= 3 else (" ".join(words), "")
+    )
+    for size in range(px, _MIN_LABEL_PX - 1, -1) if tail else (px,):
+        text = _fit_text(draw, head, _font(size), width, tail)
+        if text is not None:
+            return text, size
+    return _fit_text(draw, head + tail, _font(_MIN_LABEL_PX), width) or "", _MIN_LABEL_PX
+
+
 def _fit_text(
-    draw: ImageDraw.ImageDraw, text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: int
-) -> str:
-    text = " ".join(text.split())  # no newlines or tabs in a one-line label
+    draw: ImageDraw.ImageDraw,
+    text: str,
+    font: ImageFont.FreeTypeFont | ImageFont.ImageFont,
+    width: int,
+    tail: str = "",
+) -> str | None:
+    """`text` + `tail` if it fits in `width` px, else the longest prefix of `text` (at least one character) with
+    an ellipsis, then `tail`; None when not even that fits (with no tail: the ellipsis alone, cut)."""
     ellipsis = "…"
     if not isinstance(font, ImageFont.FreeTypeFont):
         # Pillow's bitmap fallback font encodes text as Latin-1 and raises on anything else.
         ellipsis = "..."
-        text = text.replace("…", "...").encode("latin-1", "replace").decode("latin-1")
-    if draw.textlength(text, font=font) <= width:
-        return text
+        text, tail = (
+            t.replace("…", "...").encode("latin-1", "replace").decode("latin-1") for t in (text, tail)
+        )
+    if draw.textlength(text + tail, font=font) <= width:
+        return text + tail
     lo, hi = 0, len(text)
-    while lo < hi:  # longest prefix that fits with an ellipsis
+    while lo < hi:  # longest prefix that fits with an ellipsis and the tail
         mid = (lo + hi + 1) // 2
-        if draw.textlength(text[:mid] + ellipsis, font=font) <= width:
+        if draw.textlength(text[:mid] + ellipsis + tail, font=font) <= width:
             lo = mid
         else:
             hi = mid - 1
-    return text[:lo] + ellipsis
+    if tail and lo == 0:
+        return None
+    return text[:lo] + ellipsis + tail

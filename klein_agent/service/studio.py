@@ -81,9 +81,10 @@ class Made:
     model_ms: float
     queued_ms: float
     cache_hits: dict[str, int] = field(default_factory=dict)
-    gone: list[str] = field(
-        default_factory=list
-    )  # parents no longer in the store when the pictures were stored
+    # parents no longer in the store when the pictures were stored
+    gone: list[str] = field(default_factory=list)
+    # sentences on how the call was resolved (rules.resolution)
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -243,6 +244,7 @@ class Studio:
             queued_ms=done.queued_ms,
             cache_hits=dict(done.result.cache_hits),
             gone=gone,
+            notes=list(resolved.notes),
         )
 
     @contextlib.asynccontextmanager
@@ -316,7 +318,7 @@ class Studio:
         def sized(budget: int, why: str) -> tuple[int, int] | None:
             fit_to = budget // count if fit else None
             w, h = resolution.output_size(width, height, prepared, multiple, max_pixels=fit_to)
-            resolution.check_pixels(w, h, count, budget, why)
+            resolution.check_pixels(w, h, count, budget, why, masked=not fit)
             return (w, h) if unset and (w, h) != default else None
 
         budget = self.pixel_budget()
