@@ -1,10 +1,15 @@
-"""argparse types for numbers the commands share (ports, positive limits): a bad value is an instant usage error
-(exit 2) that names the option, before anything heavy is imported."""
+"""What the commands' parsers share: argparse types for numbers (ports, positive limits: a bad value is an instant
+usage error, exit 2, that names the option, before anything heavy is imported), and where `--store` puts the store,
+its token file and its thumbnails (`store_locations`)."""
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 
 def _parse(text: str, cast: type[int] | type[float], kind: str) -> float:
@@ -54,3 +59,64 @@ def positive_int(text: str) -> int:
 def non_negative_int(text: str) -> int:
     """A whole number of at least 0 (--max-queue)."""
     return int(_at_least(text, int, "a whole number", 0, False, "must be 0 or more"))
+
+
+# ---- where the store and its neighbours live -----------------------------------------------------------------
+# The one place that chooses folders: the commands compute these once from --store and pass them in; the store,
+# the gallery's thumbnails and the token file take the paths they are given.
+
+STORE_ENV = "KLEIN_AGENT_STORE"
+THUMBS_DIR = "thumbs"
+
+
+@dataclass(frozen=True)
+class StoreLocations:
+    """Where `--store` (or its default) puts things: the store folder, the HTTP token file (beside the folder:
+    `<parent>/<name>.http-token`) and the gallery's thumbnail folder (`<store>/thumbs`, which the store's sweep
+    never looks in). `source` says which setting chose the folder, for messages."""
+
+    store: Path
+    token_file: Path
+    thumbs: Path
+    source: str
+
+
+def default_store_dir() -> Path:
+    """$KLEIN_AGENT_STORE, else the user data folder + klein-agent/store (never a temp dir: images must survive
+    reboots and tmp cleaners): $XDG_DATA_HOME or ~/.local/share on Linux, ~/Library/Application Support on macOS,
+    %LOCALAPPDATA% on Windows. These are what `platformdirs.user_data_dir("klein-agent", appauthor=False)` gives;
+    platformdirs is not a dependency yet, so the three rules are spelled out here."""
+    env = os.environ.get(STORE_ENV, "").strip()
+    if env:
+        return Path(env).expanduser().absolute()
+    home = Path.home()
+    if sys.platform == "win32":
+        local = os.environ.get("LOCALAPPDATA", "")
+        data = Path(local) if local else home / "AppData" / "Local"
+    elif sys.platform == "darwin":
+        data = home / "Library" / "Application Support"
+    else:
+        xdg = os.environ.get("XDG_DATA_HOME", "")  # the XDG spec says to ignore a relative path
+        data = Path(xdg) if xdg and Path(xdg).is_absolute() else home / ".local" / "share"
+    return data / "klein-agent" / "store"
+
+
+def store_source(given: Path | str | None) -> str:
+    """Which setting chose the store folder, for messages: `--store DIR`, `$KLEIN_AGENT_STORE`, or the default
+    (with the two ways to choose another)."""
+    if given is not None:
+        return "the folder given with --store: pass another --store DIR"
+    if os.environ.get(STORE_ENV, "").strip():
+        return f"the folder ${STORE_ENV} names: set it to another folder, or pass --store DIR"
+    return f"the default folder: choose another with --store DIR or ${STORE_ENV}"
+
+
+def store_locations(given: Path | str | None) -> StoreLocations:
+    """The locations for `--store` = `given` (None: the default), as absolute paths."""
+    store = (Path(given) if given is not None else default_store_dir()).expanduser().absolute()
+    return StoreLocations(
+        store=store,
+        token_file=store.parent / f"{store.name}.http-token",
+        thumbs=store / THUMBS_DIR,
+        source=store_source(given),
+    )

@@ -129,22 +129,26 @@ def test_list_images_and_the_store_take_the_same_page_and_cursor(tmp_path: Path)
 
     from klein_agent.server.tools.library import CursorArg, LimitArg
     from klein_agent.service import store as store_module
+    from klein_agent.service.store import cursors
 
     limit_schema = TypeAdapter(LimitArg).json_schema()
     cursor_schema = TypeAdapter(CursorArg).json_schema()
     assert (limit_schema["minimum"], limit_schema["maximum"]) == (1, limits.MAX_LIST_LIMIT)
     assert [s.get("maxLength") for s in cursor_schema["anyOf"]] == [limits.MAX_CURSOR_CHARS, None]
     with store_module.ImageStore(tmp_path / "store") as store:
-        assert store.list(limit=limits.MAX_LIST_LIMIT) == (
+        assert store.list_images(limit=limits.MAX_LIST_LIMIT) == (
             [],
             None,
         )  # what the tool may ask, the store serves
         with pytest.raises(ValueError, match=f"from 1 to {limits.MAX_LIST_LIMIT}"):
-            store.list(limit=limits.MAX_LIST_LIMIT + 1)
+            store.list_images(limit=limits.MAX_LIST_LIMIT + 1)
     # the longest cursor the store writes (the largest row number, the longest session) fits the schema, and
     # the store reads cursors up to the schema's length
-    longest = store_module._encode_cursor(2**63 - 1, "x" * limits.SESSION_MAX_CHARS)
+    longest = cursors.encode_cursor(2**63 - 1, "x" * limits.SESSION_MAX_CHARS)
     assert len(longest) <= limits.MAX_CURSOR_CHARS
-    assert store_module._decode_cursor(longest, "x" * limits.SESSION_MAX_CHARS) == 2**63 - 1
-    assert store_module._CURSOR_RE.fullmatch("A" * limits.MAX_CURSOR_CHARS)
-    assert not store_module._CURSOR_RE.fullmatch("A" * (limits.MAX_CURSOR_CHARS + 1))
+    assert (
+        cursors.decode_cursor(longest, "x" * limits.SESSION_MAX_CHARS, store.catalog.valid_position)
+        == 2**63 - 1
+    )
+    assert cursors._CURSOR_RE.fullmatch("A" * limits.MAX_CURSOR_CHARS)
+    assert not cursors._CURSOR_RE.fullmatch("A" * (limits.MAX_CURSOR_CHARS + 1))

@@ -20,7 +20,7 @@ from fill_store import fill  # tools/, on the path through conftest
 from PIL import Image
 
 from klein_agent.gallery.app import Gallery
-from klein_agent.gallery.thumbs import THUMBS_DIR
+from klein_agent.option_types import THUMBS_DIR
 from klein_agent.rules.recipes import rerun_call, rerun_command
 from klein_agent.service.store import ImageStore, StoreError, read_only_uri
 from tests.http_helpers import REPO, wait_listening
@@ -48,7 +48,7 @@ def test_a_read_only_store_reads_everything_and_writes_nothing(filled: Path) -> 
     orphan.write_bytes(b"left by a crash")
     before = rows(filled)
     with ImageStore(filled, read_only=True, max_images=1) as store:  # a bound that would evict, if it could
-        page, _ = store.list(limit=100)
+        page, _ = store.list_images(limit=100)
         assert len(page) == 12
         for image in page:
             assert store.read_png(image.image_id)[:4] == b"\x89PNG"
@@ -56,7 +56,7 @@ def test_a_read_only_store_reads_everything_and_writes_nothing(filled: Path) -> 
         assert [s.session for s in store.sessions()] == ["session-03", "session-02", "session-01"]
         assert sum(s.count for s in store.sessions()) == 12
         with pytest.raises(StoreError, match="read-only"):
-            store.put(page[0].path.read_bytes(), width=page[0].width, height=page[0].height, recipe={})
+            store.put(store.read_png(page[0].image_id), width=page[0].width, height=page[0].height, recipe={})
     assert rows(filled) == before, "reads through a read-only store count as no use, evict nothing"
     assert orphan.exists(), "a read-only store does not sweep"
 
@@ -72,7 +72,7 @@ def test_a_store_on_a_read_only_filesystem_opens_and_nothing_is_created(
 ) -> None:
     import shutil
 
-    import klein_agent.service.store as store_module
+    import klein_agent.service.store.sqlite_catalog as store_module
 
     copy = tmp_path / "backup"
     shutil.copytree(filled, copy)
@@ -83,10 +83,12 @@ def test_a_store_on_a_read_only_filesystem_opens_and_nothing_is_created(
     before = sorted(p.name for p in copy.iterdir())
     try:
         with ImageStore(copy, read_only=True) as store:
-            page, _ = store.list(limit=100)
+            page, _ = store.list_images(limit=100)
             assert len(page) == 12 and store.read_png(page[0].image_id)[:4] == b"\x89PNG"
         assert sorted(p.name for p in copy.iterdir()) == before, "no -shm, -wal or lock file beside the copy"
-        Gallery(copy).close()  # the gallery's open path, thumbnails included, takes the store as it is
+        Gallery(
+            copy, thumbs=copy / THUMBS_DIR
+        ).close()  # the gallery's open path, thumbnails included, takes the store as it is
     finally:
         for path in [copy, *copy.rglob("*")]:
             path.chmod(0o755 if path.is_dir() else 0o644)
@@ -131,9 +133,9 @@ def test_rerun_call_and_command_follow_the_tool() -> None:
 
 
 def test_thumbnails_are_made_once_kept_by_the_sweep_and_pruned_after_eviction(filled: Path) -> None:
-    gallery = Gallery(filled)
+    gallery = Gallery(filled, thumbs=filled / THUMBS_DIR)
     try:
-        images, _ = gallery.store.list(limit=100)
+        images, _ = gallery.store.list_images(limit=100)
         first = gallery.thumbs.webp(images[0])
         assert first[:4] == b"RIFF" and first[8:12] == b"WEBP"
         cached = list((filled / THUMBS_DIR).iterdir())
@@ -151,7 +153,7 @@ def test_thumbnails_are_made_once_kept_by_the_sweep_and_pruned_after_eviction(fi
     assert len(list((filled / THUMBS_DIR).iterdir())) == 12, "the store's sweep leaves the thumbnails alone"
     with ImageStore(filled, max_images=5):  # evicts the 7 least recently used
         pass
-    gallery = Gallery(filled)
+    gallery = Gallery(filled, thumbs=filled / THUMBS_DIR)
     gallery.close()
     assert len(list((filled / THUMBS_DIR).iterdir())) == 5, "thumbnails of evicted images are pruned"
 
@@ -161,7 +163,7 @@ def test_a_thumbnail_is_made_from_a_large_picture(tmp_path: Path) -> None:
 
     with ImageStore(tmp_path / "store") as store:
         image = store.put(png_bytes(640, 480), width=640, height=480, recipe={"tool": "import"})
-    gallery = Gallery(tmp_path / "store")
+    gallery = Gallery(tmp_path / "store", thumbs=tmp_path / "store" / THUMBS_DIR)
     try:
         data = gallery.thumbs.webp(image)
     finally:

@@ -435,7 +435,7 @@ def odd_page(browser: Any, odd: OddGallery, size: str, hash_: str = "") -> Itera
 def stored(odd: OddGallery) -> list[tuple[str, str]]:
     """The store's (id, session) pairs, newest first; "" for no session."""
     with ImageStore(odd.store, read_only=True) as store:
-        images, _ = store.list(limit=100)
+        images, _ = store.list_images(limit=100)
     return [(i.image_id, i.session or "") for i in images]
 
 

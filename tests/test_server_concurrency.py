@@ -76,7 +76,7 @@ async def test_many_concurrent_calls_are_all_answered_in_fifo_order_one_at_a_tim
         assert all(not r.is_error for r in results.values())
         assert [r.prompt for r in fake.calls] == [f"call {k}" for k in range(n)], "first in, first out"
         assert fake.max_active == 1, "one call in the model at a time"
-        page, _ = state.store.list(limit=100)
+        page, _ = state.store.list_images(limit=100)
         # Every call stored once. The store lists in the order results were written, which a loaded machine may
         # interleave (each result is written off the model's thread while the next call runs); the model order
         # above is the queue's promise.

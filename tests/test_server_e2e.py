@@ -221,9 +221,9 @@ async def test_kill_9_while_writing_leaves_a_consistent_store_with_every_acknowl
         for image_id in acknowledged:
             with Image.open(io.BytesIO(reopened.read_png(image_id))) as img:
                 img.verify()
-        page, cursor = reopened.list()
+        page, cursor = reopened.list_images()
         while cursor:  # every image, a page at a time
-            more, cursor = reopened.list(cursor=cursor)
+            more, cursor = reopened.list_images(cursor=cursor)
             page += more
         for image in page:
             Image.open(io.BytesIO(reopened.read_png(image.image_id))).load()

@@ -264,7 +264,7 @@ async def test_a_store_write_failure_is_reported_and_leaves_nothing(
 ) -> None:
     import errno
 
-    import klein_agent.service.store as store_module
+    import klein_agent.service.files as store_module  # the store's blob writes fsync here
 
     def disk_full(*args: Any, **kwargs: Any) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -25,6 +24,7 @@ import pytest
 from mcp import Client
 
 from klein_agent.server.app import build_server
+from klein_agent.service.store import ImageStore
 from tests.conftest import make_server_state
 from tests.fakes import FakeGenerator, png_bytes
 from tests.store_writer import tiny_png
@@ -162,8 +162,6 @@ async def test_a_cancelled_edit_releases_its_leases(
 
 
 def leased(root: Path) -> list[str]:
-    conn = sqlite3.connect(root / "store.sqlite3")
-    try:
-        return [row[0] for row in conn.execute("SELECT DISTINCT image_id FROM leases")]
-    finally:
-        conn.close()
+    """The leased ids, through the catalog interface of a read-only store (as another process would see them)."""
+    with ImageStore(root, read_only=True) as reader:
+        return list(dict.fromkeys(row.image_id for row in reader.catalog.lease_rows()))

@@ -108,7 +108,7 @@ class RawStdio:
 
 def _nothing_stored(store: Path) -> None:
     with ImageStore(store) as reopened:
-        page, _ = reopened.list(limit=100)
+        page, _ = reopened.list_images(limit=100)
         assert page == [], "a call cut off by the stop left images behind"
     assert not [p for p in (store / "images").iterdir()], "a call cut off by the stop left files behind"
 

@@ -25,18 +25,19 @@ from typing import Any
 import pytest
 from PIL import Image
 
-import klein_agent.service.store as store_mod
+from klein_agent.option_types import default_store_dir, store_locations
 from klein_agent.rules.limits import LEASE_TTL_S
 from klein_agent.service.store import (
     ImageStore,
-    Migration,
+    StoredImage,
     StoreError,
     StoreFullError,
     StoreWriteError,
     UnknownImageError,
-    default_store_dir,
     new_image_id,
 )
+from klein_agent.service.store import migrations as store_migrations
+from klein_agent.service.store.folder_blobs import FolderBlobStore
 
 REPO = Path(__file__).resolve().parents[1]
 WRITER = Path(__file__).with_name("store_writer.py")
@@ -52,13 +53,19 @@ def make_png(size: int = 16, seed: int = 0) -> bytes:
     return buf.getvalue()
 
 
-def put(store: ImageStore, size: int = 16, seed: int = 0, **kwargs: Any) -> store_mod.StoredImage:
+def put(store: ImageStore, size: int = 16, seed: int = 0, **kwargs: Any) -> StoredImage:
     recipe = kwargs.pop("recipe", {"tool": "generate", "prompt": "a cat", "seed": seed, "size": [size, size]})
     return store.put(make_png(size, seed), width=size, height=size, recipe=recipe, **kwargs)
 
 
 def file_name(image_id: str) -> str:
     return hashlib.sha256(image_id.encode()).hexdigest() + ".png"
+
+
+def file_of(store: ImageStore, image: StoredImage) -> Path:
+    """The file of a stored image in the local (folder) blob store: these tests tamper with it."""
+    assert isinstance(store.blobs, FolderBlobStore)
+    return store.blobs.path_of(image.blob_key)
 
 
 def on_disk_bytes(root: Path) -> int:
@@ -121,7 +128,7 @@ def test_put_get_read_round_trip(store: ImageStore, root: Path) -> None:
     a = store.put(png, width=16, height=16, recipe=recipe, session="s1")
     assert ImageStore.is_valid_id(a.image_id)
     assert (a.width, a.height, a.size_bytes, a.session, a.parents) == (16, 16, len(png), "s1", ())
-    assert a.recipe == recipe and a.path.is_absolute() and a.path.parent == root.resolve() / "images"
+    assert a.recipe == recipe and file_of(store, a) == root.resolve() / "images" / file_name(a.image_id)
     assert abs(a.created_at - time.time()) < 60
     assert store.get(a.image_id) == a
     assert store.read_png(a.image_id) == png
@@ -171,30 +178,30 @@ def test_list_newest_first_pages_and_sessions(store: ImageStore) -> None:
     cursor = None
     pages = 0
     while True:
-        page, cursor = store.list(limit=3, cursor=cursor)
+        page, cursor = store.list_images(limit=3, cursor=cursor)
         seen += [im.image_id for im in page]
         pages += 1
         if cursor is None:
             break
     assert seen == ids[::-1] and pages == 3
-    a_page, a_cursor = store.list(session="a", limit=2)
+    a_page, a_cursor = store.list_images(session="a", limit=2)
     assert [im.image_id for im in a_page] == [ids[5], ids[3]] and a_cursor is not None
-    rest, end = store.list(session="a", limit=2, cursor=a_cursor)
+    rest, end = store.list_images(session="a", limit=2, cursor=a_cursor)
     assert [im.image_id for im in rest] == [ids[1]] and end is None
-    assert store.list(session="nobody") == ([], None)
-    full, none = store.list(limit=7)
+    assert store.list_images(session="nobody") == ([], None)
+    full, none = store.list_images(limit=7)
     assert len(full) == 7 and none is None  # an exact fit has no next page
     with pytest.raises(ValueError, match="same session"):
-        store.list(session="b", cursor=a_cursor)
+        store.list_images(session="b", cursor=a_cursor)
     forged = base64.urlsafe_b64encode(json.dumps({"v": 1, "before": "1", "session": None}).encode()).decode()
     for bad in ["", "garbage!", "x" * 300, "AAAA", forged.rstrip("="), "eyJ2IjoxfQ", "../../etc"]:
         with pytest.raises(ValueError, match="next_cursor"):
-            store.list(cursor=bad)
+            store.list_images(cursor=bad)
     for bad_limit in (0, -1, 1001, True):
         with pytest.raises(ValueError):
-            store.list(limit=bad_limit)
+            store.list_images(limit=bad_limit)
     with pytest.raises(ValueError):
-        store.list(session="bad/session")
+        store.list_images(session="bad/session")
 
 
 # ---- ids and path safety ----------------------------------------------------------------------------------
@@ -319,8 +326,10 @@ def test_symlinks_in_images_do_not_escape(store: ImageStore, root: Path, tmp_pat
     secret = secret_dir / "secret.png"
     secret_bytes = b"S" * victim.size_bytes  # the same size: only O_NOFOLLOW, not the size check, stops it
     secret.write_bytes(secret_bytes)
-    victim.path.unlink()
-    victim.path.symlink_to(secret)  # an attacker swaps an image file for a link to a file outside the store
+    file_of(store, victim).unlink()
+    file_of(store, victim).symlink_to(
+        secret
+    )  # an attacker swaps an image file for a link to a file outside the store
     (root / "images" / "evil.png").symlink_to(secret)
     (root / "images" / "etc").symlink_to(secret_dir, target_is_directory=True)
     with pytest.raises(UnknownImageError):
@@ -346,9 +355,9 @@ def test_restart_keeps_everything(root: Path) -> None:
         a = put(s, seed=1, session="run")
         b = put(s, seed=2, parents=[a.image_id], session="run")
         c = put(s, seed=3, parents=[a.image_id, b.image_id])
-        before = s.list(limit=10)
+        before = s.list_images(limit=10)
     with ImageStore(root) as s:
-        assert s.list(limit=10) == before
+        assert s.list_images(limit=10) == before
         for im, seed in ((a, 1), (b, 2), (c, 3)):
             assert s.get(im.image_id) == im
             assert s.read_png(im.image_id) == make_png(16, seed)
@@ -364,8 +373,10 @@ def test_sweep_removes_orphans_temp_files_and_dangling_rows(root: Path) -> None:
     (images / "stray.png").write_bytes(make_png(8))
     (images / file_name(new_image_id())).write_bytes(make_png(8))  # a crash between rename and commit
     (images / ".tmp-0123456789abcdef").write_bytes(b"half a png")
-    lost.path.unlink()
-    damaged.path.write_bytes(damaged.path.read_bytes()[:-10])  # truncated behind the store's back
+    file_of(s, lost).unlink()
+    file_of(s, damaged).write_bytes(
+        file_of(s, damaged).read_bytes()[:-10]
+    )  # truncated behind the store's back
     with ImageStore(root) as s:
         assert s.exists(keep.image_id)
         assert not s.exists(lost.image_id) and not s.exists(damaged.image_id)
@@ -492,18 +503,18 @@ def test_database_faults_during_put_leave_the_store_consistent(
             put(s, seed=1),
             put(s, seed=2),
         )  # full: the next put evicts (DELETE) in its transaction
-        real = s._execute
+        real = s.catalog._execute  # type: ignore[attr-defined]
 
         def faulty(sql: str, params: Any = ()) -> sqlite3.Cursor:
             if sql.lstrip().upper().startswith(statement):
                 raise error
             return real(sql, params)
 
-        monkeypatch.setattr(s, "_execute", faulty)
+        monkeypatch.setattr(s.catalog, "_execute", faulty)
         with pytest.raises(StoreWriteError, match="Free disk space"):
             put(s, seed=3)
         monkeypatch.undo()
-        assert {im.image_id for im in s.list()[0]} == {first.image_id, second.image_id}
+        assert {im.image_id for im in s.list_images()[0]} == {first.image_id, second.image_id}
         assert_consistent(root)
         third = put(s, seed=4)
         assert s.exists(third.image_id) and s.stats().count == 2
@@ -512,14 +523,14 @@ def test_database_faults_during_put_leave_the_store_consistent(
 
 def test_get_survives_a_failing_lru_write(store: ImageStore, monkeypatch: pytest.MonkeyPatch) -> None:
     image = put(store)
-    real = store._execute
+    real = store.catalog._execute  # type: ignore[attr-defined]
 
     def faulty(sql: str, params: Any = ()) -> sqlite3.Cursor:
         if sql.startswith("UPDATE"):
             raise sqlite3.OperationalError("database or disk is full")
         return real(sql, params)
 
-    monkeypatch.setattr(store, "_execute", faulty)
+    monkeypatch.setattr(store.catalog, "_execute", faulty)
     assert store.read_png(image.image_id) == make_png()
     assert store.get(image.image_id) == image
 
@@ -565,7 +576,7 @@ def test_count_bound_and_lru_order(root: Path) -> None:
         assert not s.exists(a.image_id) and s.exists(c.image_id) and s.exists(d.image_id)
         more = [put(s, seed=10 + i) for i in range(9)]
         assert s.stats().count == 3
-        assert [im.image_id for im in s.list()[0]] == [m.image_id for m in more[::-1][:3]]
+        assert [im.image_id for im in s.list_images()[0]] == [m.image_id for m in more[::-1][:3]]
     assert_consistent(root)
 
 
@@ -616,17 +627,15 @@ def test_pins_are_reentrant_counted_and_checked(root: Path) -> None:
 def test_migrations_apply_once(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with ImageStore(root) as s:
         v1_image = put(s, seed=1)
-    next_version = len(store_mod.MIGRATIONS) + 1
-    probe = Migration(
-        next_version,
-        "probe",
-        (
-            "ALTER TABLE images ADD COLUMN note TEXT",
-            "CREATE TABLE probe (n INTEGER)",
-            "INSERT INTO probe VALUES (1)",
-        ),
-    )
-    monkeypatch.setattr(store_mod, "MIGRATIONS", [*store_mod.MIGRATIONS, probe])
+    next_version = len(store_migrations.MIGRATIONS) + 1
+
+    def m_probe(execute: store_migrations.Execute) -> None:
+        execute("ALTER TABLE images ADD COLUMN note TEXT", ())
+        execute("CREATE TABLE probe (n INTEGER)", ())
+        execute("INSERT INTO probe VALUES (1)", ())
+
+    probe = store_migrations.Migration(next_version, "probe", m_probe)
+    monkeypatch.setattr(store_migrations, "MIGRATIONS", [*store_migrations.MIGRATIONS, probe])
     for _ in range(20):
         with ImageStore(root) as s:
             assert s.get(v1_image.image_id) == v1_image  # v1 data readable after the upgrade
@@ -662,7 +671,7 @@ def test_threads_put_get_pin_concurrently(root: Path) -> None:
                     shared.append(child.image_id)
                     with contextlib.suppress(UnknownImageError):  # may be evicted by another thread
                         s.read_png(rng.choice(shared))
-                    s.list(session=f"t{n}", limit=5)
+                    s.list_images(session=f"t{n}", limit=5)
                     assert s.stats().count <= 40
             except BaseException as e:
                 errors.append(e)
@@ -704,12 +713,23 @@ def test_default_store_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     assert default_store_dir() == tmp_path / "local" / "klein-agent" / "store"
 
 
+def test_the_token_file_and_thumbnails_stay_where_they_were(tmp_path: Path) -> None:
+    """The commands compute the neighbours of a store once from --store; existing users keep their files."""
+    where = store_locations(tmp_path / "s")
+    assert (where.store, where.token_file, where.thumbs) == (
+        tmp_path / "s",
+        tmp_path / "s.http-token",
+        tmp_path / "s" / "thumbs",
+    )
+    assert "--store" in where.source
+
+
 def test_closed_store_and_bad_settings(root: Path) -> None:
     s = ImageStore(root)
     image = put(s)
     s.close()
     s.close()
-    for call in (lambda: s.get(image.image_id), lambda: put(s), s.stats, lambda: s.list()):
+    for call in (lambda: s.get(image.image_id), lambda: put(s), s.stats, lambda: s.list_images()):
         with pytest.raises(StoreError, match="closed"):
             call()
     assert os.listdir(root / "images") == [file_name(image.image_id)]

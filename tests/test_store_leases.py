@@ -1,4 +1,4 @@
-"""Leases (klein_agent/service/leases.py): pins that hold across processes, expire when their holder dies, are
+"""Leases (klein_agent/service/store/leases.py, `Catalog.take_leases`): pins that hold across processes, expire when their holder dies, are
 renewed while it lives and end when its call ends; and a picture whose parent is gone is still stored (issue 18,
 point 6). Two `ImageStore`s on one folder are two catalog connections, as two processes are; the dead holder is
 a real process killed with SIGKILL (tests/store_leaser.py)."""
@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -49,11 +48,9 @@ def fill(store: ImageStore, count: int, seed: int = 100) -> None:
 
 
 def lease_rows(root: Path) -> list[tuple[str, str, float]]:
-    conn = sqlite3.connect(root / "store.sqlite3")
-    try:
-        return conn.execute("SELECT image_id, holder, expires_at FROM leases ORDER BY image_id").fetchall()
-    finally:
-        conn.close()
+    """Every lease row, read through the catalog interface of a read-only store (as another process would)."""
+    with ImageStore(root, read_only=True) as reader:
+        return [(r.image_id, r.holder, r.expires_at) for r in reader.catalog.lease_rows()]
 
 
 def test_a_lease_holds_against_another_process_until_released(root: Path, holder: ImageStore) -> None:

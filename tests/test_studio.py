@@ -243,7 +243,7 @@ async def test_a_call_whose_storing_fails_on_a_full_disk_imports_nothing(
 ) -> None:
     import errno
 
-    import klein_agent.service.store as store_module
+    import klein_agent.service.files as store_module  # the store's blob writes fsync here
     from klein_agent.service.store import StoreWriteError
 
     studio = faked(tmp_path, input_dir, FakeGenerator())

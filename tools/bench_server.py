@@ -125,7 +125,7 @@ async def main_async(args: argparse.Namespace) -> None:
                         state, mode, "generate", {"prompt": "a lighthouse", **size}, args.calls, 5
                     )
                 )
-            seed_id = state.store.list(limit=1)[0][0].image_id
+            seed_id = state.store.list_images(limit=1)[0][0].image_id
             for mode in args.modes:
                 rows.append(
                     await bench_row(

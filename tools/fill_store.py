@@ -101,7 +101,7 @@ def fill(store: ImageStore, images: int, sessions: int, seed: int = 0) -> list[S
     rng = random.Random(seed)
     made: list[StoredImage] = []
     with mock.patch("klein_agent.service.files.os.fsync"):
-        store._conn.execute("PRAGMA synchronous=OFF")  # type: ignore[union-attr]  # a scratch store
+        store.catalog._conn.execute("PRAGMA synchronous=OFF")  # type: ignore[attr-defined]  # a scratch store
         for k in range(sessions):
             session = f"session-{k + 1:02d}"
             subject = rng.choice(SUBJECTS)
@@ -215,11 +215,11 @@ def odd_cases(store: ImageStore, seed: int = 0) -> dict[str, str]:
         put(None, "edit", "a bowl of ramen, warmer light", [last[None].image_id])
         hostile = put("agent-b", "edit", "a paper boat, closer crop", [last["agent-b"].image_id])
         put("agent-a", "edit", "a red fox, add a rainbow", [last["agent-a"].image_id])
-    store._conn.execute(  # type: ignore[union-attr]  # what only a hand edit of the database can do
+    store.catalog._conn.execute(  # type: ignore[attr-defined]  # what only a hand edit of the database can do
         "UPDATE images SET parents = ? WHERE image_id = ?",
         (json.dumps([*hostile.parents, HOSTILE_PARENT]), hostile.image_id),
     )
-    store._conn.commit()  # type: ignore[union-attr]
+    store.catalog._conn.commit()  # type: ignore[attr-defined]
     roles["hostile"] = hostile.image_id
     return roles
 

@@ -70,14 +70,17 @@ SECURITY_HEADERS = [
 
 
 class Gallery:
-    """The gallery of the store at `root`: a read-only `ImageStore`, its thumbnail cache, and `app`, the ASGI app
+    """The gallery of the store at `root`: a read-only `ImageStore`, its thumbnail cache in `thumbs` (the commands
+    pass `option_types.store_locations(...).thumbs`), and `app`, the ASGI app
     to mount (the page uses relative URLs, so any prefix works; `serve --http` and `klein-agent gallery` use
     /gallery). Raises StoreError if there is no readable store at `root`. Call `close` when done."""
 
-    def __init__(self, root: Path, *, poll_s: float = POLL_S, page_size: int = PAGE_SIZE) -> None:
+    def __init__(
+        self, root: Path, *, thumbs: Path, poll_s: float = POLL_S, page_size: int = PAGE_SIZE
+    ) -> None:
         self.store = ImageStore(root, read_only=True)
         try:
-            self.thumbs = Thumbnails(self.store)
+            self.thumbs = Thumbnails(self.store, thumbs)
             removed = self.thumbs.prune(self._every_image())
             if removed:
                 log.info("gallery: removed %d thumbnail(s) of evicted images", removed)
@@ -157,7 +160,9 @@ class Gallery:
             if session is not None and len(session) > SESSION_MAX_CHARS:
                 raise ValueError(f"session is at most {SESSION_MAX_CHARS} characters")
             page, cursor = await anyio.to_thread.run_sync(
-                lambda: self.store.list(session=session, limit=limit, cursor=query.get("cursor") or None)
+                lambda: self.store.list_images(
+                    session=session, limit=limit, cursor=query.get("cursor") or None
+                )
             )
         except (ValueError, StoreError) as exc:
             return _json({"error": str(exc)}, status=400)
@@ -220,7 +225,7 @@ class Gallery:
     # ---- helpers -----------------------------------------------------------------------------------------
 
     def _head(self) -> tuple[str | None, int]:
-        page, _ = self.store.list(limit=1)
+        page, _ = self.store.list_images(limit=1)
         return (page[0].image_id if page else None, self.store.stats().count)
 
     async def _get(self, image_id: str) -> StoredImage:
@@ -235,7 +240,7 @@ class Gallery:
         found: list[StoredImage] = []
         cursor = None
         while True:
-            page, cursor = self.store.list(limit=MAX_LIST_LIMIT, cursor=cursor)
+            page, cursor = self.store.list_images(limit=MAX_LIST_LIMIT, cursor=cursor)
             found += page
             if cursor is None:
                 return found

@@ -64,7 +64,8 @@ def run_gallery(args: argparse.Namespace) -> int:
     from starlette.routing import Mount, Route
 
     from klein_agent.gallery.app import Gallery
-    from klein_agent.service.store import StoreError, default_store_dir
+    from klein_agent.option_types import store_locations
+    from klein_agent.service.store import StoreError
     from klein_agent.web.guard import GuardSettings, HttpGuard
     from klein_agent.web.listen import (
         COOKIE_NAME,
@@ -79,7 +80,8 @@ def run_gallery(args: argparse.Namespace) -> int:
         serve_app,
     )
 
-    root = (args.store if args.store is not None else default_store_dir()).expanduser().absolute()
+    where = store_locations(args.store)
+    root = where.store
     try:
         sock = bind(args.host, args.port)
     except HttpStartError as exc:
@@ -87,8 +89,8 @@ def run_gallery(args: argparse.Namespace) -> int:
         return 2
     gallery = None
     try:
-        gallery = Gallery(root)
-        tokens, _ = load_tokens(root, no_auth=False, host=args.host)
+        gallery = Gallery(root, thumbs=where.thumbs)
+        tokens, _ = load_tokens(where.token_file, no_auth=False, host=args.host)
     except (StoreError, HttpStartError) as exc:
         log.error("%s", exc)
         sock.close()

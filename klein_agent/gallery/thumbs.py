@@ -1,8 +1,9 @@
-"""WebP thumbnails of stored images, made once and kept on disk in `<store>/thumbs/`.
+"""WebP thumbnails of stored images, made once and kept on disk in the folder the command passes in (by default
+`<store>/thumbs/`: `option_types.store_locations`).
 
-The folder sits beside the store's `images/` folder, never inside it: the store's sweep removes every file in
-`images/` that has no record, and never looks anywhere else. A thumbnail's name derives from the image's file name
-(a hash of its validated id) and the edge, never from anything a request says. Thumbnails of evicted images are
+The folder is never the store's blob folder: the store's sweep removes every blob that has no record, and never
+looks anywhere else. A thumbnail's name derives from the image's blob key (a hash of its validated id) and the
+edge, never from anything a request says. Thumbnails of evicted images are
 removed by `prune` when a gallery starts.
 """
 
@@ -26,7 +27,6 @@ from klein_agent.service.store import ImageStore, StoredImage
 
 log = logging.getLogger(__name__)
 
-THUMBS_DIR = "thumbs"
 THUMB_EDGE = 320  # px, long edge: sharp on a 2x screen at the cards' 160 px
 _QUALITY = 80
 _TMP_PREFIX = ".tmp-"
@@ -39,10 +39,10 @@ class Thumbnails:
     """The thumbnail cache of one store. Thread-safe: two requests for one thumbnail may both make it (the
     atomic rename keeps the file whole), which is cheaper than a lock around every encode."""
 
-    def __init__(self, store: ImageStore, *, edge: int = THUMB_EDGE) -> None:
+    def __init__(self, store: ImageStore, folder: Path, *, edge: int = THUMB_EDGE) -> None:
         self.store = store
         self.edge = edge
-        self.folder = store.root / THUMBS_DIR
+        self.folder = folder
         self._cache_ok = True
         self._warned = threading.Event()
         try:
@@ -100,7 +100,7 @@ class Thumbnails:
         return removed
 
     def _path(self, image: StoredImage) -> Path:
-        return self.folder / f"{image.path.stem}-{self.edge}.webp"
+        return self.folder / f"{Path(image.blob_key).stem}-{self.edge}.webp"
 
     def _make(self, png: bytes) -> bytes:
         from klein_agent.service.pixels import to_rgb  # numpy: imported at the first thumbnail, not at start

@@ -118,7 +118,7 @@ MAX_CURSOR_CHARS = 256
 MAX_QUEUE = 8  # calls that may wait behind the running one
 STORE_MAX_BYTES = 2 * 1024**3
 STORE_MAX_IMAGES = 10_000
-# Leases: what keeps a running call's inputs from eviction by any process on the store (service/leases.py). No
+# Leases: what keeps a running call's inputs from eviction by any process on the store (service/store/leases.py). No
 # call has a bound on its length (a queue of MAX_QUEUE calls, a 9B at 2048x2048 on a CPU: tens of minutes), so no
 # expiry can outlast the longest call: a holder renews its leases every LEASE_RENEW_S while it runs, and the
 # expiry only has to outlast one late renewal. A renewal waits at most SQLite's busy timeout (30 s, while another

@@ -15,13 +15,14 @@ import anyio
 
 from klein_agent.gallery.app import Gallery
 from klein_agent.model_options import generator_factory
+from klein_agent.option_types import StoreLocations, store_locations
 from klein_agent.server.app import build_server
 from klein_agent.server.http import HttpPlan, serve_http
 from klein_agent.server.options import allowed_dir_options
 from klein_agent.server.stdio import serve_stdio
 from klein_agent.service.engine import Engine
 from klein_agent.service.inputs import InputPolicy, default_allowed_dirs
-from klein_agent.service.store import ImageStore, StoreError, default_store_dir, store_source
+from klein_agent.service.store import ImageStore, StoreError
 from klein_agent.service.studio import Studio, StudioConfig
 from klein_agent.web.listen import (
     HttpStartError,
@@ -41,22 +42,23 @@ STDIO_TTY_NOTE = (
 )
 
 
-def build_studio(args: argparse.Namespace) -> Studio:
-    """Open the store and set up the engine (not yet loading) from parsed arguments. Raises ValueError for a bad
-    option and StoreError for a store that cannot be opened."""
+def build_studio(args: argparse.Namespace, where: StoreLocations | None = None) -> Studio:
+    """Open the store (in `where`, else where `args.store` says) and set up the engine (not yet loading) from parsed
+    arguments. Raises ValueError for a bad option and StoreError for a store that cannot be opened."""
     # --max-queue, --max-megapixels, --store-max-gb and --store-max-images are checked as they are parsed
     # (klein_agent.option_types): one rule for serve and generate
     dirs = [] if args.no_default_dirs else list(default_allowed_dirs())
     dirs += allowed_dir_options(args)
     policy = InputPolicy(allowed_dirs=tuple(dirs), allow_urls=args.allow_urls)
+    where = where or store_locations(args.store)
     try:
         store = ImageStore(
-            args.store if args.store is not None else default_store_dir(),
+            where.store,
             max_bytes=int(args.store_max_gb * 2**30),
             max_images=args.store_max_images,
         )
     except StoreError as exc:
-        raise StoreError(f"{exc} This is {store_source(args.store)}.") from exc
+        raise StoreError(f"{exc} This is {where.source}.") from exc
     config = StudioConfig(
         max_pixels_per_call=None if args.max_megapixels is None else int(args.max_megapixels * 1_000_000),
         device_hint=args.device,  # else the loaded model's device decides the default (limits.default_max_pixels)
@@ -85,10 +87,11 @@ def run_serve(args: argparse.Namespace) -> int:
     opened (for HTTP the port is bound first, so nothing is created when it is taken), else 0.
     """
     plan = None
+    where = store_locations(args.store)  # the store, its token file and thumbnails: chosen once, passed in
     try:
         if args.http:
-            plan = plan_http(args)
-        studio = build_studio(args)
+            plan = plan_http(args, where)
+        studio = build_studio(args, where)
     except (StoreError, ValueError, HttpStartError) as exc:
         log.error("%s", exc)
         if plan is not None:
@@ -98,7 +101,7 @@ def run_serve(args: argparse.Namespace) -> int:
     gallery = None
     if plan is not None:
         try:
-            gallery = Gallery(studio.store.root)
+            gallery = Gallery(studio.store.root, thumbs=where.thumbs)
         except StoreError as exc:
             log.error("%s", exc)
             plan.sock.close()
@@ -131,14 +134,13 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def plan_http(args: argparse.Namespace) -> HttpPlan:
-    """Bind the port and settle the token, hosts, origins and the gallery's one-time login key for `serve --http`.
-    Raises HttpStartError."""
+def plan_http(args: argparse.Namespace, where: StoreLocations) -> HttpPlan:
+    """Bind the port and settle the token (from `where.token_file`), hosts, origins and the gallery's one-time
+    login key for `serve --http`. Raises HttpStartError."""
     sock = bind(args.host, args.port)
     try:
         port = sock.getsockname()[1]
-        store_root = (args.store if args.store is not None else default_store_dir()).expanduser().absolute()
-        tokens, source = load_tokens(store_root, no_auth=args.no_auth, host=args.host)
+        tokens, source = load_tokens(where.token_file, no_auth=args.no_auth, host=args.host)
         hosts = allowed_hosts(args.host, port, args.allowed_host)
         return HttpPlan(
             sock=sock,

@@ -515,7 +515,7 @@ class Studio:
         session = resolution.check_session(session)
         try:
             return await anyio.to_thread.run_sync(
-                lambda: self.store.list(session=session, limit=limit, cursor=cursor)
+                lambda: self.store.list_images(session=session, limit=limit, cursor=cursor)
             )
         except ValueError as exc:  # a malformed or foreign cursor; the store's message says what to pass
             if isinstance(exc, RequestError):

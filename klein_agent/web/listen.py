@@ -59,16 +59,11 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def token_file_for(store_root: Path) -> Path:
-    """The token file beside the store: `<store>.http-token` in the store's parent folder."""
-    return store_root.parent / f"{store_root.name}.http-token"
-
-
-def load_tokens(store_root: Path, *, no_auth: bool, host: str) -> tuple[list[str], str]:
+def load_tokens(token_file: Path, *, no_auth: bool, host: str) -> tuple[list[str], str]:
     """The accepted bearer tokens and where they came from.
 
-    `$KLEIN_AGENT_TOKEN` if set (several, comma-separated, give each client its own); else the token file beside
-    the store, created with a fresh 256-bit token (mode 0600) if missing and kept across restarts (delete it to
+    `$KLEIN_AGENT_TOKEN` if set (several, comma-separated, give each client its own); else `token_file` (the
+    commands pass `option_types.store_locations(...).token_file`, beside the store), created with a fresh 256-bit token (mode 0600) if missing and kept across restarts (delete it to
     rotate). `no_auth` is allowed on a loopback address only. Raises HttpStartError.
     """
     if no_auth:
@@ -84,7 +79,7 @@ def load_tokens(store_root: Path, *, no_auth: bool, host: str) -> tuple[list[str
         if any(len(t) < 16 for t in tokens):
             raise HttpStartError(f"${TOKEN_ENV}: each token must be at least 16 characters")
         return tokens, f"${TOKEN_ENV}"
-    path = token_file_for(store_root)
+    path = token_file
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)

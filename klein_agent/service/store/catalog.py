@@ -1,0 +1,137 @@
+"""The catalog interface: the rows of a store (metadata, lineage, LRU order, leases), never the bytes.
+
+Today `SQLiteCatalog` (sqlite_catalog.py) implements it; a PostgreSQL catalog shared by many front-ends is meant
+to implement the same Protocol next, and `tests/test_store_interfaces.py` is parametrized over backends so it can
+join the tests unchanged.
+
+THE INVARIANT (the store's, which `ImageStore` enforces with this interface and a `BlobStore`):
+    a row never points at a missing blob. Blob first, row second: `ImageStore.put` writes the blob durably before
+    `insert` commits its row; `delete` and eviction commit the row's removal before the blob is deleted. A crash
+    in between leaves at worst a blob without a row (an orphan), which `ImageStore`'s sweep removes once it is
+    older than any put in flight; never a row without its blob.
+
+What a catalog must guarantee:
+- `insert` adds the row and evicts, in one transaction, the least recently used rows that carry no unexpired
+  lease (never the new row) until both bounds hold; it returns the evicted ids, whose blobs the caller deletes
+  after the commit. If the leased rows alone break a bound it raises StoreFullError and commits nothing.
+- Ids are unique: inserting an id twice fails (and commits nothing).
+- A lease taken with `require_stored` is checked and written in one transaction, ordered against eviction.
+- `page` is keyset pagination, newest first: a position names where a page ended, so pages stay stable (no
+  repeats, no gaps among the rows that were there) while rows are inserted or evicted. SQLite orders by its
+  insertion sequence; PostgreSQL would order by (created_at, image_id) with created_at from clock_timestamp().
+- Migrations (schema steps) are applied once, also when two processes open a new store at once.
+- Write failures raise StoreWriteError (the message names the store and what to do); then nothing was committed,
+  unless `was_inserted` says otherwise.
+
+Live feed: today the gallery polls `page(limit=1)` and `totals()`; a PostgreSQL catalog can push the same change
+(an id, via NOTIFY inside the insert transaction) without changing this Protocol's existing methods.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Protocol
+
+from klein_agent.service.store.records import LeaseRow, NewImage, SessionSummary, StoredImage
+
+
+class Catalog(Protocol):
+    """The rows of one store. Thread-safe; every method is one short transaction unless it says otherwise."""
+
+    location: str  # for messages: the database file, or the server and database name
+    read_only: bool
+    exclusive: bool  # True when, at open, no other process had this store open (the sweep may then be eager)
+
+    def open_done(self) -> None:
+        """The open-time repair (sweep, eviction) is over; other processes may now open the store."""
+        ...
+
+    def schema_versions(self) -> list[int]:
+        """The migration versions applied, ascending, each once."""
+        ...
+
+    def insert(
+        self, image: NewImage, *, max_images: int, max_bytes: int, now: float
+    ) -> tuple[float, list[str]]:
+        """Insert the row of `image` (its blob is stored already) and evict, in one transaction; `now` is the lease
+        clock. Returns (created_at, evicted ids). Raises StoreFullError or StoreWriteError (nothing committed)."""
+        ...
+
+    def evict(self, *, max_images: int, max_bytes: int, now: float) -> list[str]:
+        """Evict unleased rows, least recently used first, until both bounds hold (as `insert` does). Returns the
+        evicted ids; raises StoreFullError (nothing deleted) if leased rows alone break a bound."""
+        ...
+
+    def was_inserted(self, image_id: str) -> bool | None:
+        """After a failed insert: is the row there? None when that cannot be known now."""
+        ...
+
+    def get(self, image_id: str) -> StoredImage | None:
+        """The row of a well-formed id, or None. Not a use."""
+        ...
+
+    def touch(self, image_id: str) -> None:
+        """Record a use for the LRU. Best effort: a failure is logged, never raised."""
+        ...
+
+    def contains(self, image_ids: Iterable[str]) -> set[str]:
+        """The ids among `image_ids` (well-formed) that have a row now."""
+        ...
+
+    def find_content(self, content_key: str) -> StoredImage | None:
+        """The newest row stored with this content key, or None."""
+        ...
+
+    def page(
+        self, *, session: str | None, limit: int, before: object | None
+    ) -> tuple[list[StoredImage], object | None]:
+        """Up to `limit` rows, newest first, of one session (None: all), after the position `before` (None: from
+        the newest). Returns the rows and the position to pass for the next page (None: this was the last)."""
+        ...
+
+    def valid_position(self, value: object) -> bool:
+        """Whether `value` (from a decoded cursor) is a position this catalog can page from."""
+        ...
+
+    def sessions(self) -> list[SessionSummary]:
+        """Every session with its count and first and last times, the one with the newest row first."""
+        ...
+
+    def totals(self) -> tuple[int, int]:
+        """(row count, sum of size_bytes)."""
+        ...
+
+    def sizes(self) -> list[tuple[str, int]]:
+        """(image_id, size_bytes) of every row: what the sweep checks against the blobs."""
+        ...
+
+    def delete(self, image_ids: Iterable[str]) -> None:
+        """Delete these rows (leases or not) in one transaction. Raises StoreWriteError."""
+        ...
+
+    def take_leases(
+        self, holder: str, image_ids: Iterable[str], *, expires_at: float, require_stored: bool
+    ) -> None:
+        """Lease `image_ids` to `holder` until `expires_at` (extending one it holds). With `require_stored`, raises
+        UnknownImageError and leases nothing if one is not stored (check and lease are one transaction)."""
+        ...
+
+    def renew_leases(self, holders: Iterable[str], expires_at: float) -> None:
+        """Move every lease of `holders` to `expires_at`."""
+        ...
+
+    def release_leases(self, holder: str, now: float) -> None:
+        """Delete `holder`'s leases and every lease expired at `now`."""
+        ...
+
+    def purge_expired_leases(self, now: float) -> None:
+        """Delete the leases expired at `now` (left by a process that died)."""
+        ...
+
+    def lease_rows(self) -> list[LeaseRow]:
+        """Every lease row, expired or not, by image id then holder."""
+        ...
+
+    def close(self) -> None:
+        """Release the connection. Idempotent; later calls raise StoreError."""
+        ...

@@ -1,0 +1,219 @@
+"""The store's promises, tested through `ImageStore` over the `Catalog` and `BlobStore` interfaces only (no SQL, no
+file names): parametrized over tests/store_backends.py, so the next backends (PostgreSQL, S3) run the same tests.
+
+Blob first, row second (a process killed in between leaves a blob without a row, which is swept; never a row
+without its blob); eviction never removes a leased image; cursor pages are stable under inserts; ids are unique;
+migrations run once, also when two processes open a new store at once.
+"""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from klein_agent.service.store import ImageStore, StoredImage, StoreFullError, new_image_id
+from klein_agent.service.store.blobs import BlobMissingError
+from klein_agent.service.store.migrations import MIGRATIONS
+from klein_agent.service.store.records import blob_key
+from tests.store_backends import BACKENDS
+from tests.store_writer import tiny_png
+
+CHILD = Path(__file__).with_name("store_interface_child.py")
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def open_store(backend: str, tmp_path: Path) -> Iterator[Callable[..., ImageStore]]:
+    opened: list[ImageStore] = []
+
+    def make(**options: object) -> ImageStore:
+        store = BACKENDS[backend](tmp_path / "store", **options)
+        opened.append(store)
+        return store
+
+    yield make
+    for store in opened:
+        store.close()
+
+
+def put(store: ImageStore, seed: int, **kwargs: object) -> StoredImage:
+    return store.put(tiny_png(16, random.Random(seed)), width=16, height=16, recipe={"seed": seed}, **kwargs)
+
+
+def every_row_has_its_blob(store: ImageStore) -> list[str]:
+    """The invariant, through the interfaces: every listed row's blob is there, whole. Returns the ids."""
+    ids = []
+    page, cursor = store.list_images(limit=100)
+    while True:
+        for image in page:
+            assert store.blobs.size(image.blob_key) == image.size_bytes, f"row {image.image_id} has no blob"
+            assert len(store.read_png(image.image_id)) == image.size_bytes
+            ids.append(image.image_id)
+        if cursor is None:
+            return ids
+        page, cursor = store.list_images(limit=100, cursor=cursor)
+
+
+def run_child(backend: str, root: Path, what: str, *extra: str) -> subprocess.Popen[bytes]:
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
+    return subprocess.Popen(
+        [sys.executable, str(CHILD), backend, str(root), what, *extra], env=env, stderr=subprocess.PIPE
+    )
+
+
+@pytest.mark.parametrize("kill_at", ["between-blob-and-row", "between-row-and-blob"])
+def test_a_kill_between_blob_and_row_leaves_an_orphan_blob_that_is_swept(
+    backend: str, open_store: Callable[..., ImageStore], tmp_path: Path, kill_at: str
+) -> None:
+    with open_store() as store:
+        kept = put(store, 1)
+        if kill_at == "between-row-and-blob":
+            store.delete(kept.image_id)  # the child deletes a second image, the only one then stored
+            kept = put(store, 2)
+    child = run_child(backend, tmp_path / "store", kill_at)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == -9, err.decode()
+    with open_store() as store:
+        # the sweep at open (this process is alone on the store) removed the blob without a row
+        blobs = store.blobs.inventory()
+        rows = every_row_has_its_blob(store)
+        assert set(blobs) == {blob_key(i) for i in rows}, "an orphan blob survived the sweep"
+        if kill_at == "between-blob-and-row":
+            assert rows == [kept.image_id] and len(blobs) == 1
+        else:
+            assert rows == [] and blobs == {}
+
+
+def test_a_failed_blob_write_stores_no_row(
+    open_store: Callable[..., ImageStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from klein_agent.service.store import StoreWriteError
+
+    store = open_store()
+    first = put(store, 1)
+
+    def refuse(key: str, data: bytes) -> None:
+        raise StoreWriteError("the blob store refused the write (test)")
+
+    monkeypatch.setattr(store.blobs, "put", refuse)
+    with pytest.raises(StoreWriteError):
+        put(store, 2)
+    monkeypatch.undo()
+    assert every_row_has_its_blob(store) == [first.image_id]
+
+
+def test_a_row_whose_blob_vanished_is_never_served_and_is_dropped_at_open(
+    open_store: Callable[..., ImageStore],
+) -> None:
+    store = open_store()
+    lost, kept = put(store, 1), put(store, 2)
+    store.blobs.delete(lost.blob_key)  # behind the store's back (a disk error, a hand edit)
+    with pytest.raises(BlobMissingError):
+        store.blobs.get(lost.blob_key)
+    with pytest.raises(LookupError):
+        store.read_png(lost.image_id)
+    store.close()
+    with open_store() as reopened:
+        assert every_row_has_its_blob(reopened) == [kept.image_id]
+
+
+def test_eviction_never_removes_a_leased_image(open_store: Callable[..., ImageStore]) -> None:
+    store = open_store(max_images=3)
+    oldest = put(store, 0)
+    with store.pinned([oldest.image_id]):
+        for seed in range(1, 10):
+            put(store, seed)
+            assert store.exists(oldest.image_id), f"the leased image was evicted by put {seed}"
+        assert store.stats().count == 3
+        others = [i.image_id for i in store.list_images()[0] if i.image_id != oldest.image_id]  # not a use
+        with store.pinned(others), pytest.raises(StoreFullError):
+            put(store, 99)  # every image is leased: nothing may go
+    put(store, 100)  # released: now the oldest is the least recently used and goes
+    assert not store.exists(oldest.image_id)
+    assert len(every_row_has_its_blob(store)) == 3
+    assert store.blobs.size(oldest.blob_key) is None, "an evicted image's blob is deleted"
+
+
+def test_a_lease_taken_in_another_store_holds_against_eviction_here(
+    open_store: Callable[..., ImageStore],
+) -> None:
+    first = open_store(max_images=2)
+    leased = put(first, 0)
+    with first.pinned([leased.image_id]):
+        second = open_store(max_images=2)  # another front-end on the same catalog and blobs
+        for seed in range(1, 6):
+            put(second, seed)
+        assert second.exists(leased.image_id)
+
+
+def test_cursor_pages_are_stable_under_inserts(open_store: Callable[..., ImageStore]) -> None:
+    store = open_store()
+    before = [put(store, seed, session="s").image_id for seed in range(7)]
+    seen: list[str] = []
+    page, cursor = store.list_images(session="s", limit=3)
+    seed = 100
+    while True:
+        seen += [image.image_id for image in page]
+        put(store, seed, session="s")  # a newer image arrives between pages
+        put(store, seed + 1)  # and one in another session
+        seed += 2
+        if cursor is None:
+            break
+        page, cursor = store.list_images(session="s", limit=3, cursor=cursor)
+    assert seen == before[::-1], "pages repeated or skipped an image while others were stored"
+
+
+def test_ids_are_unique_and_an_id_is_never_stored_twice(open_store: Callable[..., ImageStore]) -> None:
+    store = open_store()
+    ids = {put(store, seed).image_id for seed in range(50)}
+    assert len(ids) == 50
+    given = new_image_id()
+    first = put(store, 1, image_id=given)
+    with pytest.raises(ValueError, match="stored already"):
+        put(store, 2, image_id=given)
+    assert store.read_png(given) == tiny_png(16, random.Random(1)), (
+        "the second put replaced the first's bytes"
+    )
+    assert store.get(given) == first
+
+
+def test_migrations_run_once_when_two_processes_open_a_new_store_at_once(
+    backend: str, open_store: Callable[..., ImageStore], tmp_path: Path
+) -> None:
+    go = tmp_path / "go"
+    children = [run_child(backend, tmp_path / "store", "open-at", str(go)) for _ in range(2)]
+    time.sleep(1.0)  # both children are importing, then waiting for the go file
+    go.touch()
+    for child in children:
+        _, err = child.communicate(timeout=60)
+        assert child.returncode == 0, err.decode()
+    with open_store() as store:
+        assert store.catalog.schema_versions() == [m.version for m in MIGRATIONS]
+
+
+def test_migrations_are_idempotent_across_opens(
+    open_store: Callable[..., ImageStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from klein_agent.service.store import migrations
+
+    with open_store() as store:
+        image = put(store, 1)
+    runs: list[int] = []
+    probe = migrations.Migration(len(MIGRATIONS) + 1, "probe", lambda execute: runs.append(1))
+    monkeypatch.setattr(migrations, "MIGRATIONS", [*MIGRATIONS, probe])
+    for _ in range(3):
+        with open_store() as store:
+            assert store.get(image.image_id) == image
+            assert store.catalog.schema_versions() == [m.version for m in [*MIGRATIONS, probe]]
+    assert runs == [1], "a migration ran more than once"
