@@ -7,9 +7,10 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+import platformdirs
 
 
 def _parse(text: str, cast: type[int] | type[float], kind: str) -> float:
@@ -83,22 +84,12 @@ class StoreLocations:
 
 def default_store_dir() -> Path:
     """$KLEIN_AGENT_STORE, else the user data folder + klein-agent/store (never a temp dir: images must survive
-    reboots and tmp cleaners): $XDG_DATA_HOME or ~/.local/share on Linux, ~/Library/Application Support on macOS,
-    %LOCALAPPDATA% on Windows. These are what `platformdirs.user_data_dir("klein-agent", appauthor=False)` gives;
-    platformdirs is not a dependency yet, so the three rules are spelled out here."""
+    reboots and tmp cleaners), as `platformdirs` names it: $XDG_DATA_HOME or ~/.local/share on Linux,
+    ~/Library/Application Support on macOS, %LOCALAPPDATA% on Windows."""
     env = os.environ.get(STORE_ENV, "").strip()
     if env:
         return Path(env).expanduser().absolute()
-    home = Path.home()
-    if sys.platform == "win32":
-        local = os.environ.get("LOCALAPPDATA", "")
-        data = Path(local) if local else home / "AppData" / "Local"
-    elif sys.platform == "darwin":
-        data = home / "Library" / "Application Support"
-    else:
-        xdg = os.environ.get("XDG_DATA_HOME", "")  # the XDG spec says to ignore a relative path
-        data = Path(xdg) if xdg and Path(xdg).is_absolute() else home / ".local" / "share"
-    return data / "klein-agent" / "store"
+    return Path(platformdirs.user_data_dir("klein-agent", appauthor=False)) / "store"
 
 
 def store_source(given: Path | str | None) -> str:

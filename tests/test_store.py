@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import platformdirs
 import pytest
 from PIL import Image
 
@@ -695,22 +696,17 @@ def test_import_does_not_import_torch() -> None:
 
 
 def test_default_store_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """$KLEIN_AGENT_STORE wins; else platformdirs' user data folder (chosen for the platform this runs on)."""
     monkeypatch.setenv("KLEIN_AGENT_STORE", str(tmp_path / "mine"))
     assert default_store_dir() == tmp_path / "mine"
     monkeypatch.delenv("KLEIN_AGENT_STORE")
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(sys, "platform", "linux")
-    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
-    assert default_store_dir() == tmp_path / "xdg" / "klein-agent" / "store"
-    monkeypatch.setenv("XDG_DATA_HOME", "relative/ignored")
-    assert default_store_dir() == tmp_path / "home" / ".local" / "share" / "klein-agent" / "store"
-    monkeypatch.setattr(sys, "platform", "darwin")
-    assert (
-        default_store_dir() == tmp_path / "home" / "Library" / "Application Support" / "klein-agent" / "store"
-    )
-    monkeypatch.setattr(sys, "platform", "win32")
-    monkeypatch.setenv("LOCALAPPDATA", str(tmp_path / "local"))
-    assert default_store_dir() == tmp_path / "local" / "klein-agent" / "store"
+    assert default_store_dir() == Path(platformdirs.user_data_dir("klein-agent", appauthor=False)) / "store"
+    if sys.platform.startswith("linux"):  # the XDG rules, on the platform where they apply
+        monkeypatch.setenv("HOME", str(tmp_path / "home"))
+        monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+        assert default_store_dir() == tmp_path / "xdg" / "klein-agent" / "store"
+        monkeypatch.setenv("XDG_DATA_HOME", "relative/ignored")
+        assert default_store_dir() == tmp_path / "home" / ".local" / "share" / "klein-agent" / "store"
 
 
 def test_the_token_file_and_thumbnails_stay_where_they_were(tmp_path: Path) -> None:
