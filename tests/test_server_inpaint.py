@@ -86,7 +86,7 @@ async def test_bad_inpaint_inputs_are_tool_errors_and_reach_no_model(
         ("both", {"image": img, "prompt": p, "mask": square, "boxes": [[0, 0, 10, 10]]}, "not both"),
         ("strength 0", {"image": img, "prompt": p, "boxes": [[0, 0, 10, 10]], "strength": 0}, "strength"),
         ("strength 1.5", {"image": img, "prompt": p, "boxes": [[0, 0, 10, 10]], "strength": 1.5}, "strength"),
-        ("box of three", {"image": img, "prompt": p, "boxes": [[0, 0, 10]]}, "boxes"),
+        ("box of three", {"image": img, "prompt": p, "boxes": [[0, 0, 10]]}, "box 1 has 3 numbers"),
         (
             "box outside",
             {"image": img, "prompt": p, "boxes": [[200, 0, 10, 10]]},
