@@ -292,8 +292,11 @@ async def test_tools_list_matches_the_snapshot(client: Client) -> None:
     assert not hints["generate"]["readOnlyHint"] and hints["list_images"]["readOnlyHint"]
     assert hints["export_image"]["destructiveHint"] and not hints["edit"]["openWorldHint"]
     width = listing[0]["inputSchema"]["properties"]["width"]
-    given = next(option for option in width["anyOf"] if option.get("type") == "integer")
-    assert (given["minimum"], given["maximum"], given["multipleOf"]) == (64, 2048, 16)
+    assert width["type"] == [
+        "integer",
+        "null",
+    ]  # not anyOf: see test_optional_scalars_are_published_as_type_lists
+    assert (width["minimum"], width["maximum"], width["multipleOf"]) == (64, 2048, 16)
     assert width["default"] is None  # omitted: the shared size rule decides
     if os.environ.get("KLEIN_AGENT_UPDATE_SNAPSHOTS"):
         SNAPSHOT.parent.mkdir(exist_ok=True)
@@ -320,3 +323,79 @@ async def test_url_inputs_make_edit_and_compose_open_world(
     finally:
         state.engine.close()
         state.store.close()
+
+
+SCALARS = {"integer", "number", "string", "boolean"}
+
+
+def schema_nodes(schema: Any, where: str = "") -> list[tuple[str, dict[str, Any]]]:
+    """Every schema object in a JSON schema tree (properties, items, $defs, anyOf branches...), with its path."""
+    found: list[tuple[str, dict[str, Any]]] = []
+    if isinstance(schema, dict):
+        found.append((where, schema))
+        for key, value in schema.items():
+            found += schema_nodes(value, f"{where}/{key}")
+    elif isinstance(schema, list):
+        for k, value in enumerate(schema):
+            found += schema_nodes(value, f"{where}[{k}]")
+    return found
+
+
+async def test_optional_scalars_are_published_as_type_lists(client: Client) -> None:
+    """MCP Inspector 0.15 reads only a top-level `type`: an optional integer published as `anyOf: [integer, null]`
+    became a text field and `width=256` was sent as the string "256". Walk every tool's whole input schema."""
+    left: list[str] = []
+    checked: set[tuple[str, str]] = set()
+    for tool in (await client.list_tools()).tools:
+        for where, node in schema_nodes(tool.input_schema, tool.name):
+            options = node.get("anyOf", [])
+            scalars = [o for o in options if o.get("type") in SCALARS]
+            if len(options) == 2 and {"type": "null"} in options and scalars:
+                left.append(f"{where}: anyOf {options}")
+            if node.get("type") != "object":
+                continue
+            for name, prop in node.get("properties", {}).items():
+                kinds = prop.get("type")
+                branches = {o.get("type") for o in prop.get("anyOf", [])}
+                if name in node.get("required", []) or not (
+                    {"integer", "number"} & {*branches, *_listed(kinds)}
+                ):
+                    continue
+                checked.add((tool.name, name))
+                nullable = (
+                    isinstance(kinds, list) and kinds[1:] == ["null"] and kinds[0] in ("integer", "number")
+                )
+                if not (nullable or (kinds in ("integer", "number") and "default" in prop)):
+                    left.append(f"{where}/properties/{name}: {prop}")
+    assert left == []
+    # the walk saw the numbers it is about, the nested LoRA scale included
+    numbers = {"width", "height", "seed", "steps", "guidance", "num_images", "scale"}
+    assert {("generate", n) for n in numbers} | {("inpaint", "strength")} <= checked
+
+
+def _listed(kinds: Any) -> list[str]:
+    return [kinds] if isinstance(kinds, str) else list(kinds or [])
+
+
+async def test_the_published_schemas_take_exactly_the_values_the_sdks_took(server_state: Any) -> None:
+    """The rewrite changes how a schema is spelt, not what it accepts: every argument, against a spread of values,
+    validates the same under the SDK's own schema and under the published one."""
+    import jsonschema
+    from mcp.server import MCPServer
+
+    server = build_server(server_state)
+    published = {t.name: t.input_schema for t in await server.list_tools()}
+    original = {t.name: t.input_schema for t in await MCPServer.list_tools(server)}
+    assert published != original  # there was something to rewrite
+    values: list[Any] = [None, 0, 1, -1, 16, 64, 65, 256, 2048, 2064, 4294967295, 4294967296, 0.5, 1.5, 64.0, -4.0,
+        4.5, 20.0, 21.0, "", "x", "256", "a" * 65, True, False, [], [1], ["a"], [[0, 0, 1, 1]], {}, {"name": "s"},
+        {"name": "s", "scale": None}, {"name": "s", "scale": 9}, [{"name": "s", "scale": 0.5}]]  # fmt: skip
+    compared = 0
+    for name, schema in published.items():
+        for argument in schema.get("properties", {}):
+            for value in values:
+                before = jsonschema.Draft202012Validator(original[name]).is_valid({argument: value})
+                after = jsonschema.Draft202012Validator(schema).is_valid({argument: value})
+                assert before == after, (name, argument, value)
+                compared += 1
+    assert compared > 1000
