@@ -105,8 +105,8 @@ async def test_image_resources_give_the_png_and_the_recipe(client: Client) -> No
     assert recipe["tool"] == "generate" and recipe["prompt"] == "a blue sphere" and recipe["seed"] == 3
     assert recipe["steps"] == 4 and recipe["model"] == "tiny" and recipe["parents"] == []
     assert {"timings_ms", "created_at", "guidance", "width", "height"} <= set(recipe)
-    assert meta["rerun"] == {
-        "tool": "generate",
+    assert meta["rerun"] == {  # MCP's spelling of a tools/call: name and arguments
+        "name": "generate",
         "arguments": {
             "prompt": "a blue sphere",
             "width": 64,
@@ -139,7 +139,7 @@ async def test_a_stored_recipe_regenerates_identical_png_bytes(client: Client) -
     )
     for image_id in (second_id, ids_of(edited)[0], ids_of(edits)[1]):
         rerun = (await read_meta(client, image_id))["rerun"]
-        again = await call(client, rerun["tool"], rerun["arguments"])
+        again = await call(client, rerun["name"], rerun["arguments"])
         assert ids_of(again)[0] != image_id
         assert await read_png(client, ids_of(again)[0]) == await read_png(client, image_id)
 
