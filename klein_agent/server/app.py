@@ -13,7 +13,7 @@ from klein_agent.server.arguments import ArgumentChecks
 from klein_agent.server.messages import MessageBudget
 from klein_agent.server.prompts import register_prompts
 from klein_agent.server.resources import register_resources
-from klein_agent.server.schemas import nullable_as_type_lists
+from klein_agent.server.schemas import optional_scalars_as_their_type
 from klein_agent.server.tools import generation, library
 from klein_agent.service.studio import Studio
 
@@ -29,12 +29,12 @@ preview, call view_image. Calls run one at a time; server_status shows the model
 
 class KleinServer(MCPServer[Studio]):
     """The SDK's server, publishing every tool's input schema the way older clients read it
-    (`klein_agent.server.schemas`); the argument checks validate against the same published schema."""
+    (`klein_agent.server.schemas`)."""
 
     async def list_tools(self) -> list[Tool]:
         """The tools, in registration order, with their input schemas as published."""
         return [
-            tool.model_copy(update={"input_schema": nullable_as_type_lists(tool.input_schema)})
+            tool.model_copy(update={"input_schema": optional_scalars_as_their_type(tool.input_schema)})
             for tool in await super().list_tools()
         ]
 

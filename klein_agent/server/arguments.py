@@ -119,7 +119,9 @@ class ArgumentChecks(ServerMiddleware[Any]):
     async def _tool_problem(self, params: dict[str, Any]) -> str | None:
         if self._tools is None:
             assert self._mcp is not None
-            self._tools = {t.name: t.input_schema for t in await self._mcp.list_tools()}
+            # the SDK's own schemas, not the published ones (server/schemas.py publishes an optional scalar as its
+            # type alone, for older clients): an explicit null for an optional argument is taken as before
+            self._tools = {t.name: t.input_schema for t in await MCPServer.list_tools(self._mcp)}
         schema = self._tools.get(params.get("name"))  # type: ignore[arg-type]
         if schema is None:
             return None  # the SDK's own "unknown tool" answer

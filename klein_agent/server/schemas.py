@@ -1,11 +1,13 @@
-"""The tools' input schemas as they are published: optional scalars as `"type": [T, "null"]`, not `anyOf`.
+"""The tools' input schemas as they are published: an optional scalar as its own type with its default
+(`{"type": "integer", "default": null, "minimum": 64, ...}`), not `anyOf: [integer, null]`.
 
-Pydantic writes `int | None` as `{"anyOf": [{"type": "integer", ...}, {"type": "null"}]}`. Both are valid JSON
-Schema, but clients that build a form from the schema read only a top-level `type`: MCP Inspector 0.15 (what
-`npx @modelcontextprotocol/inspector` resolves on Node 20) shows such an argument as text and sends `width=256` as
-the string "256", which is refused. `{"type": ["integer", "null"], "minimum": 64, ...}` takes exactly the same
-values (`minimum`, `multipleOf`, `minLength`... apply only to values of their own type, so null still passes), and
-those clients read it.
+Clients that build a form or convert typed text from the schema read only a top-level `type`, and compare it as a
+string: MCP Inspector 0.15 (what `npx @modelcontextprotocol/inspector` resolves on Node 20) converts
+`--tool-arg width=256` to a number only when `schema.type === "integer"`, so under `anyOf` it sent the string
+"256", which is refused. `"type": ["integer", "null"]` is no better there (an array is not "integer"; checked
+against 0.15's CLI), so the type is published alone; `"default": null` says that omitting it is the way to ask for
+the default. The argument checks still validate against the SDK's own schema, so an explicit null is taken as
+before (`klein_agent.server.arguments`).
 
 Why a rewrite of the finished schema: the SDK builds each tool's schema with pydantic's default generator and has
 no hook for another one, and a per-field `json_schema_extra` would have to be repeated on every optional argument.
@@ -20,15 +22,15 @@ SCALARS = ("integer", "number", "string", "boolean")
 NULL = {"type": "null"}
 
 
-def nullable_as_type_lists(schema: Any) -> Any:
+def optional_scalars_as_their_type(schema: Any) -> Any:
     """A copy of the JSON schema `schema` with every `anyOf: [{"type": T, ...}, {"type": "null"}]` for a scalar T
-    merged into `{"type": [T, "null"], ...}`, at any depth (properties, items, $defs). A branch with `enum` or
-    `const` (null would need listing there too) or keys that clash with the outer schema's is left as it is."""
+    merged into `{"type": T, ...}` (the outer keys, `default` and `description`, kept), at any depth (properties,
+    items, $defs). A branch with `enum` or `const` or keys that clash with the outer schema's is left as it is."""
     if isinstance(schema, list):
-        return [nullable_as_type_lists(item) for item in schema]
+        return [optional_scalars_as_their_type(item) for item in schema]
     if not isinstance(schema, dict):
         return schema
-    result = {key: nullable_as_type_lists(value) for key, value in schema.items()}
+    result = {key: optional_scalars_as_their_type(value) for key, value in schema.items()}
     options = result.get("anyOf")
     if not (isinstance(options, list) and len(options) == 2 and NULL in options):
         return result
@@ -41,4 +43,4 @@ def nullable_as_type_lists(schema: Any) -> Any:
         or set(given) & set(outer)
     ):
         return result
-    return {**outer, **given, "type": [given["type"], "null"]}
+    return {**outer, **given}
