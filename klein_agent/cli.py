@@ -340,7 +340,9 @@ def check_mask_arguments(
             "a masked edit keeps the image's size (as the model sees it): drop --width/--height, or resize with an "
             "edit first"
         )
-    region = masks.MaskRequest(args.mask, [masks.parse_box(text) for text in args.box], args.strength)
+    region = masks.MaskRequest(
+        args.mask, [masks.parse_box(text, k) for k, text in enumerate(args.box, start=1)], args.strength
+    )
     region.check()
     drawn = None
     if args.mask is not None:

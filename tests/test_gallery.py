@@ -107,13 +107,13 @@ def test_a_missing_store_is_named(tmp_path: Path) -> None:
 def test_rerun_call_and_command_follow_the_tool() -> None:
     base = {"prompt": "a fox's den", "seed": 7, "width": 64, "height": 48, "steps": 4, "guidance": None}
     generate = {"tool": "generate", "model": "tiny", **base, "parents": []}
-    assert rerun_call(generate, []) == {"tool": "generate", "arguments": base}
+    assert rerun_call(generate, []) == {"name": "generate", "arguments": base}
     assert rerun_command(generate, [], "out.png") == [
         "klein-agent", "generate", "--model", "tiny", "--prompt", "a fox's den", "--seed", "7",
         "--width", "64", "--height", "48", "--steps", "4", "--out", "out.png",
     ]  # fmt: skip
     edit = {**generate, "tool": "edit", "parents": ["img_a"]}
-    assert rerun_call(edit, ["img_a"]) == {"tool": "edit", "arguments": {"image": "img_a", **base}}
+    assert rerun_call(edit, ["img_a"]) == {"name": "edit", "arguments": {"image": "img_a", **base}}
     compose = {**generate, "tool": "compose", "guidance": 2.5, "parents": ["img_a", "img_b"]}
     argv = rerun_command(compose, ["img_a", "img_b"], "c.png")
     assert argv is not None and argv[-6:] == [

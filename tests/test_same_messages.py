@@ -126,6 +126,51 @@ async def test_argument_errors_the_schema_answers_read_like_our_own(
     assert tiny_spy.calls == []
 
 
+IMG = "img_" + "A" * 22
+BOXES = "boxes must be a list of [x, y, width, height] boxes"
+
+
+@pytest.mark.parametrize(
+    ("tool", "arguments", "message"),
+    [
+        ("inpaint", {"boxes": "0,0,0.5,0.5"}, f"{BOXES}, got a string"),
+        ("inpaint", {"boxes": {"x": 0}}, f"{BOXES}, got an object"),
+        ("inpaint", {"boxes": 5}, f"{BOXES}, got a number"),
+        ("inpaint", {"boxes": [0, 0, 0.5, 0.5]}, f"{BOXES}, got a list of numbers: put each box in its own list"),
+        ("inpaint", {"boxes": ["0,0,1,1"]}, "box 1 must be a list [x, y, width, height], got a string"),
+        ("inpaint", {"boxes": [[0, 0, 1, 1], [0, "0", 1, 1]]}, "box 2: y must be a number, got a string"),
+        ("inpaint", {"boxes": [[True, 0, 1, 1]]}, "box 1: x must be a number, got a boolean"),
+        ("inpaint", {"boxes": [[0, 0, 1, None]]}, "box 1: height must be a number, got null"),
+        # the SDK client writes a NaN or an infinity as null: a box holding one is refused, not half-read
+        ("inpaint", {"boxes": [[float("nan"), 0, 1, 1]]}, "box 1: x must be a number, got null"),
+        ("inpaint", {"boxes": [[0, 0, 1]]}, "box 1 has 3 numbers: give [x, y, width, height]"),
+        ("generate", {"loras": [5]}, "loras[0] must be an object, not an integer (5)"),
+        ("generate", {"loras": [{"name": 5}]}, "loras[0][name] must be a string, not an integer (5)"),
+        ("generate", {"loras": [{"name": "s", "scale": "high"}]}, 'loras[0][scale] must be a number, not a string ("high")'),
+        ("compose", {"images": [5]}, "images[0] must be a string, not an integer (5)"),
+        ("generate", {"width": {"px": 64}}, 'width must be an integer, not an object ({"px": 64})'),
+        ("generate", {"steps": [4]}, "steps must be an integer, not a list ([4])"),
+    ],
+)  # fmt: skip
+async def test_every_wrong_type_names_the_type_it_got_in_words_nested_ones_too(
+    client: Client, tiny_spy: Any, tool: str, arguments: dict[str, Any], message: str
+) -> None:
+    """Each answer names where the wrong value is and its type in words (it once read "boxes must be a list, not a
+    list", naming neither)."""
+    image = {"image": IMG} if tool == "inpaint" else {}
+    result = await client.call_tool(tool, {**image, "prompt": P, **arguments})
+    text = result.content[0].text
+    assert result.is_error and text.startswith(f"Error executing tool {tool}: {message}"), text
+    assert "must be a list, not a list" not in text and "pydantic" not in text
+    assert tiny_spy.calls == []
+
+
+async def test_the_server_keeps_answering_after_wrong_types(client: Client) -> None:
+    for boxes in ("x", [[None] * 4], [[0, 0, 1, 1]] * 17):
+        assert (await client.call_tool("inpaint", {"image": IMG, "prompt": P, "boxes": boxes})).is_error
+    assert not (await client.call_tool("server_status", {})).is_error
+
+
 async def test_every_nested_argument_object_refuses_unknown_keys(client: Client) -> None:
     """Each object schema a tool takes (LoRA choices, ...) is closed: a misspelt key is an error, not dropped."""
 

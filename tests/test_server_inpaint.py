@@ -41,7 +41,7 @@ async def test_inpaint_with_boxes_keeps_lineage_and_reruns_byte_for_byte(client:
     assert recipe["tool"] == "inpaint" and recipe["strength"] == 0.8 and recipe["parents"] == [source]
     assert recipe["mask"] == {"boxes": [[0.5, 0, 0.5, 0.5], [8, 40, 32, 24]]}
     rerun = meta["rerun"]
-    assert rerun["tool"] == "inpaint" and rerun["arguments"]["boxes"] == recipe["mask"]["boxes"]
+    assert rerun["name"] == "inpaint" and rerun["arguments"]["boxes"] == recipe["mask"]["boxes"]
     again = ids_of(await call(client, "inpaint", rerun["arguments"]))[0]
     assert await read_png(client, again) == await read_png(client, image["image_id"])
     # a lower strength changes less: another picture from the same seed
@@ -106,7 +106,7 @@ async def test_bad_inpaint_inputs_are_tool_errors_and_reach_no_model(
         ("both", {"image": img, "prompt": p, "mask": square, "boxes": [[0, 0, 10, 10]]}, "not both"),
         ("strength 0", {"image": img, "prompt": p, "boxes": [[0, 0, 10, 10]], "strength": 0}, "strength"),
         ("strength 1.5", {"image": img, "prompt": p, "boxes": [[0, 0, 10, 10]], "strength": 1.5}, "strength"),
-        ("box of three", {"image": img, "prompt": p, "boxes": [[0, 0, 10]]}, "boxes"),
+        ("box of three", {"image": img, "prompt": p, "boxes": [[0, 0, 10]]}, "box 1 has 3 numbers"),
         (
             "box outside",
             {"image": img, "prompt": p, "boxes": [[200, 0, 10, 10]]},

@@ -105,8 +105,8 @@ async def test_image_resources_give_the_png_and_the_recipe(client: Client) -> No
     assert recipe["tool"] == "generate" and recipe["prompt"] == "a blue sphere" and recipe["seed"] == 3
     assert recipe["steps"] == 4 and recipe["model"] == "tiny" and recipe["parents"] == []
     assert {"timings_ms", "created_at", "guidance", "width", "height"} <= set(recipe)
-    assert meta["rerun"] == {
-        "tool": "generate",
+    assert meta["rerun"] == {  # MCP's spelling of a tools/call: name and arguments
+        "name": "generate",
         "arguments": {
             "prompt": "a blue sphere",
             "width": 64,
@@ -139,7 +139,7 @@ async def test_a_stored_recipe_regenerates_identical_png_bytes(client: Client) -
     )
     for image_id in (second_id, ids_of(edited)[0], ids_of(edits)[1]):
         rerun = (await read_meta(client, image_id))["rerun"]
-        again = await call(client, rerun["tool"], rerun["arguments"])
+        again = await call(client, rerun["name"], rerun["arguments"])
         assert ids_of(again)[0] != image_id
         assert await read_png(client, ids_of(again)[0]) == await read_png(client, image_id)
 
@@ -292,8 +292,8 @@ async def test_tools_list_matches_the_snapshot(client: Client) -> None:
     assert not hints["generate"]["readOnlyHint"] and hints["list_images"]["readOnlyHint"]
     assert hints["export_image"]["destructiveHint"] and not hints["edit"]["openWorldHint"]
     width = listing[0]["inputSchema"]["properties"]["width"]
-    given = next(option for option in width["anyOf"] if option.get("type") == "integer")
-    assert (given["minimum"], given["maximum"], given["multipleOf"]) == (64, 2048, 16)
+    assert width["type"] == "integer"  # not anyOf: see test_optional_scalars_are_published_as_their_type
+    assert (width["minimum"], width["maximum"], width["multipleOf"]) == (64, 2048, 16)
     assert width["default"] is None  # omitted: the shared size rule decides
     if os.environ.get("KLEIN_AGENT_UPDATE_SNAPSHOTS"):
         SNAPSHOT.parent.mkdir(exist_ok=True)
@@ -320,3 +320,102 @@ async def test_url_inputs_make_edit_and_compose_open_world(
     finally:
         state.engine.close()
         state.store.close()
+
+
+SCALARS = {"integer", "number", "string", "boolean"}
+
+
+def schema_nodes(schema: Any, where: str = "") -> list[tuple[str, dict[str, Any]]]:
+    """Every schema object in a JSON schema tree (properties, items, $defs, anyOf branches...), with its path."""
+    found: list[tuple[str, dict[str, Any]]] = []
+    if isinstance(schema, dict):
+        found.append((where, schema))
+        for key, value in schema.items():
+            found += schema_nodes(value, f"{where}/{key}")
+    elif isinstance(schema, list):
+        for k, value in enumerate(schema):
+            found += schema_nodes(value, f"{where}[{k}]")
+    return found
+
+
+async def test_optional_scalars_are_published_as_their_type(client: Client) -> None:
+    """MCP Inspector 0.15 converts a typed argument only when `schema.type === "integer"` (or "number"): under
+    `anyOf: [integer, null]`, and under `["integer", "null"]` too, `width=256` went out as the string "256" and was
+    refused. Walk every tool's whole input schema: no optional scalar is left as anyOf with null, and each
+    optional integer or number is published as its type with a default."""
+    left: list[str] = []
+    checked: set[tuple[str, str]] = set()
+    for tool in (await client.list_tools()).tools:
+        for where, node in schema_nodes(tool.input_schema, tool.name):
+            options = node.get("anyOf", [])
+            scalars = [o for o in options if o.get("type") in SCALARS]
+            if len(options) == 2 and {"type": "null"} in options and scalars:
+                left.append(f"{where}: anyOf {options}")
+            if node.get("type") != "object":
+                continue
+            for name, prop in node.get("properties", {}).items():
+                kinds = prop.get("type")
+                branches = {o.get("type") for o in prop.get("anyOf", [])}
+                if name in node.get("required", []) or not (
+                    {"integer", "number"} & {*branches, *_listed(kinds)}
+                ):
+                    continue
+                checked.add((tool.name, name))
+                if not (kinds in ("integer", "number") and "default" in prop):
+                    left.append(f"{where}/properties/{name}: {prop}")
+    assert left == []
+    # the walk saw the numbers it is about, the nested LoRA scale included
+    numbers = {"width", "height", "seed", "steps", "guidance", "num_images", "scale"}
+    assert {("generate", n) for n in numbers} | {("inpaint", "strength")} <= checked
+
+
+def _listed(kinds: Any) -> list[str]:
+    return [kinds] if isinstance(kinds, str) else list(kinds or [])
+
+
+async def test_the_argument_checks_take_exactly_the_values_they_took(
+    client: Client, server_state: Any
+) -> None:
+    """The published schemas differ from the SDK's only in spelling and in listing null for an optional scalar (its
+    default, so omitting it is the advertised way); the argument checks still validate against the SDK's schema,
+    so an explicit null works as before, through a real client."""
+    import jsonschema
+    from mcp.server import MCPServer
+
+    server = build_server(server_state)
+    published = {t.name: t.input_schema for t in await server.list_tools()}
+    original = {t.name: t.input_schema for t in await MCPServer.list_tools(server)}
+    assert published != original  # there was something to rewrite
+    values: list[Any] = [None, 0, 1, -1, 16, 64, 65, 256, 2048, 2064, 4294967295, 4294967296, 0.5, 1.5, 64.0, -4.0,
+        4.5, 20.0, 21.0, "", "x", "256", "a" * 65, True, False, [], [1], ["a"], [[0, 0, 1, 1]], {}, {"name": "s"},
+        {"name": "s", "scale": None}, {"name": "s", "scale": 9}, [{"name": "s", "scale": 0.5}]]  # fmt: skip
+    valid = {
+        "prompt": "x",
+        "image": "img_a",
+        "images": ["img_a"],
+        "image_id": "img_a",
+        "image_ids": ["img_a"],
+    }
+    valid["path"] = "/tmp/a.png"
+    differ = set()
+    for name, schema in published.items():
+        base = {
+            key: valid[key] for key in schema.get("required", [])
+        }  # each value alone, beside valid required ones
+        assert jsonschema.Draft202012Validator(original[name]).is_valid(base)
+        for argument in schema.get("properties", {}):
+            for value in values:
+                before = jsonschema.Draft202012Validator(original[name]).is_valid({**base, argument: value})
+                after = jsonschema.Draft202012Validator(schema).is_valid({**base, argument: value})
+                if before != after:
+                    assert (before, value) == (True, None), (name, argument, value)
+                    differ.add((name, argument))
+    assert ("generate", "width") in differ and ("inpaint", "strength") in differ
+    nulls = {"width": None, "height": None, "seed": None, "steps": None, "guidance": None, "session": None}
+    made = await call(client, "generate", {"prompt": "x", **nulls, "width": 64, "height": 64})
+    assert made.structured_content["images"][0]["width"] == 64
+    lora_null = {
+        "loras": [{"name": "nothing-loaded", "scale": None}]
+    }  # the nested null passes the checks too
+    refused = await client.call_tool("generate", {"prompt": "x", "width": 64, "height": 64, **lora_null})
+    assert refused.is_error and "no LoRA adapter named 'nothing-loaded'" in refused.content[0].text

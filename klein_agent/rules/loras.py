@@ -8,12 +8,11 @@ it loads.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from klein_agent.rules.resolution import RequestError, number_text
+from klein_agent.rules.resolution import RequestError, check_finite, number_text
 
 MAX_LORA_SCALE = 4.0  # |scale|; published adapters are meant for 0.5 to 1.5, negative scales push away
 
@@ -46,7 +45,8 @@ def choices(
 
 def check_scale(scale: float, name: str) -> float:
     """`scale` as a float; raises RequestError unless finite and |scale| <= MAX_LORA_SCALE."""
-    if not isinstance(scale, int | float) or not math.isfinite(scale) or abs(scale) > MAX_LORA_SCALE:
+    check_finite(scale, f"LoRA {name!r}: scale")
+    if not isinstance(scale, int | float) or abs(scale) > MAX_LORA_SCALE:
         raise RequestError(
             f"LoRA {name!r}: scale must be from {-MAX_LORA_SCALE:g} to {MAX_LORA_SCALE:g} (1 is the adapter as "
             f"trained, 0 turns it off), got {number_text(scale)}"

@@ -27,7 +27,7 @@ from PIL import Image
 
 from klein_agent.rules import limits
 from klein_agent.rules.references import PREPARED, original_size, prepared_with, scale_to_reference_area
-from klein_agent.rules.resolution import RequestError, number_text, prepared_reference_size
+from klein_agent.rules.resolution import RequestError, check_finite, number_text, prepared_reference_size
 
 SOURCE_PREPARED = "klein-agent-inpaint-source"  # set in a prepared source's `info`: (multiple, original w, h)
 
@@ -55,19 +55,71 @@ class Box:
         return (self.x, self.y, self.width, self.height)
 
 
-def parse_box(text: str) -> Box:
-    """`X,Y,W,H` (the CLI's --box) -> Box. Raises RequestError for anything else."""
+BOX_FIELDS = ("x", "y", "width", "height")
+BOX_FORM = "[x, y, width, height]"
+
+# A JSON value's type in words, for "got ..." in messages (bool before int: True is an int in Python).
+_KINDS: tuple[tuple[type | tuple[type, ...], str], ...] = (
+    (bool, "a boolean"),
+    ((int, float), "a number"),
+    (str, "a string"),
+    ((list, tuple), "a list"),
+    (dict, "an object"),
+    (type(None), "null"),
+)
+
+
+def kind_of(value: object) -> str:
+    """A JSON value's type in words ("a string", "a list", "null"), as messages name what they got."""
+    return next((words for kinds, words in _KINDS if isinstance(value, kinds)), "a value")
+
+
+def box_from_values(values: object, number: int = 1) -> Box:
+    """Box `number` (from 1) from its four values as a caller gave them (a JSON list, or the CLI's parsed floats).
+    Raises RequestError naming the box and the field for anything but four finite numbers; the CLI and the server
+    share these messages."""
+    if not isinstance(values, list | tuple):
+        raise RequestError(f"box {number} must be a list {BOX_FORM}, got {kind_of(values)}")
+    if len(values) != len(BOX_FIELDS):
+        raise RequestError(f"box {number} has {len(values)} numbers: give {BOX_FORM}")
+    for field, value in zip(BOX_FIELDS, values, strict=True):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise RequestError(f"box {number}: {field} must be a number, got {kind_of(value)}")
+        check_finite(value, f"box {number}: {field}")
+    return Box(*(float(v) for v in values))
+
+
+def boxes_from(value: object) -> list[Box]:
+    """The server's `boxes` argument (JSON: a list of [x, y, width, height] lists; None for none) -> Boxes, at most
+    MAX_BOXES. Raises RequestError naming the type it got, the box and the field (`box_from_values`)."""
+    if value is None:
+        return []
+    if not isinstance(value, list | tuple):
+        raise RequestError(f"boxes must be a list of {BOX_FORM} boxes, got {kind_of(value)}")
+    if value and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value):
+        raise RequestError(
+            f"boxes must be a list of {BOX_FORM} boxes, got a list of numbers: put each box in its own list, "
+            f"e.g. [[{', '.join(number_text(v) for v in value)}]]"
+        )
+    if len(value) > limits.MAX_BOXES:
+        raise RequestError(f"{len(value)} boxes given; at most {limits.MAX_BOXES}")
+    return [box_from_values(item, k) for k, item in enumerate(value, start=1)]
+
+
+def parse_box(text: str, number: int = 1) -> Box:
+    """`X,Y,W,H` (the CLI's --box, the `number`th from 1) -> Box. Raises RequestError for text that is not four
+    numbers, and with the server's message (`box_from_values`) for NaN or an infinity."""
     parts = [p.strip() for p in text.split(",")]
     try:
         values = [float(p) for p in parts]
     except ValueError:
         values = []
-    if len(values) != 4 or not all(math.isfinite(v) for v in values):
+    if len(values) != len(BOX_FIELDS):
         raise RequestError(
             f"--box {text!r} is not X,Y,W,H: give four numbers, in pixels (--box 40,60,200,120) or in fractions of "
             "the image (--box 0.1,0.2,0.5,0.3)"
         )
-    return Box(*values)
+    return box_from_values(values, number)
 
 
 def box_rectangle(box: Box, size: tuple[int, int], number: int = 1) -> tuple[int, int, int, int]:
@@ -203,7 +255,8 @@ def check_mask(mask: Image.Image, multiple: int = limits.SIZE_MULTIPLE) -> None:
 
 
 def check_strength(strength: float) -> float:
-    """`strength` as a float; raises RequestError unless 0 < strength <= 1."""
+    """`strength` as a float; raises RequestError unless a finite number with 0 < strength <= 1."""
+    check_finite(strength, "strength")
     if not isinstance(strength, int | float) or not 0 < strength <= 1:
         raise RequestError(
             f"strength must be above 0 and at most 1, got {number_text(strength)}: 1 repaints the masked area from noise, "

@@ -27,9 +27,10 @@ def provenance(result: GenerationResult, k: int, *, tool: str, parents: Sequence
 
 
 def rerun_call(recipe: dict[str, Any], parents: Sequence[str]) -> dict[str, Any] | None:
-    """The MCP tool call that makes a stored picture again, pixel for pixel: {"tool", "arguments"}, or None for an
-    imported picture (or a recipe from another tool). `parents` are the stored image's parent ids, used when the
-    recipe does not list them."""
+    """The MCP tool call that makes a stored picture again, pixel for pixel: {"name", "arguments"}, spelt as MCP's
+    `tools/call` params are (the recipe itself keeps its "tool" field), or None for an imported picture (or a
+    recipe from another tool). `parents` are the stored image's parent ids, used when the recipe does not list
+    them."""
     tool = recipe.get("tool")
     if tool not in RERUNNABLE:
         return None
@@ -52,7 +53,7 @@ def rerun_call(recipe: dict[str, Any], parents: Sequence[str]) -> dict[str, Any]
         arguments = {"image": named[0], **arguments}
     elif tool == "compose":
         arguments = {"images": named, **arguments}
-    return {"tool": tool, "arguments": arguments}
+    return {"name": tool, "arguments": arguments}
 
 
 def rerun_command(recipe: dict[str, Any], parents: Sequence[str], out: str) -> list[str] | None:

@@ -49,10 +49,23 @@ class ResolvedRequest:
 
 
 def number_text(value: object) -> str:
-    """A number as messages show it, the same whether it came as JSON `50` or as the CLI's float `50.0`."""
+    """A number as messages show it, the same whether it came as JSON `50` or as the CLI's float `50.0`; NaN and
+    the infinities as JSON clients write them (`NaN`, `Infinity`, `-Infinity`), whether typed `nan` or `inf`."""
+    if isinstance(value, float) and math.isnan(value):
+        return "NaN"
+    if isinstance(value, float) and math.isinf(value):
+        return "Infinity" if value > 0 else "-Infinity"
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value)
+
+
+def check_finite(value: object, name: str) -> None:
+    """Raises RequestError when `value` is a float NaN or infinity (the CLI's float("nan"), or JSON's `NaN`, which
+    Python clients send): "`name` must be a finite number, got NaN". Every float argument goes through this first,
+    so no comparison with a NaN (always false) lets one through and no rounding of an infinity overflows."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RequestError(f"{name} must be a finite number, got {number_text(value)}")
 
 
 def clean_prompt(prompt: str) -> str:
@@ -235,11 +248,12 @@ def resolve_sampling(
     steps: int | None, guidance: float | None, *, distilled: bool, default_steps: int, default_guidance: float
 ) -> tuple[int, float | None]:
     """(steps, guidance) to run. Distilled models take no guidance (None, whatever was asked); Base models use
-    the asked scale or their default. Raises RequestError for steps outside [1, MAX_STEPS] or a scale outside
-    [MIN_GUIDANCE, MAX_GUIDANCE]."""
+    the asked scale or their default. Raises RequestError for steps outside [1, MAX_STEPS] or a scale that is not
+    finite or outside [MIN_GUIDANCE, MAX_GUIDANCE]."""
     resolved_steps = default_steps if steps is None else steps
     if not 1 <= resolved_steps <= limits.MAX_STEPS:
         raise RequestError(f"steps must be from 1 to {limits.MAX_STEPS}, got {resolved_steps}")
+    check_finite(guidance, "guidance")
     if guidance is not None and not limits.MIN_GUIDANCE <= guidance <= limits.MAX_GUIDANCE:
         raise RequestError(
             f"guidance must be from {limits.MIN_GUIDANCE:g} (no guidance) to {limits.MAX_GUIDANCE:g}, got {number_text(guidance)}"

@@ -6,12 +6,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from mcp.server import MCPServer
+from mcp_types import Tool
 
 from klein_agent import __version__
 from klein_agent.server.arguments import ArgumentChecks
 from klein_agent.server.messages import MessageBudget
 from klein_agent.server.prompts import register_prompts
 from klein_agent.server.resources import register_resources
+from klein_agent.server.schemas import optional_scalars_as_their_type
 from klein_agent.server.tools import generation, library
 from klein_agent.service.studio import Studio
 
@@ -25,6 +27,18 @@ referenced by its id (img_...); results carry a preview, the ids and seeds, and 
 preview, call view_image. Calls run one at a time; server_status shows the model and the queue."""
 
 
+class KleinServer(MCPServer[Studio]):
+    """The SDK's server, publishing every tool's input schema the way older clients read it
+    (`klein_agent.server.schemas`)."""
+
+    async def list_tools(self) -> list[Tool]:
+        """The tools, in registration order, with their input schemas as published."""
+        return [
+            tool.model_copy(update={"input_schema": optional_scalars_as_their_type(tool.input_schema)})
+            for tool in await super().list_tools()
+        ]
+
+
 def build_server(studio: Studio) -> MCPServer[Studio]:
     """An MCPServer over `studio`. Its lifespan starts loading the model in the background and returns at once,
     so `initialize` is answered while the weights load; the first image call waits for them."""
@@ -35,7 +49,7 @@ def build_server(studio: Studio) -> MCPServer[Studio]:
         yield studio
 
     checks = ArgumentChecks()
-    mcp: MCPServer[Studio] = MCPServer(
+    mcp: MCPServer[Studio] = KleinServer(
         "klein-agent",
         title="klein-agent",
         description="FLUX.2 [klein] image generation and editing for agents, with a persistent image store.",

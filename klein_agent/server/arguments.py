@@ -14,6 +14,7 @@ in `klein_agent.rules` that the CLI and the studio apply (`RULES`), so one bad v
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable
 from typing import Any
@@ -24,7 +25,7 @@ from mcp.server.context import CallNext, HandlerResult, ServerMiddleware, Server
 from mcp.shared.exceptions import MCPError
 from mcp_types import INVALID_PARAMS, CallToolResult, TextContent
 
-from klein_agent.rules import resolution
+from klein_agent.rules import masks, resolution
 from klein_agent.rules.loras import check_scale
 from klein_agent.rules.masks import MaskRequest, check_strength
 from klein_agent.service.store import ImageStore
@@ -63,9 +64,27 @@ RULES: dict[str, Callable[[Any, dict[str, Any], list[Any]], object]] = {
     "images": lambda v, a, p: resolution.check_reference_count(len(v)) if len(p) == 1 else None,
     "session": lambda v, a, p: resolution.check_session(v),
     "strength": lambda v, a, p: check_strength(v),
-    "boxes": lambda v, a, p: MaskRequest(a.get("mask"), v, None).check() if len(p) == 1 else None,
     "loras": lambda v, a, p: _lora_scale(v, a, p),
 }
+
+# Rules that judge an argument's whole value, whatever its JSON type: asked for every error under that argument,
+# wrong types included, so `boxes` reads the same as the CLI's --box ("box 1: x must be a finite number, got NaN").
+WHOLE_VALUE_RULES: dict[str, Callable[[Any, dict[str, Any]], object]] = {
+    "boxes": lambda v, a: MaskRequest(a.get("mask"), masks.boxes_from(v), None).check(),
+}
+
+
+def _finite_number(checker: Any, instance: object) -> bool:
+    # JSON from Python clients may hold NaN and Infinity (the SDK parses them); no range check can refuse them
+    # (every comparison with NaN is false), so they are not numbers here: each float argument's "type" refuses them
+    is_number = jsonschema.Draft202012Validator.TYPE_CHECKER.is_type(instance, "number")
+    return is_number and not (isinstance(instance, float) and not math.isfinite(instance))
+
+
+Validator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator,
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine("number", _finite_number),
+)
 
 
 class ArgumentChecks(ServerMiddleware[Any]):
@@ -100,7 +119,9 @@ class ArgumentChecks(ServerMiddleware[Any]):
     async def _tool_problem(self, params: dict[str, Any]) -> str | None:
         if self._tools is None:
             assert self._mcp is not None
-            self._tools = {t.name: t.input_schema for t in await self._mcp.list_tools()}
+            # the SDK's own schemas, not the published ones (server/schemas.py publishes an optional scalar as its
+            # type alone, for older clients): an explicit null for an optional argument is taken as before
+            self._tools = {t.name: t.input_schema for t in await MCPServer.list_tools(self._mcp)}
         schema = self._tools.get(params.get("name"))  # type: ignore[arg-type]
         if schema is None:
             return None  # the SDK's own "unknown tool" answer
@@ -120,7 +141,7 @@ class ArgumentChecks(ServerMiddleware[Any]):
         values = {key: _pre_parse(properties[key], value) for key, value in arguments.items()}
         order = {key: k for k, key in enumerate(properties)}  # report in the tool's argument order
         errors = sorted(
-            jsonschema.Draft202012Validator(schema).iter_errors(values),
+            Validator(schema).iter_errors(values),
             key=lambda e: (
                 order.get(str(next(iter(e.absolute_path), "")), -1),
                 [str(p) for p in e.absolute_path],
@@ -192,12 +213,16 @@ def _pre_parse(schema: dict[str, Any], value: Any) -> Any:
 
 
 def _allows(schema: dict[str, Any], kind: str) -> bool:
-    options = schema.get("anyOf", [schema])
-    return any(option.get("type") == kind for option in options)
+    return kind in _kinds(schema)
 
 
 def _kinds(schema: dict[str, Any]) -> list[str]:
-    return [o["type"] for o in schema.get("anyOf", [schema]) if "type" in o]
+    """The JSON types a schema takes: `type` as a name or a list (`["integer", "null"]`), or its anyOf branches'."""
+    kinds: list[str] = []
+    for option in schema.get("anyOf", [schema]):
+        kind = option.get("type", [])
+        kinds += [kind] if isinstance(kind, str) else list(kind)
+    return kinds
 
 
 _JSON_NAMES = {
@@ -212,9 +237,17 @@ _JSON_NAMES = {
 
 
 def _described(value: Any) -> str:
-    kind = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list"}.get(
-        type(value), "a value"
-    )
+    """What a client sent, in words and as JSON: `a string ("abc")`, `null`, `NaN`."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return resolution.number_text(value) if value is not None else "null"
+    kind = {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "an object",
+    }.get(type(value), "a value")
     shown = (
         json.dumps(value) if not isinstance(value, str) or len(value) < 60 else json.dumps(value[:57] + "...")
     )
@@ -227,21 +260,35 @@ def _message(error: jsonschema.ValidationError, properties: dict[str, Any], argu
     where = name + "".join(f"[{p}]" for p in path[1:])
     value = error.instance
     rule, limit = error.validator, error.validator_value
+    if name in WHOLE_VALUE_RULES and path:
+        try:
+            WHOLE_VALUE_RULES[name](arguments[name], arguments)
+        except resolution.RequestError as exc:
+            return str(exc)
     if rule == "anyOf" and error.context:
-        # `int | None` and the like: report the failure of the branch of the value's JSON type; a wrong type
-        # before a range (64.5 is not "a multiple of 16" but not an integer at all)
-        tried = [e for e in error.context if not (e.validator == "type" and e.validator_value == "null")]
-        if tried and not any(e.validator == "type" for e in tried):
-            return _message(jsonschema.exceptions.best_match(tried), properties, arguments)
-        if tried and not all(e.validator == "type" for e in tried):
-            right_type = [e for e in tried if not _type_failed(e, tried)]
-            if right_type:
-                return _message(jsonschema.exceptions.best_match(right_type), properties, arguments)
-    if rule not in ("anyOf", "type", "required", "additionalProperties") and name in RULES and path:
+        # `list[str] | str` and the like: report the failure inside the branch of the value's JSON type (a wrong
+        # item in a list is named where it is, not as "must be a list, not a list"); when the value has none of
+        # the branches' types, the type message below names them all
+        own_type_failed = {
+            e.relative_schema_path[0]
+            for e in error.context
+            if e.validator == "type" and len(e.relative_schema_path) == 2
+        }
+        right_type = [e for e in error.context if e.relative_schema_path[0] not in own_type_failed]
+        if right_type:
+            return _message(jsonschema.exceptions.best_match(right_type), properties, arguments)
+    finite_wanted = isinstance(value, float) and not math.isfinite(value) and "number" in _kinds(error.schema)
+    if (
+        (rule not in ("anyOf", "type", "required", "additionalProperties") or finite_wanted)
+        and name in RULES
+        and path
+    ):
         try:
             RULES[name](value, arguments, path)
         except resolution.RequestError as exc:
             return str(exc)
+    if finite_wanted:
+        return f"{where} must be a finite number, got {resolution.number_text(value)}"
     if rule == "additionalProperties":
         allowed = list(error.schema.get("properties", {}))
         extra = [key for key in value if key not in allowed]
@@ -272,9 +319,3 @@ def _message(error: jsonschema.ValidationError, properties: dict[str, Any], argu
     if rule == "enum":
         return f"{where} must be one of {', '.join(map(str, limit))}, got {value!r}"
     return f"{where}: {error.message}"
-
-
-def _type_failed(error: jsonschema.ValidationError, tried: list[jsonschema.ValidationError]) -> bool:
-    """Whether `error` comes from an anyOf branch whose `type` the value does not have."""
-    branch = list(error.relative_schema_path)[:1]
-    return any(e.validator == "type" and list(e.relative_schema_path)[:1] == branch for e in tried)

@@ -168,7 +168,7 @@ class Studio:
         self._check_reference_count(len(images))
         inpaint = tool == "inpaint"
         chosen = self._check_loras(loras)
-        region = masks.MaskRequest(mask, boxes_from(boxes), strength) if inpaint else None
+        region = masks.MaskRequest(mask, masks.boxes_from(boxes), strength) if inpaint else None
         if region is not None:
             region.check()
         seeds = resolution.batch_seeds(seed, num_images)
@@ -583,16 +583,6 @@ class MaskRecord:
     image_id: str | None
     picture: Image.Image | None
     recipe: dict[str, Any] | None
-
-
-def boxes_from(boxes: Sequence[Sequence[float]] | None) -> list[masks.Box]:
-    """[x, y, width, height] lists -> Boxes; raises RequestError for a list that is not four numbers."""
-    result = []
-    for k, box in enumerate(boxes or (), start=1):
-        if len(box) != 4:
-            raise RequestError(f"box {k} has {len(box)} numbers: give [x, y, width, height]")
-        result.append(masks.Box(*(float(v) for v in box)))
-    return result
 
 
 def now_iso(timestamp: float | None = None) -> str:
