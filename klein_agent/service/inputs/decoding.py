@@ -213,7 +213,7 @@ def _accepts(accept: Callable[[bytes], bool | str] | None, prefix: bytes) -> boo
     answer means "support not installed"; the errors are those `Image.open` also takes as "not this format"."""
     try:
         return accept is not None and accept(prefix) is True
-    except (SyntaxError, IndexError, TypeError, struct.error):  # some checks unpack bytes a short prefix lacks
+    except (SyntaxError, IndexError, TypeError, struct.error):  # unpacking bytes a short prefix lacks
         return False
 
 
