@@ -536,11 +536,9 @@ def test_oversized_base64_rejected_before_decoding(
         (small, "iVBORw0KGgo" + "A" * (4 * 1024**2)),  # bare base64 goes through the same cap
     ]
     for pol, arg in cases:
-        t0 = time.perf_counter()
         with pytest.raises(ImageInputError, match="MiB limit"):
             load_image_argument(arg, pol, no_lookup)
-        assert time.perf_counter() - t0 < 0.05
-    assert calls == []  # refused on length alone: not even whitespace stripping ran
+    assert calls == []  # refused on length alone: not even whitespace stripping ran, let alone a decode
 
 
 def test_base64_just_over_cap_after_stripping_whitespace(dirs: dict[str, Path]) -> None:
@@ -583,7 +581,7 @@ def _header_only(fmt: str, data: bytes) -> bytes:
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
-def test_malformed_images_never_raise_anything_else(fmt: str) -> None:
+def test_malformed_images_never_raise_anything_else(fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
     rng = random.Random(fmt)
     inputs: list[bytes] = []
     for seed in range(2):
@@ -597,9 +595,15 @@ def test_malformed_images_never_raise_anything_else(fmt: str) -> None:
         inputs += [blob, magic + blob]
     assert len(inputs) >= 100
     outcomes = {"decoded": 0, "refused": 0}
-    slowest = 0.0
+    allocated: list[tuple[int, int]] = []
+    real_prepare = ImageFile.ImageFile.load_prepare
+
+    def prepare(self: ImageFile.ImageFile) -> None:
+        allocated.append(self.size)  # where a decode allocates its picture
+        real_prepare(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load_prepare", prepare)
     for data in inputs:
-        t0 = time.perf_counter()
         try:
             img = decode_image_bytes(data, max_pixels=64 * 1024**2)
         except ImageInputError as e:
@@ -609,9 +613,10 @@ def test_malformed_images_never_raise_anything_else(fmt: str) -> None:
             assert img.mode == "RGB" and min(img.size) >= 64
             img.tobytes()  # really decoded: no lazy file behind it
             outcomes["decoded"] += 1
-        slowest = max(slowest, time.perf_counter() - t0)
     assert outcomes["refused"] > 0
-    assert slowest < 0.5
+    # The work a corrupt header can cause is bounded by what it makes the decoder allocate: never more than the
+    # largest accepted full decode, whatever the header declared (the rest of the work is the input's length).
+    assert allocated and max(w * h for w, h in allocated) <= max(limits.FULL_DECODE_MAX_PIXELS.values())
 
 
 def test_malformed_through_data_uri_and_file(dirs: dict[str, Path], policy: InputPolicy) -> None:
@@ -1079,10 +1084,11 @@ def test_url_failures(
 ) -> None:
     base, hits = http_server
     pol = InputPolicy(allowed_dirs=(dirs["allowed"],), allow_urls=True, **kwargs)
-    t0 = time.perf_counter()
+    # Each message names the check that stopped the fetch, which is what a timing would only suggest: "longer
+    # than" comes from the whole-fetch deadline alone (the drip, 16 bytes every 0.1 s for ~90 s, resets any
+    # per-read timeout), "MiB limit" from the count while reading or the declared length, never from a read body.
     with pytest.raises(ImageInputError, match=needle):
         load_image_argument(base + path, pol, no_lookup)
-    assert time.perf_counter() - t0 < 3.0
     assert hits == [path]  # one request: a redirect is reported, never followed
 
 
