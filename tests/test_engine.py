@@ -109,11 +109,15 @@ async def test_queue_full_is_refused_at_once() -> None:
         await anyio.to_thread.run_sync(fake.entered.wait, 10)
         tg.start_soon(one)
         tg.start_soon(one)
-        await anyio.sleep(0.01)
-        t0 = time.perf_counter()
-        with pytest.raises(EngineBusyError, match="busy"):
+        with anyio.fail_after(10):  # a hang guard, not a measure: the two calls are queued behind the gate
+            while engine.status().queue_depth < 2:
+                await anyio.sleep(0.001)
+        # "At once" means without waiting for a slot: the running call is held at its gate until after the
+        # refusal, so a call that waited would still be waiting (and trip the hang guard) instead of raising.
+        with pytest.raises(EngineBusyError, match="busy"), anyio.fail_after(10):
             await run(engine, request())
-        assert time.perf_counter() - t0 < 0.05
+        status = engine.status()
+        assert status.running and status.queue_depth == 2 and len(fake.calls) == 1
         fake.gate.set()  # type: ignore[union-attr]
     assert outcomes == ["ok", "ok", "ok"]
     await engine.aclose()
@@ -281,7 +285,7 @@ async def test_the_ready_log_line_is_readable(caplog: pytest.LogCaptureFixture) 
     fake.info = replace(fake.info, model="/models/klein", variant="klein-4b", loras=(("ink", 1.0),))
     with caplog.at_level(logging.INFO, logger="klein_agent"):
         engine = started(fake)
-        deadline = time.monotonic() + 5  # the line is logged just after the state turns ready
+        deadline = time.monotonic() + 60  # a hang guard: the line is logged just after the state turns ready
         while (
             not any("model ready" in r.getMessage() for r in caplog.records) and time.monotonic() < deadline
         ):

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
-from PIL import ExifTags, Image, features
+from PIL import ExifTags, Image, ImageFile, WebPImagePlugin, features
 
 from klein_agent.rules import limits
 from klein_agent.service.exports import check_output_path
@@ -536,11 +536,9 @@ def test_oversized_base64_rejected_before_decoding(
         (small, "iVBORw0KGgo" + "A" * (4 * 1024**2)),  # bare base64 goes through the same cap
     ]
     for pol, arg in cases:
-        t0 = time.perf_counter()
         with pytest.raises(ImageInputError, match="MiB limit"):
             load_image_argument(arg, pol, no_lookup)
-        assert time.perf_counter() - t0 < 0.05
-    assert calls == []  # refused on length alone: not even whitespace stripping ran
+    assert calls == []  # refused on length alone: not even whitespace stripping ran, let alone a decode
 
 
 def test_base64_just_over_cap_after_stripping_whitespace(dirs: dict[str, Path]) -> None:
@@ -583,7 +581,7 @@ def _header_only(fmt: str, data: bytes) -> bytes:
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
-def test_malformed_images_never_raise_anything_else(fmt: str) -> None:
+def test_malformed_images_never_raise_anything_else(fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
     rng = random.Random(fmt)
     inputs: list[bytes] = []
     for seed in range(2):
@@ -597,9 +595,15 @@ def test_malformed_images_never_raise_anything_else(fmt: str) -> None:
         inputs += [blob, magic + blob]
     assert len(inputs) >= 100
     outcomes = {"decoded": 0, "refused": 0}
-    slowest = 0.0
+    allocated: list[tuple[int, int]] = []
+    real_prepare = ImageFile.ImageFile.load_prepare
+
+    def prepare(self: ImageFile.ImageFile) -> None:
+        allocated.append(self.size)  # where a decode allocates its picture
+        real_prepare(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load_prepare", prepare)
     for data in inputs:
-        t0 = time.perf_counter()
         try:
             img = decode_image_bytes(data, max_pixels=64 * 1024**2)
         except ImageInputError as e:
@@ -609,9 +613,10 @@ def test_malformed_images_never_raise_anything_else(fmt: str) -> None:
             assert img.mode == "RGB" and min(img.size) >= 64
             img.tobytes()  # really decoded: no lazy file behind it
             outcomes["decoded"] += 1
-        slowest = max(slowest, time.perf_counter() - t0)
     assert outcomes["refused"] > 0
-    assert slowest < 0.5
+    # The work a corrupt header can cause is bounded by what it makes the decoder allocate: never more than the
+    # largest accepted full decode, whatever the header declared (the rest of the work is the input's length).
+    assert allocated and max(w * h for w, h in allocated) <= max(limits.FULL_DECODE_MAX_PIXELS.values())
 
 
 def test_malformed_through_data_uri_and_file(dirs: dict[str, Path], policy: InputPolicy) -> None:
@@ -645,19 +650,32 @@ def test_empty_file(dirs: dict[str, Path], policy: InputPolicy) -> None:
         ("jpeg 65500x65500", jpeg_bomb(65500, 65500)),
     ],
 )
-def test_decompression_bombs_refused_before_pillow_opens_them(
+def test_decompression_bombs_refused_before_anything_is_decoded(
     name: str, data: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert len(data) < 5000, name
+    # Above 2 x MAX_IMAGE_PIXELS Pillow's own guard would raise first inside Image.open: our message must win.
+    refused = "Mpx limit|accepted up to"
+    work: list[str] = []
+    real_load, real_anim = ImageFile.ImageFile.load, WebPImagePlugin._webp.WebPAnimDecoder
 
-    def no_open(*a: object, **k: object) -> None:
-        raise AssertionError("Image.open reached for a bomb")
+    def load(self: ImageFile.ImageFile) -> Any:
+        work.append("load")  # where PNG and JPEG allocate the picture and create their decoder
+        return real_load(self)
 
-    monkeypatch.setattr(decoding.Image, "open", no_open)
-    t0 = time.perf_counter()
-    with pytest.raises(ImageInputError, match=r"Mpx limit|accepted up to"):
+    def anim_decoder(*a: Any) -> Any:
+        work.append("WebPAnimDecoder")  # libwebp allocates two canvas-size buffers as it is created
+        return real_anim(*a)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    monkeypatch.setattr(WebPImagePlugin._webp, "WebPAnimDecoder", anim_decoder)
+    fmt = name.split()[0].upper()
+    decode_image_bytes(encode(noise_image(), fmt), max_pixels=64 * 1024**2)  # the spies see a real decode
+    assert "load" in work and ("WebPAnimDecoder" in work) == (fmt == "WEBP")
+    work.clear()
+    with pytest.raises(ImageInputError, match=refused):
         decode_image_bytes(data, max_pixels=64 * 1024**2)
-    assert time.perf_counter() - t0 < 1.0
+    assert work == []
 
 
 def test_bomb_under_a_raised_limit_still_stops_at_pillows_threshold() -> None:
@@ -668,18 +686,11 @@ def test_bomb_under_a_raised_limit_still_stops_at_pillows_threshold() -> None:
             decode_image_bytes(png_bomb(10000, 10000), max_pixels=10**9)
 
 
-@pytest.mark.parametrize("escalate", [True, False])
-def test_pillow_bomb_guard_maps_to_input_error(monkeypatch: pytest.MonkeyPatch, escalate: bool) -> None:
-    # If our header parser cannot read a size, Pillow's own guard is the backstop: its error and (escalated)
-    # warning become ImageInputError, and with the warning not escalated our post-open check still refuses.
-    monkeypatch.setattr(decoding, "_header_size", lambda data, kind: None)
-    for w, h in ((65535, 65535), (10000, 10000)):
-        with warnings.catch_warnings():
-            warnings.simplefilter("error" if escalate else "ignore")
-            t0 = time.perf_counter()
-            with pytest.raises(ImageInputError):
-                decode_image_bytes(png_bomb(w, h), max_pixels=64 * 1024**2)
-            assert time.perf_counter() - t0 < 1.0
+def test_a_stricter_pillow_limit_set_by_the_host_is_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000 * 1000)
+    with pytest.raises(ImageInputError, match=r"over the 1\.0 Mpx limit"):
+        decode_image_bytes(encode(Image.new("RGB", (1001, 1000)), "PNG"), max_pixels=64 * 1024**2)
+    assert decode_image_bytes(encode(Image.new("RGB", (1000, 1000)), "PNG"), max_pixels=64 * 1024**2)
 
 
 @pytest.mark.parametrize(
@@ -763,10 +774,15 @@ def _other_formats() -> dict[str, bytes]:
         b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\nshowpage\n",
         "SVG": b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="64" height="64"/>',
         "PDF": encode(img, "PDF"),
-        "PNM": encode(img, "PPM"),
+        "PPM": encode(img, "PPM"),  # Pillow's name for the PBM/PGM/PPM family
+        "PCX": encode(img, "PCX"),
+        "SGI": encode(img, "SGI"),
+        "XBM": encode(img.convert("1"), "XBM"),
+        "HEIC": b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 40,  # an iPhone photo's start
     }
-    if features.check("jpg_2000"):
-        out["JPEG2000"] = encode(img, "JPEG2000")
+    for name, feature in (("JPEG2000", "jpg_2000"), ("AVIF", "avif")):
+        if features.check(feature):
+            out[name] = encode(img, name)
     return out
 
 
@@ -1068,10 +1084,11 @@ def test_url_failures(
 ) -> None:
     base, hits = http_server
     pol = InputPolicy(allowed_dirs=(dirs["allowed"],), allow_urls=True, **kwargs)
-    t0 = time.perf_counter()
+    # Each message names the check that stopped the fetch, which is what a timing would only suggest: "longer
+    # than" comes from the whole-fetch deadline alone (the drip, 16 bytes every 0.1 s for ~90 s, resets any
+    # per-read timeout), "MiB limit" from the count while reading or the declared length, never from a read body.
     with pytest.raises(ImageInputError, match=needle):
         load_image_argument(base + path, pol, no_lookup)
-    assert time.perf_counter() - t0 < 3.0
     assert hits == [path]  # one request: a redirect is reported, never followed
 
 

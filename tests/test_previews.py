@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 import random
-import time
 from typing import Any, cast
 
 import pytest
@@ -69,12 +69,25 @@ def test_single_rgba_and_palette_inputs() -> None:
     check(make_preview([gradient((128, 128)).convert("P")], ["x"]))
 
 
-def test_noisy_2048_respects_default_budget() -> None:
-    t0 = time.perf_counter()
+def test_noisy_2048_respects_default_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    encoded: list[tuple[int, int]] = []
+    real_encode = previews._encode
+
+    def encode(img: Image.Image, fmt: str, quality: int) -> bytes:
+        encoded.append(img.size)
+        return real_encode(img, fmt, quality)
+
+    monkeypatch.setattr(previews, "_encode", encode)
     p = make_preview([noise((2048, 2048))], ["x"])
-    assert time.perf_counter() - t0 < 10
     check(p)
-    assert max(p.width, p.height) >= 512  # budget met mostly by quality, not by shrinking to a thumbnail
+    edge = max(p.width, p.height)
+    assert edge >= 512  # budget met mostly by quality, not by shrinking to a thumbnail
+    # The work, counted rather than timed: each encode is of at most the 1024 px edge, each size is tried with
+    # at most the quality ladder plus the jump to its lowest step, and each new size is >= 15% smaller, so
+    # reaching `edge` from 1024 takes at most 1 + log(1024 / edge) / log(1 / 0.85) sizes.
+    assert max(max(size) for size in encoded) <= 1024
+    sizes = 1 + math.floor(math.log(1024 / edge) / math.log(1 / 0.85))
+    assert len(encoded) <= sizes * (len(previews._QUALITIES) + 1)
 
 
 @pytest.mark.parametrize("budget", [200_000, 50_000, 10_000])

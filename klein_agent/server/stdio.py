@@ -1,10 +1,16 @@
 """`serve` over stdio, with our own boundary around the SDK's stdio transport.
 
-Between the real stdin/stdout and the SDK sit two pipes and two threads:
+What the SDK lacks (mcp 2.3.0, `mcp/server/stdio.py` and `shared/jsonrpc_dispatcher.py`), which is why this exists:
+its transport reads stdin as UTF-8 with errors="replace", so a line that is not UTF-8 is passed on altered (U+FFFD
+in place of the bad bytes, inside a prompt too); a line that fails JSON-RPC validation becomes an exception that
+the server's dispatcher logs at debug level and drops (the client's observer hook, `on_stream_exception`, is not
+set for a server), so the client waits for an answer that JSON-RPC 2.0 says must come; it writes a line of any
+length; and its reader blocks in a worker thread on stdin, which a signal does not wake. It offers no hook for
+any of these, so we sit in front of it with pipes:
 
-- the input side answers what the SDK would drop in silence — a line that is not UTF-8, not JSON (a lone UTF-16
-  surrogate included), or not a JSON-RPC message — with a JSON-RPC error (-32700 parse error, or -32600 with the
-  request's id), and passes every other line on;
+- the input side answers what the SDK would drop in silence or alter — a line that is not UTF-8, not JSON (a lone
+  UTF-16 surrogate included), or not a JSON-RPC message — with a JSON-RPC error (-32700 parse error, or -32600
+  with the request's id), and passes every other line on;
 - the output side copies the SDK's lines to the real stdout and writes those error answers between them, so two
   writers never interleave within a line; it also refuses to pass a line over `MAX_LINE_BYTES` (the TypeScript
   SDK drops the connection at 10 MiB) and answers with an error instead;

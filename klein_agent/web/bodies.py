@@ -1,7 +1,10 @@
 """Reading a request body before the app sees it: within a size cap and a deadline, in bounded memory.
 
-Why here and not in the app: the MCP SDK reads the whole body before it checks its size, and Starlette's routes
-for GET read none but let uvicorn buffer what arrives. The guard reads first, so that
+Why here and not the library's: the MCP SDK's `RequestBodyLimitMiddleware` (mcp 2.3.0) checks Content-Length and
+counts a streamed body, but it has no deadline (a body that trickles in holds the connection for good), keeps the
+body in memory and copies it once more before handing it on (twice the cap at the peak), guards the MCP endpoint
+only (not the gallery, nor a GET that carries a body) and answers a bare "Request body too large". Starlette and
+uvicorn have no body cap at all. The guard reads first, so that
 - a Content-Length over the cap is refused before a byte of the body is read;
 - a chunked body is counted as it streams and refused at the first byte over the cap;
 - a method that takes no body (GET, HEAD, DELETE, OPTIONS: nothing here gives one a meaning) has a cap of 0;

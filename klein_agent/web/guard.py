@@ -11,10 +11,20 @@ Why each rule:
 - A session id is a capability: it is bound to the token that created it, so another client cannot ride on it.
 - Host names are case-insensitive (RFC 9110 section 4.2.3), so `LOCALHOST:8765` is `localhost:8765`; Origin
   schemes and hosts too. This guard is the one place Host and Origin are checked, for every route.
-- The body is read here, before any app (the MCP SDK reads a whole body before it checks its size): within a size
-  cap (`max_body_bytes`, 0 for GET and the other methods that take none), counted as it streams, spooled to disk
-  beyond 1 MiB, and within a deadline, so a slow body cannot hold a connection forever (`klein_agent.web.bodies`).
-  Slow *headers* are cut off by the server protocol (`klein_agent.web.protocol`).
+- The body is read here, before any app: within a size cap (`max_body_bytes`, 0 for GET and the other methods
+  that take none), counted as it streams, spooled to disk beyond 1 MiB, and within a deadline, so a slow body
+  cannot hold a connection forever (`klein_agent.web.bodies` says what the SDK's own body limit lacks). Slow
+  *headers* are cut off by the server protocol (`klein_agent.web.protocol`).
+
+What the libraries lack (mcp 2.3.0, Starlette 1.10), which is why this is ours:
+- The SDK's `TransportSecurityMiddleware` runs inside the MCP transport only (not for the gallery), compares Host
+  and Origin case-sensitively, and its `host:*` patterns match by prefix (`localhost:*` admits
+  `localhost:1.evil.com`). Starlette's `TrustedHostMiddleware` compares the host name without its port, and its
+  `CORSMiddleware` only adds headers: a request from another origin still reaches the app.
+- The SDK's bearer check (`BearerAuthBackend`, `RequireAuthMiddleware`) is the OAuth 2.1 resource-server flow: a
+  401 points the client at OAuth metadata, and there is no browser login for the gallery. The SDK binds a session
+  to the credential that created it only for a user that flow authenticated (`scope["user"]`), so with a static
+  token nothing would be bound without the binding here.
 """
 
 from __future__ import annotations

@@ -1,9 +1,26 @@
 """Untrusted bytes to a loaded RGB picture: the one decoder every input goes through (CLI and server alike).
 
-Only PNG, JPEG and WebP reach Pillow's decoders: the format is sniffed from the magic bytes first, and
-`Image.open(..., formats=...)` keeps every other plugin (EPS and Ghostscript, TIFF, ...) out. The pixel count is read
-from the header and checked before Pillow builds an image object, so a decompression bomb costs a few bytes of
-parsing. Then: EXIF orientation applied, transparency composited on white, 16-bit scaled to 8 bits.
+Only PNG, JPEG and WebP reach a Pillow parser. The format is named by Pillow's own signature checks (the `accept`
+function each plugin registers, which reads 16 bytes and parses nothing); for PNG, JPEG and WebP that plugin's image
+class then reads the header only, and the pixel count is checked before anything is decoded, so a decompression
+bomb costs a header's parsing. Then: EXIF orientation applied, transparency composited on white, 16-bit scaled to
+8 bits.
+
+What Pillow lacks, and so what stays here (checked in Pillow 13's source):
+- `Image.open` runs Pillow's own bomb check (`MAX_IMAGE_PIXELS`: a warning over 89.5 Mpx, DecompressionBombError
+  over twice that) before it returns the image, so our limit and its actionable message could not come first. The
+  plugin's image class is therefore constructed directly (what `Image.open` does inside, minus that check), and our
+  limit is never above `MAX_IMAGE_PIXELS`, so Pillow's guard stays on for the rest of the process and never fires
+  for what we let through.
+- A WebP is not lazy: its plugin creates libwebp's animation decoder inside the open, which allocates two
+  canvas-size buffers (4 bytes a pixel each) before the size is known to us, and Pillow guards that only at its own
+  2 x MAX_IMAGE_PIXELS. So the WebP canvas size is read from the first chunk here first (`_webp_canvas_size`).
+- Pillow has no reader for HEIC, PDF (it only writes it), SVG or HTML, so it cannot name them; `_non_pillow_format`
+  names those four, which users send by mistake (a phone photo, a document, a vector drawing, an error page).
+No other check is needed for what Pillow opens lazily: a PNG's and a JPEG's decode allocates the size their header
+gave (`ImageFile.load_prepare`), APNG and animated WebP frames must lie inside that canvas (Pillow and libwebp
+refuse others) and only the first is decoded, and EXIF orientation swaps the sides, which the pixel cap, the
+minimum side and the aspect rule do not depend on.
 
 Memory: a JPEG of which only ~1 Mpx will be used is decoded at a reduced scale; PNG and WebP cannot be, so they
 have lower pixel caps (`limits.FULL_DECODE_MAX_PIXELS`), sized so that a full-size decode stays inside
@@ -17,8 +34,10 @@ import io
 import logging
 import math
 import struct
+from collections.abc import Callable
+from typing import IO
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
 
 from klein_agent.rules.limits import (
     FULL_DECODE_BYTES_PER_PIXEL,
@@ -33,7 +52,14 @@ from klein_agent.service.pixels import to_rgb
 
 log = logging.getLogger(__name__)
 
-ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP")
+# The image class of each accepted format's plugin: constructing one reads the header only (see the module
+# docstring). JpegImageFile, not Pillow's JPEG factory, so a camera's MPO is read as the JPEG its first picture is.
+_READERS: dict[str, Callable[[IO[bytes]], ImageFile.ImageFile]] = {
+    "PNG": PngImagePlugin.PngImageFile,
+    "JPEG": JpegImagePlugin.JpegImageFile,
+    "WEBP": WebPImagePlugin.WebPImageFile,
+}
+ALLOWED_FORMATS = tuple(_READERS)
 
 
 def decode(
@@ -41,11 +67,12 @@ def decode(
 ) -> tuple[Image.Image, str]:
     """Untrusted PNG/JPEG/WebP bytes -> (a loaded RGB picture, its format), or ImageInputError.
 
-    Checks, in order: format from the magic bytes (nothing else reaches Pillow); pixel count from the header
-    against min(max_pixels, Pillow's MAX_IMAGE_PIXELS) and, for a picture decoded at full size (PNG, WebP, a
-    JPEG when `reduce_to` is None), against `limits.FULL_DECODE_MAX_PIXELS` (the message says the cap and why);
-    Pillow's lazy open restricted to the three formats; side >= 64 px and aspect <= 8; then decoding, EXIF
-    orientation and `pixels.to_rgb`. Any decoder failure becomes ImageInputError.
+    Checks, in order: the format by Pillow's signature checks (another format is refused by name, where Pillow or
+    `_non_pillow_format` can tell it); for a WebP, the canvas size from its first chunk; the header read by the
+    format's own Pillow plugin; pixel count against min(max_pixels, Pillow's MAX_IMAGE_PIXELS) and, for a picture
+    decoded at full size (PNG, WebP, a JPEG when `reduce_to` is None), against `limits.FULL_DECODE_MAX_PIXELS`
+    (the message says the cap and why); side >= 64 px and aspect <= 8; then decoding, EXIF orientation and
+    `pixels.to_rgb`. Any parser or decoder failure becomes ImageInputError.
 
     `reduce_to` (pixels; by default the ~1 Mpx a reference is scaled to): a JPEG of more than 4x this area is
     decoded at a reduced scale (libjpeg's DCT scaling, Pillow's `draft`) that keeps at least twice the linear size
@@ -54,8 +81,8 @@ def decode(
     """
     if not data:
         raise ImageInputError("the image is empty (0 bytes): pass a PNG, JPEG or WebP file")
-    kind = _sniff_format(data)
-    if kind not in ALLOWED_FORMATS:
+    kind = _format_name(data)
+    if kind not in _READERS:
         if kind is None:
             raise ImageInputError(
                 "the data is not a PNG, JPEG or WebP image (unrecognised signature): pass one of those formats"
@@ -68,19 +95,13 @@ def decode(
     pil_limit = Image.MAX_IMAGE_PIXELS
     if pil_limit:
         limit = min(limit, pil_limit)
-    size = _header_size(data, kind)
-    if size is not None:
-        _check_geometry(*size, limit, _full_decode_format(kind, reduce_to))
+    full_decode = _full_decode_format(kind, reduce_to)
+    if kind == "WEBP" and (canvas := _webp_canvas_size(data)) is not None:
+        _check_geometry(*canvas, limit, full_decode)
 
     try:
-        img = Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        # Reached only when our header parser could not read the size (then Pillow's own check fires). The
-        # warning arrives as an exception when a warnings filter escalates it (pytest does, for example).
-        raise ImageInputError(
-            "the image header declares more pixels than Pillow allows (decompression bomb guard): downscale it"
-        ) from None
-    except UnidentifiedImageError:
+        img = _READERS[kind](io.BytesIO(data))
+    except SyntaxError:  # Pillow's "not identified": no readable header behind the signature
         raise ImageInputError(
             f"the {kind} data is corrupt or truncated (its header cannot be read): re-export or re-encode it"
         ) from None
@@ -88,15 +109,10 @@ def decode(
         # Untrusted-input boundary: any parser failure is the input's fault, not the server's.
         raise _corrupt_error(kind, e) from None
 
-    fmt = "JPEG" if img.format == "MPO" else (img.format or kind)  # MPO: multi-picture JPEG from cameras
     try:
-        if fmt not in ALLOWED_FORMATS:
-            raise ImageInputError(
-                f"unsupported format {fmt}; use PNG, JPEG or WebP (convert the image first)"
-            )
-        _check_geometry(img.width, img.height, limit, _full_decode_format(fmt, reduce_to))
+        _check_geometry(img.width, img.height, limit, full_decode)
         try:
-            if reduce_to is not None and fmt == "JPEG" and img.width * img.height > 4 * reduce_to:
+            if reduce_to is not None and kind == "JPEG" and img.width * img.height > 4 * reduce_to:
                 keep = math.sqrt(4 * reduce_to / (img.width * img.height))
                 img.draft("RGB", (math.ceil(img.width * keep), math.ceil(img.height * keep)))
             img.load()
@@ -105,10 +121,10 @@ def decode(
         except ImageInputError:
             raise
         except Exception as e:  # see above: truncated streams, bad CRCs, decoder errors, MemoryError, ...
-            raise _corrupt_error(fmt, e) from None
+            raise _corrupt_error(kind, e) from None
     finally:
         img.close()
-    return rgb, fmt
+    return rgb, kind
 
 
 def _corrupt_error(fmt: str, e: BaseException) -> ImageInputError:
@@ -177,72 +193,52 @@ def _apply_orientation(img: Image.Image) -> None:
         log.debug("ignoring unreadable EXIF orientation: %s", e)
 
 
-def _sniff_format(data: bytes) -> str | None:
-    """Name the format from magic bytes. Used to keep non-allowed formats away from Pillow entirely, and to
-    tell the user what they sent."""
-    head = data[:32]
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "PNG"
-    if head.startswith(b"\xff\xd8\xff"):
-        return "JPEG"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "WEBP"
-    if head.startswith((b"GIF87a", b"GIF89a")):
-        return "GIF"
-    if head.startswith((b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")):
-        return "TIFF"
-    if head.startswith((b"%!PS", b"\xc5\xd0\xd3\xc6")):
-        return "EPS"
-    if head.startswith(b"%PDF"):
+def _format_name(data: bytes) -> str | None:
+    """The format the bytes' signature names, as Pillow calls it ("PNG", "GIF", "PPM", ...), else HEIC, PDF, SVG
+    or HTML (`_non_pillow_format`), else None. Only signature checks run (16 bytes, as `Image.open` passes them);
+    no other plugin parses the data, so nothing of EPS (Ghostscript), TIFF and the rest runs on untrusted input."""
+    prefix = data[:16]
+    for fmt in ALLOWED_FORMATS:  # registered by the imports above: the common case needs no Image.init()
+        if _accepts(Image.OPEN[fmt][1], prefix):
+            return fmt
+    Image.init()  # imports every plugin, once, for its signature check
+    for fmt, (_, accept) in Image.OPEN.items():
+        if _accepts(accept, prefix):
+            return fmt
+    return _non_pillow_format(data)
+
+
+def _accepts(accept: Callable[[bytes], bool | str] | None, prefix: bytes) -> bool:
+    """Whether a plugin's signature check claims `prefix`. A plugin without one (TGA, ...) claims nothing; a string
+    answer means "support not installed"; the errors are those `Image.open` also takes as "not this format"."""
+    try:
+        return accept is not None and accept(prefix) is True
+    except (SyntaxError, IndexError, TypeError, struct.error):  # unpacking bytes a short prefix lacks
+        return False
+
+
+def _non_pillow_format(data: bytes) -> str | None:
+    """HEIC, PDF, SVG or HTML from the first bytes, else None. Pillow has no reader for these (PDF it only writes),
+    so it cannot name them, and they are what users send by mistake: a phone photo, a document, a vector drawing,
+    an error page saved in place of the picture."""
+    if data[4:8] == b"ftyp" and data[8:12] in (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx"):
+        return "HEIC"  # Pillow names the AVIF brands (and the generic mif1/msf1) itself
+    if data.startswith(b"%PDF"):
         return "PDF"
-    if head.startswith((b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xff\x4f\xff\x51")):
-        return "JPEG2000"
-    if head[4:8] == b"ftyp":
-        return "AVIF" if head[8:12] in (b"avif", b"avis") else "HEIC"
-    if head.startswith(b"8BPS"):
-        return "PSD"
-    if head.startswith(b"qoif"):
-        return "QOI"
-    if head.startswith(b"DDS "):
-        return "DDS"
-    if head.startswith(b"\x76\x2f\x31\x01"):
-        return "OpenEXR"
-    if head.startswith(b"\x00\x00\x01\x00"):
-        return "ICO"
-    if head.startswith(b"\x00\x00\x02\x00"):
-        return "CUR"
-    if head.startswith(b"BM"):
-        return "BMP"
-    if head[:4] == b"RIFF":
-        return "RIFF (not WebP)"
     text = data[:1024].lstrip().lower()
     if text.startswith((b"<svg", b"<?xml", b"<!doctype svg")) and b"<svg" in text:
         return "SVG"
     if text.startswith((b"<!doctype html", b"<html")):
         return "HTML"
-    if len(head) >= 2 and head[0] == ord("P") and head[1] in b"1234567":
-        return "PNM"
     return None
 
 
-def _header_size(data: bytes, kind: str) -> tuple[int, int] | None:
-    """Width and height from the header, or None when the header cannot be read (Pillow then decides)."""
-    try:
-        if kind == "PNG":
-            if data[12:16] != b"IHDR" or len(data) < 24:
-                return None
-            w, h = struct.unpack(">II", data[16:24])
-            return w, h
-        if kind == "WEBP":
-            return _webp_size(data)
-        if kind == "JPEG":
-            return _jpeg_size(data)
-    except struct.error:
-        return None
-    return None
+def _webp_canvas_size(data: bytes) -> tuple[int, int] | None:
+    """A WebP's canvas width and height from its first chunk (VP8X, VP8L or VP8), or None when unreadable.
 
-
-def _webp_size(data: bytes) -> tuple[int, int] | None:
+    Pillow's WebP open allocates libwebp's two canvas buffers before it returns (module docstring), and its own
+    reader of this size is private (`WebPImagePlugin._get_size`), so the same few lines live here. None means the
+    chunk is truncated or malformed: Pillow's reader has no size to check either."""
     chunk = data[12:16]
     if chunk == b"VP8X" and len(data) >= 30:
         w = int.from_bytes(data[24:27], "little") + 1
@@ -252,38 +248,7 @@ def _webp_size(data: bytes) -> tuple[int, int] | None:
         bits = int.from_bytes(data[21:25], "little")
         return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
     if chunk == b"VP8 " and len(data) >= 30 and data[23:26] == b"\x9d\x01\x2a":
-        w, h = struct.unpack("<HH", data[26:30])
+        w = int.from_bytes(data[26:28], "little")
+        h = int.from_bytes(data[28:30], "little")
         return w & 0x3FFF, h & 0x3FFF
-    return None
-
-
-_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-
-
-def _jpeg_size(data: bytes) -> tuple[int, int] | None:
-    i, n = 2, len(data)
-    while i + 4 <= n:
-        if data[i] != 0xFF:
-            return None
-        while i < n and data[i] == 0xFF:  # fill bytes
-            i += 1
-        if i >= n:
-            return None
-        marker = data[i]
-        i += 1
-        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length field
-            continue
-        if marker in (0xD9, 0xDA):  # end of image / start of scan before any frame header
-            return None
-        if i + 2 > n:
-            return None
-        (length,) = struct.unpack(">H", data[i : i + 2])
-        if length < 2:
-            return None
-        if marker in _JPEG_SOF:
-            if i + 7 > n:
-                return None
-            h, w = struct.unpack(">HH", data[i + 3 : i + 7])
-            return w, h
-        i += length
     return None

@@ -1,5 +1,13 @@
 """http(s) inputs, off by default: public addresses only, the vetted address pinned for the connection (no second
-DNS lookup to rebind), no redirects, and the whole fetch bounded in bytes and time."""
+DNS lookup to rebind), no redirects, and the whole fetch bounded in bytes and time.
+
+Why on `http.client` and not a client library: `urllib.request` resolves the host name again as it connects (a
+check made before can be rebound), follows redirects to hosts nobody checked and honours the proxy environment
+variables; requests and httpx (not our dependencies: they arrive with others) resolve inside their connection
+pools too and read proxies from the environment; and the timeouts of all of them bound each connect and each
+read, not the whole exchange, so a server dripping a byte a second never trips them. `http.client` lets
+`connect` be replaced, so the pinning is two small subclasses, and the deadline is a watchdog on the socket.
+"""
 
 from __future__ import annotations
 
