@@ -147,10 +147,14 @@ def test_lora_files_on_the_command_line(tmp_path: Path) -> None:
         str(wrong),
     )
     done = run("--lora", str(wrong), "--out", str(tmp_path / "x.png"))
-    assert (
-        done.returncode == 2
-        and "'lora_unet_double_blocks_0_img_attn_proj.lora_down.weight' has down" in done.stderr
-    )
+    assert done.returncode == 2, done.stderr
+    for fact in (
+        str(wrong),
+        "key 'lora_unet_double_blocks_0_img_attn_proj.lora_down.weight'",
+        f"down [2, {d + 8}] and up [{d}, 2] do not fit layer double_blocks.0.img_attn.proj",
+        "use one trained for this model",
+    ):
+        assert fact in done.stderr, (fact, done.stderr)
     for bad, message in (
         (f"{good}:9", "scale must be from -4 to 4"),
         (str(tmp_path / "none.safetensors"), "is not a file"),

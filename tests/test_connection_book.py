@@ -33,6 +33,36 @@ def test_at_the_bound_the_connection_idle_longest_goes_first() -> None:
     assert not old.closed and not busy.closed
 
 
+def test_a_burst_of_accepts_waits_for_the_connections_to_start_instead_of_refusing() -> None:
+    # asyncio's accept loop takes up to `backlog` connections per wakeup before any protocol starts: at the bound
+    # the book must wait a loop turn for them to start (they are idle, not busy), not answer 503 to the rest.
+    book = ConnectionBook(bound=3)
+    for _ in range(3):
+        assert book.may_accept() and book.admit()
+    assert not book.may_accept(), "at the bound with nothing started: wait, do not refuse"
+    flood = [FakeConnection(f"flood{i}", True) for i in range(3)]
+    for connection in flood:
+        book.started(connection)
+    assert book.may_accept() and book.admit() and flood[0].closed, "once started, the idle longest goes"
+    client = FakeConnection("client", False)
+    book.started(client)
+    assert book.may_accept() and book.admit() and flood[1].closed
+    assert not client.closed
+
+
+def test_a_connection_that_never_starts_stops_accepting_for_a_moment_only(monkeypatch) -> None:
+    import klein_agent.web.connections as connections
+
+    book = ConnectionBook(bound=2)
+    idle = FakeConnection("idle", True)
+    assert book.admit() and book.admit()
+    book.started(idle)  # the other accepted socket's transport failed: its protocol never starts
+    assert not book.may_accept()
+    later = connections.time.monotonic() + connections.START_GRACE_S + 0.1
+    monkeypatch.setattr(connections.time, "monotonic", lambda: later)
+    assert book.may_accept() and book.admit() and idle.closed
+
+
 def test_the_bound_leaves_descriptors_for_the_store_and_the_model() -> None:
     for limit in (128, 256, 1024, 65536):
         budget = descriptor_budget(limit)

@@ -184,9 +184,15 @@ def test_an_mcp_session_appears_with_its_cards_and_lineage(
         assert reference.get_attribute("data-tool") == "import"
         assert "reference" in reference.inner_text().lower() and "den.png" in reference.inner_text()
         assert reference.locator(".tool").get_attribute("title") == "imported reference"
-        assert page.eval_on_selector_all(
-            ".card .thumb img", "imgs => imgs.every(i => i.complete && i.naturalWidth > 0)"
+        # Thumbnails are encoded on first request and load lazily and asynchronously, after data-ready: wait for
+        # every one to settle (a hang guard, not a timing claim), then ask that each decoded to a picture.
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('.card .thumb img')].every(i => i.complete)", timeout=60_000
         )
+        broken = page.eval_on_selector_all(
+            ".card .thumb img", "imgs => imgs.filter(i => i.naturalWidth === 0).map(i => i.src)"
+        )
+        assert broken == []
         assert page.locator(".group h2").all_inner_texts() == ["fox"]
 
         # the session's own view: its lineage as a tree, oldest first

@@ -8,7 +8,7 @@ out and the store cannot open a file. Here:
 - the bound is derived from RLIMIT_NOFILE at start, with descriptors kept back for the store (SQLite, its journal,
   PNGs, thumbnails), model files while they load, logs and the interpreter (`descriptor_budget`);
 - the listening socket counts what it accepts (`BoundedListener.accept`, called by asyncio's accept loop): at the
-  bound it first closes the connection idle longest (no request in flight: between keep-alive requests, or one
+  bound it waits a loop turn for connections just accepted to start, then closes the connection idle longest (no request in flight: between keep-alive requests, or one
   that never sent a request) and accepts the newcomer; when every connection is busy the newcomer gets a 503 and
   is closed at once, so the accept queue drains and nothing spins;
 - should the descriptors run out anyway (something else used them), the accept loop is paused once for a second
@@ -33,6 +33,7 @@ RESERVED_FDS_SHARE = 8  # ... or 1/8 of the limit, whichever is more
 MAX_CONNECTIONS = 4096  # even when the limit is higher (`ulimit -n unlimited`)
 MIN_CONNECTIONS = 8  # below this the server could not serve a client and its gallery page
 SHED_IN_FLIGHT_MAX = 16  # connections closed but not yet released; accepting waits a loop turn beyond this
+START_GRACE_S = 1.0  # how long accepting waits at the bound for connections just accepted to start
 EMFILE_PAUSE_S = 1.0  # how long accepting pauses when descriptors ran out anyway (asyncio's own retry delay)
 _BUSY = b"klein-agent: every connection is busy; try again in a moment.\n"
 BUSY_RESPONSE = (
@@ -90,6 +91,7 @@ class ConnectionBook:
         self._open: OrderedDict[int, Connection] = OrderedDict()  # id(protocol) -> protocol
         self._accepted = 0  # accepted sockets whose protocol has not started yet
         self._shedding: set[int] = set()  # closed by us, descriptor not yet released
+        self._last_admit = 0.0  # time.monotonic() of the last admission
 
     @property
     def held(self) -> int:
@@ -97,12 +99,24 @@ class ConnectionBook:
         return len(self._open) + len(self._shedding) + self._accepted
 
     def may_accept(self) -> bool:
-        """False while too many shed connections still hold their descriptors (accepting waits a loop turn)."""
-        return len(self._shedding) < SHED_IN_FLIGHT_MAX
+        """False (accepting waits a loop turn) while too many shed connections still hold their descriptors, or
+        while the book is at its bound with connections accepted whose protocol has not started: those are not
+        busy, only not yet known, and once started the idle longest of them can be closed for a newcomer. Without
+        this wait, asyncio's accept loop (up to `backlog` accepts per wakeup, before any protocol starts) filled
+        the bound with not-yet-started connections and answered 503 to everyone else in the same wakeup, real
+        clients included."""
+        if len(self._shedding) >= SHED_IN_FLIGHT_MAX:
+            return False
+        at_bound = len(self._open) + self._accepted >= self.bound
+        # Bounded wait: a connection whose protocol never starts (its transport failed to build) must not stop
+        # accepting for good; past the grace the book sheds or refuses as usual.
+        starting = self._accepted > 0 and time.monotonic() - self._last_admit < START_GRACE_S
+        return not (at_bound and starting)
 
     def admit(self) -> bool:
         """Make room for one more connection: True if it may be accepted (room, or the connection idle longest
         was closed for it), False if every connection is busy."""
+        self._last_admit = time.monotonic()
         if len(self._open) + self._accepted < self.bound:
             self._accepted += 1
             return True
