@@ -51,6 +51,7 @@ def decode_image_bytes(data: bytes, *, max_pixels: int) -> Image.Image:
 # ----------------------------------------------------------------------------------------------- helpers
 
 GOOD_ID = "img_Q2hlY2tzIGFyZSBjaGVhcA"
+UNKNOWN_ID = "img_DoesNotExist0123456789"  # the store's shape (22 characters after img_), in no store
 
 
 def noise_image(size: tuple[int, int] = (64, 64), seed: int = 0, mode: str = "RGB") -> Image.Image:
@@ -188,8 +189,8 @@ def test_image_id_and_image_uri_resolve_through_lookup(
 def test_unknown_id_keeps_the_store_message(policy: InputPolicy, store: Callable[[str], bytes]) -> None:
     for lookup in (store, no_lookup):
         with pytest.raises(ImageInputError) as e:
-            load_image_argument("img_doesnotexist", policy, lookup)
-        assert str(e.value) == "unknown image id img_doesnotexist: call list_images to see stored ids"
+            load_image_argument(UNKNOWN_ID, policy, lookup)
+        assert str(e.value) == f"unknown image id {UNKNOWN_ID}: call list_images to see stored ids"
 
 
 def test_meta_resource_is_not_an_image(policy: InputPolicy, store: Callable[[str], bytes]) -> None:

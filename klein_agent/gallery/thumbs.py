@@ -23,6 +23,7 @@ from pathlib import Path
 from PIL import Image
 
 from klein_agent.service.files import unlink_quietly, write_atomically
+from klein_agent.service.safe_paths import O_BINARY, O_NOFOLLOW
 from klein_agent.service.store import ImageStore, StoredImage
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,6 @@ log = logging.getLogger(__name__)
 THUMB_EDGE = 320  # px, long edge: sharp on a 2x screen at the cards' 160 px
 _QUALITY = 80
 _TMP_PREFIX = ".tmp-"
-_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _TMP_MAX_AGE_S = 60.0
 _MAX_THUMB_BYTES = 4 * 2**20  # far above any real thumbnail: a larger file there is not ours
 
@@ -117,7 +117,7 @@ class Thumbnails:
         """The cached file's bytes, or None if it is missing or not a plain file of a plausible size (a symlink
         planted there is never followed)."""
         try:
-            fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | getattr(os, "O_BINARY", 0))
+            fd = os.open(path, os.O_RDONLY | O_NOFOLLOW | O_BINARY)
         except OSError:
             return None
         with os.fdopen(fd, "rb") as handle:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -26,9 +25,9 @@ from mcp.shared.exceptions import MCPError
 from mcp_types import INVALID_PARAMS, CallToolResult, TextContent
 
 from klein_agent.rules import masks, resolution
+from klein_agent.rules.image_refs import looks_like_image_ref, split_refs
 from klein_agent.rules.loras import check_scale
 from klein_agent.rules.masks import MaskRequest, check_strength
-from klein_agent.service.store import ImageStore
 
 # What agents reach for that FLUX.2 [klein] does not have, and what to do instead.
 HINTS = {
@@ -188,18 +187,13 @@ class ArgumentChecks(ServerMiddleware[Any]):
             )
 
 
-def split_ids(text: str) -> list[str]:
-    """The pieces of a string of image ids as agents sometimes send several (`"img_a, img_b"`, `"img_a img_b"`):
-    split at commas, semicolons and white space, in order. view_image takes ids only, so it reads any string so."""
-    return [piece for piece in re.split(r"[\s,;]+", text) if piece]
-
-
 def id_list(text: str) -> list[str] | None:
-    """`split_ids(text)` when every piece is an image id or image://<id>, else None. For arguments that also take
-    paths and data: URIs (compose): those may hold commas and spaces, so only a string of ids is split."""
-    pieces = split_ids(text)
-    bare = [piece.removeprefix("image://") for piece in pieces]
-    return pieces if bare and all(ImageStore.is_valid_id(b) for b in bare) else None
+    """The pieces of one string (`"img_a, image://img_b"`) when every piece is meant as an image id
+    (`rules.image_refs.looks_like_image_ref`), else None. For arguments that also take paths and data: URIs
+    (compose): those may hold commas and spaces, so only a string of id references is split. A malformed piece
+    (`img_short`) stays in the list, and the input dispatcher refuses it with the one id message."""
+    pieces = split_refs(text)
+    return pieces if pieces and all(looks_like_image_ref(piece) for piece in pieces) else None
 
 
 def _pre_parse(schema: dict[str, Any], value: Any) -> Any:

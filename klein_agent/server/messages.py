@@ -19,6 +19,7 @@ from mcp.shared.exceptions import MCPError
 from mcp_types import INTERNAL_ERROR
 
 from klein_agent.rules import limits
+from klein_agent.rules.image_refs import ImageRefError, parse_image_ref
 from klein_agent.service.message_images import Fitted, fit_png
 
 log = logging.getLogger("klein_agent.serve")
@@ -62,10 +63,14 @@ def too_large_message(uri: str, fitted: Fitted) -> str:
     """The error for a resource that fits no message: its size, the limit, and what to call instead."""
     mib = 2**20
     webp = f"; as lossless WebP {fitted.webp_bytes / mib:.1f} MiB" if fitted.webp_bytes is not None else ""
-    image_id = uri.removeprefix("image://").split("/", 1)[0]
+    try:
+        image_id: str | None = parse_image_ref(uri)
+    except ImageRefError:  # not an image's URI (a template this check does not know): name no id
+        image_id = None
+    call = f"with image_id {image_id!r} and " if image_id else "with the image's id and "
     return (
         f"{uri} is {fitted.png_bytes / mib:.1f} MiB as PNG{webp}: over the {limits.MAX_MESSAGE_BLOB_BYTES / mib:.1f} "
         f"MiB of image data one message may carry ({limits.MAX_MESSAGE_BYTES // mib} MiB with its base64 and "
-        f"framing; clients drop larger messages). Call export_image with image_id {image_id!r} and a path to write "
+        f"framing; clients drop larger messages). Call export_image {call}a path to write "
         "the full-resolution PNG to a file, or view_image to look at it."
     )

@@ -33,8 +33,9 @@ from mcp.server.mcpserver.prompts.base import Message, Prompt, PromptArgument, U
 from mcp.shared.exceptions import MCPError
 from mcp_types import INVALID_PARAMS, ImageContent
 
+from klein_agent.rules.image_refs import split_image_refs
 from klein_agent.server.results import image_block
-from klein_agent.service.studio import EXPECTED_ERRORS, Studio, strip_image_uri
+from klein_agent.service.studio import EXPECTED_ERRORS, Studio
 
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:\|([^}]*))?\}\}")
 _ARGUMENT = re.compile(r"argument\s+([A-Za-z_][A-Za-z0-9_]*)\s*:\s*(required|optional)\s*\|\s*(.*)")
@@ -120,11 +121,6 @@ def render_body(body: str, values: dict[str, str]) -> str:
     return _PLACEHOLDER.sub(substitute, body)
 
 
-def split_ids(value: str) -> list[str]:
-    """Image ids from one argument: separated by spaces, commas or semicolons, `image://` prefixes dropped."""
-    return [strip_image_uri(part) for part in re.split(r"[\s,;]+", value) if part.strip()]
-
-
 def register_prompts(mcp: MCPServer[Any], studio: Studio, files: list[PromptFile] | None = None) -> None:
     """Add one MCP prompt per prompt file (default: `load_prompt_files()`) to `mcp`."""
     for spec in load_prompt_files() if files is None else files:
@@ -134,9 +130,9 @@ def register_prompts(mcp: MCPServer[Any], studio: Studio, files: list[PromptFile
 def _prompt(spec: PromptFile, studio: Studio) -> Prompt:
     async def render(**values: str) -> list[Message]:
         messages: list[Message] = [UserMessage(render_body(spec.body, values))]
-        ids = split_ids(values.get(spec.attach, "")) if spec.attach else []
-        if ids:
-            messages.append(UserMessage(await _sheet(studio, ids)))
+        attached = values.get(spec.attach, "") if spec.attach else ""
+        if attached.strip():
+            messages.append(UserMessage(await _sheet(studio, attached)))
         return messages
 
     return Prompt(
@@ -149,8 +145,10 @@ def _prompt(spec: PromptFile, studio: Studio) -> Prompt:
     )
 
 
-async def _sheet(studio: Studio, ids: list[str]) -> ImageContent:
+async def _sheet(studio: Studio, attached: str) -> ImageContent:
+    """The preview or contact sheet of the ids in one prompt argument (`rules.image_refs.split_image_refs`)."""
     try:
+        ids = split_image_refs(attached)
         sheet = await studio.contact_sheet(ids, max_edge=studio.config.preview_max_edge)
     except (
         EXPECTED_ERRORS

@@ -8,11 +8,9 @@ import os
 import secrets
 from pathlib import Path
 
-from klein_agent.service.safe_paths import write_all
+from klein_agent.service.safe_paths import O_BINARY, write_all
 
 log = logging.getLogger(__name__)
-
-_O_BINARY = getattr(os, "O_BINARY", 0)  # Windows: no newline translation
 
 
 def write_atomically(target: Path, data: bytes, *, tmp_prefix: str = ".tmp-", mode: int = 0o600) -> None:
@@ -28,7 +26,7 @@ def write_atomically(target: Path, data: bytes, *, tmp_prefix: str = ".tmp-", mo
     fd = -1
     placed = False
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY, mode)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_BINARY, mode)
         write_all(fd, data)
         os.fsync(fd)
         fd, closing = -1, fd  # the fd is gone even if close() fails

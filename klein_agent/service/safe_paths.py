@@ -35,6 +35,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from klein_agent.rules.quoting import show
+
 FolderId = tuple[int, int]  # (st_dev, st_ino): what a folder *is*, whatever path reaches it
 
 # Everything below is looked up once; tests switch the fallbacks on by setting these.
@@ -42,10 +44,10 @@ DIR_FDS = {os.open, os.stat, os.link, os.rename, os.unlink} <= os.supports_dir_f
 O_TMPFILE: int = getattr(os, "O_TMPFILE", 0)
 PROC_FD = os.path.isdir("/proc/self/fd")  # linkat of an O_TMPFILE file goes through /proc/self/fd/N
 _O_PATH: int = getattr(os, "O_PATH", 0)  # Linux: a folder descriptor that needs only search permission
-_O_NOFOLLOW: int = getattr(os, "O_NOFOLLOW", 0)
+O_NOFOLLOW: int = getattr(os, "O_NOFOLLOW", 0)  # 0 on Windows: the caller checks for a link itself
 _O_DIRECTORY: int = getattr(os, "O_DIRECTORY", 0)
 _O_CLOEXEC: int = getattr(os, "O_CLOEXEC", 0)
-_O_BINARY: int = getattr(os, "O_BINARY", 0)  # Windows: no newline translation
+O_BINARY: int = getattr(os, "O_BINARY", 0)  # Windows: no newline translation; the one definition
 # Errors meaning "this filesystem cannot do that", after which the next fallback is tried.
 _UNSUPPORTED = {errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.EISDIR, errno.ENOSYS}
 _NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK}
@@ -95,7 +97,7 @@ class Folder:
     def open_file(self, name: str, flags: int, mode: int = 0o666) -> int:
         """Open the entry `name` in this folder with `flags` | O_NOFOLLOW | O_CLOEXEC; returns the descriptor.
         Raises UnsafePathError when `name` is a symbolic link, other OSErrors as they come."""
-        flags |= _O_NOFOLLOW | _O_CLOEXEC | _O_BINARY
+        flags |= O_NOFOLLOW | _O_CLOEXEC | O_BINARY
         try:
             if self.fd is None:
                 _refuse_link(self.path / name, self.root)  # the fallback's check; racy without O_NOFOLLOW
@@ -283,7 +285,7 @@ def _open_dir(name: str, dir_fd: int | None, here: Path, root: Path, *, for_fsyn
     (search permission is enough), a read-only descriptor where it will be fsynced."""
     kind = os.O_RDONLY if for_fsync or not _O_PATH else _O_PATH
     try:
-        return os.open(name, kind | _O_DIRECTORY | _O_NOFOLLOW | _O_CLOEXEC, dir_fd=dir_fd)
+        return os.open(name, kind | _O_DIRECTORY | O_NOFOLLOW | _O_CLOEXEC, dir_fd=dir_fd)
     except OSError as exc:
         # A symlink opened with O_NOFOLLOW | O_DIRECTORY fails with ENOTDIR on Linux, ELOOP or EMLINK elsewhere.
         if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
@@ -302,12 +304,6 @@ def _check_excluded(fd: int, here: Path, excluded: FolderId | None) -> None:
     st = os.fstat(fd)
     if (st.st_dev, st.st_ino) == excluded:
         raise ExcludedFolderError(here)
-
-
-def show(text: str) -> str:
-    """A path quoted for a message, bounded: the form of `inputs.common.show` (not imported: `inputs` imports
-    this module)."""
-    return repr(text if len(text) <= 120 else text[:119] + "…")
 
 
 def _link_error(path: Path, root: Path) -> UnsafePathError:

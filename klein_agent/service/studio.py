@@ -37,6 +37,7 @@ from PIL import Image
 from klein_agent import __version__
 from klein_agent.rules import limits, masks, resolution
 from klein_agent.rules import loras as lora_rules
+from klein_agent.rules.image_refs import require_image_id
 from klein_agent.rules.recipes import provenance
 from klein_agent.rules.references import prepare_reference
 from klein_agent.rules.requests import GenerationRequest, GeneratorInfo
@@ -525,7 +526,7 @@ class Studio:
     async def contact_sheet(self, image_ids: Sequence[str], *, max_edge: int) -> Sheet:
         """Stored images as one preview (one image) or a contact sheet labelled 1, 2, ... in this order, its
         long edge at most `max_edge` px and within the preview budget. Raises RequestError, UnknownImageError."""
-        ids = [strip_image_uri(i) for i in image_ids]
+        ids = [require_image_id(i) for i in image_ids]
         if not ids:
             raise RequestError(
                 "no image ids given: pass one image id, or a list of ids (list_images shows them)"
@@ -551,7 +552,7 @@ class Studio:
         """Write a stored image's full-resolution PNG to `path` (a file, or a folder for <id>.png) inside the
         allowed folders. Raises ImageInputError for the path, UnknownImageError, or RequestError when the file
         exists and `overwrite` is false."""
-        image_id = strip_image_uri(image_id)
+        image_id = require_image_id(image_id)
 
         def run() -> Exported:
             png = self.store.read_png(image_id)
@@ -589,9 +590,3 @@ def now_iso(timestamp: float | None = None) -> str:
     """A UTC time as `2026-11-30T17:27:55Z` (now, or the given Unix time)."""
     moment = datetime.now(UTC) if timestamp is None else datetime.fromtimestamp(timestamp, UTC)
     return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def strip_image_uri(value: str) -> str:
-    """An id from `img_...` or `image://img_...` (surrounding space removed)."""
-    value = value.strip()
-    return value[len("image://") :] if value.lower().startswith("image://") else value

@@ -10,6 +10,7 @@ from mcp_types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import Field
 
 from klein_agent.gallery.command import command_line
+from klein_agent.rules.image_refs import split_image_refs
 from klein_agent.rules.limits import (
     MAX_CURSOR_CHARS,
     MAX_LIST_LIMIT,
@@ -18,7 +19,6 @@ from klein_agent.rules.limits import (
     SESSION_MAX_CHARS,
     VIEW_MAX_EDGE,
 )
-from klein_agent.server.arguments import split_ids
 from klein_agent.server.errors import tool_errors
 from klein_agent.server.models import (
     ExportResult,
@@ -135,9 +135,9 @@ def register(mcp: MCPServer, studio: Studio) -> None:
     async def view_image(
         image_ids: ImageIdsArg, max_edge: MaxEdgeArg = 1024
     ) -> Annotated[CallToolResult, ViewResult]:
-        # Ids hold no commas or spaces, so a string of several ("img_a, img_b") can only mean the list.
-        ids = split_ids(image_ids) if isinstance(image_ids, str) else list(image_ids)
         with tool_errors():
+            # Ids hold no commas or spaces, so a string of several ("img_a, img_b") can only mean the list.
+            ids = split_image_refs(image_ids) if isinstance(image_ids, str) else list(image_ids)
             sheet = await studio.contact_sheet(ids, max_edge=max_edge)
         preview, meta = sheet.preview, sheet.images
         if len(meta) == 1:

@@ -8,6 +8,20 @@ from typing import Literal
 
 from PIL import Image
 
+from klein_agent.rules.quoting import ellipsize, show
+
+__all__ = [
+    "ATTACHMENT_HINT",
+    "MAX_ARG_CHARS",
+    "ImageInputError",
+    "LoadedImage",
+    "Source",
+    "content_key",
+    "ellipsize",  # re-exported: the one form lives in rules.quoting
+    "show",
+    "too_big_error",
+]
+
 Source = Literal["image_id", "path", "data_uri", "url"]
 
 
@@ -45,13 +59,3 @@ def too_big_error(what: str, size: int, cap: int) -> ImageInputError:
         f"{show(what) if what.startswith(('/', '~')) else what} is {size / 2**20:.1f} MiB, over the "
         f"{cap / 2**20:.1f} MiB limit: downscale or re-encode it (JPEG or WebP are smaller) and try again"
     )
-
-
-def ellipsize(text: str, limit: int) -> str:
-    """`text` cut to at most `limit` characters, the last one an ellipsis when cut."""
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def show(text: str) -> str:
-    """Quote user text for an error message: bounded length, control characters escaped."""
-    return repr(ellipsize(text, 120))

@@ -17,6 +17,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from klein_agent.rules.image_refs import ImageRefError, parse_image_ref
 from klein_agent.rules.limits import REFERENCE_MAX_AREA
 from klein_agent.service.error_text import describe
 from klein_agent.service.inputs.common import (
@@ -31,7 +32,13 @@ from klein_agent.service.inputs.common import (
 )
 from klein_agent.service.inputs.decoding import decode
 from klein_agent.service.inputs.policy import INPUT_DIR_FLAG, InputPolicy
-from klein_agent.service.safe_paths import ExcludedFolderError, UnsafePathError, folder_beneath
+from klein_agent.service.safe_paths import (
+    O_BINARY,
+    O_NOFOLLOW,
+    ExcludedFolderError,
+    UnsafePathError,
+    folder_beneath,
+)
 
 WINDOWS_DRIVE_RE = re.compile(r"[A-Za-z]:[\\/]")
 
@@ -176,16 +183,33 @@ def read_image_file(
     same untrusted-input decoder the server uses, so a file gives the same pixels from the CLI and the server.
 
     Relative paths and `~` are allowed. `reduce_to`: see `decoding.decode` (a mask is scaled to a picture of at
-    most this size too). Raises ImageInputError with what to do, as the server's messages do.
+    most this size too). A name that is no file but an image id reference (`rules.image_refs`) is refused with
+    the server's id message when malformed, else with what the command line takes instead. Raises
+    ImageInputError with what to do, as the server's messages do.
     """
     check_not_quoted(path)
     if "\x00" in path:
         raise ImageInputError("path contains a NUL character")
+    if not os.path.lexists(path):  # a file of that name wins: `img_<id>.png` is how the CLI names a parent
+        _refuse_image_ref(path)
     try:
         resolved = Path(os.path.realpath(os.path.expanduser(path)))
     except (OSError, ValueError) as e:
         raise ImageInputError(f"cannot resolve {show(path)} ({describe(e)}): check the path") from None
     return _path_image(_read_file(resolved, path, max_bytes, hint=False), resolved, max_pixels, reduce_to)
+
+
+def _refuse_image_ref(path: str) -> None:
+    """Raise ImageInputError when `path` is an image id reference: the command line reads files, not a store."""
+    try:
+        image_id = parse_image_ref(path)
+    except ImageRefError as exc:
+        raise ImageInputError(str(exc)) from None
+    if image_id is not None:
+        raise ImageInputError(
+            f"{show(path)} is an image id of the server's store, and the command line reads files: write it to "
+            f"a file with the export_image tool (or save image://{image_id}) and pass that file's path"
+        )
 
 
 def _path_image(data: bytes, resolved: Path, max_pixels: int, reduce_to: int | None) -> LoadedImage:
@@ -212,7 +236,7 @@ def _read_file(resolved: Path, shown: str, max_bytes: int, *, hint: bool = True)
     _check_kind(st, shown, max_bytes)
     # O_NOFOLLOW: `resolved` has no symlinks, so one appearing here was swapped in after the check.
     try:
-        fd = os.open(resolved, _READ_FLAGS | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0))
+        fd = os.open(resolved, _READ_FLAGS | O_NOFOLLOW | O_BINARY)
     except OSError as e:
         raise ImageInputError(f"cannot open {show(shown)}: {e.strerror or e}; check the path") from None
     return _read_fd(fd, shown, max_bytes)

@@ -19,14 +19,13 @@ import time
 from pathlib import Path
 
 from klein_agent.service.files import unlink_quietly, write_atomically
+from klein_agent.service.safe_paths import O_BINARY, O_NOFOLLOW
 from klein_agent.service.store.blobs import BlobInfo, BlobMissingError
 from klein_agent.service.store.records import StoreError, StoreWriteError, folder_problem, write_error_message
 
 log = logging.getLogger(__name__)
 
 TMP_PREFIX = ".tmp-"
-_O_BINARY = getattr(os, "O_BINARY", 0)  # Windows: no newline translation
-_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # POSIX: a symlink planted in the folder fails to open
 
 
 class FolderBlobStore:
@@ -69,9 +68,9 @@ class FolderBlobStore:
         """The file's bytes. Raises BlobMissingError (absent, a symlink, not a regular file) or StoreError."""
         path = self.path_of(key)
         try:
-            if _O_NOFOLLOW == 0 and os.path.islink(path):  # Windows: no O_NOFOLLOW
+            if O_NOFOLLOW == 0 and os.path.islink(path):  # Windows: no O_NOFOLLOW
                 raise OSError(errno.ELOOP, "symlink in the image store")
-            fd = os.open(path, os.O_RDONLY | _O_BINARY | _O_NOFOLLOW)
+            fd = os.open(path, os.O_RDONLY | O_BINARY | O_NOFOLLOW)  # POSIX: a planted symlink fails to open
         except OSError as e:
             if e.errno in (errno.ENOENT, errno.ELOOP, errno.EMLINK):
                 raise BlobMissingError(f"no blob {key} in {self.folder}") from None

@@ -7,7 +7,6 @@ import errno
 import hashlib
 import json
 import logging
-import re
 import secrets
 import struct
 from collections.abc import Sequence
@@ -15,12 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from klein_agent.rules.image_refs import ID_PREFIX, is_image_id
 from klein_agent.service.error_text import describe
 
 log = logging.getLogger("klein_agent.service.store")
 
-ID_PREFIX = "img_"
-_ID_RE = re.compile(r"img_[A-Za-z0-9_-]{22}", re.ASCII)  # "img_" + token_urlsafe(16): 22 chars, 128 bits
 # The key a damaged recipe is read with (`read_recipe`): its value says what is wrong.
 UNREADABLE_RECIPE = "unreadable"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -112,12 +110,12 @@ class LeaseRow:
 
 def new_image_id() -> str:
     """A fresh opaque id: 128 random bits, so ids can be neither guessed nor enumerated."""
-    return ID_PREFIX + secrets.token_urlsafe(16)
+    return ID_PREFIX + secrets.token_urlsafe(16)  # 16 bytes: the 22 characters `IMAGE_ID_PATTERN` asks for
 
 
 def is_valid_id(image_id: object) -> bool:
-    """The strict shape check that runs before any catalog or blob use of an id."""
-    return isinstance(image_id, str) and _ID_RE.fullmatch(image_id) is not None
+    """The strict shape check that runs before any catalog or blob use of an id (`rules.image_refs`)."""
+    return is_image_id(image_id)
 
 
 def blob_key(image_id: str) -> str:

@@ -1,7 +1,8 @@
 """One tool argument to one RGB picture: dispatch on what the argument is.
 
-An argument is a stored image id (`img_...` or `image://img_...`), an absolute local path or `file://` URI inside a
-server-configured folder, a `data:image/...;base64,...` URI (or bare base64 of a PNG/JPEG/WebP), or an `http(s)://`
+An argument is a stored image id (`img_...` or `image://img_...`, read by `klein_agent.rules.image_refs`, the
+one reading every caller shares), an absolute local path or `file://` URI inside a server-configured folder, a
+`data:image/...;base64,...` URI (or bare base64 of a PNG/JPEG/WebP), or an `http(s)://`
 URL when the server was started with URL inputs on. Every failure raises ImageInputError whose message says what
 was wrong and how to fix it: the calling agent reads it and must be able to correct itself without a human.
 """
@@ -11,16 +12,13 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from klein_agent.service.inputs.common import MAX_ARG_CHARS, ImageInputError, LoadedImage, show
+from klein_agent.rules.image_refs import ImageRefError, parse_image_ref
+from klein_agent.service.inputs.common import MAX_ARG_CHARS, ImageInputError, LoadedImage
 from klein_agent.service.inputs.data_uri import load_base64, load_data_uri, looks_like_bare_base64
 from klein_agent.service.inputs.decoding import decode
 from klein_agent.service.inputs.paths import WINDOWS_DRIVE_RE, load_path, path_from_file_uri
 from klein_agent.service.inputs.policy import InputPolicy
 from klein_agent.service.inputs.urls import load_url
-
-# Server-minted handles are opaque; this only has to keep path and URL syntax out of the store lookup.
-# ASCII-only on purpose: `\w` would admit Unicode look-alikes.
-_IMAGE_ID_RE = re.compile(r"img_[A-Za-z0-9_-]{1,100}")
 
 
 def load_image_argument(arg: str, policy: InputPolicy, lookup: Callable[[str], bytes]) -> LoadedImage:
@@ -51,10 +49,14 @@ def load_image_argument(arg: str, policy: InputPolicy, lookup: Callable[[str], b
             f"image argument is {len(arg)} characters long, over the {MAX_ARG_CHARS} limit for ids, paths "
             "and URLs: pass an image id, a shorter path, or the image itself as a data: URI"
         )
-    if arg.startswith("img_"):
-        return _load_id(arg, policy, lookup)
-    if lower.startswith("image://"):
-        return _load_id(_id_from_image_uri(arg), policy, lookup)
+    # An id reference before any path or URI reading: `img_...` in any case and the `image:` scheme are ids or
+    # refused as malformed ids, never looked up as relative paths or unknown schemes.
+    try:
+        image_id = parse_image_ref(arg)
+    except ImageRefError as exc:
+        raise ImageInputError(str(exc)) from None
+    if image_id is not None:
+        return _load_id(image_id, policy, lookup)
     if lower.startswith(("http://", "https://")):
         return load_url(arg, policy)
     if lower.startswith("file:"):
@@ -69,27 +71,7 @@ def load_image_argument(arg: str, policy: InputPolicy, lookup: Callable[[str], b
     return load_path(arg, policy)
 
 
-def _id_from_image_uri(arg: str) -> str:
-    rest = arg[len("image://") :]
-    if rest.endswith("/meta") and _IMAGE_ID_RE.fullmatch(rest[: -len("/meta")]):
-        image_id = rest[: -len("/meta")]
-        raise ImageInputError(
-            f"{show(arg)} is the metadata resource, not an image: pass image://{image_id} or {image_id}"
-        )
-    if not _IMAGE_ID_RE.fullmatch(rest):
-        raise ImageInputError(
-            f"{show(arg)} is not a valid image URI: use image://img_... with the id from a previous result "
-            "(list_images shows the stored ids)"
-        )
-    return rest
-
-
 def _load_id(image_id: str, policy: InputPolicy, lookup: Callable[[str], bytes]) -> LoadedImage:
-    if not _IMAGE_ID_RE.fullmatch(image_id):
-        raise ImageInputError(
-            f"{show(image_id)} is not a valid image id: ids look like img_ followed by letters, digits, '-' "
-            "or '_' (copy one from a previous result or list_images); if it is a file, give its absolute path"
-        )
     try:
         data = lookup(image_id)
     except LookupError as e:
