@@ -80,7 +80,7 @@ class JobCancelled(EngineError):
 
 
 @dataclass(frozen=True)
-class Completed:
+class FinishedRun:
     """One finished call: the pictures and what they cost."""
 
     result: GenerationResult
@@ -128,7 +128,7 @@ class _Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     started: bool = False
     started_at: float | None = None  # time.monotonic() when the worker took it
-    # run by the worker before the model; gives the request to run (see Slot.run)
+    # run by the worker before the model; gives the request to run (see QueuePlace.run)
     finalize: Callable[[GeneratorInfo, GenerationRequest], GenerationRequest] | None = None
     last_progress: float = -1.0  # the last value sent, heartbeats included
     real_progress: float = 0.0  # the last value the generator reported (0 before its first report)
@@ -138,7 +138,7 @@ class _Job:
     beats: int = 0  # heartbeats since the last real report
     sent_at: float = field(default_factory=time.monotonic)  # when the last notification went out
     real_at: float | None = None  # when the generator last reported
-    value: Completed | None = None
+    value: FinishedRun | None = None
     error: BaseException | None = None
 
     async def send(self, value: float, total: float | None, message: str) -> None:
@@ -193,7 +193,7 @@ def _free_accelerator_memory() -> None:
         torch.cuda.empty_cache()
 
 
-class Slot:
+class QueuePlace:
     """A reserved place in the engine's queue (`Engine.reserve`); `run` fills it and waits for the pictures."""
 
     def __init__(self, engine: Engine, job: _Job) -> None:
@@ -206,7 +206,7 @@ class Slot:
         *,
         progress: AsyncProgress | None = None,
         finalize: Callable[[GeneratorInfo, GenerationRequest], GenerationRequest] | None = None,
-    ) -> Completed:
+    ) -> FinishedRun:
         """Run `request` in this place of the queue; as `Engine.run`. A slot runs once.
 
         `finalize(info, request)` runs on the worker with the loaded model's info just before the model, for rules
@@ -326,7 +326,7 @@ class Engine:
 
     # -- submitting ------------------------------------------------------------------------------------------
 
-    async def run(self, request: GenerationRequest, *, progress: AsyncProgress | None = None) -> Completed:
+    async def run(self, request: GenerationRequest, *, progress: AsyncProgress | None = None) -> FinishedRun:
         """Queue one call and return its pictures once the model has made them.
 
         Raises EngineBusyError at once when the queue is full, ModelLoadError when the model failed to load,
@@ -337,12 +337,12 @@ class Engine:
             return await slot.run(request, progress=progress)
 
     @contextlib.asynccontextmanager
-    async def reserve(self) -> AsyncIterator[Slot]:
+    async def reserve(self) -> AsyncIterator[QueuePlace]:
         """Take a place in the queue now, in arrival order, for a request still being prepared.
 
         A caller reserves before it decodes its inputs: a full queue refuses it (EngineBusyError) before any
         work, and calls keep the order in which they arrived however long each one's decoding takes. The worker
-        waits for the slot at the head of the queue to be filled (`Slot.run`); leaving the block without running
+        waits for the slot at the head of the queue to be filled (`QueuePlace.run`); leaving the block without running
         gives the place up.
         """
         job = _Job(
@@ -353,7 +353,7 @@ class Engine:
             lock=anyio.Lock(),
         )
         self._enqueue(job)
-        slot = Slot(self, job)
+        slot = QueuePlace(self, job)
         try:
             yield slot
         finally:
@@ -362,7 +362,7 @@ class Engine:
 
     async def _run_reserved(
         self, job: _Job, request: GenerationRequest, progress: AsyncProgress | None
-    ) -> Completed:
+    ) -> FinishedRun:
         with self._cond:
             job.request = request
             job.progress = progress
@@ -543,7 +543,7 @@ class Engine:
             self._model_ms_total += model_ms
             for key, hits in result.cache_hits.items():
                 self._cache_hits[key] = self._cache_hits.get(key, 0) + int(hits)
-        job.value = Completed(result=result, queued_ms=queued_ms, model_ms=model_ms)
+        job.value = FinishedRun(result=result, queued_ms=queued_ms, model_ms=model_ms)
 
     @staticmethod
     def _map_failure(request: GenerationRequest, exc: Exception) -> EngineError:
