@@ -118,7 +118,7 @@ HEARTBEAT_SPAN = 0.5  # 5,000 heartbeats: close to 3 hours of one unit at the de
 
 @dataclass(eq=False)
 class _Job:
-    request: GenerationRequest | None  # None while the slot's inputs are still being prepared
+    request: GenerationRequest | None  # None while the place's inputs are still being prepared
     progress: AsyncProgress | None
     token: anyio.lowlevel.EventLoopToken
     done: anyio.Event
@@ -207,14 +207,14 @@ class QueuePlace:
         progress: AsyncProgress | None = None,
         finalize: Callable[[GeneratorInfo, GenerationRequest], GenerationRequest] | None = None,
     ) -> FinishedRun:
-        """Run `request` in this place of the queue; as `Engine.run`. A slot runs once.
+        """Run `request` in this place of the queue; as `Engine.run`. A place runs once.
 
         `finalize(info, request)` runs on the worker with the loaded model's info just before the model, for rules
         that depend on the model (the device's pixel budget, say) when the call arrived while it was loading; the
         request it returns is the one run, and whatever it raises fails the call (a RequestError as
         GenerationFailedError with its message)."""
         if self._job.request is not None:
-            raise RuntimeError("a slot runs one request")
+            raise RuntimeError("a queue place runs one request")
         self._job.finalize = finalize
         return await self._engine._run_reserved(self._job, request, progress)
 
@@ -333,8 +333,8 @@ class Engine:
         ModelOutOfMemoryError or GenerationFailedError. If the awaiting task is cancelled the job is withdrawn
         (queued) or stopped at the next step (running), and nothing is returned.
         """
-        async with self.reserve() as slot:
-            return await slot.run(request, progress=progress)
+        async with self.reserve() as place:
+            return await place.run(request, progress=progress)
 
     @contextlib.asynccontextmanager
     async def reserve(self) -> AsyncIterator[QueuePlace]:
@@ -342,8 +342,8 @@ class Engine:
 
         A caller reserves before it decodes its inputs: a full queue refuses it (EngineBusyError) before any
         work, and calls keep the order in which they arrived however long each one's decoding takes. The worker
-        waits for the slot at the head of the queue to be filled (`QueuePlace.run`); leaving the block without running
-        gives the place up.
+        waits for the place at the head of the queue to be filled (`QueuePlace.run`); leaving the block without
+        running gives the place up.
         """
         job = _Job(
             request=None,
@@ -353,9 +353,9 @@ class Engine:
             lock=anyio.Lock(),
         )
         self._enqueue(job)
-        slot = QueuePlace(self, job)
+        place = QueuePlace(self, job)
         try:
-            yield slot
+            yield place
         finally:
             if job.request is None:
                 self._withdraw(job)
@@ -447,7 +447,7 @@ class Engine:
                 return  # running or finished: the worker sees the flag and signals done
             if job.request is not None:
                 self._cancelled += 1
-            self._cond.notify_all()  # the next slot may now be at the head
+            self._cond.notify_all()  # the next place may now be at the head
         job.error = JobCancelled("cancelled while queued")
         job.done.set()  # we are on the caller's loop here
 
@@ -485,7 +485,7 @@ class Engine:
         log.info("model ready in %.1f s: %s", self._load_seconds, generator.info.summary())
         while True:
             with self._cond:
-                # first in, first out: a reserved slot at the head is waited for, not overtaken
+                # first in, first out: a reserved place at the head is waited for, not overtaken
                 while not self._stopping and (not self._queue or self._queue[0].request is None):
                     self._cond.wait()
                 if self._stopping:
