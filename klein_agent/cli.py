@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from klein_agent import __version__
 from klein_agent.logs import configure_logging, parse_level
@@ -25,6 +25,10 @@ from klein_agent.model_options import add_model_arguments, generator_factory
 from klein_agent.option_types import positive_float
 from klein_agent.rules import limits
 from klein_agent.rules.limits import MAX_PIXELS_PER_CALL
+
+if TYPE_CHECKING:
+    from klein_agent.rules.calls import Decoded, ImageCall, Prepare
+    from klein_agent.service.inputs import InputPolicy
 
 log = logging.getLogger("klein_agent")
 
@@ -239,80 +243,40 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def run_generate(args: argparse.Namespace) -> int:
     """`klein-agent generate`: check everything, load the model, make the pictures, write PNGs with provenance."""
+    from dataclasses import replace
+
     from klein_agent.rules import resolution
-    from klein_agent.rules.recipes import provenance, tool_for
-    from klein_agent.rules.references import prepare_reference
-    from klein_agent.rules.requests import GenerationRequest
-    from klein_agent.service.inputs import InputPolicy, read_image_file
+    from klein_agent.rules.calls import prepare_call
+    from klein_agent.service.inputs import InputPolicy
     from klein_agent.service.pngfile import encode_png
 
-    # Everything the server checks, checked here before the model loads, with the server's messages.
-    prompt = resolution.clean_prompt(args.prompt)
+    # Everything the server checks, checked and prepared here before the model loads, by the same rules
+    # (`rules.calls`, one way in): the inputs' size and aspect checks, the mask and the pixel budget included.
+    call = image_call(args)
+    call.check()
     outputs = output_paths(args.out, args.num_images)
-    resolution.check_reference_count(len(args.image))
-    resolution.check_user_size(args.width, args.height)
-    seeds = resolution.batch_seeds(args.seed, args.num_images)
-    resolution.resolve_sampling(
-        args.steps, args.guidance, distilled=False, default_steps=1, default_guidance=1.0
-    )
-    # Decoded and prepared as the server does (one way in): the reference's size and aspect checks run here.
-    # A masked edit's source is resized to whole tokens, not cropped (rules.masks), so it is kept as decoded.
-    policy = InputPolicy(allowed_dirs=())  # the server's limits and reduced JPEG decoding; any path is read
-    masked = args.mask is not None or bool(args.box)
-    references = []
-    for k, path in enumerate(args.image):
-        which = (
-            f"--image {path}" if len(args.image) == 1 else f"--image {k + 1} of {len(args.image)} ({path})"
-        )
-        try:
-            decoded = read_image_file(
-                path, max_bytes=policy.max_bytes, max_pixels=policy.max_pixels, reduce_to=policy.reduce_to
-            )
-            prepared = prepare_reference(decoded.image)
-        except ValueError as exc:  # ImageInputError, RequestError: the message, saying which --image
-            raise type(exc)(f"{which}: {exc}") from exc
-        references.append(decoded.image if masked and k == 0 else prepared)
-    mask_picture, mask_recipe = check_mask_arguments(args, references, policy)
-    first = references[0].size if references else None
     budget = int(args.max_megapixels * 1_000_000)
-    width, height = resolution.output_size(
-        args.width, args.height, first, max_pixels=budget // args.num_images
+    # the server's limits and reduced decoding; any path is read
+    files = FileDecoder(InputPolicy(allowed_dirs=()))
+    prepared = prepare_call(
+        call,
+        files,
+        multiple=limits.SIZE_MULTIPLE,  # every klein checkpoint's token size; the pipeline checks it once loaded
+        budget=lambda device: (budget, "--max-megapixels raises it"),
     )
-    if mask_picture is not None:
-        width, height = mask_picture.size
-    resolution.check_pixels(
-        width, height, args.num_images, budget, "--max-megapixels raises it", masked=mask_picture is not None
-    )
-    if mask_picture is None and (width, height) != resolution.output_size(args.width, args.height, first):
-        args.width, args.height = width, height  # the budget scaled the default size down: ask for that
 
     factory = generator_factory(args)  # checks --device, --lora and --model on the filesystem (no torch yet)
     bar = ProgressBar("loading model")
     pipeline = factory()
     bar.note(f"model ready on {pipeline.info.device} ({pipeline.info.dtype})")
-    request = GenerationRequest(
-        prompt=prompt,
-        width=args.width,
-        height=args.height,
-        seed=seeds[0],
-        num_images=args.num_images,
-        steps=args.steps,
-        guidance=args.guidance,
-        references=tuple(references),
-        mask=mask_picture,
-        strength=args.strength,
-        loras=pipeline.info.loras,  # generate runs every adapter it loaded
-    )
+    request = replace(prepared.request, loras=pipeline.info.loras)  # generate runs every adapter it loaded
     note = resolution.guidance_note(args.guidance, distilled=pipeline.info.distilled)
     if note is not None:  # the note a tool result carries, said before the wait
         log.warning("%s", note)
     result = pipeline.generate(request, progress=bar.update)
     bar.close()
-    tool = "inpaint" if mask_recipe is not None else tool_for(len(references))
     for k, (image, path) in enumerate(zip(result.images, outputs, strict=True)):
-        recipe = provenance(result, k, tool=tool, parents=args.image)
-        if mask_recipe is not None:
-            recipe["mask"] = mask_recipe
+        recipe = prepared.recipe(result, k, parents=args.image, mask_name=args.mask)
         path.write_bytes(encode_png(image, provenance=recipe))
         print(f"wrote {path} (seed {recipe['seed']}, {image.width}x{image.height})", file=sys.stderr)
     timings = ", ".join(f"{k} {v:.0f} ms" for k, v in result.timings_ms.items())
@@ -320,36 +284,77 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_mask_arguments(
-    args: argparse.Namespace, references: list[Any], policy: Any
-) -> tuple[Any, dict[str, Any] | None]:
-    """A masked edit's mask (prepared to the output size) and its recipe entry, or (None, None) without --mask or
-    --box. Raises RequestError or an input error for every bad argument, before the model loads."""
-    from klein_agent.rules import masks
+def image_call(args: argparse.Namespace) -> ImageCall:
+    """The call `generate`'s options name: inpaint with --mask or --box, else generate, edit or compose by the
+    number of --image. Raises RequestError for options that do not go together (parse_box's for a bad --box)."""
+    from klein_agent.rules import calls, masks
     from klein_agent.rules.resolution import RequestError
-    from klein_agent.service.inputs import read_image_file
 
+    common: dict[str, Any] = {
+        "prompt": args.prompt,
+        "width": args.width,
+        "height": args.height,
+        "seed": args.seed,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "num_images": args.num_images,
+    }
     if args.mask is None and not args.box:
         if args.strength is not None:
             raise RequestError("--strength applies to masked edits: add --mask or --box")
-        return None, None
-    if not references:
+        if len(args.image) > 1:
+            return calls.Compose(images=tuple(args.image), **common)
+        return calls.Edit(image=args.image[0], **common) if args.image else calls.Generate(**common)
+    if not args.image:
         raise RequestError("--mask and --box need --image: the picture to repaint")
     if args.width is not None or args.height is not None:
         raise RequestError(
             "a masked edit keeps the image's size (as the model sees it): drop --width/--height, or resize with an "
             "edit first"
         )
-    region = masks.MaskRequest(
-        args.mask, [masks.parse_box(text, k) for k, text in enumerate(args.box, start=1)], args.strength
+    boxes = [masks.parse_box(text, k) for k, text in enumerate(args.box, start=1)]
+    return calls.Inpaint(
+        image=args.image[0],
+        references=tuple(args.image[1:]),
+        mask=args.mask,
+        boxes=[[b.x, b.y, b.width, b.height] for b in boxes] or None,
+        strength=args.strength,
+        **common,
     )
-    region.check()
-    drawn = None
-    if args.mask is not None:
-        drawn = read_image_file(args.mask, max_bytes=policy.max_bytes, max_pixels=policy.max_pixels).image
-    picture = region.picture(references[0], drawn)
-    recipe = {"image": args.mask} if args.mask is not None else {"boxes": [b.as_list() for b in region.boxes]}
-    return picture, recipe
+
+
+class FileDecoder:
+    """`rules.calls.Decoder` over files named on the command line (any readable path), with the server's limits;
+    errors name the --image."""
+
+    def __init__(self, policy: InputPolicy) -> None:
+        self.policy = policy
+
+    def image(self, argument: str, number: int, count: int, prepare: Prepare) -> Decoded[str]:
+        """--image `number` of `count`, decoded and prepared; a ValueError is re-raised naming it."""
+        from klein_agent.rules.calls import Decoded
+        from klein_agent.service.inputs import read_image_file
+
+        which = f"--image {argument}" if count == 1 else f"--image {number} of {count} ({argument})"
+        policy = self.policy
+        try:
+            decoded = read_image_file(
+                argument, max_bytes=policy.max_bytes, max_pixels=policy.max_pixels, reduce_to=policy.reduce_to
+            )
+            return Decoded(prepare(decoded.image), argument)
+        except ValueError as exc:  # ImageInputError, RequestError: the message, saying which --image
+            raise type(exc)(f"{which}: {exc}") from exc
+
+    def mask(self, argument: str) -> Decoded[str]:
+        """--mask, decoded at full size (the mask rule resizes it)."""
+        from klein_agent.rules.calls import Decoded
+        from klein_agent.service.inputs import read_image_file
+
+        policy = self.policy
+        return Decoded(
+            read_image_file(argument, max_bytes=policy.max_bytes, max_pixels=policy.max_pixels).image,
+            argument,
+        )
 
 
 def output_paths(out: Path, count: int) -> list[Path]:

@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from klein_agent.rules.calls import Generate
 from klein_agent.rules.resolution import RequestError
 from klein_agent.service.inputs import ImageInputError, InputPolicy, load_image_argument
 from tests.conftest import make_server_state
@@ -149,7 +150,7 @@ def studio(tmp_path: Path, tree: dict[str, Path]) -> Iterator[Any]:
 
 
 async def stored_image(studio: Any) -> str:
-    made = await studio.make("generate", "a boat", width=64, height=64, seed=1)
+    made = await studio.make(Generate(prompt="a boat", width=64, height=64, seed=1))
     return str(made.images[0].image_id)
 
 

@@ -23,6 +23,7 @@ import anyio.to_thread
 import pytest
 from mcp import Client
 
+from klein_agent.rules.calls import Edit
 from klein_agent.server.app import build_server
 from klein_agent.service.store import ImageStore
 from tests.conftest import make_server_state
@@ -151,7 +152,7 @@ async def test_a_cancelled_edit_releases_its_leases(
     source = stored_input(state, 12)
     with anyio.CancelScope() as scope:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(lambda: state.make("edit", "at night", [source]))
+            tg.start_soon(lambda: state.make(Edit(prompt="at night", image=source)))
             with anyio.fail_after(30):
                 while not fake.entered.is_set():
                     await anyio.sleep(0.01)

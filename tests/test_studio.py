@@ -17,6 +17,7 @@ import anyio
 import pytest
 
 from klein_agent.rules import limits
+from klein_agent.rules.calls import Compose, Edit, Generate
 from klein_agent.rules.resolution import RequestError
 from klein_agent.service.engine import EngineBusyError, GenerationFailedError
 from klein_agent.service.studio import Studio
@@ -44,10 +45,10 @@ def faked(tmp_path: Path, input_dir: Path, fake: FakeGenerator, **options: Any) 
 
 
 async def test_generate_edit_and_compose_with_lineage_and_recipes(studio: Studio, input_dir: Path) -> None:
-    first = await studio.make("generate", "a red cube", width=64, height=64, seed=3, num_images=2)
+    first = await studio.make(Generate(prompt="a red cube", width=64, height=64, seed=3, num_images=2))
     assert [img.width for img in first.images] == [64, 64] and first.seeds == [3, 4]
-    assert first.parents == [] and first.imported == [] and first.guidance is None
-    assert first.steps == limits.DISTILLED_STEPS
+    assert first.parents == [] and first.imported == [] and first.run is not None
+    assert first.run.guidance is None and first.run.steps == limits.DISTILLED_STEPS
     recipe = first.images[1].recipe
     assert (recipe["tool"], recipe["seed"], recipe["batch"]) == (
         "generate",
@@ -57,15 +58,16 @@ async def test_generate_edit_and_compose_with_lineage_and_recipes(studio: Studio
 
     photo = input_dir / "photo.png"
     photo.write_bytes(png_bytes(100, 70))
-    edited = await studio.make("edit", "make it blue", [str(photo)], seed=1)
+    edited = await studio.make(Edit(prompt="make it blue", image=str(photo), seed=1))
     (imported,) = edited.imported
     assert edited.parents == [imported.image_id] and imported.recipe["tool"] == "import"
     assert (edited.images[0].width, edited.images[0].height) == (96, 64)  # the input as prepared
 
     composed = await studio.make(
-        "compose",
-        "image 1 beside image 2",
-        [first.images[0].image_id, f"image://{edited.images[0].image_id}"],
+        Compose(
+            prompt="image 1 beside image 2",
+            images=[first.images[0].image_id, f"image://{edited.images[0].image_id}"],
+        )
     )
     assert composed.parents == [first.images[0].image_id, edited.images[0].image_id]
     assert composed.images[0].parents == tuple(composed.parents)
@@ -81,9 +83,8 @@ async def test_bad_arguments_are_refused_before_any_work(studio: Studio, tiny_sp
         ({"prompt": "x", "session": "a/b"}, "not a valid label"),
         ({"prompt": "x", "steps": 0}, "steps must be from 1"),
     ]:
-        prompt = kwargs.pop("prompt")
         with pytest.raises(RequestError, match=message):
-            await studio.make("generate", prompt, **kwargs)
+            await studio.make(Generate(**kwargs))
     assert studio.store.stats().count == 0
 
 
@@ -107,9 +108,9 @@ async def test_the_next_call_runs_while_the_last_one_is_stored(tmp_path: Path, i
     studio.store.put = slow_put  # type: ignore[method-assign]
     try:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(lambda: studio.make("generate", "first", width=64, height=64, seed=1))
+            tg.start_soon(lambda: studio.make(Generate(prompt="first", width=64, height=64, seed=1)))
             await anyio.sleep(0.05)
-            tg.start_soon(lambda: studio.make("generate", "second", width=64, height=64, seed=2))
+            tg.start_soon(lambda: studio.make(Generate(prompt="second", width=64, height=64, seed=2)))
         assert second_started_while_storing.is_set(), "the engine waited for the first call's store write"
         assert studio.store.stats().count == 2
     finally:
@@ -123,15 +124,15 @@ async def test_a_refused_or_failed_call_imports_nothing(tmp_path: Path, input_di
     picture = data_uri(png_bytes(96, 64))
     try:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(lambda: studio.make("generate", "holds the model", width=64, height=64))
+            tg.start_soon(lambda: studio.make(Generate(prompt="holds the model", width=64, height=64)))
             await anyio.to_thread.run_sync(fake.entered.wait, 10)
             with pytest.raises(EngineBusyError):
-                await studio.make("edit", "refused as busy", [picture])
+                await studio.make(Edit(prompt="refused as busy", image=picture))
             fake.gate.set()  # type: ignore[union-attr]
         assert studio.store.stats().count == 1  # the first call's picture, no imported input
         fake.fail_with = RuntimeError("the model broke")
         with pytest.raises(GenerationFailedError, match="the model broke"):
-            await studio.make("edit", "fails at step 2", [picture])
+            await studio.make(Edit(prompt="fails at step 2", image=picture))
         assert studio.store.stats().count == 1
     finally:
         studio.engine.close()
@@ -151,7 +152,9 @@ async def test_cancelled_while_the_model_runs_stores_nothing(tmp_path: Path, inp
                     fake.gate.set()  # type: ignore[union-attr]
 
                 tg.start_soon(cancel_at_step_two)
-                await studio.make("edit", "cancelled", [data_uri(png_bytes(96, 64))], width=64, height=64)
+                await studio.make(
+                    Edit(prompt="cancelled", image=data_uri(png_bytes(96, 64)), width=64, height=64)
+                )
         assert not scope.cancelled_caught
         assert studio.store.stats().count == 0
     finally:
@@ -181,7 +184,7 @@ async def test_a_batch_being_stored_is_stored_whole_when_its_caller_is_cancelled
                 tg.cancel_scope.cancel()
 
             tg.start_soon(cancel_while_storing)
-            await studio.make("generate", "three", width=64, height=64, num_images=3)
+            await studio.make(Generate(prompt="three", width=64, height=64, num_images=3))
         assert studio.store.stats().count == 3
     finally:
         studio.engine.close()
@@ -200,7 +203,7 @@ async def test_calls_run_in_arrival_order_however_long_their_inputs_take_to_deco
             for k in range(40):
                 picture = big if k % 3 == 0 else small  # every third call decodes a larger input
                 tg.start_soon(
-                    lambda k=k, p=picture: studio.make("edit", f"call {k}", [p], width=64, height=64)
+                    lambda k=k, p=picture: studio.make(Edit(prompt=f"call {k}", image=p, width=64, height=64))
                 )
                 await anyio.sleep(0.002)
         assert [r.prompt for r in fake.calls] == [f"call {k}" for k in range(40)]
@@ -227,10 +230,10 @@ async def test_a_busy_call_is_refused_before_its_inputs_are_decoded(
     monkeypatch.setattr("klein_agent.service.inputs.data_uri.decode", counting)
     try:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(lambda: studio.make("generate", "holds the model", width=64, height=64))
+            tg.start_soon(lambda: studio.make(Generate(prompt="holds the model", width=64, height=64)))
             await anyio.to_thread.run_sync(fake.entered.wait, 10)
             with pytest.raises(EngineBusyError):
-                await studio.make("compose", "refused", [data_uri(png_bytes(96, 64))] * 4)
+                await studio.make(Compose(prompt="refused", images=[data_uri(png_bytes(96, 64))] * 4))
             fake.gate.set()  # type: ignore[union-attr]
         assert decoded == [], "the busy call decoded nothing"
     finally:
@@ -256,7 +259,7 @@ async def test_a_call_whose_storing_fails_on_a_full_disk_imports_nothing(
     try:
         monkeypatch.setattr(store_module.os, "fsync", disk_full)
         with pytest.raises(StoreWriteError, match="The store is unchanged"):
-            await studio.make("edit", "on a full disk", [str(photo)])
+            await studio.make(Edit(prompt="on a full disk", image=str(photo)))
         monkeypatch.undo()
         assert studio.store.stats().count == 0  # neither the result nor the imported input
         assert [p for p in (studio.store.root / "images").rglob("*") if p.is_file()] == []

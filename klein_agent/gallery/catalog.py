@@ -1,6 +1,6 @@
 """What the gallery shows of one stored image: the JSON of its card, built from the store's record and its recipe.
 
-The recipe's keys are the store's (`klein_agent.service.studio.Studio._store_call` and `_import` write them); the
+The recipe's keys are the store's (`klein_agent.service.making.store_results` and `import_input` write them); the
 commands that remake a picture come from the one rule in `klein_agent.rules.recipes`.
 """
 

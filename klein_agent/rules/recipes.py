@@ -11,13 +11,7 @@ from typing import Any
 
 from klein_agent.rules.requests import GenerationResult
 
-TOOLS = ("generate", "edit", "compose")
-RERUNNABLE = (*TOOLS, "inpaint")
-
-
-def tool_for(reference_count: int) -> str:
-    """The tool name a call with this many references is: generate (none), edit (one), compose (several)."""
-    return TOOLS[min(reference_count, 2)]
+RERUNNABLE = ("generate", "edit", "compose", "inpaint")
 
 
 def provenance(result: GenerationResult, k: int, *, tool: str, parents: Sequence[str]) -> dict[str, Any]:

@@ -244,6 +244,22 @@ def batch_seeds(seed: int | None, num_images: int) -> tuple[int, ...]:
     return tuple(seed + k for k in range(num_images))
 
 
+def check_steps(steps: int | None) -> None:
+    """Raises RequestError for a step count outside [1, MAX_STEPS]; None (the model's default) passes."""
+    if steps is not None and not 1 <= steps <= limits.MAX_STEPS:
+        raise RequestError(f"steps must be from 1 to {limits.MAX_STEPS}, got {steps}")
+
+
+def check_guidance(guidance: float | None) -> None:
+    """Raises RequestError for a guidance scale that is not finite or outside [MIN_GUIDANCE, MAX_GUIDANCE]; None
+    (the model's default) passes. A distilled model ignores a valid one (`guidance_note`)."""
+    check_finite(guidance, "guidance")
+    if guidance is not None and not limits.MIN_GUIDANCE <= guidance <= limits.MAX_GUIDANCE:
+        raise RequestError(
+            f"guidance must be from {limits.MIN_GUIDANCE:g} (no guidance) to {limits.MAX_GUIDANCE:g}, got {number_text(guidance)}"
+        )
+
+
 def resolve_sampling(
     steps: int | None, guidance: float | None, *, distilled: bool, default_steps: int, default_guidance: float
 ) -> tuple[int, float | None]:
@@ -251,13 +267,8 @@ def resolve_sampling(
     the asked scale or their default. Raises RequestError for steps outside [1, MAX_STEPS] or a scale that is not
     finite or outside [MIN_GUIDANCE, MAX_GUIDANCE]."""
     resolved_steps = default_steps if steps is None else steps
-    if not 1 <= resolved_steps <= limits.MAX_STEPS:
-        raise RequestError(f"steps must be from 1 to {limits.MAX_STEPS}, got {resolved_steps}")
-    check_finite(guidance, "guidance")
-    if guidance is not None and not limits.MIN_GUIDANCE <= guidance <= limits.MAX_GUIDANCE:
-        raise RequestError(
-            f"guidance must be from {limits.MIN_GUIDANCE:g} (no guidance) to {limits.MAX_GUIDANCE:g}, got {number_text(guidance)}"
-        )
+    check_steps(resolved_steps)
+    check_guidance(guidance)
     if distilled:
         return resolved_steps, None
     return resolved_steps, default_guidance if guidance is None else float(guidance)

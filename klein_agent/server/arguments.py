@@ -39,10 +39,6 @@ HINTS = {
 }
 
 
-def _sampling(steps: Any = 1, guidance: Any = None) -> None:
-    resolution.resolve_sampling(steps, guidance, distilled=True, default_steps=1, default_guidance=1.0)
-
-
 def _lora_scale(value: Any, arguments: dict[str, Any], path: list[Any]) -> None:
     if len(path) == 3 and path[2] == "scale":
         item = arguments["loras"][path[1]]
@@ -58,8 +54,8 @@ RULES: dict[str, Callable[[Any, dict[str, Any], list[Any]], object]] = {
     "height": lambda v, a, p: resolution.check_user_size(None, v),
     "seed": lambda v, a, p: resolution.batch_seeds(v, 1),
     "num_images": lambda v, a, p: resolution.batch_seeds(0, v),
-    "steps": lambda v, a, p: _sampling(steps=v),
-    "guidance": lambda v, a, p: _sampling(guidance=v),
+    "steps": lambda v, a, p: resolution.check_steps(v),
+    "guidance": lambda v, a, p: resolution.check_guidance(v),
     "images": lambda v, a, p: resolution.check_reference_count(len(v)) if len(p) == 1 else None,
     "session": lambda v, a, p: resolution.check_session(v),
     "strength": lambda v, a, p: check_strength(v),

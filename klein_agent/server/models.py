@@ -27,8 +27,8 @@ class ImagesResult(BaseModel):
 
     images: list[ImageRef]
     elapsed_ms: int = Field(description="wall time of the whole call, including queueing and storing")
-    model_ms: int = Field(description="time the model itself took")
-    steps: int
+    model_ms: int = Field(description="time the model itself took; 0 when no model ran")
+    steps: int | None = Field(description="denoising steps; null for pictures no model run made")
     session: str | None
     cache_hits: dict[str, int] = Field(
         description="what earlier calls saved this one: prompt embeddings (prompt), reference latents "

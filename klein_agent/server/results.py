@@ -13,9 +13,9 @@ import base64
 from mcp_types import CallToolResult, ImageContent, ResourceLink, TextContent
 
 from klein_agent.server.models import ImageRef, ImagesResult
+from klein_agent.service.making import NewImages
 from klein_agent.service.previews import Preview
 from klein_agent.service.store import StoredImage
-from klein_agent.service.studio import Made
 
 # One line, not a paragraph: it comes back with every result of a loop; the how-to lives in the tool descriptions.
 NEXT_STEPS = "Next: edit or compose with these ids, or view_image to look again."
@@ -46,9 +46,10 @@ def link_block(image: StoredImage, seed: int | None) -> ResourceLink:
     )
 
 
-def images_result(made: Made) -> CallToolResult:
-    """What generate, edit and compose return for `made`."""
-    stored, seeds, parents = made.images, made.seeds, made.parents
+def images_result(made: NewImages) -> CallToolResult:
+    """What an image tool returns for `made`; a call whose pictures no seeded model run made (`made.run` None)
+    reports no seeds, steps or model time."""
+    stored, seeds, parents, run = made.images, made.seeds, made.parents, made.run
     refs = [
         ImageRef(
             image_id=img.image_id,
@@ -62,15 +63,16 @@ def images_result(made: Made) -> CallToolResult:
     ]
     n = len(stored)
     first = stored[0]
-    seed_text = f"seed {seeds[0]}" if n == 1 else f"seeds {seeds[0]}-{seeds[-1]}"
+    how = ""
+    if run is not None:
+        seed_text = f"seed {run.seeds[0]}" if n == 1 else f"seeds {run.seeds[0]}-{run.seeds[-1]}"
+        how = f" (model {run.model_ms:.0f} ms), {run.steps} steps, {seed_text}"
     lines = [
         f"{made.tool}: made {n} image{'s' if n > 1 else ''} of {first.width}x{first.height} in "
-        f"{made.elapsed_ms:.0f} ms (model {made.model_ms:.0f} ms), {made.steps} steps, {seed_text}"
-        + (f', session "{made.session}"' if made.session else "")
-        + ".",
+        f"{made.elapsed_ms:.0f} ms{how}" + (f', session "{made.session}"' if made.session else "") + ".",
     ]
     lines += [
-        f"{k}. {img.image_id} (seed {seed})"
+        f"{k}. {img.image_id}" + (f" (seed {seed})" if seed is not None else "")
         for k, (img, seed) in enumerate(zip(stored, seeds, strict=True), start=1)
     ]
     if parents:
@@ -82,7 +84,8 @@ def images_result(made: Made) -> CallToolResult:
             f"{gone} is no longer in the store (deleted while this call ran): the lineage keeps its id, but it "
             "cannot be viewed or used again."
         )
-    hits = {k: v for k, v in made.cache_hits.items() if v}
+    cache_hits = {} if run is None else dict(run.cache_hits)
+    hits = {k: v for k, v in cache_hits.items() if v}
     if hits:
         lines.append(
             "Reused from earlier calls: " + ", ".join(f"{k} x{v}" for k, v in sorted(hits.items())) + "."
@@ -99,10 +102,10 @@ def images_result(made: Made) -> CallToolResult:
     structured = ImagesResult(
         images=refs,
         elapsed_ms=round(made.elapsed_ms),
-        model_ms=round(made.model_ms),
-        steps=made.steps,
+        model_ms=0 if run is None else round(run.model_ms),
+        steps=None if run is None else run.steps,
         session=made.session,
-        cache_hits=dict(made.cache_hits),
+        cache_hits=cache_hits,
         notes=list(made.notes),
     )
     return CallToolResult(

@@ -80,7 +80,7 @@ class JobCancelled(EngineError):
 
 
 @dataclass(frozen=True)
-class Completed:
+class FinishedRun:
     """One finished call: the pictures and what they cost."""
 
     result: GenerationResult
@@ -118,7 +118,7 @@ HEARTBEAT_SPAN = 0.5  # 5,000 heartbeats: close to 3 hours of one unit at the de
 
 @dataclass(eq=False)
 class _Job:
-    request: GenerationRequest | None  # None while the slot's inputs are still being prepared
+    request: GenerationRequest | None  # None while the place's inputs are still being prepared
     progress: AsyncProgress | None
     token: anyio.lowlevel.EventLoopToken
     done: anyio.Event
@@ -128,7 +128,7 @@ class _Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     started: bool = False
     started_at: float | None = None  # time.monotonic() when the worker took it
-    # run by the worker before the model; gives the request to run (see Slot.run)
+    # run by the worker before the model; gives the request to run (see QueuePlace.run)
     finalize: Callable[[GeneratorInfo, GenerationRequest], GenerationRequest] | None = None
     last_progress: float = -1.0  # the last value sent, heartbeats included
     real_progress: float = 0.0  # the last value the generator reported (0 before its first report)
@@ -138,7 +138,7 @@ class _Job:
     beats: int = 0  # heartbeats since the last real report
     sent_at: float = field(default_factory=time.monotonic)  # when the last notification went out
     real_at: float | None = None  # when the generator last reported
-    value: Completed | None = None
+    value: FinishedRun | None = None
     error: BaseException | None = None
 
     async def send(self, value: float, total: float | None, message: str) -> None:
@@ -193,7 +193,7 @@ def _free_accelerator_memory() -> None:
         torch.cuda.empty_cache()
 
 
-class Slot:
+class QueuePlace:
     """A reserved place in the engine's queue (`Engine.reserve`); `run` fills it and waits for the pictures."""
 
     def __init__(self, engine: Engine, job: _Job) -> None:
@@ -206,15 +206,15 @@ class Slot:
         *,
         progress: AsyncProgress | None = None,
         finalize: Callable[[GeneratorInfo, GenerationRequest], GenerationRequest] | None = None,
-    ) -> Completed:
-        """Run `request` in this place of the queue; as `Engine.run`. A slot runs once.
+    ) -> FinishedRun:
+        """Run `request` in this place of the queue; as `Engine.run`. A place runs once.
 
         `finalize(info, request)` runs on the worker with the loaded model's info just before the model, for rules
         that depend on the model (the device's pixel budget, say) when the call arrived while it was loading; the
         request it returns is the one run, and whatever it raises fails the call (a RequestError as
         GenerationFailedError with its message)."""
         if self._job.request is not None:
-            raise RuntimeError("a slot runs one request")
+            raise RuntimeError("a queue place runs one request")
         self._job.finalize = finalize
         return await self._engine._run_reserved(self._job, request, progress)
 
@@ -326,24 +326,24 @@ class Engine:
 
     # -- submitting ------------------------------------------------------------------------------------------
 
-    async def run(self, request: GenerationRequest, *, progress: AsyncProgress | None = None) -> Completed:
+    async def run(self, request: GenerationRequest, *, progress: AsyncProgress | None = None) -> FinishedRun:
         """Queue one call and return its pictures once the model has made them.
 
         Raises EngineBusyError at once when the queue is full, ModelLoadError when the model failed to load,
         ModelOutOfMemoryError or GenerationFailedError. If the awaiting task is cancelled the job is withdrawn
         (queued) or stopped at the next step (running), and nothing is returned.
         """
-        async with self.reserve() as slot:
-            return await slot.run(request, progress=progress)
+        async with self.reserve() as place:
+            return await place.run(request, progress=progress)
 
     @contextlib.asynccontextmanager
-    async def reserve(self) -> AsyncIterator[Slot]:
+    async def reserve(self) -> AsyncIterator[QueuePlace]:
         """Take a place in the queue now, in arrival order, for a request still being prepared.
 
         A caller reserves before it decodes its inputs: a full queue refuses it (EngineBusyError) before any
         work, and calls keep the order in which they arrived however long each one's decoding takes. The worker
-        waits for the slot at the head of the queue to be filled (`Slot.run`); leaving the block without running
-        gives the place up.
+        waits for the place at the head of the queue to be filled (`QueuePlace.run`); leaving the block without
+        running gives the place up.
         """
         job = _Job(
             request=None,
@@ -353,16 +353,16 @@ class Engine:
             lock=anyio.Lock(),
         )
         self._enqueue(job)
-        slot = Slot(self, job)
+        place = QueuePlace(self, job)
         try:
-            yield slot
+            yield place
         finally:
             if job.request is None:
                 self._withdraw(job)
 
     async def _run_reserved(
         self, job: _Job, request: GenerationRequest, progress: AsyncProgress | None
-    ) -> Completed:
+    ) -> FinishedRun:
         with self._cond:
             job.request = request
             job.progress = progress
@@ -447,7 +447,7 @@ class Engine:
                 return  # running or finished: the worker sees the flag and signals done
             if job.request is not None:
                 self._cancelled += 1
-            self._cond.notify_all()  # the next slot may now be at the head
+            self._cond.notify_all()  # the next place may now be at the head
         job.error = JobCancelled("cancelled while queued")
         job.done.set()  # we are on the caller's loop here
 
@@ -485,7 +485,7 @@ class Engine:
         log.info("model ready in %.1f s: %s", self._load_seconds, generator.info.summary())
         while True:
             with self._cond:
-                # first in, first out: a reserved slot at the head is waited for, not overtaken
+                # first in, first out: a reserved place at the head is waited for, not overtaken
                 while not self._stopping and (not self._queue or self._queue[0].request is None):
                     self._cond.wait()
                 if self._stopping:
@@ -543,7 +543,7 @@ class Engine:
             self._model_ms_total += model_ms
             for key, hits in result.cache_hits.items():
                 self._cache_hits[key] = self._cache_hits.get(key, 0) + int(hits)
-        job.value = Completed(result=result, queued_ms=queued_ms, model_ms=model_ms)
+        job.value = FinishedRun(result=result, queued_ms=queued_ms, model_ms=model_ms)
 
     @staticmethod
     def _map_failure(request: GenerationRequest, exc: Exception) -> EngineError:

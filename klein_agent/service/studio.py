@@ -1,7 +1,8 @@
 """The domain layer: what an agent or a script can do with the model and the store, free of MCP types.
 
-`Studio` makes pictures (generate, edit, compose), lists, shows, exports and reports, with plain values in and
-out. The MCP tools (`klein_agent.server.tools`) are a thin layer over it, and tests call it directly.
+`Studio` makes pictures (an `ImageCall`: generate, edit, compose, inpaint), lists, shows, exports and reports,
+with plain values in and out; the store's side of making is `klein_agent.service.making`. The MCP tools
+(`klein_agent.server.tools`) are a thin layer over it, and tests call it directly.
 
 The path of one call: every argument is checked before any work (bad input costs no model time and writes
 nothing); inputs are decoded; the call queues in the engine, which runs the model on its own thread and hands
@@ -12,7 +13,7 @@ and a batch is not split by a cancellation).
 
 Every image a call uses or makes is leased (`ImageStore.lease`) from the moment its id is known until the call
 ends, so no process sharing the store evicts it meanwhile; an input deleted on purpose meanwhile costs nothing
-either: the pictures are stored with its id in their lineage, and `Made.gone` names it.
+either: the pictures are stored with its id in their lineage, and `NewImages.gone` names it.
 
 Errors raised on purpose, each with a message that says what to do: RequestError, ImageInputError, StoreError
 and EngineError (`EXPECTED_ERRORS`).
@@ -23,11 +24,9 @@ from __future__ import annotations
 import contextlib
 import io
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -35,20 +34,19 @@ import anyio.to_thread
 from PIL import Image
 
 from klein_agent import __version__
-from klein_agent.rules import limits, masks, resolution
+from klein_agent.rules import limits, resolution
 from klein_agent.rules import loras as lora_rules
+from klein_agent.rules.calls import ImageCall, prepare_call
 from klein_agent.rules.image_refs import require_image_id
-from klein_agent.rules.recipes import provenance
-from klein_agent.rules.references import prepare_reference
-from klein_agent.rules.requests import GenerationRequest, GeneratorInfo
 from klein_agent.rules.resolution import RequestError
-from klein_agent.service.engine import AsyncProgress, Completed, Engine, EngineError, EngineStatus
+from klein_agent.service.engine import AsyncProgress, Engine, EngineError, EngineStatus
 from klein_agent.service.exports import check_output_path, write_export
-from klein_agent.service.inputs import ImageInputError, InputPolicy, LoadedImage, load_image_argument
-from klein_agent.service.memory import release_memory
-from klein_agent.service.pngfile import encode_png
+from klein_agent.service.inputs import ImageInputError, InputPolicy
+from klein_agent.service.making import NewImages, StoreDecoder, input_ids, model_run, now_iso, store_call
 from klein_agent.service.previews import Preview, make_preview
-from klein_agent.service.store import ImageStore, Lease, StoredImage, StoreError, StoreStats, new_image_id
+from klein_agent.service.store import ImageStore, Lease, StoredImage, StoreError, StoreStats
+
+__all__ = ["EXPECTED_ERRORS", "NewImages", "Studio", "StudioConfig", "now_iso"]
 
 EXPECTED_ERRORS: tuple[type[Exception], ...] = (RequestError, ImageInputError, StoreError, EngineError)
 
@@ -66,30 +64,7 @@ class StudioConfig:
 
 
 @dataclass(frozen=True)
-class Made:
-    """What one generate/edit/compose call made."""
-
-    tool: str
-    images: list[StoredImage]  # in seed order
-    seeds: list[int]
-    parents: list[str]  # ids of the inputs, in "image 1, image 2" order (imported ones included)
-    imported: list[StoredImage]  # inputs from outside the store, stored with the results
-    preview: Preview  # one picture, or a labelled contact sheet of several
-    steps: int
-    guidance: float | None
-    session: str | None
-    elapsed_ms: float  # the whole call, queueing and storing included
-    model_ms: float
-    queued_ms: float
-    cache_hits: dict[str, int] = field(default_factory=dict)
-    # parents no longer in the store when the pictures were stored
-    gone: list[str] = field(default_factory=list)
-    # sentences on how the call was resolved (rules.resolution)
-    notes: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class Sheet:
+class ShownImages:
     """Stored images shown together: one preview, or a contact sheet labelled 1, 2, ... in the order asked."""
 
     images: list[StoredImage]
@@ -136,116 +111,50 @@ class Studio:
 
     # -- making ----------------------------------------------------------------------------------------------
 
-    async def make(
-        self,
-        tool: str,
-        prompt: str,
-        images: Sequence[str] = (),
-        *,
-        width: int | None = None,
-        height: int | None = None,
-        seed: int | None = None,
-        steps: int | None = None,
-        guidance: float | None = None,
-        num_images: int = 1,
-        session: str | None = None,
-        progress: AsyncProgress | None = None,
-        mask: str | None = None,
-        boxes: Sequence[Sequence[float]] | None = None,
-        strength: float | None = None,
-        loras: Sequence[tuple[str, float | None]] | None = None,
-    ) -> Made:
-        """Make `num_images` pictures from `prompt` and the image arguments `images` (none: generate; one: edit;
-        several: compose) and store them. Unset values follow `klein_agent.rules.resolution`. `progress` gets
-        (value, total, message) on the caller's loop, rising strictly. Raises one of EXPECTED_ERRORS.
-
-        For tool "inpaint" (a masked edit, `klein_agent.rules.masks`), images[0] is the picture to repaint and the
-        rest condition the repainted area; the region is a `mask` image argument (white repaints) or `boxes`
-        ([x, y, width, height] in pixels of the source, or all four in fractions); `strength` in (0, 1].
-        `loras` names loaded LoRA adapters to run, each with a scale or None for its default."""
+    async def make(self, call: ImageCall, *, progress: AsyncProgress | None = None) -> NewImages:
+        """Make and store the pictures `call` asks for (`klein_agent.rules.calls`). `progress` gets (value, total,
+        message) on the caller's loop, rising strictly. Raises one of EXPECTED_ERRORS."""
         started = time.perf_counter()
-        text = resolution.clean_prompt(prompt)
-        session = resolution.check_session(session)
-        self._check_reference_count(len(images))
-        inpaint = tool == "inpaint"
-        chosen = self._check_loras(loras)
-        region = masks.MaskRequest(mask, masks.boxes_from(boxes), strength) if inpaint else None
-        if region is not None:
-            region.check()
-        seeds = resolution.batch_seeds(seed, num_images)
-        resolution.resolve_sampling(
-            steps, guidance, distilled=False, default_steps=1, default_guidance=limits.MIN_GUIDANCE
-        )
+        info = self.engine.info
+        call.check(info.max_references if info is not None else limits.MAX_REFERENCES)
+        chosen = self._check_loras(call.loras)
         # The queue place is taken now, in arrival order and before any decoding: a busy server refuses at
         # once, and calls keep their order however long each one's inputs take to decode.
-        async with self.engine.reserve() as slot, self._leased() as lease:
+        async with self.engine.reserve() as place, self._leased() as lease:
             async with self._decoding:
-                loaded = await anyio.to_thread.run_sync(self._load_inputs, list(images), inpaint, lease)
-                mask_item = None
-                if region is not None and region.mask is not None:
-                    mask_item = await anyio.to_thread.run_sync(self._load_mask, region.mask, lease)
-            fitted, finalize = self._sizing(
-                loaded[0].image if loaded else None, width, height, num_images, fit=not inpaint
-            )
-            if fitted is not None:
-                width, height = fitted
-            parents = [item.image_id or new_image_id() for item in loaded]
-            mask_picture, mask_id = None, None
-            mask_recipe: dict[str, Any] | None = None
-            if region is not None:
-                mask_picture = region.picture(loaded[0].image, None if mask_item is None else mask_item.image)
-                if mask_item is not None:
-                    mask_id = mask_item.image_id or new_image_id()
-                    mask_recipe = {"image": mask_id}
-                else:
-                    mask_recipe = {"boxes": [box.as_list() for box in region.boxes]}
-            request = GenerationRequest(
-                prompt=text,
-                width=width,
-                height=height,
-                seed=seeds[0],
-                num_images=num_images,
-                steps=steps,
-                guidance=guidance,
-                references=tuple(item.image for item in loaded),
-                mask=mask_picture,
-                strength=strength,
-                loras=chosen,
-            )
+                info = self.engine.info
+                prepared = await anyio.to_thread.run_sync(
+                    lambda: prepare_call(
+                        call,
+                        StoreDecoder(self.policy, lease),
+                        multiple=None if info is None else info.size_multiple,
+                        budget=self.pixel_budget,
+                        loras=chosen,
+                    )
+                )
+            ids = input_ids(prepared)
             # the ids of inputs from outside the store, leased before they are stored with the pictures
             await anyio.to_thread.run_sync(
-                lambda: lease.add([*parents, *([mask_id] if mask_id else [])], require_stored=False)
+                lambda: lease.add([*ids[0], *([ids[1]] if ids[1] else [])], require_stored=False)
             )
-            done = await slot.run(request, progress=progress, finalize=finalize)
+            done = await place.run(prepared.request, progress=progress, finalize=prepared.finalize)
             # Cancelled after the model ran: nothing is stored. From here on, storing runs to its end.
             await anyio.lowlevel.checkpoint_if_cancelled()
+            sizes = (self.config.preview_max_edge, self.config.preview_budget_b64)
             imported, stored, preview, gone = await anyio.to_thread.run_sync(
-                self._store_call,
-                tool,
-                done,
-                loaded,
-                parents,
-                session,
-                MaskRecord(mask_item, mask_id, mask_picture, mask_recipe),
-                lease,
+                store_call, self.store, prepared, done, ids, lease, sizes
             )
-        resolved = done.result.resolved
-        return Made(
-            tool=tool,
+        return NewImages(
+            tool=call.tool,
             images=stored,
-            seeds=list(resolved.seeds),
-            parents=parents,
+            parents=ids[0],
             imported=imported,
             preview=preview,
-            steps=resolved.steps,
-            guidance=resolved.guidance,
-            session=session,
+            session=call.session,
             elapsed_ms=(time.perf_counter() - started) * 1000,
-            model_ms=done.model_ms,
-            queued_ms=done.queued_ms,
-            cache_hits=dict(done.result.cache_hits),
+            run=model_run(done),
             gone=gone,
-            notes=list(resolved.notes),
+            notes=list(done.result.resolved.notes),
         )
 
     @contextlib.asynccontextmanager
@@ -276,12 +185,6 @@ class Studio:
             lora_rules.choices(loras, info.loras, info.unloaded_loras), info.loras
         )
 
-    def _check_reference_count(self, count: int) -> None:
-        info = self.engine.info
-        resolution.check_reference_count(
-            count, info.max_references if info is not None else limits.MAX_REFERENCES
-        )
-
     def pixel_budget(self, device: str | None = None) -> tuple[int, str] | None:
         """The per-call pixel budget and where it comes from: --max-megapixels, else the default for `device`,
         the loaded model's or the one named with --device; None while that is still unknown."""
@@ -295,216 +198,6 @@ class Studio:
         return limits.default_max_pixels(device), (
             f"the default on {kind}, so a call ends inside a client's ~60 s timeout; serve --max-megapixels "
             "raises it"
-        )
-
-    def _sizing(
-        self, first: Image.Image | None, width: int | None, height: int | None, count: int, fit: bool
-    ) -> tuple[
-        tuple[int, int] | None, Callable[[GeneratorInfo, GenerationRequest], GenerationRequest] | None
-    ]:
-        """The output size by the shared rule (`resolution.output_size`), against the per-call pixel budget.
-
-        Returns (size, finalize): `size` is the (width, height) to ask for when the budget scaled an unset size
-        down (`fit`: not for inpaint, whose output is its source), else None; `finalize` is None, or, when the
-        budget depends on a device not known yet (the model is loading), what the engine runs once it has loaded:
-        the same rule with that device's budget, giving the request to run. The largest default budget is checked
-        at once. The token size is the loaded model's (16 for every klein checkpoint, assumed until it has
-        loaded). Raises RequestError."""
-        info = self.engine.info
-        multiple = info.size_multiple if info is not None else limits.SIZE_MULTIPLE
-        prepared = None if first is None else resolution.prepared_reference_size(*first.size, multiple)
-        unset = width is None and height is None
-        default = resolution.output_size(width, height, prepared, multiple)
-
-        def sized(budget: int, why: str) -> tuple[int, int] | None:
-            fit_to = budget // count if fit else None
-            w, h = resolution.output_size(width, height, prepared, multiple, max_pixels=fit_to)
-            resolution.check_pixels(w, h, count, budget, why, masked=not fit)
-            return (w, h) if unset and (w, h) != default else None
-
-        budget = self.pixel_budget()
-        if budget is not None:
-            return sized(*budget), None
-        sized(max(limits.MAX_PIXELS_PER_CALL, *limits.DEVICE_MAX_PIXELS_PER_CALL.values()), "")
-
-        def once_loaded(loaded: GeneratorInfo, request: GenerationRequest) -> GenerationRequest:
-            known = self.pixel_budget(loaded.device)
-            assert known is not None
-            size = sized(*known)
-            return request if size is None else replace(request, width=size[0], height=size[1])
-
-        return None, once_loaded
-
-    def _load_mask(self, argument: str, lease: Lease) -> LoadedImage:
-        """The mask argument, decoded by the one decoder (transparency on white: transparent pixels repaint); a
-        stored mask is leased before it is read."""
-        try:
-            item = load_image_argument(argument, self.policy, lease.read_png)
-        except ImageInputError as exc:
-            raise ImageInputError(f"mask: {exc}") from exc
-        if item.image_id is None and item.content_key is not None:
-            known = lease.find_content(item.content_key)
-            if known is not None:
-                item = replace(item, image_id=known.image_id)
-        return item
-
-    def _load_inputs(self, arguments: list[str], inpaint: bool, lease: Lease) -> list[LoadedImage]:
-        """Decode every argument, one at a time, keeping only what the model will use. A stored input is leased
-        (`lease`) before it is read, and so is the stored twin of an input imported before.
-
-        With the model loaded, each picture is prepared as soon as it is decoded (about 1 Mpx, whole tokens), so a
-        call holds at most one full-size decode at a time, whose memory is given back before the next; an input
-        whose bytes were imported before is named by its stored id (imports are stored once per content)."""
-        info = self.engine.info
-        loaded = []
-        for k, argument in enumerate(arguments, start=1):
-            try:
-                item = load_image_argument(argument, self.policy, lease.read_png)
-            except ImageInputError as exc:
-                where = f"image {k}: " if len(arguments) > 1 else ""
-                raise ImageInputError(f"{where}{exc}") from exc
-            if item.image_id is None and item.content_key is not None:
-                known = lease.find_content(item.content_key)
-                if known is not None:
-                    item = replace(item, image_id=known.image_id)
-            multiple = info.size_multiple if info is not None else limits.SIZE_MULTIPLE
-            if inpaint and k == 1:  # the picture to repaint: resized to whole tokens, as the model uses it
-                item = replace(item, image=masks.prepare_source(item.image, multiple))
-            elif info is not None:
-                item = replace(item, image=prepare_reference(item.image, info.size_multiple))
-            loaded.append(item)
-            if item.content_key is not None:  # decoded from outside, maybe large: its memory goes back before
-                release_memory()  # the next decode, so the heap does not hold two full-size decodes' worth
-        return loaded
-
-    def _store_call(
-        self,
-        tool: str,
-        done: Completed,
-        loaded: list[LoadedImage],
-        parents: list[str],
-        session: str | None,
-        mask: MaskRecord | None = None,
-        lease: Lease | None = None,
-    ) -> tuple[list[StoredImage], list[StoredImage], Preview, list[str]]:
-        """The inputs from outside the store (under the ids the recipe already names), then one PNG and one
-        record per picture, then the preview: on a pool thread, after the engine has moved on. Also returns the
-        parents (the mask included) no longer in the store: deleted while the model ran, their ids kept in the
-        lineage."""
-        result = done.result
-        imported: list[StoredImage] = []
-        try:
-            for item, image_id in zip(loaded, parents, strict=True):
-                if item.image_id is None:
-                    imported.append(self._import(item, image_id, session, result.info.size_multiple))
-            if mask is not None and mask.item is not None and mask.item.image_id is None:
-                assert mask.image_id is not None and mask.picture is not None
-                imported.append(self._import_mask(mask.item, mask.image_id, mask.picture, session))
-            extra = {} if mask is None or mask.recipe is None else {"mask": mask.recipe}
-            stored, preview = self._store_results(tool, done, parents, session, extra, lease)
-            used = [*parents, *([mask.image_id] if mask is not None and mask.image_id else [])]
-            return imported, stored, preview, self.store.absent(used)
-        except BaseException:
-            # nothing of a call that could not be stored whole stays behind: not even its inputs
-            for image in imported:
-                self.store.delete(image.image_id)
-            raise
-
-    def _store_results(
-        self,
-        tool: str,
-        done: Completed,
-        parents: list[str],
-        session: str | None,
-        extra: dict[str, Any] | None = None,
-        lease: Lease | None = None,
-    ) -> tuple[list[StoredImage], Preview]:
-        result = done.result
-        stored = []
-        for k, picture in enumerate(result.images):
-            image_id = new_image_id()
-            if lease is not None:  # so storing picture 2 cannot evict picture 1 before the call returns it
-                lease.add([image_id], require_stored=False)
-            # what decides the pixels; in the PNG too
-            core = {**provenance(result, k, tool=tool, parents=parents), **(extra or {})}
-            recipe = {
-                **core,
-                "session": session,
-                "batch": {"index": k, "of": len(result.images), "first_seed": result.resolved.seeds[0]},
-                "device": result.info.device,
-                "dtype": result.info.dtype,
-                "timings_ms": {key: round(value, 1) for key, value in result.timings_ms.items()},
-                "queued_ms": round(done.queued_ms, 1),
-                "model_ms": round(done.model_ms, 1),
-                "cache_hits": dict(result.cache_hits),
-                "created_at": now_iso(),
-                "klein_agent": __version__,
-            }
-            stored.append(
-                self.store.put(
-                    encode_png(picture, provenance=core),
-                    width=picture.width,
-                    height=picture.height,
-                    recipe=recipe,
-                    parents=parents,
-                    session=session,
-                    image_id=image_id,
-                )
-            )
-        seeds = result.resolved.seeds
-        labels = (
-            [stored[0].image_id]
-            if len(stored) == 1
-            else [
-                f"{k} {img.image_id} seed {s}"
-                for k, (img, s) in enumerate(zip(stored, seeds, strict=True), 1)
-            ]
-        )
-        preview = make_preview(
-            result.images,
-            labels,
-            max_edge=self.config.preview_max_edge,
-            budget_b64=self.config.preview_budget_b64,
-        )
-        return stored, preview
-
-    def _import(self, item: LoadedImage, image_id: str, session: str | None, multiple: int) -> StoredImage:
-        """Store an input as the model used it (prepared: about 1 Mpx, whole tokens), so its size is bounded and
-        a recipe that names it as a parent remakes the same pixels."""
-        return self._store_import(
-            item, image_id, prepare_reference(item.image, multiple), item.description, session
-        )
-
-    def _import_mask(
-        self, item: LoadedImage, image_id: str, picture: Image.Image, session: str | None
-    ) -> StoredImage:
-        """Store a mask from outside the store as the model used it (output size, black or white), so the recipe
-        that names it remakes the same pixels."""
-        return self._store_import(
-            item, image_id, picture.convert("RGB"), f"mask: {item.description}", session
-        )
-
-    def _store_import(
-        self, item: LoadedImage, image_id: str, picture: Image.Image, description: str, session: str | None
-    ) -> StoredImage:
-        recipe = {
-            "tool": "import",
-            "source": item.source,
-            "description": description,
-            "width": picture.width,
-            "height": picture.height,
-            "created_at": now_iso(),
-            "klein_agent": __version__,
-        }
-        png = encode_png(picture, provenance={"tool": "import", "source": item.source})
-        return self.store.put(
-            png,
-            width=picture.width,
-            height=picture.height,
-            recipe=recipe,
-            session=session,
-            image_id=image_id,
-            content_key=item.content_key,
         )
 
     # -- the store -------------------------------------------------------------------------------------------
@@ -523,7 +216,7 @@ class Studio:
                 raise
             raise RequestError(str(exc)) from exc
 
-    async def contact_sheet(self, image_ids: Sequence[str], *, max_edge: int) -> Sheet:
+    async def contact_sheet(self, image_ids: Sequence[str], *, max_edge: int) -> ShownImages:
         """Stored images as one preview (one image) or a contact sheet labelled 1, 2, ... in this order, its
         long edge at most `max_edge` px and within the preview budget. Raises RequestError, UnknownImageError."""
         ids = [require_image_id(i) for i in image_ids]
@@ -534,7 +227,7 @@ class Studio:
         if len(ids) > limits.MAX_VIEW_IMAGES:
             raise RequestError(f"{len(ids)} ids given; at most {limits.MAX_VIEW_IMAGES} can be shown at once")
 
-        def render() -> Sheet:
+        def render() -> ShownImages:
             meta = [self.store.get(i) for i in ids]
             pictures = []
             for i in ids:
@@ -544,7 +237,7 @@ class Studio:
             preview = make_preview(
                 pictures, labels, max_edge=max_edge, budget_b64=self.config.preview_budget_b64
             )
-            return Sheet(images=meta, preview=preview)
+            return ShownImages(images=meta, preview=preview)
 
         return await anyio.to_thread.run_sync(render)
 
@@ -573,20 +266,3 @@ class Studio:
             max_pixels_per_call=(self.pixel_budget() or (None,))[0],
             version=__version__,
         )
-
-
-@dataclass(frozen=True)
-class MaskRecord:
-    """A masked edit's mask as it is stored and recorded: the loaded argument (None for boxes), its id, the
-    prepared picture and the recipe entry ({"image": id} or {"boxes": [...]})."""
-
-    item: LoadedImage | None
-    image_id: str | None
-    picture: Image.Image | None
-    recipe: dict[str, Any] | None
-
-
-def now_iso(timestamp: float | None = None) -> str:
-    """A UTC time as `2026-11-30T17:27:55Z` (now, or the given Unix time)."""
-    moment = datetime.now(UTC) if timestamp is None else datetime.fromtimestamp(timestamp, UTC)
-    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")

@@ -1,7 +1,8 @@
 """The image-making tools: generate, edit, compose and inpaint, each with its description and annotations beside it.
 
-A thin layer over `Studio.make`: typed arguments (their ranges are the input schema), progress to the client, and
-the result as a preview, a summary, links and structured content (`klein_agent.server.results`).
+A thin layer over `Studio.make`: each tool turns its typed arguments (their ranges are the input schema) into its
+call value (`klein_agent.rules.calls`) and hands it to `run_call`, which adds the client's progress and returns the
+result as a preview, a summary, links and structured content (`klein_agent.server.results`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import CallToolResult, ToolAnnotations
 from pydantic import BaseModel, ConfigDict, Field
 
+from klein_agent.rules.calls import Compose, Edit, Generate, ImageCall, Inpaint
 from klein_agent.rules.limits import (
     BASE_STEPS,
     DEFAULT_STRENGTH,
@@ -189,7 +191,7 @@ LorasArg = Annotated[
 ]
 
 
-LOOK = "Returns a preview, the ids and seeds, and image:// links; if you cannot see the preview, call view_image."
+RETURNS_NOTE = "Returns a preview, the ids and seeds, and image:// links; if you cannot see the preview, call view_image."
 
 
 def register(mcp: MCPServer, studio: Studio) -> None:
@@ -202,7 +204,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
         title="Generate images",
         description="Make 1-4 new images from a text prompt with the local FLUX.2 [klein] model. Put the subject "
         "first, then setting, style and light; describe what should be there, not what should not. Images get "
-        f"seeds seed, seed+1, ...; the same seed and arguments reproduce an image. {LOOK} {store}",
+        f"seeds seed, seed+1, ...; the same seed and arguments reproduce an image. {RETURNS_NOTE} {store}",
         annotations=ToolAnnotations(
             title="Generate images",
             read_only_hint=False,
@@ -223,28 +225,25 @@ def register(mcp: MCPServer, studio: Studio) -> None:
         session: SessionArg = None,
         loras: LorasArg = None,
     ) -> Annotated[CallToolResult, ImagesResult]:
-        return await make(
-            studio,
-            ctx,
-            "generate",
-            [],
-            prompt,
-            width,
-            height,
-            seed,
-            steps,
-            guidance,
-            num_images,
-            session,
-            loras=loras,
+        call = Generate(
+            width=width,
+            height=height,
+            prompt=prompt,
+            seed=seed,
+            steps=steps,
+            guidance=guidance,
+            num_images=num_images,
+            session=session,
+            loras=lora_pairs(loras),
         )
+        return await run_call(studio, ctx, call)
 
     @mcp.tool(
         name="edit",
         title="Edit an image",
         description='Change one image by describing the result you want ("make the jacket bright yellow"), '
         "positively. Without width/height the output takes the input's size as the model sees it (at most ~1 "
-        f"megapixel). Keep the seed to change less between tries. {inputs} {LOOK} {store}",
+        f"megapixel). Keep the seed to change less between tries. {inputs} {RETURNS_NOTE} {store}",
         annotations=ToolAnnotations(
             title="Edit an image",
             read_only_hint=False,
@@ -266,28 +265,26 @@ def register(mcp: MCPServer, studio: Studio) -> None:
         session: SessionArg = None,
         loras: LorasArg = None,
     ) -> Annotated[CallToolResult, ImagesResult]:
-        return await make(
-            studio,
-            ctx,
-            "edit",
-            [image],
-            prompt,
-            width,
-            height,
-            seed,
-            steps,
-            guidance,
-            num_images,
-            session,
-            loras=loras,
+        call = Edit(
+            image=image,
+            width=width,
+            height=height,
+            prompt=prompt,
+            seed=seed,
+            steps=steps,
+            guidance=guidance,
+            num_images=num_images,
+            session=session,
+            loras=lora_pairs(loras),
         )
+        return await run_call(studio, ctx, call)
 
     @mcp.tool(
         name="compose",
         title="Compose from references",
         description='Make an image from 1-4 reference images and a prompt that refers to them as "image 1", '
         '"image 2", ... in the order given (e.g. "the dog from image 1 on the beach from image 2"). Without '
-        f"width/height the output takes image 1's size as the model sees it. {inputs} {LOOK} {store}",
+        f"width/height the output takes image 1's size as the model sees it. {inputs} {RETURNS_NOTE} {store}",
         annotations=ToolAnnotations(
             title="Compose from references",
             read_only_hint=False,
@@ -309,21 +306,19 @@ def register(mcp: MCPServer, studio: Studio) -> None:
         session: SessionArg = None,
         loras: LorasArg = None,
     ) -> Annotated[CallToolResult, ImagesResult]:
-        return await make(
-            studio,
-            ctx,
-            "compose",
-            reference_list(images),
-            prompt,
-            width,
-            height,
-            seed,
-            steps,
-            guidance,
-            num_images,
-            session,
-            loras=loras,
+        call = Compose(
+            images=reference_list(images),
+            width=width,
+            height=height,
+            prompt=prompt,
+            seed=seed,
+            steps=steps,
+            guidance=guidance,
+            num_images=num_images,
+            session=session,
+            loras=lora_pairs(loras),
         )
+        return await run_call(studio, ctx, call)
 
     @mcp.tool(
         name="inpaint",
@@ -332,7 +327,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
         "height] in pixels or fractions) or a mask picture (white repaints), and describe what the region should "
         "show. Use it when one detail is wrong. The output keeps the image's size as the model sees it (at most "
         f"~1 megapixel, whole {SIZE_MULTIPLE} px tokens); the model repaints in {SIZE_MULTIPLE} px tokens. "
-        f"{inputs} {LOOK} {store}",
+        f"{inputs} {RETURNS_NOTE} {store}",
         annotations=ToolAnnotations(
             title="Repaint a region",
             read_only_hint=False,
@@ -356,24 +351,21 @@ def register(mcp: MCPServer, studio: Studio) -> None:
         session: SessionArg = None,
         loras: LorasArg = None,
     ) -> Annotated[CallToolResult, ImagesResult]:
-        return await make(
-            studio,
-            ctx,
-            "inpaint",
-            [image, *(references or [])],
-            prompt,
-            None,
-            None,
-            seed,
-            steps,
-            guidance,
-            num_images,
-            session,
+        call = Inpaint(
+            image=image,
+            references=references or (),
             mask=mask,
             boxes=boxes,
             strength=strength,
-            loras=loras,
+            prompt=prompt,
+            seed=seed,
+            steps=steps,
+            guidance=guidance,
+            num_images=num_images,
+            session=session,
+            loras=lora_pairs(loras),
         )
+        return await run_call(studio, ctx, call)
 
 
 def reference_list(images: list[str] | str) -> list[str]:
@@ -389,46 +381,17 @@ def reference_list(images: list[str] | str) -> list[str]:
     return ids
 
 
-async def make(
-    studio: Studio,
-    ctx: Context,
-    tool: str,
-    images: list[str],
-    prompt: str,
-    width: int | None,
-    height: int | None,
-    seed: int | None,
-    steps: int | None,
-    guidance: float | None,
-    num_images: int,
-    session: str | None,
-    *,
-    mask: str | None = None,
-    boxes: list[list[float]] | None = None,
-    strength: float | None = None,
-    loras: list[LoraChoice] | None = None,
-) -> CallToolResult:
+def lora_pairs(loras: list[LoraChoice] | None) -> list[tuple[str, float | None]] | None:
+    """The adapters a tool call chose, as (name, scale or None) pairs."""
+    return None if loras is None else [(choice.name, choice.scale) for choice in loras]
+
+
+async def run_call(studio: Studio, ctx: Context, call: ImageCall) -> CallToolResult:
     """The one path of the image tools: `Studio.make` with the client's progress, as a tool result."""
 
     async def progress(value: float, total: float | None, message: str) -> None:
         await ctx.report_progress(value, total, message)
 
     with tool_errors():
-        made = await studio.make(
-            tool,
-            prompt,
-            images,
-            width=width,
-            height=height,
-            seed=seed,
-            steps=steps,
-            guidance=guidance,
-            num_images=num_images,
-            session=session,
-            progress=progress,
-            mask=mask,
-            boxes=boxes,
-            strength=strength,
-            loras=None if loras is None else [(c.name, c.scale) for c in loras],
-        )
+        made = await studio.make(call, progress=progress)
     return images_result(made)

@@ -76,7 +76,7 @@ PathArg = Annotated[
 ]
 
 
-def reads(title: str) -> ToolAnnotations:
+def read_only(title: str) -> ToolAnnotations:
     """The annotations of a tool that only reads the store."""
     return ToolAnnotations(
         title=title, read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False
@@ -91,7 +91,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
         title="List stored images",
         description="List stored images, newest first, with their ids, sizes, seeds, prompts and parents "
         f"(lineage). Filter by session; page with cursor. {store_note(studio)}",
-        annotations=reads("List stored images"),
+        annotations=read_only("List stored images"),
     )
     async def list_images(
         session: SessionFilterArg = None, limit: LimitArg = 20, cursor: CursorArg = None
@@ -130,7 +130,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
         description="Show stored images: one id gives a preview of that image, several ids one labelled contact "
         "sheet (labels 1, 2, ... follow the order given). max_edge picks the size, up to 1568 px. Use it to "
         "look closer, or when a tool result's preview is not visible to you.",
-        annotations=reads("View stored images"),
+        annotations=read_only("View stored images"),
     )
     async def view_image(
         image_ids: ImageIdsArg, max_edge: MaxEdgeArg = 1024
@@ -194,7 +194,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
         description="Model (loading, ready or failed, with the error), device and dtype, queue depth, store "
         "size and bounds, the folders the server may read and write, and the command that shows the person the "
         "store's images and their lineage in a browser (gallery_command).",
-        annotations=reads("Server status"),
+        annotations=read_only("Server status"),
     )
     async def server_status() -> Annotated[CallToolResult, StatusResult]:
         status = await studio.status()

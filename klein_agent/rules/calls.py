@@ -1,0 +1,271 @@
+"""One image call as a value, and the one way it becomes a request. PIL only, no torch, no I/O.
+
+An `ImageCall` (`Generate`, `Edit`, `Compose`, `Inpaint`) is what a caller asked for, each kind with only its own
+fields. `ImageCall.check` runs every rule that needs no picture, with the messages the CLI and the server share.
+`prepare_call` then turns it into what runs and what is recorded: the inputs decoded (by the `Decoder` the driver
+passes in: files for the CLI, ids, paths, data URIs and URLs for the studio) and prepared as the model uses them,
+the output size fitted to the pixel budget, the mask, and the `GenerationRequest`; `PreparedCall.recipe` is the
+provenance every picture carries. The CLI's `generate` and `Studio.make` both go through here, so the same
+arguments give the same pixels, messages and recipes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
+
+from PIL import Image
+
+from klein_agent.rules import limits, masks, resolution
+from klein_agent.rules.recipes import provenance
+from klein_agent.rules.references import prepare_reference
+from klein_agent.rules.requests import GenerationRequest, GenerationResult, GeneratorInfo
+from klein_agent.rules.resolution import RequestError
+
+T = TypeVar("T")
+Prepare = Callable[[Image.Image], Image.Image]
+# The per-call pixel budget for a device (None: the loaded model's, or the one named at start) and where it comes
+# from, for messages; None while it is still unknown (the model is loading).
+Budget = Callable[[str | None], tuple[int, str] | None]
+# Run by the engine once the model has loaded, when the budget was unknown before: the request to run.
+Finalize = Callable[[GeneratorInfo, GenerationRequest], GenerationRequest]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImageCall:
+    """What every image call has. Unset values follow `klein_agent.rules.resolution`."""
+
+    tool: ClassVar[str]  # the tool name recipes record and reruns call
+    prompt: str
+    width: int | None = None
+    height: int | None = None
+    seed: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    num_images: int = 1
+    session: str | None = None
+    loras: Sequence[tuple[str, float | None]] | None = None  # (name, scale or None for its default)
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """The image arguments (ids, paths, URIs), in "image 1, image 2" order."""
+        return ()
+
+    @property
+    def region(self) -> masks.MaskRequest | None:
+        """The region a masked edit repaints; None for calls that make whole pictures. Raises RequestError for
+        boxes that are not boxes."""
+        return None
+
+    def check(self, max_references: int = limits.MAX_REFERENCES) -> None:
+        """Every rule that needs no picture, in the order a caller reads them: the prompt, the session, the size,
+        the reference count (`max_references`: the loaded model's), the seeds, steps and guidance, the region.
+        Raises RequestError with the message the CLI and the server share."""
+        resolution.clean_prompt(self.prompt)
+        resolution.check_session(self.session)
+        resolution.check_user_size(self.width, self.height)
+        resolution.check_reference_count(len(self.inputs), max_references)
+        resolution.batch_seeds(self.seed, self.num_images)
+        resolution.check_steps(self.steps)
+        resolution.check_guidance(self.guidance)
+        region = self.region
+        if region is not None:
+            region.check()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Generate(ImageCall):
+    """A picture from the prompt alone."""
+
+    tool: ClassVar[str] = "generate"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Edit(ImageCall):
+    """One picture changed as the prompt says."""
+
+    tool: ClassVar[str] = "edit"
+    image: str
+
+    @property
+    def inputs(self) -> tuple[str, ...]:  # noqa: D102 - as ImageCall.inputs
+        return (self.image,)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Compose(ImageCall):
+    """A picture from several references the prompt names "image 1", "image 2", ..."""
+
+    tool: ClassVar[str] = "compose"
+    images: Sequence[str]
+
+    @property
+    def inputs(self) -> tuple[str, ...]:  # noqa: D102 - as ImageCall.inputs
+        return tuple(self.images)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Inpaint(ImageCall):
+    """A masked edit (`klein_agent.rules.masks`): `image` repainted where `mask` is white or inside `boxes`
+    ([x, y, width, height] in pixels of the image, or all four in fractions), guided by `references`; `strength`
+    in (0, 1]. The output keeps the image's size as the model sees it."""
+
+    tool: ClassVar[str] = "inpaint"
+    image: str
+    references: Sequence[str] = ()
+    mask: str | None = None
+    boxes: Sequence[Sequence[float]] | None = None  # as the caller gave them (JSON); checked by `region`
+    strength: float | None = None
+
+    @property
+    def inputs(self) -> tuple[str, ...]:  # noqa: D102 - as ImageCall.inputs
+        return (self.image, *self.references)
+
+    @property
+    def region(self) -> masks.MaskRequest:  # noqa: D102 - as ImageCall.region
+        return masks.MaskRequest(self.mask, masks.boxes_from(self.boxes), self.strength)
+
+    def check(self, max_references: int = limits.MAX_REFERENCES) -> None:  # noqa: D102 - as ImageCall.check
+        if self.width is not None or self.height is not None:
+            raise RequestError(
+                "a masked edit keeps the image's size (as the model sees it): drop width/height, or resize with "
+                "an edit first"
+            )
+        super().check(max_references)
+
+
+@dataclass(frozen=True)
+class Decoded(Generic[T]):
+    """An image argument decoded and prepared as the model uses it, with the decoder's own record of it
+    (`origin`: the studio's LoadedImage, the CLI's path)."""
+
+    image: Image.Image
+    origin: T
+
+
+class Decoder(Protocol[T]):
+    """How a driver turns image arguments into pictures; each wraps its errors in its own words ("image 2: ...",
+    "--image cat.png: ...")."""
+
+    def image(self, argument: str, number: int, count: int, prepare: Prepare) -> Decoded[T]:
+        """Input `number` (from 1) of `count`, decoded and then prepared with `prepare`."""
+        ...
+
+    def mask(self, argument: str) -> Decoded[T]:
+        """A mask argument, decoded (the region's rule prepares it)."""
+        ...
+
+
+@dataclass(frozen=True)
+class PreparedCall(Generic[T]):
+    """A checked call ready to run: the request, its inputs as decoded and prepared (in order), the mask input
+    (None for boxes or a whole-picture call), and `finalize` for the engine when the budget was unknown."""
+
+    call: ImageCall
+    request: GenerationRequest
+    inputs: tuple[Decoded[T], ...]
+    mask: Decoded[T] | None
+    finalize: Finalize | None
+
+    def recipe(
+        self, result: GenerationResult, k: int, parents: Sequence[str], mask_name: str | None = None
+    ) -> dict[str, Any]:
+        """Picture k's provenance: what decides the pixels, the tool, the `parents` by the names the driver
+        gives them (stored ids, or CLI paths), and for a masked edit the mask ({"image": mask_name}) or boxes."""
+        recipe = provenance(result, k, tool=self.call.tool, parents=parents)
+        region = self.call.region
+        if region is not None:
+            recipe["mask"] = (
+                {"image": mask_name}
+                if self.mask is not None
+                else {"boxes": [b.as_list() for b in region.boxes]}
+            )
+        return recipe
+
+
+def prepare_call(
+    call: ImageCall,
+    decoder: Decoder[T],
+    *,
+    multiple: int | None,
+    budget: Budget,
+    loras: tuple[tuple[str, float | None], ...] = (),
+) -> PreparedCall[T]:
+    """Decode and prepare `call`'s inputs one at a time, fit its size to `budget`, build its mask and request.
+
+    `multiple` is the loaded model's token size; None while the model loads: sizes then assume
+    `limits.SIZE_MULTIPLE` (every klein checkpoint's) and references stay as decoded, for the pipeline to prepare.
+    A masked edit's source is always prepared (resized to whole tokens: its size is the output's). `loras` go
+    into the request as they are. Raises RequestError, or what the decoder raises. Assumes `call.check()` passed.
+    """
+    text = resolution.clean_prompt(call.prompt)
+    seeds = resolution.batch_seeds(call.seed, call.num_images)
+    region = call.region
+    size_multiple = multiple or limits.SIZE_MULTIPLE
+    arguments = call.inputs
+    inputs = []
+    for k, argument in enumerate(arguments, start=1):
+        if region is not None and k == 1:  # the picture to repaint, as the model uses it
+            how: Prepare = lambda image: masks.prepare_source(image, size_multiple)  # noqa: E731
+        elif multiple is not None:
+            how = lambda image: prepare_reference(image, multiple)  # noqa: E731
+        else:
+            how = lambda image: image  # noqa: E731
+        inputs.append(decoder.image(argument, k, len(arguments), how))
+    mask = None if region is None or region.mask is None else decoder.mask(region.mask)
+    mask_picture = None
+    if region is not None:
+        mask_picture = region.picture(inputs[0].image, None if mask is None else mask.image)
+    first = inputs[0].image if inputs else None
+    fitted, finalize = fit_size(call, first, size_multiple, budget, fit=region is None)
+    width, height = fitted or (call.width, call.height)
+    request = GenerationRequest(
+        prompt=text,
+        width=width,
+        height=height,
+        seed=seeds[0],
+        num_images=call.num_images,
+        steps=call.steps,
+        guidance=call.guidance,
+        references=tuple(item.image for item in inputs),
+        mask=mask_picture,
+        strength=None if region is None else region.strength,
+        loras=loras,
+    )
+    return PreparedCall(call, request, tuple(inputs), mask, finalize)
+
+
+def fit_size(
+    call: ImageCall, first: Image.Image | None, multiple: int, budget: Budget, *, fit: bool
+) -> tuple[tuple[int, int] | None, Finalize | None]:
+    """The output size by the shared rule (`resolution.output_size`), against the per-call pixel budget.
+
+    Returns (size, finalize): `size` is the (width, height) to ask for when the budget scaled an unset size down
+    (`fit`: not for a masked edit, whose output is its source), else None; `finalize` is None, or, when the budget
+    is not known yet (`budget(None)` is None: the model is loading), what the engine runs once it has loaded: the
+    same rule with that device's budget, giving the request to run. The largest default budget is checked at
+    once. Raises RequestError."""
+    width, height, count = call.width, call.height, call.num_images
+    prepared = None if first is None else resolution.prepared_reference_size(*first.size, multiple)
+    unset = width is None and height is None
+    default = resolution.output_size(width, height, prepared, multiple)
+
+    def sized(pixels: int, why: str) -> tuple[int, int] | None:
+        fit_to = pixels // count if fit else None
+        w, h = resolution.output_size(width, height, prepared, multiple, max_pixels=fit_to)
+        resolution.check_pixels(w, h, count, pixels, why, masked=not fit)
+        return (w, h) if unset and (w, h) != default else None
+
+    known = budget(None)
+    if known is not None:
+        return sized(*known), None
+    sized(max(limits.MAX_PIXELS_PER_CALL, *limits.DEVICE_MAX_PIXELS_PER_CALL.values()), "")
+
+    def once_loaded(loaded: GeneratorInfo, request: GenerationRequest) -> GenerationRequest:
+        found = budget(loaded.device)
+        assert found is not None
+        size = sized(*found)
+        return request if size is None else replace(request, width=size[0], height=size[1])
+
+    return None, once_loaded

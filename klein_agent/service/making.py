@@ -1,0 +1,252 @@
+"""Making pictures, the store's side: inputs decoded from ids, paths, data URIs and URLs under one call's lease,
+and what a call made stored with its recipe, its imported inputs and its preview. No torch.
+
+`Studio.make` runs a call through `klein_agent.rules.calls` (checks, decoding with `StoreDecoder`, sizing, the
+request), the engine, and then `store_call` here, on a pool thread while the engine already runs the next call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+
+from PIL import Image
+
+from klein_agent import __version__
+from klein_agent.rules.calls import Decoded, Prepare, PreparedCall
+from klein_agent.rules.references import prepare_reference
+from klein_agent.service.engine import FinishedRun
+from klein_agent.service.inputs import ImageInputError, InputPolicy, LoadedImage, load_image_argument
+from klein_agent.service.memory import release_memory
+from klein_agent.service.pngfile import encode_png
+from klein_agent.service.previews import Preview, make_preview
+from klein_agent.service.store import ImageStore, Lease, StoredImage, new_image_id
+
+
+@dataclass(frozen=True)
+class ModelRun:
+    """How the model made a call's pictures: their seeds (in order), steps, guidance and costs."""
+
+    seeds: list[int]
+    steps: int
+    guidance: float | None
+    model_ms: float
+    queued_ms: float
+    cache_hits: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NewImages:
+    """What one image call made and stored. `run` is None for pictures no seeded model run made."""
+
+    tool: str
+    images: list[StoredImage]  # in the order made (seed order for a model run)
+    parents: list[str]  # ids of the inputs, in "image 1, image 2" order (imported ones included)
+    imported: list[StoredImage]  # inputs from outside the store, stored with the results
+    preview: Preview  # one picture, or a labelled contact sheet of several
+    session: str | None
+    elapsed_ms: float  # the whole call, queueing and storing included
+    run: ModelRun | None
+    # parents no longer in the store when the pictures were stored
+    gone: list[str] = field(default_factory=list)
+    # sentences on how the call was resolved (rules.resolution)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def seeds(self) -> list[int | None]:
+        """Each picture's seed, None where no seed made it."""
+        return list(self.run.seeds) if self.run is not None else [None] * len(self.images)
+
+
+class StoreDecoder:
+    """`rules.calls.Decoder` for the studio: ids, paths, data URIs and URLs (`service.inputs`, under the input
+    policy), a stored input leased before it is read, and an input imported before named by its stored id
+    (imports are stored once per content). Errors name the input ("image 2: ...", "mask: ...")."""
+
+    def __init__(self, policy: InputPolicy, lease: Lease) -> None:
+        self.policy = policy
+        self.lease = lease
+
+    def _load(self, argument: str) -> LoadedImage:
+        item = load_image_argument(argument, self.policy, self.lease.read_png)
+        if item.image_id is None and item.content_key is not None:
+            known = self.lease.find_content(item.content_key)
+            if known is not None:
+                item = replace(item, image_id=known.image_id)
+        return item
+
+    def image(self, argument: str, number: int, count: int, prepare: Prepare) -> Decoded[LoadedImage]:
+        """Input `number` of `count`, prepared as soon as it is decoded, so a call holds at most one full-size
+        decode at a time, whose memory is given back before the next."""
+        try:
+            item = self._load(argument)
+        except ImageInputError as exc:
+            where = f"image {number}: " if count > 1 else ""
+            raise ImageInputError(f"{where}{exc}") from exc
+        item = replace(item, image=prepare(item.image))
+        if item.content_key is not None:  # decoded from outside, maybe large: its memory goes back before
+            release_memory()  # the next decode, so the heap does not hold two full-size decodes' worth
+        return Decoded(item.image, item)
+
+    def mask(self, argument: str) -> Decoded[LoadedImage]:
+        """The mask argument, decoded by the one decoder (transparency on white: transparent pixels repaint)."""
+        try:
+            item = self._load(argument)
+        except ImageInputError as exc:
+            raise ImageInputError(f"mask: {exc}") from exc
+        return Decoded(item.image, item)
+
+
+def input_ids(prepared: PreparedCall[LoadedImage]) -> tuple[list[str], str | None]:
+    """The ids the recipe names the inputs and the mask by: stored ids, or new ids for imports to come."""
+    parents = [item.origin.image_id or new_image_id() for item in prepared.inputs]
+    mask = prepared.mask
+    return parents, None if mask is None else mask.origin.image_id or new_image_id()
+
+
+def store_call(
+    store: ImageStore,
+    prepared: PreparedCall[LoadedImage],
+    done: FinishedRun,
+    ids: tuple[list[str], str | None],
+    lease: Lease,
+    preview_size: tuple[int, int],
+) -> tuple[list[StoredImage], list[StoredImage], Preview, list[str]]:
+    """The inputs from outside the store (under the ids the recipe already names, `ids`), then one PNG and one
+    record per picture, then the preview (`preview_size`: long edge, base64 budget): on a pool thread, after the
+    engine has moved on. Returns (imported, stored, preview, gone): `gone` are the parents (the mask included) no
+    longer in the store, deleted while the model ran, their ids kept in the lineage."""
+    parents, mask_id = ids
+    session = prepared.call.session
+    imported: list[StoredImage] = []
+    try:
+        multiple = done.result.info.size_multiple
+        for item, image_id in zip(prepared.inputs, parents, strict=True):
+            if item.origin.image_id is None:
+                # as the model used it (about 1 Mpx, whole tokens), so a recipe naming it remakes the same pixels
+                picture = prepare_reference(item.image, multiple)
+                imported.append(
+                    import_input(store, item.origin, image_id, picture, item.origin.description, session)
+                )
+        mask, drawn = prepared.mask, prepared.request.mask
+        if mask is not None and mask.origin.image_id is None:
+            assert (
+                mask_id is not None and drawn is not None
+            )  # stored as the model used it: output size, 0 or 255
+            imported.append(
+                import_input(
+                    store,
+                    mask.origin,
+                    mask_id,
+                    drawn.convert("RGB"),
+                    f"mask: {mask.origin.description}",
+                    session,
+                )
+            )
+        stored, preview = store_results(store, prepared, done, parents, mask_id, lease, preview_size)
+        return imported, stored, preview, store.absent([*parents, *([mask_id] if mask_id else [])])
+    except BaseException:
+        # nothing of a call that could not be stored whole stays behind: not even its inputs
+        for image in imported:
+            store.delete(image.image_id)
+        raise
+
+
+def store_results(
+    store: ImageStore,
+    prepared: PreparedCall[LoadedImage],
+    done: FinishedRun,
+    parents: list[str],
+    mask_id: str | None,
+    lease: Lease,
+    preview_size: tuple[int, int],
+) -> tuple[list[StoredImage], Preview]:
+    """One PNG (with its provenance) and one record (the full recipe) per picture, and their preview."""
+    result = done.result
+    session = prepared.call.session
+    stored = []
+    for k, picture in enumerate(result.images):
+        image_id = new_image_id()
+        lease.add([image_id], require_stored=False)  # so storing picture 2 cannot evict picture 1 meanwhile
+        core = prepared.recipe(result, k, parents, mask_id)  # what decides the pixels; in the PNG too
+        recipe = {
+            **core,
+            "session": session,
+            "batch": {"index": k, "of": len(result.images), "first_seed": result.resolved.seeds[0]},
+            "device": result.info.device,
+            "dtype": result.info.dtype,
+            "timings_ms": {key: round(value, 1) for key, value in result.timings_ms.items()},
+            "queued_ms": round(done.queued_ms, 1),
+            "model_ms": round(done.model_ms, 1),
+            "cache_hits": dict(result.cache_hits),
+            "created_at": now_iso(),
+            "klein_agent": __version__,
+        }
+        stored.append(
+            store.put(
+                encode_png(picture, provenance=core),
+                width=picture.width,
+                height=picture.height,
+                recipe=recipe,
+                parents=parents,
+                session=session,
+                image_id=image_id,
+            )
+        )
+    seeds = result.resolved.seeds
+    labels = (
+        [stored[0].image_id]
+        if len(stored) == 1
+        else [f"{k} {img.image_id} seed {s}" for k, (img, s) in enumerate(zip(stored, seeds, strict=True), 1)]
+    )
+    max_edge, budget_b64 = preview_size
+    return stored, make_preview(result.images, labels, max_edge=max_edge, budget_b64=budget_b64)
+
+
+def import_input(
+    store: ImageStore,
+    item: LoadedImage,
+    image_id: str,
+    picture: Image.Image,
+    description: str,
+    session: str | None,
+) -> StoredImage:
+    """Store an input from outside the store as the model used it, under `image_id` and its content key."""
+    recipe = {
+        "tool": "import",
+        "source": item.source,
+        "description": description,
+        "width": picture.width,
+        "height": picture.height,
+        "created_at": now_iso(),
+        "klein_agent": __version__,
+    }
+    png = encode_png(picture, provenance={"tool": "import", "source": item.source})
+    return store.put(
+        png,
+        width=picture.width,
+        height=picture.height,
+        recipe=recipe,
+        session=session,
+        image_id=image_id,
+        content_key=item.content_key,
+    )
+
+
+def now_iso(timestamp: float | None = None) -> str:
+    """A UTC time as `2026-11-30T17:27:55Z` (now, or the given Unix time)."""
+    moment = datetime.now(UTC) if timestamp is None else datetime.fromtimestamp(timestamp, UTC)
+    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def model_run(done: FinishedRun) -> ModelRun:
+    """What the engine's run of a call resolved and cost."""
+    resolved = done.result.resolved
+    return ModelRun(
+        seeds=list(resolved.seeds),
+        steps=resolved.steps,
+        guidance=resolved.guidance,
+        model_ms=done.model_ms,
+        queued_ms=done.queued_ms,
+        cache_hits=dict(done.result.cache_hits),
+    )
