@@ -23,8 +23,9 @@ What a catalog must guarantee:
 - Write failures raise StoreWriteError (the message names the store and what to do); then nothing was committed,
   unless `was_inserted` says otherwise.
 
-Live feed: today the gallery polls `page(limit=1)` and `totals()`; a PostgreSQL catalog can push the same change
-(an id, via NOTIFY inside the insert transaction) without changing this Protocol's existing methods.
+Live feed: `listen()` returns a `Feed` of the ids inserted from then on (PostgreSQL: NOTIFY inside the insert
+transaction, so a feed sees only committed rows, each once), or None where the catalog cannot push (SQLite): the
+caller then polls `page(limit=1)` and `totals()`, as the gallery does today.
 """
 
 from __future__ import annotations
@@ -33,6 +34,19 @@ from collections.abc import Iterable
 from typing import Protocol
 
 from klein_agent.service.store.records import LeaseRow, NewImage, SessionSummary, StoredImage
+
+
+class Feed(Protocol):
+    """Ids of rows committed after the feed was opened, in commit order, on a connection of its own."""
+
+    def wait(self, timeout_s: float) -> list[str]:
+        """The ids that arrived since the last call, waiting up to `timeout_s` seconds for the first one ([]: none
+        came). Raises StoreError when the connection is lost (open a new feed)."""
+        ...
+
+    def close(self) -> None:
+        """Stop listening and close the connection. Idempotent."""
+        ...
 
 
 class Catalog(Protocol):
@@ -130,6 +144,10 @@ class Catalog(Protocol):
 
     def lease_rows(self) -> list[LeaseRow]:
         """Every lease row, expired or not, by image id then holder."""
+        ...
+
+    def listen(self) -> Feed | None:
+        """A feed of the ids inserted from now on, or None when this catalog cannot push (poll instead)."""
         ...
 
     def close(self) -> None:
