@@ -111,3 +111,29 @@ def store_locations(given: Path | str | None) -> StoreLocations:
         thumbs=store / THUMBS_DIR,
         source=store_source(given),
     )
+
+
+# ---- stores named by address: a folder, or a shared PostgreSQL catalog ----------------------------------------
+# A DSN carries a password, and a command line is visible to every user of the machine (`ps`): `env:NAME` reads
+# the address from the variable NAME instead (KLEIN_AGENT_STORE may hold a DSN too).
+
+ENV_PREFIX = "env:"
+BLOBS_ENV = "KLEIN_AGENT_BLOBS"
+S3_ENDPOINT_ENV = "AWS_ENDPOINT_URL"
+
+
+def store_address(text: str) -> str:
+    """A store as given on the command line: a folder, a postgresql:// URL, or `env:NAME` (the variable's value).
+    Raises ArgumentTypeError naming the variable when it is unset (its value is never shown)."""
+    if text.startswith(ENV_PREFIX):
+        name = text[len(ENV_PREFIX) :]
+        value = os.environ.get(name, "").strip()
+        if not name or not value:
+            raise argparse.ArgumentTypeError(
+                f"{text}: the environment variable {name or '(no name)'} is not set; export it with the store's "
+                "folder or postgresql:// URL"
+            )
+        return value
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a folder or a postgresql:// URL, got an empty string")
+    return text.strip()

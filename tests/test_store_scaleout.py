@@ -18,7 +18,7 @@ from tests import store_servers
 
 REPO = Path(__file__).resolve().parents[1]
 # The files whose tests the child runs with the shared backends (each parametrized over tests/store_backends.py).
-SHARED_BACKEND_TESTS = ["tests/test_store_interfaces.py"]
+SHARED_BACKEND_TESTS = ["tests/test_store_interfaces.py", "tests/test_store_shared.py"]
 
 
 def missing_part() -> str | None:
@@ -48,4 +48,4 @@ def run_contained(*pytest_args: str, timeout_s: float = 240) -> None:
 
 
 def test_the_store_interfaces_hold_over_postgresql_and_s3() -> None:
-    run_contained(*SHARED_BACKEND_TESTS, "-k", "postgresql+s3")
+    run_contained(*SHARED_BACKEND_TESTS, "-k", "postgresql+s3 or test_store_shared")

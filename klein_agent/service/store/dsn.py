@@ -36,16 +36,15 @@ def redact_dsn(text: str) -> str:
     return _KEYWORD_PASSWORD.sub(lambda m: m["head"] + MASK, text)
 
 
-def dsn_password(dsn: str) -> str | None:
-    """The password a DSN carries (URL or keyword form), or None: what `scrub` must keep out of messages."""
-    m = _URL_PASSWORD.search(dsn)
-    if m and m["secret"]:
-        return unquote(m["secret"])
-    for pattern in (_QUERY_PASSWORD, _KEYWORD_PASSWORD):
+def dsn_secrets(dsn: str) -> tuple[str, ...]:
+    """The password a DSN carries (URL or keyword form) as written and as decoded (a URL's %XX escapes), or ():
+    what `scrub` must keep out of messages. Both forms, because a driver may quote either."""
+    for pattern in (_URL_PASSWORD, _QUERY_PASSWORD, _KEYWORD_PASSWORD):
         m = pattern.search(dsn)
         if m and m["secret"]:
-            return unquote(m["secret"].strip("'"))
-    return None
+            raw = m["secret"].strip("'")
+            return tuple(dict.fromkeys((raw, unquote(raw))))
+    return ()
 
 
 def scrub(text: str, *secrets: str | None) -> str:

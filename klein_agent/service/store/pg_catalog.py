@@ -34,7 +34,7 @@ import psycopg
 import psycopg_pool
 
 from klein_agent.service.store import pg_migrations
-from klein_agent.service.store.dsn import dsn_password, redact_dsn, scrub
+from klein_agent.service.store.dsn import dsn_secrets, redact_dsn, scrub
 from klein_agent.service.store.migrations import SchemaError
 from klein_agent.service.store.records import (
     LeaseRow,
@@ -71,7 +71,7 @@ class PostgresCatalog:
 
     def __init__(self, dsn: str, *, read_only: bool = False, pool_size: int = 4) -> None:
         self._dsn = dsn
-        self._secret = dsn_password(dsn)
+        self._secrets = dsn_secrets(dsn)
         self.location = redact_dsn(dsn)
         self.read_only = read_only
         self.exclusive = False
@@ -135,7 +135,8 @@ class PostgresCatalog:
             (created_at,) = _one_row(
                 cur.execute(
                     "INSERT INTO images (image_id, width, height, size_bytes, session, parents, recipe, content_key,"
-                    " call_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                    " call_id, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s,"
+                    " COALESCE(to_timestamp(%s), clock_timestamp()))"
                     " RETURNING extract(epoch FROM created_at)::float8",
                     (
                         image.image_id,
@@ -147,6 +148,7 @@ class PostgresCatalog:
                         image.recipe_json,
                         image.content_key,
                         image.call_id,
+                        image.created_at,
                     ),
                 )
             )
@@ -339,7 +341,7 @@ class PostgresCatalog:
     # ---- internals ----------------------------------------------------------------------------------------
 
     def _scrub(self, error: BaseException | str) -> str:
-        return scrub(str(error).strip(), self._secret)
+        return scrub(str(error).strip(), *self._secrets)
 
     def _connect(self) -> psycopg.Connection[Any]:
         return psycopg.connect(self._dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S)

@@ -87,6 +87,7 @@ class NewImage:
     recipe_json: str
     content_key: str | None = None
     call_id: str | None = None  # a client's idempotency key (PostgreSQL keeps it unique; SQLite ignores it)
+    created_at: float | None = None  # Unix time; None: now (a copy between stores keeps the original time)
 
 
 @dataclass(frozen=True)

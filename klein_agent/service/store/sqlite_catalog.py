@@ -124,7 +124,7 @@ class SQLiteCatalog:
     ) -> tuple[float, list[str]]:
         """Insert the row and evict, in one transaction (see `Catalog.insert`)."""
         with self._locked(), self._writing():
-            created_at = time.time()
+            created_at = time.time() if image.created_at is None else image.created_at
             self._execute(
                 "INSERT INTO images (image_id, width, height, size_bytes, created_at, last_used_at, use_seq,"
                 " session, parents, recipe, content_key) VALUES (?, ?, ?, ?, ?, ?,"
