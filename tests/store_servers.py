@@ -29,10 +29,11 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 PG_ADMIN_ENV = "KLEIN_TEST_PG_ADMIN"
+PG_DATA_ENV = "KLEIN_TEST_PG_DATA"  # the cluster's data folder, for tests that restart it
 S3_ENDPOINT_ENV = "KLEIN_TEST_S3_ENDPOINT"
 NETNS_ENV = "KLEIN_TEST_PRIVATE_NETWORK"  # set (to "1") in the child pytest that runs inside `unshare -n`
 S3_BUCKET = "klein"
@@ -93,6 +94,18 @@ def database_for(admin_dsn: str, name: str) -> str:
             with contextlib.suppress(errors.DuplicateDatabase, errors.UniqueViolation):
                 conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     return admin_dsn.replace("@/postgres?", f"@/{name}?")
+
+
+def restart_postgres(data: Path) -> None:
+    """Restart the cluster in `data` (fast shutdown: every connection is cut), with the options it was started
+    with."""
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    restart = ["-D", str(data), "-l", str(data.parent / "log"), "-m", "fast", "-w", "restart"]
+    subprocess.run(
+        [*as_postgres, str(PG_BIN / "pg_ctl"), *restart],
+        check=True,
+        capture_output=True,
+    )
 
 
 def in_private_network() -> bool:
@@ -216,7 +229,8 @@ def main(argv: list[str]) -> int:
     up (`private_network_command` builds that command line)."""
     os.environ[NETNS_ENV] = "1"
     with postgres_cluster() as admin, seaweedfs() as endpoint:
-        env = {**os.environ, PG_ADMIN_ENV: admin, S3_ENDPOINT_ENV: endpoint}
+        data = Path(unquote(admin.rsplit("host=", 1)[1])) / "data"
+        env = {**os.environ, PG_ADMIN_ENV: admin, PG_DATA_ENV: str(data), S3_ENDPOINT_ENV: endpoint}
         return subprocess.run(argv, env=env).returncode
 
 

@@ -246,3 +246,17 @@ def test_no_password_or_key_reaches_an_error_or_a_log_line(
     # the command line as a user runs it: the DSN from a variable, the message on stderr
     done = cli("env:BAD_DSN", str(tmp_path / "out"), "--blobs", url, env={**wrong, "BAD_DSN": cases[1][0]})
     assert done.returncode == 2 and "Secret-2" not in done.stderr + done.stdout and "***" in done.stderr
+
+
+# ---- faults ----------------------------------------------------------------------------------------------------
+
+
+def test_a_front_end_keeps_working_after_postgresql_restarts(shared: Callable[..., ImageStore]) -> None:
+    store = shared()
+    before = put(store, 1)
+    store_servers.restart_postgres(Path(os.environ[store_servers.PG_DATA_ENV]))  # every connection is cut
+    after = put(store, 2)  # no reopen: the pool replaces its dropped connections before using them
+    assert [i.image_id for i in store.list_images()[0]] == [after.image_id, before.image_id]
+    feed = store.catalog.listen()
+    assert feed is not None
+    feed.close()

@@ -1,8 +1,7 @@
 """The catalog interface: the rows of a store (metadata, lineage, LRU order, leases), never the bytes.
 
-Today `SQLiteCatalog` (sqlite_catalog.py) implements it; a PostgreSQL catalog shared by many front-ends is meant
-to implement the same Protocol next, and `tests/test_store_interfaces.py` is parametrized over backends so it can
-join the tests unchanged.
+`SQLiteCatalog` (sqlite_catalog.py, the embedded store) and `PostgresCatalog` (pg_catalog.py, shared by many
+front-ends) implement it; `tests/test_store_interfaces.py` runs the same tests over both.
 
 THE INVARIANT (the store's, which `ImageStore` enforces with this interface and a `BlobStore`):
     a row never points at a missing blob. Blob first, row second: `ImageStore.put` writes the blob durably before
@@ -18,7 +17,7 @@ What a catalog must guarantee:
 - A lease taken with `require_stored` is checked and written in one transaction, ordered against eviction.
 - `page` is keyset pagination, newest first: a position names where a page ended, so pages stay stable (no
   repeats, no gaps among the rows that were there) while rows are inserted or evicted. SQLite orders by its
-  insertion sequence; PostgreSQL would order by (created_at, image_id) with created_at from clock_timestamp().
+  insertion sequence; PostgreSQL by (created_at, image_id) with created_at from clock_timestamp().
 - Migrations (schema steps) are applied once, also when two processes open a new store at once.
 - Write failures raise StoreWriteError (the message names the store and what to do); then nothing was committed,
   unless `was_inserted` says otherwise.

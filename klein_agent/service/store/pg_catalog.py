@@ -98,6 +98,9 @@ class PostgresCatalog:
                 open=False,
                 timeout=30.0,
                 kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT_S},
+                # one round trip per borrow, so a connection the server dropped (a restart, a failover) is
+                # replaced before a call uses it instead of failing that call
+                check=psycopg_pool.ConnectionPool.check_connection,
                 name="klein-catalog",
             )
             self._pool.open(wait=True, timeout=CONNECT_TIMEOUT_S)
