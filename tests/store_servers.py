@@ -118,8 +118,10 @@ def unshare_missing() -> str | None:
     for tool in ("unshare", "ip"):
         if shutil.which(tool) is None:
             return f"`{tool}` is not installed"
-    probe = subprocess.run(
-        ["unshare", "-n", "--", "sh", "-c", "ip link set lo up"], capture_output=True, text=True
+    probe = subprocess.run(  # the same namespaces `private_network_command` makes
+        ["unshare", "-n", "-p", "-f", "--mount-proc", "--", "sh", "-c", "ip link set lo up"],
+        capture_output=True,
+        text=True,
     )
     if probe.returncode != 0:
         return f"`unshare -n` is not allowed here ({probe.stderr.strip() or probe.returncode}): it needs root or user namespaces"

@@ -46,10 +46,25 @@ def run_contained(*pytest_args: str, timeout_s: float = 240) -> None:
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
     output = (done.stdout + done.stderr)[-6000:]
     assert done.returncode == 0, f"the contained store tests failed:\n{output}"
-    assert " passed" in done.stdout and "postgresql+s3" not in done.stdout.split("short test summary")[-1], (
-        output
+    summary = done.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and "skipped" not in summary, (
+        f"inside the namespace nothing may skip:\n{output}"
     )
 
 
 def test_the_store_interfaces_hold_over_postgresql_and_s3() -> None:
     run_contained(*SHARED_BACKEND_TESTS, "-k", "postgresql+s3 or test_store_shared")
+
+
+def test_without_containment_it_skips_with_the_reason_and_ci_fails_instead(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(store_servers, "unshare_missing", lambda: "`unshare -n` is not allowed here (test)")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match=r"not allowed here \(test\) \(CI must run them\)"):
+        run_contained("tests/test_store_interfaces.py")
+    monkeypatch.delenv("CI")
+    with pytest.raises(
+        pytest.skip.Exception, match=r"loopback-only network namespace: `unshare -n` is not allowed"
+    ):
+        run_contained("tests/test_store_interfaces.py")
