@@ -9,6 +9,7 @@ with the reason (the outer test is the one that skips or, under CI, fails when c
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -260,3 +261,82 @@ def test_a_front_end_keeps_working_after_postgresql_restarts(shared: Callable[..
     feed = store.catalog.listen()
     assert feed is not None
     feed.close()
+
+
+class Proxy:
+    """A TCP relay on 127.0.0.1 in front of a server, which the test can cut (S3 unreachable) and restore."""
+
+    def __init__(self, target_port: int) -> None:
+        import socket
+
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.open = threading.Event()
+        self.open.set()
+        self.links: list[object] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if not self.open.is_set():
+                client.close()  # unreachable: the connection is dropped at once
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            self.links += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, a: object, b: object) -> None:
+        import socket
+
+        assert isinstance(a, socket.socket) and isinstance(b, socket.socket)
+        try:
+            while self.open.is_set() and (data := a.recv(65536)):
+                b.sendall(data)
+        except OSError:
+            pass
+        for s in (a, b):
+            with contextlib.suppress(OSError):
+                s.close()
+
+    def cut(self) -> None:
+        self.open.clear()
+        for s in self.links:
+            with contextlib.suppress(OSError):
+                s.close()  # type: ignore[attr-defined]
+        self.links.clear()
+
+
+def test_s3_unreachable_for_a_while_fails_puts_clearly_stores_nothing_and_recovers(tmp_path: Path) -> None:
+    from urllib.parse import urlsplit
+
+    from klein_agent.service.store import StoreWriteError
+    from klein_agent.service.store.open import open_store
+
+    endpoint = os.environ[store_servers.S3_ENDPOINT_ENV]
+    proxy = Proxy(urlsplit(endpoint).port or 80)
+    dsn, url = shared_names(tmp_path / "shared")
+    via = f"http://127.0.0.1:{proxy.port}"
+    env = store_servers.s3_environment(via)
+    with open_store(dsn, url, root=tmp_path / "shared", s3_endpoint=via, environ=env) as store:
+        first = put(store, 1)
+        proxy.cut()
+        start = time.monotonic()
+        with pytest.raises(
+            StoreWriteError, match=r"Could not save the image in s3://klein/\S+ at http://127"
+        ):
+            put(store, 2)
+        failed_after = time.monotonic() - start
+        assert [i.image_id for i in store.list_images()[0]] == [first.image_id], "a row without its blob"
+        proxy.open.set()  # S3 is back: the same store, not reopened, stores again
+        second = put(store, 3)
+        assert [i.image_id for i in store.list_images()[0]] == [second.image_id, first.image_id]
+        assert store.read_png(first.image_id) and store.read_png(second.image_id)
+    assert failed_after < 20, f"a put waited {failed_after:.1f} s on an unreachable S3"
