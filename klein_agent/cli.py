@@ -1,8 +1,9 @@
-"""`klein-agent`: one console script with three commands.
+"""`klein-agent`: one console script with four commands.
 
     klein-agent generate --model MODEL --prompt TEXT [--image PATH ...] --out FILE.png
     klein-agent serve --model MODEL [--store DIR] [--http] ...
     klein-agent gallery [--store DIR] [--host 127.0.0.1] [--port P] [--open]
+    klein-agent store copy SRC DST [--blobs s3://BUCKET/PREFIX]   (store_command.py)
 
 stdout belongs to the MCP wire under `serve`, so everything human-readable goes to stderr.
 """
@@ -199,6 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_logging_arguments(gallery)
     add_gallery_arguments(gallery)
     gallery.set_defaults(run=run_gallery)
+
+    store = commands.add_parser("store", help="manage an image store: copy it to PostgreSQL + S3 and back")
+    from klein_agent.store_command import add_store_arguments
+
+    add_logging_arguments(store)
+    add_store_arguments(store)
     return parser
 
 

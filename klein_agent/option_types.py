@@ -68,18 +68,21 @@ def non_negative_int(text: str) -> int:
 
 STORE_ENV = "KLEIN_AGENT_STORE"
 THUMBS_DIR = "thumbs"
+SHARED_DIR = "shared"  # a shared store's local neighbours (thumbnails, token file) in the user data folder
 
 
 @dataclass(frozen=True)
 class StoreLocations:
     """Where `--store` (or its default) puts things: the store folder, the HTTP token file (beside the folder:
     `<parent>/<name>.http-token`) and the gallery's thumbnail folder (`<store>/thumbs`, which the store's sweep
-    never looks in). `source` says which setting chose the folder, for messages."""
+    never looks in). `source` says which setting chose the folder, for messages. For a shared store, `address` is
+    its URL (`--store postgresql://…`) and `store` the local folder of its neighbours (`SHARED_DIR`)."""
 
     store: Path
     token_file: Path
     thumbs: Path
     source: str
+    address: str | None = None
 
 
 def default_store_dir() -> Path:
@@ -103,7 +106,17 @@ def store_source(given: Path | str | None) -> str:
 
 
 def store_locations(given: Path | str | None) -> StoreLocations:
-    """The locations for `--store` = `given` (None: the default), as absolute paths."""
+    """The locations for `--store` = `given` (None: the default), as absolute paths. A URL (`store_option` keeps
+    it a str; $KLEIN_AGENT_STORE may hold one too) is a shared store: its token file and thumbnails live in the
+    user data folder's `shared` folder."""
+    if given is None and "://" in os.environ.get(STORE_ENV, ""):
+        given = os.environ[STORE_ENV].strip()
+    if isinstance(given, str) and "://" in given:
+        local = Path(platformdirs.user_data_dir("klein-agent", appauthor=False)) / SHARED_DIR
+        source = "the shared store given with --store or $" + STORE_ENV
+        return StoreLocations(
+            local, local.parent / f"{SHARED_DIR}.http-token", local / THUMBS_DIR, source, given
+        )
     store = (Path(given) if given is not None else default_store_dir()).expanduser().absolute()
     return StoreLocations(
         store=store,
@@ -111,3 +124,61 @@ def store_locations(given: Path | str | None) -> StoreLocations:
         thumbs=store / THUMBS_DIR,
         source=store_source(given),
     )
+
+
+# ---- stores named by address: a folder, or a shared PostgreSQL catalog ----------------------------------------
+# A DSN carries a password, and a command line is visible to every user of the machine (`ps`): `env:NAME` reads
+# the address from the variable NAME instead (KLEIN_AGENT_STORE may hold a DSN too).
+
+ENV_PREFIX = "env:"
+BLOBS_ENV = "KLEIN_AGENT_BLOBS"
+S3_ENDPOINT_ENV = "AWS_ENDPOINT_URL"
+
+
+def store_option(text: str) -> Path | str:
+    """`--store` of serve and gallery: a folder (a Path, as before), or a URL kept as text (`postgresql://…`;
+    `open_store` says what it accepts), or `env:NAME` for either."""
+    value = store_address(text)
+    return value if "://" in value else Path(value)
+
+
+def store_address(text: str) -> str:
+    """A store as given on the command line: a folder, a postgresql:// URL, or `env:NAME` (the variable's value).
+    Raises ArgumentTypeError naming the variable when it is unset (its value is never shown)."""
+    if text.startswith(ENV_PREFIX):
+        name = text[len(ENV_PREFIX) :]
+        value = os.environ.get(name, "").strip()
+        if not name or not value:
+            raise argparse.ArgumentTypeError(
+                f"{text}: the environment variable {name or '(no name)'} is not set; export it with the store's "
+                "folder or postgresql:// URL"
+            )
+        return value
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a folder or a postgresql:// URL, got an empty string")
+    return text.strip()
+
+
+def add_shared_store_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--blobs and --s3-endpoint, for a shared --store (serve and gallery alike)."""
+    parser.add_argument(
+        "--blobs",
+        default=None,
+        metavar="s3://BUCKET/PREFIX",
+        help=f"where a postgresql:// store keeps its PNGs (default: ${BLOBS_ENV}); keys from AWS_ACCESS_KEY_ID and "
+        "AWS_SECRET_ACCESS_KEY",
+    )
+    parser.add_argument(
+        "--s3-endpoint",
+        default=None,
+        metavar="URL",
+        help=f"an S3-compatible server for --blobs (default: ${S3_ENDPOINT_ENV}, else AWS)",
+    )
+
+
+def shared_blobs(given: str | None, where: StoreLocations) -> str | None:
+    """The --blobs a store opens with: the option, else $KLEIN_AGENT_BLOBS for a shared store (None for a folder
+    store, so a stray variable cannot change the embedded default)."""
+    if given is not None:
+        return given
+    return (os.environ.get(BLOBS_ENV, "").strip() or None) if where.address else None

@@ -34,6 +34,7 @@ ALLOWED: dict[str, set[str]] = {
     "option_types": {"rules"},  # argparse value types shared by the commands' parsers
 }
 TORCH_FREE = ["rules", "service", "web", "gallery", "server", "model_options", "option_types", "cli"]
+TORCH_FREE.append("store_command")  # `klein-agent store copy`: a driver, like cli
 
 
 def modules() -> list[Path]:

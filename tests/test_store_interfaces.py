@@ -1,5 +1,6 @@
 """The store's promises, tested through `ImageStore` over the `Catalog` and `BlobStore` interfaces only (no SQL, no
-file names): parametrized over tests/store_backends.py, so the next backends (PostgreSQL, S3) run the same tests.
+file names): parametrized over tests/store_backends.py: SQLite + a folder here, and PostgreSQL + S3 in the
+private-network child pytest that tests/test_store_scaleout.py starts (with its servers).
 
 Blob first, row second (a process killed in between leaves a blob without a row, which is swept; never a row
 without its blob); eviction never removes a leased image; cursor pages are stable under inserts; ids are unique;
@@ -8,6 +9,7 @@ migrations run once, also when two processes open a new store at once.
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 import sys
@@ -19,9 +21,10 @@ import pytest
 
 from klein_agent.service.store import ImageStore, StoredImage, StoreFullError, new_image_id
 from klein_agent.service.store.blobs import BlobMissingError
-from klein_agent.service.store.migrations import MIGRATIONS
+from klein_agent.service.store.migrations import Migration
 from klein_agent.service.store.records import blob_key
-from tests.store_backends import BACKENDS
+from tests.store_backends import BACKENDS, MIGRATIONS
+from tests.store_servers import NETNS_ENV, PG_ADMIN_ENV, S3_ENDPOINT_ENV
 from tests.store_writer import tiny_png
 
 CHILD = Path(__file__).with_name("store_interface_child.py")
@@ -67,6 +70,7 @@ def every_row_has_its_blob(store: ImageStore) -> list[str]:
 
 def run_child(backend: str, root: Path, what: str, *extra: str) -> subprocess.Popen[bytes]:
     env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
+    env |= {k: os.environ[k] for k in (NETNS_ENV, PG_ADMIN_ENV, S3_ENDPOINT_ENV) if k in os.environ}
     return subprocess.Popen(
         [sys.executable, str(CHILD), backend, str(root), what, *extra], env=env, stderr=subprocess.PIPE
     )
@@ -199,21 +203,21 @@ def test_migrations_run_once_when_two_processes_open_a_new_store_at_once(
         _, err = child.communicate(timeout=60)
         assert child.returncode == 0, err.decode()
     with open_store() as store:
-        assert store.catalog.schema_versions() == [m.version for m in MIGRATIONS]
+        assert store.catalog.schema_versions() == [m.version for m in MIGRATIONS[backend].MIGRATIONS]
 
 
 def test_migrations_are_idempotent_across_opens(
-    open_store: Callable[..., ImageStore], monkeypatch: pytest.MonkeyPatch
+    backend: str, open_store: Callable[..., ImageStore], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from klein_agent.service.store import migrations
-
+    module = MIGRATIONS[backend]
+    steps = list(module.MIGRATIONS)
     with open_store() as store:
         image = put(store, 1)
     runs: list[int] = []
-    probe = migrations.Migration(len(MIGRATIONS) + 1, "probe", lambda execute: runs.append(1))
-    monkeypatch.setattr(migrations, "MIGRATIONS", [*MIGRATIONS, probe])
+    probe = Migration(len(steps) + 1, "probe", lambda execute: runs.append(1))
+    monkeypatch.setattr(module, "MIGRATIONS", [*steps, probe])
     for _ in range(3):
         with open_store() as store:
             assert store.get(image.image_id) == image
-            assert store.catalog.schema_versions() == [m.version for m in [*MIGRATIONS, probe]]
+            assert store.catalog.schema_versions() == [m.version for m in [*steps, probe]]
     assert runs == [1], "a migration ran more than once"

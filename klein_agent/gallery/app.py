@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 PAGE_SIZE = 60  # cards per page: one screenful and a bit, so the first paint waits for little
 POLL_S = 0.5  # how often the live feed looks at the store
+FEED_WAIT_S = 2.0  # with a pushing catalog: the longest wait for a row before looking anyway (deletes)
 STATIC = {  # name -> content type; nothing else is served from static/
     "app.js": "text/javascript; charset=utf-8",
     "style.css": "text/css; charset=utf-8",
@@ -76,9 +77,16 @@ class Gallery:
     /gallery). Raises StoreError if there is no readable store at `root`. Call `close` when done."""
 
     def __init__(
-        self, root: Path, *, thumbs: Path, poll_s: float = POLL_S, page_size: int = PAGE_SIZE
+        self,
+        root: Path,
+        *,
+        thumbs: Path,
+        poll_s: float = POLL_S,
+        page_size: int = PAGE_SIZE,
+        store: ImageStore | None = None,
     ) -> None:
-        self.store = ImageStore(root, read_only=True)
+        # `store`: a read-only store opened by the caller (a shared one: service/store/open.py), closed with this
+        self.store = store if store is not None else ImageStore(root, read_only=True)
         try:
             self.thumbs = Thumbnails(self.store, thumbs)
             removed = self.thumbs.prune(self._every_image())
@@ -213,12 +221,22 @@ class Gallery:
 
         async def changes() -> AsyncIterator[dict[str, str]]:
             last = None
-            while True:
-                now = await anyio.to_thread.run_sync(self._head)
-                if now != last:
-                    last = now
-                    yield {"event": "change", "data": json.dumps({"newest": now[0], "total": now[1]})}
-                await anyio.sleep(self.poll_s)
+            # A catalog that pushes (PostgreSQL: LISTEN/NOTIFY) wakes this at the commit of a row made by any
+            # front-end; the others (SQLite) are polled. Deletes are not pushed: the wait ends every FEED_WAIT_S.
+            feed = await anyio.to_thread.run_sync(self.store.catalog.listen)
+            try:
+                while True:
+                    now = await anyio.to_thread.run_sync(self._head)
+                    if now != last:
+                        last = now
+                        yield {"event": "change", "data": json.dumps({"newest": now[0], "total": now[1]})}
+                    if feed is None:
+                        await anyio.sleep(self.poll_s)
+                    else:
+                        await anyio.to_thread.run_sync(feed.wait, FEED_WAIT_S)
+            finally:
+                if feed is not None:
+                    feed.close()
 
         return EventSourceResponse(changes(), ping=15, headers={"cache-control": "no-store"})
 

@@ -12,7 +12,7 @@ import logging
 import shlex
 from pathlib import Path
 
-from klein_agent.option_types import port_number
+from klein_agent.option_types import add_shared_store_arguments, port_number, store_option
 
 log = logging.getLogger("klein_agent.gallery")
 
@@ -29,12 +29,13 @@ def add_gallery_arguments(parser: argparse.ArgumentParser) -> None:
     """Add --store, --host, --port and --open to `parser`."""
     parser.add_argument(
         "--store",
-        type=Path,
+        type=store_option,
         default=None,
         metavar="DIR",
         help="the image store to show, as `klein-agent serve` uses it (default: $KLEIN_AGENT_STORE, else the user "
-        "data folder)",
+        "data folder); or a shared store, postgresql://… with --blobs",
     )
+    add_shared_store_arguments(parser)
     parser.add_argument(
         "--host",
         default="127.0.0.1",
@@ -64,8 +65,9 @@ def run_gallery(args: argparse.Namespace) -> int:
     from starlette.routing import Mount, Route
 
     from klein_agent.gallery.app import Gallery
-    from klein_agent.option_types import store_locations
+    from klein_agent.option_types import shared_blobs, store_locations
     from klein_agent.service.store import StoreError
+    from klein_agent.service.store.open import open_store
     from klein_agent.web.guard import GuardSettings, HttpGuard
     from klein_agent.web.listen import (
         COOKIE_NAME,
@@ -89,7 +91,11 @@ def run_gallery(args: argparse.Namespace) -> int:
         return 2
     gallery = None
     try:
-        gallery = Gallery(root, thumbs=where.thumbs)
+        shared = None
+        if where.address is not None:
+            blobs = shared_blobs(args.blobs, where)
+            shared = open_store(where.address, blobs, root=root, s3_endpoint=args.s3_endpoint, read_only=True)
+        gallery = Gallery(root, thumbs=where.thumbs, store=shared)
         tokens, _ = load_tokens(where.token_file, no_auth=False, host=args.host)
     except (StoreError, HttpStartError) as exc:
         log.error("%s", exc)

@@ -9,7 +9,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from klein_agent.option_types import non_negative_int, port_number, positive_float, positive_int
+from klein_agent.option_types import (
+    add_shared_store_arguments,
+    non_negative_int,
+    port_number,
+    positive_float,
+    positive_int,
+    store_option,
+)
 from klein_agent.rules import limits
 
 DEFAULT_PORT = 8765
@@ -41,13 +48,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     store = parser.add_argument_group("image store")
     store.add_argument(
         "--store",
-        type=Path,
+        type=store_option,
         default=None,
         metavar="DIR",
         help="folder of the persistent image store (default: $KLEIN_AGENT_STORE, else the user data folder: "
         "~/.local/share/klein-agent/store on Linux, ~/Library/Application Support/klein-agent/store on macOS, "
-        "%%LOCALAPPDATA%%\\klein-agent\\store on Windows)",
+        "%%LOCALAPPDATA%%\\klein-agent\\store on Windows); or a shared store, postgresql://… with --blobs (env:NAME reads it from a variable; see "
+        "docs/scaling.md)",
     )
+    add_shared_store_arguments(store)
     store.add_argument(
         "--store-max-gb",
         type=positive_float,

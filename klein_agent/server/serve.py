@@ -15,14 +15,15 @@ import anyio
 
 from klein_agent.gallery.app import Gallery
 from klein_agent.model_options import generator_factory
-from klein_agent.option_types import StoreLocations, store_locations
+from klein_agent.option_types import StoreLocations, shared_blobs, store_locations
 from klein_agent.server.app import build_server
 from klein_agent.server.http import HttpPlan, serve_http
 from klein_agent.server.options import allowed_dir_options
 from klein_agent.server.stdio import serve_stdio
 from klein_agent.service.engine import Engine
 from klein_agent.service.inputs import InputPolicy, default_allowed_dirs
-from klein_agent.service.store import ImageStore, StoreError
+from klein_agent.service.store import StoreError
+from klein_agent.service.store.open import open_store
 from klein_agent.service.studio import Studio, StudioConfig
 from klein_agent.web.listen import (
     HttpStartError,
@@ -52,10 +53,15 @@ def build_studio(args: argparse.Namespace, where: StoreLocations | None = None) 
     policy = InputPolicy(allowed_dirs=tuple(dirs), allow_urls=args.allow_urls)
     where = where or store_locations(args.store)
     try:
-        store = ImageStore(
-            where.store,
-            max_bytes=int(args.store_max_gb * 2**30),
-            max_images=args.store_max_images,
+        store = (
+            open_store(  # a folder: ImageStore(where.store) as ever; postgresql:// + --blobs: the shared pair
+                where.address or where.store,
+                shared_blobs(args.blobs, where),
+                root=where.store,
+                s3_endpoint=args.s3_endpoint,
+                max_bytes=int(args.store_max_gb * 2**30),
+                max_images=args.store_max_images,
+            )
         )
     except StoreError as exc:
         raise StoreError(f"{exc} This is {where.source}.") from exc
@@ -101,7 +107,13 @@ def run_serve(args: argparse.Namespace) -> int:
     gallery = None
     if plan is not None:
         try:
-            gallery = Gallery(studio.store.root, thumbs=where.thumbs)
+            shared = None
+            if where.address is not None:  # the gallery reads the shared store through its own read-only pair
+                blobs = shared_blobs(args.blobs, where)
+                shared = open_store(
+                    where.address, blobs, root=where.store, s3_endpoint=args.s3_endpoint, read_only=True
+                )
+            gallery = Gallery(studio.store.root, thumbs=where.thumbs, store=shared)
         except StoreError as exc:
             log.error("%s", exc)
             plan.sock.close()
@@ -112,7 +124,9 @@ def run_serve(args: argparse.Namespace) -> int:
     log.info(
         "klein-agent serve: model %s, store %s, %s",
         args.model,
-        studio.store.root,
+        studio.store.root
+        if where.address is None
+        else studio.store.catalog.location,  # location: no password
         "HTTP" if args.http else "stdio",
     )
     try:

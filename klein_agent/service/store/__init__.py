@@ -5,6 +5,12 @@
     sqlite_catalog.py  `SQLiteCatalog`: the local catalog (<root>/store.sqlite3, WAL, a lock file)
     migrations.py      the SQLite schema as numbered functions, applied once
     folder_blobs.py    `FolderBlobStore`: the local blobs (<root>/images/<sha256(id)>.png)
+    pg_catalog.py      `PostgresCatalog`: the shared catalog (psycopg 3 + pool, advisory locks, LISTEN/NOTIFY)
+    pg_migrations.py   the PostgreSQL schema as numbered functions, applied once under an advisory lock
+    s3_blobs.py        `S3BlobStore`: the shared blobs, one object per blob under s3://BUCKET/PREFIX (obstore)
+    dsn.py             DSNs and s3:// URLs recognised, and shown without their secrets
+    open.py            `open_store`: the pair a `--store PATH|postgresql://…` and `--blobs s3://…` name
+    copy.py            `klein-agent store copy`: a whole store into another, verified
     cursors.py         the list cursor codec
     leases.py          what a lease promises; the thread that renews them
     records.py         ids, records, errors, and the checks on what put() is given

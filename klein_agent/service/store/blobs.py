@@ -1,8 +1,8 @@
 """The blob interface: the bytes of a store, one immutable blob per key, never the rows.
 
-Today `FolderBlobStore` (folder_blobs.py: files in a folder) implements it; an S3-compatible store is meant to
-implement the same Protocol next (a put with If-None-Match, a listing with LastModified, DELETE), and
-`tests/test_store_interfaces.py` is parametrized over backends so it can join the tests unchanged.
+`FolderBlobStore` (folder_blobs.py: files in a folder) and `S3BlobStore` (s3_blobs.py: a create-only PUT with
+If-None-Match, a listing with LastModified, DELETE) implement it; `tests/test_store_interfaces.py` runs the same
+tests over both.
 
 A blob store knows nothing of rows, leases or quotas. The invariant it serves (catalog.py) is kept by
 `ImageStore`: blob first, row second; row deleted first, blob second; a blob with no row is an orphan that

@@ -1,8 +1,7 @@
 """The catalog interface: the rows of a store (metadata, lineage, LRU order, leases), never the bytes.
 
-Today `SQLiteCatalog` (sqlite_catalog.py) implements it; a PostgreSQL catalog shared by many front-ends is meant
-to implement the same Protocol next, and `tests/test_store_interfaces.py` is parametrized over backends so it can
-join the tests unchanged.
+`SQLiteCatalog` (sqlite_catalog.py, the embedded store) and `PostgresCatalog` (pg_catalog.py, shared by many
+front-ends) implement it; `tests/test_store_interfaces.py` runs the same tests over both.
 
 THE INVARIANT (the store's, which `ImageStore` enforces with this interface and a `BlobStore`):
     a row never points at a missing blob. Blob first, row second: `ImageStore.put` writes the blob durably before
@@ -18,13 +17,14 @@ What a catalog must guarantee:
 - A lease taken with `require_stored` is checked and written in one transaction, ordered against eviction.
 - `page` is keyset pagination, newest first: a position names where a page ended, so pages stay stable (no
   repeats, no gaps among the rows that were there) while rows are inserted or evicted. SQLite orders by its
-  insertion sequence; PostgreSQL would order by (created_at, image_id) with created_at from clock_timestamp().
+  insertion sequence; PostgreSQL by (created_at, image_id) with created_at from clock_timestamp().
 - Migrations (schema steps) are applied once, also when two processes open a new store at once.
 - Write failures raise StoreWriteError (the message names the store and what to do); then nothing was committed,
   unless `was_inserted` says otherwise.
 
-Live feed: today the gallery polls `page(limit=1)` and `totals()`; a PostgreSQL catalog can push the same change
-(an id, via NOTIFY inside the insert transaction) without changing this Protocol's existing methods.
+Live feed: `listen()` returns a `Feed` of the ids inserted from then on (PostgreSQL: NOTIFY inside the insert
+transaction, so a feed sees only committed rows, each once), or None where the catalog cannot push (SQLite): the
+caller then polls `page(limit=1)` and `totals()`, as the gallery does today.
 """
 
 from __future__ import annotations
@@ -33,6 +33,19 @@ from collections.abc import Iterable
 from typing import Protocol
 
 from klein_agent.service.store.records import LeaseRow, NewImage, SessionSummary, StoredImage
+
+
+class Feed(Protocol):
+    """Ids of rows committed after the feed was opened, in commit order, on a connection of its own."""
+
+    def wait(self, timeout_s: float) -> list[str]:
+        """The ids that arrived since the last call, waiting up to `timeout_s` seconds for the first one ([]: none
+        came). Raises StoreError when the connection is lost (open a new feed)."""
+        ...
+
+    def close(self) -> None:
+        """Stop listening and close the connection. Idempotent."""
+        ...
 
 
 class Catalog(Protocol):
@@ -130,6 +143,10 @@ class Catalog(Protocol):
 
     def lease_rows(self) -> list[LeaseRow]:
         """Every lease row, expired or not, by image id then holder."""
+        ...
+
+    def listen(self) -> Feed | None:
+        """A feed of the ids inserted from now on, or None when this catalog cannot push (poll instead)."""
         ...
 
     def close(self) -> None:

@@ -1,8 +1,8 @@
 """The list cursor: an opaque, URL-safe token for "the page after this one", bound to the session it lists.
 
 The token carries a catalog position (`Catalog.page`): what a catalog sorts by, newest first. The SQLite catalog's
-position is its insertion sequence (an int); a PostgreSQL catalog's would be [created_at, image_id] (keyset
-pagination by (created_at, id), see docs/architecture.md). The codec is the same for both; the catalog says which
+position is its insertion sequence (an int); the PostgreSQL catalog's is [created_at in microseconds, image_id]
+(keyset pagination by (created_at, id)). The codec is the same for both; the catalog says which
 positions it accepts (`Catalog.valid_position`), so a forged or stale token is a clear ValueError, never an SQL
 error.
 """

@@ -163,6 +163,7 @@ class ImageStore:
         session: str | None = None,
         image_id: str | None = None,
         content_key: str | None = None,
+        created_at: float | None = None,
     ) -> StoredImage:
         """Store one PNG durably; when this returns, the image survives a crash or kill -9.
 
@@ -172,6 +173,8 @@ class ImageStore:
         The blob is made durable first and the row committed second; the LRU eviction runs in the insert's
         transaction, and evicted blobs are deleted after the commit. `parents` are recorded as given, also those
         no longer stored: a finished picture is never lost for its lineage, and `absent` tells which are gone.
+        `created_at` (Unix time) is when the image was first made; None (every caller but `store copy`, which keeps
+        the original time) means now.
         Raises ValueError for a malformed argument or an id already stored, UnknownImageError for a malformed
         parent id, StoreFullError, StoreWriteError.
         """
@@ -196,7 +199,11 @@ class ImageStore:
             raise ValueError(f"image_id {image_id!r} is stored already; mint a new one with new_image_id()")
         key = blob_key(image_id)
         self.blobs.put(key, data)  # blob first ...
-        row = NewImage(image_id, width, height, len(data), session, parent_ids, text, content_key)
+        if created_at is not None and not (isinstance(created_at, (int, float)) and 0 <= created_at < 2**33):
+            raise ValueError(f"created_at must be a Unix time in seconds, got {created_at!r}")
+        row = NewImage(
+            image_id, width, height, len(data), session, parent_ids, text, content_key, created_at=created_at
+        )
         try:  # ... row second
             created_at, evicted = self.catalog.insert(
                 row, max_images=self.max_images, max_bytes=self.max_bytes, now=self._clock()

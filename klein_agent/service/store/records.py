@@ -44,6 +44,15 @@ class StoreFullError(StoreError):
     """The image cannot fit in the quota: it is larger than the quota, or leased images fill it."""
 
 
+def leased_full_message(max_images: int, max_bytes: int) -> str:
+    """The StoreFullError text when leased images alone break a bound: one text for every catalog."""
+    return (
+        f"The store is full: the images in use by running calls fill the quota ({max_images} "
+        f"images, {max_bytes} bytes), so nothing can be evicted to make room. Retry when those "
+        "calls finish, or raise the store quota."
+    )
+
+
 class StoreWriteError(StoreError):
     """An I/O error (disk full, permissions) while saving; the store is left as it was before the call."""
 
@@ -75,6 +84,8 @@ class NewImage:
     parents: tuple[str, ...]
     recipe_json: str
     content_key: str | None = None
+    call_id: str | None = None  # a client's idempotency key (PostgreSQL keeps it unique; SQLite ignores it)
+    created_at: float | None = None  # Unix time; None: now (a copy between stores keeps the original time)
 
 
 @dataclass(frozen=True)

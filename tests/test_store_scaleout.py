@@ -1,0 +1,70 @@
+"""The store's shared backends (PostgreSQL + S3) under the same interface tests as the embedded store, with real
+servers, contained: a child pytest runs inside its own network namespace (loopback only) with PostgreSQL 15 and
+SeaweedFS started there (tests/store_servers.py), so no test traffic can leave the machine.
+
+Without the rights to make a namespace (or without PostgreSQL 15 or `weed`) the test skips saying why; in CI
+(CI=true) it fails instead, so the backends are never silently untested there.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests import store_servers
+
+REPO = Path(__file__).resolve().parents[1]
+# The files whose tests the child runs with the shared backends (each parametrized over tests/store_backends.py).
+SHARED_BACKEND_TESTS = [
+    "tests/test_store_interfaces.py",
+    "tests/test_store_shared.py",
+    "tests/test_store_shared_e2e.py",
+]
+
+
+def missing_part() -> str | None:
+    """Why the contained servers cannot run here, or None."""
+    return store_servers.unshare_missing() or store_servers.postgres_missing() or store_servers.weed_missing()
+
+
+def run_contained(*pytest_args: str, timeout_s: float = 240) -> None:
+    """Run pytest with `pytest_args` in the private network with the servers; fail with its output unless it
+    passes. Skips (fails under CI=true) when this machine cannot contain the servers."""
+    why = missing_part()
+    if why is not None:
+        message = f"PostgreSQL + S3 store tests need a loopback-only network namespace: {why}"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message + " (CI must run them)")
+        pytest.skip(message)
+    command = store_servers.private_network_command(
+        "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
+    output = (done.stdout + done.stderr)[-6000:]
+    assert done.returncode == 0, f"the contained store tests failed:\n{output}"
+    summary = done.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and "skipped" not in summary, (
+        f"inside the namespace nothing may skip:\n{output}"
+    )
+
+
+def test_the_store_interfaces_hold_over_postgresql_and_s3() -> None:
+    run_contained(*SHARED_BACKEND_TESTS, "-k", "postgresql+s3 or test_store_shared")
+
+
+def test_without_containment_it_skips_with_the_reason_and_ci_fails_instead(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(store_servers, "unshare_missing", lambda: "`unshare -n` is not allowed here (test)")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match=r"not allowed here \(test\) \(CI must run them\)"):
+        run_contained("tests/test_store_interfaces.py")
+    monkeypatch.delenv("CI")
+    with pytest.raises(
+        pytest.skip.Exception, match=r"loopback-only network namespace: `unshare -n` is not allowed"
+    ):
+        run_contained("tests/test_store_interfaces.py")
