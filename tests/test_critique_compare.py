@@ -153,7 +153,9 @@ def test_expected_box_inside_and_leaking() -> None:
     assert "outside the box you asked for" in leaked.verdict and "leaked" in leaked.verdict
     missed = compare(a, recoloured(a, (192, 192, 64, 64), (0, 255, 255)), expected=Box(48, 48, 80, 80))
     assert "nothing inside it" in missed.verdict
-    with pytest.raises(RequestError, match=r"box 1 \[300, 0, 10, 10\] \(pixels\) lies outside the 256x256"):
+    with pytest.raises(
+        RequestError, match=r"expected_box \[300, 0, 10, 10\] \(pixels\) lies outside the 256x256"
+    ):
         compare(a, b, expected=Box(300, 0, 10, 10))
 
 

@@ -146,6 +146,9 @@ CHANGE_MAX_ASPECT_DIFFERENCE = (
     0.02  # pictures whose aspect ratios differ more are not one picture's two versions
 )
 OVERLAY_MAX_BYTES = 100_000  # the change overlay's encoded size (about 25,000 base64 characters at 512 px)
+# Decoded pictures compare_images keeps for the next call (an agent compares every edit with the same input): four
+# 2048² pictures or sixteen 1024² ones, at Pillow's 4 bytes a pixel.
+CRITIQUE_CACHE_BYTES = 64 * 1024**2
 ZOOM_MIN_EDGE = 256  # a view_image region smaller than this is enlarged by a whole factor, nearest neighbour
 
 VERDICTS = (

@@ -14,7 +14,7 @@ from klein_agent.server.messages import MessageBudget
 from klein_agent.server.prompts import register_prompts
 from klein_agent.server.resources import register_resources
 from klein_agent.server.schemas import optional_scalars_as_their_type
-from klein_agent.server.tools import generation, library
+from klein_agent.server.tools import critique, generation, library
 from klein_agent.service.studio import Studio
 
 INSTRUCTIONS = """\
@@ -61,6 +61,7 @@ def build_server(studio: Studio) -> MCPServer[Studio]:
     checks.bind(mcp)
     generation.register(mcp, studio)
     library.register(mcp, studio)
+    critique.register(mcp, studio)
     register_resources(mcp, studio)
     register_prompts(mcp, studio)
     return mcp

@@ -41,6 +41,7 @@ from klein_agent.rules.recipes import provenance
 from klein_agent.rules.references import prepare_reference
 from klein_agent.rules.requests import GenerationRequest, GeneratorInfo
 from klein_agent.rules.resolution import RequestError
+from klein_agent.service.critique.zoom import zoom
 from klein_agent.service.engine import AsyncProgress, Completed, Engine, EngineError, EngineStatus
 from klein_agent.service.exports import check_output_path, write_export
 from klein_agent.service.inputs import ImageInputError, InputPolicy, LoadedImage, load_image_argument
@@ -522,9 +523,11 @@ class Studio:
                 raise
             raise RequestError(str(exc)) from exc
 
-    async def contact_sheet(self, image_ids: Sequence[str], *, max_edge: int) -> Sheet:
-        """Stored images as one preview (one image) or a contact sheet labelled 1, 2, ... in this order, its
-        long edge at most `max_edge` px and within the preview budget. Raises RequestError, UnknownImageError."""
+    async def contact_sheet(
+        self, image_ids: Sequence[str], *, max_edge: int, region: masks.Box | None = None
+    ) -> Sheet:
+        """Stored images (with `region`: that part of each, `critique.zoom`) as one preview or a contact sheet
+        labelled 1, 2, ... in order, long edge <= `max_edge` px, in budget. Raises RequestError, UnknownImageError."""
         ids = [strip_image_uri(i) for i in image_ids]
         if not ids:
             raise RequestError(
@@ -538,7 +541,7 @@ class Studio:
             pictures = []
             for i in ids:
                 with Image.open(io.BytesIO(self.store.read_png(i)), formats=["PNG"]) as im:
-                    pictures.append(im.convert("RGB"))
+                    pictures.append(zoom(im.convert("RGB"), region, max_edge=max_edge))
             labels = [ids[0]] if len(ids) == 1 else [f"{k} {i}" for k, i in enumerate(ids, start=1)]
             preview = make_preview(
                 pictures, labels, max_edge=max_edge, budget_b64=self.config.preview_budget_b64

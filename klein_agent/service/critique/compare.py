@@ -98,7 +98,7 @@ def compare(
             )
     expected_px = None
     if expected is not None:
-        left, top, right, bottom = box_rectangle(expected, b.size)
+        left, top, right, bottom = box_rectangle(expected, b.size, name="expected_box")
         expected_px = (left, top, right - left, bottom - top)
     aligned, alignment = align(a, b, names)
     width, height = b.size
