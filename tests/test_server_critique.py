@@ -218,3 +218,22 @@ async def test_verdict_bad_inputs_are_named_and_store_nothing(client: Client, se
     assert f"reason is 5000 characters; at most {VERDICT_REASON_MAX_CHARS}" in text
     assert "standing must be one of pick, reject" in await error(client, "list_images", {"standing": "note"})
     assert server_state.store.verdicts([image_id]) == {}
+
+
+async def test_the_loop_is_taught_by_the_prompt_and_the_instructions(client: Client) -> None:
+    rendered = await client.get_prompt("iterate_image", {"goal": "a red bicycle"})
+    text = rendered.messages[0].content.text  # type: ignore[union-attr]
+    for step in (
+        "compare_images",
+        "expected_box",
+        "`region`",
+        "record_verdict",
+        "inpaint",
+        'standing="pick"',
+    ):
+        assert step in text, step
+    instructions = client.instructions or ""
+    for tool in ("compare_images", "view_image(region=", "record_verdict", "inpaint", "iterate_image"):
+        assert tool in instructions, tool
+    tools = {tool.name for tool in (await client.list_tools()).tools}
+    assert {"compare_images", "record_verdict"} <= tools
