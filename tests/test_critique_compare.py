@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from klein_agent.rules.limits import CHANGE_DELTA_E, OVERLAY_MAX_BYTES, SIZE_MULTIPLE
+from klein_agent.rules.limits import CHANGE_DELTA_E, CHANGE_MIN_COVER, OVERLAY_MAX_BYTES, SIZE_MULTIPLE
 from klein_agent.rules.masks import Box
 from klein_agent.rules.resolution import RequestError
 from klein_agent.service.critique.compare import _lab, compare, ssim
@@ -194,3 +194,19 @@ def test_the_threshold_is_the_limit() -> None:
     for level, found in ((first - 1, False), (first, True)):
         c = compare(a, Image.new("RGB", (64, 64), (level,) * 3))
         assert bool(c.regions) is found, (level, c.mean_delta_e)
+
+
+def test_a_sliver_of_clear_change_still_marks_its_token() -> None:
+    # 3 of a token's 16 columns changed by ΔE ~27: the token's mean (~5) is under CHANGE_DELTA_E, but the share of
+    # clearly changed pixels (3/16) is over CHANGE_MIN_COVER, so the box holds the sliver (no seam after inpaint).
+    a = Image.new("RGB", (64, 32), (128, 128, 128))
+    b = a.copy()
+    b.paste((200, 200, 200), (16, 0, 19, 16))
+    sliver = np.stack(_lab(np.full((1, 1, 3), 200, np.uint8)), -1)[0, 0]
+    grey = np.stack(_lab(np.full((1, 1, 3), 128, np.uint8)), -1)[0, 0]
+    strength = float(np.linalg.norm(sliver - grey))
+    assert strength * 3 / 16 < CHANGE_DELTA_E < strength / 2 and CHANGE_MIN_COVER <= 3 / 16, (
+        "the case it is about"
+    )
+    c = compare(a, b)
+    assert [r.box_px for r in c.regions] == [(16, 0, 16, 16)]

@@ -133,6 +133,9 @@ LEASE_RENEW_S = 15.0
 # unchanged pixels' ΔE had p50 1.6 and p99 4.5, and a token's mean lies below its p99; 8 stays above that noise
 # and below a visible recolour (ΔE 10 is "clearly different" on the CIE76 scale). Otsu's threshold gave 32: too high.
 CHANGE_DELTA_E = 8.0
+# ... or when at least this share of its pixels differ by more than twice that (a change covering a sliver of the
+# token: 2 of its 16 px columns). Noise never gets there: sigma-2 noise's p99 is 4.5, a quarter of 2 x 8.
+CHANGE_MIN_COVER = 1 / 8
 # The change map is computed at this long edge at most (a token then covers 8 px of a 1024² picture), which keeps
 # a 1024² pair inside 100 ms on two CPU cores; pictures up to it are compared at full resolution.
 CHANGE_WORK_EDGE = 512

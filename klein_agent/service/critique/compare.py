@@ -111,7 +111,11 @@ def compare(
     lab_a, lab_b = _lab(rgb_a), _lab(rgb_b)
     delta = np.sqrt(sum((lab_a[i] - lab_b[i]) ** 2 for i in range(3)))  # [rows*k, cols*k], ΔE per pixel
     per_token = _block_means(delta, k)  # [rows, cols]
-    changed = per_token > limits.CHANGE_DELTA_E
+    # A token counts when its mean ΔE is over the threshold, or when enough of it changed clearly (over twice the
+    # threshold, far above any noise): a change that covers 3 of a token's 16 columns averages under the
+    # threshold, and its box must still hold it, or an inpaint of the box would leave a seam.
+    strong = _block_means((delta > 2 * limits.CHANGE_DELTA_E).astype(np.float32), k)
+    changed = (per_token > limits.CHANGE_DELTA_E) | (strong >= limits.CHANGE_MIN_COVER)
     token_area = _token_areas(
         width, height, cols, rows
     )  # px of b each token covers (edge tokens are partial)
@@ -140,7 +144,7 @@ def compare(
         overlay_mime_type="",
         overlay_size=work,
     )
-    data, mime = _overlay(grey_b, per_token, k, comparison, b.size)
+    data, mime = _overlay(grey_b, per_token, changed, comparison, b.size)
     return replace(comparison, verdict=verdict_line(comparison), overlay=data, overlay_mime_type=mime)
 
 
@@ -383,14 +387,14 @@ def _regions(
 
 
 def _overlay(
-    grey_b: np.ndarray, per_token: np.ndarray, k: int, c: Comparison, size: tuple[int, int]
+    grey_b: np.ndarray, per_token: np.ndarray, changed: np.ndarray, c: Comparison, size: tuple[int, int]
 ) -> tuple[bytes, str]:
     """b in dimmed grey, changed tokens tinted red by their ΔE, region boxes in yellow, the caller's box in cyan;
     encoded as WebP (else JPEG) within OVERLAY_MAX_BYTES."""
     work = (grey_b.shape[1], grey_b.shape[0])
     base = Image.fromarray((grey_b * 0.6).astype(np.uint8), "L").convert("RGB")
-    # Tint: 0 at the threshold's level and below, up to 70 % red at three times it.
-    strength = np.clip(per_token / (3 * limits.CHANGE_DELTA_E), 0, 1) * (per_token > limits.CHANGE_DELTA_E)
+    # Tint: none on unchanged tokens; on changed ones from a third (the threshold) up to 70 % red at three times it.
+    strength = np.clip(per_token / (3 * limits.CHANGE_DELTA_E), 1 / 3, 1) * changed
     mask = Image.fromarray((strength * 0.7 * 255).astype(np.uint8), "L").resize(
         work, Image.Resampling.NEAREST
     )
