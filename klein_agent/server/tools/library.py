@@ -177,10 +177,9 @@ def register(mcp: MCPServer, studio: Studio) -> None:
             for m in meta:
                 x, y, w, h = region_rectangle(box, (m.width, m.height))
                 parts.append(f"{m.image_id}: region [{x}, {y}, {w}, {h}] px of {m.width}x{m.height}")
+            # one region: say its scale (1:1, or the whole factor a small one was enlarged by); a sheet has labels
             scale = preview.width / region_rectangle(box, (meta[0].width, meta[0].height))[2]
-            shown = (
-                "1:1" if len(meta) == 1 and scale == 1 else f"{scale:.3g}x" if len(meta) == 1 else "a sheet"
-            )
+            shown = ("1:1" if scale == 1 else f"{scale:.3g}x") if len(meta) == 1 else "as a labelled sheet"
             text = "; ".join(parts) + f", shown at {preview.width}x{preview.height} ({shown})."
         elif len(meta) == 1:
             text = f"{meta[0].image_id}: {meta[0].width}x{meta[0].height}, shown at {preview.width}x{preview.height}."
