@@ -398,6 +398,9 @@ async def test_the_argument_checks_take_exactly_the_values_they_took(
         "images": ["img_a"],
         "image_id": "img_a",
         "image_ids": ["img_a"],
+        "a": "img_a",  # compare_images
+        "b": "img_a",
+        "verdict": "pick",  # record_verdict
     }
     valid["path"] = "/tmp/a.png"
     differ = set()

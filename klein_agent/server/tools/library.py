@@ -3,7 +3,7 @@ annotations beside it. None of them runs the model; each is a thin layer over `S
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from mcp.server import MCPServer
 from mcp_types import CallToolResult, TextContent, ToolAnnotations
@@ -68,8 +68,11 @@ RegionArg = Annotated[
     ),
 ]
 StandingArg = Annotated[
-    Literal["pick", "reject"] | None,
-    Field(description="Only the images whose standing verdict (record_verdict) is this."),
+    str | None,
+    Field(
+        max_length=16,
+        description='"pick" or "reject": only the images whose standing verdict (record_verdict) is this.',
+    ),
 ]
 LimitArg = Annotated[int, Field(ge=1, le=MAX_LIST_LIMIT)]
 SessionFilterArg = Annotated[
