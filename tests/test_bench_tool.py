@@ -148,3 +148,14 @@ def test_peak_memory_resets_between_runs() -> None:
     big.close()
     memory.reset()
     assert memory.read() < high - 32 * 2**20
+
+
+def test_bench_critique_finds_the_true_boxes_and_reports_each_row(tmp_path: Path) -> None:
+    import bench_critique  # tools/
+
+    out = tmp_path / "critique.json"
+    assert bench_critique.main(["--size", "256x256", "--runs", "2", "--warmup", "0", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["ok"] and len(report["found"]) == 2
+    assert set(report["rows"]) == {"compare 256x256", "decode 2 PNGs + compare 256x256"}
+    assert all(row["cpu_ms"] > 0 and row["wall_ms"] >= row["cpu_ms"] * 0.5 for row in report["rows"].values())

@@ -283,6 +283,8 @@ async def test_tools_list_matches_the_snapshot(client: Client) -> None:
         "view_image",
         "export_image",
         "server_status",
+        "compare_images",
+        "record_verdict",
     ]
     for tool in listing:
         hints = tool["annotations"]
@@ -291,6 +293,7 @@ async def test_tools_list_matches_the_snapshot(client: Client) -> None:
     hints = {t["name"]: t["annotations"] for t in listing}
     assert not hints["generate"]["readOnlyHint"] and hints["list_images"]["readOnlyHint"]
     assert hints["export_image"]["destructiveHint"] and not hints["edit"]["openWorldHint"]
+    assert hints["compare_images"]["readOnlyHint"] and not hints["record_verdict"]["readOnlyHint"]
     width = listing[0]["inputSchema"]["properties"]["width"]
     assert width["type"] == "integer"  # not anyOf: see test_optional_scalars_are_published_as_their_type
     assert (width["minimum"], width["maximum"], width["multipleOf"]) == (64, 2048, 16)
@@ -395,6 +398,9 @@ async def test_the_argument_checks_take_exactly_the_values_they_took(
         "images": ["img_a"],
         "image_id": "img_a",
         "image_ids": ["img_a"],
+        "a": "img_a",  # compare_images
+        "b": "img_a",
+        "verdict": "pick",  # record_verdict
     }
     valid["path"] = "/tmp/a.png"
     differ = set()

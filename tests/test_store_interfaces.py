@@ -4,7 +4,8 @@ private-network child pytest that tests/test_store_scaleout.py starts (with its 
 
 Blob first, row second (a process killed in between leaves a blob without a row, which is swept; never a row
 without its blob); eviction never removes a leased image; cursor pages are stable under inserts; ids are unique;
-migrations run once, also when two processes open a new store at once.
+migrations run once, also when two processes open a new store at once; verdicts: the latest pick or reject is the
+standing, notes add up, the history is bounded, and verdicts go with their image.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from klein_agent.service.store import ImageStore, StoredImage, StoreFullError, new_image_id
+from klein_agent.rules.limits import VERDICT_HISTORY_PER_IMAGE, VERDICT_NOTES_SHOWN, VERDICT_REASON_MAX_CHARS
+from klein_agent.rules.resolution import RequestError
+from klein_agent.service.store import ImageStore, StoredImage, StoreFullError, UnknownImageError, new_image_id
 from klein_agent.service.store.blobs import BlobMissingError
 from klein_agent.service.store.migrations import Migration
 from klein_agent.service.store.records import blob_key
@@ -221,3 +224,78 @@ def test_migrations_are_idempotent_across_opens(
             assert store.get(image.image_id) == image
             assert store.catalog.schema_versions() == [m.version for m in [*steps, probe]]
     assert runs == [1], "a migration ran more than once"
+
+
+def test_verdicts_latest_standing_wins_notes_add_up_and_history_is_bounded(
+    open_store: Callable[..., ImageStore],
+) -> None:
+    store = open_store()
+    image, other = put(store, 1), put(store, 2)
+    assert store.verdicts([image.image_id, other.image_id]) == {}
+    store.record_verdict(image.image_id, "pick", "  sharp\n hands ")
+    store.record_verdict(image.image_id, "note", "sky a bit flat")
+    shown = store.verdicts([image.image_id, other.image_id])
+    assert list(shown) == [image.image_id], "an image without verdicts is absent"
+    standing = shown[image.image_id].standing
+    assert standing is not None and (standing.verdict, standing.reason) == ("pick", "sharp hands")
+    assert [n.reason for n in shown[image.image_id].notes] == ["sky a bit flat"]
+    store.record_verdict(image.image_id, "reject", "six fingers")  # the latest pick or reject wins
+    standing = store.verdicts([image.image_id])[image.image_id].standing
+    assert standing is not None and (standing.verdict, standing.reason) == ("reject", "six fingers")
+    store.record_verdict(image.image_id, "pick", "")  # a reason is optional for pick and reject
+    for k in range(VERDICT_HISTORY_PER_IMAGE * 2):  # far more notes than the history keeps
+        store.record_verdict(image.image_id, "note", f"note {k}")
+    shown = store.verdicts([image.image_id])
+    standing = shown[image.image_id].standing
+    assert standing is not None and standing.verdict == "pick", "notes never push the standing pick out"
+    last = VERDICT_HISTORY_PER_IMAGE * 2 - 1
+    assert [n.reason for n in shown[image.image_id].notes] == [
+        f"note {last - k}" for k in range(VERDICT_NOTES_SHOWN)
+    ]
+    kept = store.catalog.verdicts([image.image_id], notes=10_000)[image.image_id]
+    assert len(kept.notes) + 1 == VERDICT_HISTORY_PER_IMAGE + 1, "the newest notes plus the standing pick"
+    store.close()
+    with open_store() as reopened:  # durable
+        again = reopened.verdicts([image.image_id])[image.image_id]
+        assert again == shown[image.image_id]
+
+
+def test_verdicts_are_refused_for_unknown_ids_and_bad_values_and_recorded_nowhere(
+    open_store: Callable[..., ImageStore],
+) -> None:
+    store = open_store()
+    image = put(store, 1)
+    for unknown in (new_image_id(), "img_short", "../../etc/passwd", ""):
+        with pytest.raises(UnknownImageError, match="Unknown image id"):
+            store.record_verdict(unknown, "pick", "x")
+    with pytest.raises(RequestError, match="verdict must be one of pick, reject, note, got 'love'"):
+        store.record_verdict(image.image_id, "love", "x")
+    with pytest.raises(RequestError, match="a note needs a reason"):
+        store.record_verdict(image.image_id, "note", " \n\t")
+    with pytest.raises(RequestError, match=f"reason is {VERDICT_REASON_MAX_CHARS + 1} characters; at most"):
+        store.record_verdict(image.image_id, "pick", "x" * (VERDICT_REASON_MAX_CHARS + 1))
+    assert store.verdicts([image.image_id]) == {}
+
+
+def test_verdicts_go_with_their_image_and_filter_the_listing(open_store: Callable[..., ImageStore]) -> None:
+    store = open_store(max_images=4)
+    images = [put(store, seed, session="s") for seed in range(4)]
+    for image in images[1:]:
+        store.record_verdict(image.image_id, "pick", f"seed {image.recipe['seed']}")
+    store.record_verdict(images[3].image_id, "reject", "on second look")
+    page, cursor = store.list_images(session="s", limit=1, standing="pick")
+    seen = [i.image_id for i in page]
+    while cursor is not None:
+        page, cursor = store.list_images(session="s", limit=1, cursor=cursor, standing="pick")
+        seen += [i.image_id for i in page]
+    assert seen == [images[2].image_id, images[1].image_id], "newest first, only the standing picks"
+    assert [i.image_id for i in store.list_images(standing="reject")[0]] == [images[3].image_id]
+    with pytest.raises(ValueError, match="standing must be one of pick, reject"):
+        store.list_images(standing="note")
+    store.delete(images[1].image_id)
+    for seed in range(10, 14):  # evicts every earlier image, least recently used first
+        put(store, seed)
+    gone = [i.image_id for i in images]
+    assert store.verdicts(gone) == {}, "a verdict outlived its image"
+    assert store.catalog.verdicts(gone, notes=100) == {}
+    assert store.list_images(standing="pick")[0] == []

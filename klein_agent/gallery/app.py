@@ -10,7 +10,7 @@ Routes, relative to where the app is mounted (`/gallery`):
     /                      the page
     /static/{name}         its script, style sheet and icon
     /api/sessions          sessions, newest first, with counts; the store's total
-    /api/images            a page of cards, newest first (?session=, ?cursor=, ?limit=)
+    /api/images            a page of cards, newest first (?session=, ?cursor=, ?limit=, ?standing=pick|reject)
     /api/images/{id}       one card
     /image/{id}.png        the full PNG (?download=1: as an attachment)
     /thumb/{id}.webp       its WebP thumbnail
@@ -39,7 +39,14 @@ from starlette.routing import Route
 from klein_agent.gallery.catalog import card
 from klein_agent.gallery.thumbs import Thumbnails
 from klein_agent.rules.limits import SESSION_MAX_CHARS
-from klein_agent.service.store import MAX_LIST_LIMIT, ImageStore, StoredImage, StoreError, UnknownImageError
+from klein_agent.service.store import (
+    MAX_LIST_LIMIT,
+    ImageStore,
+    StoredImage,
+    StoreError,
+    UnknownImageError,
+    Verdicts,
+)
 from klein_agent.web.guard import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
@@ -161,25 +168,26 @@ class Gallery:
         A bad cursor, session or limit is a 400 with {"error": message}."""
         query = request.query_params
         session = query.get("session") or None
+        standing = query.get("standing") or None
         try:
             limit = int(query.get("limit", self.page_size))
             if not 1 <= limit <= MAX_LIST_LIMIT:
                 raise ValueError(f"limit must be from 1 to {MAX_LIST_LIMIT}")
             if session is not None and len(session) > SESSION_MAX_CHARS:
                 raise ValueError(f"session is at most {SESSION_MAX_CHARS} characters")
-            page, cursor = await anyio.to_thread.run_sync(
-                lambda: self.store.list_images(
-                    session=session, limit=limit, cursor=query.get("cursor") or None
-                )
+            page, cursor, verdicts = await anyio.to_thread.run_sync(
+                lambda: self._cards_page(session, limit, query.get("cursor") or None, standing)
             )
         except (ValueError, StoreError) as exc:
             return _json({"error": str(exc)}, status=400)
-        return _json({"images": [card(image) for image in page], "next_cursor": cursor})
+        cards = [card(image, verdicts.get(image.image_id)) for image in page]
+        return _json({"images": cards, "next_cursor": cursor})
 
     async def one_image(self, request: Request) -> Response:
         """One card, for an image the page has not loaded (a parent on a later page); 404 if unknown."""
         image = await self._get(request.path_params["image_id"])
-        return _json(card(image))
+        verdicts = await anyio.to_thread.run_sync(lambda: self.store.verdicts([image.image_id]))
+        return _json(card(image, verdicts.get(image.image_id)))
 
     # ---- pictures ----------------------------------------------------------------------------------------
 
@@ -241,6 +249,15 @@ class Gallery:
         return EventSourceResponse(changes(), ping=15, headers={"cache-control": "no-store"})
 
     # ---- helpers -----------------------------------------------------------------------------------------
+
+    def _cards_page(
+        self, session: str | None, limit: int, cursor: str | None, standing: str | None
+    ) -> tuple[list[StoredImage], str | None, dict[str, Verdicts]]:
+        """A page of images (of one standing verdict if given) and their verdicts, in one worker-thread call."""
+        page, next_cursor = self.store.list_images(
+            session=session, limit=limit, cursor=cursor, standing=standing
+        )
+        return page, next_cursor, self.store.verdicts([image.image_id for image in page])
 
     def _head(self) -> tuple[str | None, int]:
         page, _ = self.store.list_images(limit=1)

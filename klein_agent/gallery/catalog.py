@@ -10,14 +10,16 @@ import shlex
 from typing import Any
 
 from klein_agent.rules.recipes import rerun_call, rerun_command
-from klein_agent.service.store import StoredImage
+from klein_agent.service.store import StoredImage, Verdicts
 
 
-def card(image: StoredImage) -> dict[str, Any]:
+def card(image: StoredImage, verdicts: Verdicts | None = None) -> dict[str, Any]:
     """One image as the page needs it: id, parents (in order), session, tool, the recipe's prompt, seed, size,
     model, steps and guidance, when it was stored (unix s), how long the model took (ms), what an import was,
-    the whole recipe, and the MCP call and CLI command that make it again (None for an import)."""
+    the whole recipe, the MCP call and CLI command that make it again (None for an import), and its verdicts:
+    the standing pick or reject (None), its reason and time (unix s), and the newest notes, newest first."""
     recipe = image.recipe
+    standing = verdicts.standing if verdicts else None
     tool = str(recipe.get("tool", "unknown"))
     argv = rerun_command(recipe, image.parents, f"{image.image_id}.png")
     return {
@@ -40,6 +42,10 @@ def card(image: StoredImage) -> dict[str, Any]:
         "recipe": recipe,
         "mcp": rerun_call(recipe, image.parents),
         "cli": shlex.join(argv) if argv is not None else None,
+        "verdict": standing.verdict if standing else None,
+        "verdict_reason": standing.reason if standing else None,
+        "verdict_at": standing.at if standing else None,
+        "notes": [note.reason for note in verdicts.notes] if verdicts else [],
     }
 
 

@@ -126,3 +126,41 @@ STORE_MAX_IMAGES = 10_000
 # long the inputs of a process killed mid-call stay protected: two minutes of a store that may not shrink.
 LEASE_TTL_S = 120.0
 LEASE_RENEW_S = 15.0
+
+# -- critique: compare_images, view_image regions, verdicts --------------------------------------------------------
+# A token (SIZE_MULTIPLE px square) counts as changed when the mean CIE76 colour difference (ΔE*ab, CIELAB, D65)
+# over it is above this. Measured on a 1024² photo with sigma-2 noise standing in for the autoencoder's drift: the
+# unchanged pixels' ΔE had p50 1.6 and p99 4.5, and a token's mean lies below its p99; 8 stays above that noise
+# and below a visible recolour (ΔE 10 is "clearly different" on the CIE76 scale). Otsu's threshold gave 32: too high.
+CHANGE_DELTA_E = 8.0
+# ... or when at least this share of its pixels differ by more than twice that (a change covering a sliver of the
+# token: 2 of its 16 px columns). Noise never gets there: sigma-2 noise's p99 is 4.5, a quarter of 2 x 8.
+CHANGE_MIN_COVER = 1 / 8
+# The change map is computed at this long edge at most (a token then covers 8 px of a 1024² picture), which keeps
+# a 1024² pair inside 100 ms on two CPU cores; pictures up to it are compared at full resolution.
+CHANGE_WORK_EDGE = 512
+CHANGE_MAX_REGIONS = 8  # regions listed, largest first; the rest are counted
+CHANGE_WHOLE_PCT = 50.0  # changed area at or above which a change is "the whole picture"
+CHANGE_UNRELATED_SSIM = 0.3  # with the whole picture changed, SSIM under this means b shares nothing with a
+# Changed area outside the box the caller meant to change that still reads as "inside": one token of a 512² picture
+# is 0.1 %, so this allows a token or two of spill at a box's edge.
+CHANGE_OUTSIDE_TOLERANCE_PCT = 0.5
+CHANGE_MAX_ASPECT_DIFFERENCE = (
+    0.02  # pictures whose aspect ratios differ more are not one picture's two versions
+)
+OVERLAY_MAX_BYTES = 100_000  # the change overlay's encoded size (about 25,000 base64 characters at 512 px)
+# Decoded pictures compare_images keeps for the next call (an agent compares every edit with the same input): four
+# 2048² pictures or sixteen 1024² ones, at Pillow's 4 bytes a pixel.
+CRITIQUE_CACHE_BYTES = 64 * 1024**2
+ZOOM_MIN_EDGE = 256  # a view_image region smaller than this is enlarged by a whole factor, nearest neighbour
+
+VERDICTS = (
+    "pick",
+    "reject",
+    "note",
+)  # pick and reject set an image's standing (the latest wins); notes add up
+VERDICT_REASON_MAX_CHARS = 300  # one or two sentences: a card's caption, and a line of list_images
+VERDICT_HISTORY_PER_IMAGE = (
+    20  # records kept per image, newest first (the standing pick or reject is always kept)
+)
+VERDICT_NOTES_SHOWN = 3  # newest notes list_images and the gallery show per image

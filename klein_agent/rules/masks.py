@@ -74,18 +74,19 @@ def kind_of(value: object) -> str:
     return next((words for kinds, words in _KINDS if isinstance(value, kinds)), "a value")
 
 
-def box_from_values(values: object, number: int = 1) -> Box:
+def box_from_values(values: object, number: int = 1, name: str | None = None) -> Box:
     """Box `number` (from 1) from its four values as a caller gave them (a JSON list, or the CLI's parsed floats).
-    Raises RequestError naming the box and the field for anything but four finite numbers; the CLI and the server
-    share these messages."""
+    Raises RequestError naming the box (or `name`, e.g. "region") and the field for anything but four finite
+    numbers; the CLI and the server share these messages."""
+    label = name or f"box {number}"
     if not isinstance(values, list | tuple):
-        raise RequestError(f"box {number} must be a list {BOX_FORM}, got {kind_of(values)}")
+        raise RequestError(f"{label} must be a list {BOX_FORM}, got {kind_of(values)}")
     if len(values) != len(BOX_FIELDS):
-        raise RequestError(f"box {number} has {len(values)} numbers: give {BOX_FORM}")
+        raise RequestError(f"{label} has {len(values)} numbers: give {BOX_FORM}")
     for field, value in zip(BOX_FIELDS, values, strict=True):
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise RequestError(f"box {number}: {field} must be a number, got {kind_of(value)}")
-        check_finite(value, f"box {number}: {field}")
+            raise RequestError(f"{label}: {field} must be a number, got {kind_of(value)}")
+        check_finite(value, f"{label}: {field}")
     return Box(*(float(v) for v in values))
 
 
@@ -122,13 +123,17 @@ def parse_box(text: str, number: int = 1) -> Box:
     return box_from_values(values, number)
 
 
-def box_rectangle(box: Box, size: tuple[int, int], number: int = 1) -> tuple[int, int, int, int]:
+def box_rectangle(
+    box: Box, size: tuple[int, int], number: int = 1, name: str | None = None
+) -> tuple[int, int, int, int]:
     """(left, top, right, bottom) in whole pixels of a picture of `size` (width, height), clipped to it. Raises
-    RequestError for a negative or empty box and for one entirely outside the picture."""
+    RequestError, naming box `number` (or `name`), for a negative or empty box, for one entirely outside the
+    picture, and for one that covers no whole pixel once rounded."""
     w, h = size
+    label = name or f"box {number}"
     if min(box.x, box.y) < 0 or box.width <= 0 or box.height <= 0:
         raise RequestError(
-            f"box {number} {box.as_list()} is not a region: x and y must be at least 0, width and height above 0"
+            f"{label} {box.as_list()} is not a region: x and y must be at least 0, width and height above 0"
         )
     scale_x, scale_y = (w, h) if box.fractional else (1, 1)
     left, top = round(box.x * scale_x), round(box.y * scale_y)
@@ -136,10 +141,16 @@ def box_rectangle(box: Box, size: tuple[int, int], number: int = 1) -> tuple[int
     if left >= w or top >= h:
         unit = "fractions" if box.fractional else "pixels"
         raise RequestError(
-            f"box {number} {box.as_list()} ({unit}) lies outside the {w}x{h} image: x must be under {w} px and y "
+            f"{label} {box.as_list()} ({unit}) lies outside the {w}x{h} image: x must be under {w} px and y "
             f"under {h} px (or use fractions, all four at most 1)"
         )
-    return left, top, min(right, w), min(bottom, h)
+    right, bottom = min(right, w), min(bottom, h)
+    if right <= left or bottom <= top:
+        raise RequestError(
+            f"{label} {box.as_list()} covers less than one pixel of the {w}x{h} image: make it at least 1 px "
+            f"(or 1/{max(w, h)} as a fraction) wide and high"
+        )
+    return left, top, right, bottom
 
 
 def boxes_mask(boxes: Sequence[Box], size: tuple[int, int]) -> Image.Image:

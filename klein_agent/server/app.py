@@ -14,7 +14,7 @@ from klein_agent.server.messages import MessageBudget
 from klein_agent.server.prompts import register_prompts
 from klein_agent.server.resources import register_resources
 from klein_agent.server.schemas import optional_scalars_as_their_type
-from klein_agent.server.tools import generation, library
+from klein_agent.server.tools import critique, generation, library
 from klein_agent.service.studio import Studio
 
 INSTRUCTIONS = """\
@@ -24,7 +24,11 @@ changes one image, compose combines up to 4 ("image 1", "image 2", ... in the pr
 subjects) that server_status lists. Every image is stored and \
 referenced by its id (img_...); results carry a preview, the ids and seeds, and image://<id> links \
 (image://<id>/meta is the recipe). Describe what the picture should show, positively. If you cannot see a \
-preview, call view_image. Calls run one at a time; server_status shows the model and the queue."""
+preview, call view_image. Critique before retrying: after every edit call compare_images(a=input, b=result) \
+and read its verdict (changed boxes on the 16-px grid go straight into inpaint when an edit leaked); zoom with \
+view_image(region=[x, y, w, h]) before judging faces, hands or text; record_verdict pick, reject or note with a \
+reason (list_images and the gallery show them). The iterate_image prompt walks the whole loop. Calls run one at \
+a time; server_status shows the model and the queue."""
 
 
 class KleinServer(MCPServer[Studio]):
@@ -61,6 +65,7 @@ def build_server(studio: Studio) -> MCPServer[Studio]:
     checks.bind(mcp)
     generation.register(mcp, studio)
     library.register(mcp, studio)
+    critique.register(mcp, studio)
     register_resources(mcp, studio)
     register_prompts(mcp, studio)
     return mcp

@@ -28,6 +28,7 @@ from klein_agent.rules import masks, resolution
 from klein_agent.rules.image_refs import looks_like_image_ref, split_refs
 from klein_agent.rules.loras import check_scale
 from klein_agent.rules.masks import MaskRequest, check_strength
+from klein_agent.rules.verdicts import check_verdict
 
 # What agents reach for that FLUX.2 [klein] does not have, and what to do instead.
 HINTS = {
@@ -60,12 +61,15 @@ RULES: dict[str, Callable[[Any, dict[str, Any], list[Any]], object]] = {
     "session": lambda v, a, p: resolution.check_session(v),
     "strength": lambda v, a, p: check_strength(v),
     "loras": lambda v, a, p: _lora_scale(v, a, p),
+    "reason": lambda v, a, p: check_verdict("pick", v),  # record_verdict: the limit on the trimmed reason
 }
 
 # Rules that judge an argument's whole value, whatever its JSON type: asked for every error under that argument,
 # wrong types included, so `boxes` reads the same as the CLI's --box ("box 1: x must be a finite number, got NaN").
 WHOLE_VALUE_RULES: dict[str, Callable[[Any, dict[str, Any]], object]] = {
     "boxes": lambda v, a: MaskRequest(a.get("mask"), masks.boxes_from(v), None).check(),
+    "region": lambda v, a: masks.box_from_values(v, name="region"),  # view_image
+    "expected_box": lambda v, a: masks.box_from_values(v, name="expected_box"),  # compare_images
 }
 
 

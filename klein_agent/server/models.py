@@ -54,6 +54,9 @@ class ListedImage(BaseModel):  # noqa: D101 - no docstring: it would change the 
     recipe_unreadable: bool = Field(
         default=False, description="true when the stored recipe is damaged: tool, seed and prompt are unknown"
     )
+    verdict: str | None = Field(default=None, description="standing: the latest pick or reject, or null")
+    verdict_reason: str | None = Field(default=None, description="the reason given with that verdict")
+    notes: list[str] = Field(default_factory=list, description="the newest notes on the image, newest first")
 
 
 # What list_images returns: a page of stored images, newest first.

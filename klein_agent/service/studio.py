@@ -34,11 +34,12 @@ import anyio.to_thread
 from PIL import Image
 
 from klein_agent import __version__
-from klein_agent.rules import limits, resolution
+from klein_agent.rules import limits, masks, resolution
 from klein_agent.rules import loras as lora_rules
 from klein_agent.rules.calls import ImageCall, prepare_call
 from klein_agent.rules.image_refs import require_image_id
 from klein_agent.rules.resolution import RequestError
+from klein_agent.service.critique.zoom import zoom
 from klein_agent.service.engine import AsyncProgress, Engine, EngineError, EngineStatus
 from klein_agent.service.exports import check_output_path, write_export
 from klein_agent.service.inputs import ImageInputError, InputPolicy
@@ -216,9 +217,11 @@ class Studio:
                 raise
             raise RequestError(str(exc)) from exc
 
-    async def contact_sheet(self, image_ids: Sequence[str], *, max_edge: int) -> ShownImages:
-        """Stored images as one preview (one image) or a contact sheet labelled 1, 2, ... in this order, its
-        long edge at most `max_edge` px and within the preview budget. Raises RequestError, UnknownImageError."""
+    async def contact_sheet(
+        self, image_ids: Sequence[str], *, max_edge: int, region: masks.Box | None = None
+    ) -> ShownImages:
+        """Stored images (with `region`: that part of each, `critique.zoom`) as one preview or a contact sheet
+        labelled 1, 2, ... in order, long edge <= `max_edge` px, in budget. Raises RequestError, UnknownImageError."""
         ids = [require_image_id(i) for i in image_ids]
         if not ids:
             raise RequestError(
@@ -232,7 +235,7 @@ class Studio:
             pictures = []
             for i in ids:
                 with Image.open(io.BytesIO(self.store.read_png(i)), formats=["PNG"]) as im:
-                    pictures.append(im.convert("RGB"))
+                    pictures.append(zoom(im.convert("RGB"), region, max_edge=max_edge))
             labels = [ids[0]] if len(ids) == 1 else [f"{k} {i}" for k, i in enumerate(ids, start=1)]
             preview = make_preview(
                 pictures, labels, max_edge=max_edge, budget_b64=self.config.preview_budget_b64

@@ -8,6 +8,7 @@
   const PAGE = 60;
   const state = {
     session: null, // null: all images, newest first, grouped by session; a name: that session's lineage tree
+    standing: null, // "pick": only the images whose standing verdict is a pick (#picks), else null
     cards: new Map(), // id -> card JSON, every card loaded so far
     groups: new Map(), // all images: session ("" for none) -> its <section>, one per session
     children: new Map(), // id -> ids of loaded images made from it
@@ -104,7 +105,7 @@
     const node = el(
       "article",
       {
-        class: `card ${toolClass(card.tool)}`,
+        class: `card ${toolClass(card.tool)}${card.verdict ? ` verdict-${card.verdict}` : ""}`,
         "data-image-id": card.id,
         "data-parents": JSON.stringify(card.parents), // an id may hold spaces
         "data-session": card.session === null ? "" : card.session,
@@ -130,8 +131,21 @@
     const into = el("div", { class: "made-into" });
     fillChips(from, "from", card.parents);
     fillChips(into, "made into", state.children.get(card.id) || []);
-    node.append(el("div", { class: "meta" }, head, el("p", { class: "prompt", title: text, text }), facts(card), el("div", { class: "lineage" }, from, into)));
+    node.append(el("div", { class: "meta" }, verdicts(card), head, el("p", { class: "prompt", title: text, text }), facts(card), el("div", { class: "lineage" }, from, into)));
     return node;
+  }
+
+  // What the agent (record_verdict) decided, under the picture: the standing pick or reject with its reason, then
+  // the newest notes. Null when there is nothing to show.
+  function verdicts(card) {
+    if (!card.verdict && !card.notes.length) return null;
+    const box = el("div", { class: "verdicts" });
+    if (card.verdict) {
+      const label = card.verdict === "pick" ? "★ Picked" : "✕ Rejected";
+      box.append(el("p", { class: `standing standing-${card.verdict}`, title: `${label} ${when(card.verdict_at)}` }, el("strong", { text: label }), card.verdict_reason ? `: ${card.verdict_reason}` : ""));
+    }
+    for (const note of card.notes) box.append(el("p", { class: "note", title: "note", text: note }));
+    return box;
   }
 
   // ---- all images: one group per session, the most recently active session first; newest first in each -------
@@ -172,6 +186,7 @@
     if (state.done || state.loading) return state.loading;
     const params = new URLSearchParams({ limit: String(PAGE) });
     if (state.cursor) params.set("cursor", state.cursor);
+    if (state.standing) params.set("standing", state.standing);
     const view = state.view;
     state.loading = getJSON(`api/images?${params}`)
       .then((page) => {
@@ -191,7 +206,12 @@
 
   async function showAll() {
     reset();
-    $("#view-head").replaceChildren(el("h2", { text: "All images, newest first" }));
+    const picks = state.standing === "pick";
+    $("#view-head").replaceChildren(
+      el("h2", { text: picks ? "Picked images, newest first" : "All images, newest first" }),
+      el("p", { class: "filter" }, picks ? el("a", { href: "#", text: "Show all images" }) : el("a", { href: "#picks", class: "picks-link", text: "★ Show only the picks" })),
+    );
+    $("#empty").textContent = picks ? "No picks yet: the agent marks its choices with record_verdict." : "No images yet. They appear here as the agent makes them.";
     await loadMore();
     markReady();
   }
@@ -283,7 +303,12 @@
     $("#store").title = "the image store shown";
     const all = el("a", { href: "#", class: "all", text: "All images" }, el("span", { class: "n", text: String(data.total) }));
     if (state.session === null) all.setAttribute("aria-current", "page");
-    const items = [el("li", {}, all)];
+    const picks = el("a", { href: "#picks", class: "picks", text: "★ Picks" });
+    if (state.standing === "pick") {
+      all.removeAttribute("aria-current");
+      picks.setAttribute("aria-current", "page");
+    }
+    const items = [el("li", {}, all), el("li", {}, picks)];
     for (const s of data.sessions) {
       const label = [el("span", { class: "name", text: sessionName(s.session) }), el("span", { class: "n", text: String(s.count) }), el("time", { text: when(s.last_at) })];
       if (s.session === null) {
@@ -439,7 +464,7 @@
       if (newest !== state.newest) await showSession(state.session);
       return;
     }
-    if (change.newest === state.newest) return;
+    if (change.newest === state.newest || state.standing) return; // a new image is no one's pick yet
     const page = await getJSON(`api/images?limit=${PAGE}`);
     const fresh = [];
     for (const card of page.images) {
@@ -493,8 +518,10 @@
       if (state.newest !== undefined) return;
     }
     const session = hash.startsWith("session=") ? hash.slice(8) : null;
-    if (session === state.session && state.newest !== undefined) return;
+    const standing = hash === "picks" ? "pick" : null;
+    if (session === state.session && standing === state.standing && state.newest !== undefined) return;
     state.session = session;
+    state.standing = standing;
     document.body.dataset.ready = "";
     (session === null ? showAll() : showSession(session)).catch((error) => {
       $("#view-head").replaceChildren(el("p", { class: "error", text: `Could not load the images: ${error.message}` }));

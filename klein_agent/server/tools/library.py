@@ -19,6 +19,7 @@ from klein_agent.rules.limits import (
     SESSION_MAX_CHARS,
     VIEW_MAX_EDGE,
 )
+from klein_agent.rules.masks import box_from_values
 from klein_agent.server.errors import tool_errors
 from klein_agent.server.models import (
     ExportResult,
@@ -34,7 +35,9 @@ from klein_agent.server.models import (
 )
 from klein_agent.server.results import image_block
 from klein_agent.server.texts import store_note
-from klein_agent.service.store import UNREADABLE_RECIPE, StoredImage
+from klein_agent.service.critique.critic import Critic
+from klein_agent.service.critique.zoom import region_rectangle
+from klein_agent.service.store import UNREADABLE_RECIPE, StoredImage, Verdicts
 from klein_agent.service.studio import Studio, now_iso
 
 ImageIdArg = Annotated[
@@ -53,6 +56,22 @@ MaxEdgeArg = Annotated[
         ge=MIN_SIDE,
         le=VIEW_MAX_EDGE,
         description="Long edge of the preview in px (never larger than the image).",
+    ),
+]
+RegionArg = Annotated[
+    list[float] | None,
+    Field(
+        description="Zoom: only this part of the image, [x, y, width, height] in px, or fractions when all four "
+        "are at most 1 (as inpaint's boxes and compare_images' regions), shown at full resolution (small regions "
+        "enlarged by a whole factor, pixels kept sharp), up to max_edge. With several ids, the same region of "
+        "each."
+    ),
+]
+StandingArg = Annotated[
+    str | None,
+    Field(
+        max_length=16,
+        description='"pick" or "reject": only the images whose standing verdict (record_verdict) is this.',
     ),
 ]
 LimitArg = Annotated[int, Field(ge=1, le=MAX_LIST_LIMIT)]
@@ -85,21 +104,28 @@ def read_only(title: str) -> ToolAnnotations:
 
 def register(mcp: MCPServer, studio: Studio) -> None:
     """Add list_images, view_image, export_image and server_status to `mcp`, in that order."""
+    critic = Critic(studio.store)  # list_images shows verdicts and filters by them
 
     @mcp.tool(
         name="list_images",
         title="List stored images",
-        description="List stored images, newest first, with their ids, sizes, seeds, prompts and parents "
-        f"(lineage). Filter by session; page with cursor. {store_note(studio)}",
+        description="List stored images, newest first, with their ids, sizes, seeds, prompts, parents "
+        "(lineage) and verdicts (pick or reject, with the reason, and notes; record_verdict records them). "
+        f'Filter by session or standing (standing="pick" lists the picks); page with cursor. '
+        f"{store_note(studio)}",
         annotations=read_only("List stored images"),
     )
     async def list_images(
-        session: SessionFilterArg = None, limit: LimitArg = 20, cursor: CursorArg = None
+        session: SessionFilterArg = None,
+        limit: LimitArg = 20,
+        cursor: CursorArg = None,
+        standing: StandingArg = None,
     ) -> Annotated[CallToolResult, ListResult]:
         with tool_errors():
-            page, next_cursor = await studio.list_images(session, limit, cursor)
-        listed = [_listed(img) for img in page]
+            page, next_cursor, verdicts = await critic.list_images(session, limit, cursor, standing)
+        listed = [_listed(img, verdicts.get(img.image_id)) for img in page]
         where = f' in session "{session}"' if session else ""
+        where += f" with standing {standing}" if standing else ""
         if not listed:
             text = f"No images{where}" + (" on this page." if cursor else " yet: call generate to make one.")
         else:
@@ -113,11 +139,18 @@ def register(mcp: MCPServer, studio: Studio) -> None:
                 prompt = f' "{item.prompt}"' if item.prompt else ""
                 if item.recipe_unreadable:
                     prompt += " (recipe unreadable: the stored record is damaged)"
+                if item.verdict:
+                    prompt += f"; {item.verdict.upper()}" + (
+                        f": {item.verdict_reason}" if item.verdict_reason else ""
+                    )
+                prompt += "".join(f'; note: "{note}"' for note in item.notes)
                 lines.append(
                     f"- {item.image_id} {item.width}x{item.height} {made} ({item.created_at}){prompt}"
                 )
             if next_cursor:
-                lines.append(f"More: call list_images with cursor={next_cursor!r} (same session).")
+                lines.append(
+                    f"More: call list_images with cursor={next_cursor!r} (same session and standing)."
+                )
             text = "\n".join(lines)
         result = ListResult(images=listed, next_cursor=next_cursor)
         return CallToolResult(
@@ -128,19 +161,30 @@ def register(mcp: MCPServer, studio: Studio) -> None:
         name="view_image",
         title="View stored images",
         description="Show stored images: one id gives a preview of that image, several ids one labelled contact "
-        "sheet (labels 1, 2, ... follow the order given). max_edge picks the size, up to 1568 px. Use it to "
-        "look closer, or when a tool result's preview is not visible to you.",
+        "sheet (labels 1, 2, ... follow the order given). max_edge picks the size, up to 1568 px. region zooms "
+        "in: that part at full resolution, to check a face, a hand or a line of text at 1:1 before judging "
+        "detail. Use it to look closer, or when a tool result's preview is not visible to you.",
         annotations=read_only("View stored images"),
     )
     async def view_image(
-        image_ids: ImageIdsArg, max_edge: MaxEdgeArg = 1024
+        image_ids: ImageIdsArg, max_edge: MaxEdgeArg = 1024, region: RegionArg = None
     ) -> Annotated[CallToolResult, ViewResult]:
         with tool_errors():
             # Ids hold no commas or spaces, so a string of several ("img_a, img_b") can only mean the list.
             ids = split_image_refs(image_ids) if isinstance(image_ids, str) else list(image_ids)
-            sheet = await studio.contact_sheet(ids, max_edge=max_edge)
+            box = None if region is None else box_from_values(region, name="region")
+            sheet = await studio.contact_sheet(ids, max_edge=max_edge, region=box)
         preview, meta = sheet.preview, sheet.images
-        if len(meta) == 1:
+        if box is not None:
+            parts = []
+            for m in meta:
+                x, y, w, h = region_rectangle(box, (m.width, m.height))
+                parts.append(f"{m.image_id}: region [{x}, {y}, {w}, {h}] px of {m.width}x{m.height}")
+            # one region: say its scale (1:1, or the whole factor a small one was enlarged by); a sheet has labels
+            scale = preview.width / region_rectangle(box, (meta[0].width, meta[0].height))[2]
+            shown = ("1:1" if scale == 1 else f"{scale:.3g}x") if len(meta) == 1 else "as a labelled sheet"
+            text = "; ".join(parts) + f", shown at {preview.width}x{preview.height} ({shown})."
+        elif len(meta) == 1:
             text = f"{meta[0].image_id}: {meta[0].width}x{meta[0].height}, shown at {preview.width}x{preview.height}."
         else:
             text = (
@@ -265,10 +309,11 @@ def _excerpt(text: object, limit: int = 120) -> str | None:
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
-def _listed(image: StoredImage) -> ListedImage:
-    """One list_images entry: what made the image, from its recipe."""
+def _listed(image: StoredImage, verdicts: Verdicts | None = None) -> ListedImage:
+    """One list_images entry: what made the image, from its recipe, and its verdicts."""
     recipe = image.recipe
     seed = recipe.get("seed")
+    standing = verdicts.standing if verdicts else None
     return ListedImage(
         image_id=image.image_id,
         tool=str(recipe.get("tool", "unknown")),
@@ -280,4 +325,7 @@ def _listed(image: StoredImage) -> ListedImage:
         session=image.session,
         created_at=now_iso(image.created_at),
         recipe_unreadable=UNREADABLE_RECIPE in recipe,
+        verdict=standing.verdict if standing else None,
+        verdict_reason=standing.reason if standing else None,
+        notes=[note.reason for note in verdicts.notes] if verdicts else [],
     )

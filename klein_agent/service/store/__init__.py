@@ -31,6 +31,8 @@ from klein_agent.service.store.records import (
     StoreStats,
     StoreWriteError,
     UnknownImageError,
+    VerdictRecord,
+    Verdicts,
     new_image_id,
 )
 from klein_agent.service.store.sqlite_catalog import read_only_uri
@@ -47,6 +49,8 @@ __all__ = [
     "StoreWriteError",
     "StoredImage",
     "UnknownImageError",
+    "VerdictRecord",
+    "Verdicts",
     "new_image_id",
     "read_only_uri",
 ]

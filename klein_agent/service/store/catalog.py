@@ -19,6 +19,8 @@ What a catalog must guarantee:
   repeats, no gaps among the rows that were there) while rows are inserted or evicted. SQLite orders by its
   insertion sequence; PostgreSQL by (created_at, image_id) with created_at from clock_timestamp().
 - Migrations (schema steps) are applied once, also when two processes open a new store at once.
+- Verdicts belong to their image: `delete` and eviction remove an image's verdicts in the same transaction as
+  its row, so no verdict outlives its image and a new image never inherits one.
 - Write failures raise StoreWriteError (the message names the store and what to do); then nothing was committed,
   unless `was_inserted` says otherwise.
 
@@ -32,7 +34,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Protocol
 
-from klein_agent.service.store.records import LeaseRow, NewImage, SessionSummary, StoredImage
+from klein_agent.service.store.records import (
+    LeaseRow,
+    NewImage,
+    SessionSummary,
+    StoredImage,
+    VerdictRecord,
+    Verdicts,
+)
 
 
 class Feed(Protocol):
@@ -96,10 +105,12 @@ class Catalog(Protocol):
         ...
 
     def page(
-        self, *, session: str | None, limit: int, before: object | None
+        self, *, session: str | None, limit: int, before: object | None, standing: str | None = None
     ) -> tuple[list[StoredImage], object | None]:
         """Up to `limit` rows, newest first, of one session (None: all), after the position `before` (None: from
-        the newest). Returns the rows and the position to pass for the next page (None: this was the last)."""
+        the newest). With `standing` ("pick" or "reject"), only the rows whose standing verdict (see
+        `verdicts`) is that one. Returns the rows and the position to pass for the next page (None: this was
+        the last); a position is the same whatever the filters, so it stays valid across them."""
         ...
 
     def valid_position(self, value: object) -> bool:
@@ -119,7 +130,22 @@ class Catalog(Protocol):
         ...
 
     def delete(self, image_ids: Iterable[str]) -> None:
-        """Delete these rows (leases or not) in one transaction. Raises StoreWriteError."""
+        """Delete these rows (leases or not) and their verdicts in one transaction. Raises StoreWriteError."""
+        ...
+
+    def add_verdict(self, image_id: str, verdict: str, reason: str, *, keep: int) -> VerdictRecord:
+        """Record `verdict` ("pick", "reject" or "note", already checked) with `reason` (checked, "" for none) on
+        the stored image `image_id`, stamped with the catalog's clock, and return the record. In the same
+        transaction, delete this image's records beyond its newest `keep` (keep >= 1), except its standing one
+        (the latest "pick" or "reject"), which is never deleted while the image is stored: a thousand notes never
+        lose a pick. Raises UnknownImageError (nothing recorded) when the image has no row, StoreWriteError."""
+        ...
+
+    def verdicts(self, image_ids: Iterable[str], *, notes: int) -> dict[str, Verdicts]:
+        """The verdicts of the stored images among `image_ids`, keyed by id; an image without any is absent.
+        For each: its standing (the latest "pick" or "reject" record; a later one of either replaces it; notes
+        never change it) and its newest `notes` notes, newest first. "Latest" is recording order (ties on the
+        clock are broken by it). One read; no use for the LRU."""
         ...
 
     def take_leases(

@@ -22,8 +22,11 @@ from klein_agent.rules.limits import (
     MAX_LIST_LIMIT,
     STORE_MAX_BYTES,
     STORE_MAX_IMAGES,
+    VERDICT_HISTORY_PER_IMAGE,
+    VERDICT_NOTES_SHOWN,
 )
 from klein_agent.rules.resolution import check_session
+from klein_agent.rules.verdicts import STANDING, check_verdict
 from klein_agent.service.store.blobs import BlobMissingError, BlobStore
 from klein_agent.service.store.catalog import Catalog
 from klein_agent.service.store.cursors import decode_cursor, encode_cursor
@@ -38,6 +41,8 @@ from klein_agent.service.store.records import (
     StoreStats,
     StoreWriteError,
     UnknownImageError,
+    VerdictRecord,
+    Verdicts,
     blob_key,
     check_parents,
     check_png,
@@ -279,18 +284,46 @@ class ImageStore:
         return self.catalog.find_content(content_key)
 
     def list_images(
-        self, *, session: str | None = None, limit: int = 20, cursor: str | None = None
+        self,
+        *,
+        session: str | None = None,
+        limit: int = 20,
+        cursor: str | None = None,
+        standing: str | None = None,
     ) -> tuple[list[StoredImage], str | None]:
-        """One page of images, newest first, optionally of one session; returns (page, next_cursor or None).
-        Keyset pagination: pages stay stable while images are added or evicted. Raises ValueError for a bad
-        session, limit or cursor."""
+        """One page of images, newest first, optionally of one session and of one standing verdict ("pick" or
+        "reject"); returns (page, next_cursor or None). Keyset pagination: pages stay stable while images are
+        added or evicted. Raises ValueError for a bad session, limit, standing or cursor."""
         session = check_session(session)
+        if standing not in (None, *STANDING):
+            raise ValueError(f"standing must be one of {', '.join(STANDING)} or omitted, got {standing!r}")
         if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_LIST_LIMIT:
             raise ValueError(f"limit must be an integer from 1 to {MAX_LIST_LIMIT}, got {limit!r}")
         before = None if cursor is None else decode_cursor(cursor, session, self.catalog.valid_position)
         self._check_open()
-        page, position = self.catalog.page(session=session, limit=limit, before=before)
+        page, position = self.catalog.page(session=session, limit=limit, before=before, standing=standing)
         return page, (None if position is None else encode_cursor(position, session))
+
+    def record_verdict(self, image_id: str, verdict: str, reason: str | None = None) -> VerdictRecord:
+        """Record a verdict ("pick", "reject" or "note") with a short reason on a stored image; the rule is
+        `rules.verdicts` (the latest pick or reject is the standing; each image keeps its newest
+        VERDICT_HISTORY_PER_IMAGE records). Not a use for the LRU. Raises RequestError for a bad verdict or reason,
+        UnknownImageError, StoreError when the store is open read-only, StoreWriteError."""
+        verdict, text = check_verdict(verdict, reason)
+        if self.read_only:
+            raise StoreError(
+                f"The image store at {self.root} is open read-only; verdicts cannot be recorded."
+            )
+        if not is_valid_id(image_id):
+            raise UnknownImageError(image_id)
+        self._check_open()
+        return self.catalog.add_verdict(image_id, verdict, text, keep=VERDICT_HISTORY_PER_IMAGE)
+
+    def verdicts(self, image_ids: Iterable[str]) -> dict[str, Verdicts]:
+        """The standing verdict and newest VERDICT_NOTES_SHOWN notes of each stored image among `image_ids` that
+        has any (malformed ids are skipped)."""
+        self._check_open()
+        return self.catalog.verdicts([i for i in image_ids if is_valid_id(i)], notes=VERDICT_NOTES_SHOWN)
 
     def sessions(self) -> list[SessionSummary]:
         """Every session with its image count and first and last times, the one with the newest image first."""

@@ -70,10 +70,26 @@ def m003_leases(execute: Execute) -> None:
     execute("CREATE INDEX leases_by_holder ON leases(holder)", ())
 
 
+def m004_verdicts(execute: Execute) -> None:
+    """Verdicts: pick, reject or note on an image, with a reason; the latest pick or reject is its standing."""
+    execute(
+        """CREATE TABLE verdicts (
+            seq      INTEGER PRIMARY KEY AUTOINCREMENT,  -- recording order: the latest pick or reject wins
+            image_id TEXT    NOT NULL,  -- no foreign key: delete and eviction remove them in the image's transaction
+            verdict  TEXT    NOT NULL CHECK (verdict IN ('pick', 'reject', 'note')),
+            reason   TEXT    NOT NULL,
+            at       REAL    NOT NULL   -- Unix time
+        )""",
+        (),
+    )
+    execute("CREATE INDEX verdicts_by_image ON verdicts(image_id, seq)", ())
+
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "images table", m001_images),
     Migration(2, "content keys: an input imported twice is stored once", m002_content_keys),
     Migration(3, "leases: pins that hold across processes", m003_leases),
+    Migration(4, "verdicts: pick, reject or note on an image", m004_verdicts),
 ]
 
 

@@ -111,6 +111,27 @@ class SessionSummary:
 
 
 @dataclass(frozen=True)
+class VerdictRecord:
+    """One verdict on an image as the catalog keeps it: `verdict` is "pick", "reject" or "note", `reason` the
+    checked text (`rules.verdicts.check_verdict`; "" for none), `at` when it was recorded (Unix time, the
+    catalog's clock)."""
+
+    image_id: str
+    verdict: str
+    reason: str
+    at: float
+
+
+@dataclass(frozen=True)
+class Verdicts:
+    """What is shown of one image's verdicts: its standing (the latest "pick" or "reject" record; None when there
+    is none) and its newest notes, newest first."""
+
+    standing: VerdictRecord | None
+    notes: tuple[VerdictRecord, ...]
+
+
+@dataclass(frozen=True)
 class LeaseRow:
     """One lease as the catalog keeps it: `holder` protects `image_id` until `expires_at` (Unix time)."""
 

@@ -33,6 +33,8 @@ from klein_agent.service.store.records import (
     StoreFullError,
     StoreWriteError,
     UnknownImageError,
+    VerdictRecord,
+    Verdicts,
     blob_key,
     folder_problem,
     is_valid_id,
@@ -52,6 +54,11 @@ LOCK_NAME = "store.lock"
 _MAX_SQLITE_INTEGER = 2**63 - 1
 _COLUMNS = "image_id, width, height, size_bytes, created_at, session, parents, recipe"
 # Eviction's condition: no unexpired lease (any process's) on the row; the parameter is the evicting clock.
+# An image's standing verdict: its latest pick or reject (notes never change it).
+_STANDING = (
+    "(SELECT verdict FROM verdicts WHERE verdicts.image_id = images.image_id AND verdict != 'note'"
+    " ORDER BY seq DESC LIMIT 1)"
+)
 _UNLEASED = (
     "NOT EXISTS (SELECT 1 FROM leases WHERE leases.image_id = images.image_id AND leases.expires_at > ?)"
 )
@@ -195,11 +202,14 @@ class SQLiteCatalog:
         return None if row is None else _image(row)
 
     def page(
-        self, *, session: str | None, limit: int, before: object | None
+        self, *, session: str | None, limit: int, before: object | None, standing: str | None = None
     ) -> tuple[list[StoredImage], object | None]:
         """Keyset pagination on the insertion sequence, newest first; a position is a sequence number."""
         where: list[str] = []
         params: list[Any] = []
+        if standing is not None:
+            where.append(f"{_STANDING} = ?")
+            params.append(standing)
         if session is not None:
             where.append("session = ?")
             params.append(session)
@@ -242,10 +252,50 @@ class SQLiteCatalog:
             return [(i, s) for i, s in self._execute("SELECT image_id, size_bytes FROM images").fetchall()]
 
     def delete(self, image_ids: Iterable[str]) -> None:
-        """Delete these rows in one transaction."""
+        """Delete these rows and their verdicts in one transaction."""
         with self._locked(), self._writing():
             for image_id in image_ids:
-                self._execute("DELETE FROM images WHERE image_id = ?", (image_id,))
+                self._remove(image_id)
+
+    def add_verdict(self, image_id: str, verdict: str, reason: str, *, keep: int) -> VerdictRecord:
+        """Check the row, record, and trim the image's history past `keep`, in one transaction."""
+        with self._locked(), self._writing():
+            if not self._has(image_id):
+                raise UnknownImageError(image_id)
+            at = time.time()
+            self._execute(
+                "INSERT INTO verdicts (image_id, verdict, reason, at) VALUES (?, ?, ?, ?)",
+                (image_id, verdict, reason, at),
+            )
+            self._execute(
+                "DELETE FROM verdicts WHERE image_id = ?1 AND seq NOT IN"
+                " (SELECT seq FROM verdicts WHERE image_id = ?1 ORDER BY seq DESC LIMIT ?2)"
+                " AND seq IS NOT (SELECT MAX(seq) FROM verdicts WHERE image_id = ?1 AND verdict != 'note')",
+                (image_id, max(1, keep)),
+            )
+        return VerdictRecord(image_id, verdict, reason, at)
+
+    def verdicts(self, image_ids: Iterable[str], *, notes: int) -> dict[str, Verdicts]:
+        """Each image's standing and newest notes, from one read of their records."""
+        ids = list(dict.fromkeys(image_ids))
+        found: dict[str, list[VerdictRecord]] = {}
+        with self._locked():
+            for start in range(0, len(ids), 500):  # under SQLite's limit on bound parameters
+                chunk = ids[start : start + 500]
+                rows = self._execute(
+                    "SELECT image_id, verdict, reason, at FROM verdicts WHERE image_id IN"
+                    f" ({', '.join('?' * len(chunk))}) ORDER BY seq DESC",
+                    chunk,
+                ).fetchall()
+                for row in rows:
+                    found.setdefault(row[0], []).append(VerdictRecord(*row))
+        return {
+            image_id: Verdicts(
+                standing=next((r for r in records if r.verdict != "note"), None),
+                notes=tuple(r for r in records if r.verdict == "note")[: max(0, notes)],
+            )
+            for image_id, records in found.items()
+        }
 
     def take_leases(
         self, holder: str, image_ids: Iterable[str], *, expires_at: float, require_stored: bool
@@ -308,6 +358,11 @@ class SQLiteCatalog:
         assert self._conn is not None
         return self._conn.execute(sql, params)
 
+    def _remove(self, image_id: str) -> None:
+        """Delete one row and its verdicts, inside the caller's write transaction."""
+        self._execute("DELETE FROM images WHERE image_id = ?", (image_id,))
+        self._execute("DELETE FROM verdicts WHERE image_id = ?", (image_id,))
+
     def _has(self, image_id: str) -> bool:
         return self._execute("SELECT 1 FROM images WHERE image_id = ?", (image_id,)).fetchone() is not None
 
@@ -332,7 +387,7 @@ class SQLiteCatalog:
         if count > max_images or total > max_bytes:
             raise StoreFullError(leased_full_message(max_images, max_bytes))
         for image_id in evicted:
-            self._execute("DELETE FROM images WHERE image_id = ?", (image_id,))
+            self._remove(image_id)
         return evicted
 
     @contextlib.contextmanager
