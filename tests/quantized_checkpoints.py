@@ -28,11 +28,15 @@ def _is_block_linear(key: str, tensor: Tensor) -> bool:
     return key.startswith(blocks) and key.endswith(".weight") and tensor.ndim == 2
 
 
-def quantize_state(state: dict[str, Tensor], kind: str) -> dict[str, Tensor]:
-    """`state` with every block linear quantized by diffusers' function for `kind`, scales beside each weight."""
+def quantize_state(state: dict[str, Tensor], kind: str, *, every_linear: bool = False) -> dict[str, Tensor]:
+    """`state` with every block linear (with `every_linear`, every 2-D weight) quantized by diffusers' function for
+    `kind`, scales beside each weight."""
     out: dict[str, Tensor] = {}
     for key, tensor in state.items():
-        if not _is_block_linear(key, tensor):
+        chosen = (
+            tensor.ndim == 2 and key.endswith(".weight") if every_linear else _is_block_linear(key, tensor)
+        )
+        if not chosen:
             out[key] = tensor
             continue
         prefix = key.removesuffix(".weight")
