@@ -272,3 +272,40 @@ def test_generate_says_on_stderr_that_it_dequantizes_and_what_it_costs(folder: P
     assert "(20 quantized layers): cpu has no FP8 matmul, so they run dequantized to float32" in notices[0]
     assert "MiB more memory than the file's quantized weights" in notices[0]
     assert out.is_file()
+
+
+def test_where_fp8_runs_a_pipeline_keeps_fp8r_and_feeds_the_files_scales_to_scaled_mm(
+    folder: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The GPU's branch on the CPU: `_scaled_mm` declared available (this torch has a CPU kernel) and spied on.
+    Every kept layer multiplies by the file's own per-row scales, with fast accumulation as diffusers'
+    BFLFP8RLinear, and the log says the weights stay in FP8."""
+    from test_fp8 import cpu_scaled_mm_works
+
+    import klein_agent.speedups.fp8 as fp8
+    from klein_agent.pipeline import load_pipeline
+    from klein_agent.rules.requests import GenerationRequest
+
+    if not cpu_scaled_mm_works():
+        pytest.skip("this PyTorch build has no CPU _scaled_mm")
+    path = _write(folder, "fp8r")
+    scales = {k: v for k, v in load_file(str(path)).items() if k.endswith(".weight_scale")}
+    calls: list[Tensor] = []
+    real = torch._scaled_mm
+
+    def spy(a: Tensor, b: Tensor, **kwargs: object) -> Tensor:
+        calls.append(kwargs["scale_b"])  # type: ignore[arg-type]
+        assert kwargs["use_fast_accum"] is True
+        return real(a, b, **{**kwargs, "use_fast_accum": False})  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fp8, "scaled_mm_available", lambda device: True)
+    monkeypatch.setattr(torch, "_scaled_mm", spy)
+    with caplog.at_level("INFO", logger="klein_agent"):
+        pipe = load_pipeline(str(folder), transformer_file=str(path), dtype="bfloat16", device="cpu")
+    assert "fp8r weights kept in FP8 (20 layers, rowwise _scaled_mm)" in caplog.text
+    kept = {n for n, m in pipe.transformer.named_modules() if isinstance(m, Float8Linear)}
+    assert kept == {k.removesuffix(".weight_scale") for k in scales}
+    pipe.generate(GenerationRequest("a red cube", 64, 64, seed=1, steps=1))
+    assert len(calls) == len(kept)  # one step: each kept layer once
+    file_scales = {tuple(s.tolist()) for s in scales.values()}
+    assert {tuple(c.reshape(-1).tolist()) for c in calls} == file_scales

@@ -65,6 +65,7 @@ def load_pipeline(
         allow_download,
         offload_text_encoder,
         reference_kv_cache_bytes,
+        keep_fp8=not loras,
     )
     paths = [Path(path) for path, _ in loras]
     unloaded: list[tuple[str, str]] = []
@@ -148,7 +149,12 @@ def _random_pipeline(
 
 
 def log_quantized(
-    summary: QuantizedSummary, where: str, device: torch.device, dtype: torch.dtype, fp8_runs: bool
+    summary: QuantizedSummary,
+    where: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    fp8_runs: bool,
+    for_loras: bool = False,
 ) -> None:
     """One line on stderr for a BFL-quantized transformer: kept in FP8 (INFO), or dequantized, why, and what that
     costs in memory (WARNING: the user asked for a small file and gets a larger model)."""
@@ -157,7 +163,9 @@ def log_quantized(
         log.info("%s: %s weights kept in FP8 (%d layers, rowwise _scaled_mm)", where, kinds, summary.kept_fp8)
         return
     dtype_name = str(dtype).removeprefix("torch.")
-    if fp8_runs:
+    if for_loras:
+        why = "LoRA adapters are loaded and run on plain layers only"
+    elif fp8_runs:
         why = (
             "nvfp4 needs a Blackwell FP4 kernel, which is not used here"
             if "nvfp4" in kinds
@@ -191,6 +199,7 @@ def _build_pipeline(
     allow_download: bool,
     offload_text_encoder: bool,
     reference_kv_cache_bytes: int | None,
+    keep_fp8: bool = True,
 ) -> KleinPipeline:
     # --offload-text-encoder: the encoder is read straight into host memory (8 GB for the 4B never visits the GPU
     # at load); KleinPipeline pins it there once (pipeline.offload.HostResident)
@@ -218,7 +227,9 @@ def _build_pipeline(
     from klein_agent.speedups.fp8 import prequantized_linear_factory
 
     folder = resolve_model_path(model, allow_download=allow_download)
-    fp8_linear = prequantized_linear_factory(torch_device, torch_dtype)
+    # LoRA adapters wrap plain linear layers (model.lora.LoRALinear): with adapters, fp8r layers are dequantized
+    factory = prequantized_linear_factory(torch_device, torch_dtype)
+    fp8_linear = factory if keep_fp8 else None
     components = load_components(
         folder,
         torch_device,
@@ -229,7 +240,10 @@ def _build_pipeline(
     )
     if components.quantized is not None:
         where = transformer_file or str(folder / "transformer")
-        log_quantized(components.quantized, where, torch_device, torch_dtype, fp8_linear is not None)
+        for_loras = factory is not None and fp8_linear is None
+        log_quantized(
+            components.quantized, where, torch_device, torch_dtype, fp8_linear is not None, for_loras
+        )
     return KleinPipeline(
         components.transformer,
         components.autoencoder,
