@@ -309,3 +309,36 @@ def test_where_fp8_runs_a_pipeline_keeps_fp8r_and_feeds_the_files_scales_to_scal
     assert len(calls) == len(kept)  # one step: each kept layer once
     file_scales = {tuple(s.tolist()) for s in scales.values()}
     assert {tuple(c.reshape(-1).tolist()) for c in calls} == file_scales
+
+
+def test_with_lora_adapters_fp8r_runs_dequantized_and_says_why(
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """LoRA adapters wrap plain linear layers: even where FP8 runs, the fp8r layers are dequantized, and the
+    notice names the adapters as the reason."""
+    from lora_hostile import AT, sound
+
+    import klein_agent.speedups.fp8 as fp8
+    from klein_agent.model.lora import LoRALinear
+    from klein_agent.pipeline import load_pipeline
+    from klein_agent.rules.requests import GenerationRequest
+
+    path = _write(folder, "fp8r")
+    adapter = sound(tmp_path / "style.safetensors")
+    monkeypatch.setattr(fp8, "scaled_mm_available", lambda device: True)
+    with caplog.at_level("INFO", logger="klein_agent"):
+        pipe = load_pipeline(
+            str(folder),
+            transformer_file=str(path),
+            dtype="bfloat16",
+            device="cpu",
+            loras=[(str(adapter), 1.0)],
+        )
+    assert (
+        "LoRA adapters are loaded and run on plain layers only, so they run dequantized to bfloat16"
+        in caplog.text
+    )
+    assert not any(isinstance(m, Float8Linear) for m in pipe.transformer.modules())
+    wrapped = pipe.transformer.get_submodule(AT.removeprefix("diffusion_model."))
+    assert isinstance(wrapped, LoRALinear) and wrapped.base.weight.dtype == torch.bfloat16
+    assert pipe.generate(GenerationRequest("a red cube", 64, 64, seed=1, steps=1)).images
