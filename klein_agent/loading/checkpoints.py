@@ -23,6 +23,8 @@ from transformers import AutoTokenizer, Qwen3Config
 from klein_agent.loading import keymaps
 from klein_agent.loading.errors import CheckpointError
 from klein_agent.loading.hub import CACHED_REPO, download_command
+from klein_agent.loading.quantized import Fp8LinearFactory, QuantizedSummary, to_model_names
+from klein_agent.loading.safetensors_file import DTYPES
 from klein_agent.model.autoencoder import AutoEncoder
 from klein_agent.model.configs import (
     BASE_SAMPLING,
@@ -60,6 +62,7 @@ class Components:
     variant: str
     scheduler: SchedulerConfig
     kv_references: bool = False  # klein 9B-KV: references run once, their keys and values kept
+    quantized: QuantizedSummary | None = None  # a BFL fp8r/nvfp4 transformer: what loading did with it
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -72,6 +75,7 @@ def load_components(
     *,
     transformer_file: str | os.PathLike[str] | None = None,
     text_encoder_device: torch.device | None = None,
+    fp8_linear: Fp8LinearFactory | None = None,
 ) -> Components:
     """Load a diffusers-layout model folder onto `device` in `dtype`.
 
@@ -80,7 +84,8 @@ def load_components(
 
     `transformer_file` replaces the folder's transformer with a BFL single file. Distilled or not comes from
     `model_index.json` (`is_distilled`); a KV checkpoint (`is_kv_checkpoint`) is distilled, as diffusers'
-    `Flux2KleinKVPipeline` is (the distilled defaults: few steps, no guidance). Raises CheckpointError when a part is missing, unreadable
+    `Flux2KleinKVPipeline` is (the distilled defaults: few steps, no guidance). A transformer quantized by BFL
+    (fp8r, nvfp4: `loading.quantized`) is dequantized to `dtype`, except the fp8r layers `fp8_linear` takes. Raises CheckpointError when a part is missing, unreadable
     or does not fit, and when the text encoder and the transformer come from different model sizes.
     """
     folder = Path(folder)
@@ -95,9 +100,9 @@ def load_components(
     scheduler = load_scheduler_config(folder / "scheduler")
 
     if transformer_file:
-        transformer = load_bfl_transformer(Path(transformer_file), device, dtype)
+        transformer, quantized = load_bfl_transformer(Path(transformer_file), device, dtype, fp8_linear)
     else:
-        transformer = load_diffusers_transformer(folder / "transformer", device, dtype)
+        transformer, quantized = load_diffusers_transformer(folder / "transformer", device, dtype, fp8_linear)
     autoencoder = load_autoencoder(folder / "vae", device, dtype)
     text_embedder = load_text_embedder(
         folder / "text_encoder", folder / "tokenizer", text_encoder_device or device, dtype
@@ -109,7 +114,7 @@ def load_components(
             "9B with Qwen3-8B)"
         )
     variant = detect_variant(transformer.config, sampling, kv)
-    return Components(transformer, autoencoder, text_embedder, sampling, variant, scheduler, kv)
+    return Components(transformer, autoencoder, text_embedder, sampling, variant, scheduler, kv, quantized)
 
 
 def is_kv_checkpoint(
@@ -179,8 +184,11 @@ def load_scheduler_config(folder: Path) -> SchedulerConfig:
         raise CheckpointError(f"{path}: unusable scheduler config ({err})") from err
 
 
-def load_diffusers_transformer(folder: Path, device: torch.device, dtype: torch.dtype) -> Flux2Transformer:
-    """The transformer of a diffusers `transformer/` folder, its sizes from its config.json.
+def load_diffusers_transformer(
+    folder: Path, device: torch.device, dtype: torch.dtype, fp8_linear: Fp8LinearFactory | None = None
+) -> tuple[Flux2Transformer, QuantizedSummary | None]:
+    """The transformer of a diffusers `transformer/` folder, its sizes from its config.json, and what was done
+    with its BFL-quantized layers if it has any (see `load_transformer_files`).
 
     Raises CheckpointError for an unusable config, a guidance embedding (FLUX.2 [dev]) or weights that do not
     fit.
@@ -212,24 +220,69 @@ def load_diffusers_transformer(folder: Path, device: torch.device, dtype: torch.
         raise CheckpointError(f"{folder / 'config.json'}: unusable transformer config ({err})") from err
     if cfg.get("guidance_embeds", True):
         raise CheckpointError(f"{folder} has a guidance embedding: that is FLUX.2 [dev], not [klein]")
-    state = keymaps.transformer_from_diffusers(read_safetensors(_weight_files(folder), device))
-    with torch.device("meta"):
-        model = Flux2Transformer(config)
-    return load_strict(model, state, device, dtype, str(folder))
+    return load_transformer_files(
+        _weight_files(folder),
+        str(folder),
+        lambda _: config,
+        keymaps.transformer_from_diffusers,
+        device,
+        dtype,
+        fp8_linear,
+    )
 
 
-def load_bfl_transformer(path: Path, device: torch.device, dtype: torch.dtype) -> Flux2Transformer:
-    """The transformer of a BFL single safetensors file, its sizes inferred from the tensor shapes.
+def load_bfl_transformer(
+    path: Path, device: torch.device, dtype: torch.dtype, fp8_linear: Fp8LinearFactory | None = None
+) -> tuple[Flux2Transformer, QuantizedSummary | None]:
+    """The transformer of a BFL single safetensors file (keys with or without `model.diffusion_model.`), its sizes
+    inferred from the tensor shapes, and what was done with its quantized layers (see `load_transformer_files`).
 
     Raises CheckpointError when the file is missing or unreadable or is not a klein transformer.
     """
     if not path.is_file():
         raise CheckpointError(f"transformer file {path} does not exist")
-    state = keymaps.strip_prefix(read_safetensors([path], device))
-    config = infer_transformer_config(state, str(path))
+    return load_transformer_files(
+        [path],
+        str(path),
+        lambda state: infer_transformer_config(state, str(path)),
+        keymaps.strip_prefix,
+        device,
+        dtype,
+        fp8_linear,
+    )
+
+
+def load_transformer_files(
+    files: list[Path],
+    where: str,
+    config_for: Callable[[Mapping[str, Tensor]], TransformerConfig],
+    rename: Callable[[dict[str, Tensor]], dict[str, Tensor]],
+    device: torch.device,
+    dtype: torch.dtype,
+    fp8_linear: Fp8LinearFactory | None,
+) -> tuple[Flux2Transformer, QuantizedSummary | None]:
+    """Header first, data second: the whole conversion (quantized layers, `rename`, `config_for`, the fit) runs on
+    the shapes and dtypes the files declare, as meta tensors; only a state that fits the model is read. So a file
+    declaring a tensor the model has no room for, or a scale of the wrong shape, costs no memory.
+
+    Quantized layers (`loading.quantized`) are dequantized to `dtype`, or kept in FP8 as the modules `fp8_linear`
+    makes. Raises CheckpointError naming `where` and the keys.
+    """
+    declared, _, _ = to_model_names(read_headers(files), rename, dtype, where)
     with torch.device("meta"):
-        model = Flux2Transformer(config)
-    return load_strict(model, state, device, dtype, str(path))
+        model = Flux2Transformer(config_for(declared))
+    check_fits(model, declared, where)
+    state, modules, summary = to_model_names(
+        read_safetensors(files, device), rename, dtype, where, fp8_linear
+    )
+    stored: set[str] = set()
+    for name, module in modules.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, module)
+        for key, tensor in module.state_dict().items():
+            state[f"{name}.{key}"] = tensor
+            stored.add(f"{name}.{key}")
+    return load_strict(model, state, device, dtype, where, as_stored=stored), summary
 
 
 def infer_transformer_config(state: Mapping[str, Tensor], where: str) -> TransformerConfig:
@@ -341,6 +394,29 @@ def load_text_embedder(
     return embedder
 
 
+def read_headers(files: Iterable[Path]) -> dict[str, Tensor]:
+    """Every tensor of the files as declared, with no data read: empty meta tensors of the header's shapes and
+    dtypes. Raises CheckpointError for an unreadable file or a dtype torch has no name for."""
+    out: dict[str, Tensor] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as handle:
+                for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    declared = handle.get_slice(key)
+                    name = declared.get_dtype()
+                    if name not in DTYPES:
+                        raise CheckpointError(
+                            f"{file}, key {key!r}: dtype {name} is not one a checkpoint tensor can have "
+                            f"({', '.join(DTYPES)})"
+                        )
+                    out[key] = torch.empty(declared.get_shape(), dtype=DTYPES[name], device="meta")
+        except (OSError, RuntimeError, ValueError) as err:
+            if isinstance(err, CheckpointError):
+                raise
+            raise CheckpointError(f"cannot read {file}: {err}") from err
+    return out
+
+
 def read_safetensors(
     files: Iterable[Path], device: torch.device, keep: Callable[[str], bool] | None = None
 ) -> dict[str, Tensor]:
@@ -363,8 +439,25 @@ def load_strict(
     device: torch.device,
     dtype: torch.dtype,
     where: str,
+    as_stored: Iterable[str] = (),
 ) -> Any:
-    """Assign `state` to a meta-device `model`, cast to `dtype` on `device`; refuse anything that does not fit."""
+    """Assign `state` to a meta-device `model`, cast to `dtype` on `device`; refuse anything that does not fit.
+    The keys in `as_stored` (FP8 weights and their scales) keep their dtype."""
+    check_fits(model, state, where)
+    keep = set(as_stored)
+    # Every floating tensor in `dtype`, the autoencoder's batch-norm statistics too: diffusers loads them in the
+    # pipeline dtype, and the latent normalisation is computed from them in that precision.
+    cast = {
+        k: (v.to(device=device, dtype=dtype) if v.is_floating_point() and k not in keep else v.to(device))
+        for k, v in state.items()
+    }
+    model.load_state_dict(cast, strict=True, assign=True)
+    return model.eval()
+
+
+def check_fits(model: nn.Module, state: Mapping[str, Tensor], where: str) -> None:
+    """Raise CheckpointError naming every missing, unexpected, mis-shaped or non-floating key of `state` for
+    `model` (real or meta tensors alike: only shapes and dtypes are compared)."""
     expected = model.state_dict()
     missing = sorted(k for k in expected if k not in state)
     unexpected = sorted(k for k in state if k not in expected)
@@ -387,14 +480,6 @@ def load_strict(
     problems = [p for p in problems if p]
     if problems:
         raise CheckpointError(f"{where} does not fit {type(model).__name__}: " + "; ".join(problems))
-    # Every floating tensor in `dtype`, the autoencoder's batch-norm statistics too: diffusers loads them in the
-    # pipeline dtype, and the latent normalisation is computed from them in that precision.
-    cast = {
-        k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device))
-        for k, v in state.items()
-    }
-    model.load_state_dict(cast, strict=True, assign=True)
-    return model.eval()
 
 
 def _listing(what: str, keys: list[str], limit: int = 8) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from klein_agent.loading.errors import LoRAError
+from klein_agent.loading.quantized import QuantizedSummary
 from klein_agent.pipeline.klein import KleinPipeline
 from klein_agent.rules.buckets import select
 from klein_agent.rules.loras import adapter_names
@@ -64,6 +65,7 @@ def load_pipeline(
         allow_download,
         offload_text_encoder,
         reference_kv_cache_bytes,
+        keep_fp8=not loras,
     )
     paths = [Path(path) for path, _ in loras]
     unloaded: list[tuple[str, str]] = []
@@ -146,6 +148,49 @@ def _random_pipeline(
     )
 
 
+def log_quantized(
+    summary: QuantizedSummary,
+    where: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    fp8_runs: bool,
+    for_loras: bool = False,
+) -> None:
+    """One line on stderr for a BFL-quantized transformer: kept in FP8 (INFO), or dequantized, why, and what that
+    costs in memory (WARNING: the user asked for a small file and gets a larger model)."""
+    kinds = "/".join(summary.kinds)
+    if summary.kept_fp8 and summary.extra_bytes == 0:
+        log.info("%s: %s weights kept in FP8 (%d layers, rowwise _scaled_mm)", where, kinds, summary.kept_fp8)
+        return
+    dtype_name = str(dtype).removeprefix("torch.")
+    if for_loras:
+        why = "LoRA adapters are loaded and run on plain layers only"
+    elif fp8_runs:
+        why = (
+            "nvfp4 needs a Blackwell FP4 kernel, which is not used here"
+            if "nvfp4" in kinds
+            else "layers whose sizes are not multiples of 16 cannot run in FP8"
+        )
+    elif dtype != torch.bfloat16 and device.type == "cuda":
+        why = f"FP8 matmuls write bfloat16 and the model runs in {dtype_name}"
+    else:
+        why = f"{device.type} has no FP8 matmul" + ("" if "fp8r" in kinds else " and no FP4 one")
+    kept = f", {summary.kept_fp8} kept in FP8" if summary.kept_fp8 else ""
+    log.warning(
+        "%s holds %s weights (%d quantized layers%s): %s, so they run dequantized to %s, which takes %s more "
+        "memory than the file's quantized weights",
+        where,
+        kinds,
+        summary.layers,
+        kept,
+        why,
+        dtype_name,
+        f"{summary.extra_bytes / 2**30:.2f} GiB"
+        if summary.extra_bytes >= 2**30
+        else f"{summary.extra_bytes / 2**20:.1f} MiB",
+    )
+
+
 def _build_pipeline(
     model: str,
     torch_device: torch.device,
@@ -154,6 +199,7 @@ def _build_pipeline(
     allow_download: bool,
     offload_text_encoder: bool,
     reference_kv_cache_bytes: int | None,
+    keep_fp8: bool = True,
 ) -> KleinPipeline:
     # --offload-text-encoder: the encoder is read straight into host memory (8 GB for the 4B never visits the GPU
     # at load); KleinPipeline pins it there once (pipeline.offload.HostResident)
@@ -178,11 +224,26 @@ def _build_pipeline(
         return _random_pipeline(model, torch_device, torch_dtype, text_device, offload_text_encoder)
     from klein_agent.loading.checkpoints import load_components
     from klein_agent.loading.hub import resolve_model_path
+    from klein_agent.speedups.fp8 import prequantized_linear_factory
 
     folder = resolve_model_path(model, allow_download=allow_download)
+    # LoRA adapters wrap plain linear layers (model.lora.LoRALinear): with adapters, fp8r layers are dequantized
+    factory = prequantized_linear_factory(torch_device, torch_dtype)
+    fp8_linear = factory if keep_fp8 else None
     components = load_components(
-        folder, torch_device, torch_dtype, transformer_file=transformer_file, text_encoder_device=text_device
+        folder,
+        torch_device,
+        torch_dtype,
+        transformer_file=transformer_file,
+        text_encoder_device=text_device,
+        fp8_linear=fp8_linear,
     )
+    if components.quantized is not None:
+        where = transformer_file or str(folder / "transformer")
+        for_loras = factory is not None and fp8_linear is None
+        log_quantized(
+            components.quantized, where, torch_device, torch_dtype, fp8_linear is not None, for_loras
+        )
     return KleinPipeline(
         components.transformer,
         components.autoencoder,

@@ -210,6 +210,28 @@ def _reference_scaled_mm(x_q: Tensor, w_q: Tensor, x_scale: Tensor, w_scale: Ten
     return F.linear(x_q.float(), w_q.float()) * (x_scale * w_scale)
 
 
+def prequantized_linear_factory(
+    device: torch.device, dtype: torch.dtype
+) -> Callable[[str, Tensor, Tensor], nn.Module | None] | None:
+    """What runs the fp8r layers of BFL's pre-quantized files here (`loading.quantized.Fp8LinearFactory`), or None
+    where nothing would run them in FP8 (no `_scaled_mm` on `device`, or a dtype other than bfloat16, the only one
+    cuBLASLt's rowwise product writes), so the loader dequantizes them.
+
+    Kept layers are rowwise Float8Linear with fast accumulation: the file's per-row scales, activations quantized
+    per token, as diffusers' `BFLFP8RLinear` runs them on the same GPUs. Layers whose sizes are not multiples of 16
+    (which `_scaled_mm` refuses) are left to be dequantized, as diffusers dequantizes them.
+    """
+    if dtype != torch.bfloat16 or not scaled_mm_available(device):
+        return None
+
+    def make(name: str, weight: Tensor, row_scale: Tensor) -> nn.Module | None:
+        if weight.shape[0] % _ALIGNMENT or weight.shape[1] % _ALIGNMENT:
+            return None
+        return Float8Linear(weight, row_scale.float(), rowwise=True, use_fast_accum=True)
+
+    return make
+
+
 def is_block_linear(name: str) -> bool:
     """A linear layer inside a double- or single-stream block (the layers BFL's FP8 files store in FP8)."""
     return name.startswith(_BLOCK_PREFIXES)
