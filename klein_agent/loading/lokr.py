@@ -209,11 +209,19 @@ def _check_shapes(st: SafetensorsFile, module: _Module, layer: nn.Linear) -> Non
         shapes = [st.entries[key].shape for key in keys]
         if len(shapes) == 2:
             (x, r), (r2, y) = shapes
-            if r != r2 or r > min(x, y):
+            if r != r2:
                 raise LoRAError(
                     st.path,
-                    f"lokr_{side}_a {list(shapes[0])} and lokr_{side}_b {list(shapes[1])} are not a decomposition of "
-                    f"rank ≤ {min(x, y)} (a [{x}, rank], b [rank, {y}])",
+                    f"lokr_{side}_a {list(shapes[0])} and lokr_{side}_b {list(shapes[1])} disagree on the rank "
+                    f"({r} and {r2}): a [{x}, rank] and b [rank, {y}] multiply to the factor",
+                    BROKEN,
+                    keys[0],
+                )
+            if r > min(x, y):
+                raise LoRAError(
+                    st.path,
+                    f"lokr_{side}_a {list(shapes[0])} and lokr_{side}_b {list(shapes[1])} decompose a [{x}, {y}] factor "
+                    f"at rank {r}, above its smaller side {min(x, y)}",
                     BROKEN,
                     keys[0],
                 )
@@ -275,14 +283,10 @@ def _combine(
     updates = {}
     for name, items in by_layer.items():
         out = layers[name].out_features
-        thirds = [m.third for m, _, _ in items]
-        if len(items) > 1 and (None in thirds or len(set(thirds)) != len(thirds)):
-            raise LoRAError(
-                st.path,
-                f"layer {name} is given twice (fused and split)",
-                "keep one of them",
-                items[1][0].keys.get("lokr_w1") or items[1][0].keys["lokr_w1_a"],
-            )
+        # a file names each of its layers once, and only the split layouts fill thirds: no two pieces overlap
+        assert len({m.third for m, _, _ in items}) == len(items) and (
+            len(items) == 1 or items[0][0].third is not None
+        )
         pieces = sorted(
             (KroneckerPiece(0 if m.third is None else m.third * (out // 3), w1, w2) for m, w1, w2 in items),
             key=lambda p: p.start,
