@@ -73,9 +73,9 @@ class AdapterFile:
         pieces = [p for u in self.updates.values() if isinstance(u, Kronecker) for p in u.pieces]
         if not pieces:
             return f"{head}, rank {self.rank}"
-        w1 = max(p.w1[0].shape[0] * p.w1[-1].shape[1] for p in pieces)
-        w2 = max(p.w2[0].shape[0] * p.w2[-1].shape[1] for p in pieces)
-        return f"{head}, Kronecker factors of up to {w1} and {w2} values"
+        p = max(pieces, key=lambda p: sum(m.numel() for m in (*p.w1, *p.w2)))
+        w1, w2 = ([m.shape[0], m_last.shape[1]] for m, m_last in ((p.w1[0], p.w1[-1]), (p.w2[0], p.w2[-1])))
+        return f"{head}, largest Kronecker factors w1 {w1} ⊗ w2 {w2}"
 
 
 @dataclass
