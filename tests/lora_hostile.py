@@ -316,6 +316,10 @@ CASES: dict[str, tuple[Builder, str | None]] = {
         ),
         f"{LYCORIS[len('lycoris_') :]}.lokr_w2",
     ),
+    "LoKr without a layout's prefix": (
+        lambda p: save_file({"double_blocks.0.img_attn.proj.lokr_w1": torch.ones(8, 8)}, str(p)),
+        "double_blocks.0.img_attn.proj.lokr_w1",
+    ),
     "LoKr alpha in diffusers layout": (
         lambda p: save_file(
             {

@@ -81,6 +81,7 @@ LOKR_PROBLEMS = {
     "LyCORIS unknown sub-path": "names no layer of this model; the LoKr is for another model",
     "LyCORIS block beyond the model": "names no layer of this model; the LoKr is for another model",
     "LyCORIS key without its prefix": "LyCORIS LoKr layout but this key is not",
+    "LoKr without a layout's prefix": "the key is in no LoKr layout we read",
     "LoKr alpha in diffusers layout": "diffusers LoKr files carry no alpha tensor",
 }
 

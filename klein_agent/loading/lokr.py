@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from torch import Tensor, nn
@@ -72,9 +73,9 @@ LYCORIS_SUBPATHS = {
 _LYCORIS = re.compile(r"^lycoris_((?:single_)?transformer_blocks)_(\d+)_(.+)$")
 
 
-def is_lokr(keys: object) -> bool:
+def is_lokr(keys: Iterable[str]) -> bool:
     """Whether a file's keys are LoKr's (any `.lokr_` key, diffusers' test)."""
-    return any(".lokr_" in key for key in keys)  # type: ignore[attr-defined]
+    return any(".lokr_" in key for key in keys)
 
 
 @dataclass
