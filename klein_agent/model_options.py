@@ -83,7 +83,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, serve: bool = False)
         action="append",
         default=[],
         metavar="FILE[:SCALE]",
-        help="a LoRA adapter (.safetensors: diffusers/PEFT, kohya or ai-toolkit layout) and its scale (default 1, "
+        help="a LoRA adapter (.safetensors: diffusers/PEFT, kohya or ai-toolkit layout) or LoKr adapter (BFL, "
+        "LyCORIS or diffusers layout) and its scale (default 1, "
         "from -4 to 4); repeatable. generate runs them all; serve loads them for calls to choose by name "
         "(the file's stem)",
     )

@@ -1,4 +1,5 @@
-"""Hostile LoRA files for the tiny preset: each builder writes one file and says which key the refusal must name.
+"""Hostile LoRA and LoKr files for the tiny preset: each builder writes one file and says which key the refusal
+must name.
 
 Shared by tests/test_lora_hostile.py (every file through the loader, some through the real CLI and `serve`) and
 tools/lora_hostile_survey.py (the before/after count). Layers used: double_blocks.0.img_attn.proj (64 -> 64) and
@@ -23,6 +24,12 @@ KA, KB, KALPHA = f"{KOHYA}.lora_down.weight", f"{KOHYA}.lora_up.weight", f"{KOHY
 DF = "transformer.transformer_blocks.0.attn.to_out.0"  # the same layer, diffusers' name
 DA, DB = f"{DF}.lora_A.weight", f"{DF}.lora_B.weight"
 SPARSE_BYTES = 10 * 1024**3  # what the sparse file declares
+# LoKr: the same layer, BFL layout (w1 [8, 8] ⊗ w2 [8, 8] = 64 x 64), and LyCORIS' name for it
+K1, K2 = f"{AT}.lokr_w1", f"{AT}.lokr_w2"
+K1A, K1B, K2A, K2B = f"{AT}.lokr_w1_a", f"{AT}.lokr_w1_b", f"{AT}.lokr_w2_a", f"{AT}.lokr_w2_b"
+KR_ALPHA = f"{AT}.alpha"
+LYCORIS = "lycoris_transformer_blocks_0_attn_to_out_0"
+SPARSE_FACTOR = 16384  # each factor [16384, 16384] of float32 (1 GiB, a hole): their product 2^28 x 2^28
 
 
 def pair(scale: float = 1.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,6 +71,35 @@ def diffusers(path: Path, config: object) -> None:
     down, up = pair()
     meta = config if isinstance(config, str) else json.dumps(config)
     save_file({DA: down, DB: up}, str(path), metadata={"lora_adapter_metadata": meta})
+
+
+def factors(scale: float = 1.0, seed: int = 0, rank: int = 0) -> dict[str, torch.Tensor]:
+    """A sound LoKr layer for the 64 -> 64 layer (BFL layout): w1 [8, 8] and w2 [8, 8], w2 rank-decomposed when
+    `rank` > 0; w2 multiplied by `scale`."""
+    g = torch.Generator().manual_seed(seed)
+    w1 = torch.randn(8, 8, generator=g) / 8
+    if not rank:
+        return {K1: w1, K2: torch.randn(8, 8, generator=g) / 8 * scale}
+    return {
+        K1: w1,
+        K2A: torch.randn(8, rank, generator=g) * scale,
+        K2B: torch.randn(rank, 8, generator=g) / 8,
+    }
+
+
+def lokr(path: Path, drop: tuple[str, ...] = (), **tensors: torch.Tensor) -> None:
+    """A LoKr file: `factors()` (rank 2 when a decomposed key is given) with `tensors` (keys from the K* names,
+    `_` for `.`) replacing or adding, `drop` removed."""
+    given = {key.replace("__", "."): value for key, value in tensors.items()}
+    base = factors(rank=2 if any(k.endswith(("_a", "_b")) for k in given) else 0)
+    save_file({k: v.contiguous() for k, v in (base | given).items() if k not in drop}, str(path))
+
+
+def _lokr_sparse(path: Path) -> None:
+    """4 KB on disk, 2 GiB declared: two [16384, 16384] factors whose product would be 2^28 x 2^28."""
+    n = SPARSE_FACTOR * SPARSE_FACTOR * 4
+    raw(path, {K1: entry("F32", [SPARSE_FACTOR] * 2, 0, n), K2: entry("F32", [SPARSE_FACTOR] * 2, n, 2 * n)})
+    os.truncate(path, path.stat().st_size + 2 * n)
 
 
 def _truncated_data(path: Path) -> None:
@@ -188,5 +224,111 @@ CASES: dict[str, tuple[Builder, str | None]] = {
     "metadata 100k deep": (
         lambda p: diffusers(p, "[" * 100_000 + "]" * 100_000),
         "__metadata__.lora_adapter_metadata",
+    ),
+    # LoKr (BFL layout unless named): halves, shapes, values, names
+    "LoKr w1 without w2": (lambda p: lokr(p, drop=(K2,)), K1),
+    "LoKr w2_a without w2_b": (
+        lambda p: lokr(p, drop=(K2B,), **{K2A.replace(".", "__"): torch.ones(8, 2)}),
+        K2A,
+    ),
+    "LoKr w1 whole and decomposed": (
+        lambda p: lokr(
+            p, **{K1A.replace(".", "__"): torch.ones(8, 2), K1B.replace(".", "__"): torch.ones(2, 8)}
+        ),
+        K1,
+    ),
+    "LoKr w1 x w2 not the layer's shape": (
+        lambda p: lokr(p, **{K2.replace(".", "__"): torch.ones(8, 9)}),
+        K1,
+    ),
+    "LoKr factors of another model's width": (
+        lambda p: lokr(
+            p, **{K1.replace(".", "__"): torch.ones(8, 48), K2.replace(".", "__"): torch.ones(8, 64)}
+        ),
+        K1,
+    ),
+    "LoKr product far beyond the model, sparse": (_lokr_sparse, K1),
+    "LoKr rank above its factor": (
+        lambda p: lokr(
+            p, **{K2A.replace(".", "__"): torch.ones(8, 9), K2B.replace(".", "__"): torch.ones(9, 8)}
+        ),
+        K2A,
+    ),
+    "LoKr ranks that differ": (
+        lambda p: lokr(
+            p, **{K2A.replace(".", "__"): torch.ones(8, 2), K2B.replace(".", "__"): torch.ones(3, 8)}
+        ),
+        K2A,
+    ),
+    "LoKr 3-D factor (a Tucker core)": (
+        lambda p: lokr(p, **{K2.replace(".", "__"): torch.ones(8, 8, 1)}),
+        K2,
+    ),
+    "LoKr Tucker key": (lambda p: lokr(p, **{f"{AT}__lokr_t2": torch.ones(2, 2, 1, 1)}), f"{AT}.lokr_t2"),
+    "LoKr and LoRA keys in one file": (lambda p: lokr(p, **{A.replace(".", "__"): pair()[0]}), A),
+    "LoKr float8 factor": (
+        lambda p: lokr(p, **{K2.replace(".", "__"): torch.ones(8, 8).to(torch.float8_e4m3fn)}),
+        K2,
+    ),
+    "LoKr NaN factor": (lambda p: lokr(p, **{K2.replace(".", "__"): torch.full((8, 8), float("nan"))}), K2),
+    "LoKr infinite decomposed factor": (
+        lambda p: lokr(
+            p,
+            **{
+                K2A.replace(".", "__"): torch.ones(8, 2),
+                K2B.replace(".", "__"): torch.full((2, 8), float("inf")),
+            },
+        ),
+        K2B,
+    ),
+    "LoKr 1e30 factor": (lambda p: save_file(factors(1e31), str(p)), K1),
+    "LoKr alpha 1e38 on a decomposition": (
+        lambda p: save_file(factors(rank=2) | {KR_ALPHA: torch.tensor(1e38)}, str(p)),
+        K1,
+    ),
+    "LoKr alpha NaN": (
+        lambda p: save_file(factors(rank=2) | {KR_ALPHA: torch.tensor(float("nan"))}, str(p)),
+        KR_ALPHA,
+    ),
+    "LoKr alpha a vector": (lambda p: save_file(factors() | {KR_ALPHA: torch.ones(2)}, str(p)), KR_ALPHA),
+    "LoKr unknown layer": (
+        lambda p: save_file({k.replace(".0.", ".7."): v for k, v in factors().items()}, str(p)),
+        K1.replace(".0.", ".7."),
+    ),
+    "LyCORIS unknown sub-path": (
+        lambda p: save_file({"lycoris_transformer_blocks_0_attn_norm_q.lokr_w1": torch.ones(8, 8)}, str(p)),
+        "lycoris_transformer_blocks_0_attn_norm_q.lokr_w1",
+    ),
+    "LyCORIS block beyond the model": (
+        lambda p: save_file(
+            {f"lycoris_transformer_blocks_9_attn_to_out_0.lokr_w{k}": torch.ones(8, 8) for k in (1, 2)},
+            str(p),
+        ),
+        "lycoris_transformer_blocks_9_attn_to_out_0.lokr_w1",
+    ),
+    "LyCORIS key without its prefix": (
+        lambda p: save_file(
+            {
+                f"{LYCORIS}.lokr_w1": torch.ones(8, 8),
+                f"{LYCORIS[len('lycoris_') :]}.lokr_w2": torch.ones(8, 8),
+            },
+            str(p),
+        ),
+        f"{LYCORIS[len('lycoris_') :]}.lokr_w2",
+    ),
+    "LoKr without a layout's prefix": (
+        lambda p: save_file({"double_blocks.0.img_attn.proj.lokr_w1": torch.ones(8, 8)}, str(p)),
+        "double_blocks.0.img_attn.proj.lokr_w1",
+    ),
+    "LoKr alpha in diffusers layout": (
+        lambda p: save_file(
+            {
+                "transformer.transformer_blocks.0.attn.to_out.0.lokr_w1": torch.ones(8, 8),
+                "transformer.transformer_blocks.0.attn.to_out.0.lokr_w2": torch.ones(8, 8),
+                "transformer.transformer_blocks.0.attn.to_out.0.alpha": torch.tensor(4.0),
+            },
+            str(p),
+        ),
+        "transformer.transformer_blocks.0.attn.to_out.0.alpha",
     ),
 }

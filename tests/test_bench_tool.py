@@ -84,6 +84,8 @@ def test_bench_adapters_reports_lora_and_inpaint_costs(tmp_path: Path) -> None:
     assert bench_adapters.main(argv) == 0
     results = json.loads(out.read_text())["results"]
     assert {"step, no adapter", "step, one unfused adapter", "step, merged adapter"} <= set(results)
+    assert {"step, one unfused LoKr adapter", "load, LoRA file (read, check, attach)"} <= set(results)
+    assert "load, LoKr file (read, check, attach)" in results
     assert any(k.startswith("inpaint 64x64") for k in results) and all(v > 0 for v in results.values())
 
 

@@ -1,10 +1,12 @@
-"""Hostile LoRA files (tests/lora_hostile.py) are refused at load with one error type naming the file, the key and
-the fix: in-process for every file, through the real CLI (exit 2) and the real `serve` (the server stays up and
-serves the other adapter) for a few, and the sparse 10 GiB file with bounded memory."""
+"""Hostile LoRA and LoKr files (tests/lora_hostile.py) are refused at load with one error type naming the file, the
+key and the fix: in-process for every file, through the real CLI (exit 2) and the real `serve` (the server stays up
+and serves the other adapter) for a few, and the sparse files (10 GiB of LoRA, 2 GiB of LoKr factors declaring a
+2^28-square product) with bounded memory. LoKr refusals also say what is wrong with the factors."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -17,9 +19,10 @@ from safetensors.torch import save_file
 
 from klein_agent.loading.lora import LoRAError, read_lora
 from klein_agent.loading.random_init import build_tiny
+from klein_agent.model.lora import Kronecker
 from klein_agent.rules.loras import MAX_LORA_SCALE
 from tests.http_helpers import REPO, serve_args
-from tests.lora_hostile import CASES, A, B, pair, sound
+from tests.lora_hostile import AT, CASES, A, B, factors, pair, sound
 
 FIX_MARK = "; "  # the message's problem and fix are joined by "; " (LoRAError)
 
@@ -54,6 +57,61 @@ def test_the_sound_file_they_vary_loads(tiny_transformer: torch.nn.Module, tmp_p
     assert list(adapter.updates) == ["double_blocks.0.img_attn.proj"] and adapter.rank == 4
 
 
+# what each LoKr refusal must say, beyond naming the key (the code before LoKr said "not a LoRA weight" to all)
+LOKR_PROBLEMS = {
+    "LoKr w1 without w2": "has no lokr_w2 (nor both lokr_w2_a and lokr_w2_b)",
+    "LoKr w2_a without w2_b": "has no lokr_w2 (nor both lokr_w2_a and lokr_w2_b)",
+    "LoKr w1 whole and decomposed": "gives w1 both whole and decomposed",
+    "LoKr w1 x w2 not the layer's shape": "w1 [8, 8] ⊗ w2 [8, 9] is a [64, 72] update, but layer",
+    "LoKr factors of another model's width": "is a [64, 3072] update, but layer double_blocks.0.img_attn.proj maps 64",
+    "LoKr product far beyond the model, sparse": "is a [268435456, 268435456] update",
+    "LoKr rank above its factor": "at rank 9, above its smaller side 8",
+    "LoKr ranks that differ": "disagree on the rank (2 and 3)",
+    "LoKr 3-D factor (a Tucker core)": "shape [8, 8, 1] is not a matrix",
+    "LoKr Tucker key": "a LoKr file holds only lokr_w1",
+    "LoKr and LoRA keys in one file": "a LoKr file holds only lokr_w1",
+    "LoKr float8 factor": "F8_E4M3 is float8",
+    "LoKr NaN factor": "NaN or infinite",
+    "LoKr infinite decomposed factor": "NaN or infinite",
+    "LoKr 1e30 factor": "float16's range",
+    "LoKr alpha 1e38 on a decomposition": "float16's range",
+    "LoKr alpha NaN": "alpha must be a positive number",
+    "LoKr alpha a vector": "not one number",
+    "LoKr unknown layer": "names no layer of this model; the LoKr is for another model",
+    "LyCORIS unknown sub-path": "names no layer of this model; the LoKr is for another model",
+    "LyCORIS block beyond the model": "names no layer of this model; the LoKr is for another model",
+    "LyCORIS key without its prefix": "LyCORIS LoKr layout but this key is not",
+    "LoKr without a layout's prefix": "the key is in no LoKr layout we read",
+    "LoKr alpha in diffusers layout": "diffusers LoKr files carry no alpha tensor",
+}
+
+
+def test_every_lokr_case_has_its_problem() -> None:
+    assert set(LOKR_PROBLEMS) == {case for case in CASES if case.startswith(("LoKr", "LyCORIS"))}
+
+
+@pytest.mark.parametrize("case", list(LOKR_PROBLEMS))
+def test_each_lokr_refusal_says_what_is_wrong(
+    case: str, tiny_transformer: torch.nn.Module, tmp_path: Path
+) -> None:
+    path = tmp_path / "adapter.safetensors"
+    CASES[case][0](path)
+    with pytest.raises(LoRAError, match=re.escape(LOKR_PROBLEMS[case])):
+        read_lora(path, tiny_transformer, max_scale=MAX_LORA_SCALE)
+
+
+@pytest.mark.parametrize("rank", [0, 2])
+def test_the_sound_lokr_files_they_vary_load(
+    rank: int, tiny_transformer: torch.nn.Module, tmp_path: Path
+) -> None:
+    path = tmp_path / "ok.safetensors"
+    save_file(factors(rank=rank) | {f"{AT}.alpha": torch.tensor(4.0)}, str(path))
+    adapter = read_lora(path, tiny_transformer, max_scale=MAX_LORA_SCALE)
+    assert adapter.format == "BFL LoKr" and list(adapter.updates) == ["double_blocks.0.img_attn.proj"]
+    update = adapter.updates["double_blocks.0.img_attn.proj"]
+    assert isinstance(update, Kronecker) and len(update.pieces[0].w2) == (2 if rank else 1)
+
+
 RSS_PROBE = textwrap.dedent(
     """
     import json, resource, sys
@@ -79,11 +137,20 @@ RSS_PROBE = textwrap.dedent(
 )
 
 
-def test_a_sparse_file_declaring_10_gib_is_refused_with_bounded_memory(tmp_path: Path) -> None:
-    build, _ = CASES["sparse 10 GiB up"]
+@pytest.mark.parametrize(
+    ("case", "declared", "problem"),
+    [
+        ("sparse 10 GiB up", 10 * 1024**3, "do not fit layer"),
+        ("LoKr product far beyond the model, sparse", 2 * 1024**3, "update, but layer"),
+    ],
+)
+def test_a_sparse_file_declaring_gigabytes_is_refused_with_bounded_memory(
+    case: str, declared: int, problem: str, tmp_path: Path
+) -> None:
+    build, _ = CASES[case]
     hostile = tmp_path / "sparse.safetensors"
     build(hostile)
-    assert hostile.stat().st_size > 10 * 1024**3 - 1 and hostile.stat().st_blocks * 512 < 1024**2
+    assert hostile.stat().st_size > declared - 1 and hostile.stat().st_blocks * 512 < 1024**2
     done = subprocess.run(
         [sys.executable, "-c", RSS_PROBE, str(hostile), str(sound(tmp_path / "ok.safetensors"))],
         capture_output=True,
@@ -93,11 +160,19 @@ def test_a_sparse_file_declaring_10_gib_is_refused_with_bounded_memory(tmp_path:
     )
     assert done.returncode == 0, done.stderr
     found = json.loads(done.stdout.strip().splitlines()[-1])
-    assert str(hostile) in found["outcome"] and "do not fit layer" in found["outcome"], found
+    assert str(hostile) in found["outcome"] and problem in found["outcome"], found
     assert 0 <= found["growth"] <= found["bound"], found
 
 
-CLI_CASES = ["truncated data", "rank 0", "NaN weights", "metadata 100k deep", "alpha boolean"]
+CLI_CASES = [
+    "truncated data",
+    "rank 0",
+    "NaN weights",
+    "metadata 100k deep",
+    "alpha boolean",
+    "LoKr w1 x w2 not the layer's shape",
+    "LoKr NaN factor",
+]
 
 
 @pytest.mark.parametrize("case", CLI_CASES)

@@ -1,11 +1,13 @@
-"""The cost of LoRA adapters and masked edits, on random weights of a preset's shape.
+"""The cost of LoRA and LoKr adapters and masked edits, on random weights of a preset's shape.
 
     python tools/bench_adapters.py --preset mid --size 512x512 --rank 16 --runs 5
 
-Reports medians (after a warm-up) of: one transformer step without an adapter, with one unfused adapter active
-(how the server runs them), and with it merged into the weights; the time to switch adapters either way (unfused:
-set the active list; merged: subtract one, add the other); and an inpaint call against an edit of the same size and
-steps (end to end, caches warm). The adapter touches every linear layer of every block, the worst case.
+Reports medians (after a warm-up) of: one transformer step without an adapter, with one unfused LoRA adapter active
+(how the server runs them), with it merged into the weights, and with one unfused LoKr adapter (factors as peft
+shapes them for `--lokr-factor`, w2 rank-decomposed at `--rank` where peft would decompose it); the time to load
+each file (read, check, attach); the time to switch adapters either way (unfused: set the active list; merged:
+subtract one, add the other); and an inpaint call against an edit of the same size and steps (end to end, caches
+warm). The adapters touch every linear layer of every block, the worst case.
 """
 
 from __future__ import annotations
@@ -69,6 +71,31 @@ def random_adapter(pipe: KleinPipeline, path: Path, rank: int, seed: int) -> Pat
     return path
 
 
+def random_lokr(pipe: KleinPipeline, path: Path, factor: int, rank: int, seed: int) -> Path:
+    """A BFL-layout LoKr file with factors for every linear layer in the blocks, shaped as peft shapes them
+    (`factorization(dim, factor)`); w2 rank-decomposed where peft would (rank < half its larger side)."""
+    from peft.tuners.lokr.layer import factorization
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, module in pipe.transformer.named_modules():
+        base = module.base if isinstance(module, lora.LoRALinear) else module
+        if not (
+            isinstance(module, torch.nn.Linear | lora.LoRALinear) and name.startswith(("double", "single"))
+        ):
+            continue
+        (a, b), (c, d) = factorization(base.out_features, factor), factorization(base.in_features, factor)
+        key = f"diffusion_model.{name}"
+        tensors[f"{key}.lokr_w1"] = torch.randn(a, c, generator=g) * 0.1
+        if rank < max(b, d) / 2:
+            tensors[f"{key}.lokr_w2_a"] = torch.randn(b, rank, generator=g) * 0.1
+            tensors[f"{key}.lokr_w2_b"] = torch.randn(rank, d, generator=g) * 0.1
+        else:
+            tensors[f"{key}.lokr_w2"] = torch.randn(b, d, generator=g) * 0.01
+    save_file(tensors, str(path))
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -76,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="mid", choices=sorted(PRESETS))
     parser.add_argument("--size", default="512x512")
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument(
+        "--lokr-factor", type=int, default=-1, help="peft's decompose_factor (-1: near-square)"
+    )
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--json", type=Path, default=None)
@@ -92,9 +122,17 @@ def main(argv: list[str] | None = None) -> int:
         model_name="random",
         variant=chosen.name,
     )
+    loads = {}
     with tempfile.TemporaryDirectory() as tmp:
-        pipe.load_lora(random_adapter(pipe, Path(tmp) / "a.safetensors", args.rank, 1), "a")
-        pipe.load_lora(random_adapter(pipe, Path(tmp) / "b.safetensors", args.rank, 2), "b")
+        files = {
+            "a": random_adapter(pipe, Path(tmp) / "a.safetensors", args.rank, 1),
+            "b": random_adapter(pipe, Path(tmp) / "b.safetensors", args.rank, 2),
+            "k": random_lokr(pipe, Path(tmp) / "k.safetensors", args.lokr_factor, args.rank, 3),
+        }
+        for name, path in files.items():
+            start = time.perf_counter()
+            pipe.load_lora(path, name)
+            loads[name] = (time.perf_counter() - start) * 1000
     h, w = height // 16, width // 16
     model = pipe.transformer
     cfg = model.config
@@ -152,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         "step, no adapter": with_adapters(()),
         "step, one unfused adapter": with_adapters((("a", 1.0),)),
         "step, merged adapter": with_adapters((), (("a", 1.0),)),
+        "step, one unfused LoKr adapter": with_adapters((("k", 1.0),)),
     }
     for fn in step_fns.values():  # warm-up
         fn()
@@ -160,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         for key, fn in step_fns.items():
             step_times[key].append(fn() * 1000)
     results = {key: statistics.median(values) for key, values in step_times.items()}
+    results["load, LoRA file (read, check, attach)"] = loads["a"]
+    results["load, LoKr file (read, check, attach)"] = loads["k"]
     lora.activate(model, ())
     lora.merge(model, (("a", 1.0),))
     results.update(
@@ -178,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     header = (
-        f"{args.preset} preset, {width}x{height} ({h * w} tokens), rank {args.rank} on every block linear, CPU "
+        f"{args.preset} preset, {width}x{height} ({h * w} tokens), rank {args.rank} on every block linear, LoKr "
+        f"factor {args.lokr_factor} ({pipe.adapters['k'].summary}), CPU "
         f"float32, {torch.get_num_threads()} threads, torch {torch.__version__}, {platform.processor() or platform.machine()}"
     )
     print(header, file=sys.stderr)

@@ -13,7 +13,7 @@ A file is checked in two passes so a hostile one costs nothing: first its header
 offsets, dtypes), every key mapped to a layer and every shape checked against that layer, rank at most
 min(in, out); only then are the tensors read, one at a time, and their values checked (finite, alpha a positive
 number, the update not absurdly large: see `_check_magnitude`). Every refusal is a LoRAError naming the file, the
-key and the fix.
+key and the fix. A file of LoKr keys (`.lokr_`) is read by `klein_agent.loading.lokr` with the same discipline.
 """
 
 from __future__ import annotations
@@ -28,19 +28,24 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from klein_agent.loading.adapter_values import (
+    check_alpha_entry,
+    check_row_norms,
+    check_weight_dtype,
+    finite,
+    read_alpha,
+)
 from klein_agent.loading.errors import LoRAError
 from klein_agent.loading.keymaps import transformer_layer_from_diffusers
+from klein_agent.loading.lokr import is_lokr, read_lokr
 from klein_agent.loading.safetensors_file import SafetensorsFile, parse_json
-from klein_agent.model.lora import LoRALinear, LowRank
+from klein_agent.model.lora import Kronecker, LoRALinear, LowRank, Update
 
 __all__ = ["AdapterFile", "LoRAError", "read_lora"]
 
 log = logging.getLogger(__name__)
 
-WEIGHT_DTYPES = ("F32", "BF16", "F16", "F64")
-ALPHA_DTYPES = (*WEIGHT_DTYPES, "I64", "I32", "I16", "I8", "U8")  # a real number; BOOL is not one
 ANOTHER_MODEL = "the LoRA is for another model or klein size: use one trained for this model"
-RESAVE = "save the adapter again with float32, bfloat16 or float16 weights"
 PREFIXES = ("diffusion_model.", "base_model.model.")
 _KINDS = {"lora_A": "A", "lora_down": "A", "lora_B": "B", "lora_up": "B"}
 # metadata fields trainers use for the model an adapter was trained on (kohya sd-scripts, modelspec, PEFT/ai-toolkit)
@@ -49,16 +54,28 @@ BASE_MODEL_FIELDS = ("ss_base_model_version", "modelspec.architecture", "base_mo
 
 @dataclass(frozen=True)
 class AdapterFile:
-    """A LoRA file read for one model: its format and one update per layer it touches."""
+    """A LoRA or LoKr file read for one model: its format and one update per layer it touches."""
 
     path: Path
-    format: str  # "diffusers", "kohya", "ai-toolkit" or "diffusers names under a prefix"
-    updates: dict[str, LowRank]  # our layer name (no `.weight`) -> update
+    # "diffusers", "kohya", "ai-toolkit", "diffusers names under a prefix"; "BFL LoKr", "LyCORIS LoKr", "diffusers LoKr"
+    format: str
+    updates: dict[str, Update]  # our layer name (no `.weight`) -> update
 
     @property
     def rank(self) -> int:
-        """The largest rank over its layers."""
-        return max(u.down.shape[0] for u in self.updates.values())
+        """The largest LoRA rank over its layers (0 for a LoKr file, whose updates have factors, not a rank)."""
+        return max((u.down.shape[0] for u in self.updates.values() if isinstance(u, LowRank)), default=0)
+
+    @property
+    def summary(self) -> str:
+        """What the log says of it: format, layers, and rank or largest Kronecker factors."""
+        head = f"{self.format} format, {len(self.updates)} layers"
+        pieces = [p for u in self.updates.values() if isinstance(u, Kronecker) for p in u.pieces]
+        if not pieces:
+            return f"{head}, rank {self.rank}"
+        p = max(pieces, key=lambda p: sum(m.numel() for m in (*p.w1, *p.w2)))
+        w1, w2 = ([m.shape[0], m_last.shape[1]] for m, m_last in ((p.w1[0], p.w1[-1]), (p.w2[0], p.w2[-1])))
+        return f"{head}, largest Kronecker factors w1 {w1} ⊗ w2 {w2}"
 
 
 @dataclass
@@ -76,10 +93,10 @@ class _Part:
 def read_lora(
     path: str | Path, model: nn.Module, variant: str | None = None, *, max_scale: float
 ) -> AdapterFile:
-    """Read the safetensors LoRA at `path` for `model` (our transformer; `variant`, e.g. "klein-4b", only for a
-    warning when the file's metadata names another base model; `max_scale`, the largest |scale| a call may run it
-    at, rules.loras.MAX_LORA_SCALE, bounds its values). Raises LoRAError, naming the file, the key and the
-    fix, for anything that is not a sound LoRA for this model; no tensor is read before every shape fits."""
+    """Read the safetensors LoRA or LoKr at `path` for `model` (our transformer; `variant`, e.g. "klein-4b", only
+    for a warning when the file's metadata names another base model; `max_scale`, the largest |scale| a call may run
+    it at, rules.loras.MAX_LORA_SCALE, bounds its values). Raises LoRAError, naming the file, the key and the
+    fix, for anything that is not a sound adapter for this model; no tensor is read before every shape fits."""
     path = Path(path)
     layers = {
         name: (m.base if isinstance(m, LoRALinear) else m)
@@ -89,6 +106,10 @@ def read_lora(
     with SafetensorsFile(path) as st:
         if not st.entries:
             raise LoRAError(path, "the file holds no tensors", "give a LoRA .safetensors file")
+        if is_lokr(st.entries):
+            fmt, kron = read_lokr(st, layers, max_scale)
+            _warn_other_base(path, st.metadata, variant)
+            return AdapterFile(path, fmt, dict(kron))
         fmt, parts = _parts(st, layers)
         alpha = _metadata_alpha(st) if fmt == "diffusers" else None
         for part in parts:
@@ -97,7 +118,7 @@ def read_lora(
             path, [(part, *_read_part(st, part, layers[part.layer], alpha, max_scale)) for part in parts]
         )
         _warn_other_base(path, st.metadata, variant)
-    return AdapterFile(path, fmt, updates)
+    return AdapterFile(path, fmt, dict(updates))
 
 
 def _parts(st: SafetensorsFile, layers: dict[str, nn.Linear]) -> tuple[str, list[_Part]]:
@@ -194,7 +215,7 @@ def _split(path: Path, key: str, body: str) -> tuple[str, str]:
             return body.removesuffix(f".{kind}.weight"), side
     raise LoRAError(
         path,
-        "it is not a LoRA weight (lora_A/lora_B, lora_down/lora_up or alpha; DoRA, LoKr and full weights are not read)",
+        "it is not a LoRA weight (lora_A/lora_B, lora_down/lora_up or alpha; DoRA and full weights are not read)",
         "give a plain LoRA file",
         key,
     )
@@ -229,10 +250,7 @@ def _check_shapes(st: SafetensorsFile, part: _Part, layer: nn.Linear) -> None:
     """The pair's dtypes and shapes against `layer`, from the header alone."""
     rows = layer.out_features if part.rows is None else layer.out_features // 3
     for key in (part.down, part.up):
-        dtype = st.entries[key].dtype
-        if dtype not in WEIGHT_DTYPES:
-            kind = "float8" if dtype.startswith("F8") else "not floating-point"
-            raise LoRAError(st.path, f"its dtype {dtype} is {kind}", RESAVE, key)
+        check_weight_dtype(st, key)
     down, up = st.entries[part.down].shape, st.entries[part.up].shape
     if len(down) != 2 or len(up) != 2 or down[0] < 1:
         raise LoRAError(
@@ -251,44 +269,18 @@ def _check_shapes(st: SafetensorsFile, part: _Part, layer: nn.Linear) -> None:
             part.down,
         )
     if part.alpha is not None:
-        entry = st.entries[part.alpha]
-        if entry.dtype not in ALPHA_DTYPES or math.prod(entry.shape) != 1:
-            raise LoRAError(
-                st.path,
-                f"alpha is {entry.dtype} {list(entry.shape)}, not one number",
-                "store alpha as a float32 scalar",
-                part.alpha,
-            )
-
-
-def _finite(st: SafetensorsFile, key: str) -> Tensor:
-    value = st.read(key).float()
-    if not bool(torch.isfinite(value).all()):
-        raise LoRAError(
-            st.path,
-            "it holds NaN or infinite values (in float32)",
-            "the adapter is broken: train or export it again",
-            key,
-        )
-    return value
+        check_alpha_entry(st, part.alpha)
 
 
 def _read_part(
     st: SafetensorsFile, part: _Part, layer: nn.Linear, meta_alpha: float | None, max_scale: float
 ) -> tuple[Tensor, Tensor]:
     """The pair's tensors, alpha / rank folded into up, halves swapped where diffusers' order differs."""
-    down, up = _finite(st, part.down), _finite(st, part.up)
+    down, up = finite(st, part.down), finite(st, part.up)
     rank = down.shape[0]
     alpha = meta_alpha
     if part.alpha is not None:
-        alpha = float(st.read(part.alpha).double().item())
-        if not math.isfinite(alpha) or alpha <= 0:
-            raise LoRAError(
-                st.path,
-                f"alpha must be a positive number, got {alpha}",
-                "set it to the alpha the adapter was trained with (often its rank)",
-                part.alpha,
-            )
+        alpha = read_alpha(st, part.alpha)
     if alpha is not None:
         up = up * (alpha / rank)
     if part.swap:
@@ -301,24 +293,12 @@ def _read_part(
 def _check_magnitude(
     path: Path, key: str, down: Tensor, up: Tensor, in_features: int, max_scale: float
 ) -> None:
-    """Refuse an update no trained adapter has. For an input x of unit RMS (‖x‖ = √in: activations after the
-    model's norms), row i of the update changes output i by at most ‖(up·down)_i‖·√in (Cauchy-Schwarz, reached by
-    some x); at the largest scale a call may choose, that must stay within float16's range (65504), the narrowest
-    dtype the model runs in. Trained adapters are orders of magnitude below (about √rank·‖up_i‖ for a down with
-    1/√in entries); 1e30 weights, an alpha of 1e38 or a rank-1 spike of 1e4 are far above. The row norms come from
-    the rank x rank Gram matrix (float64), never from the full out x in product."""
+    """Refuse an update no trained adapter has (`check_row_norms`; about √rank·‖up_i‖ for a trained one, with a
+    down of 1/√in entries). The row norms come from the rank x rank Gram matrix (float64), never from the full
+    out x in product."""
     d, u = down.double(), up.double()
     rows = ((u @ (d @ d.T)) * u).sum(dim=1).clamp(min=0).sqrt()
-    worst = float(rows.max()) * math.sqrt(in_features) * max_scale
-    limit = float(torch.finfo(torch.float16).max)
-    if not worst <= limit:  # also catches inf and NaN from an overflowing product
-        raise LoRAError(
-            path,
-            f"the update can change an output by {worst:.3g} for a unit input at scale {max_scale:g}, over "
-            f"{limit:g} (float16's range): no trained adapter is that large",
-            "check the file's weights and alpha; train or export it again",
-            key,
-        )
+    check_row_norms(path, key, float(rows.max()), in_features, max_scale)
 
 
 def _combine(path: Path, read: list[tuple[_Part, Tensor, Tensor]]) -> dict[str, LowRank]:

@@ -260,18 +260,17 @@ class KleinPipeline:
         )
 
     def load_lora(self, path: str | Path, name: str, scale: float = 1.0) -> AdapterFile:
-        """Read a LoRA file (diffusers, kohya or ai-toolkit layout) and add it to the transformer as adapter
-        `name`, run by default at `scale`; the base weights are not changed. Raises LoRAError naming the first key
-        that does not fit this model, ValueError for a name already loaded."""
+        """Read a LoRA file (diffusers, kohya or ai-toolkit layout) or LoKr file (BFL, LyCORIS or diffusers layout)
+        and add it to the transformer as adapter `name`, run by default at `scale`; the base weights are not
+        changed. Raises LoRAError naming the first key that does not fit this model, ValueError for a name already
+        loaded."""
         if any(known == name for known, _ in self.info.loras):
             raise ValueError(f"a LoRA adapter named {name!r} is already loaded")
         adapter = read_lora(path, self.transformer, self.info.variant, max_scale=MAX_LORA_SCALE)
         lora.attach(self.transformer, name, adapter.updates)
         self.info = replace(self.info, loras=(*self.info.loras, (name, float(scale))))
         self.adapters[name] = adapter
-        log.info(
-            "LoRA %s: %s format, %d layers, rank %d", name, adapter.format, len(adapter.updates), adapter.rank
-        )
+        log.info("LoRA %s: %s", name, adapter.summary)
         return adapter
 
     def clear_caches(self) -> None:
