@@ -12,7 +12,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerFast
 
 from klein_agent.model.autoencoder import AutoEncoder
-from klein_agent.model.configs import ModelPreset, preset
+from klein_agent.model.configs import ModelPreset, TransformerConfig, preset
 from klein_agent.model.text_encoder import TextEmbedder, qwen3_config
 from klein_agent.model.transformer import Flux2Transformer
 
@@ -72,6 +72,10 @@ def build_random_models(
     """Random weights of a preset's shape, reproducible from `seed` on a given device. Used for `tiny` and for
     benchmarks of the real shapes (speed does not depend on the values); built on the meta device and filled in
     place on the target, so a 4B model never passes through host memory."""
+    if not isinstance(model_preset.transformer, TransformerConfig):
+        raise ValueError(
+            f"{model_preset.name} is a FLUX 3 preset: random FLUX 3 models are not built here yet (FLUX.2 only)"
+        )
     device = torch.device(device)
     # the meta device (shape-only builds) has no generator and nothing to fill
     generator = None if device.type == "meta" else torch.Generator(device).manual_seed(seed)
