@@ -113,7 +113,7 @@ def write_flux3_checkpoint(folder: Path, shape: Flux3Shape = Flux3Shape(), seed:
     )
     _randomize(text, generator, 1.0)
     _randomize(transformer, generator, 1.3)
-    _randomize(vae, generator, 0.6)
+    _randomize(vae, generator, 1.0)
     vae.bn.running_mean.normal_(0.0, 0.1, generator=generator)
     vae.bn.running_var.uniform_(0.5, 1.5, generator=generator)
     blocks = Flux3DistilledAutoBlocks() if shape.distilled else Flux3AutoBlocks()
