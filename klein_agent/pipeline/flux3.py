@@ -1,9 +1,9 @@
-"""The FLUX 3 [klein] pipeline, text-to-image: a prompt and seeds in, pictures out, as diffusers'
+"""The FLUX 3 [klein] pipeline: a prompt, references and seeds in, pictures out, as diffusers'
 `Flux3DistilledAutoBlocks` / `Flux3AutoBlocks` make them (the prompt upsampler block removed: the prompt given is
-the caption the model sees).
+the caption the model sees). Text-to-image, an edit (one reference on its padded canvas, cropped back) and a
+composition (several references) are one code path: reference tokens ride in their own mode at timestep 0.
 
-Not yet here (issue 21): references (the single-reference canvas with its crop-back, several references), the
-prompt upsampler, LoRA, the request/recipe protocol the CLI and server use. `generate` refuses references clearly.
+Not yet here (issue 21): the prompt upsampler, LoRA, caches, and the request/recipe protocol the CLI and server use.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from klein_agent.model.configs import SamplingDefaults
 from klein_agent.model.flux3_text_encoder import Flux3TextEmbedder
 from klein_agent.model.flux3_transformer import Flux3Transformer
 from klein_agent.model.sampling import StepCallback
-from klein_agent.pipeline.imaging import to_images, to_unit
+from klein_agent.pipeline.imaging import ENCODER_LAYOUT, to_images, to_tensor, to_unit
 from klein_agent.pipeline.klein import initial_noise
 from klein_agent.rules import limits
+from klein_agent.rules.flux3_references import Box, prepare_flux3_references
 
 
 class Flux3Pipeline:
@@ -51,29 +52,48 @@ class Flux3Pipeline:
         context = self.text_embedder([prompt]).to(self.device, self.dtype)
         return context, flux3_sampling.text_ids(context.shape[1]).to(self.device)
 
+    def encode_references(
+        self, images: Sequence[Image.Image]
+    ) -> tuple[Tensor, Tensor, tuple[int, int], Box | None]:
+        """References -> their tokens [1, R, C] and ids [R, 4], the first one's latent grid (h, w), and the crop-back
+        box of a single reference (`rules.flux3_references`)."""
+        prepared = prepare_flux3_references(images)
+        tokens, grids = [], []
+        for image in prepared.images:
+            x = to_tensor(image).to(self.device, self.dtype, memory_format=ENCODER_LAYOUT)
+            latent = self.autoencoder.encode(x)  # [1, C, h, w]
+            tokens.append(sampling.pack(latent))
+            grids.append((latent.shape[2], latent.shape[3]))
+        ids = flux3_sampling.reference_ids(grids).to(self.device)
+        return torch.cat(tokens, dim=1), ids, grids[0], prepared.crop
+
     @torch.inference_mode()
     def generate(
         self,
         prompt: str,
         seeds: Sequence[int],
-        height: int = 1024,
-        width: int = 1024,
+        height: int | None = None,
+        width: int | None = None,
         steps: int | None = None,
         guidance: float | None = None,
         references: Sequence[Image.Image] = (),
         on_step: StepCallback | None = None,
     ) -> list[Image.Image]:
-        """One picture per seed, `width` x `height` px (multiples of 16), `steps` (default: the model's: 16
-        distilled, 50 Base), Base's CFG scale `guidance` (default 3.5; 1 turns it off; ignored by the distilled
-        model, which has none).
+        """One picture per seed, `width` x `height` px (multiples of 16; default 1024 x 1024, or with references the
+        first prepared reference's size, a single reference's picture cropped back to the reference), `steps`
+        (default: the model's: 16 distilled, 50 Base), Base's CFG scale `guidance` (default 3.5; 1 turns it off;
+        the distilled model has none and ignores it). A given size disables the crop-back, as in the reference.
 
-        Raises ValueError for sizes that are not multiples of 16 (as the reference does) and for references, which
-        this pipeline does not take yet."""
-        if references:
-            raise ValueError(
-                "FLUX 3 edits and compositions (references) are not supported yet; run text-to-image"
-            )
+        Raises ValueError for sizes that are not multiples of 16 (as the reference does)."""
         multiple = limits.SIZE_MULTIPLE
+        refs = ref_ids = None
+        crop: Box | None = None
+        if references:
+            refs, ref_ids, (grid_h, grid_w), crop = self.encode_references(references)
+            if height is not None or width is not None:
+                crop = None
+            height, width = height or grid_h * multiple, width or grid_w * multiple
+        height, width = height or 1024, width or 1024
         if height % multiple or width % multiple:
             raise ValueError(f"height and width must be multiples of {multiple}, got {height} x {width}")
         steps = steps or self.sampling_defaults.steps
@@ -96,11 +116,16 @@ class Flux3Pipeline:
                 context,
                 context_ids,
                 levels,
+                references=refs,
+                references_ids=ref_ids,
                 guidance=scale if cfg else None,
                 uncond_context=uncond,
                 uncond_ids=uncond_ids,
                 on_step=on_step,
             )
             decoded = self.autoencoder.decode(sampling.unpack(tokens, h, w).to(self.dtype))
+            if crop is not None:
+                left, top, right, bottom = crop
+                decoded = decoded[..., top:bottom, left:right]
             pictures.extend(to_images(to_unit(decoded)))
         return pictures
