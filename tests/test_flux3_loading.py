@@ -142,3 +142,23 @@ def test_a_flux2_file_is_not_taken_for_flux3(tmp_path: Path) -> None:
         CheckpointError, match=r"is not a FLUX 3 transformer: it has no 'emb_in.image.weight'"
     ):
         load_bfl_flux3_transformer(path, CPU, torch.float32)
+
+
+def test_generate_on_a_flux3_folder_says_what_it_is(distilled: Path, tmp_path: Path) -> None:
+    """Before: "has no model_index.json; pass the folder of a diffusers-layout model", which sent users looking for
+    a file FLUX 3 never has. Now the CLI names the model and that FLUX 3 is not behind generate yet, exit 2."""
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "klein_agent", "generate", "--model", str(distilled), "--prompt", "x"]
+    done = subprocess.run(
+        [*argv, "--out", str(tmp_path / "o.png")], capture_output=True, text=True, timeout=180
+    )
+    assert done.returncode == 2, done.stderr
+    assert (
+        "is a FLUX 3 [klein] model (modular_model_index.json names Flux3DistilledModularPipeline)"
+        in done.stderr
+    )
+    assert "model_index.json;" not in done.stderr
+    assert done.stdout == ""
+    assert not (tmp_path / "o.png").exists()

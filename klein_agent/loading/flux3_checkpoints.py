@@ -27,6 +27,7 @@ from klein_agent.loading.checkpoints import (
     read_safetensors,
 )
 from klein_agent.loading.errors import CheckpointError
+from klein_agent.loading.hub import MODULAR_INDEX
 from klein_agent.model.autoencoder import AutoEncoder
 from klein_agent.model.configs import (
     FLUX3_BASE_SAMPLING,
@@ -41,7 +42,6 @@ from klein_agent.model.flux3_text_encoder import Flux3TextEmbedder
 from klein_agent.model.flux3_transformer import Flux3Transformer
 from klein_agent.model.text_encoder import TextEncoderTooShallowError
 
-MODULAR_INDEX = "modular_model_index.json"
 # the pipeline class diffusers writes -> whether it is the distilled (flow-map) model
 PIPELINE_CLASSES = {"Flux3DistilledModularPipeline": True, "Flux3ModularPipeline": False}
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer")
