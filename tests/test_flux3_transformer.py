@@ -166,3 +166,25 @@ def test_real_presets_have_diffusers_parameter_counts() -> None:
         with torch.device("meta"):
             model = Flux3Transformer(config)
         assert sum(p.numel() for p in model.parameters()) == count, name
+
+
+def test_random_flux3_models_run_and_the_real_shape_sizes_on_meta() -> None:
+    from klein_agent.loading.random_init import build_random_flux3, build_random_models
+    from klein_agent.pipeline.flux3 import Flux3Pipeline
+
+    tiny = preset("flux3-tiny")
+    pictures = []
+    for _ in range(2):
+        transformer, autoencoder, text = build_random_flux3(tiny, seed=3)
+        pipe = Flux3Pipeline(transformer, autoencoder, text, tiny.sampling)
+        pictures.append(pipe.generate("a red cube", [1], height=32, width=48, steps=2)[0])
+    assert pictures[0].size == (48, 32)
+    assert pictures[0].tobytes() == pictures[1].tobytes()  # the same seed, the same weights
+    real, _, real_text = build_random_flux3(preset("flux3-klein"), device="meta", dtype=torch.bfloat16)
+    assert sum(p.numel() for p in real.parameters()) == 5_548_681_984
+    assert real_text.output_dim == 20480
+    assert real.single_blocks[0].norm.query_norm.scale.dtype == torch.float32
+    with pytest.raises(ValueError, match="build_random_flux3"):
+        build_random_models(tiny)
+    with pytest.raises(ValueError, match="build_random_models"):
+        build_random_flux3(preset("tiny"))
