@@ -28,6 +28,9 @@ CHANGED = {
     "DEFAULT_STRENGTH": 0.65,
     "SIZE_MULTIPLE": 16,
     "DEFAULT_TOKENS_PER_SIDE": 48,
+    "FLUX3_DISTILLED_STEPS": 11,
+    "FLUX3_BASE_STEPS": 43,
+    "FLUX3_BASE_GUIDANCE": 2.5,
 }
 
 READERS = """
@@ -64,8 +67,13 @@ def test_the_code_reads_the_defaults_from_limits() -> None:
     base = [False, CHANGED["BASE_STEPS"], CHANGED["BASE_GUIDANCE"]]
     # the presets (tiny, mid and random: builds) and real checkpoints (the loader) read the same two
     assert seen["loader"] == [distilled, base]
+    flux3_distilled = [True, CHANGED["FLUX3_DISTILLED_STEPS"], CHANGED["DISTILLED_GUIDANCE"]]
+    flux3_base = [False, CHANGED["FLUX3_BASE_STEPS"], CHANGED["FLUX3_BASE_GUIDANCE"]]
     for name, sampling in seen["presets"].items():
-        assert sampling == (base if "base" in name else distilled), name
+        if name.startswith("flux3"):
+            assert sampling == (flux3_base if "base" in name else flux3_distilled), name
+        else:
+            assert sampling == (base if "base" in name else distilled), name
     assert f"({CHANGED['DISTILLED_STEPS']} distilled, {CHANGED['BASE_STEPS']} Base)" in seen["help"]
     assert f"(default {CHANGED['BASE_GUIDANCE']})" in seen["help"]
     assert f"(default {CHANGED['DEFAULT_STRENGTH']})" in seen["help"]

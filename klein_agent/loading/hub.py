@@ -6,6 +6,7 @@ huggingface_hub itself is imported only to download, which needs `--allow-downlo
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -86,6 +87,15 @@ def _model_folder(model: str, folder: Path, *, cached: bool = False) -> Path:
     """`folder` when it holds a diffusers model index; else CheckpointError naming the folder and the next step."""
     if (folder / "model_index.json").is_file():
         return folder
+    flux3 = _flux3_pipeline_class(folder)
+    if flux3 is not None:
+        # loadable (loading/flux3_checkpoints.py, pipeline/flux3.py) but not yet behind generate/serve: say so
+        # rather than "no model_index.json", which sends the user looking for a file FLUX 3 never has
+        raise CheckpointError(
+            f"--model {model}: {folder} is a FLUX 3 [klein] model ({MODULAR_INDEX} names {flux3}); klein-agent "
+            "does not run FLUX 3 from generate, serve or the MCP tools yet (issue 21): pass a FLUX.2 [klein] "
+            "model, e.g. black-forest-labs/FLUX.2-klein-4B"
+        )
     if cached:
         raise CheckpointError(
             f"--model {model}: the cached snapshot {folder} has no model_index.json (an unfinished download?); "
@@ -95,6 +105,21 @@ def _model_folder(model: str, folder: Path, *, cached: bool = False) -> Path:
         f"--model {model}: the folder {folder.absolute()} has no model_index.json; pass the folder of a "
         "diffusers-layout model (model_index.json with transformer/, vae/, text_encoder/, tokenizer/, scheduler/)"
     )
+
+
+MODULAR_INDEX = (
+    "modular_model_index.json"  # diffusers' modular pipelines (FLUX 3) write this, not model_index.json
+)
+
+
+def _flux3_pipeline_class(folder: Path) -> str | None:
+    """The FLUX 3 pipeline class `folder`'s modular index names, or None (no index, unreadable, another model)."""
+    try:
+        index = json.loads((folder / MODULAR_INDEX).read_text())
+    except (OSError, ValueError):
+        return None
+    name = index.get("_class_name") if isinstance(index, dict) else None
+    return name if isinstance(name, str) and name.startswith("Flux3") else None
 
 
 def hub_cache_dir() -> Path:

@@ -12,7 +12,9 @@ from torch import nn
 from transformers import PreTrainedTokenizerFast
 
 from klein_agent.model.autoencoder import AutoEncoder
-from klein_agent.model.configs import ModelPreset, preset
+from klein_agent.model.configs import Flux3TransformerConfig, ModelPreset, TransformerConfig, preset
+from klein_agent.model.flux3_text_encoder import Flux3TextEmbedder
+from klein_agent.model.flux3_transformer import Flux3Transformer
 from klein_agent.model.text_encoder import TextEmbedder, qwen3_config
 from klein_agent.model.transformer import Flux2Transformer
 
@@ -72,6 +74,8 @@ def build_random_models(
     """Random weights of a preset's shape, reproducible from `seed` on a given device. Used for `tiny` and for
     benchmarks of the real shapes (speed does not depend on the values); built on the meta device and filled in
     place on the target, so a 4B model never passes through host memory."""
+    if not isinstance(model_preset.transformer, TransformerConfig):
+        raise ValueError(f"{model_preset.name} is a FLUX 3 preset: build it with build_random_flux3")
     device = torch.device(device)
     # the meta device (shape-only builds) has no generator and nothing to fill
     generator = None if device.type == "meta" else torch.Generator(device).manual_seed(seed)
@@ -100,3 +104,42 @@ def build_random_models(
 def build_tiny(seed: int = 0) -> tuple[Flux2Transformer, AutoEncoder, TextEmbedder]:
     """The `tiny` preset with random weights from `seed`, float32 on the CPU."""
     return build_random_models(preset("tiny"), seed)
+
+
+def build_random_flux3(
+    model_preset: ModelPreset,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Flux3Transformer, AutoEncoder, Flux3TextEmbedder]:
+    """Random weights of a FLUX 3 preset's shape, as `build_random_models` makes FLUX.2's (on the meta device and
+    filled in place on the target: `device="meta"` sizes the real 5.5 B model without memory). The QK norms' scales
+    stay float32, as a loaded checkpoint's do. Raises ValueError for a FLUX.2 preset."""
+    config = model_preset.transformer
+    if not isinstance(config, Flux3TransformerConfig):
+        raise ValueError(f"{model_preset.name} is a FLUX.2 preset: build it with build_random_models")
+    device = torch.device(device)
+    generator = None if device.type == "meta" else torch.Generator(device).manual_seed(seed)
+    tokenizer = tiny_tokenizer()
+    if model_preset.text_encoder.vocab_size < len(tokenizer):
+        raise ValueError("the preset's vocabulary is smaller than the tiny tokenizer")
+    text_config = qwen3_config(model_preset.text_encoder, pad_token_id=tokenizer.pad_token_id)
+    with torch.device("meta"):
+        transformer = Flux3Transformer(config)
+        autoencoder = AutoEncoder(model_preset.autoencoder)
+        text = Flux3TextEmbedder(text_config, tokenizer)
+    for module in (transformer, autoencoder, text):
+        module.to_empty(device=device)
+        module.to(dtype)
+        init_random_(module, generator)
+        module.eval()
+    for name, param in transformer.named_parameters():
+        if name.endswith(("query_norm.scale", "key_norm.scale")):
+            param.data = param.data.float()
+    text.reset_rotary(device)
+    bn = autoencoder.bn
+    assert bn.running_mean is not None and bn.running_var is not None and bn.num_batches_tracked is not None
+    bn.running_mean.normal_(0.0, 0.1, generator=generator)
+    bn.running_var.uniform_(0.5, 1.5, generator=generator)
+    bn.num_batches_tracked.zero_()
+    return transformer, autoencoder, text

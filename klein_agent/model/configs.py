@@ -6,7 +6,7 @@ always read from its own config.json files or tensor shapes (`klein_agent.loadin
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from klein_agent.rules import limits
 
@@ -32,6 +32,43 @@ class TransformerConfig:
     @property
     def head_dim(self) -> int:
         """Channels per attention head (128 for klein)."""
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        """Width of the MLP's hidden layer after the SwiGLU gate (its input projection is twice this)."""
+        return int(self.hidden_size * self.mlp_ratio)
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if sum(self.axes_dim) != self.head_dim:
+            raise ValueError(f"axes_dim {self.axes_dim} must sum to the head dim {self.head_dim}")
+
+
+@dataclass(frozen=True)
+class Flux3TransformerConfig:
+    """The FLUX 3 [klein] transformer (diffusers `Flux3Transformer2DModel`): per-mode blocks for the image, the
+    references and the text, then joint blocks over all three; per-mode modulation; a flow map (the distilled model)
+    also embeds the timestep each step jumps to."""
+
+    in_channels: int = 128  # image tokens: 32 autoencoder channels x 2x2 patch
+    cond_in_channels: int = 128  # reference tokens (their own input projection)
+    context_in_dim: int = 20480  # 8 Qwen3-VL layers stacked per token, 8 x 2560
+    hidden_size: int = 3072
+    num_heads: int = 24
+    depth: int = 5  # mode blocks for each of image, references and text
+    depth_single_blocks: int = 28  # joint blocks
+    mlp_ratio: float = 3.0
+    axes_dim: tuple[int, ...] = (32, 32, 32, 32)  # RoPE dims per (t, h, w, l) axis; sums to the head dim
+    theta: int = 10000
+    eps: float = 1e-6
+    timestep_channels: int = 256
+    flow_map: bool = False  # the step-distilled model: adds the target-timestep embedder
+
+    @property
+    def head_dim(self) -> int:
+        """Channels per attention head (128 for FLUX 3 klein)."""
         return self.hidden_size // self.num_heads
 
     @property
@@ -118,6 +155,12 @@ class TextEncoderConfig:
 TEXT_OUTPUT_LAYERS: tuple[int, ...] = (9, 18, 27)
 
 
+# FLUX 3 reads eight hidden states of its Qwen3-VL text tower, stacked per token (diffusers
+# `Flux3TextEncoderStep(text_encoder_out_layers=(4, 8, ..., 32))`). They index `hidden_states`, whose entry 0 is the
+# embedding output: entry k is decoder layer k's output, raw unless k is the encoder's last layer.
+FLUX3_TEXT_OUTPUT_LAYERS: tuple[int, ...] = (4, 8, 12, 16, 20, 24, 28, 32)
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     """The fields of diffusers' `FlowMatchEulerDiscreteScheduler` config that change a klein schedule.
@@ -150,6 +193,12 @@ class SamplingDefaults:
 # The two kinds of klein: step-distilled (klein, klein 9B-KV) and Base. Presets and real checkpoints use these.
 DISTILLED_SAMPLING = SamplingDefaults()
 BASE_SAMPLING = SamplingDefaults(distilled=False, steps=limits.BASE_STEPS, guidance=limits.BASE_GUIDANCE)
+FLUX3_DISTILLED_SAMPLING = SamplingDefaults(steps=limits.FLUX3_DISTILLED_STEPS)
+FLUX3_BASE_SAMPLING = SamplingDefaults(
+    distilled=False, steps=limits.FLUX3_BASE_STEPS, guidance=limits.FLUX3_BASE_GUIDANCE
+)
+# FLUX 3's schedule: a constant shift, no dynamic shifting (diffusers `Flux3SetTimestepsStep`)
+FLUX3_SCHEDULER = SchedulerConfig(use_dynamic_shifting=False, shift=limits.FLUX3_SHIFT)
 
 
 @dataclass(frozen=True)
@@ -157,7 +206,7 @@ class ModelPreset:
     """One model's sizes (transformer, autoencoder, text encoder), sampling defaults and licence."""
 
     name: str
-    transformer: TransformerConfig
+    transformer: TransformerConfig | Flux3TransformerConfig  # which one says the family (FLUX.2 or FLUX 3)
     autoencoder: AutoencoderConfig
     text_encoder: TextEncoderConfig
     sampling: SamplingDefaults = DISTILLED_SAMPLING
@@ -229,6 +278,29 @@ _MID = ModelPreset(
     text_encoder=_MID_TEXT,
 )
 
+# FLUX 3 [klein]: sizes from diffusers' `Flux3Transformer2DModel` defaults (the distilled and Base transformers
+# differ only in the flow map's target-timestep embedder). The text tower is Qwen3-VL-4B's: 36 layers of 2560
+# (2560 follows from 20480 / 8; the depth, widths and rope theta are Qwen3-VL-4B-Instruct's published config).
+_FLUX3_KLEIN = Flux3TransformerConfig()
+_QWEN3_VL_4B = TextEncoderConfig(max_position_embeddings=262144, rope_theta=5_000_000.0)
+_FLUX3_LICENCE = "FLUX Kommunity License"  # BFL's table for both transformers
+
+# The tiny FLUX 3 keeps every structural feature: two blocks of each kind, 4 RoPE axes, 2 heads, a text tower deep
+# enough for layer 32 to be a raw (pre-norm) output, 4 autoencoder levels (diffusers' Flux3ImageProcessor
+# hard-codes 16 px per token).
+_FLUX3_TINY_TEXT = replace(_TINY_TEXT, num_hidden_layers=36)
+_FLUX3_TINY_TRANSFORMER = Flux3TransformerConfig(
+    in_channels=16,
+    cond_in_channels=16,
+    context_in_dim=len(FLUX3_TEXT_OUTPUT_LAYERS) * _FLUX3_TINY_TEXT.hidden_size,
+    hidden_size=64,
+    num_heads=2,
+    depth=2,
+    depth_single_blocks=2,
+    axes_dim=(8, 8, 8, 8),
+    flow_map=True,
+)
+
 PRESETS: dict[str, ModelPreset] = {
     "klein-4b": ModelPreset("klein-4b", _KLEIN_4B, AutoencoderConfig(), _QWEN3_4B),
     "klein-base-4b": ModelPreset("klein-base-4b", _KLEIN_4B, AutoencoderConfig(), _QWEN3_4B, BASE_SAMPLING),
@@ -244,8 +316,34 @@ PRESETS: dict[str, ModelPreset] = {
     "klein-base-9b": ModelPreset(
         "klein-base-9b", _KLEIN_9B, AutoencoderConfig(), _QWEN3_8B, BASE_SAMPLING, licence=_NON_COMMERCIAL
     ),
+    "flux3-klein": ModelPreset(
+        "flux3-klein",
+        replace(_FLUX3_KLEIN, flow_map=True),
+        AutoencoderConfig(),
+        _QWEN3_VL_4B,
+        FLUX3_DISTILLED_SAMPLING,
+        licence=_FLUX3_LICENCE,
+    ),
+    "flux3-klein-base": ModelPreset(
+        "flux3-klein-base",
+        _FLUX3_KLEIN,
+        AutoencoderConfig(),
+        _QWEN3_VL_4B,
+        FLUX3_BASE_SAMPLING,
+        licence=_FLUX3_LICENCE,
+    ),
     "mid": _MID,
     "tiny": _TINY,
+    "flux3-tiny": ModelPreset(
+        "flux3-tiny", _FLUX3_TINY_TRANSFORMER, _TINY.autoencoder, _FLUX3_TINY_TEXT, FLUX3_DISTILLED_SAMPLING
+    ),
+    "flux3-tiny-base": ModelPreset(
+        "flux3-tiny-base",
+        replace(_FLUX3_TINY_TRANSFORMER, flow_map=False),
+        _TINY.autoencoder,
+        _FLUX3_TINY_TEXT,
+        FLUX3_BASE_SAMPLING,
+    ),
 }
 
 

@@ -34,18 +34,26 @@ class TextEmbedder(nn.Module):
     TextEncoderTooShallowError when `config` has fewer than 27 layers (the reference cannot run such an encoder either).
     """
 
+    # which model reads these layers, and whose code reads them: the too-shallow error names both
+    conditioned_model = "FLUX.2 [klein]"
+    reference_code = "BFL's code and diffusers' Flux2KleinPipeline"
+
     def __init__(
-        self, config: Qwen3Config, tokenizer: PreTrainedTokenizerBase, max_length: int = MAX_LENGTH
+        self,
+        config: Qwen3Config,
+        tokenizer: PreTrainedTokenizerBase,
+        max_length: int = MAX_LENGTH,
+        output_layers: tuple[int, ...] = TEXT_OUTPUT_LAYERS,
     ) -> None:
         super().__init__()
         depth = config.num_hidden_layers
-        self.output_layers = TEXT_OUTPUT_LAYERS
+        self.output_layers = output_layers
         kept = self.output_layers[-1]
         if depth < kept:
             raise TextEncoderTooShallowError(
-                f"the text encoder has {depth} layers, but FLUX.2 [klein] is conditioned on the outputs of layers "
-                f"{', '.join(map(str, self.output_layers))} (as BFL's code and diffusers' Flux2KleinPipeline are), "
-                f"so it needs at least {kept}: this is not a klein text encoder"
+                f"the text encoder has {depth} layers, but {self.conditioned_model} is conditioned on the outputs "
+                f"of layers {', '.join(map(str, self.output_layers))} (as {self.reference_code} are), "
+                f"so it needs at least {kept}: this is not its text encoder"
             )
         self.max_length = max_length
         self.tokenizer = tokenizer
@@ -65,7 +73,7 @@ class TextEmbedder(nn.Module):
 
     @property
     def output_dim(self) -> int:
-        """Channels per conditioning token: three layers' hidden size (7680 for klein 4B, 12288 for 9B)."""
+        """Channels per conditioning token: the output layers' hidden size (7680 for klein 4B, 12288 for 9B)."""
         return len(self.output_layers) * self.hidden_size
 
     def tokenize(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
@@ -92,6 +100,13 @@ class TextEmbedder(nn.Module):
     def forward(self, prompts: list[str]) -> Tensor:  # -> [B, 512, 3 * hidden]
         """Embed `prompts` (any text; the template's special tokens in it are tokenised as the reference does)."""
         input_ids, attention_mask = self.tokenize(prompts)
+        return self.layer_outputs(input_ids, attention_mask)
+
+    def layer_outputs(
+        self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None
+    ) -> Tensor:
+        """Token ids and mask [B, S] (and optional position ids [B, S]) -> the output layers' hidden states,
+        concatenated per token in layer order: [B, S, len(output_layers) * hidden], in the encoder's dtype."""
         device = self.model.embed_tokens.weight.device
         captured: dict[int, Tensor] = {}
         hooks = [
@@ -99,7 +114,10 @@ class TextEmbedder(nn.Module):
         ]
         try:
             self.model(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                position_ids=None if position_ids is None else position_ids.to(device),
+                use_cache=False,
             )
         finally:
             for hook in hooks:

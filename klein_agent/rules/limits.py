@@ -48,6 +48,15 @@ DISTILLED_GUIDANCE = 1.0  # distilled models take no guidance (1 means CFG off)
 BASE_STEPS = 50  # klein Base: diffusers Flux2KleinPipeline num_inference_steps
 BASE_GUIDANCE = 4.0  # klein Base: diffusers Flux2KleinPipeline guidance_scale (true CFG against "")
 MAX_IMAGES_PER_CALL = 4
+# FLUX 3 [klein] (diffusers 0.42 modular pipelines): the distilled model is a 16-step flow map without guidance,
+# Base runs 50 steps of CFG at the block default 3.5 (`Flux3LoopDenoiser(guidance_scale=3.5)`; BFL's README says
+# "CFG 4": we follow the reference implementation, whose pictures the parity tests compare)
+FLUX3_DISTILLED_STEPS = 16  # diffusers Flux3DistilledAutoBlocks num_inference_steps
+FLUX3_BASE_STEPS = 50  # diffusers Flux3AutoBlocks num_inference_steps
+FLUX3_BASE_GUIDANCE = 3.5  # diffusers Flux3LoopDenoiser guidance_scale
+FLUX3_SHIFT = 6.93  # diffusers Flux3SetTimestepsStep: the constant schedule shift, no dynamic shifting
+FLUX3_TEXT_WINDOW = 80  # diffusers Flux3TextEncoderStep pad_multiple: prompts padded to a multiple of it
+FLUX3_MAX_TEXT_TOKENS = 8192  # diffusers Flux3TextEncoderStep max_sequence_length
 MAX_STEPS = 100
 MIN_GUIDANCE = 1.0  # diffusers: CFG runs only for guidance_scale > 1; 1 means "off"
 MAX_GUIDANCE = 20.0
