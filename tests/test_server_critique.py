@@ -106,7 +106,11 @@ async def test_compare_images_bad_inputs_are_named_and_the_server_keeps_serving(
     wide = stored(server_state, smooth(256, 128))
     missing = new_image_id()
     assert f"Unknown image id '{missing}'" in await error(client, "compare_images", {"a": a_id, "b": missing})
-    assert "Unknown image id 'nope'" in await error(client, "compare_images", {"a": "nope", "b": a_id})
+    # not an id at all: the one image-reference rule (rules/image_refs.py) says what an id looks like
+    assert (
+        "'nope' is not an image id, and this argument takes ids only: an id is img_ followed by 22"
+        in await error(client, "compare_images", {"a": "nope", "b": a_id})
+    )
     assert f"{tiny} is 1x1: compare_images needs pictures at least 16 px a side" in await error(
         client, "compare_images", {"a": a_id, "b": tiny}
     )
