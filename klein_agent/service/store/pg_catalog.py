@@ -305,14 +305,28 @@ class PostgresCatalog:
                     (image_id, verdict, reason),
                 )
             )
-            cur.execute(
-                "DELETE FROM verdicts WHERE image_id = %(id)s AND seq NOT IN"
-                " (SELECT seq FROM verdicts WHERE image_id = %(id)s ORDER BY seq DESC LIMIT %(keep)s)"
-                " AND seq IS DISTINCT FROM"
-                " (SELECT max(seq) FROM verdicts WHERE image_id = %(id)s AND verdict <> 'note')",
-                {"id": image_id, "keep": max(1, keep)},
-            )
+            _trim_verdicts(cur, image_id, keep)
         return VerdictRecord(image_id, verdict, reason, at)
+
+    def copy_verdicts(self, image_id: str, records: Sequence[VerdictRecord], *, keep: int) -> int:
+        """Record a copied history in one transaction (the row locked as `add_verdict` locks it) unless the image
+        has verdicts already."""
+        with self._write() as cur:
+            if (
+                cur.execute(
+                    "SELECT 1 FROM images WHERE image_id = %s FOR NO KEY UPDATE", (image_id,)
+                ).fetchone()
+                is None
+            ):
+                raise UnknownImageError(image_id)
+            if cur.execute("SELECT 1 FROM verdicts WHERE image_id = %s LIMIT 1", (image_id,)).fetchone():
+                return 0
+            cur.executemany(  # in order: the identity column gives them their recording order
+                "INSERT INTO verdicts (image_id, verdict, reason, at) VALUES (%s, %s, %s, to_timestamp(%s))",
+                [(image_id, r.verdict, r.reason, r.at) for r in records],
+            )
+            _trim_verdicts(cur, image_id, keep)
+        return len(records)
 
     def verdicts(self, image_ids: Iterable[str], *, notes: int) -> dict[str, Verdicts]:
         """Each image's standing and newest notes, from one read of their records (at most the kept history per
@@ -541,6 +555,16 @@ def _one_row(cur: psycopg.Cursor[Any]) -> tuple[Any, ...]:
     if row is None:  # cannot happen for these statements; a clear error rather than a TypeError
         raise StoreError("The image catalog returned no row where one was expected.")
     return tuple(row)
+
+
+def _trim_verdicts(cur: psycopg.Cursor[Any], image_id: str, keep: int) -> None:
+    """Delete the image's records beyond its newest `keep`, never its standing one (the caller's transaction)."""
+    cur.execute(
+        "DELETE FROM verdicts WHERE image_id = %(id)s AND seq NOT IN"
+        " (SELECT seq FROM verdicts WHERE image_id = %(id)s ORDER BY seq DESC LIMIT %(keep)s)"
+        " AND seq IS DISTINCT FROM (SELECT max(seq) FROM verdicts WHERE image_id = %(id)s AND verdict <> 'note')",
+        {"id": image_id, "keep": max(1, keep)},
+    )
 
 
 def _executor(cur: psycopg.Cursor[Any]) -> Any:
