@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from klein_agent.service.store import ImageStore, StoredImage, StoreError
+from klein_agent.service.store import ImageStore, StoredImage, StoreError, UnknownImageError
 from klein_agent.service.store.copy import TIME_TOLERANCE_S
 from tests import store_servers
 from tests.store_backends import postgres_s3, shared_names, sqlite_folder
@@ -119,6 +119,45 @@ def test_two_front_ends_writing_at_once_keep_the_quota_and_the_leased_image(
     blobs = set(first.blobs.inventory())
     assert blobs == {i.blob_key for i in first.list_images(limit=100)[0]}, "an evicted image's blob is left"
     assert len(rows) == 5
+
+
+def test_verdicts_racing_eviction_on_another_front_end_are_kept_or_refused_as_unknown_never_orphaned(
+    shared: Callable[..., ImageStore],
+) -> None:
+    judge, writer = shared(max_images=3), shared(max_images=3)
+    made = [put(writer, seed) for seed in range(3)]
+    outcomes: dict[str, str] = {}
+    errors: list[BaseException] = []
+    writing = threading.Event()
+    writing.set()
+
+    def record() -> None:  # judges the 4 newest while the writer evicts: the oldest of them is being evicted
+        round_ = 0
+        while writing.is_set() and round_ < 10_000:
+            round_ += 1
+            for image in list(made[-4:]):
+                try:
+                    judge.record_verdict(image.image_id, "note", f"round {round_}")
+                    outcomes.setdefault(image.image_id, "recorded")
+                except UnknownImageError:
+                    outcomes[image.image_id] = "unknown"
+                except BaseException as e:  # a StoreWriteError here would be the FK race surfacing
+                    errors.append(e)
+                    return
+
+    thread = threading.Thread(target=record)
+    thread.start()
+    try:
+        for seed in range(3, 40):
+            made.append(put(writer, seed))
+    finally:
+        writing.clear()
+    thread.join(timeout=60)
+    assert not errors, errors
+    stored = {i.image_id for i in writer.list_images(limit=100)[0]}
+    every = [i.image_id for i in made]
+    assert set(judge.catalog.verdicts(every, notes=100)) <= stored, "a verdict outlived its image"
+    assert "unknown" in outcomes.values(), "the race was never reached: the test proves nothing"
 
 
 # ---- store copy, both ways -------------------------------------------------------------------------------------
