@@ -125,7 +125,8 @@ def run_store(args: argparse.Namespace) -> int:
                 if store is not None:
                     store.close()
     print(
-        f"copied {report.copied} images, {report.skipped} already there, {report.leases} lease rows; "
+        f"copied {report.copied} images, {report.skipped} already there, {report.leases} lease rows, "
+        f"{report.verdicts} verdicts; "
         f"source: {report.source_count} images, {report.source_bytes} bytes"
     )
     if report.problems:
@@ -133,5 +134,7 @@ def run_store(args: argparse.Namespace) -> int:
             print(f"klein-agent store copy: {problem}", file=sys.stderr)
         print(f"klein-agent store copy: {len(report.problems)} difference(s) found; the copy is incomplete")
         return 1
-    print(f"verified: {report.source_count} ids in the destination, fields and SHA-256 of every PNG equal")
+    print(
+        f"verified: {report.source_count} ids in the destination, fields, verdicts and SHA-256 of every PNG equal"
+    )
     return 0

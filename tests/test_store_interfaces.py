@@ -25,7 +25,7 @@ from klein_agent.rules.resolution import RequestError
 from klein_agent.service.store import ImageStore, StoredImage, StoreFullError, UnknownImageError, new_image_id
 from klein_agent.service.store.blobs import BlobMissingError
 from klein_agent.service.store.migrations import Migration
-from klein_agent.service.store.records import blob_key
+from klein_agent.service.store.records import StoreWriteError, VerdictRecord, blob_key
 from tests.store_backends import BACKENDS, MIGRATIONS
 from tests.store_servers import NETNS_ENV, PG_ADMIN_ENV, S3_ENDPOINT_ENV
 from tests.store_writer import tiny_png
@@ -299,3 +299,38 @@ def test_verdicts_go_with_their_image_and_filter_the_listing(open_store: Callabl
     assert store.verdicts(gone) == {}, "a verdict outlived its image"
     assert store.catalog.verdicts(gone, notes=100) == {}
     assert store.list_images(standing="pick")[0] == []
+
+
+def test_copied_verdicts_keep_their_order_and_times_are_trimmed_and_all_or_nothing(
+    open_store: Callable[..., ImageStore],
+) -> None:
+    store = open_store()
+    image, other, third = put(store, 1), put(store, 2), put(store, 3)
+    # times that are binary fractions of a second: exact in a float and in PostgreSQL's microseconds
+    history = [
+        VerdictRecord(image.image_id, "note", "first look", 1_700_000_000.0),
+        VerdictRecord(image.image_id, "pick", "sharp", 1_700_000_001.5),
+        VerdictRecord(image.image_id, "note", "second look", 1_700_000_002.25),
+    ]
+    assert store.catalog.copy_verdicts(image.image_id, history, keep=VERDICT_HISTORY_PER_IMAGE) == 3
+    copied = store.catalog.verdicts([image.image_id], notes=100)[image.image_id]
+    assert copied.standing == history[1] and copied.notes == (history[2], history[0])
+    again = [VerdictRecord(image.image_id, "reject", "rerun", 1_700_000_009.0)]
+    assert store.catalog.copy_verdicts(image.image_id, again, keep=VERDICT_HISTORY_PER_IMAGE) == 0
+    assert store.catalog.verdicts([image.image_id], notes=100)[image.image_id] == copied, (
+        "a rerun doubled them"
+    )
+
+    pick = VerdictRecord(other.image_id, "pick", "old pick", 1_700_000_000.0)
+    notes = [VerdictRecord(other.image_id, "note", f"n{k}", 1_700_000_001.0 + k) for k in range(5)]
+    assert store.catalog.copy_verdicts(other.image_id, [pick, *notes], keep=3) == 6
+    trimmed = store.catalog.verdicts([other.image_id], notes=100)[other.image_id]
+    assert trimmed.standing == pick, "the trim dropped the standing pick"
+    assert [n.reason for n in trimmed.notes] == ["n4", "n3", "n2"]
+
+    bad = [*history[:2], VerdictRecord(third.image_id, "love", "not a verdict", 1_700_000_003.0)]
+    with pytest.raises(StoreWriteError):
+        store.catalog.copy_verdicts(third.image_id, bad, keep=VERDICT_HISTORY_PER_IMAGE)
+    assert store.verdicts([third.image_id]) == {}, "a failed copy left part of a history"
+    with pytest.raises(UnknownImageError):
+        store.catalog.copy_verdicts(new_image_id(), history, keep=VERDICT_HISTORY_PER_IMAGE)

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from klein_agent.service.store import ImageStore, StoredImage, StoreError
+from klein_agent.service.store import ImageStore, StoredImage, StoreError, UnknownImageError
+from klein_agent.service.store.copy import TIME_TOLERANCE_S
 from tests import store_servers
 from tests.store_backends import postgres_s3, shared_names, sqlite_folder
 from tests.store_writer import tiny_png
@@ -120,6 +121,45 @@ def test_two_front_ends_writing_at_once_keep_the_quota_and_the_leased_image(
     assert len(rows) == 5
 
 
+def test_verdicts_racing_eviction_on_another_front_end_are_kept_or_refused_as_unknown_never_orphaned(
+    shared: Callable[..., ImageStore],
+) -> None:
+    judge, writer = shared(max_images=3), shared(max_images=3)
+    made = [put(writer, seed) for seed in range(3)]
+    outcomes: dict[str, str] = {}
+    errors: list[BaseException] = []
+    writing = threading.Event()
+    writing.set()
+
+    def record() -> None:  # judges the 4 newest while the writer evicts: the oldest of them is being evicted
+        round_ = 0
+        while writing.is_set() and round_ < 10_000:
+            round_ += 1
+            for image in list(made[-4:]):
+                try:
+                    judge.record_verdict(image.image_id, "note", f"round {round_}")
+                    outcomes.setdefault(image.image_id, "recorded")
+                except UnknownImageError:
+                    outcomes[image.image_id] = "unknown"
+                except BaseException as e:  # a StoreWriteError here would be the FK race surfacing
+                    errors.append(e)
+                    return
+
+    thread = threading.Thread(target=record)
+    thread.start()
+    try:
+        for seed in range(3, 40):
+            made.append(put(writer, seed))
+    finally:
+        writing.clear()
+    thread.join(timeout=60)
+    assert not errors, errors
+    stored = {i.image_id for i in writer.list_images(limit=100)[0]}
+    every = [i.image_id for i in made]
+    assert set(judge.catalog.verdicts(every, notes=100)) <= stored, "a verdict outlived its image"
+    assert "unknown" in outcomes.values(), "the race was never reached: the test proves nothing"
+
+
 # ---- store copy, both ways -------------------------------------------------------------------------------------
 
 
@@ -131,6 +171,10 @@ def fill_embedded(root: Path) -> list[StoredImage]:
         gone = put(store, 3)
         c = put(store, 4, session="dogs", parents=[b.image_id, gone.image_id])
         store.delete(gone.image_id)
+        store.record_verdict(a.image_id, "pick", "the sharpest")
+        store.record_verdict(a.image_id, "note", "ears cut off")
+        store.record_verdict(c.image_id, "pick", "")
+        store.record_verdict(c.image_id, "reject", "six legs")  # the standing one, a pick before it
         store.catalog.take_leases(
             "lease_copy-test", [b.image_id], expires_at=time.time() + 3600, require_stored=True
         )
@@ -161,6 +205,28 @@ def digests(store: ImageStore) -> dict[str, tuple[object, ...]]:
         page, cursor = store.list_images(limit=100, cursor=cursor)
 
 
+def verdicts(store: ImageStore, images: list[StoredImage]) -> dict[str, list[tuple[str, str, float]]]:
+    """Every image's kept verdicts, standing first, as (verdict, reason, time)."""
+    found = store.catalog.verdicts([i.image_id for i in images], notes=100)
+    return {
+        image_id: [(r.verdict, r.reason, r.at) for r in (shown.standing, *shown.notes) if r is not None]
+        for image_id, shown in found.items()
+    }
+
+
+def same_verdicts(
+    a: dict[str, list[tuple[str, str, float]]], b: dict[str, list[tuple[str, str, float]]]
+) -> bool:
+    """Equal verdicts, times within what a round trip through PostgreSQL's microseconds keeps."""
+    return a.keys() == b.keys() and all(
+        len(a[k]) == len(b[k])
+        and all(
+            x[:2] == y[:2] and abs(x[2] - y[2]) <= TIME_TOLERANCE_S for x, y in zip(a[k], b[k], strict=True)
+        )
+        for k in a
+    )
+
+
 def test_store_copy_moves_an_embedded_store_into_postgresql_and_s3_and_back(tmp_path: Path) -> None:
     original = tmp_path / "embedded"
     made = fill_embedded(original)
@@ -171,7 +237,8 @@ def test_store_copy_moves_an_embedded_store_into_postgresql_and_s3_and_back(tmp_
     done = cli(str(original), "env:KLEIN_TEST_DSN", "--blobs", url, env=env)
     assert done.returncode == 0, done.stderr
     assert (
-        "copied 3 images, 0 already there, 1 lease rows" in done.stdout and "verified: 3 ids" in done.stdout
+        "copied 3 images, 0 already there, 1 lease rows, 3 verdicts" in done.stdout
+        and "verified: 3 ids" in done.stdout
     )
 
     with sqlite_folder(original) as source, postgres_s3(tmp_path / "shared") as target:
@@ -180,6 +247,10 @@ def test_store_copy_moves_an_embedded_store_into_postgresql_and_s3_and_back(tmp_
         assert [s.session for s in target.sessions()] == [s.session for s in source.sessions()]
         leases = [(r.image_id, r.holder) for r in target.catalog.lease_rows()]
         assert leases == [(made[1].image_id, "lease_copy-test")]
+        want = verdicts(source, made)
+        assert [v[:2] for v in want[made[2].image_id]] == [("reject", "six legs")]
+        assert same_verdicts(verdicts(target, made), want)
+        assert [i.image_id for i in target.list_images(standing="pick")[0]] == [made[0].image_id]
 
     again = cli(
         str(original), "env:KLEIN_TEST_DSN", "--blobs", url, env=env
@@ -193,6 +264,16 @@ def test_store_copy_moves_an_embedded_store_into_postgresql_and_s3_and_back(tmp_
         assert digests(copy) == digests(source)
         for image in made:
             assert copy.get(image.image_id).created_at == pytest.approx(image.created_at, abs=2e-6)
+        assert same_verdicts(verdicts(copy, made), verdicts(source, made))
+
+    with postgres_s3(tmp_path / "shared") as target:  # a verdict the source does not have: found, not merged
+        target.record_verdict(made[2].image_id, "note", "recorded after the copy")
+    differs = cli(str(original), "env:KLEIN_TEST_DSN", "--blobs", url, env=env)
+    assert differs.returncode == 1, differs.stderr
+    assert (
+        f"{made[2].image_id}: its verdicts differ in the destination (standing reject, 1 notes there, "
+        "standing reject, 0 notes here)"
+    ) in differs.stderr
 
 
 def test_store_copy_refuses_an_id_held_with_other_bytes(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ caller then polls `page(limit=1)` and `totals()`, as the gallery does today.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 from klein_agent.service.store.records import (
@@ -146,6 +146,14 @@ class Catalog(Protocol):
         For each: its standing (the latest "pick" or "reject" record; a later one of either replaces it; notes
         never change it) and its newest `notes` notes, newest first. "Latest" is recording order (ties on the
         clock are broken by it). One read; no use for the LRU."""
+        ...
+
+    def copy_verdicts(self, image_id: str, records: Sequence[VerdictRecord], *, keep: int) -> int:
+        """For `store copy`: record `records` (checked, oldest first, each with its own `at`) on the stored image
+        `image_id`, in recording order and one transaction, trimmed as `add_verdict` trims, unless the image has
+        verdicts already (a rerun of an interrupted copy). Returns how many were recorded (0: it had some).
+        All or nothing, so a copy cut short never leaves half a history. Raises UnknownImageError,
+        StoreWriteError."""
         ...
 
     def take_leases(

@@ -3,6 +3,8 @@
     images        one row per image (text id primary key, created_at from clock_timestamp(), call_id unique)
     lineage       (child, pos, parent): the parents as rows, written in the insert's transaction
     leases        (image_id, holder, expires_at): pins that hold across every front-end
+    verdicts      (seq, image_id, verdict, reason, at): pick, reject, note; removed with their image (ON DELETE
+                  CASCADE, so in the transaction of the delete or eviction)
     schema_version  the migrations applied (pg_migrations.py)
 
 Imported only when a `postgresql://` store is chosen (psycopg 3 and psycopg_pool come with the `scale` extra).
@@ -45,6 +47,8 @@ from klein_agent.service.store.records import (
     StoreFullError,
     StoreWriteError,
     UnknownImageError,
+    VerdictRecord,
+    Verdicts,
     blob_key,
     is_valid_id,
     leased_full_message,
@@ -58,6 +62,11 @@ _COLUMNS = (
     "image_id, width, height, size_bytes, extract(epoch FROM created_at)::float8, session, parents, recipe"
 )
 _POSITION = "(extract(epoch FROM created_at) * 1000000)::bigint"  # exact: extract() is numeric since PG 14
+# An image's standing verdict: its latest pick or reject (notes never change it).
+_STANDING = (
+    "(SELECT v.verdict FROM verdicts v WHERE v.image_id = images.image_id AND v.verdict <> 'note'"
+    " ORDER BY v.seq DESC LIMIT 1)"
+)
 _UNLEASED = "NOT EXISTS (SELECT 1 FROM leases l WHERE l.image_id = images.image_id AND l.expires_at > %s)"
 _EVICT_BATCH = 256
 _MAX_POSITION_US = 2**53  # positions go through float8 in the page query; exact below this
@@ -214,11 +223,15 @@ class PostgresCatalog:
         return None if row is None else _image(row)
 
     def page(
-        self, *, session: str | None, limit: int, before: object | None
+        self, *, session: str | None, limit: int, before: object | None, standing: str | None = None
     ) -> tuple[list[StoredImage], object | None]:
-        """Keyset pagination on (created_at, image_id), newest first; a position is [microseconds, image_id]."""
+        """Keyset pagination on (created_at, image_id), newest first; a position is [microseconds, image_id],
+        the same with or without the `standing` filter."""
         where: list[str] = []
         params: list[Any] = []
+        if standing is not None:
+            where.append(f"{_STANDING} = %s")
+            params.append(standing)
         if session is not None:
             where.append("session = %s")
             params.append(session)
@@ -269,10 +282,74 @@ class PostgresCatalog:
             return [(i, int(s)) for i, s in cur.execute("SELECT image_id, size_bytes FROM images").fetchall()]
 
     def delete(self, image_ids: Iterable[str]) -> None:
-        """Delete these rows (and their lineage rows) in one transaction."""
+        """Delete these rows (and, by ON DELETE CASCADE, their lineage and verdict rows) in one transaction."""
         ids = list(image_ids)
         with self._write() as cur:
             cur.execute("DELETE FROM images WHERE image_id = ANY(%s)", (ids,))
+
+    def add_verdict(self, image_id: str, verdict: str, reason: str, *, keep: int) -> VerdictRecord:
+        """Check the row, record, and trim the image's history past `keep`, in one transaction (see
+        `Catalog.add_verdict`). The image row is locked FOR NO KEY UPDATE first: eviction (FOR UPDATE SKIP LOCKED)
+        passes it by, a delete waits for the commit, and two verdicts on one image commit in their `seq` order, so
+        "latest" is the same for every front-end and the trim never races another trim."""
+        with self._write() as cur:
+            found = cur.execute(
+                "SELECT 1 FROM images WHERE image_id = %s FOR NO KEY UPDATE", (image_id,)
+            ).fetchone()
+            if found is None:
+                raise UnknownImageError(image_id)
+            (at,) = _one_row(
+                cur.execute(
+                    "INSERT INTO verdicts (image_id, verdict, reason) VALUES (%s, %s, %s)"
+                    " RETURNING extract(epoch FROM at)::float8",
+                    (image_id, verdict, reason),
+                )
+            )
+            _trim_verdicts(cur, image_id, keep)
+        return VerdictRecord(image_id, verdict, reason, at)
+
+    def copy_verdicts(self, image_id: str, records: Sequence[VerdictRecord], *, keep: int) -> int:
+        """Record a copied history in one transaction (the row locked as `add_verdict` locks it) unless the image
+        has verdicts already."""
+        with self._write() as cur:
+            if (
+                cur.execute(
+                    "SELECT 1 FROM images WHERE image_id = %s FOR NO KEY UPDATE", (image_id,)
+                ).fetchone()
+                is None
+            ):
+                raise UnknownImageError(image_id)
+            if cur.execute("SELECT 1 FROM verdicts WHERE image_id = %s LIMIT 1", (image_id,)).fetchone():
+                return 0
+            cur.executemany(  # in order: the identity column gives them their recording order
+                "INSERT INTO verdicts (image_id, verdict, reason, at) VALUES (%s, %s, %s, to_timestamp(%s))",
+                [(image_id, r.verdict, r.reason, r.at) for r in records],
+            )
+            _trim_verdicts(cur, image_id, keep)
+        return len(records)
+
+    def verdicts(self, image_ids: Iterable[str], *, notes: int) -> dict[str, Verdicts]:
+        """Each image's standing and newest notes, from one read of their records (at most the kept history per
+        image, so memory is bounded by the ids asked for)."""
+        ids = list(dict.fromkeys(image_ids))
+        if not ids:
+            return {}
+        found: dict[str, list[VerdictRecord]] = {}
+        with self._read() as cur:
+            rows = cur.execute(
+                "SELECT image_id, verdict, reason, extract(epoch FROM at)::float8 FROM verdicts"
+                " WHERE image_id = ANY(%s) ORDER BY seq DESC",
+                (ids,),
+            ).fetchall()
+        for row in rows:
+            found.setdefault(row[0], []).append(VerdictRecord(*row))
+        return {
+            image_id: Verdicts(
+                standing=next((r for r in records if r.verdict != "note"), None),
+                notes=tuple(r for r in records if r.verdict == "note")[: max(0, notes)],
+            )
+            for image_id, records in found.items()
+        }
 
     def take_leases(
         self, holder: str, image_ids: Iterable[str], *, expires_at: float, require_stored: bool
@@ -478,6 +555,16 @@ def _one_row(cur: psycopg.Cursor[Any]) -> tuple[Any, ...]:
     if row is None:  # cannot happen for these statements; a clear error rather than a TypeError
         raise StoreError("The image catalog returned no row where one was expected.")
     return tuple(row)
+
+
+def _trim_verdicts(cur: psycopg.Cursor[Any], image_id: str, keep: int) -> None:
+    """Delete the image's records beyond its newest `keep`, never its standing one (the caller's transaction)."""
+    cur.execute(
+        "DELETE FROM verdicts WHERE image_id = %(id)s AND seq NOT IN"
+        " (SELECT seq FROM verdicts WHERE image_id = %(id)s ORDER BY seq DESC LIMIT %(keep)s)"
+        " AND seq IS DISTINCT FROM (SELECT max(seq) FROM verdicts WHERE image_id = %(id)s AND verdict <> 'note')",
+        {"id": image_id, "keep": max(1, keep)},
+    )
 
 
 def _executor(cur: psycopg.Cursor[Any]) -> Any:

@@ -68,8 +68,26 @@ def m001_images(execute: Execute) -> None:
     execute("CREATE INDEX leases_by_holder ON leases (holder)", ())
 
 
+def m002_verdicts(execute: Execute) -> None:
+    """Verdicts: pick, reject or note on an image, with a reason; the latest pick or reject is its standing. The
+    foreign key's ON DELETE CASCADE removes them in whatever transaction removes their image (delete, eviction,
+    any later path), so no verdict outlives its image and a new image never inherits one."""
+    execute(
+        """CREATE TABLE verdicts (
+            seq      bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,  -- recording order: the latest wins
+            image_id text        NOT NULL REFERENCES images ON DELETE CASCADE,
+            verdict  text        NOT NULL CHECK (verdict IN ('pick', 'reject', 'note')),
+            reason   text        NOT NULL,
+            at       timestamptz NOT NULL DEFAULT clock_timestamp()  -- the catalog's clock, as created_at
+        )""",
+        (),
+    )
+    execute("CREATE INDEX verdicts_by_image ON verdicts (image_id, seq)", ())
+
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "images, lineage, leases, call ids", m001_images),
+    Migration(2, "verdicts: pick, reject or note on an image", m002_verdicts),
 ]
 
 

@@ -267,13 +267,23 @@ class SQLiteCatalog:
                 "INSERT INTO verdicts (image_id, verdict, reason, at) VALUES (?, ?, ?, ?)",
                 (image_id, verdict, reason, at),
             )
-            self._execute(
-                "DELETE FROM verdicts WHERE image_id = ?1 AND seq NOT IN"
-                " (SELECT seq FROM verdicts WHERE image_id = ?1 ORDER BY seq DESC LIMIT ?2)"
-                " AND seq IS NOT (SELECT MAX(seq) FROM verdicts WHERE image_id = ?1 AND verdict != 'note')",
-                (image_id, max(1, keep)),
-            )
+            self._trim_verdicts(image_id, keep)
         return VerdictRecord(image_id, verdict, reason, at)
+
+    def copy_verdicts(self, image_id: str, records: Sequence[VerdictRecord], *, keep: int) -> int:
+        """Record a copied history in one transaction unless the image has verdicts already."""
+        with self._locked(), self._writing():
+            if not self._has(image_id):
+                raise UnknownImageError(image_id)
+            if self._execute("SELECT 1 FROM verdicts WHERE image_id = ?", (image_id,)).fetchone():
+                return 0
+            for record in records:
+                self._execute(
+                    "INSERT INTO verdicts (image_id, verdict, reason, at) VALUES (?, ?, ?, ?)",
+                    (image_id, record.verdict, record.reason, record.at),
+                )
+            self._trim_verdicts(image_id, keep)
+        return len(records)
 
     def verdicts(self, image_ids: Iterable[str], *, notes: int) -> dict[str, Verdicts]:
         """Each image's standing and newest notes, from one read of their records."""
@@ -362,6 +372,15 @@ class SQLiteCatalog:
         """Delete one row and its verdicts, inside the caller's write transaction."""
         self._execute("DELETE FROM images WHERE image_id = ?", (image_id,))
         self._execute("DELETE FROM verdicts WHERE image_id = ?", (image_id,))
+
+    def _trim_verdicts(self, image_id: str, keep: int) -> None:
+        """Delete the image's records beyond its newest `keep`, never its standing one (the caller's transaction)."""
+        self._execute(
+            "DELETE FROM verdicts WHERE image_id = ?1 AND seq NOT IN"
+            " (SELECT seq FROM verdicts WHERE image_id = ?1 ORDER BY seq DESC LIMIT ?2)"
+            " AND seq IS NOT (SELECT MAX(seq) FROM verdicts WHERE image_id = ?1 AND verdict != 'note')",
+            (image_id, max(1, keep)),
+        )
 
     def _has(self, image_id: str) -> bool:
         return self._execute("SELECT 1 FROM images WHERE image_id = ?", (image_id,)).fetchone() is not None
