@@ -25,6 +25,7 @@ from klein_agent.model_options import add_model_arguments, generator_factory
 from klein_agent.option_types import positive_float
 from klein_agent.rules import limits
 from klein_agent.rules.limits import MAX_PIXELS_PER_CALL
+from klein_agent.rules.step_caches import DESCRIPTION as STEP_CACHE_DESCRIPTION
 
 log = logging.getLogger("klein_agent")
 
@@ -168,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --mask/--box: how much of the region changes, above 0 to 1 "
         f"(default {limits.DEFAULT_STRENGTH})",
     )
+    gen.add_argument(
+        "--step-cache",
+        default=None,
+        metavar="KIND[:THRESHOLD]",
+        help=STEP_CACHE_DESCRIPTION.replace("%", "%%"),  # argparse formats help with %
+    )
     gen.add_argument("--out", required=True, type=Path, help="the PNG to write")
     gen.add_argument(
         "--max-megapixels",
@@ -243,6 +250,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from klein_agent.rules.recipes import provenance, tool_for
     from klein_agent.rules.references import prepare_reference
     from klein_agent.rules.requests import GenerationRequest
+    from klein_agent.rules.step_caches import parse_step_cache_argument
     from klein_agent.service.inputs import InputPolicy, read_image_file
     from klein_agent.service.pngfile import encode_png
 
@@ -255,6 +263,7 @@ def run_generate(args: argparse.Namespace) -> int:
     resolution.resolve_sampling(
         args.steps, args.guidance, distilled=False, default_steps=1, default_guidance=1.0
     )
+    step_cache = None if args.step_cache is None else parse_step_cache_argument(args.step_cache)
     # Decoded and prepared as the server does (one way in): the reference's size and aspect checks run here.
     # A masked edit's source is resized to whole tokens, not cropped (rules.masks), so it is kept as decoded.
     policy = InputPolicy(allowed_dirs=())  # the server's limits and reduced JPEG decoding; any path is read
@@ -302,6 +311,7 @@ def run_generate(args: argparse.Namespace) -> int:
         mask=mask_picture,
         strength=args.strength,
         loras=pipeline.info.loras,  # generate runs every adapter it loaded
+        step_cache=step_cache,
     )
     note = resolution.guidance_note(args.guidance, distilled=pipeline.info.distilled)
     if note is not None:  # the note a tool result carries, said before the wait

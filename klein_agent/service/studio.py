@@ -41,6 +41,7 @@ from klein_agent.rules.recipes import provenance
 from klein_agent.rules.references import prepare_reference
 from klein_agent.rules.requests import GenerationRequest, GeneratorInfo
 from klein_agent.rules.resolution import RequestError
+from klein_agent.rules.step_caches import check_step_cache
 from klein_agent.service.engine import AsyncProgress, Completed, Engine, EngineError, EngineStatus
 from klein_agent.service.exports import check_output_path, write_export
 from klein_agent.service.inputs import ImageInputError, InputPolicy, LoadedImage, load_image_argument
@@ -153,6 +154,7 @@ class Studio:
         boxes: Sequence[Sequence[float]] | None = None,
         strength: float | None = None,
         loras: Sequence[tuple[str, float | None]] | None = None,
+        step_cache: tuple[str, float | None] | None = None,
     ) -> Made:
         """Make `num_images` pictures from `prompt` and the image arguments `images` (none: generate; one: edit;
         several: compose) and store them. Unset values follow `klein_agent.rules.resolution`. `progress` gets
@@ -161,13 +163,15 @@ class Studio:
         For tool "inpaint" (a masked edit, `klein_agent.rules.masks`), images[0] is the picture to repaint and the
         rest condition the repainted area; the region is a `mask` image argument (white repaints) or `boxes`
         ([x, y, width, height] in pixels of the source, or all four in fractions); `strength` in (0, 1].
-        `loras` names loaded LoRA adapters to run, each with a scale or None for its default."""
+        `loras` names loaded LoRA adapters to run, each with a scale or None for its default; `step_cache` is a
+        (kind, threshold or None) choice of `klein_agent.rules.step_caches`, None for none."""
         started = time.perf_counter()
         text = resolution.clean_prompt(prompt)
         session = resolution.check_session(session)
         self._check_reference_count(len(images))
         inpaint = tool == "inpaint"
         chosen = self._check_loras(loras)
+        cache = None if step_cache is None else check_step_cache(*step_cache)
         region = masks.MaskRequest(mask, masks.boxes_from(boxes), strength) if inpaint else None
         if region is not None:
             region.check()
@@ -210,6 +214,7 @@ class Studio:
                 mask=mask_picture,
                 strength=strength,
                 loras=chosen,
+                step_cache=cache,
             )
             # the ids of inputs from outside the store, leased before they are stored with the pictures
             await anyio.to_thread.run_sync(

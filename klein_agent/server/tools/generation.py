@@ -31,8 +31,12 @@ from klein_agent.rules.limits import (
     MIN_SIDE,
     SESSION_MAX_CHARS,
     SIZE_MULTIPLE,
+    STEP_CACHE_KINDS,
+    STEP_CACHE_MAX_THRESHOLD,
 )
 from klein_agent.rules.loras import MAX_LORA_SCALE
+from klein_agent.rules.step_caches import DESCRIPTION as STEP_CACHE_DESCRIPTION
+from klein_agent.rules.step_caches import THRESHOLD_TEXT
 from klein_agent.server.arguments import id_list
 from klein_agent.server.errors import tool_errors
 from klein_agent.server.models import ImagesResult
@@ -189,6 +193,23 @@ LorasArg = Annotated[
 ]
 
 
+class StepCacheChoice(BaseModel):
+    """A step cache for this call: its kind and threshold."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str = Field(json_schema_extra={"enum": list(STEP_CACHE_KINDS)}, description="The cache's rule.")
+    threshold: float | None = Field(
+        default=None,
+        gt=0,
+        le=STEP_CACHE_MAX_THRESHOLD,
+        description=f"The error it accepts: {THRESHOLD_TEXT}.",
+    )
+
+
+CacheArg = Annotated[StepCacheChoice | None, Field(description=STEP_CACHE_DESCRIPTION)]
+
+
 LOOK = "Returns a preview, the ids and seeds, and image:// links; if you cannot see the preview, call view_image."
 
 
@@ -222,6 +243,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
         num_images: NumImagesArg = 1,
         session: SessionArg = None,
         loras: LorasArg = None,
+        cache: CacheArg = None,
     ) -> Annotated[CallToolResult, ImagesResult]:
         return await make(
             studio,
@@ -237,6 +259,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
             num_images,
             session,
             loras=loras,
+            cache=cache,
         )
 
     @mcp.tool(
@@ -265,6 +288,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
         num_images: NumImagesArg = 1,
         session: SessionArg = None,
         loras: LorasArg = None,
+        cache: CacheArg = None,
     ) -> Annotated[CallToolResult, ImagesResult]:
         return await make(
             studio,
@@ -280,6 +304,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
             num_images,
             session,
             loras=loras,
+            cache=cache,
         )
 
     @mcp.tool(
@@ -308,6 +333,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
         num_images: NumImagesArg = 1,
         session: SessionArg = None,
         loras: LorasArg = None,
+        cache: CacheArg = None,
     ) -> Annotated[CallToolResult, ImagesResult]:
         return await make(
             studio,
@@ -323,6 +349,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
             num_images,
             session,
             loras=loras,
+            cache=cache,
         )
 
     @mcp.tool(
@@ -355,6 +382,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
         num_images: NumImagesArg = 1,
         session: SessionArg = None,
         loras: LorasArg = None,
+        cache: CacheArg = None,
     ) -> Annotated[CallToolResult, ImagesResult]:
         return await make(
             studio,
@@ -373,6 +401,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
             boxes=boxes,
             strength=strength,
             loras=loras,
+            cache=cache,
         )
 
 
@@ -407,6 +436,7 @@ async def make(
     boxes: list[list[float]] | None = None,
     strength: float | None = None,
     loras: list[LoraChoice] | None = None,
+    cache: StepCacheChoice | None = None,
 ) -> CallToolResult:
     """The one path of the image tools: `Studio.make` with the client's progress, as a tool result."""
 
@@ -430,5 +460,6 @@ async def make(
             boxes=boxes,
             strength=strength,
             loras=None if loras is None else [(c.name, c.scale) for c in loras],
+            step_cache=None if cache is None else (cache.kind, cache.threshold),
         )
     return images_result(made)
