@@ -103,6 +103,21 @@ def test_no_step_is_skipped_early_or_more_than_the_limit_in_a_row() -> None:
     assert one.step == 0 and one.residual is None
 
 
+def test_the_last_step_may_be_skipped_and_the_next_picture_starts_afresh() -> None:
+    """A 3-step pass with no retention and a generous threshold computes step 0 and skips steps 1 and 2 (ratios
+    1.0, 1.0, 0.89 resampled from diffusers' table); the skipped last step still gets start + residual."""
+    cache = MagCache(1.0, 3, max_skip_steps=3, retention_ratio=0.0)
+    one = cache.pass_cache("uncond")
+    start = torch.full((1, 1, 2), 2.0)
+    assert not one.skip()
+    one.keep(start, start + 1)
+    for _ in range(2):
+        assert one.skip()
+        assert torch.equal(one.reuse(start), start + 1)
+    assert (one.step, one.residual, cache.computed, cache.skipped) == (0, None, 1, 2)
+    assert not one.skip()  # the next picture's first step has nothing to reuse
+
+
 def test_a_cuda_graph_replay_and_a_step_cache_are_refused_together(tiny_pipeline: Any) -> None:
     model = tiny_pipeline.transformer
     noise = torch.zeros(1, 4, model.config.in_channels)

@@ -87,10 +87,10 @@ CASES = {
         seed=2,
         step_cache=StepCache("magcache", limits.STEP_CACHE_DEFAULT_THRESHOLD),
     ),
-    "edit, 20 steps, threshold 0.25": GenerationRequest(
+    "edit, 12 steps, threshold 0.25: the last two steps skipped": GenerationRequest(
         "make it night",
         seed=5,
-        steps=20,
+        steps=12,
         references=(picture(80, 64, 8),),
         step_cache=StepCache("magcache", 0.25),
     ),

@@ -150,9 +150,10 @@ class MagCachePass:
     def reuse(self, start: Tensor) -> Tensor:
         """The image tokens the blocks would give, estimated: `start` + the last residual."""
         assert self.residual is not None  # skip() says True only with one
+        out = start + self.residual
         self.skipped += 1
-        self._advance()
-        return start + self.residual
+        self._advance()  # after the sum: the last step's advance forgets the residual
+        return out
 
     def keep(self, start: Tensor, out: Tensor) -> None:
         """After a computed step: remember what the blocks added."""
