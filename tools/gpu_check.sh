@@ -131,7 +131,8 @@ for name, data in figures.items():
               f"| {r['peak_memory_bytes'] / 2**30:.2f} | {targets.get((name, k), '')} | {extra} |")
 for name in ("step_cache", "step_cache_distilled"):
     rows = figures[name]["cache_rows"]
-    print(f"\n{name}: | size | cache | passes computed / skipped | end to end ms | speed-up | PSNR vs no cache |")
+    print(f"\n{name}:\n| size | cache | passes computed / skipped | end to end ms | speed-up | PSNR vs no cache |")
+    print("|---|---|---|---|---|---|")
     if not rows:
         print(f"FAILED (rc {figures[name]['status'] and figures[name]['status']['rc']})")
     for r in rows:
