@@ -26,6 +26,7 @@ from klein_agent.model_options import add_model_arguments, generator_factory
 from klein_agent.option_types import positive_float
 from klein_agent.rules import limits
 from klein_agent.rules.limits import MAX_PIXELS_PER_CALL
+from klein_agent.rules.step_caches import DESCRIPTION as STEP_CACHE_DESCRIPTION
 
 if TYPE_CHECKING:
     from klein_agent.rules.calls import Decoded, ImageCall, Prepare
@@ -173,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --mask/--box: how much of the region changes, above 0 to 1 "
         f"(default {limits.DEFAULT_STRENGTH})",
     )
+    gen.add_argument(
+        "--step-cache",
+        default=None,
+        metavar="KIND[:THRESHOLD]",
+        help=STEP_CACHE_DESCRIPTION.replace("%", "%%"),  # argparse formats help with %
+    )
     gen.add_argument("--out", required=True, type=Path, help="the PNG to write")
     gen.add_argument(
         "--max-megapixels",
@@ -296,6 +303,7 @@ def image_call(args: argparse.Namespace) -> ImageCall:
     number of --image. Raises RequestError for options that do not go together (parse_box's for a bad --box)."""
     from klein_agent.rules import calls, masks
     from klein_agent.rules.resolution import RequestError
+    from klein_agent.rules.step_caches import split_step_cache_argument
 
     common: dict[str, Any] = {
         "prompt": args.prompt,
@@ -305,6 +313,7 @@ def image_call(args: argparse.Namespace) -> ImageCall:
         "steps": args.steps,
         "guidance": args.guidance,
         "num_images": args.num_images,
+        "step_cache": None if args.step_cache is None else split_step_cache_argument(args.step_cache),
     }
     if args.mask is None and not args.box:
         if args.strength is not None:

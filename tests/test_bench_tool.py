@@ -161,3 +161,24 @@ def test_bench_critique_finds_the_true_boxes_and_reports_each_row(tmp_path: Path
     assert report["ok"] and len(report["found"]) == 2
     assert set(report["rows"]) == {"compare 256x256", "decode 2 PNGs + compare 256x256"}
     assert all(row["cpu_ms"] > 0 and row["wall_ms"] >= row["cpu_ms"] * 0.5 for row in report["rows"].values())
+
+
+@pytest.mark.slow
+def test_step_cache_rows_count_skips_and_compare_with_no_cache(tmp_path: Path) -> None:
+    out = tmp_path / "cache.json"
+    argv = ["--step-cache", "magcache:0.06", "magcache:1", "--base", "--preset", "tiny", "--sizes", "64x48"]
+    assert (
+        bench.main(
+            [*argv, "--steps", "8", "--runs", "1", "--warmup", "0", "--threads", "1", "--json", str(out)]
+        )
+        == 0
+    )
+    data = json.loads(out.read_text())
+    assert "8 steps, CFG 4.0" in data["header"]
+    none, default, generous = data["results"]
+    assert [r["setting"] for r in (none, default, generous)] == ["none", "magcache:0.06", "magcache:1"]
+    for row in (none, default, generous):
+        assert row["passes_computed"] + row["passes_skipped"] == 2 * 8  # CFG: two passes a step
+    assert none["passes_skipped"] == 0 and none["psnr_vs_no_cache_db"] == float("inf")
+    assert 0 < default["passes_skipped"] <= generous["passes_skipped"]
+    assert generous["psnr_vs_no_cache_db"] < float("inf")  # skipping changed the picture, and it was measured

@@ -12,8 +12,9 @@ from PIL import Image
 
 from klein_agent.rules import limits, resolution
 from klein_agent.rules.calls import Budget, Compose, Decoded, Edit, Generate, Inpaint, Prepare, prepare_call
-from klein_agent.rules.requests import GeneratorInfo
+from klein_agent.rules.requests import GenerationResult, GeneratorInfo, resolve
 from klein_agent.rules.resolution import RequestError
+from klein_agent.rules.step_caches import StepCache
 
 
 class Pictures:
@@ -63,6 +64,22 @@ def info(device: str) -> GeneratorInfo:
         (Inpaint(prompt="x", image="64x64"), "no mask and no boxes given"),
         (Inpaint(prompt="x", image="64x64", boxes=[[0, 0, 8, 8]], width=64), "keeps the image's size"),
         (Inpaint(prompt="x", image="64x64", boxes=[[0, 0, 8, 8]], strength=0), "strength must be above 0"),
+        (
+            Generate(prompt="x", step_cache=("magcache", 1.5)),
+            "step cache: threshold must be above 0 and at most",
+        ),
+        (
+            Edit(prompt="x", image="64x64", step_cache=("magcache", 0)),
+            "step cache: threshold must be above 0",
+        ),
+        (
+            Compose(prompt="x", images=["64x64"] * 2, step_cache=("firstblock", None)),
+            "step cache: kind must be",
+        ),
+        (
+            Inpaint(prompt="x", image="64x64", boxes=[[0, 0, 8, 8]], step_cache=("magcache", math.nan)),
+            "step cache: threshold must be a finite number",
+        ),
     ],
 )
 def test_every_rule_that_needs_no_picture_is_checked_before_any_decoding(call: object, message: str) -> None:
@@ -146,3 +163,30 @@ def test_a_masked_edit_repaints_its_prepared_source_and_records_its_region() -> 
         prepare_call(
             Inpaint(prompt="x", image="100x70", mask="100x100"), Pictures(), multiple=16, budget=fixed(10**7)
         )
+
+
+@pytest.mark.parametrize("call_kind", ["generate", "inpaint"])
+def test_a_calls_step_cache_goes_into_the_request_checked_and_into_every_recipe(call_kind: str) -> None:
+    """The cache is a field of the call: prepare_call carries it (its default threshold filled in) into the
+    request, and PreparedCall.recipe records it as it ran; a call without one runs and records none."""
+    default = StepCache("magcache", limits.STEP_CACHE_DEFAULT_THRESHOLD)
+    for choice, expected in (
+        (("magcache", None), default),
+        (("magcache", 0.25), StepCache("magcache", 0.25)),
+    ):
+        call = (
+            Generate(prompt="x", width=64, height=64, step_cache=choice)
+            if call_kind == "generate"
+            else Inpaint(prompt="x", image="64x64", boxes=[[0, 0, 0.5, 0.5]], step_cache=choice)
+        )
+        prepared = prepare_call(call, Pictures(), multiple=16, budget=fixed(10**7))
+        assert prepared.request.step_cache == expected
+        ran = resolve(prepared.request, info("cpu"))
+        result = GenerationResult([Image.new("RGB", (64, 64))], {}, {}, ran, info("cpu"))
+        assert prepared.recipe(result, 0, parents=[])["cache"] == expected.as_dict()
+    plain = prepare_call(
+        Generate(prompt="x", width=64, height=64), Pictures(), multiple=16, budget=fixed(10**7)
+    )
+    assert plain.request.step_cache is None
+    ran = resolve(plain.request, info("cpu"))
+    assert "cache" not in plain.recipe(GenerationResult([], {}, {}, ran, info("cpu")), 0, parents=[])

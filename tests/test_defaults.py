@@ -120,6 +120,16 @@ def doc_texts() -> list[tuple[str, str]]:
         ),
         ("docs/reference-parity.md", f"| {g} for Base; none for distilled models, recorded as `null` |"),
         ("docs/reference-parity.md", f"| Base: the same; distilled: {d} steps |"),
+        (
+            "docs/server.md",
+            f"`threshold` above 0 and at most {limits.STEP_CACHE_MAX_THRESHOLD:g}, default "
+            f"{limits.STEP_CACHE_DEFAULT_THRESHOLD:g}",
+        ),
+        (
+            "docs/server.md",
+            f"after the first {limits.MAGCACHE_RETENTION_RATIO:.0%} of the steps, a step whose accumulated",
+        ),
+        ("docs/server.md", f"at most {limits.MAGCACHE_MAX_SKIP_STEPS} steps in a row; each guidance pass"),
     ]
 
 

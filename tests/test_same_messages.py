@@ -41,6 +41,21 @@ CASES: list[tuple[str, list[str], str, dict[str, Any], str]] = [
     ("prompt too long", [], "generate", {}, LONG),
     ("five references", ["--image", "{ref}"] * 5, "compose", {"images": ["{ref}"] * 5}, P),
     (
+        "step cache threshold above 1",
+        ["--step-cache", "magcache:1.5"],
+        "generate",
+        {"cache": {"kind": "magcache", "threshold": 1.5}},
+        P,
+    ),
+    (
+        "step cache threshold 0",
+        ["--step-cache", "magcache:0"],
+        "generate",
+        {"cache": {"kind": "magcache", "threshold": 0}},
+        P,
+    ),
+    ("unknown step cache", ["--step-cache", "firstblock"], "generate", {"cache": {"kind": "firstblock"}}, P),
+    (
         "strength above 1",
         ["--image", "{ref}", "--box", "0,0,0.5,0.5", "--strength", "1.5"],
         "inpaint",

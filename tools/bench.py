@@ -353,6 +353,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-reference", action="store_true", help="skip diffusers even where installed")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--kv", action="store_true", help="klein 9B-KV rows instead (tools/bench_kv.py)")
+    parser.add_argument(
+        "--step-cache",
+        nargs="+",
+        default=None,
+        metavar="KIND[:THRESHOLD]",
+        help="step-cache rows instead, each setting against no cache (tools/bench_step_cache.py)",
+    )
+    parser.add_argument("--base", action="store_true", help="with --step-cache: the Base models' sampling")
     return parser.parse_args(argv)
 
 
@@ -451,6 +459,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench_kv import run_kv
 
         return run_kv(args)
+    if args.step_cache:
+        from bench_step_cache import run_step_cache
+
+        return run_step_cache(args)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     pipe = build_pipeline(args, device, dtype)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call that measures the GPU plan (issue 13, point 5); prints a short table last, writes the full log
-# and a JSON of figures under $OUT. Budget: <= 8 minutes on an H100/H200 with the defaults.
+# and a JSON of figures under $OUT. Budget: <= 10 minutes on an H100/H200 with the defaults (the step-cache rows
+# add about 2: 12 Base pictures of 50 steps with CFG).
 #
 # On the device machine (its Python 3.12 has torch + CUDA; the rest travels as wheels in the ignored, carried
 # folder .whl, as /work/.library/device/README.md describes):
@@ -70,8 +71,12 @@ step offload --sizes "$BIG" --refs 0 --runs 3 --warmup 1 --offload-text-encoder 
 step compiled --sizes "$BIG" --refs 0 --runs "$RUNS" --warmup 2 --compile --no-reference
 # 5. FP8 compiled: speed and PSNR against the unquantized picture (the gate fails the step under 25 dB)
 step fp8 --sizes "$BIG" --refs 0 --runs "$RUNS" --warmup 2 --compile --fp8 --no-reference
+# 6. step cache (issue 23.3): Base 4B shape, 50 steps with CFG, each setting against no cache (passes skipped, wall
+#    time, PSNR vs no cache); then the distilled 4-step model, to see whether any setting helps there
+step step_cache --step-cache magcache:0.06 magcache:0.12 magcache:0.25 --base --sizes "$BIG" --runs 2 --warmup 1
+step step_cache_distilled --step-cache magcache:0.06 magcache:0.25 --sizes "$BIG" --runs 5 --warmup 1
 
-# 6. serve start to the first finished picture (BIG, compiled, buckets WARM warmed before ready), random weights
+# 7. serve start to the first finished picture (BIG, compiled, buckets WARM warmed before ready), random weights
 echo "== step first_picture: serve --model random:$PRESET --compile --warm-buckets $WARM" | tee -a "$LOG"
 start=$SECONDS
 timeout "$COMPILE_LIMIT" $PY tools/bench_first_picture.py --model "random:$PRESET" --size "${BIG%x*}" \
@@ -99,12 +104,18 @@ first = load("first_picture")
 first_status = out / "first_picture.status.json"
 figures["first_picture"] = {"status": json.loads(first_status.read_text()) if first_status.exists() else None,
                             "figures": first}
+for name in ("step_cache", "step_cache_distilled"):
+    status = out / f"{name}.status.json"
+    figures[name] = {"status": json.loads(status.read_text()) if status.exists() else None,
+                     "cache_rows": load(name).get("results", [])}
 (out / "figures.json").write_text(json.dumps(figures, indent=2))
 targets = {("t2i", 0): "<= 250 ms", ("t2i", 1): "<= 80 ms", ("edit", 0): "<= 550 ms"}
 print("\n| case | size | refs | ours e2e ms | reference ms | ratio (>= 1.5) | peak GiB | target | extra |")
 print("|---|---|---|---|---|---|---|---|---|")
 for name, data in figures.items():
     if name == "first_picture":
+        continue
+    if name.startswith("step_cache"):
         continue
     st = data["status"]
     if not data["rows"]:
@@ -118,6 +129,15 @@ for name, data in figures.items():
             extra = "bucket warm-up " + ", ".join(f"{b}: {s:.1f} s" for b, s in data["warm_up_s"].items())
         print(f"| {name} | {r['size']} | {r['references']} | {r['ours']['end to end']:.1f} | {ref} | {ratio} "
               f"| {r['peak_memory_bytes'] / 2**30:.2f} | {targets.get((name, k), '')} | {extra} |")
+for name in ("step_cache", "step_cache_distilled"):
+    rows = figures[name]["cache_rows"]
+    print(f"\n{name}:\n| size | cache | passes computed / skipped | end to end ms | speed-up | PSNR vs no cache |")
+    print("|---|---|---|---|---|---|")
+    if not rows:
+        print(f"FAILED (rc {figures[name]['status'] and figures[name]['status']['rc']})")
+    for r in rows:
+        print(f"| {r['size']} | {r['setting']} | {r['passes_computed']} / {r['passes_skipped']} "
+              f"| {r['end_to_end_ms']:.0f} | {r['end_to_end_speedup']:.2f}x | {r['psnr_vs_no_cache_db']:.1f} |")
 if first:
     print(f"\nserve start -> first {first['size']}x{first['size']} picture ({first['via']}, --compile, buckets warmed "
           f"first): {first['first_picture_s']:.1f} s (initialize {first['initialize_s']} s, model load "

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from klein_agent.model.configs import SchedulerConfig
+from klein_agent.model.step_cache import MagCache
 from klein_agent.model.transformer import Flux2Transformer, ReferenceKV
 
 REFERENCE_TIME_OFFSET = 10  # reference i sits at RoPE time coordinate 10 * (i + 1)
@@ -147,6 +148,7 @@ def denoise(
     on_step: StepCallback | None = None,
     inpainting: Inpainting | None = None,
     forward: Callable[..., Tensor] | None = None,  # the step's transformer call, if not `model` itself
+    step_cache: MagCache | None = None,  # skips the blocks at some steps (model.step_cache), for this picture
 ) -> Tensor:  # [B, L, C] in the model dtype
     """Euler integration of the predicted velocity over `noise_levels`, as diffusers' `Flux2KleinPipeline` runs it.
 
@@ -161,7 +163,9 @@ def denoise(
     With `inpainting`, the kept tokens are reset after each step to the source noised to the next level (the
     clean source after the last), and the mask blends: (1 - mask) * kept + mask * x, in the model dtype.
     `forward` replaces `model(...)` for each step with a callable of the same signature and result (CUDA-graph
-    replays, `speedups.cuda_graphs.StepGraphs`); `on_step` runs between two of its calls.
+    replays, `speedups.cuda_graphs.StepGraphs`); `on_step` runs between two of its calls. With `step_cache`, the
+    conditional and unconditional passes each run with their own part of it (diffusers' "cond" and "uncond" cache
+    contexts); a replayed graph cannot skip its blocks, so `forward` and `step_cache` are refused together.
     """
     dtype = next(model.parameters()).dtype
     batch, num_noisy = noise.shape[0], noise.shape[1]
@@ -170,6 +174,8 @@ def denoise(
     ids = noise_ids if references is None else torch.cat((noise_ids, references_ids), dim=0)  # type: ignore[arg-type]
     if guidance is not None and uncond_context is None:
         raise ValueError("classifier-free guidance needs the unconditional context")
+    if forward is not None and step_cache is not None:
+        raise ValueError("a step cache runs the transformer itself: give forward or step_cache, not both")
     rope = model.rope(context_ids, ids)  # positions never change across steps
     refs = None if references is None else references.to(dtype).expand(batch, -1, -1)
     levels = noise_levels.to(device=noise.device, dtype=torch.float32)
@@ -177,12 +183,20 @@ def denoise(
     x = noise.to(dtype)
     total = len(levels) - 1
     step = model if forward is None else forward
+    cond_extra: dict[str, object] = {}
+    uncond_extra: dict[str, object] = {}
+    if step_cache is not None:  # only then: a StepGraphs replay takes no such argument
+        cond_extra = {"step_cache": step_cache.pass_cache("cond")}
+        uncond_extra = {"step_cache": step_cache.pass_cache("uncond")}
     for i in range(total):
         t = timesteps[i].expand(batch).to(dtype) / 1000
         inp = x if refs is None else torch.cat((x, refs), dim=1)
-        pred = step(inp, ids, context, context_ids, t, rope=rope, reference_kv=reference_kv)[:, :num_noisy]
+        pred = step(inp, ids, context, context_ids, t, rope=rope, reference_kv=reference_kv, **cond_extra)
+        pred = pred[:, :num_noisy]
         if guidance is not None:
-            uncond = step(inp, ids, uncond_context, context_ids, t, rope=rope, reference_kv=reference_kv)
+            uncond = step(
+                inp, ids, uncond_context, context_ids, t, rope=rope, reference_kv=reference_kv, **uncond_extra
+            )
             uncond = uncond[:, :num_noisy]
             pred = uncond + guidance * (pred - uncond)
         x = (x.float() + (levels[i + 1] - levels[i]) * pred).to(pred.dtype)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from klein_agent.model.configs import TransformerConfig
+from klein_agent.model.step_cache import MagCachePass
 
 KeyValue = tuple[Tensor, Tensor]  # post-RoPE keys and values of the reference tokens, each [1, H, R, Dh]
 
@@ -77,6 +78,7 @@ class Flux2Transformer(nn.Module):
         rope: tuple[Tensor, Tensor]
         | None = None,  # precomputed `self.rope(txt_ids, img_ids)`, reused across steps
         reference_kv: ReferenceKV | None = None,  # klein 9B-KV: the kept reference keys and values
+        step_cache: MagCachePass | None = None,  # this guidance pass's step cache, if the call asked for one
     ) -> Tensor:  # [B, L, C_in] predicted velocity
         """The velocity for every image token (noisy and reference), as BFL `Flux2.forward` and diffusers
         `Flux2Transformer2DModel.forward` compute it.
@@ -84,8 +86,10 @@ class Flux2Transformer(nn.Module):
         `timesteps` is scaled by 1000 in the activation dtype before the sinusoidal embedding (both references do
         so, which quantises t in bfloat16). All tensors on one device; `img` and `txt` in the weights' dtype.
         With `reference_kv` (from `reference_kv`), `img` holds the noisy tokens only and every block attends to
-        [text, references, noisy] keys (diffusers `kv_cache_mode="cached"`). Raises ValueError when
-        `reference_kv` was made for another block count.
+        [text, references, noisy] keys (diffusers `kv_cache_mode="cached"`). With `step_cache`
+        (`model.step_cache`), a step the cache skips runs no block: the image tokens leave the stack as they entered
+        it plus the residual of the last computed step (diffusers' MagCache hooks on the first and last block).
+        Raises ValueError when `reference_kv` was made for another block count.
         """
         if reference_kv is not None and (
             len(reference_kv.double) != len(self.double_blocks)
@@ -99,7 +103,10 @@ class Flux2Transformer(nn.Module):
         mod_single = self.single_stream_modulation(vec)  # [B, 1, 3D]
 
         img = self.img_in(img)  # [B, L, D]
+        if step_cache is not None and step_cache.skip():  # the text tokens would not reach the output
+            return self.final_layer(step_cache.reuse(img), vec)
         txt = self.txt_in(txt)  # [B, T, D]
+        start = img
         cos, sin = self.rope(txt_ids, img_ids) if rope is None else rope  # [T+L, Dh/2] each
 
         double_kv = single_kv = None
@@ -114,6 +121,8 @@ class Flux2Transformer(nn.Module):
         x = torch.cat((txt, img), dim=1)  # [B, T+L, D]
         for i, block in enumerate(self.single_blocks):
             x = block(x, cos, sin, mod_single, None if single_kv is None else single_kv[i], num_txt)
+        if step_cache is not None:
+            step_cache.keep(start, x[:, num_txt:])
         return self.final_layer(x[:, num_txt:], vec)
 
     def reference_kv(

@@ -27,6 +27,7 @@ from klein_agent.loading.lora import AdapterFile, read_lora
 from klein_agent.model import lora, sampling
 from klein_agent.model.autoencoder import AutoEncoder
 from klein_agent.model.configs import SamplingDefaults, SchedulerConfig
+from klein_agent.model.step_cache import MagCache
 from klein_agent.model.text_encoder import TextEmbedder
 from klein_agent.model.transformer import Flux2Transformer, ReferenceKV
 from klein_agent.pipeline.caches import ByteLRUCache, EncodedReference, LRUCache
@@ -38,7 +39,11 @@ from klein_agent.pipeline.imaging import (
     to_unit,
 )
 from klein_agent.pipeline.offload import HostResident
-from klein_agent.rules.limits import MAX_REFERENCES
+from klein_agent.rules.limits import (
+    MAGCACHE_MAX_SKIP_STEPS,
+    MAGCACHE_RETENTION_RATIO,
+    MAX_REFERENCES,
+)
 from klein_agent.rules.loras import MAX_LORA_SCALE
 from klein_agent.rules.masks import prepare_mask, prepare_source
 from klein_agent.rules.requests import (
@@ -205,6 +210,7 @@ class KleinPipeline:
             if request.mask is not None:
                 mask = self.mask_tokens(prepare_mask(request.mask, (resolved.width, resolved.height)), h, w)
             images: list[Image.Image] = []
+            skipped = 0
             for k, seed in enumerate(resolved.seeds):
                 done_before = 1 + k * (steps + 1)
                 label = f"image {k + 1}/{count}: " if count > 1 else ""
@@ -220,6 +226,16 @@ class KleinPipeline:
                     clean = encoded[0].tokens[None]
                     inpainting = sampling.Inpainting(clean, noise, mask)
                     start = sampling.noised(clean, noise, levels[0])
+                step_cache = None
+                if (
+                    resolved.step_cache is not None
+                ):  # fresh per picture: picture k equals the run with seed + k
+                    step_cache = MagCache(
+                        resolved.step_cache.threshold,
+                        len(levels) - 1,
+                        max_skip_steps=MAGCACHE_MAX_SKIP_STEPS,
+                        retention_ratio=MAGCACHE_RETENTION_RATIO,
+                    )
                 with self.attention.transformer():
                     latents = sampling.denoise(
                         self.transformer,
@@ -236,8 +252,10 @@ class KleinPipeline:
                         num_train_timesteps=self.scheduler.num_train_timesteps,
                         on_step=on_step,
                         inpainting=inpainting,
-                        forward=self.step_graphs,
+                        forward=self.step_graphs if step_cache is None else None,
+                        step_cache=step_cache,
                     )
+                skipped += 0 if step_cache is None else step_cache.skipped
                 self._check_finite(latents, "latents")
                 timings["denoise"] += _ms_since(mark, self.device)
                 mark = time.perf_counter()
@@ -251,6 +269,8 @@ class KleinPipeline:
         hits = {"prompt": int(prompt_hit), "references": reference_hits}
         if self.kv_references:
             hits["reference_kv"] = int(kv_hit)
+        if resolved.step_cache is not None:  # transformer passes the step cache skipped, all pictures
+            hits["steps_skipped"] = skipped
         return GenerationResult(
             images=images,
             timings_ms=timings,

@@ -22,6 +22,7 @@ from klein_agent.rules.recipes import provenance
 from klein_agent.rules.references import prepare_reference
 from klein_agent.rules.requests import GenerationRequest, GenerationResult, GeneratorInfo
 from klein_agent.rules.resolution import RequestError
+from klein_agent.rules.step_caches import chosen_step_cache
 
 T = TypeVar("T")
 Prepare = Callable[[Image.Image], Image.Image]
@@ -46,6 +47,8 @@ class ImageCall:
     num_images: int = 1
     session: str | None = None
     loras: Sequence[tuple[str, float | None]] | None = None  # (name, scale or None for its default)
+    # the step cache (`klein_agent.rules.step_caches`): (kind, threshold or None for its default); None for none
+    step_cache: tuple[str, float | None] | None = None
 
     @property
     def inputs(self) -> tuple[str, ...]:
@@ -60,8 +63,8 @@ class ImageCall:
 
     def check(self, max_references: int = limits.MAX_REFERENCES) -> None:
         """Every rule that needs no picture, in the order a caller reads them: the prompt, the session, the size,
-        the reference count (`max_references`: the loaded model's), the seeds, steps and guidance, the region.
-        Raises RequestError with the message the CLI and the server share."""
+        the reference count (`max_references`: the loaded model's), the seeds, steps and guidance, the step
+        cache, the region. Raises RequestError with the message the CLI and the server share."""
         resolution.clean_prompt(self.prompt)
         resolution.check_session(self.session)
         resolution.check_user_size(self.width, self.height)
@@ -69,6 +72,7 @@ class ImageCall:
         resolution.batch_seeds(self.seed, self.num_images)
         resolution.check_steps(self.steps)
         resolution.check_guidance(self.guidance)
+        chosen_step_cache(self.step_cache)
         region = self.region
         if region is not None:
             region.check()
@@ -171,8 +175,9 @@ class PreparedCall(Generic[T]):
     def recipe(
         self, result: GenerationResult, k: int, parents: Sequence[str], mask_name: str | None = None
     ) -> dict[str, Any]:
-        """Picture k's provenance: what decides the pixels, the tool, the `parents` by the names the driver
-        gives them (stored ids, or CLI paths), and for a masked edit the mask ({"image": mask_name}) or boxes."""
+        """Picture k's provenance: what decides the pixels (the step cache too, as it ran), the tool, the
+        `parents` by the names the driver gives them (stored ids, or CLI paths), and for a masked edit the mask
+        ({"image": mask_name}) or boxes."""
         recipe = provenance(result, k, tool=self.call.tool, parents=parents)
         region = self.call.region
         if region is not None:
@@ -197,7 +202,8 @@ def prepare_call(
     `multiple` is the loaded model's token size; None while the model loads: sizes then assume
     `limits.SIZE_MULTIPLE` (every klein checkpoint's) and references stay as decoded, for the pipeline to prepare.
     A masked edit's source is always prepared (resized to whole tokens: its size is the output's). `loras` go
-    into the request as they are. Raises RequestError, or what the decoder raises. Assumes `call.check()` passed.
+    into the request as they are; the call's step cache goes in checked. Raises RequestError, or what the decoder
+    raises. Assumes `call.check()` passed.
     """
     text = resolution.clean_prompt(call.prompt)
     seeds = resolution.batch_seeds(call.seed, call.num_images)
@@ -232,6 +238,7 @@ def prepare_call(
         mask=mask_picture,
         strength=None if region is None else region.strength,
         loras=loras,
+        step_cache=chosen_step_cache(call.step_cache),
     )
     return PreparedCall(call, request, tuple(inputs), mask, finalize)
 

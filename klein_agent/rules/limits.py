@@ -63,6 +63,20 @@ MAX_GUIDANCE = 20.0
 MAX_SEED = 2**32 - 1  # seeds are unsigned 32-bit, so a recipe's seed always fits the schema that replays it
 RANDOM_SEED_BOUND = 2**31  # a drawn seed leaves room for a batch above it
 
+# -- step caches (per call, off by default) ----------------------------------------------------------------------
+# A step cache skips the transformer's blocks at some steps of a many-step run and reuses what they added at the
+# last computed step. The rule is diffusers 0.42's MagCache (hooks/mag_cache.py), run by model/step_cache.py:
+# after the first RETENTION_RATIO of the steps, a step is skipped while the error accumulated from the magnitude
+# ratios since the last computed step stays within the threshold, at most MAX_SKIP_STEPS in a row. Its
+# FirstBlockCache is not offered: on FLUX.2 blocks diffusers 0.42.1 raises a TypeError at the first step (its tail
+# hook subtracts a list from a tensor), so there is no reference to match. TaylorSeer takes an interval, not a
+# threshold, and is not offered yet.
+STEP_CACHE_KINDS = ("magcache",)
+STEP_CACHE_DEFAULT_THRESHOLD = 0.06  # diffusers MagCacheConfig.threshold
+STEP_CACHE_MAX_THRESHOLD = 1.0  # an accumulated error of 1 is a residual off by its own size: beyond any use
+MAGCACHE_MAX_SKIP_STEPS = 3  # diffusers MagCacheConfig.max_skip_steps
+MAGCACHE_RETENTION_RATIO = 0.2  # diffusers MagCacheConfig.retention_ratio: the first 20% of steps always run
+
 # -- masked edits (diffusers Flux2KleinInpaintPipeline.__call__ defaults) -----------------------------------------
 DEFAULT_STRENGTH = 0.8  # how far the masked area is re-noised: 1 starts it from pure noise
 INPAINT_DEFAULT_GUIDANCE = (

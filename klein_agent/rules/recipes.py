@@ -36,6 +36,8 @@ def rerun_call(recipe: dict[str, Any], parents: Sequence[str]) -> dict[str, Any]
     arguments: dict[str, Any] = {key: recipe[key] for key in keys if key in recipe}
     if recipe.get("loras"):
         arguments["loras"] = [dict(choice) for choice in recipe["loras"]]
+    if recipe.get("cache"):
+        arguments["cache"] = dict(recipe["cache"])
     named = list(recipe.get("parents", parents))
     if tool == "inpaint":
         mask = recipe.get("mask") or {}
@@ -52,7 +54,7 @@ def rerun_call(recipe: dict[str, Any], parents: Sequence[str]) -> dict[str, Any]
 
 def rerun_command(recipe: dict[str, Any], parents: Sequence[str], out: str) -> list[str] | None:
     """The `klein-agent generate` argv that makes a stored picture again (None for an imported one): the recipe's
-    model, prompt, seed, size, steps and guidance (when the model took one), each parent as `--image <id>.png`
+    model, prompt, seed, size, steps and guidance (when the model took one), its step cache, each parent as `--image <id>.png`
     (the name the gallery's download gives it), and `--out out`."""
     call = rerun_call(recipe, parents)
     if call is None:
@@ -75,6 +77,8 @@ def rerun_command(recipe: dict[str, Any], parents: Sequence[str], out: str) -> l
         argv += ["--image", f"{parent}.png"]
     for choice in args.get("loras", []):  # adapters are named by their file's stem
         argv += ["--lora", f"{choice['name']}.safetensors:{choice['scale']}"]
+    if args.get("cache"):
+        argv += ["--step-cache", f"{args['cache']['kind']}:{args['cache']['threshold']!r}"]
     if "mask" in args:
         argv += ["--mask", f"{args['mask']}.png"]
     for box in args.get("boxes", []):

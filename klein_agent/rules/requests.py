@@ -17,6 +17,7 @@ from klein_agent.rules.loras import choices, resolve_loras
 from klein_agent.rules.masks import check_strength, first_step, fit_mask
 from klein_agent.rules.references import original_size
 from klein_agent.rules.resolution import RequestError, ResolvedRequest, resolve_request
+from klein_agent.rules.step_caches import StepCache, check_step_cache
 
 # progress(done, total, message): `done` rises strictly from 1 to `total` during one `generate` call.
 # The units are: 1 for conditioning (prompt and references), one per denoising step, 1 for decoding.
@@ -48,6 +49,7 @@ class GenerationRequest:
     # LoRA adapters to run, (name, scale) in order, from those the model loaded (a None scale: the adapter's
     # default); None or () runs none
     loras: tuple[tuple[str, float | None], ...] | None = None
+    step_cache: StepCache | None = None  # off unless given (rules.step_caches)
 
 
 class NonFiniteOutputError(RuntimeError):
@@ -60,7 +62,8 @@ class GenerationResult:
 
     images: list[Image.Image]  # RGB, width x height, one per seed
     timings_ms: dict[str, float]  # {"text", "references", "denoise", "decode", "total"}
-    # {"prompt": 0 or 1, "references": n hits}, and for klein 9B-KV "reference_kv": 0 or 1
+    # {"prompt": 0 or 1, "references": n hits}, for klein 9B-KV "reference_kv": 0 or 1, and with a step cache
+    # "steps_skipped": transformer passes it skipped (both guidance passes, every picture)
     cache_hits: dict[str, int]
     resolved: ResolvedRequest  # what ran: size, seeds, steps, guidance, references as prepared
     info: GeneratorInfo  # the model that ran it
@@ -79,6 +82,7 @@ class GenerationResult:
             "variant": self.info.variant,
             **({} if r.strength is None else {"strength": r.strength}),
             **({"loras": [{"name": n, "scale": s} for n, s in r.loras]} if r.loras else {}),
+            **({} if r.step_cache is None else {"cache": r.step_cache.as_dict()}),
         }
 
 
@@ -151,6 +155,9 @@ def resolve(request: GenerationRequest, info: GeneratorInfo) -> ResolvedRequest:
     loras = resolve_loras(choices(request.loras or (), info.loras, info.unloaded_loras), info.loras)
     if loras:
         resolved = replace(resolved, loras=loras)
+    if request.step_cache is not None:  # checked again: a request may be built by hand
+        cache = request.step_cache
+        resolved = replace(resolved, step_cache=check_step_cache(cache.kind, cache.threshold))
     if request.mask is None:
         return resolved
     size = fit_mask(request.mask, request.references[0], info.size_multiple).size

@@ -16,8 +16,12 @@ import secrets
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from klein_agent.rules import limits
+
+if TYPE_CHECKING:  # step_caches builds on this module's RequestError
+    from klein_agent.rules.step_caches import StepCache
 
 
 class RequestError(ValueError):
@@ -38,6 +42,7 @@ class ResolvedRequest:
     strength: float | None = None  # masked edits only: how far the masked area is re-noised, in (0, 1]
     first_step: int = 0  # masked edits only: schedule steps skipped (the reference's t_start)
     loras: tuple[tuple[str, float], ...] = ()  # LoRA adapters run: (name, scale), in order
+    step_cache: StepCache | None = None  # the step cache the call asked for; None runs every step in full
     # What the caller should be told about how the request was resolved (an argument the model ignores), as
     # sentences; a tool result and the CLI show them as they are.
     notes: tuple[str, ...] = ()

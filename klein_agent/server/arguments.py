@@ -28,6 +28,7 @@ from klein_agent.rules import masks, resolution
 from klein_agent.rules.image_refs import looks_like_image_ref, split_refs
 from klein_agent.rules.loras import check_scale
 from klein_agent.rules.masks import MaskRequest, check_strength
+from klein_agent.rules.step_caches import from_recipe
 from klein_agent.rules.verdicts import check_verdict
 
 # What agents reach for that FLUX.2 [klein] does not have, and what to do instead.
@@ -62,6 +63,7 @@ RULES: dict[str, Callable[[Any, dict[str, Any], list[Any]], object]] = {
     "strength": lambda v, a, p: check_strength(v),
     "loras": lambda v, a, p: _lora_scale(v, a, p),
     "reason": lambda v, a, p: check_verdict("pick", v),  # record_verdict: the limit on the trimmed reason
+    "cache": lambda v, a, p: from_recipe(a["cache"]) if len(p) == 2 else None,
 }
 
 # Rules that judge an argument's whole value, whatever its JSON type: asked for every error under that argument,

@@ -33,8 +33,12 @@ from klein_agent.rules.limits import (
     MIN_SIDE,
     SESSION_MAX_CHARS,
     SIZE_MULTIPLE,
+    STEP_CACHE_KINDS,
+    STEP_CACHE_MAX_THRESHOLD,
 )
 from klein_agent.rules.loras import MAX_LORA_SCALE
+from klein_agent.rules.step_caches import DESCRIPTION as STEP_CACHE_DESCRIPTION
+from klein_agent.rules.step_caches import THRESHOLD_TEXT
 from klein_agent.server.arguments import id_list
 from klein_agent.server.errors import tool_errors
 from klein_agent.server.models import ImagesResult
@@ -191,6 +195,23 @@ LorasArg = Annotated[
 ]
 
 
+class StepCacheChoice(BaseModel):
+    """A step cache for this call: its kind and threshold."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str = Field(json_schema_extra={"enum": list(STEP_CACHE_KINDS)}, description="The cache's rule.")
+    threshold: float | None = Field(
+        default=None,
+        gt=0,
+        le=STEP_CACHE_MAX_THRESHOLD,
+        description=f"The error it accepts: {THRESHOLD_TEXT}.",
+    )
+
+
+CacheArg = Annotated[StepCacheChoice | None, Field(description=STEP_CACHE_DESCRIPTION)]
+
+
 RETURNS_NOTE = "Returns a preview, the ids and seeds, and image:// links; if you cannot see the preview, call view_image."
 
 
@@ -224,6 +245,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
         num_images: NumImagesArg = 1,
         session: SessionArg = None,
         loras: LorasArg = None,
+        cache: CacheArg = None,
     ) -> Annotated[CallToolResult, ImagesResult]:
         call = Generate(
             width=width,
@@ -235,6 +257,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
             num_images=num_images,
             session=session,
             loras=lora_pairs(loras),
+            step_cache=step_cache_pair(cache),
         )
         return await run_call(studio, ctx, call)
 
@@ -264,6 +287,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
         num_images: NumImagesArg = 1,
         session: SessionArg = None,
         loras: LorasArg = None,
+        cache: CacheArg = None,
     ) -> Annotated[CallToolResult, ImagesResult]:
         call = Edit(
             image=image,
@@ -276,6 +300,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
             num_images=num_images,
             session=session,
             loras=lora_pairs(loras),
+            step_cache=step_cache_pair(cache),
         )
         return await run_call(studio, ctx, call)
 
@@ -305,6 +330,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
         num_images: NumImagesArg = 1,
         session: SessionArg = None,
         loras: LorasArg = None,
+        cache: CacheArg = None,
     ) -> Annotated[CallToolResult, ImagesResult]:
         call = Compose(
             images=reference_list(images),
@@ -317,6 +343,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
             num_images=num_images,
             session=session,
             loras=lora_pairs(loras),
+            step_cache=step_cache_pair(cache),
         )
         return await run_call(studio, ctx, call)
 
@@ -350,6 +377,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
         num_images: NumImagesArg = 1,
         session: SessionArg = None,
         loras: LorasArg = None,
+        cache: CacheArg = None,
     ) -> Annotated[CallToolResult, ImagesResult]:
         call = Inpaint(
             image=image,
@@ -364,6 +392,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
             num_images=num_images,
             session=session,
             loras=lora_pairs(loras),
+            step_cache=step_cache_pair(cache),
         )
         return await run_call(studio, ctx, call)
 
@@ -384,6 +413,11 @@ def reference_list(images: list[str] | str) -> list[str]:
 def lora_pairs(loras: list[LoraChoice] | None) -> list[tuple[str, float | None]] | None:
     """The adapters a tool call chose, as (name, scale or None) pairs."""
     return None if loras is None else [(choice.name, choice.scale) for choice in loras]
+
+
+def step_cache_pair(cache: StepCacheChoice | None) -> tuple[str, float | None] | None:
+    """The step cache a tool call chose, as a (kind, threshold or None) pair."""
+    return None if cache is None else (cache.kind, cache.threshold)
 
 
 async def run_call(studio: Studio, ctx: Context, call: ImageCall) -> CallToolResult:
