@@ -72,7 +72,14 @@ def cases(input_dir: Path, outside: Path) -> list[tuple[str, str, dict[str, Any]
     return [
         ("unknown id", "edit", {"image": VALID_UNKNOWN_ID, "prompt": p}, "Call list_images"),
         ("unknown image uri", "edit", {"image": f"image://{VALID_UNKNOWN_ID}", "prompt": p}, "list_images"),
-        ("malformed id", "edit", {"image": "img_../../etc/passwd", "prompt": p}, "not a valid image id"),
+        ("malformed id", "edit", {"image": "img_short", "prompt": p}, "'img_short' is not a valid image id"),
+        # with a '/' or '.' it is a path (rules/image_refs.py), and the path rule refuses the traversal
+        (
+            "traversal",
+            "edit",
+            {"image": "img_../../etc/passwd", "prompt": p},
+            "contains '..': give the absolute",
+        ),
         (
             "unknown id in compose",
             "compose",
