@@ -44,6 +44,12 @@ def counts(handle: Any) -> dict[str, int]:
     return result
 
 
+async def acounts(handle: Any) -> dict[str, int]:
+    """`counts` from inside an event loop (Ray refuses its blocking `result()` there)."""
+    result: dict[str, int] = await handle.options(method_name="counts").remote()
+    return result
+
+
 def generator(handle: Any, deadline_s: float = limits.REPLICA_DEADLINE_S) -> RayGenerator:
     return RayGenerator(handle, handle.options(method_name="info").remote().result(), deadline_s)
 
@@ -107,3 +113,64 @@ def test_the_generator_option_names_the_application_or_says_what_to_give() -> No
     for bad in ("ray:", "rays", "local:x", ""):
         with pytest.raises(ValueError, match=r"--generator .*give local, ray or ray:APP"):
             parse_generator(bad)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_cancelled_engine_call_stops_the_replicas_model(replica: Any, anyio_backend: str) -> None:
+    """The path `serve --generator ray` takes: the engine's own cancellation (a client's cancel cancels the
+    awaiting task) reaches the replica through the handle, and the engine serves the next call."""
+    import anyio
+
+    from klein_agent.service.engine import Engine, EngineState
+
+    engine = Engine(lambda: generator(replica))  # the factory runs on the engine's thread, off the loop
+    engine.start()
+    assert engine.wait_loaded(60) == EngineState.READY
+    before = await acounts(replica)
+    started = anyio.Event()
+
+    async def progress(value: float, total: float | None, message: str) -> None:
+        if message.startswith("step "):
+            started.set()
+
+    long_call = GenerationRequest("a long call", 256, 256, seed=2, steps=limits.MAX_STEPS)
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(lambda: engine.run(long_call, progress=progress))
+        await started.wait()
+        tasks.cancel_scope.cancel()
+    deadline = time.monotonic() + 30
+    while (await acounts(replica))["stopped"] == before["stopped"] and time.monotonic() < deadline:
+        await anyio.sleep(0.05)
+    assert (await acounts(replica))["stopped"] == before["stopped"] + 1, (
+        "the replica's model stopped before its end"
+    )
+    after = await engine.run(GenerationRequest("next", 64, 64, seed=3))
+    assert len(after.result.images) == 1
+    assert engine.status().cancelled == 1
+    await engine.aclose()
+
+
+def test_deploy_without_a_cluster_address_says_what_to_set(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from klein_agent.cli import main
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert main(["deploy", "--model", "tiny", "--replicas", "2"]) == 2
+    err = capsys.readouterr().err  # stderr: the log, as every start-up error of serve
+    assert "set RAY_ADDRESS to its address" in err and "deploy does not start one" in err
+
+
+def test_a_front_end_without_a_cluster_address_fails_its_load_with_the_fix(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from klein_agent.replica.handle import ray_generator_factory
+    from klein_agent.service.engine import Engine, EngineState
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    engine = Engine(ray_generator_factory("klein"))
+    engine.start()
+    assert engine.wait_loaded(30) == EngineState.FAILED
+    assert "--generator ray needs the Ray cluster's address: set RAY_ADDRESS" in (engine.status().error or "")
+    engine.close()
