@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from typing import Any
 
 from klein_agent.model_options import add_model_arguments, check_model_options
 from klein_agent.option_types import non_negative_int, positive_float, positive_int
@@ -104,8 +105,10 @@ def run_deploy(args: argparse.Namespace) -> int:
         info = handle.options(method_name="info").remote().result(timeout_s=limits.RAY_CONNECT_TIMEOUT_S)
         status = serve.status().applications[args.app]
         running = sum(d.replica_states.get(ReplicaState.RUNNING, 0) for d in status.deployments.values())
-    except Exception as exc:  # a replica that failed to load: Serve's message carries the replica's error
-        log.error("deploying %r to %s failed: %s", args.app, address, exc)
+    except Exception as exc:  # a replica that failed to load: its error is in the deployment's status
+        log.error(
+            "deploying %r to %s failed: %s%s", args.app, address, exc, _status_messages(serve, args.app)
+        )
         return 2
     finally:
         ray.shutdown()  # the application outlives this process
@@ -119,3 +122,14 @@ def run_deploy(args: argparse.Namespace) -> int:
         args.app,
     )
     return 0
+
+
+def _status_messages(serve: Any, app: str) -> str:
+    """What Serve says about `app`'s deployments (a replica's load error and traceback), or "" when it says
+    nothing or cannot be asked."""
+    try:
+        status = serve.status().applications[app]
+    except Exception:
+        return ""
+    said = [f"{name}: {d.message}" for name, d in status.deployments.items() if d.message]
+    return "".join(f"\n{text}" for text in said)

@@ -99,3 +99,16 @@ async def test_two_replicas_give_the_single_process_servers_png_bytes_and_stream
     steps = [m for m in remote_heard if m.startswith("step ")]
     assert steps == [f"step {k}/4" for k in range(1, 5)], remote_heard
     assert remote_heard[-1] == local_heard[-1], (remote_heard, local_heard)
+
+
+def test_a_front_end_naming_a_missing_application_says_to_deploy_it(cluster: dict[str, str]) -> None:
+    probe = (
+        "from klein_agent.replica.handle import ray_generator_factory\n"
+        "try:\n    ray_generator_factory('nope', timeout_s=5)()\n"
+        "except RuntimeError as exc:\n    print(exc)\n"
+    )
+    env = {**cluster, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    said = done.stdout.strip()
+    assert said.startswith("no Ray Serve application 'nope' on 127.0.0.1:"), done.stdout + done.stderr[-2000:]
+    assert "run klein-agent deploy --model MODEL --app nope first" in said, said

@@ -121,6 +121,10 @@ def connect_application(address: str, app: str) -> Any:
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
     try:
+        # a handle to a missing application is made without complaint and its calls time out: ask first
+        known = serve.status().applications
+        if app not in known:
+            raise LookupError(f"the cluster has {', '.join(sorted(known)) or 'no applications'}")
         return serve.get_app_handle(app)
     except Exception as exc:
         raise RuntimeError(
