@@ -213,6 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_logging_arguments(store)
     add_store_arguments(store)
+
+    deploy = commands.add_parser(
+        "deploy", help="put the model on a Ray cluster ($RAY_ADDRESS) for serve --generator ray"
+    )
+    from klein_agent.deploy_command import add_deploy_arguments
+
+    add_logging_arguments(deploy)
+    add_deploy_arguments(deploy)
     return parser
 
 

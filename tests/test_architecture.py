@@ -28,13 +28,17 @@ ALLOWED: dict[str, set[str]] = {
     "service": {"rules"},
     "web": {"rules"},
     "gallery": {"service", "rules", "web", "option_types"},
-    "server": {"service", "rules", "model_options", "web", "gallery", "option_types"},
+    "server": {"service", "rules", "model_options", "web", "gallery", "option_types", "replica"},
     # the model options check a --model folder or cache entry with loading/hub.py's filesystem reads (no torch)
     "model_options": {"rules", "pipeline", "loading", "option_types"},
     "option_types": {"rules"},  # argparse value types shared by the commands' parsers
+    # generator replicas on Ray Serve: the deployment loads the model through model_options (the only new place
+    # that reaches the pipeline); the front-end's side (handle, wire) is torch-free, checked below
+    "replica": {"rules", "model_options"},
 }
 TORCH_FREE = ["rules", "service", "web", "gallery", "server", "model_options", "option_types", "cli"]
 TORCH_FREE.append("store_command")  # `klein-agent store copy`: a driver, like cli
+TORCH_FREE += ["replica.handle", "replica.wire", "deploy_command"]  # what a front-end and the deployer import
 
 
 def modules() -> list[Path]:

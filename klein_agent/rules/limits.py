@@ -150,6 +150,15 @@ STORE_MAX_IMAGES = 10_000
 LEASE_TTL_S = 120.0
 LEASE_RENEW_S = 15.0
 
+# -- generator replicas on Ray Serve (klein_agent/replica/, `klein-agent deploy`, `serve --generator ray`) ---------
+RAY_APP = "klein"  # the Serve application `deploy` creates and `serve --generator ray` calls, unless named
+RAY_DEPLOYMENT = "KleinReplica"  # the deployment inside it (one per application)
+# A replica stops a call that runs longer than this, checked at each step: a front-end killed mid-call (Ray does
+# not cancel its calls) frees its replica then at the latest. Longer than any call the default pixel budget allows
+# on a GPU (seconds), and than a 512x512 tiny-or-4B call on a CPU (minutes).
+REPLICA_DEADLINE_S = 600.0
+RAY_CONNECT_TIMEOUT_S = 60.0  # `serve --generator ray`: asking the application what model it runs
+
 # -- critique: compare_images, view_image regions, verdicts --------------------------------------------------------
 # A token (SIZE_MULTIPLE px square) counts as changed when the mean CIE76 colour difference (ΔE*ab, CIELAB, D65)
 # over it is above this. Measured on a 1024² photo with sigma-2 noise standing in for the autoencoder's drift: the

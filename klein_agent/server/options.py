@@ -17,6 +17,7 @@ from klein_agent.option_types import (
     positive_int,
     store_option,
 )
+from klein_agent.replica.handle import GENERATOR_HELP  # no Ray, no torch
 from klein_agent.rules import limits
 
 DEFAULT_PORT = 8765
@@ -93,6 +94,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="let image arguments be http(s) URLs (public addresses only, no redirects); off by default",
     )
+    where = parser.add_argument_group("generator")
+    where.add_argument("--generator", default="local", metavar="local|ray[:APP]", help=GENERATOR_HELP)
     caps = parser.add_argument_group("limits")
     caps.add_argument(
         "--max-queue",

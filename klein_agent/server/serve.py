@@ -16,6 +16,7 @@ import anyio
 from klein_agent.gallery.app import Gallery
 from klein_agent.model_options import generator_factory
 from klein_agent.option_types import StoreLocations, shared_blobs, store_locations
+from klein_agent.replica.handle import parse_generator, ray_generator_factory
 from klein_agent.server.app import build_server
 from klein_agent.server.http import HttpPlan, serve_http
 from klein_agent.server.options import allowed_dir_options
@@ -69,7 +70,9 @@ def build_studio(args: argparse.Namespace, where: StoreLocations | None = None) 
         max_pixels_per_call=None if args.max_megapixels is None else int(args.max_megapixels * 1_000_000),
         device_hint=args.device,  # else the loaded model's device decides the default (limits.default_max_pixels)
     )
-    engine = Engine(generator_factory(args, skip_bad_loras=True), max_queue=args.max_queue)
+    app = parse_generator(args.generator)  # None: the model loads here, as ever; else a Ray Serve application
+    factory = generator_factory(args, skip_bad_loras=True) if app is None else ray_generator_factory(app)
+    engine = Engine(factory, max_queue=args.max_queue)
     try:
         studio = Studio(engine, store, policy, config)
     except ValueError:  # an allowed folder inside the store

@@ -1,0 +1,140 @@
+"""The Ray Serve deployment that holds one model: the only module of the scale-out mode that loads the pipeline.
+
+A replica loads the model the deploy options name (`model_options.generator_factory`, as `serve` does) and runs
+one call at a time (`max_ongoing_requests=1`). `generate` is an async generator, as Ray's cancellation needs: the
+model runs on a one-thread pool (the replica's engine thread), progress comes back to the event loop with
+`call_soon_threadsafe` and is streamed out, and a caller's `response.cancel()` arrives here as CancelledError at
+the `await`, which sets a flag the progress callback checks, so the model stops at the next step boundary, as a
+cancelled local call does. A sync method would not be interrupted at all (docs/scaling.md, the notes' §1.3). A
+per-call deadline, checked at the same boundary, frees a replica whose front-end died: Ray does not cancel the
+calls of a caller that is gone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from klein_agent.model_options import generator_factory
+from klein_agent.replica import wire
+from klein_agent.rules import limits
+from klein_agent.rules.requests import GenerationRequest, GeneratorInfo
+
+log = logging.getLogger("klein_agent.replica")
+
+# The model options `deploy` forwards to each replica (the rest of its command line stays with the deployer).
+MODEL_OPTION_NAMES = (
+    "model",
+    "transformer_file",
+    "device",
+    "dtype",
+    "offload_text_encoder",
+    "fp8",
+    "compile",
+    "warm_buckets",
+    "reference_kv_cache_gib",
+    "lora",
+    "allow_download",
+)
+
+
+class _Stopped(Exception):
+    """Raised in the progress callback to stop the model at a step boundary (a cancel or the deadline)."""
+
+
+class KleinReplica:
+    """One model behind Ray Serve. `options`: the model options by name (MODEL_OPTION_NAMES), as `deploy` parsed
+    them. Loading raises what `serve` would log for the same options (ValueError naming the option, or the
+    loader's error); Serve then reports the deployment unhealthy and `deploy` prints it."""
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        self._generator = generator_factory(argparse.Namespace(**options), skip_bad_loras=True)()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="klein-replica")
+        self.calls = 0  # calls started here, for tests and logs
+        self.stopped = 0  # calls stopped at a step boundary (cancelled or past the deadline)
+        log.info("replica ready: %s", self._generator.info.summary())
+
+    def info(self) -> GeneratorInfo:
+        """What the front-end's engine and resolution rules need to know of the model."""
+        return self._generator.info
+
+    def counts(self) -> dict[str, int]:
+        """{"calls": started, "stopped": stopped at a step boundary}, for tests and status."""
+        return {"calls": self.calls, "stopped": self.stopped}
+
+    async def generate(
+        self, request: GenerationRequest, deadline_s: float = limits.REPLICA_DEADLINE_S
+    ) -> AsyncIterator[tuple[Any, ...]]:
+        """Run `request`, streaming wire events: ("progress", done, total, message) per unit, then ("result",
+        GenerationResult) or ("error", kind, message). Stops at the next step boundary when the caller cancels
+        or after `deadline_s` seconds."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[tuple[Any, ...] | None] = asyncio.Queue()
+        stop = threading.Event()
+        deadline = time.monotonic() + deadline_s
+        self.calls += 1
+
+        def progress(done: int, total: int, message: str) -> None:
+            if stop.is_set():
+                raise _Stopped("cancelled by the caller")
+            if time.monotonic() > deadline:
+                raise wire.ReplicaDeadlineError(
+                    f"the call ran longer than the replica's deadline of {deadline_s:g} s and was stopped at step "
+                    f"{done}/{total}; ask for fewer steps, a smaller size or fewer images"
+                )
+            loop.call_soon_threadsafe(events.put_nowait, (wire.PROGRESS, done, total, message))
+
+        future = loop.run_in_executor(self._pool, self._generator.generate, request, progress)
+        future.add_done_callback(lambda _: loop.call_soon_threadsafe(events.put_nowait, None))
+        try:
+            while (event := await events.get()) is not None:
+                yield event
+            try:
+                result = await future
+            except Exception as exc:  # the model's failure goes to the caller as an event, its traceback here
+                if isinstance(exc, wire.ReplicaDeadlineError):
+                    self.stopped += 1
+                log.warning("call failed on the replica: %s", exc, exc_info=not isinstance(exc, ValueError))
+                yield wire.error_event(exc)
+                return
+            yield (wire.RESULT, result)
+        except (asyncio.CancelledError, GeneratorExit):
+            stop.set()  # the thread stops at its next step; the slot is free only then
+            with contextlib.suppress(Exception):
+                await asyncio.shield(future)
+            if future.done() and isinstance(future.exception(), _Stopped):
+                self.stopped += 1
+            raise
+
+
+def build_app(
+    options: dict[str, Any],
+    *,
+    replicas: int = 1,
+    cpus_per_replica: float = 1.0,
+    gpus_per_replica: float = 0.0,
+    max_queued: int = limits.MAX_QUEUE,
+) -> Application:
+    """The Serve application of `replicas` copies of the model `options` names (MODEL_OPTION_NAMES), one call at
+    a time each; a caller with `max_queued` calls waiting is refused with Ray's BackPressureError."""
+    deployment = serve.deployment(name=limits.RAY_DEPLOYMENT)(KleinReplica)
+    return deployment.options(
+        num_replicas=replicas,
+        max_ongoing_requests=1,
+        max_queued_requests=max_queued,
+        # num_gpus only when asked: Ray reserves what is named, and a CPU cluster has no GPU to give
+        ray_actor_options={
+            "num_cpus": cpus_per_replica,
+            **({"num_gpus": gpus_per_replica} if gpus_per_replica else {}),
+        },
+    ).bind({name: options[name] for name in MODEL_OPTION_NAMES if name in options})

@@ -1,0 +1,133 @@
+"""`serve --generator ray[:APP]`: the `ImageGenerator` that sends each call to a replica of a Ray Serve application.
+
+The engine drives it exactly as it drives a local model: `generate` runs on the engine thread, reports every unit
+through the progress callback, and stops when that callback raises (the engine's cancellation). Here each report
+is an event streamed from the replica; when the callback raises, the response is cancelled explicitly (Ray does
+not cancel a call whose caller merely stops reading: notes §1.3), so the replica stops at its next step too.
+Failures arrive as `wire` events and are raised as the classes a local model raises, so a client reads the same
+sentence either way. Ray is imported when the factory runs, never at import: this module stays torch- and ray-free.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+from klein_agent.replica import wire
+from klein_agent.rules import limits
+from klein_agent.rules.requests import (
+    GenerationRequest,
+    GenerationResult,
+    GeneratorInfo,
+    ImageGenerator,
+    ProgressCallback,
+)
+
+log = logging.getLogger("klein_agent.replica")
+
+GENERATOR_HELP = (
+    "where the model runs: local (default: loaded in this process) or ray[:APP], the Ray Serve application "
+    f"`klein-agent deploy` made (default APP: {limits.RAY_APP}) on the cluster at $RAY_ADDRESS"
+)
+
+
+def parse_generator(text: str) -> str | None:
+    """`--generator` as the Ray application to call, or None for `local`. Raises ValueError naming the option."""
+    kind, colon, app = text.partition(":")
+    if kind == "local" and not colon:
+        return None
+    if kind == "ray" and (not colon or app):
+        return app or limits.RAY_APP
+    raise ValueError(
+        f"--generator {text!r}: give local, ray or ray:APP (APP: the name given to deploy --app)"
+    )
+
+
+class RayGenerator:
+    """An `ImageGenerator` over a Serve handle to `KleinReplica`. `info` is the replica's, asked once at connect;
+    every replica of an application runs the same model options."""
+
+    def __init__(
+        self, handle: Any, info: GeneratorInfo, deadline_s: float = limits.REPLICA_DEADLINE_S
+    ) -> None:
+        self._handle = handle
+        self.info = info
+        self._deadline_s = deadline_s
+
+    def generate(
+        self, request: GenerationRequest, progress: ProgressCallback | None = None
+    ) -> GenerationResult:
+        """Run `request` on a replica (Serve picks one with a free slot) and return its pictures; progress as the
+        replica reports it. Raises what the model raised there (see `wire.raise_error`), whatever `progress` raised
+        (after cancelling the replica's call), or Ray's error when no replica could take it (BackPressureError
+        when this front-end has `max_queued` calls waiting, ActorDiedError when the replica died mid-call)."""
+        response = self._handle.options(stream=True, method_name="generate").remote(request, self._deadline_s)
+        try:
+            for event in response:
+                if event[0] == wire.PROGRESS:
+                    if progress is not None:
+                        progress(event[1], event[2], event[3])
+                elif event[0] == wire.RESULT:
+                    result: GenerationResult = event[1]
+                    return result
+                elif event[0] == wire.ERROR:
+                    wire.raise_error(event[1], event[2])
+                else:
+                    raise wire.ReplicaError(f"unexpected event {wire.describe_event(event)}")
+        except BaseException:
+            response.cancel()  # a no-op once the stream has ended; otherwise the replica stops at its next step
+            raise
+        raise wire.ReplicaError("the replica ended the call without a result (its log says why)")
+
+
+def ray_generator_factory(
+    app: str, address: str | None = None, timeout_s: float = limits.RAY_CONNECT_TIMEOUT_S
+) -> Callable[[], ImageGenerator]:
+    """A zero-argument callable (the engine's model factory) that connects to the Ray cluster at `address` (default
+    $RAY_ADDRESS) and returns a `RayGenerator` for application `app`. Raises RuntimeError naming what is missing:
+    the address, the application, or Ray itself."""
+
+    def connect() -> ImageGenerator:
+        where = address or os.environ.get("RAY_ADDRESS")
+        if not where:
+            raise RuntimeError(
+                "--generator ray needs the Ray cluster's address: set RAY_ADDRESS (e.g. 127.0.0.1:6379) to the "
+                "cluster `klein-agent deploy` put the model on"
+            )
+        handle = connect_application(where, app)
+        try:
+            info: GeneratorInfo = handle.options(method_name="info").remote().result(timeout_s=timeout_s)
+        except Exception as exc:
+            raise RuntimeError(f"Ray application {app!r} did not answer in {timeout_s:g} s: {exc}") from exc
+        log.info("generator: Ray application %r on %s: %s", app, where, info.summary())
+        return RayGenerator(handle, info)
+
+    return connect
+
+
+def connect_application(address: str, app: str) -> Any:
+    """A handle to application `app` on the cluster at `address` (ray.init once per process; its workers' logs are
+    not forwarded: stdout is the MCP wire). Raises RuntimeError when Ray is missing or the application is not
+    there."""
+    try:
+        import ray
+        from ray import serve
+    except ImportError as exc:
+        raise RuntimeError(
+            "--generator ray needs Ray Serve: pip install 'klein-agent[scale]' (ray[serve]==2.60.0)"
+        ) from exc
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+    try:
+        # a handle to a missing application is made without complaint and its calls time out: ask first
+        known = serve.status().applications
+        if app not in known:
+            raise LookupError(f"the cluster has {', '.join(sorted(known)) or 'no applications'}")
+        return serve.get_app_handle(app)
+    except Exception as exc:
+        raise RuntimeError(
+            f"no Ray Serve application {app!r} on {address}: run klein-agent deploy --model MODEL --app {app} "
+            f"first ({exc})"
+        ) from exc

@@ -1,0 +1,176 @@
+"""The generator replica (klein_agent/replica/) in Ray Serve's local testing mode: the deployment and the handle's
+`ImageGenerator` in one process, no cluster. Same request in, same result out as the local tiny model (pixels,
+recipe, progress); a caller's cancel and the per-call deadline stop the replica's model at a step boundary; a
+refusal on the replica reaches the caller as the class and sentence a local model raises.
+
+The cluster, two replicas and a real MCP client: tests/test_replica_scaleout.py.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from klein_agent.replica import wire
+from klein_agent.replica.handle import RayGenerator, parse_generator
+from klein_agent.rules import limits
+from klein_agent.rules.requests import GenerationRequest, ImageGenerator
+from klein_agent.rules.resolution import RequestError
+
+serve = pytest.importorskip("ray.serve", reason="the scale extra (ray[serve]) is not installed")
+
+TINY = {"model": "tiny", "transformer_file": None, "device": None, "dtype": None, "allow_download": False}
+
+
+class Stop(Exception):
+    """What the engine's progress callback raises for a cancelled call."""
+
+
+@pytest.fixture(scope="module")
+def replica() -> Iterator[Any]:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from klein_agent.replica.deployment import build_app
+
+    handle = serve.run(build_app(TINY), name="replica-test", _local_testing_mode=True)
+    yield handle
+
+
+def counts(handle: Any) -> dict[str, int]:
+    result: dict[str, int] = handle.options(method_name="counts").remote().result()
+    return result
+
+
+async def acounts(handle: Any) -> dict[str, int]:
+    """`counts` from inside an event loop (Ray refuses its blocking `result()` there)."""
+    result: dict[str, int] = await handle.options(method_name="counts").remote()
+    return result
+
+
+def generator(handle: Any, deadline_s: float = limits.REPLICA_DEADLINE_S) -> RayGenerator:
+    return RayGenerator(handle, handle.options(method_name="info").remote().result(), deadline_s)
+
+
+def test_a_call_through_the_replica_gives_the_local_models_pictures_recipe_and_progress(
+    replica: Any, tiny_pipeline: ImageGenerator
+) -> None:
+    request = GenerationRequest("a lighthouse at dusk", 64, 48, seed=11, num_images=2)
+    heard: list[tuple[int, int, str]] = []
+    remote = generator(replica).generate(request, lambda *event: heard.append(event))
+    local_heard: list[tuple[int, int, str]] = []
+    local = tiny_pipeline.generate(request, lambda *event: local_heard.append(event))
+    assert [im.tobytes() for im in remote.images] == [im.tobytes() for im in local.images]
+    assert [remote.recipe(k) for k in range(2)] == [local.recipe(k) for k in range(2)]
+    assert heard == local_heard and heard[-1][0] == heard[-1][1], "every unit, in order, to the last"
+    assert remote.info == tiny_pipeline.info
+
+
+def test_a_cancel_reaches_the_replica_and_stops_its_model_at_the_next_step(replica: Any) -> None:
+    before = counts(replica)
+    heard: list[int] = []
+
+    def cancel_at_the_first_step(done: int, total: int, message: str) -> None:
+        heard.append(done)
+        if done == 2:  # the first denoising step: the engine's callback raises for a cancelled call
+            raise Stop
+
+    request = GenerationRequest("a long call", 256, 256, seed=1, steps=limits.MAX_STEPS)
+    with pytest.raises(Stop):
+        generator(replica).generate(request, cancel_at_the_first_step)
+    deadline = time.monotonic() + 30
+    while counts(replica)["stopped"] == before["stopped"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert counts(replica)["stopped"] == before["stopped"] + 1, "the replica's model stopped before its end"
+    assert heard == [1, 2]
+
+
+def test_the_replica_stops_a_call_past_its_deadline_with_a_clear_error(replica: Any) -> None:
+    before = counts(replica)
+    request = GenerationRequest("too slow", 64, 64, seed=1)
+    with pytest.raises(wire.ReplicaDeadlineError, match=r"deadline of 0 s and was stopped at step 1/"):
+        generator(replica, deadline_s=0).generate(request)
+    assert counts(replica)["stopped"] == before["stopped"] + 1
+
+
+def test_a_refusal_on_the_replica_reads_as_the_local_models(
+    replica: Any, tiny_pipeline: ImageGenerator
+) -> None:
+    request = GenerationRequest("a bad size", 1000, 64, seed=1)
+    with pytest.raises(RequestError) as local:
+        tiny_pipeline.generate(request)
+    with pytest.raises(RequestError) as remote:
+        generator(replica).generate(request)
+    assert str(remote.value) == str(local.value) and "width" in str(local.value)
+
+
+def test_the_generator_option_names_the_application_or_says_what_to_give() -> None:
+    assert parse_generator("local") is None
+    assert parse_generator("ray") == limits.RAY_APP
+    assert parse_generator("ray:team-a") == "team-a"
+    for bad in ("ray:", "rays", "local:x", ""):
+        with pytest.raises(ValueError, match=r"--generator .*give local, ray or ray:APP"):
+            parse_generator(bad)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_cancelled_engine_call_stops_the_replicas_model(replica: Any, anyio_backend: str) -> None:
+    """The path `serve --generator ray` takes: the engine's own cancellation (a client's cancel cancels the
+    awaiting task) reaches the replica through the handle, and the engine serves the next call."""
+    import anyio
+
+    from klein_agent.service.engine import Engine, EngineState
+
+    engine = Engine(lambda: generator(replica))  # the factory runs on the engine's thread, off the loop
+    engine.start()
+    assert engine.wait_loaded(60) == EngineState.READY
+    before = await acounts(replica)
+    started = anyio.Event()
+
+    async def progress(value: float, total: float | None, message: str) -> None:
+        if message.startswith("step "):
+            started.set()
+
+    long_call = GenerationRequest("a long call", 256, 256, seed=2, steps=limits.MAX_STEPS)
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(lambda: engine.run(long_call, progress=progress))
+        await started.wait()
+        tasks.cancel_scope.cancel()
+    deadline = time.monotonic() + 30
+    while (await acounts(replica))["stopped"] == before["stopped"] and time.monotonic() < deadline:
+        await anyio.sleep(0.05)
+    assert (await acounts(replica))["stopped"] == before["stopped"] + 1, (
+        "the replica's model stopped before its end"
+    )
+    after = await engine.run(GenerationRequest("next", 64, 64, seed=3))
+    assert len(after.result.images) == 1
+    assert engine.status().cancelled == 1
+    await engine.aclose()
+
+
+def test_deploy_without_a_cluster_address_says_what_to_set(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from klein_agent.cli import main
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert main(["deploy", "--model", "tiny", "--replicas", "2"]) == 2
+    err = capsys.readouterr().err  # stderr: the log, as every start-up error of serve
+    assert "set RAY_ADDRESS to its address" in err and "deploy does not start one" in err
+
+
+def test_a_front_end_without_a_cluster_address_fails_its_load_with_the_fix(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from klein_agent.replica.handle import ray_generator_factory
+    from klein_agent.service.engine import Engine, EngineState
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    engine = Engine(ray_generator_factory("klein"))
+    engine.start()
+    assert engine.wait_loaded(30) == EngineState.FAILED
+    assert "--generator ray needs the Ray cluster's address: set RAY_ADDRESS" in (engine.status().error or "")
+    engine.close()
