@@ -21,6 +21,7 @@ from klein_agent.rules import limits
 from klein_agent.rules.requests import GenerationRequest, ImageGenerator
 from klein_agent.rules.resolution import RequestError
 
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # before Ray is imported; local mode starts no cluster
 serve = pytest.importorskip("ray.serve", reason="the scale extra (ray[serve]) is not installed")
 
 TINY = {"model": "tiny", "transformer_file": None, "device": None, "dtype": None, "allow_download": False}
@@ -32,7 +33,6 @@ class Stop(Exception):
 
 @pytest.fixture(scope="module")
 def replica() -> Iterator[Any]:
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     from klein_agent.replica.deployment import build_app
 
     handle = serve.run(build_app(TINY), name="replica-test", _local_testing_mode=True)
