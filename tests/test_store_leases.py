@@ -174,3 +174,24 @@ def test_lease_settings_and_a_read_only_store(root: Path, holder: ImageStore) ->
         ImageStore(root, lease_ttl_s=1.0, lease_renew_s=1.0)
     with ImageStore(root, read_only=True) as reader, pytest.raises(StoreError, match="read-only"):
         reader.lease()
+
+
+def test_a_call_that_leases_nothing_writes_no_lease_transaction(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every model call opens a lease; most (a prompt alone) hold no image. Those must cost no catalog write:
+    # two write transactions per call were the server's +1.7 ms CPU per call (docs/benchmarks.md, issue 19).
+    with ImageStore(root) as store:
+        writes: list[str] = []
+        for name in ("take_leases", "release_leases"):
+            real = getattr(store.catalog, name)
+            monkeypatch.setattr(
+                store.catalog, name, lambda *a, _n=name, _r=real, **k: (writes.append(_n), _r(*a, **k))[1]
+            )
+        with store.lease() as lease:
+            lease.add([])
+        assert writes == []
+        image_id = put(store, 1).image_id
+        with store.lease() as lease:
+            lease.add([image_id])
+        assert writes == ["take_leases", "release_leases"]

@@ -403,6 +403,8 @@ class ImageStore:
             if not is_valid_id(image_id):
                 raise UnknownImageError(image_id)
         self._check_open()
+        if not ids:  # nothing to hold: no write transaction (a generate from a prompt alone leases nothing)
+            return
         self.catalog.take_leases(
             holder, ids, expires_at=self._clock() + self.lease_ttl_s, require_stored=require_stored
         )
@@ -418,11 +420,12 @@ class ImageStore:
             self.catalog.renew_leases(holders, self._clock() + self.lease_ttl_s)
 
     def release_leases(self, holder: str) -> None:
-        """End `holder`'s leases (and purge expired ones). Best effort, like `delete`: a store that cannot be
+        """End `holder`'s leases (and purge expired ones) if it took any. Best effort, like `delete`: a store that cannot be
         written now is logged, and the lease then lapses at its expiry."""
         with self._lock:
+            held = holder in self._holders
             self._holders.discard(holder)
-            if self._closed:
+            if self._closed or not held:  # a holder that leased nothing has no rows: no write transaction
                 return
         try:
             self.catalog.release_leases(holder, self._clock())
