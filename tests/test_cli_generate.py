@@ -225,6 +225,10 @@ def test_ctrl_c_during_the_progress_bar_ends_its_line_and_exits_130(tmp_path: Pa
     pid, fd = pty.fork()
     if pid == 0:  # the child: generate in a terminal, so the bar is drawn
         os.chdir(REPO)
+        # A suite started in the background (`pytest &` from a script) runs with SIGINT ignored, and an ignored
+        # signal stays ignored across exec (Python then installs no KeyboardInterrupt handler, as it should for a
+        # background job): give the child the terminal's default, as an interactive shell would.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.execv(sys.executable, argv)
     output, status = b"", None
     try:
