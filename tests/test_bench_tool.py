@@ -182,3 +182,6 @@ def test_step_cache_rows_count_skips_and_compare_with_no_cache(tmp_path: Path) -
     assert none["passes_skipped"] == 0 and none["psnr_vs_no_cache_db"] == float("inf")
     assert 0 < default["passes_skipped"] <= generous["passes_skipped"]
     assert generous["psnr_vs_no_cache_db"] < float("inf")  # skipping changed the picture, and it was measured
+    from klein_agent.model.configs import PRESETS
+
+    assert "tiny+base" not in PRESETS, "the bench's Base copy of a preset must not outlive the run"

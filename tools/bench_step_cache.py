@@ -107,12 +107,22 @@ def format_row(size: str, row: dict[str, Any]) -> str:
 
 def run_step_cache(args: argparse.Namespace) -> int:
     """`bench.py --step-cache KIND[:THRESHOLD] ...`: prints the table, writes --json when given."""
+    if not args.base:
+        return _run_step_cache(args)
+    # The preset's shape with the Base models' sampling (mid has no Base variant of its own), registered only
+    # while this runs: the registry is global, and the tests call this in-process.
+    name = f"{args.preset}+base"
+    PRESETS[name] = replace(PRESETS[args.preset], sampling=BASE_SAMPLING)
+    try:
+        return _run_step_cache(argparse.Namespace(**{**vars(args), "preset": name}))
+    finally:
+        del PRESETS[name]
+
+
+def _run_step_cache(args: argparse.Namespace) -> int:
     caches = [parse_step_cache_argument(text) for text in args.step_cache]
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    if args.base:  # the preset's shape with the Base models' sampling (mid has no Base variant of its own)
-        PRESETS[f"{args.preset}+base"] = replace(PRESETS[args.preset], sampling=BASE_SAMPLING)
-        args = argparse.Namespace(**{**vars(args), "preset": f"{args.preset}+base"})
     pipe = build_pipeline(args, device, dtype)
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     info = pipe.info
