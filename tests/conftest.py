@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
+# The files only the contained child pytests run (tests/test_store_scaleout.py, tests/test_replica_scaleout.py run
+# them inside a loopback-only namespace with real PostgreSQL, SeaweedFS and Ray, and fail when any of their tests
+# fails): outside that namespace they are not collected at all, rather than reported as skips.
+if os.environ.get("KLEIN_TEST_PRIVATE_NETWORK") != "1":  # tests/store_servers.py NETNS_ENV
+    collect_ignore = ["test_store_shared.py", "test_store_shared_e2e.py", "test_replica_e2e.py"]
+
 # ---------------------------------------------------------------------------------------------------------------
 # Server tests (tests/test_server_*.py): the real tiny model, one store per test, in-process MCP clients.
 # ---------------------------------------------------------------------------------------------------------------
