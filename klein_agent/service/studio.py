@@ -36,13 +36,13 @@ from PIL import Image
 from klein_agent import __version__
 from klein_agent.rules import limits, masks, resolution
 from klein_agent.rules import loras as lora_rules
-from klein_agent.rules.calls import ImageCall, prepare_call
+from klein_agent.rules.calls import ImageCall, PreparedCall, prepare_call
 from klein_agent.rules.image_refs import require_image_id
 from klein_agent.rules.resolution import RequestError
 from klein_agent.service.critique.zoom import zoom
 from klein_agent.service.engine import AsyncProgress, Engine, EngineError, EngineStatus
 from klein_agent.service.exports import check_output_path, write_export
-from klein_agent.service.inputs import ImageInputError, InputPolicy
+from klein_agent.service.inputs import ImageInputError, InputPolicy, LoadedImage
 from klein_agent.service.making import NewImages, StoreDecoder, input_ids, model_run, now_iso, store_call
 from klein_agent.service.previews import Preview, make_preview
 from klein_agent.service.store import ImageStore, Lease, StoredImage, StoreError, StoreStats
@@ -124,20 +124,22 @@ class Studio:
         async with self.engine.reserve() as place, self._leased() as lease:
             async with self._decoding:
                 info = self.engine.info
-                prepared = await anyio.to_thread.run_sync(
-                    lambda: prepare_call(
-                        call,
-                        StoreDecoder(self.policy, lease),
-                        multiple=None if info is None else info.size_multiple,
-                        budget=self.pixel_budget,
-                        loras=chosen,
+                multiple = None if info is None else info.size_multiple
+
+                def prepare() -> PreparedCall[LoadedImage]:
+                    decoder = StoreDecoder(self.policy, lease)
+                    return prepare_call(
+                        call, decoder, multiple=multiple, budget=self.pixel_budget, loras=chosen
                     )
-                )
+
+                # A call without inputs decodes nothing: prepared on the loop, without a thread hop.
+                prepared = await anyio.to_thread.run_sync(prepare) if call.inputs else prepare()
             ids = input_ids(prepared)
-            # the ids of inputs from outside the store, leased before they are stored with the pictures
-            await anyio.to_thread.run_sync(
-                lambda: lease.add([*ids[0], *([ids[1]] if ids[1] else [])], require_stored=False)
-            )
+            held = [*ids[0], *([ids[1]] if ids[1] else [])]
+            if (
+                held
+            ):  # the ids of inputs from outside the store, leased before they are stored with the pictures
+                await anyio.to_thread.run_sync(lambda: lease.add(held, require_stored=False))
             done = await place.run(prepared.request, progress=progress, finalize=prepared.finalize)
             # Cancelled after the model ran: nothing is stored. From here on, storing runs to its end.
             await anyio.lowlevel.checkpoint_if_cancelled()
