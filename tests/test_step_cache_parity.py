@@ -54,13 +54,9 @@ def _run_reference(
     steps = request.steps or limits.BASE_STEPS
     if cache is not None:
         theirs.transformer.enable_cache(
-            MagCacheConfig(
-                threshold=cache.threshold,
-                max_skip_steps=limits.MAGCACHE_MAX_SKIP_STEPS,
-                retention_ratio=limits.MAGCACHE_RETENTION_RATIO,
-                num_inference_steps=steps,
-                mag_ratios=FLUX_MAG_RATIOS,
-            )
+            # Only what a user of the hook must give it: the threshold, the step count its ratios are resampled
+            # to, and the only ratios diffusers ships. Its skip limit and retention stay at its own defaults.
+            MagCacheConfig(threshold=cache.threshold, num_inference_steps=steps, mag_ratios=FLUX_MAG_RATIOS)
         )
     kwargs: dict[str, Any] = {
         "prompt": request.prompt,
