@@ -31,6 +31,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote, unquote
 
+import pytest
+
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 PG_ADMIN_ENV = "KLEIN_TEST_PG_ADMIN"
 PG_DATA_ENV = "KLEIN_TEST_PG_DATA"  # the cluster's data folder, for tests that restart it
@@ -241,6 +243,33 @@ def private_network_command(*argv: str) -> list[str]:
     PID and mount namespace: loopback only, and whatever is left running dies with it."""
     script = 'ip link set lo up && exec "$0" -m tests.store_servers "$0" "$@"'
     return ["unshare", "-n", "-p", "-f", "--mount-proc", "--", "sh", "-c", script, sys.executable, *argv]
+
+
+def run_contained_pytest(
+    what: str, why_missing: str | None, command: list[str], *, env: dict[str, str], timeout_s: float
+) -> None:
+    """Run a child pytest (`command`, from a `private_network_command`) in the loopback-only namespace; fail with
+    its output unless it passes with nothing skipped. When the namespace cannot be made here (`why_missing`), skip
+    with the reason, or fail under CI=true. `what` names the tests in those messages ("Ray replica tests")."""
+    if why_missing is not None:
+        message = f"{what} need a loopback-only network namespace: {why_missing}"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message + " (CI must run them)")
+        pytest.skip(message)
+    done = subprocess.run(
+        command,
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+    output = (done.stdout + done.stderr)[-6000:]
+    assert done.returncode == 0, f"the contained {what} failed:\n{output}"
+    summary = done.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and "skipped" not in summary, (
+        f"inside the namespace nothing may skip:\n{output}"
+    )
 
 
 if __name__ == "__main__":

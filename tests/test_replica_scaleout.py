@@ -9,7 +9,6 @@ instead, so the replicas are never silently untested there.
 from __future__ import annotations
 
 import os
-import subprocess
 
 import pytest
 
@@ -23,29 +22,20 @@ def missing_part() -> str | None:
 
 
 def run_contained(*pytest_args: str, timeout_s: float = 300) -> None:
-    """Run pytest with `pytest_args` in the private network; fail with its output unless it passes. Skips (fails
-    under CI=true) when this machine cannot contain a Ray cluster."""
-    why = missing_part()
-    if why is not None:
-        message = f"Ray replica tests need a loopback-only network namespace: {why}"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(message + " (CI must run them)")
-        pytest.skip(message)
-    command = ray_cluster.private_network_command(
-        "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args
-    )
+    """Run pytest with `pytest_args` in the private network (`store_servers.run_contained_pytest`), Ray's usage
+    stats off."""
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO),
         store_servers.NETNS_ENV: "1",
         "RAY_USAGE_STATS_ENABLED": "0",
     }
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
-    output = (done.stdout + done.stderr)[-6000:]
-    assert done.returncode == 0, f"the contained replica tests failed:\n{output}"
-    summary = done.stdout.strip().splitlines()[-1]
-    assert " passed" in summary and "skipped" not in summary, (
-        f"inside the namespace nothing may skip:\n{output}"
+    store_servers.run_contained_pytest(
+        "Ray replica tests",
+        missing_part(),
+        ray_cluster.private_network_command("-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args),
+        env=env,
+        timeout_s=timeout_s,
     )
 
 

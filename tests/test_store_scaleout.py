@@ -9,7 +9,6 @@ Without the rights to make a namespace (or without PostgreSQL 15 or `weed`) the 
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -31,24 +30,13 @@ def missing_part() -> str | None:
 
 
 def run_contained(*pytest_args: str, timeout_s: float = 240) -> None:
-    """Run pytest with `pytest_args` in the private network with the servers; fail with its output unless it
-    passes. Skips (fails under CI=true) when this machine cannot contain the servers."""
-    why = missing_part()
-    if why is not None:
-        message = f"PostgreSQL + S3 store tests need a loopback-only network namespace: {why}"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(message + " (CI must run them)")
-        pytest.skip(message)
-    command = store_servers.private_network_command(
-        "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args
-    )
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
-    output = (done.stdout + done.stderr)[-6000:]
-    assert done.returncode == 0, f"the contained store tests failed:\n{output}"
-    summary = done.stdout.strip().splitlines()[-1]
-    assert " passed" in summary and "skipped" not in summary, (
-        f"inside the namespace nothing may skip:\n{output}"
+    """Run pytest with `pytest_args` in the private network with the servers (`store_servers.run_contained_pytest`)."""
+    store_servers.run_contained_pytest(
+        "PostgreSQL + S3 store tests",
+        missing_part(),
+        store_servers.private_network_command("-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args),
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout_s=timeout_s,
     )
 
 
