@@ -343,13 +343,7 @@ class PostgresCatalog:
             ).fetchall()
         for row in rows:
             found.setdefault(row[0], []).append(VerdictRecord(*row))
-        return {
-            image_id: Verdicts(
-                standing=next((r for r in records if r.verdict != "note"), None),
-                notes=tuple(r for r in records if r.verdict == "note")[: max(0, notes)],
-            )
-            for image_id, records in found.items()
-        }
+        return {image_id: Verdicts.of(records, notes) for image_id, records in found.items()}
 
     def take_leases(
         self, holder: str, image_ids: Iterable[str], *, expires_at: float, require_stored: bool

@@ -130,6 +130,15 @@ class Verdicts:
     standing: VerdictRecord | None
     notes: tuple[VerdictRecord, ...]
 
+    @classmethod
+    def of(cls, newest_first: Sequence[VerdictRecord], notes: int) -> Verdicts:
+        """One image's verdicts from its records, newest first: the latest pick or reject stands, and at most
+        `notes` of the newest notes are shown. The one reading every catalog gives its rows."""
+        return cls(
+            standing=next((r for r in newest_first if r.verdict != "note"), None),
+            notes=tuple(r for r in newest_first if r.verdict == "note")[: max(0, notes)],
+        )
+
 
 @dataclass(frozen=True)
 class LeaseRow:
