@@ -169,8 +169,12 @@ async def settled(h: Hosted, timeout_s: float = 60) -> str:
 
 
 def shots() -> Path | None:
+    """Where screenshots go when they are to be kept and looked at ($KLEIN_AGENT_APP_SHOTS), else None."""
     folder = os.environ.get("KLEIN_AGENT_APP_SHOTS")
-    return Path(folder) if folder else None
+    if not folder:
+        return None
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return Path(folder)
 
 
 @pytest.mark.parametrize(("width", "label"), [(1000, "desktop"), (390, "phone")])
@@ -257,6 +261,7 @@ async def test_a_painted_mask_becomes_an_inpaint_call(tmp_path: Path) -> None:
             await mouse.move(box["x"] + box["width"] * (0.6 + 0.03 * k), y)
         await mouse.up()
         await view.locator("#paint-prompt").fill("a yellow buoy")
+        await h.page.screenshot(path=str((shots() or tmp_path) / "view-desktop-paint.png"), full_page=True)
         await view.locator("#repaint").click()
         status = await settled(h)
         assert status.startswith("inpaint: made img_"), status
@@ -285,7 +290,7 @@ async def test_a_painted_mask_becomes_an_inpaint_call(tmp_path: Path) -> None:
 
 
 async def test_a_pick_reaches_the_store_and_a_model_only_tool_is_refused(tmp_path: Path) -> None:
-    async with hosted(tmp_path) as h:
+    async with hosted(tmp_path, width=390) as h:  # at phone width: the buttons must still be reachable
         await start(h, "generate", {"prompt": "a lighthouse", "seed": 9, "width": 128, "height": 128})
         view = h.view()
         await shown(h)
@@ -293,6 +298,7 @@ async def test_a_pick_reaches_the_store_and_a_model_only_tool_is_refused(tmp_pat
         await view.locator("#pick").click()
         await h.page.wait_for_function("() => window.hostLog.some(e => e.kind === 'context')")
         assert await view.locator("#pick").get_attribute("aria-pressed") == "true"
+        await h.page.screenshot(path=str((shots() or tmp_path) / "view-phone-picked.png"), full_page=True)
         listed = await h.client.call_tool("list_images", {"standing": "pick"})
         assert [i["image_id"] for i in listed.structured_content["images"]] == [image_id]  # type: ignore[index]
         [context] = [e for e in await h.log() if e["kind"] == "context"]
