@@ -156,9 +156,10 @@ async def shown_id(h: Hosted) -> str:
 
 
 async def shown(h: Hosted) -> None:
-    """Until the view has its picture's details from app_image (after the tool result's preview)."""
+    """Until the latest view has its picture's details from app_image (after the tool result's preview)."""
     await h.page.wait_for_function(
-        "() => window.hostLog.some(e => e.name === 'app_image' && e.kind === 'result')"
+        "() => { const log = window.hostLog, i = log.map(e => e.kind).lastIndexOf('resource');"
+        " return log.slice(i).some(e => e.name === 'app_image' && e.kind === 'result') }"
     )
 
 
@@ -275,6 +276,16 @@ async def test_a_painted_mask_becomes_an_inpaint_call(tmp_path: Path) -> None:
         recipe = json.loads(meta.text)["recipe"]  # type: ignore[union-attr]
         assert recipe["tool"] == "inpaint" and recipe["prompt"] == "a yellow buoy"
         mask_id = recipe["mask"]["image"]
+
+        # compare_images' result opens the view on A/B: b (the inpaint) as A, a (its source) as B
+        await start(h, "compare_images", {"a": source, "b": made})
+        await shown(h)
+        view = h.view()
+        await view.locator("#compare:visible").wait_for()
+        assert await view.locator("#b-select").input_value() == source
+        assert await shown_id(h) == made
+        a_src, b_src = [await view.locator(side).get_attribute("src") for side in ("#side-a", "#side-b")]
+        assert a_src and b_src and a_src.startswith("data:image/") and a_src != b_src
     with ImageStore(h.store, read_only=True) as store:  # the mask the server stored is the painted stroke
         painted = Image.open(io.BytesIO(store.read_png(mask_id))).convert("L")
     assert painted.size == (256, 256)

@@ -31,6 +31,7 @@ window.startView = async (toolName: string, args: Json) => {
   const resource = read.contents[0];
   window.hostLog.push({ kind: "resource", uri, mimeType: resource.mimeType, bytes: new TextEncoder().encode(resource.text).length });
 
+  document.getElementById("view")?.remove();  // one view at a time: a new result replaces the last
   const iframe = document.createElement("iframe");
   iframe.id = "view";
   document.body.append(iframe);
