@@ -9,6 +9,7 @@ from mcp.server import MCPServer
 from mcp_types import Tool
 
 from klein_agent import __version__
+from klein_agent.server.apps import AppsForApps, build_apps
 from klein_agent.server.arguments import ArgumentChecks
 from klein_agent.server.messages import MessageBudget
 from klein_agent.server.prompts import register_prompts
@@ -60,7 +61,8 @@ def build_server(studio: Studio) -> MCPServer[Studio]:
         instructions=INSTRUCTIONS,
         version=__version__,
         lifespan=lifespan,
-        middleware=[checks, MessageBudget()],
+        middleware=[AppsForApps(), checks, MessageBudget()],  # Apps first: a hidden tool is never checked
+        extensions=[build_apps(studio)],  # the MCP App: its view and the tools only it calls
     )
     checks.bind(mcp)
     generation.register(mcp, studio)

@@ -20,6 +20,7 @@ from klein_agent.rules.limits import (
     VIEW_MAX_EDGE,
 )
 from klein_agent.rules.masks import box_from_values
+from klein_agent.server.apps import MODEL_ONLY_META, VIEW_META
 from klein_agent.server.errors import tool_errors
 from klein_agent.server.models import (
     ExportResult,
@@ -159,6 +160,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
 
     @mcp.tool(
         name="view_image",
+        meta=VIEW_META,  # hosts with MCP Apps show the result in the view; others never see it
         title="View stored images",
         description="Show stored images: one id gives a preview of that image, several ids one labelled contact "
         "sheet (labels 1, 2, ... follow the order given). max_edge picks the size, up to 1568 px. region zooms "
@@ -205,6 +207,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
 
     @mcp.tool(
         name="export_image",
+        meta=MODEL_ONLY_META,  # hosts with MCP Apps keep it from the view; others never see it
         title="Export an image as PNG",
         description="Write the full-resolution PNG of a stored image to a path on the server's machine, inside "
         "a folder the server may write (the folders it may read images from). Refuses to overwrite unless "
