@@ -28,9 +28,10 @@ import pytest
 from mcp import Client
 from PIL import Image
 
+from klein_agent.rules import limits
 from tests import store_servers
 from tests.http_helpers import REPO, authed, http_server
-from tests.ray_cluster import ray_cluster
+from tests.ray_cluster import ray_cluster, replica_calls
 
 pytestmark = [
     pytest.mark.anyio,
@@ -148,21 +149,28 @@ async def reference_hits(port: int, token: str | None, k: int) -> int:
 
 
 async def test_a_retry_on_the_same_references_finds_them_prepared_from_either_front_end(
-    front_ends: list[tuple[Path, int, str | None]],
+    cluster: dict[str, str], front_ends: list[tuple[Path, int, str | None]]
 ) -> None:
     """Each reference is edited through front-end A, then retried through B and through A again. The replica
-    reports a cache hit when it has the reference prepared: with calls spread at random across the two replicas
-    about half of the first retries would miss."""
+    reports a cache hit when it has the reference prepared. The references themselves spread over both replicas
+    (else every retry would hit on the one replica there is): with calls spread at random, about half of the
+    first retries would miss."""
     (_, port_a, token_a), (_, port_b, token_b) = front_ends
-    references = 8
+    before = replica_calls(cluster, APP)
+    references = 10  # ten keys all on one replica of two: p = 2 / 2**10
     retries = hits = 0
     for k in range(references):
         await reference_hits(port_a, token_a, k)  # the first sight: prepared on the replica it routes to
         for port, token in ((port_b, token_b), (port_a, token_a)):
             retries += 1
             hits += await reference_hits(port, token, k) > 0
+    served = {name: n - before.get(name, 0) for name, n in replica_calls(cluster, APP).items()}
     rate = hits / retries
-    print(f"measured: cache-hit rate of retries on the same references, 2 replicas, 2 front-ends: {rate:.0%}")
+    print(
+        f"measured: cache-hit rate of retries on the same references, 2 replicas, 2 front-ends: {rate:.0%} "
+        f"({hits}/{retries}; calls per replica {sorted(served.values())})"
+    )
+    assert sum(served.values()) == 3 * references and all(served.values()) and len(served) == 2, served
     assert rate >= 0.9, f"{hits}/{retries} retries found their reference prepared"
 
 
@@ -203,7 +211,9 @@ async def test_a_replica_killed_mid_call_costs_the_client_nothing_and_is_replace
         if (message or "").startswith("step "):
             started.set()
 
-    long_call = {"prompt": "a long call", "width": 256, "height": 256, "seed": 3, "steps": 60}
+    # long enough on an idle machine to be killed mid-way after the CPU sample below (a call that ended first
+    # fails the log assertion, not silently)
+    long_call = {"prompt": "a long call", "width": 384, "height": 384, "seed": 3, "steps": limits.MAX_STEPS}
     async with Client(authed(port, token)) as client, anyio.create_task_group() as tasks:
         result: list[Any] = []
 
@@ -214,12 +224,12 @@ async def test_a_replica_killed_mid_call_costs_the_client_nothing_and_is_replace
         with anyio.fail_after(120):
             await started.wait()
         first = {pid: cpu_ticks(pid) for pid in pids}
-        await anyio.sleep(1.0)
+        await anyio.sleep(0.3)
         busy = max(pids, key=lambda pid: cpu_ticks(pid) - first[pid])  # the one running the call burns CPU
         os.kill(busy, signal.SIGKILL)
     (made,) = result
     assert not made.is_error, made
-    assert made.structured_content["steps"] == 60
+    assert made.structured_content["steps"] == limits.MAX_STEPS
     log = (folder / "server.log").read_text()
     assert "its replica died mid-call" in log and "retrying once on another" in log, log[-3000:]
     assert await image_count(port, token) == before + 1, "stored once"
