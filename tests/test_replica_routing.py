@@ -9,6 +9,7 @@ A real cluster, two replicas, two front-ends and a killed replica process: tests
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -114,33 +115,42 @@ def test_a_call_with_references_asks_serve_for_their_replica_and_one_without_doe
     assert "session_id" not in handle.asked[1], "calls without references spread (Serve draws their key)"
 
 
-async def test_a_full_replica_queue_reaches_the_caller_as_busy_with_a_wait_from_recent_calls(
-    tiny_pipeline: ImageGenerator,
+async def test_a_full_replica_queue_reaches_the_mcp_client_as_busy_with_a_wait_from_recent_calls(
+    tiny_pipeline: ImageGenerator, tmp_path: Path
 ) -> None:
-    from klein_agent.service.engine import Engine, EngineBusyError, EngineState
+    from mcp import Client
+
+    from klein_agent.server.app import build_server
+    from tests.conftest import make_server_state
 
     refused = serve_exceptions.BackPressureError(num_queued_requests=3, max_queued_requests=3)
     handle = StandInHandle(tiny_pipeline, [None, refused])
-    engine = Engine(lambda: RayGenerator(handle, tiny_pipeline.info))
-    engine.start()
+    (tmp_path / "inputs").mkdir()
+    state = make_server_state(
+        lambda: RayGenerator(handle, tiny_pipeline.info), tmp_path / "store", tmp_path / "inputs"
+    )
     try:
-        assert engine.wait_loaded(60) == EngineState.READY
-        await engine.run(GenerationRequest("first", 64, 64, seed=1))  # a finished call: the wait is estimated
-        mean_ms = engine.status().mean_model_ms
-        assert mean_ms is not None
-        with pytest.raises(EngineBusyError) as busy:
-            await engine.run(GenerationRequest("second", 64, 64, seed=2))
+        async with Client(build_server(state)) as client:
+            small = {"width": 64, "height": 64, "steps": 2}
+            first = await client.call_tool("generate", {"prompt": "first", "seed": 1, **small})
+            assert not first.is_error, first  # a finished call: the wait can be estimated
+            mean_ms = state.engine.status().mean_model_ms
+            busy = await client.call_tool("generate", {"prompt": "second", "seed": 2, **small})
         wait_s = max(1, round(mean_ms / 1000 * 4))  # the 3 queued calls and the running one, at the mean
-        assert str(busy.value) == (
-            f"busy: 3 calls are queued for the model's replicas; retry in ~{wait_s} s, or ask for fewer images per "
-            "call"
-        )
-        assert str(busy.value) == busy_message(
-            "3 calls are queued for the model's replicas", 3, mean_ms / 1000
-        )
-        assert engine.status().failed == 0, "a refusal, not a model failure"
+        said = busy.content[0].text
+        assert (
+            busy.is_error
+            and (
+                f"busy: 3 calls are queued for the model's replicas; retry in ~{wait_s} s, or ask for fewer images per "
+                "call"
+            )
+            in said
+        ), said
+        assert state.engine.status().failed == 0, "a refusal, not a model failure"
+        assert state.store.stats().count == 1, "nothing stored for the refused call"
     finally:
-        await engine.aclose()
+        await state.engine.aclose()
+        state.store.close()
 
 
 def test_the_local_queue_and_the_replicas_refuse_in_the_same_words() -> None:
