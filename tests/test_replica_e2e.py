@@ -254,3 +254,21 @@ def test_a_front_end_naming_a_missing_application_says_to_deploy_it(cluster: dic
     said = done.stdout.strip()
     assert said.startswith("no Ray Serve application 'nope' on 127.0.0.1:"), done.stdout + done.stderr[-2000:]
     assert "run klein-agent deploy --model MODEL --app nope first" in said, said
+
+
+def test_an_autoscaled_application_starts_with_no_replica_and_scales_up_for_a_call(
+    cluster: dict[str, str],
+) -> None:
+    """`deploy --autoscale 0:1`: Serve takes the autoscaling config, starts no replica, and adds one when a call
+    waits (deploy's own question for the model's description), within the deploy command."""
+    app = "klein-auto"
+    deploy = ["-m", "klein_agent", "deploy", "--model", "tiny", "--autoscale", "0:1", "--app", app]
+    env = {**cluster, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, *deploy], cwd=REPO, env=env, capture_output=True, text=True, timeout=240
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert f"application '{app}' on {cluster['RAY_ADDRESS']}: 1 replica(s) running tiny" in output, output[
+        -2000:
+    ]
