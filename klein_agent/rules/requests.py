@@ -50,6 +50,9 @@ class GenerationRequest:
     # default); None or () runs none
     loras: tuple[tuple[str, float | None], ...] | None = None
     step_cache: StepCache | None = None  # off unless given (rules.step_caches)
+    # The client's idempotency key for this call, when it gave one: what keeps a call retried after a failure (a
+    # replica that died, a front-end that died) from being stored twice. Not part of what the model makes.
+    call_id: str | None = field(default=None, compare=False)
 
 
 class NonFiniteOutputError(RuntimeError):
