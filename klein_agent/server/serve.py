@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 import anyio
 
 from klein_agent.gallery.app import Gallery
+from klein_agent.gallery.command import command_line
 from klein_agent.model_options import generator_factory
-from klein_agent.option_types import StoreLocations, shared_blobs, store_locations
+from klein_agent.option_types import S3_ENDPOINT_ENV, StoreLocations, shared_blobs, store_locations
 from klein_agent.replica.handle import parse_generator, ray_generator_factory
 from klein_agent.server.app import build_server
 from klein_agent.server.http import HttpPlan, serve_http
@@ -106,7 +108,7 @@ def run_serve(args: argparse.Namespace) -> int:
         if plan is not None:
             plan.sock.close()
         return 2
-    mcp = build_server(studio)
+    mcp = build_server(studio, gallery_command(args, where))
     gallery = None
     if plan is not None:
         try:
@@ -149,6 +151,14 @@ def run_serve(args: argparse.Namespace) -> int:
         studio.store.close()
         log.debug("engine and store closed")
     return 0
+
+
+def gallery_command(args: argparse.Namespace, where: StoreLocations) -> str:
+    """The `klein-agent gallery` command for the store this server opened: its folder, or a shared store's
+    options as given (`--blobs` and the endpoint as the store resolved them), without secrets."""
+    blobs = shared_blobs(args.blobs, where)
+    endpoint = args.s3_endpoint or os.environ.get(S3_ENDPOINT_ENV, "").strip() or None
+    return command_line(where, blobs, endpoint if blobs else None)
 
 
 def plan_http(args: argparse.Namespace, where: StoreLocations) -> HttpPlan:
