@@ -84,8 +84,9 @@ async def test_two_replicas_give_the_single_process_servers_png_bytes_and_stream
 
     (tmp_path / "ray").mkdir()
     (tmp_path / "local").mkdir()
+    # no --model: the front-end takes the application's model and needs no weights of its own
     front_end = http_server(
-        tmp_path / "ray", tmp_path / "ray" / "store", "--generator", f"ray:{APP}", env=env
+        tmp_path / "ray", tmp_path / "ray" / "store", "--generator", f"ray:{APP}", env=env, model=None
     )
     with front_end as (_, port, token):
         remote_png, remote_heard = await make_png(port, token)
