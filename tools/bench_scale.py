@@ -170,6 +170,10 @@ def replica_scaling(args: argparse.Namespace, env: dict[str, str]) -> dict[str, 
         "ratio": spread(ratios),
         "model_ms_one": round(statistics.median(model_ms[1]), 1),
         "model_ms_two": round(statistics.median(model_ms[2]), 1),
+        # what the replicas delivered of what their model time allows (n replicas, each 1000/model_ms a second):
+        # below 1 by Ray's dispatch, the round trips and idle gaps; CPU contention lengthens model_ms instead
+        "efficiency_one": round(statistics.median(rates[1]) * statistics.median(model_ms[1]) / 1000, 3),
+        "efficiency_two": round(statistics.median(rates[2]) * statistics.median(model_ms[2]) / 2000, 3),
     }
 
 
@@ -406,6 +410,10 @@ def table(f: dict[str, Any]) -> str:
         (
             "  model time per call, 1 / 2 replicas",
             f"{r['model_ms_one']:.0f} / {r['model_ms_two']:.0f} ms (median)",
+        ),
+        (
+            "  images/s ÷ (replicas / model time)",
+            f"{100 * r['efficiency_one']:.0f} % / {100 * r['efficiency_two']:.0f} %",
         ),
         ("added latency per call (p50 / p95)", f"{c['added_ms']['p50']:.1f} / {c['added_ms']['p95']:.1f} ms"),
         ("  of which the Ray hop", f"{c['ray_hop_ms']['p50']:.1f} / {c['ray_hop_ms']['p95']:.1f} ms"),
