@@ -166,14 +166,18 @@ def check_serve_model_options(args: argparse.Namespace, remote: bool) -> None:
             )
         check_model_options(args)
         return
-    given = [
-        flag for name, flag in LOADING_OPTIONS.items() if getattr(args, name, None) not in (None, False, [])
-    ]
+    given = [flag for name, flag in LOADING_OPTIONS.items() if _given(getattr(args, name, None))]
     if given:
         raise ValueError(
             f"{', '.join(given)}: with --generator ray the model loads on the replicas, with the options given to "
             "`klein-agent deploy`; drop them here (or redeploy with them)"
         )
+
+
+def _given(value: object) -> bool:
+    """Whether an option differs from its unset default (None, False, []); `0` counts as given
+    (--reference-kv-cache-gib 0), which `value not in (None, False, [])` would miss since 0 == False."""
+    return value is not None and value is not False and value != []
 
 
 def generator_factory(

@@ -126,6 +126,8 @@ def test_loading_options_on_a_ray_front_end_are_refused_naming_them(
     err = capsys.readouterr().err
     assert "--device, --fp8, --lora: with --generator ray the model loads on the replicas" in err, err
     assert "klein-agent deploy" in err
+    assert main([*argv, "--reference-kv-cache-gib", "0"]) == 2, "0 is given too"
+    assert "--reference-kv-cache-gib: with --generator ray" in capsys.readouterr().err
 
 
 def test_serve_with_a_local_model_still_needs_model(
