@@ -78,8 +78,9 @@ def front_ends(
         running = []
         for name in ("a", "b"):
             folder = tmp_path_factory.mktemp(f"front-end-{name}")
+            # no --model: a front-end takes the application's model and needs no weights of its own
             _, port, token = stack.enter_context(
-                http_server(folder, folder / "store", "--generator", f"ray:{APP}", env=env)
+                http_server(folder, folder / "store", "--generator", f"ray:{APP}", env=env, model=None)
             )
             running.append((folder, port, token))
         yield running

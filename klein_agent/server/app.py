@@ -44,9 +44,11 @@ class KleinServer(MCPServer[Studio]):
         ]
 
 
-def build_server(studio: Studio) -> MCPServer[Studio]:
+def build_server(studio: Studio, gallery_command: str | None = None) -> MCPServer[Studio]:
     """An MCPServer over `studio`. Its lifespan starts loading the model in the background and returns at once,
-    so `initialize` is answered while the weights load; the first image call waits for them."""
+    so `initialize` is answered while the weights load; the first image call waits for them. `gallery_command`:
+    what `server_status` tells the person to run for the gallery (`gallery.command.command_line`; default: the
+    gallery of the store's folder)."""
 
     @asynccontextmanager
     async def lifespan(server: MCPServer[Studio]) -> AsyncIterator[Studio]:
@@ -66,7 +68,7 @@ def build_server(studio: Studio) -> MCPServer[Studio]:
     )
     checks.bind(mcp)
     generation.register(mcp, studio)
-    library.register(mcp, studio)
+    library.register(mcp, studio, gallery_command)
     critique.register(mcp, studio)
     register_resources(mcp, studio)
     register_prompts(mcp, studio)

@@ -10,6 +10,7 @@ from mcp_types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import Field
 
 from klein_agent.gallery.command import command_line
+from klein_agent.option_types import store_locations
 from klein_agent.rules.image_refs import split_image_refs
 from klein_agent.rules.limits import (
     MAX_CURSOR_CHARS,
@@ -103,7 +104,7 @@ def read_only(title: str) -> ToolAnnotations:
     )
 
 
-def register(mcp: MCPServer, studio: Studio) -> None:
+def register(mcp: MCPServer, studio: Studio, gallery_command: str | None = None) -> None:
     """Add list_images, view_image, export_image and server_status to `mcp`, in that order."""
     critic = Critic(studio.store)  # list_images shows verdicts and filters by them
 
@@ -280,7 +281,8 @@ def register(mcp: MCPServer, studio: Studio) -> None:
             allow_urls=status.allow_urls,
             max_pixels_per_call=status.max_pixels_per_call,
             version=status.version,
-            gallery_command=command_line(stats.root),
+            # serve passes the command for the store as it was opened (a shared store's options); else the folder
+            gallery_command=gallery_command or command_line(store_locations(stats.root)),
         )
         model = result.model
         if model.state == "ready":
