@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 # The files whose tests the child runs with the shared backends (each parametrized over tests/store_backends.py).
 SHARED_BACKEND_TESTS = [
     "tests/test_store_interfaces.py",
+    "tests/test_call_keys.py",
     "tests/test_store_shared.py",
     "tests/test_store_shared_e2e.py",
 ]
