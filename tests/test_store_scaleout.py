@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_BACKEND_TESTS = [
     "tests/test_store_interfaces.py",
     "tests/test_call_keys.py",
+    "tests/test_front_ends.py",
     "tests/test_store_shared.py",
     "tests/test_store_shared_e2e.py",
 ]
