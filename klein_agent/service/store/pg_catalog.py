@@ -167,15 +167,9 @@ class PostgresCatalog:
                     ),
                 )
             ).fetchone()
-            if (
-                inserted is None
-            ):  # ON CONFLICT waited for the other insert's commit, so its row is visible now
-                (found,) = _one_row(
-                    cur.execute("SELECT image_id FROM images WHERE call_id = %s", (image.call_id,))
-                )
-                raise CallStoredError(
-                    str(image.call_id), found
-                )  # the transaction rolls back: nothing committed
+            if inserted is None:  # ON CONFLICT waited for the other insert's commit: its row is visible now
+                found = cur.execute("SELECT image_id FROM images WHERE call_id = %s", (image.call_id,))
+                raise CallStoredError(str(image.call_id), _one_row(found)[0])  # rolls this transaction back
             (created_at,) = inserted
             if image.parents:
                 cur.executemany(
@@ -227,13 +221,9 @@ class PostgresCatalog:
 
     def find_calls(self, call_keys: Sequence[str]) -> dict[str, StoredImage]:
         """The rows stored under these call keys, by key."""
-        keys = list(call_keys)
-        if not keys:
-            return {}
         with self._read() as cur:
-            rows = cur.execute(
-                f"SELECT call_id, {_COLUMNS} FROM images WHERE call_id = ANY(%s)", (keys,)
-            ).fetchall()
+            sql = f"SELECT call_id, {_COLUMNS} FROM images WHERE call_id = ANY(%s)"
+            rows = cur.execute(sql, (list(call_keys),)).fetchall()
         return {row[0]: _image(row[1:]) for row in rows}
 
     def find_content(self, content_key: str) -> StoredImage | None:
