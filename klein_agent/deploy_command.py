@@ -26,6 +26,7 @@ from klein_agent.model_options import add_model_arguments, check_model_options
 from klein_agent.option_types import positive_float, positive_int
 from klein_agent.replica.config import app_args, serve_config
 from klein_agent.rules import limits
+from klein_agent.rules.ray_auth import ray_auth_problem
 
 log = logging.getLogger("klein_agent.deploy")
 
@@ -145,6 +146,9 @@ def run_deploy(args: argparse.Namespace) -> int:
             "deploy needs a running Ray cluster: set RAY_ADDRESS to its address (e.g. 127.0.0.1:6379, from "
             "`ray start --head`); deploy does not start one"
         )
+        return 2
+    if problem := ray_auth_problem(os.environ, "deploy"):
+        log.error("%s", problem)
         return 2
     try:
         import ray

@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 # The files whose tests the child runs with the shared backends (each parametrized over tests/store_backends.py).
 SHARED_BACKEND_TESTS = [
     "tests/test_store_interfaces.py",
+    "tests/test_call_keys.py",
     "tests/test_store_shared.py",
     "tests/test_store_shared_e2e.py",
 ]
@@ -42,6 +43,11 @@ def run_contained(*pytest_args: str, timeout_s: float = 240) -> None:
 
 def test_the_store_interfaces_hold_over_postgresql_and_s3() -> None:
     run_contained(*SHARED_BACKEND_TESTS, "-k", "postgresql+s3 or test_store_shared")
+
+
+def test_two_front_ends_on_postgresql_and_s3_survive_a_kill_and_any_routing() -> None:
+    """tests/test_front_ends.py over the shared store: its own run, as it starts four front-ends."""
+    run_contained("tests/test_front_ends.py", "-k", "postgresql+s3", timeout_s=420)
 
 
 def test_without_containment_it_skips_with_the_reason_and_ci_fails_instead(

@@ -19,6 +19,7 @@ from typing import Any
 from klein_agent.replica import wire
 from klein_agent.rules import limits
 from klein_agent.rules.busy import GeneratorBusyError
+from klein_agent.rules.ray_auth import ray_auth_problem
 from klein_agent.rules.requests import (
     GenerationRequest,
     GenerationResult,
@@ -173,6 +174,8 @@ def ray_generator_factory(
                 "--generator ray needs the Ray cluster's address: set RAY_ADDRESS (e.g. 127.0.0.1:6379) to the "
                 "cluster `klein-agent deploy` put the model on"
             )
+        if problem := ray_auth_problem(os.environ, "--generator ray"):
+            raise RuntimeError(problem)
         handle = connect_application(where, app)
         try:
             info: GeneratorInfo = handle.options(method_name="info").remote().result(timeout_s=timeout_s)

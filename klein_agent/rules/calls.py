@@ -11,8 +11,11 @@ arguments give the same pixels, messages and recipes.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import secrets
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from PIL import Image
@@ -49,6 +52,10 @@ class ImageCall:
     loras: Sequence[tuple[str, float | None]] | None = None  # (name, scale or None for its default)
     # the step cache (`klein_agent.rules.step_caches`): (kind, threshold or None for its default); None for none
     step_cache: tuple[str, float | None] | None = None
+    # The idempotency key: a client's (`IDEMPOTENCY_META_KEY`), else one the front-end minted for this tools/call
+    # (`new_call_id`); None for a call no retry can repeat (the CLI). A retry with the same key and arguments
+    # returns the pictures stored the first time (`picture_keys`) instead of storing them again.
+    call_id: str | None = None
 
     @property
     def inputs(self) -> tuple[str, ...]:
@@ -67,6 +74,7 @@ class ImageCall:
         cache, the region. Raises RequestError with the message the CLI and the server share."""
         resolution.clean_prompt(self.prompt)
         resolution.check_session(self.session)
+        check_call_id(self.call_id)
         resolution.check_user_size(self.width, self.height)
         resolution.check_reference_count(len(self.inputs), max_references)
         resolution.batch_seeds(self.seed, self.num_images)
@@ -76,6 +84,46 @@ class ImageCall:
         region = self.region
         if region is not None:
             region.check()
+
+
+# Where a client puts its idempotency key in a tools/call request's `_meta` (MCP's open map; not a tool argument,
+# so no model-facing schema carries it: a retry is the client program's business).
+IDEMPOTENCY_META_KEY = "klein-agent/idempotency-key"
+
+
+def check_call_id(call_id: object) -> str | None:
+    """An idempotency key as given, or None; raises RequestError unless it is 1 to CALL_ID_MAX_CHARS letters,
+    digits or `_ . : -` (a UUID fits)."""
+    if call_id is None:
+        return None
+    if not isinstance(call_id, str) or not limits.CALL_ID_PATTERN.fullmatch(call_id):
+        text = repr(call_id)  # bounded below, whatever was sent
+        shown = text if len(text) <= 42 else text[:40] + "..."
+        raise RequestError(
+            f"idempotency key {shown} (_meta {IDEMPOTENCY_META_KEY!r}) is not valid: use 1 to "
+            f"{limits.CALL_ID_MAX_CHARS} letters, digits, '_', '.', ':' or '-' (a UUID fits), the same on every "
+            "retry of one call"
+        )
+    return call_id
+
+
+def new_call_id() -> str:
+    """A fresh idempotency key (128 random bits), for a call whose client sent none."""
+    return "call_" + secrets.token_hex(16)
+
+
+def picture_keys(call: ImageCall) -> list[str] | None:
+    """What the store records on picture k of `call` (`call_id` column, unique): a digest of the key *and* the
+    arguments, then `#k`; None when the call has no key. The arguments are part of it so that a key reused for a
+    different call makes new pictures rather than returning another call's (a retry sends the same arguments);
+    the key itself is not stored. Each picture has its own key, so a retry after a death between picture 1 and
+    picture 2 stores picture 2 only."""
+    if call.call_id is None:
+        return None
+    arguments = {f.name: getattr(call, f.name) for f in fields(call) if f.name != "call_id"}
+    text = json.dumps([call.tool, call.call_id, arguments], sort_keys=True, default=list)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:40]
+    return [f"{digest}#{k}" for k in range(call.num_images)]
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -94,6 +94,10 @@ MAX_PROMPT_CHARS = 2000  # the text encoder keeps 512 tokens after templating; m
 # -- grouping ---------------------------------------------------------------------------------------------------
 SESSION_PATTERN = re.compile(r"[A-Za-z0-9 _.:-]{1,64}", re.ASCII)
 SESSION_MAX_CHARS = 64
+# An idempotency key (`_meta["klein-agent/idempotency-key"]`, or minted per tools/call): what a client can keep and
+# send again; 128 characters hold a UUID, a ULID or a 64-hex digest with room for a prefix.
+CALL_ID_MAX_CHARS = 128
+CALL_ID_PATTERN = re.compile(rf"[A-Za-z0-9_.:-]{{1,{CALL_ID_MAX_CHARS}}}", re.ASCII)
 
 # -- inputs -----------------------------------------------------------------------------------------------------
 INPUT_MAX_BYTES = 32 * 1024**2  # an encoded input: file, decoded data: URI, or URL body

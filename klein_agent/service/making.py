@@ -7,20 +7,22 @@ request), the engine, and then `store_call` here, on a pool thread while the eng
 
 from __future__ import annotations
 
+import io
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from PIL import Image
 
 from klein_agent import __version__
-from klein_agent.rules.calls import Decoded, Prepare, PreparedCall
+from klein_agent.rules.calls import Decoded, ImageCall, Prepare, PreparedCall, picture_keys
 from klein_agent.rules.references import prepare_reference
 from klein_agent.service.engine import FinishedRun
 from klein_agent.service.inputs import ImageInputError, InputPolicy, LoadedImage, load_image_argument
 from klein_agent.service.memory import release_memory
 from klein_agent.service.pngfile import encode_png
 from klein_agent.service.previews import Preview, make_preview
-from klein_agent.service.store import ImageStore, Lease, StoredImage, new_image_id
+from klein_agent.service.store import ImageStore, Lease, StoredImage, UnknownImageError, new_image_id
 
 
 @dataclass(frozen=True)
@@ -164,9 +166,12 @@ def store_results(
     """One PNG (with its provenance) and one record (the full recipe) per picture, and their preview."""
     result = done.result
     session = prepared.call.session
+    keys = picture_keys(prepared.call)
     stored = []
+    minted = []
     for k, picture in enumerate(result.images):
         image_id = new_image_id()
+        minted.append(image_id)
         lease.add([image_id], require_stored=False)  # so storing picture 2 cannot evict picture 1 meanwhile
         core = prepared.recipe(result, k, parents, mask_id)  # what decides the pixels; in the PNG too
         recipe = {
@@ -191,16 +196,74 @@ def store_results(
                 parents=parents,
                 session=session,
                 image_id=image_id,
+                call_key=None if keys is None else keys[k],
             )
         )
-    seeds = result.resolved.seeds
+    pictures = result.images
+    if minted != [image.image_id for image in stored]:  # another attempt of this call stored some first
+        pictures = [stored_picture(store, image.image_id) for image in stored]
+    seeds = [image.recipe.get("seed") for image in stored]
+    return stored, call_preview(stored, pictures, seeds, preview_size)
+
+
+def call_preview(
+    stored: list[StoredImage],
+    pictures: list[Image.Image],
+    seeds: Sequence[int | None],
+    preview_size: tuple[int, int],
+) -> Preview:
+    """The preview of a call's pictures: one, or a contact sheet labelled "k id seed s"."""
     labels = (
         [stored[0].image_id]
         if len(stored) == 1
         else [f"{k} {img.image_id} seed {s}" for k, (img, s) in enumerate(zip(stored, seeds, strict=True), 1)]
     )
     max_edge, budget_b64 = preview_size
-    return stored, make_preview(result.images, labels, max_edge=max_edge, budget_b64=budget_b64)
+    return make_preview(pictures, labels, max_edge=max_edge, budget_b64=budget_b64)
+
+
+def stored_picture(store: ImageStore, image_id: str) -> Image.Image:
+    """A stored picture's pixels (RGB). Raises UnknownImageError."""
+    with Image.open(io.BytesIO(store.read_png(image_id))) as png:
+        return png.convert("RGB")
+
+
+def stored_call(store: ImageStore, call: ImageCall, preview_size: tuple[int, int]) -> NewImages | None:
+    """What an earlier attempt of this keyed call stored (every picture of it), as that attempt returned it,
+    or None when the call has no key or a picture of it is missing (then it runs, and `store_results` keeps
+    the pictures stored already). Reads; stores nothing. Raises StoreError."""
+    keys = picture_keys(call)
+    if keys is None:
+        return None
+    found = store.find_calls(keys)
+    if len(found) != len(keys):
+        return None
+    images = [found[key] for key in keys]
+    try:
+        pictures = [stored_picture(store, image.image_id) for image in images]
+    except UnknownImageError:  # evicted or deleted meanwhile: the call runs again
+        return None
+    first = images[0].recipe
+    run = ModelRun(
+        seeds=[int(image.recipe["seed"]) for image in images],
+        steps=int(first["steps"]),
+        guidance=first.get("guidance"),
+        model_ms=first.get("model_ms", 0.0),
+        queued_ms=first.get("queued_ms", 0.0),
+        cache_hits=dict(first.get("cache_hits") or {}),
+    )
+    return NewImages(
+        tool=call.tool,
+        images=images,
+        parents=list(images[0].parents),
+        imported=[],
+        preview=call_preview(images, pictures, run.seeds, preview_size),
+        session=images[0].session,
+        elapsed_ms=0.0,
+        run=run,
+        gone=store.absent(images[0].parents),
+        notes=["an earlier attempt with this idempotency key made these images; nothing new was stored"],
+    )
 
 
 def import_input(

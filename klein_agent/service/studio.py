@@ -25,7 +25,7 @@ import contextlib
 import io
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import anyio
@@ -43,7 +43,15 @@ from klein_agent.service.critique.zoom import zoom
 from klein_agent.service.engine import AsyncProgress, Engine, EngineError, EngineStatus
 from klein_agent.service.exports import check_output_path, write_export
 from klein_agent.service.inputs import ImageInputError, InputPolicy, LoadedImage
-from klein_agent.service.making import NewImages, StoreDecoder, input_ids, model_run, now_iso, store_call
+from klein_agent.service.making import (
+    NewImages,
+    StoreDecoder,
+    input_ids,
+    model_run,
+    now_iso,
+    store_call,
+    stored_call,
+)
 from klein_agent.service.previews import Preview, make_preview
 from klein_agent.service.store import ImageStore, Lease, StoredImage, StoreError, StoreStats
 
@@ -119,6 +127,13 @@ class Studio:
         info = self.engine.info
         call.check(info.max_references if info is not None else limits.MAX_REFERENCES)
         chosen = self._check_loras(call.loras)
+        sizes = (self.config.preview_max_edge, self.config.preview_budget_b64)
+        if (
+            call.call_id is not None
+        ):  # a retry of a call stored whole (here or by another front-end): no model time
+            earlier = await anyio.to_thread.run_sync(stored_call, self.store, call, sizes)
+            if earlier is not None:
+                return replace(earlier, elapsed_ms=(time.perf_counter() - started) * 1000)
         # The queue place is taken now, in arrival order and before any decoding: a busy server refuses at
         # once, and calls keep their order however long each one's inputs take to decode.
         async with self.engine.reserve() as place, self._leased() as lease:
@@ -143,7 +158,6 @@ class Studio:
             done = await place.run(prepared.request, progress=progress, finalize=prepared.finalize)
             # Cancelled after the model ran: nothing is stored. From here on, storing runs to its end.
             await anyio.lowlevel.checkpoint_if_cancelled()
-            sizes = (self.config.preview_max_edge, self.config.preview_budget_b64)
             imported, stored, preview, gone = await anyio.to_thread.run_sync(
                 store_call, self.store, prepared, done, ids, lease, sizes
             )

@@ -7,6 +7,7 @@ result as a preview, a summary, links and structured content (`klein_agent.serve
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Annotated
 
 from mcp.server import MCPServer
@@ -15,7 +16,16 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import CallToolResult, ToolAnnotations
 from pydantic import BaseModel, ConfigDict, Field
 
-from klein_agent.rules.calls import Compose, Edit, Generate, ImageCall, Inpaint
+from klein_agent.rules.calls import (
+    IDEMPOTENCY_META_KEY,
+    Compose,
+    Edit,
+    Generate,
+    ImageCall,
+    Inpaint,
+    check_call_id,
+    new_call_id,
+)
 from klein_agent.rules.limits import (
     BASE_STEPS,
     DEFAULT_STRENGTH,
@@ -432,5 +442,13 @@ async def run_call(studio: Studio, ctx: Context, call: ImageCall) -> CallToolRes
         await ctx.report_progress(value, total, message)
 
     with tool_errors():
-        made = await studio.make(call, progress=progress)
+        made = await studio.make(replace(call, call_id=idempotency_key(ctx)), progress=progress)
     return images_result(made)
+
+
+def idempotency_key(ctx: Context) -> str | None:
+    """The client's idempotency key (`_meta[IDEMPOTENCY_META_KEY]`, checked with the call), else a fresh one for
+    this tools/call: a replica's retry of it, or a second insert of it, stores each picture once."""
+    meta = ctx.request_context.meta or {}
+    given = meta.get(IDEMPOTENCY_META_KEY)
+    return new_call_id() if given is None else check_call_id(given)

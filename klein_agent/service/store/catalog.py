@@ -14,6 +14,8 @@ What a catalog must guarantee:
   lease (never the new row) until both bounds hold; it returns the evicted ids, whose blobs the caller deletes
   after the commit. If the leased rows alone break a bound it raises StoreFullError and commits nothing.
 - Ids are unique: inserting an id twice fails (and commits nothing).
+- Call keys are unique: inserting a row whose `call_id` a row has already raises CallStoredError naming that row
+  (and commits nothing), also when two front-ends insert the same key at once.
 - A lease taken with `require_stored` is checked and written in one transaction, ordered against eviction.
 - `page` is keyset pagination, newest first: a position names where a page ended, so pages stay stable (no
   repeats, no gaps among the rows that were there) while rows are inserted or evicted. SQLite orders by its
@@ -98,6 +100,10 @@ class Catalog(Protocol):
 
     def contains(self, image_ids: Iterable[str]) -> set[str]:
         """The ids among `image_ids` (well-formed) that have a row now."""
+        ...
+
+    def find_calls(self, call_keys: Sequence[str]) -> dict[str, StoredImage]:
+        """The rows stored under these call keys (`NewImage.call_id`), by key; keys without a row are absent."""
         ...
 
     def find_content(self, content_key: str) -> StoredImage | None:

@@ -33,6 +33,7 @@ from klein_agent.service.store.cursors import decode_cursor, encode_cursor
 from klein_agent.service.store.folder_blobs import FolderBlobStore
 from klein_agent.service.store.leases import Renewer
 from klein_agent.service.store.records import (
+    CallStoredError,
     NewImage,
     SessionSummary,
     StoredImage,
@@ -169,6 +170,7 @@ class ImageStore:
         image_id: str | None = None,
         content_key: str | None = None,
         created_at: float | None = None,
+        call_key: str | None = None,
     ) -> StoredImage:
         """Store one PNG durably; when this returns, the image survives a crash or kill -9.
 
@@ -180,6 +182,9 @@ class ImageStore:
         no longer stored: a finished picture is never lost for its lineage, and `absent` tells which are gone.
         `created_at` (Unix time) is when the image was first made; None (every caller but `store copy`, which keeps
         the original time) means now.
+        `call_key` (`rules.calls.picture_keys`) names this picture of a keyed call: when a row has it already (a
+        retry, here or on another front-end, stored it first) that row is returned and nothing is stored (a blob
+        written meanwhile is deleted), so the returned id may differ from `image_id`.
         Raises ValueError for a malformed argument or an id already stored, UnknownImageError for a malformed
         parent id, StoreFullError, StoreWriteError.
         """
@@ -202,17 +207,33 @@ class ImageStore:
         image_id = image_id or new_image_id()
         if self.catalog.contains([image_id]):  # a blob put would replace the stored image's bytes
             raise ValueError(f"image_id {image_id!r} is stored already; mint a new one with new_image_id()")
+        if call_key is not None:
+            stored = self.catalog.find_calls([call_key]).get(call_key)
+            if stored is not None:  # the common retry: no blob written, none to delete
+                return stored
         key = blob_key(image_id)
         self.blobs.put(key, data)  # blob first ...
         if created_at is not None and not (isinstance(created_at, (int, float)) and 0 <= created_at < 2**33):
             raise ValueError(f"created_at must be a Unix time in seconds, got {created_at!r}")
         row = NewImage(
-            image_id, width, height, len(data), session, parent_ids, text, content_key, created_at=created_at
+            image_id,
+            width,
+            height,
+            len(data),
+            session,
+            parent_ids,
+            text,
+            content_key,
+            call_id=call_key,
+            created_at=created_at,
         )
         try:  # ... row second
             created_at, evicted = self.catalog.insert(
                 row, max_images=self.max_images, max_bytes=self.max_bytes, now=self._clock()
             )
+        except CallStoredError as exc:  # another attempt of this call committed first: keep its picture
+            self.blobs.delete(key)
+            return self._row(exc.image_id)
         except StoreError as exc:
             inserted = self.catalog.was_inserted(image_id) if isinstance(exc, StoreWriteError) else False
             if inserted is False:
@@ -277,6 +298,11 @@ class ImageStore:
             log.warning("could not remove %s from the store: %s", image_id, exc)
             return
         self.blobs.delete(blob_key(image_id))
+
+    def find_calls(self, call_keys: Sequence[str]) -> dict[str, StoredImage]:
+        """The images stored under these call keys (`rules.calls.picture_keys`), by key. Not a use."""
+        self._check_open()
+        return self.catalog.find_calls(call_keys)
 
     def find_content(self, content_key: str) -> StoredImage | None:
         """The newest image stored with this `content_key`, or None."""

@@ -85,11 +85,18 @@ def m004_verdicts(execute: Execute) -> None:
     execute("CREATE INDEX verdicts_by_image ON verdicts(image_id, seq)", ())
 
 
+def m005_call_keys(execute: Execute) -> None:
+    """Call keys: picture k of a call retried with the same idempotency key is stored once (NULLs never collide)."""
+    execute("ALTER TABLE images ADD COLUMN call_id TEXT", ())
+    execute("CREATE UNIQUE INDEX images_by_call ON images(call_id)", ())
+
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "images table", m001_images),
     Migration(2, "content keys: an input imported twice is stored once", m002_content_keys),
     Migration(3, "leases: pins that hold across processes", m003_leases),
     Migration(4, "verdicts: pick, reject or note on an image", m004_verdicts),
+    Migration(5, "call keys: a retried call stores each picture once", m005_call_keys),
 ]
 
 

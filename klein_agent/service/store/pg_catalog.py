@@ -39,6 +39,7 @@ from klein_agent.service.store import pg_migrations
 from klein_agent.service.store.dsn import dsn_secrets, redact_dsn, scrub
 from klein_agent.service.store.migrations import SchemaError
 from klein_agent.service.store.records import (
+    CallStoredError,
     LeaseRow,
     NewImage,
     SessionSummary,
@@ -144,11 +145,13 @@ class PostgresCatalog:
     ) -> tuple[float, list[str]]:
         """Row, lineage, NOTIFY and eviction in one transaction (see `Catalog.insert`)."""
         with self._write() as cur:
-            (created_at,) = _one_row(
+            inserted = (
                 cur.execute(
                     "INSERT INTO images (image_id, width, height, size_bytes, session, parents, recipe, content_key,"
                     " call_id, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s,"
                     " COALESCE(to_timestamp(%s), clock_timestamp()))"
+                    # a retry of a keyed call that another front-end stored: nothing here, CallStoredError below
+                    " ON CONFLICT (call_id) DO NOTHING"
                     " RETURNING extract(epoch FROM created_at)::float8",
                     (
                         image.image_id,
@@ -163,7 +166,11 @@ class PostgresCatalog:
                         image.created_at,
                     ),
                 )
-            )
+            ).fetchone()
+            if inserted is None:  # ON CONFLICT waited for the other insert's commit: its row is visible now
+                found = cur.execute("SELECT image_id FROM images WHERE call_id = %s", (image.call_id,))
+                raise CallStoredError(str(image.call_id), _one_row(found)[0])  # rolls this transaction back
+            (created_at,) = inserted
             if image.parents:
                 cur.executemany(
                     "INSERT INTO lineage (child, pos, parent) VALUES (%s, %s, %s)",
@@ -211,6 +218,13 @@ class PostgresCatalog:
         with self._read() as cur:
             rows = cur.execute("SELECT image_id FROM images WHERE image_id = ANY(%s)", (ids,)).fetchall()
         return {r[0] for r in rows}
+
+    def find_calls(self, call_keys: Sequence[str]) -> dict[str, StoredImage]:
+        """The rows stored under these call keys, by key."""
+        with self._read() as cur:
+            sql = f"SELECT call_id, {_COLUMNS} FROM images WHERE call_id = ANY(%s)"
+            rows = cur.execute(sql, (list(call_keys),)).fetchall()
+        return {row[0]: _image(row[1:]) for row in rows}
 
     def find_content(self, content_key: str) -> StoredImage | None:
         """The newest row with this content key, or None."""

@@ -57,6 +57,15 @@ class StoreWriteError(StoreError):
     """An I/O error (disk full, permissions) while saving; the store is left as it was before the call."""
 
 
+class CallStoredError(StoreError):
+    """`Catalog.insert` found a row with the same call key (a retried call stored it first): nothing was
+    committed; `image_id` is the stored row's."""
+
+    def __init__(self, call_key: str, image_id: str) -> None:
+        self.call_key, self.image_id = call_key, image_id
+        super().__init__(f"picture {call_key!r} of this call is stored already, as {image_id}")
+
+
 @dataclass(frozen=True)
 class StoredImage:
     """One image's record in the store: its id, size in px, PNG size in bytes, lineage, recipe and blob key."""
@@ -84,7 +93,8 @@ class NewImage:
     parents: tuple[str, ...]
     recipe_json: str
     content_key: str | None = None
-    call_id: str | None = None  # a client's idempotency key (PostgreSQL keeps it unique; SQLite ignores it)
+    # a picture of a keyed call (`rules.calls.picture_keys`): unique in both catalogs, so a retry stores it once
+    call_id: str | None = None
     created_at: float | None = None  # Unix time; None: now (a copy between stores keeps the original time)
 
 

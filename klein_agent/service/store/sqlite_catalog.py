@@ -25,6 +25,7 @@ from typing import Any
 
 from klein_agent.service.store import migrations
 from klein_agent.service.store.records import (
+    CallStoredError,
     LeaseRow,
     NewImage,
     SessionSummary,
@@ -131,11 +132,19 @@ class SQLiteCatalog:
     ) -> tuple[float, list[str]]:
         """Insert the row and evict, in one transaction (see `Catalog.insert`)."""
         with self._locked(), self._writing():
+            if (
+                image.call_id is not None
+            ):  # the write lock is held: no other insert of this key can interleave
+                found = self._execute(
+                    "SELECT image_id FROM images WHERE call_id = ?", (image.call_id,)
+                ).fetchone()
+                if found is not None:
+                    raise CallStoredError(image.call_id, found[0])
             created_at = time.time() if image.created_at is None else image.created_at
             self._execute(
                 "INSERT INTO images (image_id, width, height, size_bytes, created_at, last_used_at, use_seq,"
-                " session, parents, recipe, content_key) VALUES (?, ?, ?, ?, ?, ?,"
-                " (SELECT COALESCE(MAX(use_seq), 0) + 1 FROM images), ?, ?, ?, ?)",
+                " session, parents, recipe, content_key, call_id) VALUES (?, ?, ?, ?, ?, ?,"
+                " (SELECT COALESCE(MAX(use_seq), 0) + 1 FROM images), ?, ?, ?, ?, ?)",
                 (
                     image.image_id,
                     image.width,
@@ -147,6 +156,7 @@ class SQLiteCatalog:
                     json.dumps(list(image.parents)),
                     image.recipe_json,
                     image.content_key,
+                    image.call_id,
                 ),
             )
             evicted = self._evict(max_images, max_bytes, now, keep=image.image_id)
@@ -200,6 +210,18 @@ class SQLiteCatalog:
                 (content_key,),
             ).fetchone()
         return None if row is None else _image(row)
+
+    def find_calls(self, call_keys: Sequence[str]) -> dict[str, StoredImage]:
+        """The rows stored under these call keys, by key."""
+        keys = list(call_keys)
+        if not keys:
+            return {}
+        marks = ", ".join("?" * len(keys))
+        with self._locked():
+            rows = self._execute(
+                f"SELECT call_id, {_COLUMNS} FROM images WHERE call_id IN ({marks})", keys
+            ).fetchall()
+        return {row[0]: _image(row[1:]) for row in rows}
 
     def page(
         self, *, session: str | None, limit: int, before: object | None, standing: str | None = None
