@@ -190,3 +190,13 @@ def test_a_calls_step_cache_goes_into_the_request_checked_and_into_every_recipe(
     assert plain.request.step_cache is None
     ran = resolve(plain.request, info("cpu"))
     assert "cache" not in plain.recipe(GenerationResult([], {}, {}, ran, info("cpu")), 0, parents=[])
+
+
+def test_the_calls_idempotency_key_travels_on_its_request_to_the_generator() -> None:
+    """The key a client sent (or the front-end minted) reaches the generator, so a replica's retry can name it."""
+    keyed = prepare_call(
+        Generate(prompt="x", call_id="retry-7"), Pictures(), multiple=16, budget=fixed(2**20)
+    )
+    assert keyed.request.call_id == "retry-7"
+    unkeyed = prepare_call(Generate(prompt="x"), Pictures(), multiple=16, budget=fixed(2**20))
+    assert unkeyed.request.call_id is None

@@ -287,6 +287,7 @@ def prepare_call(
         strength=None if region is None else region.strength,
         loras=loras,
         step_cache=chosen_step_cache(call.step_cache),
+        call_id=call.call_id,  # the replica logs it beside a retry
     )
     return PreparedCall(call, request, tuple(inputs), mask, finalize)
 
