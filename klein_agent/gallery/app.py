@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 PAGE_SIZE = 60  # cards per page: one screenful and a bit, so the first paint waits for little
 POLL_S = 0.5  # how often the live feed looks at the store
 FEED_WAIT_S = 2.0  # with a pushing catalog: the longest wait for a row before looking anyway (deletes)
+MAX_MARK = 2**63 - 1  # verdict marks are 64-bit integers in both catalogs (SQLite INTEGER, PostgreSQL bigint)
 STATIC = {  # name -> content type; nothing else is served from static/
     "app.js": "text/javascript; charset=utf-8",
     "verdicts.js": "text/javascript; charset=utf-8",
@@ -194,16 +195,12 @@ class Gallery:
         with the verdicts recorded, never with the cards on the page or in the store. A missing or bad `after`
         is a 400 with {"error": message}."""
         raw = request.query_params.get("after", "")
-        if not raw.isascii() or not raw.isdigit() or len(raw) > 19:
-            shown = raw[:20]
-            return _json(
-                {
-                    "error": f"after must be a verdict mark (a whole number from 0, as /events sends), got {shown!r}"
-                },
-                status=400,
-            )
+        after = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= len(str(MAX_MARK)) else -1
+        if not 0 <= after <= MAX_MARK:
+            message = f"after must be a verdict mark (a whole number from 0 to {MAX_MARK}, as /events sends)"
+            return _json({"error": f"{message}, got {raw[:24]!r}"}, status=400)
         ids, verdicts, mark = await anyio.to_thread.run_sync(
-            lambda: self.store.verdict_changes(int(raw), limit=MAX_LIST_LIMIT)
+            lambda: self.store.verdict_changes(after, limit=MAX_LIST_LIMIT)
         )
         changes = [{"id": i, **verdict_fields(verdicts.get(i))} for i in ids if i in verdicts]
         return _json({"changes": changes, "mark": mark})
