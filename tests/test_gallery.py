@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from fill_store import fill  # tools/, on the path through conftest
@@ -362,3 +363,32 @@ def test_a_store_that_is_not_there_is_refused_before_serving(tmp_path: Path) -> 
     )
     assert done.returncode == 2 and "no image store at" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "none").exists() and not (tmp_path / "none.http-token").exists()
+
+
+def test_the_verdicts_recorded_after_a_mark_are_paged_and_a_bad_mark_is_refused(
+    filled: Path, gallery_process: tuple[int, str, str, Path]
+) -> None:
+    port, _, token, _ = gallery_process
+    bearer = {"Authorization": f"Bearer {token}"}
+    status, _, body = get(port, "/gallery/api/images?limit=3", bearer)
+    page = json.loads(body)
+    mark, shown = page["verdict_mark"], [card["id"] for card in page["images"]]
+    with ImageStore(filled) as writer:  # another process records (the gallery's store is read-only)
+        writer.record_verdict(shown[1], "pick", "the sharpest")
+        writer.record_verdict(shown[0], "note", "too dark")
+        writer.record_verdict(shown[1], "note", "check the hands")
+    status, _, body = get(port, f"/gallery/api/verdicts?after={mark}", bearer)
+    changes = json.loads(body)
+    assert status == 200 and changes["mark"] > mark
+    by_id = {change["id"]: change for change in changes["changes"]}
+    assert list(by_id) == [shown[1], shown[0]], "each image once, in recording order"
+    assert by_id[shown[1]]["verdict"] == "pick" and by_id[shown[1]]["verdict_reason"] == "the sharpest"
+    assert by_id[shown[1]]["notes"] == ["check the hands"] and by_id[shown[0]]["verdict"] is None
+    status, _, body = get(port, f"/gallery/api/verdicts?after={changes['mark']}", bearer)
+    assert json.loads(body) == {"changes": [], "mark": changes["mark"]}
+    for bad in ("", "-1", "abc", "1e3", "１", str(2**63), "9" * 40):
+        status, _, body = get(port, f"/gallery/api/verdicts?after={quote(bad)}", bearer)
+        assert status == 400, bad
+        assert json.loads(body)["error"].startswith("after must be a verdict mark (a whole number from 0"), (
+            bad
+        )

@@ -334,3 +334,32 @@ def test_copied_verdicts_keep_their_order_and_times_are_trimmed_and_all_or_nothi
     assert store.verdicts([third.image_id]) == {}, "a failed copy left part of a history"
     with pytest.raises(UnknownImageError):
         store.catalog.copy_verdicts(new_image_id(), history, keep=VERDICT_HISTORY_PER_IMAGE)
+
+
+def test_the_verdict_mark_pages_what_changed_from_any_front_end_bounded_by_the_limit(
+    open_store: Callable[..., ImageStore],
+) -> None:
+    store = open_store()
+    other = open_store()  # another front-end on the same catalog: its verdicts move this one's mark
+    a, b, c = (put(store, seed) for seed in range(3))
+    start = store.verdict_mark()
+    assert store.verdict_changes(start, limit=10) == ([], {}, start), "nothing recorded since"
+    store.record_verdict(a.image_id, "pick", "sharp")
+    other.record_verdict(b.image_id, "note", "sky flat")
+    other.record_verdict(a.image_id, "reject", "six fingers")
+    store.record_verdict(c.image_id, "note", "good light")
+    head = store.verdict_mark()
+    assert head > start and other.verdict_mark() == head
+    ids, verdicts, mark = store.verdict_changes(start, limit=2)  # two records: a's pick, b's note
+    assert ids == [a.image_id, b.image_id] and start < mark < head
+    standing = verdicts[a.image_id].standing  # what the image's verdicts are now, not the record read
+    assert standing is not None and (standing.verdict, standing.reason) == ("reject", "six fingers")
+    assert [n.reason for n in verdicts[b.image_id].notes] == ["sky flat"]
+    ids, verdicts, mark = store.verdict_changes(mark, limit=2)
+    assert ids == [a.image_id, c.image_id] and mark == head and set(verdicts) == set(ids)
+    assert store.verdict_changes(head, limit=2) == ([], {}, head)
+    store.delete(c.image_id)  # its verdicts go with it, the newest record included
+    assert store.verdict_changes(start, limit=10)[0] == [a.image_id, b.image_id], "an evicted image is absent"
+    store.record_verdict(b.image_id, "pick", "")
+    assert store.verdict_mark() > head, "a mark is never reused, even after the newest record was deleted"
+    assert store.verdict_changes(head, limit=10)[0] == [b.image_id]

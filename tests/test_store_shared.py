@@ -81,6 +81,56 @@ def test_the_feed_hears_a_row_committed_by_another_front_end_within_a_second(
         feed.close()
 
 
+def test_the_feed_hears_a_verdict_and_a_reader_of_marks_misses_none_committed_late(
+    shared: Callable[..., ImageStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from klein_agent.service.store import pg_catalog
+
+    gallery_side, slow, fast = shared(), shared(), shared()
+    a, b = put(slow, 1), put(fast, 2)
+    feed = gallery_side.catalog.listen()
+    assert feed is not None
+    try:
+        fast.record_verdict(b.image_id, "note", "pushed")
+        start = time.monotonic()
+        assert feed.wait(1.0) == [b.image_id] and time.monotonic() - start < 1.0, "a verdict wakes the feed"
+    finally:
+        feed.close()
+    # One front-end stalls between writing its verdict and committing it (here, in its trim); another records a
+    # verdict meanwhile. A reader following marks must still meet the stalled record once it commits.
+    stalled, release = threading.Event(), threading.Event()
+    trim = pg_catalog._trim_verdicts
+
+    def slow_trim(cur: object, image_id: str, keep: int) -> None:
+        if image_id == a.image_id:
+            stalled.set()
+            release.wait(10)
+        trim(cur, image_id, keep)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pg_catalog, "_trim_verdicts", slow_trim)
+    mark = gallery_side.verdict_mark()
+    writers = [
+        threading.Thread(target=slow.record_verdict, args=(a.image_id, "pick", "slow")),
+        threading.Thread(target=fast.record_verdict, args=(b.image_id, "pick", "fast")),
+    ]
+    writers[0].start()
+    assert stalled.wait(10)
+    writers[1].start()
+    seen: set[str] = set()
+    deadline = time.monotonic() + 0.5
+    while time.monotonic() < deadline:  # what a gallery reads while the slow one stalls
+        ids, _, mark = gallery_side.verdict_changes(mark, limit=10)
+        seen |= set(ids)
+        time.sleep(0.05)
+    release.set()
+    for writer in writers:
+        writer.join(10)
+    ids, _, mark = gallery_side.verdict_changes(mark, limit=10)
+    seen |= set(ids)
+    assert seen == {a.image_id, b.image_id}, "a verdict committed after a later mark was read is lost"
+    assert mark == gallery_side.verdict_mark()
+
+
 def test_the_embedded_catalog_has_no_feed_and_the_caller_polls(tmp_path: Path) -> None:
     with sqlite_folder(tmp_path / "embedded") as store:
         assert store.catalog.listen() is None

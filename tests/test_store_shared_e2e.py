@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import pytest
 from mcp import Client
 
@@ -142,7 +143,7 @@ async def test_a_picture_made_on_one_front_end_shows_in_another_s_gallery_within
     deadline = time.monotonic() + 10
     while not heard and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert heard and heard[0][1] == {"newest": None, "total": 0}, heard
+    assert heard and heard[0][1] == {"newest": None, "total": 0, "verdicts": 0}, heard
 
     async with Client(authed(serve_port, TOKEN)) as client:
         made = await client.call_tool(
@@ -150,14 +151,28 @@ async def test_a_picture_made_on_one_front_end_shows_in_another_s_gallery_within
         )
         assert not made.is_error, made
         image_id = made.structured_content["images"][0]["image_id"]
+        deadline = time.monotonic() + 5
+        while not any(h[1]["newest"] == image_id for h in heard) and time.monotonic() < deadline:
+            await anyio.sleep(0.02)
+        # Right after a change was sent the feed waits FEED_WAIT_S (2 s) unless a NOTIFY wakes it: a verdict
+        # shown within 1 s of its commit was pushed, not found by the next look.
+        judged = await client.call_tool("record_verdict", {"image_id": image_id, "verdict": "pick"})
+        assert not judged.is_error, judged
+        judged_at = time.time()
+        deadline = time.monotonic() + 5
+        while not any(h[1]["verdicts"] for h in heard) and time.monotonic() < deadline:
+            await anyio.sleep(0.02)
 
     with postgres_s3(tmp_path / "shared") as store:  # a third front-end: the row and its bytes are shared
         stored = store.get(image_id)
         assert store.read_png(image_id)[:8] == b"\x89PNG\r\n\x1a\n"
-    deadline = time.monotonic() + 5
-    while not any(h[1]["newest"] == image_id for h in heard) and time.monotonic() < deadline:
-        time.sleep(0.02)
+        mark = store.verdict_mark()
     stop.set()
     arrived = next((t for t, change in heard if change["newest"] == image_id), None)
     assert arrived is not None, f"the gallery never showed {image_id}: {heard}"
+    judged_shown = next((t for t, change in heard if change["verdicts"] == mark), None)
+    assert judged_shown is not None, f"the gallery never showed the verdict (mark {mark}): {heard}"
+    assert judged_shown - judged_at < 1.0, (
+        f"the verdict shown {judged_shown - judged_at:.3f} s after its call"
+    )
     assert arrived - stored.created_at < 1.0, f"shown {arrived - stored.created_at:.3f} s after its commit"

@@ -12,9 +12,10 @@ Routes, relative to where the app is mounted (`/gallery`):
     /api/sessions          sessions, newest first, with counts; the store's total
     /api/images            a page of cards, newest first (?session=, ?cursor=, ?limit=, ?standing=pick|reject)
     /api/images/{id}       one card
+    /api/verdicts          the verdicts recorded after a mark (?after=): the cards to update, and the next mark
     /image/{id}.png        the full PNG (?download=1: as an attachment)
     /thumb/{id}.webp       its WebP thumbnail
-    /events                server-sent events: `change` whenever an image is stored or evicted
+    /events                server-sent events: `change` whenever an image is stored or evicted, or a verdict recorded
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from klein_agent.gallery.catalog import card
+from klein_agent.gallery.catalog import card, verdict_fields
 from klein_agent.gallery.thumbs import Thumbnails
 from klein_agent.rules.limits import SESSION_MAX_CHARS
 from klein_agent.service.store import (
@@ -54,8 +55,10 @@ log = logging.getLogger(__name__)
 PAGE_SIZE = 60  # cards per page: one screenful and a bit, so the first paint waits for little
 POLL_S = 0.5  # how often the live feed looks at the store
 FEED_WAIT_S = 2.0  # with a pushing catalog: the longest wait for a row before looking anyway (deletes)
+MAX_MARK = 2**63 - 1  # verdict marks are 64-bit integers in both catalogs (SQLite INTEGER, PostgreSQL bigint)
 STATIC = {  # name -> content type; nothing else is served from static/
     "app.js": "text/javascript; charset=utf-8",
+    "verdicts.js": "text/javascript; charset=utf-8",
     "style.css": "text/css; charset=utf-8",
     "icon.svg": "image/svg+xml",
 }
@@ -114,6 +117,7 @@ class Gallery:
             Route("/api/sessions", self.sessions),
             Route("/api/images", self.images),
             Route("/api/images/{image_id}", self.one_image),
+            Route("/api/verdicts", self.verdict_changes),
             Route("/image/{name}", self.png),
             Route("/thumb/{name}", self.thumb),
             Route("/events", self.events),
@@ -164,8 +168,9 @@ class Gallery:
         )
 
     async def images(self, request: Request) -> Response:
-        """{"images": [card, ...], "next_cursor": str | null}: newest first, of one session if `session` is given.
-        A bad cursor, session or limit is a 400 with {"error": message}."""
+        """{"images": [card, ...], "next_cursor": str | null, "verdict_mark": int}: newest first, of one session
+        if `session` is given. `verdict_mark` was read before the cards' verdicts: the page asks /api/verdicts
+        for what was recorded after it. A bad cursor, session or limit is a 400 with {"error": message}."""
         query = request.query_params
         session = query.get("session") or None
         standing = query.get("standing") or None
@@ -175,13 +180,30 @@ class Gallery:
                 raise ValueError(f"limit must be from 1 to {MAX_LIST_LIMIT}")
             if session is not None and len(session) > SESSION_MAX_CHARS:
                 raise ValueError(f"session is at most {SESSION_MAX_CHARS} characters")
-            page, cursor, verdicts = await anyio.to_thread.run_sync(
+            page, cursor, verdicts, mark = await anyio.to_thread.run_sync(
                 lambda: self._cards_page(session, limit, query.get("cursor") or None, standing)
             )
         except (ValueError, StoreError) as exc:
             return _json({"error": str(exc)}, status=400)
         cards = [card(image, verdicts.get(image.image_id)) for image in page]
-        return _json({"images": cards, "next_cursor": cursor})
+        return _json({"images": cards, "next_cursor": cursor, "verdict_mark": mark})
+
+    async def verdict_changes(self, request: Request) -> Response:
+        """{"changes": [{"id", "verdict", "verdict_reason", "verdict_at", "notes"}], "mark": int}: the images
+        given a verdict after the mark `after` (from /events or /api/images), with their verdicts now, from at
+        most MAX_LIST_LIMIT records; ask again from `mark` until it reaches the feed's mark. What it costs grows
+        with the verdicts recorded, never with the cards on the page or in the store. A missing or bad `after`
+        is a 400 with {"error": message}."""
+        raw = request.query_params.get("after", "")
+        after = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= len(str(MAX_MARK)) else -1
+        if not 0 <= after <= MAX_MARK:
+            message = f"after must be a verdict mark (a whole number from 0 to {MAX_MARK}, as /events sends)"
+            return _json({"error": f"{message}, got {raw[:24]!r}"}, status=400)
+        ids, verdicts, mark = await anyio.to_thread.run_sync(
+            lambda: self.store.verdict_changes(after, limit=MAX_LIST_LIMIT)
+        )
+        changes = [{"id": i, **verdict_fields(verdicts.get(i))} for i in ids if i in verdicts]
+        return _json({"changes": changes, "mark": mark})
 
     async def one_image(self, request: Request) -> Response:
         """One card, for an image the page has not loaded (a parent on a later page); 404 if unknown."""
@@ -224,20 +246,23 @@ class Gallery:
     # ---- live --------------------------------------------------------------------------------------------
 
     async def events(self, request: Request) -> Response:
-        """Server-sent events: `change` with {"newest": id | null, "total": n} at once and whenever either
-        changes (an image stored or evicted), checked every `poll_s`; a comment every 15 s keeps proxies open."""
+        """Server-sent events: `change` with {"newest": id | null, "total": n, "verdicts": mark} at once and
+        whenever one of them changes (an image stored or evicted, a verdict recorded), checked every `poll_s`; a
+        comment every 15 s keeps proxies open."""
 
         async def changes() -> AsyncIterator[dict[str, str]]:
             last = None
             # A catalog that pushes (PostgreSQL: LISTEN/NOTIFY) wakes this at the commit of a row made by any
-            # front-end; the others (SQLite) are polled. Deletes are not pushed: the wait ends every FEED_WAIT_S.
+            # front-end, and at the commit of a verdict; the others (SQLite) are polled. Deletes are not pushed:
+            # the wait ends every FEED_WAIT_S.
             feed = await anyio.to_thread.run_sync(self.store.catalog.listen)
             try:
                 while True:
                     now = await anyio.to_thread.run_sync(self._head)
                     if now != last:
                         last = now
-                        yield {"event": "change", "data": json.dumps({"newest": now[0], "total": now[1]})}
+                        data = {"newest": now[0], "total": now[1], "verdicts": now[2]}
+                        yield {"event": "change", "data": json.dumps(data)}
                     if feed is None:
                         await anyio.sleep(self.poll_s)
                     else:
@@ -252,16 +277,19 @@ class Gallery:
 
     def _cards_page(
         self, session: str | None, limit: int, cursor: str | None, standing: str | None
-    ) -> tuple[list[StoredImage], str | None, dict[str, Verdicts]]:
-        """A page of images (of one standing verdict if given) and their verdicts, in one worker-thread call."""
+    ) -> tuple[list[StoredImage], str | None, dict[str, Verdicts], int]:
+        """A page of images (of one standing verdict if given), their verdicts and the verdict mark read before
+        them (so a verdict recorded meanwhile is in the changes after the mark), in one worker-thread call."""
+        mark = self.store.verdict_mark()
         page, next_cursor = self.store.list_images(
             session=session, limit=limit, cursor=cursor, standing=standing
         )
-        return page, next_cursor, self.store.verdicts([image.image_id for image in page])
+        return page, next_cursor, self.store.verdicts([image.image_id for image in page]), mark
 
-    def _head(self) -> tuple[str | None, int]:
+    def _head(self) -> tuple[str | None, int, int]:
+        """The head check, three cheap reads: the newest image, the image count, the verdict mark."""
         page, _ = self.store.list_images(limit=1)
-        return (page[0].image_id if page else None, self.store.stats().count)
+        return (page[0].image_id if page else None, self.store.stats().count, self.store.verdict_mark())
 
     async def _get(self, image_id: str) -> StoredImage:
         if not ImageStore.is_valid_id(image_id):

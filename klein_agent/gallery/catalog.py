@@ -19,7 +19,6 @@ def card(image: StoredImage, verdicts: Verdicts | None = None) -> dict[str, Any]
     the whole recipe, the MCP call and CLI command that make it again (None for an import), and its verdicts:
     the standing pick or reject (None), its reason and time (unix s), and the newest notes, newest first."""
     recipe = image.recipe
-    standing = verdicts.standing if verdicts else None
     tool = str(recipe.get("tool", "unknown"))
     argv = rerun_command(recipe, image.parents, f"{image.image_id}.png")
     return {
@@ -42,6 +41,16 @@ def card(image: StoredImage, verdicts: Verdicts | None = None) -> dict[str, Any]
         "recipe": recipe,
         "mcp": rerun_call(recipe, image.parents),
         "cli": shlex.join(argv) if argv is not None else None,
+        **verdict_fields(verdicts),
+    }
+
+
+def verdict_fields(verdicts: Verdicts | None) -> dict[str, Any]:
+    """A card's verdict fields, for the card and for the live feed's updates (the same keys, so the page
+    applies an update by assigning them): the standing pick or reject (None), its reason and time (unix s), and
+    the newest notes, newest first."""
+    standing = verdicts.standing if verdicts else None
+    return {
         "verdict": standing.verdict if standing else None,
         "verdict_reason": standing.reason if standing else None,
         "verdict_at": standing.at if standing else None,

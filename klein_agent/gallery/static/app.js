@@ -16,6 +16,12 @@
     done: false,
     loading: null,
     newest: undefined,
+    // Verdicts: `verdictMark` is how far this view's cards are up to date (the lowest mark a load of them
+    // read before their verdicts; undefined while loading), `headMark` the store's newest, from /events.
+    verdictMark: undefined,
+    headMark: undefined,
+    syncing: false,
+    syncAgain: false,
     picked: [],
     blink: null,
     view: 0, // bumped by each new view, so a late answer for the last one is dropped
@@ -65,7 +71,8 @@
       if (!state.children.has(parent)) state.children.set(parent, []);
       const list = state.children.get(parent);
       if (!list.includes(card.id)) list.push(card.id);
-      list.sort((x, y) => state.cards.get(x).created_at - state.cards.get(y).created_at); // oldest first
+      const at = (x) => (state.cards.has(x) ? state.cards.get(x).created_at : 0); // one unpicked off #picks: gone
+      list.sort((x, y) => at(x) - at(y)); // oldest first
       for (const node of byId(parent, ".made-into")) {
         fillChips(node, "made into", list);
       }
@@ -192,6 +199,7 @@
       .then((page) => {
         if (view !== state.view) return;
         append(page.images);
+        lowerMark(page.verdict_mark);
         state.cursor = page.next_cursor;
         state.done = !page.next_cursor;
         if (state.newest === undefined) state.newest = page.images.length ? page.images[0].id : null;
@@ -223,11 +231,13 @@
     const view = state.view;
     const cards = [];
     let cursor = null;
+    let mark;
     do {
       const params = new URLSearchParams({ session, limit: "100" }); // the API's most (rules/limits.py MAX_LIST_LIMIT)
       if (cursor) params.set("cursor", cursor);
       const page = await getJSON(`api/images?${params}`);
       cards.push(...page.images);
+      mark = mark === undefined ? page.verdict_mark : Math.min(mark, page.verdict_mark);
       cursor = page.next_cursor;
     } while (cursor && view === state.view);
     if (view !== state.view) return;
@@ -272,6 +282,7 @@
     $("#cards").replaceChildren(el("ol", { class: "tree root" }, ...roots.flatMap(line)));
     $("#empty").hidden = cards.length > 0;
     $("#load-more").hidden = true;
+    lowerMark(mark);
     markReady();
   }
 
@@ -284,6 +295,7 @@
     state.cursor = null;
     state.done = false;
     state.newest = undefined;
+    state.verdictMark = undefined;
     $("#cards").replaceChildren();
     $("#fresh").hidden = true;
     $("#load-more").hidden = true;
@@ -454,7 +466,12 @@
 
   // ---- live ----------------------------------------------------------------------------------------------
 
+  // verdicts recorded after the cards loaded: static/verdicts.js
+  const { lowerMark, syncVerdicts } = window.kleinVerdicts({ state, $, byId, getJSON, remember, renderCard, groupOf, verdicts });
+
   async function refresh(change) {
+    state.headMark = change.verdicts;
+    syncVerdicts().catch(() => {});
     loadSessions().catch(() => {});
     if (state.newest === undefined) return; // the view is still loading, and will show it
     if (state.session !== null) {
@@ -473,6 +490,7 @@
     }
     if (fresh.length === page.images.length && state.cards.size) $("#fresh").hidden = false;
     prepend(fresh);
+    lowerMark(page.verdict_mark);
     state.newest = page.images.length ? page.images[0].id : null;
     $("#empty").hidden = state.cards.size > 0;
   }

@@ -26,9 +26,11 @@ What a catalog must guarantee:
 - Write failures raise StoreWriteError (the message names the store and what to do); then nothing was committed,
   unless `was_inserted` says otherwise.
 
-Live feed: `listen()` returns a `Feed` of the ids inserted from then on (PostgreSQL: NOTIFY inside the insert
-transaction, so a feed sees only committed rows, each once), or None where the catalog cannot push (SQLite): the
-caller then polls `page(limit=1)` and `totals()`, as the gallery does today.
+Live feed: `listen()` returns a `Feed` of the ids of images inserted or given a verdict from then on (PostgreSQL:
+NOTIFY inside the writing transaction, so a feed sees only committed changes, each once), or None where the
+catalog cannot push (SQLite): the caller then polls `page(limit=1)`, `totals()` and `verdict_mark()`, as the
+gallery does. Verdicts carry a mark (`verdict_mark`) that grows in commit order, so a reader that remembers the
+last mark it saw asks `verdict_changes` for what changed since, at a cost bounded by the changes, not the store.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ from klein_agent.service.store.records import (
 
 
 class Feed(Protocol):
-    """Ids of rows committed after the feed was opened, in commit order, on a connection of its own."""
+    """Ids of images inserted or given a verdict after the feed was opened, in commit order, on a connection of
+    its own."""
 
     def wait(self, timeout_s: float) -> list[str]:
         """The ids that arrived since the last call, waiting up to `timeout_s` seconds for the first one ([]: none
@@ -162,6 +165,18 @@ class Catalog(Protocol):
         StoreWriteError."""
         ...
 
+    def verdict_mark(self) -> int:
+        """The mark of the newest verdict record (its `seq`; 0 when none was ever recorded): a cheap head check
+        for the live feed. Marks grow in commit order, across every front-end: once a reader has seen mark m,
+        no record with a mark <= m commits later (so `verdict_changes(m, ...)` misses nothing)."""
+        ...
+
+    def verdict_changes(self, after: int, *, limit: int) -> tuple[list[str], int]:
+        """What changed since the mark `after`: the ids of the images among the next `limit` records recorded
+        after it (in recording order, each id once; an image evicted since is absent), and the mark to pass next
+        (that of the last record read; `after` when none). One read of at most `limit` rows; no use for the LRU."""
+        ...
+
     def take_leases(
         self, holder: str, image_ids: Iterable[str], *, expires_at: float, require_stored: bool
     ) -> None:
@@ -186,7 +201,8 @@ class Catalog(Protocol):
         ...
 
     def listen(self) -> Feed | None:
-        """A feed of the ids inserted from now on, or None when this catalog cannot push (poll instead)."""
+        """A feed of the ids inserted or given a verdict from now on, or None when this catalog cannot push
+        (poll instead)."""
         ...
 
     def close(self) -> None:

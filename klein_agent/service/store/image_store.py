@@ -351,6 +351,21 @@ class ImageStore:
         self._check_open()
         return self.catalog.verdicts([i for i in image_ids if is_valid_id(i)], notes=VERDICT_NOTES_SHOWN)
 
+    def verdict_mark(self) -> int:
+        """The mark of the newest verdict (0: none yet); it grows with every verdict recorded, in commit order."""
+        self._check_open()
+        return self.catalog.verdict_mark()
+
+    def verdict_changes(self, after: int, *, limit: int) -> tuple[list[str], dict[str, Verdicts], int]:
+        """The images given a verdict after the mark `after`, from at most `limit` records: (their ids in
+        recording order, their verdicts now as `verdicts` gives them (an id evicted meanwhile is absent), the mark
+        to pass next: `after` itself when nothing was recorded since). Call again from the mark returned until
+        it reaches the `verdict_mark()` you saw, or stops moving. Bounded by `limit`, not by the store: at most
+        `limit` records, their ids and those ids' kept histories are read."""
+        self._check_open()
+        ids, mark = self.catalog.verdict_changes(after, limit=limit)
+        return ids, self.catalog.verdicts(ids, notes=VERDICT_NOTES_SHOWN), mark
+
     def sessions(self) -> list[SessionSummary]:
         """Every session with its image count and first and last times, the one with the newest image first."""
         self._check_open()

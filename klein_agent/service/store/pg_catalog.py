@@ -18,7 +18,10 @@ Concurrency, in words (every point is a test in tests/test_store_postgres.py):
   statement (a fresh snapshot), so a lease committed between the choice and the lock still protects its image.
 - Open: a session-level advisory lock plays the SQLite catalog's lock file: the opener that gets it exclusively
   sweeps eagerly, then downgrades to shared in `open_done`. The server drops it when a process dies.
-- `pg_notify('klein_images', image_id)` runs inside the insert transaction: listeners hear committed rows only.
+- `pg_notify('klein_images', image_id)` runs inside the transaction that inserts a row or records a verdict on
+  it: listeners hear committed changes only (pg_feed.py).
+- Verdict writes hold `pg_advisory_xact_lock(VERDICT_LOCK)`, so their `seq` values commit in order: the live
+  feed's verdict mark (`verdict_mark`, `verdict_changes`) never skips a record committed late.
 
 Secrets: the DSN's password never appears in `location`, a log line or an error (dsn.scrub / redact_dsn).
 """
@@ -38,6 +41,7 @@ import psycopg_pool
 from klein_agent.service.store import pg_migrations
 from klein_agent.service.store.dsn import dsn_secrets, redact_dsn, scrub
 from klein_agent.service.store.migrations import SchemaError
+from klein_agent.service.store.pg_feed import CHANNEL, PostgresFeed
 from klein_agent.service.store.records import (
     CallStoredError,
     LeaseRow,
@@ -58,7 +62,6 @@ from klein_agent.service.store.records import (
 
 log = logging.getLogger(__name__)
 
-CHANNEL = "klein_images"
 _COLUMNS = (
     "image_id, width, height, size_bytes, extract(epoch FROM created_at)::float8, session, parents, recipe"
 )
@@ -312,6 +315,7 @@ class PostgresCatalog:
             ).fetchone()
             if found is None:
                 raise UnknownImageError(image_id)
+            _verdict_written(cur, image_id)
             (at,) = _one_row(
                 cur.execute(
                     "INSERT INTO verdicts (image_id, verdict, reason) VALUES (%s, %s, %s)"
@@ -335,6 +339,7 @@ class PostgresCatalog:
                 raise UnknownImageError(image_id)
             if cur.execute("SELECT 1 FROM verdicts WHERE image_id = %s LIMIT 1", (image_id,)).fetchone():
                 return 0
+            _verdict_written(cur, image_id)
             cur.executemany(  # in order: the identity column gives them their recording order
                 "INSERT INTO verdicts (image_id, verdict, reason, at) VALUES (%s, %s, %s, to_timestamp(%s))",
                 [(image_id, r.verdict, r.reason, r.at) for r in records],
@@ -358,6 +363,19 @@ class PostgresCatalog:
         for row in rows:
             found.setdefault(row[0], []).append(VerdictRecord(*row))
         return {image_id: Verdicts.of(records, notes) for image_id, records in found.items()}
+
+    def verdict_mark(self) -> int:
+        """The newest record's seq (0: none yet); verdict writes hold VERDICT_LOCK, so seqs commit in order."""
+        with self._read() as cur:
+            return int(_one_row(cur.execute("SELECT COALESCE(max(seq), 0) FROM verdicts"))[0])
+
+    def verdict_changes(self, after: int, *, limit: int) -> tuple[list[str], int]:
+        """The images of the next `limit` records after `after`, and the mark of the last one read."""
+        with self._read() as cur:
+            rows = cur.execute(
+                "SELECT seq, image_id FROM verdicts WHERE seq > %s ORDER BY seq LIMIT %s", (after, limit)
+            ).fetchall()
+        return list(dict.fromkeys(image_id for _, image_id in rows)), (rows[-1][0] if rows else after)
 
     def take_leases(
         self, holder: str, image_ids: Iterable[str], *, expires_at: float, require_stored: bool
@@ -535,34 +553,20 @@ class PostgresCatalog:
             refused += [i for i in chosen if i not in deleted]
 
 
-class PostgresFeed:
-    """The `Feed` of a PostgreSQL catalog: LISTEN klein_images on a dedicated autocommit connection."""
-
-    def __init__(self, conn: psycopg.Connection[Any], scrub_text: Any) -> None:
-        self._conn = conn
-        self._scrub = scrub_text
-
-    def wait(self, timeout_s: float) -> list[str]:
-        """The ids notified since the last call, waiting up to `timeout_s` s for the first. Raises StoreError."""
-        try:
-            ids = [n.payload for n in self._conn.notifies(timeout=timeout_s, stop_after=1)]
-            if ids:  # whatever else already arrived, without waiting again
-                ids += [n.payload for n in self._conn.notifies(timeout=0.001)]
-        except psycopg.Error as e:
-            raise StoreError(f"The image feed was cut: {self._scrub(e)}. Open a new one.") from None
-        return ids
-
-    def close(self) -> None:
-        """Close the listening connection. Idempotent."""
-        self._conn.close()
-
-
 def _one_row(cur: psycopg.Cursor[Any]) -> tuple[Any, ...]:
     """The one row of a statement that always returns one (an aggregate, INSERT ... RETURNING)."""
     row = cur.fetchone()
     if row is None:  # cannot happen for these statements; a clear error rather than a TypeError
         raise StoreError("The image catalog returned no row where one was expected.")
     return tuple(row)
+
+
+def _verdict_written(cur: psycopg.Cursor[Any], image_id: str) -> None:
+    """Before a transaction records verdicts: take VERDICT_LOCK (held to the commit), so the identity values
+    they draw commit in their order across front-ends (a reader that saw mark m never meets a later commit with
+    a smaller one: `Catalog.verdict_mark`), and tell the live feed at the commit."""
+    cur.execute("SELECT pg_advisory_xact_lock(%s)", (pg_migrations.VERDICT_LOCK,))
+    cur.execute("SELECT pg_notify(%s, %s)", (CHANNEL, image_id))
 
 
 def _trim_verdicts(cur: psycopg.Cursor[Any], image_id: str, keep: int) -> None:

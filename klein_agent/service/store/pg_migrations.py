@@ -16,10 +16,12 @@ from klein_agent.service.store.migrations import Execute, Migration, SchemaError
 
 log = logging.getLogger(__name__)
 
-# Advisory lock keys (64-bit, per database): one for migrations, one for eviction, one for "who has it open".
+# Advisory lock keys (64-bit, per database): one for migrations, one for eviction, one for "who has it open", one
+# for verdict writes.
 MIGRATION_LOCK = 0x6B6C_6569_6E00_0001
 EVICTION_LOCK = 0x6B6C_6569_6E00_0002
 OPEN_LOCK = 0x6B6C_6569_6E00_0003
+VERDICT_LOCK = 0x6B6C_6569_6E00_0004  # verdict writes, one at a time: their seqs commit in order
 
 
 def m001_images(execute: Execute) -> None:

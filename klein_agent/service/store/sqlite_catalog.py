@@ -323,6 +323,21 @@ class SQLiteCatalog:
                     found.setdefault(row[0], []).append(VerdictRecord(*row))
         return {image_id: Verdicts.of(records, notes) for image_id, records in found.items()}
 
+    def verdict_mark(self) -> int:
+        """The newest record's seq (0: none yet): AUTOINCREMENT never reuses one, and one writer at a time
+        commits in seq order."""
+        with self._locked():
+            (mark,) = self._execute("SELECT COALESCE(MAX(seq), 0) FROM verdicts").fetchone()
+        return int(mark)
+
+    def verdict_changes(self, after: int, *, limit: int) -> tuple[list[str], int]:
+        """The images of the next `limit` records after `after`, and the mark of the last one read."""
+        with self._locked():
+            rows = self._execute(
+                "SELECT seq, image_id FROM verdicts WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit)
+            ).fetchall()
+        return list(dict.fromkeys(image_id for _, image_id in rows)), (rows[-1][0] if rows else after)
+
     def take_leases(
         self, holder: str, image_ids: Iterable[str], *, expires_at: float, require_stored: bool
     ) -> None:
