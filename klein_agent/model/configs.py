@@ -306,6 +306,24 @@ _FLUX3_TINY_TRANSFORMER = Flux3TransformerConfig(
     flow_map=True,
 )
 
+# FLUX 3's benchmark shape for CPU runs, beside `mid`: the real head width (128) and RoPE axes, 2 mode blocks per
+# mode and 6 joint blocks of 768, `mid`'s autoencoder, and a 36-layer text tower (layer 32 is a raw output) of 512.
+_FLUX3_MID_TEXT = replace(_MID_TEXT, num_hidden_layers=36)
+_FLUX3_MID = ModelPreset(
+    "flux3-mid",
+    Flux3TransformerConfig(
+        context_in_dim=len(FLUX3_TEXT_OUTPUT_LAYERS) * _FLUX3_MID_TEXT.hidden_size,
+        hidden_size=768,
+        num_heads=6,
+        depth=2,
+        depth_single_blocks=6,
+        flow_map=True,
+    ),
+    _MID.autoencoder,
+    _FLUX3_MID_TEXT,
+    FLUX3_DISTILLED_SAMPLING,
+)
+
 PRESETS: dict[str, ModelPreset] = {
     "klein-4b": ModelPreset(
         "klein-4b", _KLEIN_4B, AutoencoderConfig(), _QWEN3_4B, repo="black-forest-labs/FLUX.2-klein-4B"
@@ -364,6 +382,13 @@ PRESETS: dict[str, ModelPreset] = {
     ),
     "mid": _MID,
     "tiny": _TINY,
+    "flux3-mid": _FLUX3_MID,
+    "flux3-mid-base": replace(
+        _FLUX3_MID,
+        name="flux3-mid-base",
+        transformer=replace(_FLUX3_MID.transformer, flow_map=False),
+        sampling=FLUX3_BASE_SAMPLING,
+    ),
     "flux3-tiny": ModelPreset(
         "flux3-tiny", _FLUX3_TINY_TRANSFORMER, _TINY.autoencoder, _FLUX3_TINY_TEXT, FLUX3_DISTILLED_SAMPLING
     ),
