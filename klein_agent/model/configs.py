@@ -309,16 +309,17 @@ _FLUX3_TINY_TRANSFORMER = Flux3TransformerConfig(
 # FLUX 3's benchmark shape for CPU runs, beside `mid`: the real head width (128) and RoPE axes, 2 mode blocks per
 # mode and 6 joint blocks of 768, `mid`'s autoencoder, and a 36-layer text tower (layer 32 is a raw output) of 512.
 _FLUX3_MID_TEXT = replace(_MID_TEXT, num_hidden_layers=36)
+_FLUX3_MID_TRANSFORMER = Flux3TransformerConfig(
+    context_in_dim=len(FLUX3_TEXT_OUTPUT_LAYERS) * _FLUX3_MID_TEXT.hidden_size,
+    hidden_size=768,
+    num_heads=6,
+    depth=2,
+    depth_single_blocks=6,
+    flow_map=True,
+)
 _FLUX3_MID = ModelPreset(
     "flux3-mid",
-    Flux3TransformerConfig(
-        context_in_dim=len(FLUX3_TEXT_OUTPUT_LAYERS) * _FLUX3_MID_TEXT.hidden_size,
-        hidden_size=768,
-        num_heads=6,
-        depth=2,
-        depth_single_blocks=6,
-        flow_map=True,
-    ),
+    _FLUX3_MID_TRANSFORMER,
     _MID.autoencoder,
     _FLUX3_MID_TEXT,
     FLUX3_DISTILLED_SAMPLING,
@@ -386,7 +387,7 @@ PRESETS: dict[str, ModelPreset] = {
     "flux3-mid-base": replace(
         _FLUX3_MID,
         name="flux3-mid-base",
-        transformer=replace(_FLUX3_MID.transformer, flow_map=False),
+        transformer=replace(_FLUX3_MID_TRANSFORMER, flow_map=False),
         sampling=FLUX3_BASE_SAMPLING,
     ),
     "flux3-tiny": ModelPreset(
