@@ -150,6 +150,23 @@ STORE_MAX_IMAGES = 10_000
 LEASE_TTL_S = 120.0
 LEASE_RENEW_S = 15.0
 
+# -- S3 blobs (service/store/s3_blobs.py, `--blobs s3://...`) ----------------------------------------------------------
+# One request: connecting may take S3_CONNECT_TIMEOUT_S, the whole request S3_REQUEST_TIMEOUT_S (a PNG of the
+# largest allowed size is ~12 MB: 60 s is 1.6 Mbit/s). The client retries a read, a refused connection and a 5xx
+# S3_MAX_RETRIES times within S3_RETRY_TIMEOUT_S. A create-only PUT it does not retry after a timeout (it cannot
+# know whether the first one landed), so `S3BlobStore.put` retries every transient failure itself, with a pause
+# from S3_PUT_BACKOFF_S doubling up to S3_PUT_BACKOFF_MAX_S, until S3_PUT_DEADLINE_S have passed since it began;
+# a retry answered 412 checks whether the object there is its own bytes (the earlier response was lost). The
+# deadline covers a server that pauses for a few seconds under load (a volume grown, a leader elected) and stays
+# well inside an MCP client's patience for one call; past it the call fails and says which failure it was.
+S3_CONNECT_TIMEOUT_S = 5.0
+S3_REQUEST_TIMEOUT_S = 60.0
+S3_RETRY_TIMEOUT_S = 15.0
+S3_MAX_RETRIES = 3
+S3_PUT_DEADLINE_S = 90.0
+S3_PUT_BACKOFF_S = 0.25
+S3_PUT_BACKOFF_MAX_S = 5.0
+
 # -- generator replicas on Ray Serve (klein_agent/replica/, `klein-agent deploy`, `serve --generator ray`) ---------
 RAY_APP = "klein"  # the Serve application `deploy` creates and `serve --generator ray` calls, unless named
 RAY_DEPLOYMENT = "KleinReplica"  # the deployment inside it (one per application)
