@@ -7,9 +7,10 @@ botocore and friends is 37 MB), a client made in 36 ms, a native async API for t
 create-only puts (`mode="create"`: If-None-Match: *, so a put never replaces a blob). Imported only when an
 s3:// blob store is chosen (the `scale` extra).
 
-A put is one PUT request (no multipart: a PNG of the largest allowed size fits one request), so S3 never holds
-part of a blob and `sweep_partial` has nothing to do; a put that dies before its row is committed leaves a whole
-object without a row, which `ImageStore.sweep` deletes once it is older than any put in flight.
+A put is one PUT request per try (no multipart: a PNG of the largest allowed size fits one request), so S3 never
+holds part of a blob and `sweep_partial` has nothing to do; a put that dies before its row is committed leaves a
+whole object without a row, which `ImageStore.sweep` deletes once it is older than any put in flight. Tries are
+repeated on transient failures within `limits.S3_PUT_DEADLINE_S` (`put`; what counts as transient: s3_errors.py).
 
 Credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN); they are required, so the
 client never falls back to the instance metadata service (169.254.169.254), and AWS_EC2_METADATA_DISABLED=true is
@@ -110,11 +111,12 @@ class S3BlobStore:
 
     def put(self, key: str, data: bytes) -> None:
         """Create-only PUTs (If-None-Match: *) of `data` under `key` until one is answered, retrying a transient
-        failure (timeout, no connection, broken connection, 5xx) with a doubling pause; no new try starts after
-        `limits.S3_PUT_DEADLINE_S`, so it returns or raises within that plus one request timeout. A 412 is success
-        when the object there holds exactly `data` (an earlier try of this put landed and its answer was lost),
-        else StoreWriteError. Raises StoreWriteError saying which failure it was (each one is logged in full);
-        nothing this put wrote stays reachable (a try that lands after it gave up is an orphan the sweep removes)."""
+        failure (timeout, no connection, broken connection, 5xx) with a doubling pause. No new try starts after
+        `limits.S3_PUT_DEADLINE_S`, so it returns or raises within that plus the last try (obstore's own retries:
+        `limits.S3_RETRY_TIMEOUT_S` plus one request timeout). A 412 is success when the object there holds exactly
+        `data` (an earlier try of this put landed and its answer was lost), else StoreWriteError. Raises
+        StoreWriteError saying which failure it was (each try's is logged in full); nothing this put wrote stays
+        reachable (a try that lands after it gave up is an orphan the sweep removes)."""
         if self.read_only:
             raise StoreError(f"The blob store {self.location} is open read-only.")
         path = _checked(key)
