@@ -10,6 +10,8 @@ SeaweedFS: bound to 127.0.0.1 with telemetry off, and it must run inside a netwo
 its defaults (detected IP, bind 0.0.0.0, telemetry to seaweedfs.com) would. The test process that talks to it
 must be in the same namespace, so the S3 tests run in a child pytest started by
 tests/test_store_s3.py::test_the_s3_backends_in_a_private_network; `in_private_network()` says whether this is it.
+weed also keeps unix sockets at fixed paths in /tmp, which network namespaces share, so it runs with a /tmp of its
+own (a mount namespace): two contained runs at once must not reach each other's servers.
 
 The servers' coordinates reach the backends (tests/store_backends.py) and their child processes through the
 environment: KLEIN_TEST_PG_ADMIN (a DSN of the cluster's `postgres` database) and KLEIN_TEST_S3_ENDPOINT.
@@ -41,10 +43,9 @@ NETNS_ENV = "KLEIN_TEST_PRIVATE_NETWORK"  # set (to "1") in the child pytest tha
 S3_BUCKET = "klein"
 S3_KEY, S3_SECRET = "klein-test", "klein-test-secret-0123456789"  # the test server's own identity
 WEED_PORTS = {"master": 19333, "volume": 18080, "filer": 18888, "s3": 18333}
-# A started weed gets this long to take a PUT (seconds on an idle machine, ~20 s on a loaded 2-core one), and this
-# many starts (see `seaweedfs`): the run's start-up is bounded by their product plus PostgreSQL's.
-WEED_READY_S = 45.0
-WEED_STARTS = 3
+# How long a started weed gets to take a PUT: seconds on an idle machine, ~30 s on a loaded 2-core one (PostgreSQL
+# and four weed servers starting at once).
+WEED_READY_S = 60.0
 
 
 def postgres_missing() -> str | None:
@@ -149,31 +150,21 @@ def _weed() -> str | None:
 @contextlib.contextmanager
 def seaweedfs() -> Iterator[str]:
     """`weed mini` on 127.0.0.1 with one bucket and one identity (S3_KEY/S3_SECRET), ready for what the tests do
-    (`_wait_for_s3`); yields the S3 endpoint URL. Refuses to start outside the private network namespace.
-
-    On a loaded machine a fresh `weed mini` now and then comes up with a volume its master assigns writes to and
-    its volume server does not have ("volume 3 not found", HTTP 500 on every PUT for minutes: its own start-up race,
-    not the client's). Such a server is not what the tests are about, so it is stopped and started again on a
-    fresh folder, at most WEED_STARTS times in all, each start said on stderr; a weed that never gets ready fails
-    the run with the last reason and its log."""
+    with it (`_wait_for_s3`); yields the S3 endpoint URL. Refuses to start outside the private network namespace.
+    Raises RuntimeError with the reason and weed's log when it is not ready within WEED_READY_S."""
     if not in_private_network():
         raise RuntimeError(
             "SeaweedFS runs only inside the loopback-only namespace (see tests/store_servers.py)"
         )
     weed = _weed()
     assert weed is not None
-    for start in range(1, WEED_STARTS + 1):
-        with _running_weed(weed) as (process, log):
-            why = _wait_for_s3(process, WEED_PORTS["s3"], log)
-            if why is None:
-                yield f"http://127.0.0.1:{WEED_PORTS['s3']}"
-                return
-            message = (
-                f"weed mini was not ready in {WEED_READY_S:.0f} s (start {start} of {WEED_STARTS}: {why})"
+    with _running_weed(weed) as (process, log):
+        why = _wait_for_s3(process, WEED_PORTS["s3"], log)
+        if why is not None:
+            raise RuntimeError(
+                f"weed mini was not ready in {WEED_READY_S:.0f} s ({why}):\n{log.read_text()[-3000:]}"
             )
-            if start == WEED_STARTS:
-                raise RuntimeError(f"{message}:\n{log.read_text()[-3000:]}")
-            print(f"{message}; starting it again on a fresh folder", file=sys.stderr, flush=True)
+        yield f"http://127.0.0.1:{WEED_PORTS['s3']}"
 
 
 @contextlib.contextmanager
@@ -187,12 +178,19 @@ def _running_weed(weed: str) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
     config.write_text(json.dumps({"identities": [identity]}))
     (folder / "data").mkdir()
     p = WEED_PORTS
-    command = [weed, "mini", f"-dir={folder / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
+    # weed's servers also talk over unix sockets at fixed paths named by port (/tmp/seaweedfs-<server>-grpc-<port>.sock,
+    # not moved by TMPDIR), which a network namespace does not separate: two contained runs at once (two engineers
+    # or CI jobs on one machine) reached each other's master and filer and wrote to volumes the other's volume server
+    # does not have ("volume 3 not found", HTTP 500 for minutes). So weed runs in a mount namespace of its own with
+    # its folder as /tmp: every path it is given is under that /tmp.
+    command = ["unshare", "-m", "--", "sh", "-c", 'mount --bind "$0" /tmp && exec "$@"', str(folder)]
+    command += [weed, "mini", "-dir=/tmp/data", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
     command += [f"-master.port={p['master']}", f"-volume.port={p['volume']}", f"-filer.port={p['filer']}"]
     command += [f"-s3.port={p['s3']}", "-master.telemetry=false", "-admin.ui=false", "-webdav=false"]
     command += ["-s3.port.iceberg=0", "-s3.port.lance=0", "-volume.preStopSeconds=0"]
-    command += [f"-s3.config={config}", f"-bucket={S3_BUCKET}"]
+    command += [f"-s3.config=/tmp/{config.name}", f"-bucket={S3_BUCKET}"]
     log = open(folder / "weed.log", "wb")  # noqa: SIM115 - closed below, after the process
+    # unshare and sh exec: the process is weed itself
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         yield process, folder / "weed.log"
