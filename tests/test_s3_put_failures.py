@@ -53,9 +53,7 @@ def test_a_put_answered_after_the_request_timeout_is_retried_and_succeeds(
     assert server.objects == {KEY: DATA}
 
 
-def test_a_server_busy_for_longer_than_the_client_retries_is_waited_out(
-    server: FakeS3, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_server_busy_for_longer_than_the_client_retries_is_waited_out(server: FakeS3) -> None:
     # obstore retries a 503 S3_MAX_RETRIES times; a server that sheds load for longer still gets the blob
     server.faults = ["503"] * (3 * (limits.S3_MAX_RETRIES + 1))
     open_store(server).put(KEY, DATA)
