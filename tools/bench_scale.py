@@ -46,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -422,14 +423,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         os.environ.update(env)  # this process is a front-end too (RayGenerator) and a store client
         figures: dict[str, Any] = {"size": args.size, "steps": args.steps, "cpus": os.cpu_count()}
         figures["load_before"] = round(os.getloadavg()[0], 1)  # a shared machine: how busy it was
-        step("replicas: 1 vs 2", lambda: figures.update(replicas=replica_scaling(args, env)))
-        step(
-            "front-ends: latency, cache hits",
-            lambda: figures.update(calls=front_end_figures(args, env, scratch)),
-        )
-        import ray
+        try:
+            step("replicas: 1 vs 2", lambda: figures.update(replicas=replica_scaling(args, env)))
+            step(
+                "front-ends: latency, cache hits",
+                lambda: figures.update(calls=front_end_figures(args, env, scratch)),
+            )
+        except BaseException:
+            # said here: leaving the block stops the cluster, and a driver whose raylet dies exits at once,
+            # before any traceback is printed
+            traceback.print_exc()
+            raise
+        finally:
+            import ray
 
-        ray.shutdown()  # before the cluster stops: a driver whose raylet dies exits at once
+            ray.shutdown()  # before the cluster stops, for the same reason
         dsn, blobs = store_servers.database_for(admin, "store_alone"), f"s3://{store_servers.S3_BUCKET}/alone"
         step("store alone", lambda: figures.update(store=store_writes(args, dsn, blobs, endpoint, scratch)))
     figures["load_after"] = round(os.getloadavg()[0], 1)
