@@ -12,8 +12,8 @@ What each figure is:
 
 - **images/s, 1 vs 2 replicas.** `klein-agent deploy --model tiny` twice, one application of 1 replica and one of 2
   (each replica 1 CPU and 1 torch thread, OMP_NUM_THREADS=1: a replica stands for a GPU), driven from this process
-  through the front-end's own `RayGenerator` with `--in-flight` calls in flight per replica (default 1, as one
-  front-end per replica sends them: a front-end's engine runs one call at a time). Rounds alternate the order
+  through the front-end's own `RayGenerator` with `--in-flight` calls in flight per replica from a pool of threads
+  (default 1: what the application lets a front-end send per replica). Rounds alternate the order
   (1 then 2, 2 then 1) so a drift in the machine's load touches both; the ratio is the median of the rounds' own
   ratios.
 - **one front-end's engine, 1 vs 2 replicas.** The same calls, all submitted at once to one front-end's `Engine`
@@ -69,7 +69,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=1,
         metavar="K",
-        help="calls in flight per replica in the images/s runs (default 1: as N front-ends, one call each)",
+        help="calls in flight per replica in the pool-driven images/s runs (default 1: one call per replica)",
+    )
+    parser.add_argument(
+        "--engine-in-flight",
+        type=int,
+        metavar="K",
+        help="cap the one-engine runs at K calls at once (1: the engine before issue 20's concurrency, for a "
+        "before/after in one run); default: what the application says",
     )
     parser.add_argument("--runs", type=int, default=3, help="timed rounds of 1 and 2 replicas (default 3)")
     parser.add_argument(
@@ -167,11 +174,23 @@ def engine_images_per_s(engine: Any, args: argparse.Namespace, calls: int, seed:
     return calls / (time.perf_counter() - start)
 
 
-def engine_of(generator: Any, calls: int) -> Any:
-    """A front-end's engine over `generator`, with room in its queue for `calls` calls at once."""
+class Capped:
+    """`generator` taking at most `cap` calls at once (`--engine-in-flight`)."""
+
+    def __init__(self, generator: Any, cap: int) -> None:
+        self._generator, self.info = generator, generator.info
+        self.max_in_flight = min(cap, generator.max_in_flight)
+
+    def generate(self, request: Any, progress: Any = None) -> Any:
+        return self._generator.generate(request, progress)
+
+
+def engine_of(generator: Any, calls: int, cap: int | None) -> Any:
+    """A front-end's engine over `generator` (at most `cap` calls at once, when given), with room in its queue
+    for `calls` calls at once."""
     from klein_agent.service.engine import Engine, EngineState
 
-    engine = Engine(lambda: generator, max_queue=calls)
+    engine = Engine(lambda: generator if cap is None else Capped(generator, cap), max_queue=calls)
     engine.start()
     if engine.wait_loaded(60) != EngineState.READY:
         raise RuntimeError(f"the engine did not start: {engine.status().error}")
@@ -184,7 +203,7 @@ def replica_scaling(args: argparse.Namespace, env: dict[str, str]) -> dict[str, 
     one, two = generator_of("bench-1"), generator_of("bench-2")
     images_per_s(one, args, 2, 2, seed=0)  # warm-up: every replica has run once
     images_per_s(two, args, 4, 4, seed=0)
-    engines = {1: engine_of(one, args.calls), 2: engine_of(two, args.calls)}
+    engines = {n: engine_of(g, args.calls, args.engine_in_flight) for n, g in ((1, one), (2, two))}
     rates: dict[int, list[float]] = {1: [], 2: []}
     engine_rates: dict[int, list[float]] = {1: [], 2: []}
     model_ms: dict[int, list[float]] = {1: [], 2: []}
