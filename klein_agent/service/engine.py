@@ -1,6 +1,10 @@
-"""The one worker that owns the model: load state, a first-in first-out queue, progress and cancellation.
+"""The worker that owns the model: load state, a first-in first-out queue, progress and cancellation.
 
-One thread (`klein-engine`) loads the model and then runs every call, one at a time, in arrival order. Async
+One thread (`klein-engine`) loads the model and then runs every call, one at a time, in arrival order. A generator
+that takes several calls at once (`rules.requests.max_in_flight`: a pool of replicas, never a local model) gets
+that many: more worker threads (`klein-engine-N`) start the next calls, still in arrival order, as soon as the
+generator has room, each call with its own progress, cancellation and accounting. A local model keeps exactly one
+thread, the one that loaded it, since its caches and compiled graphs are not thread-safe. Async
 callers submit with `await engine.run(request, ...)` and get the pictures back; they wait on the event loop, never
 on a pool thread, so many queued calls cost nothing. The engine only runs the model: storing is the caller's, off
 this thread, so the next call starts while the last one's pictures are written. Progress goes back from the worker
@@ -29,13 +33,14 @@ import anyio.from_thread
 import anyio.lowlevel
 import anyio.to_thread
 
-from klein_agent.rules.busy import GeneratorBusyError, busy_message, replica_state
+from klein_agent.rules.busy import GeneratorBusyError, busy_message, queue_state, replica_state
 from klein_agent.rules.requests import (
     GenerationRequest,
     GenerationResult,
     GeneratorInfo,
     ImageGenerator,
     NonFiniteOutputError,
+    max_in_flight,
 )
 from klein_agent.rules.resolution import RequestError
 from klein_agent.service.error_text import describe
@@ -61,7 +66,7 @@ class EngineError(Exception):
 
 
 class EngineBusyError(EngineError):
-    """The running call plus `max_queue` waiting ones are already there; the message estimates the wait."""
+    """The running calls plus `max_queue` waiting ones are already there; the message estimates the wait."""
 
 
 class ModelLoadError(EngineError):
@@ -99,9 +104,9 @@ class EngineStatus:
     state: EngineState
     error: str | None  # the load error when state is "failed"
     info: GeneratorInfo | None  # None until the model has loaded
-    queue_depth: int  # calls waiting, not counting the running one
-    running: bool
-    cancelling: bool  # the running call was cancelled and stops at its next step
+    queue_depth: int  # calls waiting, not counting the running ones
+    running: bool  # at least one call is running
+    cancelling: bool  # a running call was cancelled and stops at its next step
     max_queue: int
     completed: int
     failed: int
@@ -109,6 +114,8 @@ class EngineStatus:
     load_seconds: float | None
     mean_model_ms: float | None
     cache_hits: dict[str, int]  # summed over all calls: {"prompt": n, "references": n}
+    running_calls: int = 0  # calls running now: at most max_in_flight
+    max_in_flight: int = 1  # calls the generator takes at once (1 for a local model, and while loading)
 
 
 # Heartbeats between real reports: each adds this to the last real value, up to HEARTBEAT_SPAN above it, so values
@@ -221,7 +228,8 @@ class QueuePlace:
 
 
 class Engine:
-    """Owns one ImageGenerator on one thread; `run` queues a call and waits for it."""
+    """Owns one ImageGenerator, on one thread or (when it takes several calls at once) one per call it takes;
+    `run` queues a call and waits for it."""
 
     def __init__(
         self,
@@ -237,7 +245,9 @@ class Engine:
         self._heartbeat_s = heartbeat_s
         self._cond = threading.Condition()
         self._queue: collections.deque[_Job] = collections.deque()
-        self._running: _Job | None = None
+        self._running: list[_Job] = []  # in the order they started
+        # the loading thread first; more only for a generator with max_in_flight > 1
+        self._workers: list[threading.Thread] = []
         self._state = EngineState.LOADING
         self._error: str | None = None
         self._generator: ImageGenerator | None = None
@@ -258,24 +268,30 @@ class Engine:
             if self._thread is not None:
                 return
             self._thread = threading.Thread(target=self._main, name="klein-engine", daemon=True)
+            self._workers.append(self._thread)
             self._thread.start()
 
     def close(self, timeout: float | None = 30.0) -> None:
-        """Refuse new calls, fail queued ones, stop the running one at its next step, and join the worker."""
+        """Refuse new calls, fail queued ones, stop the running ones at their next step, and join the workers
+        (`timeout` s for all of them together)."""
         with self._cond:
             self._stopping = True
             queued = list(self._queue)
             self._queue.clear()
-            if self._running is not None:
-                self._running.cancelled.set()
+            for job in self._running:
+                job.cancelled.set()
+            workers = list(self._workers)
             self._cond.notify_all()
         for job in queued:
             job.error = EngineError("the server is shutting down; the call was not run")
             self._signal_done(job)
         # A load cannot be interrupted, and the thread is a daemon: leave it. A running call stops at its next step.
         loading = self._state == EngineState.LOADING
-        if self._thread is not None and self._thread is not threading.current_thread() and not loading:
-            self._thread.join(timeout)
+        if not loading:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            for worker in workers:
+                if worker is not threading.current_thread():
+                    worker.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         with self._cond:
             self._state = EngineState.STOPPED if self._state != EngineState.FAILED else self._state
 
@@ -303,8 +319,8 @@ class Engine:
                 error=self._error,
                 info=self.info,
                 queue_depth=len(self._queue),
-                running=self._running is not None,
-                cancelling=self._running is not None and self._running.cancelled.is_set(),
+                running=bool(self._running),
+                cancelling=any(job.cancelled.is_set() for job in self._running),
                 max_queue=self.max_queue,
                 completed=done,
                 failed=self._failed,
@@ -312,6 +328,8 @@ class Engine:
                 load_seconds=self._load_seconds,
                 mean_model_ms=(self._model_ms_total / done) if done else None,
                 cache_hits=dict(self._cache_hits),
+                running_calls=len(self._running),
+                max_in_flight=self._slots(),
             )
 
     def wait_loaded(self, timeout: float | None = None) -> EngineState:
@@ -388,12 +406,13 @@ class Engine:
                 raise EngineError("the server is shutting down; the call was not run")
             if self._state == EngineState.FAILED:
                 raise ModelLoadError(f"the model failed to load, so no image can be made: {self._error}")
-            # Capacity: the running call plus max_queue waiting ones (while loading, the first waiter will run).
-            if len(self._queue) + (1 if self._running is not None else 0) >= self.max_queue + 1:
+            # Capacity: as many running calls as the generator takes at once plus max_queue waiting ones (while
+            # loading, one: the first waiter will run).
+            if len(self._queue) + len(self._running) >= self.max_queue + self._slots():
                 raise EngineBusyError(self._busy_message())
             if self._thread is None:
                 raise EngineError("the engine was not started")
-            ahead = len(self._queue) + (1 if self._running is not None else 0)
+            ahead = len(self._queue) + len(self._running)
             self._queue.append(job)
             self._cond.notify_all()
             return ahead
@@ -403,12 +422,17 @@ class Engine:
         done = self._completed
         return (self._model_ms_total / done / 1000) if done else None
 
+    def _slots(self) -> int:
+        """How many calls may run at once: what the loaded generator takes (1 while loading). Under the lock."""
+        generator = self._generator
+        return 1 if generator is None else max_in_flight(generator)
+
     def _busy_message(self) -> str:
-        if self._running is not None:
-            state = f"{len(self._queue)} calls are queued and one is running"
+        if self._running:
+            state = queue_state(len(self._queue), len(self._running))
         else:
             state = f"the model is still loading and {len(self._queue)} calls are waiting for it"
-        return busy_message(state, len(self._queue), self._mean_call_s())
+        return busy_message(state, len(self._queue), self._mean_call_s(), self._slots())
 
     async def _wait(self, job: _Job, ahead: int) -> None:
         """Wait for the job, never silent for more than about `heartbeat_s`: while it waits, where it is (loading,
@@ -437,7 +461,7 @@ class Engine:
     def _position(self, job: _Job) -> int:
         with self._cond:
             try:
-                return self._queue.index(job) + (1 if self._running is not None else 0)
+                return self._queue.index(job) + len(self._running)
             except ValueError:
                 return 0
 
@@ -486,22 +510,41 @@ class Engine:
                 self._state = EngineState.READY
             self._cond.notify_all()
         log.info("model ready in %.1f s: %s", self._load_seconds, generator.info.summary())
+        self._work(generator)
+
+    def _work(self, generator: ImageGenerator) -> None:
+        """One worker's loop: take the call at the head of the queue whenever the generator has room for one more,
+        run it, repeat until the engine stops. With room for several, the first worker to take a call starts the
+        next worker, so there is always one waiting while the generator has room (never more threads than the
+        most calls it took at once)."""
         while True:
             with self._cond:
                 # first in, first out: a reserved place at the head is waited for, not overtaken
-                while not self._stopping and (not self._queue or self._queue[0].request is None):
+                while not self._stopping and (
+                    not self._queue or self._queue[0].request is None or len(self._running) >= self._slots()
+                ):
                     self._cond.wait()
                 if self._stopping:
                     return
                 job = self._queue.popleft()
-                self._running = job
+                self._running.append(job)
                 job.started = True
                 job.started_at = time.monotonic()
+                if len(self._running) < self._slots() and len(self._workers) <= len(self._running):
+                    worker = threading.Thread(
+                        target=self._work,
+                        args=(generator,),
+                        name=f"klein-engine-{len(self._workers)}",
+                        daemon=True,
+                    )
+                    self._workers.append(worker)
+                    worker.start()
             try:
                 self._execute(generator, job)
             finally:
                 with self._cond:
-                    self._running = None
+                    self._running.remove(job)
+                    self._cond.notify_all()  # a slot is free: a waiting worker may start the next call
                 self._signal_done(job)
 
     def _execute(self, generator: ImageGenerator, job: _Job) -> None:
@@ -539,7 +582,9 @@ class Engine:
             GeneratorBusyError
         ) as exc:  # the replicas' queue is full: the local queue's refusal, same words
             with self._cond:
-                message = busy_message(replica_state(exc.queued), exc.queued, self._mean_call_s())
+                message = busy_message(
+                    replica_state(exc.queued), exc.queued, self._mean_call_s(), self._slots()
+                )
             log.warning("%s", message)
             job.error = EngineBusyError(message)
             return
