@@ -25,8 +25,8 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 import anyio
 import anyio.from_thread
@@ -36,20 +36,17 @@ import anyio.to_thread
 from klein_agent.rules.busy import GeneratorBusyError, busy_message, queue_state, replica_state
 from klein_agent.rules.requests import (
     GenerationRequest,
-    GenerationResult,
     GeneratorInfo,
     ImageGenerator,
     NonFiniteOutputError,
     max_in_flight,
 )
 from klein_agent.rules.resolution import RequestError
+from klein_agent.service.engine_jobs import HEARTBEAT_SPAN as HEARTBEAT_SPAN  # tests read it here
+from klein_agent.service.engine_jobs import AsyncProgress, FinishedRun, Job, still_working
 from klein_agent.service.error_text import describe
 
 log = logging.getLogger(__name__)
-
-
-# progress(value, total, message) on the caller's event loop; values rise strictly during one call.
-AsyncProgress = Callable[[float, float | None, str], Awaitable[None]]
 
 
 class EngineState(enum.StrEnum):
@@ -86,15 +83,6 @@ class JobCancelled(EngineError):
 
 
 @dataclass(frozen=True)
-class FinishedRun:
-    """One finished call: the pictures and what they cost."""
-
-    result: GenerationResult
-    queued_ms: float  # from submission to the worker picking the job up (includes waiting for the model)
-    model_ms: float  # wall time inside ImageGenerator.generate
-
-
-@dataclass(frozen=True)
 class EngineStatus:
     """A consistent snapshot of the engine, for server_status.
 
@@ -118,75 +106,6 @@ class EngineStatus:
     max_in_flight: int = 1  # calls the generator takes at once (1 for a local model, and while loading)
 
 
-# Heartbeats between real reports: each adds this to the last real value, up to HEARTBEAT_SPAN above it, so values
-# keep rising (as MCP requires) and stay below the next real one (real values are whole units, 1 apart).
-HEARTBEAT_STEP = 1e-4
-HEARTBEAT_SPAN = 0.5  # 5,000 heartbeats: close to 3 hours of one unit at the default 2 s
-
-
-@dataclass(eq=False)
-class _Job:
-    request: GenerationRequest | None  # None while the place's inputs are still being prepared
-    progress: AsyncProgress | None
-    token: anyio.lowlevel.EventLoopToken
-    done: anyio.Event
-    lock: anyio.Lock
-    loop_thread: int = field(default_factory=threading.get_ident)  # created on the caller's loop thread
-    submitted: float = field(default_factory=time.perf_counter)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    started: bool = False
-    started_at: float | None = None  # time.monotonic() when the worker took it
-    # run by the worker before the model; gives the request to run (see QueuePlace.run)
-    finalize: Callable[[GeneratorInfo, GenerationRequest], GenerationRequest] | None = None
-    last_progress: float = -1.0  # the last value sent, heartbeats included
-    real_progress: float = 0.0  # the last value the generator reported (0 before its first report)
-    real_message: str = ""
-    real_total: float | None = None
-    reported: bool = False  # the generator has reported at least once
-    beats: int = 0  # heartbeats since the last real report
-    sent_at: float = field(default_factory=time.monotonic)  # when the last notification went out
-    real_at: float | None = None  # when the generator last reported
-    value: FinishedRun | None = None
-    error: BaseException | None = None
-
-    async def send(self, value: float, total: float | None, message: str) -> None:
-        """Forward one report of the generator, on the caller's loop; drops anything not strictly above the
-        last value sent."""
-        if self.progress is None:
-            return
-        async with self.lock:
-            self.real_progress, self.real_total, self.real_message = value, total, message
-            self.reported, self.beats, self.real_at = True, 0, time.monotonic()
-            if value <= self.last_progress:
-                return
-            self.last_progress, self.sent_at = value, time.monotonic()
-            await self.progress(value, total, message)
-
-    async def beat(self, message: str) -> None:
-        """A heartbeat: the last real value (0 before the first) plus a little, with `message`, so a client that
-        resets its timeout on progress keeps waiting through a long unit (loading, encoding, one decode)."""
-        if self.progress is None:
-            return
-        async with self.lock:
-            if self.beats * HEARTBEAT_STEP >= HEARTBEAT_SPAN:
-                return
-            # before any report the first beat is 0 itself; after one, the first beat is just above it
-            value = self.real_progress + (self.beats + int(self.reported)) * HEARTBEAT_STEP
-            self.beats += 1
-            if value <= self.last_progress:
-                return
-            self.last_progress, self.sent_at = value, time.monotonic()
-            await self.progress(value, self.real_total, message)
-
-
-def _still_working(job: _Job) -> str:
-    """A heartbeat's message: how long the running call has gone since its last report, and what that was."""
-    now = time.monotonic()
-    if job.real_at is None:
-        return f"running, {now - (job.started_at or now):.0f} s in"
-    return f"still working, {now - job.real_at:.0f} s after: {job.real_message}"
-
-
 def is_out_of_memory(exc: BaseException) -> bool:
     """torch.cuda.OutOfMemoryError, torch.OutOfMemoryError, MPS/CPU allocator RuntimeErrors, MemoryError."""
     if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
@@ -204,7 +123,7 @@ def _free_accelerator_memory() -> None:
 class QueuePlace:
     """A reserved place in the engine's queue (`Engine.reserve`); `run` fills it and waits for the pictures."""
 
-    def __init__(self, engine: Engine, job: _Job) -> None:
+    def __init__(self, engine: Engine, job: Job) -> None:
         self._engine = engine
         self._job = job
 
@@ -244,8 +163,8 @@ class Engine:
         self.max_queue = max_queue
         self._heartbeat_s = heartbeat_s
         self._cond = threading.Condition()
-        self._queue: collections.deque[_Job] = collections.deque()
-        self._running: list[_Job] = []  # in the order they started
+        self._queue: collections.deque[Job] = collections.deque()
+        self._running: list[Job] = []  # in the order they started
         # the loading thread first; more only for a generator with max_in_flight > 1
         self._workers: list[threading.Thread] = []
         self._state = EngineState.LOADING
@@ -364,7 +283,7 @@ class Engine:
         waits for the place at the head of the queue to be filled (`QueuePlace.run`); leaving the block without
         running gives the place up.
         """
-        job = _Job(
+        job = Job(
             request=None,
             progress=None,
             token=anyio.lowlevel.current_token(),
@@ -380,7 +299,7 @@ class Engine:
                 self._withdraw(job)
 
     async def _run_reserved(
-        self, job: _Job, request: GenerationRequest, progress: AsyncProgress | None
+        self, job: Job, request: GenerationRequest, progress: AsyncProgress | None
     ) -> FinishedRun:
         with self._cond:
             job.request = request
@@ -400,7 +319,7 @@ class Engine:
         assert job.value is not None
         return job.value
 
-    def _enqueue(self, job: _Job) -> int:
+    def _enqueue(self, job: Job) -> int:
         with self._cond:
             if self._stopping:
                 raise EngineError("the server is shutting down; the call was not run")
@@ -434,7 +353,7 @@ class Engine:
             state = f"the model is still loading and {len(self._queue)} calls are waiting for it"
         return busy_message(state, len(self._queue), self._mean_call_s(), self._slots())
 
-    async def _wait(self, job: _Job, ahead: int) -> None:
+    async def _wait(self, job: Job, ahead: int) -> None:
         """Wait for the job, never silent for more than about `heartbeat_s`: while it waits, where it is (loading,
         queued, starting); while it runs, a heartbeat whenever the generator has said nothing for `heartbeat_s`
         (one long unit: loading weights, encoding references, decoding a large picture)."""
@@ -451,21 +370,21 @@ class Engine:
             else:
                 quiet = time.monotonic() - job.sent_at
                 if quiet >= self._heartbeat_s * 0.95:
-                    await job.beat(_still_working(job))
+                    await job.beat(still_working(job))
                     quiet = 0.0
                 wait = max(self._heartbeat_s - quiet, self._heartbeat_s / 20)  # wake when a beat is due
             with anyio.move_on_after(wait):
                 await job.done.wait()
             ahead = self._position(job)
 
-    def _position(self, job: _Job) -> int:
+    def _position(self, job: Job) -> int:
         with self._cond:
             try:
                 return self._queue.index(job) + len(self._running)
             except ValueError:
                 return 0
 
-    def _withdraw(self, job: _Job) -> None:
+    def _withdraw(self, job: Job) -> None:
         job.cancelled.set()
         with self._cond:
             try:
@@ -547,7 +466,7 @@ class Engine:
                     self._cond.notify_all()  # a slot is free: a waiting worker may start the next call
                 self._signal_done(job)
 
-    def _execute(self, generator: ImageGenerator, job: _Job) -> None:
+    def _execute(self, generator: ImageGenerator, job: Job) -> None:
         assert job.request is not None
         request = job.request
         queued_ms = (time.perf_counter() - job.submitted) * 1000
@@ -621,7 +540,7 @@ class Engine:
             f"the model failed on this call: {describe(exc)} (the server log has the details)"
         )
 
-    def _signal_done(self, job: _Job) -> None:
+    def _signal_done(self, job: Job) -> None:
         if threading.get_ident() == job.loop_thread:
             job.done.set()
             return
