@@ -267,7 +267,8 @@ def run_generate(args: argparse.Namespace) -> int:
     """`klein-agent generate`: check everything, load the model, make the pictures, write PNGs with provenance."""
     from dataclasses import replace
 
-    from klein_agent.rules import resolution
+    from klein_agent.model_options import model_family
+    from klein_agent.rules import families, resolution
     from klein_agent.rules.calls import prepare_call
     from klein_agent.service.inputs import InputPolicy
     from klein_agent.service.pngfile import encode_png
@@ -275,7 +276,10 @@ def run_generate(args: argparse.Namespace) -> int:
     # Everything the server checks, checked and prepared here before the model loads, by the same rules
     # (`rules.calls`, one way in): the inputs' size and aspect checks, the mask and the pixel budget included.
     call = image_call(args)
-    call.check()
+    family = model_family(
+        args
+    )  # from --model's name or folder, before it loads: FLUX 3's rules are not FLUX.2's
+    call.check(families.family(family).max_references)
     outputs = output_paths(args.out, args.num_images)
     budget = int(args.max_megapixels * 1_000_000)
     # the server's limits and reduced decoding; any path is read
@@ -285,6 +289,7 @@ def run_generate(args: argparse.Namespace) -> int:
         files,
         multiple=limits.SIZE_MULTIPLE,  # every klein checkpoint's token size; the pipeline checks it once loaded
         budget=lambda device: (budget, "--max-megapixels raises it"),
+        family=family,
     )
 
     factory = generator_factory(args)  # checks --device, --lora and --model on the filesystem (no torch yet)
