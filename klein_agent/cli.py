@@ -141,13 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps",
         type=int,
         default=None,
-        help=f"default: the model's ({limits.DISTILLED_STEPS} distilled, {limits.BASE_STEPS} Base)",
+        help=f"default: the model's ({limits.DISTILLED_STEPS} distilled, {limits.BASE_STEPS} Base; FLUX 3: "
+        f"{limits.FLUX3_DISTILLED_STEPS} distilled, {limits.FLUX3_BASE_STEPS} Base)",
     )
     gen.add_argument(
         "--guidance",
         type=float,
         default=None,
-        help=f"CFG scale for Base models (default {limits.BASE_GUIDANCE})",
+        help=f"CFG scale for Base models (default {limits.BASE_GUIDANCE}; FLUX 3 Base: "
+        f"{limits.FLUX3_BASE_GUIDANCE}, diffusers' default, where BFL's README says CFG 4)",
     )
     gen.add_argument(
         "--num-images", type=int, default=1, help="seeds seed, seed+1, ...; files FILE-1.png, ..."
