@@ -220,10 +220,8 @@ def prepare_call(
     for k, argument in enumerate(arguments, start=1):
         if region is not None and k == 1:  # the picture to repaint, as the model uses it
             how: Prepare = lambda image: masks.prepare_source(image, size_multiple)  # noqa: E731
-        elif family == families.FLUX3.name:  # one reference on its canvas, several as FLUX.2's
-            how = lambda image: prepare_flux3_input(image, len(arguments))  # noqa: E731
-        elif multiple is not None:
-            how = lambda image: prepare_reference(image, multiple)  # noqa: E731
+        elif family == families.FLUX3.name or multiple is not None:
+            how = lambda image: model_input(image, len(arguments), family, size_multiple)  # noqa: E731
         else:
             how = lambda image: image  # noqa: E731
         inputs.append(decoder.image(argument, k, len(arguments), how))
@@ -249,6 +247,16 @@ def prepare_call(
         step_cache=chosen_step_cache(call.step_cache),
     )
     return PreparedCall(call, request, tuple(inputs), mask, finalize)
+
+
+def model_input(image: Image.Image, count: int, family: str, multiple: int) -> Image.Image:
+    """One of `count` references as the model of `family` uses it, and as the store keeps an import (so a recipe
+    naming it remakes the same pixels): FLUX 3's rule (`prepare_flux3_input`: a single one fitted to its 4 Mpx
+    canvas) or FLUX.2's (`prepare_reference`: ~1 Mpx, whole tokens of `multiple` px). Preparing again changes
+    nothing. Raises RequestError for a reference the rule refuses."""
+    if family == families.FLUX3.name:
+        return prepare_flux3_input(image, count)
+    return prepare_reference(image, multiple)
 
 
 def fit_size(
