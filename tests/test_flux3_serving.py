@@ -330,3 +330,32 @@ def test_base_reports_every_one_of_its_50_steps(tmp_path: Path) -> None:
     result = base.generate(GenerationRequest("x", width=64, height=64, seed=1), lambda *a: heard.append(a))
     assert [d for d, _, _ in heard] == list(range(1, 1 + 50 + 2)) and heard[-1][1] == 52
     assert result.recipe(0)["steps"] == 50 and result.recipe(0)["guidance"] == 3.5
+
+
+def test_a_bfl_single_file_runs_behind_the_cli_as_the_folder_does(
+    folder: Path, ours: Flux3Pipeline, tmp_path: Path
+) -> None:
+    from safetensors.torch import save_file
+
+    # our module names are BFL's (tests/test_flux3_loading.py checks them against diffusers' converter); ComfyUI's
+    # prefix included, which diffusers' own single-file loader drops every weight of
+    state = {f"model.diffusion_model.{k}": v.contiguous() for k, v in ours.transformer.state_dict().items()}
+    bfl = tmp_path / "flux-3-image-klein.safetensors"
+    save_file(state, str(bfl))
+    out = tmp_path / "bfl.png"
+    args = ["--prompt", PROMPT, "--width", "64", "--height", "64", "--seed", "2", "--steps", "2"]
+    done = _cli(folder, *args, "--transformer-file", str(bfl), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    want = ours.pictures(PROMPT, [2], height=64, width=64, steps=2)[0]
+    assert _rgb(out).tobytes() == want.tobytes()
+
+
+def test_options_not_written_for_flux3_are_refused_naming_them() -> None:
+    with pytest.raises(
+        ValueError, match=r"--fp8 and --compile are not available for FLUX 3 \[klein\] models yet"
+    ):
+        load_pipeline("flux3-tiny", fp8=True, compile=True)
+    tiny = load_pipeline("flux3-tiny")
+    assert (
+        isinstance(tiny, Flux3Pipeline) and tiny.info.variant == "flux3-tiny" and tiny.info.family == "flux3"
+    )
