@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from klein_agent.option_types import non_negative_gib
-from klein_agent.rules import buckets
+from klein_agent.rules import buckets, families
 from klein_agent.rules.requests import ImageGenerator
 
 
@@ -26,9 +26,10 @@ def add_model_arguments(
     group.add_argument(
         "--model",
         required=model_required,
-        help="a diffusers-layout folder, a Hugging Face repo id (read from the local HF cache), or 'tiny' "
-        "(a deterministic tiny random model: noise pictures, runs anywhere), or random:PRESET (random weights of a "
-        "preset's shape such as random:klein-4b, for benchmarks)"
+        help="a diffusers-layout folder (FLUX.2 [klein], or FLUX 3 [klein] as diffusers' modular pipelines save "
+        "it), a Hugging Face repo id (read from the local HF cache), 'tiny' or 'flux3-tiny' (deterministic tiny "
+        "random models: noise pictures, run anywhere), or random:PRESET (random weights of a preset's shape such "
+        "as random:klein-4b or random:flux3-klein, for benchmarks)"
         + (
             "; with --generator ray the deployed application's model is used and --model, if given, must name it"
             if not model_required
@@ -38,7 +39,8 @@ def add_model_arguments(
     group.add_argument(
         "--transformer-file",
         default=None,
-        help="a BFL single-file transformer (e.g. flux-2-klein-4b.safetensors) to use instead of the folder's",
+        help="a BFL single-file transformer (e.g. flux-2-klein-4b.safetensors, or a FLUX 3 one with a FLUX 3 "
+        "folder) to use instead of the folder's",
     )
     group.add_argument(
         "--device", default=None, help="cuda, cuda:N, mps or cpu (default: the best available)"
@@ -133,7 +135,7 @@ def check_model_options(args: argparse.Namespace) -> list[tuple[str, float]]:
         raise ValueError(f"--transformer-file {args.transformer_file} is not a file")
     loras = lora_arguments(args)
     buckets.select(getattr(args, "warm_buckets", None))  # a bad --warm-buckets name, before the model loads
-    if args.model != "tiny":
+    if not _built_in(args.model):
         check_model_source(args.model, allow_download=args.allow_download)
     return loras
 
@@ -178,6 +180,22 @@ def _given(value: object) -> bool:
     """Whether an option differs from its unset default (None, False, []); `0` counts as given
     (--reference-kv-cache-gib 0), which `value not in (None, False, [])` would miss since 0 == False."""
     return value is not None and value is not False and value != []
+
+
+def _built_in(model: str) -> bool:
+    return model in families.BUILT_IN_MODELS or model.startswith(families.RANDOM_PREFIX)
+
+
+def model_family(args: argparse.Namespace) -> str:
+    """The family ("flux2", "flux3": `rules.families`) of the model --model names, from its name or its folder's
+    index, without loading it (a repo id still to be downloaded counts as FLUX.2 until it has loaded). Raises
+    CheckpointError as `check_model_source` does."""
+    from klein_agent.loading.hub import check_model_source, is_flux3
+
+    if _built_in(args.model):
+        return families.preset_family(args.model.removeprefix(families.RANDOM_PREFIX)).name
+    folder = check_model_source(args.model, allow_download=args.allow_download)
+    return families.FLUX3.name if folder is not None and is_flux3(folder) else families.FLUX2.name
 
 
 def generator_factory(

@@ -20,10 +20,11 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from PIL import Image
 
-from klein_agent.rules import limits, masks, resolution
+from klein_agent.rules import families, limits, masks, resolution
+from klein_agent.rules.flux3_references import prepare_flux3_input
 from klein_agent.rules.recipes import provenance
-from klein_agent.rules.references import prepare_reference
-from klein_agent.rules.requests import GenerationRequest, GenerationResult, GeneratorInfo
+from klein_agent.rules.references import original_size, prepare_reference
+from klein_agent.rules.requests import GenerationRequest, GenerationResult, GeneratorInfo, reference_rule
 from klein_agent.rules.resolution import RequestError
 from klein_agent.rules.step_caches import chosen_step_cache
 
@@ -244,11 +245,14 @@ def prepare_call(
     multiple: int | None,
     budget: Budget,
     loras: tuple[tuple[str, float | None], ...] = (),
+    family: str = families.FLUX2.name,
 ) -> PreparedCall[T]:
     """Decode and prepare `call`'s inputs one at a time, fit its size to `budget`, build its mask and request.
 
     `multiple` is the loaded model's token size; None while the model loads: sizes then assume
     `limits.SIZE_MULTIPLE` (every klein checkpoint's) and references stay as decoded, for the pipeline to prepare.
+    `family` ("flux2", "flux3": `rules.families`, known from --model before the model loads) says how references
+    are prepared and sized, and whether a masked edit can run at all (refused before any input is decoded).
     A masked edit's source is always prepared (resized to whole tokens: its size is the output's). `loras` go
     into the request as they are; the call's step cache goes in checked. Raises RequestError, or what the decoder
     raises. Assumes `call.check()` passed.
@@ -256,14 +260,16 @@ def prepare_call(
     text = resolution.clean_prompt(call.prompt)
     seeds = resolution.batch_seeds(call.seed, call.num_images)
     region = call.region
+    if region is not None:
+        families.check_masked_edit(families.family(family).no_masked_edits)
     size_multiple = multiple or limits.SIZE_MULTIPLE
     arguments = call.inputs
     inputs = []
     for k, argument in enumerate(arguments, start=1):
         if region is not None and k == 1:  # the picture to repaint, as the model uses it
             how: Prepare = lambda image: masks.prepare_source(image, size_multiple)  # noqa: E731
-        elif multiple is not None:
-            how = lambda image: prepare_reference(image, multiple)  # noqa: E731
+        elif family == families.FLUX3.name or multiple is not None:
+            how = lambda image: model_input(image, len(arguments), family, size_multiple)  # noqa: E731
         else:
             how = lambda image: image  # noqa: E731
         inputs.append(decoder.image(argument, k, len(arguments), how))
@@ -271,8 +277,8 @@ def prepare_call(
     mask_picture = None
     if region is not None:
         mask_picture = region.picture(inputs[0].image, None if mask is None else mask.image)
-    first = inputs[0].image if inputs else None
-    fitted, finalize = fit_size(call, first, size_multiple, budget, fit=region is None)
+    sizes = [original_size(item.image) for item in inputs]
+    fitted, finalize = fit_size(call, sizes, size_multiple, budget, fit=region is None, family=family)
     width, height = fitted or (call.width, call.height)
     request = GenerationRequest(
         prompt=text,
@@ -292,10 +298,28 @@ def prepare_call(
     return PreparedCall(call, request, tuple(inputs), mask, finalize)
 
 
+def model_input(image: Image.Image, count: int, family: str, multiple: int) -> Image.Image:
+    """One of `count` references as the model of `family` uses it, and as the store keeps an import (so a recipe
+    naming it remakes the same pixels): FLUX 3's rule (`prepare_flux3_input`: a single one fitted to its 4 Mpx
+    canvas) or FLUX.2's (`prepare_reference`: ~1 Mpx, whole tokens of `multiple` px). Preparing again changes
+    nothing. Raises RequestError for a reference the rule refuses."""
+    if family == families.FLUX3.name:
+        return prepare_flux3_input(image, count)
+    return prepare_reference(image, multiple)
+
+
 def fit_size(
-    call: ImageCall, first: Image.Image | None, multiple: int, budget: Budget, *, fit: bool
+    call: ImageCall,
+    sizes: Sequence[tuple[int, int]],
+    multiple: int,
+    budget: Budget,
+    *,
+    fit: bool,
+    family: str = families.FLUX2.name,
 ) -> tuple[tuple[int, int] | None, Finalize | None]:
-    """The output size by the shared rule (`resolution.output_size`), against the per-call pixel budget.
+    """The output size by the shared rule (`resolution.output_size`, the first of the inputs of these original
+    `sizes` as the family prepares it: FLUX 3's single reference is its canvas, up to 4 Mpx), against the per-call
+    pixel budget: what the model runs is what is counted.
 
     Returns (size, finalize): `size` is the (width, height) to ask for when the budget scaled an unset size down
     (`fit`: not for a masked edit, whose output is its source), else None; `finalize` is None, or, when the budget
@@ -303,7 +327,12 @@ def fit_size(
     same rule with that device's budget, giving the request to run. The largest default budget is checked at
     once. Raises RequestError."""
     width, height, count = call.width, call.height, call.num_images
-    prepared = None if first is None else resolution.prepared_reference_size(*first.size, multiple)
+    if not sizes:
+        prepared = None
+    elif fit:
+        prepared = reference_rule(family)(sizes, multiple)[0][0]
+    else:  # a masked edit's source is resized to whole tokens, FLUX.2's rule
+        prepared = resolution.prepared_reference_size(*sizes[0], multiple)
     unset = width is None and height is None
     default = resolution.output_size(width, height, prepared, multiple)
 

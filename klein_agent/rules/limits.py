@@ -38,7 +38,12 @@ def default_max_pixels(device: str) -> int:
 REFERENCE_MAX_AREA = 1024 * 1024  # larger references are scaled down (Lanczos) to about this many pixels
 REFERENCE_MIN_SIDE = 64
 REFERENCE_MAX_ASPECT = 8.0
-MAX_REFERENCES = 4  # BFL's API limit for klein and the count its KV benchmarks use; the reference sets none
+MAX_REFERENCES = 4  # FLUX.2 [klein]: BFL's API limit for klein and the count its KV benchmarks use; the reference sets none
+FLUX3_MAX_REFERENCES = 10  # FLUX 3 [klein]: BFL's "up to 10" (diffusers enforces it in the prompt upsampler)
+# The reference limit is the model family's (rules/families.py reads these): the server's input schema takes the
+# most any family takes, and each call is checked against the loaded model's.
+MAX_REFERENCES_BY_FAMILY = {"flux2": MAX_REFERENCES, "flux3": FLUX3_MAX_REFERENCES}
+MOST_REFERENCES = max(MAX_REFERENCES_BY_FAMILY.values())
 
 # -- sampling ---------------------------------------------------------------------------------------------------
 # A model's defaults when a call names no steps or guidance. The presets, the checkpoint loader, the help texts and

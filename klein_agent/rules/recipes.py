@@ -28,11 +28,14 @@ def rerun_call(recipe: dict[str, Any], parents: Sequence[str]) -> dict[str, Any]
     tool = recipe.get("tool")
     if tool not in RERUNNABLE:
         return None
-    keys = (
+    keys: tuple[str, ...] = (
         ("prompt", "seed", "steps", "guidance", "strength")
         if tool == "inpaint"
         else ("prompt", "width", "height", "seed", "steps", "guidance")
     )
+    if recipe.get("reference_crop"):
+        # FLUX 3 made it on its reference's canvas and cropped it back: a size given would turn the crop-back off
+        keys = tuple(key for key in keys if key not in ("width", "height"))
     arguments: dict[str, Any] = {key: recipe[key] for key in keys if key in recipe}
     if recipe.get("loras"):
         arguments["loras"] = [dict(choice) for choice in recipe["loras"]]

@@ -16,6 +16,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import CallToolResult, ToolAnnotations
 from pydantic import BaseModel, ConfigDict, Field
 
+from klein_agent.rules import families
 from klein_agent.rules.calls import (
     IDEMPOTENCY_META_KEY,
     Compose,
@@ -27,10 +28,8 @@ from klein_agent.rules.calls import (
     new_call_id,
 )
 from klein_agent.rules.limits import (
-    BASE_STEPS,
     DEFAULT_STRENGTH,
     DEFAULT_TOKENS_PER_SIDE,
-    DISTILLED_STEPS,
     MAX_BOXES,
     MAX_GUIDANCE,
     MAX_IMAGES_PER_CALL,
@@ -41,6 +40,7 @@ from klein_agent.rules.limits import (
     MAX_STEPS,
     MIN_GUIDANCE,
     MIN_SIDE,
+    MOST_REFERENCES,
     SESSION_MAX_CHARS,
     SIZE_MULTIPLE,
     STEP_CACHE_KINDS,
@@ -101,8 +101,7 @@ StepsArg = Annotated[
     Field(
         ge=1,
         le=MAX_STEPS,
-        description=f"Denoising steps. Omit for the model's default ({DISTILLED_STEPS} for distilled klein, "
-        f"{BASE_STEPS} for Base).",
+        description=f"Denoising steps. Omit for the model's default ({families.defaults_text()}).",
     ),
 ]
 GuidanceArg = Annotated[
@@ -110,7 +109,7 @@ GuidanceArg = Annotated[
     Field(
         ge=MIN_GUIDANCE,
         le=MAX_GUIDANCE,
-        description="Guidance scale for Base models (1 = off); distilled klein takes none.",
+        description="Guidance scale for Base models (1 = off; defaults under steps); distilled models take none.",
     ),
 ]
 NumImagesArg = Annotated[
@@ -134,7 +133,8 @@ ImageArg = Annotated[
     ),
 ]
 ImagesArg = Annotated[
-    Annotated[list[str], Field(min_length=1, max_length=MAX_REFERENCES)] | str,
+    # the most any family takes: the loaded model's own limit is checked per call (rules.families)
+    Annotated[list[str], Field(min_length=1, max_length=MOST_REFERENCES)] | str,
     Field(
         description='Reference images in order; the prompt calls them "image 1", "image 2", ... Each is an id, '
         'image://<id>, an absolute path in an allowed folder, or a data: URI. A list; "id1, id2" in one string is '
@@ -230,12 +230,24 @@ def register(mcp: MCPServer, studio: Studio) -> None:
     """Add generate, edit, compose and inpaint to `mcp`, in that order."""
     store, inputs = store_note(studio), inputs_note(studio)
     urls = studio.policy.allow_urls
+    family = families.family(studio.config.family)
+    # FLUX 3 keeps a single input whole on a canvas of up to 4 Mpx and crops the picture back to it
+    edit_size = (
+        "at most ~1 megapixel"
+        if family.name == families.FLUX2.name
+        else "at most ~4 megapixels, less if the server's per-call pixel budget is smaller"
+    )
+    inpaint_note = (
+        ""
+        if family.no_masked_edits is None
+        else f"Refused on this server: {family.no_masked_edits} have no masked-edit pipeline; use edit. "
+    )
 
     @mcp.tool(
         name="generate",
         meta=VIEW_META,  # hosts with MCP Apps show the result in the view; others never see it
         title="Generate images",
-        description="Make 1-4 new images from a text prompt with the local FLUX.2 [klein] model. Put the subject "
+        description=f"Make 1-4 new images from a text prompt with the local {family.title} model. Put the subject "
         "first, then setting, style and light; describe what should be there, not what should not. Images get "
         f"seeds seed, seed+1, ...; the same seed and arguments reproduce an image. {RETURNS_NOTE} {store}",
         annotations=ToolAnnotations(
@@ -278,8 +290,8 @@ def register(mcp: MCPServer, studio: Studio) -> None:
         meta=VIEW_META,  # hosts with MCP Apps show the result in the view; others never see it
         title="Edit an image",
         description='Change one image by describing the result you want ("make the jacket bright yellow"), '
-        "positively. Without width/height the output takes the input's size as the model sees it (at most ~1 "
-        f"megapixel). Keep the seed to change less between tries. {inputs} {RETURNS_NOTE} {store}",
+        "positively. Without width/height the output takes the input's size as the model sees it "
+        f"({edit_size}). Keep the seed to change less between tries. {inputs} {RETURNS_NOTE} {store}",
         annotations=ToolAnnotations(
             title="Edit an image",
             read_only_hint=False,
@@ -321,8 +333,8 @@ def register(mcp: MCPServer, studio: Studio) -> None:
         name="compose",
         meta=VIEW_META,  # hosts with MCP Apps show the result in the view; others never see it
         title="Compose from references",
-        description='Make an image from 1-4 reference images and a prompt that refers to them as "image 1", '
-        '"image 2", ... in the order given (e.g. "the dog from image 1 on the beach from image 2"). Without '
+        description=f"Make an image from 1-{family.max_references} reference images and a prompt that refers to "
+        'them as "image 1", "image 2", ... in the order given (e.g. "the dog from image 1 on the beach from image 2"). Without '
         f"width/height the output takes image 1's size as the model sees it. {inputs} {RETURNS_NOTE} {store}",
         annotations=ToolAnnotations(
             title="Compose from references",
@@ -365,7 +377,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
         name="inpaint",
         meta=VIEW_META,  # hosts with MCP Apps show the result in the view; others never see it
         title="Repaint a region",
-        description="Repaint only part of an image and keep the rest: name the region with boxes ([x, y, width, "
+        description=f"{inpaint_note}Repaint only part of an image and keep the rest: name the region with boxes ([x, y, width, "
         "height] in pixels or fractions) or a mask picture (white repaints), and describe what the region should "
         "show. Use it when one detail is wrong. The output keeps the image's size as the model sees it (at most "
         f"~1 megapixel, whole {SIZE_MULTIPLE} px tokens); the model repaints in {SIZE_MULTIPLE} px tokens. "
