@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from PIL import Image
 
-from klein_agent.rules import limits, masks, resolution
+from klein_agent.rules import limits, masks, resolution, upsampling
 from klein_agent.rules.recipes import provenance
 from klein_agent.rules.references import prepare_reference
 from klein_agent.rules.requests import GenerationRequest, GenerationResult, GeneratorInfo
@@ -49,6 +49,9 @@ class ImageCall:
     loras: Sequence[tuple[str, float | None]] | None = None  # (name, scale or None for its default)
     # the step cache (`klein_agent.rules.step_caches`): (kind, threshold or None for its default); None for none
     step_cache: tuple[str, float | None] | None = None
+    # FLUX 3: the caption the text encoder reads, used verbatim instead of the prompt (no upsampling); the prompt
+    # is still recorded as the request (`klein_agent.rules.upsampling`)
+    caption: str | None = None
 
     @property
     def inputs(self) -> tuple[str, ...]:
@@ -66,6 +69,8 @@ class ImageCall:
         the reference count (`max_references`: the loaded model's), the seeds, steps and guidance, the step
         cache, the region. Raises RequestError with the message the CLI and the server share."""
         resolution.clean_prompt(self.prompt)
+        if self.caption is not None:
+            upsampling.clean_caption(self.caption)
         resolution.check_session(self.session)
         resolution.check_user_size(self.width, self.height)
         resolution.check_reference_count(len(self.inputs), max_references)
@@ -196,14 +201,17 @@ def prepare_call(
     multiple: int | None,
     budget: Budget,
     loras: tuple[tuple[str, float | None], ...] = (),
+    upsampler: bool = False,
 ) -> PreparedCall[T]:
     """Decode and prepare `call`'s inputs one at a time, fit its size to `budget`, build its mask and request.
 
     `multiple` is the loaded model's token size; None while the model loads: sizes then assume
     `limits.SIZE_MULTIPLE` (every klein checkpoint's) and references stay as decoded, for the pipeline to prepare.
     A masked edit's source is always prepared (resized to whole tokens: its size is the output's). `loras` go
-    into the request as they are; the call's step cache goes in checked. Raises RequestError, or what the decoder
-    raises. Assumes `call.check()` passed.
+    into the request as they are; the call's step cache goes in checked. With `upsampler` (a prompt upsampler is
+    loaded) and no caption, each input is also prepared as the upsampler sees it, from the picture as decoded
+    (`upsampling.prepare_references`), as diffusers' block prepares the images the pipeline gets. Raises
+    RequestError, or what the decoder raises. Assumes `call.check()` passed.
     """
     text = resolution.clean_prompt(call.prompt)
     seeds = resolution.batch_seeds(call.seed, call.num_images)
@@ -211,6 +219,8 @@ def prepare_call(
     size_multiple = multiple or limits.SIZE_MULTIPLE
     arguments = call.inputs
     inputs = []
+    for_upsampler: list[Image.Image] = []
+    upsample = upsampler and call.caption is None and region is None
     for k, argument in enumerate(arguments, start=1):
         if region is not None and k == 1:  # the picture to repaint, as the model uses it
             how: Prepare = lambda image: masks.prepare_source(image, size_multiple)  # noqa: E731
@@ -218,6 +228,8 @@ def prepare_call(
             how = lambda image: prepare_reference(image, multiple)  # noqa: E731
         else:
             how = lambda image: image  # noqa: E731
+        if upsample:
+            how = _also_for_upsampler(how, len(arguments), for_upsampler)
         inputs.append(decoder.image(argument, k, len(arguments), how))
     mask = None if region is None or region.mask is None else decoder.mask(region.mask)
     mask_picture = None
@@ -239,8 +251,23 @@ def prepare_call(
         strength=None if region is None else region.strength,
         loras=loras,
         step_cache=chosen_step_cache(call.step_cache),
+        caption=None if call.caption is None else upsampling.clean_caption(call.caption),
+        upsampler_references=tuple(for_upsampler),
     )
     return PreparedCall(call, request, tuple(inputs), mask, finalize)
+
+
+def _also_for_upsampler(how: Prepare, count: int, into: list[Image.Image]) -> Prepare:
+    """`how`, keeping the decoded picture's upsampler copy in `into` on the way (RequestError for one it refuses)."""
+
+    def prepare(image: Image.Image) -> Image.Image:
+        try:
+            into.append(upsampling.prepare_reference(image, count))
+        except ValueError as err:
+            raise RequestError(str(err)) from err
+        return how(image)
+
+    return prepare
 
 
 def fit_size(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import unicodedata
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 from PIL import Image, ImageOps
 
 from klein_agent.rules import limits
+from klein_agent.rules.resolution import RequestError
 
 MODES = ("t2i", "i2i")  # the box modes t2i_bbox and i2i_bbox are in the data file but not offered yet
 
@@ -125,3 +127,38 @@ def prepare_references(images: list[Image.Image]) -> list[Image.Image]:
             f"the prompt upsampler takes at most {limits.UPSAMPLER_MAX_REFERENCES} references, got {len(images)}"
         )
     return [prepare_reference(image, len(images)) for image in images]
+
+
+def is_flux3(variant: str) -> bool:
+    """Whether a loaded model's preset (`GeneratorInfo.variant`) is FLUX 3 [klein], the family that reads captions."""
+    return variant.startswith("flux3")
+
+
+def clean_caption(caption: str) -> str:
+    """A caller's caption as the text encoder gets it: control characters (but newlines and tabs) and surrounding
+    space removed, otherwise verbatim. Raises RequestError for text that is not valid Unicode, an empty caption,
+    or one over limits.MAX_CAPTION_CHARS characters."""
+    if any("\ud800" <= ch <= "\udfff" for ch in caption):
+        raise RequestError("the caption is not valid UTF-8 text: set your terminal to UTF-8 or re-type it")
+    text = "".join(ch for ch in caption if ch in "\n\t" or unicodedata.category(ch) != "Cc").strip()
+    if not text:
+        raise RequestError(
+            "the caption is empty: leave it out to use the prompt (or the upsampler), or write the full caption"
+        )
+    if len(text) > limits.MAX_CAPTION_CHARS:
+        raise RequestError(
+            f"the caption is {len(text)} characters long, over the {limits.MAX_CAPTION_CHARS} limit: BFL's "
+            "upsampler writes 100 to 350 words; shorten it"
+        )
+    return text
+
+
+# What a FLUX 3 result says about the text its model encoded, by where it came from (limits.CAPTION_SOURCES)
+CAPTION_SENTENCES = {
+    "upsampler": "caption written by the prompt upsampler from the prompt (stored in the recipe)",
+    "caller": "caption used as the caller gave it",
+    "prompt": (
+        "prompt encoded as given: BFL trained FLUX 3 on upsampled captions and says to upsample; pass `caption` "
+        "(the flux3_caption prompt has the upsampler's instructions) or start the server with --prompt-upsampler"
+    ),
+}
