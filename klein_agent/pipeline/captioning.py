@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from klein_agent.loading.errors import CheckpointError
 from klein_agent.rules.requests import (
     GenerationRequest,
     GenerationResult,
@@ -23,7 +24,7 @@ from klein_agent.rules.requests import (
     ProgressCallback,
 )
 from klein_agent.rules.resolution import RequestError, clean_prompt
-from klein_agent.rules.upsampling import clean_caption
+from klein_agent.rules.upsampling import clean_caption, is_flux3
 
 if TYPE_CHECKING:
     from klein_agent.pipeline.upsampler import PromptUpsampler
@@ -57,3 +58,26 @@ class CaptionedGenerator:
         caption, source = self.caption_for(request)
         result = self.inner.generate(replace(request, caption=caption, upsampler_references=()), progress)
         return replace(result, caption=caption, caption_source=source)
+
+
+def with_captions(generator: ImageGenerator, upsampler_source: str | None) -> ImageGenerator:
+    """`generator` as `--prompt-upsampler` asks: a FLUX 3 model wrapped in `CaptionedGenerator` (with the upsampler
+    loaded on the model's device and dtype when one is named); another model as it is.
+
+    Raises CheckpointError for an upsampler named with a model that is not FLUX 3, or one that cannot load."""
+    info = generator.info
+    if not is_flux3(info.variant):
+        if upsampler_source is not None:
+            raise CheckpointError(
+                f"--prompt-upsampler is for FLUX 3 [klein] models; --model {info.model} is {info.variant}, which "
+                "reads the prompt as given: leave --prompt-upsampler out"
+            )
+        return generator
+    upsampler = None
+    if upsampler_source is not None:
+        import torch
+
+        from klein_agent.pipeline.upsampler import load_upsampler
+
+        upsampler = load_upsampler(upsampler_source, device=info.device, dtype=getattr(torch, info.dtype))
+    return CaptionedGenerator(generator, upsampler)

@@ -69,6 +69,7 @@ def build_studio(args: argparse.Namespace, where: StoreLocations | None = None) 
     config = StudioConfig(
         max_pixels_per_call=None if args.max_megapixels is None else int(args.max_megapixels * 1_000_000),
         device_hint=args.device,  # else the loaded model's device decides the default (limits.default_max_pixels)
+        upsampler=getattr(args, "prompt_upsampler", None) is not None,
     )
     app = parse_generator(args.generator)  # None: the model loads here, as ever; else a Ray Serve application
     factory = generator_factory(args, skip_bad_loras=True) if app is None else ray_generator_factory(app)

@@ -62,6 +62,8 @@ class StudioConfig:
     device_hint: str | None = None  # the device the user named (--device), known before the model has loaded
     preview_max_edge: int = limits.PREVIEW_MAX_EDGE
     preview_budget_b64: int = limits.PREVIEW_BUDGET_B64
+    # `--prompt-upsampler` named one: calls without a caption get their inputs prepared for it too
+    upsampler: bool = False
 
 
 @dataclass(frozen=True)
@@ -129,7 +131,12 @@ class Studio:
                 def prepare() -> PreparedCall[LoadedImage]:
                     decoder = StoreDecoder(self.policy, lease)
                     return prepare_call(
-                        call, decoder, multiple=multiple, budget=self.pixel_budget, loras=chosen
+                        call,
+                        decoder,
+                        multiple=multiple,
+                        budget=self.pixel_budget,
+                        loras=chosen,
+                        upsampler=self.config.upsampler,
                     )
 
                 # A call without inputs decodes nothing: prepared on the loop, without a thread hop.
