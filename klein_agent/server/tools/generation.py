@@ -22,6 +22,7 @@ from klein_agent.rules.limits import (
     DEFAULT_TOKENS_PER_SIDE,
     DISTILLED_STEPS,
     MAX_BOXES,
+    MAX_CAPTION_CHARS,
     MAX_GUIDANCE,
     MAX_IMAGES_PER_CALL,
     MAX_PROMPT_CHARS,
@@ -54,6 +55,18 @@ PromptArg = Annotated[
         description="What the picture shows, subject first. Say what should be there, not what should not.",
     ),
 ]
+CaptionArg = Annotated[
+    str | None,
+    Field(
+        min_length=1,
+        max_length=MAX_CAPTION_CHARS,
+        description="FLUX 3 models only: the full caption the model encodes, used verbatim instead of the prompt "
+        "(which the recipe still records). FLUX 3 was trained on long upsampled captions: write one with the "
+        "flux3_caption prompt's instructions. Omit to let the server's upsampler write it, or to use the prompt.",
+    ),
+]
+# the one line the FLUX 3 tools carry about captions (the rest is in CaptionArg and the flux3_caption prompt)
+CAPTION_NOTE = "On a FLUX 3 model, pass a caption written with the flux3_caption prompt (the result says which text ran)."
 _DEFAULT_SIDE = DEFAULT_TOKENS_PER_SIDE * SIZE_MULTIPLE
 SideArg = Annotated[
     int | None,
@@ -225,7 +238,8 @@ def register(mcp: MCPServer, studio: Studio) -> None:
         title="Generate images",
         description="Make 1-4 new images from a text prompt with the local FLUX.2 [klein] model. Put the subject "
         "first, then setting, style and light; describe what should be there, not what should not. Images get "
-        f"seeds seed, seed+1, ...; the same seed and arguments reproduce an image. {RETURNS_NOTE} {store}",
+        f"seeds seed, seed+1, ...; the same seed and arguments reproduce an image. {CAPTION_NOTE} {RETURNS_NOTE} "
+        f"{store}",
         annotations=ToolAnnotations(
             title="Generate images",
             read_only_hint=False,
@@ -237,6 +251,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
     async def generate(
         ctx: Context,
         prompt: PromptArg,
+        caption: CaptionArg = None,
         width: SideArg = None,
         height: SideArg = None,
         seed: SeedArg = None,
@@ -251,6 +266,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
             width=width,
             height=height,
             prompt=prompt,
+            caption=caption,
             seed=seed,
             steps=steps,
             guidance=guidance,
@@ -266,7 +282,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
         title="Edit an image",
         description='Change one image by describing the result you want ("make the jacket bright yellow"), '
         "positively. Without width/height the output takes the input's size as the model sees it (at most ~1 "
-        f"megapixel). Keep the seed to change less between tries. {inputs} {RETURNS_NOTE} {store}",
+        f"megapixel). Keep the seed to change less between tries. {CAPTION_NOTE} {inputs} {RETURNS_NOTE} {store}",
         annotations=ToolAnnotations(
             title="Edit an image",
             read_only_hint=False,
@@ -279,6 +295,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
         ctx: Context,
         image: ImageArg,
         prompt: PromptArg,
+        caption: CaptionArg = None,
         width: OptionalSideArg = None,
         height: OptionalSideArg = None,
         seed: SeedArg = None,
@@ -294,6 +311,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
             width=width,
             height=height,
             prompt=prompt,
+            caption=caption,
             seed=seed,
             steps=steps,
             guidance=guidance,
@@ -309,7 +327,8 @@ def register(mcp: MCPServer, studio: Studio) -> None:
         title="Compose from references",
         description='Make an image from 1-4 reference images and a prompt that refers to them as "image 1", '
         '"image 2", ... in the order given (e.g. "the dog from image 1 on the beach from image 2"). Without '
-        f"width/height the output takes image 1's size as the model sees it. {inputs} {RETURNS_NOTE} {store}",
+        f"width/height the output takes image 1's size as the model sees it. {CAPTION_NOTE} {inputs} {RETURNS_NOTE} "
+        f"{store}",
         annotations=ToolAnnotations(
             title="Compose from references",
             read_only_hint=False,
@@ -322,6 +341,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
         ctx: Context,
         images: ImagesArg,
         prompt: PromptArg,
+        caption: CaptionArg = None,
         width: OptionalSideArg = None,
         height: OptionalSideArg = None,
         seed: SeedArg = None,
@@ -337,6 +357,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
             width=width,
             height=height,
             prompt=prompt,
+            caption=caption,
             seed=seed,
             steps=steps,
             guidance=guidance,
