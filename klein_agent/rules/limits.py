@@ -104,7 +104,7 @@ UPSAMPLER_REFERENCE_PIXELS = {
 }
 UPSAMPLER_JPEG_QUALITY = 92  # references are re-encoded as the upsampler saw them in training
 # What a FLUX 3 call encodes when the caller gives no caption: "upsampler" when `--prompt-upsampler` loaded one,
-# else the prompt as given (the result says BFL trained on upsampled captions). See docs/flux3.md.
+# else the prompt as given (the result says BFL trained on upsampled captions). docs/server.md, Captions.
 CAPTION_SOURCES = ("upsampler", "caller", "prompt")
 MAX_CAPTION_CHARS = 8000  # a 350-word caption with a box table is ~3,000 characters; 8,000 leaves room
 
