@@ -34,6 +34,20 @@ def test_an_upsampler_or_a_caption_with_a_flux2_model_is_refused_by_name(tmp_pat
     done = generate(tmp_path, "--caption", "Full-color photograph of a red cube.")
     assert done.returncode == 2, done.stderr
     assert "caption is for FLUX 3 [klein] models" in done.stderr and "Traceback" not in done.stderr
+    # Ray replicas load the model without it: refused at start, before the store is created
+    store = tmp_path / "store"
+    serve = [sys.executable, "-m", "klein_agent", "serve", "--model", "tiny", "--store", str(store)]
+    done = subprocess.run(
+        [*serve, "--generator", "ray", "--prompt-upsampler", str(pup)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "--prompt-upsampler does not apply with --generator ray" in done.stderr
+    assert not store.exists()
 
 
 def test_a_folder_that_is_no_upsampler_is_named_with_what_it_lacks(tmp_path: Path) -> None:

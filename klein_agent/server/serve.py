@@ -49,6 +49,12 @@ def build_studio(args: argparse.Namespace, where: StoreLocations | None = None) 
     arguments. Raises ValueError for a bad option and StoreError for a store that cannot be opened."""
     # --max-queue, --max-megapixels, --store-max-gb and --store-max-images are checked as they are parsed
     # (klein_agent.option_types): one rule for serve and generate
+    if parse_generator(args.generator) is not None and getattr(args, "prompt_upsampler", None) is not None:
+        # the upsampler runs beside the model; replicas load the model from the deploy options, which name none
+        raise ValueError(
+            f"--prompt-upsampler does not apply with --generator {args.generator}: the replicas load the model "
+            "without it; leave it out (callers can still pass a caption)"
+        )
     dirs = [] if args.no_default_dirs else list(default_allowed_dirs())
     dirs += allowed_dir_options(args)
     policy = InputPolicy(allowed_dirs=tuple(dirs), allow_urls=args.allow_urls)
