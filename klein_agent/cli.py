@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the MCP server (stdio by default)")
     add_logging_arguments(serve)
-    add_model_arguments(serve, serve=True)
+    add_model_arguments(serve, serve=True, model_required=False)  # --generator ray: the application's model
     from klein_agent.server.options import add_serve_arguments
 
     add_serve_arguments(serve)
@@ -255,11 +255,12 @@ def run_serve(args: argparse.Namespace) -> int:
     """`klein-agent serve`: the options that need no server checked first (--model, --device, --lora,
     --allow-dir: a bad one is refused in a fraction of a second), then `klein_agent.server.serve.run_serve`,
     imported only now (the MCP SDK takes seconds to load)."""
-    from klein_agent.model_options import check_model_options
+    from klein_agent.model_options import check_serve_model_options
+    from klein_agent.replica.handle import parse_generator
     from klein_agent.server.options import allowed_dir_options
 
     try:
-        check_model_options(args)
+        check_serve_model_options(args, remote=parse_generator(args.generator) is not None)
         allowed_dir_options(args)
     except ValueError as exc:
         log.error("%s", exc)  # as serve logs its other start-up errors

@@ -9,6 +9,10 @@ The model options are `serve`'s and are checked here first (a bad --model or --l
 touched); each replica loads them again on its own node (docs/scaling.md). Serve's HTTP proxy is left off: front-
 ends call the replicas through deployment handles. Exit 0: the application is running, its replicas counted on
 stderr; 2: a bad option, no cluster, or a replica that failed to load (the message says which and why).
+
+`--autoscale MIN:MAX` instead of `--replicas N` lets Serve scale on queue length. `--print-config` prints the Serve
+config file the options make (for `serve deploy FILE` or a KubeRay RayService) and touches no cluster: deploy
+itself builds its application from that same block (`replica/config.py`), so the file and the command agree.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import os
 from typing import Any
 
 from klein_agent.model_options import add_model_arguments, check_model_options
-from klein_agent.option_types import non_negative_int, positive_float, positive_int
+from klein_agent.option_types import positive_float, positive_int
+from klein_agent.replica.config import app_args, serve_config
 from klein_agent.rules import limits
 
 log = logging.getLogger("klein_agent.deploy")
@@ -29,8 +34,19 @@ def add_deploy_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the model options and the placement options (--replicas, --app, resources per replica) to `parser`."""
     add_model_arguments(parser, serve=True)
     place = parser.add_argument_group("placement on the Ray cluster ($RAY_ADDRESS)")
-    place.add_argument(
+    count = place.add_mutually_exclusive_group()
+    count.add_argument(
         "--replicas", type=positive_int, default=1, metavar="N", help="copies of the model (default: 1)"
+    )
+    count.add_argument(
+        "--autoscale",
+        type=replica_range,
+        default=None,
+        metavar="MIN:MAX",
+        help="let Serve keep MIN to MAX replicas by queue length: one more while calls wait (target "
+        f"{limits.AUTOSCALE_TARGET_ONGOING} running or waiting per replica, after "
+        f"{limits.AUTOSCALE_UPSCALE_DELAY_S:g} s), one fewer after {limits.AUTOSCALE_DOWNSCALE_DELAY_S:g} s of less "
+        "work; MIN 0 lets it scale to none (the next call then waits for a replica to load). Not with --replicas",
     )
     place.add_argument(
         "--app",
@@ -55,13 +71,49 @@ def add_deploy_arguments(parser: argparse.ArgumentParser) -> None:
     )
     place.add_argument(
         "--max-queue",
-        type=non_negative_int,
+        type=positive_int,  # Serve takes no 0 (-1 is its "no bound", which we do not offer)
         default=limits.MAX_QUEUE,
         metavar="N",
-        help="calls one front-end may have waiting for a replica; more are refused at once (default: "
+        help="calls one front-end may have waiting for a replica; more are refused at once with 'busy' (default: "
         f"{limits.MAX_QUEUE})",
     )
+    place.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the Serve config file these options make (for `serve deploy FILE` or a KubeRay RayService's "
+        "serveConfigV2) and exit, without Ray and without checking the model here (the cluster's nodes load it)",
+    )
     parser.set_defaults(run=run_deploy)
+
+
+def replica_range(text: str) -> tuple[int, int]:
+    """`--autoscale MIN:MAX` as (MIN, MAX): whole numbers, 0 <= MIN <= MAX, MAX >= 1 (what Serve accepts).
+    Raises argparse.ArgumentTypeError saying which part is wrong."""
+    low, colon, high = text.partition(":")
+    if not colon:
+        raise argparse.ArgumentTypeError(f"expected MIN:MAX replicas, e.g. 1:4, got {text!r}")
+    try:
+        least, most = int(low), int(high)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected two whole numbers MIN:MAX, e.g. 1:4, got {text!r}"
+        ) from None
+    if least < 0 or most < 1:
+        raise argparse.ArgumentTypeError(f"MIN must be 0 or more and MAX 1 or more, got {text!r}")
+    if least > most:
+        raise argparse.ArgumentTypeError(f"MIN must not exceed MAX, got {text!r}; e.g. {most}:{least}")
+    return least, most
+
+
+def placement(args: argparse.Namespace) -> dict[str, Any]:
+    """The deployment options' keywords (`replica.config.deployment_options`) the parsed options name."""
+    scale: dict[str, Any] = {"autoscale": args.autoscale} if args.autoscale else {"replicas": args.replicas}
+    return {
+        **scale,
+        "cpus_per_replica": args.cpus_per_replica,
+        "gpus_per_replica": args.gpus_per_replica,
+        "max_queued": args.max_queue,
+    }
 
 
 def run_deploy(args: argparse.Namespace) -> int:
@@ -70,6 +122,18 @@ def run_deploy(args: argparse.Namespace) -> int:
     if args.gpus_per_replica < 0:
         log.error("--gpus-per-replica %s: give 0 or more GPUs", args.gpus_per_replica)
         return 2
+    built = app_args(vars(args), **placement(args))
+    if args.print_config:
+        try:
+            import yaml  # Ray's own dependency, as the file is Ray's
+        except ImportError as exc:
+            log.error(
+                "--print-config needs PyYAML, which Ray Serve brings: pip install 'klein-agent[scale]' (%s)",
+                exc,
+            )
+            return 2
+        print(yaml.safe_dump(serve_config(args.app, built), sort_keys=False), end="")
+        return 0
     try:
         check_model_options(args)
     except ValueError as exc:
@@ -87,20 +151,14 @@ def run_deploy(args: argparse.Namespace) -> int:
         from ray import serve
         from ray.serve.schema import ReplicaState
 
-        from klein_agent.replica.deployment import build_app
+        from klein_agent.replica.deployment import app_from_args
     except ImportError as exc:
         log.error("deploy needs Ray Serve: pip install 'klein-agent[scale]' (%s)", exc)
         return 2
     ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
     try:
         serve.start(proxy_location="Disabled")  # no HTTP proxy (it binds 0.0.0.0 by default): handles only
-        app = build_app(
-            vars(args),
-            replicas=args.replicas,
-            cpus_per_replica=args.cpus_per_replica,
-            gpus_per_replica=args.gpus_per_replica,
-            max_queued=args.max_queue,
-        )
+        app = app_from_args(built)  # the builder a Serve config names: deploy and the file are one path
         handle = serve.run(app, name=args.app, route_prefix=None, blocking=False)  # returns once running
         info = handle.options(method_name="info").remote().result(timeout_s=limits.RAY_CONNECT_TIMEOUT_S)
         status = serve.status().applications[args.app]

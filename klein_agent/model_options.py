@@ -16,16 +16,24 @@ from klein_agent.rules import buckets
 from klein_agent.rules.requests import ImageGenerator
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, *, serve: bool = False) -> None:
+def add_model_arguments(
+    parser: argparse.ArgumentParser, *, serve: bool = False, model_required: bool = True
+) -> None:
     """Add the "model" option group (--model, --transformer-file, --device, --dtype, ...) to `parser`; with `serve`,
-    also --warm-buckets (a server compiles before it reports ready; a one-off generate compiles what it needs)."""
+    also --warm-buckets (a server compiles before it reports ready; a one-off generate compiles what it needs).
+    Without `model_required` (serve) --model may be left out; `check_serve_model_options` says when it must not."""
     group = parser.add_argument_group("model")
     group.add_argument(
         "--model",
-        required=True,
+        required=model_required,
         help="a diffusers-layout folder, a Hugging Face repo id (read from the local HF cache), or 'tiny' "
         "(a deterministic tiny random model: noise pictures, runs anywhere), or random:PRESET (random weights of a "
-        "preset's shape such as random:klein-4b, for benchmarks)",
+        "preset's shape such as random:klein-4b, for benchmarks)"
+        + (
+            "; with --generator ray the deployed application's model is used and --model, if given, must name it"
+            if not model_required
+            else ""
+        ),
     )
     group.add_argument(
         "--transformer-file",
@@ -141,6 +149,48 @@ def check_model_options(args: argparse.Namespace) -> list[tuple[str, float]]:
 
         check_upsampler_files(args.prompt_upsampler)
     return loras
+
+
+# The options that choose how a model loads and runs: with `serve --generator ray` they belong to the replicas
+# (`klein-agent deploy` takes them), so a front-end given one would silently not use it.
+LOADING_OPTIONS = {
+    "transformer_file": "--transformer-file",
+    "device": "--device",
+    "dtype": "--dtype",
+    "offload_text_encoder": "--offload-text-encoder",
+    "fp8": "--fp8",
+    "compile": "--compile",
+    "reference_kv_cache_gib": "--reference-kv-cache-gib",
+    "lora": "--lora",
+    "allow_download": "--allow-download",
+}
+
+
+def check_serve_model_options(args: argparse.Namespace, remote: bool) -> None:
+    """`serve`'s model options. With a local model (`remote` False) --model is required and checked as
+    `check_model_options` does. With a deployed one (`--generator ray`) the front-end loads nothing and needs no
+    weights: --model is optional (compared with the application's model once connected) and the loading options
+    are refused, naming them, since the replicas were given theirs by `deploy`. Raises ValueError."""
+    if not remote:
+        if args.model is None:
+            raise ValueError(
+                "serve needs --model MODEL (a folder, a Hugging Face repo id or tiny), or --generator ray[:APP] to "
+                "use the model a `klein-agent deploy` application runs"
+            )
+        check_model_options(args)
+        return
+    given = [flag for name, flag in LOADING_OPTIONS.items() if _given(getattr(args, name, None))]
+    if given:
+        raise ValueError(
+            f"{', '.join(given)}: with --generator ray the model loads on the replicas, with the options given to "
+            "`klein-agent deploy`; drop them here (or redeploy with them)"
+        )
+
+
+def _given(value: object) -> bool:
+    """Whether an option differs from its unset default (None, False, []); `0` counts as given
+    (--reference-kv-cache-gib 0), which `value not in (None, False, [])` would miss since 0 == False."""
+    return value is not None and value is not False and value != []
 
 
 def generator_factory(

@@ -83,6 +83,9 @@ class StoreLocations:
     thumbs: Path
     source: str
     address: str | None = None
+    # How a command shown to a person names the shared store: `env:NAME` when the address came from a variable
+    # (kept as given, so no secret is spelt out), else None (the address is shown without its password).
+    spelled: str | None = None
 
 
 def default_store_dir() -> Path:
@@ -110,12 +113,13 @@ def store_locations(given: Path | str | None) -> StoreLocations:
     it a str; $KLEIN_AGENT_STORE may hold one too) is a shared store: its token file and thumbnails live in the
     user data folder's `shared` folder."""
     if given is None and "://" in os.environ.get(STORE_ENV, ""):
-        given = os.environ[STORE_ENV].strip()
+        given = FromVariable(os.environ[STORE_ENV].strip(), STORE_ENV)
     if isinstance(given, str) and "://" in given:
         local = Path(platformdirs.user_data_dir("klein-agent", appauthor=False)) / SHARED_DIR
         source = "the shared store given with --store or $" + STORE_ENV
+        spelled = f"{ENV_PREFIX}{given.variable}" if isinstance(given, FromVariable) else None
         return StoreLocations(
-            local, local.parent / f"{SHARED_DIR}.http-token", local / THUMBS_DIR, source, given
+            local, local.parent / f"{SHARED_DIR}.http-token", local / THUMBS_DIR, source, str(given), spelled
         )
     store = (Path(given) if given is not None else default_store_dir()).expanduser().absolute()
     return StoreLocations(
@@ -133,6 +137,19 @@ def store_locations(given: Path | str | None) -> StoreLocations:
 ENV_PREFIX = "env:"
 BLOBS_ENV = "KLEIN_AGENT_BLOBS"
 S3_ENDPOINT_ENV = "AWS_ENDPOINT_URL"
+
+
+class FromVariable(str):
+    """A store address read from an environment variable (`env:NAME`): the value, remembering the variable's
+    name, so what is shown to a person can say `env:NAME` instead of the DSN it holds."""
+
+    variable: str
+
+    def __new__(cls, value: str, variable: str) -> FromVariable:
+        """`value`, the variable's content, remembering `variable`, its name."""
+        text = super().__new__(cls, value)
+        text.variable = variable
+        return text
 
 
 def store_option(text: str) -> Path | str:
@@ -153,7 +170,7 @@ def store_address(text: str) -> str:
                 f"{text}: the environment variable {name or '(no name)'} is not set; export it with the store's "
                 "folder or postgresql:// URL"
             )
-        return value
+        return FromVariable(value, name)
     if not text.strip():
         raise argparse.ArgumentTypeError("expected a folder or a postgresql:// URL, got an empty string")
     return text.strip()

@@ -22,13 +22,13 @@ from mcp.client.streamable_http import streamable_http_client
 REPO = Path(__file__).resolve().parents[1]
 
 
-def serve_args(store: Path, *extra: str) -> list[str]:
+def serve_args(store: Path, *extra: str, model: str | None = "tiny") -> list[str]:
+    """`python -m klein_agent serve` arguments of a test server; `model` None: no --model (--generator ray)."""
     return [
         "-m",
         "klein_agent",
         "serve",
-        "--model",
-        "tiny",
+        *(["--model", model] if model is not None else []),
         "--store",
         str(store),
         "--no-default-dirs",
@@ -58,9 +58,10 @@ def http_server(
     *extra: str,
     env: dict[str, str] | None = None,
     nofile: int | None = None,
+    model: str | None = "tiny",
 ) -> Iterator[tuple[subprocess.Popen[bytes], int, str | None]]:
     """`serve --http --port 0` as a subprocess: yields (process, port, token from the token file or None).
-    `nofile`: the server's RLIMIT_NOFILE (soft and hard), as `ulimit -n` would set it."""
+    `nofile`: the server's RLIMIT_NOFILE (soft and hard), as `ulimit -n` would set it; `model` as `serve_args`."""
     log_path = tmp_path / "server.log"
 
     def limit() -> None:
@@ -69,7 +70,7 @@ def http_server(
 
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, *serve_args(store, "--http", "--port", "0", *extra)],
+            [sys.executable, *serve_args(store, "--http", "--port", "0", *extra, model=model)],
             cwd=REPO,
             stdin=subprocess.DEVNULL,
             stdout=log,

@@ -21,6 +21,7 @@ from pathlib import Path
 from tests import store_servers
 
 RAY_PORT = 6390
+TEMP_ENV = "KLEIN_TEST_RAY_TEMP"  # the cluster's temp folder (its logs), for tests that read them
 
 
 def ray_missing() -> str | None:
@@ -39,7 +40,7 @@ def private_network_command(*argv: str) -> list[str]:
 @contextlib.contextmanager
 def ray_cluster(cpus: int = 4) -> Iterator[dict[str, str]]:
     """`ray start --head` on 127.0.0.1 with `cpus` logical CPUs; yields the environment a process needs to use it
-    (RAY_ADDRESS, the token, usage stats off). Refuses to start outside the private network namespace."""
+    (RAY_ADDRESS, the token, usage stats off; TEMP_ENV: its temp folder). Refuses to start outside the private network namespace."""
     if not store_servers.in_private_network():
         raise RuntimeError("Ray starts only inside the loopback-only namespace (see tests/ray_cluster.py)")
     folder = Path(tempfile.mkdtemp(prefix="kr-"))  # short: Ray's unix socket paths live below it
@@ -52,6 +53,7 @@ def ray_cluster(cpus: int = 4) -> Iterator[dict[str, str]]:
         "RAY_AUTH_TOKEN": secrets.token_hex(16),
         "RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S": "1",  # 2 loaded cores: the router's probes are slow
         "RAY_ADDRESS": f"127.0.0.1:{RAY_PORT}",
+        TEMP_ENV: str(folder / "ray"),
     }
     ray = str(Path(sys.executable).with_name("ray"))
     head = ["start", "--head", "--node-ip-address=127.0.0.1", f"--port={RAY_PORT}", f"--num-cpus={cpus}"]
@@ -64,3 +66,13 @@ def ray_cluster(cpus: int = 4) -> Iterator[dict[str, str]]:
     finally:
         subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=60)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def replica_calls(env: dict[str, str], app: str, method: str = "generate") -> dict[str, int]:
+    """Calls of `method` each replica of `app` has finished, by replica log file, from Serve's access log lines
+    ("CALL generate OK 12.3ms", written at once: the request-path log buffer is 1 line by default)."""
+    logs = Path(env[TEMP_ENV]) / "session_latest" / "logs" / "serve"
+    return {
+        path.name: sum(f"CALL {method} " in line for line in path.read_text(errors="replace").splitlines())
+        for path in sorted(logs.glob(f"replica_{app}_*.log"))
+    }

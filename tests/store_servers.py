@@ -247,10 +247,11 @@ def private_network_command(*argv: str) -> list[str]:
 
 def run_contained_pytest(
     what: str, why_missing: str | None, command: list[str], *, env: dict[str, str], timeout_s: float
-) -> None:
+) -> str:
     """Run a child pytest (`command`, from a `private_network_command`) in the loopback-only namespace; fail with
     its output unless it passes with nothing skipped. When the namespace cannot be made here (`why_missing`), skip
-    with the reason, or fail under CI=true. `what` names the tests in those messages ("Ray replica tests")."""
+    with the reason, or fail under CI=true. `what` names the tests in those messages ("Ray replica tests").
+    Returns the child's stdout (for the figures it prints)."""
     if why_missing is not None:
         message = f"{what} need a loopback-only network namespace: {why_missing}"
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
@@ -270,6 +271,7 @@ def run_contained_pytest(
     assert " passed" in summary and "skipped" not in summary, (
         f"inside the namespace nothing may skip:\n{output}"
     )
+    return done.stdout
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Generator replicas as a user runs them: a local Ray cluster (token auth on, usage stats off), `klein-agent
-deploy --model tiny --replicas 2`, then `klein-agent serve --http --generator ray:klein` and a real MCP client.
-The PNG bytes equal those of the single-process server (`serve --model tiny`) for the same recipe, and the
-replica's per-step progress reaches the client.
+deploy --model tiny --replicas 2`, then two front-ends `klein-agent serve --http --generator ray:APP` and real MCP
+clients. The PNG bytes equal those of the single-process server (`serve --model tiny`) for the same recipe, and
+the replica's per-step progress reaches the client; a retry on the same references finds them prepared on the
+replica it reaches from either front-end (the hit rate is measured and printed); a replica process killed
+mid-call costs the client nothing (one retry on the other, stored once) and Serve replaces it.
 
 Runs in the contained child pytest of tests/test_replica_scaleout.py (loopback-only namespace); skipped with the
 reason when run outside it.
@@ -10,18 +12,26 @@ reason when run outside it.
 from __future__ import annotations
 
 import base64
+import contextlib
+import io
+import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from mcp import Client
+from PIL import Image
 
+from klein_agent.rules import limits
 from tests import store_servers
 from tests.http_helpers import REPO, authed, http_server
-from tests.ray_cluster import ray_cluster
+from tests.ray_cluster import ray_cluster, replica_calls
 
 pytestmark = [
     pytest.mark.anyio,
@@ -43,6 +53,37 @@ def anyio_backend() -> str:
 def cluster() -> Iterator[dict[str, str]]:
     with ray_cluster() as env:
         yield env
+
+
+@pytest.fixture(scope="module")
+def deployed(cluster: dict[str, str]) -> str:
+    """`klein-agent deploy --model tiny --replicas 2 --app APP` on the cluster, once: its output."""
+    deploy = ["-m", "klein_agent", "deploy", "--model", "tiny", "--replicas", "2", "--app", APP]
+    env = {**cluster, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, *deploy], cwd=REPO, env=env, capture_output=True, text=True, timeout=240
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    return output
+
+
+@pytest.fixture(scope="module")
+def front_ends(
+    cluster: dict[str, str], deployed: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[list[tuple[Path, int, str | None]]]:
+    """Two `serve --http --generator ray:APP` front-ends, each with its own store: [(folder, port, token)]."""
+    env = {**cluster, "PYTHONPATH": str(REPO)}
+    with contextlib.ExitStack() as stack:
+        running = []
+        for name in ("a", "b"):
+            folder = tmp_path_factory.mktemp(f"front-end-{name}")
+            # no --model: a front-end takes the application's model and needs no weights of its own
+            _, port, token = stack.enter_context(
+                http_server(folder, folder / "store", "--generator", f"ray:{APP}", env=env, model=None)
+            )
+            running.append((folder, port, token))
+        yield running
 
 
 async def make_png(port: int, token: str | None) -> tuple[bytes, list[str]]:
@@ -68,30 +109,18 @@ def test_a_client_without_the_clusters_token_is_refused(cluster: dict[str, str])
 
 
 async def test_two_replicas_give_the_single_process_servers_png_bytes_and_stream_progress(
-    tmp_path: Path, cluster: dict[str, str]
+    tmp_path: Path, cluster: dict[str, str], deployed: str, front_ends: list[tuple[Path, int, str | None]]
 ) -> None:
-    deploy = ["-m", "klein_agent", "deploy", "--model", "tiny", "--replicas", "2", "--app", APP]
-    env = {**cluster, "PYTHONPATH": str(REPO)}
-    done = subprocess.run(
-        [sys.executable, *deploy], cwd=REPO, env=env, capture_output=True, text=True, timeout=240
+    assert f"application '{APP}' on {cluster['RAY_ADDRESS']}: 2 replica(s) running tiny" in deployed, (
+        deployed[-2000:]
     )
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, output[-3000:]
-    assert f"application '{APP}' on {cluster['RAY_ADDRESS']}: 2 replica(s) running tiny" in output, output[
-        -2000:
-    ]
-    assert cluster["RAY_AUTH_TOKEN"] not in output, "the Ray token in deploy's output"
-
-    (tmp_path / "ray").mkdir()
-    (tmp_path / "local").mkdir()
-    front_end = http_server(
-        tmp_path / "ray", tmp_path / "ray" / "store", "--generator", f"ray:{APP}", env=env
-    )
-    with front_end as (_, port, token):
-        remote_png, remote_heard = await make_png(port, token)
-    log = (tmp_path / "ray" / "server.log").read_text()
+    assert cluster["RAY_AUTH_TOKEN"] not in deployed, "the Ray token in deploy's output"
+    folder, port, token = front_ends[0]
+    remote_png, remote_heard = await make_png(port, token)
+    log = (folder / "server.log").read_text()
     assert f"generator: Ray application '{APP}'" in log, log[-2000:]
     assert cluster["RAY_AUTH_TOKEN"] not in log, "the Ray token in the front-end's log"
+    (tmp_path / "local").mkdir()
     with http_server(tmp_path / "local", tmp_path / "local" / "store") as (_, port, token):
         local_png, local_heard = await make_png(port, token)
 
@@ -99,6 +128,120 @@ async def test_two_replicas_give_the_single_process_servers_png_bytes_and_stream
     steps = [m for m in remote_heard if m.startswith("step ")]
     assert steps == [f"step {k}/4" for k in range(1, 5)], remote_heard
     assert remote_heard[-1] == local_heard[-1], (remote_heard, local_heard)
+
+
+def reference_uri(k: int) -> str:
+    """A 64x64 PNG data URI, different for each k."""
+    picture = Image.new("RGB", (64, 64), (40 * k % 256, 255 - 30 * k % 256, 90))
+    picture.putpixel((k, k), (0, 0, 0))
+    out = io.BytesIO()
+    picture.save(out, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
+
+
+async def reference_hits(port: int, token: str | None, k: int) -> int:
+    """One `edit` of reference k: how many references the replica found prepared (its `cache_hits`)."""
+    args = {"image": reference_uri(k), "prompt": "the same at night", "width": 64, "height": 64, "seed": k}
+    async with Client(authed(port, token)) as client:
+        made = await client.call_tool("edit", {**args, "steps": 2})
+    assert not made.is_error, made
+    hits: int = made.structured_content["cache_hits"].get("references", 0)
+    return hits
+
+
+async def test_a_retry_on_the_same_references_finds_them_prepared_from_either_front_end(
+    cluster: dict[str, str], front_ends: list[tuple[Path, int, str | None]]
+) -> None:
+    """Each reference is edited through front-end A, then retried through B and through A again. The replica
+    reports a cache hit when it has the reference prepared. The references themselves spread over both replicas
+    (else every retry would hit on the one replica there is): with calls spread at random, about half of the
+    first retries would miss."""
+    (_, port_a, token_a), (_, port_b, token_b) = front_ends
+    before = replica_calls(cluster, APP)
+    references = 10  # ten keys all on one replica of two: p = 2 / 2**10
+    retries = hits = 0
+    for k in range(references):
+        await reference_hits(port_a, token_a, k)  # the first sight: prepared on the replica it routes to
+        for port, token in ((port_b, token_b), (port_a, token_a)):
+            retries += 1
+            hits += await reference_hits(port, token, k) > 0
+    served = {name: n - before.get(name, 0) for name, n in replica_calls(cluster, APP).items()}
+    rate = hits / retries
+    print(
+        f"measured: cache-hit rate of retries on the same references, 2 replicas, 2 front-ends: {rate:.0%} "
+        f"({hits}/{retries}; calls per replica {sorted(served.values())})"
+    )
+    assert sum(served.values()) == 3 * references and all(served.values()) and len(served) == 2, served
+    assert rate >= 0.9, f"{hits}/{retries} retries found their reference prepared"
+
+
+def replica_pids() -> set[int]:
+    """The process ids of APP's replicas (Ray titles them ray::ServeReplica:APP:DEPLOYMENT)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if f"ServeReplica:{APP}:".encode() in (entry / "cmdline").read_bytes():
+                    found.add(int(entry.name))
+    return found
+
+
+def cpu_ticks(pid: int) -> int:
+    """User + system CPU time of `pid`, in clock ticks (/proc/PID/stat fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+async def image_count(port: int, token: str | None) -> int:
+    async with Client(authed(port, token)) as client:
+        listed = await client.call_tool("list_images", {"limit": 100})
+    assert not listed.is_error, listed
+    return len(listed.structured_content["images"])
+
+
+async def test_a_replica_killed_mid_call_costs_the_client_nothing_and_is_replaced(
+    front_ends: list[tuple[Path, int, str | None]],
+) -> None:
+    folder, port, token = front_ends[0]
+    before = await image_count(port, token)
+    pids = replica_pids()
+    assert len(pids) == 2, pids
+    started = anyio.Event()
+
+    async def on_progress(value: float, total: float | None, message: str | None) -> None:
+        if (message or "").startswith("step "):
+            started.set()
+
+    # long enough on an idle machine to be killed mid-way after the CPU sample below (a call that ended first
+    # fails the log assertion, not silently)
+    long_call = {"prompt": "a long call", "width": 384, "height": 384, "seed": 3, "steps": limits.MAX_STEPS}
+    async with Client(authed(port, token)) as client, anyio.create_task_group() as tasks:
+        result: list[Any] = []
+
+        async def call() -> None:
+            result.append(await client.call_tool("generate", long_call, progress_callback=on_progress))
+
+        tasks.start_soon(call)
+        with anyio.fail_after(120):
+            await started.wait()
+        first = {pid: cpu_ticks(pid) for pid in pids}
+        await anyio.sleep(0.3)
+        busy = max(pids, key=lambda pid: cpu_ticks(pid) - first[pid])  # the one running the call burns CPU
+        os.kill(busy, signal.SIGKILL)
+    (made,) = result
+    assert not made.is_error, made
+    assert made.structured_content["steps"] == limits.MAX_STEPS
+    log = (folder / "server.log").read_text()
+    assert "its replica died mid-call" in log and "retrying once on another" in log, log[-3000:]
+    assert await image_count(port, token) == before + 1, "stored once"
+
+    deadline = time.monotonic() + 90  # Serve replaces the replica (11 s in the notes, on an idle machine)
+    while not (len(now := replica_pids()) == 2 and busy not in now) and time.monotonic() < deadline:
+        await anyio.sleep(0.5)
+    assert len(now) == 2 and busy not in now, f"no replacement replica: {now}"
+    for port, token in ((p, t) for _, p, t in front_ends):  # later calls from either front-end succeed
+        png, _ = await make_png(port, token)
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_a_front_end_naming_a_missing_application_says_to_deploy_it(cluster: dict[str, str]) -> None:
@@ -112,3 +255,21 @@ def test_a_front_end_naming_a_missing_application_says_to_deploy_it(cluster: dic
     said = done.stdout.strip()
     assert said.startswith("no Ray Serve application 'nope' on 127.0.0.1:"), done.stdout + done.stderr[-2000:]
     assert "run klein-agent deploy --model MODEL --app nope first" in said, said
+
+
+def test_an_autoscaled_application_starts_with_no_replica_and_scales_up_for_a_call(
+    cluster: dict[str, str],
+) -> None:
+    """`deploy --autoscale 0:1`: Serve takes the autoscaling config, starts no replica, and adds one when a call
+    waits (deploy's own question for the model's description), within the deploy command."""
+    app = "klein-auto"
+    deploy = ["-m", "klein_agent", "deploy", "--model", "tiny", "--autoscale", "0:1", "--app", app]
+    env = {**cluster, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, *deploy], cwd=REPO, env=env, capture_output=True, text=True, timeout=240
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert f"application '{app}' on {cluster['RAY_ADDRESS']}: 1 replica(s) running tiny" in output, output[
+        -2000:
+    ]

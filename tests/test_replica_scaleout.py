@@ -23,20 +23,25 @@ def missing_part() -> str | None:
 
 def run_contained(*pytest_args: str, timeout_s: float = 300) -> None:
     """Run pytest with `pytest_args` in the private network (`store_servers.run_contained_pytest`), Ray's usage
-    stats off."""
+    stats off; print the figures it measured (its lines with "measured:")."""
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO),
         store_servers.NETNS_ENV: "1",
         "RAY_USAGE_STATS_ENABLED": "0",
     }
-    store_servers.run_contained_pytest(
+    said = store_servers.run_contained_pytest(
         "Ray replica tests",
         missing_part(),
-        ray_cluster.private_network_command("-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args),
+        ray_cluster.private_network_command(
+            "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", *pytest_args
+        ),
         env=env,
         timeout_s=timeout_s,
     )
+    for line in said.splitlines():
+        if "measured:" in line:  # after pytest's progress dots, when on the same line
+            print(line[line.index("measured:") :])
 
 
 def test_two_ray_replicas_behind_serve_give_the_same_pictures_with_progress() -> None:

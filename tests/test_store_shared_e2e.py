@@ -12,6 +12,7 @@ import http.client
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -109,7 +110,7 @@ def follow_events(port: int, heard: list[tuple[float, dict[str, object]]], stop:
 
 
 async def test_a_picture_made_on_one_front_end_shows_in_another_s_gallery_within_a_second(
-    tmp_path: Path, process: object
+    tmp_path: Path, process: object, shared_env: dict[str, str]
 ) -> None:
     start = process
     assert callable(start)
@@ -118,11 +119,18 @@ async def test_a_picture_made_on_one_front_end_shows_in_another_s_gallery_within
     serve_port = start(
         "serve", [*serve_args, "--no-default-dirs"], r"streamable HTTP at http://127\.0\.0\.1:(\d+)/mcp"
     )
-    gallery_port = start(
-        "gallery",
-        ["gallery", "--store", "env:KLEIN_TEST_DSN", "--port", "0"],
-        r"at http://127\.0\.0\.1:(\d+)/",
+    # the gallery is started as server_status tells the person: the shared store's options, no secret in them
+    async with Client(authed(serve_port, TOKEN)) as client:
+        status = await client.call_tool("server_status", {})
+    command = status.structured_content["gallery_command"]
+    blobs = shared_env["KLEIN_AGENT_BLOBS"]
+    endpoint = shared_env[store_servers.S3_ENDPOINT_ENV]
+    expected = (
+        f"klein-agent gallery --store env:KLEIN_TEST_DSN --blobs {blobs} --s3-endpoint {endpoint} --open"
     )
+    assert command == expected and command in status.content[0].text
+    gallery_argv = [w for w in shlex.split(command)[1:] if w != "--open"]
+    gallery_port = start("gallery", [*gallery_argv, "--port", "0"], r"at http://127\.0\.0\.1:(\d+)/")
     for name in ("gallery.log", "serve.log"):
         text = (tmp_path / name).read_text()
         assert store_servers.S3_SECRET not in text and TOKEN not in text, f"a secret in {name}"

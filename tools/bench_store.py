@@ -67,10 +67,18 @@ def timed_puts(store: ImageStore, png: bytes, puts: int, threads: int) -> float:
     return time.perf_counter() - start
 
 
+def put_rates(
+    store: ImageStore, png: bytes, *, puts: int, runs: int, warmup: int, threads: int
+) -> list[float]:
+    """Puts per second of `runs` timed runs of `puts` puts over `threads` threads, after `warmup` untimed puts
+    (also used by tools/bench_scale.py)."""
+    timed_puts(store, png, warmup, threads)
+    return [puts / timed_puts(store, png, puts, threads) for _ in range(runs)]
+
+
 def bench(name: str, store: ImageStore, args: argparse.Namespace, png: bytes) -> None:
     for threads in args.threads:
-        timed_puts(store, png, args.warmup, threads)
-        rates = [args.puts / timed_puts(store, png, args.puts, threads) for _ in range(args.runs)]
+        rates = put_rates(store, png, puts=args.puts, runs=args.runs, warmup=args.warmup, threads=threads)
         row = {
             "store": name,
             "threads": threads,

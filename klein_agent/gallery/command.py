@@ -10,9 +10,14 @@ from __future__ import annotations
 import argparse
 import logging
 import shlex
-from pathlib import Path
+from urllib.parse import urlsplit
 
-from klein_agent.option_types import add_shared_store_arguments, port_number, store_option
+from klein_agent.option_types import (
+    StoreLocations,
+    add_shared_store_arguments,
+    port_number,
+    store_option,
+)
 
 log = logging.getLogger("klein_agent.gallery")
 
@@ -20,9 +25,22 @@ DEFAULT_PORT = 8766  # serve --http's is 8765
 PREFIX = "/gallery"
 
 
-def command_line(store_root: Path) -> str:
-    """The shell command that opens the gallery of the store at `store_root` in the default browser."""
-    return shlex.join(["klein-agent", "gallery", "--store", str(store_root), "--open"])
+def command_line(where: StoreLocations, blobs: str | None = None, s3_endpoint: str | None = None) -> str:
+    """The shell command that opens the gallery of the store `where` names in the default browser. A folder store
+    is named by its path; a shared one by its options (`--store`, `--blobs`, `--s3-endpoint`, as `serve` opened
+    it) without any secret: `env:NAME` stays as given, a DSN's password is left out (libpq then reads
+    PGPASSWORD or ~/.pgpass), an endpoint's user information too; S3 keys never were options."""
+    if where.address is None:
+        return shlex.join(["klein-agent", "gallery", "--store", str(where.store), "--open"])
+    from klein_agent.service.store.dsn import without_password  # no driver import: a plain install has it
+
+    words = ["klein-agent", "gallery", "--store", where.spelled or without_password(where.address)]
+    if blobs:
+        words += ["--blobs", blobs]
+    if s3_endpoint:
+        parts = urlsplit(s3_endpoint)
+        words += ["--s3-endpoint", parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()]
+    return shlex.join([*words, "--open"])
 
 
 def add_gallery_arguments(parser: argparse.ArgumentParser) -> None:

@@ -27,25 +27,11 @@ from ray.serve import Application
 
 from klein_agent.model_options import generator_factory
 from klein_agent.replica import wire
+from klein_agent.replica.config import MODEL_OPTION_NAMES, deployment_options, placement_from_args
 from klein_agent.rules import limits
 from klein_agent.rules.requests import GenerationRequest, GeneratorInfo
 
 log = logging.getLogger("klein_agent.replica")
-
-# The model options `deploy` forwards to each replica (the rest of its command line stays with the deployer).
-MODEL_OPTION_NAMES = (
-    "model",
-    "transformer_file",
-    "device",
-    "dtype",
-    "offload_text_encoder",
-    "fp8",
-    "compile",
-    "warm_buckets",
-    "reference_kv_cache_gib",
-    "lora",
-    "allow_download",
-)
 
 
 class _Stopped(Exception):
@@ -117,24 +103,19 @@ class KleinReplica:
             raise
 
 
-def build_app(
-    options: dict[str, Any],
-    *,
-    replicas: int = 1,
-    cpus_per_replica: float = 1.0,
-    gpus_per_replica: float = 0.0,
-    max_queued: int = limits.MAX_QUEUE,
-) -> Application:
-    """The Serve application of `replicas` copies of the model `options` names (MODEL_OPTION_NAMES), one call at
-    a time each; a caller with `max_queued` calls waiting is refused with Ray's BackPressureError."""
+def build_app(options: dict[str, Any], **placement: Any) -> Application:
+    """The Serve application of the model `options` names (MODEL_OPTION_NAMES; others are ignored), placed as
+    `deployment_options(**placement)` says. Raises TypeError for an unknown placement name and Serve's
+    ValueError for values it refuses (e.g. MIN > MAX)."""
     deployment = serve.deployment(name=limits.RAY_DEPLOYMENT)(KleinReplica)
-    return deployment.options(
-        num_replicas=replicas,
-        max_ongoing_requests=1,
-        max_queued_requests=max_queued,
-        # num_gpus only when asked: Ray reserves what is named, and a CPU cluster has no GPU to give
-        ray_actor_options={
-            "num_cpus": cpus_per_replica,
-            **({"num_gpus": gpus_per_replica} if gpus_per_replica else {}),
-        },
-    ).bind({name: options[name] for name in MODEL_OPTION_NAMES if name in options})
+    return deployment.options(**deployment_options(**placement)).bind(
+        {name: options[name] for name in MODEL_OPTION_NAMES if name in options}
+    )
+
+
+def app_from_args(args: dict[str, Any]) -> Application:
+    """The application builder a Serve config names (`import_path: klein_agent.replica.deployment:app_from_args`,
+    see `klein-agent deploy --print-config`): `args` is {"model": model options, "placement": deployment_options'
+    keywords}, as that command prints them. Raises KeyError/TypeError for a malformed `args`."""
+    model, placement = placement_from_args(args)
+    return build_app(model, **placement)

@@ -22,6 +22,10 @@ class ReplicaDeadlineError(RuntimeError):
     """A replica stopped a call that ran past its deadline (`limits.REPLICA_DEADLINE_S`)."""
 
 
+class ReplicaLostError(RuntimeError):
+    """The replica running a call died, and so did the one it was retried on; nothing of the call was kept."""
+
+
 class ReplicaError(RuntimeError):
     """An unexpected failure on the replica; the message names it (the replica's log has the traceback)."""
 

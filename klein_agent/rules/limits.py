@@ -175,6 +175,16 @@ RAY_DEPLOYMENT = "KleinReplica"  # the deployment inside it (one per application
 # on a GPU (seconds), and than a 512x512 tiny-or-4B call on a CPU (minutes).
 REPLICA_DEADLINE_S = 600.0
 RAY_CONNECT_TIMEOUT_S = 60.0  # `serve --generator ray`: asking the application what model it runs
+# Cache affinity: the router that sends calls with the same references to the replica holding their prepared latents
+# (and klein 9B-KV's kept keys and values), whichever front-end they come from; calls without references spread.
+RAY_ROUTER = "ray.serve.experimental.consistent_hash_router:ConsistentHashRouter"
+# `deploy --autoscale MIN:MAX`: Serve adds replicas while the calls running or waiting per replica stay above
+# the target (one call runs at a time, so 1 means "scale as soon as a call waits"), after the upscale delay; it
+# removes one after the downscale delay of less work. A klein replica takes seconds to minutes to load, so scaling
+# down is slow to avoid paying that again for a short lull.
+AUTOSCALE_TARGET_ONGOING = 1
+AUTOSCALE_UPSCALE_DELAY_S = 5.0
+AUTOSCALE_DOWNSCALE_DELAY_S = 300.0
 
 # -- critique: compare_images, view_image regions, verdicts --------------------------------------------------------
 # A token (SIZE_MULTIPLE px square) counts as changed when the mean CIE76 colour difference (ΔE*ab, CIELAB, D65)

@@ -56,6 +56,9 @@ class GenerationRequest:
     caption: str | None = None
     # the inputs as the upsampler sees them (rules.upsampling.prepare_references), when one is loaded
     upsampler_references: tuple[Image.Image, ...] = field(default=(), compare=False)
+    # The client's idempotency key for this call, when it gave one: what keeps a call retried after a failure (a
+    # replica that died, a front-end that died) from being stored twice. Not part of what the model makes.
+    call_id: str | None = field(default=None, compare=False)
 
 
 class NonFiniteOutputError(RuntimeError):

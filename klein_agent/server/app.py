@@ -9,6 +9,7 @@ from mcp.server import MCPServer
 from mcp_types import Tool
 
 from klein_agent import __version__
+from klein_agent.server.apps import AppsForApps, build_apps
 from klein_agent.server.arguments import ArgumentChecks
 from klein_agent.server.messages import MessageBudget
 from klein_agent.server.prompts import register_prompts
@@ -43,9 +44,11 @@ class KleinServer(MCPServer[Studio]):
         ]
 
 
-def build_server(studio: Studio) -> MCPServer[Studio]:
+def build_server(studio: Studio, gallery_command: str | None = None) -> MCPServer[Studio]:
     """An MCPServer over `studio`. Its lifespan starts loading the model in the background and returns at once,
-    so `initialize` is answered while the weights load; the first image call waits for them."""
+    so `initialize` is answered while the weights load; the first image call waits for them. `gallery_command`:
+    what `server_status` tells the person to run for the gallery (`gallery.command.command_line`; default: the
+    gallery of the store's folder)."""
 
     @asynccontextmanager
     async def lifespan(server: MCPServer[Studio]) -> AsyncIterator[Studio]:
@@ -60,11 +63,12 @@ def build_server(studio: Studio) -> MCPServer[Studio]:
         instructions=INSTRUCTIONS,
         version=__version__,
         lifespan=lifespan,
-        middleware=[checks, MessageBudget()],
+        middleware=[AppsForApps(), checks, MessageBudget()],  # Apps first: a hidden tool is never checked
+        extensions=[build_apps(studio)],  # the MCP App: its view and the tools only it calls
     )
     checks.bind(mcp)
     generation.register(mcp, studio)
-    library.register(mcp, studio)
+    library.register(mcp, studio, gallery_command)
     critique.register(mcp, studio)
     register_resources(mcp, studio)
     register_prompts(mcp, studio)

@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from collections.abc import Callable
 
 import anyio
 
 from klein_agent.gallery.app import Gallery
+from klein_agent.gallery.command import command_line
 from klein_agent.model_options import generator_factory
-from klein_agent.option_types import StoreLocations, shared_blobs, store_locations
+from klein_agent.option_types import S3_ENDPOINT_ENV, StoreLocations, shared_blobs, store_locations
 from klein_agent.replica.handle import parse_generator, ray_generator_factory
+from klein_agent.rules.requests import ImageGenerator
 from klein_agent.server.app import build_server
 from klein_agent.server.http import HttpPlan, serve_http
 from klein_agent.server.options import allowed_dir_options
@@ -78,7 +82,7 @@ def build_studio(args: argparse.Namespace, where: StoreLocations | None = None) 
         upsampler=getattr(args, "prompt_upsampler", None) is not None,
     )
     app = parse_generator(args.generator)  # None: the model loads here, as ever; else a Ray Serve application
-    factory = generator_factory(args, skip_bad_loras=True) if app is None else ray_generator_factory(app)
+    factory = generator_factory(args, skip_bad_loras=True) if app is None else remote_factory(app, args.model)
     engine = Engine(factory, max_queue=args.max_queue)
     try:
         studio = Studio(engine, store, policy, config)
@@ -94,6 +98,24 @@ def build_studio(args: argparse.Namespace, where: StoreLocations | None = None) 
             holders[0],
         )
     return studio
+
+
+def remote_factory(app: str, model: str | None) -> Callable[[], ImageGenerator]:
+    """The engine's factory for `--generator ray:APP`: connect, and learn the model, its defaults, limits and
+    adapters from the application (`RayGenerator.info`, asked of a replica), so this machine needs no weights.
+    `model` (an optional --model) must then be the application's, or the load fails saying both."""
+    connect = ray_generator_factory(app)
+
+    def load() -> ImageGenerator:
+        generator = connect()
+        if model is not None and model != generator.info.model:
+            raise RuntimeError(
+                f"--model {model}: the Ray application {app!r} runs {generator.info.model}; drop --model (a "
+                f"front-end uses the application's model) or deploy {model} with klein-agent deploy --app {app}"
+            )
+        return generator
+
+    return load
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -113,7 +135,7 @@ def run_serve(args: argparse.Namespace) -> int:
         if plan is not None:
             plan.sock.close()
         return 2
-    mcp = build_server(studio)
+    mcp = build_server(studio, gallery_command(args, where))
     gallery = None
     if plan is not None:
         try:
@@ -133,7 +155,7 @@ def run_serve(args: argparse.Namespace) -> int:
     studio.engine.start()  # the model loads in the background while the client connects
     log.info(
         "klein-agent serve: model %s, store %s, %s",
-        args.model,
+        args.model if args.generator == "local" else f"of the Ray application ({args.generator})",
         studio.store.root
         if where.address is None
         else studio.store.catalog.location,  # location: no password
@@ -156,6 +178,14 @@ def run_serve(args: argparse.Namespace) -> int:
         studio.store.close()
         log.debug("engine and store closed")
     return 0
+
+
+def gallery_command(args: argparse.Namespace, where: StoreLocations) -> str:
+    """The `klein-agent gallery` command for the store this server opened: its folder, or a shared store's
+    options as given (`--blobs` and the endpoint as the store resolved them), without secrets."""
+    blobs = shared_blobs(args.blobs, where)
+    endpoint = args.s3_endpoint or os.environ.get(S3_ENDPOINT_ENV, "").strip() or None
+    return command_line(where, blobs, endpoint if blobs else None)
 
 
 def plan_http(args: argparse.Namespace, where: StoreLocations) -> HttpPlan:

@@ -29,6 +29,7 @@ import anyio.from_thread
 import anyio.lowlevel
 import anyio.to_thread
 
+from klein_agent.rules.busy import GeneratorBusyError, busy_message, replica_state
 from klein_agent.rules.requests import (
     GenerationRequest,
     GenerationResult,
@@ -397,15 +398,17 @@ class Engine:
             self._cond.notify_all()
             return ahead
 
-    def _busy_message(self) -> str:
+    def _mean_call_s(self) -> float | None:
+        """The mean model time of the calls finished so far (s), None before the first."""
         done = self._completed
-        mean_s = (self._model_ms_total / done / 1000) if done else None
-        wait = f" (about {max(1, round(mean_s * (len(self._queue) + 1)))} s of work ahead)" if mean_s else ""
+        return (self._model_ms_total / done / 1000) if done else None
+
+    def _busy_message(self) -> str:
         if self._running is not None:
             state = f"{len(self._queue)} calls are queued and one is running"
         else:
             state = f"the model is still loading and {len(self._queue)} calls are waiting for it"
-        return f"busy: {state}{wait}; retry in a few seconds, or ask for fewer images per call"
+        return busy_message(state, len(self._queue), self._mean_call_s())
 
     async def _wait(self, job: _Job, ahead: int) -> None:
         """Wait for the job, never silent for more than about `heartbeat_s`: while it waits, where it is (loading,
@@ -531,6 +534,14 @@ class Engine:
             with self._cond:
                 self._cancelled += 1
             job.error = exc
+            return
+        except (
+            GeneratorBusyError
+        ) as exc:  # the replicas' queue is full: the local queue's refusal, same words
+            with self._cond:
+                message = busy_message(replica_state(exc.queued), exc.queued, self._mean_call_s())
+            log.warning("%s", message)
+            job.error = EngineBusyError(message)
             return
         except Exception as exc:
             with self._cond:

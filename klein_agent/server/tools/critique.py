@@ -13,6 +13,7 @@ from pydantic import Field
 
 from klein_agent.rules.limits import CHANGE_DELTA_E, SIZE_MULTIPLE, VERDICT_REASON_MAX_CHARS
 from klein_agent.rules.masks import box_from_values
+from klein_agent.server.apps import VIEW_META
 from klein_agent.server.critique_models import ChangedRegion, CompareResult, VerdictResult
 from klein_agent.server.errors import tool_errors
 from klein_agent.service.critique.compare import DELTA_E
@@ -48,6 +49,7 @@ def register(mcp: MCPServer, studio: Studio) -> Critic:
 
     @mcp.tool(
         name="compare_images",
+        meta=VIEW_META,  # hosts with MCP Apps show the result in the view; others never see it
         title="Compare two images",
         description="What changed from image a (before, e.g. an edit's input) to image b (after): the changed "
         f"regions as boxes in px of b and as fractions, on the {SIZE_MULTIPLE}-px token grid so they can go "

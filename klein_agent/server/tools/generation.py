@@ -40,6 +40,7 @@ from klein_agent.rules.limits import (
 from klein_agent.rules.loras import MAX_LORA_SCALE
 from klein_agent.rules.step_caches import DESCRIPTION as STEP_CACHE_DESCRIPTION
 from klein_agent.rules.step_caches import THRESHOLD_TEXT
+from klein_agent.server.apps import VIEW_META
 from klein_agent.server.arguments import id_list
 from klein_agent.server.errors import tool_errors
 from klein_agent.server.models import ImagesResult
@@ -235,6 +236,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
 
     @mcp.tool(
         name="generate",
+        meta=VIEW_META,  # hosts with MCP Apps show the result in the view; others never see it
         title="Generate images",
         description="Make 1-4 new images from a text prompt with the local FLUX.2 [klein] model. Put the subject "
         "first, then setting, style and light; describe what should be there, not what should not. Images get "
@@ -279,6 +281,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
 
     @mcp.tool(
         name="edit",
+        meta=VIEW_META,  # hosts with MCP Apps show the result in the view; others never see it
         title="Edit an image",
         description='Change one image by describing the result you want ("make the jacket bright yellow"), '
         "positively. Without width/height the output takes the input's size as the model sees it (at most ~1 "
@@ -324,6 +327,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
 
     @mcp.tool(
         name="compose",
+        meta=VIEW_META,  # hosts with MCP Apps show the result in the view; others never see it
         title="Compose from references",
         description='Make an image from 1-4 reference images and a prompt that refers to them as "image 1", '
         '"image 2", ... in the order given (e.g. "the dog from image 1 on the beach from image 2"). Without '
@@ -370,6 +374,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
 
     @mcp.tool(
         name="inpaint",
+        meta=VIEW_META,  # hosts with MCP Apps show the result in the view; others never see it
         title="Repaint a region",
         description="Repaint only part of an image and keep the rest: name the region with boxes ([x, y, width, "
         "height] in pixels or fractions) or a mask picture (white repaints), and describe what the region should "

@@ -10,6 +10,7 @@ from mcp_types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import Field
 
 from klein_agent.gallery.command import command_line
+from klein_agent.option_types import store_locations
 from klein_agent.rules.image_refs import split_image_refs
 from klein_agent.rules.limits import (
     MAX_CURSOR_CHARS,
@@ -20,6 +21,7 @@ from klein_agent.rules.limits import (
     VIEW_MAX_EDGE,
 )
 from klein_agent.rules.masks import box_from_values
+from klein_agent.server.apps import MODEL_ONLY_META, VIEW_META
 from klein_agent.server.errors import tool_errors
 from klein_agent.server.models import (
     ExportResult,
@@ -102,7 +104,7 @@ def read_only(title: str) -> ToolAnnotations:
     )
 
 
-def register(mcp: MCPServer, studio: Studio) -> None:
+def register(mcp: MCPServer, studio: Studio, gallery_command: str | None = None) -> None:
     """Add list_images, view_image, export_image and server_status to `mcp`, in that order."""
     critic = Critic(studio.store)  # list_images shows verdicts and filters by them
 
@@ -159,6 +161,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
 
     @mcp.tool(
         name="view_image",
+        meta=VIEW_META,  # hosts with MCP Apps show the result in the view; others never see it
         title="View stored images",
         description="Show stored images: one id gives a preview of that image, several ids one labelled contact "
         "sheet (labels 1, 2, ... follow the order given). max_edge picks the size, up to 1568 px. region zooms "
@@ -205,6 +208,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
 
     @mcp.tool(
         name="export_image",
+        meta=MODEL_ONLY_META,  # hosts with MCP Apps keep it from the view; others never see it
         title="Export an image as PNG",
         description="Write the full-resolution PNG of a stored image to a path on the server's machine, inside "
         "a folder the server may write (the folders it may read images from). Refuses to overwrite unless "
@@ -277,7 +281,8 @@ def register(mcp: MCPServer, studio: Studio) -> None:
             allow_urls=status.allow_urls,
             max_pixels_per_call=status.max_pixels_per_call,
             version=status.version,
-            gallery_command=command_line(stats.root),
+            # serve passes the command for the store as it was opened (a shared store's options); else the folder
+            gallery_command=gallery_command or command_line(store_locations(stats.root)),
         )
         model = result.model
         if model.state == "ready":

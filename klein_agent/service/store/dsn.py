@@ -36,6 +36,15 @@ def redact_dsn(text: str) -> str:
     return _KEYWORD_PASSWORD.sub(lambda m: m["head"] + MASK, text)
 
 
+def without_password(dsn: str) -> str:
+    """`dsn` (a postgresql:// URL) with its password left out, not masked: `user:PASSWORD@` becomes `user@` and a
+    `password=` query parameter is dropped, so the text still works as a command's argument (libpq then takes
+    the password from PGPASSWORD or ~/.pgpass) and shows no secret. Everything else stays as written."""
+    dsn = _URL_PASSWORD.sub(lambda m: m["head"][:-1] + m["tail"], dsn)
+    dsn = _QUERY_PASSWORD.sub(lambda m: m["head"][0], dsn)  # "?password=x&a=b" -> "?&a=b", tidied below
+    return re.sub(r"[?&]$", "", dsn.replace("?&", "?").replace("&&", "&"))
+
+
 def dsn_secrets(dsn: str) -> tuple[str, ...]:
     """The password a DSN carries (URL or keyword form) as written and as decoded (a URL's %XX escapes), or ():
     what `scrub` must keep out of messages. Both forms, because a driver may quote either."""
