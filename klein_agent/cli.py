@@ -117,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
         '"image 2"',
     )
     gen.add_argument(
+        "--caption",
+        default=None,
+        help="FLUX 3 [klein]: the caption the model encodes, used verbatim instead of upsampling --prompt (which "
+        "the recipe still records); a rerun of a FLUX 3 picture passes its stored caption",
+    )
+    gen.add_argument(
         "--image",
         action="append",
         default=[],
@@ -293,6 +299,7 @@ def run_generate(args: argparse.Namespace) -> int:
         multiple=limits.SIZE_MULTIPLE,  # every klein checkpoint's token size; the pipeline checks it once loaded
         budget=lambda device: (budget, "--max-megapixels raises it"),
         family=family,
+        upsampler=args.prompt_upsampler is not None,
     )
 
     factory = generator_factory(args)  # checks --device, --lora and --model on the filesystem (no torch yet)
@@ -323,6 +330,7 @@ def image_call(args: argparse.Namespace) -> ImageCall:
 
     common: dict[str, Any] = {
         "prompt": args.prompt,
+        "caption": args.caption,
         "width": args.width,
         "height": args.height,
         "seed": args.seed,

@@ -99,6 +99,15 @@ def add_model_arguments(
         "(the file's stem)",
     )
     group.add_argument(
+        "--prompt-upsampler",
+        default=None,
+        metavar="PATH|REPO",
+        help="FLUX 3 [klein]: BFL's prompt upsampler (a folder or a cached repo id, e.g. "
+        "black-forest-labs/flux-3-image-klein-pup) writes the caption the model encodes from each prompt (and an "
+        "edit's pictures), greedily, as BFL trained the model; the recipe keeps prompt and caption. Without it a "
+        "FLUX 3 model encodes the prompt as given (or a caption you pass)",
+    )
+    group.add_argument(
         "--allow-download",
         action="store_true",
         help="let a repo id missing from the local Hugging Face cache be downloaded (needs huggingface_hub)",
@@ -137,6 +146,10 @@ def check_model_options(args: argparse.Namespace) -> list[tuple[str, float]]:
     buckets.select(getattr(args, "warm_buckets", None))  # a bad --warm-buckets name, before the model loads
     if not _built_in(args.model):
         check_model_source(args.model, allow_download=args.allow_download)
+    if getattr(args, "prompt_upsampler", None) is not None:
+        from klein_agent.loading.upsampler_source import check_upsampler_files
+
+        check_upsampler_files(args.prompt_upsampler)
     return loras
 
 
@@ -208,8 +221,9 @@ def generator_factory(
 
     def load() -> ImageGenerator:
         from klein_agent.pipeline import load_pipeline  # torch is imported here, not at parse time
+        from klein_agent.pipeline.captioning import with_captions
 
-        return load_pipeline(
+        generator = load_pipeline(
             args.model,
             device=args.device,
             dtype=args.dtype,
@@ -223,6 +237,7 @@ def generator_factory(
             warm_buckets=getattr(args, "warm_buckets", None),
             skip_bad_loras=skip_bad_loras,
         )
+        return with_captions(generator, getattr(args, "prompt_upsampler", None))
 
     return load
 

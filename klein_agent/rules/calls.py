@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from PIL import Image
 
-from klein_agent.rules import families, limits, masks, resolution
+from klein_agent.rules import families, limits, masks, resolution, upsampling
 from klein_agent.rules.flux3_references import prepare_flux3_input
 from klein_agent.rules.recipes import provenance
 from klein_agent.rules.references import original_size, prepare_reference
@@ -57,6 +57,9 @@ class ImageCall:
     # (`new_call_id`); None for a call no retry can repeat (the CLI). A retry with the same key and arguments
     # returns the pictures stored the first time (`picture_keys`) instead of storing them again.
     call_id: str | None = None
+    # FLUX 3: the caption the text encoder reads, used verbatim instead of the prompt (no upsampling); the prompt
+    # is still recorded as the request (`klein_agent.rules.upsampling`)
+    caption: str | None = None
 
     @property
     def inputs(self) -> tuple[str, ...]:
@@ -74,6 +77,8 @@ class ImageCall:
         the reference count (`max_references`: the loaded model's), the seeds, steps and guidance, the step
         cache, the region. Raises RequestError with the message the CLI and the server share."""
         resolution.clean_prompt(self.prompt)
+        if self.caption is not None:
+            upsampling.clean_caption(self.caption)
         resolution.check_session(self.session)
         check_call_id(self.call_id)
         resolution.check_user_size(self.width, self.height)
@@ -246,6 +251,7 @@ def prepare_call(
     budget: Budget,
     loras: tuple[tuple[str, float | None], ...] = (),
     family: str = families.FLUX2.name,
+    upsampler: bool = False,
 ) -> PreparedCall[T]:
     """Decode and prepare `call`'s inputs one at a time, fit its size to `budget`, build its mask and request.
 
@@ -254,8 +260,10 @@ def prepare_call(
     `family` ("flux2", "flux3": `rules.families`, known from --model before the model loads) says how references
     are prepared and sized, and whether a masked edit can run at all (refused before any input is decoded).
     A masked edit's source is always prepared (resized to whole tokens: its size is the output's). `loras` go
-    into the request as they are; the call's step cache goes in checked. Raises RequestError, or what the decoder
-    raises. Assumes `call.check()` passed.
+    into the request as they are; the call's step cache goes in checked. With `upsampler` (a prompt upsampler is
+    loaded) and no caption, each input is also prepared as the upsampler sees it, from the picture as decoded
+    (`upsampling.prepare_references`), as diffusers' block prepares the images the pipeline gets. Raises
+    RequestError, or what the decoder raises. Assumes `call.check()` passed.
     """
     text = resolution.clean_prompt(call.prompt)
     seeds = resolution.batch_seeds(call.seed, call.num_images)
@@ -265,6 +273,8 @@ def prepare_call(
     size_multiple = multiple or limits.SIZE_MULTIPLE
     arguments = call.inputs
     inputs = []
+    for_upsampler: list[Image.Image] = []
+    upsample = upsampler and call.caption is None and region is None
     for k, argument in enumerate(arguments, start=1):
         if region is not None and k == 1:  # the picture to repaint, as the model uses it
             how: Prepare = lambda image: masks.prepare_source(image, size_multiple)  # noqa: E731
@@ -272,6 +282,8 @@ def prepare_call(
             how = lambda image: model_input(image, len(arguments), family, size_multiple)  # noqa: E731
         else:
             how = lambda image: image  # noqa: E731
+        if upsample:
+            how = _also_for_upsampler(how, len(arguments), for_upsampler)
         inputs.append(decoder.image(argument, k, len(arguments), how))
     mask = None if region is None or region.mask is None else decoder.mask(region.mask)
     mask_picture = None
@@ -294,6 +306,8 @@ def prepare_call(
         loras=loras,
         step_cache=chosen_step_cache(call.step_cache),
         call_id=call.call_id,  # the replica logs it beside a retry
+        caption=None if call.caption is None else upsampling.clean_caption(call.caption),
+        upsampler_references=tuple(for_upsampler),
     )
     return PreparedCall(call, request, tuple(inputs), mask, finalize)
 
@@ -306,6 +320,19 @@ def model_input(image: Image.Image, count: int, family: str, multiple: int) -> I
     if family == families.FLUX3.name:
         return prepare_flux3_input(image, count)
     return prepare_reference(image, multiple)
+
+
+def _also_for_upsampler(how: Prepare, count: int, into: list[Image.Image]) -> Prepare:
+    """`how`, keeping the decoded picture's upsampler copy in `into` on the way (RequestError for one it refuses)."""
+
+    def prepare(image: Image.Image) -> Image.Image:
+        try:
+            into.append(upsampling.prepare_reference(image, count))
+        except ValueError as err:
+            raise RequestError(str(err)) from err
+        return how(image)
+
+    return prepare
 
 
 def fit_size(

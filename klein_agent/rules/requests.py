@@ -26,6 +26,7 @@ from klein_agent.rules.resolution import (
     resolve_request,
 )
 from klein_agent.rules.step_caches import StepCache, check_step_cache
+from klein_agent.rules.upsampling import is_flux3
 
 # progress(done, total, message): `done` rises strictly from 1 to `total` during one `generate` call.
 # The units are: 1 for conditioning (prompt and references), one per denoising step, 1 for decoding.
@@ -58,6 +59,11 @@ class GenerationRequest:
     # default); None or () runs none
     loras: tuple[tuple[str, float | None], ...] | None = None
     step_cache: StepCache | None = None  # off unless given (rules.step_caches)
+    # FLUX 3: the text its encoder reads instead of `prompt` (a caller's caption, verbatim); None: the upsampler's
+    # caption when one is loaded, else the prompt as given (klein_agent.pipeline.captioning)
+    caption: str | None = None
+    # the inputs as the upsampler sees them (rules.upsampling.prepare_references), when one is loaded
+    upsampler_references: tuple[Image.Image, ...] = field(default=(), compare=False)
     # The client's idempotency key for this call, when it gave one: what keeps a call retried after a failure (a
     # replica that died, a front-end that died) from being stored twice. Not part of what the model makes.
     call_id: str | None = field(default=None, compare=False)
@@ -78,13 +84,18 @@ class GenerationResult:
     cache_hits: dict[str, int]
     resolved: ResolvedRequest  # what ran: size, seeds, steps, guidance, references as prepared
     info: GeneratorInfo  # the model that ran it
+    # FLUX 3: the text the model encoded, and where it came from (limits.CAPTION_SOURCES); None for FLUX.2
+    caption: str | None = None
+    caption_source: str | None = None
 
     def recipe(self, k: int) -> dict[str, Any]:
         """What decides the pixels of image k: re-running it (num_images 1) gives the same PNG bytes."""
         r = self.resolved
+        # the caption, not its source, is what decides the pixels: a rerun passes it verbatim and gets this recipe
         width, height = r.picture_size
         return {
             "prompt": r.prompt,
+            **({} if self.caption is None else {"caption": self.caption}),
             "seed": r.seeds[k],
             "width": width,
             "height": height,
@@ -157,6 +168,11 @@ def resolve(request: GenerationRequest, info: GeneratorInfo) -> ResolvedRequest:
             )
     elif request.strength is not None:
         raise RequestError("strength applies to masked edits only: give a mask or boxes, or leave it unset")
+    if request.caption is not None and not is_flux3(info.variant):
+        raise RequestError(
+            f"caption is for FLUX 3 [klein] models (it replaces the prompt their text encoder reads); {info.variant} "
+            "encodes the prompt: leave caption out"
+        )
     resolved = resolve_request(
         request.prompt,
         request.width,

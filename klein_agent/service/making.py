@@ -34,6 +34,8 @@ class ModelRun:
     model_ms: float
     queued_ms: float
     cache_hits: dict[str, int] = field(default_factory=dict)
+    # FLUX 3: where the encoded text came from ("upsampler", "caller", "prompt"); None for FLUX.2
+    caption_source: str | None = None
 
 
 @dataclass(frozen=True)
@@ -312,4 +314,5 @@ def model_run(done: FinishedRun) -> ModelRun:
         model_ms=done.model_ms,
         queued_ms=done.queued_ms,
         cache_hits=dict(done.result.cache_hits),
+        caption_source=done.result.caption_source,
     )

@@ -72,6 +72,8 @@ class StudioConfig:
     family: str = families.FLUX2.name
     preview_max_edge: int = limits.PREVIEW_MAX_EDGE
     preview_budget_b64: int = limits.PREVIEW_BUDGET_B64
+    # `--prompt-upsampler` named one: calls without a caption get their inputs prepared for it too
+    upsampler: bool = False
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,7 @@ class Studio:
                         budget=self.pixel_budget,
                         loras=chosen,
                         family=family,
+                        upsampler=self.config.upsampler,
                     )
 
                 # A call without inputs decodes nothing: prepared on the loop, without a thread hop.

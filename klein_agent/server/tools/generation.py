@@ -31,6 +31,7 @@ from klein_agent.rules.limits import (
     DEFAULT_STRENGTH,
     DEFAULT_TOKENS_PER_SIDE,
     MAX_BOXES,
+    MAX_CAPTION_CHARS,
     MAX_GUIDANCE,
     MAX_IMAGES_PER_CALL,
     MAX_PROMPT_CHARS,
@@ -65,6 +66,18 @@ PromptArg = Annotated[
         description="What the picture shows, subject first. Say what should be there, not what should not.",
     ),
 ]
+CaptionArg = Annotated[
+    str | None,
+    Field(
+        min_length=1,
+        max_length=MAX_CAPTION_CHARS,
+        description="FLUX 3 models only: the full caption the model encodes, used verbatim instead of the prompt "
+        "(which the recipe still records). FLUX 3 was trained on long upsampled captions: write one with the "
+        "flux3_caption prompt's instructions. Omit to let the server's upsampler write it, or to use the prompt.",
+    ),
+]
+# the one line the FLUX 3 tools carry about captions (the rest is in CaptionArg and the flux3_caption prompt)
+CAPTION_NOTE = "On a FLUX 3 model, pass a caption written with the flux3_caption prompt (the result says which text ran)."
 _DEFAULT_SIDE = DEFAULT_TOKENS_PER_SIDE * SIZE_MULTIPLE
 SideArg = Annotated[
     int | None,
@@ -249,7 +262,8 @@ def register(mcp: MCPServer, studio: Studio) -> None:
         title="Generate images",
         description=f"Make 1-4 new images from a text prompt with the local {family.title} model. Put the subject "
         "first, then setting, style and light; describe what should be there, not what should not. Images get "
-        f"seeds seed, seed+1, ...; the same seed and arguments reproduce an image. {RETURNS_NOTE} {store}",
+        f"seeds seed, seed+1, ...; the same seed and arguments reproduce an image. {CAPTION_NOTE} {RETURNS_NOTE} "
+        f"{store}",
         annotations=ToolAnnotations(
             title="Generate images",
             read_only_hint=False,
@@ -261,6 +275,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
     async def generate(
         ctx: Context,
         prompt: PromptArg,
+        caption: CaptionArg = None,
         width: SideArg = None,
         height: SideArg = None,
         seed: SeedArg = None,
@@ -275,6 +290,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
             width=width,
             height=height,
             prompt=prompt,
+            caption=caption,
             seed=seed,
             steps=steps,
             guidance=guidance,
@@ -291,7 +307,8 @@ def register(mcp: MCPServer, studio: Studio) -> None:
         title="Edit an image",
         description='Change one image by describing the result you want ("make the jacket bright yellow"), '
         "positively. Without width/height the output takes the input's size as the model sees it "
-        f"({edit_size}). Keep the seed to change less between tries. {inputs} {RETURNS_NOTE} {store}",
+        f"({edit_size}). Keep the seed to change less between tries. {CAPTION_NOTE} {inputs} {RETURNS_NOTE} "
+        f"{store}",
         annotations=ToolAnnotations(
             title="Edit an image",
             read_only_hint=False,
@@ -304,6 +321,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
         ctx: Context,
         image: ImageArg,
         prompt: PromptArg,
+        caption: CaptionArg = None,
         width: OptionalSideArg = None,
         height: OptionalSideArg = None,
         seed: SeedArg = None,
@@ -319,6 +337,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
             width=width,
             height=height,
             prompt=prompt,
+            caption=caption,
             seed=seed,
             steps=steps,
             guidance=guidance,
@@ -334,8 +353,9 @@ def register(mcp: MCPServer, studio: Studio) -> None:
         meta=VIEW_META,  # hosts with MCP Apps show the result in the view; others never see it
         title="Compose from references",
         description=f"Make an image from 1-{family.max_references} reference images and a prompt that refers to "
-        'them as "image 1", "image 2", ... in the order given (e.g. "the dog from image 1 on the beach from image 2"). Without '
-        f"width/height the output takes image 1's size as the model sees it. {inputs} {RETURNS_NOTE} {store}",
+        'them as "image 1", "image 2", ... in the order given (e.g. "the dog from image 1 on the beach from '
+        "image 2\"). Without width/height the output takes image 1's size as the model sees it. "
+        f"{CAPTION_NOTE} {inputs} {RETURNS_NOTE} {store}",
         annotations=ToolAnnotations(
             title="Compose from references",
             read_only_hint=False,
@@ -348,6 +368,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
         ctx: Context,
         images: ImagesArg,
         prompt: PromptArg,
+        caption: CaptionArg = None,
         width: OptionalSideArg = None,
         height: OptionalSideArg = None,
         seed: SeedArg = None,
@@ -363,6 +384,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
             width=width,
             height=height,
             prompt=prompt,
+            caption=caption,
             seed=seed,
             steps=steps,
             guidance=guidance,
