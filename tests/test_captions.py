@@ -31,8 +31,16 @@ FLUX3 = GeneratorInfo(
     default_steps=limits.FLUX3_DISTILLED_STEPS,
     default_guidance=limits.DISTILLED_GUIDANCE,
     max_references=10,
+    family="flux3",  # as Flux3Pipeline's info says: the family, not the preset's name, decides (rules.families)
 )
-FLUX2 = replace(FLUX3, model="tiny", variant="tiny", default_steps=limits.DISTILLED_STEPS, max_references=4)
+FLUX2 = replace(
+    FLUX3,
+    model="tiny",
+    variant="tiny",
+    default_steps=limits.DISTILLED_STEPS,
+    max_references=4,
+    family="flux2",
+)
 
 
 @dataclass
@@ -113,6 +121,25 @@ def test_upsampler_caption_is_encoded_recorded_and_a_rerun_does_not_upsample_aga
     assert again_recipe == recipe and again_png == png
     argv = rerun_command(recipe, [], "out.png")
     assert argv is not None and argv[argv.index("--caption") + 1] == recipe["caption"]
+
+
+@dataclass
+class StrayControlUpsampler(CountingUpsampler):
+    """Writes what a small or broken upsampler may: a control character inside and space around the caption."""
+
+    def caption(self, request: str, references: list[Image.Image] | None = None) -> str:
+        return f" {super().caption(request, references)}\x0b done \n"
+
+
+def test_an_upsampled_caption_is_cleaned_as_a_callers_so_its_rerun_encodes_the_same_text() -> None:
+    painter = TextPainter()
+    generator = CaptionedGenerator(painter, StrayControlUpsampler())
+    recipe, png = run(generator, Generate(prompt="a red fox", width=64, height=64, seed=5), upsampler=True)
+    assert painter.encoded == [recipe["caption"]] == ["a red fox, upsampled (0 references) done"]
+    call = rerun_call(recipe, [])
+    assert call is not None
+    again_recipe, again_png = run(generator, Generate(**call["arguments"]), upsampler=True)
+    assert painter.encoded[1] == recipe["caption"] and again_png == png and again_recipe == recipe
 
 
 def test_rerun_of_a_prompt_as_given_stays_byte_exact_on_a_server_with_an_upsampler() -> None:

@@ -1,6 +1,6 @@
 """`--prompt-upsampler` and `--caption` on the command line, as a user runs them: real subprocesses, a real (tiny)
-upsampler folder written by transformers. FLUX 3 is not behind `generate` yet, so what a user can reach today is
-the refusal of each option with a FLUX.2 model, named and before any picture is made."""
+upsampler folder written by transformers: the refusal of each option with a FLUX.2 model, named and before any
+picture is made. With a FLUX 3 model they are tested end to end in test_flux3_captions.py."""
 
 from __future__ import annotations
 

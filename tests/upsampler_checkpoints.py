@@ -41,11 +41,27 @@ SPECIAL = ["<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 VISION = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 
 
-def write_tiny_upsampler(folder: Path, seed: int = 0) -> Path:
+def byte_characters() -> dict[int, str]:
+    """Byte-level BPE's byte -> character map (GPT-2's `bytes_to_unicode`: printable bytes stand for themselves,
+    the rest are shifted past 255), the alphabet `pre_tokenizers.ByteLevel` uses."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(256) if b not in kept]
+    return {**{b: chr(b) for b in kept}, **{b: chr(256 + k) for k, b in enumerate(shifted)}}
+
+
+# Bytes whose text the caption rule (`rules.upsampling.clean_caption`) would change: ASCII controls, space (a caption
+# ending in it is stripped), DEL, and 0xC2 (the lead byte of U+0080-U+009F, the C1 controls, and of U+00A0)
+UNCLEAN_BYTES = [*range(0x21), 0x7F, 0xC2]
+
+
+def write_tiny_upsampler(folder: Path, seed: int = 0, clean_text: bool = False) -> Path:
     """A random Qwen3.5 upsampler (4 text layers: 3 linear-attention, 1 full; a 2-block vision tower with
     Qwen3.5's 16-px patches merged 2x2) with its tokenizer and preprocessor config, saved into `folder`; its
-    generation stops at <|im_end|> or any of 1 in 8 byte tokens."""
+    generation stops at <|im_end|> or any of 1 in 8 byte tokens. With `clean_text` its generation config also
+    suppresses `UNCLEAN_BYTES`, so its captions are text the caption rule keeps as written (a real upsampler writes
+    prose; a random one writes any byte)."""
     vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    assert set(byte_characters().values()) == set(vocab)
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], additional_special_tokens=SPECIAL + VISION)
     tokenizer.chat_template = UPSAMPLER_TEMPLATE
     im_end, image, video, start, end = tokenizer.convert_tokens_to_ids(
@@ -94,6 +110,8 @@ def write_tiny_upsampler(folder: Path, seed: int = 0) -> Path:
     # checkpoint's own generation config also stops at every 8th byte token, so a caption ends after ~8 tokens.
     # Both implementations read it from the checkpoint; neither is told.
     model.generation_config.eos_token_id = [im_end, *range(5, len(vocab), 8)]
+    if clean_text:  # read from the checkpoint by both implementations, as the stop tokens are
+        model.generation_config.suppress_tokens = [vocab[byte_characters()[b]] for b in UNCLEAN_BYTES]
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     # Qwen3.5's preprocessing: 16-px patches, 2x2 merge, two frames per patch, mean/std 0.5, at least 256² pixels

@@ -16,6 +16,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from klein_agent.loading.errors import CheckpointError
+from klein_agent.rules import families
 from klein_agent.rules.requests import (
     GenerationRequest,
     GenerationResult,
@@ -24,7 +25,7 @@ from klein_agent.rules.requests import (
     ProgressCallback,
 )
 from klein_agent.rules.resolution import RequestError, clean_prompt
-from klein_agent.rules.upsampling import clean_caption, is_flux3
+from klein_agent.rules.upsampling import clean_caption
 
 if TYPE_CHECKING:
     from klein_agent.pipeline.upsampler import PromptUpsampler
@@ -40,16 +41,23 @@ class CaptionedGenerator:
 
     def caption_for(self, request: GenerationRequest) -> tuple[str, str]:
         """(caption, source) for `request`: source is "caller", "upsampler" or "prompt" (limits.CAPTION_SOURCES).
-        Raises RequestError for a reference the upsampler refuses, RuntimeError for an empty upsampled caption."""
+        Raises RequestError for a reference the upsampler refuses, RuntimeError for an upsampled caption that is
+        empty or over limits.MAX_CAPTION_CHARS once cleaned."""
         if request.caption is not None:
             return clean_caption(request.caption), "caller"
         prompt = clean_prompt(request.prompt)
         if self.upsampler is None:
             return prompt, "prompt"
         try:
-            return self.upsampler.caption(prompt, list(request.upsampler_references)), "upsampler"
+            written = self.upsampler.caption(prompt, list(request.upsampler_references))
         except ValueError as err:  # more than 10 references, one over 200:1
             raise RequestError(str(err)) from err
+        # The one caption rule, as a caller's caption gets it: the recipe's rerun passes this text as `caption`
+        # and must encode the same characters (an upsampler's stray control character would otherwise differ)
+        try:
+            return clean_caption(written), "upsampler"
+        except RequestError as err:
+            raise RuntimeError(f"the prompt upsampler's caption cannot be encoded: {err}") from err
 
     def generate(
         self, request: GenerationRequest, progress: ProgressCallback | None = None
@@ -66,7 +74,7 @@ def with_captions(generator: ImageGenerator, upsampler_source: str | None) -> Im
 
     Raises CheckpointError for an upsampler named with a model that is not FLUX 3, or one that cannot load."""
     info = generator.info
-    if not is_flux3(info.variant):
+    if info.family != families.FLUX3.name:
         if upsampler_source is not None:
             raise CheckpointError(
                 f"--prompt-upsampler is for FLUX 3 [klein] models; --model {info.model} is {info.variant}, which "

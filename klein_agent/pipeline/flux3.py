@@ -1,12 +1,12 @@
 """The FLUX 3 [klein] pipeline: a prompt, references and seeds in, pictures out, as diffusers'
-`Flux3DistilledAutoBlocks` / `Flux3AutoBlocks` make them (the prompt upsampler block removed: the prompt given is
-the caption the model sees). Text-to-image, an edit (one reference on its padded canvas, cropped back) and a
+`Flux3DistilledAutoBlocks` / `Flux3AutoBlocks` make them after their prompt upsampler block: the model encodes
+`request.caption` when one is set (a caller's, or the upsampler's: `pipeline.captioning`), else the prompt as given
+(diffusers with its upsampler block removed). Text-to-image, an edit (one reference on its padded canvas, cropped back) and a
 composition (several references) are one code path: reference tokens ride in their own mode at timestep 0.
 
 `generate` is the `ImageGenerator` the engine and the CLI drive (requests resolved by the shared rules, progress
 per step, batch seeds, recipes); `pictures` is the same run with plain arguments, for the parity tests.
-Not yet here (issue 21): the prompt upsampler (its seam: `caption`, the text the model sees), LoRA, step caches,
-prompt and reference caches, compile and FP8.
+Not yet here (issue 21): LoRA, step caches, prompt and reference caches, compile and FP8.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from klein_agent.rules.requests import (
     resolve,
 )
 from klein_agent.rules.resolution import RequestError, ResolvedRequest
+from klein_agent.rules.upsampling import clean_caption
 
 # The conditioning of one prompt: (context [1, window, C_ctx], ids [window, 4]) and, with CFG, the empty prompt's
 Conditioning = tuple[Tensor, Tensor, Tensor | None, Tensor | None]
@@ -94,8 +95,8 @@ class Flux3Pipeline:
     def generate(
         self, request: GenerationRequest, progress: ProgressCallback | None = None
     ) -> GenerationResult:
-        """Make `request.num_images` pictures, as diffusers' modular FLUX 3 pipeline would (without the prompt
-        upsampler). Each picture is denoised and decoded on its own, so picture k is, byte for byte, the single run
+        """Make `request.num_images` pictures, as diffusers' modular FLUX 3 pipeline would from the text
+        `caption` chooses (the result records a caption encoded instead of the prompt). Each picture is denoised and decoded on its own, so picture k is, byte for byte, the single run
         with seed + k. A single reference given without a size is run on its canvas and the picture cropped back
         (`resolved.crop`). Progress units: 1 for conditioning, then per picture one per step and one for its
         decode. Raises RequestError before any model work, NonFiniteOutputError for NaN or infinity, and whatever
@@ -107,7 +108,8 @@ class Flux3Pipeline:
         timings = {"text": 0.0, "references": 0.0, "denoise": 0.0, "decode": 0.0}
         with torch.inference_mode():
             mark = time.perf_counter()
-            conditioning = self.condition(self.caption(resolved), resolved.cfg)
+            caption = self.caption(request, resolved)  # checked before any model work
+            conditioning = self.condition(caption, resolved.cfg)
             timings["text"] = (time.perf_counter() - mark) * 1000
             mark = time.perf_counter()
             refs = ref_ids = None
@@ -146,12 +148,24 @@ class Flux3Pipeline:
         timings["total"] = (time.perf_counter() - started) * 1000
         # no prompt or reference caches yet: every call encodes both
         hits = {"prompt": 0, "references": 0}
-        return GenerationResult(images, timings, hits, resolved, self.info)
+        # a caption encoded instead of the prompt is recorded, so the recipe's rerun encodes it again
+        given = None if request.caption is None else caption
+        return GenerationResult(
+            images,
+            timings,
+            hits,
+            resolved,
+            self.info,
+            caption=given,
+            caption_source=None if given is None else "caller",
+        )
 
-    def caption(self, resolved: ResolvedRequest) -> str:
-        """The text the model is conditioned on. The seam for BFL's prompt upsampler (issue 21, point 4): for now
-        the prompt as given, which is what diffusers runs with its upsampler block removed."""
-        return resolved.prompt
+    def caption(self, request: GenerationRequest, resolved: ResolvedRequest) -> str:
+        """The text the model is conditioned on: `request.caption` when set (a caller's, or the prompt upsampler's
+        that `pipeline.captioning.CaptionedGenerator` put there), cleaned as every caption is; else the prompt as
+        given, which is what diffusers runs with its upsampler block removed. Raises RequestError for a caption
+        `upsampling.clean_caption` refuses (empty, too long)."""
+        return resolved.prompt if request.caption is None else clean_caption(request.caption)
 
     @torch.inference_mode()
     def pictures(

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 from PIL import Image
 
 from klein_agent.rules import limits
-from klein_agent.rules.families import check_masked_edit
+from klein_agent.rules.families import FLUX3, check_masked_edit
 from klein_agent.rules.flux3_references import flux3_reference_sizes
 from klein_agent.rules.loras import choices, resolve_loras
 from klein_agent.rules.masks import check_strength, first_step, fit_mask
@@ -26,7 +26,6 @@ from klein_agent.rules.resolution import (
     resolve_request,
 )
 from klein_agent.rules.step_caches import StepCache, check_step_cache
-from klein_agent.rules.upsampling import is_flux3
 
 # progress(done, total, message): `done` rises strictly from 1 to `total` during one `generate` call.
 # The units are: 1 for conditioning (prompt and references), one per denoising step, 1 for decoding.
@@ -168,7 +167,7 @@ def resolve(request: GenerationRequest, info: GeneratorInfo) -> ResolvedRequest:
             )
     elif request.strength is not None:
         raise RequestError("strength applies to masked edits only: give a mask or boxes, or leave it unset")
-    if request.caption is not None and not is_flux3(info.variant):
+    if request.caption is not None and info.family != FLUX3.name:
         raise RequestError(
             f"caption is for FLUX 3 [klein] models (it replaces the prompt their text encoder reads); {info.variant} "
             "encodes the prompt: leave caption out"

@@ -129,11 +129,6 @@ def prepare_references(images: list[Image.Image]) -> list[Image.Image]:
     return [prepare_reference(image, len(images)) for image in images]
 
 
-def is_flux3(variant: str) -> bool:
-    """Whether a loaded model's preset (`GeneratorInfo.variant`) is FLUX 3 [klein], the family that reads captions."""
-    return variant.startswith("flux3")
-
-
 def clean_caption(caption: str) -> str:
     """A caller's caption as the text encoder gets it: control characters (but newlines and tabs) and surrounding
     space removed, otherwise verbatim. Raises RequestError for text that is not valid Unicode, an empty caption,
