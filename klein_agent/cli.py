@@ -117,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
         '"image 2"',
     )
     gen.add_argument(
+        "--caption",
+        default=None,
+        help="FLUX 3 [klein]: the caption the model encodes, used verbatim instead of upsampling --prompt (which "
+        "the recipe still records); a rerun of a FLUX 3 picture passes its stored caption",
+    )
+    gen.add_argument(
         "--image",
         action="append",
         default=[],
@@ -141,13 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps",
         type=int,
         default=None,
-        help=f"default: the model's ({limits.DISTILLED_STEPS} distilled, {limits.BASE_STEPS} Base)",
+        help=f"default: the model's ({limits.DISTILLED_STEPS} distilled, {limits.BASE_STEPS} Base; FLUX 3: "
+        f"{limits.FLUX3_DISTILLED_STEPS} distilled, {limits.FLUX3_BASE_STEPS} Base)",
     )
     gen.add_argument(
         "--guidance",
         type=float,
         default=None,
-        help=f"CFG scale for Base models (default {limits.BASE_GUIDANCE})",
+        help=f"CFG scale for Base models (default {limits.BASE_GUIDANCE}; FLUX 3 Base: "
+        f"{limits.FLUX3_BASE_GUIDANCE}, diffusers' default, where BFL's README says CFG 4)",
     )
     gen.add_argument(
         "--num-images", type=int, default=1, help="seeds seed, seed+1, ...; files FILE-1.png, ..."
@@ -277,7 +285,8 @@ def run_generate(args: argparse.Namespace) -> int:
     """`klein-agent generate`: check everything, load the model, make the pictures, write PNGs with provenance."""
     from dataclasses import replace
 
-    from klein_agent.rules import resolution
+    from klein_agent.model_options import model_family
+    from klein_agent.rules import families, resolution
     from klein_agent.rules.calls import prepare_call
     from klein_agent.service.inputs import InputPolicy
     from klein_agent.service.pngfile import encode_png
@@ -285,7 +294,10 @@ def run_generate(args: argparse.Namespace) -> int:
     # Everything the server checks, checked and prepared here before the model loads, by the same rules
     # (`rules.calls`, one way in): the inputs' size and aspect checks, the mask and the pixel budget included.
     call = image_call(args)
-    call.check()
+    family = model_family(
+        args
+    )  # from --model's name or folder, before it loads: FLUX 3's rules are not FLUX.2's
+    call.check(families.family(family).max_references)
     outputs = output_paths(args.out, args.num_images)
     budget = int(args.max_megapixels * 1_000_000)
     # the server's limits and reduced decoding; any path is read
@@ -295,6 +307,8 @@ def run_generate(args: argparse.Namespace) -> int:
         files,
         multiple=limits.SIZE_MULTIPLE,  # every klein checkpoint's token size; the pipeline checks it once loaded
         budget=lambda device: (budget, "--max-megapixels raises it"),
+        family=family,
+        upsampler=args.prompt_upsampler is not None,
     )
 
     factory = generator_factory(args)  # checks --device, --lora and --model on the filesystem (no torch yet)
@@ -325,6 +339,7 @@ def image_call(args: argparse.Namespace) -> ImageCall:
 
     common: dict[str, Any] = {
         "prompt": args.prompt,
+        "caption": args.caption,
         "width": args.width,
         "height": args.height,
         "seed": args.seed,

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from klein_agent.option_types import non_negative_gib
-from klein_agent.rules import buckets
+from klein_agent.rules import buckets, families
 from klein_agent.rules.requests import ImageGenerator
 
 log = logging.getLogger(__name__)
@@ -29,9 +29,10 @@ def add_model_arguments(
     group.add_argument(
         "--model",
         required=model_required,
-        help="a diffusers-layout folder, a Hugging Face repo id (read from the local HF cache), or 'tiny' "
-        "(a deterministic tiny random model: noise pictures, runs anywhere), or random:PRESET (random weights of a "
-        "preset's shape such as random:klein-4b, for benchmarks)"
+        help="a diffusers-layout folder (FLUX.2 [klein], or FLUX 3 [klein] as diffusers' modular pipelines save "
+        "it), a Hugging Face repo id (read from the local HF cache), 'tiny' or 'flux3-tiny' (deterministic tiny "
+        "random models: noise pictures, run anywhere), or random:PRESET (random weights of a preset's shape such "
+        "as random:klein-4b or random:flux3-klein, for benchmarks)"
         + (
             "; with --generator ray the deployed application's model is used and --model, if given, must name it"
             if not model_required
@@ -41,7 +42,8 @@ def add_model_arguments(
     group.add_argument(
         "--transformer-file",
         default=None,
-        help="a BFL single-file transformer (e.g. flux-2-klein-4b.safetensors) to use instead of the folder's",
+        help="a BFL single-file transformer (e.g. flux-2-klein-4b.safetensors, or a FLUX 3 one with a FLUX 3 "
+        "folder) to use instead of the folder's",
     )
     group.add_argument(
         "--device", default=None, help="cuda, cuda:N, mps or cpu (default: the best available)"
@@ -100,6 +102,15 @@ def add_model_arguments(
         "(the file's stem)",
     )
     group.add_argument(
+        "--prompt-upsampler",
+        default=None,
+        metavar="PATH|REPO",
+        help="FLUX 3 [klein]: BFL's prompt upsampler (a folder or a cached repo id, e.g. "
+        "black-forest-labs/flux-3-image-klein-pup) writes the caption the model encodes from each prompt (and an "
+        "edit's pictures), greedily, as BFL trained the model; the recipe keeps prompt and caption. Without it a "
+        "FLUX 3 model encodes the prompt as given (or a caption you pass)",
+    )
+    group.add_argument(
         "--allow-download",
         action="store_true",
         help="let a repo id missing from the local Hugging Face cache be downloaded (needs huggingface_hub)",
@@ -136,10 +147,14 @@ def check_model_options(args: argparse.Namespace) -> list[tuple[str, float]]:
         raise ValueError(f"--transformer-file {args.transformer_file} is not a file")
     loras = lora_arguments(args)
     buckets.select(getattr(args, "warm_buckets", None))  # a bad --warm-buckets name, before the model loads
-    if args.model != "tiny":
+    if not _built_in(args.model):
         folder = check_model_source(args.model, allow_download=args.allow_download)
         if folder is not None:
             log_licence(folder)
+    if getattr(args, "prompt_upsampler", None) is not None:
+        from klein_agent.loading.upsampler_source import check_upsampler_files
+
+        check_upsampler_files(args.prompt_upsampler)
     return loras
 
 
@@ -197,6 +212,22 @@ def log_licence(folder: Path) -> None:
         log.info("model licence (%s): %s", found[0], found[1])
 
 
+def _built_in(model: str) -> bool:
+    return model in families.BUILT_IN_MODELS or model.startswith(families.RANDOM_PREFIX)
+
+
+def model_family(args: argparse.Namespace) -> str:
+    """The family ("flux2", "flux3": `rules.families`) of the model --model names, from its name or its folder's
+    index, without loading it (a repo id still to be downloaded counts as FLUX.2 until it has loaded). Raises
+    CheckpointError as `check_model_source` does."""
+    from klein_agent.loading.hub import check_model_source, is_flux3
+
+    if _built_in(args.model):
+        return families.preset_family(args.model.removeprefix(families.RANDOM_PREFIX)).name
+    folder = check_model_source(args.model, allow_download=args.allow_download)
+    return families.FLUX3.name if folder is not None and is_flux3(folder) else families.FLUX2.name
+
+
 def generator_factory(
     args: argparse.Namespace, *, skip_bad_loras: bool = False
 ) -> Callable[[], ImageGenerator]:
@@ -207,8 +238,9 @@ def generator_factory(
 
     def load() -> ImageGenerator:
         from klein_agent.pipeline import load_pipeline  # torch is imported here, not at parse time
+        from klein_agent.pipeline.captioning import with_captions
 
-        return load_pipeline(
+        generator = load_pipeline(
             args.model,
             device=args.device,
             dtype=args.dtype,
@@ -222,6 +254,7 @@ def generator_factory(
             warm_buckets=getattr(args, "warm_buckets", None),
             skip_bad_loras=skip_bad_loras,
         )
+        return with_captions(generator, getattr(args, "prompt_upsampler", None))
 
     return load
 

@@ -77,6 +77,18 @@ def test_serve_limits_are_checked_as_they_are_parsed(tmp_path: Path, args: list[
         ["generate", "--model", "tiny", "--device", "gpu", "--prompt", "x", "--out", "o.png"],
         ["serve", "--model", "nosuch"],
         ["serve", "--model", "tiny", "--allow-dir", "/no/such/folder"],
+        [
+            "generate",
+            "--model",
+            "tiny",
+            "--prompt-upsampler",
+            "/no/such/pup",
+            "--prompt",
+            "x",
+            "--out",
+            "o.png",
+        ],
+        ["serve", "--model", "tiny", "--prompt-upsampler", "nobody/no-such-pup"],
     ],
 )
 def test_option_errors_come_before_torch_and_the_mcp_sdk_load(tmp_path: Path, args: list[str]) -> None:

@@ -74,13 +74,20 @@ def test_the_code_reads_the_defaults_from_limits() -> None:
             assert sampling == (flux3_base if "base" in name else flux3_distilled), name
         else:
             assert sampling == (base if "base" in name else distilled), name
-    assert f"({CHANGED['DISTILLED_STEPS']} distilled, {CHANGED['BASE_STEPS']} Base)" in seen["help"]
-    assert f"(default {CHANGED['BASE_GUIDANCE']})" in seen["help"]
+    assert (
+        f"({CHANGED['DISTILLED_STEPS']} distilled, {CHANGED['BASE_STEPS']} Base; FLUX 3: "
+        f"{CHANGED['FLUX3_DISTILLED_STEPS']} distilled, {CHANGED['FLUX3_BASE_STEPS']} Base)" in seen["help"]
+    )
+    assert (
+        f"(default {CHANGED['BASE_GUIDANCE']}; FLUX 3 Base: {CHANGED['FLUX3_BASE_GUIDANCE']}," in seen["help"]
+    )
     assert f"(default {CHANGED['DEFAULT_STRENGTH']})" in seen["help"]
     assert "else 768;" in seen["help"]  # 48 tokens of 16 px
     assert seen["steps_description"] == (
-        f"Denoising steps. Omit for the model's default ({CHANGED['DISTILLED_STEPS']} for distilled klein, "
-        f"{CHANGED['BASE_STEPS']} for Base)."
+        f"Denoising steps. Omit for the model's default ({CHANGED['DISTILLED_STEPS']} for distilled FLUX.2 "
+        f"[klein], {CHANGED['BASE_STEPS']} (guidance {CHANGED['BASE_GUIDANCE']:g}) for its Base; "
+        f"{CHANGED['FLUX3_DISTILLED_STEPS']} for distilled FLUX 3 [klein], {CHANGED['FLUX3_BASE_STEPS']} "
+        f"(guidance {CHANGED['FLUX3_BASE_GUIDANCE']:g}) for its Base)."
     )
     assert "Omit both for 768x768" in seen["side_description"]
 
@@ -106,6 +113,11 @@ def doc_texts() -> list[tuple[str, str]]:
             f"multiple of {limits.SIZE_MULTIPLE} |",
         ),
         ("docs/server.md", f"the model's default ({d} for distilled klein, {b} for Base)"),
+        (
+            "docs/server.md",
+            f"are its own: {limits.FLUX3_DISTILLED_STEPS} steps for the distilled model (a flow map, no guidance) "
+            f"and {limits.FLUX3_BASE_STEPS} steps with guidance {limits.FLUX3_BASE_GUIDANCE:g} for Base",
+        ),
         ("docs/server.md", f"the model's default, {g} (Base models only; distilled klein takes none)"),
         ("docs/server.md", f"default {_g(limits.DEFAULT_STRENGTH)}, diffusers' default"),
         ("docs/server.md", f"with the distilled models' {d} steps"),

@@ -46,7 +46,7 @@ def test_text_to_image_matches_the_reference(name: str, tmp_path: Path) -> None:
         generator=torch.Generator().manual_seed(seed),
         output="images",
     )
-    got = ours.generate(prompt, [seed], height=height, width=width)
+    got = ours.pictures(prompt, [seed], height=height, width=width)
     assert got[0].size == want[0].size == (width, height)
     db = psnr(got[0], want[0])
     print(f"{name} t2i {width}x{height}: {db:.1f} dB")
@@ -54,10 +54,10 @@ def test_text_to_image_matches_the_reference(name: str, tmp_path: Path) -> None:
     if name == "distilled":
         # self-checks: the rules the reference fixes must each move the picture below the threshold here, so
         # equality above says they are followed: the prompt, and the 0.5-scaled image positions
-        other = ours.generate("a red cube on a table", [seed], height=height, width=width)
+        other = ours.pictures("a red cube on a table", [seed], height=height, width=width)
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(flux3_sampling, "IMAGE_ROPE_SCALE", 1.0)
-            unscaled = ours.generate(prompt, [seed], height=height, width=width)
+            unscaled = ours.pictures(prompt, [seed], height=height, width=width)
         for what, broken in (("another prompt", other), ("unscaled image positions", unscaled)):
             print(f"{what}: {psnr(broken[0], want[0]):.1f} dB")
             assert psnr(broken[0], want[0]) < MIN_PSNR_DB, what
@@ -67,7 +67,7 @@ def test_the_steps_are_the_references_defaults(tmp_path: Path) -> None:
     shape = SHAPES["distilled"]
     ours, _ = ours_and_reference(write_flux3_checkpoint(tmp_path / "k", shape), True)
     seen: list[tuple[int, int]] = []
-    ours.generate("x", [1], height=32, width=32, on_step=lambda done, total: seen.append((done, total)))
+    ours.pictures("x", [1], height=32, width=32, on_step=lambda done, total: seen.append((done, total)))
     assert seen[-1] == (16, 16)
 
 
@@ -94,7 +94,7 @@ def test_edit_and_compose_match_the_reference(name: str, tmp_path: Path) -> None
         generator=torch.Generator().manual_seed(seed),
         output="images",
     )
-    got = ours.generate(prompt, [seed], references=images)
+    got = ours.pictures(prompt, [seed], references=images)
     assert got[0].size == want[0].size
     if len(images) == 1:
         assert got[0].size == images[0].size  # cropped back from its canvas
@@ -106,7 +106,7 @@ def test_edit_and_compose_match_the_reference(name: str, tmp_path: Path) -> None
         # this tiny random model their *content* moves it little (other pictures: ~56 dB), so the preparation is
         # checked tensor for tensor in tests/test_flux3_references.py, and the reference tokens' path through the
         # transformer in tests/test_flux3_transformer.py.
-        alone = ours.generate(prompt, [seed], height=got[0].size[1], width=got[0].size[0])
+        alone = ours.pictures(prompt, [seed], height=got[0].size[1], width=got[0].size[0])
         print(f"no references: {psnr(alone[0], want[0]):.1f} dB")
         assert psnr(alone[0], want[0]) < MIN_PSNR_DB
 
@@ -131,7 +131,7 @@ def test_bfloat16_pictures_match_the_reference(
     want = ref(
         prompt="a lighthouse", generator=torch.Generator().manual_seed(7), output="images", **size, **extra
     )
-    got = ours.generate("a lighthouse", [7], references=images, **size)
+    got = ours.pictures("a lighthouse", [7], references=images, **size)
     db = psnr(got[0], want[0])
     print(f"bfloat16 {name} {got[0].size}: {db:.1f} dB")
     assert db >= MIN_PSNR_DB

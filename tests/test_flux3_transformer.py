@@ -177,7 +177,7 @@ def test_random_flux3_models_run_and_the_real_shape_sizes_on_meta() -> None:
     for _ in range(2):
         transformer, autoencoder, text = build_random_flux3(tiny, seed=3)
         pipe = Flux3Pipeline(transformer, autoencoder, text, tiny.sampling)
-        pictures.append(pipe.generate("a red cube", [1], height=32, width=48, steps=2)[0])
+        pictures.append(pipe.pictures("a red cube", [1], height=32, width=48, steps=2)[0])
     assert pictures[0].size == (48, 32)
     assert pictures[0].tobytes() == pictures[1].tobytes()  # the same seed, the same weights
     real, _, real_text = build_random_flux3(preset("flux3-klein"), device="meta", dtype=torch.bfloat16)

@@ -9,6 +9,7 @@ from typing import Any
 import jsonschema
 from PIL import Image
 
+from klein_agent.rules.upsampling import CAPTION_SENTENCES
 from klein_agent.server.models import ImagesResult
 from klein_agent.server.results import images_result
 from klein_agent.service.making import ModelRun, NewImages
@@ -84,3 +85,19 @@ def test_pictures_of_a_model_run_report_its_seeds_steps_and_time() -> None:
     jsonschema.validate(structured, ImagesResult.model_json_schema())
     assert (structured["steps"], structured["model_ms"]) == (4, 30)
     assert [image["seed"] for image in structured["images"]] == [7, 8]
+
+
+def test_a_flux3_run_says_which_text_its_model_encoded() -> None:
+    """Each caption source gets its sentence and field; the prompt as given says BFL's advice and the way out."""
+    for source in ("upsampler", "caller", "prompt"):
+        run = ModelRun(
+            seeds=[7, 8], steps=16, guidance=None, model_ms=1.0, queued_ms=0.0, caption_source=source
+        )
+        result = images_result(made(run))
+        structured = result.structured_content
+        assert structured is not None and structured["caption_source"] == source
+        jsonschema.validate(structured, ImagesResult.model_json_schema())
+        assert f"Text encoded: {CAPTION_SENTENCES[source]}." in text_of(result)
+    assert "BFL trained FLUX 3 on upsampled captions" in CAPTION_SENTENCES["prompt"]
+    flux2 = images_result(made(ModelRun(seeds=[7, 8], steps=4, guidance=None, model_ms=1.0, queued_ms=0.0)))
+    assert "Text encoded" not in text_of(flux2) and flux2.structured_content["caption_source"] is None  # type: ignore[index]

@@ -43,6 +43,8 @@ def test_the_wheel_carries_the_licence_and_the_prompts(built: tuple[Path, Path])
         assert metadata["License-File"] == "LICENSE"
         prompts = {p.name for p in (REPO / "prompts").glob("*.md")}
         assert prompts and prompts <= {Path(n).name for n in names if n.startswith("klein_agent/prompts/")}
+        # the FLUX 3 upsampler's system prompts are read from the package at run time
+        assert "klein_agent/rules/data/flux3_upsampler_prompts.json" in names
         view = {p.name for p in (REPO / "klein_agent" / "server" / "app_view").iterdir()}
         assert {"view.html", "view.css", "view.js"} <= view  # the MCP App's view, inlined at start
         assert view <= {Path(n).name for n in names if n.startswith("klein_agent/server/app_view/")}

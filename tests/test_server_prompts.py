@@ -10,6 +10,7 @@ import pytest
 from mcp import Client
 from PIL import Image
 
+from klein_agent.rules import upsampling
 from klein_agent.server.prompts import load_prompt_files, parse_prompt_file, prompts_dir, render_body
 
 pytestmark = pytest.mark.anyio
@@ -22,7 +23,11 @@ def anyio_backend() -> str:
 
 async def test_prompts_are_listed_with_their_arguments(client: Client) -> None:
     prompts = {p.name: p for p in (await client.list_prompts()).prompts}
-    assert set(prompts) == {"iterate_image", "compare_images"}
+    assert set(prompts) == {"iterate_image", "compare_images", "flux3_caption"}
+    assert [(a.name, a.required) for a in prompts["flux3_caption"].arguments or []] == [
+        ("request", True),
+        ("image_ids", False),
+    ]
     iterate = prompts["iterate_image"]
     assert iterate.title == "Iterate on an image toward a goal"
     assert [(a.name, a.required) for a in iterate.arguments or []] == [
@@ -65,6 +70,42 @@ async def test_compare_prompt_attaches_a_labelled_contact_sheet(client: Client) 
     assert image.content.type == "image" and image.content.mime_type in ("image/webp", "image/jpeg")
     sheet = Image.open(io.BytesIO(base64.b64decode(image.content.data)))  # type: ignore[union-attr]
     assert sheet.width > 64 * 2, "three cells side by side, not one image"
+
+
+async def test_caption_prompt_carries_the_upsamplers_instructions_for_the_mode(client: Client) -> None:
+    """The agent gets BFL's system prompt for the mode the inputs imply, the user turn as the upsampler sees it,
+    and which tool takes the caption; an edit's images are attached."""
+    new = await client.get_prompt("flux3_caption", {"request": "a lighthouse at dusk"})
+    (only,) = new.messages
+    text = only.content.text  # type: ignore[union-attr]
+    assert upsampling.system_prompt("t2i") in text and upsampling.system_prompt("i2i") not in text
+    assert "a lighthouse at dusk" in text and "call `generate`" in text and "`caption`" in text
+
+    made = await client.call_tool(
+        "generate", {"prompt": "a lighthouse", "width": 64, "height": 64, "num_images": 2}
+    )
+    ids = [i["image_id"] for i in made.structured_content["images"]]
+    edit = await client.get_prompt("flux3_caption", {"request": "make it night", "image_ids": ids[0]})
+    text = edit.messages[0].content.text  # type: ignore[union-attr]
+    assert upsampling.system_prompt("i2i") in text and upsampling.edit_scaffold("make it night") in text
+    assert "call `edit`" in text
+    assert [m.content.type for m in edit.messages] == ["text", "image"]
+    both = await client.get_prompt("flux3_caption", {"request": "merge them", "image_ids": " ".join(ids)})
+    assert "call `compose`" in both.messages[0].content.text  # type: ignore[union-attr]
+
+
+async def test_caption_prompt_refuses_more_images_than_the_upsampler_takes(client: Client) -> None:
+    ids = " ".join(f"img_{'A' * 20}{k:02d}" for k in range(11))
+    with pytest.raises(Exception, match="at most 10 images, got 11"):
+        await client.get_prompt("flux3_caption", {"request": "x", "image_ids": ids})
+
+
+async def test_a_caption_sent_to_a_flux2_model_is_refused_not_ignored(client: Client) -> None:
+    done = await client.call_tool(
+        "generate", {"prompt": "a vase", "caption": "A tall blue vase.", "width": 64, "height": 64}
+    )
+    assert done.is_error
+    assert "caption is for FLUX 3 [klein] models" in done.content[0].text  # type: ignore[union-attr]
 
 
 def test_prompt_files_parse_and_render() -> None:

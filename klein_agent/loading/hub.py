@@ -47,7 +47,8 @@ def resolve_model_path(model: str, *, allow_download: bool = False) -> Path:
 
 
 def check_model_source(model: str, *, allow_download: bool = False) -> Path | None:
-    """The folder `--model` names (a folder with model_index.json, or a repo id's cached snapshot), or None when
+    """The folder `--model` names (a folder with model_index.json, or FLUX 3's modular_model_index.json naming a
+    Flux3 pipeline, or a repo id's cached snapshot), or None when
     a repo id is missing from the cache and `allow_download` lets it be fetched (`tiny` is the caller's).
 
     Reads only the filesystem (no torch, no network), so the CLI checks --model before anything heavy loads.
@@ -70,7 +71,7 @@ def check_model_source(model: str, *, allow_download: bool = False) -> Path | No
             raise CheckpointError(f"--model {model}: there is no folder {path.absolute()}")
         raise CheckpointError(
             f"--model {model!r} is neither a folder here nor a Hugging Face repo id (owner/name, e.g. "
-            "black-forest-labs/FLUX.2-klein-4B), nor 'tiny'"
+            "black-forest-labs/FLUX.2-klein-4B), nor a built-in model such as 'tiny' or 'flux3-tiny'"
         )
     cached = cached_snapshot(model)
     if cached is not None:
@@ -87,15 +88,8 @@ def _model_folder(model: str, folder: Path, *, cached: bool = False) -> Path:
     """`folder` when it holds a diffusers model index; else CheckpointError naming the folder and the next step."""
     if (folder / "model_index.json").is_file():
         return folder
-    flux3 = _flux3_pipeline_class(folder)
-    if flux3 is not None:
-        # loadable (loading/flux3_checkpoints.py, pipeline/flux3.py) but not yet behind generate/serve: say so
-        # rather than "no model_index.json", which sends the user looking for a file FLUX 3 never has
-        raise CheckpointError(
-            f"--model {model}: {folder} is a FLUX 3 [klein] model ({MODULAR_INDEX} names {flux3}); klein-agent "
-            "does not run FLUX 3 from generate, serve or the MCP tools yet (issue 21): pass a FLUX.2 [klein] "
-            "model, e.g. black-forest-labs/FLUX.2-klein-4B"
-        )
+    if is_flux3(folder):  # FLUX 3 [klein]: diffusers' modular pipelines write no model_index.json
+        return folder
     if cached:
         raise CheckpointError(
             f"--model {model}: the cached snapshot {folder} has no model_index.json (FLUX.2) or {MODULAR_INDEX} "
@@ -110,6 +104,11 @@ def _model_folder(model: str, folder: Path, *, cached: bool = False) -> Path:
 MODULAR_INDEX = (
     "modular_model_index.json"  # diffusers' modular pipelines (FLUX 3) write this, not model_index.json
 )
+
+
+def is_flux3(folder: Path) -> bool:
+    """Whether `folder` holds a FLUX 3 [klein] model: its modular index names a Flux3 pipeline (no torch)."""
+    return _flux3_pipeline_class(folder) is not None
 
 
 def _flux3_pipeline_class(folder: Path) -> str | None:

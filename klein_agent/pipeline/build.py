@@ -1,4 +1,5 @@
-"""Building a pipeline from a model name: `tiny`, a diffusers-layout folder, or a Hugging Face repo id."""
+"""Building a pipeline from a model name: `tiny`, `flux3-tiny`, `random:PRESET`, a diffusers-layout folder (FLUX.2
+[klein], or FLUX 3 [klein]'s modular-pipeline folder), or a Hugging Face repo id."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import torch
 
 from klein_agent.loading.errors import LoRAError
 from klein_agent.loading.quantized import QuantizedSummary
+from klein_agent.pipeline.flux3 import Flux3Pipeline
 from klein_agent.pipeline.klein import KleinPipeline
+from klein_agent.rules import families
 from klein_agent.rules.buckets import select
 from klein_agent.rules.loras import adapter_names
 from klein_agent.speedups.devices import resolve_device, resolve_dtype
@@ -40,8 +43,11 @@ def load_pipeline(
     warm_buckets: str | None = None,
     compile_backend: str = "inductor",
     skip_bad_loras: bool = False,
-) -> KleinPipeline:
-    """Build the pipeline a model name points at: `tiny`, a diffusers-layout folder, or a Hugging Face repo id.
+) -> KleinPipeline | Flux3Pipeline:
+    """Build the pipeline a model name points at: `tiny`, a diffusers-layout folder, or a Hugging Face repo id;
+    for FLUX 3 [klein] (`flux3-tiny`, `random:flux3-klein[-base]`, a modular-pipeline folder, with
+    `transformer_file` a BFL single file) a `Flux3Pipeline`, which refuses `loras`, `fp8` and `compile` (not yet
+    written for it) with a ValueError naming the option.
 
     `reference_kv_cache_bytes` bounds the cross-call cache of klein 9B-KV reference keys and values (None: the
     device's default). `loras` are LoRA files with their default scales, loaded (named by file stem) before any
@@ -57,6 +63,17 @@ def load_pipeline(
     if torch_dtype == torch.float16:
         # FLUX's activations exceed float16's range (65504): pictures can come out NaN (refused, nothing stored)
         log.warning(FLOAT16_WARNING)
+    if _is_flux3(model, allow_download):
+        asked = [name for name, on in (("--lora", loras), ("--fp8", fp8), ("--compile", compile)) if on]
+        if asked:
+            raise ValueError(
+                f"{' and '.join(asked)} {'is' if len(asked) == 1 else 'are'} not available for "
+                f"{families.FLUX3.title} models yet: leave {'it' if len(asked) == 1 else 'them'} out"
+            )
+        text_device = torch.device("cpu") if offload_text_encoder else torch_device
+        return _flux3_pipeline(
+            model, torch_device, torch_dtype, text_device, transformer_file, allow_download
+        )
     pipeline = _build_pipeline(
         model,
         torch_device,
@@ -115,9 +132,64 @@ def load_pipeline(
     return pipeline
 
 
-RANDOM_PREFIX = (
-    "random:"  # random:klein-4b: random weights of a preset's shape, for benchmarks of the real shapes
-)
+RANDOM_PREFIX = families.RANDOM_PREFIX  # random:klein-4b: random weights of a preset's shape, for benchmarks
+
+
+def _is_flux3(model: str, allow_download: bool) -> bool:
+    """Whether `model` names a FLUX 3 [klein] model: a built-in or random preset of that family, or a folder whose
+    modular index names a Flux3 pipeline (a repo id still to be downloaded is looked at once it is here)."""
+    from klein_agent.loading.hub import check_model_source, is_flux3
+
+    if model in families.BUILT_IN_MODELS or model.startswith(RANDOM_PREFIX):
+        return families.preset_family(model.removeprefix(RANDOM_PREFIX)) is families.FLUX3
+    folder = check_model_source(model, allow_download=allow_download)
+    return folder is not None and is_flux3(folder)
+
+
+def _flux3_pipeline(
+    model: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    text_device: torch.device,
+    transformer_file: str | None,
+    allow_download: bool,
+) -> Flux3Pipeline:
+    """A FLUX 3 pipeline: `flux3-tiny[-base]` (random weights from seed 0, drawn on the CPU so every device gets
+    the same model), `random:PRESET` (random weights drawn on the device: the real shape's speed), or a folder
+    (`loading.flux3_checkpoints`, `transformer_file` a BFL single file)."""
+    from klein_agent.loading.random_init import build_random_flux3
+    from klein_agent.model.configs import preset
+
+    if model in families.BUILT_IN_MODELS or model.startswith(RANDOM_PREFIX):
+        if transformer_file:
+            raise ValueError(f"--transformer-file cannot be combined with --model {model}")
+        name = model.removeprefix(RANDOM_PREFIX)
+        chosen = preset(name)
+        built = device if model.startswith(RANDOM_PREFIX) else torch.device("cpu")
+        transformer, autoencoder, text = build_random_flux3(chosen, device=built, dtype=dtype)
+        return Flux3Pipeline(
+            transformer.to(device),
+            autoencoder.to(device),
+            text.to(text_device),
+            chosen.sampling,
+            model_name=model,
+            variant=name,
+        )
+    from klein_agent.loading.flux3_checkpoints import load_flux3_components
+    from klein_agent.loading.hub import resolve_model_path
+
+    folder = resolve_model_path(model, allow_download=allow_download)
+    parts = load_flux3_components(
+        folder, device, dtype, transformer_file=transformer_file, text_encoder_device=text_device
+    )
+    return Flux3Pipeline(
+        parts.transformer,
+        parts.autoencoder,
+        parts.text_embedder,
+        parts.sampling,
+        model_name=model,
+        variant=parts.variant,
+    )
 
 
 def _random_pipeline(

@@ -39,6 +39,7 @@ from klein_agent.pipeline.imaging import (
     to_unit,
 )
 from klein_agent.pipeline.offload import HostResident
+from klein_agent.rules.families import KV_NO_MASKED_EDITS
 from klein_agent.rules.limits import (
     MAGCACHE_MAX_SKIP_STEPS,
     MAGCACHE_RETENTION_RATIO,
@@ -54,7 +55,7 @@ from klein_agent.rules.requests import (
     ProgressCallback,
     resolve,
 )
-from klein_agent.rules.resolution import RequestError, ResolvedRequest
+from klein_agent.rules.resolution import ResolvedRequest
 from klein_agent.speedups.attention import AttentionPlan
 from klein_agent.speedups.cuda_graphs import StepGraphs
 from klein_agent.speedups.devices import default_reference_kv_cache_bytes
@@ -118,6 +119,8 @@ class KleinPipeline:
             default_guidance=sampling_defaults.guidance,
             max_references=max_references,
             size_multiple=self.latent_factor,
+            # diffusers has no masked KV pipeline: `resolve` refuses a masked edit with the shared sentence
+            no_masked_edits=KV_NO_MASKED_EDITS if kv_references else None,
         )
         # the SDPA kernel order of each model (speedups.attention): the autoencoder's one head is as wide as its
         # lowest-resolution channels (512 for klein), which flash and cuDNN do not take
@@ -168,11 +171,6 @@ class KleinPipeline:
         count, steps = len(resolved.seeds), resolved.steps - resolved.first_step  # steps run per picture
         total_units = 1 + count * (steps + 1)
         references = list(request.references)
-        if request.mask is not None and self.kv_references:
-            # diffusers has no masked KV pipeline: no reference decides what these pixels should be
-            raise RequestError(
-                "masked edits are not supported on klein 9B-KV checkpoints: use edit, or a klein 4B/9B model"
-            )
         if request.mask is not None:  # the source is resized to whole tokens, not cropped (see rules.masks)
             references[0] = prepare_source(references[0], self.latent_factor)
         timings = {"text": 0.0, "references": 0.0, "denoise": 0.0, "decode": 0.0}
@@ -373,19 +371,25 @@ class KleinPipeline:
             return to_unit(self.autoencoder.decode(latents.to(self.dtype)))
 
     def _check_finite(self, x: Tensor, what: str) -> None:
-        if bool(torch.isfinite(x).all()):
-            return
-        if self.dtype == torch.float16:
-            cause = "FLUX overflows in float16: run with --dtype bfloat16 (or float32 on a CPU)"
-        else:
-            cause = (
-                "the weights are probably damaged (a corrupt or truncated checkpoint): download it again, "
-                "or try --dtype float32"
-            )
-        raise NonFiniteOutputError(
-            f"the model produced non-finite values (NaN or infinity) in the {what}, so no picture was made and "
-            f"nothing was stored; {cause}"
+        check_finite(x, what, self.dtype)
+
+
+def check_finite(x: Tensor, what: str, dtype: torch.dtype) -> None:
+    """Raises NonFiniteOutputError naming `what` and the likely cause (float16 overflow, damaged weights) when `x`
+    holds NaN or infinity; a model in `dtype` made it."""
+    if bool(torch.isfinite(x).all()):
+        return
+    if dtype == torch.float16:
+        cause = "FLUX overflows in float16: run with --dtype bfloat16 (or float32 on a CPU)"
+    else:
+        cause = (
+            "the weights are probably damaged (a corrupt or truncated checkpoint): download it again, "
+            "or try --dtype float32"
         )
+    raise NonFiniteOutputError(
+        f"the model produced non-finite values (NaN or infinity) in the {what}, so no picture was made and "
+        f"nothing was stored; {cause}"
+    )
 
 
 def _image_key(image: Image.Image) -> str:

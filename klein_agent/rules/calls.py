@@ -20,10 +20,11 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from PIL import Image
 
-from klein_agent.rules import limits, masks, resolution
+from klein_agent.rules import families, limits, masks, resolution, upsampling
+from klein_agent.rules.flux3_references import prepare_flux3_input
 from klein_agent.rules.recipes import provenance
-from klein_agent.rules.references import prepare_reference
-from klein_agent.rules.requests import GenerationRequest, GenerationResult, GeneratorInfo
+from klein_agent.rules.references import original_size, prepare_reference
+from klein_agent.rules.requests import GenerationRequest, GenerationResult, GeneratorInfo, reference_rule
 from klein_agent.rules.resolution import RequestError
 from klein_agent.rules.step_caches import chosen_step_cache
 
@@ -56,6 +57,9 @@ class ImageCall:
     # (`new_call_id`); None for a call no retry can repeat (the CLI). A retry with the same key and arguments
     # returns the pictures stored the first time (`picture_keys`) instead of storing them again.
     call_id: str | None = None
+    # FLUX 3: the caption the text encoder reads, used verbatim instead of the prompt (no upsampling); the prompt
+    # is still recorded as the request (`klein_agent.rules.upsampling`)
+    caption: str | None = None
 
     @property
     def inputs(self) -> tuple[str, ...]:
@@ -73,6 +77,8 @@ class ImageCall:
         the reference count (`max_references`: the loaded model's), the seeds, steps and guidance, the step
         cache, the region. Raises RequestError with the message the CLI and the server share."""
         resolution.clean_prompt(self.prompt)
+        if self.caption is not None:
+            upsampling.clean_caption(self.caption)
         resolution.check_session(self.session)
         check_call_id(self.call_id)
         resolution.check_user_size(self.width, self.height)
@@ -244,35 +250,47 @@ def prepare_call(
     multiple: int | None,
     budget: Budget,
     loras: tuple[tuple[str, float | None], ...] = (),
+    family: str = families.FLUX2.name,
+    upsampler: bool = False,
 ) -> PreparedCall[T]:
     """Decode and prepare `call`'s inputs one at a time, fit its size to `budget`, build its mask and request.
 
     `multiple` is the loaded model's token size; None while the model loads: sizes then assume
     `limits.SIZE_MULTIPLE` (every klein checkpoint's) and references stay as decoded, for the pipeline to prepare.
+    `family` ("flux2", "flux3": `rules.families`, known from --model before the model loads) says how references
+    are prepared and sized, and whether a masked edit can run at all (refused before any input is decoded).
     A masked edit's source is always prepared (resized to whole tokens: its size is the output's). `loras` go
-    into the request as they are; the call's step cache goes in checked. Raises RequestError, or what the decoder
-    raises. Assumes `call.check()` passed.
+    into the request as they are; the call's step cache goes in checked. With `upsampler` (a prompt upsampler is
+    loaded) and no caption, each input is also prepared as the upsampler sees it, from the picture as decoded
+    (`upsampling.prepare_references`), as diffusers' block prepares the images the pipeline gets. Raises
+    RequestError, or what the decoder raises. Assumes `call.check()` passed.
     """
     text = resolution.clean_prompt(call.prompt)
     seeds = resolution.batch_seeds(call.seed, call.num_images)
     region = call.region
+    if region is not None:
+        families.check_masked_edit(families.family(family).no_masked_edits)
     size_multiple = multiple or limits.SIZE_MULTIPLE
     arguments = call.inputs
     inputs = []
+    for_upsampler: list[Image.Image] = []
+    upsample = upsampler and call.caption is None and region is None
     for k, argument in enumerate(arguments, start=1):
         if region is not None and k == 1:  # the picture to repaint, as the model uses it
             how: Prepare = lambda image: masks.prepare_source(image, size_multiple)  # noqa: E731
-        elif multiple is not None:
-            how = lambda image: prepare_reference(image, multiple)  # noqa: E731
+        elif family == families.FLUX3.name or multiple is not None:
+            how = lambda image: model_input(image, len(arguments), family, size_multiple)  # noqa: E731
         else:
             how = lambda image: image  # noqa: E731
+        if upsample:
+            how = _also_for_upsampler(how, len(arguments), for_upsampler)
         inputs.append(decoder.image(argument, k, len(arguments), how))
     mask = None if region is None or region.mask is None else decoder.mask(region.mask)
     mask_picture = None
     if region is not None:
         mask_picture = region.picture(inputs[0].image, None if mask is None else mask.image)
-    first = inputs[0].image if inputs else None
-    fitted, finalize = fit_size(call, first, size_multiple, budget, fit=region is None)
+    sizes = [original_size(item.image) for item in inputs]
+    fitted, finalize = fit_size(call, sizes, size_multiple, budget, fit=region is None, family=family)
     width, height = fitted or (call.width, call.height)
     request = GenerationRequest(
         prompt=text,
@@ -288,14 +306,47 @@ def prepare_call(
         loras=loras,
         step_cache=chosen_step_cache(call.step_cache),
         call_id=call.call_id,  # the replica logs it beside a retry
+        caption=None if call.caption is None else upsampling.clean_caption(call.caption),
+        upsampler_references=tuple(for_upsampler),
     )
     return PreparedCall(call, request, tuple(inputs), mask, finalize)
 
 
+def model_input(image: Image.Image, count: int, family: str, multiple: int) -> Image.Image:
+    """One of `count` references as the model of `family` uses it, and as the store keeps an import (so a recipe
+    naming it remakes the same pixels): FLUX 3's rule (`prepare_flux3_input`: a single one fitted to its 4 Mpx
+    canvas) or FLUX.2's (`prepare_reference`: ~1 Mpx, whole tokens of `multiple` px). Preparing again changes
+    nothing. Raises RequestError for a reference the rule refuses."""
+    if family == families.FLUX3.name:
+        return prepare_flux3_input(image, count)
+    return prepare_reference(image, multiple)
+
+
+def _also_for_upsampler(how: Prepare, count: int, into: list[Image.Image]) -> Prepare:
+    """`how`, keeping the decoded picture's upsampler copy in `into` on the way (RequestError for one it refuses)."""
+
+    def prepare(image: Image.Image) -> Image.Image:
+        try:
+            into.append(upsampling.prepare_reference(image, count))
+        except ValueError as err:
+            raise RequestError(str(err)) from err
+        return how(image)
+
+    return prepare
+
+
 def fit_size(
-    call: ImageCall, first: Image.Image | None, multiple: int, budget: Budget, *, fit: bool
+    call: ImageCall,
+    sizes: Sequence[tuple[int, int]],
+    multiple: int,
+    budget: Budget,
+    *,
+    fit: bool,
+    family: str = families.FLUX2.name,
 ) -> tuple[tuple[int, int] | None, Finalize | None]:
-    """The output size by the shared rule (`resolution.output_size`), against the per-call pixel budget.
+    """The output size by the shared rule (`resolution.output_size`, the first of the inputs of these original
+    `sizes` as the family prepares it: FLUX 3's single reference is its canvas, up to 4 Mpx), against the per-call
+    pixel budget: what the model runs is what is counted.
 
     Returns (size, finalize): `size` is the (width, height) to ask for when the budget scaled an unset size down
     (`fit`: not for a masked edit, whose output is its source), else None; `finalize` is None, or, when the budget
@@ -303,7 +354,12 @@ def fit_size(
     same rule with that device's budget, giving the request to run. The largest default budget is checked at
     once. Raises RequestError."""
     width, height, count = call.width, call.height, call.num_images
-    prepared = None if first is None else resolution.prepared_reference_size(*first.size, multiple)
+    if not sizes:
+        prepared = None
+    elif fit:
+        prepared = reference_rule(family)(sizes, multiple)[0][0]
+    else:  # a masked edit's source is resized to whole tokens, FLUX.2's rule
+        prepared = resolution.prepared_reference_size(*sizes[0], multiple)
     unset = width is None and height is None
     default = resolution.output_size(width, height, prepared, multiple)
 

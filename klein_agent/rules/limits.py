@@ -38,7 +38,12 @@ def default_max_pixels(device: str) -> int:
 REFERENCE_MAX_AREA = 1024 * 1024  # larger references are scaled down (Lanczos) to about this many pixels
 REFERENCE_MIN_SIDE = 64
 REFERENCE_MAX_ASPECT = 8.0
-MAX_REFERENCES = 4  # BFL's API limit for klein and the count its KV benchmarks use; the reference sets none
+MAX_REFERENCES = 4  # FLUX.2 [klein]: BFL's API limit for klein and the count its KV benchmarks use; the reference sets none
+FLUX3_MAX_REFERENCES = 10  # FLUX 3 [klein]: BFL's "up to 10" (diffusers enforces it in the prompt upsampler)
+# The reference limit is the model family's (rules/families.py reads these): the server's input schema takes the
+# most any family takes, and each call is checked against the loaded model's.
+MAX_REFERENCES_BY_FAMILY = {"flux2": MAX_REFERENCES, "flux3": FLUX3_MAX_REFERENCES}
+MOST_REFERENCES = max(MAX_REFERENCES_BY_FAMILY.values())
 
 # -- sampling ---------------------------------------------------------------------------------------------------
 # A model's defaults when a call names no steps or guidance. The presets, the checkpoint loader, the help texts and
@@ -90,6 +95,23 @@ MASK_THRESHOLD = 128  # 8-bit level: >= repaints (the reference binarizes v / 25
 
 # -- text -------------------------------------------------------------------------------------------------------
 MAX_PROMPT_CHARS = 2000  # the text encoder keeps 512 tokens after templating; more text is ignored anyway
+
+# -- the FLUX 3 prompt upsampler (diffusers modular_pipelines/flux3/prompt_upsampler.py, BFL's pup.py) ----------
+UPSAMPLER_MAX_NEW_TOKENS = 3584  # diffusers MAX_NEW_TOKENS: the most tokens one caption may take (greedy)
+UPSAMPLER_MAX_REFERENCES = 10  # diffusers MAX_REFERENCES: references the upsampler looks at
+UPSAMPLER_REFERENCE_MULTIPLE = 32  # a reference's sides, rounded to this, before the upsampler sees it
+UPSAMPLER_REFERENCE_MAX_ASPECT = 200  # diffusers MAX_ASPECT_RATIO
+# the pixel budget of each reference by how many there are: 1 MP for one, 724² for two, 512² for 3 to 10
+UPSAMPLER_REFERENCE_PIXELS = {
+    1: 1024 * 1024,
+    2: 724 * 724,
+    **dict.fromkeys(range(3, UPSAMPLER_MAX_REFERENCES + 1), 512 * 512),
+}
+UPSAMPLER_JPEG_QUALITY = 92  # references are re-encoded as the upsampler saw them in training
+# What a FLUX 3 call encodes when the caller gives no caption: "upsampler" when `--prompt-upsampler` loaded one,
+# else the prompt as given (the result says BFL trained on upsampled captions). docs/server.md, Captions.
+CAPTION_SOURCES = ("upsampler", "caller", "prompt")
+MAX_CAPTION_CHARS = 8000  # a 350-word caption with a box table is ~3,000 characters; 8,000 leaves room
 
 # -- grouping ---------------------------------------------------------------------------------------------------
 SESSION_PATTERN = re.compile(r"[A-Za-z0-9 _.:-]{1,64}", re.ASCII)

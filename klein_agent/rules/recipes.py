@@ -28,12 +28,18 @@ def rerun_call(recipe: dict[str, Any], parents: Sequence[str]) -> dict[str, Any]
     tool = recipe.get("tool")
     if tool not in RERUNNABLE:
         return None
-    keys = (
+    keys: tuple[str, ...] = (
         ("prompt", "seed", "steps", "guidance", "strength")
         if tool == "inpaint"
         else ("prompt", "width", "height", "seed", "steps", "guidance")
     )
+    if recipe.get("reference_crop"):
+        # FLUX 3 made it on its reference's canvas and cropped it back: a size given would turn the crop-back off
+        keys = tuple(key for key in keys if key not in ("width", "height"))
     arguments: dict[str, Any] = {key: recipe[key] for key in keys if key in recipe}
+    # FLUX 3: the stored caption, verbatim, so a server with another upsampler (or none) makes the same pixels
+    if recipe.get("caption") is not None:
+        arguments["caption"] = recipe["caption"]
     if recipe.get("loras"):
         arguments["loras"] = [dict(choice) for choice in recipe["loras"]]
     if recipe.get("cache"):
@@ -68,6 +74,8 @@ def rerun_command(recipe: dict[str, Any], parents: Sequence[str], out: str) -> l
         "--prompt",
         str(args["prompt"]),
     ]
+    if args.get("caption") is not None:
+        argv += ["--caption", str(args["caption"])]
     for key in ("seed", "width", "height", "steps", "guidance", "strength"):
         if args.get(key) is not None:
             argv += [f"--{key}", str(args[key])]

@@ -13,10 +13,18 @@ from typing import Any, Protocol
 from PIL import Image
 
 from klein_agent.rules import limits
+from klein_agent.rules.families import FLUX3, check_masked_edit
+from klein_agent.rules.flux3_references import flux3_reference_sizes
 from klein_agent.rules.loras import choices, resolve_loras
 from klein_agent.rules.masks import check_strength, first_step, fit_mask
 from klein_agent.rules.references import original_size
-from klein_agent.rules.resolution import RequestError, ResolvedRequest, resolve_request
+from klein_agent.rules.resolution import (
+    ReferenceRule,
+    RequestError,
+    ResolvedRequest,
+    flux2_reference_sizes,
+    resolve_request,
+)
 from klein_agent.rules.step_caches import StepCache, check_step_cache
 
 # progress(done, total, message): `done` rises strictly from 1 to `total` during one `generate` call.
@@ -50,6 +58,11 @@ class GenerationRequest:
     # default); None or () runs none
     loras: tuple[tuple[str, float | None], ...] | None = None
     step_cache: StepCache | None = None  # off unless given (rules.step_caches)
+    # FLUX 3: the text its encoder reads instead of `prompt` (a caller's caption, verbatim); None: the upsampler's
+    # caption when one is loaded, else the prompt as given (klein_agent.pipeline.captioning)
+    caption: str | None = None
+    # the inputs as the upsampler sees them (rules.upsampling.prepare_references), when one is loaded
+    upsampler_references: tuple[Image.Image, ...] = field(default=(), compare=False)
     # The client's idempotency key for this call, when it gave one: what keeps a call retried after a failure (a
     # replica that died, a front-end that died) from being stored twice. Not part of what the model makes.
     call_id: str | None = field(default=None, compare=False)
@@ -70,15 +83,21 @@ class GenerationResult:
     cache_hits: dict[str, int]
     resolved: ResolvedRequest  # what ran: size, seeds, steps, guidance, references as prepared
     info: GeneratorInfo  # the model that ran it
+    # FLUX 3: the text the model encoded, and where it came from (limits.CAPTION_SOURCES); None for FLUX.2
+    caption: str | None = None
+    caption_source: str | None = None
 
     def recipe(self, k: int) -> dict[str, Any]:
         """What decides the pixels of image k: re-running it (num_images 1) gives the same PNG bytes."""
         r = self.resolved
+        # the caption, not its source, is what decides the pixels: a rerun passes it verbatim and gets this recipe
+        width, height = r.picture_size
         return {
             "prompt": r.prompt,
+            **({} if self.caption is None else {"caption": self.caption}),
             "seed": r.seeds[k],
-            "width": r.width,
-            "height": r.height,
+            "width": width,
+            "height": height,
             "steps": r.steps,
             "guidance": r.guidance,
             "model": self.info.model,
@@ -86,6 +105,9 @@ class GenerationResult:
             **({} if r.strength is None else {"strength": r.strength}),
             **({"loras": [{"name": n, "scale": s} for n, s in r.loras]} if r.loras else {}),
             **({} if r.step_cache is None else {"cache": r.step_cache.as_dict()}),
+            # FLUX 3's single reference: made on its canvas and cropped back; a rerun gives no size (a size given
+            # turns the crop-back off), so the box says where the width x height above came from
+            **({} if r.crop is None else {"reference_crop": list(r.crop)}),
         }
 
 
@@ -106,6 +128,10 @@ class GeneratorInfo:
     )  # px per latent token side; prepared references and outputs are multiples of it
     loras: tuple[tuple[str, float], ...] = ()  # the loaded LoRA adapters: (name, default scale)
     unloaded_loras: tuple[tuple[str, str], ...] = ()  # adapters `serve` could not load: (name, why)
+    family: str = "flux2"  # rules.families: "flux2" (FLUX.2 [klein]) or "flux3" (FLUX 3 [klein])
+    # what this model is, in the refusal of a masked edit, when diffusers has no masked pipeline for it (klein
+    # 9B-KV, FLUX 3: `rules.families.check_masked_edit`); None: masked edits run
+    no_masked_edits: str | None = None
 
     def summary(self) -> str:
         """One readable line for logs: `klein-4b (black-forest-labs/FLUX.2-klein-4B) on cuda, bfloat16`."""
@@ -145,6 +171,7 @@ def resolve(request: GenerationRequest, info: GeneratorInfo) -> ResolvedRequest:
     for a masked edit those of `klein_agent.rules.masks`). Raises RequestError naming the first bad argument."""
     inpaint = request.mask is not None
     if inpaint:
+        check_masked_edit(info.no_masked_edits)
         if not request.references:
             raise RequestError("a masked edit needs the image to repaint")
         if request.width is not None or request.height is not None:
@@ -154,6 +181,11 @@ def resolve(request: GenerationRequest, info: GeneratorInfo) -> ResolvedRequest:
             )
     elif request.strength is not None:
         raise RequestError("strength applies to masked edits only: give a mask or boxes, or leave it unset")
+    if request.caption is not None and info.family != FLUX3.name:
+        raise RequestError(
+            f"caption is for FLUX 3 [klein] models (it replaces the prompt their text encoder reads); {info.variant} "
+            "encodes the prompt: leave caption out"
+        )
     resolved = resolve_request(
         request.prompt,
         request.width,
@@ -168,6 +200,7 @@ def resolve(request: GenerationRequest, info: GeneratorInfo) -> ResolvedRequest:
         default_steps=info.default_steps,
         default_guidance=limits.INPAINT_DEFAULT_GUIDANCE if inpaint else info.default_guidance,
         max_references=info.max_references,
+        reference_rule=reference_rule(info.family),
     )
     loras = resolve_loras(choices(request.loras or (), info.loras, info.unloaded_loras), info.loras)
     if loras:
@@ -181,3 +214,13 @@ def resolve(request: GenerationRequest, info: GeneratorInfo) -> ResolvedRequest:
     strength = check_strength(limits.DEFAULT_STRENGTH if request.strength is None else request.strength)
     start = first_step(resolved.steps, strength)
     return replace(resolved, width=size[0], height=size[1], strength=strength, first_step=start)
+
+
+def reference_rule(family: str) -> ReferenceRule:
+    """How the model family `family` ("flux2", "flux3") prepares references, by size (`resolution.ReferenceRule`).
+    Raises ValueError for an unknown family."""
+    rules: dict[str, ReferenceRule] = {"flux2": flux2_reference_sizes, "flux3": flux3_reference_sizes}
+    try:
+        return rules[family]
+    except KeyError:
+        raise ValueError(f"unknown model family {family!r}; known: {', '.join(rules)}") from None

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import secrets
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -43,9 +43,20 @@ class ResolvedRequest:
     first_step: int = 0  # masked edits only: schedule steps skipped (the reference's t_start)
     loras: tuple[tuple[str, float], ...] = ()  # LoRA adapters run: (name, scale), in order
     step_cache: StepCache | None = None  # the step cache the call asked for; None runs every step in full
+    # FLUX 3, one reference and no size given: the model runs at width x height (the reference's canvas) and the
+    # picture is cropped back to this (left, top, right, bottom) box, the reference's place on the canvas
+    crop: tuple[int, int, int, int] | None = None
     # What the caller should be told about how the request was resolved (an argument the model ignores), as
     # sentences; a tool result and the CLI show them as they are.
     notes: tuple[str, ...] = ()
+
+    @property
+    def picture_size(self) -> tuple[int, int]:
+        """(width, height) of the pictures made: the crop box's size when there is one, else width x height."""
+        if self.crop is None:
+            return self.width, self.height
+        left, top, right, bottom = self.crop
+        return right - left, bottom - top
 
     @property
     def cfg(self) -> bool:
@@ -132,9 +143,9 @@ def check_reference_geometry(width: int, height: int) -> None:
         )
 
 
-def check_reference_count(count: int, model_limit: int = limits.MAX_REFERENCES) -> None:
-    """Raises RequestError when `count` references are more than the product's limit or the model's."""
-    limit = min(limits.MAX_REFERENCES, model_limit)
+def check_reference_count(count: int, limit: int = limits.MAX_REFERENCES) -> None:
+    """Raises RequestError when `count` references are more than `limit`, the model family's
+    (`limits.MAX_REFERENCES_BY_FAMILY`; FLUX.2's by default)."""
     if count > limit:
         raise RequestError(
             f"{count} reference images given, but this model takes at most {limit}: pass fewer images, "
@@ -149,6 +160,23 @@ def prepared_reference_size(width: int, height: int, multiple: int = limits.SIZE
         scale = math.sqrt(limits.REFERENCE_MAX_AREA / (width * height))
         width, height = int(width * scale), int(height * scale)
     return (width // multiple) * multiple, (height // multiple) * multiple
+
+
+Crop = tuple[int, int, int, int]  # (left, top, right, bottom) in px
+# How a family prepares references, by size alone: the original (width, height) of each and the token size in px
+# -> each one's prepared (width, height), and the crop-back box of the picture (None: no crop-back). Raises
+# RequestError for a reference the family refuses.
+ReferenceRule = Callable[[Sequence[tuple[int, int]], int], tuple[tuple[tuple[int, int], ...], Crop | None]]
+
+
+def flux2_reference_sizes(
+    sizes: Sequence[tuple[int, int]], multiple: int = limits.SIZE_MULTIPLE
+) -> tuple[tuple[tuple[int, int], ...], Crop | None]:
+    """FLUX.2 [klein]'s `ReferenceRule`: every reference checked (`check_reference_geometry`) and prepared
+    (`prepared_reference_size`); no crop-back."""
+    for w, h in sizes:
+        check_reference_geometry(w, h)
+    return tuple(prepared_reference_size(w, h, multiple) for w, h in sizes), None
 
 
 def output_size(
@@ -305,13 +333,15 @@ def resolve_request(
     default_steps: int,
     default_guidance: float,
     max_references: int,
+    reference_rule: ReferenceRule = flux2_reference_sizes,
 ) -> ResolvedRequest:
     """Resolve one request for a model with these properties. `reference_sizes` are the original (width, height)
-    of the references, in order. Raises RequestError naming the first argument that cannot work."""
+    of the references, in order, prepared by the family's `reference_rule` (the crop-back box it gives applies only
+    when no size is given, as in the reference). Raises RequestError naming the first argument that cannot work."""
     check_reference_count(len(reference_sizes), max_references)
-    for w, h in reference_sizes:
-        check_reference_geometry(w, h)
-    prepared = tuple(prepared_reference_size(w, h, multiple) for w, h in reference_sizes)
+    prepared, crop = reference_rule(reference_sizes, multiple)
+    if width is not None or height is not None:
+        crop = None
     out_w, out_h = output_size(width, height, prepared[0] if prepared else None, multiple)
     check_output_size(out_w, out_h, multiple)
     seeds = batch_seeds(seed, num_images)
@@ -320,4 +350,6 @@ def resolve_request(
     )
     note = guidance_note(guidance, distilled=distilled)
     notes = () if note is None else (note,)
-    return ResolvedRequest(prompt, out_w, out_h, seeds, run_steps, run_guidance, prepared, notes=notes)
+    return ResolvedRequest(
+        prompt, out_w, out_h, seeds, run_steps, run_guidance, prepared, notes=notes, crop=crop
+    )

@@ -9,6 +9,8 @@ from mcp.server import MCPServer
 from mcp_types import Tool
 
 from klein_agent import __version__
+from klein_agent.rules import families
+from klein_agent.rules.families import Family
 from klein_agent.server.apps import AppsForApps, build_apps
 from klein_agent.server.arguments import ArgumentChecks
 from klein_agent.server.messages import MessageBudget
@@ -19,9 +21,8 @@ from klein_agent.server.tools import critique, generation, library
 from klein_agent.service.studio import Studio
 
 INSTRUCTIONS = """\
-Local FLUX.2 [klein] image tools for try -> critique -> retry loops. generate makes images from text, edit \
-changes one image, compose combines up to 4 ("image 1", "image 2", ... in the prompt), inpaint repaints one region \
-(boxes or a mask) and keeps the rest. Each of them takes loras=[{name, scale}] to apply the LoRA adapters (styles, \
+Local {title} image tools for try -> critique -> retry loops. generate makes images from text, edit \
+changes one image, compose combines up to {references} ("image 1", "image 2", ... in the prompt), {inpaint}. Each of them takes loras=[{{name, scale}}] to apply the LoRA adapters (styles, \
 subjects) that server_status lists. Every image is stored and \
 referenced by its id (img_...); results carry a preview, the ids and seeds, and image://<id> links \
 (image://<id>/meta is the recipe). Describe what the picture should show, positively. If you cannot see a \
@@ -30,6 +31,16 @@ and read its verdict (changed boxes on the 16-px grid go straight into inpaint w
 view_image(region=[x, y, w, h]) before judging faces, hands or text; record_verdict pick, reject or note with a \
 reason (list_images and the gallery show them). The iterate_image prompt walks the whole loop. Calls run one at \
 a time; server_status shows the model and the queue."""
+
+
+def instructions(family: Family) -> str:
+    """The server's instructions for a model of `family`: its title, reference limit and whether inpaint runs."""
+    inpaint = (
+        "inpaint repaints one region (boxes or a mask) and keeps the rest"
+        if family.no_masked_edits is None
+        else f"inpaint is refused on {family.no_masked_edits} (no reference pipeline): use edit"
+    )
+    return INSTRUCTIONS.format(title=family.title, references=family.max_references, inpaint=inpaint)
 
 
 class KleinServer(MCPServer[Studio]):
@@ -56,11 +67,12 @@ def build_server(studio: Studio, gallery_command: str | None = None) -> MCPServe
         yield studio
 
     checks = ArgumentChecks()
+    family = families.family(studio.config.family)
     mcp: MCPServer[Studio] = KleinServer(
         "klein-agent",
         title="klein-agent",
-        description="FLUX.2 [klein] image generation and editing for agents, with a persistent image store.",
-        instructions=INSTRUCTIONS,
+        description=f"{family.title} image generation and editing for agents, with a persistent image store.",
+        instructions=instructions(family),
         version=__version__,
         lifespan=lifespan,
         middleware=[AppsForApps(), checks, MessageBudget()],  # Apps first: a hidden tool is never checked

@@ -24,7 +24,7 @@ from mcp.server.context import CallNext, HandlerResult, ServerMiddleware, Server
 from mcp.shared.exceptions import MCPError
 from mcp_types import INVALID_PARAMS, CallToolResult, TextContent
 
-from klein_agent.rules import masks, resolution
+from klein_agent.rules import families, masks, resolution
 from klein_agent.rules.image_refs import looks_like_image_ref, split_refs
 from klein_agent.rules.loras import check_scale
 from klein_agent.rules.masks import MaskRequest, check_strength
@@ -58,7 +58,7 @@ RULES: dict[str, Callable[[Any, dict[str, Any], list[Any]], object]] = {
     "num_images": lambda v, a, p: resolution.batch_seeds(0, v),
     "steps": lambda v, a, p: resolution.check_steps(v),
     "guidance": lambda v, a, p: resolution.check_guidance(v),
-    "images": lambda v, a, p: resolution.check_reference_count(len(v)) if len(p) == 1 else None,
+    "images": lambda v, a, p: families.check_most_references(len(v)) if len(p) == 1 else None,
     "session": lambda v, a, p: resolution.check_session(v),
     "strength": lambda v, a, p: check_strength(v),
     "loras": lambda v, a, p: _lora_scale(v, a, p),

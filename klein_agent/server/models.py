@@ -38,6 +38,11 @@ class ImagesResult(BaseModel):
         default_factory=list,
         description="what to know about how the call ran, e.g. an argument this model ignores; usually empty",
     )
+    caption_source: str | None = Field(
+        default=None,
+        description="FLUX 3: the text the model encoded: upsampler (the server's prompt upsampler wrote it), "
+        "caller (your caption, verbatim) or prompt (the prompt as given); the recipe keeps it. null for FLUX.2",
+    )
 
 
 # One stored image in a list_images page; `created_at` is a UTC ISO 8601 time.

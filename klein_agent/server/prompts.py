@@ -33,6 +33,7 @@ from mcp.server.mcpserver.prompts.base import Message, Prompt, PromptArgument, U
 from mcp.shared.exceptions import MCPError
 from mcp_types import INVALID_PARAMS, ImageContent
 
+from klein_agent.rules import limits, upsampling
 from klein_agent.rules.image_refs import split_image_refs
 from klein_agent.server.results import image_block
 from klein_agent.service.studio import EXPECTED_ERRORS, Studio
@@ -122,9 +123,64 @@ def render_body(body: str, values: dict[str, str]) -> str:
 
 
 def register_prompts(mcp: MCPServer[Any], studio: Studio, files: list[PromptFile] | None = None) -> None:
-    """Add one MCP prompt per prompt file (default: `load_prompt_files()`) to `mcp`."""
+    """Add one MCP prompt per prompt file (default: `load_prompt_files()`) to `mcp`, and `flux3_caption`."""
     for spec in load_prompt_files() if files is None else files:
         mcp.add_prompt(_prompt(spec, studio))
+    mcp.add_prompt(caption_prompt(studio))
+
+
+def caption_prompt(studio: Studio) -> Prompt:
+    """`flux3_caption`: BFL's upsampler instructions for the calling agent, so it writes the caption a FLUX 3 call
+    encodes. Built from the upsampler's own system prompts and user-turn layout (`rules.upsampling`), the mode
+    following the inputs as the upsampler's does (t2i without images, i2i with them); the images are attached as
+    one contact sheet labelled 1, 2, ... (the upsampler sees them one by one: the sheet keeps the message small)."""
+
+    async def render(request: str, image_ids: str = "") -> list[Message]:
+        try:
+            ids = split_image_refs(image_ids) if image_ids.strip() else []
+        except ValueError as exc:
+            raise MCPError(code=INVALID_PARAMS, message=str(exc)) from exc
+        if len(ids) > limits.UPSAMPLER_MAX_REFERENCES:
+            raise MCPError(
+                code=INVALID_PARAMS,
+                message=f"image_ids: the upsampler takes at most {limits.UPSAMPLER_MAX_REFERENCES} images, got "
+                f"{len(ids)}",
+            )
+        mode = upsampling.mode(len(ids))
+        tool = "generate" if not ids else "edit" if len(ids) == 1 else "compose"
+        turn = upsampling.edit_scaffold(request) if ids else request
+        seen = " (attached below as one contact sheet, labelled 1, 2, ...)" if ids else ""
+        text = (
+            "Write the caption a FLUX 3 [klein] model will encode, as BFL's prompt upsampler would: the model was "
+            f"trained on such captions. Follow these instructions exactly (BFL's upsampler, mode {mode}):\n\n"
+            f"{upsampling.system_prompt(mode)}\n\n---\n\nThe request{seen}:\n\n{turn}\n\n---\n\n"
+            f"Then call `{tool}` with `prompt` set to the request as given and `caption` set to exactly what you "
+            "wrote (no quotes or commentary); the recipe keeps both, and a rerun uses your caption verbatim."
+        )
+        messages: list[Message] = [UserMessage(text)]
+        if ids:
+            messages.append(UserMessage(await _sheet(studio, image_ids)))
+        return messages
+
+    return Prompt(
+        name="flux3_caption",
+        title="Write a FLUX 3 caption",
+        description="BFL's prompt-upsampler instructions for a FLUX 3 [klein] request: write the long caption "
+        "the model was trained on, then pass it as `caption` to generate, edit or compose.",
+        arguments=[
+            PromptArgument(
+                name="request", description="The short request, as the user said it.", required=True
+            ),
+            PromptArgument(
+                name="image_ids",
+                description="For an edit or a composition: the stored image ids, in order (comma or space "
+                "separated); omit for a new picture.",
+                required=False,
+            ),
+        ],
+        fn=render,
+        context_kwarg=None,
+    )
 
 
 def _prompt(spec: PromptFile, studio: Studio) -> Prompt:

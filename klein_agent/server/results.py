@@ -12,6 +12,7 @@ import base64
 
 from mcp_types import CallToolResult, ImageContent, ResourceLink, TextContent
 
+from klein_agent.rules.upsampling import CAPTION_SENTENCES
 from klein_agent.server.models import ImageRef, ImagesResult
 from klein_agent.service.making import NewImages
 from klein_agent.service.previews import Preview
@@ -97,6 +98,8 @@ def images_result(made: NewImages) -> CallToolResult:
         else "The preview above is the image"
     )
     lines.append(f"{sheet} ({preview.width}x{preview.height}; full resolution via the image:// links).")
+    if run is not None and run.caption_source is not None:
+        lines.append(f"Text encoded: {CAPTION_SENTENCES[run.caption_source]}.")
     lines += [f"Note: {note}." for note in made.notes]
     lines.append(NEXT_STEPS)
     structured = ImagesResult(
@@ -107,6 +110,7 @@ def images_result(made: NewImages) -> CallToolResult:
         session=made.session,
         cache_hits=cache_hits,
         notes=list(made.notes),
+        caption_source=None if run is None else run.caption_source,
     )
     return CallToolResult(
         content=[

@@ -17,7 +17,7 @@ import anyio
 
 from klein_agent.gallery.app import Gallery
 from klein_agent.gallery.command import command_line
-from klein_agent.model_options import generator_factory
+from klein_agent.model_options import generator_factory, model_family
 from klein_agent.option_types import S3_ENDPOINT_ENV, StoreLocations, shared_blobs, store_locations
 from klein_agent.replica.handle import parse_generator, ray_generator_factory
 from klein_agent.rules.requests import ImageGenerator
@@ -53,6 +53,12 @@ def build_studio(args: argparse.Namespace, where: StoreLocations | None = None) 
     arguments. Raises ValueError for a bad option and StoreError for a store that cannot be opened."""
     # --max-queue, --max-megapixels, --store-max-gb and --store-max-images are checked as they are parsed
     # (klein_agent.option_types): one rule for serve and generate
+    if parse_generator(args.generator) is not None and getattr(args, "prompt_upsampler", None) is not None:
+        # the upsampler runs beside the model; replicas load the model from the deploy options, which name none
+        raise ValueError(
+            f"--prompt-upsampler does not apply with --generator {args.generator}: the replicas load the model "
+            "without it; leave it out (callers can still pass a caption)"
+        )
     dirs = [] if args.no_default_dirs else list(default_allowed_dirs())
     dirs += allowed_dir_options(args)
     policy = InputPolicy(allowed_dirs=tuple(dirs), allow_urls=args.allow_urls)
@@ -70,11 +76,14 @@ def build_studio(args: argparse.Namespace, where: StoreLocations | None = None) 
         )
     except StoreError as exc:
         raise StoreError(f"{exc} This is {where.source}.") from exc
+    app = parse_generator(args.generator)  # None: the model loads here, as ever; else a Ray Serve application
     config = StudioConfig(
         max_pixels_per_call=None if args.max_megapixels is None else int(args.max_megapixels * 1_000_000),
         device_hint=args.device,  # else the loaded model's device decides the default (limits.default_max_pixels)
+        # FLUX 3's reference limit and rules apply while it loads; a Ray replica's model is known once it answers
+        family=model_family(args) if app is None else StudioConfig.family,
+        upsampler=getattr(args, "prompt_upsampler", None) is not None,
     )
-    app = parse_generator(args.generator)  # None: the model loads here, as ever; else a Ray Serve application
     factory = generator_factory(args, skip_bad_loras=True) if app is None else remote_factory(app, args.model)
     engine = Engine(factory, max_queue=args.max_queue)
     try:

@@ -15,8 +15,7 @@ from datetime import UTC, datetime
 from PIL import Image
 
 from klein_agent import __version__
-from klein_agent.rules.calls import Decoded, ImageCall, Prepare, PreparedCall, picture_keys
-from klein_agent.rules.references import prepare_reference
+from klein_agent.rules.calls import Decoded, ImageCall, Prepare, PreparedCall, model_input, picture_keys
 from klein_agent.service.engine import FinishedRun
 from klein_agent.service.inputs import ImageInputError, InputPolicy, LoadedImage, load_image_argument
 from klein_agent.service.memory import release_memory
@@ -35,6 +34,8 @@ class ModelRun:
     model_ms: float
     queued_ms: float
     cache_hits: dict[str, int] = field(default_factory=dict)
+    # FLUX 3: where the encoded text came from ("upsampler", "caller", "prompt"); None for FLUX.2
+    caption_source: str | None = None
 
 
 @dataclass(frozen=True)
@@ -122,11 +123,12 @@ def store_call(
     session = prepared.call.session
     imported: list[StoredImage] = []
     try:
-        multiple = done.result.info.size_multiple
+        info = done.result.info
         for item, image_id in zip(prepared.inputs, parents, strict=True):
             if item.origin.image_id is None:
-                # as the model used it (about 1 Mpx, whole tokens), so a recipe naming it remakes the same pixels
-                picture = prepare_reference(item.image, multiple)
+                # as the model used it (FLUX.2: about 1 Mpx, whole tokens; FLUX 3: a single one whole, up to
+                # 4 Mpx), so a recipe naming it remakes the same pixels
+                picture = model_input(item.image, len(prepared.inputs), info.family, info.size_multiple)
                 imported.append(
                     import_input(store, item.origin, image_id, picture, item.origin.description, session)
                 )
@@ -312,4 +314,5 @@ def model_run(done: FinishedRun) -> ModelRun:
         model_ms=done.model_ms,
         queued_ms=done.queued_ms,
         cache_hits=dict(done.result.cache_hits),
+        caption_source=done.result.caption_source,
     )

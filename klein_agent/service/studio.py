@@ -34,7 +34,7 @@ import anyio.to_thread
 from PIL import Image
 
 from klein_agent import __version__
-from klein_agent.rules import limits, masks, resolution
+from klein_agent.rules import families, limits, masks, resolution
 from klein_agent.rules import loras as lora_rules
 from klein_agent.rules.calls import ImageCall, PreparedCall, prepare_call
 from klein_agent.rules.image_refs import require_image_id
@@ -68,8 +68,12 @@ class StudioConfig:
     # on CUDA, 512x512 on a CPU), so a call stays well under the ~60 s a client such as Claude Desktop waits.
     max_pixels_per_call: int | None = None
     device_hint: str | None = None  # the device the user named (--device), known before the model has loaded
+    # the model family --model names (rules.families), known before the model has loaded; the loaded model's rules
+    family: str = families.FLUX2.name
     preview_max_edge: int = limits.PREVIEW_MAX_EDGE
     preview_budget_b64: int = limits.PREVIEW_BUDGET_B64
+    # `--prompt-upsampler` named one: calls without a caption get their inputs prepared for it too
+    upsampler: bool = False
 
 
 @dataclass(frozen=True)
@@ -125,7 +129,10 @@ class Studio:
         message) on the caller's loop, rising strictly. Raises one of EXPECTED_ERRORS."""
         started = time.perf_counter()
         info = self.engine.info
-        call.check(info.max_references if info is not None else limits.MAX_REFERENCES)
+        family = info.family if info is not None else self.config.family
+        call.check(info.max_references if info is not None else families.family(family).max_references)
+        if info is not None and call.region is not None:  # klein 9B-KV: known once it has loaded
+            families.check_masked_edit(info.no_masked_edits)
         chosen = self._check_loras(call.loras)
         sizes = (self.config.preview_max_edge, self.config.preview_budget_b64)
         if (
@@ -144,7 +151,13 @@ class Studio:
                 def prepare() -> PreparedCall[LoadedImage]:
                     decoder = StoreDecoder(self.policy, lease)
                     return prepare_call(
-                        call, decoder, multiple=multiple, budget=self.pixel_budget, loras=chosen
+                        call,
+                        decoder,
+                        multiple=multiple,
+                        budget=self.pixel_budget,
+                        loras=chosen,
+                        family=family,
+                        upsampler=self.config.upsampler,
                     )
 
                 # A call without inputs decodes nothing: prepared on the loop, without a thread hop.

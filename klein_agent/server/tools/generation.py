@@ -16,6 +16,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import CallToolResult, ToolAnnotations
 from pydantic import BaseModel, ConfigDict, Field
 
+from klein_agent.rules import families
 from klein_agent.rules.calls import (
     IDEMPOTENCY_META_KEY,
     Compose,
@@ -27,11 +28,10 @@ from klein_agent.rules.calls import (
     new_call_id,
 )
 from klein_agent.rules.limits import (
-    BASE_STEPS,
     DEFAULT_STRENGTH,
     DEFAULT_TOKENS_PER_SIDE,
-    DISTILLED_STEPS,
     MAX_BOXES,
+    MAX_CAPTION_CHARS,
     MAX_GUIDANCE,
     MAX_IMAGES_PER_CALL,
     MAX_PROMPT_CHARS,
@@ -41,6 +41,7 @@ from klein_agent.rules.limits import (
     MAX_STEPS,
     MIN_GUIDANCE,
     MIN_SIDE,
+    MOST_REFERENCES,
     SESSION_MAX_CHARS,
     SIZE_MULTIPLE,
     STEP_CACHE_KINDS,
@@ -65,6 +66,18 @@ PromptArg = Annotated[
         description="What the picture shows, subject first. Say what should be there, not what should not.",
     ),
 ]
+CaptionArg = Annotated[
+    str | None,
+    Field(
+        min_length=1,
+        max_length=MAX_CAPTION_CHARS,
+        description="FLUX 3 models only: the full caption the model encodes, used verbatim instead of the prompt "
+        "(which the recipe still records). FLUX 3 was trained on long upsampled captions: write one with the "
+        "flux3_caption prompt's instructions. Omit to let the server's upsampler write it, or to use the prompt.",
+    ),
+]
+# the one line the FLUX 3 tools carry about captions (the rest is in CaptionArg and the flux3_caption prompt)
+CAPTION_NOTE = "On a FLUX 3 model, pass a caption written with the flux3_caption prompt (the result says which text ran)."
 _DEFAULT_SIDE = DEFAULT_TOKENS_PER_SIDE * SIZE_MULTIPLE
 SideArg = Annotated[
     int | None,
@@ -101,8 +114,7 @@ StepsArg = Annotated[
     Field(
         ge=1,
         le=MAX_STEPS,
-        description=f"Denoising steps. Omit for the model's default ({DISTILLED_STEPS} for distilled klein, "
-        f"{BASE_STEPS} for Base).",
+        description=f"Denoising steps. Omit for the model's default ({families.defaults_text()}).",
     ),
 ]
 GuidanceArg = Annotated[
@@ -110,7 +122,7 @@ GuidanceArg = Annotated[
     Field(
         ge=MIN_GUIDANCE,
         le=MAX_GUIDANCE,
-        description="Guidance scale for Base models (1 = off); distilled klein takes none.",
+        description="Guidance scale for Base models (1 = off; defaults under steps); distilled models take none.",
     ),
 ]
 NumImagesArg = Annotated[
@@ -134,7 +146,8 @@ ImageArg = Annotated[
     ),
 ]
 ImagesArg = Annotated[
-    Annotated[list[str], Field(min_length=1, max_length=MAX_REFERENCES)] | str,
+    # the most any family takes: the loaded model's own limit is checked per call (rules.families)
+    Annotated[list[str], Field(min_length=1, max_length=MOST_REFERENCES)] | str,
     Field(
         description='Reference images in order; the prompt calls them "image 1", "image 2", ... Each is an id, '
         'image://<id>, an absolute path in an allowed folder, or a data: URI. A list; "id1, id2" in one string is '
@@ -230,14 +243,27 @@ def register(mcp: MCPServer, studio: Studio) -> None:
     """Add generate, edit, compose and inpaint to `mcp`, in that order."""
     store, inputs = store_note(studio), inputs_note(studio)
     urls = studio.policy.allow_urls
+    family = families.family(studio.config.family)
+    # FLUX 3 keeps a single input whole on a canvas of up to 4 Mpx and crops the picture back to it
+    edit_size = (
+        "at most ~1 megapixel"
+        if family.name == families.FLUX2.name
+        else "at most ~4 megapixels, less if the server's per-call pixel budget is smaller"
+    )
+    inpaint_note = (
+        ""
+        if family.no_masked_edits is None
+        else f"Refused on this server: {family.no_masked_edits} have no masked-edit pipeline; use edit. "
+    )
 
     @mcp.tool(
         name="generate",
         meta=VIEW_META,  # hosts with MCP Apps show the result in the view; others never see it
         title="Generate images",
-        description="Make 1-4 new images from a text prompt with the local FLUX.2 [klein] model. Put the subject "
+        description=f"Make 1-4 new images from a text prompt with the local {family.title} model. Put the subject "
         "first, then setting, style and light; describe what should be there, not what should not. Images get "
-        f"seeds seed, seed+1, ...; the same seed and arguments reproduce an image. {RETURNS_NOTE} {store}",
+        f"seeds seed, seed+1, ...; the same seed and arguments reproduce an image. {CAPTION_NOTE} {RETURNS_NOTE} "
+        f"{store}",
         annotations=ToolAnnotations(
             title="Generate images",
             read_only_hint=False,
@@ -249,6 +275,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
     async def generate(
         ctx: Context,
         prompt: PromptArg,
+        caption: CaptionArg = None,
         width: SideArg = None,
         height: SideArg = None,
         seed: SeedArg = None,
@@ -263,6 +290,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
             width=width,
             height=height,
             prompt=prompt,
+            caption=caption,
             seed=seed,
             steps=steps,
             guidance=guidance,
@@ -278,8 +306,9 @@ def register(mcp: MCPServer, studio: Studio) -> None:
         meta=VIEW_META,  # hosts with MCP Apps show the result in the view; others never see it
         title="Edit an image",
         description='Change one image by describing the result you want ("make the jacket bright yellow"), '
-        "positively. Without width/height the output takes the input's size as the model sees it (at most ~1 "
-        f"megapixel). Keep the seed to change less between tries. {inputs} {RETURNS_NOTE} {store}",
+        "positively. Without width/height the output takes the input's size as the model sees it "
+        f"({edit_size}). Keep the seed to change less between tries. {CAPTION_NOTE} {inputs} {RETURNS_NOTE} "
+        f"{store}",
         annotations=ToolAnnotations(
             title="Edit an image",
             read_only_hint=False,
@@ -292,6 +321,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
         ctx: Context,
         image: ImageArg,
         prompt: PromptArg,
+        caption: CaptionArg = None,
         width: OptionalSideArg = None,
         height: OptionalSideArg = None,
         seed: SeedArg = None,
@@ -307,6 +337,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
             width=width,
             height=height,
             prompt=prompt,
+            caption=caption,
             seed=seed,
             steps=steps,
             guidance=guidance,
@@ -321,9 +352,10 @@ def register(mcp: MCPServer, studio: Studio) -> None:
         name="compose",
         meta=VIEW_META,  # hosts with MCP Apps show the result in the view; others never see it
         title="Compose from references",
-        description='Make an image from 1-4 reference images and a prompt that refers to them as "image 1", '
-        '"image 2", ... in the order given (e.g. "the dog from image 1 on the beach from image 2"). Without '
-        f"width/height the output takes image 1's size as the model sees it. {inputs} {RETURNS_NOTE} {store}",
+        description=f"Make an image from 1-{family.max_references} reference images and a prompt that refers to "
+        'them as "image 1", "image 2", ... in the order given (e.g. "the dog from image 1 on the beach from '
+        "image 2\"). Without width/height the output takes image 1's size as the model sees it. "
+        f"{CAPTION_NOTE} {inputs} {RETURNS_NOTE} {store}",
         annotations=ToolAnnotations(
             title="Compose from references",
             read_only_hint=False,
@@ -336,6 +368,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
         ctx: Context,
         images: ImagesArg,
         prompt: PromptArg,
+        caption: CaptionArg = None,
         width: OptionalSideArg = None,
         height: OptionalSideArg = None,
         seed: SeedArg = None,
@@ -351,6 +384,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
             width=width,
             height=height,
             prompt=prompt,
+            caption=caption,
             seed=seed,
             steps=steps,
             guidance=guidance,
@@ -365,7 +399,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
         name="inpaint",
         meta=VIEW_META,  # hosts with MCP Apps show the result in the view; others never see it
         title="Repaint a region",
-        description="Repaint only part of an image and keep the rest: name the region with boxes ([x, y, width, "
+        description=f"{inpaint_note}Repaint only part of an image and keep the rest: name the region with boxes ([x, y, width, "
         "height] in pixels or fractions) or a mask picture (white repaints), and describe what the region should "
         "show. Use it when one detail is wrong. The output keeps the image's size as the model sees it (at most "
         f"~1 megapixel, whole {SIZE_MULTIPLE} px tokens); the model repaints in {SIZE_MULTIPLE} px tokens. "

@@ -1,0 +1,58 @@
+"""`--prompt-upsampler` and `--caption` on the command line, as a user runs them: real subprocesses, a real (tiny)
+upsampler folder written by transformers: the refusal of each option with a FLUX.2 model, named and before any
+picture is made. With a FLUX 3 model they are tested end to end in test_flux3_captions.py."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from upsampler_checkpoints import write_tiny_upsampler
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def generate(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "klein_agent", "generate", "--model", "tiny", "--prompt", "a red cube"]
+    out = tmp_path / "out.png"
+    done = subprocess.run(
+        [*argv, *args, "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert not out.exists()  # refused: nothing written
+    return done
+
+
+@pytest.mark.timeout(600)
+def test_an_upsampler_or_a_caption_with_a_flux2_model_is_refused_by_name(tmp_path: Path) -> None:
+    pup = write_tiny_upsampler(tmp_path / "pup")
+    done = generate(tmp_path, "--prompt-upsampler", str(pup))
+    assert done.returncode == 2, done.stderr
+    assert "--prompt-upsampler is for FLUX 3 [klein] models; --model tiny is tiny" in done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == ""
+    done = generate(tmp_path, "--caption", "Full-color photograph of a red cube.")
+    assert done.returncode == 2, done.stderr
+    assert "caption is for FLUX 3 [klein] models" in done.stderr and "Traceback" not in done.stderr
+    # Ray replicas load the model without it: refused at start, before the store is created
+    store = tmp_path / "store"
+    serve = [sys.executable, "-m", "klein_agent", "serve", "--model", "tiny", "--store", str(store)]
+    done = subprocess.run(
+        [*serve, "--generator", "ray", "--prompt-upsampler", str(pup)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "--prompt-upsampler does not apply with --generator ray" in done.stderr
+    assert not store.exists()
+
+
+def test_a_folder_that_is_no_upsampler_is_named_with_what_it_lacks(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text('{"model_type": "qwen3_5"}')
+    done = generate(tmp_path, "--prompt-upsampler", str(tmp_path))
+    assert done.returncode == 2, done.stderr
+    assert f"--prompt-upsampler {tmp_path}: {tmp_path} lacks tokenizer_config.json" in done.stderr
+    assert "loading model" not in done.stderr  # refused before the model loads
