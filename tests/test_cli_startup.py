@@ -187,3 +187,54 @@ def test_serve_typed_in_a_terminal_says_it_waits_for_a_client(tmp_path: Path) ->
         argv, input="", capture_output=True, text=True, cwd=tmp_path, env=IN_ANOTHER_FOLDER, timeout=120
     )
     assert "waiting for an MCP client" not in piped.stderr, piped.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (
+            ["generate", "--model", "tiny", "--caption", "A red cube.", "--prompt", "x", "--out", "o.png"],
+            "klein-agent: error: caption is for FLUX 3 [klein] models (it replaces the prompt their text encoder "
+            "reads); a FLUX.2 [klein] model encodes the prompt as given: leave caption out",
+        ),
+        (
+            [
+                "generate",
+                "--model",
+                "tiny",
+                "--prompt-upsampler",
+                "/no/such/pup",
+                "--prompt",
+                "x",
+                "--out",
+                "o.png",
+            ],
+            "--model tiny: --prompt-upsampler is for FLUX 3 [klein] models (it writes the caption their text "
+            "encoder reads); a FLUX.2 [klein] model encodes the prompt as given: leave --prompt-upsampler out",
+        ),
+        (
+            ["serve", "--model", "tiny", "--prompt-upsampler", "/no/such/pup"],
+            "--model tiny: --prompt-upsampler is for FLUX 3 [klein] models",
+        ),
+    ],
+)
+def test_what_only_flux3_reads_is_refused_for_a_flux2_model_before_torch_loads(
+    tmp_path: Path, args: list[str], said: str
+) -> None:
+    """The family comes from --model's name or folder (`model_options.model_family`), as the inpaint and reference
+    refusals use it: the user waits for no model to hear that the option does not apply."""
+    script = (
+        "import sys; from klein_agent.cli import main; status = main(sys.argv[1:]); "
+        "print(status, 'torch' in sys.modules)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        cwd=tmp_path,
+        env=IN_ANOTHER_FOLDER,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.stdout.split() == ["2", "False"], done.stderr
+    assert said in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not (tmp_path / "o.png").exists()

@@ -29,7 +29,7 @@ def test_an_upsampler_or_a_caption_with_a_flux2_model_is_refused_by_name(tmp_pat
     pup = write_tiny_upsampler(tmp_path / "pup")
     done = generate(tmp_path, "--prompt-upsampler", str(pup))
     assert done.returncode == 2, done.stderr
-    assert "--prompt-upsampler is for FLUX 3 [klein] models; --model tiny is tiny" in done.stderr
+    assert "--model tiny: --prompt-upsampler is for FLUX 3 [klein] models" in done.stderr
     assert "Traceback" not in done.stderr and done.stdout == ""
     done = generate(tmp_path, "--caption", "Full-color photograph of a red cube.")
     assert done.returncode == 2, done.stderr
@@ -52,7 +52,8 @@ def test_an_upsampler_or_a_caption_with_a_flux2_model_is_refused_by_name(tmp_pat
 
 def test_a_folder_that_is_no_upsampler_is_named_with_what_it_lacks(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text('{"model_type": "qwen3_5"}')
-    done = generate(tmp_path, "--prompt-upsampler", str(tmp_path))
+    # a FLUX 3 model (the last --model wins): with a FLUX.2 one the family is refused first
+    done = generate(tmp_path, "--model", "flux3-tiny", "--prompt-upsampler", str(tmp_path))
     assert done.returncode == 2, done.stderr
     assert f"--prompt-upsampler {tmp_path}: {tmp_path} lacks tokenizer_config.json" in done.stderr
     assert "loading model" not in done.stderr  # refused before the model loads

@@ -84,6 +84,24 @@ def check_masked_edit(no_masked_edits: str | None) -> None:
     )
 
 
+# What only FLUX 3 reads, and why, for the refusal when another model is given it (`check_flux3_only`).
+FLUX3_ONLY = {
+    "caption": "it replaces the prompt their text encoder reads",
+    "--prompt-upsampler": "it writes the caption their text encoder reads",
+}
+
+
+def check_flux3_only(option: str, family_name: str) -> None:
+    """Raises RequestError when `option` (a key of FLUX3_ONLY) is given for a model of family `family_name` that is
+    not FLUX 3: one sentence whether the CLI refuses it before the model loads or the pipeline after."""
+    if family_name == FLUX3.name:
+        return
+    raise RequestError(
+        f"{option} is for {FLUX3.title} models ({FLUX3_ONLY[option]}); a {family(family_name).title} model "
+        f"encodes the prompt as given: leave {option} out"
+    )
+
+
 def defaults_text() -> str:
     """Each variant's default steps and guidance, for help texts and tool descriptions: "4 for distilled FLUX.2
     [klein], 50 (guidance 4) for its Base; 16 for ..."."""
