@@ -38,6 +38,7 @@ from klein_agent.web.listen import (
     bind,
     load_tokens,
     login_key,
+    token_hint,
 )
 
 log = logging.getLogger("klein_agent.serve")
@@ -205,6 +206,7 @@ def plan_http(args: argparse.Namespace, where: StoreLocations) -> HttpPlan:
             allowed_origins=allowed_origins(hosts, args.allow_origin),
             tokens=tokens,
             token_source=source,
+            token_hint=token_hint(where.token_file),
             login_key=login_key() if tokens else None,  # the gallery's one-time browser link, logged at start
             client_timeout_s=args.client_timeout,
         )
