@@ -66,7 +66,7 @@ def build_server(studio: Studio, gallery_command: str | None = None) -> MCPServe
         studio.engine.start()  # idempotent: several in-process clients may share one engine
         yield studio
 
-    checks = ArgumentChecks()
+    checks = ArgumentChecks(reference_limit=studio.reference_limit)  # the model's own, as the CLI says it
     family = families.family(studio.config.family)
     mcp: MCPServer[Studio] = KleinServer(
         "klein-agent",
