@@ -24,7 +24,7 @@ from klein_agent import __version__
 from klein_agent.logs import configure_logging, parse_level
 from klein_agent.model_options import add_model_arguments, generator_factory
 from klein_agent.option_types import positive_float
-from klein_agent.rules import limits
+from klein_agent.rules import families, limits
 from klein_agent.rules.limits import MAX_PIXELS_PER_CALL
 from klein_agent.rules.step_caches import DESCRIPTION as STEP_CACHE_DESCRIPTION
 
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     """
     parser = argparse.ArgumentParser(
         prog="klein-agent",
-        description="FLUX.2 [klein] for agents that iterate on pictures",
+        description=f"{families.ALL_TITLES} for agents that iterate on pictures",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -286,7 +286,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from klein_agent.model_options import model_family
-    from klein_agent.rules import families, resolution
+    from klein_agent.rules import resolution
     from klein_agent.rules.calls import prepare_call
     from klein_agent.service.inputs import InputPolicy
     from klein_agent.service.pngfile import encode_png

@@ -47,6 +47,8 @@ FLUX3 = Family(
     no_masked_edits="FLUX 3 [klein] models",
 )
 FAMILIES = {family.name: family for family in (FLUX2, FLUX3)}
+# Both families by title, for texts about klein-agent itself (--help, the MCP server's description)
+ALL_TITLES = " and ".join(f.title for f in FAMILIES.values())
 KV_NO_MASKED_EDITS = "klein 9B-KV checkpoints"  # a FLUX.2 checkpoint without a masked pipeline in diffusers
 
 

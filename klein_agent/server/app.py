@@ -71,7 +71,8 @@ def build_server(studio: Studio, gallery_command: str | None = None) -> MCPServe
     mcp: MCPServer[Studio] = KleinServer(
         "klein-agent",
         title="klein-agent",
-        description=f"{family.title} image generation and editing for agents, with a persistent image store.",
+        # what klein-agent does; the instructions say what this server's model (`family`) takes
+        description=f"{families.ALL_TITLES} image generation and editing for agents, with a persistent image store.",
         instructions=instructions(family),
         version=__version__,
         lifespan=lifespan,
