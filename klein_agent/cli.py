@@ -288,6 +288,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from klein_agent.model_options import model_family
     from klein_agent.rules import resolution
     from klein_agent.rules.calls import prepare_call
+    from klein_agent.rules.upsampling import CLI_CAPTION_SENTENCES
     from klein_agent.service.inputs import InputPolicy
     from klein_agent.service.pngfile import encode_png
 
@@ -323,6 +324,8 @@ def run_generate(args: argparse.Namespace) -> int:
         log.warning("%s", note)
     result = pipeline.generate(request, progress=bar.update)
     bar.close()
+    if result.caption_source is not None:  # FLUX 3: which text ran, as the tool result says it
+        print(f"text encoded: {CLI_CAPTION_SENTENCES[result.caption_source]}", file=sys.stderr)
     for k, (image, path) in enumerate(zip(result.images, outputs, strict=True)):
         recipe = prepared.recipe(result, k, parents=args.image, mask_name=args.mask)
         path.write_bytes(encode_png(image, provenance=recipe))
