@@ -319,6 +319,19 @@ def test_the_standalone_gallery_names_the_token_file_it_created_in_its_log_and_i
     assert str(filled.parent) not in body.decode()
 
 
+def test_the_gallery_json_paths_the_docs_give_answer_on_the_standalone_gallery(
+    gallery_process: tuple[int, str, str, Path],
+) -> None:
+    """docs/server.md gives the JSON routes with the prefix both front-ends mount them under (/gallery/...)."""
+    port, _, token, _ = gallery_process
+    docs = (REPO / "docs" / "server.md").read_text()
+    given = sorted(set(re.findall(r"`(/(?:gallery/)?api/[a-z]+(?:\?[^`]*)?)`", docs)))
+    assert given == ["/gallery/api/images?standing=pick", "/gallery/api/verdicts?after=MARK"], given
+    for path in given:
+        status, _, body = get(port, path.replace("MARK", "0"), {"Authorization": f"Bearer {token}"})
+        assert status == 200, (path, body[:200])
+
+
 def test_unknown_ids_and_path_tricks_get_the_404_page_and_nothing_is_written(
     filled: Path, gallery_process: tuple[int, str, str, Path]
 ) -> None:

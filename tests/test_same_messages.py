@@ -277,3 +277,15 @@ async def test_help_and_the_server_description_name_both_families(client: Client
     for text in (described, help_text):
         assert all(title in text for title in titles), text
     assert (client.instructions or "").startswith(f"Local {families.FLUX2.title} image tools")
+
+
+async def test_the_python_sdk_sends_a_nan_seed_as_null_which_means_unset(client: Client) -> None:
+    """What docs/server.md says of this client: pydantic writes NaN as null, so the seed arrives unset and a random
+    one is used and reported (the server cannot tell it from a seed left out); a literal NaN is refused
+    (test_non_finite.py)."""
+    made = await client.call_tool(
+        "generate", {"prompt": "x", "width": 64, "height": 64, "seed": float("nan")}
+    )
+    assert not made.is_error, made.content
+    seed = made.structured_content["images"][0]["seed"]  # type: ignore[index]
+    assert isinstance(seed, int) and 0 <= seed <= 2**32 - 1
