@@ -158,7 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
         f"{limits.FLUX3_BASE_GUIDANCE}, diffusers' default, where BFL's README says CFG 4)",
     )
     gen.add_argument(
-        "--num-images", type=int, default=1, help="seeds seed, seed+1, ...; files FILE-1.png, ..."
+        "--num-images",
+        type=int,
+        default=1,
+        metavar="N",
+        help=f"pictures to make, 1 to {limits.MAX_IMAGES_PER_CALL} (default: 1): seeds seed, seed+1, ...; files "
+        "FILE-1.png, ...",
     )
     gen.add_argument(
         "--mask",
@@ -186,14 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--step-cache",
         default=None,
         metavar="KIND[:THRESHOLD]",
-        help=STEP_CACHE_DESCRIPTION.replace("%", "%%"),  # argparse formats help with %
+        # lower case like every other help text; argparse formats help with %
+        help=(STEP_CACHE_DESCRIPTION[0].lower() + STEP_CACHE_DESCRIPTION[1:]).replace("%", "%%"),
     )
     gen.add_argument("--out", required=True, type=Path, help="the PNG to write")
     gen.add_argument(
         "--max-megapixels",
         type=positive_float,
         default=MAX_PIXELS_PER_CALL / 1e6,
-        help="refuse calls over width x height x num-images megapixels (default %(default).1f; the server's "
+        help="refuse calls over width x height x num-images megapixels (default %(default).2f, as the limit's error rounds it; the server's "
         "default depends on the device, as no client waits here)",
     )
     gen.set_defaults(run=run_generate)
