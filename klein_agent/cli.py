@@ -222,6 +222,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_logging_arguments(store)
     add_store_arguments(store)
 
+    models = commands.add_parser(
+        "models",
+        help="the official checkpoints: repo, steps, licence, and what the local cache holds of them",
+    )
+    from klein_agent.models_command import add_models_arguments
+
+    add_logging_arguments(models)
+    add_models_arguments(models)
+
     deploy = commands.add_parser(
         "deploy", help="put the model on a Ray cluster ($RAY_ADDRESS) for serve --generator ray"
     )

@@ -7,6 +7,7 @@ built only when the returned factory is called.
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +15,8 @@ from pathlib import Path
 from klein_agent.option_types import non_negative_gib
 from klein_agent.rules import buckets, families
 from klein_agent.rules.requests import ImageGenerator
+
+log = logging.getLogger(__name__)
 
 
 def add_model_arguments(
@@ -145,7 +148,9 @@ def check_model_options(args: argparse.Namespace) -> list[tuple[str, float]]:
     loras = lora_arguments(args)
     buckets.select(getattr(args, "warm_buckets", None))  # a bad --warm-buckets name, before the model loads
     if not _built_in(args.model):
-        check_model_source(args.model, allow_download=args.allow_download)
+        folder = check_model_source(args.model, allow_download=args.allow_download)
+        if folder is not None:
+            log_licence(folder)
     if getattr(args, "prompt_upsampler", None) is not None:
         from klein_agent.loading.upsampler_source import check_upsampler_files
 
@@ -193,6 +198,18 @@ def _given(value: object) -> bool:
     """Whether an option differs from its unset default (None, False, []); `0` counts as given
     (--reference-kv-cache-gib 0), which `value not in (None, False, [])` would miss since 0 == False."""
     return value is not None and value is not False and value != []
+
+
+def log_licence(folder: Path) -> None:
+    """One stderr line with the licence the model folder ships (its LICENSE file's first line): the weights'
+    licence is the user's to respect, and the file is the authority (`klein-agent models` lists BFL's table)."""
+    from klein_agent.loading.hub import licence_line
+
+    found = licence_line(folder)
+    if found is None:
+        log.info("model %s: no LICENSE file in the folder; check the licence on the model card", folder)
+    else:
+        log.info("model licence (%s): %s", found[0], found[1])
 
 
 def _built_in(model: str) -> bool:

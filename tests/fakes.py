@@ -46,9 +46,16 @@ def fake_picture(prompt: str, seed: int, width: int, height: int, references: in
 
 @dataclass
 class FakeGenerator:
-    """Implements ImageGenerator. `gate` (if set) must be set before each step proceeds past `gate_at_step`."""
+    """Implements ImageGenerator. `gate` (if set) must be set before each step proceeds past `gate_at_step`; a call
+    whose prompt is a key of `holds` waits there for that event instead, and sets `reached[prompt]` on arrival.
+    `max_in_flight`: the calls it says it takes at once (rules.requests.max_in_flight). `log` records
+    ("start" | "end", prompt, thread name) in the order they happened."""
 
     info: GeneratorInfo = FAKE_INFO
+    max_in_flight: int = 1
+    holds: dict[str, threading.Event] = field(default_factory=dict)
+    reached: dict[str, threading.Event] = field(default_factory=dict)
+    log: list[tuple[str, str, str]] = field(default_factory=list)
     step_delay_s: float = 0.0
     gate: threading.Event | None = None
     gate_at_step: int = 1
@@ -69,6 +76,7 @@ class FakeGenerator:
             self.calls.append(request)
             self.steps_run.append(0)
             index = len(self.calls) - 1
+            self.log.append(("start", request.prompt, threading.current_thread().name))
         try:
             resolved = resolve(request, self.info)
             steps = resolved.steps
@@ -77,7 +85,12 @@ class FakeGenerator:
             if progress:
                 progress(1, total, "encoding prompt")
             for step in range(1, steps + 1):
-                if step == self.gate_at_step and self.gate is not None:
+                hold = self.holds.get(request.prompt)
+                if step == self.gate_at_step and hold is not None:
+                    self.reached.setdefault(request.prompt, threading.Event()).set()
+                    if not hold.wait(30):
+                        raise TimeoutError(f"the hold of {request.prompt!r} was never released")
+                elif step == self.gate_at_step and self.gate is not None:
                     self.entered.set()
                     if not self.gate.wait(30):
                         raise TimeoutError("test gate was never opened")
@@ -106,6 +119,7 @@ class FakeGenerator:
         finally:
             with self._lock:
                 self.active -= 1
+                self.log.append(("end", request.prompt, threading.current_thread().name))
 
 
 def png_bytes(

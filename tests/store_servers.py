@@ -10,6 +10,8 @@ SeaweedFS: bound to 127.0.0.1 with telemetry off, and it must run inside a netwo
 its defaults (detected IP, bind 0.0.0.0, telemetry to seaweedfs.com) would. The test process that talks to it
 must be in the same namespace, so the S3 tests run in a child pytest started by
 tests/test_store_s3.py::test_the_s3_backends_in_a_private_network; `in_private_network()` says whether this is it.
+weed also keeps unix sockets at fixed paths in /tmp, which network namespaces share, so it runs with a /tmp of its
+own (a mount namespace): two contained runs at once must not reach each other's servers.
 
 The servers' coordinates reach the backends (tests/store_backends.py) and their child processes through the
 environment: KLEIN_TEST_PG_ADMIN (a DSN of the cluster's `postgres` database) and KLEIN_TEST_S3_ENDPOINT.
@@ -41,6 +43,9 @@ NETNS_ENV = "KLEIN_TEST_PRIVATE_NETWORK"  # set (to "1") in the child pytest tha
 S3_BUCKET = "klein"
 S3_KEY, S3_SECRET = "klein-test", "klein-test-secret-0123456789"  # the test server's own identity
 WEED_PORTS = {"master": 19333, "volume": 18080, "filer": 18888, "s3": 18333}
+# How long a started weed gets to take a PUT: seconds on an idle machine, ~30 s on a loaded 2-core one (PostgreSQL
+# and four weed servers starting at once).
+WEED_READY_S = 60.0
 
 
 def postgres_missing() -> str | None:
@@ -144,14 +149,28 @@ def _weed() -> str | None:
 
 @contextlib.contextmanager
 def seaweedfs() -> Iterator[str]:
-    """`weed mini` on 127.0.0.1 with one bucket and one identity (S3_KEY/S3_SECRET); yields the S3 endpoint URL.
-    Refuses to start outside the private network namespace. Stopped with SIGTERM, then SIGKILL after 5 s."""
+    """`weed mini` on 127.0.0.1 with one bucket and one identity (S3_KEY/S3_SECRET), ready for what the tests do
+    with it (`_wait_for_s3`); yields the S3 endpoint URL. Refuses to start outside the private network namespace.
+    Raises RuntimeError with the reason and weed's log when it is not ready within WEED_READY_S."""
     if not in_private_network():
         raise RuntimeError(
             "SeaweedFS runs only inside the loopback-only namespace (see tests/store_servers.py)"
         )
     weed = _weed()
     assert weed is not None
+    with _running_weed(weed) as (process, log):
+        why = _wait_for_s3(process, WEED_PORTS["s3"], log)
+        if why is not None:
+            raise RuntimeError(
+                f"weed mini was not ready in {WEED_READY_S:.0f} s ({why}):\n{log.read_text()[-3000:]}"
+            )
+        yield f"http://127.0.0.1:{WEED_PORTS['s3']}"
+
+
+@contextlib.contextmanager
+def _running_weed(weed: str) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """One `weed mini` on a fresh temp folder: yields the process and its log file. Stopped with SIGTERM, then
+    SIGKILL after 5 s, and its folder removed."""
     folder = Path(tempfile.mkdtemp(prefix="klein-s3-"))
     config = folder / "s3.json"
     identity = {"name": "klein", "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}]}
@@ -159,17 +178,22 @@ def seaweedfs() -> Iterator[str]:
     config.write_text(json.dumps({"identities": [identity]}))
     (folder / "data").mkdir()
     p = WEED_PORTS
-    command = [weed, "mini", f"-dir={folder / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
+    # weed's servers also talk over unix sockets at fixed paths named by port (/tmp/seaweedfs-<server>-grpc-<port>.sock,
+    # not moved by TMPDIR), which a network namespace does not separate: two contained runs at once (two engineers
+    # or CI jobs on one machine) reached each other's master and filer and wrote to volumes the other's volume server
+    # does not have ("volume 3 not found", HTTP 500 for minutes). So weed runs in a mount namespace of its own with
+    # its folder as /tmp: every path it is given is under that /tmp.
+    command = ["unshare", "-m", "--", "sh", "-c", 'mount --bind "$0" /tmp && exec "$@"', str(folder)]
+    command += [weed, "mini", "-dir=/tmp/data", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
     command += [f"-master.port={p['master']}", f"-volume.port={p['volume']}", f"-filer.port={p['filer']}"]
     command += [f"-s3.port={p['s3']}", "-master.telemetry=false", "-admin.ui=false", "-webdav=false"]
     command += ["-s3.port.iceberg=0", "-s3.port.lance=0", "-volume.preStopSeconds=0"]
-    command += [f"-s3.config={config}", f"-bucket={S3_BUCKET}"]
+    command += [f"-s3.config=/tmp/{config.name}", f"-bucket={S3_BUCKET}"]
     log = open(folder / "weed.log", "wb")  # noqa: SIM115 - closed below, after the process
+    # unshare and sh exec: the process is weed itself
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    endpoint = f"http://127.0.0.1:{p['s3']}"
     try:
-        _wait_for_s3(process, p["s3"], folder / "weed.log")
-        yield endpoint
+        yield process, folder / "weed.log"
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -181,20 +205,31 @@ def seaweedfs() -> Iterator[str]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _wait_for_s3(process: subprocess.Popen[bytes], port: int, log: Path, timeout_s: float = 30.0) -> None:
-    """Until the S3 port answers HTTP and the bucket takes a signed request (weed creates it a moment later)."""
-    deadline = time.monotonic() + timeout_s
+def _wait_for_s3(process: subprocess.Popen[bytes], port: int, log: Path) -> str | None:
+    """None once the bucket takes what the tests do with it: a signed listing (weed creates the bucket a moment
+    after the port opens, and loads the identity then), a create-only PUT (the first one makes weed grow a volume),
+    a GET of those bytes and a DELETE; else, after WEED_READY_S, why not. Raises RuntimeError if weed exits."""
+    deadline = time.monotonic() + WEED_READY_S
+    endpoint, why = f"http://127.0.0.1:{port}", "its S3 port never opened"
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"weed mini exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            if _bucket_ready(f"http://127.0.0.1:{port}"):
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"weed mini did not answer in {timeout_s:.0f} s:\n{log.read_text()[-3000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                pass
+        except OSError:
+            time.sleep(0.1)
+            continue
+        why = _s3_not_ready(endpoint)
+        if why is None:
+            return None
+        time.sleep(0.2)
+    return why
 
 
-def _bucket_ready(endpoint: str) -> bool:
+def _s3_not_ready(endpoint: str) -> str | None:
+    """What the bucket cannot do yet (the first failing request and its error), or None when it lists, takes a
+    create-only PUT, returns those bytes and deletes them."""
     import obstore
     from obstore.store import S3Store
 
@@ -209,11 +244,19 @@ def _bucket_ready(endpoint: str) -> bool:
         client_options={"allow_http": True},
         retry_config={"max_retries": 0},
     )
+    probe, data = f"ready-probe-{os.getpid()}-{time.monotonic_ns()}", os.urandom(64)
+    step = "list"
     try:
         next(iter(obstore.list(store, chunk_size=1)), None)
-    except Exception:
-        return False
-    return True
+        step = "create-only put"
+        obstore.put(store, probe, data, mode="create", use_multipart=False)
+        step = "get"
+        got = bytes(obstore.get(store, probe).bytes())
+        step = "delete"
+        obstore.delete(store, probe)
+    except Exception as e:  # any failure means "not yet"; the last is reported
+        return f"{step}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    return None if got == data else "get: the probe's bytes came back changed"
 
 
 def s3_environment(endpoint: str) -> dict[str, str]:

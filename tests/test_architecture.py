@@ -39,6 +39,7 @@ ALLOWED: dict[str, set[str]] = {
 TORCH_FREE = ["rules", "service", "web", "gallery", "server", "model_options", "option_types", "cli"]
 TORCH_FREE.append("store_command")  # `klein-agent store copy`: a driver, like cli
 TORCH_FREE += ["replica.handle", "replica.wire", "deploy_command"]  # what a front-end and the deployer import
+TORCH_FREE.append("models_command")  # `klein-agent models`: reads presets and the cache, loads nothing
 
 
 def modules() -> list[Path]:

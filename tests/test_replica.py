@@ -174,3 +174,63 @@ def test_a_front_end_without_a_cluster_address_fails_its_load_with_the_fix(
     assert engine.wait_loaded(30) == EngineState.FAILED
     assert "--generator ray needs the Ray cluster's address: set RAY_ADDRESS" in (engine.status().error or "")
     engine.close()
+
+
+def test_the_application_tells_front_ends_how_many_calls_to_send_at_once() -> None:
+    from klein_agent.replica.config import in_flight_bound
+
+    assert in_flight_bound() == 1  # one replica, one call each: a front-end sends one at a time, as before
+    assert in_flight_bound(replicas=4) == 4
+    # autoscaling: its most replicas, so calls beyond the running ones wait in Serve's queue, which it scales on
+    assert in_flight_bound(autoscale=(0, 3)) == 3
+    # never more than Serve lets one caller have waiting: more would be refused as busy with replicas idle
+    assert in_flight_bound(replicas=4, max_queued=2) == 2
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_one_engine_sends_a_two_replica_application_two_calls_at_once(anyio_backend: str) -> None:
+    """The front-end's shape under `serve --generator ray`: an engine over the handle of an application of two
+    replicas takes the bound the application states and has two calls at the replicas at once. Local testing mode
+    runs one replica instance (one model thread), so the overlap is shown where it starts: the replica has begun
+    the second call while the first is still unanswered at the engine (its progress held on the caller's side)."""
+    import anyio
+
+    from klein_agent.replica.deployment import build_app
+    from klein_agent.replica.handle import ask_in_flight
+    from klein_agent.service.engine import Engine, EngineState
+
+    handle = serve.run(build_app(TINY, replicas=2), name="replica-two", _local_testing_mode=True)
+    assert (
+        await anyio.to_thread.run_sync(ask_in_flight, handle, 60) == 2
+    )  # Ray's result() blocks: off the loop
+    engine = Engine(
+        lambda: RayGenerator(handle, generator(handle).info, max_in_flight=ask_in_flight(handle, 60))
+    )
+    engine.start()
+    assert engine.wait_loaded(60) == EngineState.READY
+    before = (await acounts(handle))["calls"]
+    first_reported, release_first = anyio.Event(), anyio.Event()
+    finished: list[str] = []
+
+    async def held(value: float, total: float | None, message: str) -> None:
+        first_reported.set()
+        await release_first.wait()  # the first call cannot finish at the engine until released
+
+    async def one(prompt: str, progress: Any) -> None:
+        done = await engine.run(GenerationRequest(prompt, 64, 64, seed=5, steps=2), progress=progress)
+        assert len(done.result.images) == 1
+        finished.append(prompt)
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(one, "first", held)
+        with anyio.fail_after(60):
+            await first_reported.wait()
+        tasks.start_soon(one, "second", None)
+        with anyio.fail_after(60):  # a hang guard: a front-end sending one call at a time never gets here
+            while (await acounts(handle))["calls"] < before + 2:
+                await anyio.sleep(0.02)
+        assert "first" not in finished and engine.status().running_calls >= 1
+        release_first.set()
+    assert sorted(finished) == ["first", "second"] and engine.status().completed == 2
+    await engine.aclose()

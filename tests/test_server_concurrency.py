@@ -167,6 +167,44 @@ async def test_a_full_queue_answers_busy_at_once(tmp_path: Path, mode: str) -> N
         assert "one too many" not in [r.prompt for r in fake.calls]
 
 
+async def test_a_generator_of_two_runs_two_calls_at_once_and_each_is_stored(
+    tmp_path: Path, mode: str
+) -> None:
+    """Through a real client: a generator that takes two calls (as a Ray application of two replicas says) has two
+    calls inside it at once, a third waits, a fourth is refused counting the queue and the running calls apart,
+    server_status says how many run of how many, and every call that ran is stored once."""
+    fake = FakeGenerator(
+        max_in_flight=2,
+        holds={"call 0": threading.Event(), "call 1": threading.Event()},
+        reached={"call 0": threading.Event(), "call 1": threading.Event()},
+    )
+    async with serving(lambda: fake, tmp_path, mode, max_queue=1) as (client, state):
+        done: list[Any] = []
+
+        async def one(k: int) -> None:
+            done.append(await client.call_tool("generate", {"prompt": f"call {k}", **SMALL}))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(one, 0)
+            assert await anyio.to_thread.run_sync(fake.reached["call 0"].wait, 10)
+            tg.start_soon(one, 1)
+            assert await anyio.to_thread.run_sync(fake.reached["call 1"].wait, 10), "both held inside at once"
+            tg.start_soon(one, 2)
+            await until(lambda: state.engine.status().queue_depth == 1)
+            with anyio.fail_after(60):  # a hang guard: the refusal comes while both calls are held
+                busy = await client.call_tool("generate", {"prompt": "one too many", **SMALL})
+            status = await client.call_tool("server_status", {})
+            assert "Queue: 2 of 2 running, 1 waiting (max 1)" in status.content[0].text
+            assert [r.prompt for r in fake.calls] == ["call 0", "call 1"]
+            fake.holds["call 0"].set()
+            fake.holds["call 1"].set()
+        assert busy.is_error and "busy: 1 calls are queued and 2 are running" in busy.content[0].text
+        assert len(done) == 3 and not any(r.is_error for r in done) and fake.max_active == 2
+        ids = [r.structured_content["images"][0]["image_id"] for r in done]
+        listed = (await client.call_tool("list_images", {})).structured_content["images"]
+        assert sorted(image["image_id"] for image in listed) == sorted(ids), "each call stored once"
+
+
 async def test_out_of_memory_is_a_clear_error_and_the_server_keeps_serving(tmp_path: Path, mode: str) -> None:
     fake = FakeGenerator(fail_with=RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB"))
     async with serving(lambda: fake, tmp_path, mode) as (client, state):

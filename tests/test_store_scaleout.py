@@ -9,6 +9,7 @@ Without the rights to make a namespace (or without PostgreSQL 15 or `weed`) the 
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -62,3 +63,51 @@ def test_without_containment_it_skips_with_the_reason_and_ci_fails_instead(
         pytest.skip.Exception, match=r"loopback-only network namespace: `unshare -n` is not allowed"
     ):
         run_contained("tests/test_store_interfaces.py")
+
+
+# Run in each of two contained runs at once: put a key of its own when both are up, list the bucket when both have
+# put, and print what it saw. Markers in a shared folder (argv[1]) line the two up; argv[2] names this run.
+TWO_RUNS_CHILD = """
+import os, sys, time
+from pathlib import Path
+import obstore
+from obstore.store import S3Store
+from tests import store_servers as s
+meet, me = Path(sys.argv[1]), sys.argv[2]
+def wait_for(name):
+    deadline = time.monotonic() + 120
+    while not all((meet / f"{run}.{name}").exists() for run in ("a", "b")):
+        assert time.monotonic() < deadline, f"the other run never got to {name}"
+        time.sleep(0.1)
+endpoint = os.environ[s.S3_ENDPOINT_ENV]
+store = S3Store(s.S3_BUCKET, config={"endpoint": endpoint, "access_key_id": s.S3_KEY,
+    "secret_access_key": s.S3_SECRET, "region": "us-east-1"}, client_options={"allow_http": True})
+(meet / f"{me}.up").touch(); wait_for("up")
+obstore.put(store, f"only-{me}", me.encode(), mode="create")
+(meet / f"{me}.put").touch(); wait_for("put")
+print("SAW", sorted(m["path"] for chunk in obstore.list(store) for m in chunk))
+"""
+
+
+def test_two_contained_runs_at_once_each_have_their_own_s3(tmp_path: Path) -> None:
+    # weed's unix sockets sit at fixed paths in /tmp, which network namespaces share: two runs at once (engineers,
+    # CI jobs) once reached each other's servers and failed PUTs with "volume 3 not found" (tests/store_servers.py)
+    why = missing_part()
+    if why is not None:
+        pytest.skip(f"needs the contained servers: {why}")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    runs = {
+        me: subprocess.Popen(
+            store_servers.private_network_command("-c", TWO_RUNS_CHILD, str(tmp_path), me),
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for me in ("a", "b")
+    }
+    for me, run in runs.items():
+        out, _ = run.communicate(timeout=300)
+        assert run.returncode == 0, out[-3000:]
+        assert f"SAW ['only-{me}']" in out, out[-3000:]

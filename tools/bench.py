@@ -353,6 +353,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-reference", action="store_true", help="skip diffusers even where installed")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--kv", action="store_true", help="klein 9B-KV rows instead (tools/bench_kv.py)")
+    parser.add_argument("--flux3", action="store_true", help="FLUX 3 rows instead (tools/bench_flux3.py)")
     parser.add_argument(
         "--step-cache",
         nargs="+",
@@ -459,6 +460,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench_kv import run_kv
 
         return run_kv(args)
+    if args.flux3:
+        from bench_flux3 import run_flux3
+
+        return run_flux3(args)
     if args.step_cache:
         from bench_step_cache import run_step_cache
 

@@ -12,11 +12,13 @@ What each figure is:
 
 - **images/s, 1 vs 2 replicas.** `klein-agent deploy --model tiny` twice, one application of 1 replica and one of 2
   (each replica 1 CPU and 1 torch thread, OMP_NUM_THREADS=1: a replica stands for a GPU), driven from this process
-  through the front-end's own `RayGenerator` with `--in-flight` calls in flight per replica (default 1, as one
-  front-end per replica sends them: a front-end's engine runs one call at a time). Rounds alternate the order
+  through the front-end's own `RayGenerator` with `--in-flight` calls in flight per replica from a pool of threads
+  (default 1: what the application lets a front-end send per replica). Rounds alternate the order
   (1 then 2, 2 then 1) so a drift in the machine's load touches both; the ratio is the median of the rounds' own
-  ratios. A front-end's engine runs one call at a time, so this drives the replicas directly: with MCP
-  front-ends, one front-end per replica is needed to keep them all busy (docs/scaling.md).
+  ratios.
+- **one front-end's engine, 1 vs 2 replicas.** The same calls, all submitted at once to one front-end's `Engine`
+  over the same `RayGenerator`s, in the same rounds: the engine runs as many at once as the application says it
+  takes (`KleinReplica.in_flight`: its replicas x one call), so one front-end keeps every replica busy.
 - **added latency.** A real MCP client calls `generate` on `serve --http --generator ray:APP` over the shared store
   (PostgreSQL + S3), one call at a time. Added = the client's round trip − the model time the replica measured
   for that call (`timings_ms.total` in the stored recipe, read afterwards, not timed): MCP over HTTP, the engine,
@@ -44,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -66,7 +69,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=1,
         metavar="K",
-        help="calls in flight per replica in the images/s runs (default 1: as N front-ends, one call each)",
+        help="calls in flight per replica in the pool-driven images/s runs (default 1: one call per replica)",
+    )
+    parser.add_argument(
+        "--engine-in-flight",
+        type=int,
+        metavar="K",
+        help="cap the one-engine runs at K calls at once (1: the engine before issue 20's concurrency, for a "
+        "before/after in one run); default: what the application says",
     )
     parser.add_argument("--runs", type=int, default=3, help="timed rounds of 1 and 2 replicas (default 3)")
     parser.add_argument(
@@ -146,28 +156,84 @@ def images_per_s(
         return calls / (time.perf_counter() - start), model_ms
 
 
+def engine_images_per_s(engine: Any, args: argparse.Namespace, calls: int, seed: int) -> float:
+    """Pictures per second of `calls` calls submitted at once to one front-end's engine (it runs as many at once
+    as its generator takes, the rest wait in its queue)."""
+    import anyio
+
+    from klein_agent.rules.requests import GenerationRequest
+
+    async def all_at_once() -> None:
+        async with anyio.create_task_group() as tasks:
+            for k in range(calls):
+                request = GenerationRequest("a kite", args.size, args.size, seed=seed + k, steps=args.steps)
+                tasks.start_soon(engine.run, request)
+
+    start = time.perf_counter()
+    anyio.run(all_at_once)
+    return calls / (time.perf_counter() - start)
+
+
+class Capped:
+    """`generator` taking at most `cap` calls at once (`--engine-in-flight`)."""
+
+    def __init__(self, generator: Any, cap: int) -> None:
+        self._generator, self.info = generator, generator.info
+        self.max_in_flight = min(cap, generator.max_in_flight)
+
+    def generate(self, request: Any, progress: Any = None) -> Any:
+        return self._generator.generate(request, progress)
+
+
+def engine_of(generator: Any, calls: int, cap: int | None) -> Any:
+    """A front-end's engine over `generator` (at most `cap` calls at once, when given), with room in its queue
+    for `calls` calls at once."""
+    from klein_agent.service.engine import Engine, EngineState
+
+    engine = Engine(lambda: generator if cap is None else Capped(generator, cap), max_queue=calls)
+    engine.start()
+    if engine.wait_loaded(60) != EngineState.READY:
+        raise RuntimeError(f"the engine did not start: {engine.status().error}")
+    return engine
+
+
 def replica_scaling(args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
     deploy("bench-1", 1, env)
     deploy("bench-2", 2, env)
     one, two = generator_of("bench-1"), generator_of("bench-2")
     images_per_s(one, args, 2, 2, seed=0)  # warm-up: every replica has run once
     images_per_s(two, args, 4, 4, seed=0)
+    engines = {n: engine_of(g, args.calls, args.engine_in_flight) for n, g in ((1, one), (2, two))}
     rates: dict[int, list[float]] = {1: [], 2: []}
+    engine_rates: dict[int, list[float]] = {1: [], 2: []}
     model_ms: dict[int, list[float]] = {1: [], 2: []}
-    ratios = []
+    ratios, engine_ratios = [], []
     for r in range(args.runs):
         order = [(1, one), (2, two)] if r % 2 == 0 else [(2, two), (1, one)]
-        got = {}
+        got, through = {}, {}
         for n, generator in order:
             got[n], times = images_per_s(generator, args, args.calls, args.in_flight * n, seed=1000 * (r + 1))
             rates[n].append(got[n])
             model_ms[n] += times
+            through[n] = engine_images_per_s(engines[n], args, args.calls, seed=1000 * (r + 1) + 500)
+            engine_rates[n].append(through[n])
         ratios.append(got[2] / got[1])
-        print(f"  round {r + 1}: 1 replica {got[1]:.2f}/s, 2 replicas {got[2]:.2f}/s", file=sys.stderr)
+        engine_ratios.append(through[2] / through[1])
+        print(
+            f"  round {r + 1}: 1 replica {got[1]:.2f}/s, 2 replicas {got[2]:.2f}/s; one engine: "
+            f"{through[1]:.2f}/s, {through[2]:.2f}/s",
+            file=sys.stderr,
+        )
+    for engine in engines.values():
+        engine.close()
     return {
         "one": spread(rates[1]),
         "two": spread(rates[2]),
         "ratio": spread(ratios),
+        "engine_in_flight": {n: engines[n].status().max_in_flight for n in engines},
+        "engine_one": spread(engine_rates[1]),
+        "engine_two": spread(engine_rates[2]),
+        "engine_ratio": spread(engine_ratios),
         "model_ms_one": round(statistics.median(model_ms[1]), 1),
         "model_ms_two": round(statistics.median(model_ms[2]), 1),
         # what the replicas delivered of what their model time allows (n replicas, each 1000/model_ms a second):
@@ -376,14 +442,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         os.environ.update(env)  # this process is a front-end too (RayGenerator) and a store client
         figures: dict[str, Any] = {"size": args.size, "steps": args.steps, "cpus": os.cpu_count()}
         figures["load_before"] = round(os.getloadavg()[0], 1)  # a shared machine: how busy it was
-        step("replicas: 1 vs 2", lambda: figures.update(replicas=replica_scaling(args, env)))
-        step(
-            "front-ends: latency, cache hits",
-            lambda: figures.update(calls=front_end_figures(args, env, scratch)),
-        )
-        import ray
+        try:
+            step("replicas: 1 vs 2", lambda: figures.update(replicas=replica_scaling(args, env)))
+            step(
+                "front-ends: latency, cache hits",
+                lambda: figures.update(calls=front_end_figures(args, env, scratch)),
+            )
+        except BaseException:
+            # said here: leaving the block stops the cluster, and a driver whose raylet dies exits at once,
+            # before any traceback is printed
+            traceback.print_exc()
+            raise
+        finally:
+            import ray
 
-        ray.shutdown()  # before the cluster stops: a driver whose raylet dies exits at once
+            ray.shutdown()  # before the cluster stops, for the same reason
         dsn, blobs = store_servers.database_for(admin, "store_alone"), f"s3://{store_servers.S3_BUCKET}/alone"
         step("store alone", lambda: figures.update(store=store_writes(args, dsn, blobs, endpoint, scratch)))
     figures["load_after"] = round(os.getloadavg()[0], 1)
@@ -407,6 +480,11 @@ def table(f: dict[str, Any]) -> str:
         ("images/s, 1 replica", rng(r["one"], "/s")),
         ("images/s, 2 replicas", rng(r["two"], "/s")),
         ("2 replicas / 1 replica", rng(r["ratio"], "×")),
+        (
+            "one front-end's engine, images/s, 1 / 2 replicas",
+            f"{rng(r['engine_one'], '/s')} / {rng(r['engine_two'], '/s')}",
+        ),
+        ("  2 replicas / 1 replica, one engine", rng(r["engine_ratio"], "×")),
         (
             "  model time per call, 1 / 2 replicas",
             f"{r['model_ms_one']:.0f} / {r['model_ms_two']:.0f} ms (median)",

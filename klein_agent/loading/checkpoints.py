@@ -22,7 +22,7 @@ from transformers import AutoTokenizer, Qwen3Config
 
 from klein_agent.loading import keymaps
 from klein_agent.loading.errors import CheckpointError
-from klein_agent.loading.hub import CACHED_REPO, download_command
+from klein_agent.loading.hub import completion_hint
 from klein_agent.loading.quantized import Fp8LinearFactory, QuantizedSummary, to_model_names
 from klein_agent.loading.safetensors_file import DTYPES
 from klein_agent.model.autoencoder import AutoEncoder
@@ -525,13 +525,7 @@ def _weight_files(folder: Path) -> list[Path]:
 
 
 def _incomplete(folder: Path, what: str) -> CheckpointError:
-    match = CACHED_REPO.search(str(folder))
-    if match:
-        repo_id = f"{match['owner']}/{match['name']}"
-        fix = f"run `{download_command(repo_id)}` again to finish it"
-    else:
-        fix = "download or copy the model folder again"
-    return CheckpointError(f"incomplete download: {folder}: {what}; {fix}")
+    return CheckpointError(f"incomplete download: {folder}: {what}; {completion_hint(folder)}")
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:

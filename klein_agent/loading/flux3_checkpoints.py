@@ -27,7 +27,7 @@ from klein_agent.loading.checkpoints import (
     read_safetensors,
 )
 from klein_agent.loading.errors import CheckpointError
-from klein_agent.loading.hub import MODULAR_INDEX
+from klein_agent.loading.hub import MODULAR_INDEX, completion_hint
 from klein_agent.model.autoencoder import AutoEncoder
 from klein_agent.model.configs import (
     FLUX3_BASE_SAMPLING,
@@ -125,8 +125,7 @@ def component_folder(folder: Path, index: dict[str, Any], name: str) -> Path:
     path = folder / str(subfolder)
     if not path.is_dir():
         raise CheckpointError(
-            f"{folder} lacks the {name} folder {path.name}/ that {MODULAR_INDEX} names; download or copy the "
-            "whole model folder"
+            f"{folder} lacks the {name} folder {path.name}/ that {MODULAR_INDEX} names; {completion_hint(folder)}"
         )
     return path
 

@@ -8,7 +8,7 @@ modulation is [shift; scale] in BFL's files and [scale; shift] in diffusers'. BF
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import Tensor
@@ -94,3 +94,16 @@ def transformer_to_diffusers(sd: Mapping[str, Tensor]) -> StateDict:
 def drop_training_only(sd: Mapping[str, Tensor]) -> StateDict:
     """A BFL file without its REPA projection heads (used only in training; diffusers drops them too)."""
     return {k: v for k, v in sd.items() if not k.startswith(TRAINING_ONLY_PREFIX)}
+
+
+def lora_layers_from_diffusers(ours: Iterable[str]) -> dict[str, tuple[str, bool]]:
+    """diffusers layer name (no `.weight`) -> (our layer name, whether its output halves are swapped), for each of
+    `ours` (our linear layers, BFL names): the names a FLUX 3 LoRA in diffusers' layout may use. Built from the model's
+    own layers, so a name diffusers' `Flux3Transformer2DModel` has no layer for maps to nothing. q, k and v are
+    separate layers on both sides (unlike FLUX.2's fused ones); only the output layer's modulation is swapped."""
+    table: dict[str, tuple[str, bool]] = {}
+    for name in ours:
+        weight = f"{name}.weight"
+        theirs = _FINAL_MOD[0] if weight == _FINAL_MOD[1] else _rename(weight, forward=False)
+        table[theirs.removesuffix(".weight")] = (name, weight == _FINAL_MOD[1])
+    return table

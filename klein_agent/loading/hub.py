@@ -92,8 +92,8 @@ def _model_folder(model: str, folder: Path, *, cached: bool = False) -> Path:
         return folder
     if cached:
         raise CheckpointError(
-            f"--model {model}: the cached snapshot {folder} has no model_index.json (an unfinished download?); "
-            f"run `{download_command(model)}` to complete it"
+            f"--model {model}: the cached snapshot {folder} has no model_index.json (FLUX.2) or {MODULAR_INDEX} "
+            f"(FLUX 3): an unfinished download? Run `{download_command(model)}` to complete it"
         )
     raise CheckpointError(
         f"--model {model}: the folder {folder.absolute()} has no model_index.json; pass the folder of a "
@@ -142,3 +142,47 @@ def cached_snapshot(repo_id: str) -> Path | None:
             return candidate
     found = sorted((p for p in snapshots.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
     return found[-1] if found else None
+
+
+def repo_of_snapshot(folder: Path) -> str | None:
+    """The repo id whose cached snapshot `folder` is (`…/models--owner--name/snapshots/<revision>`), else None."""
+    found = CACHED_REPO.search(str(Path(folder).absolute()) + os.sep)
+    return f"{found.group('owner')}/{found.group('name')}" if found else None
+
+
+def completion_hint(folder: Path) -> str:
+    """What to do about a file missing from model folder `folder`: finish the download when it is a cached snapshot
+    (an interrupted or partial `hf download`), else copy the folder again. Every "incomplete" message ends with it."""
+    repo = repo_of_snapshot(folder)
+    if repo is not None:
+        return f"run `{download_command(repo)}` again to finish it"
+    return "download or copy the model folder again"
+
+
+LICENCE_FILES = ("LICENSE", "LICENSE.md", "LICENSE.txt", "LICENCE", "LICENCE.md")
+LICENCE_READ_BYTES = (
+    4096  # the first line is the licence's title; a huge or binary file costs no more than this
+)
+LICENCE_LINE_CHARS = 160
+
+
+def licence_line(folder: Path) -> tuple[str, str] | None:
+    """(file name, its first non-blank line) of the licence file a model folder ships (`LICENSE`, `LICENSE.md`,
+    ...; Hugging Face repos carry their licence this way), or None when there is none. Reads at most
+    LICENCE_READ_BYTES; Markdown heading marks are dropped and the line is cut to LICENCE_LINE_CHARS. Never raises
+    for an unreadable file (it is reported as unreadable): the licence is information, not a reason to refuse."""
+    for name in LICENCE_FILES:
+        path = Path(folder) / name
+        if not path.is_file():
+            continue
+        try:
+            with path.open("rb") as f:
+                head = f.read(LICENCE_READ_BYTES).decode("utf-8", errors="replace")
+        except OSError as err:
+            return name, f"(unreadable: {err.strerror})"
+        for line in head.splitlines():
+            text = " ".join(line.strip().lstrip("#").split())
+            if text:
+                return name, text[:LICENCE_LINE_CHARS]
+        return name, "(empty)"
+    return None

@@ -1,4 +1,5 @@
-"""LoRA files to low-rank updates of our transformer's layers, in the formats people publish for FLUX.2 [klein].
+"""LoRA files to low-rank updates of our transformer's layers, in the formats people publish for FLUX.2 [klein]
+and those diffusers reads for FLUX 3 [klein].
 
 Formats, told apart by their keys (diffusers `Flux2LoraLoaderMixin.lora_state_dict` tells them apart the same way):
 - diffusers / PEFT: `transformer.<diffusers layer>.lora_A.weight` / `.lora_B.weight`; q, k and v are separate
@@ -8,6 +9,13 @@ Formats, told apart by their keys (diffusers `Flux2LoraLoaderMixin.lora_state_di
   as BFL has it; PEFT's `base_model.model.` prefix means the same. Under either prefix a layer may also carry
   diffusers' own name (PEFT and ComfyUI exports do this; diffusers' converter accepts them too).
 Each becomes one `LowRank` per layer, alpha / rank folded in.
+
+FLUX 3 (`Flux3Transformer`, BFL names too) has separate q, k and v layers, so nothing is fused: diffusers' names map
+one to one (`flux3_keymaps.lora_layers_from_diffusers`), and `diffusion_model.` files carry BFL's names (diffusers
+`Flux3LoraLoaderMixin` converts those with `_convert_non_diffusers_flux3_lora_to_diffusers`, which renames only the
+block internals: a BFL key outside the blocks, e.g. `txt_in`, reaches no layer there and diffusers drops it with a
+warning; it names our layer exactly, so we apply it). diffusers reads no LoKr file for FLUX 3 (its loader wants
+"lora" in every key), and neither do we.
 
 A file is checked in two passes so a hostile one costs nothing: first its header alone (`SafetensorsFile`: sizes,
 offsets, dtypes), every key mapped to a layer and every shape checked against that layer, rank at most
@@ -22,12 +30,14 @@ import logging
 import math
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from klein_agent.loading import flux3_keymaps
 from klein_agent.loading.adapter_values import (
     check_alpha_entry,
     check_row_norms,
@@ -39,6 +49,7 @@ from klein_agent.loading.errors import LoRAError
 from klein_agent.loading.keymaps import transformer_layer_from_diffusers
 from klein_agent.loading.lokr import is_lokr, read_lokr
 from klein_agent.loading.safetensors_file import SafetensorsFile, parse_json
+from klein_agent.model.flux3_transformer import Flux3Transformer
 from klein_agent.model.lora import Kronecker, LoRALinear, LowRank, Update
 
 __all__ = ["AdapterFile", "LoRAError", "read_lora"]
@@ -46,6 +57,8 @@ __all__ = ["AdapterFile", "LoRAError", "read_lora"]
 log = logging.getLogger(__name__)
 
 ANOTHER_MODEL = "the LoRA is for another model or klein size: use one trained for this model"
+# what a diffusers layer name becomes: (our layer, which third of a fused q/k/v or None, output halves swapped)
+Target = tuple[str, int | None, bool]
 PREFIXES = ("diffusion_model.", "base_model.model.")
 _KINDS = {"lora_A": "A", "lora_down": "A", "lora_B": "B", "lora_up": "B"}
 # metadata fields trainers use for the model an adapter was trained on (kohya sd-scripts, modelspec, PEFT/ai-toolkit)
@@ -106,11 +119,19 @@ def read_lora(
     with SafetensorsFile(path) as st:
         if not st.entries:
             raise LoRAError(path, "the file holds no tensors", "give a LoRA .safetensors file")
+        flux3 = isinstance(model, Flux3Transformer)
         if is_lokr(st.entries):
+            if flux3:
+                raise LoRAError(
+                    path,
+                    "LoKr adapters are read for FLUX.2 [klein] only (diffusers reads none for FLUX 3)",
+                    "give a LoRA file (lora_A/lora_B) trained for FLUX 3 [klein]",
+                    next(k for k in st.entries if ".lokr_" in k),
+                )
             fmt, kron = read_lokr(st, layers, max_scale)
             _warn_other_base(path, st.metadata, variant)
             return AdapterFile(path, fmt, dict(kron))
-        fmt, parts = _parts(st, layers)
+        fmt, parts = _parts(st, layers, _flux3_names(layers) if flux3 else _flux2_names)
         alpha = _metadata_alpha(st) if fmt == "diffusers" else None
         for part in parts:
             _check_shapes(st, part, layers[part.layer])
@@ -121,8 +142,31 @@ def read_lora(
     return AdapterFile(path, fmt, dict(updates))
 
 
-def _parts(st: SafetensorsFile, layers: dict[str, nn.Linear]) -> tuple[str, list[_Part]]:
-    """The file's format and its (down, up) pairs mapped to our layers, from the key names alone."""
+def _flux2_names(name: str, prefixed: bool) -> Target | None:
+    """A FLUX.2 diffusers layer name -> its target (`prefixed`: found under `diffusion_model.`, where diffusers'
+    converter has normalised "transformer_blocks." to "sformer_blocks.", and so do we)."""
+    if prefixed:
+        name = re.sub(r"^sformer_blocks\.", "transformer_blocks.", name)
+    return transformer_layer_from_diffusers(name)
+
+
+def _flux3_names(layers: dict[str, nn.Linear]) -> Callable[[str, bool], Target | None]:
+    """FLUX 3: a diffusers layer name -> its target, only for names diffusers' model has (the same under a prefix:
+    diffusers' FLUX 3 converter leaves diffusers names as they are)."""
+    table = flux3_keymaps.lora_layers_from_diffusers(layers)
+
+    def target(name: str, prefixed: bool) -> Target | None:
+        found = table.get(name)
+        return None if found is None else (found[0], None, found[1])
+
+    return target
+
+
+def _parts(
+    st: SafetensorsFile, layers: dict[str, nn.Linear], from_diffusers: Callable[[str, bool], Target | None]
+) -> tuple[str, list[_Part]]:
+    """The file's format and its (down, up) pairs mapped to our layers, from the key names alone (`from_diffusers`:
+    the model family's reading of diffusers' layer names)."""
     keys = list(st.entries)
     if any(k.startswith("lora_unet_") for k in keys):
         fmt, prefix = "kohya", "lora_unet_"
@@ -135,7 +179,7 @@ def _parts(st: SafetensorsFile, layers: dict[str, nn.Linear]) -> tuple[str, list
             st.path,
             "the key is in no LoRA format we read (diffusers 'transformer.…lora_A.weight', kohya "
             "'lora_unet_…lora_down.weight', ai-toolkit 'diffusion_model.…lora_A.weight')",
-            "give a FLUX.2 [klein] LoRA",
+            "give a LoRA trained for this model",
             keys[0],
         )
     by_flat = {name.replace(".", "_"): name for name in layers}
@@ -158,7 +202,7 @@ def _parts(st: SafetensorsFile, layers: dict[str, nn.Linear]) -> tuple[str, list
                     next(iter(kinds.values())),
                 )
         down = kinds["A"]
-        target: tuple[str, int | None, bool] | None
+        target: Target | None
         if "alpha" in kinds and fmt != "kohya":  # diffusers reads no alpha tensor in these layouts either
             raise LoRAError(
                 st.path,
@@ -169,14 +213,12 @@ def _parts(st: SafetensorsFile, layers: dict[str, nn.Linear]) -> tuple[str, list
         if fmt == "kohya":
             target = (by_flat[layer], None, False) if layer in by_flat else None
         elif fmt == "diffusers":
-            target = transformer_layer_from_diffusers(layer)
+            target = from_diffusers(layer, False)
         elif layer in layers:  # ai-toolkit: BFL names
             target = (layer, None, False)
             down_up = down_up or ".lora_down." in down
-        else:  # diffusers' names under the prefix ("sformer_blocks." as diffusers' converter normalises it)
-            target = transformer_layer_from_diffusers(
-                re.sub(r"^sformer_blocks\.", "transformer_blocks.", layer)
-            )
+        else:  # diffusers' names under the prefix
+            target = from_diffusers(layer, True)
             diffusers_names += 1
         if target is None or target[0] not in layers:
             raise LoRAError(st.path, "it names no layer of this model", ANOTHER_MODEL, down)
@@ -313,7 +355,10 @@ def _combine(path: Path, read: list[tuple[_Part, Tensor, Tensor]]) -> dict[str, 
             continue
         if any(p.rows is None for p, _, _ in pieces) or len({p.rows for p, _, _ in pieces}) != len(pieces):
             raise LoRAError(
-                path, f"layer {name} is given twice (fused and split)", "keep one of them", pieces[0][0].down
+                path,
+                f"layer {name} is given twice (by two names, or fused and split)",
+                "keep one of them",
+                pieces[0][0].down,
             )
         third = pieces[0][2].shape[0]
         rank = sum(down.shape[0] for _, down, _ in pieces)

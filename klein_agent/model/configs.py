@@ -213,6 +213,9 @@ class ModelPreset:
     licence: str = "Apache-2.0"
     # klein 9B-KV: references run once at timestep 0, attending only to themselves; their keys and values are kept
     kv_references: bool = False
+    repo: str | None = (
+        None  # the Hugging Face repo of the official checkpoint (None: a benchmark or test shape)
+    )
 
 
 _KLEIN_4B = TransformerConfig()
@@ -283,7 +286,9 @@ _MID = ModelPreset(
 # (2560 follows from 20480 / 8; the depth, widths and rope theta are Qwen3-VL-4B-Instruct's published config).
 _FLUX3_KLEIN = Flux3TransformerConfig()
 _QWEN3_VL_4B = TextEncoderConfig(max_position_embeddings=262144, rope_theta=5_000_000.0)
-_FLUX3_LICENCE = "FLUX Kommunity License"  # BFL's table for both transformers
+# BFL's table for both transformers (docs/flux3-klein-reference.md §1); the checkpoint's LICENSE file is the authority:
+# `klein-agent models` and the start-up log print its first line when the folder has one
+_FLUX3_LICENCE = "FLUX Kommunity License"
 
 # The tiny FLUX 3 keeps every structural feature: two blocks of each kind, 4 RoPE axes, 2 heads, a text tower deep
 # enough for layer 32 to be a raw (pre-norm) output, 4 autoencoder levels (diffusers' Flux3ImageProcessor
@@ -301,10 +306,45 @@ _FLUX3_TINY_TRANSFORMER = Flux3TransformerConfig(
     flow_map=True,
 )
 
+# FLUX 3's benchmark shape for CPU runs, beside `mid`: the real head width (128) and RoPE axes, 2 mode blocks per
+# mode and 6 joint blocks of 768, `mid`'s autoencoder, and a 36-layer text tower (layer 32 is a raw output) of 512.
+_FLUX3_MID_TEXT = replace(_MID_TEXT, num_hidden_layers=36)
+_FLUX3_MID_TRANSFORMER = Flux3TransformerConfig(
+    context_in_dim=len(FLUX3_TEXT_OUTPUT_LAYERS) * _FLUX3_MID_TEXT.hidden_size,
+    hidden_size=768,
+    num_heads=6,
+    depth=2,
+    depth_single_blocks=6,
+    flow_map=True,
+)
+_FLUX3_MID = ModelPreset(
+    "flux3-mid",
+    _FLUX3_MID_TRANSFORMER,
+    _MID.autoencoder,
+    _FLUX3_MID_TEXT,
+    FLUX3_DISTILLED_SAMPLING,
+)
+
 PRESETS: dict[str, ModelPreset] = {
-    "klein-4b": ModelPreset("klein-4b", _KLEIN_4B, AutoencoderConfig(), _QWEN3_4B),
-    "klein-base-4b": ModelPreset("klein-base-4b", _KLEIN_4B, AutoencoderConfig(), _QWEN3_4B, BASE_SAMPLING),
-    "klein-9b": ModelPreset("klein-9b", _KLEIN_9B, AutoencoderConfig(), _QWEN3_8B, licence=_NON_COMMERCIAL),
+    "klein-4b": ModelPreset(
+        "klein-4b", _KLEIN_4B, AutoencoderConfig(), _QWEN3_4B, repo="black-forest-labs/FLUX.2-klein-4B"
+    ),
+    "klein-base-4b": ModelPreset(
+        "klein-base-4b",
+        _KLEIN_4B,
+        AutoencoderConfig(),
+        _QWEN3_4B,
+        BASE_SAMPLING,
+        repo="black-forest-labs/FLUX.2-klein-base-4B",
+    ),
+    "klein-9b": ModelPreset(
+        "klein-9b",
+        _KLEIN_9B,
+        AutoencoderConfig(),
+        _QWEN3_8B,
+        licence=_NON_COMMERCIAL,
+        repo="black-forest-labs/FLUX.2-klein-9B",
+    ),
     "klein-9b-kv": ModelPreset(
         "klein-9b-kv",
         _KLEIN_9B,
@@ -312,9 +352,16 @@ PRESETS: dict[str, ModelPreset] = {
         _QWEN3_8B,
         licence=_NON_COMMERCIAL,
         kv_references=True,
+        repo="black-forest-labs/FLUX.2-klein-9b-kv",
     ),
     "klein-base-9b": ModelPreset(
-        "klein-base-9b", _KLEIN_9B, AutoencoderConfig(), _QWEN3_8B, BASE_SAMPLING, licence=_NON_COMMERCIAL
+        "klein-base-9b",
+        _KLEIN_9B,
+        AutoencoderConfig(),
+        _QWEN3_8B,
+        BASE_SAMPLING,
+        licence=_NON_COMMERCIAL,
+        repo="black-forest-labs/FLUX.2-klein-base-9B",
     ),
     "flux3-klein": ModelPreset(
         "flux3-klein",
@@ -323,6 +370,7 @@ PRESETS: dict[str, ModelPreset] = {
         _QWEN3_VL_4B,
         FLUX3_DISTILLED_SAMPLING,
         licence=_FLUX3_LICENCE,
+        repo="black-forest-labs/flux-3-image-klein",
     ),
     "flux3-klein-base": ModelPreset(
         "flux3-klein-base",
@@ -331,9 +379,17 @@ PRESETS: dict[str, ModelPreset] = {
         _QWEN3_VL_4B,
         FLUX3_BASE_SAMPLING,
         licence=_FLUX3_LICENCE,
+        repo="black-forest-labs/flux-3-image-klein-base",
     ),
     "mid": _MID,
     "tiny": _TINY,
+    "flux3-mid": _FLUX3_MID,
+    "flux3-mid-base": replace(
+        _FLUX3_MID,
+        name="flux3-mid-base",
+        transformer=replace(_FLUX3_MID_TRANSFORMER, flow_map=False),
+        sampling=FLUX3_BASE_SAMPLING,
+    ),
     "flux3-tiny": ModelPreset(
         "flux3-tiny", _FLUX3_TINY_TRANSFORMER, _TINY.autoencoder, _FLUX3_TINY_TEXT, FLUX3_DISTILLED_SAMPLING
     ),

@@ -66,6 +66,22 @@ def deployment_options(
     }
 
 
+def in_flight_bound(**placement: Any) -> int:
+    """How many calls one front-end sends the application at once (`RayGenerator.max_in_flight`), for the
+    deployment `deployment_options(**placement)` makes: every replica it may have (MAX under autoscaling) times
+    the calls each runs at once, and never more than Serve lets one caller have waiting (`max_queued_requests`
+    counts calls still being routed too, so more would be refused as busy with replicas idle: the notes' §1.6).
+    Under autoscaling the calls beyond the running replicas wait in Serve's queue, which is what the autoscaler
+    counts: holding them in the front-end instead would never scale up. At least 1."""
+    options = deployment_options(**placement)
+    scaling = options.get("autoscaling_config")
+    replicas = scaling["max_replicas"] if scaling else options["num_replicas"]
+    bound = replicas * options["max_ongoing_requests"]
+    if options["max_queued_requests"] > 0:
+        bound = min(bound, options["max_queued_requests"])
+    return max(1, int(bound))
+
+
 def app_args(options: dict[str, Any], **placement: Any) -> dict[str, Any]:
     """The `args` block of a Serve config for the model `options` (those in MODEL_OPTION_NAMES are kept) placed
     as `deployment_options(**placement)` says: {"model": {...}, "placement": {...}}, plain values only."""

@@ -27,7 +27,12 @@ from ray.serve import Application
 
 from klein_agent.model_options import generator_factory
 from klein_agent.replica import wire
-from klein_agent.replica.config import MODEL_OPTION_NAMES, deployment_options, placement_from_args
+from klein_agent.replica.config import (
+    MODEL_OPTION_NAMES,
+    deployment_options,
+    in_flight_bound,
+    placement_from_args,
+)
 from klein_agent.rules import limits
 from klein_agent.rules.requests import GenerationRequest, GeneratorInfo
 
@@ -41,9 +46,12 @@ class _Stopped(Exception):
 class KleinReplica:
     """One model behind Ray Serve. `options`: the model options by name (MODEL_OPTION_NAMES), as `deploy` parsed
     them. Loading raises what `serve` would log for the same options (ValueError naming the option, or the
-    loader's error); Serve then reports the deployment unhealthy and `deploy` prints it."""
+    loader's error); Serve then reports the deployment unhealthy and `deploy` prints it. `in_flight`: how many calls
+    one front-end may send the application at once (`config.in_flight_bound` of the placement it was deployed
+    with), which each front-end asks once it connects."""
 
-    def __init__(self, options: dict[str, Any]) -> None:
+    def __init__(self, options: dict[str, Any], in_flight: int = 1) -> None:
+        self._in_flight = in_flight
         self._generator = generator_factory(argparse.Namespace(**options), skip_bad_loras=True)()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="klein-replica")
         self.calls = 0  # calls started here, for tests and logs
@@ -53,6 +61,10 @@ class KleinReplica:
     def info(self) -> GeneratorInfo:
         """What the front-end's engine and resolution rules need to know of the model."""
         return self._generator.info
+
+    def in_flight(self) -> int:
+        """How many calls a front-end may send this application at once (its replicas x one call each)."""
+        return self._in_flight
 
     def counts(self) -> dict[str, int]:
         """{"calls": started, "stopped": stopped at a step boundary}, for tests and status."""
@@ -109,7 +121,7 @@ def build_app(options: dict[str, Any], **placement: Any) -> Application:
     ValueError for values it refuses (e.g. MIN > MAX)."""
     deployment = serve.deployment(name=limits.RAY_DEPLOYMENT)(KleinReplica)
     return deployment.options(**deployment_options(**placement)).bind(
-        {name: options[name] for name in MODEL_OPTION_NAMES if name in options}
+        {name: options[name] for name in MODEL_OPTION_NAMES if name in options}, in_flight_bound(**placement)
     )
 
 

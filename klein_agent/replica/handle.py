@@ -50,14 +50,23 @@ def parse_generator(text: str) -> str | None:
 
 class RayGenerator:
     """An `ImageGenerator` over a Serve handle to `KleinReplica`. `info` is the replica's, asked once at connect;
-    every replica of an application runs the same model options."""
+    every replica of an application runs the same model options. `max_in_flight`: how many calls the engine may
+    run through it at once (the application's `KleinReplica.in_flight`, asked at connect: its replicas x one call
+    each); `generate` is safe to call from that many threads, since each call has its own response stream."""
 
     def __init__(
-        self, handle: Any, info: GeneratorInfo, deadline_s: float = limits.REPLICA_DEADLINE_S
+        self,
+        handle: Any,
+        info: GeneratorInfo,
+        deadline_s: float = limits.REPLICA_DEADLINE_S,
+        max_in_flight: int = 1,
     ) -> None:
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be at least 1, not {max_in_flight}")
         self._handle = handle
         self.info = info
         self._deadline_s = deadline_s
+        self.max_in_flight = max_in_flight
 
     def generate(
         self, request: GenerationRequest, progress: ProgressCallback | None = None
@@ -181,10 +190,31 @@ def ray_generator_factory(
             info: GeneratorInfo = handle.options(method_name="info").remote().result(timeout_s=timeout_s)
         except Exception as exc:
             raise RuntimeError(f"Ray application {app!r} did not answer in {timeout_s:g} s: {exc}") from exc
-        log.info("generator: Ray application %r on %s: %s", app, where, info.summary())
-        return RayGenerator(handle, info)
+        in_flight = ask_in_flight(handle, timeout_s)
+        log.info(
+            "generator: Ray application %r on %s: %s; up to %d calls at once",
+            app,
+            where,
+            info.summary(),
+            in_flight,
+        )
+        return RayGenerator(handle, info, max_in_flight=in_flight)
 
     return connect
+
+
+def ask_in_flight(handle: Any, timeout_s: float) -> int:
+    """How many calls the application takes at once from one front-end (`KleinReplica.in_flight`); 1, with a
+    warning, when its replicas cannot say (deployed by an older klein-agent): the front-end then sends one call at
+    a time, as before."""
+    try:
+        value = handle.options(method_name="in_flight").remote().result(timeout_s=timeout_s)
+    except Exception as exc:
+        log.warning(
+            "the application did not say how many calls it takes at once (%s): sending one at a time", exc
+        )
+        return 1
+    return value if isinstance(value, int) and value >= 1 else 1
 
 
 def connect_application(address: str, app: str) -> Any:

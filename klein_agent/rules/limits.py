@@ -176,6 +176,23 @@ STORE_MAX_IMAGES = 10_000
 LEASE_TTL_S = 120.0
 LEASE_RENEW_S = 15.0
 
+# -- S3 blobs (service/store/s3_blobs.py, `--blobs s3://...`) ----------------------------------------------------------
+# One request: connecting may take S3_CONNECT_TIMEOUT_S, the whole request S3_REQUEST_TIMEOUT_S (a 2048x2048 PNG
+# is at most ~13 MB: 60 s is 1.7 Mbit/s). obstore retries a read, a refused connection and a 5xx S3_MAX_RETRIES
+# times within S3_RETRY_TIMEOUT_S, but never a create-only PUT that timed out (it cannot know whether that one
+# landed), so `S3BlobStore.put` retries every transient failure itself, pausing S3_PUT_BACKOFF_S, doubling up to
+# S3_PUT_BACKOFF_MAX_S, and starts no try after S3_PUT_DEADLINE_S; a retry answered 412 reads the object back to
+# see whether it holds the put's own bytes (the earlier answer was lost). The deadline rides out a blip (a server
+# restarting, a lost answer) and keeps a call on an S3 that is down from waiting longer than a user would: past it
+# the call fails saying which failure it was, and nothing is stored.
+S3_CONNECT_TIMEOUT_S = 5.0
+S3_REQUEST_TIMEOUT_S = 60.0
+S3_RETRY_TIMEOUT_S = 15.0
+S3_MAX_RETRIES = 3
+S3_PUT_DEADLINE_S = 15.0
+S3_PUT_BACKOFF_S = 0.25
+S3_PUT_BACKOFF_MAX_S = 5.0
+
 # -- generator replicas on Ray Serve (klein_agent/replica/, `klein-agent deploy`, `serve --generator ray`) ---------
 RAY_APP = "klein"  # the Serve application `deploy` creates and `serve --generator ray` calls, unless named
 RAY_DEPLOYMENT = "KleinReplica"  # the deployment inside it (one per application)

@@ -141,15 +141,29 @@ class GeneratorInfo:
 
 
 class ImageGenerator(Protocol):
-    """What the engine, the CLI and test fakes need of a model: its `info` and `generate`."""
+    """What the engine, the CLI and test fakes need of a model: its `info` and `generate`.
+
+    A generator may also say how many calls it takes at once with an int attribute or property `max_in_flight`
+    (read through `max_in_flight` below, by the engine each time it may start a call, so it must be cheap and may
+    change). Without it a generator takes one call at a time, as a local model does; a generator that fronts a
+    pool of replicas (`replica/handle.py` `RayGenerator`) says how many it can keep busy.
+    """
 
     info: GeneratorInfo
 
     def generate(
         self, request: GenerationRequest, progress: ProgressCallback | None = None
     ) -> GenerationResult:
-        """Run one request to completion on the calling thread. Not thread-safe: one caller at a time."""
+        """Run one request to completion on the calling thread. Not thread-safe unless `max_in_flight` says so:
+        then up to that many threads call it at once."""
         ...
+
+
+def max_in_flight(generator: object) -> int:
+    """How many calls `generator` takes at once: its `max_in_flight` (at least 1), else 1 (a local model: one
+    thread owns it). Raises nothing: a value that is not a positive int counts as 1."""
+    value = getattr(generator, "max_in_flight", 1)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 1 else 1
 
 
 def resolve(request: GenerationRequest, info: GeneratorInfo) -> ResolvedRequest:

@@ -1,6 +1,10 @@
-"""The one worker that owns the model: load state, a first-in first-out queue, progress and cancellation.
+"""The worker that owns the model: load state, a first-in first-out queue, progress and cancellation.
 
-One thread (`klein-engine`) loads the model and then runs every call, one at a time, in arrival order. Async
+One thread (`klein-engine`) loads the model and then runs every call, one at a time, in arrival order. A generator
+that takes several calls at once (`rules.requests.max_in_flight`: a pool of replicas, never a local model) gets
+that many: more worker threads (`klein-engine-N`) start the next calls, still in arrival order, as soon as the
+generator has room, each call with its own progress, cancellation and accounting. A local model keeps exactly one
+thread, the one that loaded it, since its caches and compiled graphs are not thread-safe. Async
 callers submit with `await engine.run(request, ...)` and get the pictures back; they wait on the event loop, never
 on a pool thread, so many queued calls cost nothing. The engine only runs the model: storing is the caller's, off
 this thread, so the next call starts while the last one's pictures are written. Progress goes back from the worker
@@ -21,30 +25,28 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 import anyio
 import anyio.from_thread
 import anyio.lowlevel
 import anyio.to_thread
 
-from klein_agent.rules.busy import GeneratorBusyError, busy_message, replica_state
+from klein_agent.rules.busy import GeneratorBusyError, busy_message, queue_state, replica_state
 from klein_agent.rules.requests import (
     GenerationRequest,
-    GenerationResult,
     GeneratorInfo,
     ImageGenerator,
     NonFiniteOutputError,
+    max_in_flight,
 )
 from klein_agent.rules.resolution import RequestError
+from klein_agent.service.engine_jobs import HEARTBEAT_SPAN as HEARTBEAT_SPAN  # tests read it here
+from klein_agent.service.engine_jobs import AsyncProgress, FinishedRun, Job, still_working
 from klein_agent.service.error_text import describe
 
 log = logging.getLogger(__name__)
-
-
-# progress(value, total, message) on the caller's event loop; values rise strictly during one call.
-AsyncProgress = Callable[[float, float | None, str], Awaitable[None]]
 
 
 class EngineState(enum.StrEnum):
@@ -61,7 +63,7 @@ class EngineError(Exception):
 
 
 class EngineBusyError(EngineError):
-    """The running call plus `max_queue` waiting ones are already there; the message estimates the wait."""
+    """The running calls plus `max_queue` waiting ones are already there; the message estimates the wait."""
 
 
 class ModelLoadError(EngineError):
@@ -81,15 +83,6 @@ class JobCancelled(EngineError):
 
 
 @dataclass(frozen=True)
-class FinishedRun:
-    """One finished call: the pictures and what they cost."""
-
-    result: GenerationResult
-    queued_ms: float  # from submission to the worker picking the job up (includes waiting for the model)
-    model_ms: float  # wall time inside ImageGenerator.generate
-
-
-@dataclass(frozen=True)
 class EngineStatus:
     """A consistent snapshot of the engine, for server_status.
 
@@ -99,9 +92,9 @@ class EngineStatus:
     state: EngineState
     error: str | None  # the load error when state is "failed"
     info: GeneratorInfo | None  # None until the model has loaded
-    queue_depth: int  # calls waiting, not counting the running one
-    running: bool
-    cancelling: bool  # the running call was cancelled and stops at its next step
+    queue_depth: int  # calls waiting, not counting the running ones
+    running: bool  # at least one call is running
+    cancelling: bool  # a running call was cancelled and stops at its next step
     max_queue: int
     completed: int
     failed: int
@@ -109,75 +102,8 @@ class EngineStatus:
     load_seconds: float | None
     mean_model_ms: float | None
     cache_hits: dict[str, int]  # summed over all calls: {"prompt": n, "references": n}
-
-
-# Heartbeats between real reports: each adds this to the last real value, up to HEARTBEAT_SPAN above it, so values
-# keep rising (as MCP requires) and stay below the next real one (real values are whole units, 1 apart).
-HEARTBEAT_STEP = 1e-4
-HEARTBEAT_SPAN = 0.5  # 5,000 heartbeats: close to 3 hours of one unit at the default 2 s
-
-
-@dataclass(eq=False)
-class _Job:
-    request: GenerationRequest | None  # None while the place's inputs are still being prepared
-    progress: AsyncProgress | None
-    token: anyio.lowlevel.EventLoopToken
-    done: anyio.Event
-    lock: anyio.Lock
-    loop_thread: int = field(default_factory=threading.get_ident)  # created on the caller's loop thread
-    submitted: float = field(default_factory=time.perf_counter)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    started: bool = False
-    started_at: float | None = None  # time.monotonic() when the worker took it
-    # run by the worker before the model; gives the request to run (see QueuePlace.run)
-    finalize: Callable[[GeneratorInfo, GenerationRequest], GenerationRequest] | None = None
-    last_progress: float = -1.0  # the last value sent, heartbeats included
-    real_progress: float = 0.0  # the last value the generator reported (0 before its first report)
-    real_message: str = ""
-    real_total: float | None = None
-    reported: bool = False  # the generator has reported at least once
-    beats: int = 0  # heartbeats since the last real report
-    sent_at: float = field(default_factory=time.monotonic)  # when the last notification went out
-    real_at: float | None = None  # when the generator last reported
-    value: FinishedRun | None = None
-    error: BaseException | None = None
-
-    async def send(self, value: float, total: float | None, message: str) -> None:
-        """Forward one report of the generator, on the caller's loop; drops anything not strictly above the
-        last value sent."""
-        if self.progress is None:
-            return
-        async with self.lock:
-            self.real_progress, self.real_total, self.real_message = value, total, message
-            self.reported, self.beats, self.real_at = True, 0, time.monotonic()
-            if value <= self.last_progress:
-                return
-            self.last_progress, self.sent_at = value, time.monotonic()
-            await self.progress(value, total, message)
-
-    async def beat(self, message: str) -> None:
-        """A heartbeat: the last real value (0 before the first) plus a little, with `message`, so a client that
-        resets its timeout on progress keeps waiting through a long unit (loading, encoding, one decode)."""
-        if self.progress is None:
-            return
-        async with self.lock:
-            if self.beats * HEARTBEAT_STEP >= HEARTBEAT_SPAN:
-                return
-            # before any report the first beat is 0 itself; after one, the first beat is just above it
-            value = self.real_progress + (self.beats + int(self.reported)) * HEARTBEAT_STEP
-            self.beats += 1
-            if value <= self.last_progress:
-                return
-            self.last_progress, self.sent_at = value, time.monotonic()
-            await self.progress(value, self.real_total, message)
-
-
-def _still_working(job: _Job) -> str:
-    """A heartbeat's message: how long the running call has gone since its last report, and what that was."""
-    now = time.monotonic()
-    if job.real_at is None:
-        return f"running, {now - (job.started_at or now):.0f} s in"
-    return f"still working, {now - job.real_at:.0f} s after: {job.real_message}"
+    running_calls: int = 0  # calls running now: at most max_in_flight
+    max_in_flight: int = 1  # calls the generator takes at once (1 for a local model, and while loading)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -197,7 +123,7 @@ def _free_accelerator_memory() -> None:
 class QueuePlace:
     """A reserved place in the engine's queue (`Engine.reserve`); `run` fills it and waits for the pictures."""
 
-    def __init__(self, engine: Engine, job: _Job) -> None:
+    def __init__(self, engine: Engine, job: Job) -> None:
         self._engine = engine
         self._job = job
 
@@ -221,7 +147,8 @@ class QueuePlace:
 
 
 class Engine:
-    """Owns one ImageGenerator on one thread; `run` queues a call and waits for it."""
+    """Owns one ImageGenerator, on one thread or (when it takes several calls at once) one per call it takes;
+    `run` queues a call and waits for it."""
 
     def __init__(
         self,
@@ -236,8 +163,10 @@ class Engine:
         self.max_queue = max_queue
         self._heartbeat_s = heartbeat_s
         self._cond = threading.Condition()
-        self._queue: collections.deque[_Job] = collections.deque()
-        self._running: _Job | None = None
+        self._queue: collections.deque[Job] = collections.deque()
+        self._running: list[Job] = []  # in the order they started
+        # the loading thread first; more only for a generator with max_in_flight > 1
+        self._workers: list[threading.Thread] = []
         self._state = EngineState.LOADING
         self._error: str | None = None
         self._generator: ImageGenerator | None = None
@@ -258,24 +187,30 @@ class Engine:
             if self._thread is not None:
                 return
             self._thread = threading.Thread(target=self._main, name="klein-engine", daemon=True)
+            self._workers.append(self._thread)
             self._thread.start()
 
     def close(self, timeout: float | None = 30.0) -> None:
-        """Refuse new calls, fail queued ones, stop the running one at its next step, and join the worker."""
+        """Refuse new calls, fail queued ones, stop the running ones at their next step, and join the workers
+        (`timeout` s for all of them together)."""
         with self._cond:
             self._stopping = True
             queued = list(self._queue)
             self._queue.clear()
-            if self._running is not None:
-                self._running.cancelled.set()
+            for job in self._running:
+                job.cancelled.set()
+            workers = list(self._workers)
             self._cond.notify_all()
         for job in queued:
             job.error = EngineError("the server is shutting down; the call was not run")
             self._signal_done(job)
         # A load cannot be interrupted, and the thread is a daemon: leave it. A running call stops at its next step.
         loading = self._state == EngineState.LOADING
-        if self._thread is not None and self._thread is not threading.current_thread() and not loading:
-            self._thread.join(timeout)
+        if not loading:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            for worker in workers:
+                if worker is not threading.current_thread():
+                    worker.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         with self._cond:
             self._state = EngineState.STOPPED if self._state != EngineState.FAILED else self._state
 
@@ -303,8 +238,8 @@ class Engine:
                 error=self._error,
                 info=self.info,
                 queue_depth=len(self._queue),
-                running=self._running is not None,
-                cancelling=self._running is not None and self._running.cancelled.is_set(),
+                running=bool(self._running),
+                cancelling=any(job.cancelled.is_set() for job in self._running),
                 max_queue=self.max_queue,
                 completed=done,
                 failed=self._failed,
@@ -312,6 +247,8 @@ class Engine:
                 load_seconds=self._load_seconds,
                 mean_model_ms=(self._model_ms_total / done) if done else None,
                 cache_hits=dict(self._cache_hits),
+                running_calls=len(self._running),
+                max_in_flight=self._slots(),
             )
 
     def wait_loaded(self, timeout: float | None = None) -> EngineState:
@@ -346,7 +283,7 @@ class Engine:
         waits for the place at the head of the queue to be filled (`QueuePlace.run`); leaving the block without
         running gives the place up.
         """
-        job = _Job(
+        job = Job(
             request=None,
             progress=None,
             token=anyio.lowlevel.current_token(),
@@ -362,7 +299,7 @@ class Engine:
                 self._withdraw(job)
 
     async def _run_reserved(
-        self, job: _Job, request: GenerationRequest, progress: AsyncProgress | None
+        self, job: Job, request: GenerationRequest, progress: AsyncProgress | None
     ) -> FinishedRun:
         with self._cond:
             job.request = request
@@ -382,18 +319,19 @@ class Engine:
         assert job.value is not None
         return job.value
 
-    def _enqueue(self, job: _Job) -> int:
+    def _enqueue(self, job: Job) -> int:
         with self._cond:
             if self._stopping:
                 raise EngineError("the server is shutting down; the call was not run")
             if self._state == EngineState.FAILED:
                 raise ModelLoadError(f"the model failed to load, so no image can be made: {self._error}")
-            # Capacity: the running call plus max_queue waiting ones (while loading, the first waiter will run).
-            if len(self._queue) + (1 if self._running is not None else 0) >= self.max_queue + 1:
+            # Capacity: as many running calls as the generator takes at once plus max_queue waiting ones (while
+            # loading, one: the first waiter will run).
+            if len(self._queue) + len(self._running) >= self.max_queue + self._slots():
                 raise EngineBusyError(self._busy_message())
             if self._thread is None:
                 raise EngineError("the engine was not started")
-            ahead = len(self._queue) + (1 if self._running is not None else 0)
+            ahead = len(self._queue) + len(self._running)
             self._queue.append(job)
             self._cond.notify_all()
             return ahead
@@ -403,14 +341,19 @@ class Engine:
         done = self._completed
         return (self._model_ms_total / done / 1000) if done else None
 
+    def _slots(self) -> int:
+        """How many calls may run at once: what the loaded generator takes (1 while loading). Under the lock."""
+        generator = self._generator
+        return 1 if generator is None else max_in_flight(generator)
+
     def _busy_message(self) -> str:
-        if self._running is not None:
-            state = f"{len(self._queue)} calls are queued and one is running"
+        if self._running:
+            state = queue_state(len(self._queue), len(self._running))
         else:
             state = f"the model is still loading and {len(self._queue)} calls are waiting for it"
-        return busy_message(state, len(self._queue), self._mean_call_s())
+        return busy_message(state, len(self._queue), self._mean_call_s(), self._slots())
 
-    async def _wait(self, job: _Job, ahead: int) -> None:
+    async def _wait(self, job: Job, ahead: int) -> None:
         """Wait for the job, never silent for more than about `heartbeat_s`: while it waits, where it is (loading,
         queued, starting); while it runs, a heartbeat whenever the generator has said nothing for `heartbeat_s`
         (one long unit: loading weights, encoding references, decoding a large picture)."""
@@ -427,21 +370,21 @@ class Engine:
             else:
                 quiet = time.monotonic() - job.sent_at
                 if quiet >= self._heartbeat_s * 0.95:
-                    await job.beat(_still_working(job))
+                    await job.beat(still_working(job))
                     quiet = 0.0
                 wait = max(self._heartbeat_s - quiet, self._heartbeat_s / 20)  # wake when a beat is due
             with anyio.move_on_after(wait):
                 await job.done.wait()
             ahead = self._position(job)
 
-    def _position(self, job: _Job) -> int:
+    def _position(self, job: Job) -> int:
         with self._cond:
             try:
-                return self._queue.index(job) + (1 if self._running is not None else 0)
+                return self._queue.index(job) + len(self._running)
             except ValueError:
                 return 0
 
-    def _withdraw(self, job: _Job) -> None:
+    def _withdraw(self, job: Job) -> None:
         job.cancelled.set()
         with self._cond:
             try:
@@ -486,25 +429,44 @@ class Engine:
                 self._state = EngineState.READY
             self._cond.notify_all()
         log.info("model ready in %.1f s: %s", self._load_seconds, generator.info.summary())
+        self._work(generator)
+
+    def _work(self, generator: ImageGenerator) -> None:
+        """One worker's loop: take the call at the head of the queue whenever the generator has room for one more,
+        run it, repeat until the engine stops. With room for several, the first worker to take a call starts the
+        next worker, so there is always one waiting while the generator has room (never more threads than the
+        most calls it took at once)."""
         while True:
             with self._cond:
                 # first in, first out: a reserved place at the head is waited for, not overtaken
-                while not self._stopping and (not self._queue or self._queue[0].request is None):
+                while not self._stopping and (
+                    not self._queue or self._queue[0].request is None or len(self._running) >= self._slots()
+                ):
                     self._cond.wait()
                 if self._stopping:
                     return
                 job = self._queue.popleft()
-                self._running = job
+                self._running.append(job)
                 job.started = True
                 job.started_at = time.monotonic()
+                if len(self._running) < self._slots() and len(self._workers) <= len(self._running):
+                    worker = threading.Thread(
+                        target=self._work,
+                        args=(generator,),
+                        name=f"klein-engine-{len(self._workers)}",
+                        daemon=True,
+                    )
+                    self._workers.append(worker)
+                    worker.start()
             try:
                 self._execute(generator, job)
             finally:
                 with self._cond:
-                    self._running = None
+                    self._running.remove(job)
+                    self._cond.notify_all()  # a slot is free: a waiting worker may start the next call
                 self._signal_done(job)
 
-    def _execute(self, generator: ImageGenerator, job: _Job) -> None:
+    def _execute(self, generator: ImageGenerator, job: Job) -> None:
         assert job.request is not None
         request = job.request
         queued_ms = (time.perf_counter() - job.submitted) * 1000
@@ -539,7 +501,9 @@ class Engine:
             GeneratorBusyError
         ) as exc:  # the replicas' queue is full: the local queue's refusal, same words
             with self._cond:
-                message = busy_message(replica_state(exc.queued), exc.queued, self._mean_call_s())
+                message = busy_message(
+                    replica_state(exc.queued), exc.queued, self._mean_call_s(), self._slots()
+                )
             log.warning("%s", message)
             job.error = EngineBusyError(message)
             return
@@ -576,7 +540,7 @@ class Engine:
             f"the model failed on this call: {describe(exc)} (the server log has the details)"
         )
 
-    def _signal_done(self, job: _Job) -> None:
+    def _signal_done(self, job: Job) -> None:
         if threading.get_ident() == job.loop_thread:
             job.done.set()
             return

@@ -294,8 +294,11 @@ def register(mcp: MCPServer, studio: Studio, gallery_command: str | None = None)
             head = f"Model failed to load: {(model.error or 'unknown error').rstrip('. ')}"
         else:
             head = f"Model {model.state}"
+        # a generator that takes several calls at once (Ray replicas) says how many; the embedded text is as ever
+        slots = f" of {engine.max_in_flight}" if engine.max_in_flight > 1 else ""
+        running = f"{engine.running_calls}{slots} running, " if engine.running else ""
         text = (
-            f"{head}. Queue: {'1 running, ' if engine.running else ''}{engine.queue_depth} waiting "
+            f"{head}. Queue: {running}{engine.queue_depth} waiting "
             f"(max {engine.max_queue}); {engine.completed} calls done. "
             f"Store: {stats.count} images, {stats.total_bytes / 2**20:.1f} of {stats.max_bytes / 2**20:.0f} MiB, "
             f"at most {stats.max_images} images, in {stats.root}. "

@@ -7,6 +7,8 @@
     folder_blobs.py    `FolderBlobStore`: the local blobs (<root>/images/<sha256(id)>.png)
     pg_catalog.py      `PostgresCatalog`: the shared catalog (psycopg 3 + pool, advisory locks, LISTEN/NOTIFY)
     pg_migrations.py   the PostgreSQL schema as numbered functions, applied once under an advisory lock
+    pg_eviction.py     least-recently-used unleased rows deleted under the eviction lock
+    pg_feed.py         `PostgresFeed`: the live feed over LISTEN/NOTIFY
     s3_blobs.py        `S3BlobStore`: the shared blobs, one object per blob under s3://BUCKET/PREFIX (obstore)
     dsn.py             DSNs and s3:// URLs recognised, and shown without their secrets
     open.py            `open_store`: the pair a `--store PATH|postgresql://…` and `--blobs s3://…` name

@@ -41,6 +41,7 @@ import psycopg_pool
 from klein_agent.service.store import pg_migrations
 from klein_agent.service.store.dsn import dsn_secrets, redact_dsn, scrub
 from klein_agent.service.store.migrations import SchemaError
+from klein_agent.service.store.pg_eviction import evict_unleased, one_row
 from klein_agent.service.store.pg_feed import CHANNEL, PostgresFeed
 from klein_agent.service.store.records import (
     CallStoredError,
@@ -49,14 +50,12 @@ from klein_agent.service.store.records import (
     SessionSummary,
     StoredImage,
     StoreError,
-    StoreFullError,
     StoreWriteError,
     UnknownImageError,
     VerdictRecord,
     Verdicts,
     blob_key,
     is_valid_id,
-    leased_full_message,
     read_recipe,
 )
 
@@ -71,8 +70,6 @@ _STANDING = (
     "(SELECT v.verdict FROM verdicts v WHERE v.image_id = images.image_id AND v.verdict <> 'note'"
     " ORDER BY v.seq DESC LIMIT 1)"
 )
-_UNLEASED = "NOT EXISTS (SELECT 1 FROM leases l WHERE l.image_id = images.image_id AND l.expires_at > %s)"
-_EVICT_BATCH = 256
 _MAX_POSITION_US = 2**53  # positions go through float8 in the page query; exact below this
 CONNECT_TIMEOUT_S = 10
 
@@ -172,7 +169,7 @@ class PostgresCatalog:
             ).fetchone()
             if inserted is None:  # ON CONFLICT waited for the other insert's commit: its row is visible now
                 found = cur.execute("SELECT image_id FROM images WHERE call_id = %s", (image.call_id,))
-                raise CallStoredError(str(image.call_id), _one_row(found)[0])  # rolls this transaction back
+                raise CallStoredError(str(image.call_id), one_row(found)[0])  # rolls this transaction back
             (created_at,) = inserted
             if image.parents:
                 cur.executemany(
@@ -180,13 +177,13 @@ class PostgresCatalog:
                     [(image.image_id, pos, parent) for pos, parent in enumerate(image.parents)],
                 )
             cur.execute("SELECT pg_notify(%s, %s)", (CHANNEL, image.image_id))
-            evicted = self._evict(cur, max_images, max_bytes, now, keep=image.image_id)
+            evicted = evict_unleased(cur, max_images, max_bytes, now, keep=image.image_id)
         return created_at, evicted
 
     def evict(self, *, max_images: int, max_bytes: int, now: float) -> list[str]:
         """Evict unleased rows until both bounds hold (see `Catalog.evict`)."""
         with self._write() as cur:
-            return self._evict(cur, max_images, max_bytes, now, keep=None)
+            return evict_unleased(cur, max_images, max_bytes, now, keep=None)
 
     def was_inserted(self, image_id: str) -> bool | None:
         """Is the row there? None when the database cannot be asked now."""
@@ -290,7 +287,7 @@ class PostgresCatalog:
     def totals(self) -> tuple[int, int]:
         """(row count, total bytes)."""
         with self._read() as cur:
-            count, total = _one_row(cur.execute("SELECT count(*), COALESCE(sum(size_bytes), 0) FROM images"))
+            count, total = one_row(cur.execute("SELECT count(*), COALESCE(sum(size_bytes), 0) FROM images"))
         return int(count), int(total)
 
     def sizes(self) -> list[tuple[str, int]]:
@@ -316,7 +313,7 @@ class PostgresCatalog:
             if found is None:
                 raise UnknownImageError(image_id)
             _verdict_written(cur, image_id)
-            (at,) = _one_row(
+            (at,) = one_row(
                 cur.execute(
                     "INSERT INTO verdicts (image_id, verdict, reason) VALUES (%s, %s, %s)"
                     " RETURNING extract(epoch FROM at)::float8",
@@ -367,7 +364,7 @@ class PostgresCatalog:
     def verdict_mark(self) -> int:
         """The newest record's seq (0: none yet); verdict writes hold VERDICT_LOCK, so seqs commit in order."""
         with self._read() as cur:
-            return int(_one_row(cur.execute("SELECT COALESCE(max(seq), 0) FROM verdicts"))[0])
+            return int(one_row(cur.execute("SELECT COALESCE(max(seq), 0) FROM verdicts"))[0])
 
     def verdict_changes(self, after: int, *, limit: int) -> tuple[list[str], int]:
         """The images of the next `limit` records after `after`, and the mark of the last one read."""
@@ -454,7 +451,7 @@ class PostgresCatalog:
 
     def _one(self, sql: str, params: Sequence[Any] = ()) -> Any:
         assert self._session is not None
-        return _one_row(self._session.execute(sql, params))[0]
+        return one_row(self._session.execute(sql, params))[0]
 
     def _migrate(self) -> None:
         assert self._session is not None
@@ -514,51 +511,6 @@ class PostgresCatalog:
                 f"Could not save in the image catalog {self.location}: {self._scrub(e)}. The store is unchanged. "
                 "Check that the database server is reachable and accepts writes."
             ) from None
-
-    def _evict(
-        self, cur: psycopg.Cursor[Any], max_images: int, max_bytes: int, now: float, keep: str | None
-    ) -> list[str]:
-        """Delete least-recently-used unleased rows (never `keep`) until both bounds hold, inside the caller's
-        transaction and under the eviction lock (held to commit)."""
-        cur.execute("SELECT pg_advisory_xact_lock(%s)", (pg_migrations.EVICTION_LOCK,))
-        evicted: list[str] = []
-        refused: list[str] = [keep] if keep else []  # rows a lease protected at the re-check
-        while True:
-            count, total = _one_row(cur.execute("SELECT count(*), COALESCE(sum(size_bytes), 0) FROM images"))
-            if count <= max_images and total <= max_bytes:
-                return evicted
-            candidates = cur.execute(
-                f"SELECT image_id, size_bytes FROM images WHERE image_id <> ALL(%s) AND {_UNLEASED}"
-                " ORDER BY use_seq LIMIT %s FOR UPDATE SKIP LOCKED",
-                (refused, now, _EVICT_BATCH),
-            ).fetchall()
-            if not candidates:
-                raise StoreFullError(leased_full_message(max_images, max_bytes))
-            chosen: list[str] = []
-            for image_id, size_bytes in candidates:
-                if count <= max_images and total <= max_bytes:
-                    break
-                chosen.append(image_id)
-                count -= 1
-                total -= size_bytes
-            # a fresh statement (a fresh snapshot): a lease committed since the SELECT still protects its image
-            deleted = {
-                r[0]
-                for r in cur.execute(
-                    f"DELETE FROM images WHERE image_id = ANY(%s) AND {_UNLEASED} RETURNING image_id",
-                    (chosen, now),
-                ).fetchall()
-            }
-            evicted += [i for i in chosen if i in deleted]
-            refused += [i for i in chosen if i not in deleted]
-
-
-def _one_row(cur: psycopg.Cursor[Any]) -> tuple[Any, ...]:
-    """The one row of a statement that always returns one (an aggregate, INSERT ... RETURNING)."""
-    row = cur.fetchone()
-    if row is None:  # cannot happen for these statements; a clear error rather than a TypeError
-        raise StoreError("The image catalog returned no row where one was expected.")
-    return tuple(row)
 
 
 def _verdict_written(cur: psycopg.Cursor[Any], image_id: str) -> None:

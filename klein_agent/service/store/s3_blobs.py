@@ -7,9 +7,10 @@ botocore and friends is 37 MB), a client made in 36 ms, a native async API for t
 create-only puts (`mode="create"`: If-None-Match: *, so a put never replaces a blob). Imported only when an
 s3:// blob store is chosen (the `scale` extra).
 
-A put is one PUT request (no multipart: a PNG of the largest allowed size fits one request), so S3 never holds
-part of a blob and `sweep_partial` has nothing to do; a put that dies before its row is committed leaves a whole
-object without a row, which `ImageStore.sweep` deletes once it is older than any put in flight.
+A put is one PUT request per try (no multipart: a PNG of the largest allowed size fits one request), so S3 never
+holds part of a blob and `sweep_partial` has nothing to do; a put that dies before its row is committed leaves a
+whole object without a row, which `ImageStore.sweep` deletes once it is older than any put in flight. Tries are
+repeated on transient failures within `limits.S3_PUT_DEADLINE_S` (`put`; what counts as transient: s3_errors.py).
 
 Credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN); they are required, so the
 client never falls back to the instance metadata service (169.254.169.254), and AWS_EC2_METADATA_DISABLED=true is
@@ -21,17 +22,20 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
 import obstore
-from obstore.exceptions import AlreadyExistsError, BaseError, NotFoundError
+from obstore.exceptions import BaseError, NotFoundError
 from obstore.store import S3Store
 
+from klein_agent.rules import limits
 from klein_agent.service.store.blobs import BlobInfo, BlobMissingError
 from klein_agent.service.store.dsn import parse_s3_url, scrub
 from klein_agent.service.store.records import StoreError, StoreWriteError
+from klein_agent.service.store.s3_errors import classify
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +43,6 @@ ENDPOINT_ENV = "AWS_ENDPOINT_URL"
 KEY_ENV, SECRET_ENV, TOKEN_ENV = "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"
 REGION_ENVS = ("AWS_REGION", "AWS_DEFAULT_REGION")
 DEFAULT_REGION = "us-east-1"  # what S3-compatible stores accept when none is set
-CONNECT_TIMEOUT = timedelta(seconds=5)
-REQUEST_TIMEOUT = timedelta(seconds=60)
-RETRY_TIMEOUT = timedelta(seconds=15)  # how long a failing request is retried before the error is raised
-MAX_RETRIES = 3
 
 
 class S3BlobStore:
@@ -92,10 +92,13 @@ class S3BlobStore:
                 config=config,  # type: ignore[arg-type]
                 client_options={
                     "allow_http": bool(endpoint and endpoint.lower().startswith("http://")),
-                    "connect_timeout": CONNECT_TIMEOUT,
-                    "timeout": REQUEST_TIMEOUT,
+                    "connect_timeout": timedelta(seconds=limits.S3_CONNECT_TIMEOUT_S),
+                    "timeout": timedelta(seconds=limits.S3_REQUEST_TIMEOUT_S),
                 },
-                retry_config={"max_retries": MAX_RETRIES, "retry_timeout": RETRY_TIMEOUT},
+                retry_config={
+                    "max_retries": limits.S3_MAX_RETRIES,
+                    "retry_timeout": timedelta(seconds=limits.S3_RETRY_TIMEOUT_S),
+                },
             )
             next(
                 iter(obstore.list(self._store, chunk_size=1)), None
@@ -107,21 +110,66 @@ class S3BlobStore:
             ) from None
 
     def put(self, key: str, data: bytes) -> None:
-        """One create-only PUT (If-None-Match: *). Raises StoreWriteError, with no object left under `key`."""
+        """Create-only PUTs (If-None-Match: *) of `data` under `key` until one is answered, retrying a transient
+        failure (timeout, no connection, broken connection, 5xx) with a doubling pause. No new try starts after
+        `limits.S3_PUT_DEADLINE_S`, so it returns or raises within that plus the last try (obstore's own retries:
+        `limits.S3_RETRY_TIMEOUT_S` plus one request timeout). A 412 is success when the object there holds exactly
+        `data` (an earlier try of this put landed and its answer was lost), else StoreWriteError. Raises
+        StoreWriteError saying which failure it was (each try's is logged in full); nothing this put wrote stays
+        reachable (a try that lands after it gave up is an orphan the sweep removes)."""
         if self.read_only:
             raise StoreError(f"The blob store {self.location} is open read-only.")
+        path = _checked(key)
+        began = time.monotonic()
+        pause, tries = limits.S3_PUT_BACKOFF_S, 0
+        while True:
+            tries += 1
+            try:
+                obstore.put(self._store, path, data, mode="create", use_multipart=False)
+                return
+            except (BaseError, OSError) as e:
+                failure = classify(e)
+                log.warning(
+                    "blob store: PUT %s in %s, try %d: %s: %s",
+                    key,
+                    self.location,
+                    tries,
+                    failure.kind,
+                    scrub(str(e), *self._secrets),
+                )
+            retry = failure.transient
+            if failure.kind == "exists":
+                held = self._holds(path, data)
+                if held is True:
+                    return
+                if held is False:
+                    raise StoreWriteError(
+                        f"Could not save the image in {self.location}: an object named {key} is there already "
+                        "with other bytes (blob keys are fresh; another store may share this prefix). Use a prefix "
+                        "of its own."
+                    )
+                retry = True  # it could not be read back now: the next try's 412 asks again
+            elapsed = time.monotonic() - began
+            if retry and elapsed + pause < limits.S3_PUT_DEADLINE_S:
+                time.sleep(pause)
+                pause = min(pause * 2, limits.S3_PUT_BACKOFF_MAX_S)
+                continue
+            raise StoreWriteError(
+                f"Could not save the image in {self.location}: {failure.what_happened()}"
+                + (f" ({tries} tries in {elapsed:.0f} s)" if tries > 1 else "")
+                + f". The image was not saved. {failure.what_to_do()}"
+            )
+
+    def _holds(self, path: str, data: bytes) -> bool | None:
+        """Whether the object at `path` is exactly `data` (None: it could not be read now). Reads it only when its
+        size matches, so this costs at most len(data) more memory."""
         try:
-            obstore.put(self._store, _checked(key), data, mode="create", use_multipart=False)
-        except (AlreadyExistsError, FileExistsError):  # 412: If-None-Match failed
-            raise StoreWriteError(
-                f"Could not save the image in {self.location}: an object named {key} is there already (blob keys "
-                "are fresh; another store may share this prefix). Use a prefix of its own."
-            ) from None
+            if int(obstore.head(self._store, path)["size"]) != len(data):
+                return False
+            return bytes(obstore.get(self._store, path).bytes()) == data
         except (BaseError, OSError) as e:
-            raise StoreWriteError(
-                f"Could not save the image in {self.location}: {self._scrub(e)}. The store is unchanged. "
-                "Check that the bucket is reachable and writable with these keys."
-            ) from None
+            log.warning("blob store: cannot read back %s in %s: %s", path, self.location, self._scrub(e))
+            return None
 
     def get(self, key: str) -> bytes:
         """The object's bytes. Raises BlobMissingError or StoreError."""
