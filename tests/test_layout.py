@@ -182,3 +182,12 @@ def test_cli_spelling() -> None:
         layout.parse_layout_box("0.9,0.05,0.1,0.45:x", 3)
     with pytest.raises(RequestError, match=r"layout box 2 is not \{\"box\""):
         layout.layout_box({"box": [0.1, 0.1, 0.2, 0.2]}, 2)
+
+
+def test_the_largest_layout_leaves_room_for_a_caption() -> None:
+    """limits.MAX_LAYOUT_BOXES and MAX_LAYOUT_LABEL_CHARS are sized so the table of the largest layout plus a
+    3,000-character caption (BFL's 350 words) still fits limits.MAX_CAPTION_CHARS."""
+    largest = [layout.LayoutBox((0.1234, 0.1234, 0.9999, 0.9999), "x" * limits.MAX_LAYOUT_LABEL_CHARS)]
+    for edit in (False, True):
+        rows = layout.layout_rows(largest * limits.MAX_LAYOUT_BOXES, edit)
+        assert len(layout.reconcile("w" * 3000, rows)) <= limits.MAX_CAPTION_CHARS
