@@ -56,3 +56,17 @@ def test_a_folder_that_is_no_upsampler_is_named_with_what_it_lacks(tmp_path: Pat
     assert done.returncode == 2, done.stderr
     assert f"--prompt-upsampler {tmp_path}: {tmp_path} lacks tokenizer_config.json" in done.stderr
     assert "loading model" not in done.stderr  # refused before the model loads
+
+
+@pytest.mark.timeout(600)
+def test_a_layout_with_a_flux2_model_or_a_bad_box_is_refused_by_name(tmp_path: Path) -> None:
+    done = generate(tmp_path, "--layout", "0.1,0.05,0.9,0.45:a red cube")
+    assert done.returncode == 2, done.stderr
+    assert "layout is for FLUX 3 [klein] models" in done.stderr and "Traceback" not in done.stderr
+    done = generate(tmp_path, "--layout", "0.1,0.05,0.9,0.45:a red cube", "--layout", "0.9,0,0.1,1:a ball")
+    assert done.returncode == 2, done.stderr
+    assert "layout box 2 [0.9, 0.0, 0.1, 1.0] is inverted or empty" in done.stderr
+    done = generate(tmp_path, "--layout", "0.1,0.05,0.9")
+    assert (
+        done.returncode == 2 and "--layout '0.1,0.05,0.9' is not y_min,x_min,y_max,x_max:label" in done.stderr
+    )
