@@ -46,8 +46,8 @@ def load_pipeline(
 ) -> KleinPipeline | Flux3Pipeline:
     """Build the pipeline a model name points at: `tiny`, a diffusers-layout folder, or a Hugging Face repo id;
     for FLUX 3 [klein] (`flux3-tiny`, `random:flux3-klein[-base]`, a modular-pipeline folder, with
-    `transformer_file` a BFL single file) a `Flux3Pipeline`, which refuses `loras`, `fp8` and `compile` (not yet
-    written for it) with a ValueError naming the option.
+    `transformer_file` a BFL single file) a `Flux3Pipeline`, which takes `loras` and refuses `fp8` and `compile`
+    (not yet written for it) with a ValueError naming the option.
 
     `reference_kv_cache_bytes` bounds the cross-call cache of klein 9B-KV reference keys and values (None: the
     device's default). `loras` are LoRA files with their default scales, loaded (named by file stem) before any
@@ -64,16 +64,18 @@ def load_pipeline(
         # FLUX's activations exceed float16's range (65504): pictures can come out NaN (refused, nothing stored)
         log.warning(FLOAT16_WARNING)
     if _is_flux3(model, allow_download):
-        asked = [name for name, on in (("--lora", loras), ("--fp8", fp8), ("--compile", compile)) if on]
+        asked = [name for name, on in (("--fp8", fp8), ("--compile", compile)) if on]
         if asked:
             raise ValueError(
                 f"{' and '.join(asked)} {'is' if len(asked) == 1 else 'are'} not available for "
                 f"{families.FLUX3.title} models yet: leave {'it' if len(asked) == 1 else 'them'} out"
             )
         text_device = torch.device("cpu") if offload_text_encoder else torch_device
-        return _flux3_pipeline(
+        flux3 = _flux3_pipeline(
             model, torch_device, torch_dtype, text_device, transformer_file, allow_download
         )
+        _load_loras(flux3, loras, skip_bad_loras)
+        return flux3
     pipeline = _build_pipeline(
         model,
         torch_device,
@@ -84,18 +86,7 @@ def load_pipeline(
         reference_kv_cache_bytes,
         keep_fp8=not loras,
     )
-    paths = [Path(path) for path, _ in loras]
-    unloaded: list[tuple[str, str]] = []
-    for name, path, (_, scale) in zip(adapter_names(paths), paths, loras, strict=True):
-        try:
-            pipeline.load_lora(path, name, scale)
-        except LoRAError as exc:
-            if not skip_bad_loras:
-                raise
-            log.error("LoRA adapter %r not loaded, the server runs without it: %s", name, exc)
-            unloaded.append((name, str(exc)))
-    if unloaded:
-        pipeline.info = replace(pipeline.info, unloaded_loras=tuple(unloaded))
+    _load_loras(pipeline, loras, skip_bad_loras)
     if fp8:
         from klein_agent.speedups.fp8 import (
             FP8_WITHOUT_COMPILE,
@@ -130,6 +121,26 @@ def load_pipeline(
             )
             log.info("compile warm-up done in %.1f s", time.perf_counter() - started)
     return pipeline
+
+
+def _load_loras(
+    pipeline: KleinPipeline | Flux3Pipeline, loras: Sequence[tuple[str, float]], skip_bad_loras: bool
+) -> None:
+    """Attach the LoRA files `loras` ((path, default scale), named by file stem) to either family's pipeline.
+    Raises LoRAError for a file that does not fit; with `skip_bad_loras` it is logged and recorded in
+    `info.unloaded_loras` instead, so calls naming it are refused with the reason."""
+    paths = [Path(path) for path, _ in loras]
+    unloaded: list[tuple[str, str]] = []
+    for name, path, (_, scale) in zip(adapter_names(paths), paths, loras, strict=True):
+        try:
+            pipeline.load_lora(path, name, scale)
+        except LoRAError as exc:
+            if not skip_bad_loras:
+                raise
+            log.error("LoRA adapter %r not loaded, the server runs without it: %s", name, exc)
+            unloaded.append((name, str(exc)))
+    if unloaded:
+        pipeline.info = replace(pipeline.info, unloaded_loras=tuple(unloaded))
 
 
 RANDOM_PREFIX = families.RANDOM_PREFIX  # random:klein-4b: random weights of a preset's shape, for benchmarks

@@ -6,19 +6,24 @@ composition (several references) are one code path: reference tokens ride in the
 
 `generate` is the `ImageGenerator` the engine and the CLI drive (requests resolved by the shared rules, progress
 per step, batch seeds, recipes); `pictures` is the same run with plain arguments, for the parity tests.
-Not yet here (issue 21): LoRA, step caches, prompt and reference caches, compile and FP8.
+LoRA adapters are attached unfused (`model.lora`) and each call runs the ones its request names, at their scales,
+as `KleinPipeline` does. Not yet here: step caches, prompt and reference caches, compile and FP8.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
 
 import torch
 from PIL import Image
 from torch import Tensor
 
-from klein_agent.model import flux3_sampling, sampling
+from klein_agent.loading.lora import AdapterFile, read_lora
+from klein_agent.model import flux3_sampling, lora, sampling
 from klein_agent.model.autoencoder import AutoEncoder
 from klein_agent.model.configs import SamplingDefaults
 from klein_agent.model.flux3_text_encoder import Flux3TextEmbedder
@@ -29,6 +34,7 @@ from klein_agent.pipeline.klein import check_finite, initial_noise
 from klein_agent.rules import limits
 from klein_agent.rules.families import FLUX3
 from klein_agent.rules.flux3_references import Box, prepare_flux3_references
+from klein_agent.rules.loras import MAX_LORA_SCALE
 from klein_agent.rules.requests import (
     GenerationRequest,
     GenerationResult,
@@ -38,6 +44,8 @@ from klein_agent.rules.requests import (
 )
 from klein_agent.rules.resolution import RequestError, ResolvedRequest
 from klein_agent.rules.upsampling import clean_caption
+
+log = logging.getLogger(__name__)
 
 # The conditioning of one prompt: (context [1, window, C_ctx], ids [window, 4]) and, with CFG, the empty prompt's
 Conditioning = tuple[Tensor, Tensor, Tensor | None, Tensor | None]
@@ -78,6 +86,7 @@ class Flux3Pipeline:
             family=FLUX3.name,
             no_masked_edits=FLUX3.no_masked_edits,
         )
+        self.adapters: dict[str, AdapterFile] = {}  # loaded LoRA files by name (see load_lora)
 
     # ------------------------------------------------------------------------------------------------ public
 
@@ -122,6 +131,9 @@ class Flux3Pipeline:
             timings["references"] = (time.perf_counter() - mark) * 1000
             if progress:
                 progress(1, total_units, "prompt and references encoded")
+            lora.activate(
+                self.transformer, resolved.loras
+            )  # only the adapters this call names, at its scales
             images: list[Image.Image] = []
             for k, seed in enumerate(resolved.seeds):
                 done_before = 1 + k * (steps + 1)
@@ -159,6 +171,20 @@ class Flux3Pipeline:
             caption=given,
             caption_source=None if given is None else "caller",
         )
+
+    def load_lora(self, path: str | Path, name: str, scale: float = 1.0) -> AdapterFile:
+        """Read a FLUX 3 LoRA file (diffusers/PEFT `transformer.` or BFL `diffusion_model.` names) and add it to
+        the transformer as adapter `name`, run at `scale` when a call names it without one; the base weights are not
+        changed. Raises LoRAError naming the file and the first key that does not fit this model (a FLUX.2 adapter, a
+        LoKr file, a wrong shape), ValueError for a name already loaded."""
+        if any(known == name for known, _ in self.info.loras):
+            raise ValueError(f"a LoRA adapter named {name!r} is already loaded")
+        adapter = read_lora(path, self.transformer, self.variant, max_scale=MAX_LORA_SCALE)
+        lora.attach(self.transformer, name, adapter.updates)
+        self.info = replace(self.info, loras=(*self.info.loras, (name, float(scale))))
+        self.adapters[name] = adapter
+        log.info("LoRA %s: %s", name, adapter.summary)
+        return adapter
 
     def caption(self, request: GenerationRequest, resolved: ResolvedRequest) -> str:
         """The text the model is conditioned on: `request.caption` when set (a caller's, or the prompt upsampler's
