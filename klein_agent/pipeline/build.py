@@ -16,7 +16,7 @@ from klein_agent.loading.quantized import QuantizedSummary
 from klein_agent.pipeline.flux3 import Flux3Pipeline
 from klein_agent.pipeline.klein import KleinPipeline
 from klein_agent.rules import families
-from klein_agent.rules.buckets import select
+from klein_agent.rules.buckets import ShapeBucket, select
 from klein_agent.rules.loras import adapter_names
 from klein_agent.speedups.devices import resolve_device, resolve_dtype
 
@@ -46,8 +46,8 @@ def load_pipeline(
 ) -> KleinPipeline | Flux3Pipeline:
     """Build the pipeline a model name points at: `tiny`, a diffusers-layout folder, or a Hugging Face repo id;
     for FLUX 3 [klein] (`flux3-tiny`, `random:flux3-klein[-base]`, a modular-pipeline folder, with
-    `transformer_file` a BFL single file) a `Flux3Pipeline`, which takes `loras` and refuses `fp8` and `compile`
-    (not yet written for it) with a ValueError naming the option.
+    `transformer_file` a BFL single file) a `Flux3Pipeline`, which takes `loras` and `compile` (without CUDA graphs)
+    and refuses `fp8` (not yet written for it) with a ValueError naming the option.
 
     `reference_kv_cache_bytes` bounds the cross-call cache of klein 9B-KV reference keys and values (None: the
     device's default). `loras` are LoRA files with their default scales, loaded (named by file stem) before any
@@ -64,17 +64,17 @@ def load_pipeline(
         # FLUX's activations exceed float16's range (65504): pictures can come out NaN (refused, nothing stored)
         log.warning(FLOAT16_WARNING)
     if _is_flux3(model, allow_download):
-        asked = [name for name, on in (("--fp8", fp8), ("--compile", compile)) if on]
-        if asked:
-            raise ValueError(
-                f"{' and '.join(asked)} {'is' if len(asked) == 1 else 'are'} not available for "
-                f"{families.FLUX3.title} models yet: leave {'it' if len(asked) == 1 else 'them'} out"
-            )
+        if fp8:
+            raise ValueError(f"--fp8 is not available for {families.FLUX3.title} models yet: leave it out")
         text_device = torch.device("cpu") if offload_text_encoder else torch_device
         flux3 = _flux3_pipeline(
             model, torch_device, torch_dtype, text_device, transformer_file, allow_download
         )
         _load_loras(flux3, loras, skip_bad_loras)
+        if (
+            compile
+        ):  # the blocks and the decoder; CUDA graphs of the steps are FLUX.2's only (speedups.cuda_graphs)
+            _compile(flux3, warm, compile_backend)
         return flux3
     pipeline = _build_pipeline(
         model,
@@ -105,22 +105,28 @@ def load_pipeline(
         )
         log.info("fp8: %d block linears quantized (%s)", len(replaced), recipe)
     if compile:
-        from klein_agent.pipeline.warmup import compile_pipeline_, warm_up
-
-        compile_pipeline_(pipeline, backend=compile_backend)
         if torch_device.type == "cuda" and not pipeline.kv_references:
             from klein_agent.speedups.cuda_graphs import StepGraphs
 
             pipeline.step_graphs = StepGraphs(pipeline.transformer)
-        if warm:
-            started = time.perf_counter()
-            warm_up(
-                pipeline,
-                warm,
-                lambda done, total, message: log.info("compile warm-up %d/%d: %s", done, total, message),
-            )
-            log.info("compile warm-up done in %.1f s", time.perf_counter() - started)
+        _compile(pipeline, warm, compile_backend)
     return pipeline
+
+
+def _compile(pipeline: KleinPipeline | Flux3Pipeline, warm: Sequence[ShapeBucket], backend: str) -> None:
+    """Compile the pipeline's transformer blocks for the bucket menu and its decoder, then warm the `warm`
+    buckets, progress logged at INFO on stderr."""
+    from klein_agent.pipeline.warmup import compile_pipeline_, warm_up
+
+    compile_pipeline_(pipeline, backend=backend)
+    if warm:
+        started = time.perf_counter()
+        warm_up(
+            pipeline,
+            warm,
+            lambda done, total, message: log.info("compile warm-up %d/%d: %s", done, total, message),
+        )
+        log.info("compile warm-up done in %.1f s", time.perf_counter() - started)
 
 
 def _load_loras(

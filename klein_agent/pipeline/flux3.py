@@ -44,6 +44,7 @@ from klein_agent.rules.requests import (
 )
 from klein_agent.rules.resolution import RequestError, ResolvedRequest
 from klein_agent.rules.upsampling import clean_caption
+from klein_agent.speedups.attention import AttentionPlan
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,14 @@ class Flux3Pipeline:
             no_masked_edits=FLUX3.no_masked_edits,
         )
         self.adapters: dict[str, AdapterFile] = {}  # loaded LoRA files by name (see load_lora)
+        # the SDPA kernel order of each model (speedups.attention), as KleinPipeline's: the autoencoder's one head
+        # is as wide as its lowest-resolution channels, which flash and cuDNN do not take
+        ae = autoencoder.config
+        self.attention = AttentionPlan.for_device(
+            self.device,
+            transformer.config.head_dim,
+            max(ae.block_out_channels[-1], ae.decoder_channels[-1]),
+        )
 
     # ------------------------------------------------------------------------------------------------ public
 
@@ -257,7 +266,8 @@ class Flux3Pipeline:
         tokens, grids = [], []
         for image in prepared.images:
             x = to_tensor(image).to(self.device, self.dtype, memory_format=ENCODER_LAYOUT)
-            latent = self.autoencoder.encode(x)  # [1, C, h, w]
+            with self.attention.autoencoder():
+                latent = self.autoencoder.encode(x)  # [1, C, h, w]
             tokens.append(sampling.pack(latent))
             grids.append((latent.shape[2], latent.shape[3]))
         ids = flux3_sampling.reference_ids(grids).to(self.device)
@@ -282,26 +292,28 @@ class Flux3Pipeline:
         channels = self.transformer.config.in_channels
         # diffusers draws float32 noise on the CPU generator, then casts: the same seed, the same picture
         noise = sampling.pack(initial_noise(seed, channels, h, w)).to(self.device, self.dtype)
-        return flux3_sampling.denoise(
-            self.transformer,
-            noise,
-            flux3_sampling.image_ids(h, w).to(self.device),
-            context,
-            context_ids,
-            flux3_sampling.noise_levels(steps),
-            references=refs,
-            references_ids=ref_ids,
-            guidance=guidance,
-            uncond_context=uncond,
-            uncond_ids=uncond_ids,
-            on_step=on_step,
-        )
+        with self.attention.transformer():
+            return flux3_sampling.denoise(
+                self.transformer,
+                noise,
+                flux3_sampling.image_ids(h, w).to(self.device),
+                context,
+                context_ids,
+                flux3_sampling.noise_levels(steps),
+                references=refs,
+                references_ids=ref_ids,
+                guidance=guidance,
+                uncond_context=uncond,
+                uncond_ids=uncond_ids,
+                on_step=on_step,
+            )
 
     def decode(self, tokens: Tensor, height: int, width: int, crop: Box | None) -> Tensor:
         """Latent tokens of a height x width picture -> [1, 3, H, W] float32 pixels in [0, 1], cropped to `crop`
         ((left, top, right, bottom) px) when given."""
         h, w = height // limits.SIZE_MULTIPLE, width // limits.SIZE_MULTIPLE
-        decoded = self.autoencoder.decode(sampling.unpack(tokens, h, w).to(self.dtype))
+        with self.attention.autoencoder():
+            decoded = self.autoencoder.decode(sampling.unpack(tokens, h, w).to(self.dtype))
         if crop is not None:
             left, top, right, bottom = crop
             decoded = decoded[..., top:bottom, left:right]

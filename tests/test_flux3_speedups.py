@@ -1,0 +1,147 @@
+"""The speed-ups on the FLUX 3 [klein] transformer (issue 21, point 6), on the CPU: regional compilation of its mode
+and joint blocks with shape buckets (Dynamo's "eager" and "aot_eager" backends; Inductor is too slow on two cores),
+the SDPA kernel order, and `--compile` through `load_pipeline`.
+
+Compiled equals uncompiled within float32 rounding, measured against a float64 run of the uncompiled model
+(tests/tolerances.py); inside one bucket a new size or prompt length compiles nothing (Dynamo's own frame counter),
+while a size in another bucket does (so the count can move). CUDA graphs of the steps are FLUX.2's only: a FLUX 3
+pipeline never selects them, on any device.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch._dynamo
+import torch._dynamo.config
+from tolerances import rounding_bound
+from torch import Tensor
+from torch._dynamo.testing import CompileCounter
+from torch.nn.attention import SDPBackend
+
+from klein_agent.loading.random_init import build_random_flux3
+from klein_agent.model import flux3_sampling
+from klein_agent.model.configs import preset
+from klein_agent.model.flux3_transformer import Flux3Transformer, JointBlock, ModeBlock
+from klein_agent.pipeline import load_pipeline
+from klein_agent.pipeline.flux3 import Flux3Pipeline
+from klein_agent.rules.requests import GenerationRequest
+from klein_agent.speedups.compilation import compile_transformer_
+
+pytestmark = pytest.mark.slow  # Dynamo traces both block kinds at several sizes
+
+RANGES = [(16, 64), (65, 256)]  # two small buckets: image tokens (output plus references) per step
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo() -> Iterator[None]:
+    """Compiled variants hang off the blocks' shared code objects: start and leave every test with none."""
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(cache_size_limit=8, accumulated_cache_size_limit=256):
+        yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Flux3Transformer:
+    return build_random_flux3(preset("flux3-tiny"))[0].eval()
+
+
+def forward(
+    model: Flux3Transformer, grid: tuple[int, int], refs: list[tuple[int, int]], text: int = 80
+) -> Tensor:
+    """The model on seeded float32 inputs (cast to the model's dtype): an output grid, reference grids, text."""
+    dtype = next(model.parameters()).dtype
+    g = torch.Generator().manual_seed(grid[0] * 100 + grid[1] + 7 * len(refs) + text)
+    c = model.config
+    img = torch.randn(1, grid[0] * grid[1], c.in_channels, generator=g).to(dtype)
+    txt = torch.randn(1, text, c.context_in_dim, generator=g).to(dtype)
+    ref = ref_ids = None
+    if refs:
+        ref = torch.randn(1, sum(h * w for h, w in refs), c.cond_in_channels, generator=g).to(dtype)
+        ref_ids = flux3_sampling.reference_ids(refs)
+    t = torch.tensor([0.7], dtype=dtype)
+    target = torch.tensor([0.3], dtype=dtype) if c.flow_map else None
+    ids, text_ids = flux3_sampling.image_ids(*grid), flux3_sampling.text_ids(text)
+    with torch.inference_mode():
+        return model(img, ids, txt, text_ids, t, target, ref, ref_ids)
+
+
+def test_every_mode_and_joint_block_is_compiled(tiny: Flux3Transformer) -> None:
+    model = copy.deepcopy(tiny)
+    compile_transformer_(model, backend="eager", token_ranges=RANGES)
+    blocks = [m for m in model.modules() if isinstance(m, ModeBlock | JointBlock)]
+    assert len(blocks) == 3 * model.config.depth + model.config.depth_single_blocks
+    assert all(getattr(b, "_compiled_call_impl", None) is not None for b in blocks)
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_compiled_equals_eager_within_float32_rounding(tiny: Flux3Transformer, backend: str) -> None:
+    model = copy.deepcopy(tiny)
+    compile_transformer_(model, backend=backend, token_ranges=RANGES)
+    exact = copy.deepcopy(tiny).double()
+    for grid, refs in [((4, 5), []), ((3, 4), [(2, 3), (4, 2)])]:
+        bound = rounding_bound(
+            f"{backend} {grid} + {refs}", forward(exact, grid, refs), forward(tiny, grid, refs)
+        )
+        got = forward(model, grid, refs)
+        if backend == "eager":  # Dynamo's graph run op by op: the same kernels, the same bits
+            assert torch.equal(got, forward(tiny, grid, refs))
+        bound.check(got)
+
+
+def test_no_recompilation_inside_a_bucket(tiny: Flux3Transformer) -> None:
+    counter = CompileCounter()
+    model = copy.deepcopy(tiny)
+    compile_transformer_(model, backend=counter, token_ranges=RANGES)
+    forward(model, (4, 5), [])  # bucket 1: 20 image tokens, one text window
+    first = counter.frame_count
+    # mode blocks: the image in bucket 1 and the 80-token text window in bucket 2, each a graph; joint blocks: one
+    assert first == 3
+    for grid, text in [
+        ((5, 6), 80),
+        ((6, 8), 160),
+        ((7, 9), 80),
+    ]:  # other sizes and prompt lengths, same bucket
+        forward(model, grid, [], text)
+    assert counter.frame_count == first
+    forward(
+        model, (3, 4), [(2, 3)]
+    )  # references: a graph for the joint blocks with three parts, and their mode
+    with_refs = counter.frame_count
+    forward(model, (4, 4), [(3, 5), (2, 2)], 160)  # 35 + 19 tokens: same bucket, other sizes, more references
+    assert counter.frame_count == with_refs
+    forward(model, (10, 12), [])  # 120 tokens: the second bucket compiles its own joint graph
+    assert counter.frame_count > with_refs
+
+
+def test_the_cpu_pipeline_runs_the_transformer_on_the_fused_kernel() -> None:
+    pipe = load_pipeline("flux3-tiny", device="cpu")
+    assert isinstance(pipe, Flux3Pipeline)
+    fused = (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH)
+    assert pipe.attention.transformer_order == pipe.attention.autoencoder_order == fused
+    request = GenerationRequest("x", width=64, height=64, seed=1, steps=1)
+    with torch.profiler.profile() as prof:
+        pipe.generate(request)
+    names = {e.name for e in prof.events()}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in names
+    assert "aten::_scaled_dot_product_attention_math" not in names
+
+
+def test_load_pipeline_compile_gives_the_uncompiled_pictures_without_cuda_graphs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level("INFO")
+    compiled = load_pipeline("flux3-tiny", compile=True, compile_backend="eager", warm_buckets="1")
+    assert isinstance(compiled, Flux3Pipeline)
+    assert not hasattr(compiled, "step_graphs")  # CPU (and any device): the eager step loop, no CUDA graphs
+    assert "compile warm-up done" in caplog.text
+    blocks = [m for m in compiled.transformer.modules() if isinstance(m, ModeBlock | JointBlock)]
+    assert blocks and all(getattr(b, "_compiled_call_impl", None) is not None for b in blocks)
+    plain = load_pipeline("flux3-tiny")
+    request = GenerationRequest("a red cube", width=80, height=64, seed=3, steps=2)
+    got, want = compiled.generate(request).images[0], plain.generate(request).images[0]
+    assert got.tobytes() == want.tobytes()  # "eager" runs Dynamo's graph op by op: the same bits
