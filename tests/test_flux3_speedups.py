@@ -4,8 +4,9 @@ the SDPA kernel order, and `--compile` through `load_pipeline`.
 
 Compiled equals uncompiled within float32 rounding, measured against a float64 run of the uncompiled model
 (tests/tolerances.py); inside one bucket a new size or prompt length compiles nothing (Dynamo's own frame counter),
-while a size in another bucket does (so the count can move). CUDA graphs of the steps are FLUX.2's only: a FLUX 3
-pipeline never selects them, on any device.
+while a size in another bucket does (so the count can move). CUDA graphs of the steps (`Flux3StepGraphs`) are
+selected only on CUDA; here their loop logic runs with a fake capture (tests/test_cuda_graphs.py's), which
+recomputes into the same output tensor as a replay rewrites it, so a stale buffer or a missing clone would show.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pytest
 import torch
 import torch._dynamo
 import torch._dynamo.config
+from test_cuda_graphs import FakeCapture
 from tolerances import rounding_bound
 from torch import Tensor
 from torch._dynamo.testing import CompileCounter
@@ -30,6 +32,7 @@ from klein_agent.pipeline import load_pipeline
 from klein_agent.pipeline.flux3 import Flux3Pipeline
 from klein_agent.rules.requests import GenerationRequest
 from klein_agent.speedups.compilation import compile_transformer_
+from klein_agent.speedups.cuda_graphs import Flux3StepGraphs
 
 pytestmark = pytest.mark.slow  # Dynamo traces both block kinds at several sizes
 
@@ -101,18 +104,17 @@ def test_no_recompilation_inside_a_bucket(tiny: Flux3Transformer) -> None:
     first = counter.frame_count
     # mode blocks: the image in bucket 1 and the 80-token text window in bucket 2, each a graph; joint blocks: one
     assert first == 3
-    for grid, text in [
-        ((5, 6), 80),
-        ((6, 8), 160),
-        ((7, 9), 80),
-    ]:  # other sizes and prompt lengths, same bucket
+    # other sizes and prompt lengths, same bucket
+    for grid, text in [((5, 6), 80), ((6, 8), 160), ((7, 9), 80)]:
         forward(model, grid, [], text)
     assert counter.frame_count == first
-    forward(
-        model, (3, 4), [(2, 3)]
-    )  # references: a graph for the joint blocks with three parts, and their mode
+    # references (16 tokens, the smallest a reference has): the joint blocks' three-part graph; the references'
+    # mode blocks reuse bucket 1's graph
+    forward(model, (3, 6), [(4, 4)])
     with_refs = counter.frame_count
-    forward(model, (4, 4), [(3, 5), (2, 2)], 160)  # 35 + 19 tokens: same bucket, other sizes, more references
+    assert with_refs == first + 1
+    # 16 + 38 tokens: same bucket, other sizes, more references, a longer prompt
+    forward(model, (4, 4), [(4, 5), (3, 6)], 160)
     assert counter.frame_count == with_refs
     forward(model, (10, 12), [])  # 120 tokens: the second bucket compiles its own joint graph
     assert counter.frame_count > with_refs
@@ -131,13 +133,13 @@ def test_the_cpu_pipeline_runs_the_transformer_on_the_fused_kernel() -> None:
     assert "aten::_scaled_dot_product_attention_math" not in names
 
 
-def test_load_pipeline_compile_gives_the_uncompiled_pictures_without_cuda_graphs(
+def test_load_pipeline_compile_gives_the_uncompiled_pictures_and_no_cuda_graphs_on_the_cpu(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level("INFO")
     compiled = load_pipeline("flux3-tiny", compile=True, compile_backend="eager", warm_buckets="1")
     assert isinstance(compiled, Flux3Pipeline)
-    assert not hasattr(compiled, "step_graphs")  # CPU (and any device): the eager step loop, no CUDA graphs
+    assert compiled.step_graphs is None  # the CPU: the eager step loop; CUDA graphs only on CUDA
     assert "compile warm-up done" in caplog.text
     blocks = [m for m in compiled.transformer.modules() if isinstance(m, ModeBlock | JointBlock)]
     assert blocks and all(getattr(b, "_compiled_call_impl", None) is not None for b in blocks)
@@ -145,3 +147,25 @@ def test_load_pipeline_compile_gives_the_uncompiled_pictures_without_cuda_graphs
     request = GenerationRequest("a red cube", width=80, height=64, seed=3, steps=2)
     got, want = compiled.generate(request).images[0], plain.generate(request).images[0]
     assert got.tobytes() == want.tobytes()  # "eager" runs Dynamo's graph op by op: the same bits
+
+
+def test_step_graphs_one_capture_per_shape_the_plain_loops_pictures_and_lora_keys() -> None:
+    pipe = load_pipeline("flux3-tiny", device="cpu")
+    assert isinstance(pipe, Flux3Pipeline) and pipe.step_graphs is None
+    requests = [
+        GenerationRequest("graphs", width=64, height=48, seed=5, steps=3),
+        GenerationRequest("other prompt", width=64, height=48, seed=6, steps=3),  # same shape: replays only
+    ]
+    want = [pipe.generate(r).images[0].tobytes() for r in requests]
+    fake = FakeCapture()
+    pipe.step_graphs = Flux3StepGraphs(pipe.transformer, capture=fake)  # what load_pipeline sets on CUDA
+    progress: list[int] = []
+    got = pipe.generate(requests[0], progress=lambda d, t, m: progress.append(d)).images[0].tobytes()
+    assert got == want[0] and progress == [1, 2, 3, 4, 5]
+    assert pipe.generate(requests[1]).images[0].tobytes() == want[1]
+    assert pipe.step_graphs.captures == 1 and pipe.step_graphs.replays == fake.replayed == 6
+    pipe.generate(GenerationRequest("graphs", width=80, height=48, seed=5, steps=1))  # another shape
+    assert pipe.step_graphs.captures == 2
+    pipe.step_graphs.context_key = ("x", 1.0)  # another set of adapters: the pipeline sets the key per call
+    pipe.generate(requests[0])
+    assert pipe.step_graphs.context_key == () and pipe.step_graphs.captures == 2  # reset to the call's (none)

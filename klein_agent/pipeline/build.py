@@ -46,8 +46,8 @@ def load_pipeline(
 ) -> KleinPipeline | Flux3Pipeline:
     """Build the pipeline a model name points at: `tiny`, a diffusers-layout folder, or a Hugging Face repo id;
     for FLUX 3 [klein] (`flux3-tiny`, `random:flux3-klein[-base]`, a modular-pipeline folder, with
-    `transformer_file` a BFL single file) a `Flux3Pipeline`, which takes `loras` and `compile` (without CUDA graphs)
-    and refuses `fp8` (not yet written for it) with a ValueError naming the option.
+    `transformer_file` a BFL single file) a `Flux3Pipeline`, which takes `loras` and `compile` (with CUDA graphs on
+    CUDA) and refuses `fp8` (not yet written for it) with a ValueError naming the option.
 
     `reference_kv_cache_bytes` bounds the cross-call cache of klein 9B-KV reference keys and values (None: the
     device's default). `loras` are LoRA files with their default scales, loaded (named by file stem) before any
@@ -71,9 +71,11 @@ def load_pipeline(
             model, torch_device, torch_dtype, text_device, transformer_file, allow_download
         )
         _load_loras(flux3, loras, skip_bad_loras)
-        if (
-            compile
-        ):  # the blocks and the decoder; CUDA graphs of the steps are FLUX.2's only (speedups.cuda_graphs)
+        if compile:  # the blocks, the decoder and, on CUDA, graphs of the steps (speedups.cuda_graphs)
+            if torch_device.type == "cuda":
+                from klein_agent.speedups.cuda_graphs import Flux3StepGraphs
+
+                flux3.step_graphs = Flux3StepGraphs(flux3.transformer)
             _compile(flux3, warm, compile_backend)
         return flux3
     pipeline = _build_pipeline(

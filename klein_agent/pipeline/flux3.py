@@ -45,6 +45,7 @@ from klein_agent.rules.requests import (
 from klein_agent.rules.resolution import RequestError, ResolvedRequest
 from klein_agent.rules.upsampling import clean_caption
 from klein_agent.speedups.attention import AttentionPlan
+from klein_agent.speedups.cuda_graphs import Flux3StepGraphs
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,8 @@ class Flux3Pipeline:
             no_masked_edits=FLUX3.no_masked_edits,
         )
         self.adapters: dict[str, AdapterFile] = {}  # loaded LoRA files by name (see load_lora)
+        # CUDA graphs of the steps: load_pipeline sets them with --compile on CUDA
+        self.step_graphs: Flux3StepGraphs | None = None
         # the SDPA kernel order of each model (speedups.attention), as KleinPipeline's: the autoencoder's one head
         # is as wide as its lowest-resolution channels, which flash and cuDNN do not take
         ae = autoencoder.config
@@ -140,9 +143,10 @@ class Flux3Pipeline:
             timings["references"] = (time.perf_counter() - mark) * 1000
             if progress:
                 progress(1, total_units, "prompt and references encoded")
-            lora.activate(
-                self.transformer, resolved.loras
-            )  # only the adapters this call names, at its scales
+            # only the adapters this call names, at its scales; a step graph records those active at its capture
+            lora.activate(self.transformer, resolved.loras)
+            if self.step_graphs is not None:
+                self.step_graphs.context_key = resolved.loras
             images: list[Image.Image] = []
             for k, seed in enumerate(resolved.seeds):
                 done_before = 1 + k * (steps + 1)
@@ -306,6 +310,7 @@ class Flux3Pipeline:
                 uncond_context=uncond,
                 uncond_ids=uncond_ids,
                 on_step=on_step,
+                forward=self.step_graphs,
             )
 
     def decode(self, tokens: Tensor, height: int, width: int, crop: Box | None) -> Tensor:
