@@ -7,7 +7,9 @@ composition (several references) are one code path: reference tokens ride in the
 `generate` is the `ImageGenerator` the engine and the CLI drive (requests resolved by the shared rules, progress
 per step, batch seeds, recipes); `pictures` is the same run with plain arguments, for the parity tests.
 LoRA adapters are attached unfused (`model.lora`) and each call runs the ones its request names, at their scales,
-as `KleinPipeline` does. Not yet here: step caches, prompt and reference caches, compile and FP8.
+as `KleinPipeline` does. The speed-ups are FLUX.2's: the SDPA kernel order (`attention`), and with `--compile`
+(`pipeline.build`) the regional compile of the mode and joint blocks over the shape buckets and, on CUDA, graphs of
+the steps (`step_graphs`). Not yet here: step caches, prompt and reference caches, FP8.
 """
 
 from __future__ import annotations
