@@ -1,6 +1,7 @@
 """The speed-ups on the FLUX 3 [klein] transformer (issue 21, point 6), on the CPU: regional compilation of its mode
 and joint blocks with shape buckets (Dynamo's "eager" and "aot_eager" backends; Inductor is too slow on two cores),
-the SDPA kernel order, and `--compile` through `load_pipeline`.
+the SDPA kernel order, FP8 block linears (the reference path; its numerics are tests/test_fp8.py's), and `--compile`
+and `--fp8` through `load_pipeline`.
 
 Compiled equals uncompiled within float32 rounding, measured against a float64 run of the uncompiled model
 (tests/tolerances.py); inside one bucket a new size or prompt length compiles nothing (Dynamo's own frame counter),
@@ -19,6 +20,7 @@ import torch
 import torch._dynamo
 import torch._dynamo.config
 from test_cuda_graphs import FakeCapture
+from test_fp8 import fp8_relative_error
 from tolerances import rounding_bound
 from torch import Tensor
 from torch._dynamo.testing import CompileCounter
@@ -33,6 +35,7 @@ from klein_agent.pipeline.flux3 import Flux3Pipeline
 from klein_agent.rules.requests import GenerationRequest
 from klein_agent.speedups.compilation import compile_transformer_
 from klein_agent.speedups.cuda_graphs import Flux3StepGraphs
+from klein_agent.speedups.fp8 import FP8_DTYPE, Float8Linear, quantize_transformer_
 
 pytestmark = pytest.mark.slow  # Dynamo traces both block kinds at several sizes
 
@@ -169,3 +172,34 @@ def test_step_graphs_one_capture_per_shape_the_plain_loops_pictures_and_lora_key
     pipe.step_graphs.context_key = ("x", 1.0)  # another set of adapters: the pipeline sets the key per call
     pipe.generate(requests[0])
     assert pipe.step_graphs.context_key == () and pipe.step_graphs.captures == 2  # reset to the call's (none)
+
+
+def test_fp8_replaces_the_mode_and_joint_block_linears_only(tiny: Flux3Transformer) -> None:
+    model = copy.deepcopy(tiny)
+    expected = [
+        f"{name}.{child}"
+        for name, block in model.named_modules()
+        if isinstance(block, ModeBlock | JointBlock)
+        for child, m in block.named_modules()
+        if isinstance(m, torch.nn.Linear)
+    ]
+    blocks = 3 * tiny.config.depth + tiny.config.depth_single_blocks
+    assert len(expected) == 6 * blocks  # q, k, v, out, MLP in and out in every block
+    assert sorted(quantize_transformer_(model)) == sorted(expected)
+    assert all(isinstance(model.get_submodule(n), Float8Linear) for n in expected)
+    for name in ("txt_in", "emb_in.image", "time_in.in_layer", "single_stream_modulations.txt.lin"):
+        assert type(model.get_submodule(name)) is torch.nn.Linear  # embedders, modulations: full precision
+    assert model.state_dict()["txt_mode_blocks.0.q_proj.weight"].dtype == FP8_DTYPE
+    err = fp8_relative_error(forward(tiny, (4, 5), [(4, 4)]), forward(model, (4, 5), [(4, 4)]))
+    print(f"FP8 relative L2 error, flux3-tiny: {err:.5f}")
+    assert 1e-4 < err < 0.1, err  # the bounds tests/test_fp8.py holds FLUX.2 to
+
+
+def test_load_pipeline_fp8_quantizes_and_still_draws() -> None:
+    pipe = load_pipeline("flux3-tiny", fp8=True)
+    assert isinstance(pipe, Flux3Pipeline)
+    assert any(isinstance(m, Float8Linear) for m in pipe.transformer.modules())
+    request = GenerationRequest("a red cube", width=64, height=64, seed=3, steps=2)
+    made = pipe.generate(request).images[0]
+    plain = load_pipeline("flux3-tiny").generate(request).images[0]
+    assert made.size == plain.size and made.tobytes() != plain.tobytes()

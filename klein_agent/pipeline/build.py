@@ -46,8 +46,8 @@ def load_pipeline(
 ) -> KleinPipeline | Flux3Pipeline:
     """Build the pipeline a model name points at: `tiny`, a diffusers-layout folder, or a Hugging Face repo id;
     for FLUX 3 [klein] (`flux3-tiny`, `random:flux3-klein[-base]`, a modular-pipeline folder, with
-    `transformer_file` a BFL single file) a `Flux3Pipeline`, which takes `loras` and `compile` (with CUDA graphs on
-    CUDA) and refuses `fp8` (not yet written for it) with a ValueError naming the option.
+    `transformer_file` a BFL single file) a `Flux3Pipeline`, which takes `loras`, `fp8` and `compile` (with CUDA
+    graphs on CUDA) as FLUX.2 does.
 
     `reference_kv_cache_bytes` bounds the cross-call cache of klein 9B-KV reference keys and values (None: the
     device's default). `loras` are LoRA files with their default scales, loaded (named by file stem) before any
@@ -64,13 +64,13 @@ def load_pipeline(
         # FLUX's activations exceed float16's range (65504): pictures can come out NaN (refused, nothing stored)
         log.warning(FLOAT16_WARNING)
     if _is_flux3(model, allow_download):
-        if fp8:
-            raise ValueError(f"--fp8 is not available for {families.FLUX3.title} models yet: leave it out")
         text_device = torch.device("cpu") if offload_text_encoder else torch_device
         flux3 = _flux3_pipeline(
             model, torch_device, torch_dtype, text_device, transformer_file, allow_download
         )
         _load_loras(flux3, loras, skip_bad_loras)
+        if fp8:
+            _quantize(flux3, torch_device, compile)
         if compile:  # the blocks, the decoder and, on CUDA, graphs of the steps (speedups.cuda_graphs)
             if torch_device.type == "cuda":
                 from klein_agent.speedups.cuda_graphs import Flux3StepGraphs
@@ -90,22 +90,7 @@ def load_pipeline(
     )
     _load_loras(pipeline, loras, skip_bad_loras)
     if fp8:
-        from klein_agent.speedups.fp8 import (
-            FP8_WITHOUT_COMPILE,
-            quantize_transformer_,
-            recipe_for,
-            scaled_mm_available,
-        )
-
-        if not scaled_mm_available(torch_device):
-            log.warning("--fp8 on %s runs a float32 reference path: numerically FP8, but slow", torch_device)
-        recipe = recipe_for(compile)
-        if not compile:
-            log.warning(FP8_WITHOUT_COMPILE)
-        replaced = quantize_transformer_(
-            pipeline.transformer, rowwise=recipe.rowwise, use_fast_accum=recipe.use_fast_accum
-        )
-        log.info("fp8: %d block linears quantized (%s)", len(replaced), recipe)
+        _quantize(pipeline, torch_device, compile)
     if compile:
         if torch_device.type == "cuda" and not pipeline.kv_references:
             from klein_agent.speedups.cuda_graphs import StepGraphs
@@ -113,6 +98,26 @@ def load_pipeline(
             pipeline.step_graphs = StepGraphs(pipeline.transformer)
         _compile(pipeline, warm, compile_backend)
     return pipeline
+
+
+def _quantize(pipeline: KleinPipeline | Flux3Pipeline, device: torch.device, compile: bool) -> None:
+    """--fp8: the transformer's block linears to FP8, the recipe `--compile` decides (`speedups.fp8`)."""
+    from klein_agent.speedups.fp8 import (
+        FP8_WITHOUT_COMPILE,
+        quantize_transformer_,
+        recipe_for,
+        scaled_mm_available,
+    )
+
+    if not scaled_mm_available(device):
+        log.warning("--fp8 on %s runs a float32 reference path: numerically FP8, but slow", device)
+    recipe = recipe_for(compile)
+    if not compile:
+        log.warning(FP8_WITHOUT_COMPILE)
+    replaced = quantize_transformer_(
+        pipeline.transformer, rowwise=recipe.rowwise, use_fast_accum=recipe.use_fast_accum
+    )
+    log.info("fp8: %d block linears quantized (%s)", len(replaced), recipe)
 
 
 def _compile(pipeline: KleinPipeline | Flux3Pipeline, warm: Sequence[ShapeBucket], backend: str) -> None:

@@ -9,7 +9,7 @@ per step, batch seeds, recipes); `pictures` is the same run with plain arguments
 LoRA adapters are attached unfused (`model.lora`) and each call runs the ones its request names, at their scales,
 as `KleinPipeline` does. The speed-ups are FLUX.2's: the SDPA kernel order (`attention`), and with `--compile`
 (`pipeline.build`) the regional compile of the mode and joint blocks over the shape buckets and, on CUDA, graphs of
-the steps (`step_graphs`). Not yet here: step caches, prompt and reference caches, FP8.
+the steps (`step_graphs`), and `--fp8`'s block linears. Not yet here: step caches, prompt and reference caches.
 """
 
 from __future__ import annotations
