@@ -121,6 +121,7 @@ def test_no_recompilation_inside_a_bucket(tiny: Flux3Transformer) -> None:
     assert counter.frame_count == with_refs
     forward(model, (10, 12), [])  # 120 tokens: the second bucket compiles its own joint graph
     assert counter.frame_count > with_refs
+    forward(model, (4, 5), [], text=12)  # a text window outside the range: a static graph, not an error
 
 
 def test_the_cpu_pipeline_runs_the_transformer_on_the_fused_kernel() -> None:

@@ -272,10 +272,13 @@ class _Flux3BucketedCall(_BucketedCall):
             low, high = bucket
             # several image parts: each from 2 (Dynamo specialises 0 and 1) to the bucket's top
             ranges = [(low, high)] if len(images) == 1 else [(2, high)] * len(images)
-            if joint:
-                ranges.insert(0, FLUX3_TEXT_TOKEN_RANGE)
+            if joint:  # a text window outside the range (never from the pipeline) stays static: (n, n)
+                text = parts[0].shape[1]
+                first, last = FLUX3_TEXT_TOKEN_RANGE
+                ranges.insert(0, (first, last) if first <= text <= last else (text, text))
             for x, (first, last) in zip(parts, ranges, strict=True):
-                torch._dynamo.mark_dynamic(x, 1, min=first, max=last)
+                if first < last:
+                    torch._dynamo.mark_dynamic(x, 1, min=first, max=last)
             for table in (bound["cos"], bound["sin"]):  # [sum S_i, Dh/2]: the sum of the parts' ranges
                 torch._dynamo.mark_dynamic(
                     table, 0, min=sum(r[0] for r in ranges), max=sum(r[1] for r in ranges)
