@@ -123,6 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
         "the recipe still records); a rerun of a FLUX 3 picture passes its stored caption",
     )
     gen.add_argument(
+        "--layout",
+        action="append",
+        default=[],
+        metavar="Y0,X0,Y1,X1:LABEL",
+        help="FLUX 3 [klein]: place LABEL in this box (repeatable, at most "
+        f"{limits.MAX_LAYOUT_BOXES}): y_min,x_min,y_max,x_max in fractions of the picture, top-left origin, as "
+        "diffusers takes them (--layout '0.1,0.05,0.9,0.45:a red umbrella' is a tall box on the left). The boxes "
+        "go into the caption's box table: the upsampler's box mode, or put back into --caption",
+    )
+    gen.add_argument(
         "--image",
         action="append",
         default=[],
@@ -344,13 +354,14 @@ def run_generate(args: argparse.Namespace) -> int:
 def image_call(args: argparse.Namespace) -> ImageCall:
     """The call `generate`'s options name: inpaint with --mask or --box, else generate, edit or compose by the
     number of --image. Raises RequestError for options that do not go together (parse_box's for a bad --box)."""
-    from klein_agent.rules import calls, masks
+    from klein_agent.rules import calls, layout, masks
     from klein_agent.rules.resolution import RequestError
     from klein_agent.rules.step_caches import split_step_cache_argument
 
     common: dict[str, Any] = {
         "prompt": args.prompt,
         "caption": args.caption,
+        "layout": tuple(layout.parse_layout_box(text, k) for k, text in enumerate(args.layout, start=1)),
         "width": args.width,
         "height": args.height,
         "seed": args.seed,

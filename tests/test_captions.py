@@ -9,6 +9,7 @@ the real one is tested against diffusers in test_upsampler_parity.py.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import pytest
@@ -17,6 +18,7 @@ from PIL import Image
 from klein_agent.pipeline.captioning import CaptionedGenerator
 from klein_agent.rules import limits, upsampling
 from klein_agent.rules.calls import Decoded, Edit, Generate, Prepare, prepare_call
+from klein_agent.rules.layout import LayoutBox
 from klein_agent.rules.recipes import rerun_call, rerun_command
 from klein_agent.rules.requests import GenerationRequest, GenerationResult, GeneratorInfo, resolve
 from klein_agent.rules.resolution import RequestError
@@ -65,10 +67,14 @@ class CountingUpsampler:
 
     calls: int = 0
     seen: list[list[Image.Image]] = field(default_factory=list)
+    layouts: list[tuple[LayoutBox, ...]] = field(default_factory=list)
 
-    def caption(self, request: str, references: list[Image.Image] | None = None) -> str:
+    def caption(
+        self, request: str, references: list[Image.Image] | None = None, *, layout: Sequence[LayoutBox] = ()
+    ) -> str:
         self.calls += 1
         self.seen.append(list(references or []))
+        self.layouts.append(tuple(layout))
         return f"{request}, upsampled ({len(references or [])} references)"
 
 
@@ -127,8 +133,10 @@ def test_upsampler_caption_is_encoded_recorded_and_a_rerun_does_not_upsample_aga
 class StrayControlUpsampler(CountingUpsampler):
     """Writes what a small or broken upsampler may: a control character inside and space around the caption."""
 
-    def caption(self, request: str, references: list[Image.Image] | None = None) -> str:
-        return f" {super().caption(request, references)}\x0b done \n"
+    def caption(
+        self, request: str, references: list[Image.Image] | None = None, *, layout: Sequence[LayoutBox] = ()
+    ) -> str:
+        return f" {super().caption(request, references, layout=layout)}\x0b done \n"
 
 
 def test_an_upsampled_caption_is_cleaned_as_a_callers_so_its_rerun_encodes_the_same_text() -> None:

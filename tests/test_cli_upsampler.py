@@ -87,3 +87,17 @@ def test_generate_says_which_text_a_flux3_model_encoded_as_the_tool_result_does(
     given = _run(tmp_path, "flux3-tiny", "--caption", "Full-color photograph of a red cube.").stderr
     assert f"text encoded: {CAPTION_SENTENCES['caller']}\n" in given, given
     assert "text encoded" not in _run(tmp_path, "tiny").stderr
+
+
+@pytest.mark.timeout(600)
+def test_a_layout_with_a_flux2_model_or_a_bad_box_is_refused_by_name(tmp_path: Path) -> None:
+    done = generate(tmp_path, "--layout", "0.1,0.05,0.9,0.45:a red cube")
+    assert done.returncode == 2, done.stderr
+    assert "layout is for FLUX 3 [klein] models" in done.stderr and "Traceback" not in done.stderr
+    done = generate(tmp_path, "--layout", "0.1,0.05,0.9,0.45:a red cube", "--layout", "0.9,0,0.1,1:a ball")
+    assert done.returncode == 2, done.stderr
+    assert "layout box 2 [0.9, 0.0, 0.1, 1.0] is inverted or empty" in done.stderr
+    done = generate(tmp_path, "--layout", "0.1,0.05,0.9")
+    assert (
+        done.returncode == 2 and "--layout '0.1,0.05,0.9' is not y_min,x_min,y_max,x_max:label" in done.stderr
+    )

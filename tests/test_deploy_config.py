@@ -139,6 +139,9 @@ def test_deploy_builds_its_application_from_the_block_it_prints(
 
     monkeypatch.setattr(deployment, "app_from_args", spy)
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    monkeypatch.setenv(
+        "RAY_AUTH_MODE", "token"
+    )  # deploy refuses a cluster without token auth (rules/ray_auth)
     ray = pytest.importorskip("ray")
     monkeypatch.setattr(ray, "init", lambda **kwargs: None)
     monkeypatch.setattr(ray, "shutdown", lambda: None)

@@ -132,10 +132,10 @@ def test_pictures_match_diffusers_load_lora_weights(name: str, tmp_path: Path) -
     want = ref(
         prompt=prompt, generator=torch.Generator().manual_seed(seed), output="images", **size, **inputs
     )
-    got = ours.generate(prompt, [seed], references=images, **size)
+    got = ours.pictures(prompt, [seed], references=images, **size)
     db = psnr(got[0], want[0])
     lora.activate(parts.transformer, [])
-    without = psnr(ours.generate(prompt, [seed], references=images, **size)[0], want[0])
+    without = psnr(ours.pictures(prompt, [seed], references=images, **size)[0], want[0])
     print(f"{name}: {db:.1f} dB with the adapter; {without:.1f} dB without it")
     assert db >= MIN_PSNR_DB
     assert (

@@ -352,11 +352,7 @@ def test_a_bfl_single_file_runs_behind_the_cli_as_the_folder_does(
     assert _rgb(out).tobytes() == want.tobytes()
 
 
-def test_options_not_written_for_flux3_are_refused_naming_them() -> None:
-    with pytest.raises(
-        ValueError, match=r"--fp8 and --compile are not available for FLUX 3 \[klein\] models yet"
-    ):
-        load_pipeline("flux3-tiny", fp8=True, compile=True)
+def test_flux3_tiny_loads_as_its_family() -> None:
     tiny = load_pipeline("flux3-tiny")
     assert (
         isinstance(tiny, Flux3Pipeline) and tiny.info.variant == "flux3-tiny" and tiny.info.family == "flux3"

@@ -199,7 +199,7 @@ def cases(input_dir: Path, outside: Path) -> list[tuple[str, str, dict[str, Any]
             "unknown argument",
             "generate",
             {"prompt": p, "negative_prompt": "blurry"},
-            "unknown argument 'negative_prompt'; this tool takes prompt, caption, width, height, seed",
+            "unknown argument 'negative_prompt'; this tool takes prompt, caption, layout, width, height, seed",
         ),
         (
             "integer as a string",

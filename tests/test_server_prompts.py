@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from pathlib import Path
 
 import pytest
 from mcp import Client
 from PIL import Image
 
-from klein_agent.rules import upsampling
+from klein_agent.rules import layout, upsampling
 from klein_agent.server.prompts import load_prompt_files, parse_prompt_file, prompts_dir, render_body
 
 pytestmark = pytest.mark.anyio
@@ -27,6 +28,7 @@ async def test_prompts_are_listed_with_their_arguments(client: Client) -> None:
     assert [(a.name, a.required) for a in prompts["flux3_caption"].arguments or []] == [
         ("request", True),
         ("image_ids", False),
+        ("layout", False),
     ]
     iterate = prompts["iterate_image"]
     assert iterate.title == "Iterate on an image toward a goal"
@@ -92,6 +94,47 @@ async def test_caption_prompt_carries_the_upsamplers_instructions_for_the_mode(c
     assert [m.content.type for m in edit.messages] == ["text", "image"]
     both = await client.get_prompt("flux3_caption", {"request": "merge them", "image_ids": " ".join(ids)})
     assert "call `compose`" in both.messages[0].content.text  # type: ignore[union-attr]
+
+
+async def test_caption_prompt_with_a_layout_teaches_the_box_mode(client: Client) -> None:
+    """With `layout` the agent gets the box mode's system prompt and the request wrapped around the locked rows,
+    exactly as the upsampler gets them, and is told to pass the same layout; bad boxes are named."""
+    boxes = [{"box": [0.1, 0.05, 0.9, 0.45], "label": "a lighthouse"}]
+    rows = layout.layout_rows([layout.layout_box(boxes[0], 1)], edit=False)
+    new = await client.get_prompt("flux3_caption", {"request": "a coast", "layout": json.dumps(boxes)})
+    text = new.messages[0].content.text  # type: ignore[union-attr]
+    assert upsampling.system_prompt("t2i_bbox") in text and upsampling.system_prompt("t2i") not in text
+    assert layout.layout_request("a coast", rows) in text and "[100, 50, 900, 450]" in text
+    assert "`layout` set to the same boxes" in text
+    made = await client.call_tool("generate", {"prompt": "a lighthouse", "width": 64, "height": 64})
+    image_id = made.structured_content["images"][0]["image_id"]
+    edit = await client.get_prompt(
+        "flux3_caption", {"request": "add one", "image_ids": image_id, "layout": json.dumps(boxes)}
+    )
+    text = edit.messages[0].content.text  # type: ignore[union-attr]
+    edit_rows = layout.layout_rows([layout.layout_box(boxes[0], 1)], edit=True)
+    assert upsampling.system_prompt("i2i_bbox") in text
+    assert upsampling.edit_scaffold(layout.layout_request("add one", edit_rows), True) in text
+    for bad, message in [
+        ("[{", "layout is not JSON"),
+        ('{"box": []}', "layout is not a JSON list"),
+        ('[{"box": [0.5, 0, 0.1, 1], "label": "x"}]', r"layout box 1 .* is inverted"),
+    ]:
+        with pytest.raises(Exception, match=message):
+            await client.get_prompt("flux3_caption", {"request": "x", "layout": bad})
+
+
+async def test_a_layout_sent_to_a_flux2_model_is_refused_not_ignored(client: Client) -> None:
+    boxes = [{"box": [0, 0, 0.5, 0.5], "label": "a vase"}]
+    done = await client.call_tool(
+        "generate", {"prompt": "a vase", "layout": boxes, "width": 64, "height": 64}
+    )
+    assert done.is_error
+    assert "layout is for FLUX 3 [klein] models" in done.content[0].text  # type: ignore[union-attr]
+    inverted = [{"box": [0.5, 0, 0.1, 0.5], "label": "a vase"}]
+    done = await client.call_tool("generate", {"prompt": "a vase", "layout": inverted})
+    assert done.is_error
+    assert "layout box 1 [0.5, 0.0, 0.1, 0.5] is inverted" in done.content[0].text  # type: ignore[union-attr]
 
 
 async def test_caption_prompt_refuses_more_images_than_the_upsampler_takes(client: Client) -> None:

@@ -17,7 +17,7 @@ from PIL import Image
 
 from klein_agent.loading.errors import CheckpointError
 from klein_agent.loading.upsampler_source import check_upsampler_files
-from klein_agent.rules import limits, upsampling
+from klein_agent.rules import layout, limits, upsampling
 
 diffusers_pup = pytest.importorskip("diffusers.modular_pipelines.flux3.prompt_upsampler")
 from upsampler_checkpoints import (  # noqa: E402
@@ -68,6 +68,8 @@ def test_shipped_prompts_are_diffusers_copy_verbatim() -> None:
     for mode, text in diffusers_pup.SYSTEM_PROMPTS.items():
         assert upsampling.system_prompt(mode) == text
     assert upsampling.edit_scaffold("X Y") == diffusers_pup.I2I_SCAFFOLD[False].format(instruction="X Y")
+    assert upsampling.edit_scaffold("X Y", True) == diffusers_pup.I2I_SCAFFOLD[True].format(instruction="X Y")
+    assert limits.LAYOUT_CANVAS == diffusers_pup.CANVAS
     assert limits.UPSAMPLER_MAX_NEW_TOKENS == diffusers_pup.MAX_NEW_TOKENS
     assert limits.UPSAMPLER_MAX_REFERENCES == diffusers_pup.MAX_REFERENCES
     assert limits.UPSAMPLER_REFERENCE_PIXELS == diffusers_pup.MAX_PIXELS_BY_REFS
@@ -161,3 +163,59 @@ def test_upsampler_source_errors_name_flag_folder_and_fix(tmp_path: Path, upsamp
         (broken / name).write_text("{}")
     with pytest.raises(CheckpointError, match=r"model_type 'qwen3', not 'qwen3_5'"):
         check_upsampler_files(str(broken))
+
+
+LAYOUT = [
+    layout.LayoutBox((0.1, 0.05, 0.9, 0.45), "a lighthouse"),
+    layout.LayoutBox((0.6, 0.5, 0.95, 0.95), "a rowing boat"),
+]
+
+
+def test_text_to_image_layout_caption_equals_diffusers_block(reference, ours) -> None:  # type: ignore[no-untyped-def]
+    """t2i_bbox: the same request and boxes ({'bbox', 'desc'} in 0-1, as diffusers takes them) give the same final
+    caption, box table and all; the locked boxes are in it on the 0-1000 grid."""
+    request = "a lighthouse at dusk and a boat"
+    boxes = [{"bbox": list(box.box), "desc": box.label} for box in LAYOUT]
+    theirs = reference(prompt=request, boxes=boxes, output="prompt")
+    mine = ours.caption(request, layout=LAYOUT)
+    assert mine == theirs
+    rows = layout.split_caption(mine)[1]
+    assert rows is not None and rows[:2] == layout.layout_rows(LAYOUT, edit=False)
+    assert mine != ours.caption(request)  # the box mode's system prompt and request reach the model
+
+
+def test_edit_layout_caption_equals_diffusers_block(reference, ours) -> None:  # type: ignore[no-untyped-def]
+    """i2i_bbox: an edit's boxes are new content at the target ({'from': 'target', 'tgt_bbox'} in diffusers)."""
+    request = "add a lighthouse and a boat"
+    pictures = _pictures()[:2]
+    boxes = [
+        {"id": f"obj_{i}", "desc": box.label, "from": "target", "tgt_bbox": list(box.box)}
+        for i, box in enumerate(LAYOUT, start=1)
+    ]
+    theirs = reference(prompt=request, image=pictures, boxes=boxes, output="prompt")
+    mine = ours.caption(request, pictures, layout=LAYOUT)
+    assert mine == theirs
+    rows = layout.split_caption(mine)[1]
+    assert rows is not None and rows[:2] == layout.layout_rows(LAYOUT, edit=True)
+
+
+@pytest.mark.parametrize("pictures", [0, 2], ids=["t2i_bbox", "i2i_bbox"])
+def test_layout_inputs_equal_transformers_processor(upsampler_folder: Path, ours, pictures: int) -> None:  # type: ignore[no-untyped-def]
+    references = upsampling.prepare_references(_pictures()[:pictures])
+    rows = upsampling.layout_rows(LAYOUT, pictures)
+    chat = upsampling.messages("a red fox in the snow", references, rows)
+    assert (
+        chat[0]["content"][0]["text"]
+        == diffusers_pup.SYSTEM_PROMPTS[("i2i" if pictures else "t2i") + "_bbox"]
+    )
+    theirs = reference_processor(upsampler_folder).apply_chat_template(
+        chat,
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+        enable_thinking=False,
+    )
+    mine = ours.inputs(chat)
+    for key, value in mine.items():
+        assert torch.equal(value, theirs[key]), key

@@ -109,7 +109,7 @@ def bench_row(
     ours.encode_prompt = cached.__getitem__  # type: ignore[method-assign]  # both sides from the same embeddings
 
     def run_ours() -> list[Image.Image]:
-        return ours.generate(PROMPT, [SEED], steps=steps, references=refs, **given)
+        return ours.pictures(PROMPT, [SEED], steps=steps, references=refs, **given)
 
     def run_reference() -> list[Image.Image]:
         extra: dict[str, Any] = {"image": refs if len(refs) > 1 else refs[0]} if refs else {}

@@ -12,7 +12,7 @@ Pure tensor functions over a transformer; no images, files or devices chosen her
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -67,6 +67,7 @@ def denoise(
     uncond_context: Tensor | None = None,  # [B, T', C_ctx]: the empty prompt in its own window, with guidance
     uncond_ids: Tensor | None = None,  # [T', 4]
     on_step: StepCallback | None = None,
+    forward: Callable[..., Tensor] | None = None,  # stands in for `model(...)`, same positional arguments
 ) -> Tensor:  # [B, L, C] in the model dtype
     """Euler integration over `levels`, as diffusers' `Flux3DenoiseStep` / `Flux3DistilledDenoiseStep` run it.
 
@@ -74,7 +75,8 @@ def denoise(
     same way); with guidance the conditional and unconditional passes are separate calls (each text window its own
     length), combined as `uncond + scale * (cond - uncond)` in the model dtype; the update is
     `x.float() + dt * v` cast back to the model dtype. Raises ValueError when guidance is asked of a flow map or
-    comes without the unconditional context.
+    comes without the unconditional context. `forward` (CUDA graphs of the steps, `speedups.cuda_graphs`) is
+    called instead of the model with the same arguments.
     """
     dtype = next(model.parameters()).dtype
     flow_map = model.config.flow_map
@@ -86,15 +88,16 @@ def denoise(
     timesteps = levels[:-1] * 1000  # diffusers' scheduler timesteps; the loop's last target is 0
     total = len(timesteps)
     x = noise.to(dtype)
+    call = model if forward is None else forward
     for i in range(total):
         t = (timesteps[i] / 1000).expand(batch).to(dtype)
         target = None
         if flow_map:
             t_next = timesteps[i + 1] if i + 1 < total else torch.zeros_like(timesteps[i])
             target = (t_next / 1000).expand(batch).to(dtype)
-        pred = model(x, noise_ids, context, context_ids, t, target, refs, references_ids)
+        pred = call(x, noise_ids, context, context_ids, t, target, refs, references_ids)
         if guidance is not None and uncond_context is not None and uncond_ids is not None:
-            uncond = model(x, noise_ids, uncond_context, uncond_ids, t, None, refs, references_ids)
+            uncond = call(x, noise_ids, uncond_context, uncond_ids, t, None, refs, references_ids)
             pred = uncond + guidance * (pred - uncond)
         x = (x.float() + (levels[i + 1] - levels[i]) * pred).to(pred.dtype)
         if on_step is not None:

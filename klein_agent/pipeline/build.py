@@ -16,7 +16,7 @@ from klein_agent.loading.quantized import QuantizedSummary
 from klein_agent.pipeline.flux3 import Flux3Pipeline
 from klein_agent.pipeline.klein import KleinPipeline
 from klein_agent.rules import families
-from klein_agent.rules.buckets import select
+from klein_agent.rules.buckets import ShapeBucket, select
 from klein_agent.rules.loras import adapter_names
 from klein_agent.speedups.devices import resolve_device, resolve_dtype
 
@@ -46,8 +46,8 @@ def load_pipeline(
 ) -> KleinPipeline | Flux3Pipeline:
     """Build the pipeline a model name points at: `tiny`, a diffusers-layout folder, or a Hugging Face repo id;
     for FLUX 3 [klein] (`flux3-tiny`, `random:flux3-klein[-base]`, a modular-pipeline folder, with
-    `transformer_file` a BFL single file) a `Flux3Pipeline`, which refuses `loras`, `fp8` and `compile` (not yet
-    written for it) with a ValueError naming the option.
+    `transformer_file` a BFL single file) a `Flux3Pipeline`, which takes `loras`, `fp8` and `compile` (with CUDA
+    graphs on CUDA) as FLUX.2 does.
 
     `reference_kv_cache_bytes` bounds the cross-call cache of klein 9B-KV reference keys and values (None: the
     device's default). `loras` are LoRA files with their default scales, loaded (named by file stem) before any
@@ -64,16 +64,20 @@ def load_pipeline(
         # FLUX's activations exceed float16's range (65504): pictures can come out NaN (refused, nothing stored)
         log.warning(FLOAT16_WARNING)
     if _is_flux3(model, allow_download):
-        asked = [name for name, on in (("--lora", loras), ("--fp8", fp8), ("--compile", compile)) if on]
-        if asked:
-            raise ValueError(
-                f"{' and '.join(asked)} {'is' if len(asked) == 1 else 'are'} not available for "
-                f"{families.FLUX3.title} models yet: leave {'it' if len(asked) == 1 else 'them'} out"
-            )
         text_device = torch.device("cpu") if offload_text_encoder else torch_device
-        return _flux3_pipeline(
+        flux3 = _flux3_pipeline(
             model, torch_device, torch_dtype, text_device, transformer_file, allow_download
         )
+        _load_loras(flux3, loras, skip_bad_loras)
+        if fp8:
+            _quantize(flux3, torch_device, compile)
+        if compile:  # the blocks, the decoder and, on CUDA, graphs of the steps (speedups.cuda_graphs)
+            if torch_device.type == "cuda":
+                from klein_agent.speedups.cuda_graphs import Flux3StepGraphs
+
+                flux3.step_graphs = Flux3StepGraphs(flux3.transformer)
+            _compile(flux3, warm, compile_backend)
+        return flux3
     pipeline = _build_pipeline(
         model,
         torch_device,
@@ -84,6 +88,60 @@ def load_pipeline(
         reference_kv_cache_bytes,
         keep_fp8=not loras,
     )
+    _load_loras(pipeline, loras, skip_bad_loras)
+    if fp8:
+        _quantize(pipeline, torch_device, compile)
+    if compile:
+        if torch_device.type == "cuda" and not pipeline.kv_references:
+            from klein_agent.speedups.cuda_graphs import StepGraphs
+
+            pipeline.step_graphs = StepGraphs(pipeline.transformer)
+        _compile(pipeline, warm, compile_backend)
+    return pipeline
+
+
+def _quantize(pipeline: KleinPipeline | Flux3Pipeline, device: torch.device, compile: bool) -> None:
+    """--fp8: the transformer's block linears to FP8, the recipe `--compile` decides (`speedups.fp8`)."""
+    from klein_agent.speedups.fp8 import (
+        FP8_WITHOUT_COMPILE,
+        quantize_transformer_,
+        recipe_for,
+        scaled_mm_available,
+    )
+
+    if not scaled_mm_available(device):
+        log.warning("--fp8 on %s runs a float32 reference path: numerically FP8, but slow", device)
+    recipe = recipe_for(compile)
+    if not compile:
+        log.warning(FP8_WITHOUT_COMPILE)
+    replaced = quantize_transformer_(
+        pipeline.transformer, rowwise=recipe.rowwise, use_fast_accum=recipe.use_fast_accum
+    )
+    log.info("fp8: %d block linears quantized (%s)", len(replaced), recipe)
+
+
+def _compile(pipeline: KleinPipeline | Flux3Pipeline, warm: Sequence[ShapeBucket], backend: str) -> None:
+    """Compile the pipeline's transformer blocks for the bucket menu and its decoder, then warm the `warm`
+    buckets, progress logged at INFO on stderr."""
+    from klein_agent.pipeline.warmup import compile_pipeline_, warm_up
+
+    compile_pipeline_(pipeline, backend=backend)
+    if warm:
+        started = time.perf_counter()
+        warm_up(
+            pipeline,
+            warm,
+            lambda done, total, message: log.info("compile warm-up %d/%d: %s", done, total, message),
+        )
+        log.info("compile warm-up done in %.1f s", time.perf_counter() - started)
+
+
+def _load_loras(
+    pipeline: KleinPipeline | Flux3Pipeline, loras: Sequence[tuple[str, float]], skip_bad_loras: bool
+) -> None:
+    """Attach the LoRA files `loras` ((path, default scale), named by file stem) to either family's pipeline.
+    Raises LoRAError for a file that does not fit; with `skip_bad_loras` it is logged and recorded in
+    `info.unloaded_loras` instead, so calls naming it are refused with the reason."""
     paths = [Path(path) for path, _ in loras]
     unloaded: list[tuple[str, str]] = []
     for name, path, (_, scale) in zip(adapter_names(paths), paths, loras, strict=True):
@@ -96,40 +154,6 @@ def load_pipeline(
             unloaded.append((name, str(exc)))
     if unloaded:
         pipeline.info = replace(pipeline.info, unloaded_loras=tuple(unloaded))
-    if fp8:
-        from klein_agent.speedups.fp8 import (
-            FP8_WITHOUT_COMPILE,
-            quantize_transformer_,
-            recipe_for,
-            scaled_mm_available,
-        )
-
-        if not scaled_mm_available(torch_device):
-            log.warning("--fp8 on %s runs a float32 reference path: numerically FP8, but slow", torch_device)
-        recipe = recipe_for(compile)
-        if not compile:
-            log.warning(FP8_WITHOUT_COMPILE)
-        replaced = quantize_transformer_(
-            pipeline.transformer, rowwise=recipe.rowwise, use_fast_accum=recipe.use_fast_accum
-        )
-        log.info("fp8: %d block linears quantized (%s)", len(replaced), recipe)
-    if compile:
-        from klein_agent.pipeline.warmup import compile_pipeline_, warm_up
-
-        compile_pipeline_(pipeline, backend=compile_backend)
-        if torch_device.type == "cuda" and not pipeline.kv_references:
-            from klein_agent.speedups.cuda_graphs import StepGraphs
-
-            pipeline.step_graphs = StepGraphs(pipeline.transformer)
-        if warm:
-            started = time.perf_counter()
-            warm_up(
-                pipeline,
-                warm,
-                lambda done, total, message: log.info("compile warm-up %d/%d: %s", done, total, message),
-            )
-            log.info("compile warm-up done in %.1f s", time.perf_counter() - started)
-    return pipeline
 
 
 RANDOM_PREFIX = families.RANDOM_PREFIX  # random:klein-4b: random weights of a preset's shape, for benchmarks

@@ -8,6 +8,12 @@ keeps the caption, so a rerun passes it verbatim and never re-upsamples. The def
 - a caption given: used verbatim ("caller");
 - else, with `--prompt-upsampler`: the upsampler's caption ("upsampler"), as BFL says to run FLUX 3;
 - else the prompt as given ("prompt"), and the result says BFL trained on upsampled captions and how to get one.
+
+With a layout (`request.layout`, boxes placing objects) every one of the three ends in the box table with the
+caller's boxes exactly (`rules.layout.reconcile`, diffusers' `reconcile_boxes`): the upsampler runs in its box mode;
+a caller's caption has its table checked the same way (malformed rows dropped, near-duplicates renamed, the given
+boxes put back, appended when it has none); the prompt as given gets the table appended. Reconciling is idempotent,
+so a rerun passing the recorded caption and layout encodes the same text.
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from klein_agent.loading.errors import CheckpointError
-from klein_agent.rules import families
+from klein_agent.rules import families, upsampling
+from klein_agent.rules.layout import reconcile
 from klein_agent.rules.requests import (
     GenerationRequest,
     GenerationResult,
@@ -42,14 +49,24 @@ class CaptionedGenerator:
     def caption_for(self, request: GenerationRequest) -> tuple[str, str]:
         """(caption, source) for `request`: source is "caller", "upsampler" or "prompt" (limits.CAPTION_SOURCES).
         Raises RequestError for a reference the upsampler refuses, RuntimeError for an upsampled caption that is
-        empty or over limits.MAX_CAPTION_CHARS once cleaned."""
-        if request.caption is not None:
-            return clean_caption(request.caption), "caller"
+        empty or over limits.MAX_CAPTION_CHARS once cleaned; with a layout, RequestError for a caller's caption
+        (or prompt) too long once its box table is put back."""
+        rows = upsampling.layout_rows(request.layout, len(request.references)) if request.layout else None
+        if request.caption is not None or self.upsampler is None:
+            source = "prompt" if request.caption is None else "caller"
+            text = (
+                clean_caption(request.caption)
+                if request.caption is not None
+                else clean_prompt(request.prompt)
+            )
+            if rows:
+                text = clean_caption(reconcile(text, rows))
+            return text, source
         prompt = clean_prompt(request.prompt)
-        if self.upsampler is None:
-            return prompt, "prompt"
         try:
-            written = self.upsampler.caption(prompt, list(request.upsampler_references))
+            written = self.upsampler.caption(
+                prompt, list(request.upsampler_references), layout=request.layout
+            )
         except ValueError as err:  # more than 10 references, one over 200:1
             raise RequestError(str(err)) from err
         # The one caption rule, as a caller's caption gets it: the recipe's rerun passes this text as `caption`

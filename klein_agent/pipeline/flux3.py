@@ -6,19 +6,26 @@ composition (several references) are one code path: reference tokens ride in the
 
 `generate` is the `ImageGenerator` the engine and the CLI drive (requests resolved by the shared rules, progress
 per step, batch seeds, recipes); `pictures` is the same run with plain arguments, for the parity tests.
-Not yet here (issue 21): LoRA, step caches, prompt and reference caches, compile and FP8.
+LoRA adapters are attached unfused (`model.lora`) and each call runs the ones its request names, at their scales,
+as `KleinPipeline` does. The speed-ups are FLUX.2's: the SDPA kernel order (`attention`), and with `--compile`
+(`pipeline.build`) the regional compile of the mode and joint blocks over the shape buckets and, on CUDA, graphs of
+the steps (`step_graphs`), and `--fp8`'s block linears. Not yet here: step caches, prompt and reference caches.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
 
 import torch
 from PIL import Image
 from torch import Tensor
 
-from klein_agent.model import flux3_sampling, sampling
+from klein_agent.loading.lora import AdapterFile, read_lora
+from klein_agent.model import flux3_sampling, lora, sampling
 from klein_agent.model.autoencoder import AutoEncoder
 from klein_agent.model.configs import SamplingDefaults
 from klein_agent.model.flux3_text_encoder import Flux3TextEmbedder
@@ -29,6 +36,7 @@ from klein_agent.pipeline.klein import check_finite, initial_noise
 from klein_agent.rules import limits
 from klein_agent.rules.families import FLUX3
 from klein_agent.rules.flux3_references import Box, prepare_flux3_references
+from klein_agent.rules.loras import MAX_LORA_SCALE
 from klein_agent.rules.requests import (
     GenerationRequest,
     GenerationResult,
@@ -38,6 +46,10 @@ from klein_agent.rules.requests import (
 )
 from klein_agent.rules.resolution import RequestError, ResolvedRequest
 from klein_agent.rules.upsampling import clean_caption
+from klein_agent.speedups.attention import AttentionPlan
+from klein_agent.speedups.cuda_graphs import Flux3StepGraphs
+
+log = logging.getLogger(__name__)
 
 # The conditioning of one prompt: (context [1, window, C_ctx], ids [window, 4]) and, with CFG, the empty prompt's
 Conditioning = tuple[Tensor, Tensor, Tensor | None, Tensor | None]
@@ -77,6 +89,17 @@ class Flux3Pipeline:
             size_multiple=limits.SIZE_MULTIPLE,  # diffusers' Flux3ImageProcessor: 16 px a token, hard-coded
             family=FLUX3.name,
             no_masked_edits=FLUX3.no_masked_edits,
+        )
+        self.adapters: dict[str, AdapterFile] = {}  # loaded LoRA files by name (see load_lora)
+        # CUDA graphs of the steps: load_pipeline sets them with --compile on CUDA
+        self.step_graphs: Flux3StepGraphs | None = None
+        # the SDPA kernel order of each model (speedups.attention), as KleinPipeline's: the autoencoder's one head
+        # is as wide as its lowest-resolution channels, which flash and cuDNN do not take
+        ae = autoencoder.config
+        self.attention = AttentionPlan.for_device(
+            self.device,
+            transformer.config.head_dim,
+            max(ae.block_out_channels[-1], ae.decoder_channels[-1]),
         )
 
     # ------------------------------------------------------------------------------------------------ public
@@ -122,6 +145,10 @@ class Flux3Pipeline:
             timings["references"] = (time.perf_counter() - mark) * 1000
             if progress:
                 progress(1, total_units, "prompt and references encoded")
+            # only the adapters this call names, at its scales; a step graph records those active at its capture
+            lora.activate(self.transformer, resolved.loras)
+            if self.step_graphs is not None:
+                self.step_graphs.context_key = resolved.loras
             images: list[Image.Image] = []
             for k, seed in enumerate(resolved.seeds):
                 done_before = 1 + k * (steps + 1)
@@ -159,6 +186,20 @@ class Flux3Pipeline:
             caption=given,
             caption_source=None if given is None else "caller",
         )
+
+    def load_lora(self, path: str | Path, name: str, scale: float = 1.0) -> AdapterFile:
+        """Read a FLUX 3 LoRA file (diffusers/PEFT `transformer.` or BFL `diffusion_model.` names) and add it to
+        the transformer as adapter `name`, run at `scale` when a call names it without one; the base weights are not
+        changed. Raises LoRAError naming the file and the first key that does not fit this model (a FLUX.2 adapter, a
+        LoKr file, a wrong shape), ValueError for a name already loaded."""
+        if any(known == name for known, _ in self.info.loras):
+            raise ValueError(f"a LoRA adapter named {name!r} is already loaded")
+        adapter = read_lora(path, self.transformer, self.variant, max_scale=MAX_LORA_SCALE)
+        lora.attach(self.transformer, name, adapter.updates)
+        self.info = replace(self.info, loras=(*self.info.loras, (name, float(scale))))
+        self.adapters[name] = adapter
+        log.info("LoRA %s: %s", name, adapter.summary)
+        return adapter
 
     def caption(self, request: GenerationRequest, resolved: ResolvedRequest) -> str:
         """The text the model is conditioned on: `request.caption` when set (a caller's, or the prompt upsampler's
@@ -231,7 +272,8 @@ class Flux3Pipeline:
         tokens, grids = [], []
         for image in prepared.images:
             x = to_tensor(image).to(self.device, self.dtype, memory_format=ENCODER_LAYOUT)
-            latent = self.autoencoder.encode(x)  # [1, C, h, w]
+            with self.attention.autoencoder():
+                latent = self.autoencoder.encode(x)  # [1, C, h, w]
             tokens.append(sampling.pack(latent))
             grids.append((latent.shape[2], latent.shape[3]))
         ids = flux3_sampling.reference_ids(grids).to(self.device)
@@ -256,26 +298,29 @@ class Flux3Pipeline:
         channels = self.transformer.config.in_channels
         # diffusers draws float32 noise on the CPU generator, then casts: the same seed, the same picture
         noise = sampling.pack(initial_noise(seed, channels, h, w)).to(self.device, self.dtype)
-        return flux3_sampling.denoise(
-            self.transformer,
-            noise,
-            flux3_sampling.image_ids(h, w).to(self.device),
-            context,
-            context_ids,
-            flux3_sampling.noise_levels(steps),
-            references=refs,
-            references_ids=ref_ids,
-            guidance=guidance,
-            uncond_context=uncond,
-            uncond_ids=uncond_ids,
-            on_step=on_step,
-        )
+        with self.attention.transformer():
+            return flux3_sampling.denoise(
+                self.transformer,
+                noise,
+                flux3_sampling.image_ids(h, w).to(self.device),
+                context,
+                context_ids,
+                flux3_sampling.noise_levels(steps),
+                references=refs,
+                references_ids=ref_ids,
+                guidance=guidance,
+                uncond_context=uncond,
+                uncond_ids=uncond_ids,
+                on_step=on_step,
+                forward=self.step_graphs,
+            )
 
     def decode(self, tokens: Tensor, height: int, width: int, crop: Box | None) -> Tensor:
         """Latent tokens of a height x width picture -> [1, 3, H, W] float32 pixels in [0, 1], cropped to `crop`
         ((left, top, right, bottom) px) when given."""
         h, w = height // limits.SIZE_MULTIPLE, width // limits.SIZE_MULTIPLE
-        decoded = self.autoencoder.decode(sampling.unpack(tokens, h, w).to(self.dtype))
+        with self.attention.autoencoder():
+            decoded = self.autoencoder.decode(sampling.unpack(tokens, h, w).to(self.dtype))
         if crop is not None:
             left, top, right, bottom = crop
             decoded = decoded[..., top:bottom, left:right]

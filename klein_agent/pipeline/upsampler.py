@@ -14,6 +14,7 @@ diffusers' block's.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from PIL import Image
 from klein_agent.loading.errors import CheckpointError
 from klein_agent.loading.upsampler_source import check_upsampler_files
 from klein_agent.rules import limits, upsampling
+from klein_agent.rules.layout import LayoutBox, reconcile
 
 
 class UpsamplerInputs:
@@ -86,15 +88,19 @@ class PromptUpsampler:
         request: str,
         references: list[Image.Image] | None = None,
         *,
+        layout: Sequence[LayoutBox] = (),
         max_new_tokens: int = limits.UPSAMPLER_MAX_NEW_TOKENS,
     ) -> str:
         """The caption for `request`: text-to-image without references, else written from them (an edit or a
         compose; the references as the call received them, prepared here as the upsampler saw them in training).
+        With `layout` (checked boxes, `rules.layout`) the box mode: the caption ends in the box table, the given
+        boxes put back as they were (`layout.reconcile`).
 
         Raises ValueError for more than 10 references or one over 200:1, RuntimeError when the upsampler writes
         an empty caption (a broken checkpoint: the request is then not captioned, never silently passed on)."""
         prepared = upsampling.prepare_references(list(references or []))
-        tensors = self.inputs(upsampling.messages(request, prepared))
+        rows = upsampling.layout_rows(layout, len(prepared)) if layout else None
+        tensors = self.inputs(upsampling.messages(request, prepared, rows))
         device = next(self.model.parameters()).device
         tensors = {key: value.to(device) for key, value in tensors.items()}
         generated = self.model.generate(**tensors, max_new_tokens=max_new_tokens, do_sample=False)
@@ -104,7 +110,7 @@ class PromptUpsampler:
                 f"the prompt upsampler {self.source} wrote an empty caption for this request; check the checkpoint, "
                 "or pass the caption yourself (--caption)"
             )
-        return caption
+        return reconcile(caption, rows) if rows else caption
 
 
 def load_upsampler(

@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from klein_agent.model import sampling
+from klein_agent.model import flux3_sampling, sampling
+from klein_agent.model.flux3_transformer import Flux3Transformer
+from klein_agent.rules import limits
 from klein_agent.rules.buckets import MENU, ShapeBucket, check_menu
 from klein_agent.speedups.compilation import (
     ShapeBuckets,
@@ -27,6 +29,7 @@ from klein_agent.speedups.compilation import (
 )
 
 if TYPE_CHECKING:
+    from klein_agent.pipeline.flux3 import Flux3Pipeline
     from klein_agent.pipeline.klein import KleinPipeline
 
 log = logging.getLogger(__name__)
@@ -35,7 +38,7 @@ WarmUpReport = Callable[[int, int, str], None]  # (buckets done, buckets in all,
 
 
 def compile_pipeline_(
-    pipeline: KleinPipeline,
+    pipeline: KleinPipeline | Flux3Pipeline,
     menu: Sequence[ShapeBucket] = MENU,
     *,
     backend: str | Callable[..., Any] = "inductor",
@@ -56,7 +59,9 @@ def compile_pipeline_(
 
 
 def warm_up(
-    pipeline: KleinPipeline, buckets: Sequence[ShapeBucket], report: WarmUpReport | None = None
+    pipeline: KleinPipeline | Flux3Pipeline,
+    buckets: Sequence[ShapeBucket],
+    report: WarmUpReport | None = None,
 ) -> list[float]:
     """Run each bucket's example once through the (compiled) transformer and decoder: random tokens, no prompt, no
     picture kept. Returns the seconds each bucket took (compile included). Progress goes to `report`, one call
@@ -67,7 +72,10 @@ def warm_up(
         report(0, total, f"compiling {total} shape buckets")
     for k, bucket in enumerate(buckets, start=1):
         started = time.perf_counter()
-        _run_example(pipeline, bucket)
+        if isinstance(pipeline.transformer, Flux3Transformer):
+            _run_flux3_example(pipeline, bucket)  # type: ignore[arg-type]
+        else:
+            _run_example(pipeline, bucket)  # type: ignore[arg-type]
         seconds.append(time.perf_counter() - started)
         if report:
             report(k, total, f"bucket {bucket.name} ({bucket.example_tokens} tokens) in {seconds[-1]:.1f} s")
@@ -105,3 +113,35 @@ def _run_example(pipeline: KleinPipeline, bucket: ShapeBucket) -> None:
         else:
             model(noisy, noisy_ids, context, context_ids, timestep)
     pipeline.decode(sampling.unpack(noisy, h, w))
+
+
+@torch.inference_mode()
+def _run_flux3_example(pipeline: Flux3Pipeline, bucket: ShapeBucket) -> None:
+    """FLUX 3's warm-up of `bucket`: one transformer forward at its example (one text window, the output's tokens,
+    the references' on their own mode) and one decode, random tokens, nothing kept."""
+    model, device, dtype = pipeline.transformer, pipeline.device, pipeline.dtype
+    factor = limits.SIZE_MULTIPLE
+    width, height = bucket.example_size
+    h, w = height // factor, width // factor
+    ref_w, ref_h = bucket.example_reference_size
+    grids = [(ref_h // factor, ref_w // factor)] * bucket.example_references
+    generator = torch.Generator("cpu").manual_seed(0)
+    config = model.config
+
+    def draw(count: int, channels: int) -> torch.Tensor:
+        return torch.randn(1, count, channels, generator=generator).to(device, dtype)
+
+    window = limits.FLUX3_TEXT_WINDOW
+    context, context_ids = draw(window, config.context_in_dim), flux3_sampling.text_ids(window).to(device)
+    t = torch.full((1,), 0.5, device=device, dtype=dtype)
+    target = torch.zeros_like(t) if config.flow_map else None
+    refs = ref_ids = None
+    if grids:
+        refs = draw(sum(gh * gw for gh, gw in grids), config.cond_in_channels)
+        ref_ids = flux3_sampling.reference_ids(grids).to(device)
+    noisy = draw(h * w, config.in_channels)
+    with pipeline.attention.transformer():  # the kernel order requests run with
+        model(
+            noisy, flux3_sampling.image_ids(h, w).to(device), context, context_ids, t, target, refs, ref_ids
+        )
+    pipeline.decode(noisy, height, width, None)

@@ -40,6 +40,10 @@ PAST_MENU_SHAPES = 16
 # klein 9B-KV's kept reference tokens: from 2 (Dynamo specialises sizes 0 and 1) to MAX_REFERENCES prepared
 # references, each scaled to at most REFERENCE_MAX_AREA px (4 x 4096 tokens)
 REFERENCE_TOKEN_RANGE = (2, limits.MAX_REFERENCES * limits.REFERENCE_MAX_AREA // TOKEN_PIXELS**2)
+# FLUX 3's text window, in a joint block beside the image tokens: one window of FLUX3_TEXT_WINDOW tokens up to the
+# longest prompt the encoder keeps (a multiple of the window), dynamic over the whole range so a long prompt compiles
+# nothing new
+FLUX3_TEXT_TOKEN_RANGE = (limits.FLUX3_TEXT_WINDOW, limits.FLUX3_MAX_TEXT_TOKENS)
 # The decoder's raw latent sides, one per 8 px (a token's 16 px before the 2x2 patch): MIN_SIDE to MAX_SIDE px
 LATENT_PIXELS = TOKEN_PIXELS // 2
 DECODER_SIDE_RANGE = (limits.MIN_SIDE // LATENT_PIXELS, limits.MAX_SIDE // LATENT_PIXELS)

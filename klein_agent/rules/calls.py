@@ -22,6 +22,7 @@ from PIL import Image
 
 from klein_agent.rules import families, limits, masks, resolution, upsampling
 from klein_agent.rules.flux3_references import prepare_flux3_input
+from klein_agent.rules.layout import LayoutBox, check_layout, layout_box
 from klein_agent.rules.recipes import provenance
 from klein_agent.rules.references import original_size, prepare_reference
 from klein_agent.rules.requests import GenerationRequest, GenerationResult, GeneratorInfo, reference_rule
@@ -60,11 +61,22 @@ class ImageCall:
     # FLUX 3: the caption the text encoder reads, used verbatim instead of the prompt (no upsampling); the prompt
     # is still recorded as the request (`klein_agent.rules.upsampling`)
     caption: str | None = None
+    # FLUX 3: boxes placing objects, as the caller gave them (LayoutBox, or the JSON {"box", "label"}); read and
+    # checked by `layout_boxes` (`klein_agent.rules.layout`), put into the caption's box table
+    layout: Sequence[Any] = ()
 
     @property
     def inputs(self) -> tuple[str, ...]:
         """The image arguments (ids, paths, URIs), in "image 1, image 2" order."""
         return ()
+
+    @property
+    def layout_boxes(self) -> tuple[LayoutBox, ...]:
+        """The layout as LayoutBox values, checked (`rules.layout.check_layout`). Raises RequestError naming the
+        box and its problem."""
+        boxes = tuple(layout_box(value, k) for k, value in enumerate(self.layout, start=1))
+        check_layout(boxes)
+        return boxes
 
     @property
     def region(self) -> masks.MaskRequest | None:
@@ -79,6 +91,7 @@ class ImageCall:
         resolution.clean_prompt(self.prompt)
         if self.caption is not None:
             upsampling.clean_caption(self.caption)
+        layout = self.layout_boxes
         resolution.check_session(self.session)
         check_call_id(self.call_id)
         resolution.check_user_size(self.width, self.height)
@@ -90,6 +103,11 @@ class ImageCall:
         region = self.region
         if region is not None:
             region.check()
+            if layout:
+                raise RequestError(
+                    "a masked edit takes no layout: its boxes say where to repaint; use edit with layout to place "
+                    "objects in the whole picture"
+                )
 
 
 # Where a client puts its idempotency key in a tools/call request's `_meta` (MCP's open map; not a tool argument,
@@ -118,6 +136,11 @@ def new_call_id() -> str:
     return "call_" + secrets.token_hex(16)
 
 
+def _as_json(value: Any) -> Any:
+    """A call argument JSON does not spell: a layout box as its dict, a sequence (tuples, pictures' boxes) as a list."""
+    return value.as_dict() if isinstance(value, LayoutBox) else list(value)
+
+
 def picture_keys(call: ImageCall) -> list[str] | None:
     """What the store records on picture k of `call` (`call_id` column, unique): a digest of the key *and* the
     arguments, then `#k`; None when the call has no key. The arguments are part of it so that a key reused for a
@@ -127,7 +150,7 @@ def picture_keys(call: ImageCall) -> list[str] | None:
     if call.call_id is None:
         return None
     arguments = {f.name: getattr(call, f.name) for f in fields(call) if f.name != "call_id"}
-    text = json.dumps([call.tool, call.call_id, arguments], sort_keys=True, default=list)
+    text = json.dumps([call.tool, call.call_id, arguments], sort_keys=True, default=_as_json)
     digest = hashlib.sha256(text.encode()).hexdigest()[:40]
     return [f"{digest}#{k}" for k in range(call.num_images)]
 
@@ -233,6 +256,8 @@ class PreparedCall(Generic[T]):
         `parents` by the names the driver gives them (stored ids, or CLI paths), and for a masked edit the mask
         ({"image": mask_name}) or boxes."""
         recipe = provenance(result, k, tool=self.call.tool, parents=parents)
+        if self.call.layout:  # in the caption already; kept as given, so a rerun passes the same boxes
+            recipe["layout"] = [box.as_dict() for box in self.call.layout_boxes]
         region = self.call.region
         if region is not None:
             recipe["mask"] = (
@@ -307,6 +332,7 @@ def prepare_call(
         step_cache=chosen_step_cache(call.step_cache),
         call_id=call.call_id,  # the replica logs it beside a retry
         caption=None if call.caption is None else upsampling.clean_caption(call.caption),
+        layout=call.layout_boxes,
         upsampler_references=tuple(for_upsampler),
     )
     return PreparedCall(call, request, tuple(inputs), mask, finalize)

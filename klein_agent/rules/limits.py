@@ -112,6 +112,15 @@ UPSAMPLER_JPEG_QUALITY = 92  # references are re-encoded as the upsampler saw th
 # else the prompt as given (the result says BFL trained on upsampled captions). docs/server.md, Captions.
 CAPTION_SOURCES = ("upsampler", "caller", "prompt")
 MAX_CAPTION_CHARS = 8000  # a 350-word caption with a box table is ~3,000 characters; 8,000 leaves room
+# A FLUX 3 layout (`layout` / --layout: the upsampler's box modes, rules/layout.py). BFL's box tables hold one row
+# per object, a scene's handful. An edit's locked row is ~100 characters of JSON plus its label (at most 200): 16
+# rows take at most 4,823 characters, leaving MAX_CAPTION_CHARS room for a 3,000-character caption (tests/test_layout).
+MAX_LAYOUT_BOXES = 16
+# a label names the object ("a red umbrella"); the upsampler (or the caller's caption) writes the long desc
+MAX_LAYOUT_LABEL_CHARS = 200
+# diffusers CANVAS: the upsampler's box table is integers on a 0-1000 grid, (0, 0) top-left
+LAYOUT_CANVAS = 1000
+LAYOUT_SAME_BOX_IOU = 0.9  # diffusers reconcile_boxes: a row this close to a locked box is that box, renamed
 
 # -- grouping ---------------------------------------------------------------------------------------------------
 SESSION_PATTERN = re.compile(r"[A-Za-z0-9 _.:-]{1,64}", re.ASCII)

@@ -40,6 +40,8 @@ def rerun_call(recipe: dict[str, Any], parents: Sequence[str]) -> dict[str, Any]
     # FLUX 3: the stored caption, verbatim, so a server with another upsampler (or none) makes the same pixels
     if recipe.get("caption") is not None:
         arguments["caption"] = recipe["caption"]
+    if recipe.get("layout"):  # already in the caption's table; reconciling it again changes nothing
+        arguments["layout"] = [dict(box) for box in recipe["layout"]]
     if recipe.get("loras"):
         arguments["loras"] = [dict(choice) for choice in recipe["loras"]]
     if recipe.get("cache"):
@@ -76,6 +78,8 @@ def rerun_command(recipe: dict[str, Any], parents: Sequence[str], out: str) -> l
     ]
     if args.get("caption") is not None:
         argv += ["--caption", str(args["caption"])]
+    for box in args.get("layout", []):  # repr-exact floats: the same grid rows
+        argv += ["--layout", ",".join(repr(float(v)) for v in box["box"]) + f":{box['label']}"]
     for key in ("seed", "width", "height", "steps", "guidance", "strength"):
         if args.get(key) is not None:
             argv += [f"--{key}", str(args[key])]

@@ -13,8 +13,9 @@ from typing import Any, Protocol
 from PIL import Image
 
 from klein_agent.rules import limits
-from klein_agent.rules.families import check_flux3_only, check_masked_edit
+from klein_agent.rules.families import FLUX3, check_flux3_only, check_masked_edit
 from klein_agent.rules.flux3_references import flux3_reference_sizes
+from klein_agent.rules.layout import LayoutBox
 from klein_agent.rules.loras import choices, resolve_loras
 from klein_agent.rules.masks import check_strength, first_step, fit_mask
 from klein_agent.rules.references import original_size
@@ -61,6 +62,9 @@ class GenerationRequest:
     # FLUX 3: the text its encoder reads instead of `prompt` (a caller's caption, verbatim); None: the upsampler's
     # caption when one is loaded, else the prompt as given (klein_agent.pipeline.captioning)
     caption: str | None = None
+    # FLUX 3: boxes placing objects (rules.layout, checked), written into the caption's box table: the upsampler's
+    # box mode, or put back into a caller's caption (klein_agent.pipeline.captioning)
+    layout: tuple[LayoutBox, ...] = ()
     # the inputs as the upsampler sees them (rules.upsampling.prepare_references), when one is loaded
     upsampler_references: tuple[Image.Image, ...] = field(default=(), compare=False)
     # The client's idempotency key for this call, when it gave one: what keeps a call retried after a failure (a
@@ -183,6 +187,11 @@ def resolve(request: GenerationRequest, info: GeneratorInfo) -> ResolvedRequest:
         raise RequestError("strength applies to masked edits only: give a mask or boxes, or leave it unset")
     if request.caption is not None:
         check_flux3_only("caption", info.family)
+    if request.layout and info.family != FLUX3.name:
+        raise RequestError(
+            f"layout is for FLUX 3 [klein] models (its boxes go into the caption they read); {info.variant} takes "
+            "no boxes: leave layout out, and say where things go in the prompt"
+        )
     resolved = resolve_request(
         request.prompt,
         request.width,

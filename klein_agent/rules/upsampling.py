@@ -6,7 +6,8 @@ four system prompts (shipped as `data/flux3_upsampler_prompts.json`, with their 
 the chat messages, and how a reference picture is prepared before the upsampler sees it. The MCP prompt that hands
 the same instructions to a calling agent reads them from here too, so both ways ask the same thing.
 
-Box layouts (the `_bbox` modes and diffusers' `reconcile_boxes`) are not offered yet: `mode` never returns them.
+With a layout (`rules.layout`: boxes placing objects), the modes are t2i_bbox and i2i_bbox: the request is wrapped
+around the locked box rows and the answer goes through `layout.reconcile`, as in diffusers' block.
 """
 
 from __future__ import annotations
@@ -15,16 +16,17 @@ import io
 import json
 import math
 import unicodedata
+from collections.abc import Sequence
 from functools import cache
 from importlib import resources
 from typing import Any
 
 from PIL import Image, ImageOps
 
-from klein_agent.rules import limits
+from klein_agent.rules import layout, limits
 from klein_agent.rules.resolution import RequestError
 
-MODES = ("t2i", "i2i")  # the box modes t2i_bbox and i2i_bbox are in the data file but not offered yet
+MODES = ("t2i", "i2i", "t2i_bbox", "i2i_bbox")
 
 
 @cache
@@ -43,28 +45,42 @@ def system_prompt(mode: str) -> str:
     return prompt
 
 
-def edit_scaffold(request: str) -> str:
-    """The text of an edit's user turn, after its pictures: the request inside diffusers' I2I scaffold."""
-    scaffold: str = _data()["i2i_scaffold"]["plain"]
+def edit_scaffold(request: str, boxes: bool = False) -> str:
+    """The text of an edit's user turn, after its pictures: the request inside diffusers' I2I scaffold (its
+    layout variant with `boxes`, which names the pictures ref_image_0, ref_image_1, ... as the box table does)."""
+    scaffold: str = _data()["i2i_scaffold"]["boxes" if boxes else "plain"]
     return scaffold.format(instruction=request)
 
 
-def mode(reference_count: int) -> str:
-    """The upsampler's mode for a call with this many references: "i2i" with any, else "t2i"."""
-    return "i2i" if reference_count else "t2i"
+def mode(reference_count: int, boxes: bool = False) -> str:
+    """The upsampler's mode for a call with this many references, and a layout or not: "i2i" with any reference,
+    else "t2i"; "_bbox" appended with a layout."""
+    return ("i2i" if reference_count else "t2i") + ("_bbox" if boxes else "")
 
 
-def messages(request: str, references: list[Image.Image]) -> list[dict[str, Any]]:
+def layout_rows(boxes: Sequence[layout.LayoutBox], reference_count: int) -> list[dict[str, Any]]:
+    """The locked rows of a call's layout, in its mode's spelling (an edit's are new content at the target)."""
+    return layout.layout_rows(boxes, edit=bool(reference_count))
+
+
+def messages(
+    request: str, references: list[Image.Image], rows: list[dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
     """The chat the upsampler answers: [system prompt of the mode, user turn]. The user turn is the request (t2i),
-    or the prepared references (`prepare_references`) followed by the request in the edit scaffold (i2i). Content
-    is a list of parts throughout, as diffusers writes it, so the checkpoint's chat template renders it the same."""
+    or the prepared references (`prepare_references`) followed by the request in the edit scaffold (i2i). With
+    layout `rows` (`layout_rows`) the request is first wrapped around them (`layout.layout_request`) and the mode
+    is the box one. Content is a list of parts throughout, as diffusers writes it, so the checkpoint's chat
+    template renders it the same."""
+    if rows:
+        request = layout.layout_request(request, rows)
     if references:
         content: list[dict[str, Any]] = [{"type": "image", "image": image} for image in references]
-        content.append({"type": "text", "text": edit_scaffold(request)})
+        content.append({"type": "text", "text": edit_scaffold(request, bool(rows))})
     else:
         content = [{"type": "text", "text": request}]
+    system = system_prompt(mode(len(references), bool(rows)))
     return [
-        {"role": "system", "content": [{"type": "text", "text": system_prompt(mode(len(references)))}]},
+        {"role": "system", "content": [{"type": "text", "text": system}]},
         {"role": "user", "content": content},
     ]
 

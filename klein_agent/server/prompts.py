@@ -22,6 +22,7 @@ checkout it is the repository's top-level `prompts/`.
 from __future__ import annotations
 
 import importlib.resources
+import json
 import re
 from dataclasses import dataclass
 from importlib.resources.abc import Traversable
@@ -35,6 +36,7 @@ from mcp_types import INVALID_PARAMS, ImageContent
 
 from klein_agent.rules import limits, upsampling
 from klein_agent.rules.image_refs import split_image_refs
+from klein_agent.rules.layout import LayoutBox, check_layout, layout_box, layout_request
 from klein_agent.server.results import image_block
 from klein_agent.service.studio import EXPECTED_ERRORS, Studio
 
@@ -133,12 +135,15 @@ def caption_prompt(studio: Studio) -> Prompt:
     """`flux3_caption`: BFL's upsampler instructions for the calling agent, so it writes the caption a FLUX 3 call
     encodes. Built from the upsampler's own system prompts and user-turn layout (`rules.upsampling`), the mode
     following the inputs as the upsampler's does (t2i without images, i2i with them); the images are attached as
-    one contact sheet labelled 1, 2, ... (the upsampler sees them one by one: the sheet keeps the message small)."""
+    one contact sheet labelled 1, 2, ... (the upsampler sees them one by one: the sheet keeps the message small).
+    With `layout` (the tools' JSON list of {"box", "label"}) the box mode: its system prompt, the request wrapped
+    around the locked rows as the upsampler gets it, and the same layout to pass with the caption."""
 
-    async def render(request: str, image_ids: str = "") -> list[Message]:
+    async def render(request: str, image_ids: str = "", layout: str = "") -> list[Message]:
         try:
             ids = split_image_refs(image_ids) if image_ids.strip() else []
-        except ValueError as exc:
+            boxes = _layout_argument(layout)
+        except ValueError as exc:  # RequestError is a ValueError
             raise MCPError(code=INVALID_PARAMS, message=str(exc)) from exc
         if len(ids) > limits.UPSAMPLER_MAX_REFERENCES:
             raise MCPError(
@@ -146,16 +151,24 @@ def caption_prompt(studio: Studio) -> Prompt:
                 message=f"image_ids: the upsampler takes at most {limits.UPSAMPLER_MAX_REFERENCES} images, got "
                 f"{len(ids)}",
             )
-        mode = upsampling.mode(len(ids))
+        mode = upsampling.mode(len(ids), bool(boxes))
         tool = "generate" if not ids else "edit" if len(ids) == 1 else "compose"
-        turn = upsampling.edit_scaffold(request) if ids else request
+        rows = upsampling.layout_rows(boxes, len(ids)) if boxes else None
+        asked = layout_request(request, rows) if rows else request
+        turn = upsampling.edit_scaffold(asked, bool(rows)) if ids else asked
         seen = " (attached below as one contact sheet, labelled 1, 2, ...)" if ids else ""
+        also = (
+            " and `layout` set to the same boxes (the server checks your table and puts the locked boxes back "
+            "exactly, as it does the upsampler's)"
+            if rows
+            else ""
+        )
         text = (
             "Write the caption a FLUX 3 [klein] model will encode, as BFL's prompt upsampler would: the model was "
             f"trained on such captions. Follow these instructions exactly (BFL's upsampler, mode {mode}):\n\n"
             f"{upsampling.system_prompt(mode)}\n\n---\n\nThe request{seen}:\n\n{turn}\n\n---\n\n"
-            f"Then call `{tool}` with `prompt` set to the request as given and `caption` set to exactly what you "
-            "wrote (no quotes or commentary); the recipe keeps both, and a rerun uses your caption verbatim."
+            f"Then call `{tool}` with `prompt` set to the request as given, `caption` set to exactly what you "
+            f"wrote (no quotes or commentary){also}; the recipe keeps them, and a rerun uses your caption verbatim."
         )
         messages: list[Message] = [UserMessage(text)]
         if ids:
@@ -177,10 +190,37 @@ def caption_prompt(studio: Studio) -> Prompt:
                 "separated); omit for a new picture.",
                 required=False,
             ),
+            PromptArgument(
+                name="layout",
+                description="Boxes placing objects, as the tools' `layout` takes them: a JSON list of "
+                '{"box": [y_min, x_min, y_max, x_max] in 0-1, "label": "..."}; omit for no layout.',
+                required=False,
+            ),
         ],
         fn=render,
         context_kwarg=None,
     )
+
+
+def _layout_argument(text: str) -> tuple[LayoutBox, ...]:
+    """The flux3_caption prompt's `layout` (JSON text, bounded by the client's message), checked as the tools
+    check it. Raises ValueError naming the argument, or RequestError naming the box."""
+    if not text.strip():
+        return ()
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(
+            f'layout is not JSON ({exc.msg} at character {exc.pos}): give a list of {{"box": [y_min, x_min, '
+            'y_max, x_max], "label": "..."}'
+        ) from exc
+    if not isinstance(values, list):
+        raise ValueError(
+            'layout is not a JSON list: give [{"box": [y_min, x_min, y_max, x_max], "label": "..."}]'
+        )
+    boxes = tuple(layout_box(value, k) for k, value in enumerate(values, start=1))
+    check_layout(boxes)
+    return boxes
 
 
 def _prompt(spec: PromptFile, studio: Studio) -> Prompt:

@@ -37,6 +37,15 @@ past it, that block kind silently runs eagerly for new shapes. `compile_transfor
 RECOMPILE_LIMIT, above what the buckets and the past-menu sizes can use, so the explicit, logged fallback above is
 the only one. The limit still matters as a bound: each variant keeps its kernels and guards alive.
 
+FLUX 3 [klein] (`Flux3Transformer`) has two block kinds as well: mode blocks (each mode's tokens alone: the text
+window, the image, the references) and joint blocks (all of them, in per-mode parts). A bucket is the same range of
+image tokens, output plus references. A mode block's stream is marked dynamic within the bucket holding its own
+length (the text window and the references fall in a bucket of their own size: one more graph, not one per size);
+a joint block's image part is marked within the bucket of output plus references (with references both image
+parts from 2 up to the bucket's top), its text part over every prompt length (`FLUX3_TEXT_TOKEN_RANGE`), and the
+joint RoPE tables over the sum of those ranges (Dynamo refuses a range on the sum narrower than the parts' ranges
+allow). So no size or prompt inside a warmed bucket compiles anything new.
+
 CUDA graphs are left out of the compile mode: under regional compilation Inductor would record them block by block,
 and graph outputs live in a memory pool that later replays overwrite, which the eager glue between blocks would have
 to respect. `speedups.cuda_graphs` captures the whole step instead (glue and compiled blocks), once per shape.
@@ -48,7 +57,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch._dynamo
@@ -58,8 +67,14 @@ from torch import Tensor, nn
 from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 from klein_agent.model.autoencoder import AutoEncoder
+from klein_agent.model.flux3_transformer import MODES, Flux3Transformer, JointBlock, ModeBlock
 from klein_agent.model.transformer import DoubleStreamBlock, Flux2Transformer
-from klein_agent.rules.buckets import DECODER_SIDE_RANGE, PAST_MENU_SHAPES, REFERENCE_TOKEN_RANGE
+from klein_agent.rules.buckets import (
+    DECODER_SIDE_RANGE,
+    FLUX3_TEXT_TOKEN_RANGE,
+    PAST_MENU_SHAPES,
+    REFERENCE_TOKEN_RANGE,
+)
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +152,7 @@ class ShapeBuckets:
 
 
 def compile_transformer_(
-    model: Flux2Transformer,
+    model: Flux2Transformer | Flux3Transformer,
     *,
     mode: str | None = "max-autotune-no-cudagraphs",
     backend: str | Callable[..., Any] = "inductor",
@@ -146,7 +161,8 @@ def compile_transformer_(
     token_ranges: Sequence[TokenRange] = (),
     past_menu_shapes: int = PAST_MENU_SHAPES,
 ) -> ShapeBuckets:
-    """Compile every double- and single-stream block of `model` in place (regional compilation).
+    """Compile every double- and single-stream block of `model` in place (regional compilation); for FLUX 3,
+    every mode block and joint block.
 
     Compilation itself is lazy: it happens on the first forward at each new input shape (or bucket: `token_ranges`,
     inclusive ranges of image tokens per step, increasing, each starting at 2 or more; see the module docstring).
@@ -167,7 +183,9 @@ def compile_transformer_(
         block.compile(**_options(mode, backend, dynamic, fullgraph))
         compiled = block._compiled_call_impl  # torch.compile of the block's call, set by Module.compile
         if token_ranges and compiled is not None:
-            block._compiled_call_impl = _BucketedCall(block, compiled, buckets)
+            flux3 = isinstance(block, ModeBlock | JointBlock)
+            call = _Flux3BucketedCall if flux3 else _BucketedCall
+            block._compiled_call_impl = call(block, compiled, buckets)
     return buckets
 
 
@@ -236,6 +254,38 @@ class _BucketedCall:
         return self.compiled(*args, **kwargs)
 
 
+class _Flux3BucketedCall(_BucketedCall):
+    """`_BucketedCall` for FLUX 3's mode blocks (x, mod, cos, sin) and joint blocks (parts, mods, cos, sin): see
+    the module docstring for which dimensions are marked, and in which range."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        joint = isinstance(self.block, JointBlock)
+        names = ("parts", "mods", "cos", "sin") if joint else ("x", "mod", "cos", "sin")
+        bound = dict(zip(names, args, strict=False)) | kwargs
+        parts: list[Tensor] = list(bound["parts"]) if joint else [bound["x"]]  # [B, S_i, D] each
+        images = parts[1:] if joint else parts  # a joint block's first part is the text window
+        tokens = sum(x.shape[1] for x in images)
+        if not self.buckets.compiled(tokens):
+            return self.block._call_impl(*args, **kwargs)
+        bucket = self.buckets.range_for(tokens)
+        if bucket is not None:
+            low, high = bucket
+            # several image parts: each from 2 (Dynamo specialises 0 and 1) to the bucket's top
+            ranges = [(low, high)] if len(images) == 1 else [(2, high)] * len(images)
+            if joint:  # a text window outside the range (never from the pipeline) stays static: (n, n)
+                text = parts[0].shape[1]
+                first, last = FLUX3_TEXT_TOKEN_RANGE
+                ranges.insert(0, (first, last) if first <= text <= last else (text, text))
+            for x, (first, last) in zip(parts, ranges, strict=True):
+                if first < last:
+                    torch._dynamo.mark_dynamic(x, 1, min=first, max=last)
+            for table in (bound["cos"], bound["sin"]):  # [sum S_i, Dh/2]: the sum of the parts' ranges
+                torch._dynamo.mark_dynamic(
+                    table, 0, min=sum(r[0] for r in ranges), max=sum(r[1] for r in ranges)
+                )
+        return self.compiled(*args, **kwargs)
+
+
 _DOUBLE_ARGS = ("img", "txt", "cos", "sin", "mod_img", "mod_txt", "reference_kv")
 _SINGLE_ARGS = ("x", "cos", "sin", "mod", "reference_kv", "num_txt")
 
@@ -249,5 +299,8 @@ def _options(
     return options
 
 
-def _blocks(model: Flux2Transformer) -> list[nn.Module]:
+def _blocks(model: Flux2Transformer | Flux3Transformer) -> list[nn.Module]:
+    if isinstance(model, Flux3Transformer):
+        modes = [b for m in MODES for b in cast(nn.ModuleList, model.content_mode_blocks[m])]
+        return [*modes, *model.txt_mode_blocks, *model.single_blocks]
     return [*model.double_blocks, *model.single_blocks]

@@ -20,6 +20,9 @@ kept (least recently used out), each holding its step's activations in a private
 cancellation are unchanged: `sampling.denoise` reports after every step, between replays, and a cancelled call
 stops there. klein 9B-KV's kept reference keys and values (a per-call tensor tuple) run ungraphed.
 
+FLUX 3 [klein] (`Flux3StepGraphs`): the same, over its forward's positional tensors (image, ids, text, ids,
+timestep, the flow map's target timestep, references and their ids; the absent ones None, part of the key).
+
 `capture` is injectable: `capture_cuda` on a GPU, a fake in the CPU tests, so the loop logic (buffers, keys,
 replays, clones, the bound) is tested here without a GPU.
 """
@@ -123,6 +126,32 @@ class StepGraphs:
 
     def __len__(self) -> int:
         return len(self._graphs)
+
+
+class Flux3StepGraphs(StepGraphs):
+    """`StepGraphs` for `Flux3Transformer(img, img_ids, txt, txt_ids, timesteps, target_timesteps, ref, ref_ids)`:
+    one graph per shape of those (None where absent) and `context_key`, the same bound and counts."""
+
+    def __call__(self, *inputs: Tensor | None) -> Tensor:  # type: ignore[override]
+        """As the FLUX 3 transformer's forward, positional arguments only; a fresh tensor out."""
+        key = (tuple(None if t is None else _signature(t) for t in inputs), self.context_key)
+        graph = self._graphs.get(key)
+        if graph is None:
+            static = [None if t is None else t.clone() for t in inputs]
+            replay, output = self.capture(self.model, static, {})  # type: ignore[arg-type]
+            graph = _Graph(static, {}, replay, output)  # type: ignore[arg-type]
+            self.captures += 1
+            self._graphs[key] = graph
+            while len(self._graphs) > self.max_graphs:
+                self._graphs.popitem(last=False)
+        else:
+            self._graphs.move_to_end(key)
+            for buffer, value in zip(graph.args, inputs, strict=True):
+                if buffer is not None and value is not None:
+                    buffer.copy_(value)
+        graph.replay()
+        self.replays += 1
+        return graph.output.clone()
 
 
 def _signature(t: Tensor) -> tuple[Any, ...]:

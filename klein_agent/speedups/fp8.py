@@ -7,7 +7,8 @@ calibration). On a CUDA device of compute capability 8.9 or newer (Ada, Hopper, 
 float32, so CPU tests check the numerics the GPU runs, and the choice between the two is explicit
 (`scaled_mm_available`, `Float8Linear.force_reference`).
 
-Only the block linears (double_blocks.*, single_blocks.*) are converted; the embedders, the shared modulations and
+Only the block linears (double_blocks.*, single_blocks.*; FLUX 3: content_mode_blocks.*, txt_mode_blocks.* and its
+joint single_blocks.*) are converted; the embedders, the shared modulations and
 the final layer stay in high precision, the same split as BFL's published FP8 checkpoints: Hugging Face
 `black-forest-labs/FLUX.2-klein-4b-fp8` ships `flux-2-klein-4b-fp8.safetensors` at 4.07 GB, which is the
 4B's 3.68 G block-linear weights at 1 byte plus its other 0.20 G parameters at 2 bytes. They are the large
@@ -33,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from klein_agent.model.flux3_transformer import Flux3Transformer
 from klein_agent.model.transformer import Flux2Transformer
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -41,7 +43,8 @@ FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448; e4m3fn has no infinity: a ca
 _MIN_SCALE = 1e-12
 # _scaled_mm (cuBLASLt FP8) wants the inner and the output dimension to be multiples of 16.
 _ALIGNMENT = 16
-_BLOCK_PREFIXES = ("double_blocks.", "single_blocks.")
+# FLUX.2's double and single blocks; FLUX 3's mode blocks (image, references, text) and joint blocks (`single_blocks`)
+_BLOCK_PREFIXES = ("double_blocks.", "single_blocks.", "content_mode_blocks.", "txt_mode_blocks.")
 
 
 def scaled_mm_available(device: torch.device | str) -> bool:
@@ -233,12 +236,13 @@ def prequantized_linear_factory(
 
 
 def is_block_linear(name: str) -> bool:
-    """A linear layer inside a double- or single-stream block (the layers BFL's FP8 files store in FP8)."""
+    """A linear layer inside a double- or single-stream block (the layers BFL's FP8 files store in FP8), or a FLUX 3
+    mode or joint block."""
     return name.startswith(_BLOCK_PREFIXES)
 
 
 def quantize_transformer_(
-    model: Flux2Transformer,
+    model: Flux2Transformer | Flux3Transformer,
     *,
     include: Callable[[str, nn.Linear], bool] | None = None,
     use_fast_accum: bool = False,

@@ -34,6 +34,8 @@ from klein_agent.rules.limits import (
     MAX_CAPTION_CHARS,
     MAX_GUIDANCE,
     MAX_IMAGES_PER_CALL,
+    MAX_LAYOUT_BOXES,
+    MAX_LAYOUT_LABEL_CHARS,
     MAX_PROMPT_CHARS,
     MAX_REFERENCES,
     MAX_SEED,
@@ -219,6 +221,39 @@ LorasArg = Annotated[
 ]
 
 
+class LayoutBox(BaseModel):
+    """One box of a FLUX 3 layout: where an object goes, and what it is."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    box: list[float] = Field(
+        min_length=4,
+        max_length=4,
+        description="[y_min, x_min, y_max, x_max] in fractions of the picture (0-1), top-left origin, y first "
+        "(as diffusers takes them): [0.1, 0.05, 0.9, 0.45] is a tall box on the left.",
+    )
+    label: str = Field(
+        min_length=1, max_length=MAX_LAYOUT_LABEL_CHARS, description='What goes there ("a red umbrella").'
+    )
+
+
+LayoutArg = Annotated[
+    list[LayoutBox] | None,
+    Field(
+        min_length=1,
+        max_length=MAX_LAYOUT_BOXES,
+        description="FLUX 3 models only: boxes placing objects. They go into the caption's box table, as BFL "
+        "trained the model: the server's upsampler writes the caption around them, or, with `caption`, they are "
+        "put back into yours (the flux3_caption prompt with `layout` teaches the table).",
+    ),
+]
+
+
+def layout_values(layout: list[LayoutBox] | None) -> list[dict[str, object]]:
+    """The layout argument as the call takes it ({"box", "label"} each; checked by the call)."""
+    return [choice.model_dump() for choice in layout or []]
+
+
 class StepCacheChoice(BaseModel):
     """A step cache for this call: its kind and threshold."""
 
@@ -276,6 +311,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
         ctx: Context,
         prompt: PromptArg,
         caption: CaptionArg = None,
+        layout: LayoutArg = None,
         width: SideArg = None,
         height: SideArg = None,
         seed: SeedArg = None,
@@ -291,6 +327,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
             height=height,
             prompt=prompt,
             caption=caption,
+            layout=layout_values(layout),
             seed=seed,
             steps=steps,
             guidance=guidance,
@@ -322,6 +359,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
         image: ImageArg,
         prompt: PromptArg,
         caption: CaptionArg = None,
+        layout: LayoutArg = None,
         width: OptionalSideArg = None,
         height: OptionalSideArg = None,
         seed: SeedArg = None,
@@ -338,6 +376,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
             height=height,
             prompt=prompt,
             caption=caption,
+            layout=layout_values(layout),
             seed=seed,
             steps=steps,
             guidance=guidance,
@@ -369,6 +408,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
         images: ImagesArg,
         prompt: PromptArg,
         caption: CaptionArg = None,
+        layout: LayoutArg = None,
         width: OptionalSideArg = None,
         height: OptionalSideArg = None,
         seed: SeedArg = None,
@@ -385,6 +425,7 @@ def register(mcp: MCPServer, studio: Studio) -> None:
             height=height,
             prompt=prompt,
             caption=caption,
+            layout=layout_values(layout),
             seed=seed,
             steps=steps,
             guidance=guidance,
