@@ -315,8 +315,11 @@ def run_generate(args: argparse.Namespace) -> int:
         args
     )  # from --model's name or folder, before it loads: FLUX 3's rules are not FLUX.2's
     call.check(families.family(family).max_references)
-    if call.caption is not None:  # before the model loads, as the pipeline would refuse it after
+    # before the model loads, as the pipeline would refuse them after
+    if call.caption is not None:
         families.check_flux3_only("caption", family)
+    if call.layout:
+        families.check_flux3_only("layout", family)
     outputs = output_paths(args.out, args.num_images)
     budget = int(args.max_megapixels * 1_000_000)
     # the server's limits and reduced decoding; any path is read

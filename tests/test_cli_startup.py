@@ -214,6 +214,21 @@ def test_serve_typed_in_a_terminal_says_it_waits_for_a_client(tmp_path: Path) ->
             "encoder reads); a FLUX.2 [klein] model encodes the prompt as given: leave --prompt-upsampler out",
         ),
         (
+            [
+                "generate",
+                "--model",
+                "tiny",
+                "--layout",
+                "0.1,0.05,0.9,0.45:a red cube",
+                "--prompt",
+                "x",
+                "--out",
+                "o.png",
+            ],
+            "klein-agent: error: layout is for FLUX 3 [klein] models (its boxes go into the caption they read); a "
+            "FLUX.2 [klein] model takes no boxes: leave layout out, and say where things go in the prompt",
+        ),
+        (
             ["serve", "--model", "tiny", "--prompt-upsampler", "/no/such/pup"],
             "--model tiny: --prompt-upsampler is for FLUX 3 [klein] models",
         ),

@@ -86,10 +86,20 @@ def check_masked_edit(no_masked_edits: str | None) -> None:
     )
 
 
-# What only FLUX 3 reads, and why, for the refusal when another model is given it (`check_flux3_only`).
+# What only FLUX 3 reads: why, and what another model does instead, for the refusal (`check_flux3_only`).
 FLUX3_ONLY = {
-    "caption": "it replaces the prompt their text encoder reads",
-    "--prompt-upsampler": "it writes the caption their text encoder reads",
+    "caption": (
+        "it replaces the prompt their text encoder reads",
+        "encodes the prompt as given: leave caption out",
+    ),
+    "--prompt-upsampler": (
+        "it writes the caption their text encoder reads",
+        "encodes the prompt as given: leave --prompt-upsampler out",
+    ),
+    "layout": (
+        "its boxes go into the caption they read",
+        "takes no boxes: leave layout out, and say where things go in the prompt",
+    ),
 }
 
 
@@ -98,9 +108,9 @@ def check_flux3_only(option: str, family_name: str) -> None:
     not FLUX 3: one sentence whether the CLI refuses it before the model loads or the pipeline after."""
     if family_name == FLUX3.name:
         return
+    why, instead = FLUX3_ONLY[option]
     raise RequestError(
-        f"{option} is for {FLUX3.title} models ({FLUX3_ONLY[option]}); a {family(family_name).title} model "
-        f"encodes the prompt as given: leave {option} out"
+        f"{option} is for {FLUX3.title} models ({why}); a {family(family_name).title} model {instead}"
     )
 
 
