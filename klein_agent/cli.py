@@ -24,7 +24,7 @@ from klein_agent import __version__
 from klein_agent.logs import configure_logging, parse_level
 from klein_agent.model_options import add_model_arguments, generator_factory
 from klein_agent.option_types import positive_float
-from klein_agent.rules import limits
+from klein_agent.rules import families, limits
 from klein_agent.rules.limits import MAX_PIXELS_PER_CALL
 from klein_agent.rules.step_caches import DESCRIPTION as STEP_CACHE_DESCRIPTION
 
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     """
     parser = argparse.ArgumentParser(
         prog="klein-agent",
-        description="FLUX.2 [klein] for agents that iterate on pictures",
+        description=f"{families.ALL_TITLES} for agents that iterate on pictures",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -168,7 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
         f"{limits.FLUX3_BASE_GUIDANCE}, diffusers' default, where BFL's README says CFG 4)",
     )
     gen.add_argument(
-        "--num-images", type=int, default=1, help="seeds seed, seed+1, ...; files FILE-1.png, ..."
+        "--num-images",
+        type=int,
+        default=1,
+        metavar="N",
+        help=f"pictures to make, 1 to {limits.MAX_IMAGES_PER_CALL} (default: 1): seeds seed, seed+1, ...; files "
+        "FILE-1.png, ...",
     )
     gen.add_argument(
         "--mask",
@@ -196,14 +201,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--step-cache",
         default=None,
         metavar="KIND[:THRESHOLD]",
-        help=STEP_CACHE_DESCRIPTION.replace("%", "%%"),  # argparse formats help with %
+        # lower case like every other help text; argparse formats help with %
+        help=(STEP_CACHE_DESCRIPTION[0].lower() + STEP_CACHE_DESCRIPTION[1:]).replace("%", "%%"),
     )
     gen.add_argument("--out", required=True, type=Path, help="the PNG to write")
     gen.add_argument(
         "--max-megapixels",
         type=positive_float,
         default=MAX_PIXELS_PER_CALL / 1e6,
-        help="refuse calls over width x height x num-images megapixels (default %(default).1f; the server's "
+        help="refuse calls over width x height x num-images megapixels (default %(default).2f, as the limit's error rounds it; the server's "
         "default depends on the device, as no client waits here)",
     )
     gen.set_defaults(run=run_generate)
@@ -296,8 +302,9 @@ def run_generate(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from klein_agent.model_options import model_family
-    from klein_agent.rules import families, resolution
+    from klein_agent.rules import resolution
     from klein_agent.rules.calls import prepare_call
+    from klein_agent.rules.upsampling import CLI_CAPTION_SENTENCES
     from klein_agent.service.inputs import InputPolicy
     from klein_agent.service.pngfile import encode_png
 
@@ -308,6 +315,11 @@ def run_generate(args: argparse.Namespace) -> int:
         args
     )  # from --model's name or folder, before it loads: FLUX 3's rules are not FLUX.2's
     call.check(families.family(family).max_references)
+    # before the model loads, as the pipeline would refuse them after
+    if call.caption is not None:
+        families.check_flux3_only("caption", family)
+    if call.layout:
+        families.check_flux3_only("layout", family)
     outputs = output_paths(args.out, args.num_images)
     budget = int(args.max_megapixels * 1_000_000)
     # the server's limits and reduced decoding; any path is read
@@ -331,6 +343,8 @@ def run_generate(args: argparse.Namespace) -> int:
         log.warning("%s", note)
     result = pipeline.generate(request, progress=bar.update)
     bar.close()
+    if result.caption_source is not None:  # FLUX 3: which text ran, as the tool result says it
+        print(f"text encoded: {CLI_CAPTION_SENTENCES[result.caption_source]}", file=sys.stderr)
     for k, (image, path) in enumerate(zip(result.images, outputs, strict=True)):
         recipe = prepared.recipe(result, k, parents=args.image, mask_name=args.mask)
         path.write_bytes(encode_png(image, provenance=recipe))

@@ -24,7 +24,7 @@ from typing import Any
 
 from klein_agent.model_options import add_model_arguments, check_model_options
 from klein_agent.option_types import positive_float, positive_int
-from klein_agent.replica.config import app_args, serve_config
+from klein_agent.replica.config import app_args, replica_option_problem, serve_config
 from klein_agent.rules import limits
 from klein_agent.rules.ray_auth import ray_auth_problem
 
@@ -122,6 +122,10 @@ def run_deploy(args: argparse.Namespace) -> int:
     it is, 2 (after logging why) otherwise."""
     if args.gpus_per_replica < 0:
         log.error("--gpus-per-replica %s: give 0 or more GPUs", args.gpus_per_replica)
+        return 2
+    # before --print-config too: an option the replicas would not load is never dropped silently
+    if problem := replica_option_problem(vars(args), "deploy"):
+        log.error("%s", problem)
         return 2
     built = app_args(vars(args), **placement(args))
     if args.print_config:

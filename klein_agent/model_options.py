@@ -15,6 +15,7 @@ from pathlib import Path
 from klein_agent.option_types import non_negative_gib
 from klein_agent.rules import buckets, families
 from klein_agent.rules.requests import ImageGenerator
+from klein_agent.rules.resolution import RequestError
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +154,11 @@ def check_model_options(args: argparse.Namespace) -> list[tuple[str, float]]:
             log_licence(folder)
     if getattr(args, "prompt_upsampler", None) is not None:
         from klein_agent.loading.upsampler_source import check_upsampler_files
+
+        try:  # by --model's name or folder: refused before the model loads, not after
+            families.check_flux3_only("--prompt-upsampler", model_family(args))
+        except RequestError as exc:
+            raise RequestError(f"--model {args.model}: {exc}") from None
 
         check_upsampler_files(args.prompt_upsampler)
     return loras

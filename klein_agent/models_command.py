@@ -59,7 +59,9 @@ def run_models(args: argparse.Namespace) -> int:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[4])
     for model in args.model:
         folder = _local_folder(model)
-        print(f"{model}: {folder} ({licence_text(folder)})")
+        # a repo id: where its snapshot is; a folder: named once, as given
+        where = "" if Path(model).expanduser().is_dir() else f"{folder} "
+        print(f"{model}: {where}({licence_text(folder)})")
     print(
         "The licence column is BFL's model table; the LICENSE file shipped with the checkpoint is what binds you."
     )

@@ -200,6 +200,7 @@ def test_a_bad_caption_is_refused_before_any_work(caption: str, message: str) ->
 
 def test_a_caption_for_a_flux2_model_is_refused_not_ignored() -> None:
     with pytest.raises(
-        RequestError, match=r"caption is for FLUX 3 \[klein\] models.*tiny encodes the prompt"
+        RequestError,
+        match=r"caption is for FLUX 3 \[klein\] models.*a FLUX\.2 \[klein\] model encodes the prompt",
     ):
         resolve(GenerationRequest(prompt="fox", caption="a fox"), FLUX2)

@@ -4,6 +4,7 @@ options are refused at once, before torch, transformers or the MCP SDK load, wit
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -187,3 +188,101 @@ def test_serve_typed_in_a_terminal_says_it_waits_for_a_client(tmp_path: Path) ->
         argv, input="", capture_output=True, text=True, cwd=tmp_path, env=IN_ANOTHER_FOLDER, timeout=120
     )
     assert "waiting for an MCP client" not in piped.stderr, piped.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (
+            ["generate", "--model", "tiny", "--caption", "A red cube.", "--prompt", "x", "--out", "o.png"],
+            "klein-agent: error: caption is for FLUX 3 [klein] models (it replaces the prompt their text encoder "
+            "reads); a FLUX.2 [klein] model encodes the prompt as given: leave caption out",
+        ),
+        (
+            [
+                "generate",
+                "--model",
+                "tiny",
+                "--prompt-upsampler",
+                "/no/such/pup",
+                "--prompt",
+                "x",
+                "--out",
+                "o.png",
+            ],
+            "--model tiny: --prompt-upsampler is for FLUX 3 [klein] models (it writes the caption their text "
+            "encoder reads); a FLUX.2 [klein] model encodes the prompt as given: leave --prompt-upsampler out",
+        ),
+        (
+            [
+                "generate",
+                "--model",
+                "tiny",
+                "--layout",
+                "0.1,0.05,0.9,0.45:a red cube",
+                "--prompt",
+                "x",
+                "--out",
+                "o.png",
+            ],
+            "klein-agent: error: layout is for FLUX 3 [klein] models (its boxes go into the caption they read); a "
+            "FLUX.2 [klein] model takes no boxes: leave layout out, and say where things go in the prompt",
+        ),
+        (
+            ["serve", "--model", "tiny", "--prompt-upsampler", "/no/such/pup"],
+            "--model tiny: --prompt-upsampler is for FLUX 3 [klein] models",
+        ),
+    ],
+)
+def test_what_only_flux3_reads_is_refused_for_a_flux2_model_before_torch_loads(
+    tmp_path: Path, args: list[str], said: str
+) -> None:
+    """The family comes from --model's name or folder (`model_options.model_family`), as the inpaint and reference
+    refusals use it: the user waits for no model to hear that the option does not apply."""
+    script = (
+        "import sys; from klein_agent.cli import main; status = main(sys.argv[1:]); "
+        "print(status, 'torch' in sys.modules)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        cwd=tmp_path,
+        env=IN_ANOTHER_FOLDER,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.stdout.split() == ["2", "False"], done.stderr
+    assert said in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not (tmp_path / "o.png").exists()
+
+
+def _capitalised_word(word: str) -> bool:
+    """ "A" or "Step": an ordinary word written at the start of a sentence (not FLUX, CFG, GPUs or DEBUG)."""
+    return word[0].isupper() and (len(word) == 1 or word[1:].islower())
+
+
+def test_option_help_starts_lower_case_and_shows_limits_as_the_errors_do() -> None:
+    """Every option's help starts in lower case (a clause after the option name), --num-images shows its range and
+    default from rules/limits.py, and --max-megapixels' default has the rounding its refusal uses."""
+    import argparse
+
+    from klein_agent.cli import build_parser
+    from klein_agent.rules import limits
+    from klein_agent.rules.resolution import RequestError, check_pixels
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    capitalised = [
+        f"{name} {action.option_strings[-1]}: {action.help[:30]}"
+        for name, sub in commands.choices.items()
+        for action in sub._actions
+        if action.option_strings and action.help and _capitalised_word(action.help.split()[0])
+    ]
+    assert capitalised == []
+    text = " ".join(commands.choices["generate"].format_help().split())
+    assert f"1 to {limits.MAX_IMAGES_PER_CALL} (default: 1)" in text, text
+    try:  # the error's own rounding of the same limit
+        check_pixels(4096, 4096, 1, limits.MAX_PIXELS_PER_CALL)
+    except RequestError as exc:
+        limit = re.search(r"over the ([\d.]+) megapixel limit", str(exc))
+    assert limit is not None and f"(default {limit[1]}," in text, text

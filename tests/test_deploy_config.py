@@ -158,3 +158,36 @@ def test_deploy_builds_its_application_from_the_block_it_prints(
         "gpus_per_replica": 0.0,
         "max_queued": 8,
     }
+
+
+def test_every_model_option_deploy_parses_goes_to_the_replicas_or_is_refused() -> None:
+    """The kind of bug where deploy accepted an option and dropped it: each option of the "model" group is either
+    forwarded (MODEL_OPTION_NAMES) or refused by name (NOT_ON_REPLICAS), never neither."""
+    import argparse
+
+    from klein_agent.model_options import add_model_arguments
+    from klein_agent.replica.config import MODEL_OPTION_NAMES, NOT_ON_REPLICAS
+
+    parser = argparse.ArgumentParser()
+    add_model_arguments(parser, serve=True)
+    (group,) = [g for g in parser._action_groups if g.title == "model"]
+    parsed = {action.dest for action in group._group_actions}
+    assert parsed == set(MODEL_OPTION_NAMES) | set(NOT_ON_REPLICAS), parsed
+    assert not set(MODEL_OPTION_NAMES) & set(NOT_ON_REPLICAS)
+
+
+@pytest.mark.parametrize("print_config", [True, False])
+def test_deploy_refuses_the_prompt_upsampler_by_name_as_serve_generator_ray_does(
+    print_config: bool, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replicas load no upsampler: deploy says so (the sentence `serve --generator ray` says) instead of printing a
+    config or deploying an application without it; nothing is printed on stdout and no cluster is asked."""
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # were the cluster asked, the error would name it
+    argv = ["deploy", "--model", "tiny", "--prompt-upsampler", str(tmp_path / "nope")]
+    assert main([*argv, "--print-config"] if print_config else argv) == 2
+    said = capsys.readouterr()
+    assert said.out == ""
+    assert (
+        "--prompt-upsampler does not apply with deploy: the replicas load the model without it; leave it out "
+        "(callers can still pass a caption)" in said.err
+    ), said.err

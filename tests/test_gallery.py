@@ -297,6 +297,41 @@ def test_the_standalone_gallery_is_guarded_and_its_link_works_once(
     assert get(port, "/", session)[0] == 307 and get(port, "/gallery", session)[0] in (307, 308)
 
 
+def test_the_standalone_gallery_names_the_token_file_it_created_in_its_log_and_its_401(
+    filled: Path, gallery_process: tuple[int, str, str, Path]
+) -> None:
+    """Run without `serve --http`: the gallery itself made the token file, so it says where (as serve does), and
+    a script refused for want of the token is told which file holds it (by name: the folder stays private)."""
+    port, _, token, log_path = gallery_process
+    token_file = filled.parent / f"{filled.name}.http-token"
+    said = log_path.read_text()
+    assert (
+        f"clients and scripts must send 'Authorization: Bearer <token>'; the token is in file {token_file} "
+        "(created now)" in said
+    ), said
+    assert "serve --http" not in said and token not in said
+    status, _, body = get(port, "/gallery/api/images")
+    assert status == 401
+    assert (
+        f"(the token is in the file {token_file.name} beside the store, whose path the server logged at start, "
+        "or $KLEIN_AGENT_TOKEN)" in body.decode()
+    ), body
+    assert str(filled.parent) not in body.decode()
+
+
+def test_the_gallery_json_paths_the_docs_give_answer_on_the_standalone_gallery(
+    gallery_process: tuple[int, str, str, Path],
+) -> None:
+    """docs/server.md gives the JSON routes with the prefix both front-ends mount them under (/gallery/...)."""
+    port, _, token, _ = gallery_process
+    docs = (REPO / "docs" / "server.md").read_text()
+    given = sorted(set(re.findall(r"`(/(?:gallery/)?api/[a-z]+(?:\?[^`]*)?)`", docs)))
+    assert given == ["/gallery/api/images?standing=pick", "/gallery/api/verdicts?after=MARK"], given
+    for path in given:
+        status, _, body = get(port, path.replace("MARK", "0"), {"Authorization": f"Bearer {token}"})
+        assert status == 200, (path, body[:200])
+
+
 def test_unknown_ids_and_path_tricks_get_the_404_page_and_nothing_is_written(
     filled: Path, gallery_process: tuple[int, str, str, Path]
 ) -> None:

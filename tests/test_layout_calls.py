@@ -110,7 +110,9 @@ def test_layout_is_refused_with_flux2_and_with_a_masked_edit() -> None:
     request = prepare_call(
         Generate(prompt="x", layout=LAYOUT), Pictures(), multiple=16, budget=budget
     ).request
-    with pytest.raises(RequestError, match=r"layout is for FLUX 3 \[klein\] models.*tiny takes no boxes"):
+    with pytest.raises(
+        RequestError, match=r"layout is for FLUX 3 \[klein\] models.*a FLUX\.2 \[klein\] model takes no boxes"
+    ):
         resolve(request, FLUX2)
     resolve(GenerationRequest(prompt="x"), FLUX2)  # the same request without a layout runs
     masked = Inpaint(prompt="x", image="64x64", boxes=[[0, 0, 0.5, 0.5]], layout=LAYOUT)

@@ -44,7 +44,9 @@ def test_models_lists_every_official_checkpoint_and_the_cached_licence(tmp_path:
             assert f"{snapshot} (LICENSE.md: FLUX Kommunity License)" in row, row
         else:
             assert f"not cached: `hf download {p.repo}`" in row, row
-    assert f"{other}: {other} (no LICENSE file in the folder: check the model card)" in lines
+    assert f"{other}: (no LICENSE file in the folder: check the model card)" in lines  # the folder named once
+    by_repo = klein_agent("models", "--model", repo, hub=tmp_path / "hub")
+    assert f"{repo}: {snapshot} (LICENSE.md: FLUX Kommunity License)" in by_repo.stdout.splitlines(), by_repo
     missing = klein_agent("models", "--model", "owner/absent", hub=tmp_path / "hub")
     assert (
         missing.returncode == 2

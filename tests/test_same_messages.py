@@ -262,3 +262,30 @@ async def test_guidance_given_to_a_distilled_model_is_said_to_be_ignored_by_both
     assert f"Note: {note}." in result.content[1].text
     plain = await client.call_tool("generate", arguments)
     assert plain.structured_content["notes"] == [] and "Note:" not in plain.content[1].text
+
+
+async def test_help_and_the_server_description_name_both_families(client: Client) -> None:
+    """klein-agent runs FLUX.2 [klein] and FLUX 3 [klein]: what it says about itself names both, by the titles
+    `rules.families` holds; the instructions name the model this server runs (tiny: FLUX.2)."""
+    from klein_agent.cli import build_parser
+    from klein_agent.rules import families
+
+    titles = [f.title for f in families.FAMILIES.values()]
+    assert len(titles) == 2
+    described = client.server_info.description or ""
+    help_text = build_parser().format_help()
+    for text in (described, help_text):
+        assert all(title in text for title in titles), text
+    assert (client.instructions or "").startswith(f"Local {families.FLUX2.title} image tools")
+
+
+async def test_the_python_sdk_sends_a_nan_seed_as_null_which_means_unset(client: Client) -> None:
+    """What docs/server.md says of this client: pydantic writes NaN as null, so the seed arrives unset and a random
+    one is used and reported (the server cannot tell it from a seed left out); a literal NaN is refused
+    (test_non_finite.py)."""
+    made = await client.call_tool(
+        "generate", {"prompt": "x", "width": 64, "height": 64, "seed": float("nan")}
+    )
+    assert not made.is_error, made.content
+    seed = made.structured_content["images"][0]["seed"]  # type: ignore[index]
+    assert isinstance(seed, int) and 0 <= seed <= 2**32 - 1

@@ -169,6 +169,12 @@ def cases(input_dir: Path, outside: Path) -> list[tuple[str, str, dict[str, Any]
             {"images": [good] * 5, "prompt": p},
             "but this model takes at most 4",
         ),
+        (  # over the schema's bound (the most any family takes): still the loaded model's sentence, as the CLI's
+            "more references than any model takes",
+            "compose",
+            {"images": [good] * 11, "prompt": p},
+            "11 reference images given, but this model takes at most 4: pass fewer images",
+        ),
         ("no references", "compose", {"images": [], "prompt": p}, "at least 1 item"),
         ("bad steps", "generate", {"prompt": p, "steps": 0}, "steps must be from 1 to 100, got 0"),
         (
@@ -193,7 +199,7 @@ def cases(input_dir: Path, outside: Path) -> list[tuple[str, str, dict[str, Any]
             "unknown argument",
             "generate",
             {"prompt": p, "negative_prompt": "blurry"},
-            "unknown argument 'negative_prompt'; this tool takes prompt, width, height, seed",
+            "unknown argument 'negative_prompt'; this tool takes prompt, caption, layout, width, height, seed",
         ),
         (
             "integer as a string",

@@ -93,11 +93,13 @@ def run_gallery(args: argparse.Namespace) -> int:
         HttpStartError,
         allowed_hosts,
         allowed_origins,
+        bearer_line,
         bind,
         host_port,
         load_tokens,
         login_key,
         serve_app,
+        token_hint,
     )
 
     where = store_locations(args.store)
@@ -114,7 +116,7 @@ def run_gallery(args: argparse.Namespace) -> int:
             blobs = shared_blobs(args.blobs, where)
             shared = open_store(where.address, blobs, root=root, s3_endpoint=args.s3_endpoint, read_only=True)
         gallery = Gallery(root, thumbs=where.thumbs, store=shared)
-        tokens, _ = load_tokens(where.token_file, no_auth=False, host=args.host)
+        tokens, source = load_tokens(where.token_file, no_auth=False, host=args.host)
     except (StoreError, HttpStartError) as exc:
         log.error("%s", exc)
         sock.close()
@@ -133,6 +135,7 @@ def run_gallery(args: argparse.Namespace) -> int:
         login_path=LOGIN_PATH,
         login_key=key,
         login_redirect=PREFIX + "/",
+        token_hint=token_hint(where.token_file),
     )
 
     async def home(request: object) -> RedirectResponse:
@@ -145,7 +148,7 @@ def run_gallery(args: argparse.Namespace) -> int:
     def started() -> None:
         log.info("gallery of the store %s at %s%s/", root, url, PREFIX)
         log.info("to see it in a browser, open %s (works once)", link)
-        log.info("scripts: send 'Authorization: Bearer <token>' with the token of `serve --http`")
+        log.info("%s", bearer_line(source))  # the file this gallery created or read, as serve --http says it
         if args.open and not webbrowser.open(link):
             log.warning(
                 "--open: no web browser could be started here (a machine without a display?); open %s in a "

@@ -92,11 +92,11 @@ def with_captions(generator: ImageGenerator, upsampler_source: str | None) -> Im
     Raises CheckpointError for an upsampler named with a model that is not FLUX 3, or one that cannot load."""
     info = generator.info
     if info.family != families.FLUX3.name:
-        if upsampler_source is not None:
-            raise CheckpointError(
-                f"--prompt-upsampler is for FLUX 3 [klein] models; --model {info.model} is {info.variant}, which "
-                "reads the prompt as given: leave --prompt-upsampler out"
-            )
+        if upsampler_source is not None:  # `check_model_options` refuses it before loading; the same sentence
+            try:
+                families.check_flux3_only("--prompt-upsampler", info.family)
+            except ValueError as exc:
+                raise CheckpointError(f"--model {info.model}: {exc}") from None
         return generator
     upsampler = None
     if upsampler_source is not None:

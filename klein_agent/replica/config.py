@@ -7,6 +7,7 @@ the same functions (`app_args`, then `deployment.app_from_args`), so they cannot
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from klein_agent.rules import limits
@@ -25,6 +26,10 @@ MODEL_OPTION_NAMES = (
     "lora",
     "allow_download",
 )
+# Model options a replica does not load (yet), each with what to do instead: `deploy` and `serve --generator ray`
+# refuse them by name (`replica_option_problem`) rather than drop them. Every model option is in exactly one of
+# MODEL_OPTION_NAMES and this (tests/test_deploy_config.py compares them with the parser).
+NOT_ON_REPLICAS = {"prompt_upsampler": "callers can still pass a caption"}
 # The application builder a Serve config names: Serve imports it on the cluster and calls it with the `args` block.
 APP_BUILDER = "klein_agent.replica.deployment:app_from_args"
 
@@ -94,6 +99,19 @@ def app_args(options: dict[str, Any], **placement: Any) -> dict[str, Any]:
         "model": {name: options[name] for name in MODEL_OPTION_NAMES if name in options},
         "placement": placement,
     }
+
+
+def replica_option_problem(options: Mapping[str, Any], where: str) -> str | None:
+    """Why the model `options` (parsed option names to values) cannot go to Ray replicas from `where` ("deploy",
+    "--generator ray"), or None: an option of NOT_ON_REPLICAS that was given. The one sentence both commands say."""
+    for name, instead in NOT_ON_REPLICAS.items():
+        if options.get(name) not in (None, False, []):
+            flag = "--" + name.replace("_", "-")
+            return (
+                f"{flag} does not apply with {where}: the replicas load the model without it; leave it out "
+                f"({instead})"
+            )
+    return None
 
 
 def placement_from_args(args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

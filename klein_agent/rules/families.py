@@ -47,6 +47,8 @@ FLUX3 = Family(
     no_masked_edits="FLUX 3 [klein] models",
 )
 FAMILIES = {family.name: family for family in (FLUX2, FLUX3)}
+# Both families by title, for texts about klein-agent itself (--help, the MCP server's description)
+ALL_TITLES = " and ".join(f.title for f in FAMILIES.values())
 KV_NO_MASKED_EDITS = "klein 9B-KV checkpoints"  # a FLUX.2 checkpoint without a masked pipeline in diffusers
 
 
@@ -81,6 +83,34 @@ def check_masked_edit(no_masked_edits: str | None) -> None:
         f"masked edits (inpaint) are not supported on {no_masked_edits}: diffusers has no masked pipeline for "
         "them, so nothing decides what the repainted pixels should be; use edit (the whole picture, guided by the "
         "prompt), or a FLUX.2 klein 4B/9B model for inpaint"
+    )
+
+
+# What only FLUX 3 reads: why, and what another model does instead, for the refusal (`check_flux3_only`).
+FLUX3_ONLY = {
+    "caption": (
+        "it replaces the prompt their text encoder reads",
+        "encodes the prompt as given: leave caption out",
+    ),
+    "--prompt-upsampler": (
+        "it writes the caption their text encoder reads",
+        "encodes the prompt as given: leave --prompt-upsampler out",
+    ),
+    "layout": (
+        "its boxes go into the caption they read",
+        "takes no boxes: leave layout out, and say where things go in the prompt",
+    ),
+}
+
+
+def check_flux3_only(option: str, family_name: str) -> None:
+    """Raises RequestError when `option` (a key of FLUX3_ONLY) is given for a model of family `family_name` that is
+    not FLUX 3: one sentence whether the CLI refuses it before the model loads or the pipeline after."""
+    if family_name == FLUX3.name:
+        return
+    why, instead = FLUX3_ONLY[option]
+    raise RequestError(
+        f"{option} is for {FLUX3.title} models ({why}); a {family(family_name).title} model {instead}"
     )
 
 

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 from PIL import Image
 
 from klein_agent.rules import limits
-from klein_agent.rules.families import FLUX3, check_masked_edit
+from klein_agent.rules.families import check_flux3_only, check_masked_edit
 from klein_agent.rules.flux3_references import flux3_reference_sizes
 from klein_agent.rules.layout import LayoutBox
 from klein_agent.rules.loras import choices, resolve_loras
@@ -185,16 +185,10 @@ def resolve(request: GenerationRequest, info: GeneratorInfo) -> ResolvedRequest:
             )
     elif request.strength is not None:
         raise RequestError("strength applies to masked edits only: give a mask or boxes, or leave it unset")
-    if request.caption is not None and info.family != FLUX3.name:
-        raise RequestError(
-            f"caption is for FLUX 3 [klein] models (it replaces the prompt their text encoder reads); {info.variant} "
-            "encodes the prompt: leave caption out"
-        )
-    if request.layout and info.family != FLUX3.name:
-        raise RequestError(
-            f"layout is for FLUX 3 [klein] models (its boxes go into the caption they read); {info.variant} takes "
-            "no boxes: leave layout out, and say where things go in the prompt"
-        )
+    if request.caption is not None:
+        check_flux3_only("caption", info.family)
+    if request.layout:
+        check_flux3_only("layout", info.family)
     resolved = resolve_request(
         request.prompt,
         request.width,

@@ -164,12 +164,22 @@ def clean_caption(caption: str) -> str:
     return text
 
 
-# What a FLUX 3 result says about the text its model encoded, by where it came from (limits.CAPTION_SOURCES)
-CAPTION_SENTENCES = {
-    "upsampler": "caption written by the prompt upsampler from the prompt (stored in the recipe)",
-    "caller": "caption used as the caller gave it",
-    "prompt": (
-        "prompt encoded as given: BFL trained FLUX 3 on upsampled captions and says to upsample; pass `caption` "
-        "(the flux3_caption prompt has the upsampler's instructions) or start the server with --prompt-upsampler"
-    ),
-}
+def _caption_sentences(caption: str, upsampler: str) -> dict[str, str]:
+    """What a FLUX 3 result says about the text its model encoded, by where it came from (limits.CAPTION_SOURCES):
+    one sentence for the tool result and the CLI, each naming its own way to give a caption or the upsampler."""
+    return {
+        "upsampler": "caption written by the prompt upsampler from the prompt (stored in the recipe)",
+        "caller": "caption used as the caller gave it",
+        "prompt": "prompt encoded as given: BFL trained FLUX 3 on upsampled captions and says to upsample; pass "
+        f"{caption} or {upsampler}",
+    }
+
+
+CAPTION_SENTENCES = _caption_sentences(  # a tool result's
+    "`caption` (the flux3_caption prompt has the upsampler's instructions)",
+    "start the server with --prompt-upsampler",
+)
+CLI_CAPTION_SENTENCES = _caption_sentences(  # `generate`'s stderr
+    "--caption (a full caption, as BFL's upsampler writes: 100 to 350 words)",
+    "add --prompt-upsampler PATH|REPO",
+)

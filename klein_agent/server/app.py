@@ -66,12 +66,13 @@ def build_server(studio: Studio, gallery_command: str | None = None) -> MCPServe
         studio.engine.start()  # idempotent: several in-process clients may share one engine
         yield studio
 
-    checks = ArgumentChecks()
+    checks = ArgumentChecks(reference_limit=studio.reference_limit)  # the model's own, as the CLI says it
     family = families.family(studio.config.family)
     mcp: MCPServer[Studio] = KleinServer(
         "klein-agent",
         title="klein-agent",
-        description=f"{family.title} image generation and editing for agents, with a persistent image store.",
+        # what klein-agent does; the instructions say what this server's model (`family`) takes
+        description=f"{families.ALL_TITLES} image generation and editing for agents, with a persistent image store.",
         instructions=instructions(family),
         version=__version__,
         lifespan=lifespan,

@@ -91,7 +91,15 @@ Validator = jsonschema.validators.extend(
 class ArgumentChecks(ServerMiddleware[Any]):
     """Refuses bad tool arguments with a readable tool error and bad prompt requests with -32602."""
 
-    def __init__(self) -> None:
+    def __init__(self, reference_limit: Callable[[], int] | None = None) -> None:
+        """`reference_limit`: how many references the model takes, once known (`Studio.reference_limit`); a count
+        over the schema's bound is then refused with the sentence the CLI and the studio say for that model.
+        Without it, with the bound of every family (`families.check_most_references`)."""
+        self._rules = dict(RULES)
+        if reference_limit is not None:
+            self._rules["images"] = lambda v, a, p: (
+                resolution.check_reference_count(len(v), reference_limit()) if len(p) == 1 else None
+            )
         self._mcp: MCPServer[Any] | None = None
         self._tools: dict[str, dict[str, Any]] | None = None
         self._prompts: dict[str, tuple[set[str], set[str]]] | None = None
@@ -152,7 +160,7 @@ class ArgumentChecks(ServerMiddleware[Any]):
             return None
         messages: list[str] = []
         for error in errors:
-            message = _message(error, properties, values)
+            message = _message(error, properties, values, self._rules)
             if message not in messages:
                 messages.append(message)
         return "; ".join(messages[:3])
@@ -250,7 +258,12 @@ def _described(value: Any) -> str:
     return f"{kind} ({shown})"
 
 
-def _message(error: jsonschema.ValidationError, properties: dict[str, Any], arguments: dict[str, Any]) -> str:
+def _message(
+    error: jsonschema.ValidationError,
+    properties: dict[str, Any],
+    arguments: dict[str, Any],
+    rules: dict[str, Callable[[Any, dict[str, Any], list[Any]], object]] = RULES,
+) -> str:
     path = list(error.absolute_path)
     name = str(path[0]) if path else "arguments"
     where = name + "".join(f"[{p}]" for p in path[1:])
@@ -272,15 +285,15 @@ def _message(error: jsonschema.ValidationError, properties: dict[str, Any], argu
         }
         right_type = [e for e in error.context if e.relative_schema_path[0] not in own_type_failed]
         if right_type:
-            return _message(jsonschema.exceptions.best_match(right_type), properties, arguments)
+            return _message(jsonschema.exceptions.best_match(right_type), properties, arguments, rules)
     finite_wanted = isinstance(value, float) and not math.isfinite(value) and "number" in _kinds(error.schema)
     if (
         (rule not in ("anyOf", "type", "required", "additionalProperties") or finite_wanted)
-        and name in RULES
+        and name in rules
         and path
     ):
         try:
-            RULES[name](value, arguments, path)
+            rules[name](value, arguments, path)
         except resolution.RequestError as exc:
             return str(exc)
     if finite_wanted:

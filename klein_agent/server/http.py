@@ -19,7 +19,7 @@ from mcp.server.transport_security import TransportSecuritySettings
 
 from klein_agent.service.studio import Studio
 from klein_agent.web.guard import ASGIApp, GuardSettings, HttpGuard
-from klein_agent.web.listen import COOKIE_NAME, LOGIN_PATH, LOOPBACK, host_port, serve_app
+from klein_agent.web.listen import COOKIE_NAME, LOGIN_PATH, LOOPBACK, bearer_line, host_port, serve_app
 
 log = logging.getLogger("klein_agent.serve")
 
@@ -35,6 +35,7 @@ class HttpPlan:
     allowed_origins: list[str]
     tokens: list[str]  # empty: no authentication (--no-auth, loopback only)
     token_source: str  # where the token came from, for the log (never the token itself)
+    token_hint: str = GuardSettings.token_hint  # where a 401 says the token is (`web.listen.token_hint`)
     login_key: str | None = None  # one-time key of the browser login link
     client_timeout_s: float = 30.0  # for a request's headers, and again for its body
     extra_routes: list[tuple[str, ASGIApp]] = field(default_factory=list)  # (path prefix, app): the gallery
@@ -78,6 +79,7 @@ def http_app(mcp: MCPServer[Studio], studio: Studio, plan: HttpPlan) -> ASGIApp:
         body_timeout_s=plan.client_timeout_s,
         max_body_bytes=body,
         where=where,
+        token_hint=plan.token_hint,
     )
     return HttpGuard(app, settings)
 
@@ -98,9 +100,7 @@ async def serve_http(mcp: MCPServer[Studio], studio: Studio, plan: HttpPlan) -> 
     def started() -> None:
         log.info("serving MCP over streamable HTTP at %s/mcp", plan.url)
         if plan.tokens:
-            log.info(
-                "clients must send 'Authorization: Bearer <token>'; the token is in %s", plan.token_source
-            )
+            log.info("%s", bearer_line(plan.token_source))
         if plan.extra_routes and plan.login_key:
             log.info(
                 "to see the gallery in a browser, open %s%s?key=%s (works once)",

@@ -19,6 +19,7 @@ from klein_agent.gallery.app import Gallery
 from klein_agent.gallery.command import command_line
 from klein_agent.model_options import generator_factory, model_family
 from klein_agent.option_types import S3_ENDPOINT_ENV, StoreLocations, shared_blobs, store_locations
+from klein_agent.replica.config import replica_option_problem
 from klein_agent.replica.handle import parse_generator, ray_generator_factory
 from klein_agent.rules.requests import ImageGenerator
 from klein_agent.server.app import build_server
@@ -37,6 +38,7 @@ from klein_agent.web.listen import (
     bind,
     load_tokens,
     login_key,
+    token_hint,
 )
 
 log = logging.getLogger("klein_agent.serve")
@@ -53,12 +55,10 @@ def build_studio(args: argparse.Namespace, where: StoreLocations | None = None) 
     arguments. Raises ValueError for a bad option and StoreError for a store that cannot be opened."""
     # --max-queue, --max-megapixels, --store-max-gb and --store-max-images are checked as they are parsed
     # (klein_agent.option_types): one rule for serve and generate
-    if parse_generator(args.generator) is not None and getattr(args, "prompt_upsampler", None) is not None:
-        # the upsampler runs beside the model; replicas load the model from the deploy options, which name none
-        raise ValueError(
-            f"--prompt-upsampler does not apply with --generator {args.generator}: the replicas load the model "
-            "without it; leave it out (callers can still pass a caption)"
-        )
+    if parse_generator(args.generator) is not None and (
+        problem := replica_option_problem(vars(args), f"--generator {args.generator}")
+    ):
+        raise ValueError(problem)  # replicas load the model from the deploy options, which cannot name these
     dirs = [] if args.no_default_dirs else list(default_allowed_dirs())
     dirs += allowed_dir_options(args)
     policy = InputPolicy(allowed_dirs=tuple(dirs), allow_urls=args.allow_urls)
@@ -206,6 +206,7 @@ def plan_http(args: argparse.Namespace, where: StoreLocations) -> HttpPlan:
             allowed_origins=allowed_origins(hosts, args.allow_origin),
             tokens=tokens,
             token_source=source,
+            token_hint=token_hint(where.token_file),
             login_key=login_key() if tokens else None,  # the gallery's one-time browser link, logged at start
             client_timeout_s=args.client_timeout,
         )

@@ -122,6 +122,12 @@ class Studio:
         # Full-size decodes, one at a time across calls: a 64 Mpx input is 256 MB before it is prepared.
         self._decoding = anyio.Semaphore(1)
 
+    def reference_limit(self) -> int:
+        """How many references a call may give: the loaded model's limit, else that of the family --model names
+        (`StudioConfig.family`) while it loads. The CLI's rule for the same model (`rules.families`)."""
+        info = self.engine.info
+        return info.max_references if info is not None else families.family(self.config.family).max_references
+
     # -- making ----------------------------------------------------------------------------------------------
 
     async def make(self, call: ImageCall, *, progress: AsyncProgress | None = None) -> NewImages:
@@ -130,7 +136,7 @@ class Studio:
         started = time.perf_counter()
         info = self.engine.info
         family = info.family if info is not None else self.config.family
-        call.check(info.max_references if info is not None else families.family(family).max_references)
+        call.check(self.reference_limit())
         if info is not None and call.region is not None:  # klein 9B-KV: known once it has loaded
             families.check_masked_edit(info.no_masked_edits)
         chosen = self._check_loras(call.loras)

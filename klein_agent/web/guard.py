@@ -75,6 +75,8 @@ class GuardSettings:
     where: str = (
         ""  # a sentence a 401 ends with: what is served where (`/mcp`, `/gallery/`), for a lost visitor
     )
+    # where a client finds the token, for a 401 (`web.listen.token_hint`)
+    token_hint: str = "the file the server named at start, or $KLEIN_AGENT_TOKEN"
 
 
 class HttpGuard:
@@ -125,8 +127,8 @@ class HttpGuard:
             await _refuse(
                 send,
                 401,
-                "this server needs a bearer token: send 'Authorization: Bearer <token>' (the token is in the file "
-                f"the server named at start, or $KLEIN_AGENT_TOKEN).{where}"
+                "this server needs a bearer token: send 'Authorization: Bearer <token>' (the token is in "
+                f"{self.settings.token_hint}).{where}"
                 if not page
                 else "this page needs you to log in: open the one-time login link that the server printed when it "
                 f"started (each link works once; restart the server for a new one).{where}",

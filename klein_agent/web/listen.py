@@ -93,6 +93,20 @@ def load_tokens(token_file: Path, *, no_auth: bool, host: str) -> tuple[list[str
     return [token], f"file {path} (created now)"
 
 
+def bearer_line(source: str) -> str:
+    """The start-up log line that tells clients and scripts how to authenticate, with `source` from `load_tokens`
+    (where the token is: the file's path, or $KLEIN_AGENT_TOKEN). `serve --http` and `klein-agent gallery` log it."""
+    return f"clients and scripts must send 'Authorization: Bearer <token>'; the token is in {source}"
+
+
+def token_hint(token_file: Path) -> str:
+    """Where a visitor without the token finds it, for the guard's 401 (`GuardSettings.token_hint`): the token
+    file by its name only (the answer goes to whoever reaches the port, so not the folder), or $KLEIN_AGENT_TOKEN."""
+    return (
+        f"the file {token_file.name} beside the store, whose path the server logged at start, or ${TOKEN_ENV}"
+    )
+
+
 def _read_token_file(path: Path) -> str:
     try:
         st = os.stat(path, follow_symlinks=False)
