@@ -46,6 +46,9 @@ def front_end(
     from klein_agent.server import serve as serve_module
 
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6390")
+    monkeypatch.setenv(
+        "RAY_AUTH_MODE", "token"
+    )  # a front-end connects only with token auth on (rules/ray_auth)
     monkeypatch.setattr("klein_agent.replica.handle.connect_application", lambda address, app: application)
 
     def no_local_model(*args: object, **kwargs: object) -> None:
