@@ -33,6 +33,7 @@ from klein_agent.model.flux3_transformer import Flux3Transformer
 from klein_agent.model.sampling import StepCallback
 from klein_agent.pipeline.imaging import ENCODER_LAYOUT, to_images, to_tensor, to_unit
 from klein_agent.pipeline.klein import check_finite, initial_noise
+from klein_agent.pipeline.progress import CallProgress
 from klein_agent.rules import limits
 from klein_agent.rules.families import FLUX3
 from klein_agent.rules.flux3_references import Box, prepare_flux3_references
@@ -127,7 +128,7 @@ class Flux3Pipeline:
         started = time.perf_counter()
         resolved = self.resolve(request)
         count, steps = len(resolved.seeds), resolved.steps
-        total_units = 1 + count * (steps + 1)
+        units = CallProgress(progress, count, steps)
         timings = {"text": 0.0, "references": 0.0, "denoise": 0.0, "decode": 0.0}
         with torch.inference_mode():
             mark = time.perf_counter()
@@ -143,21 +144,14 @@ class Flux3Pipeline:
                 ):  # the rule by sizes and the pixels agree
                     raise RuntimeError(f"reference crop {crop} differs from the rule's {resolved.crop}")
             timings["references"] = (time.perf_counter() - mark) * 1000
-            if progress:
-                progress(1, total_units, "prompt and references encoded")
+            units.encoded()
             # only the adapters this call names, at its scales; a step graph records those active at its capture
             lora.activate(self.transformer, resolved.loras)
             if self.step_graphs is not None:
                 self.step_graphs.context_key = resolved.loras
             images: list[Image.Image] = []
             for k, seed in enumerate(resolved.seeds):
-                done_before = 1 + k * (steps + 1)
-                label = f"image {k + 1}/{count}: " if count > 1 else ""
-
-                def on_step(done: int, total: int, base: int = done_before, label: str = label) -> None:
-                    if progress:
-                        progress(base + done, total_units, f"{label}step {done}/{total}")
-
+                on_step = units.on_step(k)
                 mark = time.perf_counter()
                 tokens = self.denoise(
                     seed, resolved.height, resolved.width, conditioning, refs, ref_ids, steps,
@@ -170,8 +164,7 @@ class Flux3Pipeline:
                 check_finite(pixels, "decoded pixels", self.dtype)
                 images.extend(to_images(pixels))
                 timings["decode"] += (time.perf_counter() - mark) * 1000
-                if progress:
-                    progress(done_before + steps + 1, total_units, f"{label}decoded")
+                units.decoded(k)
         timings["total"] = (time.perf_counter() - started) * 1000
         # no prompt or reference caches yet: every call encodes both
         hits = {"prompt": 0, "references": 0}

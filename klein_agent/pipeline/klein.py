@@ -39,6 +39,7 @@ from klein_agent.pipeline.imaging import (
     to_unit,
 )
 from klein_agent.pipeline.offload import HostResident
+from klein_agent.pipeline.progress import CallProgress
 from klein_agent.rules.families import KV_NO_MASKED_EDITS
 from klein_agent.rules.limits import (
     MAGCACHE_MAX_SKIP_STEPS,
@@ -169,7 +170,7 @@ class KleinPipeline:
         started = time.perf_counter()
         resolved = self.resolve(request)
         count, steps = len(resolved.seeds), resolved.steps - resolved.first_step  # steps run per picture
-        total_units = 1 + count * (steps + 1)
+        units = CallProgress(progress, count, steps)
         references = list(request.references)
         if request.mask is not None:  # the source is resized to whole tokens, not cropped (see rules.masks)
             references[0] = prepare_source(references[0], self.latent_factor)
@@ -189,8 +190,7 @@ class KleinPipeline:
             else:
                 encoded, reference_hits = self.encode_references(references)
             timings["references"] = _ms_since(mark, self.device)
-            if progress:
-                progress(1, total_units, "prompt and references encoded")
+            units.encoded()
 
             h, w = resolved.height // self.latent_factor, resolved.width // self.latent_factor
             channels = self.transformer.config.in_channels
@@ -210,13 +210,7 @@ class KleinPipeline:
             images: list[Image.Image] = []
             skipped = 0
             for k, seed in enumerate(resolved.seeds):
-                done_before = 1 + k * (steps + 1)
-                label = f"image {k + 1}/{count}: " if count > 1 else ""
-
-                def on_step(done: int, total: int, base: int = done_before, label: str = label) -> None:
-                    if progress:
-                        progress(base + done, total_units, f"{label}step {done}/{total}")
-
+                on_step = units.on_step(k)
                 mark = time.perf_counter()
                 noise = sampling.pack(initial_noise(seed, channels, h, w).to(self.device, self.dtype))
                 start, inpainting = noise, None
@@ -261,8 +255,7 @@ class KleinPipeline:
                 self._check_finite(unit, "decoded pixels")
                 images.extend(to_images(unit))
                 timings["decode"] += _ms_since(mark, self.device)
-                if progress:
-                    progress(done_before + steps + 1, total_units, f"{label}decoded")
+                units.decoded(k)
         timings["total"] = (time.perf_counter() - started) * 1000
         hits = {"prompt": int(prompt_hit), "references": reference_hits}
         if self.kv_references:
