@@ -301,6 +301,7 @@ def run_generate(args: argparse.Namespace) -> int:
     """`klein-agent generate`: check everything, load the model, make the pictures, write PNGs with provenance."""
     from dataclasses import replace
 
+    from klein_agent.loading.errors import CheckpointError
     from klein_agent.model_options import model_family
     from klein_agent.rules import resolution
     from klein_agent.rules.calls import prepare_call
@@ -311,14 +312,18 @@ def run_generate(args: argparse.Namespace) -> int:
     # Everything the server checks, checked and prepared here before the model loads, by the same rules
     # (`rules.calls`, one way in): the inputs' size and aspect checks, the mask and the pixel budget included.
     call = image_call(args)
-    family = model_family(
-        args
-    )  # from --model's name or folder, before it loads: FLUX 3's rules are not FLUX.2's
+    # the family from --model's name or folder, before it loads (FLUX 3's rules are not FLUX.2's); a --model that
+    # cannot be found is said by `generator_factory` below, after every other option is checked, as before
+    known = True
+    try:
+        family = model_family(args)
+    except CheckpointError:
+        family, known = families.FLUX2.name, False
     call.check(families.family(family).max_references)
     # before the model loads, as the pipeline would refuse them after
-    if call.caption is not None:
+    if known and call.caption is not None:
         families.check_flux3_only("caption", family)
-    if call.layout:
+    if known and call.layout:
         families.check_flux3_only("layout", family)
     outputs = output_paths(args.out, args.num_images)
     budget = int(args.max_megapixels * 1_000_000)

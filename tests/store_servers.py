@@ -167,6 +167,12 @@ def seaweedfs() -> Iterator[str]:
         yield f"http://127.0.0.1:{WEED_PORTS['s3']}"
 
 
+def _seen_from_private_tmp(path: str) -> str:
+    """Where `path` is seen inside weed's mount namespace, where the machine's /tmp is /tmp/host."""
+    resolved, tmp = Path(path).resolve(), Path("/tmp").resolve()
+    return f"/tmp/host/{resolved.relative_to(tmp)}" if resolved.is_relative_to(tmp) else str(resolved)
+
+
 @contextlib.contextmanager
 def _running_weed(weed: str) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
     """One `weed mini` on a fresh temp folder: yields the process and its log file. Stopped with SIGTERM, then
@@ -182,9 +188,11 @@ def _running_weed(weed: str) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
     # not moved by TMPDIR), which a network namespace does not separate: two contained runs at once (two engineers
     # or CI jobs on one machine) reached each other's master and filer and wrote to volumes the other's volume server
     # does not have ("volume 3 not found", HTTP 500 for minutes). So weed runs in a mount namespace of its own with
-    # its folder as /tmp: every path it is given is under that /tmp.
-    command = ["unshare", "-m", "--", "sh", "-c", 'mount --bind "$0" /tmp && exec "$@"', str(folder)]
-    command += [weed, "mini", "-dir=/tmp/data", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
+    # its folder as /tmp: every path it is given is under that /tmp. The machine's /tmp stays reachable as /tmp/host
+    # inside it, since weed itself may live there (CI's virtual environment is made by mktemp -d).
+    script = 'mkdir "$0/host" && mount --rbind /tmp "$0/host" && mount --rbind "$0" /tmp && exec "$@"'
+    command = ["unshare", "-m", "--", "sh", "-c", script, str(folder)]
+    command += [_seen_from_private_tmp(weed), "mini", "-dir=/tmp/data", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
     command += [f"-master.port={p['master']}", f"-volume.port={p['volume']}", f"-filer.port={p['filer']}"]
     command += [f"-s3.port={p['s3']}", "-master.telemetry=false", "-admin.ui=false", "-webdav=false"]
     command += ["-s3.port.iceberg=0", "-s3.port.lance=0", "-volume.preStopSeconds=0"]

@@ -138,9 +138,7 @@ def test_the_cli_refuses_an_inpaint_over_its_budget_before_loading(tmp_path: Pat
     source = tmp_path / "src.png"
     Image.new("RGB", (333, 517)).save(source)
     run = subprocess.run(
-        # random klein 4B: its family is known from the name, and its 4B weights would take long to build, so the
-        # refusal must come before any loading
-        [sys.executable, "-m", "klein_agent", "generate", "--model", "random:klein-4b", "--prompt",
+        [sys.executable, "-m", "klein_agent", "generate", "--model", str(tmp_path / "no-such-model"), "--prompt",
          "x", "--image", str(source), "--box", "0,0,10,10", "--out", str(tmp_path / "a.png"),
          "--max-megapixels", "0.1"],
         capture_output=True, text=True, timeout=300,

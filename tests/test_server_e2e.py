@@ -78,7 +78,7 @@ async def test_stdio_end_to_end_and_images_survive_a_restart(tmp_path: Path) -> 
         ids.append(edited.structured_content["images"][0]["image_id"])
         before = {i: await png_of(client, i) for i in ids}
         prompts = await client.list_prompts()
-        assert {p.name for p in prompts.prompts} == {"iterate_image", "compare_images"}
+        assert {p.name for p in prompts.prompts} == {"iterate_image", "compare_images", "flux3_caption"}
 
     async with Client(stdio_server(store)) as client:  # a new process on the same store
         listed = await client.call_tool("list_images", {})
