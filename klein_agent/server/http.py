@@ -14,6 +14,7 @@ import math
 import socket
 from dataclasses import dataclass, field
 
+import anyio
 from mcp.server import MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
 
@@ -115,6 +116,12 @@ async def serve_http(mcp: MCPServer[Studio], studio: Studio, plan: HttpPlan) -> 
         if not plan.tokens:
             log.warning("--no-auth: any local process and any web page you visit can use the tools")
 
-    await serve_app(
-        http_app(mcp, studio, plan), plan.sock, header_timeout_s=plan.client_timeout_s, on_started=started
-    )
+    try:
+        await serve_app(
+            http_app(mcp, studio, plan), plan.sock, header_timeout_s=plan.client_timeout_s, on_started=started
+        )
+    finally:
+        # Stop the call in flight while this loop still runs: its worker may be delivering a notification here,
+        # which the engine drops; once the loop has ended that delivery could only fail (and be logged as such).
+        with anyio.CancelScope(shield=True):
+            await studio.engine.aclose(timeout=5)

@@ -9,14 +9,16 @@ callers submit with `await engine.run(request, ...)` and get the pictures back; 
 on a pool thread, so many queued calls cost nothing. The engine only runs the model: storing is the caller's, off
 this thread, so the next call starts while the last one's pictures are written. Progress goes back from the worker
 to the caller's event loop with a blocking `anyio.from_thread.run`, so every notification is delivered before the
-call returns and none after it. A caller that is cancelled sets its job's flag: a queued job leaves the queue at
-once, a running one stops at the next step boundary (the pipeline's progress callback raises) and returns nothing.
+call returns and none after it. A caller that is cancelled sets its job's flag and drops the notification it was
+being sent (a client that stopped reading never holds the worker): a queued job leaves the queue at once, a running
+one stops at the next step boundary (the pipeline's progress callback raises) and returns nothing.
 
 No MCP imports here and no torch import: out-of-memory errors are recognised by class name and message.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import enum
@@ -197,10 +199,13 @@ class Engine:
             self._stopping = True
             queued = list(self._queue)
             self._queue.clear()
-            for job in self._running:
+            running = list(self._running)
+            for job in running:
                 job.cancelled.set()
             workers = list(self._workers)
             self._cond.notify_all()
+        for job in running:  # a worker held by a notification in flight is let go (on the caller's loop)
+            self._on_loop(job, job.abandon)
         for job in queued:
             job.error = EngineError("the server is shutting down; the call was not run")
             self._signal_done(job)
@@ -385,7 +390,7 @@ class Engine:
                 return 0
 
     def _withdraw(self, job: Job) -> None:
-        job.cancelled.set()
+        job.abandon()  # a notification in flight is dropped: the worker must not wait on a caller that left
         with self._cond:
             try:
                 self._queue.remove(job)
@@ -477,7 +482,8 @@ class Engine:
             if job.progress is not None:
                 try:
                     anyio.from_thread.run(job.send, float(done), float(total), message, token=job.token)
-                except Exception as exc:  # the caller's loop is gone: nobody waits for this result
+                except BaseException as exc:  # the caller's loop ended or cancelled the send
+                    # (asyncio's CancelledError is no Exception): nobody waits for this result
                     job.cancelled.set()
                     raise JobCancelled("the caller went away") from exc
             if job.cancelled.is_set():
@@ -541,8 +547,14 @@ class Engine:
         )
 
     def _signal_done(self, job: Job) -> None:
+        self._on_loop(job, job.done.set)
+
+    @staticmethod
+    def _on_loop(job: Job, action: Callable[[], None]) -> None:
+        """Run `action` on the job's caller's event loop (directly when already there), and wait for it."""
         if threading.get_ident() == job.loop_thread:
-            job.done.set()
+            action()
             return
-        with contextlib.suppress(Exception):  # the caller's loop has finished: nobody is waiting
-            anyio.from_thread.run_sync(job.done.set, token=job.token)
+        # the caller's loop has finished or is cancelling (CancelledError is no Exception): nobody is waiting
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            anyio.from_thread.run_sync(action, token=job.token)

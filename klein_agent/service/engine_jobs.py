@@ -58,6 +58,28 @@ class Job:
     real_at: float | None = None  # when the generator last reported
     value: FinishedRun | None = None
     error: BaseException | None = None
+    # the notification being delivered now, if any (caller's loop): a caller that leaves cancels it, so the worker
+    # waiting on it is never held by a client that stopped reading
+    sending: anyio.CancelScope | None = None
+
+    def abandon(self) -> None:
+        """Give up the notification in flight, if any; on the caller's loop. The job's cancel flag is set first, so
+        no later one starts."""
+        self.cancelled.set()
+        if self.sending is not None:
+            self.sending.cancel()
+
+    async def _deliver(self, value: float, total: float | None, message: str) -> None:
+        """Send one notification under the job's lock, unless the job was cancelled (it is then dropped)."""
+        assert self.progress is not None
+        with anyio.CancelScope() as scope:
+            if self.cancelled.is_set():
+                return
+            self.sending = scope
+            try:
+                await self.progress(value, total, message)
+            finally:
+                self.sending = None
 
     async def send(self, value: float, total: float | None, message: str) -> None:
         """Forward one report of the generator, on the caller's loop; drops anything not strictly above the
@@ -70,7 +92,7 @@ class Job:
             if value <= self.last_progress:
                 return
             self.last_progress, self.sent_at = value, time.monotonic()
-            await self.progress(value, total, message)
+            await self._deliver(value, total, message)
 
     async def beat(self, message: str) -> None:
         """A heartbeat: the last real value (0 before the first) plus a little, with `message`, so a client that
@@ -86,7 +108,7 @@ class Job:
             if value <= self.last_progress:
                 return
             self.last_progress, self.sent_at = value, time.monotonic()
-            await self.progress(value, self.real_total, message)
+            await self._deliver(value, self.real_total, message)
 
 
 def still_working(job: Job) -> str:
