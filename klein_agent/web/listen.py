@@ -42,7 +42,10 @@ def host_port(host: str, port: int) -> str:
 def bind(host: str, port: int) -> socket.socket:
     """A socket bound to `host`:`port` (0: a free port). Raises HttpStartError naming --port or --host."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not the default 0: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on connections whose
+    # socket says TCP (`base_events._set_nodelay`). With it on, a response written as headers then body waited for
+    # the client's delayed ACK: ~40 ms added to every call answered without a progress stream (measured, 256²).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
