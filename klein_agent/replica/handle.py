@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -52,7 +53,9 @@ class RayGenerator:
     """An `ImageGenerator` over a Serve handle to `KleinReplica`. `info` is the replica's, asked once at connect;
     every replica of an application runs the same model options. `max_in_flight`: how many calls the engine may
     run through it at once (the application's `KleinReplica.in_flight`, asked at connect: its replicas x one call
-    each); `generate` is safe to call from that many threads, since each call has its own response stream."""
+    each, and again every `limits.RAY_IN_FLIGHT_REFRESH_S` once `follow_in_flight` runs, so a redeploy with other
+    placement is followed); `generate` is safe to call from that many threads, since each call has its own
+    response stream."""
 
     def __init__(
         self,
@@ -67,6 +70,56 @@ class RayGenerator:
         self.info = info
         self._deadline_s = deadline_s
         self.max_in_flight = max_in_flight
+        self._following: threading.Event | None = None  # set to stop `follow_in_flight`'s thread
+        self._refresh_failed = False  # the last refresh failed (said once per streak)
+
+    def refresh_in_flight(self, timeout_s: float = limits.RAY_CONNECT_TIMEOUT_S) -> int:
+        """Ask the application again how many calls it takes at once and use the answer from the next call on;
+        logs a change. Keeps the current bound (and says why, once per failure streak) when the application cannot
+        answer now: mid-redeploy, a replica from an older klein-agent. Returns the bound in use."""
+        try:
+            value = self._handle.options(method_name="in_flight").remote().result(timeout_s=timeout_s)
+        except Exception as exc:
+            if not self._refresh_failed:
+                log.warning(
+                    "could not ask the application how many calls it takes at once (%s); still sending up to %d",
+                    describe_failure(exc),
+                    self.max_in_flight,
+                )
+            self._refresh_failed = True
+            return self.max_in_flight
+        self._refresh_failed = False
+        if (
+            isinstance(value, int)
+            and not isinstance(value, bool)
+            and value >= 1
+            and value != self.max_in_flight
+        ):
+            log.info(
+                "the application now takes %d calls at once (was %d): a front-end sends up to %d",
+                value,
+                self.max_in_flight,
+                value,
+            )
+            self.max_in_flight = value  # the engine reads it when it next starts a call
+        return self.max_in_flight
+
+    def follow_in_flight(self, every_s: float = limits.RAY_IN_FLIGHT_REFRESH_S) -> None:
+        """Refresh the bound every `every_s` seconds on a daemon thread until `stop_following`. Idempotent."""
+        if self._following is not None:
+            return
+        stop = self._following = threading.Event()
+
+        def follow() -> None:
+            while not stop.wait(every_s):
+                self.refresh_in_flight(timeout_s=min(every_s, limits.RAY_CONNECT_TIMEOUT_S))
+
+        threading.Thread(target=follow, name="klein-ray-in-flight", daemon=True).start()
+
+    def stop_following(self) -> None:
+        """End `follow_in_flight`'s thread (it exits at its next wake-up)."""
+        if self._following is not None:
+            self._following.set()
 
     def generate(
         self, request: GenerationRequest, progress: ProgressCallback | None = None
@@ -147,6 +200,12 @@ def routing_key(request: GenerationRequest) -> str | None:
     return "refs-" + digest.hexdigest()
 
 
+def describe_failure(exc: BaseException) -> str:
+    """A one-line account of a failed Ray call: its class and the first line of its message."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first[:200]}" if first else type(exc).__name__
+
+
 def _name(request: GenerationRequest) -> str:
     """How the log names a call: its idempotency key when the client gave one."""
     return repr(request.call_id) if request.call_id else "(no call id)"
@@ -198,7 +257,9 @@ def ray_generator_factory(
             info.summary(),
             in_flight,
         )
-        return RayGenerator(handle, info, max_in_flight=in_flight)
+        generator = RayGenerator(handle, info, max_in_flight=in_flight)
+        generator.follow_in_flight()  # a redeploy with more (or fewer) replicas is followed, not restart-bound
+        return generator
 
     return connect
 

@@ -210,6 +210,9 @@ RAY_DEPLOYMENT = "KleinReplica"  # the deployment inside it (one per application
 # on a GPU (seconds), and than a 512x512 tiny-or-4B call on a CPU (minutes).
 REPLICA_DEADLINE_S = 600.0
 RAY_CONNECT_TIMEOUT_S = 60.0  # `serve --generator ray`: asking the application what model it runs
+# How often a front-end asks the application again how many calls it takes at once (`KleinReplica.in_flight`), so a
+# redeploy with more or fewer replicas is followed without restarting the front-ends. One small Ray call per period.
+RAY_IN_FLIGHT_REFRESH_S = 30.0
 # Cache affinity: the router that sends calls with the same references to the replica holding their prepared latents
 # (and klein 9B-KV's kept keys and values), whichever front-end they come from; calls without references spread.
 RAY_ROUTER = "ray.serve.experimental.consistent_hash_router:ConsistentHashRouter"
