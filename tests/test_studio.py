@@ -267,3 +267,31 @@ async def test_a_call_whose_storing_fails_on_a_full_disk_imports_nothing(
     finally:
         studio.engine.close()
         studio.store.close()
+
+
+async def test_a_call_whose_pictures_cannot_be_leased_stores_none_of_them(
+    tmp_path: Path, input_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pictures' lease is taken beside the PNG encode (service/making.py): when it fails, nothing is stored, the
+    caller gets the store's error, and the next call works."""
+    from klein_agent.service.store import StoreWriteError
+
+    studio = faked(tmp_path, input_dir, FakeGenerator())
+    real = studio.store.take_leases
+
+    def refused(holder: str, image_ids: Any, *, require_stored: bool = True) -> None:
+        if not require_stored:  # the new pictures' lease, not an input's
+            raise StoreWriteError("the catalog refused the lease")
+        real(holder, image_ids, require_stored=require_stored)
+
+    try:
+        monkeypatch.setattr(studio.store, "take_leases", refused)
+        with pytest.raises(StoreWriteError, match="refused the lease"):
+            await studio.make(Generate(prompt="never stored", width=64, height=64, num_images=3))
+        assert studio.store.stats().count == 0
+        monkeypatch.undo()
+        made = await studio.make(Generate(prompt="stored", width=64, height=64, num_images=3))
+        assert len(made.images) == 3 and studio.store.stats().count == 3
+    finally:
+        studio.engine.close()
+        studio.store.close()

@@ -26,8 +26,10 @@ from klein_agent.service.previews import Preview, make_preview
 from klein_agent.service.store import ImageStore, Lease, StoredImage, UnknownImageError, new_image_id
 
 # Where call previews are encoded while their PNGs are stored; a few calls may be storing at once (a front-end over
-# several replicas), each needing one.
+# several replicas), each needing one. Leases (one short catalog round trip) have their own threads, so a call's
+# lease never waits behind another call's preview.
 PREVIEWS = ThreadPoolExecutor(4, thread_name_prefix="klein-preview")
+LEASES = ThreadPoolExecutor(4, thread_name_prefix="klein-lease")
 
 
 @dataclass(frozen=True)
@@ -183,7 +185,7 @@ def store_results(
     preview = PREVIEWS.submit(call_preview, minted, result.images, seeds, preview_size)
     # every picture leased before the first is stored, so storing picture 2 cannot evict picture 1 meanwhile; the
     # lease (a catalog round trip) is taken while the first PNG is encoded
-    leasing = PREVIEWS.submit(lease.add, minted, require_stored=False)
+    leasing = LEASES.submit(lease.add, minted, require_stored=False)
     stored = []
     try:
         for k, (picture, image_id, core) in enumerate(zip(result.images, minted, cores, strict=True)):
