@@ -169,7 +169,8 @@ def run_serve(args: argparse.Namespace) -> int:
         else:
             if sys.stdin.isatty():  # typed by hand: say what it waits for (stderr: stdout is the MCP wire)
                 print(STDIO_TTY_NOTE, file=sys.stderr, flush=True)
-            serve_stdio(mcp)
+            # the engine stops while the loop runs: a notification in flight is dropped, not failed at exit
+            serve_stdio(mcp, before_exit=lambda: studio.engine.aclose(timeout=5))
     except KeyboardInterrupt:
         pass
     finally:

@@ -27,7 +27,7 @@ import os
 import select
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -42,12 +42,22 @@ MAX_LINE_BYTES = limits.MAX_MESSAGE_BYTES  # every message on the wire stays und
 _CHUNK = 1 << 16
 
 
-def serve_stdio(mcp: MCPServer[Any]) -> None:
-    """Serve `mcp` over this process's stdin and stdout until the client closes stdin or a signal arrives."""
+def serve_stdio(mcp: MCPServer[Any], before_exit: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Serve `mcp` over this process's stdin and stdout until the client closes stdin or a signal arrives; then
+    await `before_exit` (serve: closing the engine) while the event loop still runs."""
+
+    async def run() -> None:
+        try:
+            await mcp.run_stdio_async()
+        finally:
+            if before_exit is not None:
+                with anyio.CancelScope(shield=True):
+                    await before_exit()
+
     with _guarded_std_streams() as stop:
         previous = {sig: signal.signal(sig, lambda *_: stop()) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            anyio.run(mcp.run_stdio_async)
+            anyio.run(run)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
