@@ -122,3 +122,35 @@ async def test_closing_the_engine_lets_go_of_a_worker_held_by_a_stuck_notificati
     assert len(outcome) == 1, "the caller is told its call stopped"
     assert engine.state == EngineState.STOPPED
     assert thread_errors == []
+
+
+def test_close_keeps_its_timeout_when_the_callers_loop_is_not_running(
+    thread_errors: list[BaseException],
+) -> None:
+    """A caller's loop that exists but does not run (an `asyncio.Runner` between runs, a loop in teardown) would
+    never run a callback close waited for: close posts its word to that loop and keeps its own timeout."""
+    import asyncio
+
+    engine = started(FakeGenerator())
+    runner = asyncio.Runner()
+    reached = threading.Event()
+
+    async def stuck(value: float, total: float | None, message: str) -> None:
+        if value >= 1:
+            reached.set()
+            await asyncio.sleep(3600)
+
+    async def leave_a_call_running() -> None:
+        task = asyncio.ensure_future(engine.run(request(), progress=stuck))
+        while not reached.is_set():
+            await asyncio.sleep(0.01)
+        leave_a_call_running.task = task  # type: ignore[attr-defined]  # pending when this run ends
+
+    try:
+        runner.run(leave_a_call_running())
+        closed = threading.Event()
+        threading.Thread(target=lambda: (engine.close(timeout=1.0), closed.set()), daemon=True).start()
+        assert closed.wait(LET_GO_S), "close waited on a loop that does not run"
+    finally:
+        runner.close()  # runs the loop once more: the posted word and the call's cancellation
+    assert thread_errors == []

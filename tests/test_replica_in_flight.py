@@ -136,3 +136,20 @@ async def test_the_engine_runs_more_calls_at_once_after_the_bound_grows(anyio_ba
             hold.set()
     assert fake.max_active == 2
     await engine.aclose()
+
+
+def test_closing_the_engine_stops_the_follower() -> None:
+    app = Application(bound=2)
+    generator = RayGenerator(app, FAKE_INFO, max_in_flight=2)
+    generator.follow_in_flight(every_s=0.02)
+    engine = Engine(lambda: generator)
+    engine.start()
+    assert engine.wait_loaded(30) == EngineState.READY
+    deadline = time.monotonic() + 30  # a hang guard: the follower asks within a few periods
+    while app.asked < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    engine.close()
+    time.sleep(0.1)
+    asked = app.asked
+    time.sleep(0.2)
+    assert app.asked == asked, "the follower outlived the engine"

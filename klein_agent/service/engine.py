@@ -205,7 +205,7 @@ class Engine:
             workers = list(self._workers)
             self._cond.notify_all()
         for job in running:  # a worker held by a notification in flight is let go (on the caller's loop)
-            self._on_loop(job, job.abandon)
+            self._post(job, job.abandon)
         for job in queued:
             job.error = EngineError("the server is shutting down; the call was not run")
             self._signal_done(job)
@@ -218,6 +218,9 @@ class Engine:
                     worker.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         with self._cond:
             self._state = EngineState.STOPPED if self._state != EngineState.FAILED else self._state
+        stop = getattr(self._generator, "stop_following", None)  # a RayGenerator's thread that polls the app
+        if callable(stop):
+            stop()
 
     async def aclose(self, timeout: float | None = 30.0) -> None:
         """`close` from async code: joins the worker on a pool thread so the loop can still serve its last progress."""
@@ -548,6 +551,19 @@ class Engine:
 
     def _signal_done(self, job: Job) -> None:
         self._on_loop(job, job.done.set)
+
+    @staticmethod
+    def _post(job: Job, action: Callable[[], None]) -> None:
+        """Schedule `action` on the job's caller's event loop (directly when already there) without waiting for it:
+        `close` keeps its timeout even when that loop exists but is not running (between runs, in teardown), where
+        a waiting call would block until it ran again."""
+        if threading.get_ident() == job.loop_thread:
+            action()
+            return
+        loop = job.token.native_token  # asyncio's loop: the servers and the CLI run on asyncio
+        if isinstance(loop, asyncio.AbstractEventLoop):
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
+                loop.call_soon_threadsafe(action)
 
     @staticmethod
     def _on_loop(job: Job, action: Callable[[], None]) -> None:
