@@ -15,6 +15,23 @@ REPO = Path(__file__).resolve().parents[1]
 IN_ANOTHER_FOLDER = {**os.environ, "PYTHONPATH": str(REPO)}  # this checkout's package, run from a tmp folder
 
 
+def main_and_loaded(tmp_path: Path, args: list[str], modules: list[str]) -> subprocess.CompletedProcess[str]:
+    """`klein-agent ARGS` in a fresh interpreter, from another folder; its stdout is the exit status, then whether
+    each of `modules` was imported by then ("True"/"False")."""
+    loaded = ", ".join(f"{name!r} in sys.modules" for name in modules)
+    script = (
+        f"import sys; from klein_agent.cli import main; status = main(sys.argv[1:]); print(status, {loaded})"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", script, *args],
+        cwd=tmp_path,
+        env=IN_ANOTHER_FOLDER,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 @pytest.mark.parametrize(
     "args",
     [
@@ -94,18 +111,7 @@ def test_serve_limits_are_checked_as_they_are_parsed(tmp_path: Path, args: list[
 )
 def test_option_errors_come_before_torch_and_the_mcp_sdk_load(tmp_path: Path, args: list[str]) -> None:
     # The measure of "instant" that does not depend on the machine's speed: nothing heavy was imported.
-    script = (
-        "import sys; from klein_agent.cli import main; status = main(sys.argv[1:]); "
-        "print(status, 'torch' in sys.modules, 'transformers' in sys.modules, 'mcp' in sys.modules)"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script, *args],
-        cwd=tmp_path,
-        env=IN_ANOTHER_FOLDER,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = main_and_loaded(tmp_path, args, ["torch", "transformers", "mcp"])
     assert done.stdout.split() == ["2", "False", "False", "False"], done.stderr
     assert "--" in done.stderr and "Traceback" not in done.stderr
 
@@ -239,18 +245,7 @@ def test_what_only_flux3_reads_is_refused_for_a_flux2_model_before_torch_loads(
 ) -> None:
     """The family comes from --model's name or folder (`model_options.model_family`), as the inpaint and reference
     refusals use it: the user waits for no model to hear that the option does not apply."""
-    script = (
-        "import sys; from klein_agent.cli import main; status = main(sys.argv[1:]); "
-        "print(status, 'torch' in sys.modules)"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script, *args],
-        cwd=tmp_path,
-        env=IN_ANOTHER_FOLDER,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = main_and_loaded(tmp_path, args, ["torch"])
     assert done.stdout.split() == ["2", "False"], done.stderr
     assert said in done.stderr and "Traceback" not in done.stderr, done.stderr
     assert not (tmp_path / "o.png").exists()

@@ -109,11 +109,7 @@ class StepGraphs:
             static = [t.clone() for t in args]
             static_rope = {"rope": tuple(t.clone() for t in rope)}
             replay, output = self.capture(self.model, static, static_rope)
-            graph = _Graph(static, static_rope, replay, output)
-            self.captures += 1
-            self._graphs[key] = graph
-            while len(self._graphs) > self.max_graphs:
-                self._graphs.popitem(last=False)
+            graph = self._keep(key, _Graph(static, static_rope, replay, output))
         else:
             self._graphs.move_to_end(key)
             for buffer, value in zip(graph.args, args, strict=True):
@@ -123,6 +119,14 @@ class StepGraphs:
         graph.replay()
         self.replays += 1
         return graph.output.clone()
+
+    def _keep(self, key: Hashable, graph: _Graph) -> _Graph:
+        """Count a new capture and keep it, dropping the least recently used past `max_graphs`."""
+        self.captures += 1
+        self._graphs[key] = graph
+        while len(self._graphs) > self.max_graphs:
+            self._graphs.popitem(last=False)
+        return graph
 
     def __len__(self) -> int:
         return len(self._graphs)
@@ -139,11 +143,7 @@ class Flux3StepGraphs(StepGraphs):
         if graph is None:
             static = [None if t is None else t.clone() for t in inputs]
             replay, output = self.capture(self.model, static, {})  # type: ignore[arg-type]
-            graph = _Graph(static, {}, replay, output)  # type: ignore[arg-type]
-            self.captures += 1
-            self._graphs[key] = graph
-            while len(self._graphs) > self.max_graphs:
-                self._graphs.popitem(last=False)
+            graph = self._keep(key, _Graph(static, {}, replay, output))  # type: ignore[arg-type]
         else:
             self._graphs.move_to_end(key)
             for buffer, value in zip(graph.args, inputs, strict=True):
