@@ -203,6 +203,34 @@ async def test_a_retry_after_a_death_between_two_pictures_stores_only_the_missin
         studio.store.close()
 
 
+async def test_a_call_without_a_key_is_stored_under_a_fresh_one_without_a_lookup(
+    tmp_path: Path, input_dir: Path
+) -> None:
+    fake = FakeGenerator()
+    studio = studio_with(tmp_path, input_dir, fake)
+    looked_up: list[list[str]] = []
+    real_find = studio.store.catalog.find_calls
+
+    def find_calls(keys: list[str]) -> Any:
+        looked_up.append(list(keys))
+        return real_find(keys)
+
+    studio.store.catalog.find_calls = find_calls  # type: ignore[method-assign]
+    try:
+        call = Generate(prompt="a cube", width=64, height=64, seed=9)
+        first, second = await studio.make(call), await studio.make(call)
+        assert len(fake.calls) == 2  # no key: the same arguments are two calls
+        assert first.images[0].image_id != second.images[0].image_id
+        # each was stored under a key of its own (a retried insert stores it once), and no earlier attempt of a
+        # fresh key was looked for before the model ran (only `put`'s own check, after it)
+        assert len(looked_up) == 2 and all(len(keys) == 1 for keys in looked_up)
+        assert looked_up[0] != looked_up[1]
+        assert len(studio.store.find_calls(looked_up[0] + looked_up[1])) == 2
+    finally:
+        studio.engine.close()
+        studio.store.close()
+
+
 async def test_the_same_key_sent_twice_at_once_stores_each_picture_once(
     tmp_path: Path, input_dir: Path
 ) -> None:

@@ -23,7 +23,10 @@ What each figure is:
   (PostgreSQL + S3), one call at a time. Added = the client's round trip − the model time the replica measured
   for that call (`timings_ms.total` in the stored recipe, read afterwards, not timed): MCP over HTTP, the engine,
   the Ray call and its streamed progress, the PNG, S3 PUT and PostgreSQL commit, the preview. Split into the Ray
-  hop (the engine's wall time around the replica call − the replica's model time) and the rest.
+  hop (the engine's wall time around the replica call − the replica's model time) and the rest. The issue's
+  "front-end → replica → store" is the call's span inside the front-end (`elapsed_ms` of the tool result, from
+  the tools/call reaching `Studio.make` to its pictures stored) − the model time: the round trip without the
+  client's MCP exchange with the front-end, which is the same with or without scale-out.
 - **cache hits of retries.** `edit` calls on the same stored references, alternating between two front-ends; a
   retry is a hit when the replica that ran it reports reference latents from its cache (`cache_hits.references`,
   as the replica returns it, so the figure moves when routing by reference lands). Each reference's first call
@@ -321,7 +324,7 @@ async def latencies(args: argparse.Namespace, port: int) -> dict[str, Any]:
         "height": args.size,
         "steps": args.steps,
     }
-    added, hop, rest, made = [], [], [], []
+    added, hop, rest, inside, made = [], [], [], [], []
     async with Client(authed(port, TOKEN)) as client:
         for k in range(3):  # warm-up: connections, pools, caches
             await call(client, "generate", {**generate, "seed": k})
@@ -335,11 +338,15 @@ async def latencies(args: argparse.Namespace, port: int) -> dict[str, Any]:
             added.append(round_trip_ms - model_ms)
             hop.append(engine_ms - model_ms)
             rest.append(round_trip_ms - engine_ms)
+            # the front-end's own span (Studio.make: checks, engine, Ray, PNG, store; whole ms), without the
+            # client's MCP round trip to it
+            inside.append(result.structured_content["elapsed_ms"] - model_ms)
             made.append(image_id)
     return {
         "added_ms": p50_p95(added),
         "ray_hop_ms": p50_p95(hop),
         "front_end_and_store_ms": p50_p95(rest),
+        "front_end_to_store_ms": p50_p95(inside),
         "image_ids": made,
     }
 
@@ -500,8 +507,13 @@ def table(f: dict[str, Any]) -> str:
             f"{c['front_end_and_store_ms']['p50']:.1f} / {c['front_end_and_store_ms']['p95']:.1f} ms",
         ),
         (
+            "front-end → replica → store (the call's span there)",
+            f"{c['front_end_to_store_ms']['p50']:.1f} / {c['front_end_to_store_ms']['p95']:.1f} ms",
+        ),
+        (
             "the embedded server's, for comparison",
-            f"{c['embedded']['added_ms']['p50']:.1f} / {c['embedded']['added_ms']['p95']:.1f} ms",
+            f"{c['embedded']['added_ms']['p50']:.1f} / {c['embedded']['added_ms']['p95']:.1f} ms; its span "
+            f"{c['embedded']['front_end_to_store_ms']['p50']:.1f} / {c['embedded']['front_end_to_store_ms']['p95']:.1f} ms",
         ),
         (
             "cache hits of retries",

@@ -54,7 +54,7 @@ class ImageCall:
     loras: Sequence[tuple[str, float | None]] | None = None  # (name, scale or None for its default)
     # the step cache (`klein_agent.rules.step_caches`): (kind, threshold or None for its default); None for none
     step_cache: tuple[str, float | None] | None = None
-    # The idempotency key: a client's (`IDEMPOTENCY_META_KEY`), else one the front-end minted for this tools/call
+    # The idempotency key: a client's (`IDEMPOTENCY_META_KEY`), else one `Studio.make` mints for the call
     # (`new_call_id`); None for a call no retry can repeat (the CLI). A retry with the same key and arguments
     # returns the pictures stored the first time (`picture_keys`) instead of storing them again.
     call_id: str | None = None

@@ -36,7 +36,7 @@ from PIL import Image
 from klein_agent import __version__
 from klein_agent.rules import families, limits, masks, resolution
 from klein_agent.rules import loras as lora_rules
-from klein_agent.rules.calls import ImageCall, PreparedCall, prepare_call
+from klein_agent.rules.calls import ImageCall, PreparedCall, new_call_id, prepare_call
 from klein_agent.rules.image_refs import require_image_id
 from klein_agent.rules.resolution import RequestError
 from klein_agent.service.critique.zoom import zoom
@@ -141,9 +141,11 @@ class Studio:
             families.check_masked_edit(info.no_masked_edits)
         chosen = self._check_loras(call.loras)
         sizes = (self.config.preview_max_edge, self.config.preview_budget_b64)
-        if (
-            call.call_id is not None
-        ):  # a retry of a call stored whole (here or by another front-end): no model time
+        if call.call_id is None:
+            # A fresh key (128 random bits), so a retried insert of this call stores each picture once; nothing
+            # can be stored under it yet, so no earlier attempt is looked up (a catalog round trip saved).
+            call = replace(call, call_id=new_call_id())
+        else:  # a retry of a call stored whole (here or by another front-end): no model time
             earlier = await anyio.to_thread.run_sync(stored_call, self.store, call, sizes)
             if earlier is not None:
                 return replace(earlier, elapsed_ms=(time.perf_counter() - started) * 1000)

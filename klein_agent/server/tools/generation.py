@@ -25,7 +25,6 @@ from klein_agent.rules.calls import (
     ImageCall,
     Inpaint,
     check_call_id,
-    new_call_id,
 )
 from klein_agent.rules.limits import (
     DEFAULT_STRENGTH,
@@ -522,8 +521,8 @@ async def run_call(studio: Studio, ctx: Context, call: ImageCall) -> CallToolRes
 
 
 def idempotency_key(ctx: Context) -> str | None:
-    """The client's idempotency key (`_meta[IDEMPOTENCY_META_KEY]`, checked with the call), else a fresh one for
-    this tools/call: a replica's retry of it, or a second insert of it, stores each picture once."""
+    """The client's idempotency key (`_meta[IDEMPOTENCY_META_KEY]`, checked with the call), else None: then
+    `Studio.make` gives the call a fresh one."""
     meta = ctx.request_context.meta or {}
     given = meta.get(IDEMPOTENCY_META_KEY)
-    return new_call_id() if given is None else check_call_id(given)
+    return None if given is None else check_call_id(given)
