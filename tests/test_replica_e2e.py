@@ -2,8 +2,9 @@
 deploy --model tiny --replicas 2`, then two front-ends `klein-agent serve --http --generator ray:APP` and real MCP
 clients. The PNG bytes equal those of the single-process server (`serve --model tiny`) for the same recipe, and
 the replica's per-step progress reaches the client; a retry on the same references finds them prepared on the
-replica it reaches from either front-end (the hit rate is measured and printed); a replica process killed
-mid-call costs the client nothing (one retry on the other, stored once) and Serve replaces it.
+replica it reaches from either front-end (the hit rate is measured and printed); a client's cancel stops the
+replica's model at its next step; a replica process killed mid-call costs the client nothing (one retry on the
+other, stored once) and Serve replaces it.
 
 Runs in the contained child pytest of tests/test_replica_scaleout.py (loopback-only namespace); skipped with the
 reason when run outside it.
@@ -242,6 +243,58 @@ async def test_a_replica_killed_mid_call_costs_the_client_nothing_and_is_replace
     for port, token in ((p, t) for _, p, t in front_ends):  # later calls from either front-end succeed
         png, _ = await make_png(port, token)
         assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+async def test_a_clients_cancel_reaches_the_replica_and_stops_its_model_at_the_next_step(
+    cluster: dict[str, str], front_ends: list[tuple[Path, int, str | None]]
+) -> None:
+    """The client cancels a long call after a few steps: the cancel crosses client → front-end → replica, the
+    replica's model stops at its next step boundary (its call ends CANCELLED in Serve's access log long before the
+    remaining steps could have run), nothing is stored, and the next call runs at once."""
+    _, port, token = front_ends[1]
+    before = await image_count(port, token)
+    cancelled_before = sum(replica_calls(cluster, APP, "generate CANCELLED").values())
+    heard: list[float] = []
+    three = anyio.Event()
+
+    async def on_progress(value: float, total: float | None, message: str | None) -> None:
+        if (message or "").startswith("step "):
+            heard.append(time.monotonic())
+            if len(heard) == 3:
+                three.set()
+
+    long_call = {"prompt": "a long call", "width": 384, "height": 384, "seed": 4, "steps": limits.MAX_STEPS}
+    async with Client(authed(port, token)) as client:
+        scope = anyio.CancelScope()
+
+        async def doomed() -> None:
+            with scope:
+                await client.call_tool("generate", long_call, progress_callback=on_progress)
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(doomed)
+            with anyio.fail_after(120):
+                await three.wait()
+            scope.cancel()
+            cancelled_at = time.monotonic()
+        step_s = (heard[2] - heard[0]) / 2
+        remaining_s = (limits.MAX_STEPS - 3) * step_s  # what the model still had to run
+        deadline = cancelled_at + 60
+        while (
+            sum(replica_calls(cluster, APP, "generate CANCELLED").values()) == cancelled_before
+            and time.monotonic() < deadline
+        ):
+            await anyio.sleep(0.05)
+        stopped_after = time.monotonic() - cancelled_at
+        assert sum(replica_calls(cluster, APP, "generate CANCELLED").values()) == cancelled_before + 1
+        # a step and the hops of the cancel, against the ~97 steps the model had left
+        assert stopped_after < 0.5 * remaining_s, (stopped_after, step_s, remaining_s)
+        print(
+            f"measured: a cancel stopped the replica's model {stopped_after:.2f} s after the client sent it"
+        )
+        after = await client.call_tool("generate", {**RECIPE, "seed": 8})
+        assert not after.is_error, after
+    assert await image_count(port, token) == before + 1, "the cancelled call stored nothing"
 
 
 def test_a_front_end_naming_a_missing_application_says_to_deploy_it(cluster: dict[str, str]) -> None:
