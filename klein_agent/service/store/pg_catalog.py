@@ -10,7 +10,8 @@
 Imported only when a `postgresql://` store is chosen (psycopg 3 and psycopg_pool come with the `scale` extra).
 
 Concurrency, in words (every point is a test in tests/test_store_postgres.py):
-- Writes go through a small pool of autocommit connections; each method is one explicit transaction.
+- Writes go through a small pool of autocommit connections; each method is one explicit transaction. Reads are
+  one statement each, without a transaction block (one round trip).
 - Eviction runs under `pg_advisory_xact_lock(EVICTION_LOCK)`, so concurrent inserts never over- or under-evict,
   and picks victims with `FOR UPDATE SKIP LOCKED` among rows with no live lease. A lease locks its image row
   `FOR KEY SHARE` first, so the two are ordered: a row being leased is skipped, and a lease that comes after the
@@ -137,7 +138,7 @@ class PostgresCatalog:
 
     def schema_versions(self) -> list[int]:
         """The applied migration versions, ascending."""
-        with self._read() as cur:
+        with self._read() as cur:  # two statements; a migration committed between them only adds a version
             return sorted(pg_migrations.applied_versions(_executor(cur)))
 
     def insert(
@@ -488,10 +489,12 @@ class PostgresCatalog:
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[psycopg.Cursor[Any]]:
+        """A cursor on an autocommit connection, for one statement, which is its own transaction with one
+        snapshot (READ COMMITTED): a BEGIN ... COMMIT around it would add two round trips and no consistency."""
         self._check_usable()
         assert self._pool is not None
         try:
-            with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+            with self._pool.connection() as conn, conn.cursor() as cur:
                 yield cur
         except (psycopg.Error, psycopg_pool.PoolTimeout) as e:
             raise StoreError(f"Cannot read the image catalog {self.location}: {self._scrub(e)}.") from None
