@@ -234,3 +234,32 @@ async def test_one_engine_sends_a_two_replica_application_two_calls_at_once(anyi
         release_first.set()
     assert sorted(finished) == ["first", "second"] and engine.status().completed == 2
     await engine.aclose()
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "num_images", "references", "fits"),
+    [
+        (256, 256, 1, [], True),
+        (1024, 1024, 1, [], True),  # 3 MiB of pixels: one gRPC message
+        (1024, 1024, 2, [], False),  # 6 MiB
+        (512, 512, 1, [(1024, 1024)], True),
+        (512, 512, 1, [(1024, 1024), (1024, 1024)], False),  # the request is 6 MiB
+        (None, None, 1, [], True),  # 1024², the model's default
+        (None, None, 1, [(2048, 2048)], False),  # the reference's size: 12 MiB of pictures back
+    ],
+)
+def test_a_call_goes_over_grpc_only_when_its_request_and_pictures_fit_one_message(
+    width: int | None, height: int | None, num_images: int, references: list[tuple[int, int]], fits: bool
+) -> None:
+    from PIL import Image
+
+    from klein_agent.replica.handle import fits_grpc
+
+    request = GenerationRequest(
+        prompt="p",
+        width=width,
+        height=height,
+        num_images=num_images,
+        references=tuple(Image.new("RGB", size) for size in references),
+    )
+    assert fits_grpc(request) is fits

@@ -297,6 +297,26 @@ async def test_a_clients_cancel_reaches_the_replica_and_stops_its_model_at_the_n
     assert await image_count(port, token) == before + 1, "the cancelled call stored nothing"
 
 
+async def test_a_call_too_large_for_one_grpc_message_goes_through_rays_objects(
+    front_ends: list[tuple[Path, int, str | None]],
+) -> None:
+    """Two 1024² references are 6 MiB of pixels, over the 4 MiB a message of the replicas' gRPC data plane takes:
+    the call goes as Ray tasks and objects instead (`handle.fits_grpc`) and succeeds."""
+    _, port, token = front_ends[0]
+    references = []
+    for k in range(2):
+        picture = Image.new("RGB", (1024, 1024), (200 - 90 * k, 60, 40 + 90 * k))
+        picture.putpixel((k, k), (0, 0, 0))
+        out = io.BytesIO()
+        picture.save(out, format="PNG")
+        references.append("data:image/png;base64," + base64.b64encode(out.getvalue()).decode())
+    compose = {"images": references, "prompt": "both, side by side", "width": 64, "height": 64, "steps": 2}
+    async with Client(authed(port, token)) as client:
+        made = await client.call_tool("compose", compose)
+    assert not made.is_error, made.content
+    assert made.structured_content["images"][0]["width"] == 64
+
+
 def test_a_front_end_naming_a_missing_application_says_to_deploy_it(cluster: dict[str, str]) -> None:
     probe = (
         "from klein_agent.replica.handle import ray_generator_factory\n"

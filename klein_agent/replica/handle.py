@@ -168,8 +168,11 @@ class RayGenerator:
         # `_by_reference=False`: the call and its events go over the replica's inter-deployment gRPC server rather
         # than as Ray tasks and object refs (what Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED mode does): 6.7 against
         # 10.7 ms p50 of Serve's own cost per call at 256² here (docs/scaling.md). Replica deaths still arrive as
-        # RayActorError subclasses, and `response.cancel()` still reaches the replica's `generate`.
-        options: dict[str, Any] = {"stream": True, "method_name": "generate", "_by_reference": False}
+        # RayActorError subclasses, and `response.cancel()` still reaches the replica's `generate`. A call too
+        # large for one gRPC message goes the old way (`fits_grpc`).
+        options: dict[str, Any] = {"stream": True, "method_name": "generate"}
+        if fits_grpc(request):
+            options["_by_reference"] = False
         if key is not None:
             options["session_id"] = key  # the router's key (limits.RAY_ROUTER): same references, same replica
         response = self._handle.options(**options).remote(request, self._deadline_s)
@@ -188,6 +191,23 @@ class RayGenerator:
             response.cancel()  # a no-op once the stream has ended; otherwise the replica stops at its next step
             raise
         raise wire.ReplicaError("the replica ended the call without a result (its log says why)")
+
+
+def fits_grpc(request: GenerationRequest) -> bool:
+    """Whether the call's request and its pictures each fit one message of the replicas' gRPC data plane
+    (`limits.RAY_GRPC_MESSAGE_BYTES` less `RAY_GRPC_MARGIN_BYTES`), counting 3 bytes a pixel (RGB). A size left to
+    the model (None: the first reference's, else 1024²) counts as the larger of those."""
+    given = [*request.references, *request.upsampler_references]
+    sent = sum(3 * p.width * p.height for p in given) + (
+        0 if request.mask is None else 3 * request.mask.width * request.mask.height
+    )
+    if request.width is not None and request.height is not None:
+        size = request.width * request.height
+    else:
+        size = max([1024 * 1024, *(p.width * p.height for p in request.references)])
+    made = 3 * size * request.num_images
+    room = limits.RAY_GRPC_MESSAGE_BYTES - limits.RAY_GRPC_MARGIN_BYTES
+    return sent <= room and made <= room
 
 
 def routing_key(request: GenerationRequest) -> str | None:

@@ -213,6 +213,12 @@ RAY_CONNECT_TIMEOUT_S = 60.0  # `serve --generator ray`: asking the application 
 # How often a front-end asks the application again how many calls it takes at once (`KleinReplica.in_flight`), so a
 # redeploy with more or fewer replicas is followed without restarting the front-ends. One small Ray call per period.
 RAY_IN_FLIGHT_REFRESH_S = 30.0
+# The replicas' gRPC data plane (what `serve --generator ray` sends calls over) takes messages up to gRPC's default
+# receive limit, 4 MiB, on both ends (Serve's RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH). A call whose request (its
+# references) or whose pictures would be larger goes as Ray tasks and objects instead, which take any size: at
+# 1024² one picture is 3 MiB (gRPC), two are 6 MiB (Ray's object store). The margin covers pickling and the rest.
+RAY_GRPC_MESSAGE_BYTES = 4 * 1024**2
+RAY_GRPC_MARGIN_BYTES = 256 * 1024
 # Cache affinity: the router that sends calls with the same references to the replica holding their prepared latents
 # (and klein 9B-KV's kept keys and values), whichever front-end they come from; calls without references spread.
 RAY_ROUTER = "ray.serve.experimental.consistent_hash_router:ConsistentHashRouter"
