@@ -27,7 +27,9 @@ from klein_agent.rules.requests import (
     GeneratorInfo,
     ImageGenerator,
     ProgressCallback,
+    resolve,
 )
+from klein_agent.rules.resolution import RequestError
 
 log = logging.getLogger("klein_agent.replica")
 
@@ -171,7 +173,7 @@ class RayGenerator:
         # RayActorError subclasses, and `response.cancel()` still reaches the replica's `generate`. A call too
         # large for one gRPC message goes the old way (`fits_grpc`).
         options: dict[str, Any] = {"stream": True, "method_name": "generate"}
-        if fits_grpc(request):
+        if fits_grpc(request, self.info):
             options["_by_reference"] = False
         if key is not None:
             options["session_id"] = key  # the router's key (limits.RAY_ROUTER): same references, same replica
@@ -193,19 +195,21 @@ class RayGenerator:
         raise wire.ReplicaError("the replica ended the call without a result (its log says why)")
 
 
-def fits_grpc(request: GenerationRequest) -> bool:
+def fits_grpc(request: GenerationRequest, info: GeneratorInfo) -> bool:
     """Whether the call's request and its pictures each fit one message of the replicas' gRPC data plane
-    (`limits.RAY_GRPC_MESSAGE_BYTES` less `RAY_GRPC_MARGIN_BYTES`), counting 3 bytes a pixel (RGB). A size left to
-    the model (None: the first reference's, else 1024²) counts as the larger of those."""
+    (`limits.RAY_GRPC_MESSAGE_BYTES` less `RAY_GRPC_MARGIN_BYTES`), counting 3 bytes a pixel (RGB). The pictures
+    are counted at the size the model of `info` makes them (`rules.requests.resolve`, the rule the replica runs),
+    also when the call leaves the size, or one side of it, to the model (the first reference's size or 1024², at
+    the given side's aspect). A request the rules refuse gets a short error back: then only the request counts."""
     given = [*request.references, *request.upsampler_references]
     sent = sum(3 * p.width * p.height for p in given) + (
         0 if request.mask is None else 3 * request.mask.width * request.mask.height
     )
-    if request.width is not None and request.height is not None:
-        size = request.width * request.height
-    else:
-        size = max([1024 * 1024, *(p.width * p.height for p in request.references)])
-    made = 3 * size * request.num_images
+    try:
+        width, height = resolve(request, info).picture_size
+    except RequestError:
+        width = height = 0
+    made = 3 * width * height * request.num_images
     room = limits.RAY_GRPC_MESSAGE_BYTES - limits.RAY_GRPC_MARGIN_BYTES
     return sent <= room and made <= room
 
