@@ -11,14 +11,16 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from klein_agent.replica import wire
 from klein_agent.replica.handle import RayGenerator, parse_generator
-from klein_agent.rules import limits
-from klein_agent.rules.requests import GenerationRequest, ImageGenerator
+from klein_agent.rules import families, limits
+from klein_agent.rules.requests import GenerationRequest, GeneratorInfo, ImageGenerator, resolve
 from klein_agent.rules.resolution import RequestError
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # before Ray is imported; local mode starts no cluster
@@ -236,6 +238,24 @@ async def test_one_engine_sends_a_two_replica_application_two_calls_at_once(anyi
     await engine.aclose()
 
 
+FLUX2 = GeneratorInfo(
+    model="tiny",
+    variant="tiny",
+    device="cuda",
+    dtype="bfloat16",
+    distilled=True,
+    default_steps=limits.DISTILLED_STEPS,
+    default_guidance=limits.DISTILLED_GUIDANCE,
+    max_references=families.FLUX2.max_references,
+)
+FLUX3 = replace(
+    FLUX2,
+    family="flux3",
+    max_references=families.FLUX3.max_references,
+    no_masked_edits=families.FLUX3.no_masked_edits,
+)
+
+
 @pytest.mark.parametrize(
     ("width", "height", "num_images", "references", "fits"),
     [
@@ -245,14 +265,12 @@ async def test_one_engine_sends_a_two_replica_application_two_calls_at_once(anyi
         (512, 512, 1, [(1024, 1024)], True),
         (512, 512, 1, [(1024, 1024), (1024, 1024)], False),  # the request is 6 MiB
         (None, None, 1, [], True),  # 1024², the model's default
-        (None, None, 1, [(2048, 2048)], False),  # the reference's size: 12 MiB of pictures back
+        (None, None, 1, [(2048, 2048)], False),  # the request is 12 MiB
     ],
 )
 def test_a_call_goes_over_grpc_only_when_its_request_and_pictures_fit_one_message(
     width: int | None, height: int | None, num_images: int, references: list[tuple[int, int]], fits: bool
 ) -> None:
-    from PIL import Image
-
     from klein_agent.replica.handle import fits_grpc
 
     request = GenerationRequest(
@@ -262,4 +280,59 @@ def test_a_call_goes_over_grpc_only_when_its_request_and_pictures_fit_one_messag
         num_images=num_images,
         references=tuple(Image.new("RGB", size) for size in references),
     )
-    assert fits_grpc(request) is fits
+    assert fits_grpc(request, FLUX2) is fits
+
+
+@pytest.mark.parametrize(
+    ("info", "width", "height", "num_images", "references", "made"),
+    [
+        # one side given (the server and the CLI pass it on as it is): the other keeps the default's aspect
+        (FLUX2, 2048, None, 1, [], (2048, 2048)),  # 12 MiB back, not 1024²'s 3 MiB
+        (FLUX2, None, 2048, 1, [], (2048, 2048)),
+        (FLUX2, 1280, None, 1, [], (1280, 1280)),  # 4.7 MiB: over by less than one picture's worth
+        (FLUX2, 1024, None, 2, [], (1024, 1024)),  # two of 3 MiB
+        (FLUX2, 1024, None, 1, [(512, 1024)], (1024, 2048)),  # the reference's 1:2, 6 MiB
+        (FLUX2, 1024, None, 1, [(1024, 512)], (1024, 512)),
+        # FLUX 3 keeps one reference whole (up to 4 Mpx) and crops the picture back to it
+        (FLUX3, None, None, 1, [(2048, 1536)], (2048, 1536)),
+        (FLUX3, 1536, None, 1, [(2048, 1536)], (1536, 1152)),
+        (FLUX3, None, None, 1, [(1024, 768)], (1024, 768)),
+    ],
+)
+def test_a_call_is_sized_for_grpc_as_the_model_will_make_its_pictures(
+    info: GeneratorInfo,
+    width: int | None,
+    height: int | None,
+    num_images: int,
+    references: list[tuple[int, int]],
+    made: tuple[int, int],
+) -> None:
+    """The pictures come back in one message: a size the call leaves (wholly or one side) to the model counts as
+    what the model resolves it to, and only a call whose pictures fit goes over gRPC."""
+    from klein_agent.replica.handle import fits_grpc
+
+    request = GenerationRequest(
+        prompt="p",
+        width=width,
+        height=height,
+        num_images=num_images,
+        references=tuple(Image.new("RGB", size) for size in references),
+    )
+    assert resolve(request, info).picture_size == made  # the size the replica's model makes
+    pictures = 3 * made[0] * made[1] * num_images
+    room = limits.RAY_GRPC_MESSAGE_BYTES - limits.RAY_GRPC_MARGIN_BYTES
+    request_bytes = sum(3 * w * h for w, h in references)
+    assert fits_grpc(request, info) is (pictures <= room and request_bytes <= room)
+
+
+def test_a_request_the_rules_refuse_is_sized_by_itself() -> None:
+    """A masked edit with a size given is refused on the replica with a short error: only the request counts."""
+    from klein_agent.replica.handle import fits_grpc
+
+    source = Image.new("RGB", (512, 512))
+    refused = GenerationRequest(
+        prompt="p", width=2048, height=2048, references=(source,), mask=Image.new("L", (512, 512))
+    )
+    with pytest.raises(RequestError):
+        resolve(refused, FLUX2)
+    assert fits_grpc(refused, FLUX2)

@@ -317,6 +317,24 @@ async def test_a_call_too_large_for_one_grpc_message_goes_through_rays_objects(
     assert made.structured_content["images"][0]["width"] == 64
 
 
+async def test_a_call_giving_one_side_is_sized_as_the_model_makes_it_and_succeeds(
+    tmp_path: Path, cluster: dict[str, str], deployed: str
+) -> None:
+    """`width` 1280 alone (the height keeps 1024²'s aspect: 1280x1280) makes 4.7 MiB of pixels, over what one gRPC
+    message takes, though the call's own size looks like 1024²: it goes as Ray tasks and objects and its picture
+    comes back (over gRPC it failed with "Received message larger than max"). A front-end whose budget allows it
+    (`--max-megapixels`: the replica's CPU budget is 512²)."""
+    env = {**cluster, "PYTHONPATH": str(REPO)}
+    options = ("--generator", f"ray:{APP}", "--max-megapixels", "2")
+    wide = {"prompt": "wide", "width": 1280, "seed": 3, "steps": 1}
+    with http_server(tmp_path, tmp_path / "store", *options, env=env, model=None) as (_, port, token):
+        async with Client(authed(port, token)) as client:
+            made = await client.call_tool("generate", wide)
+    assert not made.is_error, made.content
+    picture = made.structured_content["images"][0]
+    assert (picture["width"], picture["height"]) == (1280, 1280)
+
+
 def test_a_front_end_naming_a_missing_application_says_to_deploy_it(cluster: dict[str, str]) -> None:
     probe = (
         "from klein_agent.replica.handle import ray_generator_factory\n"

@@ -1,7 +1,8 @@
 """The front-end side of the replicas (klein_agent/replica/handle.py) against a stand-in Serve handle that streams
 the tiny model's real events and raises Ray's real exceptions: which key routes a call (cache affinity), how Serve's
 backpressure reaches the caller ("busy", in the local queue's words, with a wait estimated from recent calls), and
-what happens when the replica running a call dies (one retry, progress never repeated, else a clear error).
+what happens when the replica running a call dies (one retry, progress never repeated, else a clear error), and
+when gRPC refuses a call for its size (sent again as Ray objects).
 
 A real cluster, two replicas, two front-ends and a killed replica process: tests/test_replica_e2e.py.
 """
@@ -208,3 +209,40 @@ def test_a_refusal_or_a_cancel_is_not_retried(tiny_pipeline: ImageGenerator) -> 
     with pytest.raises(Stop):
         RayGenerator(handle, tiny_pipeline.info).generate(GenerationRequest("x", 64, 64, seed=1), stop)
     assert len(handle.asked) == 2
+
+
+def grpc_error(code_name: str) -> BaseException:
+    """What Ray 2.60 raises on the front-end when the replicas' gRPC data plane refuses a call: grpc's own
+    AioRpcError (RESOURCE_EXHAUSTED for "Received message larger than max", from either side, measured on the
+    cluster)."""
+    grpc = pytest.importorskip("grpc")
+    details = "Received message larger than max (4916000 vs. 4194304)"
+    return grpc.aio.AioRpcError(
+        getattr(grpc.StatusCode, code_name), grpc.aio.Metadata(), grpc.aio.Metadata(), details=details
+    )
+
+
+@pytest.mark.parametrize(
+    "refused_after", [0, 5]
+)  # the request, before any event; the pictures, after all 5 units
+def test_a_call_grpc_refuses_for_its_size_is_sent_again_as_ray_objects_once(
+    tiny_pipeline: ImageGenerator, refused_after: int
+) -> None:
+    handle = StandInHandle(tiny_pipeline, [grpc_error("RESOURCE_EXHAUSTED"), died()], die_after=refused_after)
+    request = GenerationRequest("a kite", 64, 48, seed=5, steps=3)
+    heard: list[int] = []
+    result = RayGenerator(handle, tiny_pipeline.info).generate(
+        request, lambda done, total, msg: heard.append(done)
+    )
+    local = tiny_pipeline.generate(request)
+    assert [im.tobytes() for im in result.images] == [im.tobytes() for im in local.images]
+    # over gRPC, then by reference; the replica that then died is retried as before, still by reference
+    assert [asked.get("_by_reference", True) for asked in handle.asked] == [False, True, True]
+    assert heard == [1, 2, 3, 4, 5], "each unit once"
+
+
+def test_another_grpc_failure_is_not_sent_again(tiny_pipeline: ImageGenerator) -> None:
+    handle = StandInHandle(tiny_pipeline, [grpc_error("INTERNAL")], die_after=0)
+    with pytest.raises(Exception, match="larger than max") as raised:
+        RayGenerator(handle, tiny_pipeline.info).generate(GenerationRequest("x", 64, 64, seed=1, steps=2))
+    assert type(raised.value).__name__ == "AioRpcError" and len(handle.asked) == 1

@@ -27,7 +27,9 @@ from klein_agent.rules.requests import (
     GeneratorInfo,
     ImageGenerator,
     ProgressCallback,
+    resolve,
 )
+from klein_agent.rules.resolution import RequestError
 
 log = logging.getLogger("klein_agent.replica")
 
@@ -130,8 +132,11 @@ class RayGenerator:
         (after cancelling the replica's call), GeneratorBusyError when this front-end already has the most calls
         Serve lets it queue (`deploy --max-queue`), or wire.ReplicaLostError when the replica died and so did the
         one the call was retried on. A replica that dies mid-call is retried once: its pictures come only in the
-        last event, so none of them reached this side, and this front-end stores the one result it gets."""
+        last event, so none of them reached this side, and this front-end stores the one result it gets. A call
+        sent over gRPC (`fits_grpc`) that gRPC refuses for its size, request or pictures, is sent once more as
+        Ray tasks and objects, which take any size (a refused result costs the model's time again)."""
         key = routing_key(request)
+        by_reference = not fits_grpc(request, self.info)
         heard = 0  # the last `done` passed on: a retry's repeated steps are not reported again
 
         def relay(done: int, total: int, message: str) -> None:
@@ -143,11 +148,19 @@ class RayGenerator:
         retried = False
         while True:
             try:
-                return self._call_once(request, key, relay)
+                return self._call_once(request, key, relay, by_reference)
             except Exception as exc:
                 queued = _backpressure(exc)
                 if queued is not None:
                     raise GeneratorBusyError(queued) from exc
+                if not by_reference and _too_large_for_grpc(exc):
+                    log.warning(
+                        "call %s: too large for one gRPC message (%s); sending it again as Ray tasks and objects",
+                        _name(request),
+                        describe_failure(exc),
+                    )
+                    by_reference = True
+                    continue
                 if not _replica_died(exc):
                     raise
                 if retried:
@@ -162,16 +175,17 @@ class RayGenerator:
                 retried = True
 
     def _call_once(
-        self, request: GenerationRequest, key: str | None, progress: ProgressCallback
+        self, request: GenerationRequest, key: str | None, progress: ProgressCallback, by_reference: bool
     ) -> GenerationResult:
-        """One call on one replica, streaming its events; cancels the replica's call when anything raises here."""
+        """One call on one replica, streaming its events; cancels the replica's call when anything raises here.
+        `by_reference`: as Ray tasks and objects, else over the replica's gRPC server."""
         # `_by_reference=False`: the call and its events go over the replica's inter-deployment gRPC server rather
         # than as Ray tasks and object refs (what Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED mode does): 6.7 against
         # 10.7 ms p50 of Serve's own cost per call at 256² here (docs/scaling.md). Replica deaths still arrive as
         # RayActorError subclasses, and `response.cancel()` still reaches the replica's `generate`. A call too
-        # large for one gRPC message goes the old way (`fits_grpc`).
+        # large for one gRPC message goes the old way (`fits_grpc`, and `generate` when gRPC refuses one).
         options: dict[str, Any] = {"stream": True, "method_name": "generate"}
-        if fits_grpc(request):
+        if not by_reference:
             options["_by_reference"] = False
         if key is not None:
             options["session_id"] = key  # the router's key (limits.RAY_ROUTER): same references, same replica
@@ -193,19 +207,21 @@ class RayGenerator:
         raise wire.ReplicaError("the replica ended the call without a result (its log says why)")
 
 
-def fits_grpc(request: GenerationRequest) -> bool:
+def fits_grpc(request: GenerationRequest, info: GeneratorInfo) -> bool:
     """Whether the call's request and its pictures each fit one message of the replicas' gRPC data plane
-    (`limits.RAY_GRPC_MESSAGE_BYTES` less `RAY_GRPC_MARGIN_BYTES`), counting 3 bytes a pixel (RGB). A size left to
-    the model (None: the first reference's, else 1024²) counts as the larger of those."""
+    (`limits.RAY_GRPC_MESSAGE_BYTES` less `RAY_GRPC_MARGIN_BYTES`), counting 3 bytes a pixel (RGB). The pictures
+    are counted at the size the model of `info` makes them (`rules.requests.resolve`, the rule the replica runs),
+    also when the call leaves the size, or one side of it, to the model (the first reference's size or 1024², at
+    the given side's aspect). A request the rules refuse gets a short error back: then only the request counts."""
     given = [*request.references, *request.upsampler_references]
     sent = sum(3 * p.width * p.height for p in given) + (
         0 if request.mask is None else 3 * request.mask.width * request.mask.height
     )
-    if request.width is not None and request.height is not None:
-        size = request.width * request.height
-    else:
-        size = max([1024 * 1024, *(p.width * p.height for p in request.references)])
-    made = 3 * size * request.num_images
+    try:
+        width, height = resolve(request, info).picture_size
+    except RequestError:
+        width = height = 0
+    made = 3 * width * height * request.num_images
     room = limits.RAY_GRPC_MESSAGE_BYTES - limits.RAY_GRPC_MARGIN_BYTES
     return sent <= room and made <= room
 
@@ -241,6 +257,15 @@ def _replica_died(exc: BaseException) -> bool:
     from ray.exceptions import RayActorError
 
     return isinstance(exc, RayActorError)
+
+
+def _too_large_for_grpc(exc: BaseException) -> bool:
+    """Whether gRPC refused a call for its size: RESOURCE_EXHAUSTED, "Received message larger than max", raised
+    as grpc's AioRpcError on this side whether the replica refused the request or this side the result (measured
+    on the cluster with Ray 2.60). grpc comes with Ray, imported whenever a handle exists."""
+    import grpc
+
+    return isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 def _backpressure(exc: BaseException) -> int | None:

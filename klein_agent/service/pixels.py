@@ -20,9 +20,21 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
     Converted in strips of rows into the one RGB result, so the memory it adds is the result (4 bytes a pixel:
     Pillow keeps RGB as RGBX) plus one strip's intermediates, whatever the mode; every pixel depends only on
-    itself, so the strips give exactly the picture a whole conversion gives."""
+    itself, so the strips give exactly the picture a whole conversion gives.
+
+    The result carries none of the file's metadata (`info` is empty): Pillow's copy and convert keep ICC
+    profiles, EXIF, XMP and PNG text (up to 64 MB of it from a few KB of zTXt), which would otherwise stay in
+    memory with the picture and travel with every request that carries it (pickled to a Ray replica, where only
+    pixels are counted: `replica.handle.fits_grpc`). The pixels are all that is used: EXIF orientation is applied
+    before, and a stored import is a fresh PNG of the pixels."""
+    out = _to_rgb(img)
+    out.info = {}
+    return out
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB" and "transparency" not in img.info:
-        return img.copy()  # detach from the source file object and its metadata
+        return img.copy()  # detach from the source file object
     rows = max(1, STRIP_PIXELS // max(1, img.width))
     if img.height <= rows:
         return _to_rgb_whole(img)
