@@ -246,3 +246,10 @@ def test_another_grpc_failure_is_not_sent_again(tiny_pipeline: ImageGenerator) -
     with pytest.raises(Exception, match="larger than max") as raised:
         RayGenerator(handle, tiny_pipeline.info).generate(GenerationRequest("x", 64, 64, seed=1, steps=2))
     assert type(raised.value).__name__ == "AioRpcError" and len(handle.asked) == 1
+
+
+def test_a_grpc_failure_is_described_by_its_details() -> None:
+    from klein_agent.replica.handle import describe_failure
+
+    said = describe_failure(grpc_error("RESOURCE_EXHAUSTED"))
+    assert said == "AioRpcError: Received message larger than max (4916000 vs. 4194304)", said

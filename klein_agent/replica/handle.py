@@ -241,8 +241,11 @@ def routing_key(request: GenerationRequest) -> str | None:
 
 
 def describe_failure(exc: BaseException) -> str:
-    """A one-line account of a failed Ray call: its class and the first line of its message."""
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    """A one-line account of a failed Ray call: its class and the first line of its message (a gRPC error's
+    details, whose str() starts with a header line)."""
+    details = getattr(exc, "details", None)
+    text = str(details() if callable(details) else exc).strip()
+    first = text.splitlines()[0] if text else ""
     return f"{type(exc).__name__}: {first[:200]}" if first else type(exc).__name__
 
 
