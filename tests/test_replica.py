@@ -256,6 +256,19 @@ FLUX3 = replace(
 )
 
 
+def sized_request(
+    width: int | None, height: int | None, num_images: int, references: list[tuple[int, int]]
+) -> GenerationRequest:
+    """A request of that size with blank references of those sizes."""
+    return GenerationRequest(
+        prompt="p",
+        width=width,
+        height=height,
+        num_images=num_images,
+        references=tuple(Image.new("RGB", size) for size in references),
+    )
+
+
 @pytest.mark.parametrize(
     ("width", "height", "num_images", "references", "fits"),
     [
@@ -273,13 +286,7 @@ def test_a_call_goes_over_grpc_only_when_its_request_and_pictures_fit_one_messag
 ) -> None:
     from klein_agent.replica.handle import fits_grpc
 
-    request = GenerationRequest(
-        prompt="p",
-        width=width,
-        height=height,
-        num_images=num_images,
-        references=tuple(Image.new("RGB", size) for size in references),
-    )
+    request = sized_request(width, height, num_images, references)
     assert fits_grpc(request, FLUX2) is fits
 
 
@@ -311,13 +318,7 @@ def test_a_call_is_sized_for_grpc_as_the_model_will_make_its_pictures(
     what the model resolves it to, and only a call whose pictures fit goes over gRPC."""
     from klein_agent.replica.handle import fits_grpc
 
-    request = GenerationRequest(
-        prompt="p",
-        width=width,
-        height=height,
-        num_images=num_images,
-        references=tuple(Image.new("RGB", size) for size in references),
-    )
+    request = sized_request(width, height, num_images, references)
     assert resolve(request, info).picture_size == made  # the size the replica's model makes
     pictures = 3 * made[0] * made[1] * num_images
     room = limits.RAY_GRPC_MESSAGE_BYTES - limits.RAY_GRPC_MARGIN_BYTES
