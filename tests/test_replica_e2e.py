@@ -131,9 +131,9 @@ async def test_two_replicas_give_the_single_process_servers_png_bytes_and_stream
     assert remote_heard[-1] == local_heard[-1], (remote_heard, local_heard)
 
 
-def reference_uri(k: int) -> str:
-    """A 64x64 PNG data URI, different for each k."""
-    picture = Image.new("RGB", (64, 64), (40 * k % 256, 255 - 30 * k % 256, 90))
+def reference_uri(k: int, side: int = 64) -> str:
+    """A side x side PNG data URI, different for each k."""
+    picture = Image.new("RGB", (side, side), (40 * k % 256, 255 - 30 * k % 256, 90))
     picture.putpixel((k, k), (0, 0, 0))
     out = io.BytesIO()
     picture.save(out, format="PNG")
@@ -303,13 +303,7 @@ async def test_a_call_too_large_for_one_grpc_message_goes_through_rays_objects(
     """Two 1024² references are 6 MiB of pixels, over the 4 MiB a message of the replicas' gRPC data plane takes:
     the call goes as Ray tasks and objects instead (`handle.fits_grpc`) and succeeds."""
     _, port, token = front_ends[0]
-    references = []
-    for k in range(2):
-        picture = Image.new("RGB", (1024, 1024), (200 - 90 * k, 60, 40 + 90 * k))
-        picture.putpixel((k, k), (0, 0, 0))
-        out = io.BytesIO()
-        picture.save(out, format="PNG")
-        references.append("data:image/png;base64," + base64.b64encode(out.getvalue()).decode())
+    references = [reference_uri(k, side=1024) for k in range(2)]
     compose = {"images": references, "prompt": "both, side by side", "width": 64, "height": 64, "steps": 2}
     async with Client(authed(port, token)) as client:
         made = await client.call_tool("compose", compose)

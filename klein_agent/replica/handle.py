@@ -80,7 +80,7 @@ class RayGenerator:
         logs a change. Keeps the current bound (and says why, once per failure streak) when the application cannot
         answer now: mid-redeploy, a replica from an older klein-agent. Returns the bound in use."""
         try:
-            value = self._handle.options(method_name="in_flight").remote().result(timeout_s=timeout_s)
+            value = in_flight_answer(self._handle, timeout_s)
         except Exception as exc:
             if not self._refresh_failed:
                 log.warning(
@@ -91,12 +91,7 @@ class RayGenerator:
             self._refresh_failed = True
             return self.max_in_flight
         self._refresh_failed = False
-        if (
-            isinstance(value, int)
-            and not isinstance(value, bool)
-            and value >= 1
-            and value != self.max_in_flight
-        ):
+        if value is not None and value != self.max_in_flight:
             log.info(
                 "the application now takes %d calls at once (was %d): a front-end sends up to %d",
                 value,
@@ -321,13 +316,20 @@ def ask_in_flight(handle: Any, timeout_s: float) -> int:
     warning, when its replicas cannot say (deployed by an older klein-agent): the front-end then sends one call at
     a time, as before."""
     try:
-        value = handle.options(method_name="in_flight").remote().result(timeout_s=timeout_s)
+        value = in_flight_answer(handle, timeout_s)
     except Exception as exc:
         log.warning(
             "the application did not say how many calls it takes at once (%s): sending one at a time", exc
         )
         return 1
-    return value if isinstance(value, int) and value >= 1 else 1
+    return 1 if value is None else value
+
+
+def in_flight_answer(handle: Any, timeout_s: float) -> int | None:
+    """The application's `KleinReplica.in_flight` answer when it is a whole number of calls (≥ 1), else None (an
+    older or broken replica's answer). Raises what the Ray call raised."""
+    value = handle.options(method_name="in_flight").remote().result(timeout_s=timeout_s)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None
 
 
 def connect_application(address: str, app: str) -> Any:
