@@ -127,6 +127,37 @@ class RepeatFilter(logging.Filter):
         return due
 
 
+class _ForwardHandler(logging.Handler):
+    """Hands each record to another logger's handlers, as if logged there (its filters and format apply)."""
+
+    def __init__(self, target: logging.Logger) -> None:
+        super().__init__()
+        self.target = target
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.target.handle(record)
+
+
+def forward_ours(target: logging.Logger, level: str = "INFO") -> None:
+    """Send klein-agent's records at `level` and up to `target`'s handlers instead of stderr, repeats rate-limited
+    (`RepeatFilter`) as `configure_logging` does. For a process whose host owns the log files: a Ray Serve replica
+    hands them to Serve's logger, so they land in the replica's own log beside its access lines. Calling it again
+    replaces the forward set before."""
+    ours = logging.getLogger(OUR_LOGGER)
+    for handler in list(ours.handlers):
+        if isinstance(handler, _ForwardHandler):
+            ours.removeHandler(handler)
+    forward = _ForwardHandler(target)
+    repeats = RepeatFilter(forward.handle)
+    forward.addFilter(repeats)
+    atexit.register(repeats.flush)
+    ours.addHandler(forward)
+    ours.setLevel(logging.getLevelName(level))
+    ours.propagate = (
+        False  # the host's handlers have it; the root's (or Python's last resort) would print it twice
+    )
+
+
 def configure_logging(level: str = "INFO") -> None:
     """Send logging to stderr: klein-agent's at `level`, everything else at WARNING or above (or at `level` when
     that is higher), repeats rate-limited (`RepeatFilter`). Replaces handlers set before, so calling it twice does

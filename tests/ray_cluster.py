@@ -71,8 +71,13 @@ def ray_cluster(cpus: int = 4) -> Iterator[dict[str, str]]:
 def replica_calls(env: dict[str, str], app: str, method: str = "generate") -> dict[str, int]:
     """Calls of `method` each replica of `app` has finished, by replica log file, from Serve's access log lines
     ("CALL generate OK 12.3ms", written at once: the request-path log buffer is 1 line by default)."""
+    return replica_log_lines(env, app, f"CALL {method} ")
+
+
+def replica_log_lines(env: dict[str, str], app: str, text: str) -> dict[str, int]:
+    """Lines holding `text` in each replica log file of `app` (Serve's lines and ours: `logs.forward_ours`)."""
     logs = Path(env[TEMP_ENV]) / "session_latest" / "logs" / "serve"
     return {
-        path.name: sum(f"CALL {method} " in line for line in path.read_text(errors="replace").splitlines())
+        path.name: sum(text in line for line in path.read_text(errors="replace").splitlines())
         for path in sorted(logs.glob(f"replica_{app}_*.log"))
     }

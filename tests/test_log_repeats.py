@@ -63,3 +63,32 @@ def test_the_installed_handler_rate_limits_every_logger() -> None:
     assert done.returncode == 0 and len(lines) == 4, done.stderr  # per kind: the first, and the count at exit
     assert "repeated 499 times" in lines[2] and "repeated 499 times" in lines[3]
     assert "out of system resource 0" in lines[0] + lines[2] and done.stdout == ""
+
+
+def test_our_records_can_go_to_a_hosts_logger_once_each_and_rate_limited() -> None:
+    """`forward_ours`, as a Ray Serve replica uses it: our INFO lines reach the host's logger (Serve's, which
+    writes the replica's log file) and only it, once even when set twice, repeats counted, DEBUG left out."""
+    code = (
+        "import logging, sys\n"
+        "from klein_agent.logs import forward_ours\n"
+        "host = logging.getLogger('host')\n"
+        "host.propagate = False\n"
+        "out = logging.StreamHandler(sys.stdout)\n"
+        "out.setFormatter(logging.Formatter('HOST %(name)s %(levelname)s %(message)s'))\n"
+        "host.addHandler(out)\n"
+        "forward_ours(host)\n"
+        "forward_ours(host)\n"
+        "log = logging.getLogger('klein_agent.replica')\n"
+        "log.debug('not at INFO')\n"
+        "for n in range(300):\n"
+        "    log.info('call %d: its caller cancelled it', n)\n"
+        "log.warning('a model warning')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    lines = done.stdout.splitlines()
+    assert done.returncode == 0 and done.stderr == "", done.stderr  # nothing through the root or last resort
+    assert lines[:2] == [
+        "HOST klein_agent.replica INFO call 0: its caller cancelled it",
+        "HOST klein_agent.replica WARNING a model warning",
+    ], lines
+    assert len(lines) == 3 and lines[2].startswith(lines[0] + " (repeated 299 times in the last "), lines

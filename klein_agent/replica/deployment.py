@@ -25,6 +25,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
+from klein_agent.logs import forward_ours
 from klein_agent.model_options import generator_factory
 from klein_agent.replica import wire
 from klein_agent.replica.config import (
@@ -37,6 +38,7 @@ from klein_agent.rules import limits
 from klein_agent.rules.requests import GenerationRequest, GeneratorInfo
 
 log = logging.getLogger("klein_agent.replica")
+SERVE_LOGGER = "ray.serve"  # the logger Serve writes each replica's log file with (logs/serve/replica_*.log)
 
 
 class _Stopped(Exception):
@@ -51,6 +53,9 @@ class KleinReplica:
     with), which each front-end asks once it connects."""
 
     def __init__(self, options: dict[str, Any], in_flight: int = 1) -> None:
+        # Our lines (the model's load, a call stopped or failed) go to the replica's own log file, beside Serve's
+        # access lines and with the same request ids; without this their INFO lines went nowhere.
+        forward_ours(logging.getLogger(SERVE_LOGGER))
         self._in_flight = in_flight
         self._generator = generator_factory(argparse.Namespace(**options), skip_bad_loras=True)()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="klein-replica")
@@ -81,8 +86,11 @@ class KleinReplica:
         stop = threading.Event()
         deadline = time.monotonic() + deadline_s
         self.calls += 1
+        reached = (0, 0)  # the last step boundary the model reported: (done, total)
 
         def progress(done: int, total: int, message: str) -> None:
+            nonlocal reached
+            reached = (done, total)
             if stop.is_set():
                 raise _Stopped("cancelled by the caller")
             if time.monotonic() > deadline:
@@ -102,7 +110,12 @@ class KleinReplica:
             except Exception as exc:  # the model's failure goes to the caller as an event, its traceback here
                 if isinstance(exc, wire.ReplicaDeadlineError):
                     self.stopped += 1
-                log.warning("call failed on the replica: %s", exc, exc_info=not isinstance(exc, ValueError))
+                log.warning(
+                    "call %s failed on the replica: %s",
+                    wire.call_name(request),
+                    exc,
+                    exc_info=not isinstance(exc, ValueError),
+                )
                 yield wire.error_event(exc)
                 return
             yield (wire.RESULT, result)
@@ -112,6 +125,13 @@ class KleinReplica:
                 await asyncio.shield(future)
             if future.done() and isinstance(future.exception(), _Stopped):
                 self.stopped += 1
+                log.info(
+                    "call %s: its caller cancelled it; stopped at step %d/%d",
+                    wire.call_name(request),
+                    *reached,
+                )
+            else:
+                log.info("call %s: its caller cancelled it after the model finished", wire.call_name(request))
             raise
 
 

@@ -151,7 +151,7 @@ class RayGenerator:
                 if not by_reference and _too_large_for_grpc(exc):
                     log.warning(
                         "call %s: too large for one gRPC message (%s); sending it again as Ray tasks and objects",
-                        _name(request),
+                        wire.call_name(request),
                         describe_failure(exc),
                     )
                     by_reference = True
@@ -165,7 +165,9 @@ class RayGenerator:
                         "steps or pixels if it ran out of memory"
                     ) from exc
                 log.warning(
-                    "call %s: its replica died mid-call (%s); retrying once on another", _name(request), exc
+                    "call %s: its replica died mid-call (%s); retrying once on another",
+                    wire.call_name(request),
+                    exc,
                 )
                 retried = True
 
@@ -242,11 +244,6 @@ def describe_failure(exc: BaseException) -> str:
     text = str(details() if callable(details) else exc).strip()
     first = text.splitlines()[0] if text else ""
     return f"{type(exc).__name__}: {first[:200]}" if first else type(exc).__name__
-
-
-def _name(request: GenerationRequest) -> str:
-    """How the log names a call: its idempotency key when the client gave one."""
-    return repr(request.call_id) if request.call_id else "(no call id)"
 
 
 def _replica_died(exc: BaseException) -> bool:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from klein_agent.rules.requests import NonFiniteOutputError
+from klein_agent.rules.requests import GenerationRequest, NonFiniteOutputError
 from klein_agent.rules.resolution import RequestError
 
 PROGRESS, RESULT, ERROR = "progress", "result", "error"
@@ -72,3 +72,9 @@ def raise_error(kind: str, message: str) -> None:
 def describe_event(event: Any) -> str:
     """A short text of an unexpected event, for the error that reports it (never its images)."""
     return repr(event[0] if isinstance(event, tuple) and event else type(event).__name__)[:80]
+
+
+def call_name(request: GenerationRequest) -> str:
+    """How the front-end's and the replica's logs name a call: its idempotency key (the client's, or the one the
+    studio minted), so one call's lines can be found on both sides."""
+    return repr(request.call_id) if request.call_id else "(no call id)"
