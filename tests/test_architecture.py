@@ -33,8 +33,9 @@ ALLOWED: dict[str, set[str]] = {
     "model_options": {"rules", "pipeline", "loading", "option_types"},
     "option_types": {"rules"},  # argparse value types shared by the commands' parsers
     # generator replicas on Ray Serve: the deployment loads the model through model_options (the only new place
-    # that reaches the pipeline); the front-end's side (handle, wire) is torch-free, checked below
-    "replica": {"rules", "model_options"},
+    # that reaches the pipeline) and, in a worker process of its own, sends our log lines to Serve's replica log
+    # (logs.forward_ours); the front-end's side (handle, wire) is torch-free, checked below
+    "replica": {"rules", "model_options", "logs"},
 }
 TORCH_FREE = ["rules", "service", "web", "gallery", "server", "model_options", "option_types", "cli"]
 TORCH_FREE.append("store_command")  # `klein-agent store copy`: a driver, like cli

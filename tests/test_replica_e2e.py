@@ -303,6 +303,58 @@ async def test_a_clients_cancel_reaches_the_replica_and_stops_its_model_at_the_n
     assert await image_count(port, token) == before + 1, "the cancelled call stored nothing"
 
 
+async def test_a_front_end_killed_mid_call_frees_its_replica_at_the_next_step(
+    tmp_path: Path, cluster: dict[str, str], deployed: str
+) -> None:
+    """A front-end SIGKILLed while a replica runs its call: its gRPC connection drops, the replica's server
+    cancels the call, and the model stops at its next step (the replica's log says so) rather than running its
+    ~97 remaining steps or waiting for the per-call deadline (`limits.REPLICA_DEADLINE_S`)."""
+    env = {**cluster, "PYTHONPATH": str(REPO)}
+
+    def stopped() -> int:
+        return sum(replica_log_lines(cluster, APP, "its caller cancelled it; stopped at step").values())
+
+    stopped_before = stopped()
+    heard: list[float] = []
+    three = anyio.Event()
+
+    async def on_progress(value: float, total: float | None, message: str | None) -> None:
+        if (message or "").startswith("step "):
+            heard.append(time.monotonic())
+            if len(heard) == 3:
+                three.set()
+
+    long_call = {"prompt": "a long call", "width": 384, "height": 384, "seed": 5, "steps": limits.MAX_STEPS}
+    with http_server(
+        tmp_path, tmp_path / "store", "--generator", f"ray:{APP}", env=env, model=None
+    ) as running:
+        proc, port, token = running
+        with contextlib.suppress(Exception):  # the client's connection drops with the front-end
+            async with Client(authed(port, token)) as client, anyio.create_task_group() as tasks:
+
+                async def call() -> None:
+                    await client.call_tool("generate", long_call, progress_callback=on_progress)
+
+                tasks.start_soon(call)
+                with anyio.fail_after(120):
+                    await three.wait()
+                proc.kill()
+                killed_at = time.monotonic()
+                tasks.cancel_scope.cancel()
+    step_s = (heard[2] - heard[0]) / 2
+    remaining_s = (limits.MAX_STEPS - 3) * step_s
+    deadline = killed_at + 60
+    while stopped() == stopped_before and time.monotonic() < deadline:
+        await anyio.sleep(0.05)
+    stopped_after = time.monotonic() - killed_at
+    assert stopped() == stopped_before + 1, (
+        "the replica logged no stop",
+        replica_calls(cluster, APP, "generate"),
+    )
+    assert stopped_after < 0.5 * remaining_s, (stopped_after, step_s, remaining_s)
+    print(f"measured: a front-end's death stopped its replica's model {stopped_after:.2f} s after the kill")
+
+
 async def test_a_call_too_large_for_one_grpc_message_goes_through_rays_objects(
     front_ends: list[tuple[Path, int, str | None]],
 ) -> None:

@@ -53,9 +53,10 @@ class KleinReplica:
     with), which each front-end asks once it connects."""
 
     def __init__(self, options: dict[str, Any], in_flight: int = 1) -> None:
-        # Our lines (the model's load, a call stopped or failed) go to the replica's own log file, beside Serve's
-        # access lines and with the same request ids; without this their INFO lines went nowhere.
-        forward_ours(logging.getLogger(SERVE_LOGGER))
+        if _in_own_worker():
+            # Our lines (the model's load, a call stopped or failed) go to the replica's own log file, beside
+            # Serve's access lines and with the same request ids; without this their INFO lines went nowhere.
+            forward_ours(logging.getLogger(SERVE_LOGGER))
         self._in_flight = in_flight
         self._generator = generator_factory(argparse.Namespace(**options), skip_bad_loras=True)()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="klein-replica")
@@ -133,6 +134,15 @@ class KleinReplica:
             else:
                 log.info("call %s: its caller cancelled it after the model finished", wire.call_name(request))
             raise
+
+
+def _in_own_worker() -> bool:
+    """Whether this replica runs as a Ray actor in a worker process of its own, whose logging is ours to set; not
+    in Serve's local testing mode, which runs it inside the caller's process (the caller's logging stays as it was).
+    `is_initialized` comes first: asking the runtime context without it would start a local Ray instance."""
+    import ray
+
+    return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
 
 
 def build_app(options: dict[str, Any], **placement: Any) -> Application:
