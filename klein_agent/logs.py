@@ -59,7 +59,8 @@ class RepeatFilter(logging.Filter):
     for an interval starts afresh.
 
     A kind is the logger, the level, the message template (`record.msg` before its arguments, so "%d connections"
-    is one kind whatever the number) and the exception's type. Summaries of kinds that went quiet are emitted with
+    is one kind whatever the number), the exception's type and the record's `repeat_key` if it has one: a line
+    about one call, logged with `extra={"repeat_key": call}`, is a kind of its own, so every call gets its line. Summaries of kinds that went quiet are emitted with
     the next record of any kind, and by `flush` (called at exit).
     """
 
@@ -80,7 +81,13 @@ class RepeatFilter(logging.Filter):
         """True for the first record of its kind in an interval (and for our own summaries)."""
         if getattr(record, "repeat_summary", False):
             return True
-        kind = (record.name, record.levelno, str(record.msg), record.exc_info[0] if record.exc_info else None)
+        kind = (
+            record.name,
+            record.levelno,
+            str(record.msg),
+            record.exc_info[0] if record.exc_info else None,
+            getattr(record, "repeat_key", None),
+        )
         with self._lock:
             now = self.clock()
             due = self._due(now, everything=False)

@@ -92,3 +92,17 @@ def test_our_records_can_go_to_a_hosts_logger_once_each_and_rate_limited() -> No
         "HOST klein_agent.replica WARNING a model warning",
     ], lines
     assert len(lines) == 3 and lines[2].startswith(lines[0] + " (repeated 299 times in the last "), lines
+
+
+def test_a_record_with_its_own_repeat_key_is_a_kind_of_its_own() -> None:
+    """A line per call (`extra={"repeat_key": call}`) is never held back as a repeat of another call's line; the
+    same call's line repeated still is."""
+    repeats = RepeatFilter(lambda record: None, interval_s=10.0, clock=Clock())
+
+    def keyed(key: str) -> logging.LogRecord:
+        record = records("klein_agent.replica", "call %s: its caller cancelled it", key)
+        record.repeat_key = key
+        return record
+
+    assert all(repeats.filter(keyed(f"call_{n}")) for n in range(50))
+    assert not repeats.filter(keyed("call_7"))

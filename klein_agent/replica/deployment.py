@@ -130,9 +130,14 @@ class KleinReplica:
                     "call %s: its caller cancelled it; stopped at step %d/%d",
                     wire.call_name(request),
                     *reached,
+                    extra={"repeat_key": request.call_id},  # each call's stop is its own line, not a repeat
                 )
             else:
-                log.info("call %s: its caller cancelled it after the model finished", wire.call_name(request))
+                log.info(
+                    "call %s: its caller cancelled it after the model finished",
+                    wire.call_name(request),
+                    extra={"repeat_key": request.call_id},
+                )
             raise
 
 
