@@ -60,8 +60,9 @@ class RepeatFilter(logging.Filter):
 
     A kind is the logger, the level, the message template (`record.msg` before its arguments, so "%d connections"
     is one kind whatever the number), the exception's type and the record's `repeat_key` if it has one: a line
-    about one call, logged with `extra={"repeat_key": call}`, is a kind of its own, so every call gets its line. Summaries of kinds that went quiet are emitted with
-    the next record of any kind, and by `flush` (called at exit).
+    about one call, logged with `extra={"repeat_key": call}`, is a kind of its own, so every call gets its line.
+    Summaries of kinds that went quiet are emitted with the next record of any kind, and by `flush` (called at
+    exit).
     """
 
     def __init__(
@@ -135,34 +136,48 @@ class RepeatFilter(logging.Filter):
 
 
 class _ForwardHandler(logging.Handler):
-    """Hands each record to another logger's handlers, as if logged there (its filters and format apply)."""
+    """Hands each record to another logger's handlers, as if logged there (its filters and format apply), when
+    that logger's level allows it: `Logger.handle` does not check the level, and the host may set it (Serve's
+    `logging_config.log_level`)."""
 
     def __init__(self, target: logging.Logger) -> None:
         super().__init__()
         self.target = target
+        self.repeats = RepeatFilter(self.handle)
+        self.addFilter(self.repeats)
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.target.handle(record)
+        if record.levelno >= self.target.getEffectiveLevel():
+            self.target.handle(record)
 
 
 def forward_ours(target: logging.Logger, level: str = "INFO") -> None:
-    """Send klein-agent's records at `level` and up to `target`'s handlers instead of stderr, repeats rate-limited
-    (`RepeatFilter`) as `configure_logging` does. For a process whose host owns the log files: a Ray Serve replica
-    hands them to Serve's logger, so they land in the replica's own log beside its access lines. Calling it again
+    """Send klein-agent's records to `target`'s handlers instead of the root's: ours at `level` and up (one of
+    LEVELS; ValueError otherwise) and at `target`'s own level and up, repeats rate-limited (`RepeatFilter`) as
+    `configure_logging` does. For a process whose host owns the log files: a Ray Serve replica hands them to
+    Serve's logger, so they land in the replica's own log beside its access lines. Our logger stops propagating
+    to the root (which would print each line a second time) until `configure_logging` runs; calling this again
     replaces the forward set before."""
+    if level not in LEVELS:
+        raise ValueError(f"{level!r} is not a log level: use {', '.join(LEVELS)}")
     ours = logging.getLogger(OUR_LOGGER)
+    _drop_forwards(ours)
+    forward = _ForwardHandler(target)
+    atexit.register(forward.repeats.flush)
+    ours.addHandler(forward)
+    ours.setLevel(level)
+    # the host's handlers have our records now; the root's (or Python's last resort) would print them twice
+    ours.propagate = False
+
+
+def _drop_forwards(ours: logging.Logger) -> None:
+    """Remove the forwards `forward_ours` set on `ours`, their held counts flushed, and let it propagate again."""
     for handler in list(ours.handlers):
         if isinstance(handler, _ForwardHandler):
+            handler.repeats.flush()
+            atexit.unregister(handler.repeats.flush)
             ours.removeHandler(handler)
-    forward = _ForwardHandler(target)
-    repeats = RepeatFilter(forward.handle)
-    forward.addFilter(repeats)
-    atexit.register(repeats.flush)
-    ours.addHandler(forward)
-    ours.setLevel(logging.getLevelName(level))
-    ours.propagate = (
-        False  # the host's handlers have it; the root's (or Python's last resort) would print it twice
-    )
+    ours.propagate = True
 
 
 def configure_logging(level: str = "INFO") -> None:
@@ -175,6 +190,7 @@ def configure_logging(level: str = "INFO") -> None:
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
+    _drop_forwards(logging.getLogger(OUR_LOGGER))  # ours reach the root's handler again
     handler = _StderrHandler()
     handler.setFormatter(logging.Formatter(FORMAT))
     repeats = RepeatFilter(handler.handle)

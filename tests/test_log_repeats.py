@@ -73,6 +73,7 @@ def test_our_records_can_go_to_a_hosts_logger_once_each_and_rate_limited() -> No
         "from klein_agent.logs import forward_ours\n"
         "host = logging.getLogger('host')\n"
         "host.propagate = False\n"
+        "host.setLevel(logging.INFO)\n"  # as Serve sets its logger (logging_config.log_level)
         "out = logging.StreamHandler(sys.stdout)\n"
         "out.setFormatter(logging.Formatter('HOST %(name)s %(levelname)s %(message)s'))\n"
         "host.addHandler(out)\n"
@@ -106,3 +107,28 @@ def test_a_record_with_its_own_repeat_key_is_a_kind_of_its_own() -> None:
 
     assert all(repeats.filter(keyed(f"call_{n}")) for n in range(50))
     assert not repeats.filter(keyed("call_7"))
+
+
+def test_the_hosts_level_holds_and_configure_logging_takes_ours_back() -> None:
+    """A host logger set to WARNING (Serve's `log_level`) gets none of our INFO lines; `configure_logging` after
+    `forward_ours` sends ours to stderr again, and no longer to the host."""
+    code = (
+        "import logging, sys\n"
+        "from klein_agent.logs import configure_logging, forward_ours\n"
+        "host = logging.getLogger('host')\n"
+        "host.propagate = False\n"
+        "host.setLevel(logging.WARNING)\n"
+        "out = logging.StreamHandler(sys.stdout)\n"
+        "out.setFormatter(logging.Formatter('HOST %(levelname)s %(message)s'))\n"
+        "host.addHandler(out)\n"
+        "forward_ours(host)\n"
+        "log = logging.getLogger('klein_agent.replica')\n"
+        "log.info('below the host level')\n"
+        "log.warning('at the host level')\n"
+        "configure_logging('INFO')\n"
+        "log.info('back on stderr')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["HOST WARNING at the host level"]
+    assert done.stderr.splitlines()[-1].endswith("klein_agent.replica: back on stderr"), done.stderr

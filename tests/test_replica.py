@@ -8,6 +8,7 @@ The cluster, two replicas and a real MCP client: tests/test_replica_scaleout.py.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -70,7 +71,12 @@ def test_a_call_through_the_replica_gives_the_local_models_pictures_recipe_and_p
     assert remote.info == tiny_pipeline.info
 
 
-def test_a_cancel_reaches_the_replica_and_stops_its_model_at_the_next_step(replica: Any) -> None:
+def test_a_cancel_reaches_the_replica_and_stops_its_model_at_the_next_step(
+    replica: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The replica's model stops at the step after the cancel and says so, naming the call; in local testing mode
+    (the replica inside this process) our logging is left as it was, so the line reaches the root's handlers."""
+    caplog.set_level(logging.INFO, logger="klein_agent")
     before = counts(replica)
     heard: list[int] = []
 
@@ -79,7 +85,9 @@ def test_a_cancel_reaches_the_replica_and_stops_its_model_at_the_next_step(repli
         if done == 2:  # the first denoising step: the engine's callback raises for a cancelled call
             raise Stop
 
-    request = GenerationRequest("a long call", 256, 256, seed=1, steps=limits.MAX_STEPS)
+    request = GenerationRequest(
+        "a long call", 256, 256, seed=1, steps=limits.MAX_STEPS, call_id="call_to_stop"
+    )
     with pytest.raises(Stop):
         generator(replica).generate(request, cancel_at_the_first_step)
     deadline = time.monotonic() + 30
@@ -87,6 +95,10 @@ def test_a_cancel_reaches_the_replica_and_stops_its_model_at_the_next_step(repli
         time.sleep(0.05)
     assert counts(replica)["stopped"] == before["stopped"] + 1, "the replica's model stopped before its end"
     assert heard == [1, 2]
+    said = [r.getMessage() for r in caplog.records if r.name == "klein_agent.replica"]
+    assert "call 'call_to_stop': its caller cancelled it; stopped at step 3/" in " ".join(said), said
+    ours = logging.getLogger("klein_agent")
+    assert ours.propagate and not [h for h in ours.handlers if type(h).__name__ == "_ForwardHandler"]
 
 
 def test_the_replica_stops_a_call_past_its_deadline_with_a_clear_error(replica: Any) -> None:

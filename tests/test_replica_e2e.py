@@ -19,6 +19,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -226,18 +227,36 @@ class Steps:
         return (limits.MAX_STEPS - 3) * (self.heard[2] - self.heard[0]) / 2
 
 
-async def replica_stopped_after(
-    cluster: dict[str, str], stops_before: int, since: float, steps: Steps
-) -> float:
-    """Seconds from `since` until a replica logged one more stop than `stops_before` (waiting up to 60 s); fails
-    unless it came in under half of what the model had left to run (a step and the hops of the cancel, against
-    ~97 steps)."""
-    while stops(cluster) == stops_before and time.monotonic() < since + 60:
-        await anyio.sleep(0.05)
-    stopped_after = time.monotonic() - since
-    assert stops(cluster) == stops_before + 1, ("no replica logged a stop", replica_calls(cluster, APP))
-    assert stopped_after < 0.5 * steps.remaining_s(), (stopped_after, steps.remaining_s())
-    return stopped_after
+class StopWatch(threading.Thread):
+    """Polls the replicas' stop lines from the moment it starts, in a thread of its own, so the teardown around a
+    killed front-end neither cancels nor delays it. `seconds`, once it has ended: from its start until the
+    replicas of APP logged one more stop than before it started, or 60 s if none came."""
+
+    def __init__(self, cluster: dict[str, str]) -> None:
+        super().__init__(daemon=True)
+        self.cluster = cluster
+        self.stops_before = stops(cluster)
+        self.seconds: float | None = None
+
+    def run(self) -> None:
+        since = time.monotonic()
+        while stops(self.cluster) == self.stops_before and time.monotonic() < since + 60:
+            time.sleep(0.05)
+        self.seconds = time.monotonic() - since
+
+
+def assert_stopped_at_the_next_step(watch: StopWatch, steps: Steps) -> float:
+    """One stop logged, in under half of what the model had left to run (a step and the hops of the cancel,
+    against ~97 steps); returns its seconds."""
+    assert len(steps.heard) >= 3, f"the call never reached its third step: {steps.heard}"
+    watch.join(timeout=90)
+    logged = stops(watch.cluster) - watch.stops_before
+    assert logged == 1 and watch.seconds is not None, (
+        f"{logged} stops logged",
+        replica_calls(watch.cluster, APP),
+    )
+    assert watch.seconds < 0.5 * steps.remaining_s(), (watch.seconds, steps.remaining_s())
+    return watch.seconds
 
 
 def stops(cluster: dict[str, str]) -> int:
@@ -299,7 +318,6 @@ async def test_a_clients_cancel_reaches_the_replica_and_stops_its_model_at_the_n
     one CI run saw none."""
     _, port, token = front_ends[1]
     before = await image_count(port, token)
-    stops_before = stops(cluster)
     steps = Steps()
     async with Client(authed(port, token)) as client:
         scope = anyio.CancelScope()
@@ -312,9 +330,10 @@ async def test_a_clients_cancel_reaches_the_replica_and_stops_its_model_at_the_n
             tasks.start_soon(doomed)
             with anyio.fail_after(120):
                 await steps.three.wait()
+            watch = StopWatch(cluster)
+            watch.start()
             scope.cancel()
-            cancelled_at = time.monotonic()
-        stopped_after = await replica_stopped_after(cluster, stops_before, cancelled_at, steps)
+        stopped_after = await anyio.to_thread.run_sync(assert_stopped_at_the_next_step, watch, steps)
         print(
             f"measured: a cancel stopped the replica's model {stopped_after:.2f} s after the client sent it"
         )
@@ -330,9 +349,9 @@ async def test_a_front_end_killed_mid_call_frees_its_replica_at_the_next_step(
     cancels the call, and the model stops at its next step (the replica's log says so) rather than running its
     ~97 remaining steps or waiting for the per-call deadline (`limits.REPLICA_DEADLINE_S`)."""
     env = {**cluster, "PYTHONPATH": str(REPO)}
-    stops_before = stops(cluster)
     steps = Steps()
     options = ("--generator", f"ray:{APP}")
+    watch = StopWatch(cluster)
     with (
         http_server(tmp_path, tmp_path / "store", *options, env=env, model=None) as (proc, port, token),
         contextlib.suppress(Exception),  # the client's connection drops with the front-end
@@ -345,10 +364,10 @@ async def test_a_front_end_killed_mid_call_frees_its_replica_at_the_next_step(
             tasks.start_soon(call)
             with anyio.fail_after(120):
                 await steps.three.wait()
+            watch.start()  # timed from the kill, whatever the teardown below takes
             proc.kill()
-            killed_at = time.monotonic()
             tasks.cancel_scope.cancel()
-    stopped_after = await replica_stopped_after(cluster, stops_before, killed_at, steps)
+    stopped_after = await anyio.to_thread.run_sync(assert_stopped_at_the_next_step, watch, steps)
     print(f"measured: a front-end's death stopped its replica's model {stopped_after:.2f} s after the kill")
 
 

@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import ray
 from ray import serve
 from ray.serve import Application
 
@@ -38,7 +39,9 @@ from klein_agent.rules import limits
 from klein_agent.rules.requests import GenerationRequest, GeneratorInfo
 
 log = logging.getLogger("klein_agent.replica")
-SERVE_LOGGER = "ray.serve"  # the logger Serve writes each replica's log file with (logs/serve/replica_*.log)
+# The logger Serve writes each replica's log file with (logs/serve/replica_*.log): Ray's SERVE_LOGGER_NAME, a
+# private constant (ray/serve/_private/constants.py), hence named again here.
+SERVE_LOGGER = "ray.serve"
 
 
 class _Stopped(Exception):
@@ -116,37 +119,45 @@ class KleinReplica:
                     wire.call_name(request),
                     exc,
                     exc_info=not isinstance(exc, ValueError),
+                    extra={"repeat_key": request.call_id},  # every failed call named, not one and a count
                 )
                 yield wire.error_event(exc)
                 return
             yield (wire.RESULT, result)
         except (asyncio.CancelledError, GeneratorExit):
             stop.set()  # the thread stops at its next step; the slot is free only then
+            # counted and said when the model ends, even if a second cancel ends this wait first
+            future.add_done_callback(lambda ended: self._ended_cancelled(request, ended, reached))
             with contextlib.suppress(Exception):
                 await asyncio.shield(future)
-            if future.done() and isinstance(future.exception(), _Stopped):
-                self.stopped += 1
-                log.info(
-                    "call %s: its caller cancelled it; stopped at step %d/%d",
-                    wire.call_name(request),
-                    *reached,
-                    extra={"repeat_key": request.call_id},  # each call's stop is its own line, not a repeat
-                )
-            else:
-                log.info(
-                    "call %s: its caller cancelled it after the model finished",
-                    wire.call_name(request),
-                    extra={"repeat_key": request.call_id},
-                )
             raise
+
+    def _ended_cancelled(
+        self, request: GenerationRequest, ended: asyncio.Future[Any], reached: tuple[int, int]
+    ) -> None:
+        """Count and log the end of a call its caller cancelled, once its model thread is done with it. Each call's
+        line is its own kind for the repeat filter (`repeat_key`), so every cancelled call is named."""
+        failure = None if ended.cancelled() else ended.exception()
+        if isinstance(failure, _Stopped):
+            log.info(
+                "call %s: its caller cancelled it; stopped at step %d/%d",
+                wire.call_name(request),
+                *reached,
+                extra={"repeat_key": request.call_id},
+            )
+            self.stopped += 1  # after the line: a test that sees the count finds the line
+        else:
+            log.info(
+                "call %s: its caller cancelled it after it had ended; its result or failure is dropped",
+                wire.call_name(request),
+                extra={"repeat_key": request.call_id},
+            )
 
 
 def _in_own_worker() -> bool:
     """Whether this replica runs as a Ray actor in a worker process of its own, whose logging is ours to set; not
     in Serve's local testing mode, which runs it inside the caller's process (the caller's logging stays as it was).
     `is_initialized` comes first: asking the runtime context without it would start a local Ray instance."""
-    import ray
-
     return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
 
 

@@ -153,6 +153,7 @@ class RayGenerator:
                         "call %s: too large for one gRPC message (%s); sending it again as Ray tasks and objects",
                         wire.call_name(request),
                         describe_failure(exc),
+                        extra={"repeat_key": request.call_id},  # every such call named, not one and a count
                     )
                     by_reference = True
                     continue
@@ -168,6 +169,7 @@ class RayGenerator:
                     "call %s: its replica died mid-call (%s); retrying once on another",
                     wire.call_name(request),
                     exc,
+                    extra={"repeat_key": request.call_id},
                 )
                 retried = True
 
