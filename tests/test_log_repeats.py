@@ -65,18 +65,27 @@ def test_the_installed_handler_rate_limits_every_logger() -> None:
     assert "out of system resource 0" in lines[0] + lines[2] and done.stdout == ""
 
 
+def under_a_host(level: str, script: str, line_format: str) -> subprocess.CompletedProcess[str]:
+    """Run `script` in a fresh process after setting up a host logger 'host' as Serve sets its own: at `level`, not
+    propagating, writing `line_format` lines to stdout."""
+    setup = (
+        "import logging, sys\n"
+        "host = logging.getLogger('host')\n"
+        "host.propagate = False\n"
+        f"host.setLevel(logging.{level})\n"
+        "out = logging.StreamHandler(sys.stdout)\n"
+        f"out.setFormatter(logging.Formatter({line_format!r}))\n"
+        "host.addHandler(out)\n"
+    )
+    command = [sys.executable, "-c", setup + script]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60)
+
+
 def test_our_records_can_go_to_a_hosts_logger_once_each_and_rate_limited() -> None:
     """`forward_ours`, as a Ray Serve replica uses it: our INFO lines reach the host's logger (Serve's, which
     writes the replica's log file) and only it, once even when set twice, repeats counted, DEBUG left out."""
     code = (
-        "import logging, sys\n"
         "from klein_agent.logs import forward_ours\n"
-        "host = logging.getLogger('host')\n"
-        "host.propagate = False\n"
-        "host.setLevel(logging.INFO)\n"  # as Serve sets its logger (logging_config.log_level)
-        "out = logging.StreamHandler(sys.stdout)\n"
-        "out.setFormatter(logging.Formatter('HOST %(name)s %(levelname)s %(message)s'))\n"
-        "host.addHandler(out)\n"
         "forward_ours(host)\n"
         "forward_ours(host)\n"
         "log = logging.getLogger('klein_agent.replica')\n"
@@ -85,7 +94,7 @@ def test_our_records_can_go_to_a_hosts_logger_once_each_and_rate_limited() -> No
         "    log.info('call %d: its caller cancelled it', n)\n"
         "log.warning('a model warning')\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    done = under_a_host("INFO", code, "HOST %(name)s %(levelname)s %(message)s")
     lines = done.stdout.splitlines()
     assert done.returncode == 0 and done.stderr == "", done.stderr  # nothing through the root or last resort
     assert lines[:2] == [
@@ -113,14 +122,7 @@ def test_the_hosts_level_holds_and_configure_logging_takes_ours_back() -> None:
     """A host logger set to WARNING (Serve's `log_level`) gets none of our INFO lines; `configure_logging` after
     `forward_ours` sends ours to stderr again, and no longer to the host."""
     code = (
-        "import logging, sys\n"
         "from klein_agent.logs import configure_logging, forward_ours\n"
-        "host = logging.getLogger('host')\n"
-        "host.propagate = False\n"
-        "host.setLevel(logging.WARNING)\n"
-        "out = logging.StreamHandler(sys.stdout)\n"
-        "out.setFormatter(logging.Formatter('HOST %(levelname)s %(message)s'))\n"
-        "host.addHandler(out)\n"
         "forward_ours(host)\n"
         "log = logging.getLogger('klein_agent.replica')\n"
         "log.info('below the host level')\n"
@@ -128,7 +130,7 @@ def test_the_hosts_level_holds_and_configure_logging_takes_ours_back() -> None:
         "configure_logging('INFO')\n"
         "log.info('back on stderr')\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    done = under_a_host("WARNING", code, "HOST %(levelname)s %(message)s")
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["HOST WARNING at the host level"]
     assert done.stderr.splitlines()[-1].endswith("klein_agent.replica: back on stderr"), done.stderr
